@@ -1,0 +1,42 @@
+# Everything a user or CI needs runs from here; each target sets up the
+# virtualenv first, so a fresh clone needs only Python 3.11+ and make.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+PYTEST_ARGS ?=
+
+.PHONY: install test unit integration demo bench docs clean regenerate-plugin-cache
+
+install: $(STAMP)
+
+$(STAMP): setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip 'setuptools>=64' wheel
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(MAKE) --no-print-directory regenerate-plugin-cache
+	touch $(STAMP)
+
+# twistd and the worker find plugins through twisted.plugin, which caches
+# what it found in dropin.cache files; building them once here saves every
+# later start the scan (and matters for read-only installs).
+regenerate-plugin-cache:
+	$(BIN)/python -c "from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))"
+	$(BIN)/python -c "import taskbroker.plugins as p; from twisted.plugin import getPlugins; from taskbroker.interfaces import ITaskHandler; list(getPlugins(ITaskHandler, p))"
+
+test: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+unit: $(STAMP)
+	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
+
+integration: $(STAMP)
+	$(BIN)/python -m pytest tests/integration $(PYTEST_ARGS)
+
+demo: $(STAMP)
+	$(BIN)/python -m taskbroker.demo
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .hypothesis demo-run
+	find . -name dropin.cache -delete

@@ -1,0 +1,350 @@
+# -*- test-case-name: tests.unit.test_codec -*-
+"""
+Encoding and validation of the wire protocol's multipart messages.
+
+A message is three frames after ZeroMQ's routing envelope::
+
+    [SIGNATURE, COMMAND, BODY]
+
+``SIGNATURE`` names the protocol and its version, so that a stray or old
+peer is recognised and answered instead of misread.  ``COMMAND`` is ASCII.
+``BODY`` is a UTF-8 JSON object.  Nothing here does I/O: every function is
+pure and every input is checked before anything acts on it.  See
+docs/protocol.rst for the specification.
+"""
+
+import json
+from numbers import Real
+
+SIGNATURE = b"TB1"
+
+#: The largest message the broker accepts, all frames together (bytes).
+MAX_MESSAGE_SIZE = 4 * 1024 * 1024
+#: The largest payload a task may carry, as JSON text (bytes).
+MAX_PAYLOAD_SIZE = 1024 * 1024
+#: The most tasks one SUBMIT may carry.
+MAX_BATCH = 1000
+#: The longest name (handler, worker, priority level).
+MAX_NAME = 200
+#: The most tasks one LIST reply carries.
+MAX_LIST = 1000
+#: The longest a WAIT may be held open by the broker (seconds).
+MAX_WAIT = 60.0
+
+
+class ProtocolError(Exception):
+    """
+    A message failed validation.
+
+    :ivar code: a short machine-readable reason, sent in ERROR replies.
+    :ivar message: one line for a person.
+    :ivar req: the request id, when it could be read, so the reply can be
+        matched by the client.
+    """
+
+    def __init__(self, code, message, req=None):
+        Exception.__init__(self, message)
+        self.code = code
+        self.message = message
+        self.req = req
+
+
+_dumps = json.JSONEncoder(
+    ensure_ascii=False, separators=(",", ":"), allow_nan=False
+).encode
+_loads = json.JSONDecoder().decode
+#: Decode JSON text; ``ValueError`` if it is not JSON.
+loads = _loads
+
+
+def dumps(value):
+    """
+    Encode a JSON value compactly; ``ValueError``/``TypeError`` if it is
+    not JSON (NaN and infinities are not).
+    """
+    return _dumps(value)
+
+
+def encode(command, body):
+    """
+    The frames of a message (without any routing envelope).
+
+    :param command: ``bytes``, one of the commands below.
+    :param body: a ``dict`` of JSON values, or JSON text (``str``) already
+        encoded, which the hot path uses to avoid decoding payloads.
+    """
+    if not isinstance(body, str):
+        body = _dumps(body)
+    return [SIGNATURE, command, body.encode("utf-8")]
+
+
+# Field checks.  Each takes the value and returns it (possibly normalised)
+# or raises ValueError with a reason.
+
+
+def _name(value):
+    if not isinstance(value, str) or not (0 < len(value) <= MAX_NAME):
+        raise ValueError(f"must be a string of 1 to {MAX_NAME} characters")
+    if not value.isprintable():
+        raise ValueError("must not contain control characters")
+    return value
+
+
+def _optional(check):
+    def optional(value):
+        return None if value is None else check(value)
+
+    return optional
+
+
+def _int(low, high):
+    def check(value):
+        if type(value) is not int or not (low <= value <= high):
+            raise ValueError(f"must be an integer from {low} to {high}")
+        return value
+
+    return check
+
+
+def _number(low, high):
+    def check(value):
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, Real)
+            or not (low <= value <= high)
+        ):
+            raise ValueError(f"must be a number from {low} to {high}")
+        return value
+
+    return check
+
+
+def _names(value):
+    if not isinstance(value, list) or len(value) > 10_000:
+        raise ValueError("must be a list of names")
+    return [_name(item) for item in value]
+
+
+def _any(value):
+    return value
+
+
+def _string(value):
+    if not isinstance(value, str) or len(value) > 1_000_000:
+        raise ValueError("must be a string")
+    return value
+
+
+def _choice(*choices):
+    def check(value):
+        if value not in choices:
+            raise ValueError("must be one of " + ", ".join(choices))
+        return value
+
+    return check
+
+
+def _request_id(value):
+    if not isinstance(value, str) or not (0 < len(value) <= 64):
+        raise ValueError("must be a string of 1 to 64 characters")
+    return value
+
+
+_TASK_ID = _int(1, 2**63 - 1)
+_ATTEMPT = _int(1, 2**31 - 1)
+
+
+def _running(value):
+    if not isinstance(value, list) or len(value) > 100_000:
+        raise ValueError("must be a list of {id, attempt} objects")
+    result = []
+    for item in value:
+        if not isinstance(item, dict):
+            raise ValueError("must be a list of {id, attempt} objects")
+        result.append(
+            {"id": _TASK_ID(item.get("id")), "attempt": _ATTEMPT(item.get("attempt"))}
+        )
+    return result
+
+
+def _new_task(value):
+    if not isinstance(value, dict):
+        raise ValueError("each task must be an object")
+    checked = _check_fields(value, _NEW_TASK_FIELDS, "task")
+    checked.setdefault("payload", None)
+    return checked
+
+
+def _new_tasks(value):
+    if not isinstance(value, list) or not (0 < len(value) <= MAX_BATCH):
+        raise ValueError(f"must be a list of 1 to {MAX_BATCH} tasks")
+    return [_new_task(item) for item in value]
+
+
+_NEW_TASK_FIELDS = {
+    "handler": (_name, True),
+    "payload": (_any, False),
+    "priority": (_optional(_name), False),
+    "max_attempts": (_optional(_int(1, 1000)), False),
+}
+
+_REQ = {"req": (_request_id, True)}
+
+#: What a worker may send: command -> {field: (check, required)}.
+WORKER_COMMANDS = {
+    b"HELLO": {
+        "name": (_name, True),
+        "slots": (_int(1, 10_000), True),
+        "priorities": (_optional(_names), False),
+        "handlers": (_names, True),
+        "running": (_running, False),
+        "heartbeat": (_number(0.01, 3600), False),
+    },
+    b"READY": {},
+    b"RESULT": {
+        "id": (_TASK_ID, True),
+        "attempt": (_ATTEMPT, True),
+        "state": (_choice("succeeded", "failed"), True),
+        "result": (_any, False),
+        "error": (_optional(_string), False),
+    },
+    b"HEARTBEAT": {},
+    b"BYE": {},
+}
+
+#: What a client may send.
+CLIENT_COMMANDS = {
+    b"SUBMIT": {**_REQ, "tasks": (_new_tasks, True)},
+    b"GET": {**_REQ, "id": (_TASK_ID, True)},
+    b"WAIT": {
+        **_REQ,
+        "id": (_TASK_ID, True),
+        "timeout": (_number(0, MAX_WAIT), False),
+    },
+    b"LIST": {
+        **_REQ,
+        "state": (_optional(_choice(
+            "queued", "running", "succeeded", "failed", "cancelled")), False),
+        "handler": (_optional(_name), False),
+        "after": (_optional(_int(0, 2**63 - 1)), False),
+        "limit": (_optional(_int(1, MAX_LIST)), False),
+    },
+    b"CANCEL": {**_REQ, "id": (_TASK_ID, True)},
+    b"WORKERS": {**_REQ},
+    b"STATS": {**_REQ},
+}
+
+#: What the broker sends to a worker.
+BROKER_TO_WORKER_COMMANDS = {
+    b"WELCOME": {
+        "broker": (_string, True),
+        "priorities": (_names, True),
+        "heartbeat": (_number(0.01, 3600), True),
+    },
+    b"TASK": {
+        "id": (_TASK_ID, True),
+        "handler": (_name, True),
+        "payload": (_any, False),
+        "priority": (_name, True),
+        "attempt": (_ATTEMPT, True),
+        "max_attempts": (_int(1, 1000), True),
+    },
+    b"ACK": {"id": (_TASK_ID, True), "attempt": (_ATTEMPT, True)},
+    b"HEARTBEAT": {"broker": (_string, True)},
+    b"REHELLO": {"broker": (_string, True)},
+    b"ERROR": {
+        "code": (_string, True),
+        "message": (_string, True),
+        "fatal": (_any, False),
+    },
+}
+
+#: What the broker sends to a client.
+BROKER_TO_CLIENT_COMMANDS = {
+    b"REPLY": {"req": (_request_id, True)},
+    b"ERROR": {
+        "req": (_optional(_request_id), False),
+        "code": (_string, True),
+        "message": (_string, True),
+    },
+}
+
+#: Everything the broker accepts on its ROUTER socket.
+BROKER_INBOUND = {**WORKER_COMMANDS, **CLIENT_COMMANDS}
+
+
+def _check_fields(body, fields, where):
+    checked = {}
+    for key, (check, required) in fields.items():
+        if key in body:
+            try:
+                checked[key] = check(body[key])
+            except ValueError as e:
+                raise ProtocolError(
+                    "bad_request", f"{where}: field {key!r} {e}",
+                    req=body.get("req") if isinstance(body.get("req"), str) else None,
+                ) from None
+        elif required:
+            raise ProtocolError(
+                "bad_request", f"{where}: missing field {key!r}",
+                req=body.get("req") if isinstance(body.get("req"), str) else None,
+            )
+    return checked
+
+
+def decode(frames, commands, max_size=MAX_MESSAGE_SIZE, strict=False):
+    """
+    Validate and decode a message.
+
+    :param frames: the ``list`` of ``bytes`` frames after the routing
+        envelope.
+    :param commands: the table of allowed commands and their fields, such
+        as :data:`BROKER_INBOUND`.
+    :param strict: if true, reject unknown fields; if false (the default,
+        so that newer peers may add fields), drop them.
+    :returns: ``(command, body)``: ``bytes`` and a ``dict`` holding only
+        known, checked fields.
+    :raises ProtocolError: with a code and a one-line reason.
+    """
+    if len(frames) != 3:
+        if frames and frames[0] != SIGNATURE:
+            raise ProtocolError(
+                "protocol", "not a taskbroker message (bad signature)")
+        raise ProtocolError(
+            "protocol", f"expected 3 frames, got {len(frames)}")
+    signature, command, body = frames
+    if signature != SIGNATURE:
+        raise ProtocolError(
+            "protocol",
+            "not a taskbroker message or an unsupported protocol version "
+            f"(signature {bytes(signature[:16])!r}, expected {SIGNATURE!r})",
+        )
+    size = len(signature) + len(command) + len(body)
+    if size > max_size:
+        raise ProtocolError(
+            "too_large", f"message of {size} bytes exceeds {max_size}")
+    fields = commands.get(command)
+    if fields is None:
+        raise ProtocolError(
+            "unknown_command",
+            f"unknown command {bytes(command[:32])!r}")
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ProtocolError("bad_request", "body is not valid UTF-8") from None
+    try:
+        value = _loads(text)
+    except ValueError:
+        raise ProtocolError("bad_request", "body is not valid JSON") from None
+    if not isinstance(value, dict):
+        raise ProtocolError("bad_request", "body is not a JSON object")
+    if strict:
+        unknown = set(value) - set(fields)
+        if unknown:
+            raise ProtocolError(
+                "bad_request",
+                f"{command.decode('ascii', 'replace')}: unknown fields "
+                + ", ".join(sorted(map(repr, unknown))),
+            )
+    return command, _check_fields(
+        value, fields, command.decode("ascii", "replace"))

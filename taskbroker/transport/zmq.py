@@ -1,0 +1,218 @@
+# -*- test-case-name: tests.unit.test_transport_zmq -*-
+"""
+The one module between txZMQ and the rest of taskbroker.
+
+txZMQ is thin; this module adds what a daemon needs from it:
+
+- ``ROUTER_MANDATORY``, so a send to a peer that is gone fails instead of
+  vanishing, and ``ROUTER_HANDOVER``, so a peer that reconnects under its
+  identity takes over its old route;
+- ``MAXMSGSIZE``, set before binding, so that libzmq drops a peer that
+  sends an oversized message before we ever allocate it;
+- a bounded number of messages read per reactor turn: txZMQ drains every
+  pending message at once, which would starve timers (heartbeats) under a
+  flood.  The descriptor is edge-triggered, so a bounded read schedules its
+  own continuation;
+- a catch-all around message handling: if ``messageReceived`` raised, the
+  reactor would drop the descriptor and the daemon would go deaf without
+  exiting;
+- sends that report failure (peer gone, high-water mark) as ``False``
+  instead of raising, so callers decide explicitly.
+
+txZMQ reaches for the global reactor inside ``send`` and its reads, so this
+module is tested with real sockets; everything above it takes an injected
+reactor and clock.
+"""
+
+import zmq
+from twisted.application.service import Service
+from twisted.logger import Logger
+from txzmq import ZmqEndpoint, ZmqEndpointType, ZmqFactory
+from txzmq.connection import ZmqConnection
+
+#: Messages handled per reactor turn before yielding to timers.
+READ_BATCH = 256
+
+
+class ZmqFactoryService(Service):
+    """
+    Owns the process's ZeroMQ context; stopping it closes every socket.
+    """
+
+    def __init__(self, reactor, linger=0):
+        self._reactor = reactor
+        self._linger = linger
+        self.factory = None
+
+    def get_factory(self):
+        if self.factory is None:
+            self.factory = ZmqFactory()
+            self.factory.reactor = self._reactor
+            # Milliseconds to keep flushing at close.  Zero suits the
+            # broker: everything it sends is acknowledged or resent.
+            self.factory.lingerPeriod = self._linger
+        return self.factory
+
+    def stopService(self):
+        Service.stopService(self)
+        if self.factory is not None:
+            factory, self.factory = self.factory, None
+            factory.shutdown()
+
+
+class _Connection(ZmqConnection):
+    """
+    A txZMQ connection with bounded reads and a catch-all around handling.
+    """
+
+    log = Logger()
+
+    def __init__(self, factory, socket_type, on_message, options, endpoints,
+                 identity=None):
+        self.socketType = socket_type
+        self._on_message = on_message
+        self.handler_errors = 0
+        # Options that libzmq reads at bind/connect time must be set before
+        # the endpoints are added, so none are passed to the constructor.
+        ZmqConnection.__init__(self, factory, identity=identity)
+        for option, value in options:
+            self.socket.setsockopt(option, value)
+        self.addEndpoints(endpoints)
+
+    def doRead(self):
+        if self.read_scheduled is not None:
+            if not self.read_scheduled.called:
+                self.read_scheduled.cancel()
+            self.read_scheduled = None
+        for _ in range(READ_BATCH):
+            if self.factory is None:
+                return
+            if not self.socket.get(zmq.EVENTS) & zmq.POLLIN:
+                return
+            try:
+                message = self.socket.recv_multipart(zmq.NOBLOCK, copy=True)
+            except zmq.Again:
+                return
+            try:
+                self._on_message(message)
+            except Exception:
+                self.handler_errors += 1
+                self.log.failure("error handling a message; message dropped")
+        # More may be waiting; the descriptor will not signal again for
+        # them, so come back after timers have had their turn.
+        if self.factory is not None and self.read_scheduled is None:
+            self.read_scheduled = self.factory.reactor.callLater(0, self.doRead)
+
+    def send_frames(self, frames):
+        """
+        Send one multipart message.
+
+        :returns: ``True`` if ZeroMQ took it, ``False`` if the peer is
+            gone (``ROUTER_MANDATORY``) or its queue is full.
+        """
+        if self.socket is None:
+            return False
+        try:
+            self.socket.send_multipart(frames, zmq.NOBLOCK, copy=False)
+        except zmq.ZMQError as e:
+            if e.errno in (zmq.EHOSTUNREACH, zmq.EAGAIN):
+                return False
+            raise
+        finally:
+            if self.read_scheduled is None and self.factory is not None:
+                # libzmq may have consumed the readable edge while we sent.
+                self.read_scheduled = self.factory.reactor.callLater(
+                    0, self.doRead)
+        return True
+
+    def last_endpoint(self):
+        return self.socket.get(zmq.LAST_ENDPOINT).decode("ascii")
+
+    def close(self):
+        if self.socket is not None and self.factory is not None:
+            self.shutdown()
+
+
+class RouterSocket:
+    """
+    A bound ROUTER socket.
+
+    :param on_message: called with ``(identity, frames)`` for each message;
+        exceptions it raises are logged and counted, never propagated.
+    """
+
+    def __init__(self, factory, endpoint, on_message, max_message_size):
+        def deliver(message):
+            if len(message) < 2:
+                return
+            on_message(message[0], message[1:])
+
+        self._connection = _Connection(
+            factory,
+            zmq.ROUTER,
+            deliver,
+            [
+                (zmq.ROUTER_MANDATORY, 1),
+                (zmq.ROUTER_HANDOVER, 1),
+                (zmq.MAXMSGSIZE, max_message_size),
+                (zmq.SNDHWM, 100_000),
+                (zmq.RCVHWM, 100_000),
+            ],
+            [ZmqEndpoint(ZmqEndpointType.bind, endpoint)],
+        )
+
+    @property
+    def endpoint(self):
+        """
+        The endpoint actually bound (the port filled in for ``tcp://...:*``).
+        """
+        return self._connection.last_endpoint()
+
+    @property
+    def handler_errors(self):
+        return self._connection.handler_errors
+
+    def send(self, identity, frames):
+        """
+        :returns: ``True`` if sent, ``False`` if the peer is gone or full.
+        """
+        return self._connection.send_frames([identity, *frames])
+
+    def close(self):
+        self._connection.close()
+
+
+class DealerSocket:
+    """
+    A DEALER socket connected to one endpoint, under a chosen identity.
+    """
+
+    def __init__(self, factory, endpoint, on_message, identity=None,
+                 max_message_size=-1):
+        self._connection = _Connection(
+            factory,
+            zmq.DEALER,
+            on_message,
+            [
+                (zmq.MAXMSGSIZE, max_message_size),
+                (zmq.SNDHWM, 100_000),
+                (zmq.RCVHWM, 100_000),
+                (zmq.RECONNECT_IVL, 100),
+                (zmq.RECONNECT_IVL_MAX, 2000),
+            ],
+            [ZmqEndpoint(ZmqEndpointType.connect, endpoint)],
+            identity=identity,
+        )
+
+    @property
+    def handler_errors(self):
+        return self._connection.handler_errors
+
+    def send(self, frames):
+        """
+        :returns: ``True`` if queued, ``False`` if the queue is full.
+        """
+        return self._connection.send_frames(frames)
+
+    def close(self):
+        self._connection.close()

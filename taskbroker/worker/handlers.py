@@ -1,0 +1,141 @@
+# -*- test-case-name: tests.unit.test_handlers -*-
+"""
+Finding task handlers: ``twisted.plugin`` plugins providing
+:class:`taskbroker.interfaces.ITaskHandler` in the ``taskbroker.plugins``
+package and in every ``--handlers-path`` folder.
+
+``getPlugins`` alone reports a module that fails to import as an anonymous
+"Unhandled Error", and silently skips a module whose name another plugin
+folder already uses.  This module says which file failed and which file is
+hidden, and loads everything else.
+"""
+
+import os
+import sys
+import traceback
+
+from twisted import plugin
+from twisted.logger import Logger
+from zope.interface.exceptions import Invalid
+from zope.interface.verify import verifyObject
+
+import taskbroker.plugins
+from taskbroker.interfaces import ITaskHandler
+
+log = Logger()
+
+
+class _Captured:
+    """
+    Stands in for ``twisted.python.log`` inside ``twisted.plugin`` while we
+    load plugins, so that import errors reach us instead of the log.
+    """
+
+    def __init__(self):
+        self.errors = []
+
+    def err(self, _stuff=None, _why=None, **kw):
+        self.errors.append(sys.exc_info())
+
+    def msg(self, *message, **kw):
+        # "Unable to write to plugin cache": harmless, plugins still load.
+        log.debug("twisted.plugin: {message}", message=" ".join(map(str, message)))
+
+
+def add_handler_paths(paths):
+    """
+    Add folders to the plugin package's search path (as absolute paths:
+    relative ones upset ``twisted.python.modules``).
+    """
+    for path in paths:
+        path = os.path.abspath(path)
+        if path not in taskbroker.plugins.__path__:
+            taskbroker.plugins.__path__.append(path)
+
+
+def _module_files():
+    """
+    ``{module name: [files]}`` over the plugin package's folders, in search
+    order: the first file of each name is the one Python imports.
+    """
+    found = {}
+    for folder in taskbroker.plugins.__path__:
+        try:
+            names = sorted(os.listdir(folder))
+        except OSError:
+            continue
+        for filename in names:
+            stem, ext = os.path.splitext(filename)
+            if ext == ".py" and stem != "__init__" and stem.isidentifier():
+                found.setdefault(stem, []).append(os.path.join(folder, filename))
+    return found
+
+
+def _failed_file(exc_info, folders):
+    """
+    The plugin file an import error came from, read off its traceback.
+    """
+    error = exc_info[1]
+    filename = getattr(error, "filename", None)
+    if isinstance(error, SyntaxError) and filename:
+        return filename
+    for frame, _ in reversed(list(traceback.walk_tb(exc_info[2]))):
+        path = frame.f_code.co_filename
+        if os.path.dirname(os.path.abspath(path)) in folders:
+            return path
+    return "a handler module"
+
+
+def load_handlers(paths=()):
+    """
+    Load every handler the plugin package and ``paths`` provide.
+
+    A module that fails to import, a hidden module, an object that does
+    not provide the interface and a name defined twice are each logged by
+    name; everything else loads.
+
+    :param paths: folders of handler modules.
+    :returns: ``{name: handler}``.
+    """
+    add_handler_paths(paths)
+    folders = {os.path.abspath(p) for p in taskbroker.plugins.__path__}
+    for stem, files in _module_files().items():
+        for hidden in files[1:]:
+            log.warn(
+                "handler module {hidden} is ignored: its name is already "
+                "used by {used}; rename it", hidden=hidden, used=files[0])
+
+    captured = _Captured()
+    real_log = plugin.log
+    plugin.log = captured
+    try:
+        candidates = list(plugin.getPlugins(ITaskHandler, taskbroker.plugins))
+    finally:
+        plugin.log = real_log
+    for exc_info in captured.errors:
+        log.error(
+            "could not load handler module {path}: {error}",
+            path=_failed_file(exc_info, folders),
+            error="".join(
+                traceback.format_exception_only(*exc_info[:2])).strip())
+
+    handlers = {}
+    for candidate in candidates:
+        where = getattr(candidate, "__module__", None) or type(candidate).__module__
+        try:
+            verifyObject(ITaskHandler, candidate)
+            if not isinstance(candidate.name, str) or not candidate.name:
+                raise Invalid("its name is not a non-empty string")
+        except Invalid as e:
+            log.error("handler {handler!r} from {module} is invalid: {error}",
+                      handler=candidate, module=where, error=str(e).strip())
+            continue
+        if candidate.name in handlers:
+            log.warn(
+                "handler name {name!r} is defined twice (in {first} and "
+                "{second}); using the one in {first}",
+                name=candidate.name, first=handlers[candidate.name][1],
+                second=where)
+            continue
+        handlers[candidate.name] = (candidate, where)
+    return {name: handler for name, (handler, _) in handlers.items()}

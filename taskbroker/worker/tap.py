@@ -1,0 +1,31 @@
+# -*- test-case-name: tests.unit.test_tap -*-
+"""
+``twistd taskworker``: the worker's command line.
+"""
+
+from taskbroker._tap import exit_with, options_class
+from taskbroker.config import WORKER_SETTINGS, worker_config
+
+Options = options_class(
+    WORKER_SETTINGS, worker_config, "taskworker",
+    "[options]\n\nRun tasks handed out by a taskbroker, one per free slot.\n"
+    "Every option can also be set with an environment variable "
+    "TASKWORKER_<OPTION>\n(e.g. TASKWORKER_CONCURRENCY); the command line "
+    "wins.",
+)
+
+
+def makeService(options):
+    """
+    Load the handlers and make the worker service, bound to the real
+    reactor.
+    """
+    from twisted.internet import reactor
+
+    from taskbroker.worker.handlers import load_handlers
+    from taskbroker.worker.service import WorkerService
+
+    config = options.config
+    handlers = load_handlers(config.handlers_path)
+    return WorkerService(config, handlers, reactor,
+                         on_fatal=lambda message: exit_with(reactor, 1))
