@@ -1,0 +1,734 @@
+# -*- test-case-name: tests.unit.test_store -*-
+"""
+The SQLite task store: the broker's embedded, default database.
+
+All SQLite work runs in the one thread of an ``adbapi`` connection pool, so
+statements reach the database in the order they were issued and the reactor
+thread never blocks on disk.  Writes are grouped: every write issued in a
+reactor turn (and every write issued while a transaction is running) goes
+into one transaction, so the broker pays for one commit per batch, not one
+per task.
+"""
+
+import fcntl
+import os
+import sqlite3
+
+from twisted.enterprise import adbapi
+from twisted.internet import defer, threads
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from taskbroker.errors import StoreError, StoreLocked
+from taskbroker.interfaces import ITaskStore
+from taskbroker.store import TaskRow, _schema
+
+__all__ = ["SQLiteStore"]
+
+log = Logger()
+
+_SYNCHRONOUS = {"normal": "NORMAL", "full": "FULL"}
+
+# In TaskRow's field order, so that TaskRow(*row) builds one.
+_COLUMNS = (
+    "id, handler, payload, priority, state, attempts, max_attempts, worker, "
+    "created_at, started_at, finished_at, result, error"
+)
+
+# Errors that one operation's arguments can cause (a NULL in a NOT NULL
+# column, a value sqlite3 cannot bind, a bug in the caller): they fail that
+# operation alone.  Anything else (disk full, I/O error, a locked database)
+# fails the whole transaction.
+_OPERATION_ERRORS = (
+    sqlite3.IntegrityError,
+    sqlite3.InterfaceError,
+    sqlite3.ProgrammingError,
+    sqlite3.DataError,
+    TypeError,
+    ValueError,
+    AttributeError,
+    OverflowError,
+)
+
+
+class _IsolateOperations(Exception):
+    """
+    An operation failed on its own arguments: roll back and run the batch
+    again with a savepoint around each operation.
+    """
+
+
+class _Event:
+    """
+    Something many callers can wait for; each gets its own ``Deferred``.
+    """
+
+    def __init__(self):
+        self._waiters = []
+
+    def wait(self):
+        d = defer.Deferred()
+        self._waiters.append(d)
+        return d
+
+    def fire(self):
+        waiters, self._waiters = self._waiters, []
+        for d in waiters:
+            d.callback(None)
+
+
+@implementer(ITaskStore)
+class SQLiteStore:
+    """
+    An :class:`taskbroker.interfaces.ITaskStore` in a SQLite file.
+
+    One broker owns the file at a time: :meth:`open` takes an exclusive
+    ``flock`` on ``<path>.lock``, which the operating system releases when
+    the owner exits, however it dies.  Other programs may still insert
+    tasks with SQL (see ``schema/sqlite/v1.sql``); the database runs in WAL
+    mode so that they and the broker's readers do not block each other.
+
+    A read sees every write whose ``Deferred`` has fired; a write still
+    waiting for its batch may or may not be visible to it.
+
+    :param str path: the database file; created if missing, but its
+        directory must exist.  A relative path is resolved when the store
+        is opened.
+    :param reactor: the reactor that runs the connection pool and schedules
+        group commits (:class:`twisted.internet.interfaces.IReactorCore`
+        and :class:`~twisted.internet.interfaces.IReactorThreads`).
+    :param str synchronous: SQLite's ``synchronous`` setting.
+        ``"normal"`` (the default) syncs the disk at WAL checkpoints only:
+        a crash of the process loses nothing, but a power cut may lose the
+        last commits.  ``"full"`` syncs at every commit, which costs little
+        here because commits are grouped.
+    :param float busy_timeout: how long, in seconds, a statement waits for
+        another program that holds the database's write lock before it
+        fails.
+    :ivar int transactions: how many write transactions (group commits)
+        the store has started; for tests and metrics.
+    """
+
+    def __init__(self, path, reactor, synchronous="normal", busy_timeout=5.0):
+        if synchronous not in _SYNCHRONOUS:
+            raise ValueError(
+                f"synchronous must be 'normal' or 'full', not {synchronous!r}"
+            )
+        self.path = path
+        self.transactions = 0
+        self._reactor = reactor
+        self._synchronous = synchronous
+        self._busy_timeout_ms = int(busy_timeout * 1000)
+        # "new" -> "opening" -> "open" -> "closing" -> "closed"; a failed
+        # open goes back to "closed", and a closed store may be opened again.
+        self._state = "new"
+        self._abspath = None
+        self._lock_fd = None
+        self._pool = None
+        # The raw sqlite3 connection, set in the pool thread by _configure.
+        self._connection = None
+        self._journal_mode = None
+        # Group commit: (operation, args, Deferred) waiting for a flush.
+        self._pending = []
+        self._flush_call = None
+        self._flushing = None
+        self._reads = 0
+        self._idle = _Event()
+        self._opened = _Event()
+        self._closed = _Event()
+
+    def __repr__(self):
+        return f"<SQLiteStore {self.path!r} {self._state}>"
+
+    # Opening and closing
+
+    def open(self):
+        """
+        Take ownership of the database and create or upgrade its schema.
+
+        :returns: a ``Deferred`` firing with ``None``, or failing with
+            :class:`taskbroker.errors.StoreLocked` when another broker owns
+            the database, or with :class:`taskbroker.errors.StoreError`
+            (with a one-line message) when it cannot be used.
+        """
+        return defer.Deferred.fromCoroutine(self._open())
+
+    async def _open(self):
+        if self._state not in ("new", "closed"):
+            raise StoreError(f"database {self.path} is already {self._state}")
+        self._state = "opening"
+        try:
+            await self._open_unguarded()
+        except BaseException:
+            self._state = "closed"
+            raise
+        else:
+            self._state = "open"
+        finally:
+            self._opened.fire()
+
+    async def _open_unguarded(self):
+        path = self._abspath = os.path.abspath(self.path)
+        directory = os.path.dirname(path)
+        if not os.path.isdir(directory):
+            raise StoreError(
+                f"cannot open database {path}: directory {directory} "
+                "does not exist"
+            )
+        self._lock_fd = _lock(path)
+        try:
+            self._pool = adbapi.ConnectionPool(
+                "sqlite3",
+                path,
+                check_same_thread=False,
+                # Autocommit mode: we issue BEGIN and COMMIT ourselves, so
+                # that a group of writes is one transaction and reads take
+                # no lock beyond their own statement.
+                isolation_level=None,
+                # One connection, one thread: writes reach SQLite in the
+                # order they were issued, and never contend with each other.
+                cp_min=1,
+                cp_max=1,
+                cp_openfun=self._configure,
+                cp_reactor=self._reactor,
+            )
+            old, new = await self._pool.runWithConnection(_ensure_schema)
+        except BaseException as e:
+            await self._shut_down()
+            # OSError: a schema file missing from a broken installation.
+            if isinstance(e, (StoreError, sqlite3.Error, OSError)):
+                raise StoreError(
+                    f"cannot use database {path}: {_one_line(e)}"
+                ) from e
+            raise
+        if old is None:
+            log.info("created database {path} at schema version {version}",
+                     path=path, version=new)
+        elif old != new:
+            log.info("upgraded database {path} from schema version {old} "
+                     "to {new}", path=path, old=old, new=new)
+        if self._journal_mode != "wal":
+            # WAL cannot be used on some file systems (network ones); the
+            # store still works, but readers then block the broker's writes.
+            log.warn("database {path} uses journal mode {journal_mode} "
+                     "instead of WAL", path=path,
+                     journal_mode=self._journal_mode)
+        log.info("opened database {path} (schema version {version}, "
+                 "synchronous {synchronous})", path=path, version=new,
+                 synchronous=self._synchronous)
+
+    def _configure(self, connection):
+        """
+        Set up a new connection; runs in the pool thread.
+        """
+        try:
+            # First, so that switching to WAL waits for other programs.
+            connection.execute(
+                f"PRAGMA busy_timeout = {self._busy_timeout_ms:d}"
+            )
+            (mode,) = connection.execute("PRAGMA journal_mode = WAL").fetchone()
+            connection.execute(
+                f"PRAGMA synchronous = {_SYNCHRONOUS[self._synchronous]}"
+            )
+        except BaseException:
+            # adbapi forgets a connection whose setup failed; close it here
+            # or its file descriptor leaks.
+            connection.close()
+            raise
+        self._journal_mode = str(mode).lower()
+        self._connection = connection
+
+    def close(self):
+        """
+        Wait for pending writes and reads, close the database and release
+        ownership.  Writes and reads issued after this fail with
+        :class:`taskbroker.errors.StoreError`.
+
+        :returns: a ``Deferred`` firing with ``None``.  Safe to call twice,
+            and before :meth:`open`.
+        """
+        return defer.Deferred.fromCoroutine(self._close())
+
+    async def _close(self):
+        if self._state == "opening":
+            await self._opened.wait()
+        if self._state == "closing":
+            await self._closed.wait()
+            return
+        if self._state != "open":
+            return
+        self._state = "closing"
+        if self._busy():
+            await self._idle.wait()
+        await self._shut_down()
+        self._state = "closed"
+        log.info("closed database {path}", path=self._abspath)
+        self._closed.fire()
+
+    async def _shut_down(self):
+        """
+        Close the connection and the pool, and release the lock.  Never
+        fails: this runs on the way out, where an error has nowhere to go.
+        """
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            try:
+                # Closing the last connection checkpoints the WAL into the
+                # database: disk work, so do it in the pool thread rather
+                # than let pool.close() do it in the reactor thread.
+                await threads.deferToThreadPool(
+                    self._reactor, pool.threadpool, self._disconnect, pool
+                )
+            except Exception:
+                log.failure("error closing database {path}",
+                            path=self._abspath)
+            # The pool's thread is idle now, so joining it is quick.
+            pool.close()
+        if self._lock_fd is not None:
+            fd, self._lock_fd = self._lock_fd, None
+            # Closing the only descriptor releases the flock.  The lock file
+            # stays: deleting it would let a newcomer lock a fresh file while
+            # the old owner still holds the deleted one.
+            os.close(fd)
+
+    def _disconnect(self, pool):
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            pool.disconnect(connection)
+
+    # Group commit
+
+    def _write(self, operation, *args):
+        """
+        Queue a write for the next group commit.
+
+        :returns: a ``Deferred`` firing with the operation's result after
+            the transaction that ran it committed.
+        """
+        if self._state != "open":
+            return defer.fail(self._not_open())
+        d = defer.Deferred()
+        self._pending.append((operation, args, d))
+        self._schedule_flush()
+        return d
+
+    def _schedule_flush(self):
+        if self._pending and self._flush_call is None and self._flushing is None:
+            # callLater(0) rather than flushing now: every write issued in
+            # this reactor turn joins the same transaction.
+            self._flush_call = self._reactor.callLater(0, self._flush)
+
+    def _flush(self):
+        self._flush_call = None
+        batch, self._pending = self._pending, []
+        self.transactions += 1
+        operations = [(operation, args) for operation, args, _ in batch]
+        d = self._pool.runWithConnection(_run_batch, operations)
+        self._flushing = d
+        d.addCallbacks(
+            self._flushed,
+            self._flush_failed,
+            callbackArgs=(batch,),
+            errbackArgs=(batch,),
+        )
+
+    def _flushed(self, outcomes, batch):
+        self._flushing = None
+        for (_, _, d), (ok, value) in zip(batch, outcomes):
+            if ok:
+                d.callback(value)
+            else:
+                d.errback(Failure(value))
+        self._after_work()
+
+    def _flush_failed(self, reason, batch):
+        self._flushing = None
+        error = reason.value
+        log.error("write transaction of {count} operations on {path} "
+                  "failed: {error}", count=len(batch), path=self._abspath,
+                  error=_one_line(error))
+        for _, _, d in batch:
+            wrapped = StoreError(
+                f"database {self._abspath}: transaction failed: "
+                f"{_one_line(error)}"
+            )
+            wrapped.__cause__ = error
+            d.errback(Failure(wrapped))
+        self._after_work()
+
+    def _busy(self):
+        return bool(
+            self._pending
+            or self._flush_call is not None
+            or self._flushing is not None
+            or self._reads
+        )
+
+    def _after_work(self):
+        self._schedule_flush()
+        if not self._busy():
+            self._idle.fire()
+
+    # Reads
+
+    def _read(self, query, *args):
+        if self._state != "open":
+            return defer.fail(self._not_open())
+        self._reads += 1
+        d = self._pool.runWithConnection(query, *args)
+        d.addErrback(self._read_failed)
+        d.addBoth(self._read_done)
+        return d
+
+    def _read_failed(self, reason):
+        if reason.check(StoreError):
+            return reason
+        error = StoreError(
+            f"database {self._abspath}: read failed: {_one_line(reason.value)}"
+        )
+        error.__cause__ = reason.value
+        return Failure(error)
+
+    def _read_done(self, result):
+        self._reads -= 1
+        self._after_work()
+        return result
+
+    def _not_open(self):
+        return StoreError(f"database {self.path} is not open ({self._state})")
+
+    # ITaskStore
+
+    def submit(self, tasks):
+        """
+        See :meth:`taskbroker.interfaces.ITaskStore.submit`.
+        """
+        tasks = list(tasks)
+        if not tasks and self._state == "open":
+            return defer.succeed([])
+        return self._write(_submit, tasks)
+
+    def dispatch(self, task_id, attempt, worker, started_at):
+        """
+        See :meth:`taskbroker.interfaces.ITaskStore.dispatch`.
+        """
+        return self._write(_dispatch, task_id, attempt, worker, started_at)
+
+    def finish(self, task_id, attempt, state, result, error, finished_at):
+        """
+        See :meth:`taskbroker.interfaces.ITaskStore.finish`.
+
+        :raises ValueError: (through the ``Deferred``) if ``state`` is not
+            ``"succeeded"`` or ``"failed"``.
+        """
+        if state not in ("succeeded", "failed"):
+            return defer.fail(_bad_final_state(state))
+        return self._write(
+            _finish, task_id, attempt, state, result, error, finished_at
+        )
+
+    def requeue(self, task_id, attempt):
+        """
+        See :meth:`taskbroker.interfaces.ITaskStore.requeue`.  The task
+        keeps its ``worker`` and ``started_at``: they describe the latest
+        attempt until the next dispatch replaces them.
+        """
+        return self._write(_requeue, task_id, attempt)
+
+    def cancel(self, task_id, finished_at):
+        """
+        See :meth:`taskbroker.interfaces.ITaskStore.cancel`.
+        """
+        return self._write(_cancel, task_id, finished_at)
+
+    def fix(self, task_id, priority, max_attempts):
+        """
+        See :meth:`taskbroker.interfaces.ITaskStore.fix`.  Values already
+        in the row are kept.
+        """
+        return self._write(_fix, task_id, priority, max_attempts)
+
+    def reject(self, task_id, error, finished_at):
+        """
+        See :meth:`taskbroker.interfaces.ITaskStore.reject`.
+        """
+        return self._write(_reject, task_id, error, finished_at)
+
+    def get(self, task_id):
+        """
+        See :meth:`taskbroker.interfaces.ITaskStore.get`.
+        """
+        return self._read(_get, task_id)
+
+    def list(self, state, handler, after_id, limit):
+        """
+        See :meth:`taskbroker.interfaces.ITaskStore.list`.
+        """
+        return self._read(_list, state, handler, after_id, limit)
+
+    def queued(self, after_id, limit):
+        """
+        See :meth:`taskbroker.interfaces.ITaskStore.queued`.
+        """
+        return self._read(_queued, after_id, limit)
+
+    def running(self):
+        """
+        See :meth:`taskbroker.interfaces.ITaskStore.running`.
+        """
+        return self._read(_running)
+
+    def counts(self):
+        """
+        See :meth:`taskbroker.interfaces.ITaskStore.counts`.
+        """
+        return self._read(_counts)
+
+
+def _one_line(error):
+    text = " ".join(str(error).split())
+    return text or type(error).__name__
+
+
+def _bad_final_state(state):
+    return ValueError(
+        f"a finished task's state must be 'succeeded' or 'failed', not {state!r}"
+    )
+
+
+def _lock(path):
+    """
+    Take the ownership lock of the database at ``path``.
+
+    :returns: the lock file's descriptor; closing it releases the lock.
+    :raises StoreLocked: if another process (or another store in this one)
+        holds it.
+    """
+    lock_path = path + ".lock"
+    try:
+        # os.open makes the descriptor close-on-exec, so processes the
+        # broker spawns cannot keep the lock alive after the broker dies.
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise StoreError(
+            f"cannot open lock file {lock_path}: {e.strerror}"
+        ) from e
+    try:
+        # flock, not fcntl locks: an flock belongs to this open file, so a
+        # second store in the same process is refused too, and closing any
+        # other descriptor of the file does not drop it.
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        try:
+            owner = os.read(fd, 64).decode("ascii", "replace").strip()
+        finally:
+            os.close(fd)
+        # The owner writes its pid just after locking; it may not be there yet.
+        if not owner.isdigit():
+            owner = "unknown"
+        raise StoreLocked(
+            f"database {path} is in use by another broker (pid {owner})"
+        ) from None
+    except OSError as e:
+        os.close(fd)
+        raise StoreError(f"cannot lock {lock_path}: {e.strerror}") from e
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode("ascii"))
+    except OSError:
+        # The pid is only shown in the other broker's error message.
+        log.failure("could not write the pid into {lock_path}",
+                    lock_path=lock_path)
+    return fd
+
+
+# What runs in the pool thread.  Each receives an adbapi Connection, whose
+# commit() and rollback() are no-ops in autocommit mode: we manage the
+# transactions ourselves.
+
+
+def _ensure_schema(connection):
+    return _schema.ensure_schema(connection, "sqlite")
+
+
+def _run_batch(connection, operations):
+    """
+    Run a group of writes in one transaction.
+
+    :returns: for each operation, ``(True, result)`` or ``(False,
+        StoreError)`` when the operation's own arguments made it fail.
+    :raises: the database's error when the transaction as a whole failed;
+        nothing was written then.
+    """
+    cursor = connection.cursor()
+    try:
+        return _transaction(cursor, operations, isolate=False)
+    except _IsolateOperations:
+        # Savepoints cost two statements per operation, so the first try
+        # goes without; a batch gets here only when a caller passed bad
+        # arguments, and the other callers' writes must not fail with it.
+        return _transaction(cursor, operations, isolate=True)
+
+
+def _transaction(cursor, operations, isolate):
+    outcomes = []
+    cursor.execute("BEGIN IMMEDIATE")
+    try:
+        for operation, args in operations:
+            if not isolate:
+                try:
+                    outcomes.append((True, operation(cursor, *args)))
+                except _OPERATION_ERRORS as e:
+                    raise _IsolateOperations() from e
+                continue
+            cursor.execute("SAVEPOINT operation")
+            try:
+                outcomes.append((True, operation(cursor, *args)))
+            except _OPERATION_ERRORS as e:
+                cursor.execute("ROLLBACK TO operation")
+                error = StoreError(
+                    f"{operation.__name__.lstrip('_')} failed: {_one_line(e)}"
+                )
+                error.__cause__ = e
+                outcomes.append((False, error))
+            cursor.execute("RELEASE operation")
+        cursor.execute("COMMIT")
+    except BaseException:
+        _schema.rollback(cursor)
+        raise
+    return outcomes
+
+
+def _submit(cursor, tasks):
+    rows = []
+    for task in tasks:
+        cursor.execute(
+            "INSERT INTO tasks "
+            "(handler, payload, priority, max_attempts, created_at) "
+            "VALUES (?, ?, ?, ?, ?)",
+            (task.handler, task.payload, task.priority, task.max_attempts,
+             task.created_at),
+        )
+        rows.append(TaskRow(
+            id=cursor.lastrowid,
+            handler=task.handler,
+            payload=task.payload,
+            priority=task.priority,
+            state="queued",
+            attempts=0,
+            max_attempts=task.max_attempts,
+            worker=None,
+            created_at=task.created_at,
+            started_at=None,
+            finished_at=None,
+            result=None,
+            error=None,
+        ))
+    return rows
+
+
+def _dispatch(cursor, task_id, attempt, worker, started_at):
+    cursor.execute(
+        "UPDATE tasks SET state = 'running', attempts = ?, worker = ?, "
+        "started_at = ? WHERE id = ? AND state = 'queued'",
+        (attempt, worker, started_at, task_id),
+    )
+    return cursor.rowcount == 1
+
+
+def _finish(cursor, task_id, attempt, state, result, error, finished_at):
+    cursor.execute(
+        "UPDATE tasks SET state = ?, result = ?, error = ?, finished_at = ? "
+        "WHERE id = ? AND attempts = ? AND state = 'running'",
+        (state, result, error, finished_at, task_id, attempt),
+    )
+    return cursor.rowcount == 1
+
+
+def _requeue(cursor, task_id, attempt):
+    cursor.execute(
+        "UPDATE tasks SET state = 'queued' "
+        "WHERE id = ? AND attempts = ? AND state = 'running'",
+        (task_id, attempt),
+    )
+    return cursor.rowcount == 1
+
+
+def _cancel(cursor, task_id, finished_at):
+    cursor.execute(
+        "UPDATE tasks SET state = 'cancelled', error = 'cancelled', "
+        "finished_at = ? WHERE id = ? AND state = 'queued'",
+        (finished_at, task_id),
+    )
+    return _get_with(cursor, task_id)
+
+
+def _fix(cursor, task_id, priority, max_attempts):
+    cursor.execute(
+        "UPDATE tasks SET priority = COALESCE(priority, ?), "
+        "max_attempts = COALESCE(max_attempts, ?) WHERE id = ?",
+        (priority, max_attempts, task_id),
+    )
+
+
+def _reject(cursor, task_id, error, finished_at):
+    cursor.execute(
+        "UPDATE tasks SET state = 'failed', error = ?, finished_at = ? "
+        "WHERE id = ? AND state = 'queued'",
+        (error, finished_at, task_id),
+    )
+
+
+def _get_with(cursor, task_id):
+    row = cursor.execute(
+        f"SELECT {_COLUMNS} FROM tasks WHERE id = ?", (task_id,)
+    ).fetchone()
+    return None if row is None else TaskRow(*row)
+
+
+def _get(connection, task_id):
+    return _get_with(connection.cursor(), task_id)
+
+
+def _list(connection, state, handler, after_id, limit):
+    where = ["id > ?"]
+    params = [after_id]
+    if state is not None:
+        where.append("state = ?")
+        params.append(state)
+    if handler is not None:
+        where.append("handler = ?")
+        params.append(handler)
+    params.append(limit)
+    rows = connection.cursor().execute(
+        f"SELECT {_COLUMNS} FROM tasks WHERE {' AND '.join(where)} "
+        "ORDER BY id LIMIT ?",
+        params,
+    )
+    return [TaskRow(*row) for row in rows]
+
+
+def _queued(connection, after_id, limit):
+    # state = 'queued' must be a literal, not a parameter: only then can
+    # SQLite use the partial index tasks_queued_by_id.
+    rows = connection.cursor().execute(
+        f"SELECT {_COLUMNS} FROM tasks WHERE state = 'queued' AND id > ? "
+        "ORDER BY id LIMIT ?",
+        (after_id, limit),
+    )
+    return [TaskRow(*row) for row in rows]
+
+
+def _running(connection):
+    rows = connection.cursor().execute(
+        f"SELECT {_COLUMNS} FROM tasks WHERE state = 'running' ORDER BY id"
+    )
+    return [TaskRow(*row) for row in rows]
+
+
+def _counts(connection):
+    rows = connection.cursor().execute(
+        "SELECT state, priority, COUNT(*) FROM tasks GROUP BY state, priority"
+    )
+    return {(state, priority): count for state, priority, count in rows}

@@ -1,0 +1,178 @@
+"""
+Real daemons driven as an operator would: the command line, tasks
+inserted with plain SQL, a broker restart, and the refusals that must be
+one clear line.
+"""
+
+import json
+import os
+import sqlite3
+
+from taskbroker.client.blocking import BlockingClient
+
+
+def test_command_line_end_to_end(cluster):
+    cluster.start_broker()
+    cluster.start_worker(name="w1")
+
+    submitted = cluster.cli("submit", "echo", "--payload", '{"n": 1}', "--wait",
+                            "--json")
+    assert submitted.returncode == 0, submitted.stderr
+    task = json.loads(submitted.stdout)
+    assert task["state"] == "succeeded" and task["result"] == {"n": 1}
+    assert task["worker"] == "w1"
+
+    plain = cluster.cli("submit", "echo", "--payload", "[1, 2]")
+    assert plain.returncode == 0, plain.stderr
+    task_id = int(plain.stdout.strip())
+    waited = cluster.cli("status", str(task_id), "--json")
+    assert json.loads(waited.stdout)["id"] == task_id
+
+    unserved = cluster.cli("submit", "nobody-has-this")
+    assert unserved.returncode == 0
+    assert "no connected worker has handler 'nobody-has-this'" in unserved.stderr
+    queued_id = int(unserved.stdout.strip())
+
+    listed = cluster.cli("list", "--state", "queued", "--json")
+    assert [t["id"] for t in json.loads(listed.stdout)] == [queued_id]
+
+    cancelled = cluster.cli("cancel", str(queued_id))
+    assert cancelled.returncode == 0, cancelled.stderr
+    status = json.loads(cluster.cli("status", str(queued_id), "--json").stdout)
+    assert status["state"] == "cancelled"
+
+    workers = json.loads(cluster.cli("workers", "--json").stdout)
+    assert [w["name"] for w in workers] == ["w1"]
+    stats = json.loads(cluster.cli("stats", "--json").stdout)
+    assert stats["tasks"]["succeeded"] == {"normal": 2}
+    assert stats["workers"] == 1
+
+    failed = cluster.cli("submit", "fail", "--max-attempts", "1", "--wait")
+    assert failed.returncode == 1
+    assert failed.stderr.strip().count("\n") == 0
+
+    missing = cluster.cli("status", "999999")
+    assert missing.returncode == 4
+    assert missing.stderr.count("\n") == 1 and "Traceback" not in missing.stderr
+
+    bad_level = cluster.cli("submit", "echo", "--priority", "urgent")
+    assert bad_level.returncode == 2
+    assert "urgent" in bad_level.stderr and bad_level.stderr.count("\n") == 1
+
+
+def test_command_line_without_broker(cluster, tmp_path):
+    cluster.endpoint = "tcp://127.0.0.1:1"
+    result = cluster.cli("--timeout", "0.5", "stats")
+    assert result.returncode == 3
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+
+
+def test_bulk_submit_from_file(cluster, tmp_path):
+    cluster.start_broker()
+    cluster.start_worker(name="w1")
+    lines = [json.dumps({"handler": "echo", "payload": i}) for i in range(250)]
+    path = tmp_path / "tasks.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    result = cluster.cli("submit", "--from", str(path))
+    assert result.returncode == 0, result.stderr
+    ids = [int(line) for line in result.stdout.split()]
+    assert len(ids) == 250 and ids == sorted(ids)
+    with BlockingClient(cluster.endpoint) as client:
+        assert client.wait(ids[-1], timeout=60)["result"] == 249
+
+
+def test_rows_inserted_with_sql(cluster):
+    cluster.start_broker("--poll-interval", "0.2")
+    cluster.start_worker(name="w1")
+    database = os.path.join(cluster.folder, "tasks.sqlite")
+    with sqlite3.connect(database) as db:
+        rows = [
+            ("echo", '{"ok": true}', None),      # default level
+            ("echo", '"high one"', "high"),
+            ("echo", "{not json", None),
+            ("echo", "1", "urgent"),
+            ("echo", json.dumps("x" * (1024 * 1024 + 10)), "low"),
+        ]
+        ids = [db.execute(
+            "INSERT INTO tasks (handler, payload, priority) VALUES (?, ?, ?)",
+            row).lastrowid for row in rows]
+    with BlockingClient(cluster.endpoint) as client:
+        done = [client.wait(i, timeout=30) for i in ids]
+    assert [t["state"] for t in done] == [
+        "succeeded", "succeeded", "failed", "failed", "failed"]
+    assert done[0]["priority"] == "normal" and done[0]["result"] == {"ok": True}
+    assert done[0]["max_attempts"] == 3
+    assert "not valid JSON" in done[2]["error"]
+    assert "unknown priority level 'urgent'" in done[3]["error"]
+    assert "exceeds the limit" in done[4]["error"]
+    # The broker survived all of it and still serves.
+    with BlockingClient(cluster.endpoint) as client:
+        task, _ = client.submit("echo", 5)
+        assert client.wait(task["id"], timeout=30)["result"] == 5
+
+
+def test_clean_broker_restart_loses_nothing(cluster):
+    broker = cluster.start_broker()
+    worker = cluster.start_worker("--concurrency", "2", name="w1")
+    with BlockingClient(cluster.endpoint) as client:
+        long_ones, _ = client.submit_many(
+            [{"handler": "record", "payload": {"seconds": 2}}] * 2)
+        queued, _ = client.submit_many(
+            [{"handler": "record", "payload": {"seconds": 0}}] * 5)
+        for task in long_ones:
+            while client.get(task["id"])["state"] != "running":
+                client.wait(task["id"], timeout=0.05)
+
+    broker.stop()
+    # twistd re-raises SIGTERM after a clean shutdown, so look at the log.
+    broker.wait_for(r"taskbroker stopped")
+    mark = worker.mark()
+    cluster.start_broker(listen=cluster.endpoint)
+    # The worker notices the new broker by itself and announces again.
+    worker.wait_for(r"welcomed by broker", start=mark)
+
+    with BlockingClient(cluster.endpoint) as client:
+        done = [client.wait(t["id"], timeout=60) for t in long_ones + queued]
+    assert [t["state"] for t in done] == ["succeeded"] * 7
+    # The long tasks were not run twice: the restart did not requeue them.
+    assert [t["attempts"] for t in done[:2]] == [1, 1]
+
+
+def test_second_broker_on_same_database_is_refused(cluster):
+    cluster.start_broker()
+    second = cluster.start_broker(wait=False)
+    assert second.wait_exit() == 1
+    second.wait_for(r"taskbroker cannot start: .*in use by another broker")
+
+
+def test_broker_lock_released_when_owner_is_killed(cluster):
+    import signal
+
+    first = cluster.start_broker()
+    first.signal(signal.SIGKILL)
+    first.wait_exit()
+    cluster.start_broker()  # starts at once
+
+
+def test_worker_with_unknown_level_is_refused(cluster):
+    cluster.start_broker()
+    worker = cluster.start_worker("--priorities", "high,urgent", wait=False)
+    assert worker.wait_exit() == 1
+    match = worker.wait_for(r"refused by the broker: (.*)")
+    assert "urgent" in match.group(1)
+
+
+def test_duplicate_worker_name_is_refused(cluster):
+    cluster.start_broker()
+    cluster.start_worker(name="same")
+    second = cluster.start_worker(name="same", wait=False)
+    assert second.wait_exit() == 1
+    second.wait_for(r"refused by the broker: a live worker named 'same'")
+
+
+def test_invalid_option_is_one_line(cluster):
+    cluster.endpoint = "tcp://127.0.0.1:1"
+    worker = cluster.start_worker("--concurrency", "zero", wait=False)
+    assert worker.wait_exit() == 2
+    lines = [line for line in worker.lines if line.strip()]
+    assert len(lines) == 1 and "--concurrency" in lines[0], lines

@@ -1,0 +1,822 @@
+# -*- test-case-name: tests.unit.test_store -*-
+"""
+Tests for the task stores: one contract suite that runs against every
+backend (:class:`MemoryStore`, :class:`SQLiteStore` on a real file), then
+what only SQLite has (ownership lock, schema versions, group commit, SQL
+inserts by other programs), the schema loader, and the test helpers.
+"""
+
+import os
+import signal
+import sqlite3
+import sys
+import time
+from contextlib import closing
+
+import pytest
+import pytest_twisted
+from twisted.internet import defer, protocol
+from twisted.internet.task import Clock
+from zope.interface.verify import verifyObject
+
+import taskbroker
+from taskbroker.errors import StoreError, StoreLocked
+from taskbroker.interfaces import ITaskStore
+from taskbroker.store import NewTask, TaskRow, _schema
+from taskbroker.store.sqlite import SQLiteStore
+from taskbroker.testing import MemoryStore, result_of
+
+
+@pytest.fixture
+def reactor():
+    # pytest-twisted installs and runs the reactor; tests that need it ask
+    # for this fixture so that no library code reaches for the global one.
+    from twisted.internet import reactor
+
+    return reactor
+
+
+@pytest.fixture
+def db_path(tmp_path):
+    return str(tmp_path / "tasks.db")
+
+
+@pytest_twisted.async_yield_fixture(params=["memory", "sqlite"])
+async def store(request, reactor, db_path):
+    if request.param == "memory":
+        store = MemoryStore()
+    else:
+        store = SQLiteStore(db_path, reactor)
+    await store.open()
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+def new_task(handler="echo", payload='{"n": 1}', priority="normal",
+             max_attempts=3, created_at=1000.25):
+    return NewTask(handler=handler, payload=payload, priority=priority,
+                   max_attempts=max_attempts, created_at=created_at)
+
+
+def insert_external(store, handler, payload, priority=None):
+    """
+    Insert a task the way another program would, with plain SQL.
+
+    :returns: the new task's id.
+    """
+    if isinstance(store, MemoryStore):
+        return store.insert_external(handler, payload, priority).id
+    with closing(sqlite3.connect(store.path)) as connection:
+        with connection:
+            cursor = connection.execute(
+                "INSERT INTO tasks (handler, payload, priority) "
+                "VALUES (?, ?, ?)",
+                (handler, payload, priority),
+            )
+        return cursor.lastrowid
+
+
+async def submit_one(store, **kwargs):
+    (row,) = await store.submit([new_task(**kwargs)])
+    return row
+
+
+async def states(store):
+    return {row.id: row.state for row in await store.list(None, None, 0, 1000)}
+
+
+# The contract, for every backend.
+
+
+def test_provides_interface(store):
+    assert verifyObject(ITaskStore, store)
+
+
+@pytest_twisted.ensureDeferred
+async def test_submit_returns_rows_with_increasing_ids(store):
+    first = await store.submit([new_task(handler="a"), new_task(handler="b")])
+    second = await store.submit([new_task(handler="c", priority="high",
+                                          max_attempts=5, created_at=7.5)])
+    rows = first + second
+    assert [row.handler for row in rows] == ["a", "b", "c"]
+    ids = [row.id for row in rows]
+    assert ids == sorted(ids) and len(set(ids)) == 3
+    assert rows[2] == TaskRow(
+        id=ids[2], handler="c", payload='{"n": 1}', priority="high",
+        state="queued", attempts=0, max_attempts=5, worker=None,
+        created_at=7.5, started_at=None, finished_at=None, result=None,
+        error=None,
+    )
+    assert [await store.get(i) for i in ids] == rows
+
+
+@pytest_twisted.ensureDeferred
+async def test_submit_nothing(store):
+    assert await store.submit([]) == []
+    assert await store.list(None, None, 0, 10) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_get_unknown(store):
+    assert await store.get(12345) is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_dispatch(store):
+    task = await submit_one(store)
+    assert await store.dispatch(task.id, 1, "w1", 2000.5) is True
+    row = await store.get(task.id)
+    assert (row.state, row.attempts, row.worker, row.started_at) == (
+        "running", 1, "w1", 2000.5)
+    # Only a queued task can be dispatched.
+    assert await store.dispatch(task.id, 2, "w2", 2001.0) is False
+    assert await store.get(task.id) == row
+    assert await store.dispatch(12345, 1, "w1", 2000.5) is False
+
+
+@pytest_twisted.ensureDeferred
+async def test_finish_succeeded(store):
+    task = await submit_one(store)
+    await store.dispatch(task.id, 1, "w1", 2000.0)
+    assert await store.finish(task.id, 1, "succeeded", '{"ok": true}', None,
+                              2010.5) is True
+    row = await store.get(task.id)
+    assert (row.state, row.result, row.error, row.finished_at) == (
+        "succeeded", '{"ok": true}', None, 2010.5)
+    # A duplicate result (a worker resending after a reconnect) changes
+    # nothing.
+    assert await store.finish(task.id, 1, "failed", None, "late", 2011.0) \
+        is False
+    assert await store.get(task.id) == row
+
+
+@pytest_twisted.ensureDeferred
+async def test_finish_rejects_stale_attempt(store):
+    task = await submit_one(store)
+    await store.dispatch(task.id, 1, "w1", 2000.0)
+    assert await store.requeue(task.id, 1) is True
+    await store.dispatch(task.id, 2, "w2", 2005.0)
+    assert await store.finish(task.id, 1, "succeeded", "1", None, 2006.0) \
+        is False
+    assert (await store.get(task.id)).state == "running"
+    assert await store.finish(task.id, 2, "failed", None, "boom", 2007.0) \
+        is True
+    row = await store.get(task.id)
+    assert (row.state, row.attempts, row.worker, row.error, row.result) == (
+        "failed", 2, "w2", "boom", None)
+
+
+@pytest_twisted.ensureDeferred
+async def test_finish_needs_running_task(store):
+    task = await submit_one(store)
+    assert await store.finish(task.id, 0, "succeeded", "1", None, 1.0) is False
+    assert await store.finish(12345, 1, "succeeded", "1", None, 1.0) is False
+    assert (await store.get(task.id)).state == "queued"
+
+
+@pytest_twisted.ensureDeferred
+async def test_finish_refuses_other_states(store):
+    task = await submit_one(store)
+    await store.dispatch(task.id, 1, "w1", 2000.0)
+    for state in ("cancelled", "queued", "running", "bogus"):
+        with pytest.raises(ValueError):
+            await store.finish(task.id, 1, state, None, None, 1.0)
+    assert (await store.get(task.id)).state == "running"
+
+
+@pytest_twisted.ensureDeferred
+async def test_requeue(store):
+    task = await submit_one(store)
+    assert await store.requeue(task.id, 0) is False  # queued, not running
+    await store.dispatch(task.id, 1, "w1", 2000.0)
+    assert await store.requeue(task.id, 2) is False  # not its attempt
+    assert await store.requeue(task.id, 1) is True
+    row = await store.get(task.id)
+    # The worker and start time still describe the last attempt.
+    assert (row.state, row.attempts, row.worker, row.started_at) == (
+        "queued", 1, "w1", 2000.0)
+    assert await store.requeue(task.id, 1) is False
+    assert await store.requeue(12345, 1) is False
+
+
+@pytest_twisted.ensureDeferred
+async def test_cancel(store):
+    queued = await submit_one(store)
+    running = await submit_one(store)
+    await store.dispatch(running.id, 1, "w1", 2000.0)
+
+    row = await store.cancel(queued.id, 3000.5)
+    assert (row.id, row.state, row.error, row.finished_at) == (
+        queued.id, "cancelled", "cancelled", 3000.5)
+    assert await store.get(queued.id) == row
+    # Cancelling again reports the row as it is and changes nothing.
+    assert await store.cancel(queued.id, 3001.0) == row
+
+    # A running task is not cancelled here; the row says so.
+    assert await store.cancel(running.id, 3000.5) == await store.get(
+        running.id)
+    assert (await store.get(running.id)).state == "running"
+    assert await store.cancel(12345, 3000.5) is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_fix_fills_only_nulls(store):
+    task_id = insert_external(store, "echo", "{}", None)
+    row = await store.get(task_id)
+    assert (row.priority, row.max_attempts) == (None, None)
+    assert await store.fix(task_id, "normal", 3) is None
+    row = await store.get(task_id)
+    assert (row.priority, row.max_attempts) == ("normal", 3)
+    await store.fix(task_id, "high", 9)
+    assert await store.get(task_id) == row
+
+    given = await submit_one(store, priority="low", max_attempts=1)
+    await store.fix(given.id, "normal", 3)
+    assert await store.get(given.id) == given
+    assert await store.fix(12345, "normal", 3) is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_reject(store):
+    task_id = insert_external(store, "no-such-handler", "{}")
+    assert await store.reject(task_id, "unknown handler", 4000.0) is None
+    row = await store.get(task_id)
+    assert (row.state, row.error, row.finished_at) == (
+        "failed", "unknown handler", 4000.0)
+
+    running = await submit_one(store)
+    await store.dispatch(running.id, 1, "w1", 2000.0)
+    await store.reject(running.id, "nope", 4000.0)
+    assert (await store.get(running.id)).state == "running"
+
+
+@pytest_twisted.ensureDeferred
+async def test_external_insert_gets_defaults(store):
+    task_id = insert_external(store, "echo", '{"a":1}')
+    row = await store.get(task_id)
+    assert (row.handler, row.payload, row.priority, row.state, row.attempts,
+            row.max_attempts, row.worker, row.started_at, row.finished_at,
+            row.result, row.error) == (
+        "echo", '{"a":1}', None, "queued", 0, None, None, None, None, None,
+        None)
+    assert isinstance(row.created_at, float)
+    assert await store.queued(0, 10) == [row]
+
+
+@pytest_twisted.ensureDeferred
+async def test_list_filters_and_pages(store):
+    rows = []
+    for handler in ("a", "b", "a", "b", "a"):
+        rows.extend(await store.submit([new_task(handler=handler)]))
+    ids = [row.id for row in rows]
+    await store.dispatch(ids[0], 1, "w", 1.0)
+    await store.dispatch(ids[1], 1, "w", 1.0)
+
+    async def listed(state=None, handler=None, after_id=0, limit=100):
+        return [row.id for row in
+                await store.list(state, handler, after_id, limit)]
+
+    assert await listed() == ids
+    assert await listed(handler="a") == [ids[0], ids[2], ids[4]]
+    assert await listed(state="running") == [ids[0], ids[1]]
+    assert await listed(state="queued", handler="b") == [ids[3]]
+    assert await listed(state="failed") == []
+    assert await listed(handler="zzz") == []
+    # Paging: after_id is the last id of the previous page.
+    assert await listed(limit=2) == ids[:2]
+    assert await listed(after_id=ids[1], limit=2) == ids[2:4]
+    assert await listed(after_id=ids[3], limit=2) == ids[4:]
+    assert await listed(after_id=ids[4], limit=2) == []
+    assert await listed(handler="a", after_id=ids[0], limit=1) == [ids[2]]
+    assert await listed(limit=0) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_queued_and_running(store):
+    rows = await store.submit([new_task() for _ in range(5)])
+    ids = [row.id for row in rows]
+    await store.dispatch(ids[1], 1, "w", 1.0)
+    await store.dispatch(ids[3], 1, "w", 1.0)
+    await store.cancel(ids[4], 2.0)
+
+    queued = await store.queued(0, 100)
+    assert [row.id for row in queued] == [ids[0], ids[2]]
+    assert queued[0] == await store.get(ids[0])
+    assert [row.id for row in await store.queued(ids[0], 100)] == [ids[2]]
+    assert [row.id for row in await store.queued(0, 1)] == [ids[0]]
+    assert [row.id for row in await store.running()] == [ids[1], ids[3]]
+
+
+@pytest_twisted.ensureDeferred
+async def test_counts(store):
+    assert await store.counts() == {}
+    rows = await store.submit([
+        new_task(priority="high"), new_task(priority="high"),
+        new_task(priority="low"),
+    ])
+    insert_external(store, "echo", "{}")
+    await store.dispatch(rows[0].id, 1, "w", 1.0)
+    assert await store.counts() == {
+        ("running", "high"): 1,
+        ("queued", "high"): 1,
+        ("queued", "low"): 1,
+        ("queued", None): 1,
+    }
+
+
+@pytest_twisted.ensureDeferred
+async def test_writes_in_one_turn_apply_in_order(store):
+    task = await submit_one(store)
+    # Not waiting in between: with SQLite these share one transaction, and
+    # must still apply in the order they were issued.
+    dispatched = store.dispatch(task.id, 1, "w1", 1.0)
+    finished = store.finish(task.id, 1, "succeeded", "42", None, 2.0)
+    requeued = store.requeue(task.id, 1)
+    assert await dispatched is True
+    assert await finished is True
+    assert await requeued is False
+    assert (await store.get(task.id)).state == "succeeded"
+
+
+@pytest_twisted.ensureDeferred
+async def test_bad_write_fails_alone(store):
+    bad = store.submit([new_task(handler=None)])
+    good = store.submit([new_task(handler="fine")])
+    with pytest.raises(StoreError):
+        await bad
+    (row,) = await good
+    assert [r.handler for r in await store.list(None, None, 0, 10)] == ["fine"]
+    assert await store.get(row.id) == row
+
+
+@pytest_twisted.ensureDeferred
+async def test_close_then_reopen(store):
+    task = await submit_one(store)
+    await store.close()
+    await store.close()  # safe twice
+    with pytest.raises(StoreError):
+        await store.submit([new_task()])
+    with pytest.raises(StoreError):
+        await store.get(task.id)
+    await store.open()
+    assert await store.get(task.id) == task
+
+
+@pytest_twisted.ensureDeferred
+async def test_open_twice_fails(store):
+    with pytest.raises(StoreError):
+        await store.open()
+    assert await store.get(1) is None  # still usable
+
+
+@pytest_twisted.ensureDeferred
+async def test_close_before_open(reactor, db_path):
+    for store in (MemoryStore(), SQLiteStore(db_path, reactor)):
+        await store.close()
+        with pytest.raises(StoreError):
+            await store.dispatch(1, 1, "w", 1.0)
+    assert not os.path.exists(db_path)
+
+
+# SQLite only.
+
+
+@pytest_twisted.async_yield_fixture
+async def sqlite_store(reactor, db_path):
+    store = SQLiteStore(db_path, reactor)
+    await store.open()
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+def query(path, sql, *params):
+    with closing(sqlite3.connect(path)) as connection:
+        return connection.execute(sql, params).fetchall()
+
+
+def execute(path, sql, *params):
+    with closing(sqlite3.connect(path)) as connection:
+        with connection:
+            connection.execute(sql, params)
+
+
+@pytest_twisted.ensureDeferred
+async def test_sql_insert_by_another_program(sqlite_store, db_path):
+    before = time.time()
+    with closing(sqlite3.connect(db_path)) as connection:
+        for _ in range(3):
+            with connection:
+                connection.execute(
+                    "INSERT INTO tasks (handler, payload, priority) "
+                    """VALUES ('echo', '{"a":1}', NULL)"""
+                )
+    after = time.time()
+    rows = await sqlite_store.queued(0, 10)
+    assert [(row.handler, row.payload, row.priority, row.state,
+             row.attempts) for row in rows] == [
+        ("echo", '{"a":1}', None, "queued", 0)] * 3
+    for row in rows:
+        assert before - 0.01 <= row.created_at <= after + 0.01
+    # Milliseconds, not whole seconds: with three rows, all landing on a
+    # whole second has a chance of one in a billion.
+    assert any(row.created_at != int(row.created_at) for row in rows)
+
+
+@pytest_twisted.ensureDeferred
+async def test_second_store_is_locked_out(sqlite_store, reactor, db_path):
+    other = SQLiteStore(db_path, reactor)
+    with pytest.raises(StoreLocked) as caught:
+        await other.open()
+    message = str(caught.value)
+    assert message == (f"database {os.path.abspath(db_path)} is in use by "
+                       f"another broker (pid {os.getpid()})")
+    await other.close()
+    await sqlite_store.close()
+    await other.open()
+    await other.close()
+
+
+class _LineReader(protocol.ProcessProtocol):
+    """
+    Fires ``line`` with the child's first line of output and ``ended`` when
+    it exits.
+    """
+
+    def __init__(self):
+        self.line = defer.Deferred()
+        self.ended = defer.Deferred()
+        self._out = b""
+        self._err = b""
+
+    def outReceived(self, data):
+        self._out += data
+        if b"\n" in self._out and self.line is not None:
+            d, self.line = self.line, None
+            d.callback(self._out.split(b"\n", 1)[0].decode())
+
+    def errReceived(self, data):
+        self._err += data
+
+    def processEnded(self, reason):
+        if self.line is not None:
+            d, self.line = self.line, None
+            d.errback(AssertionError(
+                "the child exited before its first line: "
+                + self._err.decode(errors="replace")))
+        # The reason itself, not the Failure, which would fail the Deferred.
+        self.ended.callback(reason.value)
+
+
+_HOLD_LOCK = """
+import sys
+from twisted.internet import defer, task
+from taskbroker.store.sqlite import SQLiteStore
+
+async def main(reactor):
+    await SQLiteStore(sys.argv[1], reactor).open()
+    print("opened", flush=True)
+    await defer.Deferred()  # until killed
+
+task.react(lambda reactor: defer.ensureDeferred(main(reactor)))
+"""
+
+
+@pytest_twisted.ensureDeferred
+async def test_lock_released_when_owner_is_killed(reactor, db_path):
+    reader = _LineReader()
+    root = os.path.dirname(os.path.dirname(taskbroker.__file__))
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        filter(None, [root, env.get("PYTHONPATH")]))
+    child = reactor.spawnProcess(
+        reader, sys.executable, [sys.executable, "-c", _HOLD_LOCK, db_path],
+        env=env)
+    try:
+        line = reader.line
+        line.addTimeout(30, reactor)
+        assert await line == "opened"
+        store = SQLiteStore(db_path, reactor)
+        with pytest.raises(StoreLocked, match=f"pid {child.pid}"):
+            await store.open()
+        # SIGKILL: no cleanup code runs in the child; only the kernel can
+        # release the lock.
+        os.kill(child.pid, signal.SIGKILL)
+        assert (await reader.ended).signal == signal.SIGKILL
+        await store.open()
+        assert await store.queued(0, 10) == []
+        await store.close()
+    finally:
+        if child.pid is not None:
+            child.signalProcess("KILL")
+            await reader.ended
+
+
+@pytest_twisted.ensureDeferred
+async def test_schema_version_recorded(sqlite_store, db_path):
+    assert query(db_path, "SELECT version FROM taskbroker_schema") == [(1,)]
+    indexes = {name for (name,) in query(
+        db_path, "SELECT name FROM sqlite_master WHERE type = 'index' "
+        "AND tbl_name = 'tasks' AND sql IS NOT NULL")}
+    assert indexes == {"tasks_queued_by_id", "tasks_by_state_id",
+                       "tasks_by_handler_id"}
+    assert query(db_path, "PRAGMA journal_mode") == [("wal",)]
+
+
+@pytest.mark.parametrize("where", [
+    "state = 'queued' AND id > ?",
+    "id > ? AND state = ?",
+    "id > ? AND handler = ?",
+])
+@pytest_twisted.ensureDeferred
+async def test_reads_use_an_index(sqlite_store, db_path, where):
+    params = (0, "x")[:where.count("?")]
+    plan = " ".join(detail for *_, detail in query(
+        db_path, f"EXPLAIN QUERY PLAN SELECT * FROM tasks WHERE {where} "
+        "ORDER BY id LIMIT 10", *params))
+    # An index range, already in id order: no full scan and no sort, however
+    # many finished tasks the table holds.
+    assert "SEARCH tasks USING" in plan and "INDEX" in plan
+    assert "TEMP B-TREE" not in plan
+
+
+@pytest_twisted.ensureDeferred
+async def test_newer_schema_refused(reactor, db_path):
+    store = SQLiteStore(db_path, reactor)
+    await store.open()
+    await store.close()
+    execute(db_path, "UPDATE taskbroker_schema SET version = 99")
+    with pytest.raises(StoreError) as caught:
+        await store.open()
+    assert "database schema version 99 is newer than this taskbroker " \
+        "supports (1)" in str(caught.value)
+    assert not isinstance(caught.value, StoreLocked)
+    # The failed open let go of the lock and the pool.
+    execute(db_path, "UPDATE taskbroker_schema SET version = 1")
+    await store.open()
+    await store.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_not_a_database(reactor, db_path):
+    with open(db_path, "wb") as f:
+        f.write(b"this is not a database\n" * 200)
+    store = SQLiteStore(db_path, reactor)
+    with pytest.raises(StoreError) as caught:
+        await store.open()
+    message = str(caught.value)
+    assert os.path.abspath(db_path) in message
+    assert "not a database" in message
+    assert "\n" not in message
+    with pytest.raises(StoreError):
+        await store.get(1)
+
+
+@pytest_twisted.ensureDeferred
+async def test_someone_elses_tasks_table(reactor, db_path):
+    execute(db_path, "CREATE TABLE tasks (x)")
+    with pytest.raises(StoreError, match="not created by taskbroker"):
+        await SQLiteStore(db_path, reactor).open()
+
+
+@pytest_twisted.ensureDeferred
+async def test_missing_directory(reactor, tmp_path):
+    path = str(tmp_path / "missing" / "tasks.db")
+    with pytest.raises(StoreError) as caught:
+        await SQLiteStore(path, reactor).open()
+    assert str(tmp_path / "missing") in str(caught.value)
+    assert not os.path.exists(tmp_path / "missing")
+
+
+def test_bad_synchronous(reactor, db_path):
+    with pytest.raises(ValueError):
+        SQLiteStore(db_path, reactor, synchronous="off")
+
+
+@pytest_twisted.ensureDeferred
+async def test_group_commit(sqlite_store):
+    before = sqlite_store.transactions
+    submitted = [sqlite_store.submit([new_task(payload=str(i))])
+                 for i in range(100)]
+    results = await defer.gatherResults(submitted)
+    assert sqlite_store.transactions - before <= 2
+    ids = [rows[0].id for rows in results]
+    assert ids == sorted(set(ids))
+    listed = await sqlite_store.list(None, None, 0, 1000)
+    assert [(row.id, row.payload) for row in listed] == [
+        (rows[0].id, str(i)) for i, rows in enumerate(results)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_writes_during_a_flush_go_in_the_next(sqlite_store, reactor):
+    before = sqlite_store.transactions
+    first = sqlite_store.submit([new_task(payload="first")])
+    later = []
+    # Runs just after the first flush was handed to the pool thread, in the
+    # same timer pass, so that flush cannot have finished yet.
+    reactor.callLater(0, lambda: later.extend(
+        sqlite_store.submit([new_task(payload=str(i))]) for i in range(10)))
+    await first
+    await defer.gatherResults(later)
+    assert len(later) == 10
+    assert sqlite_store.transactions - before == 2
+    assert len(await sqlite_store.list(None, None, 0, 100)) == 11
+
+
+@pytest_twisted.ensureDeferred
+async def test_failed_transaction_fails_every_write(reactor, db_path):
+    store = SQLiteStore(db_path, reactor, busy_timeout=0.05)
+    await store.open()
+    try:
+        (task,) = await store.submit([new_task()])
+        with closing(sqlite3.connect(db_path, isolation_level=None)) as other:
+            # Another program holds the write lock longer than the store
+            # waits for it.
+            other.execute("BEGIN IMMEDIATE")
+            writes = [store.submit([new_task()]),
+                      store.dispatch(task.id, 1, "w", 1.0),
+                      store.cancel(task.id, 2.0)]
+            outcomes = await defer.DeferredList(writes, consumeErrors=True)
+            other.execute("ROLLBACK")
+        for ok, failure in outcomes:
+            assert not ok
+            assert failure.check(StoreError)
+            assert "locked" in str(failure.value)
+        assert await store.get(task.id) == task
+        assert await store.dispatch(task.id, 1, "w", 1.0) is True
+        assert len(await store.list(None, None, 0, 10)) == 1
+    finally:
+        await store.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_close_waits_for_pending_writes(reactor, db_path):
+    store = SQLiteStore(db_path, reactor)
+    await store.open()
+    submitted = store.submit([new_task(handler="late")])
+    closed = store.close()
+    also_closed = store.close()
+    (row,) = await submitted
+    await closed
+    await also_closed
+    assert query(db_path, "SELECT id, handler FROM tasks") == [
+        (row.id, "late")]
+    # Closing the last connection checkpointed the WAL into the file.
+    assert not os.path.exists(db_path + "-wal")
+
+
+@pytest_twisted.ensureDeferred
+async def test_data_survives_reopen(reactor, db_path):
+    store = SQLiteStore(db_path, reactor)
+    await store.open()
+    rows = await store.submit([new_task(handler="a"), new_task(handler="b")])
+    await store.dispatch(rows[0].id, 1, "w1", 5.0)
+    await store.close()
+
+    again = SQLiteStore(db_path, reactor)
+    await again.open()
+    try:
+        assert [row.id for row in await again.running()] == [rows[0].id]
+        assert await again.get(rows[1].id) == rows[1]
+        (third,) = await again.submit([new_task(handler="c")])
+        assert third.id > rows[1].id
+    finally:
+        await again.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_synchronous_full(reactor, db_path):
+    store = SQLiteStore(db_path, reactor, synchronous="full")
+    await store.open()
+    try:
+        (row,) = await store.submit([new_task()])
+        assert await store.dispatch(row.id, 1, "w", 1.0) is True
+        assert await store.finish(row.id, 1, "succeeded", "1", None, 2.0)
+    finally:
+        await store.close()
+
+
+# The schema loader.
+
+
+def test_split_sqlite():
+    script = """
+    -- a comment; with a semicolon
+    CREATE TABLE t (x TEXT DEFAULT ';');
+    CREATE TRIGGER t_ins AFTER INSERT ON t BEGIN
+        UPDATE t SET x = 'a;b';
+    END;
+    -- trailing comment
+    """
+    statements = _schema.split_sqlite(script)
+    assert len(statements) == 2
+    assert statements[0].endswith("DEFAULT ';');")
+    assert statements[1].startswith("CREATE TRIGGER")
+    with pytest.raises(StoreError, match="incomplete"):
+        _schema.split_sqlite("CREATE TABLE t (x);\nCREATE TABLE u (y")
+
+
+def test_packaged_schema_is_latest():
+    directory = _schema.schema_directory("sqlite")
+    assert _schema.latest_version(directory) == 1
+    assert "CREATE TABLE tasks" in _schema.read_script(directory, "v1.sql")
+
+
+@pytest.fixture
+def schemas(tmp_path):
+    """
+    A folder of schema files at version 3, with upgrades.
+    """
+    directory = tmp_path / "schemas"
+    directory.mkdir()
+    files = {
+        "v1.sql": "CREATE TABLE taskbroker_schema (version INTEGER);\n"
+                  "CREATE TABLE a (x);",
+        "v3.sql": "CREATE TABLE taskbroker_schema (version INTEGER);\n"
+                  "CREATE TABLE a (x, y);\nCREATE TABLE b (z);",
+        "upgrade-to-v2.sql": "ALTER TABLE a ADD COLUMN y;",
+        "upgrade-to-v3.sql": "CREATE TABLE b (z);",
+        "README": "not a schema",
+    }
+    for name, text in files.items():
+        (directory / name).write_text(text)
+    return directory
+
+
+def _connect(path):
+    return closing(sqlite3.connect(path, isolation_level=None))
+
+
+def test_schema_created_at_latest(schemas, tmp_path):
+    with _connect(tmp_path / "new.db") as connection:
+        assert _schema.ensure_schema(connection, "sqlite", schemas) == (None, 3)
+        assert connection.execute(
+            "SELECT version FROM taskbroker_schema").fetchall() == [(3,)]
+        # A second start finds it current.
+        assert _schema.ensure_schema(connection, "sqlite", schemas) == (3, 3)
+
+
+def test_schema_upgraded_step_by_step(schemas, tmp_path):
+    with _connect(tmp_path / "old.db") as connection:
+        connection.executescript(
+            "CREATE TABLE taskbroker_schema (version INTEGER);"
+            "INSERT INTO taskbroker_schema VALUES (1);"
+            "CREATE TABLE a (x);")
+        assert _schema.ensure_schema(connection, "sqlite", schemas) == (1, 3)
+        connection.execute("INSERT INTO a (x, y) VALUES (1, 2)")
+        connection.execute("INSERT INTO b (z) VALUES (3)")
+        assert connection.execute(
+            "SELECT version FROM taskbroker_schema").fetchall() == [(3,)]
+
+
+def test_failed_upgrade_changes_nothing(schemas, tmp_path):
+    (schemas / "upgrade-to-v3.sql").write_text(
+        "CREATE TABLE b (z);\nTHIS IS NOT SQL;")
+    with _connect(tmp_path / "old.db") as connection:
+        connection.executescript(
+            "CREATE TABLE taskbroker_schema (version INTEGER);"
+            "INSERT INTO taskbroker_schema VALUES (1);"
+            "CREATE TABLE a (x);")
+        with pytest.raises(sqlite3.OperationalError):
+            _schema.ensure_schema(connection, "sqlite", schemas)
+        assert not connection.in_transaction
+        assert connection.execute(
+            "SELECT version FROM taskbroker_schema").fetchall() == [(1,)]
+        columns = [row[1] for row in connection.execute("PRAGMA table_info(a)")]
+        assert columns == ["x"]
+        assert connection.execute(
+            "SELECT name FROM sqlite_master WHERE name = 'b'").fetchall() == []
+
+
+def test_failed_creation_leaves_empty_database(schemas, tmp_path):
+    (schemas / "v3.sql").write_text("CREATE TABLE a (x);\nNOT SQL;")
+    with _connect(tmp_path / "new.db") as connection:
+        with pytest.raises(sqlite3.OperationalError):
+            _schema.ensure_schema(connection, "sqlite", schemas)
+        assert connection.execute(
+            "SELECT name FROM sqlite_master").fetchall() == []
+
+
+# The test helpers.
+
+
+def test_memory_store_external_insert_reads_clock():
+    clock = Clock()
+    clock.advance(123.5)
+    store = MemoryStore(clock)
+    row = store.insert_external("echo", '{"a":1}')
+    assert (row.created_at, row.priority, row.max_attempts) == (
+        123.5, None, None)
+    result_of(store.open())
+    assert result_of(store.queued(0, 10)) == [row]
+
+
+def test_result_of():
+    assert result_of(defer.succeed(5)) == 5
+    with pytest.raises(KeyError):
+        result_of(defer.fail(KeyError("x")))
+    with pytest.raises(AssertionError):
+        result_of(defer.Deferred())
