@@ -1,0 +1,425 @@
+# -*- test-case-name: tests.unit.test_client -*-
+"""
+Clients of the broker's client protocol (docs/protocol.rst, "Clients").
+
+- :class:`taskbroker.client.blocking.BlockingClient`: plain pyzmq, no
+  reactor, with "Lazy Pirate" retries; for scripts and the CLI.
+- :class:`taskbroker.client.api.BrokerClient`: Twisted, Deferred-returning.
+
+Both clients run the *calls* defined here, which do no I/O.  A call is a
+generator: it yields a :class:`Request`, is sent back the body of the
+broker's ``REPLY`` (or has the client's error thrown into it), and returns
+the result.  Building requests, checking them before they leave, splitting
+big submissions, paging ``LIST``, looping ``WAIT`` and checking replies
+therefore exist once; the two clients only move frames and keep time.
+"""
+
+import json
+import sys
+from collections import namedtuple
+
+from taskbroker.protocol import codec
+from taskbroker.client.errors import (
+    BrokerUnavailable,
+    ClientError,
+    InvalidRequest,
+    RequestFailed,
+    TaskNotFound,
+    error_for_code,
+)
+
+__all__ = [
+    "BrokerUnavailable",
+    "ClientError",
+    "InvalidRequest",
+    "RequestFailed",
+    "TaskNotFound",
+    "FINAL_STATES",
+    "Request",
+    "Reply",
+    "check_task_spec",
+    "encode_request",
+    "read_reply",
+    "run_call",
+    "submit_call",
+    "get_call",
+    "wait_call",
+    "list_call",
+    "cancel_call",
+    "workers_call",
+    "stats_call",
+]
+
+#: The states a task never leaves.
+FINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
+
+#: The longest one WAIT asks the broker to hold (seconds).  Below the
+#: protocol's maximum, so that a client notices a vanished broker within
+#: this plus its own timeout.
+WAIT_SLICE = 30.0
+
+#: The most encoded task bytes one SUBMIT carries.  The reply echoes every
+#: task object, payload included, so a request of half the 4 MiB message
+#: limit leaves room for the reply to stay under it too.
+SUBMIT_CHUNK_BYTES = 2 * 1024 * 1024
+
+# Replies are not subject to the request limit: a LIST page or a task with
+# a large result may exceed it, and dropping it would look like a timeout.
+_NO_SIZE_LIMIT = sys.maxsize
+
+_SPEC_KEYS = ("handler", "payload", "priority", "max_attempts")
+
+_SUBMIT_ONLY = {b"SUBMIT": codec.CLIENT_COMMANDS[b"SUBMIT"]}
+
+
+class Request(namedtuple("Request", "command fields idempotent extra_time")):
+    """
+    One request a call wants sent.
+
+    :ivar command: ``bytes``, e.g. ``b"GET"``.
+    :ivar fields: ``dict`` of the body's fields except ``req``, which the
+        client adds.
+    :ivar idempotent: ``True`` if sending it twice does no harm, so a
+        client may resend it after a timeout.
+    :ivar extra_time: seconds the broker may hold it before answering
+        (a ``WAIT``'s timeout), added to the client's answer timeout.
+    """
+
+    __slots__ = ()
+
+    def __new__(cls, command, fields, idempotent=True, extra_time=0.0):
+        return super().__new__(cls, command, fields, idempotent, extra_time)
+
+
+class Reply(namedtuple("Reply", "req body error")):
+    """
+    A message from the broker, checked.
+
+    :ivar req: the request id it answers, or ``None`` (an ``ERROR`` about
+        a request the broker could not read).
+    :ivar body: for a ``REPLY``, the whole body ``dict``; else ``None``.
+    :ivar error: for an ``ERROR``, the :class:`RequestFailed` to raise;
+        else ``None``.
+    """
+
+    __slots__ = ()
+
+
+def encode_request(req, request):
+    """
+    The frames of a request, checked as the broker will check them.
+
+    :param req: ``str``, the request id.
+    :param request: a :class:`Request`.
+    :returns: a ``list`` of ``bytes`` frames.
+    :raises InvalidRequest: the broker would refuse it; nothing is sent.
+    """
+    try:
+        frames = codec.encode(request.command, {"req": req, **request.fields})
+    except (TypeError, ValueError) as e:
+        raise InvalidRequest("bad_request", f"not JSON: {e}") from None
+    size = sum(map(len, frames))
+    if size > codec.MAX_MESSAGE_SIZE:
+        # The broker's ZMQ_MAXMSGSIZE makes libzmq drop the connection on
+        # such a message: there would be no ERROR, only a timeout.
+        raise InvalidRequest(
+            "too_large",
+            f"request of {size} bytes exceeds the limit of "
+            f"{codec.MAX_MESSAGE_SIZE}")
+    try:
+        codec.decode(frames, codec.CLIENT_COMMANDS)
+    except codec.ProtocolError as e:
+        raise InvalidRequest(e.code, e.message) from None
+    return frames
+
+
+def read_reply(frames):
+    """
+    Check a message from the broker.
+
+    :param frames: the ``list`` of ``bytes`` frames received.
+    :returns: a :class:`Reply`.
+    :raises taskbroker.protocol.codec.ProtocolError: not a valid ``REPLY``
+        or ``ERROR``; clients discard such a message.
+    """
+    command, checked = codec.decode(
+        frames, codec.BROKER_TO_CLIENT_COMMANDS, max_size=_NO_SIZE_LIMIT)
+    if command == b"ERROR":
+        return Reply(
+            checked.get("req"), None,
+            error_for_code(checked["code"], _one_line(checked["message"])))
+    # The codec's table declares only ``req`` for REPLY and drops every
+    # other field; the body is known to be a JSON object, so read it whole.
+    return Reply(checked["req"], json.loads(frames[2]), None)
+
+
+def run_call(call, send):
+    """
+    Run a call synchronously.
+
+    :param call: a call generator, such as ``get_call(1)``.
+    :param send: a callable taking a :class:`Request` and returning the
+        ``REPLY`` body or raising.
+    :returns: what the call returns.
+    """
+    try:
+        request = next(call)
+        while True:
+            try:
+                reply = send(request)
+            except Exception as e:
+                request = call.throw(e)
+            else:
+                request = call.send(reply)
+    except StopIteration as stop:
+        return stop.value
+
+
+def _one_line(text):
+    return " ".join(str(text).split())
+
+
+def _malformed(what):
+    # The broker answered, but not as the protocol says: a bug or an
+    # incompatible version.  Code "protocol" is what the broker uses for
+    # the same situation the other way round.
+    return RequestFailed(
+        "protocol", f"malformed reply from the broker: {what}")
+
+
+def _task_of(body):
+    task = body.get("task")
+    if not isinstance(task, dict) or "id" not in task or "state" not in task:
+        raise _malformed("no valid 'task'")
+    return task
+
+
+def _task_id(task_id):
+    # bool is an int, and True would pass the codec's range check as 1.
+    if type(task_id) is not int:
+        raise InvalidRequest(
+            "bad_request", f"task id must be an integer, not {task_id!r}")
+    return task_id
+
+
+def check_task_spec(spec):
+    """
+    Check one task to submit and give it every field.
+
+    :param spec: a ``dict`` with ``handler`` and optionally ``payload``,
+        ``priority`` (a level name, or ``None`` for the broker's default)
+        and ``max_attempts`` (``None`` for the broker's default).
+    :returns: ``(task, size)``: the task ``dict`` with exactly those four
+        keys, and its encoded size in bytes.
+    :raises InvalidRequest: the broker would refuse it (priority levels are
+        not known here: the broker checks them).
+    """
+    if not isinstance(spec, dict):
+        raise InvalidRequest("bad_request", "a task must be a JSON object")
+    unknown = sorted(set(spec) - set(_SPEC_KEYS))
+    if unknown:
+        raise InvalidRequest(
+            "bad_request",
+            "unknown field " + ", ".join(map(repr, unknown)) + " (expected "
+            + ", ".join(_SPEC_KEYS) + ")")
+    task = {key: spec.get(key) for key in _SPEC_KEYS}
+    try:
+        payload_size = len(codec.dumps(task["payload"]).encode("utf-8"))
+    except (TypeError, ValueError) as e:
+        raise InvalidRequest(
+            "bad_request", f"field 'payload' is not JSON: {e}") from None
+    if payload_size > codec.MAX_PAYLOAD_SIZE:
+        raise InvalidRequest(
+            "too_large",
+            f"payload of {payload_size} bytes exceeds the limit of "
+            f"{codec.MAX_PAYLOAD_SIZE}")
+    text = codec.dumps(task)
+    try:
+        codec.decode(
+            codec.encode(b"SUBMIT", '{"req":"-","tasks":[' + text + "]}"),
+            _SUBMIT_ONLY, max_size=_NO_SIZE_LIMIT)
+    except codec.ProtocolError as e:
+        raise InvalidRequest(
+            e.code, e.message.removeprefix("task: ")) from None
+    return task, len(text.encode("utf-8"))
+
+
+def _chunks(specs):
+    """
+    Check every spec, then split them into SUBMIT-sized lists, so that a bad
+    spec anywhere stops the submission before anything is committed.
+    """
+    specs = list(specs)
+    chunks, chunk, chunk_size = [], [], 0
+    for index, spec in enumerate(specs):
+        try:
+            task, size = check_task_spec(spec)
+        except InvalidRequest as e:
+            if len(specs) == 1:
+                raise
+            raise InvalidRequest(
+                e.code, f"task {index}: {e.message}") from None
+        # One separating comma per task; the envelope is far below the slack
+        # between SUBMIT_CHUNK_BYTES and the message limit.
+        if chunk and (len(chunk) == codec.MAX_BATCH
+                      or chunk_size + size + 1 > SUBMIT_CHUNK_BYTES):
+            chunks.append(chunk)
+            chunk, chunk_size = [], 0
+        chunk.append(task)
+        chunk_size += size + 1
+    if chunk:
+        chunks.append(chunk)
+    return chunks
+
+
+def submit_call(specs):
+    """
+    Submit tasks, in as many ``SUBMIT`` requests as the limits need.
+
+    Each request is sent once: the broker does not recognise a resent
+    ``SUBMIT`` and would create the tasks twice.
+
+    :param specs: an iterable of task ``dict`` s (see
+        :func:`check_task_spec`).
+    :returns: ``(tasks, unserved)``: the task objects in the order of
+        ``specs``, and the ``list`` of handler names that no connected
+        worker has, without duplicates.
+    :raises InvalidRequest: a spec is invalid (its index is in the
+        message when there are several); nothing was sent.
+    :raises ClientError: a request failed; its ``submitted`` attribute
+        lists the tasks that earlier requests committed.
+    """
+    chunks = _chunks(specs)
+    tasks, unserved = [], {}
+    for chunk in chunks:
+        try:
+            body = yield Request(b"SUBMIT", {"tasks": chunk}, idempotent=False)
+            got = body.get("tasks")
+            if (not isinstance(got, list) or len(got) != len(chunk)
+                    or not all(isinstance(task, dict) and "id" in task
+                               for task in got)):
+                raise _malformed(f"expected {len(chunk)} task objects")
+            names = body.get("unserved") or []
+            if not isinstance(names, list) or not all(
+                    isinstance(name, str) for name in names):
+                raise _malformed("'unserved' is not a list of names")
+        except ClientError as e:
+            e.submitted = list(tasks)
+            raise
+        tasks.extend(got)
+        unserved.update(dict.fromkeys(names))
+    return tasks, list(unserved)
+
+
+def get_call(task_id):
+    """
+    :param task_id: ``int``.
+    :returns: the task object.
+    :raises TaskNotFound: no such task.
+    """
+    body = yield Request(b"GET", {"id": _task_id(task_id)})
+    return _task_of(body)
+
+
+def wait_call(task_id, timeout, clock):
+    """
+    Wait for a task to reach a final state, one ``WAIT`` of at most
+    :data:`WAIT_SLICE` seconds after another.
+
+    :param task_id: ``int``.
+    :param timeout: seconds to wait in all, or ``None`` for no limit.
+    :param clock: a callable returning the current time in seconds.
+    :returns: the task object once it is final or, if ``timeout`` passed
+        first, as it was then.
+    :raises TaskNotFound: no such task.
+    """
+    task_id = _task_id(task_id)
+    if timeout is not None and not timeout >= 0:
+        raise InvalidRequest("bad_request", "the wait timeout must be >= 0")
+    deadline = None if timeout is None else clock() + timeout
+    while True:
+        if deadline is None:
+            wait = WAIT_SLICE
+        else:
+            wait = max(0.0, min(WAIT_SLICE, deadline - clock()))
+        body = yield Request(
+            b"WAIT", {"id": task_id, "timeout": wait}, extra_time=wait)
+        task = _task_of(body)
+        if task["state"] in FINAL_STATES:
+            return task
+        if deadline is not None and clock() >= deadline:
+            return task
+
+
+def list_call(state=None, handler=None, limit=100):
+    """
+    List tasks by id, following ``next`` from page to page.
+
+    :param state: a state name to filter on, or ``None``.
+    :param handler: a handler name to filter on, or ``None``.
+    :param limit: the most tasks to return (``int`` ≥ 1), or ``None`` for
+        all.
+    :returns: a ``list`` of task objects ordered by id.
+    """
+    if limit is not None and (type(limit) is not int or limit < 1):
+        raise InvalidRequest("bad_request", "limit must be an integer >= 1")
+    tasks, after = [], 0
+    while limit is None or len(tasks) < limit:
+        page = codec.MAX_LIST if limit is None else min(
+            codec.MAX_LIST, limit - len(tasks))
+        body = yield Request(b"LIST", {
+            "state": state, "handler": handler, "after": after,
+            "limit": page})
+        got, following = body.get("tasks"), body.get("next")
+        if not isinstance(got, list) or not all(
+                isinstance(task, dict) for task in got):
+            raise _malformed("no 'tasks' list")
+        tasks.extend(got)
+        if following is None:
+            break
+        # A 'next' that does not move forward would page forever.
+        if type(following) is not int or following <= after:
+            raise _malformed(f"'next' {following!r} after {after}")
+        after = following
+    return tasks if limit is None else tasks[:limit]
+
+
+def cancel_call(task_id):
+    """
+    Cancel a queued task.  Sent once: a resent ``CANCEL`` would fail with
+    ``not_cancellable`` after the first one succeeded.
+
+    :param task_id: ``int``.
+    :returns: the task object, now cancelled.
+    :raises TaskNotFound: no such task.
+    :raises RequestFailed: code ``not_cancellable`` if it is running or
+        over.
+    """
+    body = yield Request(b"CANCEL", {"id": _task_id(task_id)},
+                         idempotent=False)
+    return _task_of(body)
+
+
+def workers_call():
+    """
+    :returns: a ``list`` of worker ``dict`` s (``name``, ``priorities``,
+        ``handlers``, ``slots``, ``busy``, ``connected_since``,
+        ``last_seen``).
+    """
+    body = yield Request(b"WORKERS", {})
+    workers = body.get("workers")
+    if not isinstance(workers, list) or not all(
+            isinstance(worker, dict) for worker in workers):
+        raise _malformed("no 'workers' list")
+    return workers
+
+
+def stats_call():
+    """
+    :returns: the ``stats`` ``dict`` (see docs/protocol.rst, ``STATS``).
+    """
+    body = yield Request(b"STATS", {})
+    stats = body.get("stats")
+    if not isinstance(stats, dict):
+        raise _malformed("no 'stats' object")
+    return stats

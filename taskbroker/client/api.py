@@ -1,0 +1,280 @@
+# -*- test-case-name: tests.unit.test_client -*-
+"""
+The Twisted client of the broker: every method returns a Deferred.
+
+Requests go out on one DEALER socket and may overlap; replies are matched
+to their Deferreds by ``req``.  A request that gets no answer within the
+timeout fails with :class:`~taskbroker.client.errors.BrokerUnavailable` and
+is forgotten, so a late answer is discarded.
+
+This client does not retry.  The blocking client's Lazy Pirate loop exists
+because a script has nothing better to do while it waits; a Twisted program
+has its own policy (a ``ClientService`` backoff, a user action, a retry on
+the next timer tick) and its own idea of which of its requests are safe to
+repeat, so a hidden loop here would only fight it.
+"""
+
+from uuid import uuid4
+
+from twisted.internet.defer import Deferred, ensureDeferred, fail, succeed
+from twisted.logger import Logger
+
+from taskbroker.client import (
+    cancel_call,
+    encode_request,
+    get_call,
+    list_call,
+    read_reply,
+    stats_call,
+    submit_call,
+    wait_call,
+    workers_call,
+)
+from taskbroker.client.errors import BrokerUnavailable
+from taskbroker.protocol import codec
+from taskbroker.transport.zmq import DealerSocket, ZmqFactoryService
+
+__all__ = ["BrokerClient"]
+
+
+class BrokerClient:
+    """
+    An asynchronous connection to a broker.
+
+    :ivar endpoint: the broker's ZeroMQ endpoint.
+    :ivar timeout: seconds to wait for each answer.
+    """
+
+    log = Logger()
+
+    def __init__(self, reactor, endpoint, timeout=5.0, zmq_factory=None):
+        """
+        :param reactor: provides ``IReactorTime`` (for timeouts and waits)
+            and, when ``zmq_factory`` is ``None``, the reactor the ZeroMQ
+            socket is driven by.
+        :param endpoint: ``str``, e.g. ``"tcp://127.0.0.1:5555"``.
+        :param timeout: seconds (> 0) to wait for each answer; a ``WAIT``
+            gets its own hold time on top.
+        :param zmq_factory: a ``txzmq.ZmqFactory`` shared with other
+            sockets; by default the client owns one and shuts it down on
+            :meth:`close`.
+        """
+        if not timeout > 0:
+            raise ValueError(
+                f"timeout must be a positive number, not {timeout!r}")
+        self._reactor = reactor
+        self.endpoint = endpoint
+        self.timeout = timeout
+        #: req -> (Deferred, IDelayedCall of its timeout)
+        self._pending = {}
+        self._closed = False
+        self._factory_service = None
+        if zmq_factory is None:
+            self._factory_service = ZmqFactoryService(reactor)
+            self._factory_service.startService()
+            zmq_factory = self._factory_service.get_factory()
+        try:
+            self._socket = DealerSocket(
+                zmq_factory, endpoint, self._message_received)
+        except BaseException:
+            if self._factory_service is not None:
+                self._factory_service.stopService()
+            raise
+
+    def close(self):
+        """
+        Close the socket (and the ZeroMQ factory if the client owns it).
+        Outstanding requests fail with ``BrokerUnavailable``.  Safe to call
+        twice.
+
+        :returns: a ``Deferred`` that fires with ``None`` once closed.
+        """
+        if self._closed:
+            return succeed(None)
+        self._closed = True
+        pending, self._pending = self._pending, {}
+        for d, timer in pending.values():
+            if timer.active():
+                timer.cancel()
+            d.errback(BrokerUnavailable(
+                "the client was closed before the broker answered"))
+        self._socket.close()
+        if self._factory_service is not None:
+            self._factory_service.stopService()
+        return succeed(None)
+
+    def _send(self, request):
+        """
+        Send one request.
+
+        :param request: a :class:`taskbroker.client.Request`.
+        :returns: a ``Deferred`` firing with the ``REPLY`` body, or failing
+            with ``RequestFailed``, ``BrokerUnavailable`` or
+            ``InvalidRequest``.  Cancelling it forgets the request.
+        """
+        if self._closed:
+            return fail(RuntimeError("the client is closed"))
+        req = uuid4().hex
+        try:
+            frames = encode_request(req, request)
+        except Exception:
+            return fail()
+        d = Deferred(lambda d: self._forget(req))
+        timer = self._reactor.callLater(
+            self.timeout + request.extra_time, self._timed_out, req, request)
+        self._pending[req] = (d, timer)
+        if not self._socket.send(frames):
+            self._forget(req)
+            d.errback(BrokerUnavailable(
+                f"cannot send to {self.endpoint}: its queue is full"))
+        return d
+
+    def _forget(self, req):
+        entry = self._pending.pop(req, None)
+        if entry is not None and entry[1].active():
+            entry[1].cancel()
+
+    def _timed_out(self, req, request):
+        entry = self._pending.pop(req, None)
+        if entry is None:
+            return
+        command = request.command.decode("ascii")
+        reason = (f"no answer from {self.endpoint} within "
+                  f"{self.timeout + request.extra_time:g} s to {command}")
+        if not request.idempotent:
+            reason += f"; the {command} may or may not have taken effect"
+        entry[0].errback(BrokerUnavailable(reason))
+
+    def _message_received(self, frames):
+        try:
+            reply = read_reply(frames)
+        except codec.ProtocolError as e:
+            self.log.warn(
+                "ignored an invalid message from {endpoint}: {reason}",
+                endpoint=self.endpoint, reason=e.message)
+            return
+        req = reply.req
+        if req is None and len(self._pending) == 1:
+            # An ERROR without req concerns a request the broker could not
+            # read; with a single one outstanding, it can only be that one.
+            [req] = self._pending
+        entry = self._pending.pop(req, None)
+        if entry is None:
+            self.log.info(
+                "discarded an answer to no outstanding request ({req}): "
+                "it came after the timeout, or was an ERROR without req "
+                "({error})", req=reply.req, error=reply.error)
+            return
+        d, timer = entry
+        timer.cancel()
+        if reply.error is not None:
+            d.errback(reply.error)
+        else:
+            d.callback(reply.body)
+
+    def _run(self, call):
+        return ensureDeferred(self._drive(call))
+
+    async def _drive(self, call):
+        try:
+            request = next(call)
+            while True:
+                try:
+                    reply = await self._send(request)
+                except Exception as e:
+                    request = call.throw(e)
+                else:
+                    request = call.send(reply)
+        except StopIteration as stop:
+            return stop.value
+
+    def submit(self, handler, payload=None, priority=None, max_attempts=None):
+        """
+        Submit one task.
+
+        :param handler: ``str``, the handler's name.
+        :param payload: any JSON value (at most 1 MiB encoded).
+        :param priority: a level name, or ``None`` for the broker's default.
+        :param max_attempts: ``int`` from 1 to 1000, or ``None`` for the
+            broker's default.
+        :returns: a ``Deferred`` firing with ``(task, unserved)``: the new
+            task object and the ``list`` of handler names no connected
+            worker has.  It fails with ``InvalidRequest`` (nothing sent),
+            ``RequestFailed`` (e.g. ``unknown_priority``) or
+            ``BrokerUnavailable`` (the task may exist).
+        """
+        d = self._run(submit_call([{
+            "handler": handler, "payload": payload, "priority": priority,
+            "max_attempts": max_attempts}]))
+        return d.addCallback(lambda result: (result[0][0], result[1]))
+
+    def submit_many(self, specs):
+        """
+        Submit tasks in as few ``SUBMIT`` requests as the limits allow, one
+        after another.  Every spec is checked before anything is sent.
+
+        :param specs: an iterable of ``dict`` s with ``handler`` and
+            optionally ``payload``, ``priority``, ``max_attempts``.
+        :returns: a ``Deferred`` firing with ``(tasks, unserved)``: the
+            ``list`` of task objects in order and the ``set`` of handler
+            names no connected worker has.  On failure the exception's
+            ``submitted`` lists the tasks committed before.
+        """
+        d = self._run(submit_call(specs))
+        return d.addCallback(lambda result: (result[0], set(result[1])))
+
+    def get(self, task_id):
+        """
+        :param task_id: ``int``.
+        :returns: a ``Deferred`` firing with the task object, or failing
+            with ``TaskNotFound`` or ``BrokerUnavailable``.
+        """
+        return self._run(get_call(task_id))
+
+    def wait(self, task_id, timeout=None):
+        """
+        Wait until a task is final, with as many ``WAIT`` requests as
+        needed.
+
+        :param task_id: ``int``.
+        :param timeout: seconds to wait in all, or ``None`` for ever.
+        :returns: a ``Deferred`` firing with the final task object or, when
+            ``timeout`` passes first, with the task as it is then; failing
+            with ``TaskNotFound``, or ``BrokerUnavailable`` when a ``WAIT``
+            gets no answer within its hold time plus the client's timeout.
+        """
+        return self._run(wait_call(task_id, timeout, self._reactor.seconds))
+
+    def list(self, state=None, handler=None, limit=100):
+        """
+        :param state: a state to filter on, or ``None``.
+        :param handler: a handler name to filter on, or ``None``.
+        :param limit: the most tasks to return, or ``None`` for all.
+        :returns: a ``Deferred`` firing with a ``list`` of task objects
+            ordered by id.
+        """
+        return self._run(list_call(state, handler, limit))
+
+    def cancel(self, task_id):
+        """
+        Cancel a queued task.
+
+        :param task_id: ``int``.
+        :returns: a ``Deferred`` firing with the cancelled task object, or
+            failing with ``TaskNotFound``, ``RequestFailed`` (code
+            ``not_cancellable``) or ``BrokerUnavailable``.
+        """
+        return self._run(cancel_call(task_id))
+
+    def workers(self):
+        """
+        :returns: a ``Deferred`` firing with a ``list`` of worker ``dict`` s.
+        """
+        return self._run(workers_call())
+
+    def stats(self):
+        """
+        :returns: a ``Deferred`` firing with the broker's statistics
+            ``dict``.
+        """
+        return self._run(stats_call())

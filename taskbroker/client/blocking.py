@@ -1,0 +1,296 @@
+# -*- test-case-name: tests.unit.test_client -*-
+"""
+A blocking client for scripts and the ``taskbroker`` command: plain pyzmq,
+no reactor.
+
+It follows the ZeroMQ guide's "Lazy Pirate" client: send, poll with a
+timeout, and on timeout close the socket (linger 0), open a new one and
+send the same request again, a few times, before giving up.  A new socket
+matters: the old one may still hold the unsent request, or receive the late
+answer, and either would be confused with the answer to the resend.  Only
+read-only requests are resent; ``SUBMIT`` and ``CANCEL`` are sent once
+(the broker does not recognise a resent request yet, so a resent
+``SUBMIT`` would create its tasks twice).
+
+One request is outstanding at a time, so a reply whose ``req`` is not the
+current one is stale (a duplicate, or from before a timeout) and is
+discarded.  A client is not thread-safe: use one per thread.
+"""
+
+import math
+import time
+from uuid import uuid4
+
+import zmq
+
+from taskbroker.client import (
+    cancel_call,
+    encode_request,
+    get_call,
+    list_call,
+    read_reply,
+    run_call,
+    stats_call,
+    submit_call,
+    wait_call,
+    workers_call,
+)
+from taskbroker.client.errors import BrokerUnavailable
+from taskbroker.protocol import codec
+
+__all__ = ["BlockingClient"]
+
+
+class BlockingClient:
+    """
+    A synchronous connection to a broker.
+
+    Usable as a context manager, which closes it.
+
+    :ivar endpoint: the broker's ZeroMQ endpoint.
+    :ivar timeout: seconds to wait for each answer.
+    :ivar retries: how many times a read-only request is resent after a
+        timeout (so it is sent ``1 + retries`` times in all).
+    """
+
+    def __init__(self, endpoint, timeout=5.0, retries=2, context=None,
+                 clock=time.monotonic):
+        """
+        :param endpoint: ``str``, e.g. ``"tcp://127.0.0.1:5555"``.
+        :param timeout: seconds (> 0) to wait for each answer; a ``WAIT``
+            gets its own hold time on top.
+        :param retries: ``int`` ≥ 0: resends of a read-only request.
+        :param context: a ``zmq.Context`` to use; by default the client
+            makes its own and terminates it on :meth:`close`.
+        :param clock: a callable returning monotonic seconds, for deadlines.
+        :raises ValueError: ``timeout``, ``retries`` or ``endpoint`` is
+            invalid.
+        """
+        if not (isinstance(timeout, (int, float)) and math.isfinite(timeout)
+                and timeout > 0):
+            raise ValueError(
+                f"timeout must be a positive number, not {timeout!r}")
+        if type(retries) is not int or retries < 0:
+            raise ValueError(
+                f"retries must be an integer >= 0, not {retries!r}")
+        self.endpoint = endpoint
+        self.timeout = float(timeout)
+        self.retries = retries
+        self._clock = clock
+        self._own_context = context is None
+        self._context = zmq.Context() if context is None else context
+        self._socket = None
+        self._closed = False
+        try:
+            # Connect now so that a malformed endpoint is reported here,
+            # not as a timeout at the first request.
+            self._open()
+        except BaseException:
+            self.close()
+            raise
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+    def _open(self):
+        socket = self._context.socket(zmq.DEALER)
+        # Unsent requests are worthless once we gave up on them.
+        socket.setsockopt(zmq.LINGER, 0)
+        try:
+            socket.connect(self.endpoint)
+        except zmq.ZMQError as e:
+            socket.close(0)
+            raise ValueError(
+                f"invalid broker endpoint {self.endpoint!r}: {e}") from None
+        self._socket = socket
+
+    def _discard_socket(self):
+        if self._socket is not None:
+            self._socket.close(0)
+            self._socket = None
+
+    def close(self):
+        """
+        Close the socket, and the ZeroMQ context if the client made it.
+        Safe to call twice.
+        """
+        self._closed = True
+        self._discard_socket()
+        if self._own_context and self._context is not None:
+            self._context.term()
+        self._context = None
+
+    def _send(self, request):
+        """
+        Send one request and return the body of its ``REPLY``.
+
+        :param request: a :class:`taskbroker.client.Request`.
+        :raises BrokerUnavailable: no answer in time, after all attempts.
+        :raises taskbroker.client.RequestFailed: the broker answered
+            ``ERROR``.
+        """
+        if self._closed:
+            raise RuntimeError("the client is closed")
+        req = uuid4().hex
+        frames = encode_request(req, request)
+        attempts = 1 + self.retries if request.idempotent else 1
+        answer_time = self.timeout + request.extra_time
+        ignored = []
+        for _ in range(attempts):
+            if self._socket is None:
+                self._open()
+            try:
+                self._socket.send_multipart(frames, zmq.NOBLOCK)
+            except zmq.Again:
+                # The queue is full: as good as no answer.
+                pass
+            else:
+                body = self._receive(req, answer_time, ignored)
+                if body is not None:
+                    return body
+            self._discard_socket()
+        command = request.command.decode("ascii")
+        reason = (f"no answer from {self.endpoint} within "
+                  f"{answer_time:g} s to {command}")
+        if attempts > 1:
+            reason += f" ({attempts} attempts)"
+        if ignored:
+            reason += (f"; ignored {len(ignored)} invalid message(s), the "
+                       f"last: {ignored[-1]}")
+        if not request.idempotent:
+            reason += f"; the {command} may or may not have taken effect"
+        raise BrokerUnavailable(reason)
+
+    def _receive(self, req, answer_time, ignored):
+        """
+        Wait for the answer to ``req``.
+
+        :returns: the ``REPLY`` body, or ``None`` on timeout.
+        """
+        deadline = self._clock() + answer_time
+        while True:
+            remaining = deadline - self._clock()
+            if remaining <= 0:
+                return None
+            if not self._socket.poll(math.ceil(remaining * 1000), zmq.POLLIN):
+                continue
+            frames = self._socket.recv_multipart(zmq.NOBLOCK)
+            try:
+                reply = read_reply(frames)
+            except codec.ProtocolError as e:
+                ignored.append(e.message)
+                continue
+            if reply.req != req:
+                # An ERROR without req concerns a request the broker could
+                # not read; with one request outstanding on this socket,
+                # it is this one.
+                if not (reply.req is None and reply.error is not None):
+                    continue
+            if reply.error is not None:
+                raise reply.error
+            return reply.body
+
+    def _run(self, call):
+        return run_call(call, self._send)
+
+    def submit(self, handler, payload=None, priority=None, max_attempts=None):
+        """
+        Submit one task.
+
+        :param handler: ``str``, the handler's name.
+        :param payload: any JSON value (at most 1 MiB encoded).
+        :param priority: a level name, or ``None`` for the broker's default.
+        :param max_attempts: ``int`` from 1 to 1000, or ``None`` for the
+            broker's default.
+        :returns: ``(task, unserved)``: the new task object and the
+            ``list`` of handler names no connected worker has (empty, or
+            ``[handler]``).
+        :raises InvalidRequest: an argument is invalid; nothing was sent.
+        :raises BrokerUnavailable: no answer (the task may exist).
+        :raises RequestFailed: the broker refused it, e.g. code
+            ``unknown_priority``.
+        """
+        tasks, unserved = self._run(submit_call([{
+            "handler": handler, "payload": payload, "priority": priority,
+            "max_attempts": max_attempts}]))
+        return tasks[0], unserved
+
+    def submit_many(self, specs):
+        """
+        Submit tasks in as few ``SUBMIT`` requests as the limits allow (at
+        most 1000 tasks and about 2 MiB each).  Every spec is checked before
+        anything is sent.
+
+        :param specs: an iterable of ``dict`` s with ``handler`` and
+            optionally ``payload``, ``priority``, ``max_attempts``.
+        :returns: ``(tasks, unserved)``: the ``list`` of task objects in the
+            order of ``specs``, and the ``set`` of handler names no
+            connected worker has.
+        :raises InvalidRequest: a spec is invalid; nothing was sent.
+        :raises ClientError: a request failed; the exception's
+            ``submitted`` lists the tasks committed before.
+        """
+        tasks, unserved = self._run(submit_call(specs))
+        return tasks, set(unserved)
+
+    def get(self, task_id):
+        """
+        :param task_id: ``int``.
+        :returns: the task object.
+        :raises TaskNotFound: no such task.
+        :raises BrokerUnavailable: no answer.
+        """
+        return self._run(get_call(task_id))
+
+    def wait(self, task_id, timeout=None):
+        """
+        Wait until a task is final.
+
+        :param task_id: ``int``.
+        :param timeout: seconds to wait in all, or ``None`` for ever.
+        :returns: the final task object or, when ``timeout`` passes first,
+            the task as it is then.
+        :raises TaskNotFound: no such task.
+        :raises BrokerUnavailable: a ``WAIT`` got no answer within its hold
+            time plus the client's timeout.
+        """
+        return self._run(wait_call(task_id, timeout, self._clock))
+
+    def list(self, state=None, handler=None, limit=100):
+        """
+        :param state: a state to filter on, or ``None``.
+        :param handler: a handler name to filter on, or ``None``.
+        :param limit: the most tasks to return, or ``None`` for all.
+        :returns: a ``list`` of task objects ordered by id.
+        :raises BrokerUnavailable: no answer.
+        """
+        return self._run(list_call(state, handler, limit))
+
+    def cancel(self, task_id):
+        """
+        Cancel a queued task.
+
+        :param task_id: ``int``.
+        :returns: the task object, now cancelled.
+        :raises TaskNotFound: no such task.
+        :raises RequestFailed: code ``not_cancellable``: running or over.
+        :raises BrokerUnavailable: no answer (it may have been cancelled).
+        """
+        return self._run(cancel_call(task_id))
+
+    def workers(self):
+        """
+        :returns: a ``list`` of worker ``dict`` s.
+        :raises BrokerUnavailable: no answer.
+        """
+        return self._run(workers_call())
+
+    def stats(self):
+        """
+        :returns: the broker's statistics ``dict``.
+        :raises BrokerUnavailable: no answer.
+        """
+        return self._run(stats_call())

@@ -1,0 +1,95 @@
+# -*- test-case-name: tests.unit.test_client -*-
+"""
+The errors that both broker clients raise (the blocking one) or fail their
+Deferreds with (the Twisted one).
+
+Callers tell three situations apart: the broker did not answer
+(:class:`BrokerUnavailable`: retrying later may help), the broker answered
+with ``ERROR`` (:class:`RequestFailed` and its subclasses: retrying the same
+request will not help, except for code ``unavailable``), and the client
+refused to send a request the broker would refuse anyway
+(:class:`InvalidRequest`).
+"""
+
+from taskbroker.errors import TaskbrokerError
+
+__all__ = [
+    "ClientError",
+    "BrokerUnavailable",
+    "RequestFailed",
+    "TaskNotFound",
+    "InvalidRequest",
+    "error_for_code",
+]
+
+
+class ClientError(TaskbrokerError):
+    """
+    Base of the errors of :mod:`taskbroker.client`.
+
+    :ivar submitted: ``None``, except when ``submit_many`` fails after
+        some of its chunks were committed: then the ``list`` of the task
+        objects the broker had already accepted, in order.  A chunk that
+        got no answer may also have been committed.
+    """
+
+    submitted = None
+
+
+class BrokerUnavailable(ClientError):
+    """
+    The broker did not answer in time: it is not running, not reachable, or
+    too busy.  For a request that changes state (``SUBMIT``, ``CANCEL``) the
+    outcome is unknown: the broker may have carried it out.
+    """
+
+
+class RequestFailed(ClientError):
+    """
+    The broker answered ``ERROR``.
+
+    :ivar code: the machine-readable reason (``bad_request``,
+        ``unknown_priority``, ``not_found``, ``not_cancellable``,
+        ``unavailable``, ...; see docs/protocol.rst).
+    :ivar message: one line for a person.
+    """
+
+    def __init__(self, code, message):
+        """
+        :param code: ``str``, the ERROR's ``code``.
+        :param message: ``str``, the ERROR's ``message``.
+        """
+        ClientError.__init__(self, message)
+        self.code = code
+        self.message = message
+
+    def __str__(self):
+        return f"{self.message} ({self.code})"
+
+
+class TaskNotFound(RequestFailed):
+    """
+    The broker has no task with that id (code ``not_found``).
+    """
+
+
+class InvalidRequest(RequestFailed, ValueError):
+    """
+    The request was not sent because the broker would refuse it (a field
+    out of range, a payload or message too large).  ``code`` is the code the
+    broker would have answered with, so callers can handle both alike.  It
+    is also a ``ValueError``: it is raised for a bad argument.
+    """
+
+
+def error_for_code(code, message):
+    """
+    The exception for an ``ERROR`` reply.
+
+    :param code: ``str``, the ERROR's ``code``.
+    :param message: ``str``, the ERROR's ``message``.
+    :returns: a :class:`RequestFailed`, or the subclass for ``code``.
+    """
+    if code == "not_found":
+        return TaskNotFound(code, message)
+    return RequestFailed(code, message)

@@ -1,0 +1,311 @@
+"""
+Tests for taskbroker.broker.core: the broker's message handling, driven
+with a MemoryStore and a Clock, and a list in place of the socket.
+"""
+
+import json
+
+import pytest
+from twisted.internet.task import Clock
+
+from taskbroker.broker.core import Broker
+from taskbroker.config import BrokerConfig
+from taskbroker.protocol import codec
+from taskbroker.testing import MemoryStore, result_of
+
+
+class Peers:
+    """
+    Stands in for the ROUTER socket: records what the broker sends.
+    """
+
+    def __init__(self):
+        self.sent = []
+        self.gone = set()
+
+    def send(self, identity, frames):
+        if identity in self.gone:
+            return False
+        assert frames[0] == codec.SIGNATURE
+        self.sent.append((identity, frames[1], json.loads(frames[2])))
+        return True
+
+    def take(self, identity=None, command=None):
+        """
+        Remove and return the messages sent (to ``identity``, of
+        ``command``).
+        """
+        taken = [m for m in self.sent
+                 if (identity is None or m[0] == identity)
+                 and (command is None or m[1] == command)]
+        self.sent = [m for m in self.sent if m not in taken]
+        return taken
+
+
+@pytest.fixture
+def clock():
+    return Clock()
+
+
+@pytest.fixture
+def store(clock):
+    s = MemoryStore(clock)
+    result_of(s.open())
+    return s
+
+
+@pytest.fixture
+def peers():
+    return Peers()
+
+
+@pytest.fixture
+def broker(store, clock, peers):
+    b = Broker(BrokerConfig(), store, clock, peers.send, instance_id="b1")
+    result_of(b.load())
+    return b
+
+
+def send(broker, identity, command, body):
+    broker.handle(identity, codec.encode(command, body))
+
+
+def hello(broker, identity=b"w1/x", name="w1", **fields):
+    body = {"name": name, "slots": 1, "handlers": ["echo"], "heartbeat": 1.0}
+    body.update(fields)
+    send(broker, identity, b"HELLO", body)
+
+
+def submit(broker, *tasks, identity=b"client"):
+    send(broker, identity, b"SUBMIT", {"req": "r", "tasks": list(tasks)})
+
+
+def test_hello_is_welcomed(broker, peers):
+    hello(broker)
+    [(_, command, body)] = peers.take(b"w1/x")
+    assert command == b"WELCOME"
+    assert body == {"broker": "b1", "priorities": ["high", "normal", "low"],
+                    "heartbeat": 1.0}
+
+
+def test_unknown_level_is_refused(broker, peers):
+    hello(broker, priorities=["high", "urgent"])
+    [(_, command, body)] = peers.take(b"w1/x")
+    assert command == b"ERROR" and body["fatal"] is True
+    assert "'urgent'" in body["message"]
+    assert broker.dispatcher.worker(b"w1/x") is None
+
+
+def test_duplicate_live_name_is_refused(broker, peers):
+    hello(broker)
+    hello(broker, identity=b"w1/y")
+    [(_, command, body)] = peers.take(b"w1/y")
+    assert command == b"ERROR" and "already connected" in body["message"]
+
+
+def test_submit_is_answered_after_commit_then_dispatched(broker, peers, store):
+    hello(broker)
+    send(broker, b"w1/x", b"READY", {})
+    submit(broker, {"handler": "echo", "payload": {"a": 1}})
+    [(_, _, reply)] = peers.take(b"client", b"REPLY")
+    [task] = reply["tasks"]
+    assert task["state"] == "queued" and task["priority"] == "normal"
+    assert reply["unserved"] == []
+    [(_, _, sent)] = peers.take(b"w1/x", b"TASK")
+    assert sent == {"id": task["id"], "handler": "echo", "payload": {"a": 1},
+                    "priority": "normal", "attempt": 1, "max_attempts": 3}
+    assert result_of(store.get(task["id"])).state == "running"
+
+
+def test_result_is_recorded_and_acknowledged(broker, peers, store):
+    hello(broker)
+    send(broker, b"w1/x", b"READY", {})
+    submit(broker, {"handler": "echo", "payload": 7})
+    peers.take()
+    send(broker, b"w1/x", b"RESULT", {"id": 1, "attempt": 1,
+                                       "state": "succeeded", "result": 7})
+    assert peers.take(b"w1/x", b"ACK")[0][2] == {"id": 1, "attempt": 1}
+    row = result_of(store.get(1))
+    assert (row.state, row.result) == ("succeeded", "7")
+    assert broker.dispatcher.worker(b"w1/x").busy == 0
+
+
+def test_stale_result_is_ignored_but_acknowledged(broker, peers, store):
+    hello(broker)
+    send(broker, b"w1/x", b"READY", {})
+    submit(broker, {"handler": "echo"})
+    send(broker, b"w1/x", b"RESULT", {"id": 1, "attempt": 2,
+                                       "state": "succeeded", "result": 1})
+    assert peers.take(b"w1/x", b"ACK")
+    assert result_of(store.get(1)).state == "running"
+    assert broker.counters["stale_results"] == 1
+
+
+def test_unknown_peer_is_asked_to_announce(broker, peers):
+    send(broker, b"w9/z", b"READY", {})
+    [(_, command, body)] = peers.take(b"w9/z")
+    assert (command, body) == (b"REHELLO", {"broker": "b1"})
+
+
+def test_lost_worker_task_is_requeued_at_the_front(broker, peers, clock):
+    hello(broker)
+    send(broker, b"w1/x", b"READY", {})
+    submit(broker, {"handler": "echo", "payload": 1},
+           {"handler": "echo", "payload": 2})
+    peers.take()
+    clock.advance(3.5)
+    broker.sweep()
+    assert broker.counters["lost_workers"] == 1
+    hello(broker, identity=b"w2/x", name="w2")
+    send(broker, b"w2/x", b"READY", {})
+    [(_, _, task)] = peers.take(b"w2/x", b"TASK")
+    assert (task["id"], task["attempt"]) == (1, 2)
+
+
+def test_heartbeats_keep_a_worker(broker, peers, clock):
+    hello(broker)
+    for _ in range(10):
+        clock.advance(1)
+        send(broker, b"w1/x", b"HEARTBEAT", {})
+        broker.sweep()
+    assert broker.counters["lost_workers"] == 0
+    assert len(peers.take(b"w1/x", b"HEARTBEAT")) == 10
+
+
+def test_rows_inserted_by_sql_are_validated(broker, store, peers):
+    good = store.insert_external("echo", '{"a": 1}').id
+    bad_json = store.insert_external("echo", "{oops").id
+    bad_level = store.insert_external("echo", "1", priority="urgent").id
+    result_of(broker.poll())
+    assert result_of(store.get(good)).priority == "normal"
+    assert result_of(store.get(good)).max_attempts == 3
+    assert "not valid JSON" in result_of(store.get(bad_json)).error
+    assert "'urgent'" in result_of(store.get(bad_level)).error
+    hello(broker)
+    send(broker, b"w1/x", b"READY", {})
+    [(_, _, task)] = peers.take(b"w1/x", b"TASK")
+    assert task["id"] == good
+
+
+def test_poll_does_not_adopt_a_submitted_task_twice(broker, peers):
+    submit(broker, {"handler": "echo"})
+    result_of(broker.poll())
+    assert len(broker.dispatcher) == 1
+
+
+def test_unknown_level_in_submit_is_an_error(broker, peers):
+    submit(broker, {"handler": "echo", "priority": "urgent"})
+    [(_, command, body)] = peers.take(b"client")
+    assert command == b"ERROR" and body["code"] == "unknown_priority"
+    assert body["req"] == "r"
+
+
+def test_bad_message_from_a_client_gets_an_error(broker, peers):
+    broker.handle(b"client", [b"junk"])
+    broker.handle(b"client", [codec.SIGNATURE, b"SUBMIT", b"{"])
+    broker.handle(b"client", [codec.SIGNATURE, b"NOPE", b"{}"])
+    codes = [body["code"] for _, _, body in peers.take(b"client")]
+    assert codes == ["protocol", "bad_request", "unknown_command"]
+    assert broker.counters["protocol_errors"] == 3
+
+
+def test_bad_message_from_a_worker_is_dropped(broker, peers):
+    hello(broker)
+    peers.take()
+    broker.handle(b"w1/x", [codec.SIGNATURE, b"RESULT", b"{}"])
+    assert peers.take() == []
+
+
+def test_wait_answers_when_the_task_ends(broker, peers, clock):
+    hello(broker)
+    submit(broker, {"handler": "echo"})
+    peers.take()
+    send(broker, b"client", b"WAIT", {"req": "w", "id": 1, "timeout": 10})
+    assert peers.take(b"client") == []
+    send(broker, b"w1/x", b"READY", {})
+    send(broker, b"w1/x", b"RESULT", {"id": 1, "attempt": 1,
+                                       "state": "failed", "error": "boom"})
+    [(_, _, reply)] = peers.take(b"client", b"REPLY")
+    assert reply["task"]["state"] == "failed"
+    assert reply["task"]["error"] == "boom"
+
+
+def test_wait_times_out_with_the_current_state(broker, peers, clock):
+    submit(broker, {"handler": "echo"})
+    peers.take()
+    send(broker, b"client", b"WAIT", {"req": "w", "id": 1, "timeout": 5})
+    clock.advance(5)
+    [(_, _, reply)] = peers.take(b"client", b"REPLY")
+    assert reply["task"]["state"] == "queued"
+
+
+def test_cancel_a_queued_task(broker, peers):
+    submit(broker, {"handler": "echo"})
+    peers.take()
+    send(broker, b"client", b"CANCEL", {"req": "c", "id": 1})
+    [(_, _, reply)] = peers.take(b"client", b"REPLY")
+    assert reply["task"]["state"] == "cancelled"
+    assert len(broker.dispatcher) == 0
+    # Cancelling again is harmless.
+    send(broker, b"client", b"CANCEL", {"req": "c", "id": 1})
+    assert peers.take(b"client")[0][2]["task"]["state"] == "cancelled"
+    hello(broker)
+    send(broker, b"w1/x", b"READY", {})
+    submit(broker, {"handler": "echo"})
+    peers.take()
+    send(broker, b"client", b"CANCEL", {"req": "c", "id": 2})
+    assert peers.take(b"client")[0][2]["code"] == "not_cancellable"
+    send(broker, b"client", b"CANCEL", {"req": "c", "id": 99})
+    assert peers.take(b"client")[0][2]["code"] == "not_found"
+
+
+def test_restarted_broker_lets_workers_reclaim_running_attempts(
+        store, clock, peers):
+    first = Broker(BrokerConfig(), store, clock, peers.send, instance_id="b1")
+    result_of(first.load())
+    hello(first)
+    send(first, b"w1/x", b"READY", {})
+    submit(first, {"handler": "echo"}, {"handler": "echo"})
+    peers.take()
+
+    second = Broker(BrokerConfig(), store, clock, peers.send, instance_id="b2")
+    result_of(second.load())
+    hello(second, running=[{"id": 1, "attempt": 1}])
+    clock.advance(10)  # past the reclaim allowance
+    assert result_of(store.get(1)).state == "running"
+    send(second, b"w1/x", b"RESULT", {"id": 1, "attempt": 1,
+                                       "state": "succeeded", "result": None})
+    assert result_of(store.get(1)).state == "succeeded"
+
+
+def test_unclaimed_running_attempts_are_requeued_after_the_allowance(
+        store, clock, peers):
+    first = Broker(BrokerConfig(), store, clock, peers.send, instance_id="b1")
+    result_of(first.load())
+    hello(first)
+    send(first, b"w1/x", b"READY", {})
+    submit(first, {"handler": "echo"})
+
+    second = Broker(BrokerConfig(), store, clock, peers.send, instance_id="b2")
+    result_of(second.load())
+    assert result_of(store.get(1)).state == "running"
+    clock.advance(3.1)
+    assert result_of(store.get(1)).state == "queued"
+    assert 1 in second.dispatcher
+
+
+def test_stats_and_workers(broker, peers):
+    hello(broker, slots=2, handlers=["echo", "sleep"])
+    send(broker, b"w1/x", b"READY", {})
+    submit(broker, {"handler": "resize"})
+    peers.take()
+    send(broker, b"client", b"STATS", {"req": "s"})
+    stats = peers.take(b"client")[0][2]["stats"]
+    assert stats["tasks"] == {"queued": {"normal": 1}}
+    assert stats["waiting"] == {"resize": 1}
+    assert stats["unserved"] == ["resize"]
+    assert (stats["workers"], stats["slots"], stats["free_slots"]) == (1, 2, 1)
+    send(broker, b"client", b"WORKERS", {"req": "w"})
+    [worker] = peers.take(b"client")[0][2]["workers"]
+    assert worker["name"] == "w1" and worker["busy"] == 0
+    assert worker["handlers"] == ["echo", "sleep"]

@@ -1,0 +1,456 @@
+# -*- test-case-name: tests.unit.test_cli -*-
+"""
+Tests for :mod:`taskbroker.cli`: option parsing, exit codes, outputs and
+one-line errors, against a scripted fake broker.
+"""
+
+import io
+import json
+
+import pytest
+import zmq
+
+from taskbroker import cli
+from tests.unit.fakebroker import (
+    FakeBroker,
+    error,
+    make_task,
+    reply,
+    sequence,
+    submitted,
+)
+
+
+@pytest.fixture
+def broker():
+    with FakeBroker() as fake:
+        yield fake
+        assert fake.errors == []
+
+
+@pytest.fixture
+def silent_endpoint():
+    """
+    A bound ROUTER that never reads, so requests time out quickly.
+    """
+    context = zmq.Context()
+    router = context.socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    router.bind("tcp://127.0.0.1:*")
+    yield router.getsockopt_string(zmq.LAST_ENDPOINT)
+    router.close(0)
+    context.term()
+
+
+class Result:
+    def __init__(self, code, stdout, stderr):
+        self.code = code
+        self.stdout = stdout
+        self.stderr = stderr
+
+    def error_line(self):
+        """
+        The single stderr line, checked to be the only one.
+        """
+        lines = self.stderr.splitlines()
+        assert len(lines) == 1, self.stderr
+        assert lines[0].startswith("taskbroker: ")
+        assert "Traceback" not in self.stderr
+        return lines[0]
+
+
+def run(*argv, stdin=""):
+    stdout, stderr = io.StringIO(), io.StringIO()
+    code = cli.main(list(argv), stdout=stdout, stderr=stderr,
+                    stdin=io.StringIO(stdin))
+    return Result(code, stdout.getvalue(), stderr.getvalue())
+
+
+def at(broker, *argv, **kwargs):
+    """
+    Run the command against ``broker``.
+    """
+    return run("--broker", broker.endpoint, "--timeout", "2", *argv,
+               **kwargs)
+
+
+# Usage errors: exit 2, one line, nothing sent.
+
+
+@pytest.mark.parametrize("argv", [
+    [],
+    ["frobnicate"],
+    ["--bogus", "stats"],
+    ["stats", "--bogus"],
+    ["--timeout", "0", "stats"],
+    ["--timeout", "-1", "stats"],
+    ["--timeout", "soon", "stats"],
+    ["--timeout", "nan", "stats"],
+    ["status"],
+    ["status", "abc"],
+    ["status", "0"],
+    ["status", "1", "2"],
+    ["cancel", "x"],
+    ["list", "--limit", "0"],
+    ["list", "--limit", "many"],
+    ["list", "extra"],
+    ["submit"],
+    ["submit", "a", "b"],
+    ["submit", "echo", "--payload", "{not json"],
+    ["submit", "echo", "--payload", "NaN"],
+    ["submit", "echo", "--payload", "@/nonexistent/payload.json"],
+    ["submit", "echo", "--max-attempts", "two"],
+    ["submit", "echo", "--max-attempts", "5000"],
+    ["submit", "--from", "/nonexistent/tasks.jsonl"],
+    ["submit", "--from", "-", "echo"],
+    ["submit", "--from", "-", "--wait"],
+    ["--broker", "not an endpoint", "stats"],
+])
+def test_usage_errors_exit_2(broker, argv):
+    result = run("--broker", broker.endpoint, *argv)
+    assert result.code == 2
+    result.error_line()
+    assert result.stdout == ""
+    assert broker.requests == []
+
+
+def test_help_goes_to_stdout():
+    result = run("--help")
+    assert result.code == 0
+    assert "submit" in result.stdout and result.stderr == ""
+    result = run("submit", "--help")
+    assert result.code == 0 and "--payload" in result.stdout
+
+
+def test_version():
+    result = run("--version")
+    assert result.code == 0 and result.stdout.startswith("taskbroker ")
+
+
+def test_main_exits_with_the_code_without_argv(monkeypatch, capsys):
+    monkeypatch.setattr("sys.argv", ["taskbroker", "status", "abc"])
+    with pytest.raises(SystemExit) as caught:
+        cli.main()
+    assert caught.value.code == 2
+    assert capsys.readouterr().err.startswith("taskbroker: ")
+
+
+# Exit 3: unreachable, no answer, unavailable.
+
+
+def test_no_answer_exits_3(silent_endpoint):
+    result = run("--broker", silent_endpoint, "--timeout", "0.3",
+                 "submit", "echo")
+    assert result.code == 3
+    assert "no answer" in result.error_line()
+    assert result.stdout == ""
+
+
+def test_read_only_commands_retry_then_exit_3(silent_endpoint):
+    result = run("--broker", silent_endpoint, "status", "1",
+                 "--timeout", "0.1")
+    assert result.code == 3
+    assert "3 attempts" in result.error_line()
+
+
+def test_broker_unavailable_error_exits_3(broker):
+    broker.handlers["STATS"] = lambda body: error("unavailable", "db locked")
+    result = at(broker, "stats")
+    assert result.code == 3
+    assert "db locked" in result.error_line()
+
+
+def test_endpoint_from_environment(broker, monkeypatch):
+    monkeypatch.setenv("TASKBROKER_BROKER", broker.endpoint)
+    broker.handlers["STATS"] = lambda body: reply(stats={"workers": 0})
+    result = run("stats", "--json")
+    assert result.code == 0
+    assert json.loads(result.stdout) == {"workers": 0}
+
+
+# Exit 4 and the broker's refusals.
+
+
+@pytest.mark.parametrize("command", [["status", "7"], ["cancel", "7"]])
+def test_not_found_exits_4(broker, command):
+    broker.handlers["GET"] = broker.handlers["CANCEL"] = (
+        lambda body: error("not_found", f"no task {body['id']}"))
+    result = at(broker, *command)
+    assert result.code == 4
+    assert result.error_line() == "taskbroker: no task 7"
+
+
+@pytest.mark.parametrize("code", ["bad_request", "unknown_priority",
+                                  "not_cancellable"])
+def test_refusals_exit_2(broker, code):
+    broker.handlers["SUBMIT"] = lambda body: error(
+        code, "refused\nfor a reason")
+    result = at(broker, "submit", "echo", "--priority", "urgent")
+    assert result.code == 2
+    assert result.error_line() == f"taskbroker: refused for a reason ({code})"
+
+
+def test_internal_error_is_one_line(broker, monkeypatch):
+    class Exploding:
+        def __init__(self, *args):
+            raise RuntimeError("boom\nsecond line")
+
+    monkeypatch.setattr(cli, "BlockingClient", Exploding)
+    result = at(broker, "stats")
+    assert result.code == 1
+    assert result.error_line() == \
+        "taskbroker: internal error: RuntimeError: boom second line"
+
+
+# submit.
+
+
+def test_submit_prints_the_id(broker):
+    broker.handlers["SUBMIT"] = submitted(first_id=42)
+    result = at(broker, "submit", "echo", "--payload", '{"n": 1}',
+                "--priority", "high", "--max-attempts", "2")
+    assert (result.code, result.stdout, result.stderr) == (0, "42\n", "")
+    [(_, body)] = broker.requests
+    assert body["tasks"] == [{"handler": "echo", "payload": {"n": 1},
+                              "priority": "high", "max_attempts": 2}]
+
+
+def test_submit_options_may_come_first(broker):
+    broker.handlers["SUBMIT"] = submitted()
+    result = at(broker, "submit", "--payload", "[1]", "echo")
+    assert result.code == 0
+    assert broker.requests[0][1]["tasks"][0]["payload"] == [1]
+
+
+def test_submit_payload_from_file(broker, tmp_path):
+    path = tmp_path / "payload.json"
+    path.write_text('{"big": ["payload", 1]}', encoding="utf-8")
+    broker.handlers["SUBMIT"] = submitted()
+    result = at(broker, "submit", "echo", "--payload", f"@{path}", "--json")
+    assert result.code == 0
+    task = json.loads(result.stdout)
+    assert task["payload"] == {"big": ["payload", 1]}
+    assert broker.requests[0][1]["tasks"][0]["payload"] == \
+        {"big": ["payload", 1]}
+
+
+def test_submit_payload_from_stdin(broker):
+    broker.handlers["SUBMIT"] = submitted()
+    result = at(broker, "submit", "echo", "--payload", "@-", stdin='"hi"')
+    assert result.code == 0
+    assert broker.requests[0][1]["tasks"][0]["payload"] == "hi"
+
+
+def test_submit_warns_about_unserved_handlers(broker):
+    broker.handlers["SUBMIT"] = submitted(unserved=["echo"])
+    result = at(broker, "submit", "echo")
+    assert result.code == 0 and result.stdout == "1\n"
+    assert result.stderr == (
+        "taskbroker: warning: no connected worker has handler 'echo'; "
+        "the task is queued until one connects\n")
+
+
+def test_submit_wait_loops_until_final(broker):
+    broker.handlers["SUBMIT"] = submitted(first_id=5)
+    broker.handlers["WAIT"] = sequence(
+        reply(task=make_task(5, state="queued")),
+        reply(task=make_task(5, state="running")),
+        reply(task=make_task(5, state="succeeded", result={"ok": True})))
+    result = at(broker, "submit", "echo", "--wait")
+    assert result.code == 0
+    assert json.loads(result.stdout) == {"ok": True}
+    assert broker.commands() == ["SUBMIT", "WAIT", "WAIT", "WAIT"]
+    assert all(body["id"] == 5 for _, body in broker.requests[1:])
+
+
+def test_submit_wait_json_prints_the_final_task(broker):
+    broker.handlers["SUBMIT"] = submitted(first_id=5)
+    broker.handlers["WAIT"] = lambda body: reply(
+        task=make_task(5, state="succeeded", result=3))
+    result = at(broker, "submit", "echo", "--wait", "--json")
+    assert result.code == 0
+    assert json.loads(result.stdout)["state"] == "succeeded"
+
+
+@pytest.mark.parametrize("state, text", [
+    ("failed", "taskbroker: task 5 failed: ValueError: bad input"),
+    ("cancelled", "taskbroker: task 5 was cancelled: ValueError: bad input"),
+])
+def test_submit_wait_exits_1_when_the_task_did_not_succeed(
+        broker, state, text):
+    broker.handlers["SUBMIT"] = submitted(first_id=5)
+    broker.handlers["WAIT"] = lambda body: reply(task=make_task(
+        5, state=state, error="ValueError: bad input\n  (details)"))
+    result = at(broker, "submit", "echo", "--wait")
+    assert result.code == 1
+    assert result.error_line() == text + " (details)"
+    assert result.stdout == ""
+
+
+def test_submit_from_jsonl(broker, tmp_path):
+    path = tmp_path / "tasks.jsonl"
+    path.write_text(
+        '{"handler": "echo", "payload": 1}\n'
+        "\n"
+        '{"handler": "resize", "priority": "low", "max_attempts": 2}\n',
+        encoding="utf-8")
+    broker.handlers["SUBMIT"] = submitted(first_id=10, unserved=["resize"])
+    result = at(broker, "submit", "--from", str(path))
+    assert result.code == 0
+    assert result.stdout == "10\n11\n"
+    assert "'resize'" in result.stderr
+    [(_, body)] = broker.requests
+    assert [t["handler"] for t in body["tasks"]] == ["echo", "resize"]
+    assert body["tasks"][1]["max_attempts"] == 2
+
+
+def test_submit_from_stdin_json(broker):
+    broker.handlers["SUBMIT"] = submitted()
+    lines = "".join(json.dumps({"handler": "echo", "payload": n}) + "\n"
+                    for n in range(3))
+    result = at(broker, "submit", "--from", "-", "--json", stdin=lines)
+    assert result.code == 0
+    tasks = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [t["payload"] for t in tasks] == [0, 1, 2]
+
+
+@pytest.mark.parametrize("line, reason", [
+    ("{not json", "not valid JSON"),
+    ("[1, 2]", "object"),
+    ('{"payload": 1}', "handler"),
+    ('{"handler": "echo", "max_attempts": "3"}', "max_attempts"),
+    ('{"handler": "echo", "priorty": "high"}', "priorty"),
+])
+def test_submit_from_bad_line_submits_nothing(broker, tmp_path, line, reason):
+    path = tmp_path / "tasks.jsonl"
+    path.write_text('{"handler": "echo"}\n' + line + "\n", encoding="utf-8")
+    broker.handlers["SUBMIT"] = submitted()
+    result = at(broker, "submit", "--from", str(path))
+    assert result.code == 2
+    message = result.error_line()
+    assert f"{path} line 2" in message and reason in message
+    assert broker.requests == []
+
+
+def test_submit_from_empty_input_does_nothing(broker):
+    result = at(broker, "submit", "--from", "-", stdin="\n")
+    assert (result.code, result.stdout, result.stderr) == (0, "", "")
+    assert broker.requests == []
+
+
+# status, list, cancel, workers, stats.
+
+
+def test_status_human_and_json(broker):
+    task = make_task(3, state="running", worker="w1", payload={"a": None},
+                     attempts=1)
+    broker.handlers["GET"] = lambda body: reply(task=task)
+    result = at(broker, "status", "3")
+    assert result.code == 0
+    lines = result.stdout.splitlines()
+    assert lines[0] == "id: 3"
+    assert "state: running" in lines and "worker: w1" in lines
+    assert 'payload: {"a": null}' in lines
+    assert "started_at: -" in lines
+    result = at(broker, "status", "3", "--json")
+    assert json.loads(result.stdout) == task
+
+
+def test_list_json_is_an_array_by_id(broker):
+    broker.handlers["LIST"] = lambda body: reply(
+        tasks=[make_task(2), make_task(1)], next=None)
+    result = at(broker, "list", "--state", "queued", "--handler", "echo",
+                "--json")
+    assert result.code == 0
+    assert [t["id"] for t in json.loads(result.stdout)] == [1, 2]
+    [(_, body)] = broker.requests
+    assert (body["state"], body["handler"], body["limit"]) == \
+        ("queued", "echo", 100)
+
+
+def test_list_human_table(broker):
+    broker.handlers["LIST"] = lambda body: reply(
+        tasks=[make_task(1, worker="w1"), make_task(12, handler="resize")],
+        next=None)
+    result = at(broker, "list", "--limit", "5")
+    assert result.code == 0
+    header, first, second = result.stdout.splitlines()
+    assert header.split() == ["ID", "HANDLER", "PRIORITY", "STATE",
+                              "ATTEMPTS", "WORKER", "CREATED"]
+    assert first.split() == ["1", "echo", "normal", "queued", "0/3", "w1",
+                             "2026-11-28", "04:11:03"]
+    assert second.split()[:2] == ["12", "resize"]
+    assert broker.requests[0][1]["limit"] == 5
+
+
+def test_list_bad_state_is_refused_locally(broker):
+    result = at(broker, "list", "--state", "sleeping")
+    assert result.code == 2
+    assert "state" in result.error_line()
+    assert broker.requests == []
+
+
+def test_cancel(broker):
+    broker.handlers["CANCEL"] = lambda body: reply(
+        task=make_task(body["id"], state="cancelled"))
+    result = at(broker, "cancel", "8")
+    assert (result.code, result.stdout) == (0, "cancelled task 8\n")
+    assert broker.commands() == ["CANCEL"]
+
+
+def test_cancel_running_task_exits_2(broker):
+    broker.handlers["CANCEL"] = lambda body: error(
+        "not_cancellable", "task 8 is running")
+    result = at(broker, "cancel", "8")
+    assert result.code == 2
+    assert "task 8 is running" in result.error_line()
+
+
+WORKER = {"name": "build-7", "priorities": ["high", "normal"],
+          "handlers": ["echo", "resize"], "slots": 4, "busy": 1,
+          "connected_since": "2026-11-28T04:00:00.000000+00:00",
+          "last_seen": "2026-11-28T04:11:00.000000+00:00"}
+
+
+def test_workers_json_and_table(broker):
+    broker.handlers["WORKERS"] = lambda body: reply(
+        workers=[WORKER, {**WORKER, "name": "any", "priorities": None}])
+    result = at(broker, "workers", "--json")
+    assert json.loads(result.stdout)[0] == WORKER
+    result = at(broker, "workers")
+    assert result.code == 0
+    header, first, second = result.stdout.splitlines()
+    assert header.split()[:3] == ["NAME", "PRIORITIES", "HANDLERS"]
+    assert first.split()[:5] == ["build-7", "high,normal", "echo,resize",
+                                 "4", "1"]
+    assert second.split()[1] == "*"
+
+
+STATS = {
+    "priorities": ["high", "normal"],
+    "tasks": {"queued": {"high": 2, "normal": 3}, "failed": {"normal": 1}},
+    "waiting": {"echo": 4, "resize": 1},
+    "unserved": ["resize"],
+    "workers": 2, "slots": 8, "free_slots": 3,
+}
+
+
+def test_stats_json_and_summary(broker):
+    broker.handlers["STATS"] = lambda body: reply(stats=STATS)
+    result = at(broker, "stats", "--json")
+    assert json.loads(result.stdout) == STATS
+    result = at(broker, "stats")
+    assert result.code == 0
+    lines = result.stdout.splitlines()
+    assert lines[0] == "workers: 2, slots: 8, free slots: 3"
+    assert ["queued", "2", "3", "5"] in [line.split() for line in lines]
+    assert ["failed", "0", "1", "1"] in [line.split() for line in lines]
+    assert "  echo: 4" in lines
+    assert lines[-1].endswith(": resize")
+
+
+def test_global_options_after_the_command(broker):
+    broker.handlers["STATS"] = lambda body: reply(stats=STATS)
+    result = run("stats", "--json", "--broker", broker.endpoint,
+                 "--timeout", "1")
+    assert result.code == 0

@@ -1,0 +1,451 @@
+# -*- test-case-name: tests.unit.test_client -*-
+"""
+Tests for :mod:`taskbroker.client`: the shared calls, the blocking Lazy
+Pirate client and the Twisted client, against a scripted fake broker.
+"""
+
+import threading
+
+import pytest
+import pytest_twisted
+import zmq
+from twisted.internet.defer import gatherResults
+from twisted.internet.task import Clock
+from twisted.internet.threads import deferToThread
+
+from taskbroker.client import (
+    FINAL_STATES,
+    SUBMIT_CHUNK_BYTES,
+    check_task_spec,
+    submit_call,
+)
+from taskbroker.client.api import BrokerClient
+from taskbroker.client.blocking import BlockingClient
+from taskbroker.client.errors import (
+    BrokerUnavailable,
+    InvalidRequest,
+    RequestFailed,
+    TaskNotFound,
+)
+from taskbroker.protocol import codec
+from taskbroker.transport.zmq import ZmqFactoryService
+from tests.unit.fakebroker import (
+    FakeBroker,
+    error,
+    make_task,
+    reply,
+    sequence,
+    submitted,
+)
+
+
+@pytest.fixture
+def broker():
+    with FakeBroker() as fake:
+        yield fake
+        assert fake.errors == []
+
+
+@pytest.fixture
+def silent_endpoint():
+    """
+    A bound ROUTER that never reads: connections succeed, answers never
+    come.
+    """
+    context = zmq.Context()
+    router = context.socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    router.bind("tcp://127.0.0.1:*")
+    yield router.getsockopt_string(zmq.LAST_ENDPOINT)
+    router.close(0)
+    context.term()
+
+
+@pytest.fixture
+def client(broker):
+    with BlockingClient(broker.endpoint, timeout=2.0) as blocking:
+        yield blocking
+
+
+# The shared calls, without I/O.
+
+
+def test_check_task_spec_fills_defaults():
+    task, size = check_task_spec({"handler": "echo"})
+    assert task == {"handler": "echo", "payload": None, "priority": None,
+                    "max_attempts": None}
+    assert size == len(codec.dumps(task))
+
+
+@pytest.mark.parametrize("spec, code, text", [
+    ({"handler": ""}, "bad_request", "handler"),
+    ({"payload": 1}, "bad_request", "handler"),
+    ({"handler": "echo", "max_attempts": 0}, "bad_request", "max_attempts"),
+    ({"handler": "echo", "max_attempts": True}, "bad_request", "max_attempts"),
+    ({"handler": "echo", "priorty": "high"}, "bad_request", "priorty"),
+    ({"handler": "echo", "payload": float("nan")}, "bad_request", "payload"),
+    ({"handler": "echo", "payload": "x" * codec.MAX_PAYLOAD_SIZE},
+     "too_large", "payload"),
+    ("echo", "bad_request", "object"),
+])
+def test_check_task_spec_refuses(spec, code, text):
+    with pytest.raises(InvalidRequest) as caught:
+        check_task_spec(spec)
+    assert caught.value.code == code
+    assert text in caught.value.message
+    assert isinstance(caught.value, ValueError)
+
+
+def _requests_of(call, answer):
+    """
+    Drive a call, answering each request with ``answer(request)``; return
+    the requests and the result.
+    """
+    requests = []
+    try:
+        request = next(call)
+        while True:
+            requests.append(request)
+            request = call.send(answer(request))
+    except StopIteration as stop:
+        return requests, stop.value
+
+
+def _accept(request):
+    tasks = request.fields["tasks"]
+    return {"tasks": [make_task(1) for _ in tasks], "unserved": []}
+
+
+def test_submit_call_chunks_by_count():
+    specs = [{"handler": "echo", "payload": n} for n in range(2500)]
+    requests, (tasks, _) = _requests_of(submit_call(specs), _accept)
+    assert [len(r.fields["tasks"]) for r in requests] == [1000, 1000, 500]
+    assert all(not r.idempotent for r in requests)
+    assert [t["payload"] for r in requests for t in r.fields["tasks"]] == \
+        list(range(2500))
+    assert len(tasks) == 2500
+
+
+def test_submit_call_chunks_by_size():
+    big = "x" * (900 * 1024)
+    specs = [{"handler": "echo", "payload": big} for _ in range(5)]
+    requests, _ = _requests_of(submit_call(specs), _accept)
+    assert [len(r.fields["tasks"]) for r in requests] == [2, 2, 1]
+    for request in requests:
+        assert len(codec.dumps(request.fields)) <= SUBMIT_CHUNK_BYTES + 100
+
+
+def test_submit_call_checks_everything_first():
+    call = submit_call([{"handler": "echo"}] * 3 + [{"handler": ""}])
+    with pytest.raises(InvalidRequest) as caught:
+        next(call)
+    assert caught.value.message.startswith("task 3: ")
+
+
+# BlockingClient.
+
+
+def test_submit(broker, client):
+    broker.handlers["SUBMIT"] = submitted(unserved=["echo"])
+    task, unserved = client.submit("echo", {"n": 1}, priority="high",
+                                   max_attempts=2)
+    assert task["id"] == 1 and task["payload"] == {"n": 1}
+    assert unserved == ["echo"]
+    [(command, body)] = broker.requests
+    assert command == "SUBMIT"
+    assert body["tasks"] == [{"handler": "echo", "payload": {"n": 1},
+                              "priority": "high", "max_attempts": 2}]
+    assert len(body["req"]) == 32
+
+
+def test_submit_many_returns_tasks_in_order_and_unserved_set(broker, client):
+    broker.handlers["SUBMIT"] = submitted(
+        unserved=lambda tasks: sorted({t["handler"] for t in tasks} - {"ok"}))
+    specs = [{"handler": "ok"}] * 1500 + [{"handler": "lonely"}]
+    tasks, unserved = client.submit_many(specs)
+    assert [t["id"] for t in tasks] == list(range(1, 1502))
+    assert unserved == {"lonely"}
+    assert broker.commands() == ["SUBMIT", "SUBMIT"]
+
+
+def test_submit_many_partial_failure_lists_committed(broker, client):
+    broker.handlers["SUBMIT"] = sequence(
+        submitted()({"tasks": [{"handler": "echo"}] * 1000}),
+        error("unavailable", "database busy"))
+    with pytest.raises(RequestFailed) as caught:
+        client.submit_many([{"handler": "echo"}] * 1001)
+    assert caught.value.code == "unavailable"
+    assert len(caught.value.submitted) == 1000
+
+
+def test_invalid_spec_sends_nothing(broker, client):
+    with pytest.raises(InvalidRequest):
+        client.submit_many([{"handler": "echo"}, {"handler": "echo",
+                                                  "max_attempts": -1}])
+    with pytest.raises(InvalidRequest):
+        client.get(0)
+    assert broker.requests == []
+
+
+def test_get(broker, client):
+    broker.handlers["GET"] = lambda body: reply(task=make_task(body["id"]))
+    assert client.get(7)["id"] == 7
+
+
+def test_not_found_raises_task_not_found(broker, client):
+    broker.handlers["GET"] = lambda body: error("not_found", "no task 7")
+    with pytest.raises(TaskNotFound) as caught:
+        client.get(7)
+    assert caught.value.code == "not_found"
+    assert caught.value.message == "no task 7"
+
+
+def test_error_without_req_answers_the_request(broker, client):
+    broker.handlers["SUBMIT"] = lambda body: error(
+        "bad_request", "task: missing field 'handler'", req=None)
+    with pytest.raises(RequestFailed) as caught:
+        client.submit("echo")
+    assert caught.value.code == "bad_request"
+
+
+def test_stale_and_invalid_replies_are_discarded(broker, client):
+    broker.handlers["GET"] = lambda body: [
+        reply(req="someone-else", task=make_task(99)),
+        error("not_found", "stale", req="someone-else"),
+        [b"XX9", b"REPLY", b"{}"],
+        [codec.SIGNATURE, b"REPLY", b"not json"],
+        reply(task=make_task(body["id"])),
+    ]
+    assert client.get(5)["id"] == 5
+
+
+def test_read_only_request_is_resent_with_the_same_req(broker):
+    broker.handlers["GET"] = sequence(None, reply(task=make_task(3)))
+    with BlockingClient(broker.endpoint, timeout=0.2, retries=2) as client:
+        assert client.get(3)["id"] == 3
+    [(_, first), (_, second)] = broker.requests
+    assert first == second
+
+
+def test_submit_is_not_resent(broker):
+    # Were the SUBMIT resent, the second copy would be answered.
+    broker.handlers["SUBMIT"] = sequence(None, submitted()(
+        {"tasks": [{"handler": "echo"}]}))
+    with BlockingClient(broker.endpoint, timeout=0.2, retries=2) as client:
+        with pytest.raises(BrokerUnavailable) as caught:
+            client.submit("echo")
+    assert "may or may not" in str(caught.value)
+
+
+def test_cancel_is_not_resent(broker):
+    broker.handlers["CANCEL"] = sequence(
+        None, reply(task=make_task(1, state="cancelled")))
+    with BlockingClient(broker.endpoint, timeout=0.2, retries=2) as client:
+        with pytest.raises(BrokerUnavailable):
+            client.cancel(1)
+
+
+def test_no_answer_raises_broker_unavailable(silent_endpoint):
+    with BlockingClient(silent_endpoint, timeout=0.1, retries=1) as client:
+        with pytest.raises(BrokerUnavailable) as caught:
+            client.stats()
+    assert "2 attempts" in str(caught.value)
+
+
+def test_bad_endpoint_is_a_value_error():
+    with pytest.raises(ValueError):
+        BlockingClient("nonsense")
+
+
+def test_closed_client_refuses(broker):
+    client = BlockingClient(broker.endpoint)
+    client.close()
+    client.close()
+    with pytest.raises(RuntimeError):
+        client.get(1)
+
+
+def test_wait_loops_until_final(broker, client):
+    broker.handlers["WAIT"] = sequence(
+        reply(task=make_task(4, state="queued")),
+        reply(task=make_task(4, state="running")),
+        reply(task=make_task(4, state="succeeded", result=[1])))
+    task = client.wait(4)
+    assert task["state"] in FINAL_STATES and task["result"] == [1]
+    bodies = [body for _, body in broker.requests]
+    assert len(bodies) == 3
+    assert all(body["id"] == 4 and 0 < body["timeout"] <= 30
+               for body in bodies)
+    # Each WAIT is a new request.
+    assert len({body["req"] for body in bodies}) == 3
+
+
+def test_wait_with_zero_timeout_returns_the_task_as_it_is(broker, client):
+    broker.handlers["WAIT"] = lambda body: reply(
+        task=make_task(4, state="running"))
+    assert client.wait(4, timeout=0)["state"] == "running"
+    [(_, body)] = broker.requests
+    assert body["timeout"] == 0
+
+
+def _paged(total):
+    """
+    A LIST handler over tasks 1..total honouring after/limit, with ``next``
+    the last id of a full page.
+    """
+    def handler(body):
+        ids = [i for i in range(1, total + 1) if i > body["after"]]
+        page = ids[:body["limit"]]
+        following = page[-1] if len(ids) > len(page) else None
+        return reply(tasks=[make_task(i) for i in page], next=following)
+
+    return handler
+
+
+def test_list_pages_until_limit(broker, client):
+    broker.handlers["LIST"] = _paged(2500)
+    tasks = client.list(state="queued", limit=1500)
+    assert [t["id"] for t in tasks] == list(range(1, 1501))
+    bodies = [body for _, body in broker.requests]
+    assert [(b["after"], b["limit"]) for b in bodies] == [(0, 1000),
+                                                          (1000, 500)]
+    assert bodies[0]["state"] == "queued" and bodies[0]["handler"] is None
+
+
+def test_list_stops_at_the_end(broker, client):
+    broker.handlers["LIST"] = _paged(3)
+    assert [t["id"] for t in client.list()] == [1, 2, 3]
+
+
+def test_list_refuses_a_next_that_does_not_advance(broker, client):
+    broker.handlers["LIST"] = lambda body: reply(
+        tasks=[make_task(1)], next=body["after"])
+    with pytest.raises(RequestFailed) as caught:
+        client.list()
+    assert caught.value.code == "protocol"
+
+
+def test_workers_and_stats(broker, client):
+    worker = {"name": "w1", "priorities": None, "handlers": ["echo"],
+              "slots": 2, "busy": 1, "connected_since": None,
+              "last_seen": None}
+    broker.handlers["WORKERS"] = lambda body: reply(workers=[worker])
+    broker.handlers["STATS"] = lambda body: reply(stats={"workers": 1})
+    assert client.workers() == [worker]
+    assert client.stats() == {"workers": 1}
+
+
+def test_reply_fields_beyond_req_are_kept(broker, client):
+    # codec.decode drops REPLY fields other than req; the client must not.
+    broker.handlers["GET"] = lambda body: reply(
+        task=make_task(1, extra="new"), more=1)
+    assert client.get(1)["extra"] == "new"
+
+
+# BrokerClient (Twisted), with the real reactor against the fake broker.
+
+
+@pytest.fixture
+def reactor():
+    from twisted.internet import reactor
+
+    return reactor
+
+
+@pytest_twisted.ensureDeferred
+async def test_twisted_submit_and_close_leaves_no_delayed_calls(
+        reactor, broker):
+    broker.handlers["SUBMIT"] = submitted(unserved=["echo"])
+    broker.handlers["GET"] = lambda body: reply(task=make_task(body["id"]))
+    before = set(reactor.getDelayedCalls())
+    client = BrokerClient(reactor, broker.endpoint, timeout=5.0)
+    task, unserved = await client.submit("echo", {"n": 1})
+    assert task["id"] == 1 and unserved == ["echo"]
+    # Several requests in flight at once are matched by req.
+    got = await gatherResults([client.get(i) for i in (3, 1, 2)])
+    assert [t["id"] for t in got] == [3, 1, 2]
+    await client.close()
+    await client.close()
+    leftover = [call for call in reactor.getDelayedCalls()
+                if call not in before and call.active()]
+    assert leftover == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_twisted_not_found(reactor, broker):
+    broker.handlers["GET"] = lambda body: error("not_found", "no task 9")
+    client = BrokerClient(reactor, broker.endpoint)
+    try:
+        with pytest.raises(TaskNotFound):
+            await client.get(9)
+    finally:
+        await client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_twisted_wait_loops_until_final(reactor, broker):
+    broker.handlers["WAIT"] = sequence(
+        reply(task=make_task(4, state="running")),
+        reply(task=make_task(4, state="failed", error="boom")))
+    client = BrokerClient(reactor, broker.endpoint)
+    try:
+        task = await client.wait(4)
+    finally:
+        await client.close()
+    assert task["state"] == "failed"
+    assert broker.commands() == ["WAIT", "WAIT"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_twisted_timeout_with_the_real_reactor(reactor, silent_endpoint):
+    client = BrokerClient(reactor, silent_endpoint, timeout=0.2)
+    try:
+        with pytest.raises(BrokerUnavailable):
+            await client.stats()
+        assert client._pending == {}
+    finally:
+        await client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_twisted_timeout_forgets_the_request(reactor, broker):
+    # The socket runs on the real reactor, timeouts on a Clock, so that the
+    # test decides when time passes.  The fake holds its answer until the
+    # request has timed out; that late answer must then be discarded.
+    clock = Clock()
+    service = ZmqFactoryService(reactor)
+    client = BrokerClient(clock, broker.endpoint, timeout=5.0,
+                          zmq_factory=service.get_factory())
+    release = threading.Event()
+    broker.handlers["STATS"] = lambda body: release.wait(5) and reply(
+        stats={"late": True})
+    broker.handlers["GET"] = lambda body: reply(task=make_task(body["id"]))
+    try:
+        d = client.stats()
+        assert await _threaded(broker.wait_for_requests, 1)
+        clock.advance(5.0)
+        with pytest.raises(BrokerUnavailable):
+            await d
+        assert client._pending == {}
+        assert clock.getDelayedCalls() == []
+        release.set()
+        # The late STATS answer arrives first on the same connection and
+        # is dropped; the GET is still answered.
+        assert (await client.get(2))["id"] == 2
+    finally:
+        await client.close()
+        service.stopService()
+
+
+async def _threaded(function, *args):
+    return await deferToThread(function, *args)
+
+
+@pytest_twisted.ensureDeferred
+async def test_twisted_close_fails_outstanding_requests(
+        reactor, silent_endpoint):
+    client = BrokerClient(reactor, silent_endpoint, timeout=30.0)
+    d = client.get(1)
+    await client.close()
+    with pytest.raises(BrokerUnavailable):
+        await d
