@@ -28,9 +28,24 @@ _ENDPOINT = re.compile(r"^(tcp://[^\s]+:(\d+|\*)|ipc://\S+|inproc://\S+)$")
 
 
 def endpoint(text):
-    if not _ENDPOINT.match(text):
+    match = _ENDPOINT.match(text)
+    if not match:
         raise ValueError(
             "expected a ZeroMQ endpoint such as tcp://127.0.0.1:5555")
+    # libzmq takes a TCP port modulo 65536 (":70000" binds 4464).
+    port = match.group(2)
+    if port is not None and port != "*" and int(port) > 65535:
+        raise ValueError("the port must be at most 65535")
+    return text
+
+
+def connect_endpoint(text):
+    """
+    An endpoint to connect to: a wildcard or port 0 names no peer.
+    """
+    endpoint(text)
+    if text.startswith("tcp://") and text.rsplit(":", 1)[1] in ("*", "0"):
+        raise ValueError("name the broker's port, e.g. tcp://127.0.0.1:5555")
     return text
 
 
@@ -215,9 +230,17 @@ def broker_config(given, environ=None):
     """
     values = resolve(BROKER_SETTINGS, "TASKBROKER_",
                      given, os.environ if environ is None else environ)
+    levels = values["priorities"]
     if values["default_priority"] is None:
-        levels = values["priorities"]
         values["default_priority"] = "normal" if "normal" in levels else levels[-1]
+    elif values["default_priority"] not in levels:
+        # Checked here as well as in BrokerConfig, to name where it came from.
+        source = ("--default-priority"
+                  if given.get("default_priority") is not None
+                  else "TASKBROKER_DEFAULT_PRIORITY")
+        raise ConfigError(
+            f"{source}: {values['default_priority']!r} is not one of the "
+            "levels " + ",".join(levels))
     return BrokerConfig(**values)
 
 
@@ -229,7 +252,7 @@ def default_worker_name():
 
 
 WORKER_SETTINGS = (
-    Setting("broker", endpoint, "tcp://127.0.0.1:5555",
+    Setting("broker", connect_endpoint, "tcp://127.0.0.1:5555",
             "ZeroMQ endpoint of the broker."),
     Setting("priorities", level_list, None,
             "Levels to serve, comma-separated (default: all the broker has). "

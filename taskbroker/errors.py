@@ -25,9 +25,3 @@ class StoreLocked(StoreError):
     """
     Another broker owns the database.
     """
-
-
-class PermanentFailure(TaskbrokerError):
-    """
-    Raised by a handler to fail its task at once, without any retry.
-    """

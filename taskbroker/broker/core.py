@@ -82,6 +82,7 @@ class Broker:
         self._polling = False
         self._waiters = {}
         self._orphan_deadline = None
+        self._stopped = False
         self.counters = {
             "protocol_errors": 0,
             "stale_results": 0,
@@ -111,8 +112,11 @@ class Broker:
     def stop(self):
         """
         Stop timers and answer outstanding WAITs; the caller then closes
-        the socket and the store.
+        the socket and the store.  Attempts being dispatched stay
+        ``running`` in the store, to be reclaimed or requeued by the next
+        broker.
         """
+        self._stopped = True
         if self._orphan_deadline is not None and self._orphan_deadline.active():
             self._orphan_deadline.cancel()
         for waiters in self._waiters.values():
@@ -128,6 +132,8 @@ class Broker:
         """
         Handle one message from ``identity``.  Never raises for bad input.
         """
+        if self._stopped:
+            return
         peer = self._peers.get(identity)
         if peer is not None:
             peer.last_seen = self.clock.seconds()
@@ -231,7 +237,7 @@ class Broker:
                 self.dispatcher.task_done(holder.identity)
         # It was decoded from JSON, so it encodes again.
         result_text = dumps(body.get("result"))
-        if len(result_text) > codec.MAX_PAYLOAD_SIZE:
+        if len(result_text.encode("utf-8")) > codec.MAX_PAYLOAD_SIZE:
             result_text = None
             body["state"] = "failed"
             body["error"] = "result exceeds the size limit"
@@ -343,6 +349,8 @@ class Broker:
         d = self.store.dispatch(row.id, attempt, peer.name, now)
 
         def committed(ok):
+            if self._stopped:
+                return
             if not ok:
                 # Changed behind our back (by SQL): forget it, free the slot.
                 self._undispatch(row.id, identity, attempt)

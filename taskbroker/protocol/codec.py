@@ -14,6 +14,7 @@ docs/protocol.rst for the specification.
 """
 
 import json
+import re
 from numbers import Real
 
 SIGNATURE = b"TB1"
@@ -52,17 +53,53 @@ class ProtocolError(Exception):
 _dumps = json.JSONEncoder(
     ensure_ascii=False, separators=(",", ":"), allow_nan=False
 ).encode
-_loads = json.JSONDecoder().decode
-#: Decode JSON text; ``ValueError`` if it is not JSON.
-loads = _loads
+
+
+def _reject_constant(name):
+    # Python's decoder accepts NaN and Infinity, which are not JSON: a
+    # value holding one could be received but never sent on.
+    raise ValueError(f"{name} is not JSON")
+
+
+_decode = json.JSONDecoder(parse_constant=_reject_constant).decode
+# A JSON escape of a UTF-16 surrogate; only such an escape can put an
+# unpaired surrogate (which UTF-8 cannot encode) into decoded text.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def loads(text):
+    """
+    Decode JSON text; ``ValueError`` if it is not JSON, including NaN and
+    infinities, nesting too deep to decode, and unpaired surrogates (which
+    could not be encoded as UTF-8 again).
+    """
+    try:
+        value = _decode(text)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+    if _SURROGATE_ESCAPE.search(text):
+        try:
+            _dumps(value).encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("JSON text holds an unpaired surrogate") from None
+        except RecursionError:
+            raise ValueError("JSON nested too deeply") from None
+    return value
+
+
+_loads = loads
 
 
 def dumps(value):
     """
     Encode a JSON value compactly; ``ValueError``/``TypeError`` if it is
-    not JSON (NaN and infinities are not).
+    not JSON (NaN and infinities are not) or if the text could not be sent
+    as UTF-8 (a string holds an unpaired surrogate, as ``surrogateescape``
+    makes).
     """
-    return _dumps(value)
+    text = _dumps(value)
+    text.encode("utf-8")  # UnicodeEncodeError is a ValueError
+    return text
 
 
 def encode(command, body):
@@ -273,6 +310,17 @@ BROKER_TO_CLIENT_COMMANDS = {
 BROKER_INBOUND = {**WORKER_COMMANDS, **CLIENT_COMMANDS}
 
 
+def _readable_req(body):
+    """
+    The body's ``req`` if it is a valid request id, else ``None``: an
+    invalid one could not be sent back in an ``ERROR``.
+    """
+    try:
+        return _request_id(body.get("req"))
+    except ValueError:
+        return None
+
+
 def _check_fields(body, fields, where):
     checked = {}
     for key, (check, required) in fields.items():
@@ -282,12 +330,18 @@ def _check_fields(body, fields, where):
             except ValueError as e:
                 raise ProtocolError(
                     "bad_request", f"{where}: field {key!r} {e}",
-                    req=body.get("req") if isinstance(body.get("req"), str) else None,
+                    req=_readable_req(body),
                 ) from None
+            except ProtocolError as e:
+                # A nested object (a SUBMIT's task) failed: the reply
+                # still belongs to this request.
+                if e.req is None:
+                    e.req = _readable_req(body)
+                raise
         elif required:
             raise ProtocolError(
                 "bad_request", f"{where}: missing field {key!r}",
-                req=body.get("req") if isinstance(body.get("req"), str) else None,
+                req=_readable_req(body),
             )
     return checked
 
@@ -334,8 +388,9 @@ def decode(frames, commands, max_size=MAX_MESSAGE_SIZE, strict=False):
         raise ProtocolError("bad_request", "body is not valid UTF-8") from None
     try:
         value = _loads(text)
-    except ValueError:
-        raise ProtocolError("bad_request", "body is not valid JSON") from None
+    except ValueError as e:
+        raise ProtocolError(
+            "bad_request", f"body is not valid JSON ({e})") from None
     if not isinstance(value, dict):
         raise ProtocolError("bad_request", "body is not a JSON object")
     if strict:
@@ -345,6 +400,7 @@ def decode(frames, commands, max_size=MAX_MESSAGE_SIZE, strict=False):
                 "bad_request",
                 f"{command.decode('ascii', 'replace')}: unknown fields "
                 + ", ".join(sorted(map(repr, unknown))),
+                req=_readable_req(value),
             )
     return command, _check_fields(
         value, fields, command.decode("ascii", "replace"))

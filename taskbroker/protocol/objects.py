@@ -7,8 +7,9 @@ Readers must ignore keys they do not know, so that later versions can add
 some.
 """
 
-import json
 from datetime import datetime, timezone
+
+from taskbroker.protocol.codec import loads
 
 TASK_KEYS = (
     "id", "handler", "payload", "priority", "state", "attempts",
@@ -31,7 +32,9 @@ def _json_value(text):
     if text is None:
         return None
     try:
-        return json.loads(text)
+        # The codec's strict loads: json.loads would accept NaN, which the
+        # reply could then not encode.
+        return loads(text)
     except ValueError:
         # Only a row inserted by SQL with invalid JSON gets here (it was
         # failed for it); show the text rather than hide it.

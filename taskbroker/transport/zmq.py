@@ -188,12 +188,18 @@ class DealerSocket:
     """
 
     def __init__(self, factory, endpoint, on_message, identity=None,
-                 max_message_size=-1):
+                 max_message_size=-1, immediate=False):
+        """
+        :param immediate: refuse sends (``send`` returns ``False``) while
+            not connected, instead of queueing them for when the connection
+            comes: for a peer that repeats or resends what matters anyway.
+        """
         self._connection = _Connection(
             factory,
             zmq.DEALER,
             on_message,
             [
+                (zmq.IMMEDIATE, int(immediate)),
                 (zmq.MAXMSGSIZE, max_message_size),
                 (zmq.SNDHWM, 100_000),
                 (zmq.RCVHWM, 100_000),
@@ -210,7 +216,8 @@ class DealerSocket:
 
     def send(self, frames):
         """
-        :returns: ``True`` if queued, ``False`` if the queue is full.
+        :returns: ``True`` if queued, ``False`` if the queue is full (or,
+            with ``immediate``, there is no connection).
         """
         return self._connection.send_frames(frames)
 

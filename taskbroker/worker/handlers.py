@@ -86,6 +86,15 @@ def _failed_file(exc_info, folders):
     return "a handler module"
 
 
+def _one_line(error):
+    """
+    ``"Type: message"`` on one line (a ``SyntaxError`` would otherwise
+    bring its source line and caret).
+    """
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
 def load_handlers(paths=()):
     """
     Load every handler the plugin package and ``paths`` provide.
@@ -116,8 +125,7 @@ def load_handlers(paths=()):
         log.error(
             "could not load handler module {path}: {error}",
             path=_failed_file(exc_info, folders),
-            error="".join(
-                traceback.format_exception_only(*exc_info[:2])).strip())
+            error=_one_line(exc_info[1]))
 
     handlers = {}
     for candidate in candidates:

@@ -24,6 +24,9 @@ from taskbroker.protocol import codec
 from taskbroker.protocol.codec import ProtocolError, dumps, encode
 from taskbroker.transport.zmq import DealerSocket, ZmqFactoryService
 
+#: Seconds before the first HELLO is repeated when no WELCOME comes.
+HELLO_FIRST_RETRY = 0.05
+
 
 @implementer(ITask)
 class RunningTask:
@@ -105,7 +108,8 @@ class WorkerService(Service):
         # The broker instance that welcomed us, or None while unwelcomed.
         self.broker_instance = None
         self._broker_seen = 0.0
-        self._hello_sent = 0.0
+        self._hello_retry = None
+        self._hello_delay = HELLO_FIRST_RETRY
         # task id -> (attempt, Deferred) for the tasks running now.
         self.tasks = {}
         # (task id, attempt) -> RESULT body, until acknowledged.
@@ -128,8 +132,13 @@ class WorkerService(Service):
             self._threadpool.start()
         self.socket = DealerSocket(
             self._zmq.get_factory(), self.config.broker, self._on_message,
-            identity=self.identity, max_message_size=codec.MAX_MESSAGE_SIZE)
-        self._hello()
+            identity=self.identity, max_message_size=codec.MAX_MESSAGE_SIZE,
+            # While the broker is away, HELLO is repeated, results are kept
+            # until acknowledged and credits are re-sent after WELCOME:
+            # nothing needs queueing, and a stale queue would replay a burst
+            # of old HELLOs and credits at the next broker.
+            immediate=True)
+        self._announce()
         self._heartbeat = task.LoopingCall(self._beat)
         self._heartbeat.clock = self.reactor
         self._heartbeat.start(self.config.heartbeat, now=False)
@@ -144,13 +153,29 @@ class WorkerService(Service):
     # -- sending ---------------------------------------------------------
 
     def _send(self, command, body):
+        # A failed send needs no handling: see ``immediate`` above.
         if self.socket is not None:
-            if not self.socket.send(encode(command, body)):
-                self.log.warn("could not send {command}: queue full",
-                              command=command)
+            self.socket.send(encode(command, body))
+
+    @property
+    def _allowance(self):
+        return self.config.heartbeat * self.config.heartbeat_misses
+
+    def _announce(self):
+        """
+        Say HELLO until a broker answers, quickly at first, then backing
+        off to one allowance: sends fail while there is no connection.
+        """
+        self.broker_instance = None
+        self._hello_delay = HELLO_FIRST_RETRY
+        self._hello()
 
     def _hello(self):
-        self._hello_sent = self.reactor.seconds()
+        if self._hello_retry is not None and self._hello_retry.active():
+            self._hello_retry.cancel()
+        self._hello_retry = None
+        if self._stopping is not None:
+            return
         self._send(b"HELLO", {
             "name": self.config.name,
             "slots": self.config.concurrency,
@@ -161,20 +186,24 @@ class WorkerService(Service):
                         for i, (a, _) in self.tasks.items()],
             "heartbeat": self.config.heartbeat,
         })
+        self._hello_retry = self.reactor.callLater(
+            self._hello_delay, self._hello_unanswered)
+
+    def _hello_unanswered(self):
+        self._hello_retry = None
+        if self.broker_instance is None:
+            self._hello_delay = min(self._hello_delay * 2, self._allowance)
+            self._hello()
 
     def _beat(self):
         now = self.reactor.seconds()
         self._send(b"HEARTBEAT", {})
-        allowance = self.config.heartbeat * self.config.heartbeat_misses
-        if self.broker_instance is not None:
-            if now - self._broker_seen > allowance:
-                self.log.warn(
-                    "broker silent for {silence:.1f}s; announcing again",
-                    silence=now - self._broker_seen)
-                self.broker_instance = None
-                self._hello()
-        elif now - self._hello_sent > allowance:
-            self._hello()
+        if (self.broker_instance is not None
+                and now - self._broker_seen > self._allowance):
+            self.log.warn(
+                "broker silent for {silence:.1f}s; announcing again",
+                silence=now - self._broker_seen)
+            self._announce()
 
     # -- receiving -------------------------------------------------------
 
@@ -193,6 +222,9 @@ class WorkerService(Service):
         if self._stopping is not None:
             return
         self.broker_instance = body["broker"]
+        if self._hello_retry is not None and self._hello_retry.active():
+            self._hello_retry.cancel()
+        self._hello_retry = None
         if self.config.priorities:
             missing = set(self.config.priorities) - set(body["priorities"])
             if missing:  # the broker refuses these too; belt and braces
@@ -211,15 +243,12 @@ class WorkerService(Service):
         if self.broker_instance is not None and body["broker"] != self.broker_instance:
             self.log.info("broker restarted (instance {instance}); "
                           "announcing again", instance=body["broker"])
-            self.broker_instance = None
-            self._hello()
+            self._announce()
 
     def _on_REHELLO(self, body):
-        if self._stopping is None and (
-                self.broker_instance is not None
-                or self.reactor.seconds() - self._hello_sent > 0.5):
-            self.broker_instance = None
-            self._hello()
+        # While announcing, HELLOs are already on their way.
+        if self.broker_instance is not None:
+            self._announce()
 
     def _on_ERROR(self, body):
         message = " ".join(body["message"].split())
@@ -278,6 +307,8 @@ class WorkerService(Service):
     def _stop(self):
         if self._heartbeat is not None and self._heartbeat.running:
             self._heartbeat.stop()
+        if self._hello_retry is not None and self._hello_retry.active():
+            self._hello_retry.cancel()
         abandoned, self.tasks = self.tasks, {}
         for _, d in abandoned.values():
             d.cancel()

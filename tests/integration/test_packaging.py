@@ -1,0 +1,32 @@
+"""
+The wheel ships our plugin drop-in beside Twisted's and nothing else in
+Twisted's tree, plus the schema files.
+"""
+
+import os
+import subprocess
+import sys
+import zipfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
+
+
+def test_wheel_contents(tmp_path):
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps",
+         "--no-build-isolation", "--wheel-dir", str(tmp_path), ROOT],
+        check=True, capture_output=True)
+    [wheel] = list(tmp_path.glob("taskbroker-*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    twisted_files = [n for n in names if n.startswith("twisted/")]
+    assert twisted_files == ["twisted/plugins/taskbroker_plugin.py"]
+    assert "taskbroker/store/schema/sqlite/v1.sql" in names
+    assert "taskbroker/plugins/taskbroker_builtin_handlers.py" in names
+    assert not any(n.startswith("tests/") for n in names)
+
+
+def test_twistd_lists_both_daemons():
+    twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
+    out = subprocess.run([twistd, "--help"], capture_output=True, text=True,
+                         check=True).stdout
+    assert "taskbroker" in out and "taskworker" in out

@@ -1,0 +1,307 @@
+"""
+Tests for taskbroker.config: layering (command line > environment >
+default) and the one-line errors of each setting.
+"""
+
+import os
+
+import pytest
+
+from taskbroker.config import (
+    BROKER_SETTINGS,
+    WORKER_SETTINGS,
+    BrokerConfig,
+    WorkerConfig,
+    broker_config,
+    default_worker_name,
+    endpoint,
+    worker_config,
+)
+from taskbroker.errors import ConfigError
+
+
+def broker(given=None, env=None):
+    return broker_config(given or {}, env or {})
+
+
+def worker(given=None, env=None):
+    return worker_config(given or {}, env or {})
+
+
+def config_error(build, given=None, env=None):
+    with pytest.raises(ConfigError) as info:
+        build(given, env)
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+# -- defaults and layers -------------------------------------------------------
+
+
+def test_broker_defaults():
+    assert broker() == BrokerConfig(
+        listen="tcp://127.0.0.1:5555",
+        database="sqlite:///taskbroker.sqlite",
+        priorities=("high", "normal", "low"),
+        default_priority="normal",
+        poll_interval=1.0,
+        max_attempts=3,
+        heartbeat=1.0,
+        heartbeat_misses=3,
+        sqlite_synchronous="normal",
+    )
+
+
+def test_worker_defaults():
+    config = worker()
+    assert config == WorkerConfig(
+        broker="tcp://127.0.0.1:5555", priorities=None, concurrency=1,
+        handlers_path=(), name=config.name, heartbeat=1.0,
+        heartbeat_misses=3)
+    assert config.name == default_worker_name() == (
+        f"{os.uname().nodename}-{os.getpid()}")
+
+
+def test_settings_defaults_agree_with_the_dataclasses():
+    # The Options help shows Setting.default; the dataclass default is what
+    # tests building a config directly get.
+    for settings, cls in ((BROKER_SETTINGS, BrokerConfig),
+                          (WORKER_SETTINGS, WorkerConfig)):
+        fields = cls.__dataclass_fields__
+        assert {s.field for s in settings} == set(fields)
+        for s in settings:
+            if s.default is not None:
+                assert fields[s.field].default == s.default, s.field
+
+
+def test_config_is_immutable():
+    config = broker()
+    with pytest.raises(AttributeError):
+        config.listen = "tcp://127.0.0.1:1"
+
+
+def test_environment_layer():
+    config = broker(env={
+        "TASKBROKER_LISTEN": "tcp://127.0.0.1:6000",
+        "TASKBROKER_PRIORITIES": "urgent, bulk",
+        "TASKBROKER_POLL_INTERVAL": "0.25",
+        "TASKBROKER_MAX_ATTEMPTS": "7",
+        "TASKBROKER_HEARTBEAT_MISSES": "5",
+        "TASKBROKER_SQLITE_SYNCHRONOUS": "full",
+        # The other daemon's variables are ignored.
+        "TASKWORKER_HEARTBEAT": "9",
+    })
+    assert config.listen == "tcp://127.0.0.1:6000"
+    assert config.priorities == ("urgent", "bulk")
+    assert config.default_priority == "bulk"
+    assert (config.poll_interval, config.max_attempts) == (0.25, 7)
+    assert (config.heartbeat, config.heartbeat_misses) == (1.0, 5)
+    assert config.sqlite_synchronous == "full"
+
+    config = worker(env={"TASKWORKER_CONCURRENCY": "4",
+                         "TASKWORKER_NAME": "w-1",
+                         "TASKWORKER_PRIORITIES": "high",
+                         "TASKBROKER_HEARTBEAT": "9"})
+    assert (config.concurrency, config.name, config.priorities) == (
+        4, "w-1", ("high",))
+    assert config.heartbeat == 1.0
+
+
+def test_command_line_beats_environment():
+    config = worker({"concurrency": "2", "name": None},
+                    {"TASKWORKER_CONCURRENCY": "8", "TASKWORKER_NAME": "env"})
+    assert (config.concurrency, config.name) == (2, "env")
+    config = broker({"listen": "tcp://127.0.0.1:1"},
+                    {"TASKBROKER_LISTEN": "tcp://127.0.0.1:2"})
+    assert config.listen == "tcp://127.0.0.1:1"
+
+
+def test_command_line_wins_even_when_environment_is_invalid():
+    config = worker({"concurrency": "2"}, {"TASKWORKER_CONCURRENCY": "zero"})
+    assert config.concurrency == 2
+
+
+def test_real_environment_is_the_default(monkeypatch):
+    monkeypatch.setenv("TASKWORKER_CONCURRENCY", "6")
+    assert worker_config({}).concurrency == 6
+
+
+# -- errors --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("build, field, value, reason", [
+    (worker, "concurrency", "zero", "whole number"),
+    (worker, "concurrency", "0", "at least 1"),
+    (worker, "concurrency", "1.5", "whole number"),
+    (worker, "heartbeat", "soon", "number"),
+    (worker, "heartbeat", "0", "greater than 0"),
+    (worker, "heartbeat", "-1", "greater than 0"),
+    (worker, "heartbeat", "nan", "greater than 0"),
+    (worker, "heartbeat", "inf", "greater than 0"),
+    (worker, "heartbeat_misses", "0", "at least 1"),
+    (worker, "broker", "localhost:5555", "endpoint"),
+    (worker, "name", "", "printable"),
+    (worker, "name", "a\tb", "printable"),
+    (worker, "name", "x" * 201, "printable"),
+    (worker, "priorities", "high,,low", "level names"),
+    (worker, "priorities", "", "level names"),
+    (broker, "priorities", "a,b,a", "twice"),
+    (broker, "priorities", "a,b\x00", "printable"),
+    (broker, "listen", "tcp://127.0.0.1", "endpoint"),
+    (broker, "max_attempts", "-3", "at least 1"),
+    (broker, "poll_interval", "fast", "number"),
+    (broker, "sqlite_synchronous", "off", "normal, full"),
+])
+def test_each_coercer_error_names_option_or_variable_and_value(
+        build, field, value, reason):
+    option = "--" + field.replace("_", "-")
+    prefix = "TASKWORKER_" if build is worker else "TASKBROKER_"
+    variable = prefix + field.upper()
+
+    message = config_error(build, {field: value})
+    assert message.startswith(option + ": ")
+    assert reason in message
+    assert repr(value) in message
+
+    message = config_error(build, None, {variable: value})
+    assert message.startswith(variable + ": ")
+    assert reason in message
+    assert repr(value) in message
+
+
+def test_error_example():
+    assert config_error(worker, {"concurrency": "zero"}) == (
+        "--concurrency: expected a whole number (got 'zero')")
+
+
+# -- default priority ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("levels, expected", [
+    ("high,normal,low", "normal"),
+    ("normal,bulk", "normal"),
+    ("urgent,later,bulk", "bulk"),
+    ("only", "only"),
+])
+def test_default_priority_is_normal_else_least_urgent(levels, expected):
+    assert broker({"priorities": levels}).default_priority == expected
+
+
+def test_explicit_default_priority():
+    config = broker({"priorities": "a,b,c", "default_priority": "a"})
+    assert config.default_priority == "a"
+    config = broker(env={"TASKBROKER_DEFAULT_PRIORITY": "high"})
+    assert config.default_priority == "high"
+
+
+def test_explicit_default_priority_must_be_a_level():
+    message = config_error(broker, {"default_priority": "urgent"})
+    assert message.startswith("--default-priority: 'urgent'")
+    assert "high,normal,low" in message
+    message = config_error(broker, {"priorities": "a,b"},
+                           {"TASKBROKER_DEFAULT_PRIORITY": "normal"})
+    assert message.startswith("TASKBROKER_DEFAULT_PRIORITY: 'normal'")
+    assert "a,b" in message
+
+
+def test_broker_config_checks_default_priority_itself():
+    with pytest.raises(ConfigError):
+        BrokerConfig(priorities=("a",), default_priority="normal")
+
+
+# -- handlers path --------------------------------------------------------------
+
+
+def test_handlers_path_is_repeatable_and_made_absolute(tmp_path, monkeypatch):
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    monkeypatch.chdir(tmp_path)
+    config = worker({"handlers_path": ["one", str(tmp_path / "two")]})
+    assert config.handlers_path == (str(tmp_path / "one"), str(tmp_path / "two"))
+
+
+def test_handlers_path_from_environment(tmp_path, monkeypatch):
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    monkeypatch.chdir(tmp_path)
+    value = os.pathsep.join(["one", "", str(tmp_path / "two")])
+    config = worker({"handlers_path": []},
+                    {"TASKWORKER_HANDLERS_PATH": value})
+    assert config.handlers_path == (str(tmp_path / "one"), str(tmp_path / "two"))
+
+
+def test_handlers_path_command_line_beats_environment(tmp_path):
+    (tmp_path / "cli").mkdir()
+    config = worker({"handlers_path": [str(tmp_path / "cli")]},
+                    {"TASKWORKER_HANDLERS_PATH": "/nonexistent"})
+    assert config.handlers_path == (str(tmp_path / "cli"),)
+
+
+def test_handlers_path_must_be_a_directory(tmp_path):
+    afile = tmp_path / "handlers.py"
+    afile.write_text("")
+    message = config_error(worker, {"handlers_path": [str(tmp_path), str(afile)]})
+    assert message.startswith("--handlers-path: ")
+    assert "not a directory" in message and str(afile) in message
+    missing = str(tmp_path / "missing")
+    message = config_error(worker, None, {"TASKWORKER_HANDLERS_PATH": missing})
+    assert message.startswith("TASKWORKER_HANDLERS_PATH: ")
+    assert missing in message
+
+
+# -- database URL -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("url", [
+    "sqlite:///tasks.sqlite", "sqlite:///data/tasks.db",
+    "sqlite:////var/lib/taskbroker/tasks.db",
+])
+def test_sqlite_urls_are_accepted(url):
+    assert broker({"database": url}).database == url
+
+
+@pytest.mark.parametrize("url, reason", [
+    ("postgresql://localhost/tasks", "not supported yet"),
+    ("postgres://localhost/tasks", "not supported yet"),
+    ("sqlite:///:memory:", "in-memory"),
+    ("sqlite:///", "names no file"),
+    ("sqlite://tasks.db", "unsupported"),
+    ("mysql://localhost/tasks", "unsupported"),
+    ("tasks.sqlite", "unsupported"),
+])
+def test_other_database_urls_are_rejected(url, reason):
+    message = config_error(broker, {"database": url})
+    assert message.startswith("--database: ")
+    # The reason is not stuttered ("--database: --database: ...").
+    assert message.count("--database") == 1
+    assert reason in message
+    message = config_error(broker, None, {"TASKBROKER_DATABASE": url})
+    assert message.startswith("TASKBROKER_DATABASE: ")
+    assert "--database" not in message
+
+
+# -- endpoints ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text", [
+    "tcp://127.0.0.1:5555", "tcp://127.0.0.1:*", "tcp://*:5555",
+    "tcp://localhost:1", "tcp://[::1]:5555", "tcp://127.0.0.1:65535",
+    "ipc:///tmp/taskbroker.sock", "inproc://broker",
+])
+def test_valid_endpoints(text):
+    assert endpoint(text) == text
+
+
+@pytest.mark.parametrize("text", [
+    "", "127.0.0.1:5555", "tcp://127.0.0.1", "tcp://127.0.0.1:", "tcp://:5555",
+    "tcp://127.0.0.1:port", "tcp://a b:5555", "udp://127.0.0.1:5555",
+    "ipc://", " tcp://127.0.0.1:5555",
+    # libzmq would take it modulo 65536 and bind port 4464.
+    "tcp://127.0.0.1:70000",
+])
+def test_invalid_endpoints(text):
+    with pytest.raises(ValueError):
+        endpoint(text)
+    message = config_error(broker, {"listen": text})
+    assert message.startswith("--listen: ")

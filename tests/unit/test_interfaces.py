@@ -1,0 +1,35 @@
+"""
+Implementations provide the interfaces of taskbroker.interfaces.
+"""
+
+import pytest
+from twisted.internet.task import Clock
+from twisted.plugin import IPlugin
+from zope.interface.verify import verifyClass, verifyObject
+
+from taskbroker.interfaces import ITask, ITaskHandler
+from taskbroker.plugins import taskbroker_builtin_handlers as builtins
+from taskbroker.protocol.codec import MAX_NAME
+from taskbroker.worker.service import RunningTask
+
+
+@pytest.mark.parametrize("handler", [builtins.echo, builtins.sleep])
+def test_builtin_handlers_provide_ITaskHandler(handler):
+    assert verifyClass(ITaskHandler, type(handler))
+    assert verifyObject(ITaskHandler, handler)
+    # getPlugins finds only what provides IPlugin too.
+    assert IPlugin.providedBy(handler)
+    # The attributes' documented constraints.
+    assert isinstance(handler.name, str) and 0 < len(handler.name) <= MAX_NAME
+    assert handler.blocking in (True, False)
+
+
+def test_builtin_names():
+    assert (builtins.echo.name, builtins.sleep.name) == ("echo", "sleep")
+
+
+def test_running_task_provides_ITask():
+    task = RunningTask({"id": 1, "handler": "echo", "payload": None,
+                        "priority": "normal", "attempt": 1,
+                        "max_attempts": 3}, Clock())
+    assert verifyObject(ITask, task)

@@ -1,0 +1,196 @@
+"""
+Tests for the twistd command lines: taskbroker._tap, the broker's and the
+worker's tap modules, and the plugin file that makes twistd list them.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+from twisted.application.service import IService
+from twisted.python import usage
+
+from taskbroker.broker import tap as broker_tap
+from taskbroker.config import (
+    BROKER_SETTINGS,
+    WORKER_SETTINGS,
+    BrokerConfig,
+    WorkerConfig,
+)
+from taskbroker.worker import tap as worker_tap
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
+
+
+def parse(module, argv):
+    options = module.Options()
+    options.parseOptions(argv)
+    return options
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(monkeypatch):
+    # The developer's own TASKBROKER_*/TASKWORKER_* must not leak in.
+    for name in list(os.environ):
+        if name.startswith(("TASKBROKER_", "TASKWORKER_")):
+            monkeypatch.delenv(name)
+
+
+def test_broker_options_build_config():
+    options = parse(broker_tap, [
+        "--listen", "tcp://127.0.0.1:*", "--database=sqlite:///x.db",
+        "--priorities", "a,b", "--max-attempts", "5",
+        "--sqlite-synchronous", "full"])
+    assert options.config == BrokerConfig(
+        listen="tcp://127.0.0.1:*", database="sqlite:///x.db",
+        priorities=("a", "b"), default_priority="b", max_attempts=5,
+        sqlite_synchronous="full")
+
+
+def test_broker_options_defaults_and_environment(monkeypatch):
+    assert parse(broker_tap, []).config == BrokerConfig()
+    monkeypatch.setenv("TASKBROKER_HEARTBEAT", "2.5")
+    monkeypatch.setenv("TASKBROKER_MAX_ATTEMPTS", "9")
+    config = parse(broker_tap, ["--max-attempts", "4"]).config
+    assert (config.heartbeat, config.max_attempts) == (2.5, 4)
+
+
+def test_worker_options_build_config(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    options = parse(worker_tap, [
+        "--broker", "tcp://127.0.0.1:6000", "--concurrency", "3",
+        "--name", "w1", "--priorities", "high",
+        "--handlers-path", str(tmp_path / "a"),
+        "--handlers-path", str(tmp_path / "b")])
+    assert options.config == WorkerConfig(
+        broker="tcp://127.0.0.1:6000", concurrency=3, name="w1",
+        priorities=("high",),
+        handlers_path=(str(tmp_path / "a"), str(tmp_path / "b")))
+
+
+def test_worker_handlers_path_from_environment(tmp_path, monkeypatch):
+    (tmp_path / "a").mkdir()
+    monkeypatch.setenv("TASKWORKER_HANDLERS_PATH", str(tmp_path / "a"))
+    assert parse(worker_tap, []).config.handlers_path == (str(tmp_path / "a"),)
+
+
+@pytest.mark.parametrize("module, argv, option", [
+    (worker_tap, ["--concurrency", "zero"], "--concurrency"),
+    (worker_tap, ["--handlers-path", "/nonexistent/dir"], "--handlers-path"),
+    (broker_tap, ["--database", "postgresql://db/tasks"], "--database"),
+    (broker_tap, ["--default-priority", "urgent"], "--default-priority"),
+    (broker_tap, ["--listen", "localhost"], "--listen"),
+])
+def test_invalid_value_exits_2_with_one_line(module, argv, option, capsys):
+    with pytest.raises(SystemExit) as info:
+        parse(module, argv)
+    assert info.value.code == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    lines = err.splitlines()
+    assert len(lines) == 1, err
+    assert option in lines[0]
+    assert "Options:" not in err and "Traceback" not in err
+
+
+def test_invalid_environment_value_names_the_variable(monkeypatch, capsys):
+    monkeypatch.setenv("TASKWORKER_CONCURRENCY", "-1")
+    with pytest.raises(SystemExit):
+        parse(worker_tap, [])
+    assert capsys.readouterr().err == (
+        "twistd taskworker: TASKWORKER_CONCURRENCY: must be at least 1 "
+        "(got '-1')\n")
+
+
+def test_unknown_option_is_a_usage_error():
+    with pytest.raises(usage.UsageError):
+        parse(broker_tap, ["--no-such-option"])
+
+
+@pytest.mark.parametrize("module, settings", [
+    (broker_tap, BROKER_SETTINGS), (worker_tap, WORKER_SETTINGS)])
+def test_help_mentions_every_option_and_its_default(module, settings):
+    text = " ".join(str(module.Options()).split())
+    for setting in settings:
+        assert f"--{setting.option}=" in text
+        helptext = " ".join(setting.help.split())
+        default = setting.default
+        if isinstance(default, tuple):
+            default = ",".join(default) or "none"
+        if default is None:
+            # Computed defaults are described in the help itself.
+            assert "(default: " in helptext, setting.option
+            assert helptext in text
+        else:
+            assert f"{helptext} [default: {default}]" in text, setting.option
+
+
+def test_help_mentions_the_environment():
+    assert "TASKBROKER_" in str(broker_tap.Options())
+    assert "TASKWORKER_" in str(worker_tap.Options())
+
+
+def test_broker_make_service_does_not_start(tmp_path):
+    database = tmp_path / "tasks.sqlite"
+    options = parse(broker_tap, ["--listen", "tcp://127.0.0.1:*",
+                                 "--database", f"sqlite:///{database}"])
+    service = broker_tap.makeService(options)
+    assert IService.providedBy(service)
+    assert service.config is options.config
+    assert not service.running
+    assert service.socket is None
+    # Nothing was opened: no database file, no listening socket.
+    assert not database.exists()
+    assert not os.path.exists(os.path.join(os.path.dirname(database),
+                                           "tasks.sqlite-wal"))
+
+
+def test_plugin_file_imports_only_service_maker():
+    # twistd imports it before choosing a reactor (STYLE.md §2.5).
+    code = (
+        "import sys\n"
+        "import twisted.plugins.taskbroker_plugin as p\n"
+        "assert 'twisted.internet.reactor' not in sys.modules, 'reactor'\n"
+        "assert not any(m.startswith(('txzmq', 'zmq', 'taskbroker')) "
+        "for m in sys.modules), 'imports'\n"
+        "print(p.taskbroker.tapname, p.taskworker.tapname)\n"
+    )
+    result = run([sys.executable, "-c", code])
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["taskbroker", "taskworker"]
+
+
+def run(argv):
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("TASKBROKER_", "TASKWORKER_"))}
+    return subprocess.run(argv, capture_output=True, text=True, timeout=60,
+                          cwd=ROOT, env=env)
+
+
+def test_twistd_lists_both_daemons():
+    result = run([TWISTD, "--help"])
+    assert result.returncode == 0, result.stderr
+    commands = [line.split()[0] for line in result.stdout.splitlines()
+                if line.startswith("    ") and line.split()]
+    assert "taskbroker" in commands and "taskworker" in commands
+    assert "Traceback" not in result.stderr
+
+
+def test_twistd_taskbroker_help():
+    result = run([TWISTD, "taskbroker", "--help"])
+    assert result.returncode == 0, result.stderr
+    assert "--database=" in result.stdout
+    assert "[default: tcp://127.0.0.1:5555]" in " ".join(result.stdout.split())
+
+
+def test_twistd_invalid_value_prints_one_line():
+    result = run([TWISTD, "-n", "--pidfile=", "taskworker",
+                  "--concurrency", "zero"])
+    assert result.returncode != 0
+    output = (result.stdout + result.stderr).strip()
+    assert "Traceback" not in output
+    assert len(output.splitlines()) == 1, output
+    assert "--concurrency" in output
