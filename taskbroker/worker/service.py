@@ -90,11 +90,15 @@ class WorkerService(Service):
     :param reactor: the reactor (``IReactorTime``, ``IReactorThreads``).
     :param on_fatal: called with a one-line reason when the broker refuses
         this worker; the tap exits non-zero.
+    :param connect: ``connect(on_message) -> socket`` (with ``send(frames)
+        -> bool`` and ``close()``); by default a DEALER socket to the
+        broker.  Tests pass a fake.
     """
 
     log = Logger()
 
-    def __init__(self, config, handlers, reactor, on_fatal=None):
+    def __init__(self, config, handlers, reactor, on_fatal=None,
+                 connect=None):
         self.config = config
         self.handlers = handlers
         self.reactor = reactor
@@ -102,6 +106,7 @@ class WorkerService(Service):
         self.identity = (
             config.name + "/" + uuid.uuid4().hex[:8]).encode("utf-8")
         self._zmq = ZmqFactoryService(reactor, linger=1000)
+        self._connect = connect or self._connect_dealer
         self.socket = None
         self._heartbeat = None
         self._threadpool = None
@@ -130,14 +135,7 @@ class WorkerService(Service):
                 minthreads=0, maxthreads=self.config.concurrency,
                 name="taskworker-handlers")
             self._threadpool.start()
-        self.socket = DealerSocket(
-            self._zmq.get_factory(), self.config.broker, self._on_message,
-            identity=self.identity, max_message_size=codec.MAX_MESSAGE_SIZE,
-            # While the broker is away, HELLO is repeated, results are kept
-            # until acknowledged and credits are re-sent after WELCOME:
-            # nothing needs queueing, and a stale queue would replay a burst
-            # of old HELLOs and credits at the next broker.
-            immediate=True)
+        self.socket = self._connect(self._on_message)
         self._announce()
         self._heartbeat = task.LoopingCall(self._beat)
         self._heartbeat.clock = self.reactor
@@ -149,6 +147,16 @@ class WorkerService(Service):
             slots=self.config.concurrency,
             levels=",".join(self.config.priorities or ("all",)),
             handlers=",".join(sorted(self.handlers)) or "none")
+
+    def _connect_dealer(self, on_message):
+        return DealerSocket(
+            self._zmq.get_factory(), self.config.broker, on_message,
+            identity=self.identity, max_message_size=codec.MAX_MESSAGE_SIZE,
+            # While the broker is away, HELLO is repeated, results are kept
+            # until acknowledged and credits are re-sent after WELCOME:
+            # nothing needs queueing, and a stale queue would replay a burst
+            # of old HELLOs and credits at the next broker.
+            immediate=True)
 
     # -- sending ---------------------------------------------------------
 

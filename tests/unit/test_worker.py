@@ -1,0 +1,208 @@
+"""
+Tests for taskbroker.worker.service.WorkerService, driven by a Clock and a
+fake socket: announcing, credits, results kept until acknowledged, and
+noticing a restarted broker.
+"""
+
+import json
+
+import pytest
+from twisted.internet import defer
+from twisted.internet.task import Clock
+from twisted.plugin import IPlugin
+from zope.interface import implementer
+
+from taskbroker.config import WorkerConfig
+from taskbroker.interfaces import ITaskHandler
+from taskbroker.protocol import codec
+from taskbroker.testing import result_of
+from taskbroker.worker.service import WorkerService
+
+
+@implementer(IPlugin, ITaskHandler)
+class Manual:
+    """
+    A handler whose tasks end when the test says so.
+    """
+
+    name = "manual"
+    blocking = False
+
+    def __init__(self):
+        self.pending = {}
+
+    def run(self, task):
+        d = self.pending[task.id] = defer.Deferred()
+        return d
+
+
+class FakeSocket:
+    def __init__(self, on_message):
+        self.on_message = on_message
+        self.sent = []
+        self.closed = False
+
+    def send(self, frames):
+        self.sent.append((frames[1], json.loads(frames[2])))
+        return True
+
+    def close(self):
+        self.closed = True
+
+    def take(self, command=None):
+        taken = [m for m in self.sent if command is None or m[0] == command]
+        self.sent = [m for m in self.sent if m not in taken]
+        return taken
+
+    def deliver(self, command, body):
+        self.on_message(codec.encode(command, body))
+
+
+@pytest.fixture
+def clock():
+    return Clock()
+
+
+@pytest.fixture
+def handler():
+    return Manual()
+
+
+@pytest.fixture
+def worker(clock, handler):
+    sockets = []
+
+    def connect(on_message):
+        sockets.append(FakeSocket(on_message))
+        return sockets[-1]
+
+    w = WorkerService(WorkerConfig(name="w", concurrency=2),
+                      {"manual": handler, "echo": _Echo()}, clock,
+                      connect=connect)
+    w.refused = []
+    w.on_fatal = w.refused.append
+    w.startService()
+    w.fake = sockets[0]
+    yield w
+    result_of(w.stopService())
+
+
+@implementer(IPlugin, ITaskHandler)
+class _Echo:
+    name = "echo"
+    blocking = False
+
+    def run(self, task):
+        return task.payload
+
+
+def welcome(worker, instance="b1"):
+    worker.fake.deliver(b"WELCOME", {"broker": instance,
+                                     "priorities": ["high", "normal", "low"],
+                                     "heartbeat": 1.0})
+
+
+def task(task_id, handler="manual", attempt=1, payload=None):
+    return {"id": task_id, "handler": handler, "payload": payload,
+            "priority": "normal", "attempt": attempt, "max_attempts": 3}
+
+
+def test_announces_until_welcomed_then_sends_a_credit_per_slot(worker, clock):
+    [(_, hello)] = worker.fake.take(b"HELLO")
+    assert hello["name"] == "w" and hello["slots"] == 2
+    assert hello["handlers"] == ["echo", "manual"]
+    assert hello["priorities"] is None and hello["running"] == []
+    clock.advance(0.05)
+    clock.advance(0.1)
+    assert len(worker.fake.take(b"HELLO")) == 2  # repeated, backing off
+    welcome(worker)
+    assert len(worker.fake.take(b"READY")) == 2
+    for _ in range(10):
+        clock.advance(1)
+        worker.fake.deliver(b"HEARTBEAT", {"broker": "b1"})
+    assert worker.fake.take(b"HELLO") == []
+    assert len(worker.fake.take(b"HEARTBEAT")) == 10
+
+
+def test_result_is_kept_until_acknowledged(worker, handler):
+    welcome(worker)
+    worker.fake.take()
+    worker.fake.deliver(b"TASK", task(7))
+    handler.pending[7].callback({"ok": 1})
+    [(_, result)] = worker.fake.take(b"RESULT")
+    assert result == {"id": 7, "attempt": 1, "state": "succeeded",
+                      "result": {"ok": 1}, "error": None}
+    # The slot is free at once, before the broker acknowledges.
+    assert len(worker.fake.take(b"READY")) == 1
+    # Re-welcomed (say the broker restarted): the result goes again.
+    welcome(worker, "b2")
+    assert len(worker.fake.take(b"RESULT")) == 1
+    worker.fake.deliver(b"ACK", {"id": 7, "attempt": 1})
+    welcome(worker, "b3")
+    assert worker.fake.take(b"RESULT") == []
+
+
+def test_restarted_broker_is_noticed_from_its_heartbeat(worker, handler):
+    welcome(worker)
+    worker.fake.deliver(b"TASK", task(3))
+    worker.fake.take()
+    worker.fake.deliver(b"HEARTBEAT", {"broker": "b1"})
+    assert worker.fake.take(b"HELLO") == []
+    worker.fake.deliver(b"HEARTBEAT", {"broker": "b2"})
+    [(_, hello)] = worker.fake.take(b"HELLO")
+    assert hello["running"] == [{"id": 3, "attempt": 1}]
+    welcome(worker, "b2")
+    # One slot is busy with task 3: one credit.
+    assert len(worker.fake.take(b"READY")) == 1
+
+
+def test_silent_broker_is_presumed_lost(worker, clock):
+    welcome(worker)
+    worker.fake.take()
+    clock.advance(1)
+    assert worker.fake.take(b"HELLO") == []
+    clock.advance(3)
+    assert worker.fake.take(b"HELLO")
+    assert worker.broker_instance is None
+
+
+def test_rehello_makes_it_announce_again(worker):
+    welcome(worker)
+    worker.fake.take()
+    worker.fake.deliver(b"REHELLO", {"broker": "b9"})
+    assert len(worker.fake.take(b"HELLO")) == 1
+
+
+def test_fatal_error_is_reported(worker):
+    worker.fake.deliver(b"ERROR", {"code": "name_taken",
+                                   "message": "a live worker named 'w'\nis here",
+                                   "fatal": True})
+    assert worker.refused == ["a live worker named 'w' is here"]
+
+
+def test_unknown_handler_fails_the_attempt(worker):
+    welcome(worker)
+    worker.fake.take()
+    worker.fake.deliver(b"TASK", task(4, handler="resize"))
+    [(_, result)] = worker.fake.take(b"RESULT")
+    assert result["state"] == "failed"
+    assert "no handler 'resize'" in result["error"]
+
+
+def test_bad_message_from_broker_is_ignored(worker):
+    welcome(worker)
+    worker.fake.take()
+    worker.fake.on_message([b"junk"])
+    worker.fake.on_message([codec.SIGNATURE, b"TASK", b'{"id": "x"}'])
+    assert worker.fake.take() == []
+    assert worker.tasks == {}
+
+
+def test_stop_abandons_running_tasks_and_says_bye(worker, handler):
+    welcome(worker)
+    worker.fake.deliver(b"TASK", task(5))
+    worker.fake.take()
+    result_of(worker.stopService())
+    # No RESULT for the abandoned task: the broker requeues it after BYE.
+    assert [c for c, _ in worker.fake.take()] == [b"BYE"]
+    assert worker.fake.closed
