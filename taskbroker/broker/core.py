@@ -286,11 +286,18 @@ class Broker:
         now = self.clock.seconds()
         max_attempts = row.max_attempts or self.config.max_attempts
         if attempt >= max_attempts:
+            self.log.warn(
+                "task {task_id} failed: {reason} during its last attempt "
+                "({attempt} of {max_attempts})", task_id=task_id,
+                reason=reason, attempt=attempt, max_attempts=max_attempts)
             d = self.store.finish(
                 task_id, attempt, "failed", None,
                 f"{reason} during attempt {attempt} of {max_attempts}", now)
             d.addCallback(lambda _: self._notify(task_id))
         else:
+            self.log.info("task {task_id} requeued: {reason} during attempt "
+                          "{attempt}", task_id=task_id, reason=reason,
+                          attempt=attempt)
             d = self.store.requeue(task_id, attempt)
 
             def requeued(ok):
@@ -414,36 +421,38 @@ class Broker:
     def _poll(self):
         while True:
             rows = yield self.store.queued(self._watermark, POLL_BATCH)
+            adopted, writes = [], []
             for row in rows:
-                self._watermark = max(self._watermark, row.id)
                 if row.id in self._submitted_since_poll or row.id in self.dispatcher:
                     continue
-                try:
-                    yield self._adopt(row)
-                except Exception:
-                    self.log.failure("could not adopt task {task_id}",
-                                     task_id=row.id)
+                reason = self._invalid(row)
+                if reason is not None:
+                    self.log.warn("rejected task {task_id}: {reason}",
+                                  task_id=row.id, reason=reason)
+                    writes.append(self.store.reject(
+                        row.id, reason, self.clock.seconds()).addCallback(
+                            lambda _, task_id=row.id: self._notify(task_id)))
+                    continue
+                if row.priority is None or row.max_attempts is None:
+                    row = replace(
+                        row,
+                        priority=row.priority or self.config.default_priority,
+                        max_attempts=row.max_attempts or self.config.max_attempts)
+                    writes.append(self.store.fix(
+                        row.id, row.priority, row.max_attempts))
+                adopted.append(row)
+            # All in one group commit; if it fails, the watermark stays and
+            # the next poll tries these rows again.
+            yield defer.gatherResults(writes, consumeErrors=True)
+            if rows:
+                self._watermark = max(self._watermark, rows[-1].id)
             self._submitted_since_poll = {
                 i for i in self._submitted_since_poll if i > self._watermark}
+            for row in sorted(adopted, key=lambda r: self._level_index[r.priority]):
+                if row.id not in self._running and row.id not in self.dispatcher:
+                    self._enqueue(row)
             if len(rows) < POLL_BATCH:
                 return
-
-    @defer.inlineCallbacks
-    def _adopt(self, row):
-        reason = self._invalid(row)
-        if reason is not None:
-            self.log.warn("rejected task {task_id}: {reason}",
-                          task_id=row.id, reason=reason)
-            yield self.store.reject(row.id, reason, self.clock.seconds())
-            self._notify(row.id)
-            return
-        if row.priority is None or row.max_attempts is None:
-            priority = row.priority or self.config.default_priority
-            max_attempts = row.max_attempts or self.config.max_attempts
-            yield self.store.fix(row.id, priority, max_attempts)
-            row = replace(row, priority=priority, max_attempts=max_attempts)
-        if row.id not in self._running and row.id not in self.dispatcher:
-            self._enqueue(row)
 
     def _invalid(self, row):
         if not isinstance(row.handler, str) or not (
@@ -512,7 +521,9 @@ class Broker:
                     row.handler for row in rows
                     if not self.dispatcher.served(row.handler)}),
             })
-            for row in rows:
+            # Most urgent first, so that a batch's urgent tasks get first
+            # pick of the free workers.
+            for row in sorted(rows, key=lambda r: self._level_index[r.priority]):
                 self._enqueue(row)
 
         d.addCallbacks(committed, self._store_failed,

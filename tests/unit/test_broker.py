@@ -309,3 +309,23 @@ def test_stats_and_workers(broker, peers):
     [worker] = peers.take(b"client")[0][2]["workers"]
     assert worker["name"] == "w1" and worker["busy"] == 0
     assert worker["handlers"] == ["echo", "sleep"]
+
+
+def test_a_batch_is_handed_out_most_urgent_first(broker, peers):
+    hello(broker)
+    send(broker, b"w1/x", b"READY", {})
+    submit(broker, {"handler": "echo", "priority": "low"},
+           {"handler": "echo", "priority": "high"})
+    [(_, _, sent)] = peers.take(b"w1/x", b"TASK")
+    assert sent["priority"] == "high"
+
+
+def test_polled_rows_are_handed_out_most_urgent_first(broker, peers, store):
+    hello(broker)
+    send(broker, b"w1/x", b"READY", {})
+    store.insert_external("echo", "1", priority="low")
+    store.insert_external("echo", "2")
+    store.insert_external("echo", "3", priority="high")
+    result_of(broker.poll())
+    [(_, _, sent)] = peers.take(b"w1/x", b"TASK")
+    assert sent["payload"] == 3
