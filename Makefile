@@ -37,6 +37,22 @@ integration: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m taskbroker.demo
 
+# End-to-end throughput of a batch of no-op tasks on default settings.
+bench: $(STAMP)
+	$(BIN)/python benchmarks/batch.py
+
+# The docs build needs Sphinx (the "docs" extra); the tests never do.
+# -W turns every warning into an error, so a broken reference or a
+# docstring autodoc cannot render fails the build.
+DOCS_STAMP := $(VENV)/.docs-stamp
+
+$(DOCS_STAMP): $(STAMP) setup.cfg
+	$(BIN)/python -m pip install --quiet -e '.[docs]'
+	touch $(DOCS_STAMP)
+
+docs: $(DOCS_STAMP)
+	$(BIN)/python -m sphinx -W --keep-going -b html docs docs/_build/html
+
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .hypothesis demo-run
 	find . -name dropin.cache -delete
