@@ -1,19 +1,21 @@
 # -*- test-case-name: tests.unit.test_cli -*-
 """
-The ``taskbroker`` command: submit, inspect and cancel tasks, and look at
-workers and statistics, from a shell.
+The ``taskbroker`` command: submit, inspect, cancel and retry tasks, and look
+at workers and statistics, from a shell.
 
 Each run sends a few requests and exits, so it uses the blocking client
 (:class:`taskbroker.client.blocking.BlockingClient`) instead of running a
-reactor under ``task.react``: the Lazy Pirate loop gives read-only commands
-retries for free, there is no reactor start-up and shutdown to get right,
-and a Ctrl-C interrupts a plain poll cleanly.
+reactor under ``task.react``: the Lazy Pirate loop gives every command but
+``retry`` resends for free (a resent ``submit`` is recognised by the broker
+and creates nothing twice), there is no reactor start-up and shutdown to
+get right, and a Ctrl-C interrupts a plain poll cleanly.
 
 Exit codes: 0 success; 1 the task failed or was cancelled (``--wait``), or
 an unexpected internal error; 2 a usage error or a request the broker
-refused; 3 the broker is unreachable, did not answer within ``--timeout``,
-or is unavailable; 4 no such task.  Every error is one line on stderr that
-starts with ``taskbroker:``.
+refused (e.g. ``not_cancellable``, ``not_retryable``); 3 the broker is
+unreachable, did not answer within ``--timeout``, or is unavailable; 4 no
+such task.  Every error is one line on stderr that starts with
+``taskbroker:``; so are warnings and notes.
 """
 
 import getopt
@@ -79,6 +81,16 @@ def _positive_number(text):
 
 
 _positive_number.coerceDoc = "A positive number of seconds."
+
+
+def _non_negative_number(text):
+    value = float(text)
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"{text!r} is not a number of seconds >= 0")
+    return value
+
+
+_non_negative_number.coerceDoc = "A number of seconds >= 0."
 
 
 def _positive_int(text):
@@ -191,8 +203,11 @@ class SubmitOptions(_CommandOptions):
     longdesc = (
         "Submit a task and print its id; or, with --from, one task per line "
         "of a JSON Lines file (\"-\" for stdin), each an object with "
-        "handler, payload, priority and max_attempts, printing one id per "
-        "line.  A bad line stops everything before anything is submitted.")
+        "handler, payload, priority, max_attempts, delay, unique_key and "
+        "time_limit, printing one id per line.  A bad line stops everything "
+        "before anything is submitted.  When a queued or running task "
+        "already holds the unique key, its id is printed and a note says "
+        "that nothing new was submitted.")
     optFlags = [
         ["wait", "w",
          "Wait for the task to end and print its result as JSON; exit 1 if "
@@ -208,6 +223,15 @@ class SubmitOptions(_CommandOptions):
         ["max-attempts", None, None,
          "How many attempts the task may use (default: the broker's).",
          _integer],
+        ["delay", None, None,
+         "Run the task no sooner than this many seconds from now",
+         _non_negative_number],
+        ["unique-key", None, None,
+         "A name: while a queued or running task holds it, submit nothing "
+         "and print that task's id."],
+        ["time-limit", None, None,
+         "Seconds an attempt may run before the worker stops it (default: "
+         "the broker's)", _positive_number],
         ["from", "f", None, "Submit every task of a JSON Lines file."],
     ]
 
@@ -226,7 +250,8 @@ class SubmitOptions(_CommandOptions):
 
     def postOptions(self):
         if self["from"] is not None:
-            mixed = [name for name in ("payload", "priority", "max-attempts")
+            mixed = [name for name in ("payload", "priority", "max-attempts",
+                                       "delay", "unique-key", "time-limit")
                      if self[name] is not None]
             if self["wait"]:
                 mixed.append("wait")
@@ -272,9 +297,29 @@ class CancelOptions(_CommandOptions):
     """
 
     synopsis = "ID [--json]"
-    longdesc = "Cancel a queued task."
+    longdesc = (
+        "Cancel a queued or running task (the worker running it is told to "
+        "stop it).  Cancelling a cancelled task succeeds; a task that "
+        "succeeded or failed cannot be cancelled.")
     arguments = ("ID",)
     optFlags = [["json", "j", "Print the cancelled task object as JSON."]]
+
+    def postOptions(self):
+        self["id"] = _task_id(self["id"])
+
+
+class RetryOptions(_CommandOptions):
+    """
+    The options of ``taskbroker retry``.
+    """
+
+    synopsis = "ID [--json]"
+    longdesc = (
+        "Queue a failed or cancelled task again, with all its attempts.  "
+        "Sent once: after a timeout, see 'taskbroker status ID' before "
+        "trying again.")
+    arguments = ("ID",)
+    optFlags = [["json", "j", "Print the queued task object as JSON."]]
 
     def postOptions(self):
         self["id"] = _task_id(self["id"])
@@ -317,14 +362,15 @@ class Options(_Options):
          "The broker's ZeroMQ endpoint (environment: TASKBROKER_BROKER; "
          "default: " + DEFAULT_BROKER + ")."],
         ["timeout", "t", DEFAULT_TIMEOUT,
-         "Seconds to wait for each answer; read-only commands try three "
-         "times", _positive_number],
+         "Seconds to wait for each answer; every command but retry tries "
+         "three times", _positive_number],
     ]
     subCommands = [
         ["submit", None, SubmitOptions, "Submit a task, or many with --from."],
         ["status", None, StatusOptions, "Show a task."],
         ["list", None, ListOptions, "List tasks."],
-        ["cancel", None, CancelOptions, "Cancel a queued task."],
+        ["cancel", None, CancelOptions, "Cancel a queued or running task."],
+        ["retry", None, RetryOptions, "Queue a failed or cancelled task again."],
         ["workers", None, WorkersOptions, "List the connected workers."],
         ["stats", None, StatsOptions, "Show the broker's statistics."],
     ]
@@ -370,6 +416,9 @@ class _Output:
 
     def warn(self, text):
         self.stderr.write("taskbroker: warning: " + _one_line(text) + "\n")
+
+    def note(self, text):
+        self.stderr.write("taskbroker: note: " + _one_line(text) + "\n")
 
     def error(self, text):
         self.stderr.write("taskbroker: " + _one_line(text) + "\n")
@@ -465,26 +514,51 @@ def _print_new_task(output, task, as_json):
         output.line(str(task["id"]))
 
 
+def _note_existing(output, tasks, specs, existing):
+    """
+    Say which tasks were not submitted because a queued or running task
+    held their unique key: those the broker reports as existing, and the
+    repeats of a task this command created for an earlier line with the
+    same key.  A task without a key can only be reported as existing
+    because the broker recognised a resent ``SUBMIT`` of this very
+    command: it is this command's own task, and worth no note.
+    """
+    seen = set()
+    for task, spec in zip(tasks, specs):
+        key = task.get("unique_key") or spec.get("unique_key")
+        if key is not None and (task["id"] in existing or task["id"] in seen):
+            output.note(f"task {task['id']} with unique key {key!r} already "
+                        "exists; not submitted again")
+        seen.add(task["id"])
+
+
 def _submit(client, options, output, stdin):
     if options["from"] is not None:
         specs = _read_specs(options["from"], stdin)
         if not specs:
             return EXIT_OK
         try:
-            tasks, unserved = client.submit_many(specs)
+            result = client.submit_many(specs)
         except ClientError as e:
             # Say what was committed before the failure, so that it can be
             # told apart from what was not.
             for task in e.submitted or ():
                 _print_new_task(output, task, options["json"])
             raise
+        tasks, unserved = result
         for task in tasks:
             _print_new_task(output, task, options["json"])
+        _note_existing(output, tasks, specs, result.existing)
         _warn_unserved(output, unserved)
         return EXIT_OK
-    task, unserved = client.submit(
+    spec = {"unique_key": options["unique-key"]}
+    result = client.submit(
         options["handler"], _payload(options, stdin),
-        priority=options["priority"], max_attempts=options["max-attempts"])
+        priority=options["priority"], max_attempts=options["max-attempts"],
+        delay=options["delay"], unique_key=options["unique-key"],
+        time_limit=options["time-limit"])
+    task, unserved = result
+    _note_existing(output, [task], [spec], result.existing)
     _warn_unserved(output, unserved)
     if not options["wait"]:
         _print_new_task(output, task, options["json"])
@@ -539,11 +613,20 @@ def _status(client, options, output, stdin):
     keys += [key for key in task if key not in TASK_KEYS]
     for key in keys:
         value = task[key]
+        if key == "traceback" or (key == "run_at" and value is None):
+            continue
         if key in ("payload", "result"):
             # JSON values: show them as JSON, so that "null" and the string
             # "null" stay apart.
             value = json.dumps(value, ensure_ascii=False)
         output.line(f"{key}: {_one_line(_text(value))}")
+    traceback = task.get("traceback")
+    if traceback:
+        # Last, and as it is, line by line: the one field worth reading
+        # whole.
+        output.line("traceback:")
+        for line in str(traceback).rstrip().splitlines():
+            output.line("    " + line.rstrip())
     return EXIT_OK
 
 
@@ -569,6 +652,15 @@ def _cancel(client, options, output, stdin):
         output.json(task)
     else:
         output.line(f"cancelled task {task['id']}")
+    return EXIT_OK
+
+
+def _retry(client, options, output, stdin):
+    task = client.retry(options["id"])
+    if options["json"]:
+        output.json(task)
+    else:
+        output.line(f"queued task {task['id']} again")
     return EXIT_OK
 
 
@@ -631,6 +723,7 @@ _COMMANDS = {
     "status": _status,
     "list": _list,
     "cancel": _cancel,
+    "retry": _retry,
     "workers": _workers,
     "stats": _stats,
 }

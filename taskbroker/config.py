@@ -59,6 +59,25 @@ def positive_number(text):
     return value
 
 
+def optional_positive_number(text):
+    """
+    A positive number, or ``none`` for no value.
+    """
+    if text.strip().lower() == "none":
+        return None
+    return positive_number(text)
+
+
+def non_negative_number(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError("expected a number") from None
+    if not (0 <= value < float("inf")):
+        raise ValueError("must be 0 or more")
+    return value
+
+
 def positive_int(text):
     try:
         value = int(text)
@@ -187,6 +206,14 @@ BROKER_SETTINGS = (
             "Seconds between looks for tasks inserted by other programs."),
     Setting("max-attempts", positive_int, 3,
             "Attempts a task may use unless it says otherwise."),
+    Setting("retry-delay", positive_number, 1.0,
+            "Seconds before a failed task's first retry; each later retry "
+            "waits twice as long, with random jitter."),
+    Setting("retry-max-delay", positive_number, 300.0,
+            "The longest wait before a retry (seconds)."),
+    Setting("time-limit", optional_positive_number, None,
+            "Seconds an attempt may run unless the task or its handler says "
+            "otherwise (default: no limit)."),
     Setting("heartbeat", positive_number, 1.0,
             "Seconds between heartbeats to each worker."),
     Setting("heartbeat-misses", positive_int, 3,
@@ -210,6 +237,9 @@ class BrokerConfig:
     default_priority: str = "normal"
     poll_interval: float = 1.0
     max_attempts: int = 3
+    retry_delay: float = 1.0
+    retry_max_delay: float = 300.0
+    time_limit: Optional[float] = None
     heartbeat: float = 1.0
     heartbeat_misses: int = 3
     sqlite_synchronous: str = "normal"
@@ -270,6 +300,9 @@ WORKER_SETTINGS = (
     Setting("heartbeat-misses", positive_int, 3,
             "The broker is presumed lost after this many of its heartbeat "
             "intervals pass in silence."),
+    Setting("grace", non_negative_number, 30.0,
+            "At shutdown, seconds to let running tasks finish before they "
+            "are stopped and handed back to the broker."),
 )
 
 
@@ -286,6 +319,7 @@ class WorkerConfig:
     name: str = "worker"
     heartbeat: float = 1.0
     heartbeat_misses: int = 3
+    grace: float = 30.0
 
 
 def worker_config(given, environ=None):

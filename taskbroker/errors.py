@@ -25,3 +25,12 @@ class StoreLocked(StoreError):
     """
     Another broker owns the database.
     """
+
+
+class PermanentFailure(Exception):
+    """
+    Raised by a handler to fail its task at once, without any retry.
+
+    (Not a :class:`TaskbrokerError`: handlers raise it, the package does
+    not.)
+    """

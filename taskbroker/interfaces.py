@@ -26,9 +26,16 @@ class ITask(Interface):
         "handlers should be idempotent."
     )
     max_attempts = Attribute("How many attempts the task may use (``int``).")
+    token = Attribute(
+        "This dispatch's fencing token (``int``): different for every "
+        "dispatch of the task, even one that does not count as an attempt "
+        "(after a broker restart or a worker's shutdown)."
+    )
     clock = Attribute(
-        "The worker's ``IReactorTime``, for handlers that wait (use it "
-        "rather than importing the reactor, so tests can pass a ``Clock``)."
+        "For handlers that do not block: the worker's ``IReactorTime``, to "
+        "wait with (use it rather than importing the reactor, so tests can "
+        "pass a ``Clock``).  For blocking handlers, which run in a handler "
+        "process with no reactor: an object with only ``seconds()``."
     )
 
 
@@ -98,49 +105,110 @@ class ITaskStore(Interface):
 
     def submit(tasks):
         """
-        Insert new tasks in ``queued`` state.
+        Insert new tasks in ``queued`` state, all in one transaction.
 
-        :param tasks: a ``list`` of :class:`taskbroker.store.NewTask`.
-        :returns: a ``Deferred`` firing with the ``list`` of inserted
-            :class:`taskbroker.store.TaskRow`, in order.
+        If the tasks' ``request_id`` is not ``None`` and tasks with that
+        ``request_id`` already exist (a client sent its request again after
+        losing the reply), nothing is inserted: the call returns those
+        tasks, as they are now, in id order, each with ``created`` false.
+
+        Otherwise each task is inserted in order, except one whose
+        ``unique_key`` a queued or running task already holds (possibly one
+        inserted earlier in the same call): that task is returned instead,
+        as it is now, with ``created`` false.
+
+        :param tasks: a ``list`` of :class:`taskbroker.store.NewTask`, all
+            with the same ``request_id`` (``None`` or not).
+        :returns: a ``Deferred`` firing with a ``list`` of
+            :class:`taskbroker.store.Submitted` ``(row, created)`` pairs,
+            one per task and in the same order (when the ``request_id`` was
+            seen before: one per existing task), where ``row`` is a
+            :class:`taskbroker.store.TaskRow`.  It fails with
+            ``ValueError`` if the tasks do not share one ``request_id``.
         """
 
-    def dispatch(task_id, attempt, worker, started_at):
+    def dispatch(task_id, token, worker, started_at):
         """
-        Record that ``attempt`` of a queued task went to ``worker``.
+        Record that a queued task went to ``worker``: it becomes
+        ``running`` with the new ``token``, one more attempt used
+        (``attempts + 1``), ``worker`` and ``started_at`` set and
+        ``finished_at`` cleared.
 
+        :param int token: the new fencing token: the task's current
+            ``token`` plus one.  A task whose token is not ``token - 1``
+            is left alone, as if it were not queued (the caller's copy of
+            the row is out of date).
         :returns: a ``Deferred`` firing with ``True`` if the task was
-            queued and is now ``running``, else ``False``.
+            queued and is now ``running``, else ``False`` (nothing
+            changed).
         """
 
-    def finish(task_id, attempt, state, result, error, finished_at):
+    def finish(task_id, token, state, result, error, traceback, finished_at):
         """
-        Record the end of a running attempt.
+        Record the end of a running task's current dispatch.
 
-        :param state: ``"succeeded"`` or ``"failed"``.
+        :param state: ``"succeeded"``, ``"failed"`` or ``"cancelled"``.
         :param result: JSON text or ``None``.
         :param error: an error message or ``None``.
-        :returns: a ``Deferred`` firing with ``True`` if ``attempt`` was the
-            task's current running attempt and the change was made, else
-            ``False`` (stale or unknown: nothing changed).
+        :param traceback: the failed attempt's traceback (``str``) or
+            ``None``.
+        :returns: a ``Deferred`` firing with ``True`` if the task was
+            ``running`` with that ``token`` and the change was made, else
+            ``False`` (stale or unknown: nothing changed).  It fails with
+            ``ValueError`` for any other ``state``.
         """
 
-    def requeue(task_id, attempt):
+    def requeue(task_id, token, run_at=None, error=None, traceback=None,
+                consumed=True):
         """
-        Put a running attempt's task back in ``queued`` state.
+        Put a running task back in ``queued`` state, to run again.  The
+        task keeps its ``token``, ``worker`` and ``started_at`` until the
+        next dispatch.
 
-        :returns: a ``Deferred`` firing with ``True`` if it was running with
-            that attempt, else ``False``.
+        :param run_at: the Unix time before which it must not run again, or
+            ``None`` for as soon as possible.
+        :param error: the error of the attempt that ended, or ``None``;
+            stored in ``error``, which stays visible while the task waits.
+        :param traceback: that attempt's traceback, or ``None``.
+        :param bool consumed: ``False`` if the attempt does not count (its
+            worker was shut down gracefully, or the broker restarted): the
+            attempt is given back (``attempts - 1``, never below 0).
+        :returns: a ``Deferred`` firing with ``True`` if the task was
+            ``running`` with that ``token`` and is now ``queued``, else
+            ``False`` (nothing changed).
         """
 
     def cancel(task_id, finished_at):
         """
-        Cancel a queued task.
+        Cancel a queued or running task: its state becomes ``cancelled``,
+        its ``error`` ``"cancelled"`` and its ``finished_at`` is set (its
+        ``traceback``, if any, stays that of the latest failed attempt).
+        Its ``token`` is kept.  A running task's worker is not told here;
+        its report then finds the task no longer running and changes
+        nothing.
 
         :returns: a ``Deferred`` firing with the task's
-            :class:`taskbroker.store.TaskRow` after the change (its
-            ``state`` tells whether it was cancelled), or ``None`` if there
-            is no such task.
+            :class:`taskbroker.store.TaskRow` after the change (a task that
+            had already finished is returned unchanged, so its ``state``
+            tells whether it was cancelled), or ``None`` if there is no such
+            task.
+        """
+
+    def retry(task_id):
+        """
+        Queue a failed or cancelled task again, with all its attempts
+        available: ``attempts`` becomes 0 and ``run_at``, ``finished_at``,
+        ``result``, ``error`` and ``traceback`` are cleared.  Its ``token``
+        is kept (tokens never go down).
+
+        A task whose ``unique_key`` another queued or running task now holds
+        is not retried.
+
+        :returns: a ``Deferred`` firing with the task's
+            :class:`taskbroker.store.TaskRow` after the change (a task in
+            another state, or one whose key is taken, is returned
+            unchanged, so its ``state`` tells whether it was queued), or
+            ``None`` if there is no such task.
         """
 
     def fix(task_id, priority, max_attempts):
@@ -179,7 +247,9 @@ class ITaskStore(Interface):
     def queued(after_id, limit):
         """
         Queued tasks with ``id > after_id``, by id: what the broker loads at
-        start and what its poller finds inserted by other programs.
+        start and what its poller finds inserted by other programs.  Tasks
+        whose ``run_at`` is still to come are included: the caller decides
+        when to run them.
 
         :returns: a ``Deferred`` firing with a ``list`` of
             :class:`taskbroker.store.TaskRow`.

@@ -4,12 +4,19 @@ The broker's message handling: between the ROUTER socket, the dispatcher
 and the store.
 
 :class:`Broker` owns no socket and reads no clock of its own: it is given a
-``send(identity, frames)`` callable, a store and an ``IReactorTime``, so
-unit tests drive it with a ``MemoryStore`` and a ``Clock``.  The store is
-the truth: a task's state changes there before anyone is told (a SUBMIT is
-answered, a TASK sent, a RESULT acknowledged only after the commit).
+``send(identity, frames)`` callable, a store, an ``IReactorTime`` and a
+monotonic clock, so unit tests drive it with a ``MemoryStore`` and a
+``Clock``.  The store is the truth: a task's state changes there before
+anyone is told (a SUBMIT is answered, a TASK sent, a RESULT acknowledged
+only after the commit).
+
+Every dispatch carries a fencing token, one more than the task's previous
+one: a RESULT is taken only for the current token, so a worker presumed
+lost can never overwrite the attempt that replaced it.
 """
 
+import heapq
+import random
 import uuid
 from dataclasses import replace
 
@@ -26,6 +33,11 @@ from taskbroker.store import FINAL_STATES, NewTask
 POLL_BATCH = 5000
 #: The longest a WAIT is held when the client gives no timeout (seconds).
 DEFAULT_WAIT = 30.0
+#: Database trouble: the first and the longest pause before trying again.
+FIRST_STORE_BACKOFF = 0.5
+MAX_STORE_BACKOFF = 30.0
+#: One log line per peer per this many seconds for its bad messages.
+BAD_MESSAGE_LOG_INTERVAL = 10.0
 
 
 class _Peer:
@@ -34,10 +46,11 @@ class _Peer:
     """
 
     __slots__ = ("identity", "name", "levels", "handlers", "slots",
-                 "heartbeat", "connected_since", "last_seen", "running")
+                 "heartbeat", "connected_since", "last_seen", "seen_at",
+                 "running")
 
     def __init__(self, identity, name, levels, handlers, slots, heartbeat,
-                 now):
+                 now, monotonic_now):
         self.identity = identity
         self.name = name
         self.levels = levels
@@ -46,8 +59,35 @@ class _Peer:
         self.heartbeat = heartbeat
         self.connected_since = now
         self.last_seen = now
-        # task id -> attempt, for the tasks this worker runs
+        # Liveness is judged on a monotonic clock: a wall-clock step must
+        # not expire every worker at once.
+        self.seen_at = monotonic_now
+        # task id -> token, for the tasks this worker runs
         self.running = {}
+
+
+class _RateLimit:
+    """
+    Allows one event per key per interval, and counts the rest.
+    """
+
+    def __init__(self, interval, monotonic, size=1024):
+        self._interval = interval
+        self._monotonic = monotonic
+        self._last = {}
+        self._size = size
+        self.suppressed = 0
+
+    def allow(self, key):
+        now = self._monotonic()
+        last = self._last.get(key)
+        if last is not None and now - last < self._interval:
+            self.suppressed += 1
+            return False
+        if len(self._last) >= self._size:
+            self._last.clear()
+        self._last[key] = now
+        return True
 
 
 class Broker:
@@ -56,39 +96,58 @@ class Broker:
 
     :param config: a :class:`taskbroker.config.BrokerConfig`.
     :param store: an opened :class:`taskbroker.interfaces.ITaskStore`.
-    :param clock: an ``IReactorTime``.
+    :param clock: an ``IReactorTime``: timers, and the times recorded on
+        tasks.
     :param send: ``send(identity, frames) -> bool``.
+    :param monotonic: a function returning seconds on a clock that never
+        steps, for liveness; default ``clock.seconds``.
+    :param rng: a ``random.Random`` for retry jitter.
     """
 
     log = Logger()
 
-    def __init__(self, config, store, clock, send, instance_id=None):
+    def __init__(self, config, store, clock, send, instance_id=None,
+                 monotonic=None, rng=None):
         self.config = config
         self.store = store
         self.clock = clock
         self._send = send
+        self._monotonic = monotonic or clock.seconds
+        self._random = rng or random.Random()
         self.instance_id = instance_id or uuid.uuid4().hex[:12]
         self.levels = tuple(config.priorities)
         self._level_index = {name: i for i, name in enumerate(self.levels)}
         self.dispatcher = Dispatcher(len(self.levels))
         self._peers = {}
         self._names = {}
-        # task id -> (identity or None, attempt, row): dispatched attempts.
-        # identity is None for attempts found running at start that no
-        # worker has claimed yet.
+        # task id -> (identity or None, token, row): dispatched attempts.
+        # identity is None for attempts whose worker is unknown (found
+        # running at start, or whose result could not be written).
         self._running = {}
+        # task id -> monotonic deadline for unclaimed attempts (identity
+        # None) to be claimed or reported before they are requeued.
+        self._orphans = {}
+        # Tasks waiting for their run_at: a heap of (run_at, id) and the
+        # rows by id (a row missing from the dict was withdrawn).
+        self._delayed = []
+        self._delayed_rows = {}
+        self._delay_timer = None
         self._submitted_since_poll = set()
         self._watermark = 0
         self._polling = False
         self._waiters = {}
-        self._orphan_deadline = None
         self._stopped = False
+        self._store_backoff = 0.0
+        self._resume_call = None
+        self._bad_messages = _RateLimit(BAD_MESSAGE_LOG_INTERVAL, self._monotonic)
         self.counters = {
             "protocol_errors": 0,
             "stale_results": 0,
             "dispatched": 0,
             "completed": 0,
+            "retried": 0,
             "lost_workers": 0,
+            "store_errors": 0,
         }
         self._heartbeat_body = encode(
             b"HEARTBEAT", {"broker": self.instance_id})
@@ -102,11 +161,12 @@ class Broker:
         attempts that workers may still be running: they are given one
         liveness allowance to be claimed before they are requeued.
         """
+        deadline = self._monotonic() + self._allowance(self.config.heartbeat)
         for row in (yield self.store.running()):
-            self._running[row.id] = (None, row.attempts, row)
-        if self._running:
-            self._orphan_deadline = self.clock.callLater(
-                self._allowance(self.config.heartbeat), self._requeue_orphans)
+            # Rows in memory are as they were before their dispatch.
+            self._running[row.id] = (
+                None, row.token, replace(row, attempts=row.attempts - 1))
+            self._orphans[row.id] = deadline
         yield self.poll()
 
     def stop(self):
@@ -117,13 +177,15 @@ class Broker:
         broker.
         """
         self._stopped = True
-        if self._orphan_deadline is not None and self._orphan_deadline.active():
-            self._orphan_deadline.cancel()
+        for call in (self._delay_timer, self._resume_call):
+            if call is not None and call.active():
+                call.cancel()
         for waiters in self._waiters.values():
             for identity, req, timer in waiters:
                 if timer.active():
                     timer.cancel()
-                self._error(identity, req, "unavailable", "the broker is stopping")
+                self._error(identity, req, "unavailable",
+                            "the broker is stopping")
         self._waiters.clear()
 
     # -- input -----------------------------------------------------------
@@ -136,17 +198,22 @@ class Broker:
             return
         peer = self._peers.get(identity)
         if peer is not None:
-            peer.last_seen = self.clock.seconds()
+            peer.seen_at = self._monotonic()
         try:
             command, body = codec.decode(frames, codec.BROKER_INBOUND)
         except ProtocolError as e:
             self.counters["protocol_errors"] += 1
-            self.log.warn(
-                "bad message from {peer!r}: {reason}",
-                peer=identity, reason=e.message)
+            if self._bad_messages.allow(identity):
+                self.log.warn(
+                    "bad message from {peer!r}: {reason} (further ones from "
+                    "this peer are counted, not logged, for {interval:.0f}s)",
+                    peer=identity, reason=e.message,
+                    interval=BAD_MESSAGE_LOG_INTERVAL)
             if peer is None:
                 self._error(identity, e.req, e.code, e.message)
             return
+        if peer is not None:
+            peer.last_seen = self.clock.seconds()
         getattr(self, "_on_" + command.decode("ascii"))(identity, peer, body)
 
     # -- workers ---------------------------------------------------------
@@ -171,10 +238,10 @@ class Broker:
                 f"a live worker named {name!r} is already connected; "
                 "give each worker a unique --name")
             return
-        now = self.clock.seconds()
         previous = peer
         peer = _Peer(identity, name, tuple(wanted), tuple(body["handlers"]),
-                     body["slots"], body.get("heartbeat", 1.0), now)
+                     body["slots"], body.get("heartbeat", 1.0),
+                     self.clock.seconds(), self._monotonic())
         if previous is not None:
             # The same connection announcing again: what it was given is
             # still its own, even tasks sent after it wrote this HELLO.
@@ -182,13 +249,18 @@ class Broker:
             peer.running = previous.running
             peer.connected_since = previous.connected_since
         # Attempts the worker is still running (it reconnected, or this
-        # broker restarted): claim those that are still current.
+        # broker restarted): claim those that are still current, and tell
+        # the worker to stop the others: they were requeued or cancelled.
         for item in body.get("running", ()):
-            entry = self._running.get(item["id"])
-            if entry is not None and entry[1] == item["attempt"] and (
-                    entry[0] is None or entry[0] not in self._peers):
-                self._running[item["id"]] = (identity, entry[1], entry[2])
-                peer.running[item["id"]] = entry[1]
+            task_id, token = item["id"], item["token"]
+            entry = self._running.get(task_id)
+            if entry is not None and entry[1] == token:
+                if entry[0] is None or entry[0] not in self._peers:
+                    self._running[task_id] = (identity, token, entry[2])
+                    self._orphans.pop(task_id, None)
+                    peer.running[task_id] = token
+            else:
+                self._stop_stale(identity, task_id, token)
         self._peers[identity] = peer
         self._names[name] = identity
         self.dispatcher.add_worker(
@@ -198,6 +270,7 @@ class Broker:
             "broker": self.instance_id,
             "priorities": list(self.levels),
             "heartbeat": self.config.heartbeat,
+            "time_limit": self.config.time_limit,
         }))
         self.log.info(
             "worker {name} connected: {slots} slots, levels {levels}, "
@@ -208,6 +281,13 @@ class Broker:
         self.log.warn("refused a worker: {message}", message=message)
         self._send(identity, encode(
             b"ERROR", {"code": code, "message": message, "fatal": True}))
+
+    def _stop_stale(self, identity, task_id, token):
+        self.log.info(
+            "task {task_id} token {token} is no longer current; telling "
+            "{peer!r} to stop it", task_id=task_id, token=token,
+            peer=identity)
+        self._send(identity, encode(b"CANCEL", {"id": task_id, "token": token}))
 
     def _on_READY(self, identity, peer, body):
         if peer is None:
@@ -224,49 +304,114 @@ class Broker:
     def _on_BYE(self, identity, peer, body):
         if peer is not None:
             self.log.info("worker {name} left", name=peer.name)
-            self._forget_peer(peer)
+            # A worker leaving on purpose has handed back what it ran;
+            # those attempts do not count against the tasks.
+            self._forget_peer(peer, consumed=False)
 
     def _on_RESULT(self, identity, peer, body):
-        task_id, attempt = body["id"], body["attempt"]
+        task_id, token = body["id"], body["token"]
         entry = self._running.get(task_id)
-        if entry is not None and entry[1] == attempt:
-            del self._running[task_id]
-            holder = self._peers.get(entry[0]) if entry[0] else None
-            if holder is not None:
-                holder.running.pop(task_id, None)
-                self.dispatcher.task_done(holder.identity)
-        # It was decoded from JSON, so it encodes again.
-        result_text = dumps(body.get("result"))
-        if len(result_text.encode("utf-8")) > codec.MAX_PAYLOAD_SIZE:
-            result_text = None
-            body["state"] = "failed"
-            body["error"] = "result exceeds the size limit"
-        d = self.store.finish(task_id, attempt, body["state"], result_text,
-                              body.get("error"), self.clock.seconds())
-
-        def recorded(accepted):
-            if accepted:
-                self.counters["completed"] += 1
-                self._notify(task_id)
+        if entry is None or entry[1] != token:
+            self.counters["stale_results"] += 1
+            self.log.info(
+                "ignored a result for task {task_id} token {token}: not the "
+                "current attempt", task_id=task_id, token=token)
+            # Acknowledged: a stale result will never be taken.
+            self._ack(identity, task_id, token)
+            if peer is None:
+                self._rehello(identity)
+            return
+        del self._running[task_id]
+        self._orphans.pop(task_id, None)
+        holder = self._peers.get(entry[0]) if entry[0] is not None else None
+        if holder is not None and holder.running.pop(task_id, None) is not None:
+            self.dispatcher.task_done(holder.identity)
+        row = entry[2]
+        state = body["state"]
+        now = self.clock.seconds()
+        if state == "released":
+            d = self._requeue(task_id, token, row, "handed back by its worker",
+                              consumed=False)
+        elif state == "succeeded":
+            # It was decoded from JSON, so it encodes again.
+            result = dumps(body.get("result"))
+            if len(result.encode("utf-8")) > codec.MAX_PAYLOAD_SIZE:
+                d = self.store.finish(
+                    task_id, token, "failed", None,
+                    f"result exceeds the limit of {codec.MAX_PAYLOAD_SIZE} "
+                    "bytes", None, now)
             else:
-                self.counters["stale_results"] += 1
-                self.log.info(
-                    "ignored a result for task {task_id} attempt {attempt}: "
-                    "not the current attempt", task_id=task_id,
-                    attempt=attempt)
-            # Acknowledged either way: a stale result will never be taken.
-            self._send(identity, encode(
-                b"ACK", {"id": task_id, "attempt": attempt}))
+                d = self.store.finish(task_id, token, "succeeded", result,
+                                      None, None, now)
+            d.addCallback(self._finished, task_id)
+        else:
+            d = self._failed(task_id, token, row, body.get("error") or "failed",
+                             body.get("traceback"), body.get("permanent"))
 
-        d.addCallbacks(recorded, self._store_failed,
-                       errbackArgs=("recording a result",))
+        def recorded(_):
+            self.counters["completed"] += state != "released"
+            self._ack(identity, task_id, token)
+
+        def failed(reason):
+            # Not acknowledged: the worker resends it.  Until then the
+            # attempt is an orphan, requeued if nobody reports it.
+            self._orphan(task_id, token, row)
+            self._store_trouble(reason, "recording a result")
+
+        d.addCallbacks(recorded, failed)
         if peer is None:
             self._rehello(identity)
+
+    def _ack(self, identity, task_id, token):
+        self._send(identity, encode(b"ACK", {"id": task_id, "token": token}))
+
+    def _finished(self, changed, task_id):
+        if changed:
+            self._notify(task_id)
+        return changed
+
+    def _failed(self, task_id, token, row, error, traceback, permanent):
+        """
+        An attempt failed: retry after a backoff, or fail the task.
+        """
+        used = row.attempts + 1
+        max_attempts = row.max_attempts or self.config.max_attempts
+        now = self.clock.seconds()
+        if permanent or used >= max_attempts:
+            d = self.store.finish(task_id, token, "failed", None, error,
+                                  traceback, now)
+            return d.addCallback(self._finished, task_id)
+        delay = self._backoff(used)
+        run_at = now + delay
+        self.counters["retried"] += 1
+        self.log.info(
+            "task {task_id} attempt {attempt} of {max_attempts} failed "
+            "({error}); retrying in {delay:.1f}s", task_id=task_id,
+            attempt=used, max_attempts=max_attempts, error=error, delay=delay)
+        d = self.store.requeue(task_id, token, run_at=run_at, error=error,
+                               traceback=traceback, consumed=True)
+
+        def requeued(changed):
+            if changed:
+                self._enqueue(replace(
+                    row, state="queued", attempts=used, token=token,
+                    run_at=run_at, error=error, traceback=traceback))
+
+        return d.addCallback(requeued)
+
+    def _backoff(self, attempt):
+        """
+        Exponential backoff with "equal jitter": half fixed, half random,
+        so that tasks failing together do not all come back together.
+        """
+        delay = min(self.config.retry_max_delay,
+                    self.config.retry_delay * 2 ** (attempt - 1))
+        return delay / 2 + self._random.uniform(0, delay / 2)
 
     def _rehello(self, identity):
         self._send(identity, encode(b"REHELLO", {"broker": self.instance_id}))
 
-    def _forget_peer(self, peer):
+    def _forget_peer(self, peer, consumed=True):
         """
         A worker left or was lost: requeue what it was running.
         """
@@ -275,63 +420,91 @@ class Broker:
             del self._names[peer.name]
         self.dispatcher.remove_worker(peer.identity)
         running, peer.running = peer.running, {}
-        for task_id, attempt in running.items():
+        for task_id, token in running.items():
             entry = self._running.get(task_id)
-            if entry is not None and entry[1] == attempt:
-                self._requeue(task_id, attempt, entry[2],
-                              f"worker {peer.name} was lost")
+            if entry is not None and entry[1] == token:
+                del self._running[task_id]
+                self._requeue(task_id, token, entry[2],
+                              f"worker {peer.name} was lost" if consumed
+                              else f"worker {peer.name} left",
+                              consumed=consumed)
 
-    def _requeue(self, task_id, attempt, row, reason):
-        del self._running[task_id]
+    def _requeue(self, task_id, token, row, reason, consumed):
+        """
+        Put an attempt's task back at the head of its level, or fail it if
+        the attempt counted and was its last.
+        """
         now = self.clock.seconds()
+        used = row.attempts + 1
         max_attempts = row.max_attempts or self.config.max_attempts
-        if attempt >= max_attempts:
+        if consumed and used >= max_attempts:
             self.log.warn(
                 "task {task_id} failed: {reason} during its last attempt "
                 "({attempt} of {max_attempts})", task_id=task_id,
-                reason=reason, attempt=attempt, max_attempts=max_attempts)
+                reason=reason, attempt=used, max_attempts=max_attempts)
             d = self.store.finish(
-                task_id, attempt, "failed", None,
-                f"{reason} during attempt {attempt} of {max_attempts}", now)
-            d.addCallback(lambda _: self._notify(task_id))
+                task_id, token, "failed", None,
+                f"{reason} during attempt {used} of {max_attempts}", None, now)
+            d.addCallback(self._finished, task_id)
         else:
-            self.log.info("task {task_id} requeued: {reason} during attempt "
-                          "{attempt}", task_id=task_id, reason=reason,
-                          attempt=attempt)
-            d = self.store.requeue(task_id, attempt)
+            self.log.info("task {task_id} requeued: {reason}",
+                          task_id=task_id, reason=reason)
+            d = self.store.requeue(task_id, token, consumed=consumed)
 
-            def requeued(ok):
-                if ok:
-                    self._enqueue(replace(row, attempts=attempt), front=True)
+            def requeued(changed):
+                if changed:
+                    self._enqueue(replace(
+                        row, state="queued", token=token, run_at=None,
+                        attempts=used if consumed else row.attempts),
+                        front=True)
 
             d.addCallback(requeued)
-        d.addErrback(self._store_failed, "requeueing a task")
 
-    def _requeue_orphans(self):
-        self._orphan_deadline = None
-        for task_id, (identity, attempt, row) in list(self._running.items()):
-            if identity is None:
-                self.log.info(
-                    "task {task_id} attempt {attempt} was not claimed by "
-                    "any worker after the restart; requeueing it",
-                    task_id=task_id, attempt=attempt)
-                self._requeue(task_id, attempt, row, "its worker was lost")
+        def failed(reason):
+            # Try again later: the attempt becomes an orphan, which the
+            # sweep requeues when its deadline passes.
+            self._orphan(task_id, token, row)
+            self._store_trouble(reason, "requeueing a task")
+
+        return d.addErrback(failed)
+
+    def _orphan(self, task_id, token, row):
+        """
+        Remember a running attempt that no live worker holds; the sweep
+        requeues it unless a worker claims or reports it first.
+        """
+        self._running[task_id] = (None, token, row)
+        self._orphans[task_id] = (
+            self._monotonic() + self._allowance(self.config.heartbeat))
 
     def sweep(self):
         """
-        Send heartbeats and forget workers silent for too long.
+        Send heartbeats, forget workers silent for too long, and requeue
+        attempts nobody claimed in time.
         """
-        now = self.clock.seconds()
+        now = self._monotonic()
         for peer in list(self._peers.values()):
-            if now - peer.last_seen > self._allowance(peer.heartbeat):
+            if now - peer.seen_at > self._allowance(peer.heartbeat):
                 self.counters["lost_workers"] += 1
                 self.log.warn(
                     "worker {name} lost: silent for {silence:.1f}s",
-                    name=peer.name, silence=now - peer.last_seen)
+                    name=peer.name, silence=now - peer.seen_at)
                 self._forget_peer(peer)
             elif not self._send(peer.identity, self._heartbeat_body):
                 self.log.warn("worker {name} is unreachable", name=peer.name)
                 self._forget_peer(peer)
+        for task_id, deadline in list(self._orphans.items()):
+            if deadline > now:
+                continue
+            del self._orphans[task_id]
+            entry = self._running.get(task_id)
+            if entry is not None and (entry[0] is None or entry[0] not in self._peers):
+                del self._running[task_id]
+                self.log.info(
+                    "task {task_id} token {token} was not claimed by any "
+                    "worker in time", task_id=task_id, token=entry[1])
+                self._requeue(task_id, entry[1], entry[2],
+                              "its worker was lost", consumed=False)
 
     def _allowance(self, heartbeat):
         return heartbeat * self.config.heartbeat_misses
@@ -339,36 +512,80 @@ class Broker:
     # -- dispatch --------------------------------------------------------
 
     def _enqueue(self, row, front=False):
+        if row.run_at is not None and row.run_at > self.clock.seconds():
+            self._delay(row)
+            return
         assignment = self.dispatcher.add_task(
             Task(row.id, self._level_index[row.priority], row.handler, row),
             front=front)
         if assignment is not None:
             self._dispatch(assignment)
 
+    def _delay(self, row):
+        self._delayed_rows[row.id] = row
+        heapq.heappush(self._delayed, (row.run_at, row.id))
+        if self._delayed[0][1] == row.id:
+            self._schedule_delayed()
+
+    def _schedule_delayed(self):
+        if self._delay_timer is not None and self._delay_timer.active():
+            self._delay_timer.cancel()
+        self._delay_timer = None
+        while self._delayed and self._delayed[0][1] not in self._delayed_rows:
+            heapq.heappop(self._delayed)
+        if self._delayed and not self._stopped:
+            wait = max(0.0, self._delayed[0][0] - self.clock.seconds())
+            self._delay_timer = self.clock.callLater(wait, self._release_due)
+
+    def _release_due(self):
+        self._delay_timer = None
+        now = self.clock.seconds()
+        due = []
+        while self._delayed and self._delayed[0][0] <= now:
+            _, task_id = heapq.heappop(self._delayed)
+            row = self._delayed_rows.pop(task_id, None)
+            if row is not None:
+                due.append(row)
+        for row in sorted(due, key=lambda r: self._level_index[r.priority]):
+            self._enqueue(replace(row, run_at=None))
+        self._schedule_delayed()
+
+    def _withdraw(self, task_id):
+        """
+        Take a waiting (or delayed) task out of memory.
+
+        :returns: its row, or ``None`` if it was not waiting.
+        """
+        task = self.dispatcher.remove_task(task_id)
+        if task is not None:
+            return task.data
+        return self._delayed_rows.pop(task_id, None)
+
     def _dispatch(self, assignment):
         row = assignment.task.data
         identity = assignment.worker.key
         peer = self._peers[identity]
-        attempt = row.attempts + 1
-        self._running[row.id] = (identity, attempt, row)
-        peer.running[row.id] = attempt
-        now = self.clock.seconds()
-        d = self.store.dispatch(row.id, attempt, peer.name, now)
+        token = row.token + 1
+        self._running[row.id] = (identity, token, row)
+        peer.running[row.id] = token
+        d = self.store.dispatch(row.id, token, peer.name, self.clock.seconds())
 
         def committed(ok):
+            self._store_backoff = 0.0
             if self._stopped:
                 return
             if not ok:
                 # Changed behind our back (by SQL): forget it, free the slot.
-                self._undispatch(row.id, identity, attempt)
+                self._undispatch(row.id, identity, token)
                 return
             self.counters["dispatched"] += 1
             body = (
                 '{"id":%d,"handler":%s,"payload":%s,"priority":%s,'
-                '"attempt":%d,"max_attempts":%d}' % (
+                '"attempt":%d,"max_attempts":%d,"token":%d,"time_limit":%s}' % (
                     row.id, dumps(row.handler), row.payload,
-                    dumps(row.priority), attempt,
-                    row.max_attempts or self.config.max_attempts))
+                    dumps(row.priority), row.attempts + 1,
+                    row.max_attempts or self.config.max_attempts, token,
+                    dumps(row.time_limit)))
             if not self._send(identity, encode(b"TASK", body)):
                 current = self._peers.get(identity)
                 if current is not None:
@@ -377,15 +594,25 @@ class Broker:
                     self._forget_peer(current)
 
         def failed(reason):
-            self._undispatch(row.id, identity, attempt)
+            # Nothing changed in the store: undo in memory, and hold task
+            # and credit (paused, so they are not matched again at once)
+            # until the store works again.
+            self.dispatcher.paused = True
+            entry = self._running.get(row.id)
+            if entry is not None and entry[1] == token:
+                del self._running[row.id]
+            current = self._peers.get(identity)
+            if current is not None and current.running.pop(row.id, None) is not None:
+                self.dispatcher.task_done(identity)
+                self.dispatcher.credit(identity)
             self._enqueue(row, front=True)
-            self._store_failed(reason, "dispatching a task")
+            self._store_trouble(reason, "dispatching a task", pause=True)
 
         d.addCallbacks(committed, failed)
 
-    def _undispatch(self, task_id, identity, attempt):
+    def _undispatch(self, task_id, identity, token):
         entry = self._running.get(task_id)
-        if entry is not None and entry[1] == attempt:
+        if entry is not None and entry[1] == token:
             del self._running[task_id]
         peer = self._peers.get(identity)
         if peer is not None and peer.running.pop(task_id, None) is not None:
@@ -394,6 +621,36 @@ class Broker:
             assignment = self.dispatcher.credit(identity)
             if assignment is not None:
                 self._dispatch(assignment)
+
+    def _store_trouble(self, reason, doing, pause=False):
+        """
+        The store failed: log it clearly and, for dispatch, pause until a
+        backoff has passed (doubling while the trouble lasts).
+        """
+        self.counters["store_errors"] += 1
+        error = " ".join(str(reason.value).split()) or repr(reason.value)
+        if not pause:
+            self.log.error("database error while {doing}: {error}",
+                           doing=doing, error=error)
+            return
+        if self._resume_call is not None and self._resume_call.active():
+            return
+        self._store_backoff = min(
+            MAX_STORE_BACKOFF,
+            max(FIRST_STORE_BACKOFF, self._store_backoff * 2))
+        self.log.error(
+            "database error while {doing}: {error}; dispatch paused, "
+            "trying again in {delay:.1f}s", doing=doing, error=error,
+            delay=self._store_backoff)
+        self._resume_call = self.clock.callLater(
+            self._store_backoff, self._resume)
+
+    def _resume(self):
+        self._resume_call = None
+        if self._stopped:
+            return
+        for assignment in self.dispatcher.resume():
+            self._dispatch(assignment)
 
     # -- the poller ------------------------------------------------------
 
@@ -414,7 +671,7 @@ class Broker:
 
         d = self._poll()
         d.addBoth(done)
-        d.addErrback(self._store_failed, "polling for new tasks")
+        d.addErrback(self._store_trouble, "polling for new tasks")
         return d
 
     @defer.inlineCallbacks
@@ -423,7 +680,9 @@ class Broker:
             rows = yield self.store.queued(self._watermark, POLL_BATCH)
             adopted, writes = [], []
             for row in rows:
-                if row.id in self._submitted_since_poll or row.id in self.dispatcher:
+                if (row.id in self._submitted_since_poll
+                        or row.id in self.dispatcher
+                        or row.id in self._delayed_rows):
                     continue
                 reason = self._invalid(row)
                 if reason is not None:
@@ -455,9 +714,14 @@ class Broker:
                 return
 
     def _invalid(self, row):
+        """
+        Why a row another program inserted cannot run, or ``None``.
+        """
         if not isinstance(row.handler, str) or not (
-                0 < len(row.handler) <= codec.MAX_NAME):
-            return "invalid handler name"
+                0 < len(row.handler) <= codec.MAX_NAME
+                and row.handler.isprintable()):
+            return (f"invalid handler name (1 to {codec.MAX_NAME} printable "
+                    "characters)")
         if row.priority is not None and row.priority not in self._level_index:
             return (f"unknown priority level {row.priority!r} (levels: "
                     + ",".join(self.levels) + ")")
@@ -471,8 +735,13 @@ class Broker:
         except ValueError:
             return "payload is not valid JSON"
         if row.max_attempts is not None and not (
-                isinstance(row.max_attempts, int) and 1 <= row.max_attempts <= 1000):
-            return "max_attempts must be from 1 to 1000"
+                type(row.max_attempts) is int and 1 <= row.max_attempts <= 1000):
+            return "max_attempts must be a whole number from 1 to 1000"
+        if row.run_at is not None and not isinstance(row.run_at, (int, float)):
+            return "run_at must be a Unix time in seconds"
+        if row.time_limit is not None and not (
+                isinstance(row.time_limit, (int, float)) and row.time_limit > 0):
+            return "time_limit must be a positive number of seconds"
         return None
 
     # -- clients ---------------------------------------------------------
@@ -485,11 +754,10 @@ class Broker:
         self._send(identity, encode(
             b"ERROR", {"req": req, "code": code, "message": message}))
 
-    def _store_failed(self, reason, doing, identity=None, req=None):
-        self.log.failure("database error while {doing}", reason, doing=doing)
-        if identity is not None:
-            self._error(identity, req, "unavailable",
-                        "the database cannot be used right now; try again")
+    def _client_store_failed(self, reason, doing, identity, req):
+        self._store_trouble(reason, doing)
+        self._error(identity, req, "unavailable",
+                    "the database cannot be used right now; try again")
 
     def _on_SUBMIT(self, identity, peer, body):
         req = body["req"]
@@ -508,25 +776,40 @@ class Broker:
                             "payload exceeds the limit of "
                             f"{codec.MAX_PAYLOAD_SIZE} bytes")
                 return
+            delay = spec.get("delay")
             new.append(NewTask(
                 spec["handler"], payload, priority,
-                spec.get("max_attempts") or self.config.max_attempts, now))
+                spec.get("max_attempts") or self.config.max_attempts, now,
+                run_at=now + delay if delay else None,
+                unique_key=spec.get("unique_key"),
+                request_id=body.get("request_id"),
+                time_limit=spec.get("time_limit")))
         d = self.store.submit(new)
 
-        def committed(rows):
+        def committed(results):
+            rows = [row for row, _ in results]
             self._submitted_since_poll.update(row.id for row in rows)
+            request_id = body.get("request_id")
+            # A resent request is answered with what the first one made.
+            replayed = request_id is not None and all(
+                not created and row.request_id == request_id
+                for row, created in results)
             self._reply(identity, req, {
                 "tasks": [task_object(row) for row in rows],
+                "replayed": replayed,
+                "existing": [] if replayed else [
+                    row.id for row, created in results if not created],
                 "unserved": sorted({
                     row.handler for row in rows
                     if not self.dispatcher.served(row.handler)}),
             })
             # Most urgent first, so that a batch's urgent tasks get first
             # pick of the free workers.
-            for row in sorted(rows, key=lambda r: self._level_index[r.priority]):
+            fresh = [row for row, created in results if created]
+            for row in sorted(fresh, key=lambda r: self._level_index[r.priority]):
                 self._enqueue(row)
 
-        d.addCallbacks(committed, self._store_failed,
+        d.addCallbacks(committed, self._client_store_failed,
                        errbackArgs=("submitting tasks", identity, req))
 
     def _on_GET(self, identity, peer, body):
@@ -540,7 +823,7 @@ class Broker:
             else:
                 self._reply(identity, req, {"task": task_object(row)})
 
-        d.addCallbacks(found, self._store_failed,
+        d.addCallbacks(found, self._client_store_failed,
                        errbackArgs=("reading a task", identity, req))
 
     def _on_WAIT(self, identity, peer, body):
@@ -559,7 +842,7 @@ class Broker:
                     timeout, self._wait_expired, task_id, identity, req))
                 self._waiters.setdefault(task_id, []).append(waiter)
 
-        d.addCallbacks(found, self._store_failed,
+        d.addCallbacks(found, self._client_store_failed,
                        errbackArgs=("reading a task", identity, req))
 
     def _wait_expired(self, task_id, identity, req):
@@ -592,35 +875,88 @@ class Broker:
                 "next": rows[-1].id if more else None,
             })
 
-        d.addCallbacks(listed, self._store_failed,
+        d.addCallbacks(listed, self._client_store_failed,
                        errbackArgs=("listing tasks", identity, req))
 
     def _on_CANCEL(self, identity, peer, body):
         req, task_id = body["req"], body["id"]
-        waiting = self.dispatcher.remove_task(task_id)
+        waiting = self._withdraw(task_id)
         d = self.store.cancel(task_id, self.clock.seconds())
 
         def cancelled(row):
             if row is None:
                 self._error(identity, req, "not_found",
                             f"no task with id {task_id}")
-            elif row.state == "cancelled":
-                self._notify(task_id)
-                self._reply(identity, req, {"task": task_object(row)})
-            else:
+                return
+            if row.state != "cancelled":
                 if waiting is not None and row.state == "queued":
-                    self._enqueue(waiting.data)
+                    self._enqueue(waiting)
                 self._error(
                     identity, req, "not_cancellable",
-                    f"task {task_id} is {row.state}; only queued tasks can "
-                    "be cancelled")
+                    f"task {task_id} is {row.state}; only queued and running "
+                    "tasks can be cancelled")
+                return
+            entry = self._running.pop(task_id, None)
+            if entry is not None:
+                self._orphans.pop(task_id, None)
+                holder = self._peers.get(entry[0]) if entry[0] else None
+                if holder is not None:
+                    if holder.running.pop(task_id, None) is not None:
+                        self.dispatcher.task_done(holder.identity)
+                    self._send(holder.identity, encode(
+                        b"CANCEL", {"id": task_id, "token": entry[1]}))
+            self.log.info("task {task_id} cancelled", task_id=task_id)
+            self._notify(task_id)
+            self._reply(identity, req, {"task": task_object(row)})
 
         def failed(reason):
             if waiting is not None:
-                self._enqueue(waiting.data, front=True)
-            self._store_failed(reason, "cancelling a task", identity, req)
+                self._enqueue(waiting, front=True)
+            self._client_store_failed(reason, "cancelling a task", identity, req)
 
         d.addCallbacks(cancelled, failed)
+
+    def _on_RETRY(self, identity, peer, body):
+        req, task_id = body["req"], body["id"]
+
+        @defer.inlineCallbacks
+        def retry():
+            row = yield self.store.get(task_id)
+            if row is None:
+                self._error(identity, req, "not_found",
+                            f"no task with id {task_id}")
+                return
+            if row.state in ("queued", "running"):
+                # Already going to run (a resent RETRY, say): nothing to do.
+                self._reply(identity, req, {"task": task_object(row)})
+                return
+            if row.state not in ("failed", "cancelled"):
+                self._error(
+                    identity, req, "not_retryable",
+                    f"task {task_id} is {row.state}; only failed and "
+                    "cancelled tasks can be retried")
+                return
+            row = yield self.store.retry(task_id)
+            if row.state != "queued":
+                self._error(
+                    identity, req, "not_retryable",
+                    f"task {task_id} cannot be retried: another live task "
+                    f"holds its unique key {row.unique_key!r}")
+                return
+            reason = self._invalid(row)
+            if reason is not None:
+                yield self.store.reject(task_id, reason, self.clock.seconds())
+                self._error(identity, req, "not_retryable",
+                            f"task {task_id} cannot run: {reason}")
+                return
+            self._submitted_since_poll.add(task_id)
+            if task_id not in self.dispatcher and task_id not in self._delayed_rows:
+                self._enqueue(row)
+            self.log.info("task {task_id} retried", task_id=task_id)
+            self._reply(identity, req, {"task": task_object(row)})
+
+        retry().addErrback(self._client_store_failed, "retrying a task",
+                           identity, req)
 
     def _on_WORKERS(self, identity, peer, body):
         workers = []
@@ -649,15 +985,18 @@ class Broker:
                 "priorities": list(self.levels),
                 "tasks": tasks,
                 "waiting": waiting,
+                "delayed": len(self._delayed_rows),
                 "unserved": sorted(
                     h for h in waiting if not self.dispatcher.served(h)),
                 "workers": len(self._peers),
                 "slots": sum(p.slots for p in self._peers.values()),
                 "free_slots": self.dispatcher.free_credits(),
-                "counters": dict(self.counters,
-                                 dropped_credits=self.dispatcher.dropped_credits),
+                "dispatch_paused": self.dispatcher.paused,
+                "counters": dict(
+                    self.counters,
+                    dropped_credits=self.dispatcher.dropped_credits,
+                    unlogged_bad_messages=self._bad_messages.suppressed),
             }})
 
-        d.addCallbacks(counted, self._store_failed,
+        d.addCallbacks(counted, self._client_store_failed,
                        errbackArgs=("counting tasks", identity, req))
-

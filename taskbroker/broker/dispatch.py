@@ -132,6 +132,8 @@ class Dispatcher:
         self._handler_workers = {}
         #: credits refused because the worker had no free slot for them.
         self.dropped_credits = 0
+        #: while true, tasks and credits only queue (the store is failing).
+        self.paused = False
 
     # -- queries ---------------------------------------------------------
 
@@ -189,7 +191,7 @@ class Dispatcher:
         :returns: an :class:`Assignment` if a ready worker takes it now,
             else ``None`` (it waits).
         """
-        worker = self._take_credit(task.level, task.handler)
+        worker = None if self.paused else self._take_credit(task.level, task.handler)
         if worker is not None:
             worker.busy += 1
             return Assignment(task, worker)
@@ -288,7 +290,7 @@ class Dispatcher:
         if worker is None or worker.busy + worker.credits >= worker.slots:
             self.dropped_credits += 1
             return None
-        task = self._take_task(worker)
+        task = None if self.paused else self._take_task(worker)
         if task is not None:
             worker.busy += 1
             return Assignment(task, worker)
@@ -306,6 +308,26 @@ class Dispatcher:
         worker = self._workers.get(key)
         if worker is not None and worker.busy > 0:
             worker.busy -= 1
+
+    def resume(self):
+        """
+        End a pause: match the credits that queued meanwhile, oldest first.
+
+        :returns: a ``list`` of :class:`Assignment`.
+        """
+        self.paused = False
+        assignments = []
+        for klass in list(self._classes.values()):
+            for seq, worker in list(klass.ready.items()):
+                task = self._take_task(worker)
+                if task is None:
+                    continue
+                del klass.ready[seq]
+                worker._credit_seqs.remove(seq)
+                worker.credits -= 1
+                worker.busy += 1
+                assignments.append(Assignment(task, worker))
+        return assignments
 
     # -- internals -------------------------------------------------------
 

@@ -10,6 +10,8 @@ timers, close the socket (no new intake), then close the store, which
 waits for in-flight writes before it closes the connection pool.
 """
 
+import time
+
 from twisted.application.service import Service
 from twisted.internet import defer, task
 from twisted.logger import Logger
@@ -55,13 +57,17 @@ class BrokerService(Service):
     def _start(self):
         yield self.store.open()
         self.broker = Broker(self.config, self.store, self.reactor,
-                             self._send)
+                             self._send, monotonic=time.monotonic)
         yield self.broker.load()
         if not self.running:
             return
-        self.socket = RouterSocket(
-            self._zmq.get_factory(), self.config.listen, self.broker.handle,
-            MAX_MESSAGE_SIZE)
+        try:
+            self.socket = RouterSocket(
+                self._zmq.get_factory(), self.config.listen,
+                self.broker.handle, MAX_MESSAGE_SIZE)
+        except Exception as e:
+            raise RuntimeError(
+                f"cannot listen on {self.config.listen}: {e}") from None
         for interval, call in ((self.config.poll_interval, self.broker.poll),
                                (self.config.heartbeat, self.broker.sweep)):
             loop = task.LoopingCall(call)

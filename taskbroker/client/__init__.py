@@ -16,7 +16,8 @@ therefore exist once; the two clients only move frames and keep time.
 
 import json
 import sys
-from collections import namedtuple
+from collections import Counter, namedtuple
+from uuid import uuid4
 
 from taskbroker.protocol import codec
 from taskbroker.client.errors import (
@@ -37,6 +38,7 @@ __all__ = [
     "FINAL_STATES",
     "Request",
     "Reply",
+    "Submission",
     "check_task_spec",
     "encode_request",
     "read_reply",
@@ -46,6 +48,7 @@ __all__ = [
     "wait_call",
     "list_call",
     "cancel_call",
+    "retry_call",
     "workers_call",
     "stats_call",
 ]
@@ -67,12 +70,18 @@ SUBMIT_CHUNK_BYTES = 2 * 1024 * 1024
 # a large result may exceed it, and dropping it would look like a timeout.
 _NO_SIZE_LIMIT = sys.maxsize
 
-_SPEC_KEYS = ("handler", "payload", "priority", "max_attempts")
+_SPEC_KEYS = ("handler", "payload", "priority", "max_attempts", "delay",
+              "unique_key", "time_limit")
+
+# The check of a SUBMIT's task list, run on a task before it is encoded
+# when it cannot be (a NaN delay), for the message that names the field.
+_CHECK_TASKS = codec.CLIENT_COMMANDS[b"SUBMIT"]["tasks"][0]
 
 _SUBMIT_ONLY = {b"SUBMIT": codec.CLIENT_COMMANDS[b"SUBMIT"]}
 
 
-class Request(namedtuple("Request", "command fields idempotent extra_time")):
+class Request(namedtuple("Request",
+                         "command fields idempotent extra_time writes")):
     """
     One request a call wants sent.
 
@@ -80,15 +89,20 @@ class Request(namedtuple("Request", "command fields idempotent extra_time")):
     :ivar fields: ``dict`` of the body's fields except ``req``, which the
         client adds.
     :ivar idempotent: ``True`` if sending it twice does no harm, so a
-        client may resend it after a timeout.
+        client may resend it (the same frames) after a timeout.
     :ivar extra_time: seconds the broker may hold it before answering
         (a ``WAIT``'s timeout), added to the client's answer timeout.
+    :ivar writes: ``True`` if it changes the broker's state (``SUBMIT``,
+        ``CANCEL``, ``RETRY``): when no answer comes, its outcome is
+        unknown, and the client says so.
     """
 
     __slots__ = ()
 
-    def __new__(cls, command, fields, idempotent=True, extra_time=0.0):
-        return super().__new__(cls, command, fields, idempotent, extra_time)
+    def __new__(cls, command, fields, idempotent=True, extra_time=0.0,
+                writes=False):
+        return super().__new__(cls, command, fields, idempotent, extra_time,
+                               writes)
 
 
 class Reply(namedtuple("Reply", "req body error")):
@@ -103,6 +117,33 @@ class Reply(namedtuple("Reply", "req body error")):
     """
 
     __slots__ = ()
+
+
+class Submission(tuple):
+    """
+    What a submission returns: a pair that unpacks as ``(tasks, unserved)``
+    (``(task, unserved)`` for a single task), with the tasks that were not
+    created by it.
+
+    :ivar existing: a ``frozenset`` of the ids, among the returned tasks,
+        that this submission did not create: the broker reported them as
+        already existing because a live task held the spec's
+        ``unique_key``, or because it had already carried out this very
+        ``SUBMIT`` (its ``request_id``), whose reply was lost and which the
+        client sent again (the broker does not say which of the two).  A
+        task this submission created is not in it, even when a later spec
+        with the same ``unique_key`` got it again: then the id is repeated
+        in the tasks.
+    """
+
+    def __new__(cls, tasks, unserved, existing=frozenset()):
+        self = super().__new__(cls, (tasks, unserved))
+        self.existing = frozenset(existing)
+        return self
+
+    def __repr__(self):
+        return (f"Submission({self[0]!r}, {self[1]!r}, "
+                f"existing={sorted(self.existing)!r})")
 
 
 def encode_request(req, request):
@@ -207,9 +248,14 @@ def check_task_spec(spec):
     Check one task to submit and give it every field.
 
     :param spec: a ``dict`` with ``handler`` and optionally ``payload``,
-        ``priority`` (a level name, or ``None`` for the broker's default)
-        and ``max_attempts`` (``None`` for the broker's default).
-    :returns: ``(task, size)``: the task ``dict`` with exactly those four
+        ``priority`` (a level name, or ``None`` for the broker's default),
+        ``max_attempts`` (``None`` for the broker's default), ``delay``
+        (seconds ≥ 0: the task runs no sooner than that long after it is
+        accepted), ``unique_key`` (a name: while a queued or running task
+        holds it, submitting another with it gives that task instead of a
+        new one) and ``time_limit`` (seconds > 0 an attempt may run; by
+        default the broker's).
+    :returns: ``(task, size)``: the task ``dict`` with exactly those seven
         keys, and its encoded size in bytes.
     :raises InvalidRequest: the broker would refuse it (priority levels are
         not known here: the broker checks them).
@@ -233,7 +279,17 @@ def check_task_spec(spec):
             "too_large",
             f"payload of {payload_size} bytes exceeds the limit of "
             f"{codec.MAX_PAYLOAD_SIZE}")
-    text = codec.dumps(task)
+    try:
+        text = codec.dumps(task)
+    except (TypeError, ValueError) as e:
+        # A field other than the payload is not JSON (NaN, a set): let the
+        # codec's check name it, else say so plainly.
+        try:
+            _CHECK_TASKS([task])
+        except codec.ProtocolError as refused:
+            raise InvalidRequest(
+                refused.code, refused.message.removeprefix("task: ")) from None
+        raise InvalidRequest("bad_request", f"not JSON: {e}") from None
     try:
         codec.decode(
             codec.encode(b"SUBMIT", '{"req":"-","tasks":[' + text + "]}"),
@@ -276,39 +332,58 @@ def submit_call(specs):
     """
     Submit tasks, in as many ``SUBMIT`` requests as the limits need.
 
-    Each request is sent once: the broker does not recognise a resent
-    ``SUBMIT`` and would create the tasks twice.
+    Each request carries its own ``request_id`` (a random hex string), so
+    that the broker answers a copy of a request it already carried out
+    with the tasks it created the first time: a client may resend a
+    ``SUBMIT`` whose reply was lost without creating its tasks twice.
 
     :param specs: an iterable of task ``dict`` s (see
         :func:`check_task_spec`).
-    :returns: ``(tasks, unserved)``: the task objects in the order of
-        ``specs``, and the ``list`` of handler names that no connected
-        worker has, without duplicates.
+    :returns: a :class:`Submission` ``(tasks, unserved)``: the task objects
+        in the order of ``specs``, and the ``list`` of handler names that
+        no connected worker has, without duplicates; its ``existing`` holds
+        the ids of the tasks that already existed.
     :raises InvalidRequest: a spec is invalid (its index is in the
         message when there are several); nothing was sent.
     :raises ClientError: a request failed; its ``submitted`` attribute
         lists the tasks that earlier requests committed.
     """
     chunks = _chunks(specs)
-    tasks, unserved = [], {}
+    tasks, unserved, existing, created = [], {}, set(), set()
     for chunk in chunks:
         try:
-            body = yield Request(b"SUBMIT", {"tasks": chunk}, idempotent=False)
+            body = yield Request(
+                b"SUBMIT", {"tasks": chunk, "request_id": uuid4().hex},
+                writes=True)
             got = body.get("tasks")
-            if (not isinstance(got, list) or len(got) != len(chunk)
-                    or not all(isinstance(task, dict) and "id" in task
-                               for task in got)):
+            if not isinstance(got, list) or not all(
+                    isinstance(task, dict) and "id" in task for task in got):
                 raise _malformed(f"expected {len(chunk)} task objects")
+            if len(got) != len(chunk):
+                raise _malformed(
+                    f"expected {len(chunk)} task objects, got {len(got)}; "
+                    "list the tasks to see which exist")
             names = body.get("unserved") or []
             if not isinstance(names, list) or not all(
                     isinstance(name, str) for name in names):
                 raise _malformed("'unserved' is not a list of names")
+            # A broker older than 'existing' creates every task.
+            old = body.get("existing") or []
+            if not isinstance(old, list) or not all(
+                    type(task_id) is int for task_id in old):
+                raise _malformed("'existing' is not a list of task ids")
         except ClientError as e:
             e.submitted = list(tasks)
             raise
         tasks.extend(got)
         unserved.update(dict.fromkeys(names))
-    return tasks, list(unserved)
+        # 'existing' has one entry per task that was not created: an id
+        # that the tasks hold more often than it is listed was created by
+        # this request (for its first spec with that unique_key).
+        listed = Counter(old)
+        for task_id, count in Counter(task["id"] for task in got).items():
+            (existing if listed[task_id] >= count else created).add(task_id)
+    return Submission(tasks, list(unserved), existing - created)
 
 
 def get_call(task_id):
@@ -386,18 +461,47 @@ def list_call(state=None, handler=None, limit=100):
 
 def cancel_call(task_id):
     """
-    Cancel a queued task.  Sent once: a resent ``CANCEL`` would fail with
-    ``not_cancellable`` after the first one succeeded.
+    Cancel a queued or running task (the broker tells the worker running it
+    to stop).  A task that is already cancelled is answered the same way,
+    so the request may be resent.
 
     :param task_id: ``int``.
     :returns: the task object, now cancelled.
     :raises TaskNotFound: no such task.
-    :raises RequestFailed: code ``not_cancellable`` if it is running or
-        over.
+    :raises RequestFailed: code ``not_cancellable`` if it succeeded or
+        failed.
     """
-    body = yield Request(b"CANCEL", {"id": _task_id(task_id)},
-                         idempotent=False)
+    body = yield Request(b"CANCEL", {"id": _task_id(task_id)}, writes=True)
     return _task_of(body)
+
+
+def retry_call(task_id):
+    """
+    Queue a failed or cancelled task again, with all its attempts.  Sent
+    once: were it resent after the first copy queued the task, it would be
+    refused with ``not_retryable``.
+
+    :param task_id: ``int``.
+    :returns: the task object, now queued.
+    :raises TaskNotFound: no such task.
+    :raises RequestFailed: code ``not_retryable`` if it is queued, running
+        or succeeded, or if another queued or running task holds its
+        ``unique_key`` (the broker answers such a task unchanged; the
+        client turns that into this error).
+    """
+    task_id = _task_id(task_id)
+    body = yield Request(b"RETRY", {"id": task_id}, idempotent=False,
+                         writes=True)
+    task = _task_of(body)
+    if task["state"] in ("failed", "cancelled"):
+        key = task.get("unique_key")
+        raise RequestFailed(
+            "not_retryable",
+            f"task {task_id} is still {task['state']}: the broker did not "
+            "queue it again"
+            + (f" (another queued or running task holds its unique key "
+               f"{key!r})" if key is not None else ""))
+    return task
 
 
 def workers_call():

@@ -11,7 +11,10 @@ This client does not retry.  The blocking client's Lazy Pirate loop exists
 because a script has nothing better to do while it waits; a Twisted program
 has its own policy (a ``ClientService`` backoff, a user action, a retry on
 the next timer tick) and its own idea of which of its requests are safe to
-repeat, so a hidden loop here would only fight it.
+repeat, so a hidden loop here would only fight it.  Note that each call of
+:meth:`BrokerClient.submit` is a new ``SUBMIT`` with a new ``request_id``:
+calling it again after a timeout may create the task twice, unless it has
+a ``unique_key``.
 """
 
 from uuid import uuid4
@@ -20,11 +23,13 @@ from twisted.internet.defer import Deferred, ensureDeferred, fail, succeed
 from twisted.logger import Logger
 
 from taskbroker.client import (
+    Submission,
     cancel_call,
     encode_request,
     get_call,
     list_call,
     read_reply,
+    retry_call,
     stats_call,
     submit_call,
     wait_call,
@@ -141,7 +146,7 @@ class BrokerClient:
         command = request.command.decode("ascii")
         reason = (f"no answer from {self.endpoint} within "
                   f"{self.timeout + request.extra_time:g} s to {command}")
-        if not request.idempotent:
+        if request.writes:
             reason += f"; the {command} may or may not have taken effect"
         entry[0].errback(BrokerUnavailable(reason))
 
@@ -188,7 +193,8 @@ class BrokerClient:
         except StopIteration as stop:
             return stop.value
 
-    def submit(self, handler, payload=None, priority=None, max_attempts=None):
+    def submit(self, handler, payload=None, priority=None, max_attempts=None,
+               delay=None, unique_key=None, time_limit=None):
         """
         Submit one task.
 
@@ -197,16 +203,28 @@ class BrokerClient:
         :param priority: a level name, or ``None`` for the broker's default.
         :param max_attempts: ``int`` from 1 to 1000, or ``None`` for the
             broker's default.
-        :returns: a ``Deferred`` firing with ``(task, unserved)``: the new
+        :param delay: seconds (≥ 0): the task runs no sooner than that long
+            after it is accepted; ``None`` for as soon as possible.
+        :param unique_key: a name, or ``None``: while a queued or running
+            task holds the key, the broker answers with that task instead
+            of creating another.
+        :param time_limit: seconds (> 0) an attempt may run before the
+            worker stops it, or ``None`` for the broker's default.
+        :returns: a ``Deferred`` firing with a
+            :class:`taskbroker.client.Submission` ``(task, unserved)``: the
             task object and the ``list`` of handler names no connected
-            worker has.  It fails with ``InvalidRequest`` (nothing sent),
-            ``RequestFailed`` (e.g. ``unknown_priority``) or
-            ``BrokerUnavailable`` (the task may exist).
+            worker has; its ``existing`` is ``{task["id"]}`` if the task
+            already existed, else empty.  It fails with ``InvalidRequest``
+            (nothing sent), ``RequestFailed`` (e.g. ``unknown_priority``)
+            or ``BrokerUnavailable`` (the task may exist).
         """
         d = self._run(submit_call([{
             "handler": handler, "payload": payload, "priority": priority,
-            "max_attempts": max_attempts}]))
-        return d.addCallback(lambda result: (result[0][0], result[1]))
+            "max_attempts": max_attempts, "delay": delay,
+            "unique_key": unique_key, "time_limit": time_limit}]))
+        return d.addCallback(
+            lambda result: Submission(result[0][0], result[1],
+                                      result.existing))
 
     def submit_many(self, specs):
         """
@@ -214,14 +232,19 @@ class BrokerClient:
         after another.  Every spec is checked before anything is sent.
 
         :param specs: an iterable of ``dict`` s with ``handler`` and
-            optionally ``payload``, ``priority``, ``max_attempts``.
-        :returns: a ``Deferred`` firing with ``(tasks, unserved)``: the
-            ``list`` of task objects in order and the ``set`` of handler
-            names no connected worker has.  On failure the exception's
-            ``submitted`` lists the tasks committed before.
+            optionally ``payload``, ``priority``, ``max_attempts``,
+            ``delay``, ``unique_key``, ``time_limit`` (see :meth:`submit`).
+        :returns: a ``Deferred`` firing with a
+            :class:`taskbroker.client.Submission` ``(tasks, unserved)``:
+            the ``list`` of task objects in order and the ``set`` of
+            handler names no connected worker has, with ``existing`` the
+            ids of the tasks that already existed.  On failure the
+            exception's ``submitted`` lists the tasks committed before.
         """
         d = self._run(submit_call(specs))
-        return d.addCallback(lambda result: (result[0], set(result[1])))
+        return d.addCallback(
+            lambda result: Submission(result[0], set(result[1]),
+                                      result.existing))
 
     def get(self, task_id):
         """
@@ -257,14 +280,30 @@ class BrokerClient:
 
     def cancel(self, task_id):
         """
-        Cancel a queued task.
+        Cancel a queued or running task (the worker running it is told to
+        stop).  Cancelling a cancelled task succeeds, so this is safe to
+        call again after a timeout.
 
         :param task_id: ``int``.
         :returns: a ``Deferred`` firing with the cancelled task object, or
             failing with ``TaskNotFound``, ``RequestFailed`` (code
-            ``not_cancellable``) or ``BrokerUnavailable``.
+            ``not_cancellable``: it succeeded or failed) or
+            ``BrokerUnavailable``.
         """
         return self._run(cancel_call(task_id))
+
+    def retry(self, task_id):
+        """
+        Queue a failed or cancelled task again, with all its attempts.
+
+        :param task_id: ``int``.
+        :returns: a ``Deferred`` firing with the task object, now queued,
+            or failing with ``TaskNotFound``, ``RequestFailed`` (code
+            ``not_retryable``: it is queued, running or succeeded, or
+            another live task holds its unique key) or
+            ``BrokerUnavailable`` (it may have been queued).
+        """
+        return self._run(retry_call(task_id))
 
     def workers(self):
         """

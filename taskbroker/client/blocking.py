@@ -7,10 +7,13 @@ It follows the ZeroMQ guide's "Lazy Pirate" client: send, poll with a
 timeout, and on timeout close the socket (linger 0), open a new one and
 send the same request again, a few times, before giving up.  A new socket
 matters: the old one may still hold the unsent request, or receive the late
-answer, and either would be confused with the answer to the resend.  Only
-read-only requests are resent; ``SUBMIT`` and ``CANCEL`` are sent once
-(the broker does not recognise a resent request yet, so a resent
-``SUBMIT`` would create its tasks twice).
+answer, and either would be confused with the answer to the resend.  The
+resend is the same message, with the same ``req``.  Every request is
+resent but ``RETRY``: a ``SUBMIT`` carries a ``request_id`` that the broker
+remembers, so a copy of one it already carried out is answered with the
+tasks it created the first time; cancelling a cancelled task succeeds.  A
+resent ``RETRY`` would be refused (``not_retryable``) once the first copy
+had queued the task, so it is sent once.
 
 One request is outstanding at a time, so a reply whose ``req`` is not the
 current one is stale (a duplicate, or from before a timeout) and is
@@ -24,11 +27,13 @@ from uuid import uuid4
 import zmq
 
 from taskbroker.client import (
+    Submission,
     cancel_call,
     encode_request,
     get_call,
     list_call,
     read_reply,
+    retry_call,
     run_call,
     stats_call,
     submit_call,
@@ -49,8 +54,8 @@ class BlockingClient:
 
     :ivar endpoint: the broker's ZeroMQ endpoint.
     :ivar timeout: seconds to wait for each answer.
-    :ivar retries: how many times a read-only request is resent after a
-        timeout (so it is sent ``1 + retries`` times in all).
+    :ivar retries: how many times a request is resent after a timeout (so
+        it is sent ``1 + retries`` times in all); ``RETRY`` is sent once.
     """
 
     def __init__(self, endpoint, timeout=5.0, retries=2, context=None,
@@ -59,7 +64,7 @@ class BlockingClient:
         :param endpoint: ``str``, e.g. ``"tcp://127.0.0.1:5555"``.
         :param timeout: seconds (> 0) to wait for each answer; a ``WAIT``
             gets its own hold time on top.
-        :param retries: ``int`` ≥ 0: resends of a read-only request.
+        :param retries: ``int`` ≥ 0: resends of a request.
         :param context: a ``zmq.Context`` to use; by default the client
             makes its own and terminates it on :meth:`close`.
         :param clock: a callable returning monotonic seconds, for deadlines.
@@ -160,7 +165,7 @@ class BlockingClient:
         if ignored:
             reason += (f"; ignored {len(ignored)} invalid message(s), the "
                        f"last: {ignored[-1]}")
-        if not request.idempotent:
+        if request.writes:
             reason += f"; the {command} may or may not have taken effect"
         raise BrokerUnavailable(reason)
 
@@ -196,45 +201,63 @@ class BlockingClient:
     def _run(self, call):
         return run_call(call, self._send)
 
-    def submit(self, handler, payload=None, priority=None, max_attempts=None):
+    def submit(self, handler, payload=None, priority=None, max_attempts=None,
+               delay=None, unique_key=None, time_limit=None):
         """
-        Submit one task.
+        Submit one task.  The request is resent after a timeout; the broker
+        recognises the copy and creates the task once.
 
         :param handler: ``str``, the handler's name.
         :param payload: any JSON value (at most 1 MiB encoded).
         :param priority: a level name, or ``None`` for the broker's default.
         :param max_attempts: ``int`` from 1 to 1000, or ``None`` for the
             broker's default.
-        :returns: ``(task, unserved)``: the new task object and the
-            ``list`` of handler names no connected worker has (empty, or
-            ``[handler]``).
+        :param delay: seconds (≥ 0): the task runs no sooner than that long
+            after it is accepted; ``None`` for as soon as possible.
+        :param unique_key: a name, or ``None``: while a queued or running
+            task holds the key, the broker answers with that task instead
+            of creating another.
+        :param time_limit: seconds (> 0) an attempt may run before the
+            worker stops it, or ``None`` for the broker's default.
+        :returns: a :class:`taskbroker.client.Submission` ``(task,
+            unserved)``: the task object and the ``list`` of handler names
+            no connected worker has (empty, or ``[handler]``); its
+            ``existing`` is ``{task["id"]}`` if the task already existed
+            (see :class:`~taskbroker.client.Submission`), else empty.
         :raises InvalidRequest: an argument is invalid; nothing was sent.
         :raises BrokerUnavailable: no answer (the task may exist).
         :raises RequestFailed: the broker refused it, e.g. code
             ``unknown_priority``.
         """
-        tasks, unserved = self._run(submit_call([{
+        result = self._run(submit_call([{
             "handler": handler, "payload": payload, "priority": priority,
-            "max_attempts": max_attempts}]))
-        return tasks[0], unserved
+            "max_attempts": max_attempts, "delay": delay,
+            "unique_key": unique_key, "time_limit": time_limit}]))
+        tasks, unserved = result
+        return Submission(tasks[0], unserved, result.existing)
 
     def submit_many(self, specs):
         """
         Submit tasks in as few ``SUBMIT`` requests as the limits allow (at
         most 1000 tasks and about 2 MiB each).  Every spec is checked before
-        anything is sent.
+        anything is sent.  Each request is resent after a timeout; the
+        broker recognises the copy and creates its tasks once.
 
         :param specs: an iterable of ``dict`` s with ``handler`` and
-            optionally ``payload``, ``priority``, ``max_attempts``.
-        :returns: ``(tasks, unserved)``: the ``list`` of task objects in the
-            order of ``specs``, and the ``set`` of handler names no
-            connected worker has.
+            optionally ``payload``, ``priority``, ``max_attempts``,
+            ``delay``, ``unique_key``, ``time_limit`` (see :meth:`submit`).
+        :returns: a :class:`taskbroker.client.Submission` ``(tasks,
+            unserved)``: the ``list`` of task objects in the order of
+            ``specs``, and the ``set`` of handler names no connected worker
+            has; its ``existing`` holds the ids of the tasks that already
+            existed.
         :raises InvalidRequest: a spec is invalid; nothing was sent.
         :raises ClientError: a request failed; the exception's
             ``submitted`` lists the tasks committed before.
         """
-        tasks, unserved = self._run(submit_call(specs))
-        return tasks, set(unserved)
+        result = self._run(submit_call(specs))
+        tasks, unserved = result
+        return Submission(tasks, set(unserved), result.existing)
 
     def get(self, task_id):
         """
@@ -271,15 +294,33 @@ class BlockingClient:
 
     def cancel(self, task_id):
         """
-        Cancel a queued task.
+        Cancel a queued or running task (the worker running it is told to
+        stop).  Cancelling a cancelled task succeeds, so the request is
+        resent after a timeout.
 
         :param task_id: ``int``.
         :returns: the task object, now cancelled.
         :raises TaskNotFound: no such task.
-        :raises RequestFailed: code ``not_cancellable``: running or over.
+        :raises RequestFailed: code ``not_cancellable``: it succeeded or
+            failed.
         :raises BrokerUnavailable: no answer (it may have been cancelled).
         """
         return self._run(cancel_call(task_id))
+
+    def retry(self, task_id):
+        """
+        Queue a failed or cancelled task again, with all its attempts.
+        Sent once (see :func:`taskbroker.client.retry_call`).
+
+        :param task_id: ``int``.
+        :returns: the task object, now queued.
+        :raises TaskNotFound: no such task.
+        :raises RequestFailed: code ``not_retryable``: it is queued,
+            running or succeeded, or another live task holds its unique
+            key.
+        :raises BrokerUnavailable: no answer (it may have been queued).
+        """
+        return self._run(retry_call(task_id))
 
     def workers(self):
         """

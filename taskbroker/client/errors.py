@@ -39,8 +39,8 @@ class ClientError(TaskbrokerError):
 class BrokerUnavailable(ClientError):
     """
     The broker did not answer in time: it is not running, not reachable, or
-    too busy.  For a request that changes state (``SUBMIT``, ``CANCEL``) the
-    outcome is unknown: the broker may have carried it out.
+    too busy.  For a request that changes state (``SUBMIT``, ``CANCEL``,
+    ``RETRY``) the outcome is unknown: the broker may have carried it out.
     """
 
 
@@ -50,7 +50,7 @@ class RequestFailed(ClientError):
 
     :ivar code: the machine-readable reason (``bad_request``,
         ``unknown_priority``, ``not_found``, ``not_cancellable``,
-        ``unavailable``, ...; see docs/protocol.rst).
+        ``not_retryable``, ``unavailable``, ...; see docs/protocol.rst).
     :ivar message: one line for a person.
     """
 

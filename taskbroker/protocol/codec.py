@@ -97,7 +97,10 @@ def dumps(value):
     as UTF-8 (a string holds an unpaired surrogate, as ``surrogateescape``
     makes).
     """
-    text = _dumps(value)
+    try:
+        text = _dumps(value)
+    except RecursionError:
+        raise ValueError("value nested too deeply") from None
     text.encode("utf-8")  # UnicodeEncodeError is a ValueError
     return text
 
@@ -172,6 +175,12 @@ def _string(value):
     return value
 
 
+def _boolean(value):
+    if not isinstance(value, bool):
+        raise ValueError("must be true or false")
+    return value
+
+
 def _choice(*choices):
     def check(value):
         if value not in choices:
@@ -189,17 +198,20 @@ def _request_id(value):
 
 _TASK_ID = _int(1, 2**63 - 1)
 _ATTEMPT = _int(1, 2**31 - 1)
+_TOKEN = _int(1, 2**63 - 1)
+#: The longest a task may be delayed, or run (seconds): a year.
+MAX_SECONDS = 366 * 24 * 3600.0
 
 
 def _running(value):
     if not isinstance(value, list) or len(value) > 100_000:
-        raise ValueError("must be a list of {id, attempt} objects")
+        raise ValueError("must be a list of {id, token} objects")
     result = []
     for item in value:
         if not isinstance(item, dict):
-            raise ValueError("must be a list of {id, attempt} objects")
+            raise ValueError("must be a list of {id, token} objects")
         result.append(
-            {"id": _TASK_ID(item.get("id")), "attempt": _ATTEMPT(item.get("attempt"))}
+            {"id": _TASK_ID(item.get("id")), "token": _TOKEN(item.get("token"))}
         )
     return result
 
@@ -223,6 +235,9 @@ _NEW_TASK_FIELDS = {
     "payload": (_any, False),
     "priority": (_optional(_name), False),
     "max_attempts": (_optional(_int(1, 1000)), False),
+    "delay": (_optional(_number(0, MAX_SECONDS)), False),
+    "unique_key": (_optional(_name), False),
+    "time_limit": (_optional(_number(0.001, MAX_SECONDS)), False),
 }
 
 _REQ = {"req": (_request_id, True)}
@@ -240,10 +255,12 @@ WORKER_COMMANDS = {
     b"READY": {},
     b"RESULT": {
         "id": (_TASK_ID, True),
-        "attempt": (_ATTEMPT, True),
-        "state": (_choice("succeeded", "failed"), True),
+        "token": (_TOKEN, True),
+        "state": (_choice("succeeded", "failed", "released"), True),
         "result": (_any, False),
         "error": (_optional(_string), False),
+        "traceback": (_optional(_string), False),
+        "permanent": (_optional(_boolean), False),
     },
     b"HEARTBEAT": {},
     b"BYE": {},
@@ -251,7 +268,11 @@ WORKER_COMMANDS = {
 
 #: What a client may send.
 CLIENT_COMMANDS = {
-    b"SUBMIT": {**_REQ, "tasks": (_new_tasks, True)},
+    b"SUBMIT": {
+        **_REQ,
+        "tasks": (_new_tasks, True),
+        "request_id": (_optional(_request_id), False),
+    },
     b"GET": {**_REQ, "id": (_TASK_ID, True)},
     b"WAIT": {
         **_REQ,
@@ -267,6 +288,7 @@ CLIENT_COMMANDS = {
         "limit": (_optional(_int(1, MAX_LIST)), False),
     },
     b"CANCEL": {**_REQ, "id": (_TASK_ID, True)},
+    b"RETRY": {**_REQ, "id": (_TASK_ID, True)},
     b"WORKERS": {**_REQ},
     b"STATS": {**_REQ},
 }
@@ -277,6 +299,7 @@ BROKER_TO_WORKER_COMMANDS = {
         "broker": (_string, True),
         "priorities": (_names, True),
         "heartbeat": (_number(0.01, 3600), True),
+        "time_limit": (_optional(_number(0.001, MAX_SECONDS)), False),
     },
     b"TASK": {
         "id": (_TASK_ID, True),
@@ -285,8 +308,11 @@ BROKER_TO_WORKER_COMMANDS = {
         "priority": (_name, True),
         "attempt": (_ATTEMPT, True),
         "max_attempts": (_int(1, 1000), True),
+        "token": (_TOKEN, True),
+        "time_limit": (_optional(_number(0.001, MAX_SECONDS)), False),
     },
-    b"ACK": {"id": (_TASK_ID, True), "attempt": (_ATTEMPT, True)},
+    b"ACK": {"id": (_TASK_ID, True), "token": (_TOKEN, True)},
+    b"CANCEL": {"id": (_TASK_ID, True), "token": (_TOKEN, True)},
     b"HEARTBEAT": {"broker": (_string, True)},
     b"REHELLO": {"broker": (_string, True)},
     b"ERROR": {

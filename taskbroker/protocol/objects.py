@@ -14,7 +14,7 @@ from taskbroker.protocol.codec import loads
 TASK_KEYS = (
     "id", "handler", "payload", "priority", "state", "attempts",
     "max_attempts", "worker", "created_at", "started_at", "finished_at",
-    "result", "error",
+    "result", "error", "traceback", "run_at", "unique_key", "time_limit",
 )
 
 
@@ -60,4 +60,8 @@ def task_object(row):
         "finished_at": iso_time(row.finished_at),
         "result": _json_value(row.result),
         "error": row.error,
+        "traceback": row.traceback,
+        "run_at": iso_time(row.run_at),
+        "unique_key": row.unique_key,
+        "time_limit": row.time_limit,
     }

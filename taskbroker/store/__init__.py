@@ -5,18 +5,27 @@ backend from a database URL.
 """
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 from taskbroker.errors import ConfigError
 
 STATES = ("queued", "running", "succeeded", "failed", "cancelled")
 FINAL_STATES = frozenset(("succeeded", "failed", "cancelled"))
+# The states in which a task holds its unique_key.
+LIVE_STATES = frozenset(("queued", "running"))
 
 
 @dataclass(frozen=True, slots=True)
 class NewTask:
     """
     A task to insert.  ``payload`` is JSON text.
+
+    ``run_at`` is a Unix time in seconds before which the task must not
+    run (``None``: as soon as possible).  ``unique_key``, if not ``None``,
+    is a key that at most one queued or running task may hold.
+    ``request_id`` names the client request that submits the task, so that
+    a request sent again is recognised.  ``time_limit`` is how many seconds
+    an attempt may run (``None``: the handler's or the broker's default).
     """
 
     handler: str
@@ -24,6 +33,10 @@ class NewTask:
     priority: str
     max_attempts: int
     created_at: float
+    run_at: Optional[float] = None
+    unique_key: Optional[str] = None
+    request_id: Optional[str] = None
+    time_limit: Optional[float] = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +48,17 @@ class TaskRow:
     times are Unix times in seconds or ``None``.  ``priority`` and
     ``max_attempts`` may be ``None`` only for rows that another program
     inserted with SQL and that the broker has not yet validated.
+
+    ``attempts`` is the number of attempts used; ``token`` is the fencing
+    token, one more at every dispatch (whether or not the dispatch used up
+    an attempt), so a worker's report counts only if it names the current
+    token.  ``error`` and ``traceback`` describe the latest failed attempt
+    (a task waiting to be retried keeps them), or ``error`` says why the
+    task was cancelled.  See :class:`NewTask` for ``run_at``,
+    ``unique_key``, ``request_id`` and ``time_limit``.
+
+    The fields added with schema version 2 come last and have defaults, so
+    that rows built with the first thirteen fields keep working.
     """
 
     id: int
@@ -50,6 +74,44 @@ class TaskRow:
     finished_at: Optional[float]
     result: Optional[str]
     error: Optional[str]
+    run_at: Optional[float] = None
+    unique_key: Optional[str] = None
+    request_id: Optional[str] = None
+    token: int = 0
+    time_limit: Optional[float] = None
+    traceback: Optional[str] = None
+
+
+class Submitted(NamedTuple):
+    """
+    What :meth:`taskbroker.interfaces.ITaskStore.submit` returns for each
+    task: its ``row``, and whether this call ``created`` it (``False`` when
+    the row is a task that already existed: one from an earlier submit with
+    the same ``request_id``, or the live task that holds the
+    ``unique_key``).  A tuple, so ``row, created = submitted`` works.
+    """
+
+    row: TaskRow
+    created: bool
+
+
+def check_request_ids(tasks):
+    """
+    Check that the tasks of one submit share one ``request_id``, as
+    :meth:`taskbroker.interfaces.ITaskStore.submit` requires.
+
+    :param tasks: a ``list`` of :class:`NewTask`.
+    :returns: that ``request_id`` (``None`` if there are no tasks, or none
+        has one).
+    :raises ValueError: if they do not share one.
+    """
+    request_ids = {task.request_id for task in tasks}
+    if len(request_ids) > 1:
+        raise ValueError(
+            "the tasks of one submit must share one request_id, not "
+            f"{sorted(request_ids, key=repr)!r}"
+        )
+    return request_ids.pop() if request_ids else None
 
 
 def parse_database_url(url):

@@ -8,6 +8,7 @@ Public through :mod:`taskbroker.testing`.
 """
 
 import dataclasses
+import sqlite3
 
 from twisted.internet import defer
 from twisted.internet.task import Clock
@@ -15,7 +16,9 @@ from zope.interface import implementer
 
 from taskbroker.errors import StoreError
 from taskbroker.interfaces import ITaskStore
-from taskbroker.store import TaskRow
+from taskbroker.store import (
+    FINAL_STATES, LIVE_STATES, Submitted, TaskRow, check_request_ids,
+)
 
 __all__ = ["MemoryStore"]
 
@@ -44,13 +47,18 @@ class MemoryStore:
         self._rows = {}
         self._last_id = 0
         self._open = False
+        # The database's indexes: unique_key -> id of the live (queued or
+        # running) task that holds it, and request_id -> ids, in order.
+        self._live_keys = {}
+        self._by_request = {}
 
     def __repr__(self):
         state = "open" if self._open else "closed"
         return f"<MemoryStore {len(self._rows)} tasks {state}>"
 
     def insert_external(self, handler, payload="null", priority=None,
-                        max_attempts=None):
+                        max_attempts=None, run_at=None, unique_key=None,
+                        time_limit=None):
         """
         Add a row the way another program's ``INSERT INTO tasks (handler,
         payload, priority) VALUES (...)`` would: every other column takes
@@ -60,16 +68,24 @@ class MemoryStore:
         :param str payload: JSON text (or anything, to test validation).
         :param priority: a priority name, or ``None`` for the default.
         :param max_attempts: an ``int``, or ``None`` for the default.
+        :param run_at: a Unix time, or ``None``.
+        :param unique_key: a ``str``, or ``None``.
+        :param time_limit: seconds, or ``None``.
         :returns: the new :class:`taskbroker.store.TaskRow`.
+        :raises sqlite3.IntegrityError: as SQLite would, if a queued or
+            running task already holds ``unique_key``; nothing is inserted
+            then.
         """
         return self._insert(
-            handler, payload, priority, max_attempts, self._clock.seconds()
+            handler, payload, priority, max_attempts, self._clock.seconds(),
+            run_at=run_at, unique_key=unique_key, time_limit=time_limit,
         )
 
-    def _insert(self, handler, payload, priority, max_attempts, created_at):
-        self._last_id += 1
+    def _insert(self, handler, payload, priority, max_attempts, created_at,
+                run_at=None, unique_key=None, request_id=None,
+                time_limit=None):
         row = TaskRow(
-            id=self._last_id,
+            id=self._last_id + 1,
             handler=handler,
             payload=payload,
             priority=priority,
@@ -82,13 +98,45 @@ class MemoryStore:
             finished_at=None,
             result=None,
             error=None,
+            run_at=run_at,
+            unique_key=unique_key,
+            request_id=request_id,
+            token=0,
+            time_limit=time_limit,
+            traceback=None,
         )
+        self._index(None, row)
+        self._last_id = row.id
         self._rows[row.id] = row
+        if request_id is not None:
+            self._by_request.setdefault(request_id, []).append(row.id)
         return row
 
     def _update(self, row, **changes):
-        row = self._rows[row.id] = dataclasses.replace(row, **changes)
-        return row
+        new = dataclasses.replace(row, **changes)
+        self._index(row, new)
+        self._rows[row.id] = new
+        return new
+
+    def _index(self, old, new):
+        """
+        Keep the unique index of live keys as SQLite's
+        ``tasks_live_unique_key`` would, refusing a change that breaks it.
+        """
+        key = new.unique_key if new.state in LIVE_STATES else None
+        if key is not None and self._live_keys.get(key, new.id) != new.id:
+            raise sqlite3.IntegrityError(
+                "UNIQUE constraint failed: tasks.unique_key"
+            )
+        if (old is not None and old.unique_key is not None
+                and old.state in LIVE_STATES):
+            del self._live_keys[old.unique_key]
+        if key is not None:
+            self._live_keys[key] = new.id
+
+    def _live_with_key(self, unique_key):
+        task_id = self._live_keys.get(unique_key)
+        return None if task_id is None else self._rows[task_id]
 
     def _check_open(self):
         if not self._open:
@@ -117,17 +165,36 @@ class MemoryStore:
         if not self._open:
             return defer.fail(StoreError("memory store is not open"))
         tasks = list(tasks)
+        try:
+            request_id = check_request_ids(tasks)
+        except Exception as e:
+            return defer.fail(e)
         for task in tasks:
             # The SQLite store refuses NULLs here through NOT NULL columns.
             if task.handler is None or task.payload is None:
                 return defer.fail(StoreError(
                     "submit failed: handler and payload must not be None"
                 ))
-        return defer.succeed([
-            self._insert(task.handler, task.payload, task.priority,
-                         task.max_attempts, task.created_at)
-            for task in tasks
-        ])
+        if request_id in self._by_request:
+            return defer.succeed([
+                Submitted(self._rows[task_id], False)
+                for task_id in self._by_request[request_id]
+            ])
+        submitted = []
+        for task in tasks:
+            live = (None if task.unique_key is None
+                    else self._live_with_key(task.unique_key))
+            if live is not None:
+                submitted.append(Submitted(live, False))
+                continue
+            row = self._insert(
+                task.handler, task.payload, task.priority, task.max_attempts,
+                task.created_at, run_at=task.run_at,
+                unique_key=task.unique_key, request_id=task.request_id,
+                time_limit=task.time_limit,
+            )
+            submitted.append(Submitted(row, True))
+        return defer.succeed(submitted)
 
     @staticmethod
     def _run(function, *args):
@@ -137,58 +204,75 @@ class MemoryStore:
         except Exception as e:
             return defer.fail(e)
 
-    def dispatch(self, task_id, attempt, worker, started_at):
+    def dispatch(self, task_id, token, worker, started_at):
         """
         See :meth:`taskbroker.interfaces.ITaskStore.dispatch`.
         """
-        return self._run(self._dispatch, task_id, attempt, worker, started_at)
+        return self._run(self._dispatch, task_id, token, worker, started_at)
 
-    def _dispatch(self, task_id, attempt, worker, started_at):
+    def _dispatch(self, task_id, token, worker, started_at):
         self._check_open()
         row = self._rows.get(task_id)
-        if row is None or row.state != "queued":
+        if row is None or row.state != "queued" or row.token + 1 != token:
             return False
-        self._update(row, state="running", attempts=attempt, worker=worker,
-                     started_at=started_at)
+        self._update(row, state="running", token=token,
+                     attempts=row.attempts + 1, worker=worker,
+                     started_at=started_at, finished_at=None)
         return True
 
-    def finish(self, task_id, attempt, state, result, error, finished_at):
+    def finish(self, task_id, token, state, result, error, traceback,
+               finished_at):
         """
         See :meth:`taskbroker.interfaces.ITaskStore.finish`.
 
         :raises ValueError: (through the ``Deferred``) if ``state`` is not
-            ``"succeeded"`` or ``"failed"``.
+            ``"succeeded"``, ``"failed"`` or ``"cancelled"``.
         """
-        return self._run(self._finish, task_id, attempt, state, result,
-                         error, finished_at)
+        return self._run(self._finish, task_id, token, state, result,
+                         error, traceback, finished_at)
 
-    def _finish(self, task_id, attempt, state, result, error, finished_at):
-        if state not in ("succeeded", "failed"):
+    def _finish(self, task_id, token, state, result, error, traceback,
+                finished_at):
+        if state not in FINAL_STATES:
             raise ValueError(
-                "a finished task's state must be 'succeeded' or 'failed', "
-                f"not {state!r}"
+                "a finished task's state must be 'succeeded', 'failed' or "
+                f"'cancelled', not {state!r}"
             )
         self._check_open()
-        row = self._rows.get(task_id)
-        if row is None or row.state != "running" or row.attempts != attempt:
+        row = self._running_with(task_id, token)
+        if row is None:
             return False
         self._update(row, state=state, result=result, error=error,
-                     finished_at=finished_at)
+                     traceback=traceback, finished_at=finished_at)
         return True
 
-    def requeue(self, task_id, attempt):
+    def requeue(self, task_id, token, run_at=None, error=None, traceback=None,
+                consumed=True):
         """
         See :meth:`taskbroker.interfaces.ITaskStore.requeue`.
         """
-        return self._run(self._requeue, task_id, attempt)
+        return self._run(self._requeue, task_id, token, run_at, error,
+                         traceback, consumed)
 
-    def _requeue(self, task_id, attempt):
+    def _requeue(self, task_id, token, run_at, error, traceback, consumed):
         self._check_open()
-        row = self._rows.get(task_id)
-        if row is None or row.state != "running" or row.attempts != attempt:
+        row = self._running_with(task_id, token)
+        if row is None:
             return False
-        self._update(row, state="queued")
+        attempts = row.attempts if consumed else max(row.attempts - 1, 0)
+        self._update(row, state="queued", run_at=run_at, error=error,
+                     traceback=traceback, attempts=attempts)
         return True
+
+    def _running_with(self, task_id, token):
+        """
+        :returns: the task's row if it is running with that token, else
+            ``None``.
+        """
+        row = self._rows.get(task_id)
+        if row is None or row.state != "running" or row.token != token:
+            return None
+        return row
 
     def cancel(self, task_id, finished_at):
         """
@@ -199,9 +283,26 @@ class MemoryStore:
     def _cancel(self, task_id, finished_at):
         self._check_open()
         row = self._rows.get(task_id)
-        if row is not None and row.state == "queued":
+        if row is not None and row.state in LIVE_STATES:
             row = self._update(row, state="cancelled", error="cancelled",
                                finished_at=finished_at)
+        return row
+
+    def retry(self, task_id):
+        """
+        See :meth:`taskbroker.interfaces.ITaskStore.retry`.
+        """
+        return self._run(self._retry, task_id)
+
+    def _retry(self, task_id):
+        self._check_open()
+        row = self._rows.get(task_id)
+        if (row is not None and row.state in ("failed", "cancelled")
+                and (row.unique_key is None
+                     or self._live_with_key(row.unique_key) is None)):
+            row = self._update(row, state="queued", attempts=0, run_at=None,
+                               finished_at=None, result=None, error=None,
+                               traceback=None)
         return row
 
     def fix(self, task_id, priority, max_attempts):

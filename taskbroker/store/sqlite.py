@@ -22,7 +22,9 @@ from zope.interface import implementer
 
 from taskbroker.errors import StoreError, StoreLocked
 from taskbroker.interfaces import ITaskStore
-from taskbroker.store import TaskRow, _schema
+from taskbroker.store import (
+    FINAL_STATES, Submitted, TaskRow, _schema, check_request_ids,
+)
 
 __all__ = ["SQLiteStore"]
 
@@ -33,7 +35,8 @@ _SYNCHRONOUS = {"normal": "NORMAL", "full": "FULL"}
 # In TaskRow's field order, so that TaskRow(*row) builds one.
 _COLUMNS = (
     "id, handler, payload, priority, state, attempts, max_attempts, worker, "
-    "created_at, started_at, finished_at, result, error"
+    "created_at, started_at, finished_at, result, error, run_at, "
+    "unique_key, request_id, token, time_limit, traceback"
 )
 
 # Errors that one operation's arguments can cause (a NULL in a NOT NULL
@@ -86,7 +89,7 @@ class SQLiteStore:
     One broker owns the file at a time: :meth:`open` takes an exclusive
     ``flock`` on ``<path>.lock``, which the operating system releases when
     the owner exits, however it dies.  Other programs may still insert
-    tasks with SQL (see ``schema/sqlite/v1.sql``); the database runs in WAL
+    tasks with SQL (see ``schema/sqlite/v2.sql``); the database runs in WAL
     mode so that they and the broker's readers do not block each other.
 
     A read sees every write whose ``Deferred`` has fired; a write still
@@ -405,42 +408,52 @@ class SQLiteStore:
         See :meth:`taskbroker.interfaces.ITaskStore.submit`.
         """
         tasks = list(tasks)
+        try:
+            check_request_ids(tasks)
+        except Exception as e:
+            return defer.fail(e)
         if not tasks and self._state == "open":
             return defer.succeed([])
         return self._write(_submit, tasks)
 
-    def dispatch(self, task_id, attempt, worker, started_at):
+    def dispatch(self, task_id, token, worker, started_at):
         """
         See :meth:`taskbroker.interfaces.ITaskStore.dispatch`.
         """
-        return self._write(_dispatch, task_id, attempt, worker, started_at)
+        return self._write(_dispatch, task_id, token, worker, started_at)
 
-    def finish(self, task_id, attempt, state, result, error, finished_at):
+    def finish(self, task_id, token, state, result, error, traceback,
+               finished_at):
         """
         See :meth:`taskbroker.interfaces.ITaskStore.finish`.
 
         :raises ValueError: (through the ``Deferred``) if ``state`` is not
-            ``"succeeded"`` or ``"failed"``.
+            ``"succeeded"``, ``"failed"`` or ``"cancelled"``.
         """
-        if state not in ("succeeded", "failed"):
+        if state not in FINAL_STATES:
             return defer.fail(_bad_final_state(state))
-        return self._write(
-            _finish, task_id, attempt, state, result, error, finished_at
-        )
+        return self._write(_finish, task_id, token, state, result, error,
+                           traceback, finished_at)
 
-    def requeue(self, task_id, attempt):
+    def requeue(self, task_id, token, run_at=None, error=None, traceback=None,
+                consumed=True):
         """
-        See :meth:`taskbroker.interfaces.ITaskStore.requeue`.  The task
-        keeps its ``worker`` and ``started_at``: they describe the latest
-        attempt until the next dispatch replaces them.
+        See :meth:`taskbroker.interfaces.ITaskStore.requeue`.
         """
-        return self._write(_requeue, task_id, attempt)
+        return self._write(_requeue, task_id, token, run_at, error, traceback,
+                           bool(consumed))
 
     def cancel(self, task_id, finished_at):
         """
         See :meth:`taskbroker.interfaces.ITaskStore.cancel`.
         """
         return self._write(_cancel, task_id, finished_at)
+
+    def retry(self, task_id):
+        """
+        See :meth:`taskbroker.interfaces.ITaskStore.retry`.
+        """
+        return self._write(_retry, task_id)
 
     def fix(self, task_id, priority, max_attempts):
         """
@@ -493,7 +506,8 @@ def _one_line(error):
 
 def _bad_final_state(state):
     return ValueError(
-        f"a finished task's state must be 'succeeded' or 'failed', not {state!r}"
+        "a finished task's state must be 'succeeded', 'failed' or "
+        f"'cancelled', not {state!r}"
     )
 
 
@@ -601,16 +615,33 @@ def _transaction(cursor, operations, isolate):
 
 
 def _submit(cursor, tasks):
-    rows = []
+    request_id = tasks[0].request_id
+    if request_id is not None:
+        # Uses the partial index tasks_by_request_id: "request_id = ?"
+        # implies its "request_id IS NOT NULL".
+        rows = cursor.execute(
+            f"SELECT {_COLUMNS} FROM tasks WHERE request_id = ? ORDER BY id",
+            (request_id,),
+        ).fetchall()
+        if rows:
+            return [Submitted(TaskRow(*row), False) for row in rows]
+    submitted = []
     for task in tasks:
+        if task.unique_key is not None:
+            live = _live_with_key(cursor, task.unique_key)
+            if live is not None:
+                submitted.append(Submitted(live, False))
+                continue
         cursor.execute(
             "INSERT INTO tasks "
-            "(handler, payload, priority, max_attempts, created_at) "
-            "VALUES (?, ?, ?, ?, ?)",
+            "(handler, payload, priority, max_attempts, created_at, run_at, "
+            "unique_key, request_id, time_limit) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (task.handler, task.payload, task.priority, task.max_attempts,
-             task.created_at),
+             task.created_at, task.run_at, task.unique_key, task.request_id,
+             task.time_limit),
         )
-        rows.append(TaskRow(
+        submitted.append(Submitted(TaskRow(
             id=cursor.lastrowid,
             handler=task.handler,
             payload=task.payload,
@@ -624,33 +655,57 @@ def _submit(cursor, tasks):
             finished_at=None,
             result=None,
             error=None,
-        ))
-    return rows
+            run_at=task.run_at,
+            unique_key=task.unique_key,
+            request_id=task.request_id,
+            token=0,
+            time_limit=task.time_limit,
+            traceback=None,
+        ), True))
+    return submitted
 
 
-def _dispatch(cursor, task_id, attempt, worker, started_at):
+def _live_with_key(cursor, unique_key):
+    # The state condition is written exactly as in the partial index
+    # tasks_live_unique_key, so that SQLite can use it.
+    row = cursor.execute(
+        f"SELECT {_COLUMNS} FROM tasks WHERE unique_key = ? "
+        "AND state IN ('queued', 'running')",
+        (unique_key,),
+    ).fetchone()
+    return None if row is None else TaskRow(*row)
+
+
+def _dispatch(cursor, task_id, token, worker, started_at):
     cursor.execute(
-        "UPDATE tasks SET state = 'running', attempts = ?, worker = ?, "
-        "started_at = ? WHERE id = ? AND state = 'queued'",
-        (attempt, worker, started_at, task_id),
+        "UPDATE tasks SET state = 'running', token = ?, "
+        "attempts = attempts + 1, worker = ?, started_at = ?, "
+        "finished_at = NULL "
+        "WHERE id = ? AND state = 'queued' AND token = ? - 1",
+        (token, worker, started_at, task_id, token),
     )
     return cursor.rowcount == 1
 
 
-def _finish(cursor, task_id, attempt, state, result, error, finished_at):
+def _finish(cursor, task_id, token, state, result, error, traceback,
+            finished_at):
     cursor.execute(
-        "UPDATE tasks SET state = ?, result = ?, error = ?, finished_at = ? "
-        "WHERE id = ? AND attempts = ? AND state = 'running'",
-        (state, result, error, finished_at, task_id, attempt),
+        "UPDATE tasks SET state = ?, result = ?, error = ?, traceback = ?, "
+        "finished_at = ? WHERE id = ? AND token = ? AND state = 'running'",
+        (state, result, error, traceback, finished_at, task_id, token),
     )
     return cursor.rowcount == 1
 
 
-def _requeue(cursor, task_id, attempt):
+def _requeue(cursor, task_id, token, run_at, error, traceback, consumed):
+    # MAX: a running task has used at least one attempt, unless another
+    # program set its columns by hand; attempts must not go negative then.
     cursor.execute(
-        "UPDATE tasks SET state = 'queued' "
-        "WHERE id = ? AND attempts = ? AND state = 'running'",
-        (task_id, attempt),
+        "UPDATE tasks SET state = 'queued', run_at = ?, error = ?, "
+        "traceback = ?, "
+        "attempts = CASE WHEN ? THEN attempts ELSE MAX(attempts - 1, 0) END "
+        "WHERE id = ? AND token = ? AND state = 'running'",
+        (run_at, error, traceback, consumed, task_id, token),
     )
     return cursor.rowcount == 1
 
@@ -658,8 +713,23 @@ def _requeue(cursor, task_id, attempt):
 def _cancel(cursor, task_id, finished_at):
     cursor.execute(
         "UPDATE tasks SET state = 'cancelled', error = 'cancelled', "
-        "finished_at = ? WHERE id = ? AND state = 'queued'",
+        "finished_at = ? WHERE id = ? AND state IN ('queued', 'running')",
         (finished_at, task_id),
+    )
+    return _get_with(cursor, task_id)
+
+
+def _retry(cursor, task_id):
+    # NOT EXISTS: queueing the task while another live task holds its key
+    # would break the unique index; the row then stays as it is.
+    cursor.execute(
+        "UPDATE tasks SET state = 'queued', attempts = 0, run_at = NULL, "
+        "finished_at = NULL, result = NULL, error = NULL, traceback = NULL "
+        "WHERE id = ? AND state IN ('failed', 'cancelled') "
+        "AND NOT EXISTS (SELECT 1 FROM tasks AS live "
+        "WHERE live.unique_key = tasks.unique_key "
+        "AND live.state IN ('queued', 'running'))",
+        (task_id,),
     )
     return _get_with(cursor, task_id)
 

@@ -3,82 +3,93 @@
 The worker daemon: announce, ask for one task per free slot, run it, report.
 
 The worker keeps each result until the broker acknowledges it and sends it
-again after a reconnection, so a slot takes new work as soon as its task
-ends without risking the result.  A broker restart is invisible to ZeroMQ,
-so the worker watches the broker's instance id (in ``WELCOME`` and
-heartbeats) and its silence, and announces itself again when either says
-the broker it knew is gone.
+again after a reconnection (and while unacknowledged), so a slot takes new
+work as soon as its task ends without risking the result.  A broker
+restart is invisible to ZeroMQ, so the worker watches the broker's instance
+id (in ``WELCOME`` and heartbeats) and its silence, and announces itself
+again when either says the broker it knew is gone.
+
+Handlers that do not block run in the reactor; blocking ones run in child
+processes (:mod:`taskbroker.worker.children`), so that a time limit or a
+cancellation can stop them and a crash cannot take the worker down.
 """
 
 import uuid
 
 from twisted.application.service import Service
 from twisted.internet import defer, task
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
-from twisted.python.threadpool import ThreadPool
-from zope.interface import implementer
 
-from taskbroker.interfaces import ITask
+from taskbroker.errors import PermanentFailure
 from taskbroker.protocol import codec
 from taskbroker.protocol.codec import ProtocolError, dumps, encode
 from taskbroker.transport.zmq import DealerSocket, ZmqFactoryService
+from taskbroker.worker.children import ChildPool, Outcome
+from taskbroker.worker.task import RunningTask
 
 #: Seconds before the first HELLO is repeated when no WELCOME comes.
 HELLO_FIRST_RETRY = 0.05
 
 
-@implementer(ITask)
-class RunningTask:
+def _one_line(error):
+    try:
+        text = " ".join(str(error).split())
+    except Exception:
+        text = "(its message could not be shown)"
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def run_handler(handler, running_task, clock, time_limit=None):
     """
-    What a handler receives.  ``clock`` is the worker's ``IReactorTime``,
-    for handlers that wait.
+    Run one task of a handler that does not block, in the reactor.
+
+    :param time_limit: seconds the attempt may take, or ``None``.
+    :returns: a ``Deferred`` that always succeeds, with an
+        :class:`~taskbroker.worker.children.Outcome`.  Cancelling it stops
+        the handler (cancels the handler's ``Deferred``) and fires it with
+        a ``cancelled`` outcome.
     """
+    timer = None
 
-    __slots__ = ("id", "handler", "payload", "priority", "attempt",
-                 "max_attempts", "clock")
+    def settle(outcome):
+        if timer is not None and timer.active():
+            timer.cancel()
+        if not result.called:
+            result.callback(outcome)
 
-    def __init__(self, body, clock):
-        self.id = body["id"]
-        self.handler = body["handler"]
-        self.payload = body.get("payload")
-        self.priority = body["priority"]
-        self.attempt = body["attempt"]
-        self.max_attempts = body["max_attempts"]
-        self.clock = clock
+    def stop(_):
+        settle(Outcome("cancelled", None, "cancelled"))
+        handler_d.cancel()
 
-    def __repr__(self):
-        return f"<task {self.id} {self.handler} attempt {self.attempt}>"
-
-
-def run_handler(handler, running_task, reactor, threadpool):
-    """
-    Run one task to its end.
-
-    :returns: a ``Deferred`` that always succeeds, with ``(state, result,
-        error)``: ``("succeeded", value, None)`` or ``("failed", None,
-        "one line")``.
-    """
-    if handler.blocking:
-        d = deferToThreadPool(reactor, threadpool, handler.run, running_task)
-    else:
-        d = defer.maybeDeferred(handler.run, running_task)
+    result = defer.Deferred(stop)
 
     def succeeded(value):
         try:
             dumps(value)
         except (TypeError, ValueError) as e:
-            return ("failed", None,
-                    f"result is not JSON-serialisable: {e}")
-        return ("succeeded", value, None)
+            return Outcome("failed", None,
+                           f"result is not JSON-serialisable: {e}")
+        return Outcome("succeeded", value, None)
 
     def failed(reason):
-        error = reason.value
-        text = " ".join(str(error).split())
-        return ("failed", None,
-                f"{type(error).__name__}: {text}" if text else type(error).__name__)
+        try:
+            traceback = reason.getTraceback()
+        except Exception:
+            traceback = None
+        return Outcome("failed", None, _one_line(reason.value),
+                       traceback=traceback,
+                       permanent=bool(reason.check(PermanentFailure)))
 
-    return d.addCallbacks(succeeded, failed)
+    handler_d = defer.maybeDeferred(handler.run, running_task)
+    handler_d.addCallbacks(succeeded, failed).addCallback(settle)
+    if time_limit is not None and not result.called:
+        def expire():
+            settle(Outcome("failed", None,
+                           f"time limit of {time_limit:g} s exceeded"))
+            handler_d.cancel()
+
+        timer = clock.callLater(time_limit, expire)
+    return result
 
 
 class WorkerService(Service):
@@ -87,18 +98,23 @@ class WorkerService(Service):
 
     :param config: a :class:`taskbroker.config.WorkerConfig`.
     :param handlers: ``{name: ITaskHandler}``.
-    :param reactor: the reactor (``IReactorTime``, ``IReactorThreads``).
+    :param reactor: the reactor (``IReactorTime``, ``IReactorProcess``).
     :param on_fatal: called with a one-line reason when the broker refuses
         this worker; the tap exits non-zero.
     :param connect: ``connect(on_message) -> socket`` (with ``send(frames)
         -> bool`` and ``close()``); by default a DEALER socket to the
         broker.  Tests pass a fake.
+    :param children: runs blocking handlers; by default a
+        :class:`~taskbroker.worker.children.ChildPool` with one child
+        process per slot.
+    :param monotonic: seconds on a clock that never steps, for noticing a
+        silent broker; default ``reactor.seconds``.
     """
 
     log = Logger()
 
     def __init__(self, config, handlers, reactor, on_fatal=None,
-                 connect=None):
+                 connect=None, children=None, monotonic=None):
         self.config = config
         self.handlers = handlers
         self.reactor = reactor
@@ -107,20 +123,23 @@ class WorkerService(Service):
             config.name + "/" + uuid.uuid4().hex[:8]).encode("utf-8")
         self._zmq = ZmqFactoryService(reactor, linger=1000)
         self._connect = connect or self._connect_dealer
+        self._children = children
+        self._monotonic = monotonic or reactor.seconds
         self.socket = None
         self._heartbeat = None
-        self._threadpool = None
         # The broker instance that welcomed us, or None while unwelcomed.
         self.broker_instance = None
+        self._time_limit = None
         self._broker_seen = 0.0
         self._hello_retry = None
         self._hello_delay = HELLO_FIRST_RETRY
-        # task id -> (attempt, Deferred) for the tasks running now.
+        # task id -> (token, Deferred of its Outcome)
         self.tasks = {}
-        # (task id, attempt) -> RESULT body, until acknowledged.
+        # (task id, token) -> [RESULT body, monotonic time last sent]
         self.unacked = {}
         self.completed = 0
         self._stopping = None
+        self._idle = None
 
     @property
     def free_slots(self):
@@ -130,12 +149,13 @@ class WorkerService(Service):
         if self.running:
             return
         Service.startService(self)
-        if any(h.blocking for h in self.handlers.values()):
-            self._threadpool = ThreadPool(
-                minthreads=0, maxthreads=self.config.concurrency,
-                name="taskworker-handlers")
-            self._threadpool.start()
+        if self._children is None and any(
+                h.blocking for h in self.handlers.values()):
+            self._children = ChildPool(
+                self.reactor, self.config.handlers_path,
+                self.config.concurrency)
         self.socket = self._connect(self._on_message)
+        self._broker_seen = self._monotonic()
         self._announce()
         self._heartbeat = task.LoopingCall(self._beat)
         self._heartbeat.clock = self.reactor
@@ -182,16 +202,14 @@ class WorkerService(Service):
         if self._hello_retry is not None and self._hello_retry.active():
             self._hello_retry.cancel()
         self._hello_retry = None
-        if self._stopping is not None:
-            return
         self._send(b"HELLO", {
             "name": self.config.name,
             "slots": self.config.concurrency,
             "priorities": (list(self.config.priorities)
                            if self.config.priorities else None),
             "handlers": sorted(self.handlers),
-            "running": [{"id": i, "attempt": a}
-                        for i, (a, _) in self.tasks.items()],
+            "running": [{"id": i, "token": t}
+                        for i, (t, _) in self.tasks.items()],
             "heartbeat": self.config.heartbeat,
         })
         self._hello_retry = self.reactor.callLater(
@@ -204,14 +222,21 @@ class WorkerService(Service):
             self._hello()
 
     def _beat(self):
-        now = self.reactor.seconds()
+        now = self._monotonic()
         self._send(b"HEARTBEAT", {})
-        if (self.broker_instance is not None
-                and now - self._broker_seen > self._allowance):
+        if self.broker_instance is None:
+            return
+        if now - self._broker_seen > self._allowance:
             self.log.warn(
                 "broker silent for {silence:.1f}s; announcing again",
                 silence=now - self._broker_seen)
             self._announce()
+            return
+        # A result whose acknowledgement was lost goes again.
+        for entry in self.unacked.values():
+            if now - entry[1] > self._allowance:
+                entry[1] = now
+                self._send(b"RESULT", entry[0])
 
     # -- receiving -------------------------------------------------------
 
@@ -223,29 +248,27 @@ class WorkerService(Service):
             self.log.warn("bad message from the broker: {reason}",
                           reason=e.message)
             return
-        self._broker_seen = self.reactor.seconds()
+        self._broker_seen = self._monotonic()
         getattr(self, "_on_" + command.decode("ascii"))(body)
 
     def _on_WELCOME(self, body):
-        if self._stopping is not None:
-            return
-        self.broker_instance = body["broker"]
         if self._hello_retry is not None and self._hello_retry.active():
             self._hello_retry.cancel()
         self._hello_retry = None
-        if self.config.priorities:
-            missing = set(self.config.priorities) - set(body["priorities"])
-            if missing:  # the broker refuses these too; belt and braces
-                return
+        self.broker_instance = body["broker"]
+        self._time_limit = body.get("time_limit")
         self.log.info("welcomed by broker {instance}",
                       instance=body["broker"])
         # Results first, so the broker frees their slots before it counts
         # our credits.  A WELCOME always starts a fresh count of credits
         # at the broker; any it already had are dropped there.
-        for result in list(self.unacked.values()):
-            self._send(b"RESULT", result)
-        for _ in range(self.free_slots):
-            self._send(b"READY", {})
+        now = self._monotonic()
+        for entry in self.unacked.values():
+            entry[1] = now
+            self._send(b"RESULT", entry[0])
+        if self._stopping is None:
+            for _ in range(self.free_slots):
+                self._send(b"READY", {})
 
     def _on_HEARTBEAT(self, body):
         if self.broker_instance is not None and body["broker"] != self.broker_instance:
@@ -269,40 +292,71 @@ class WorkerService(Service):
             self.log.warn("error from the broker: {message}", message=message)
 
     def _on_ACK(self, body):
-        self.unacked.pop((body["id"], body["attempt"]), None)
+        self.unacked.pop((body["id"], body["token"]), None)
+        self._check_idle()
+
+    def _on_CANCEL(self, body):
+        entry = self.tasks.get(body["id"])
+        if entry is None or entry[0] != body["token"]:
+            return
+        self.log.info("stopping task {task_id}: the broker cancelled it or "
+                      "gave it to another worker", task_id=body["id"])
+        # The broker has forgotten this attempt: no result goes back, and
+        # the slot asks for new work once the handler has stopped.
+        del self.tasks[body["id"]]
+        entry[1].addCallback(self._slot_freed)
+        entry[1].cancel()
 
     def _on_TASK(self, body):
-        task_id, attempt = body["id"], body["attempt"]
-        if task_id in self.tasks:
-            self.log.warn("task {task_id} is already running here; ignored",
-                          task_id=task_id)
+        task_id, token = body["id"], body["token"]
+        if task_id in self.tasks or self._stopping is not None:
+            self.log.warn("task {task_id} refused: already running here or "
+                          "shutting down", task_id=task_id)
             return
         handler = self.handlers.get(body["handler"])
-        running_task = RunningTask(body, self.reactor)
         if handler is None:
-            d = defer.succeed(("failed", None,
-                               f"no handler {body['handler']!r} on worker "
-                               f"{self.config.name}"))
+            d = defer.succeed(Outcome(
+                "failed", None,
+                f"no handler {body['handler']!r} on worker {self.config.name}"))
         else:
-            d = run_handler(handler, running_task, self.reactor,
-                            self._threadpool)
-        self.tasks[task_id] = (attempt, d)
-        d.addCallback(self._finished, task_id, attempt)
+            time_limit = (body.get("time_limit")
+                          or getattr(handler, "time_limit", None)
+                          or self._time_limit)
+            if handler.blocking:
+                d = self._children.run(body, time_limit)
+            else:
+                d = run_handler(handler, RunningTask(body, self.reactor),
+                                self.reactor, time_limit)
+        self.tasks[task_id] = (token, d)
+        d.addCallback(self._finished, task_id, token)
 
-    def _finished(self, outcome, task_id, attempt):
-        state, result, error = outcome
-        if self.tasks.pop(task_id, None) is None:
-            # Abandoned at shutdown: the broker requeues it after BYE.
-            return
+    def _finished(self, outcome, task_id, token):
+        entry = self.tasks.get(task_id)
+        if entry is None or entry[0] != token:
+            # Cancelled or handed back: nothing to report.
+            return outcome
+        del self.tasks[task_id]
         self.completed += 1
-        body = {"id": task_id, "attempt": attempt, "state": state,
-                "result": result, "error": error}
-        self.unacked[(task_id, attempt)] = body
+        body = {"id": task_id, "token": token, "state": outcome.state,
+                "result": outcome.result, "error": outcome.error,
+                "traceback": outcome.traceback,
+                "permanent": outcome.permanent}
+        self.unacked[(task_id, token)] = [body, self._monotonic()]
         self._send(b"RESULT", body)
+        self._slot_freed()
+        return outcome
+
+    def _slot_freed(self, _=None):
         if self._stopping is None and self.broker_instance is not None:
             self._send(b"READY", {})
+        self._check_idle()
 
     # -- stopping --------------------------------------------------------
+
+    def _check_idle(self):
+        if self._idle is not None and not self.tasks and not self.unacked:
+            idle, self._idle = self._idle, None
+            idle.callback(None)
 
     def stopService(self):
         if self._stopping is not None:
@@ -313,19 +367,39 @@ class WorkerService(Service):
 
     @defer.inlineCallbacks
     def _stop(self):
-        if self._heartbeat is not None and self._heartbeat.running:
-            self._heartbeat.stop()
+        """
+        Take no more work; give running tasks ``grace`` seconds to finish
+        and their results time to be acknowledged; then stop what still
+        runs and hand it back: the broker requeues it without counting
+        the attempt.
+        """
         if self._hello_retry is not None and self._hello_retry.active():
             self._hello_retry.cancel()
+        if self.tasks or self.unacked:
+            self.log.info(
+                "stopping: {running} tasks running, waiting up to {grace}s "
+                "for them", running=len(self.tasks), grace=self.config.grace)
+            self._idle = defer.Deferred()
+            self._idle.addTimeout(self.config.grace, self.reactor)
+            try:
+                yield self._idle
+            except defer.TimeoutError:
+                pass
+            self._idle = None
+        if self._heartbeat is not None and self._heartbeat.running:
+            self._heartbeat.stop()
         abandoned, self.tasks = self.tasks, {}
-        for _, d in abandoned.values():
+        for task_id, (token, d) in abandoned.items():
+            self.log.info("handing back task {task_id}", task_id=task_id)
+            self._send(b"RESULT", {"id": task_id, "token": token,
+                                   "state": "released"})
             d.cancel()
         self._send(b"BYE", {})
-        if self._threadpool is not None:
-            yield deferToThreadPool(self.reactor, self.reactor.getThreadPool(),
-                                    self._threadpool.stop)
+        if self._children is not None:
+            yield self._children.stop()
         if self.socket is not None:
             self.socket.close()
             self.socket = None
         self._zmq.stopService()
         self.log.info("taskworker stopped")
+

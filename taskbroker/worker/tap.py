@@ -3,6 +3,8 @@
 ``twistd taskworker``: the worker's command line.
 """
 
+import time
+
 from taskbroker._tap import exit_with, options_class
 from taskbroker.config import WORKER_SETTINGS, worker_config
 
@@ -28,4 +30,5 @@ def makeService(options):
     config = options.config
     handlers = load_handlers(config.handlers_path)
     return WorkerService(config, handlers, reactor,
-                         on_fatal=lambda message: exit_with(reactor, 1))
+                         on_fatal=lambda message: exit_with(reactor, 1),
+                         monotonic=time.monotonic)

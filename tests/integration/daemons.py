@@ -161,7 +161,8 @@ class Cluster:
             self.broker = daemon
         return daemon
 
-    def start_worker(self, *args, name=None, wait=True, handlers=True):
+    def start_worker(self, *args, name=None, wait=True, handlers=True,
+                     env=None):
         """
         Start a worker of the current broker; by default wait until the
         broker has welcomed it.
@@ -173,7 +174,9 @@ class Cluster:
         if handlers:
             argv += ["--handlers-path", HANDLERS]
         argv += list(args)
-        daemon = Daemon(f"worker {name}", argv, self.folder)
+        environment = clean_environment()
+        environment.update(env or {})
+        daemon = Daemon(f"worker {name}", argv, self.folder, environment)
         self.daemons.append(daemon)
         if wait:
             daemon.wait_for(r"welcomed by broker")

@@ -40,7 +40,8 @@ def make_task(task_id, **fields):
         "max_attempts": 3, "worker": None,
         "created_at": "2026-11-28T04:11:03.123456+00:00",
         "started_at": None, "finished_at": None, "result": None,
-        "error": None,
+        "error": None, "traceback": None, "run_at": None,
+        "unique_key": None, "time_limit": None,
     }
     task.update(fields)
     return task
@@ -73,23 +74,75 @@ def sequence(*answers):
     return handler
 
 
-def submitted(unserved=(), first_id=1):
+def submitted(unserved=(), first_id=1, live_keys=None):
     """
     A ``SUBMIT`` handler that accepts every task, numbering them from
     ``first_id``, and reports ``unserved`` (a list, or a callable from the
     task list to one).
+
+    Like the broker, it answers a ``request_id`` it has seen with the tasks
+    it created for it (only those), all listed in ``existing``, and a task
+    whose ``unique_key`` a live task holds with that task, listed in
+    ``existing``.  Every task it creates stays live.
+
+    :param live_keys: a ``dict`` of unique key -> task object, the live
+        tasks there are to begin with; it is updated.
     """
     ids = itertools.count(first_id)
+    by_request = {}
+    live = {} if live_keys is None else live_keys
 
     def handler(body):
-        tasks = [make_task(next(ids), handler=task["handler"],
-                           payload=task.get("payload"),
-                           priority=task.get("priority") or "normal")
-                 for task in body["tasks"]]
+        request_id = body.get("request_id")
+        if request_id is not None and request_id in by_request:
+            tasks = by_request[request_id]
+            existing = [task["id"] for task in tasks]
+        else:
+            tasks, existing = [], []
+            for spec in body["tasks"]:
+                key = spec.get("unique_key")
+                if key is not None and key in live:
+                    tasks.append(live[key])
+                    existing.append(live[key]["id"])
+                    continue
+                task = make_task(
+                    next(ids), handler=spec["handler"],
+                    payload=spec.get("payload"),
+                    priority=spec.get("priority") or "normal",
+                    max_attempts=spec.get("max_attempts") or 3,
+                    run_at=(None if not spec.get("delay")
+                            else "2026-11-28T05:00:00.000000+00:00"),
+                    unique_key=key, time_limit=spec.get("time_limit"))
+                if key is not None:
+                    live[key] = task
+                tasks.append(task)
+            # As the broker does: only the tasks created carry the
+            # request_id, and a request that created none is not known.
+            created = [task for task in tasks if task["id"] not in existing]
+            if request_id is not None and created:
+                by_request[request_id] = created
         names = unserved(tasks) if callable(unserved) else list(unserved)
-        return reply(tasks=tasks, unserved=names)
+        return reply(tasks=tasks, existing=existing, unserved=names)
 
     return handler
+
+
+def lose_replies(handler, count=1):
+    """
+    A handler that carries out every request with ``handler`` but does not
+    answer the first ``count`` of them: a reply lost on the way, which
+    makes a client resend.
+    """
+    remaining = [count]
+
+    def lossy(body):
+        answers = handler(body)
+        if remaining[0] > 0:
+            remaining[0] -= 1
+            return None
+        return answers
+
+    return lossy
 
 
 class FakeBroker:

@@ -85,7 +85,7 @@ def test_hello_is_welcomed(broker, peers):
     [(_, command, body)] = peers.take(b"w1/x")
     assert command == b"WELCOME"
     assert body == {"broker": "b1", "priorities": ["high", "normal", "low"],
-                    "heartbeat": 1.0}
+                    "heartbeat": 1.0, "time_limit": None}
 
 
 def test_unknown_level_is_refused(broker, peers):
@@ -113,7 +113,8 @@ def test_submit_is_answered_after_commit_then_dispatched(broker, peers, store):
     assert reply["unserved"] == []
     [(_, _, sent)] = peers.take(b"w1/x", b"TASK")
     assert sent == {"id": task["id"], "handler": "echo", "payload": {"a": 1},
-                    "priority": "normal", "attempt": 1, "max_attempts": 3}
+                    "priority": "normal", "attempt": 1, "max_attempts": 3,
+                    "token": 1, "time_limit": None}
     assert result_of(store.get(task["id"])).state == "running"
 
 
@@ -122,9 +123,9 @@ def test_result_is_recorded_and_acknowledged(broker, peers, store):
     send(broker, b"w1/x", b"READY", {})
     submit(broker, {"handler": "echo", "payload": 7})
     peers.take()
-    send(broker, b"w1/x", b"RESULT", {"id": 1, "attempt": 1,
+    send(broker, b"w1/x", b"RESULT", {"id": 1, "token": 1,
                                        "state": "succeeded", "result": 7})
-    assert peers.take(b"w1/x", b"ACK")[0][2] == {"id": 1, "attempt": 1}
+    assert peers.take(b"w1/x", b"ACK")[0][2] == {"id": 1, "token": 1}
     row = result_of(store.get(1))
     assert (row.state, row.result) == ("succeeded", "7")
     assert broker.dispatcher.worker(b"w1/x").busy == 0
@@ -134,7 +135,7 @@ def test_stale_result_is_ignored_but_acknowledged(broker, peers, store):
     hello(broker)
     send(broker, b"w1/x", b"READY", {})
     submit(broker, {"handler": "echo"})
-    send(broker, b"w1/x", b"RESULT", {"id": 1, "attempt": 2,
+    send(broker, b"w1/x", b"RESULT", {"id": 1, "token": 2,
                                        "state": "succeeded", "result": 1})
     assert peers.take(b"w1/x", b"ACK")
     assert result_of(store.get(1)).state == "running"
@@ -159,7 +160,7 @@ def test_lost_worker_task_is_requeued_at_the_front(broker, peers, clock):
     hello(broker, identity=b"w2/x", name="w2")
     send(broker, b"w2/x", b"READY", {})
     [(_, _, task)] = peers.take(b"w2/x", b"TASK")
-    assert (task["id"], task["attempt"]) == (1, 2)
+    assert (task["id"], task["attempt"], task["token"]) == (1, 2, 2)
 
 
 def test_heartbeats_keep_a_worker(broker, peers, clock):
@@ -218,12 +219,12 @@ def test_bad_message_from_a_worker_is_dropped(broker, peers):
 
 def test_wait_answers_when_the_task_ends(broker, peers, clock):
     hello(broker)
-    submit(broker, {"handler": "echo"})
+    submit(broker, {"handler": "echo", "max_attempts": 1})
     peers.take()
     send(broker, b"client", b"WAIT", {"req": "w", "id": 1, "timeout": 10})
     assert peers.take(b"client") == []
     send(broker, b"w1/x", b"READY", {})
-    send(broker, b"w1/x", b"RESULT", {"id": 1, "attempt": 1,
+    send(broker, b"w1/x", b"RESULT", {"id": 1, "token": 1,
                                        "state": "failed", "error": "boom"})
     [(_, _, reply)] = peers.take(b"client", b"REPLY")
     assert reply["task"]["state"] == "failed"
@@ -252,6 +253,8 @@ def test_cancel_a_queued_task(broker, peers):
     hello(broker)
     send(broker, b"w1/x", b"READY", {})
     submit(broker, {"handler": "echo"})
+    send(broker, b"w1/x", b"RESULT", {"id": 2, "token": 1,
+                                       "state": "succeeded", "result": 1})
     peers.take()
     send(broker, b"client", b"CANCEL", {"req": "c", "id": 2})
     assert peers.take(b"client")[0][2]["code"] == "not_cancellable"
@@ -270,10 +273,12 @@ def test_restarted_broker_lets_workers_reclaim_running_attempts(
 
     second = Broker(BrokerConfig(), store, clock, peers.send, instance_id="b2")
     result_of(second.load())
-    hello(second, running=[{"id": 1, "attempt": 1}])
+    hello(second, running=[{"id": 1, "token": 1}])
     clock.advance(10)  # past the reclaim allowance
+    send(second, b"w1/x", b"HEARTBEAT", {})
+    second.sweep()
     assert result_of(store.get(1)).state == "running"
-    send(second, b"w1/x", b"RESULT", {"id": 1, "attempt": 1,
+    send(second, b"w1/x", b"RESULT", {"id": 1, "token": 1,
                                        "state": "succeeded", "result": None})
     assert result_of(store.get(1)).state == "succeeded"
 
@@ -289,8 +294,13 @@ def test_unclaimed_running_attempts_are_requeued_after_the_allowance(
     second = Broker(BrokerConfig(), store, clock, peers.send, instance_id="b2")
     result_of(second.load())
     assert result_of(store.get(1)).state == "running"
-    clock.advance(3.1)
-    assert result_of(store.get(1)).state == "queued"
+    clock.advance(2.9)
+    second.sweep()
+    assert result_of(store.get(1)).state == "running"
+    clock.advance(0.2)
+    second.sweep()
+    row = result_of(store.get(1))
+    assert (row.state, row.attempts) == ("queued", 0)  # not counted
     assert 1 in second.dispatcher
 
 
@@ -329,3 +339,217 @@ def test_polled_rows_are_handed_out_most_urgent_first(broker, peers, store):
     result_of(broker.poll())
     [(_, _, sent)] = peers.take(b"w1/x", b"TASK")
     assert sent["payload"] == 3
+
+
+# -- reliability -------------------------------------------------------------
+
+
+def start_one(broker, peers, **spec):
+    """
+    A worker w1 with one credit, and one submitted task dispatched to it.
+
+    :returns: the TASK body sent.
+    """
+    hello(broker)
+    send(broker, b"w1/x", b"READY", {})
+    submit(broker, {"handler": "echo", **spec})
+    [(_, _, sent)] = peers.take(b"w1/x", b"TASK")
+    peers.take()
+    return sent
+
+
+def fail(broker, sent, identity=b"w1/x", **fields):
+    body = {"id": sent["id"], "token": sent["token"], "state": "failed",
+            "error": "ValueError: boom", "traceback": "Traceback ..."}
+    body.update(fields)
+    send(broker, identity, b"RESULT", body)
+
+
+def test_failed_attempt_is_retried_after_a_backoff(broker, peers, store, clock):
+    sent = start_one(broker, peers)
+    fail(broker, sent)
+    assert peers.take(b"w1/x", b"ACK")
+    row = result_of(store.get(1))
+    assert (row.state, row.attempts, row.error) == ("queued", 1, "ValueError: boom")
+    # First retry after retry_delay (1 s) with equal jitter: 0.5 to 1 s.
+    assert 0.5 <= row.run_at - clock.seconds() <= 1.0
+    send(broker, b"w1/x", b"READY", {})
+    assert peers.take(b"w1/x", b"TASK") == []
+    clock.advance(1.0)
+    [(_, _, again)] = peers.take(b"w1/x", b"TASK")
+    assert (again["attempt"], again["token"]) == (2, 2)
+
+
+def test_backoff_doubles_up_to_the_maximum(broker):
+    for attempt, high in ((1, 1), (2, 2), (3, 4), (12, 300)):
+        delay = broker._backoff(attempt)
+        assert high / 2 <= delay <= high
+
+
+def test_last_attempt_fails_the_task_with_its_traceback(broker, peers, store):
+    sent = start_one(broker, peers, max_attempts=1)
+    fail(broker, sent)
+    row = result_of(store.get(1))
+    assert (row.state, row.error, row.traceback) == (
+        "failed", "ValueError: boom", "Traceback ...")
+
+
+def test_permanent_failure_is_not_retried(broker, peers, store):
+    sent = start_one(broker, peers)
+    fail(broker, sent, permanent=True)
+    assert result_of(store.get(1)).state == "failed"
+
+
+def test_released_attempt_is_requeued_without_counting(broker, peers, store):
+    sent = start_one(broker, peers)
+    send(broker, b"w1/x", b"RESULT", {"id": 1, "token": sent["token"],
+                                       "state": "released"})
+    row = result_of(store.get(1))
+    assert (row.state, row.attempts, row.token) == ("queued", 0, 1)
+    send(broker, b"w1/x", b"READY", {})
+    [(_, _, again)] = peers.take(b"w1/x", b"TASK")
+    assert (again["attempt"], again["token"]) == (1, 2)
+
+
+def test_bye_hands_back_running_tasks_without_counting(broker, peers, store):
+    start_one(broker, peers)
+    send(broker, b"w1/x", b"BYE", {})
+    row = result_of(store.get(1))
+    assert (row.state, row.attempts) == ("queued", 0)
+
+
+def test_lost_worker_on_its_last_attempt_fails_the_task(
+        broker, peers, store, clock):
+    start_one(broker, peers, max_attempts=1)
+    clock.advance(3.5)
+    broker.sweep()
+    row = result_of(store.get(1))
+    assert row.state == "failed" and "was lost" in row.error
+
+
+def test_delayed_task_waits_for_its_time(broker, peers, clock):
+    hello(broker)
+    send(broker, b"w1/x", b"READY", {})
+    submit(broker, {"handler": "echo", "delay": 5})
+    [(_, _, reply)] = peers.take(b"client")
+    assert reply["tasks"][0]["run_at"] is not None
+    assert peers.take(b"w1/x", b"TASK") == []
+    clock.advance(4.9)
+    assert peers.take(b"w1/x", b"TASK") == []
+    clock.advance(0.1)
+    assert len(peers.take(b"w1/x", b"TASK")) == 1
+
+
+def test_cancel_a_delayed_task(broker, peers, clock):
+    submit(broker, {"handler": "echo", "delay": 5})
+    send(broker, b"client", b"CANCEL", {"req": "c", "id": 1})
+    assert peers.take(b"client", b"REPLY")[-1][2]["task"]["state"] == "cancelled"
+    hello(broker)
+    send(broker, b"w1/x", b"READY", {})
+    clock.advance(10)
+    assert peers.take(b"w1/x", b"TASK") == []
+
+
+def test_cancel_a_running_task_tells_its_worker(broker, peers, store):
+    sent = start_one(broker, peers)
+    send(broker, b"client", b"CANCEL", {"req": "c", "id": 1})
+    [(_, _, reply)] = peers.take(b"client", b"REPLY")
+    assert reply["task"]["state"] == "cancelled"
+    [(_, _, cancel)] = peers.take(b"w1/x", b"CANCEL")
+    assert cancel == {"id": 1, "token": sent["token"]}
+    assert broker.dispatcher.worker(b"w1/x").busy == 0
+    # Its late result is stale and changes nothing.
+    send(broker, b"w1/x", b"RESULT", {"id": 1, "token": sent["token"],
+                                       "state": "succeeded", "result": 1})
+    assert result_of(store.get(1)).state == "cancelled"
+    assert broker.counters["stale_results"] == 1
+
+
+def test_retry_a_failed_task(broker, peers, store):
+    sent = start_one(broker, peers, max_attempts=1)
+    fail(broker, sent)
+    send(broker, b"w1/x", b"READY", {})
+    peers.take()
+    send(broker, b"client", b"RETRY", {"req": "r", "id": 1})
+    [(_, _, reply)] = peers.take(b"client", b"REPLY")
+    assert reply["task"]["state"] == "queued"
+    [(_, _, again)] = peers.take(b"w1/x", b"TASK")
+    assert (again["attempt"], again["token"]) == (1, 2)
+    # A resent RETRY answers with the task, now running again.
+    send(broker, b"client", b"RETRY", {"req": "r", "id": 1})
+    assert peers.take(b"client")[0][2]["task"]["state"] == "running"
+    send(broker, b"w1/x", b"RESULT", {"id": 1, "token": 2,
+                                       "state": "succeeded", "result": 1})
+    send(broker, b"client", b"RETRY", {"req": "r", "id": 1})
+    assert peers.take(b"client", b"ERROR")[0][2]["code"] == "not_retryable"
+
+
+def test_resent_submit_with_the_same_request_id_is_not_duplicated(
+        broker, peers):
+    for _ in range(2):
+        send(broker, b"client", b"SUBMIT", {
+            "req": "a", "request_id": "r-1",
+            "tasks": [{"handler": "echo"}, {"handler": "echo"}]})
+    first, second = [body for _, _, body in peers.take(b"client")]
+    assert [t["id"] for t in first["tasks"]] == [1, 2]
+    assert [t["id"] for t in second["tasks"]] == [1, 2]
+    assert second["replayed"] and second["existing"] == []
+    assert not first["replayed"]
+    assert len(broker.dispatcher) == 2
+
+
+def test_unique_key_answers_with_the_live_task(broker, peers):
+    submit(broker, {"handler": "echo", "unique_key": "nightly"})
+    submit(broker, {"handler": "echo", "unique_key": "nightly"})
+    first, second = [body for _, _, body in peers.take(b"client")]
+    assert second["tasks"][0]["id"] == first["tasks"][0]["id"]
+    assert second["existing"] == [first["tasks"][0]["id"]]
+
+
+def test_stale_attempt_announced_by_a_worker_is_stopped(broker, peers, clock):
+    sent = start_one(broker, peers)
+    clock.advance(3.5)
+    broker.sweep()  # w1 presumed lost; the task is requeued
+    # w1 comes back (it was only frozen) still running the old attempt.
+    hello(broker, running=[{"id": 1, "token": sent["token"]}])
+    [(_, _, cancel)] = peers.take(b"w1/x", b"CANCEL")
+    assert cancel == {"id": 1, "token": sent["token"]}
+
+
+def test_store_failure_pauses_dispatch_then_resumes(broker, peers, store, clock):
+    hello(broker)
+    submit(broker, {"handler": "echo"})
+    peers.take()
+    real_dispatch = store.dispatch
+    failures = []
+
+    def broken(*args):
+        failures.append(args)
+        from twisted.internet.defer import fail
+
+        return fail(OSError("disk I/O error"))
+
+    store.dispatch = broken
+    send(broker, b"w1/x", b"READY", {})
+    assert len(failures) == 1 and broker.dispatcher.paused
+    assert peers.take(b"w1/x", b"TASK") == []
+    clock.advance(0.5)  # the first backoff: tries again, fails again
+    assert len(failures) == 2
+    store.dispatch = real_dispatch
+    clock.advance(0.5)
+    assert len(failures) == 2  # backed off to 1 s
+    clock.advance(0.5)
+    [(_, _, sent)] = peers.take(b"w1/x", b"TASK")
+    assert sent["token"] == 1 and not broker.dispatcher.paused
+
+
+def test_a_flood_of_bad_messages_is_logged_once(broker, peers):
+    from twisted.logger import LogLevel, capturedLogs
+
+    with capturedLogs() as events:
+        for _ in range(100):
+            broker.handle(b"flood", [b"junk"])
+    warnings = [e for e in events if e["log_level"] == LogLevel.warn]
+    assert len(warnings) == 1
+    assert broker.counters["protocol_errors"] == 100
+    assert broker._bad_messages.suppressed == 99

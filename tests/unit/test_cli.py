@@ -14,6 +14,7 @@ from taskbroker import cli
 from tests.unit.fakebroker import (
     FakeBroker,
     error,
+    lose_replies,
     make_task,
     reply,
     sequence,
@@ -104,6 +105,22 @@ def at(broker, *argv, **kwargs):
     ["submit", "--from", "/nonexistent/tasks.jsonl"],
     ["submit", "--from", "-", "echo"],
     ["submit", "--from", "-", "--wait"],
+    ["submit", "--from", "-", "--delay", "5"],
+    ["submit", "--from", "-", "--unique-key", "k"],
+    ["submit", "--from", "-", "--time-limit", "5"],
+    ["submit", "echo", "--delay", "-1"],
+    ["submit", "echo", "--delay", "soon"],
+    ["submit", "echo", "--delay", "inf"],
+    ["submit", "echo", "--delay", "nan"],
+    ["submit", "echo", "--delay", "1e12"],
+    ["submit", "echo", "--time-limit", "0"],
+    ["submit", "echo", "--time-limit", "-3"],
+    ["submit", "echo", "--unique-key", ""],
+    ["submit", "echo", "--unique-key", "a\tb"],
+    ["submit", "echo", "--unique-key", "k" * 201],
+    ["retry"],
+    ["retry", "x"],
+    ["retry", "1", "2"],
     ["--broker", "not an endpoint", "stats"],
 ])
 def test_usage_errors_exit_2(broker, argv):
@@ -139,11 +156,23 @@ def test_main_exits_with_the_code_without_argv(monkeypatch, capsys):
 
 
 def test_no_answer_exits_3(silent_endpoint):
-    result = run("--broker", silent_endpoint, "--timeout", "0.3",
+    result = run("--broker", silent_endpoint, "--timeout", "0.1",
                  "submit", "echo")
     assert result.code == 3
-    assert "no answer" in result.error_line()
+    line = result.error_line()
+    # A SUBMIT is resent too, and its outcome is unknown.
+    assert "no answer" in line and "3 attempts" in line
+    assert "may or may not have taken effect" in line
     assert result.stdout == ""
+
+
+def test_retry_is_sent_once_then_exits_3(silent_endpoint):
+    result = run("--broker", silent_endpoint, "--timeout", "0.1",
+                 "retry", "4")
+    assert result.code == 3
+    line = result.error_line()
+    assert "attempts" not in line
+    assert "the RETRY may or may not have taken effect" in line
 
 
 def test_read_only_commands_retry_then_exit_3(silent_endpoint):
@@ -171,9 +200,11 @@ def test_endpoint_from_environment(broker, monkeypatch):
 # Exit 4 and the broker's refusals.
 
 
-@pytest.mark.parametrize("command", [["status", "7"], ["cancel", "7"]])
+@pytest.mark.parametrize("command", [["status", "7"], ["cancel", "7"],
+                                     ["retry", "7"]])
 def test_not_found_exits_4(broker, command):
     broker.handlers["GET"] = broker.handlers["CANCEL"] = (
+        broker.handlers["RETRY"]) = (
         lambda body: error("not_found", f"no task {body['id']}"))
     result = at(broker, *command)
     assert result.code == 4
@@ -212,7 +243,62 @@ def test_submit_prints_the_id(broker):
     assert (result.code, result.stdout, result.stderr) == (0, "42\n", "")
     [(_, body)] = broker.requests
     assert body["tasks"] == [{"handler": "echo", "payload": {"n": 1},
-                              "priority": "high", "max_attempts": 2}]
+                              "priority": "high", "max_attempts": 2,
+                              "delay": None, "unique_key": None,
+                              "time_limit": None}]
+    assert len(body["request_id"]) == 32
+
+
+def test_submit_delay_unique_key_and_time_limit(broker):
+    broker.handlers["SUBMIT"] = submitted(first_id=3)
+    result = at(broker, "submit", "echo", "--delay", "0", "--unique-key",
+                "report-2026-11", "--time-limit", "90.5", "--json")
+    assert result.code == 0 and result.stderr == ""
+    assert json.loads(result.stdout)["unique_key"] == "report-2026-11"
+    [(_, body)] = broker.requests
+    [task] = body["tasks"]
+    assert (task["delay"], task["unique_key"], task["time_limit"]) == \
+        (0, "report-2026-11", 90.5)
+    result = at(broker, "submit", "echo", "--delay", "3600")
+    assert result.code == 0 and result.stdout == "4\n"
+    assert broker.requests[1][1]["tasks"][0]["delay"] == 3600
+
+
+def test_submit_existing_unique_key_prints_its_id_and_a_note(broker):
+    live = {"nightly": make_task(5, unique_key="nightly", state="running")}
+    broker.handlers["SUBMIT"] = submitted(first_id=10, live_keys=live)
+    result = at(broker, "submit", "echo", "--unique-key", "nightly")
+    assert result.code == 0
+    assert result.stdout == "5\n"
+    assert result.stderr == (
+        "taskbroker: note: task 5 with unique key 'nightly' already exists; "
+        "not submitted again\n")
+    # A key no live task holds: a new task, no note.
+    result = at(broker, "submit", "echo", "--unique-key", "weekly")
+    assert (result.code, result.stdout, result.stderr) == (0, "10\n", "")
+
+
+def test_submit_wait_on_an_existing_task_waits_for_it(broker):
+    live = {"k": make_task(5, unique_key="k", state="running")}
+    broker.handlers["SUBMIT"] = submitted(first_id=10, live_keys=live)
+    broker.handlers["WAIT"] = lambda body: reply(
+        task=make_task(body["id"], state="succeeded", result="done"))
+    result = at(broker, "submit", "echo", "--unique-key", "k", "--wait")
+    assert result.code == 0
+    assert json.loads(result.stdout) == "done"
+    assert "note: task 5 with unique key 'k'" in result.stderr
+    assert broker.requests[1][1]["id"] == 5
+
+
+def test_submit_resent_after_a_lost_reply_creates_one_task(broker):
+    broker.handlers["SUBMIT"] = lose_replies(submitted(first_id=7))
+    result = run("--broker", broker.endpoint, "--timeout", "0.3",
+                 "submit", "echo")
+    # The broker answers the copy as 'existing', but it is this command's
+    # own task: no note.
+    assert (result.code, result.stdout, result.stderr) == (0, "7\n", "")
+    [(_, first), (_, second)] = broker.requests
+    assert first == second
 
 
 def test_submit_options_may_come_first(broker):
@@ -304,6 +390,29 @@ def test_submit_from_jsonl(broker, tmp_path):
     assert body["tasks"][1]["max_attempts"] == 2
 
 
+def test_submit_from_jsonl_new_keys_and_notes(broker):
+    live = {"k1": make_task(4, unique_key="k1")}
+    broker.handlers["SUBMIT"] = submitted(first_id=10, live_keys=live)
+    lines = "".join(json.dumps(spec) + "\n" for spec in [
+        {"handler": "echo", "delay": 5, "time_limit": 1},
+        {"handler": "echo", "unique_key": "k1"},
+        {"handler": "echo", "unique_key": "k2"},
+        {"handler": "echo", "unique_key": "k2"},
+    ])
+    result = at(broker, "submit", "--from", "-", stdin=lines)
+    assert result.code == 0
+    assert result.stdout == "10\n4\n11\n11\n"
+    assert result.stderr.splitlines() == [
+        "taskbroker: note: task 4 with unique key 'k1' already exists; not "
+        "submitted again",
+        "taskbroker: note: task 11 with unique key 'k2' already exists; not "
+        "submitted again",
+    ]
+    [(_, body)] = broker.requests
+    assert body["tasks"][0]["delay"] == 5
+    assert body["tasks"][0]["time_limit"] == 1
+
+
 def test_submit_from_stdin_json(broker):
     broker.handlers["SUBMIT"] = submitted()
     lines = "".join(json.dumps({"handler": "echo", "payload": n}) + "\n"
@@ -320,6 +429,9 @@ def test_submit_from_stdin_json(broker):
     ('{"payload": 1}', "handler"),
     ('{"handler": "echo", "max_attempts": "3"}', "max_attempts"),
     ('{"handler": "echo", "priorty": "high"}', "priorty"),
+    ('{"handler": "echo", "delay": -1}', "delay"),
+    ('{"handler": "echo", "time_limit": 0}', "time_limit"),
+    ('{"handler": "echo", "unique_key": ""}', "unique_key"),
 ])
 def test_submit_from_bad_line_submits_nothing(broker, tmp_path, line, reason):
     path = tmp_path / "tasks.jsonl"
@@ -352,8 +464,39 @@ def test_status_human_and_json(broker):
     assert "state: running" in lines and "worker: w1" in lines
     assert 'payload: {"a": null}' in lines
     assert "started_at: -" in lines
+    assert "unique_key: -" in lines and "time_limit: -" in lines
+    # Shown only when set.
+    assert not any(line.startswith(("run_at", "traceback"))
+                   for line in lines)
     result = at(broker, "status", "3", "--json")
     assert json.loads(result.stdout) == task
+
+
+def test_status_shows_run_at_and_the_traceback_last(broker):
+    traceback = ('Traceback (most recent call last):\n'
+                 '  File "handlers.py", line 3, in resize\n'
+                 '    raise ValueError("bad input")\n'
+                 'ValueError: bad input\n')
+    task = make_task(3, state="failed", error="ValueError: bad input",
+                     traceback=traceback, unique_key="k", time_limit=30,
+                     run_at="2026-11-28T05:00:00.000000+00:00",
+                     extra="from a newer broker")
+    broker.handlers["GET"] = lambda body: reply(task=task)
+    result = at(broker, "status", "3")
+    assert result.code == 0 and result.stderr == ""
+    lines = result.stdout.splitlines()
+    assert "run_at: 2026-11-28T05:00:00.000000+00:00" in lines
+    assert "unique_key: k" in lines and "time_limit: 30" in lines
+    assert "error: ValueError: bad input" in lines
+    assert lines[-5:] == [
+        "traceback:",
+        "    Traceback (most recent call last):",
+        '      File "handlers.py", line 3, in resize',
+        '        raise ValueError("bad input")',
+        "    ValueError: bad input",
+    ]
+    assert lines.index("extra: from a newer broker") < lines.index(
+        "traceback:")
 
 
 def test_list_json_is_an_array_by_id(broker):
@@ -398,12 +541,58 @@ def test_cancel(broker):
     assert broker.commands() == ["CANCEL"]
 
 
-def test_cancel_running_task_exits_2(broker):
+def test_cancel_is_resent_after_a_lost_reply(broker):
+    broker.handlers["CANCEL"] = lose_replies(lambda body: reply(
+        task=make_task(body["id"], state="cancelled")))
+    result = run("--broker", broker.endpoint, "--timeout", "0.3",
+                 "cancel", "8", "--json")
+    assert result.code == 0
+    assert json.loads(result.stdout)["state"] == "cancelled"
+    assert broker.commands() == ["CANCEL", "CANCEL"]
+
+
+def test_cancel_finished_task_exits_2(broker):
     broker.handlers["CANCEL"] = lambda body: error(
-        "not_cancellable", "task 8 is running")
+        "not_cancellable", "task 8 is succeeded; only queued and running "
+        "tasks can be cancelled")
     result = at(broker, "cancel", "8")
     assert result.code == 2
-    assert "task 8 is running" in result.error_line()
+    assert result.error_line() == (
+        "taskbroker: task 8 is succeeded; only queued and running tasks can "
+        "be cancelled (not_cancellable)")
+
+
+def test_retry(broker):
+    broker.handlers["RETRY"] = lambda body: reply(
+        task=make_task(body["id"], state="queued"))
+    result = at(broker, "retry", "6")
+    assert (result.code, result.stdout, result.stderr) == (
+        0, "queued task 6 again\n", "")
+    result = at(broker, "retry", "6", "--json")
+    assert json.loads(result.stdout)["state"] == "queued"
+    assert broker.commands() == ["RETRY", "RETRY"]
+    assert broker.requests[0][1]["id"] == 6
+
+
+def test_retry_not_retryable_exits_2(broker):
+    broker.handlers["RETRY"] = lambda body: error(
+        "not_retryable", "task 6 is running; only failed and cancelled "
+        "tasks can be retried")
+    result = at(broker, "retry", "6")
+    assert result.code == 2
+    assert result.error_line() == (
+        "taskbroker: task 6 is running; only failed and cancelled tasks can "
+        "be retried (not_retryable)")
+    assert result.stdout == ""
+
+
+def test_retry_left_failed_by_a_taken_unique_key_exits_2(broker):
+    broker.handlers["RETRY"] = lambda body: reply(
+        task=make_task(body["id"], state="failed", unique_key="k"))
+    result = at(broker, "retry", "6")
+    assert result.code == 2
+    line = result.error_line()
+    assert "not_retryable" in line and "'k'" in line
 
 
 WORKER = {"name": "build-7", "priorities": ["high", "normal"],

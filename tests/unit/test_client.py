@@ -4,6 +4,7 @@ Tests for :mod:`taskbroker.client`: the shared calls, the blocking Lazy
 Pirate client and the Twisted client, against a scripted fake broker.
 """
 
+import itertools
 import threading
 
 import pytest
@@ -16,7 +17,9 @@ from twisted.internet.threads import deferToThread
 from taskbroker.client import (
     FINAL_STATES,
     SUBMIT_CHUNK_BYTES,
+    Submission,
     check_task_spec,
+    retry_call,
     submit_call,
 )
 from taskbroker.client.api import BrokerClient
@@ -32,6 +35,7 @@ from taskbroker.transport.zmq import ZmqFactoryService
 from tests.unit.fakebroker import (
     FakeBroker,
     error,
+    lose_replies,
     make_task,
     reply,
     sequence,
@@ -73,8 +77,16 @@ def client(broker):
 def test_check_task_spec_fills_defaults():
     task, size = check_task_spec({"handler": "echo"})
     assert task == {"handler": "echo", "payload": None, "priority": None,
-                    "max_attempts": None}
+                    "max_attempts": None, "delay": None, "unique_key": None,
+                    "time_limit": None}
     assert size == len(codec.dumps(task))
+
+
+def test_check_task_spec_keeps_the_new_fields():
+    spec = {"handler": "echo", "delay": 0, "unique_key": "nightly-report",
+            "time_limit": 0.5}
+    task, _ = check_task_spec(spec)
+    assert {key: task[key] for key in spec} == spec
 
 
 @pytest.mark.parametrize("spec, code, text", [
@@ -83,6 +95,23 @@ def test_check_task_spec_fills_defaults():
     ({"handler": "echo", "max_attempts": 0}, "bad_request", "max_attempts"),
     ({"handler": "echo", "max_attempts": True}, "bad_request", "max_attempts"),
     ({"handler": "echo", "priorty": "high"}, "bad_request", "priorty"),
+    ({"handler": "echo", "delay": -1}, "bad_request", "delay"),
+    ({"handler": "echo", "delay": True}, "bad_request", "delay"),
+    ({"handler": "echo", "delay": "10"}, "bad_request", "delay"),
+    ({"handler": "echo", "delay": float("nan")}, "bad_request", "delay"),
+    ({"handler": "echo", "delay": float("inf")}, "bad_request", "delay"),
+    ({"handler": "echo", "delay": codec.MAX_SECONDS + 1}, "bad_request",
+     "delay"),
+    ({"handler": "echo", "time_limit": 0}, "bad_request", "time_limit"),
+    ({"handler": "echo", "time_limit": -5}, "bad_request", "time_limit"),
+    ({"handler": "echo", "time_limit": float("nan")}, "bad_request",
+     "time_limit"),
+    ({"handler": "echo", "unique_key": ""}, "bad_request", "unique_key"),
+    ({"handler": "echo", "unique_key": 7}, "bad_request", "unique_key"),
+    ({"handler": "echo", "unique_key": "a\nb"}, "bad_request", "unique_key"),
+    ({"handler": "echo", "unique_key": "k" * 201}, "bad_request",
+     "unique_key"),
+    ({"handler": "echo", "unique_key": {"a"}}, "bad_request", "unique_key"),
     ({"handler": "echo", "payload": float("nan")}, "bad_request", "payload"),
     ({"handler": "echo", "payload": "x" * codec.MAX_PAYLOAD_SIZE},
      "too_large", "payload"),
@@ -120,7 +149,11 @@ def test_submit_call_chunks_by_count():
     specs = [{"handler": "echo", "payload": n} for n in range(2500)]
     requests, (tasks, _) = _requests_of(submit_call(specs), _accept)
     assert [len(r.fields["tasks"]) for r in requests] == [1000, 1000, 500]
-    assert all(not r.idempotent for r in requests)
+    # Resendable, thanks to a request_id of its own per SUBMIT.
+    assert all(r.idempotent and r.writes for r in requests)
+    request_ids = [r.fields["request_id"] for r in requests]
+    assert len(set(request_ids)) == 3
+    assert all(len(rid) == 32 and int(rid, 16) >= 0 for rid in request_ids)
     assert [t["payload"] for r in requests for t in r.fields["tasks"]] == \
         list(range(2500))
     assert len(tasks) == 2500
@@ -135,6 +168,64 @@ def test_submit_call_chunks_by_size():
         assert len(codec.dumps(request.fields)) <= SUBMIT_CHUNK_BYTES + 100
 
 
+def test_submit_call_collects_existing_ids():
+    counter = itertools.count(1)
+
+    def answer(request):
+        tasks = [make_task(next(counter)) for _ in request.fields["tasks"]]
+        # One task per request already existed; an id not among the
+        # tasks is not taken.
+        return {"tasks": tasks, "unserved": [],
+                "existing": [tasks[0]["id"], 99999]}
+
+    specs = [{"handler": "echo"}] * 1500
+    _, result = _requests_of(submit_call(specs), answer)
+    assert isinstance(result, Submission)
+    tasks, unserved = result
+    assert len(tasks) == 1500 and unserved == []
+    assert result.existing == {1, 1001}
+
+
+def test_submit_call_without_existing_creates_everything():
+    # A broker from before 'existing'.
+    _, result = _requests_of(submit_call([{"handler": "echo"}]), _accept)
+    assert result.existing == frozenset()
+
+
+@pytest.mark.parametrize("body", [
+    {"tasks": [], "unserved": []},
+    {"tasks": [make_task(1), make_task(2)], "unserved": []},
+    {"tasks": [make_task(1)], "unserved": [], "existing": "1"},
+    {"tasks": [make_task(1)], "unserved": [], "existing": [True]},
+    {"tasks": [make_task(1)], "unserved": "echo"},
+])
+def test_submit_call_refuses_malformed_replies(body):
+    call = submit_call([{"handler": "echo"}])
+    next(call)
+    with pytest.raises(RequestFailed) as caught:
+        call.send(body)
+    assert caught.value.code == "protocol"
+    assert caught.value.submitted == []
+
+
+def test_retry_call_sends_once():
+    call = retry_call(4)
+    request = next(call)
+    assert (request.command, request.fields) == (b"RETRY", {"id": 4})
+    assert not request.idempotent and request.writes
+
+
+def test_retry_call_refuses_a_task_left_as_it_was():
+    # The broker answers a task whose unique key another live task holds
+    # unchanged, as a success.
+    call = retry_call(4)
+    next(call)
+    with pytest.raises(RequestFailed) as caught:
+        call.send({"task": make_task(4, state="failed", unique_key="k")})
+    assert caught.value.code == "not_retryable"
+    assert "'k'" in caught.value.message
+
+
 def test_submit_call_checks_everything_first():
     call = submit_call([{"handler": "echo"}] * 3 + [{"handler": ""}])
     with pytest.raises(InvalidRequest) as caught:
@@ -147,15 +238,58 @@ def test_submit_call_checks_everything_first():
 
 def test_submit(broker, client):
     broker.handlers["SUBMIT"] = submitted(unserved=["echo"])
-    task, unserved = client.submit("echo", {"n": 1}, priority="high",
-                                   max_attempts=2)
+    result = client.submit("echo", {"n": 1}, priority="high", max_attempts=2)
+    task, unserved = result
     assert task["id"] == 1 and task["payload"] == {"n": 1}
     assert unserved == ["echo"]
     [(command, body)] = broker.requests
     assert command == "SUBMIT"
     assert body["tasks"] == [{"handler": "echo", "payload": {"n": 1},
-                              "priority": "high", "max_attempts": 2}]
+                              "priority": "high", "max_attempts": 2,
+                              "delay": None, "unique_key": None,
+                              "time_limit": None}]
     assert len(body["req"]) == 32
+    assert len(body["request_id"]) == 32 and body["request_id"] != body["req"]
+    assert isinstance(result, Submission) and result.existing == frozenset()
+
+
+def test_submit_new_options(broker, client):
+    broker.handlers["SUBMIT"] = submitted()
+    task, _ = client.submit("echo", delay=2.5, unique_key="report-7",
+                            time_limit=30)
+    [(_, body)] = broker.requests
+    [sent] = body["tasks"]
+    assert (sent["delay"], sent["unique_key"], sent["time_limit"]) == \
+        (2.5, "report-7", 30)
+    assert task["unique_key"] == "report-7" and task["time_limit"] == 30
+    assert task["run_at"] is not None
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"delay": -1}, {"delay": float("nan")}, {"time_limit": 0},
+    {"unique_key": ""}, {"unique_key": 3},
+])
+def test_submit_new_options_are_checked(broker, client, kwargs):
+    with pytest.raises(InvalidRequest):
+        client.submit("echo", **kwargs)
+    assert broker.requests == []
+
+
+def test_submit_with_a_live_unique_key_gives_the_existing_task(broker,
+                                                              client):
+    live = {"nightly": make_task(3, unique_key="nightly", state="running")}
+    broker.handlers["SUBMIT"] = submitted(first_id=10, live_keys=live)
+    result = client.submit("echo", unique_key="nightly")
+    task, unserved = result
+    assert task["id"] == 3 and result.existing == {3}
+    result = client.submit_many([{"handler": "echo", "unique_key": "other"},
+                                 {"handler": "echo", "unique_key": "nightly"},
+                                 {"handler": "echo", "unique_key": "other"}])
+    tasks, unserved = result
+    # Task 10 was created by this submission, for its first spec.
+    assert [t["id"] for t in tasks] == [10, 3, 10]
+    assert result.existing == {3}
+    assert unserved == set()
 
 
 def test_submit_many_returns_tasks_in_order_and_unserved_set(broker, client):
@@ -227,22 +361,123 @@ def test_read_only_request_is_resent_with_the_same_req(broker):
     assert first == second
 
 
-def test_submit_is_not_resent(broker):
-    # Were the SUBMIT resent, the second copy would be answered.
-    broker.handlers["SUBMIT"] = sequence(None, submitted()(
-        {"tasks": [{"handler": "echo"}]}))
+def test_submit_many_a_key_created_in_an_earlier_chunk_is_not_existing(
+        broker, client):
+    broker.handlers["SUBMIT"] = submitted()
+    specs = ([{"handler": "echo", "unique_key": "k"}]
+             + [{"handler": "echo"}] * 999
+             + [{"handler": "echo", "unique_key": "k"}])
+    result = client.submit_many(specs)
+    tasks, _ = result
+    assert broker.commands() == ["SUBMIT", "SUBMIT"]
+    # The second chunk's broker reply lists task 1 as existing, but this
+    # submission created it.
+    assert tasks[0]["id"] == tasks[-1]["id"] == 1
+    assert result.existing == frozenset()
+
+
+def test_submit_is_resent_with_the_same_req_and_request_id(broker):
+    # The first SUBMIT is carried out but its reply is lost; the resent copy
+    # is recognised by its request_id and answered with the same task.
+    broker.handlers["SUBMIT"] = lose_replies(submitted(first_id=7))
     with BlockingClient(broker.endpoint, timeout=0.2, retries=2) as client:
+        task, _ = client.submit("echo", {"n": 1})
+        assert task["id"] == 7
+        [(_, first), (_, second)] = broker.requests
+        assert first == second
+        assert len(first["request_id"]) == 32
+        # Nothing was created twice: the next task is the next id.
+        assert client.submit("echo")[0]["id"] == 8
+    third = broker.requests[2][1]
+    assert third["request_id"] != first["request_id"]
+    assert third["req"] != first["req"]
+
+
+def test_submit_many_resends_each_chunk_with_its_request_id(broker):
+    broker.handlers["SUBMIT"] = lose_replies(submitted(), count=2)
+    with BlockingClient(broker.endpoint, timeout=0.2, retries=2) as client:
+        tasks, _ = client.submit_many([{"handler": "echo"}] * 1001)
+    assert [t["id"] for t in tasks] == list(range(1, 1002))
+    bodies = [body for _, body in broker.requests]
+    # The first chunk sent three times (two replies lost), then the second.
+    assert len(bodies) == 4
+    assert bodies[0] == bodies[1] == bodies[2]
+    assert bodies[3]["request_id"] != bodies[0]["request_id"]
+
+
+def test_submit_without_any_answer_may_have_taken_effect(silent_endpoint):
+    with BlockingClient(silent_endpoint, timeout=0.1, retries=1) as client:
         with pytest.raises(BrokerUnavailable) as caught:
             client.submit("echo")
-    assert "may or may not" in str(caught.value)
+    assert "2 attempts" in str(caught.value)
+    assert "the SUBMIT may or may not have taken effect" in str(caught.value)
 
 
-def test_cancel_is_not_resent(broker):
+def test_read_only_request_does_not_mention_an_effect(silent_endpoint):
+    with BlockingClient(silent_endpoint, timeout=0.1, retries=0) as client:
+        with pytest.raises(BrokerUnavailable) as caught:
+            client.get(1)
+    assert "may or may not" not in str(caught.value)
+
+
+def test_cancel_is_resent(broker):
     broker.handlers["CANCEL"] = sequence(
         None, reply(task=make_task(1, state="cancelled")))
     with BlockingClient(broker.endpoint, timeout=0.2, retries=2) as client:
-        with pytest.raises(BrokerUnavailable):
-            client.cancel(1)
+        assert client.cancel(1)["state"] == "cancelled"
+    [(_, first), (_, second)] = broker.requests
+    assert first == second
+
+
+def test_cancel_finished_task_is_not_cancellable(broker, client):
+    broker.handlers["CANCEL"] = lambda body: error(
+        "not_cancellable", "task 1 is succeeded")
+    with pytest.raises(RequestFailed) as caught:
+        client.cancel(1)
+    assert caught.value.code == "not_cancellable"
+
+
+def test_retry(broker, client):
+    broker.handlers["RETRY"] = lambda body: reply(
+        task=make_task(body["id"], state="queued", attempts=0))
+    task = client.retry(5)
+    assert task["id"] == 5 and task["state"] == "queued"
+    [(command, body)] = broker.requests
+    assert command == "RETRY" and body["id"] == 5
+
+
+@pytest.mark.parametrize("code, exception", [
+    ("not_retryable", RequestFailed), ("not_found", TaskNotFound)])
+def test_retry_refused(broker, client, code, exception):
+    broker.handlers["RETRY"] = lambda body: error(code, "refused")
+    with pytest.raises(exception) as caught:
+        client.retry(5)
+    assert caught.value.code == code
+
+
+def test_retry_of_a_task_left_as_it_was_is_refused(broker, client):
+    broker.handlers["RETRY"] = lambda body: reply(
+        task=make_task(body["id"], state="cancelled"))
+    with pytest.raises(RequestFailed) as caught:
+        client.retry(5)
+    assert caught.value.code == "not_retryable"
+
+
+def test_retry_is_not_resent(broker):
+    # Were the RETRY resent, the second copy would be answered.
+    broker.handlers["RETRY"] = sequence(
+        None, reply(task=make_task(1, state="queued")))
+    with BlockingClient(broker.endpoint, timeout=0.2, retries=2) as client:
+        with pytest.raises(BrokerUnavailable) as caught:
+            client.retry(1)
+    assert "may or may not" in str(caught.value)
+    assert broker.commands() == ["RETRY"]
+
+
+def test_retry_checks_the_id(broker, client):
+    with pytest.raises(InvalidRequest):
+        client.retry(True)
+    assert broker.requests == []
 
 
 def test_no_answer_raises_broker_unavailable(silent_endpoint):
@@ -369,6 +604,47 @@ async def test_twisted_submit_and_close_leaves_no_delayed_calls(
     leftover = [call for call in reactor.getDelayedCalls()
                 if call not in before and call.active()]
     assert leftover == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_twisted_submit_options_existing_and_retry(reactor, broker):
+    live = {"k": make_task(3, unique_key="k")}
+    broker.handlers["SUBMIT"] = submitted(first_id=10, live_keys=live)
+    broker.handlers["RETRY"] = lambda body: reply(
+        task=make_task(body["id"], state="queued"))
+    client = BrokerClient(reactor, broker.endpoint, timeout=5.0)
+    try:
+        result = await client.submit("echo", delay=1, unique_key="k",
+                                     time_limit=2)
+        assert result[0]["id"] == 3 and result.existing == {3}
+        result = await client.submit_many(
+            [{"handler": "echo", "delay": 0}, {"handler": "echo",
+                                                "unique_key": "k"}])
+        tasks, unserved = result
+        assert [t["id"] for t in tasks] == [10, 3]
+        assert result.existing == {3} and unserved == set()
+        assert (await client.retry(4))["state"] == "queued"
+        with pytest.raises(InvalidRequest):
+            await client.submit("echo", time_limit=-1)
+    finally:
+        await client.close()
+    bodies = [body for _, body in broker.requests]
+    assert [len(b.get("request_id", "")) for b in bodies] == [32, 32, 0]
+    assert bodies[0]["tasks"][0]["delay"] == 1
+    assert bodies[0]["tasks"][0]["time_limit"] == 2
+    assert broker.commands() == ["SUBMIT", "SUBMIT", "RETRY"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_twisted_submit_timeout_may_have_taken_effect(
+        reactor, silent_endpoint):
+    client = BrokerClient(reactor, silent_endpoint, timeout=0.2)
+    try:
+        with pytest.raises(BrokerUnavailable) as caught:
+            await client.submit("echo")
+    finally:
+        await client.close()
+    assert "may or may not have taken effect" in str(caught.value)
 
 
 @pytest_twisted.ensureDeferred

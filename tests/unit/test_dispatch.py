@@ -261,3 +261,17 @@ def test_invariants_under_random_events(sequence):
                     assert not (t.level in w.levels and t.handler in w.handlers)
             assert w.busy + w.credits <= w.slots
         assert len(d) == len(waiting)
+
+
+def test_pause_queues_everything_and_resume_matches():
+    d = Dispatcher(3)
+    d.add_worker("w", [NORMAL], ["echo"], slots=2)
+    d.paused = True
+    assert d.credit("w") is None
+    assert d.add_task(task(1)) is None
+    assert d.add_task(task(2, LOW)) is None  # not served by w
+    assignments = d.resume()
+    assert [(a.task.id, a.worker.key) for a in assignments] == [(1, "w")]
+    assert d.worker("w").credits == 0 and d.worker("w").busy == 1
+    assert d.add_task(task(3)) is None  # no credit left
+    assert d.credit("w").task.id == 3

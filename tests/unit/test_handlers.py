@@ -16,7 +16,7 @@ from twisted.logger import LogLevel, capturedLogs
 import taskbroker.plugins
 from taskbroker.plugins.taskbroker_builtin_handlers import MAX_SLEEP, Echo, Sleep
 from taskbroker.worker.handlers import load_handlers
-from taskbroker.worker.service import RunningTask
+from taskbroker.worker.task import RunningTask
 
 _counter = itertools.count()
 

@@ -10,7 +10,7 @@ from zope.interface.verify import verifyClass, verifyObject
 from taskbroker.interfaces import ITask, ITaskHandler
 from taskbroker.plugins import taskbroker_builtin_handlers as builtins
 from taskbroker.protocol.codec import MAX_NAME
-from taskbroker.worker.service import RunningTask
+from taskbroker.worker.task import RunningTask
 
 
 @pytest.mark.parametrize("handler", [builtins.echo, builtins.sleep])

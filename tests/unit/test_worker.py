@@ -84,7 +84,9 @@ def worker(clock, handler):
     w.startService()
     w.fake = sockets[0]
     yield w
-    result_of(w.stopService())
+    stopped = w.stopService()
+    clock.advance(w.config.grace)
+    result_of(stopped)
 
 
 @implementer(IPlugin, ITaskHandler)
@@ -102,9 +104,11 @@ def welcome(worker, instance="b1"):
                                      "heartbeat": 1.0})
 
 
-def task(task_id, handler="manual", attempt=1, payload=None):
+def task(task_id, handler="manual", attempt=1, payload=None, token=None,
+         time_limit=None):
     return {"id": task_id, "handler": handler, "payload": payload,
-            "priority": "normal", "attempt": attempt, "max_attempts": 3}
+            "priority": "normal", "attempt": attempt, "max_attempts": 3,
+            "token": token or attempt, "time_limit": time_limit}
 
 
 def test_announces_until_welcomed_then_sends_a_credit_per_slot(worker, clock):
@@ -130,14 +134,15 @@ def test_result_is_kept_until_acknowledged(worker, handler):
     worker.fake.deliver(b"TASK", task(7))
     handler.pending[7].callback({"ok": 1})
     [(_, result)] = worker.fake.take(b"RESULT")
-    assert result == {"id": 7, "attempt": 1, "state": "succeeded",
-                      "result": {"ok": 1}, "error": None}
+    assert result == {"id": 7, "token": 1, "state": "succeeded",
+                      "result": {"ok": 1}, "error": None, "traceback": None,
+                      "permanent": False}
     # The slot is free at once, before the broker acknowledges.
     assert len(worker.fake.take(b"READY")) == 1
     # Re-welcomed (say the broker restarted): the result goes again.
     welcome(worker, "b2")
     assert len(worker.fake.take(b"RESULT")) == 1
-    worker.fake.deliver(b"ACK", {"id": 7, "attempt": 1})
+    worker.fake.deliver(b"ACK", {"id": 7, "token": 1})
     welcome(worker, "b3")
     assert worker.fake.take(b"RESULT") == []
 
@@ -150,7 +155,7 @@ def test_restarted_broker_is_noticed_from_its_heartbeat(worker, handler):
     assert worker.fake.take(b"HELLO") == []
     worker.fake.deliver(b"HEARTBEAT", {"broker": "b2"})
     [(_, hello)] = worker.fake.take(b"HELLO")
-    assert hello["running"] == [{"id": 3, "attempt": 1}]
+    assert hello["running"] == [{"id": 3, "token": 1}]
     welcome(worker, "b2")
     # One slot is busy with task 3: one credit.
     assert len(worker.fake.take(b"READY")) == 1
@@ -198,11 +203,68 @@ def test_bad_message_from_broker_is_ignored(worker):
     assert worker.tasks == {}
 
 
-def test_stop_abandons_running_tasks_and_says_bye(worker, handler):
+def test_stop_waits_for_running_tasks_and_their_acks(worker, handler, clock):
     welcome(worker)
     worker.fake.deliver(b"TASK", task(5))
     worker.fake.take()
-    result_of(worker.stopService())
-    # No RESULT for the abandoned task: the broker requeues it after BYE.
+    stopped = worker.stopService()
+    clock.advance(1)
+    assert not stopped.called
+    worker.fake.take()
+    handler.pending[5].callback("done")
+    # No new credit while stopping, but the result goes out.
+    assert [c for c, _ in worker.fake.take()] == [b"RESULT"]
+    assert not stopped.called
+    worker.fake.deliver(b"ACK", {"id": 5, "token": 1})
+    assert stopped.called
     assert [c for c, _ in worker.fake.take()] == [b"BYE"]
     assert worker.fake.closed
+
+
+def test_stop_hands_back_what_outlives_the_grace(worker, handler, clock):
+    welcome(worker)
+    worker.fake.deliver(b"TASK", task(5, token=4))
+    worker.fake.take()
+    stopped = worker.stopService()
+    clock.advance(30)
+    assert stopped.called
+    sent = [m for m in worker.fake.take() if m[0] in (b"RESULT", b"BYE")]
+    assert sent == [(b"RESULT", {"id": 5, "token": 4, "state": "released"}),
+                    (b"BYE", {})]
+    assert handler.pending[5].called  # cancelled
+
+
+def test_cancel_stops_the_handler_and_frees_the_slot(worker, handler):
+    welcome(worker)
+    worker.fake.deliver(b"TASK", task(6, token=2))
+    worker.fake.take()
+    worker.fake.deliver(b"CANCEL", {"id": 6, "token": 1})  # not this attempt
+    assert 6 in worker.tasks
+    worker.fake.deliver(b"CANCEL", {"id": 6, "token": 2})
+    assert 6 not in worker.tasks
+    assert handler.pending[6].called
+    # No result goes back; the slot asks for work again.
+    assert [c for c, _ in worker.fake.take()] == [b"READY"]
+
+
+def test_time_limit_fails_the_attempt(worker, handler, clock):
+    welcome(worker)
+    worker.fake.deliver(b"TASK", task(8, time_limit=2.0))
+    worker.fake.take()
+    clock.advance(2.0)
+    [(_, result)] = worker.fake.take(b"RESULT")
+    assert result["state"] == "failed"
+    assert result["error"] == "time limit of 2 s exceeded"
+
+
+def test_unacknowledged_result_is_sent_again(worker, handler, clock):
+    welcome(worker)
+    worker.fake.deliver(b"TASK", task(9))
+    handler.pending[9].callback(1)
+    worker.fake.take()
+    for _ in range(3):
+        clock.advance(1)
+        worker.fake.deliver(b"HEARTBEAT", {"broker": "b1"})
+    assert worker.fake.take(b"RESULT") == []
+    clock.advance(1)
+    assert len(worker.fake.take(b"RESULT")) == 1

@@ -3,6 +3,7 @@ Handlers for the integration tests, loaded by workers started with
 ``--handlers-path tests/integration/handlers``.
 """
 
+import json
 import os
 import time
 
@@ -11,6 +12,20 @@ from twisted.plugin import IPlugin
 from zope.interface import implementer
 
 from taskbroker.interfaces import ITaskHandler
+
+
+def _log(event, task, **fields):
+    """
+    Append an event to $TASKBROKER_TEST_RECORD/<pid>.jsonl, when set: the
+    fault-injection tests read every start and end of every attempt.
+    """
+    folder = os.environ.get("TASKBROKER_TEST_RECORD")
+    if folder:
+        line = json.dumps({"event": event, "task": task.id,
+                           "attempt": task.attempt, "token": task.token,
+                           "pid": os.getpid(), "time": time.time(), **fields})
+        with open(os.path.join(folder, f"{os.getpid()}.jsonl"), "a") as f:
+            f.write(line + "\n")
 
 
 @implementer(IPlugin, ITaskHandler)
@@ -25,12 +40,30 @@ class Record:
     def run(self, task):
         started = time.time()
         seconds = (task.payload or {}).get("seconds", 0)
+        _log("start", task)
 
         def done():
+            _log("end", task)
             return {"pid": os.getpid(), "attempt": task.attempt,
-                    "started": started, "ended": time.time()}
+                    "token": task.token, "started": started,
+                    "ended": time.time()}
 
         return deferLater(task.clock, seconds, done)
+
+
+@implementer(IPlugin, ITaskHandler)
+class Flaky:
+    """
+    Fails until attempt ``payload["succeed_on"]``.
+    """
+
+    name = "flaky"
+    blocking = False
+
+    def run(self, task):
+        if task.attempt < task.payload["succeed_on"]:
+            raise RuntimeError(f"attempt {task.attempt} fails on purpose")
+        return task.attempt
 
 
 @implementer(IPlugin, ITaskHandler)
@@ -61,5 +94,6 @@ class Fail:
 
 
 record = Record()
+flaky = Flaky()
 blocking_sleep = BlockingSpin()
 fail = Fail()
