@@ -130,6 +130,7 @@ class WorkerService(Service):
         # The broker instance that welcomed us, or None while unwelcomed.
         self.broker_instance = None
         self._time_limit = None
+        self._broker_heartbeat = None
         self._broker_seen = 0.0
         self._hello_retry = None
         self._hello_delay = HELLO_FIRST_RETRY
@@ -187,7 +188,12 @@ class WorkerService(Service):
 
     @property
     def _allowance(self):
-        return self.config.heartbeat * self.config.heartbeat_misses
+        """
+        How long the broker may be silent: its announced heartbeat times
+        our misses allowance (our own heartbeat until it has announced).
+        """
+        return (self._broker_heartbeat or self.config.heartbeat) * (
+            self.config.heartbeat_misses)
 
     def _announce(self):
         """
@@ -257,6 +263,7 @@ class WorkerService(Service):
         self._hello_retry = None
         self.broker_instance = body["broker"]
         self._time_limit = body.get("time_limit")
+        self._broker_heartbeat = body["heartbeat"]
         self.log.info("welcomed by broker {instance}",
                       instance=body["broker"])
         # Results first, so the broker frees their slots before it counts

@@ -268,3 +268,13 @@ def test_unacknowledged_result_is_sent_again(worker, handler, clock):
     assert worker.fake.take(b"RESULT") == []
     clock.advance(1)
     assert len(worker.fake.take(b"RESULT")) == 1
+
+
+def test_broker_silence_is_judged_by_its_announced_heartbeat(worker, clock):
+    worker.fake.deliver(b"WELCOME", {"broker": "b1", "priorities": ["normal"],
+                                     "heartbeat": 5.0})
+    worker.fake.take()
+    clock.advance(10)
+    assert worker.fake.take(b"HELLO") == []  # 10 s < 5 s x 3 misses
+    clock.advance(6)
+    assert worker.fake.take(b"HELLO")
