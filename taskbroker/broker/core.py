@@ -309,6 +309,12 @@ class Broker:
             self._forget_peer(peer, consumed=False)
 
     def _on_RESULT(self, identity, peer, body):
+        self._result(identity, peer, body)
+        if body.get("ready") and peer is not None:
+            # The slot that ran it asks for work in the same message.
+            self._on_READY(identity, peer, body)
+
+    def _result(self, identity, peer, body):
         task_id, token = body["id"], body["token"]
         entry = self._running.get(task_id)
         if entry is None or entry[1] != token:

@@ -261,6 +261,7 @@ WORKER_COMMANDS = {
         "error": (_optional(_string), False),
         "traceback": (_optional(_string), False),
         "permanent": (_optional(_boolean), False),
+        "ready": (_optional(_boolean), False),
     },
     b"HEARTBEAT": {},
     b"BYE": {},

@@ -81,6 +81,12 @@ class _Event:
             d.callback(None)
 
 
+#: Transactions queued to the database thread at once.  Two let the next
+#: batch start as soon as one commits, without waiting for the reactor to
+#: hear of it; the pool's single thread still runs them in order.
+PIPELINE_DEPTH = 2
+
+
 @implementer(ITaskStore)
 class SQLiteStore:
     """
@@ -135,7 +141,8 @@ class SQLiteStore:
         # Group commit: (operation, args, Deferred) waiting for a flush.
         self._pending = []
         self._flush_call = None
-        self._flushing = None
+        # Transactions handed to the pool and not yet reported back.
+        self._flushing = 0
         self._reads = 0
         self._idle = _Event()
         self._opened = _Event()
@@ -317,7 +324,8 @@ class SQLiteStore:
         return d
 
     def _schedule_flush(self):
-        if self._pending and self._flush_call is None and self._flushing is None:
+        if (self._pending and self._flush_call is None
+                and self._flushing < PIPELINE_DEPTH):
             # callLater(0) rather than flushing now: every write issued in
             # this reactor turn joins the same transaction.
             self._flush_call = self._reactor.callLater(0, self._flush)
@@ -328,7 +336,7 @@ class SQLiteStore:
         self.transactions += 1
         operations = [(operation, args) for operation, args, _ in batch]
         d = self._pool.runWithConnection(_run_batch, operations)
-        self._flushing = d
+        self._flushing += 1
         d.addCallbacks(
             self._flushed,
             self._flush_failed,
@@ -337,7 +345,7 @@ class SQLiteStore:
         )
 
     def _flushed(self, outcomes, batch):
-        self._flushing = None
+        self._flushing -= 1
         for (_, _, d), (ok, value) in zip(batch, outcomes):
             if ok:
                 d.callback(value)
@@ -346,7 +354,7 @@ class SQLiteStore:
         self._after_work()
 
     def _flush_failed(self, reason, batch):
-        self._flushing = None
+        self._flushing -= 1
         error = reason.value
         log.error("write transaction of {count} operations on {path} "
                   "failed: {error}", count=len(batch), path=self._abspath,
@@ -364,7 +372,7 @@ class SQLiteStore:
         return bool(
             self._pending
             or self._flush_call is not None
-            or self._flushing is not None
+            or self._flushing
             or self._reads
         )
 

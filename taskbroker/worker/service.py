@@ -349,8 +349,11 @@ class WorkerService(Service):
                 "traceback": outcome.traceback,
                 "permanent": outcome.permanent}
         self.unacked[(task_id, token)] = [body, self._monotonic()]
-        self._send(b"RESULT", body)
-        self._slot_freed()
+        # The freed slot's credit rides with the result (but not when the
+        # result is resent later).
+        ready = self._stopping is None and self.broker_instance is not None
+        self._send(b"RESULT", dict(body, ready=True) if ready else body)
+        self._check_idle()
         return outcome
 
     def _slot_freed(self, _=None):

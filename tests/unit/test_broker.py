@@ -553,3 +553,14 @@ def test_a_flood_of_bad_messages_is_logged_once(broker, peers):
     assert len(warnings) == 1
     assert broker.counters["protocol_errors"] == 100
     assert broker._bad_messages.suppressed == 99
+
+
+def test_a_result_can_carry_the_slots_next_credit(broker, peers):
+    hello(broker)
+    send(broker, b"w1/x", b"READY", {})
+    submit(broker, {"handler": "echo"}, {"handler": "echo"})
+    peers.take()
+    send(broker, b"w1/x", b"RESULT", {"id": 1, "token": 1, "ready": True,
+                                       "state": "succeeded", "result": 1})
+    [(_, _, sent)] = peers.take(b"w1/x", b"TASK")
+    assert sent["id"] == 2

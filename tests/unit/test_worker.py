@@ -134,14 +134,18 @@ def test_result_is_kept_until_acknowledged(worker, handler):
     worker.fake.deliver(b"TASK", task(7))
     handler.pending[7].callback({"ok": 1})
     [(_, result)] = worker.fake.take(b"RESULT")
+    # The slot is free at once, before the broker acknowledges: its
+    # credit rides with the result.
     assert result == {"id": 7, "token": 1, "state": "succeeded",
                       "result": {"ok": 1}, "error": None, "traceback": None,
-                      "permanent": False}
-    # The slot is free at once, before the broker acknowledges.
-    assert len(worker.fake.take(b"READY")) == 1
-    # Re-welcomed (say the broker restarted): the result goes again.
+                      "permanent": False, "ready": True}
+    assert worker.fake.take(b"READY") == []
+    # Re-welcomed (say the broker restarted): the result goes again, without
+    # a credit (WELCOME is followed by one READY per free slot).
     welcome(worker, "b2")
-    assert len(worker.fake.take(b"RESULT")) == 1
+    [(_, again)] = worker.fake.take(b"RESULT")
+    assert "ready" not in again
+    assert len(worker.fake.take(b"READY")) == 2
     worker.fake.deliver(b"ACK", {"id": 7, "token": 1})
     welcome(worker, "b3")
     assert worker.fake.take(b"RESULT") == []
