@@ -36,6 +36,9 @@ DEFAULT_WAIT = 30.0
 #: Database trouble: the first and the longest pause before trying again.
 FIRST_STORE_BACKOFF = 0.5
 MAX_STORE_BACKOFF = 30.0
+#: The longest a worker's socket waits between reconnection attempts
+#: (ZMQ_RECONNECT_IVL_MAX in the transport), in seconds.
+RECONNECT_WAIT = 2.0
 #: One log line per peer per this many seconds for its bad messages.
 BAD_MESSAGE_LOG_INTERVAL = 10.0
 
@@ -158,10 +161,10 @@ class Broker:
     def load(self):
         """
         Load the store's running and queued tasks.  Running ones are
-        attempts that workers may still be running: they are given one
-        liveness allowance to be claimed before they are requeued.
+        attempts that workers may still be running: they are given time to
+        be claimed before they are requeued.
         """
-        deadline = self._monotonic() + self._allowance(self.config.heartbeat)
+        deadline = self._monotonic() + self._reclaim_window()
         for row in (yield self.store.running()):
             # Rows in memory are as they were before their dispatch.
             self._running[row.id] = (
@@ -359,9 +362,11 @@ class Broker:
             self._ack(identity, task_id, token)
 
         def failed(reason):
-            # Not acknowledged: the worker resends it.  Until then the
-            # attempt is an orphan, requeued if nobody reports it.
-            self._orphan(task_id, token, row)
+            # Not acknowledged: the worker resends it within its own
+            # allowance.  Until then the attempt is an orphan, requeued
+            # only if nobody reports it for twice as long.
+            self._orphan(task_id, token, row,
+                         2 * self._allowance(self.config.heartbeat))
             self._store_trouble(reason, "recording a result")
 
         d.addCallbacks(recorded, failed)
@@ -469,19 +474,20 @@ class Broker:
         def failed(reason):
             # Try again later: the attempt becomes an orphan, which the
             # sweep requeues when its deadline passes.
-            self._orphan(task_id, token, row)
+            self._orphan(task_id, token, row,
+                         self._allowance(self.config.heartbeat))
             self._store_trouble(reason, "requeueing a task")
 
         return d.addErrback(failed)
 
-    def _orphan(self, task_id, token, row):
+    def _orphan(self, task_id, token, row, wait):
         """
         Remember a running attempt that no live worker holds; the sweep
-        requeues it unless a worker claims or reports it first.
+        requeues it ``wait`` seconds from now unless a worker claims or
+        reports it first.
         """
         self._running[task_id] = (None, token, row)
-        self._orphans[task_id] = (
-            self._monotonic() + self._allowance(self.config.heartbeat))
+        self._orphans[task_id] = self._monotonic() + wait
 
     def sweep(self):
         """
@@ -514,6 +520,15 @@ class Broker:
 
     def _allowance(self, heartbeat):
         return heartbeat * self.config.heartbeat_misses
+
+    def _reclaim_window(self):
+        """
+        How long a worker may take to claim its attempts after this broker
+        starts: ZeroMQ's reconnection (up to RECONNECT_WAIT), the worker's
+        next heartbeat to be answered with REHELLO, and its HELLO, with an
+        allowance's margin on each side.
+        """
+        return RECONNECT_WAIT + 2 * self._allowance(self.config.heartbeat)
 
     # -- dispatch --------------------------------------------------------
 

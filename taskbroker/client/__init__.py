@@ -477,21 +477,19 @@ def cancel_call(task_id):
 
 def retry_call(task_id):
     """
-    Queue a failed or cancelled task again, with all its attempts.  Sent
-    once: were it resent after the first copy queued the task, it would be
-    refused with ``not_retryable``.
+    Queue a failed or cancelled task again, with all its attempts.  A task
+    that is already queued or running is answered as it is, so the request
+    is safe to resend.
 
     :param task_id: ``int``.
-    :returns: the task object, now queued.
+    :returns: the task object, queued or running.
     :raises TaskNotFound: no such task.
-    :raises RequestFailed: code ``not_retryable`` if it is queued, running
-        or succeeded, or if another queued or running task holds its
-        ``unique_key`` (the broker answers such a task unchanged; the
-        client turns that into this error).
+    :raises RequestFailed: code ``not_retryable`` if it succeeded, if
+        another queued or running task holds its ``unique_key``, or if it
+        cannot run (a row inserted with SQL that fails validation).
     """
     task_id = _task_id(task_id)
-    body = yield Request(b"RETRY", {"id": task_id}, idempotent=False,
-                         writes=True)
+    body = yield Request(b"RETRY", {"id": task_id}, writes=True)
     task = _task_of(body)
     if task["state"] in ("failed", "cancelled"):
         key = task.get("unique_key")

@@ -297,11 +297,11 @@ class BrokerClient:
         Queue a failed or cancelled task again, with all its attempts.
 
         :param task_id: ``int``.
-        :returns: a ``Deferred`` firing with the task object, now queued,
-            or failing with ``TaskNotFound``, ``RequestFailed`` (code
-            ``not_retryable``: it is queued, running or succeeded, or
-            another live task holds its unique key) or
-            ``BrokerUnavailable`` (it may have been queued).
+        :returns: a ``Deferred`` firing with the task object, queued or
+            running, or failing with ``TaskNotFound``, ``RequestFailed``
+            (code ``not_retryable``: it succeeded, or another live task
+            holds its unique key) or ``BrokerUnavailable`` (it may have
+            been queued).
         """
         return self._run(retry_call(task_id))
 

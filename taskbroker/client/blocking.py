@@ -309,15 +309,14 @@ class BlockingClient:
 
     def retry(self, task_id):
         """
-        Queue a failed or cancelled task again, with all its attempts.
-        Sent once (see :func:`taskbroker.client.retry_call`).
+        Queue a failed or cancelled task again, with all its attempts (see
+        :func:`taskbroker.client.retry_call`).  Resent after a timeout.
 
         :param task_id: ``int``.
-        :returns: the task object, now queued.
+        :returns: the task object, queued or running.
         :raises TaskNotFound: no such task.
-        :raises RequestFailed: code ``not_retryable``: it is queued,
-            running or succeeded, or another live task holds its unique
-            key.
+        :raises RequestFailed: code ``not_retryable``: it succeeded, or
+            another live task holds its unique key.
         :raises BrokerUnavailable: no answer (it may have been queued).
         """
         return self._run(retry_call(task_id))

@@ -173,6 +173,10 @@ class Channel:
             pass  # the worker is gone; the reader ends this process
 
 
+def _ignore(signum, frame):
+    pass
+
+
 def die_with_parent(parent_pid):
     """
     Ask Linux to SIGKILL this process when its parent dies, and exit if it
@@ -223,6 +227,13 @@ def main(argv=None):
     # the worker's terminal group no longer reaches us: the worker
     # decides when its handler processes end.)
     os.setpgrp()
+    # A service manager stopping the worker signals its whole control
+    # group: the worker, not SIGTERM, decides when a running task stops
+    # (after its grace period).  A handler that does nothing, rather than
+    # SIG_IGN, because programs a handler starts must get the default
+    # back when they exec (an ignored signal would stay ignored).
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, _ignore)
     die_with_parent(parent_pid)
     channel = Channel(*take_protocol_fds())
     channel.start_reader()

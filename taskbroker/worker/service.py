@@ -92,6 +92,36 @@ def run_handler(handler, running_task, clock, time_limit=None):
     return result
 
 
+#: The most text of an error or traceback sent back (characters); the
+#: protocol refuses longer strings, and a result that can never be
+#: delivered would be resent for ever.
+MAX_ERROR_TEXT = 64 * 1024
+
+
+def _clip(text):
+    if text is None or len(text) <= MAX_ERROR_TEXT:
+        return text
+    return text[:MAX_ERROR_TEXT] + "\n[... cut]"
+
+
+def _result_body(task_id, token, outcome):
+    """
+    The RESULT for an outcome, made to fit the protocol's limits: a
+    result too large to carry fails the attempt instead.
+    """
+    body = {"id": task_id, "token": token, "state": outcome.state,
+            "result": outcome.result, "error": _clip(outcome.error),
+            "traceback": _clip(outcome.traceback),
+            "permanent": outcome.permanent}
+    if outcome.state == "succeeded":
+        size = len(dumps(outcome.result).encode("utf-8"))
+        if size > codec.MAX_PAYLOAD_SIZE:
+            body.update(state="failed", result=None, error=(
+                f"result of {size} bytes exceeds the limit of "
+                f"{codec.MAX_PAYLOAD_SIZE}"))
+    return body
+
+
 class WorkerService(Service):
     """
     A running worker.
@@ -208,18 +238,21 @@ class WorkerService(Service):
         if self._hello_retry is not None and self._hello_retry.active():
             self._hello_retry.cancel()
         self._hello_retry = None
-        self._send(b"HELLO", {
+        self._send(b"HELLO", self._hello_body())
+        self._hello_retry = self.reactor.callLater(
+            self._hello_delay, self._hello_unanswered)
+
+    def _hello_body(self, slots=None):
+        return {
             "name": self.config.name,
-            "slots": self.config.concurrency,
+            "slots": slots or self.config.concurrency,
             "priorities": (list(self.config.priorities)
                            if self.config.priorities else None),
             "handlers": sorted(self.handlers),
             "running": [{"id": i, "token": t}
                         for i, (t, _) in self.tasks.items()],
             "heartbeat": self.config.heartbeat,
-        })
-        self._hello_retry = self.reactor.callLater(
-            self._hello_delay, self._hello_unanswered)
+        }
 
     def _hello_unanswered(self):
         self._hello_retry = None
@@ -316,9 +349,16 @@ class WorkerService(Service):
 
     def _on_TASK(self, body):
         task_id, token = body["id"], body["token"]
-        if task_id in self.tasks or self._stopping is not None:
-            self.log.warn("task {task_id} refused: already running here or "
-                          "shutting down", task_id=task_id)
+        if task_id in self.tasks:
+            self.log.warn("task {task_id} is already running here; ignored",
+                          task_id=task_id)
+            return
+        if self._stopping is not None:
+            # Sent before the broker heard we are stopping: hand it back.
+            self.log.info("task {task_id} handed back: shutting down",
+                          task_id=task_id)
+            self._send(b"RESULT", {"id": task_id, "token": token,
+                                   "state": "released"})
             return
         handler = self.handlers.get(body["handler"])
         if handler is None:
@@ -344,10 +384,7 @@ class WorkerService(Service):
             return outcome
         del self.tasks[task_id]
         self.completed += 1
-        body = {"id": task_id, "token": token, "state": outcome.state,
-                "result": outcome.result, "error": outcome.error,
-                "traceback": outcome.traceback,
-                "permanent": outcome.permanent}
+        body = _result_body(task_id, token, outcome)
         self.unacked[(task_id, token)] = [body, self._monotonic()]
         # The freed slot's credit rides with the result (but not when the
         # result is resent later).
@@ -385,6 +422,10 @@ class WorkerService(Service):
         """
         if self._hello_retry is not None and self._hello_retry.active():
             self._hello_retry.cancel()
+        if self.tasks and self.broker_instance is not None:
+            # Announcing only the busy slots makes the broker drop the
+            # credits it holds for us: no more work comes our way.
+            self._send(b"HELLO", self._hello_body(slots=len(self.tasks)))
         if self.tasks or self.unacked:
             self.log.info(
                 "stopping: {running} tasks running, waiting up to {grace}s "

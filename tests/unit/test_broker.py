@@ -283,7 +283,7 @@ def test_restarted_broker_lets_workers_reclaim_running_attempts(
     assert result_of(store.get(1)).state == "succeeded"
 
 
-def test_unclaimed_running_attempts_are_requeued_after_the_allowance(
+def test_unclaimed_running_attempts_are_requeued_after_the_reclaim_window(
         store, clock, peers):
     first = Broker(BrokerConfig(), store, clock, peers.send, instance_id="b1")
     result_of(first.load())
@@ -293,8 +293,9 @@ def test_unclaimed_running_attempts_are_requeued_after_the_allowance(
 
     second = Broker(BrokerConfig(), store, clock, peers.send, instance_id="b2")
     result_of(second.load())
+    # The window: a reconnection (2 s) and an allowance (3 s) each side.
     assert result_of(store.get(1)).state == "running"
-    clock.advance(2.9)
+    clock.advance(7.9)
     second.sweep()
     assert result_of(store.get(1)).state == "running"
     clock.advance(0.2)

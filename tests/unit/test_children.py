@@ -12,6 +12,7 @@ gone.
 """
 
 import os
+import signal
 import sys
 import time
 import uuid
@@ -547,3 +548,19 @@ async def test_handler_process_dies_with_its_parent(reactor, handler_folder,
         if not parent.ended.called:
             parent.transport.signalProcess("KILL")
             await parent.ended
+
+
+@pytest_twisted.ensureDeferred
+async def test_sigterm_does_not_stop_a_running_task(reactor, make_pool,
+                                                     recorder, tmp_path):
+    # A service manager signals the worker's whole control group; the
+    # worker, not SIGTERM, decides when a task stops.
+    pool = make_pool()
+    release = tmp_path / "release"
+    d = pool.run(body(1, "hold", str(release)))
+    await within(reactor, recorder.line("started 1"))
+    os.kill(pool.pids[0], signal.SIGTERM)
+    os.kill(pool.pids[0], signal.SIGINT)
+    release.write_text("")
+    outcome = await within(reactor, d)
+    assert outcome.state == "succeeded"

@@ -282,3 +282,37 @@ def test_broker_silence_is_judged_by_its_announced_heartbeat(worker, clock):
     assert worker.fake.take(b"HELLO") == []  # 10 s < 5 s x 3 misses
     clock.advance(6)
     assert worker.fake.take(b"HELLO")
+
+
+def test_a_result_too_large_to_send_fails_the_attempt(worker, handler):
+    welcome(worker)
+    worker.fake.deliver(b"TASK", task(10))
+    worker.fake.take()
+    handler.pending[10].callback("x" * (2 * 1024 * 1024))
+    [(_, result)] = worker.fake.take(b"RESULT")
+    assert result["state"] == "failed" and result["result"] is None
+    assert "exceeds the limit" in result["error"]
+
+
+def test_a_long_error_is_cut_to_fit(worker, handler):
+    welcome(worker)
+    worker.fake.deliver(b"TASK", task(11))
+    worker.fake.take()
+    handler.pending[11].errback(ValueError("e" * 2_000_000))
+    [(_, result)] = worker.fake.take(b"RESULT")
+    assert len(result["error"]) < 70_000 and len(result["traceback"]) < 70_000
+
+
+def test_stopping_worker_drops_its_credits_and_hands_back_late_tasks(
+        worker, handler, clock):
+    welcome(worker)
+    worker.fake.deliver(b"TASK", task(12))
+    worker.fake.take()
+    worker.stopService()
+    [(_, hello)] = worker.fake.take(b"HELLO")
+    assert hello["slots"] == 1 and hello["running"] == [{"id": 12, "token": 1}]
+    # A task the broker sent before it heard goes straight back.
+    worker.fake.deliver(b"TASK", task(13, token=5))
+    assert worker.fake.take(b"RESULT") == [
+        (b"RESULT", {"id": 13, "token": 5, "state": "released"})]
+    assert 13 not in worker.tasks
