@@ -5,9 +5,9 @@ at workers and statistics, from a shell.
 
 Each run sends a few requests and exits, so it uses the blocking client
 (:class:`taskbroker.client.blocking.BlockingClient`) instead of running a
-reactor under ``task.react``: the Lazy Pirate loop gives every command but
-``retry`` resends for free (a resent ``submit`` is recognised by the broker
-and creates nothing twice), there is no reactor start-up and shutdown to
+reactor under ``task.react``: the Lazy Pirate loop gives every command
+resends for free (a resent ``submit`` is recognised by the broker and
+creates nothing twice), there is no reactor start-up and shutdown to
 get right, and a Ctrl-C interrupts a plain poll cleanly.
 
 Exit codes: 0 success; 1 the task failed or was cancelled (``--wait``), or
@@ -316,8 +316,7 @@ class RetryOptions(_CommandOptions):
     synopsis = "ID [--json]"
     longdesc = (
         "Queue a failed or cancelled task again, with all its attempts.  "
-        "Sent once: after a timeout, see 'taskbroker status ID' before "
-        "trying again.")
+        "A task already queued or running is left as it is.")
     arguments = ("ID",)
     optFlags = [["json", "j", "Print the queued task object as JSON."]]
 
@@ -362,8 +361,8 @@ class Options(_Options):
          "The broker's ZeroMQ endpoint (environment: TASKBROKER_BROKER; "
          "default: " + DEFAULT_BROKER + ")."],
         ["timeout", "t", DEFAULT_TIMEOUT,
-         "Seconds to wait for each answer; every command but retry tries "
-         "three times", _positive_number],
+         "Seconds to wait for each answer; every command tries three "
+         "times", _positive_number],
     ]
     subCommands = [
         ["submit", None, SubmitOptions, "Submit a task, or many with --from."],
@@ -660,7 +659,10 @@ def _retry(client, options, output, stdin):
     if options["json"]:
         output.json(task)
     else:
-        output.line(f"queued task {task['id']} again")
+        # A task that was queued or running already is answered as it is.
+        output.line(f"queued task {task['id']} again"
+                    if task["state"] == "queued" and task["attempts"] == 0
+                    else f"task {task['id']} is already {task['state']}")
     return EXIT_OK
 
 

@@ -50,7 +50,7 @@ class _Peer:
 
     __slots__ = ("identity", "name", "levels", "handlers", "slots",
                  "heartbeat", "connected_since", "last_seen", "seen_at",
-                 "running")
+                 "running", "sent_at")
 
     def __init__(self, identity, name, levels, handlers, slots, heartbeat,
                  now, monotonic_now):
@@ -67,6 +67,8 @@ class _Peer:
         self.seen_at = monotonic_now
         # task id -> token, for the tasks this worker runs
         self.running = {}
+        # task id -> monotonic time its TASK was sent
+        self.sent_at = {}
 
 
 class _RateLimit:
@@ -303,6 +305,37 @@ class Broker:
     def _on_HEARTBEAT(self, identity, peer, body):
         if peer is None:
             self._rehello(identity)
+        elif "running" in body:
+            self._reconcile(peer, {(item["id"], item["token"])
+                                   for item in body["running"]})
+
+    def _reconcile(self, peer, listed):
+        """
+        Compare what a worker says it runs with what we gave it.  A TASK
+        can be lost with a dropped connection that ZeroMQ silently
+        re-establishes: a task the worker still lacks two heartbeats after
+        it was sent is requeued (the attempt did not count).  An attempt
+        the worker runs that is no longer current is stopped.
+        """
+        now = self._monotonic()
+        for task_id, sent in list(peer.sent_at.items()):
+            token = peer.running.get(task_id)
+            if token is None or (task_id, token) in listed:
+                del peer.sent_at[task_id]
+            elif now - sent > 2 * peer.heartbeat:
+                del peer.sent_at[task_id]
+                del peer.running[task_id]
+                self.dispatcher.task_done(peer.identity)
+                entry = self._running.get(task_id)
+                if entry is not None and entry[1] == token:
+                    del self._running[task_id]
+                    self._requeue(task_id, token, entry[2],
+                                  f"worker {peer.name} never received it",
+                                  consumed=False)
+        for task_id, token in listed:
+            entry = self._running.get(task_id)
+            if entry is None or entry[1] != token:
+                self._stop_stale(peer.identity, task_id, token)
 
     def _on_BYE(self, identity, peer, body):
         if peer is not None:
@@ -600,6 +633,8 @@ class Broker:
                 self._undispatch(row.id, identity, token)
                 return
             self.counters["dispatched"] += 1
+            if identity in self._peers:
+                self._peers[identity].sent_at[row.id] = self._monotonic()
             body = (
                 '{"id":%d,"handler":%s,"payload":%s,"priority":%s,'
                 '"attempt":%d,"max_attempts":%d,"token":%d,"time_limit":%s}' % (

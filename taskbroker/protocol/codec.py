@@ -263,7 +263,7 @@ WORKER_COMMANDS = {
         "permanent": (_optional(_boolean), False),
         "ready": (_optional(_boolean), False),
     },
-    b"HEARTBEAT": {},
+    b"HEARTBEAT": {"running": (_running, False)},
     b"BYE": {},
 }
 

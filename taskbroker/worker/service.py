@@ -262,7 +262,9 @@ class WorkerService(Service):
 
     def _beat(self):
         now = self._monotonic()
-        self._send(b"HEARTBEAT", {})
+        # What we run, so the broker can find a TASK lost on the way.
+        self._send(b"HEARTBEAT", {"running": [
+            {"id": i, "token": t} for i, (t, _) in self.tasks.items()]})
         if self.broker_instance is None:
             return
         if now - self._broker_seen > self._allowance:

@@ -565,3 +565,33 @@ def test_a_result_can_carry_the_slots_next_credit(broker, peers):
                                        "state": "succeeded", "result": 1})
     [(_, _, sent)] = peers.take(b"w1/x", b"TASK")
     assert sent["id"] == 2
+
+
+def test_a_task_the_worker_never_got_is_requeued(broker, peers, store, clock):
+    # A dropped connection that ZeroMQ re-established lost the TASK.
+    start_one(broker, peers)
+    clock.advance(1)
+    send(broker, b"w1/x", b"HEARTBEAT", {"running": []})
+    assert result_of(store.get(1)).state == "running"  # may be on its way
+    clock.advance(1.5)
+    send(broker, b"w1/x", b"HEARTBEAT", {"running": []})
+    row = result_of(store.get(1))
+    assert (row.state, row.attempts) == ("queued", 0)
+    assert broker.dispatcher.worker(b"w1/x").busy == 0
+
+
+def test_a_task_the_worker_has_is_left_alone(broker, peers, store, clock):
+    sent = start_one(broker, peers)
+    for _ in range(5):
+        clock.advance(1)
+        send(broker, b"w1/x", b"HEARTBEAT",
+             {"running": [{"id": 1, "token": sent["token"]}]})
+    assert result_of(store.get(1)).state == "running"
+    assert peers.take(b"w1/x", b"CANCEL") == []
+
+
+def test_a_stale_attempt_in_a_heartbeat_is_stopped(broker, peers):
+    hello(broker)
+    peers.take()
+    send(broker, b"w1/x", b"HEARTBEAT", {"running": [{"id": 9, "token": 4}]})
+    assert peers.take(b"w1/x", b"CANCEL")[0][2] == {"id": 9, "token": 4}

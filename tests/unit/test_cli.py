@@ -643,3 +643,11 @@ def test_global_options_after_the_command(broker):
     result = run("stats", "--json", "--broker", broker.endpoint,
                  "--timeout", "1")
     assert result.code == 0
+
+
+def test_retry_of_a_running_task_says_so(broker):
+    broker.handlers["RETRY"] = lambda body: reply(
+        task=make_task(body["id"], state="running", attempts=1))
+    result = run("--broker", broker.endpoint, "retry", "7")
+    assert result.code == 0
+    assert result.stdout.strip() == "task 7 is already running"
