@@ -255,6 +255,19 @@ class ITaskStore(Interface):
             :class:`taskbroker.store.TaskRow`.
         """
 
+    def scan_queued(after_id, limit, known):
+        """
+        What the poller reads: like :meth:`queued`, but rows whose id is in
+        ``known`` (tasks the broker already holds) are left out before
+        they are read, which keeps a poll cheap while the queue is full of
+        tasks submitted through the broker.
+
+        :param known: a ``frozenset`` of task ids.
+        :returns: a ``Deferred`` firing with ``(rows, last_id)``: the
+            :class:`taskbroker.store.TaskRow` list, by id, and the highest
+            id scanned (``after_id`` if none was), up to ``limit`` ids.
+        """
+
     def running():
         """
         :returns: a ``Deferred`` firing with the ``list`` of running

@@ -18,7 +18,6 @@ lost can never overwrite the attempt that replaced it.
 import heapq
 import random
 import uuid
-from dataclasses import replace
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -41,6 +40,10 @@ MAX_STORE_BACKOFF = 30.0
 RECONNECT_WAIT = 2.0
 #: One log line per peer per this many seconds for its bad messages.
 BAD_MESSAGE_LOG_INTERVAL = 10.0
+
+
+# An idle worker's heartbeat, byte for byte as taskbroker's workers send it.
+_IDLE_HEARTBEAT = encode(b"HEARTBEAT", {"running": []})
 
 
 class _Peer:
@@ -170,7 +173,7 @@ class Broker:
         for row in (yield self.store.running()):
             # Rows in memory are as they were before their dispatch.
             self._running[row.id] = (
-                None, row.token, replace(row, attempts=row.attempts - 1))
+                None, row.token, row._replace(attempts=row.attempts - 1))
             self._orphans[row.id] = deadline
         yield self.poll()
 
@@ -204,6 +207,11 @@ class Broker:
         peer = self._peers.get(identity)
         if peer is not None:
             peer.seen_at = self._monotonic()
+            if not peer.running and frames == _IDLE_HEARTBEAT:
+                # Most of what a thousand idle workers send: nothing to
+                # reconcile, so only note that they live, decoding nothing.
+                peer.last_seen = self.clock.seconds()
+                return
         try:
             command, body = codec.decode(frames, codec.BROKER_INBOUND)
         except ProtocolError as e:
@@ -437,8 +445,8 @@ class Broker:
 
         def requeued(changed):
             if changed:
-                self._enqueue(replace(
-                    row, state="queued", attempts=used, token=token,
+                self._enqueue(row._replace(
+                    state="queued", attempts=used, token=token,
                     run_at=run_at, error=error, traceback=traceback))
 
         return d.addCallback(requeued)
@@ -497,8 +505,8 @@ class Broker:
 
             def requeued(changed):
                 if changed:
-                    self._enqueue(replace(
-                        row, state="queued", token=token, run_at=None,
+                    self._enqueue(row._replace(
+                        state="queued", token=token, run_at=None,
                         attempts=used if consumed else row.attempts),
                         front=True)
 
@@ -601,7 +609,7 @@ class Broker:
             if row is not None:
                 due.append(row)
         for row in sorted(due, key=lambda r: self._level_index[r.priority]):
-            self._enqueue(replace(row, run_at=None))
+            self._enqueue(row._replace(run_at=None))
         self._schedule_delayed()
 
     def _withdraw(self, task_id):
@@ -733,7 +741,10 @@ class Broker:
     @defer.inlineCallbacks
     def _poll(self):
         while True:
-            rows = yield self.store.queued(self._watermark, POLL_BATCH)
+            start = self._watermark
+            rows, last_id = yield self.store.scan_queued(
+                self._watermark, POLL_BATCH,
+                frozenset(self._submitted_since_poll))
             adopted, writes = [], []
             for row in rows:
                 if (row.id in self._submitted_since_poll
@@ -749,8 +760,7 @@ class Broker:
                             lambda _, task_id=row.id: self._notify(task_id)))
                     continue
                 if row.priority is None or row.max_attempts is None:
-                    row = replace(
-                        row,
+                    row = row._replace(
                         priority=row.priority or self.config.default_priority,
                         max_attempts=row.max_attempts or self.config.max_attempts)
                     writes.append(self.store.fix(
@@ -759,15 +769,14 @@ class Broker:
             # All in one group commit; if it fails, the watermark stays and
             # the next poll tries these rows again.
             yield defer.gatherResults(writes, consumeErrors=True)
-            if rows:
-                self._watermark = max(self._watermark, rows[-1].id)
+            self._watermark = max(self._watermark, last_id)
             self._submitted_since_poll = {
                 i for i in self._submitted_since_poll if i > self._watermark}
             for row in sorted(adopted, key=lambda r: self._level_index[r.priority]):
                 if row.id not in self._running and row.id not in self.dispatcher:
                     self._enqueue(row)
-            if len(rows) < POLL_BATCH:
-                return
+            if last_id == start:
+                return  # nothing new: the scan reached the end
 
     def _invalid(self, row):
         """

@@ -7,7 +7,6 @@ store can run without a reactor or a disk.
 Public through :mod:`taskbroker.testing`.
 """
 
-import dataclasses
 import sqlite3
 
 from twisted.internet import defer
@@ -113,7 +112,7 @@ class MemoryStore:
         return row
 
     def _update(self, row, **changes):
-        new = dataclasses.replace(row, **changes)
+        new = row._replace(**changes)
         self._index(row, new)
         self._rows[row.id] = new
         return new
@@ -356,6 +355,17 @@ class MemoryStore:
         See :meth:`taskbroker.interfaces.ITaskStore.queued`.
         """
         return self._run(self._select, "queued", None, after_id, limit)
+
+    def scan_queued(self, after_id, limit, known):
+        """
+        See :meth:`taskbroker.interfaces.ITaskStore.scan_queued`.
+        """
+        def scan():
+            rows = self._select("queued", None, after_id, limit)
+            return ([row for row in rows if row.id not in known],
+                    rows[-1].id if rows else after_id)
+
+        return self._run(scan)
 
     def running(self):
         """

@@ -494,6 +494,12 @@ class SQLiteStore:
         """
         return self._read(_queued, after_id, limit)
 
+    def scan_queued(self, after_id, limit, known):
+        """
+        See :meth:`taskbroker.interfaces.ITaskStore.scan_queued`.
+        """
+        return self._read(_scan_queued, after_id, limit, frozenset(known))
+
     def running(self):
         """
         See :meth:`taskbroker.interfaces.ITaskStore.running`.
@@ -796,6 +802,23 @@ def _queued(connection, after_id, limit):
         (after_id, limit),
     )
     return [TaskRow(*row) for row in rows]
+
+
+def _scan_queued(connection, after_id, limit, known):
+    cursor = connection.cursor()
+    ids = [row[0] for row in cursor.execute(
+        "SELECT id FROM tasks WHERE state = 'queued' AND id > ? "
+        "ORDER BY id LIMIT ?", (after_id, limit))]
+    wanted = [i for i in ids if i not in known]
+    rows = []
+    # Bounded IN lists: SQLite caps the number of parameters.
+    for start in range(0, len(wanted), 500):
+        chunk = wanted[start:start + 500]
+        rows.extend(TaskRow(*row) for row in cursor.execute(
+            f"SELECT {_COLUMNS} FROM tasks WHERE id IN "
+            f"({','.join('?' * len(chunk))}) AND state = 'queued' ORDER BY id",
+            chunk))
+    return rows, (ids[-1] if ids else after_id)
 
 
 def _running(connection):

@@ -632,6 +632,20 @@ async def test_list_filters_and_pages(store):
 
 
 @pytest_twisted.ensureDeferred
+async def test_scan_queued_leaves_out_known_tasks(store):
+    ids = [row.id for row in rows_of(
+        await store.submit([new_task() for _ in range(6)]))]
+    await store.dispatch(ids[5], 1, "w", 1.0)
+    rows, last = await store.scan_queued(0, 100, frozenset(ids[:3]))
+    assert [row.id for row in rows] == ids[3:5]
+    assert last == ids[4]
+    rows, last = await store.scan_queued(0, 2, frozenset(ids[:2]))
+    assert (rows, last) == ([], ids[1])
+    rows, last = await store.scan_queued(ids[4], 100, frozenset())
+    assert (rows, last) == ([], ids[4])
+
+
+@pytest_twisted.ensureDeferred
 async def test_queued_and_running(store):
     rows = rows_of(await store.submit([new_task() for _ in range(5)]))
     ids = [row.id for row in rows]
