@@ -37,9 +37,20 @@ integration: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m taskbroker.demo
 
-# End-to-end throughput of a batch of no-op tasks on default settings.
+# The benchmark suite (benchmarks/, `python -m benchmarks --help`): real
+# daemons on default settings, the storage-less floor, and Celery and RQ
+# where Redis answers (in bench-results/.venv-compare, made on first use).
+# Prints the table and writes bench-results/latest.json and latest.txt.
+# BENCH_ARGS passes options, e.g. make bench BENCH_ARGS="--only latency".
+BENCH_ARGS ?=
+
 bench: $(STAMP)
-	$(BIN)/python benchmarks/batch.py
+	$(BIN)/python -m benchmarks $(BENCH_ARGS)
+
+# One run of smaller workloads, for development (about a minute).
+.PHONY: bench-quick
+bench-quick: $(STAMP)
+	$(BIN)/python -m benchmarks --quick $(BENCH_ARGS)
 
 # The docs build needs Sphinx (the "docs" extra); the tests never do.
 # -W turns every warning into an error, so a broken reference or a

@@ -1,0 +1,653 @@
+"""
+The measures.  Each ``run_*`` function does one run in fresh temporary
+folders and returns ``{metric key: value}`` (see :mod:`benchmarks.report`
+for what each key means), plus a ``"details"`` dict kept in the JSON.
+
+taskbroker runs as real ``twistd`` daemons on loopback with their default
+settings; only ``--listen``, ``--database``, ``--name`` and, for the
+reserved worker, ``--priorities`` are given.
+"""
+
+import json
+import os
+import shutil
+import sqlite3
+import sys
+import time
+from contextlib import closing
+from datetime import datetime
+
+from benchmarks._util import (
+    HERE, TWISTD, BenchError, Skip, cpu_seconds, free_port, memory_kib,
+    percentile, read_only, wait_done,
+)
+
+PYTHON = sys.executable
+LOAD_WORKERS = os.path.join(HERE, "load_workers.py")
+STUB_BROKER = os.path.join(HERE, "stub_broker.py")
+FLOOR = os.path.join(HERE, "floor")
+COMPARE = os.path.join(HERE, "compare")
+
+#: Generous limits: a measure that takes this long is broken, not slow.
+START_TIMEOUT = 60.0
+DRAIN_TIMEOUT = 600.0
+
+
+def _seconds(iso):
+    return datetime.fromisoformat(iso).timestamp()
+
+
+def _ms(seconds):
+    return seconds * 1000.0
+
+
+def _json(text, source):
+    try:
+        return json.loads(text)
+    except ValueError:
+        raise BenchError(f"{source} printed an unreadable result: "
+                         f"{text[:100]!r}") from None
+
+
+def _client(endpoint, timeout=60.0):
+    from taskbroker.client.blocking import BlockingClient
+    return BlockingClient(endpoint, timeout=timeout)
+
+
+class _Daemons:
+    """
+    Starting taskbroker's daemons for one run.
+    """
+
+    def __init__(self, ctx, folder):
+        self.ctx = ctx
+        self.folder = folder
+        self.started = []
+
+    def broker(self, db=None, listen="tcp://127.0.0.1:*", timeout=START_TIMEOUT,
+               name="broker"):
+        db = db or os.path.join(self.folder, "taskbroker.sqlite")
+        process = self.ctx.procs.start(name, [
+            TWISTD, "--pidfile=", "-n", "taskbroker",
+            "--listen", listen, "--database", "sqlite:///" + db,
+        ], self.folder)
+        self.started.append(process)
+        process.server = True
+        match = process.wait_for(r"listening on (\S+),", timeout,
+                                 "the broker listening")
+        process.endpoint = match.group(1)
+        process.db = db
+        return process
+
+    def workers(self, endpoint, names, extra=(), wait=True):
+        processes = []
+        for name in names:
+            process = self.ctx.procs.start(name, [
+                TWISTD, "--pidfile=", "-n", "taskworker",
+                "--broker", endpoint, "--name", name, *extra,
+            ], self.folder)
+            self.started.append(process)
+            processes.append(process)
+        if wait:
+            for process in processes:
+                process.wait_for(r"welcomed by broker", START_TIMEOUT,
+                                 "a WELCOME from the broker")
+        return processes
+
+    def process(self, name, argv, env=None, server=False):
+        process = self.ctx.procs.start(name, argv, self.folder, env=env)
+        process.server = server
+        self.started.append(process)
+        return process
+
+    def stop(self, *processes, timeout=15.0):
+        """
+        Stop the given processes (default: all): clients and workers
+        first, then brokers, so that a stopping worker still gets the ACKs
+        of its last results (it waits for them up to its grace period).
+        """
+        chosen = list(processes) or list(reversed(self.started))
+        for servers in (False, True):
+            layer = [p for p in chosen if getattr(p, "server", False) == servers]
+            if layer:
+                self.ctx.procs.stop(*layer, timeout=timeout)
+        for process in chosen:
+            if process in self.started:
+                self.started.remove(process)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.stop()
+
+
+def _client_errors():
+    try:
+        from taskbroker.client.errors import ClientError
+        return ClientError
+    except ImportError:
+        return ()
+
+
+def _guard(run):
+    """
+    Turn the client's errors (no answer, a refusal) into one-line
+    :class:`BenchError` s.
+    """
+    def guarded(ctx):
+        try:
+            return run(ctx)
+        except _client_errors() as e:
+            raise BenchError(f"{type(e).__name__}: {e}") from None
+        except sqlite3.Error as e:
+            raise BenchError(f"database: {e}") from None
+    guarded.__name__ = run.__name__
+    guarded.__doc__ = run.__doc__
+    return guarded
+
+
+def _bulk(client, specs):
+    submitted, _ = client.submit_many(specs)
+    if len(submitted) != len(specs):
+        raise BenchError(f"submitted {len(submitted)} of {len(specs)} tasks")
+    return submitted
+
+
+# -- 1. throughput -------------------------------------------------------
+
+
+@_guard
+def run_throughput(ctx):
+    """
+    N echo tasks, 2 workers x 1 slot: submitted with the bulk API, then
+    (on a fresh broker) inserted by one SQL transaction.
+    """
+    n = ctx.params.throughput
+    out, details = {}, {}
+    with _Daemons(ctx, ctx.folder("throughput-bulk")) as daemons:
+        broker = daemons.broker()
+        workers = daemons.workers(broker.endpoint, ["w1", "w2"])
+        with _client(broker.endpoint) as client:
+            specs = [{"handler": "echo", "payload": i} for i in range(n)]
+            cpu = [cpu_seconds(p.pid) for p in (broker, *workers)]
+            began = time.time()
+            submitted = _bulk(client, specs)
+            details["bulk_submit_seconds"] = time.time() - began
+            client.wait(submitted[-1]["id"], timeout=DRAIN_TIMEOUT)
+        _, _, last = wait_done(broker.db, n, daemons.started, DRAIN_TIMEOUT)
+        elapsed = time.time() - began
+        used = [cpu_seconds(p.pid) - c
+                for p, c in zip((broker, *workers), cpu)]
+        out["tb.throughput.bulk"] = n / (last - began)
+        # Who is busy: a process near 100 % of a core is the bottleneck.
+        out["tb.throughput.broker_cpu"] = 100.0 * used[0] / elapsed
+        out["tb.throughput.worker_cpu"] = 100.0 * sum(used[1:]) / len(
+            used[1:]) / elapsed
+    with _Daemons(ctx, ctx.folder("throughput-sql")) as daemons:
+        broker = daemons.broker()
+        daemons.workers(broker.endpoint, ["w1", "w2"])
+        # The documented way for other programs to enqueue work: priority
+        # and max_attempts left NULL, for the broker's defaults.
+        with closing(sqlite3.connect(broker.db, timeout=30,
+                                     isolation_level=None)) as db:
+            began = time.time()
+            db.execute("BEGIN IMMEDIATE")
+            db.executemany(
+                "INSERT INTO tasks (handler, payload, priority) "
+                "VALUES ('echo', ?, NULL)", ((str(i),) for i in range(n)))
+            db.execute("COMMIT")
+            committed = time.time()
+        details["sql_insert_seconds"] = committed - began
+        _, first, last = wait_done(broker.db, n, daemons.started, DRAIN_TIMEOUT)
+        out["tb.throughput.sql"] = n / (last - began)
+        out["tb.throughput.sql_pickup"] = _ms(first - committed)
+    out["details"] = details
+    return out
+
+
+# -- 2. latency ----------------------------------------------------------
+
+
+@_guard
+def run_latency(ctx):
+    """
+    N tasks one at a time through the Python BlockingClient: submit, then
+    wait for the result.
+    """
+    n = ctx.params.latency
+    dispatch, finished, wall = [], [], []
+    with _Daemons(ctx, ctx.folder("latency")) as daemons:
+        broker = daemons.broker()
+        daemons.workers(broker.endpoint, ["w1", "w2"])
+        with _client(broker.endpoint, timeout=30) as client:
+            for i in range(ctx.params.warmup):
+                task, _ = client.submit("echo", i)
+                client.wait(task["id"], timeout=30)
+            for i in range(n):
+                t0 = time.perf_counter()
+                task, _ = client.submit("echo", i)
+                done = client.wait(task["id"], timeout=30)
+                t1 = time.perf_counter()
+                if done["state"] != "succeeded":
+                    raise BenchError(f"task {task['id']} is {done['state']} "
+                                     f"after 30 s: {done.get('error')}")
+                created = _seconds(done["created_at"])
+                dispatch.append(_seconds(done["started_at"]) - created)
+                finished.append(_seconds(done["finished_at"]) - created)
+                wall.append(t1 - t0)
+    return {
+        "tb.latency.dispatch_p50": _ms(percentile(dispatch, 50)),
+        "tb.latency.dispatch_p99": _ms(percentile(dispatch, 99)),
+        "tb.latency.result_p50": _ms(percentile(wall, 50)),
+        "tb.latency.result_p99": _ms(percentile(wall, 99)),
+        "tb.latency.finished_p50": _ms(percentile(finished, 50)),
+        "tb.latency.finished_p99": _ms(percentile(finished, 99)),
+    }
+
+
+# -- 3. priority under load ---------------------------------------------
+
+
+@_guard
+def run_priority(ctx):
+    """
+    The two general workers busy with ``sleep`` tasks, N ``low`` tasks
+    queued behind them, one worker reserved for ``high``: how long each of
+    M ``high`` tasks, submitted one at a time, waits to start.
+    """
+    low, high = ctx.params.priority_low, ctx.params.priority_high
+    waits, wall = [], []
+    details = {}
+    with _Daemons(ctx, ctx.folder("priority")) as daemons:
+        broker = daemons.broker()
+        general = daemons.workers(broker.endpoint, ["w1", "w2"])
+        reserved = daemons.workers(broker.endpoint, ["reserved"],
+                                   extra=("--priorities", "high"))
+        with _client(broker.endpoint) as client:
+            sleepers = [client.submit("sleep", {"seconds": 3600})[0]["id"]
+                        for _ in general]
+            deadline = time.monotonic() + 30
+            while any(client.get(i)["state"] != "running" for i in sleepers):
+                if time.monotonic() > deadline:
+                    raise BenchError("the sleep tasks did not start in 30 s")
+                time.sleep(0.05)
+            _bulk(client, [{"handler": "echo", "payload": i,
+                            "priority": "low"} for i in range(low)])
+            stats = client.stats()
+            details["low_waiting"] = stats.get("waiting", {}).get("echo")
+            for i in range(ctx.params.warmup):
+                task, _ = client.submit("echo", i, priority="high")
+                client.wait(task["id"], timeout=30)
+            for i in range(high):
+                t0 = time.perf_counter()
+                task, _ = client.submit("echo", i, priority="high")
+                done = client.wait(task["id"], timeout=30)
+                wall.append(time.perf_counter() - t0)
+                if done["state"] != "succeeded":
+                    raise BenchError(f"high task {task['id']} is "
+                                     f"{done['state']} after 30 s")
+                if done["worker"] != "reserved":
+                    raise BenchError(f"high task {task['id']} ran on "
+                                     f"{done['worker']}, not the reserved "
+                                     "worker")
+                waits.append(_seconds(done["started_at"])
+                             - _seconds(done["created_at"]))
+            still = client.stats().get("waiting", {}).get("echo")
+            details["low_waiting_after"] = still
+            # Free the general workers so they stop at once (a worker
+            # waits up to its grace period for running tasks).
+            for i in sleepers:
+                client.cancel(i)
+        daemons.stop(*general, *reserved)
+    return {
+        "tb.priority.wait_p50": _ms(percentile(waits, 50)),
+        "tb.priority.wait_p99": _ms(percentile(waits, 99)),
+        "tb.priority.result_p50": _ms(percentile(wall, 50)),
+        "tb.priority.depth": float(details["low_waiting"] or 0),
+        "details": details,
+    }
+
+
+# -- 4. many workers -----------------------------------------------------
+
+
+def _many_rate(ctx, daemons, connections, n, idle_seconds):
+    broker = daemons.broker()
+    load = daemons.process(f"load-{connections}", [
+        PYTHON, LOAD_WORKERS, "--broker", broker.endpoint,
+        "--connections", str(connections), "--name", f"load{connections}"])
+    load.wait_for(rf"ready {connections}\b", 120,
+                  f"{connections} connections welcomed", watched=[broker])
+    out = {}
+    with _client(broker.endpoint) as client:
+        stats = client.stats()
+        if stats["workers"] != connections:
+            raise BenchError(f"the broker counts {stats['workers']} workers, "
+                             f"not {connections}")
+        if idle_seconds:
+            # Let the burst of connections settle (log lines, first
+            # heartbeats) before measuring.
+            time.sleep(2.0)
+            b0, l0, t0 = cpu_seconds(broker.pid), cpu_seconds(load.pid), \
+                time.monotonic()
+            time.sleep(idle_seconds)
+            b1, l1, t1 = cpu_seconds(broker.pid), cpu_seconds(load.pid), \
+                time.monotonic()
+            out["idle_cpu"] = 100.0 * (b1 - b0) / (t1 - t0)
+            out["load_idle_cpu"] = 100.0 * (l1 - l0) / (t1 - t0)
+        specs = [{"handler": "echo", "payload": i} for i in range(n)]
+        l0 = cpu_seconds(load.pid)
+        began = time.time()
+        submitted = _bulk(client, specs)
+        client.wait(submitted[-1]["id"], timeout=DRAIN_TIMEOUT)
+        _, _, last = wait_done(broker.db, n, daemons.started, DRAIN_TIMEOUT)
+        out["rate"] = n / (last - began)
+        out["load_busy_cpu"] = 100.0 * (cpu_seconds(load.pid) - l0) / (
+            time.time() - began)
+        stats = client.stats()
+    out["counters"] = stats.get("counters", {})
+    out["workers_after"] = stats.get("workers")
+    # Let the last ACKs arrive, so that the load's counters add up.
+    time.sleep(0.5)
+    daemons.stop(load)
+    match = load.wait_for(r"(?m)^result (\{.*\})$", 5, "the load's counters")
+    out["load_counters"] = _json(match.group(1), "the load process")
+    daemons.stop()
+    return out
+
+
+@_guard
+def run_many_workers(ctx):
+    """
+    One light load process with 1,000 worker connections (1 slot each,
+    the real protocol, default heartbeat): broker CPU while idle, and the
+    throughput of echo tasks compared with 10 connections.
+    """
+    p = ctx.params
+    with _Daemons(ctx, ctx.folder("many-workers")) as daemons:
+        many = _many_rate(ctx, daemons, p.many_connections, p.many_tasks,
+                          p.idle_seconds)
+    with _Daemons(ctx, ctx.folder("few-workers")) as daemons:
+        few = _many_rate(ctx, daemons, 10, p.many_tasks, 0)
+    for label, result in (("many", many), ("few", few)):
+        counters = result["counters"]
+        if counters.get("lost_workers") or result["workers_after"] != (
+                p.many_connections if label == "many" else 10):
+            raise BenchError(
+                f"the broker lost workers during the {label}-connection run "
+                f"(lost_workers={counters.get('lost_workers')}, workers "
+                f"left {result['workers_after']})")
+    return {
+        "tb.many.idle_cpu": many["idle_cpu"],
+        "tb.many.load_idle_cpu": many["load_idle_cpu"],
+        "tb.many.rate_many": many["rate"],
+        "tb.many.rate_few": few["rate"],
+        "tb.many.load_busy_cpu": many["load_busy_cpu"],
+        "details": {"many": many, "few": few},
+    }
+
+
+# -- 5. deep queue -------------------------------------------------------
+
+
+def deep_template(ctx):
+    """
+    A database with ``deep`` queued echo tasks inserted by SQL, made once
+    per suite (the broker creates the schema; the rows go in in one
+    transaction with executemany) and copied for each run.
+    """
+    if getattr(ctx, "_deep_template", None):
+        return ctx._deep_template
+    rows = ctx.params.deep
+    folder = ctx.folder("deep-template")
+    with _Daemons(ctx, folder) as daemons:
+        daemons.broker(db=os.path.join(folder, "template.sqlite"))
+    path = os.path.join(folder, "template.sqlite")
+    with closing(sqlite3.connect(path, timeout=30,
+                                 isolation_level=None)) as db:
+        began = time.time()
+        db.execute("BEGIN IMMEDIATE")
+        # Every column the broker would otherwise fill is given, so that
+        # the measure is about the depth of the queue: rows with a NULL
+        # priority or max_attempts make the broker UPDATE each one as it
+        # adopts it, which takes about three times as long to load.
+        db.executemany(
+            "INSERT INTO tasks (handler, payload, priority, max_attempts) "
+            "VALUES ('echo', ?, 'normal', 3)",
+            ((str(i),) for i in range(rows)))
+        db.execute("COMMIT")
+        ctx.notes.append(
+            f"deep queue: {rows:,} rows inserted in one transaction in "
+            f"{time.time() - began:.1f} s (once; each run copies the file)")
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    ctx._deep_template = path
+    return path
+
+
+def _nth_finished(db, n):
+    row = db.execute(
+        "SELECT finished_at FROM tasks WHERE state = 'succeeded' "
+        "ORDER BY finished_at LIMIT 1 OFFSET ?", (n - 1,)).fetchone()
+    return row[0]
+
+
+def _first_started(db):
+    return db.execute(
+        "SELECT MIN(started_at) FROM tasks "
+        "WHERE state IN ('running', 'succeeded')").fetchone()[0]
+
+
+@_guard
+def run_deep_queue(ctx):
+    """
+    A million tasks queued (inserted by SQL before the broker starts), 2
+    workers x 1 slot: time from the broker's start to listening and to the
+    first dispatch, its RSS, and the drain rate of the first N tasks
+    compared with N submitted to an empty broker.
+    """
+    p = ctx.params
+    drain = p.deep_drain
+    template = deep_template(ctx)
+    out, details = {}, {}
+    folder = ctx.folder("deep-queue")
+    db_path = os.path.join(folder, "taskbroker.sqlite")
+    shutil.copyfile(template, db_path)
+    with _Daemons(ctx, folder) as daemons:
+        # Workers start when the broker listens, so the port is chosen
+        # here (--listen tcp://127.0.0.1:* would name it only then).
+        listen = f"tcp://127.0.0.1:{free_port()}"
+        began = time.time()
+        broker = daemons.broker(db=db_path, listen=listen,
+                                timeout=DRAIN_TIMEOUT)
+        out["tb.deep.listen"] = time.time() - began
+        details["rss_at_listen_mb"] = memory_kib(broker.pid, "VmRSS") / 1024
+        workers_began = time.time()
+        daemons.workers(broker.endpoint, ["w1", "w2"], wait=False)
+        with closing(read_only(db_path)) as db:
+            deadline = time.monotonic() + DRAIN_TIMEOUT
+            first = None
+            while True:
+                if first is None:
+                    first = _first_started(db)
+                if first is not None:
+                    done = db.execute(
+                        "SELECT COUNT(*) FROM tasks WHERE state = 'succeeded'"
+                    ).fetchone()[0]
+                    if done >= drain:
+                        break
+                for process in daemons.started:
+                    process.check()
+                if time.monotonic() > deadline:
+                    raise BenchError(f"the first {drain} tasks did not finish "
+                                     f"within {DRAIN_TIMEOUT:g} s")
+                time.sleep(0.05)
+            nth = _nth_finished(db, drain)
+            bad = db.execute("SELECT COUNT(*) FROM tasks WHERE state IN "
+                             "('failed', 'cancelled')").fetchone()[0]
+            if bad:
+                raise BenchError(f"{bad} deep-queue task(s) failed")
+        out["tb.deep.first_dispatch"] = first - began
+        out["tb.deep.worker_start"] = first - workers_began
+        out["tb.deep.rss"] = memory_kib(broker.pid, "VmRSS") / 1024
+        out["tb.deep.hwm"] = memory_kib(broker.pid, "VmHWM") / 1024
+        out["tb.deep.drain"] = drain / (nth - first)
+        stop_began = time.time()
+        daemons.stop()
+        details["stop_seconds"] = time.time() - stop_began
+
+    with _Daemons(ctx, ctx.folder("deep-empty")) as daemons:
+        broker = daemons.broker()
+        daemons.workers(broker.endpoint, ["w1", "w2"])
+        with _client(broker.endpoint) as client:
+            submitted = _bulk(client, [{"handler": "echo", "payload": i}
+                                       for i in range(drain)])
+            client.wait(submitted[-1]["id"], timeout=DRAIN_TIMEOUT)
+        wait_done(broker.db, drain, daemons.started, DRAIN_TIMEOUT)
+        with closing(read_only(broker.db)) as db:
+            first = _first_started(db)
+            nth = _nth_finished(db, drain)
+        out["tb.deep.drain_empty"] = drain / (nth - first)
+        out["tb.deep.rss_empty"] = memory_kib(broker.pid, "VmRSS") / 1024
+    out["details"] = details
+    return out
+
+
+# -- 6. worker alone -----------------------------------------------------
+
+
+@_guard
+def run_worker_alone(ctx):
+    """
+    One ``twistd taskworker --concurrency 1`` fed by the stub broker, which
+    answers every credit at once: no-op tasks/s after a warm-up of a tenth
+    of them, and the worker's own CPU time per task meanwhile.
+    """
+    n = ctx.params.alone
+    with _Daemons(ctx, ctx.folder("worker-alone")) as daemons:
+        stub = daemons.process("stub-broker", [
+            PYTHON, STUB_BROKER, "--tasks", str(n)], server=True)
+        endpoint = stub.wait_for(r"listening on (\S+)", START_TIMEOUT,
+                                 "the stub listening").group(1)
+        worker, = daemons.workers(endpoint, ["alone"],
+                                  extra=("--concurrency", "1"), wait=False)
+        stub.wait_for(r"warmed up", START_TIMEOUT, "the first tasks done",
+                      watched=[worker])
+        cpu = cpu_seconds(worker.pid), cpu_seconds(stub.pid)
+        match = stub.wait_for(r"(?m)^result (\{.*\})$", 60 + n / 500,
+                              f"{n} results", watched=[worker])
+        used = cpu_seconds(worker.pid) - cpu[0], cpu_seconds(stub.pid) - cpu[1]
+    result = _json(match.group(1), "the stub broker")
+    if result["failed"]:
+        raise BenchError(f"{result['failed']} tasks failed on the worker")
+    measured = result["tasks"] - result["warmup"]
+    return {
+        "tb.alone.rate": result["rate"],
+        "tb.alone.worker_us": 1e6 * used[0] / measured,
+        "tb.alone.stub_us": 1e6 * used[1] / measured,
+        "details": result,
+    }
+
+
+# -- 7. the floor and the others -----------------------------------------
+
+
+def _latency_keys(prefix, result):
+    start = result["submit_to_start"]
+    wall = result["submit_to_result"]
+    return {
+        f"{prefix}.latency.start_p50": _ms(percentile(start, 50)),
+        f"{prefix}.latency.start_p99": _ms(percentile(start, 99)),
+        f"{prefix}.latency.result_p50": _ms(percentile(wall, 50)),
+        f"{prefix}.latency.result_p99": _ms(percentile(wall, 99)),
+    }
+
+
+@_guard
+def run_floor(ctx):
+    """
+    The floor: the ZeroMQ guide's load-balancing broker in Python, no
+    storage, 2 worker processes, one client process: N tasks at once,
+    then M one at a time.
+    """
+    p = ctx.params
+    with _Daemons(ctx, ctx.folder("floor")) as daemons:
+        broker = daemons.process("floor-broker", [
+            PYTHON, os.path.join(FLOOR, "broker.py")], server=True)
+        match = broker.wait_for(r"frontend (\S+) backend (\S+)",
+                                START_TIMEOUT, "the floor broker's endpoints")
+        frontend, backend = match.groups()
+        workers = [daemons.process(f"floor-worker{i}", [
+            PYTHON, os.path.join(FLOOR, "worker.py"), "--backend", backend])
+            for i in (1, 2)]
+        broker.wait_for(r"workers 2\b", START_TIMEOUT, "2 floor workers")
+        client = daemons.process("floor-client", [
+            PYTHON, os.path.join(FLOOR, "client.py"), "--frontend", frontend,
+            "--tasks", str(p.floor), "--latency", str(p.latency),
+            "--warmup", str(p.warmup)])
+        match = client.wait_for(r"(?m)^result (\{.*\})$", DRAIN_TIMEOUT,
+                                "the floor client's result",
+                                watched=[broker, *workers])
+    result = _json(match.group(1), "the floor client")
+    out = {"floor.throughput": result["throughput"]}
+    out.update(_latency_keys("floor", result))
+    return out
+
+
+def _compare(ctx, system, workers, driver, tasks):
+    """
+    Run one comparison system: start its workers, run its driver, stop.
+    """
+    setup = ctx.compare_setup()
+    if setup is not None:
+        raise Skip(setup)
+    tag = f"tbbench-{system}-{os.getpid()}-{int(time.time() * 1000)}"
+    env = dict(ctx.compare_env(), BENCH_QUEUE=tag, BENCH_REDIS=ctx.params.redis,
+               PYTHONPATH=COMPARE)
+    with _Daemons(ctx, ctx.folder(system)) as daemons:
+        started = [daemons.process(f"{system}-worker{i + 1}", argv, env=env)
+                   for i, argv in enumerate(workers(tag))]
+        client = daemons.process(f"{system}-driver", [
+            ctx.compare_python, os.path.join(COMPARE, driver),
+            "--tasks", str(tasks), "--latency", str(ctx.params.latency),
+            "--warmup", str(ctx.params.warmup)], env=env)
+        match = client.wait_for(r"(?m)^(result|error:) (.*)$", DRAIN_TIMEOUT,
+                                f"the {system} driver's result",
+                                watched=started)
+        if match.group(1) == "error:":
+            raise BenchError(f"{system}: {match.group(2)}")
+        client.wait_exit(60)
+    result = _json(match.group(2), f"the {system} driver")
+    out = {f"{system}.throughput": result["throughput"]}
+    out.update(_latency_keys(system, result))
+    out["details"] = {"submit_seconds": result.get("submit_seconds")}
+    return out
+
+
+@_guard
+def run_celery(ctx):
+    """
+    Celery with Redis: prefetch multiplier 1, acks late, one worker with
+    2 prefork processes, a no-op task.
+    """
+    celery = os.path.join(os.path.dirname(ctx.compare_python), "celery")
+    return _compare(ctx, "celery", lambda tag: [[
+        celery, "-A", "celery_tasks", "worker", "--loglevel", "WARNING",
+        "--pool", "prefork", "--concurrency", "2",
+        "--hostname", f"{tag}@%h", "--queues", tag]],
+        "celery_driver.py", ctx.params.compare)
+
+
+@_guard
+def run_rq(ctx):
+    """
+    RQ with Redis: 2 workers (SimpleWorker: the job runs in the worker
+    process, as taskbroker's echo does), a no-op job.
+    """
+    rq = os.path.join(os.path.dirname(ctx.compare_python), "rq")
+    return _compare(ctx, "rq", lambda tag: [[
+        rq, "worker", "--worker-class", "rq.worker.SimpleWorker",
+        "--url", ctx.params.redis, "--path", COMPARE,
+        "--logging_level", "WARNING", "--name", f"{tag}-w{i}", tag]
+        for i in (1, 2)],
+        "rq_driver.py", ctx.params.compare)
