@@ -238,7 +238,9 @@ class WorkerService(Service):
         if self._hello_retry is not None and self._hello_retry.active():
             self._hello_retry.cancel()
         self._hello_retry = None
-        self._send(b"HELLO", self._hello_body())
+        # While stopping, announce only the busy slots: no new work.
+        self._send(b"HELLO", self._hello_body(
+            slots=len(self.tasks) if self._stopping is not None else None))
         self._hello_retry = self.reactor.callLater(
             self._hello_delay, self._hello_unanswered)
 
@@ -272,6 +274,7 @@ class WorkerService(Service):
                 "broker silent for {silence:.1f}s; announcing again",
                 silence=now - self._broker_seen)
             self._announce()
+            self._check_idle()
             return
         # A result whose acknowledgement was lost goes again.
         for entry in self.unacked.values():
@@ -402,8 +405,16 @@ class WorkerService(Service):
 
     # -- stopping --------------------------------------------------------
 
+    def _waiting_on(self):
+        """
+        Whether stopping must wait: for running tasks, and for
+        acknowledgements while a broker is there to send them.
+        """
+        return bool(self.tasks or (
+            self.unacked and self.broker_instance is not None))
+
     def _check_idle(self):
-        if self._idle is not None and not self.tasks and not self.unacked:
+        if self._idle is not None and not self._waiting_on():
             idle, self._idle = self._idle, None
             idle.callback(None)
 
@@ -428,10 +439,12 @@ class WorkerService(Service):
             # Announcing only the busy slots makes the broker drop the
             # credits it holds for us: no more work comes our way.
             self._send(b"HELLO", self._hello_body(slots=len(self.tasks)))
-        if self.tasks or self.unacked:
+        if self._waiting_on():
             self.log.info(
-                "stopping: {running} tasks running, waiting up to {grace}s "
-                "for them", running=len(self.tasks), grace=self.config.grace)
+                "stopping: waiting up to {grace}s for {running} running "
+                "tasks and {unacked} unacknowledged results",
+                running=len(self.tasks), unacked=len(self.unacked),
+                grace=self.config.grace)
             self._idle = defer.Deferred()
             self._idle.addTimeout(self.config.grace, self.reactor)
             try:

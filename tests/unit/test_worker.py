@@ -316,3 +316,15 @@ def test_stopping_worker_drops_its_credits_and_hands_back_late_tasks(
     assert worker.fake.take(b"RESULT") == [
         (b"RESULT", {"id": 13, "token": 5, "state": "released"})]
     assert 13 not in worker.tasks
+
+
+def test_stopping_without_a_broker_does_not_wait_for_acks(
+        worker, handler, clock):
+    welcome(worker)
+    worker.fake.deliver(b"TASK", task(14))
+    handler.pending[14].callback(1)  # its result is never acknowledged
+    stopped = worker.stopService()
+    assert not stopped.called  # the broker may still acknowledge it
+    for _ in range(4):
+        clock.advance(1)  # the broker stays silent: presumed gone
+    assert stopped.called
