@@ -1162,6 +1162,20 @@ def test_bad_synchronous(reactor, db_path):
 
 
 @pytest_twisted.ensureDeferred
+async def test_checkpoints_run_apart_from_commits(sqlite_store, db_path):
+    # SQLite's own checkpoints (inside commits) are off; the store's
+    # checkpointer copies the WAL into the database on its own connection.
+    autocheckpoint = await sqlite_store._pool.runWithConnection(
+        lambda c: c.execute("PRAGMA wal_autocheckpoint").fetchone()[0])
+    assert autocheckpoint == 0
+    await sqlite_store.submit([new_task() for _ in range(200)])
+    busy, frames, copied = await sqlite_store.checkpoint()
+    assert busy == 0 and frames > 0 and copied == frames
+    # Another connection sees the rows in the database file itself.
+    assert query(db_path, "SELECT count(*) FROM tasks") == [(200,)]
+
+
+@pytest_twisted.ensureDeferred
 async def test_group_commit(sqlite_store):
     before = sqlite_store.transactions
     submitted = [sqlite_store.submit([new_task(payload=str(i))])
