@@ -390,10 +390,17 @@ class Broker:
                     task_id, token, "failed", None,
                     f"result exceeds the limit of {codec.MAX_PAYLOAD_SIZE} "
                     "bytes", None, now)
+                final = None
             else:
                 d = self.store.finish(task_id, token, "succeeded", result,
                                       None, None, now)
-            d.addCallback(self._finished, task_id)
+                # The row as the store now has it, so that waiting clients
+                # are answered without reading it back.
+                final = row._replace(
+                    state="succeeded", attempts=row.attempts + 1, token=token,
+                    finished_at=now, result=result, error=None,
+                    traceback=None)
+            d.addCallback(self._finished, task_id, final)
         else:
             d = self._failed(task_id, token, row, body.get("error") or "failed",
                              body.get("traceback"), body.get("permanent"))
@@ -417,9 +424,9 @@ class Broker:
     def _ack(self, identity, task_id, token):
         self._send(identity, encode(b"ACK", {"id": task_id, "token": token}))
 
-    def _finished(self, changed, task_id):
+    def _finished(self, changed, task_id, final=None):
         if changed:
-            self._notify(task_id)
+            self._notify(task_id, final)
         return changed
 
     def _failed(self, task_id, token, row, error, traceback, permanent):
@@ -609,7 +616,7 @@ class Broker:
             if row is not None:
                 due.append(row)
         for row in sorted(due, key=lambda r: self._level_index[r.priority]):
-            self._enqueue(row._replace(run_at=None))
+            self._enqueue(row)
         self._schedule_delayed()
 
     def _withdraw(self, task_id):
@@ -628,9 +635,13 @@ class Broker:
         identity = assignment.worker.key
         peer = self._peers[identity]
         token = row.token + 1
+        now = self.clock.seconds()
+        # Remembered as the store records it (worker, started_at), but with
+        # attempts and token as they were before this dispatch.
+        row = row._replace(worker=peer.name, started_at=now)
         self._running[row.id] = (identity, token, row)
         peer.running[row.id] = token
-        d = self.store.dispatch(row.id, token, peer.name, self.clock.seconds())
+        d = self.store.dispatch(row.id, token, peer.name, now)
 
         def committed(ok):
             self._store_backoff = 0.0
@@ -894,6 +905,12 @@ class Broker:
     def _on_WAIT(self, identity, peer, body):
         req, task_id = body["req"], body["id"]
         timeout = body.get("timeout", DEFAULT_WAIT)
+        if timeout > 0 and (task_id in self._running
+                            or task_id in self.dispatcher
+                            or task_id in self._delayed_rows):
+            # Live, so not final: wait without reading it.
+            self._add_waiter(task_id, identity, req, timeout)
+            return
         d = self.store.get(task_id)
 
         def found(row):
@@ -903,12 +920,15 @@ class Broker:
             elif row.state in FINAL_STATES or timeout <= 0:
                 self._reply(identity, req, {"task": task_object(row)})
             else:
-                waiter = (identity, req, self.clock.callLater(
-                    timeout, self._wait_expired, task_id, identity, req))
-                self._waiters.setdefault(task_id, []).append(waiter)
+                self._add_waiter(task_id, identity, req, timeout)
 
         d.addCallbacks(found, self._client_store_failed,
                        errbackArgs=("reading a task", identity, req))
+
+    def _add_waiter(self, task_id, identity, req, timeout):
+        waiter = (identity, req, self.clock.callLater(
+            timeout, self._wait_expired, task_id, identity, req))
+        self._waiters.setdefault(task_id, []).append(waiter)
 
     def _wait_expired(self, task_id, identity, req):
         waiters = self._waiters.get(task_id, [])
@@ -917,14 +937,23 @@ class Broker:
             self._waiters.pop(task_id, None)
         self._on_GET(identity, None, {"req": req, "id": task_id})
 
-    def _notify(self, task_id):
+    def _notify(self, task_id, final=None):
+        """
+        Answer the clients waiting for a task that has ended.
+
+        :param final: the task's row as committed, if known; else it is
+            read from the store.
+        """
         waiters = self._waiters.pop(task_id, None)
         if not waiters:
             return
         for identity, req, timer in waiters:
             if timer.active():
                 timer.cancel()
-            self._on_GET(identity, None, {"req": req, "id": task_id})
+            if final is not None:
+                self._reply(identity, req, {"task": task_object(final)})
+            else:
+                self._on_GET(identity, None, {"req": req, "id": task_id})
 
     def _on_LIST(self, identity, peer, body):
         req = body["req"]

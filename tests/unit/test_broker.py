@@ -595,3 +595,14 @@ def test_a_stale_attempt_in_a_heartbeat_is_stopped(broker, peers):
     peers.take()
     send(broker, b"w1/x", b"HEARTBEAT", {"running": [{"id": 9, "token": 4}]})
     assert peers.take(b"w1/x", b"CANCEL")[0][2] == {"id": 9, "token": 4}
+
+
+def test_a_waiting_client_gets_the_row_as_committed(broker, peers, store):
+    sent = start_one(broker, peers)
+    send(broker, b"client", b"WAIT", {"req": "w", "id": 1, "timeout": 10})
+    send(broker, b"w1/x", b"RESULT", {"id": 1, "token": sent["token"],
+                                       "state": "succeeded", "result": [1]})
+    [(_, _, reply)] = peers.take(b"client", b"REPLY")
+    from taskbroker.protocol.objects import task_object
+
+    assert reply["task"] == task_object(result_of(store.get(1)))
