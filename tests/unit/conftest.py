@@ -1,5 +1,6 @@
 """
-Shared setup for the unit tests: Hypothesis profiles.
+Shared setup for the unit tests: Hypothesis profiles, and the fake broker
+the client and CLI tests talk to.
 
 ``ci`` (selected when ``CI=true``) is reproducible and has no deadline,
 because shared CI machines are slow and a flaky deadline proves nothing;
@@ -8,8 +9,39 @@ because shared CI machines are slow and a flaky deadline proves nothing;
 
 import os
 
+import pytest
+import zmq
 from hypothesis import settings
+
+from tests.unit.fakebroker import FakeBroker
 
 settings.register_profile("ci", deadline=None, derandomize=True)
 settings.register_profile("dev")
 settings.load_profile("ci" if os.environ.get("CI") == "true" else "dev")
+
+
+@pytest.fixture
+def broker():
+    """
+    A scripted fake broker (tests/unit/fakebroker.py).  test_broker.py has
+    a fixture of the same name for the real broker core, which takes
+    precedence there.
+    """
+    with FakeBroker() as fake:
+        yield fake
+        assert fake.errors == []
+
+
+@pytest.fixture
+def silent_endpoint():
+    """
+    A bound ROUTER that never reads: connections succeed, answers never
+    come, so requests time out quickly.
+    """
+    context = zmq.Context()
+    router = context.socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    router.bind("tcp://127.0.0.1:*")
+    yield router.getsockopt_string(zmq.LAST_ENDPOINT)
+    router.close(0)
+    context.term()

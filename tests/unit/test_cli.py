@@ -8,11 +8,9 @@ import io
 import json
 
 import pytest
-import zmq
 
 from taskbroker import cli
 from tests.unit.fakebroker import (
-    FakeBroker,
     error,
     lose_replies,
     make_task,
@@ -20,27 +18,6 @@ from tests.unit.fakebroker import (
     sequence,
     submitted,
 )
-
-
-@pytest.fixture
-def broker():
-    with FakeBroker() as fake:
-        yield fake
-        assert fake.errors == []
-
-
-@pytest.fixture
-def silent_endpoint():
-    """
-    A bound ROUTER that never reads, so requests time out quickly.
-    """
-    context = zmq.Context()
-    router = context.socket(zmq.ROUTER)
-    router.setsockopt(zmq.LINGER, 0)
-    router.bind("tcp://127.0.0.1:*")
-    yield router.getsockopt_string(zmq.LAST_ENDPOINT)
-    router.close(0)
-    context.term()
 
 
 class Result:

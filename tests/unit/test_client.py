@@ -9,7 +9,6 @@ import threading
 
 import pytest
 import pytest_twisted
-import zmq
 from twisted.internet.defer import gatherResults
 from twisted.internet.task import Clock
 from twisted.internet.threads import deferToThread
@@ -33,7 +32,6 @@ from taskbroker.client.errors import (
 from taskbroker.protocol import codec
 from taskbroker.transport.zmq import ZmqFactoryService
 from tests.unit.fakebroker import (
-    FakeBroker,
     error,
     lose_replies,
     make_task,
@@ -41,28 +39,6 @@ from tests.unit.fakebroker import (
     sequence,
     submitted,
 )
-
-
-@pytest.fixture
-def broker():
-    with FakeBroker() as fake:
-        yield fake
-        assert fake.errors == []
-
-
-@pytest.fixture
-def silent_endpoint():
-    """
-    A bound ROUTER that never reads: connections succeed, answers never
-    come.
-    """
-    context = zmq.Context()
-    router = context.socket(zmq.ROUTER)
-    router.setsockopt(zmq.LINGER, 0)
-    router.bind("tcp://127.0.0.1:*")
-    yield router.getsockopt_string(zmq.LAST_ENDPOINT)
-    router.close(0)
-    context.term()
 
 
 @pytest.fixture
