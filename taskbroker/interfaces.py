@@ -244,23 +244,14 @@ class ITaskStore(Interface):
             :class:`taskbroker.store.TaskRow`.
         """
 
-    def queued(after_id, limit):
-        """
-        Queued tasks with ``id > after_id``, by id: what the broker loads at
-        start and what its poller finds inserted by other programs.  Tasks
-        whose ``run_at`` is still to come are included: the caller decides
-        when to run them.
-
-        :returns: a ``Deferred`` firing with a ``list`` of
-            :class:`taskbroker.store.TaskRow`.
-        """
-
     def scan_queued(after_id, limit, known):
         """
-        What the poller reads: like :meth:`queued`, but rows whose id is in
-        ``known`` (tasks the broker already holds) are left out before
-        they are read, which keeps a poll cheap while the queue is full of
-        tasks submitted through the broker.
+        What the broker reads at start and its poller reads after: queued
+        tasks with ``id > after_id``, by id, including those whose
+        ``run_at`` is still to come (the caller decides when to run them).
+        Rows whose id is in ``known`` (tasks the broker already holds) are
+        left out before they are read, which keeps a poll cheap while the
+        queue is full of tasks submitted through the broker.
 
         :param known: a ``frozenset`` of task ids.
         :returns: a ``Deferred`` firing with ``(rows, last_id)``: the

@@ -350,12 +350,6 @@ class MemoryStore:
         """
         return self._run(self._select, state, handler, after_id, limit)
 
-    def queued(self, after_id, limit):
-        """
-        See :meth:`taskbroker.interfaces.ITaskStore.queued`.
-        """
-        return self._run(self._select, "queued", None, after_id, limit)
-
     def scan_queued(self, after_id, limit, known):
         """
         See :meth:`taskbroker.interfaces.ITaskStore.scan_queued`.

@@ -517,12 +517,6 @@ class SQLiteStore:
         """
         return self._read(_list, state, handler, after_id, limit)
 
-    def queued(self, after_id, limit):
-        """
-        See :meth:`taskbroker.interfaces.ITaskStore.queued`.
-        """
-        return self._read(_queued, after_id, limit)
-
     def scan_queued(self, after_id, limit, known):
         """
         See :meth:`taskbroker.interfaces.ITaskStore.scan_queued`.
@@ -898,17 +892,6 @@ def _list(connection, state, handler, after_id, limit):
         f"SELECT {_COLUMNS} FROM tasks WHERE {' AND '.join(where)} "
         "ORDER BY id LIMIT ?",
         params,
-    )
-    return [TaskRow(*row) for row in rows]
-
-
-def _queued(connection, after_id, limit):
-    # state = 'queued' must be a literal, not a parameter: only then can
-    # SQLite use the partial index tasks_queued_by_id.
-    rows = connection.cursor().execute(
-        f"SELECT {_COLUMNS} FROM tasks WHERE state = 'queued' AND id > ? "
-        "ORDER BY id LIMIT ?",
-        (after_id, limit),
     )
     return [TaskRow(*row) for row in rows]
 

@@ -137,8 +137,8 @@ async def test_submit_new_fields(store):
             row.token, row.traceback) == (1500.5, "k", "r", 30.0, 0, None)
     assert await store.get(row.id) == row
     # Rows read back carry them too; run_at does not hide a task from
-    # queued(): the broker decides when to run it.
-    assert await store.queued(0, 10) == [row]
+    # Still listed as queued: the broker decides when to run it.
+    assert await store.list("queued", None, 0, 10) == [row]
     assert await all_rows(store) == [row]
 
 
@@ -421,7 +421,7 @@ async def test_requeue_for_a_later_retry(store):
     assert (row.state, row.run_at, row.error, row.traceback, row.attempts,
             row.token, row.worker) == (
         "queued", 2060.0, "boom", "Traceback ...", 1, 1, "w1")
-    assert await store.queued(0, 10) == [row]
+    assert await store.list("queued", None, 0, 10) == [row]
     # The next attempt's outcome replaces them.
     await store.dispatch(task.id, 2, "w2", 2060.5)
     await store.requeue(task.id, 2, run_at=2200.0, error="again")
@@ -507,7 +507,7 @@ async def test_retry_failed_task(store):
             row.result, row.error, row.traceback) == (
         "queued", 0, 2, None, None, None, None, None)
     assert await store.get(task.id) == row
-    assert await store.queued(0, 10) == [row]
+    assert await store.list("queued", None, 0, 10) == [row]
     # Retrying a queued task changes nothing.
     assert await store.retry(task.id) == row
     assert await store.dispatch(task.id, 3, "w2", 3000.0) is True
@@ -590,7 +590,7 @@ async def test_external_insert_gets_defaults(store):
         "echo", '{"a":1}', None, "queued", 0, None, None, None, None, None,
         None, None, None, None, 0, None, None)
     assert isinstance(row.created_at, float)
-    assert await store.queued(0, 10) == [row]
+    assert await store.list("queued", None, 0, 10) == [row]
 
 
 @pytest_twisted.ensureDeferred
@@ -600,7 +600,7 @@ async def test_external_insert_delayed_and_unique(store):
     row = await store.get(task_id)
     assert (row.run_at, row.unique_key, row.time_limit, row.token) == (
         5000.0, "nightly", 60.0, 0)
-    assert await store.queued(0, 10) == [row]
+    assert await store.list("queued", None, 0, 10) == [row]
 
 
 @pytest_twisted.ensureDeferred
@@ -653,11 +653,11 @@ async def test_queued_and_running(store):
     await store.dispatch(ids[3], 1, "w", 1.0)
     await store.cancel(ids[4], 2.0)
 
-    queued = await store.queued(0, 100)
+    queued = await store.list("queued", None, 0, 100)
     assert [row.id for row in queued] == [ids[0], ids[2]]
     assert queued[0] == await store.get(ids[0])
-    assert [row.id for row in await store.queued(ids[0], 100)] == [ids[2]]
-    assert [row.id for row in await store.queued(0, 1)] == [ids[0]]
+    assert [row.id for row in await store.list("queued", None, ids[0], 100)] == [ids[2]]
+    assert [row.id for row in await store.list("queued", None, 0, 1)] == [ids[0]]
     running = await store.running()
     assert [row.id for row in running] == [ids[1], ids[3]]
     assert [row.token for row in running] == [1, 1]
@@ -789,7 +789,7 @@ async def test_sql_insert_by_another_program(sqlite_store, db_path):
                     """VALUES ('echo', '{"a":1}', NULL)"""
                 )
     after = time.time()
-    rows = await sqlite_store.queued(0, 10)
+    rows = await sqlite_store.list("queued", None, 0, 10)
     assert [(row.handler, row.payload, row.priority, row.state,
              row.attempts) for row in rows] == [
         ("echo", '{"a":1}', None, "queued", 0)] * 3
@@ -810,7 +810,7 @@ async def test_sql_insert_delayed_and_unique(sqlite_store, db_path):
     )
     before = time.time()
     execute(db_path, insert)
-    (row,) = await sqlite_store.queued(0, 10)
+    (row,) = await sqlite_store.list("queued", None, 0, 10)
     assert (row.handler, row.unique_key, row.token) == (
         "report", "daily-report", 0)
     assert before + 3600 - 0.01 <= row.run_at <= time.time() + 3600 + 0.01
@@ -836,7 +836,7 @@ async def test_sql_insert_delayed_and_unique(sqlite_store, db_path):
     assert await sqlite_store.finish(row.id, 1, "succeeded", "1", None, None,
                                      2.0) is True
     execute(db_path, insert)
-    assert [r.unique_key for r in await sqlite_store.queued(0, 10)] == [
+    assert [r.unique_key for r in await sqlite_store.list("queued", None, 0, 10)] == [
         None, "daily-report"]
 
 
@@ -921,7 +921,7 @@ async def test_lock_released_when_owner_is_killed(reactor, db_path):
         os.kill(child.pid, signal.SIGKILL)
         assert (await reader.ended).signal == signal.SIGKILL
         await store.open()
-        assert await store.queued(0, 10) == []
+        assert await store.list("queued", None, 0, 10) == []
         await store.close()
     finally:
         if child.pid is not None:
@@ -1401,7 +1401,7 @@ def test_memory_store_external_insert_reads_clock():
     assert (row.created_at, row.priority, row.max_attempts) == (
         123.5, None, None)
     result_of(store.open())
-    assert result_of(store.queued(0, 10)) == [row]
+    assert result_of(store.list("queued", None, 0, 10)) == [row]
 
 
 def test_result_of():
