@@ -25,7 +25,7 @@ import uuid
 
 import zmq
 
-SIGNATURE = b"TB1"
+from taskbroker.protocol.codec import SIGNATURE
 DUMPS = json.JSONEncoder(separators=(",", ":")).encode
 
 
