@@ -156,12 +156,6 @@ class Dispatcher:
                 result[handler] = result.get(handler, 0) + len(queue)
         return result
 
-    def waiting(self, level, handler):
-        """
-        :returns: the number of waiting tasks of that level and handler.
-        """
-        return len(self._queues.get((level, handler), ()))
-
     def served(self, handler):
         """
         :returns: whether a live worker has this handler.

@@ -168,7 +168,6 @@ class WorkerService(Service):
         self.tasks = {}
         # (task id, token) -> [RESULT body, monotonic time last sent]
         self.unacked = {}
-        self.completed = 0
         self._stopping = None
         self._idle = None
 
@@ -388,7 +387,6 @@ class WorkerService(Service):
             # Cancelled or handed back: nothing to report.
             return outcome
         del self.tasks[task_id]
-        self.completed += 1
         body = _result_body(task_id, token, outcome)
         self.unacked[(task_id, token)] = [body, self._monotonic()]
         # The freed slot's credit rides with the result (but not when the
