@@ -18,6 +18,7 @@ import zmq
 
 from taskbroker.client.blocking import BlockingClient
 from taskbroker.protocol import codec
+from tests.processes import wait_gone
 
 HEARTBEAT = ("--heartbeat", "0.2")
 ALLOWANCE = 0.6
@@ -219,18 +220,8 @@ def test_handler_processes_die_with_their_worker(cluster, tmp_path):
     assert children
     w0.signal(signal.SIGKILL)
     w0.wait_exit()
-    deadline = time.monotonic() + 10
-    while any(_alive(pid) for pid in children):
-        assert time.monotonic() < deadline, "handler process outlived its worker"
-        time.sleep(0.05)
-
-
-def _alive(pid):
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
+    for pid in children:
+        assert wait_gone(pid, 10), "handler process outlived its worker"
 
 
 def test_hostile_messages_do_not_hurt_the_broker(cluster, tmp_path):

@@ -19,7 +19,7 @@ import uuid
 
 import pytest
 import pytest_twisted
-from twisted.internet import defer, protocol, task
+from twisted.internet import defer, protocol, threads
 from twisted.logger import Logger, LogLevel
 
 from taskbroker.errors import PermanentFailure
@@ -27,6 +27,7 @@ from taskbroker.interfaces import ITask
 from taskbroker.worker._child import WallClock
 from taskbroker.worker.task import RunningTask
 from taskbroker.worker.children import ChildPool, Outcome
+from tests import processes
 
 #: Seconds any one wait may take before the test fails instead of hanging.
 PATIENCE = 10
@@ -210,13 +211,10 @@ def gone(pid):
 
 async def wait_gone(reactor, pid):
     """
-    Wait until ``pid`` is :func:`gone`, or :data:`PATIENCE` seconds.  No
-    event tells when a signal has landed, so this polls.
+    Wait until ``pid`` is :func:`gone`, or :data:`PATIENCE` seconds, on its
+    pidfd (in a thread, so the reactor keeps running).
     """
-    deadline = time.monotonic() + PATIENCE
-    while not gone(pid) and time.monotonic() < deadline:
-        await task.deferLater(reactor, 0.02, lambda: None)
-    return gone(pid)
+    return await threads.deferToThread(processes.wait_gone, pid, PATIENCE)
 
 
 @pytest.fixture
