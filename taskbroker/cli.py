@@ -37,6 +37,7 @@ from taskbroker.client.errors import (
     RequestFailed,
     TaskNotFound,
 )
+from taskbroker.errors import one_line
 from taskbroker.protocol.objects import TASK_KEYS
 
 __all__ = ["main"]
@@ -414,17 +415,13 @@ class _Output:
         self.line(json.dumps(value, ensure_ascii=False, separators=(",", ":")))
 
     def warn(self, text):
-        self.stderr.write("taskbroker: warning: " + _one_line(text) + "\n")
+        self.stderr.write("taskbroker: warning: " + one_line(text) + "\n")
 
     def note(self, text):
-        self.stderr.write("taskbroker: note: " + _one_line(text) + "\n")
+        self.stderr.write("taskbroker: note: " + one_line(text) + "\n")
 
     def error(self, text):
-        self.stderr.write("taskbroker: " + _one_line(text) + "\n")
-
-
-def _one_line(text):
-    return " ".join(str(text).split())
+        self.stderr.write("taskbroker: " + one_line(text) + "\n")
 
 
 def _reject_constant(name):
@@ -618,7 +615,7 @@ def _status(client, options, output, stdin):
             # JSON values: show them as JSON, so that "null" and the string
             # "null" stay apart.
             value = json.dumps(value, ensure_ascii=False)
-        output.line(f"{key}: {_one_line(_text(value))}")
+        output.line(f"{key}: {one_line(_text(value))}")
     traceback = task.get("traceback")
     if traceback:
         # Last, and as it is, line by line: the one field worth reading

@@ -34,3 +34,30 @@ class PermanentFailure(Exception):
     (Not a :class:`TaskbrokerError`: handlers raise it, the package does
     not.)
     """
+
+
+def one_line(text):
+    """
+    ``text`` (or an exception's message) on one line, with its runs of
+    whitespace collapsed: for log fields and error replies that must stay
+    one line.  An exception without a message gives its type's name; an
+    object whose ``str()`` fails gives a placeholder.
+    """
+    try:
+        line = " ".join(str(text).split())
+    except Exception:
+        return "(its message could not be shown)"
+    if not line and isinstance(text, BaseException):
+        return type(text).__name__
+    return line
+
+
+def describe(error):
+    """
+    ``"Type: message"`` on one line, or just ``"Type"`` when there is no
+    message (a ``SyntaxError`` would otherwise bring its source line and
+    caret).
+    """
+    name = type(error).__name__
+    text = one_line(error)
+    return name if text == name else f"{name}: {text}"

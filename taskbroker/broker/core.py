@@ -23,6 +23,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from taskbroker.broker.dispatch import Dispatcher, Task
+from taskbroker.errors import one_line
 from taskbroker.protocol import codec
 from taskbroker.protocol.codec import ProtocolError, dumps, encode
 from taskbroker.protocol.objects import iso_time, task_object
@@ -703,7 +704,7 @@ class Broker:
         backoff has passed (doubling while the trouble lasts).
         """
         self.counters["store_errors"] += 1
-        error = " ".join(str(reason.value).split()) or repr(reason.value)
+        error = one_line(reason.value)
         if not pause:
             self.log.error("database error while {doing}: {error}",
                            doing=doing, error=error)

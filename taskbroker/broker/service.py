@@ -17,6 +17,7 @@ from twisted.internet import defer, task
 from twisted.logger import Logger
 
 from taskbroker.broker.core import Broker
+from taskbroker.errors import one_line
 from taskbroker.protocol.codec import MAX_MESSAGE_SIZE
 from taskbroker.transport.zmq import RouterSocket, ZmqFactoryService
 
@@ -83,7 +84,7 @@ class BrokerService(Service):
             instance=self.broker.instance_id)
 
     def _start_failed(self, reason):
-        message = _one_line(reason.value)
+        message = one_line(reason.value)
         self.log.critical("taskbroker cannot start: {message}",
                           message=message)
         if self.on_fatal is not None:
@@ -125,8 +126,3 @@ class BrokerService(Service):
         self._zmq.stopService()
         yield self.store.close()
         self.log.info("taskbroker stopped")
-
-
-def _one_line(exception):
-    text = str(exception) or exception.__class__.__name__
-    return " ".join(text.split())

@@ -19,7 +19,6 @@ import sys
 from collections import Counter, namedtuple
 from uuid import uuid4
 
-from taskbroker.protocol import codec
 from taskbroker.client.errors import (
     BrokerUnavailable,
     ClientError,
@@ -28,6 +27,8 @@ from taskbroker.client.errors import (
     TaskNotFound,
     error_for_code,
 )
+from taskbroker.errors import one_line
+from taskbroker.protocol import codec
 
 __all__ = [
     "BrokerUnavailable",
@@ -188,7 +189,7 @@ def read_reply(frames):
     if command == b"ERROR":
         return Reply(
             checked.get("req"), None,
-            error_for_code(checked["code"], _one_line(checked["message"])))
+            error_for_code(checked["code"], one_line(checked["message"])))
     # The codec's table declares only ``req`` for REPLY and drops every
     # other field; the body is known to be a JSON object, so read it whole.
     return Reply(checked["req"], json.loads(frames[2]), None)
@@ -214,10 +215,6 @@ def run_call(call, send):
                 request = call.send(reply)
     except StopIteration as stop:
         return stop.value
-
-
-def _one_line(text):
-    return " ".join(str(text).split())
 
 
 def _malformed(what):

@@ -22,7 +22,7 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
-from taskbroker.errors import StoreError, StoreLocked
+from taskbroker.errors import StoreError, StoreLocked, one_line
 from taskbroker.interfaces import ITaskStore
 from taskbroker.store import (
     FINAL_STATES, Submitted, TaskRow, _schema, check_request_ids,
@@ -215,7 +215,7 @@ class SQLiteStore:
             # OSError: a schema file missing from a broken installation.
             if isinstance(e, (StoreError, sqlite3.Error, OSError)):
                 raise StoreError(
-                    f"cannot use database {path}: {_one_line(e)}"
+                    f"cannot use database {path}: {one_line(e)}"
                 ) from e
             raise
         if old is None:
@@ -387,11 +387,11 @@ class SQLiteStore:
         error = reason.value
         log.error("write transaction of {count} operations on {path} "
                   "failed: {error}", count=len(batch), path=self._abspath,
-                  error=_one_line(error))
+                  error=one_line(error))
         for _, _, d in batch:
             wrapped = StoreError(
                 f"database {self._abspath}: transaction failed: "
-                f"{_one_line(error)}"
+                f"{one_line(error)}"
             )
             wrapped.__cause__ = error
             d.errback(Failure(wrapped))
@@ -425,7 +425,7 @@ class SQLiteStore:
         if reason.check(StoreError):
             return reason
         error = StoreError(
-            f"database {self._abspath}: read failed: {_one_line(reason.value)}"
+            f"database {self._abspath}: read failed: {one_line(reason.value)}"
         )
         error.__cause__ = reason.value
         return Failure(error)
@@ -568,7 +568,7 @@ class _Checkpointer:
             self.run().addErrback(
                 lambda reason: log.error(
                     "WAL checkpoint of {path} failed: {error}",
-                    path=self._path, error=_one_line(reason.value)))
+                    path=self._path, error=one_line(reason.value)))
 
     def run(self):
         """
@@ -614,11 +614,6 @@ class _Checkpointer:
             log.failure("error closing the checkpoint connection")
         # Idle now, so joining its thread is quick.
         self._threads.stop()
-
-
-def _one_line(error):
-    text = " ".join(str(error).split())
-    return text or type(error).__name__
 
 
 def _bad_final_state(state):
@@ -719,7 +714,7 @@ def _transaction(cursor, operations, isolate):
             except _OPERATION_ERRORS as e:
                 cursor.execute("ROLLBACK TO operation")
                 error = StoreError(
-                    f"{operation.__name__.lstrip('_')} failed: {_one_line(e)}"
+                    f"{operation.__name__.lstrip('_')} failed: {one_line(e)}"
                 )
                 error.__cause__ = e
                 outcomes.append((False, error))

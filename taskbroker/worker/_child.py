@@ -37,7 +37,7 @@ import traceback
 
 from twisted.logger import eventAsText, globalLogBeginner
 
-from taskbroker.errors import PermanentFailure
+from taskbroker.errors import PermanentFailure, describe
 from taskbroker.protocol.codec import dumps, loads
 from taskbroker.worker.task import RunningTask
 
@@ -72,11 +72,6 @@ def _sendable(text):
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
-def _one_line(error):
-    text = " ".join(str(error).split())
-    return f"{type(error).__name__}: {text}" if text else type(error).__name__
-
-
 def run_task(handlers, body, clock):
     """
     Run one task with its handler.
@@ -98,7 +93,7 @@ def run_task(handlers, body, clock):
     # BaseException too: a handler's sys.exit() or stray KeyboardInterrupt
     # fails its attempt, not the process that the next task needs.
     except BaseException as e:
-        answer["error"] = _sendable(_one_line(e))
+        answer["error"] = _sendable(describe(e))
         answer["traceback"] = _sendable("".join(traceback.format_exception(e)))
         answer["permanent"] = isinstance(e, PermanentFailure)
         return frame(answer)

@@ -20,6 +20,7 @@ from zope.interface.exceptions import Invalid
 from zope.interface.verify import verifyObject
 
 import taskbroker.plugins
+from taskbroker.errors import describe
 from taskbroker.interfaces import ITaskHandler
 
 log = Logger()
@@ -86,15 +87,6 @@ def _failed_file(exc_info, folders):
     return "a handler module"
 
 
-def _one_line(error):
-    """
-    ``"Type: message"`` on one line (a ``SyntaxError`` would otherwise
-    bring its source line and caret).
-    """
-    text = " ".join(str(error).split())
-    return f"{type(error).__name__}: {text}" if text else type(error).__name__
-
-
 def load_handlers(paths=()):
     """
     Load every handler the plugin package and ``paths`` provide.
@@ -125,7 +117,7 @@ def load_handlers(paths=()):
         log.error(
             "could not load handler module {path}: {error}",
             path=_failed_file(exc_info, folders),
-            error=_one_line(exc_info[1]))
+            error=describe(exc_info[1]))
 
     handlers = {}
     for candidate in candidates:

@@ -20,7 +20,7 @@ from twisted.application.service import Service
 from twisted.internet import defer, task
 from twisted.logger import Logger
 
-from taskbroker.errors import PermanentFailure
+from taskbroker.errors import PermanentFailure, describe, one_line
 from taskbroker.protocol import codec
 from taskbroker.protocol.codec import ProtocolError, dumps, encode
 from taskbroker.transport.zmq import DealerSocket, ZmqFactoryService
@@ -29,14 +29,6 @@ from taskbroker.worker.task import RunningTask
 
 #: Seconds before the first HELLO is repeated when no WELCOME comes.
 HELLO_FIRST_RETRY = 0.05
-
-
-def _one_line(error):
-    try:
-        text = " ".join(str(error).split())
-    except Exception:
-        text = "(its message could not be shown)"
-    return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
 def run_handler(handler, running_task, clock, time_limit=None):
@@ -76,7 +68,7 @@ def run_handler(handler, running_task, clock, time_limit=None):
             traceback = reason.getTraceback()
         except Exception:
             traceback = None
-        return Outcome("failed", None, _one_line(reason.value),
+        return Outcome("failed", None, describe(reason.value),
                        traceback=traceback,
                        permanent=bool(reason.check(PermanentFailure)))
 
@@ -326,7 +318,7 @@ class WorkerService(Service):
             self._announce()
 
     def _on_ERROR(self, body):
-        message = " ".join(body["message"].split())
+        message = one_line(body["message"])
         if body.get("fatal"):
             self.log.critical("taskworker refused by the broker: {message}",
                               message=message)

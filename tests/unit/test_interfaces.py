@@ -33,3 +33,18 @@ def test_running_task_provides_ITask():
                         "priority": "normal", "attempt": 1,
                         "max_attempts": 3}, Clock())
     assert verifyObject(ITask, task)
+
+
+def test_one_line_and_describe():
+    from taskbroker.errors import describe, one_line
+
+    assert one_line("a\n  b\tc ") == "a b c"
+    assert one_line(ValueError()) == "ValueError"
+    assert describe(ValueError("bad\nthing")) == "ValueError: bad thing"
+    assert describe(KeyError()) == "KeyError"
+
+    class Broken(Exception):
+        def __str__(self):
+            raise AttributeError("detail")
+
+    assert describe(Broken()) == "Broken: (its message could not be shown)"
