@@ -127,12 +127,15 @@ class ITaskStore(Interface):
             ``ValueError`` if the tasks do not share one ``request_id``.
         """
 
-    def dispatch(task_id, token, worker, started_at):
+    def dispatch(task_id, token, worker, started_at, priority=None,
+                 max_attempts=None):
         """
         Record that a queued task went to ``worker``: it becomes
         ``running`` with the new ``token``, one more attempt used
         (``attempts + 1``), ``worker`` and ``started_at`` set and
-        ``finished_at`` cleared.
+        ``finished_at`` cleared.  A ``priority`` or ``max_attempts`` left
+        NULL by the program that inserted the row is filled with the given
+        value (the broker's default), so that the row says how it ran.
 
         :param int token: the new fencing token: the task's current
             ``token`` plus one.  A task whose token is not ``token - 1``
@@ -211,19 +214,20 @@ class ITaskStore(Interface):
             ``None`` if there is no such task.
         """
 
-    def fix(task_id, priority, max_attempts):
-        """
-        Fill in the priority and max_attempts of a row inserted by SQL
-        with NULLs.
-
-        :returns: a ``Deferred`` firing with ``None``.
-        """
-
     def reject(task_id, error, finished_at):
         """
         Fail a queued row that did not pass validation.
 
         :returns: a ``Deferred`` firing with ``None``.
+        """
+
+    def reject_group(handler, priority, error, finished_at):
+        """
+        Fail every queued row with this ``handler`` and ``priority`` (both
+        as stored, ``priority`` possibly ``None``): rows no broker can run,
+        failed without reading them one by one.
+
+        :returns: a ``Deferred`` firing with the number of rows failed.
         """
 
     def get(task_id):
@@ -246,9 +250,10 @@ class ITaskStore(Interface):
 
     def scan_queued(after_id, limit, known):
         """
-        What the broker reads at start and its poller reads after: queued
-        tasks with ``id > after_id``, by id, including those whose
-        ``run_at`` is still to come (the caller decides when to run them).
+        What the broker's poller reads to find tasks that other programs
+        inserted: queued tasks with ``id > after_id``, by id, including
+        those whose ``run_at`` is still to come (the caller decides when to
+        run them).
         Rows whose id is in ``known`` (tasks the broker already holds) are
         left out before they are read, which keeps a poll cheap while the
         queue is full of tasks submitted through the broker.
@@ -259,14 +264,53 @@ class ITaskStore(Interface):
             id scanned (``after_id`` if none was), up to ``limit`` ids.
         """
 
+    def queued_groups():
+        """
+        What the broker reads at start instead of every queued row: the
+        distinct ``(handler, priority)`` pairs of queued tasks (as stored:
+        ``priority`` may be ``None`` or any value another program wrote),
+        and the highest queued id.  Costs one index seek per pair, however
+        deep the queue.
+
+        :returns: a ``Deferred`` firing with ``(pairs, last_id)``: a
+            ``list`` of ``(handler, priority)`` and an ``int`` (``0`` when
+            nothing is queued).
+        """
+
+    def queued_window(handler, priorities, after_id, limit, now):
+        """
+        The next queued tasks of one queue, oldest first, to refill the
+        broker's window of it: tasks with this ``handler``, a priority in
+        ``priorities`` (``None`` in it matches NULL), ``id > after_id``
+        and due (``run_at`` NULL or at most ``now``).
+
+        :returns: a ``Deferred`` firing with a ``list`` of at most
+            ``limit`` :class:`taskbroker.store.TaskRow`, by id.
+        """
+
+    def delayed_window(after, limit):
+        """
+        The next queued tasks with a ``run_at``, to refill the broker's
+        window of delayed tasks: in ``(run_at, id)`` order, those after
+        ``after`` (a ``(run_at, id)`` pair).
+
+        :returns: a ``Deferred`` firing with a ``list`` of at most
+            ``limit`` :class:`taskbroker.store.TaskRow`.
+        """
+
     def running():
         """
         :returns: a ``Deferred`` firing with the ``list`` of running
             :class:`taskbroker.store.TaskRow`.
         """
 
-    def counts():
+    def counts(now):
         """
-        :returns: a ``Deferred`` firing with a ``dict`` mapping
-            ``(state, priority)`` to a count of tasks.
+        Count the tasks, for statistics.  Reads the whole table.
+
+        :param now: the time after which a queued task's ``run_at`` makes
+            it *delayed*.
+        :returns: a ``Deferred`` firing with a ``dict`` mapping ``(state,
+            priority, handler, delayed)`` to a count of tasks, where
+            ``delayed`` is a ``bool`` (always false unless ``queued``).
         """

@@ -16,6 +16,7 @@ lost can never overwrite the attempt that replaced it.
 """
 
 import heapq
+import math
 import random
 import uuid
 
@@ -23,14 +24,20 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from taskbroker.broker.dispatch import Dispatcher, Task
+from taskbroker.broker.window import Windows
 from taskbroker.errors import one_line
 from taskbroker.protocol import codec
 from taskbroker.protocol.codec import ProtocolError, dumps, encode
 from taskbroker.protocol.objects import iso_time, task_object
 from taskbroker.store import FINAL_STATES, NewTask
 
-#: How many queued rows one poll (or the start-up load) reads at a time.
+#: How many queued rows one poll reads at a time.
 POLL_BATCH = 5000
+#: The most tasks of one queue (level and handler) held in memory; the rest
+#: wait in the store and are read as the window drains (window.py).
+QUEUE_WINDOW = 1000
+#: The most delayed tasks held in memory, waiting for their time.
+DELAYED_WINDOW = 1000
 #: The longest a WAIT is held when the client gives no timeout (seconds).
 DEFAULT_WAIT = 30.0
 #: Database trouble: the first and the longest pause before trying again.
@@ -42,6 +49,9 @@ RECONNECT_WAIT = 2.0
 #: One log line per peer per this many seconds for its bad messages.
 BAD_MESSAGE_LOG_INTERVAL = 10.0
 
+
+# The key of the delayed tasks' window (the queues' keys are tuples).
+DELAYED = "delayed"
 
 # An idle worker's heartbeat, byte for byte as taskbroker's workers send it.
 _IDLE_HEARTBEAT = encode(b"HEARTBEAT", {"running": []})
@@ -127,6 +137,9 @@ class Broker:
         self.levels = tuple(config.priorities)
         self._level_index = {name: i for i, name in enumerate(self.levels)}
         self.dispatcher = Dispatcher(len(self.levels))
+        # Queues are keyed (level, handler); DELAYED is the delayed tasks.
+        self._windows = Windows(QUEUE_WINDOW)
+        self._delayed_window = Windows(DELAYED_WINDOW)
         self._peers = {}
         self._names = {}
         # task id -> (identity or None, token, row): dispatched attempts.
@@ -166,9 +179,10 @@ class Broker:
     @defer.inlineCallbacks
     def load(self):
         """
-        Load the store's running and queued tasks.  Running ones are
-        attempts that workers may still be running: they are given time to
-        be claimed before they are requeued.
+        Load the store's running tasks, and a window of each queue.
+        Running ones are attempts that workers may still be running: they
+        are given time to be claimed before they are requeued.  However
+        deep the queues, this reads one window per queue, not every task.
         """
         deadline = self._monotonic() + self._reclaim_window()
         for row in (yield self.store.running()):
@@ -176,7 +190,31 @@ class Broker:
             self._running[row.id] = (
                 None, row.token, row._replace(attempts=row.attempts - 1))
             self._orphans[row.id] = deadline
-        yield self.poll()
+        pairs, last_id = yield self.store.queued_groups()
+        now = self.clock.seconds()
+        rejected = []
+        for handler, priority in pairs:
+            reason = self._invalid_queue(handler, priority)
+            if reason is not None:
+                self.log.warn(
+                    "rejected the queued tasks of handler {handler!r} and "
+                    "priority {priority!r}: {reason}", handler=handler,
+                    priority=priority, reason=reason)
+                rejected.append(self.store.reject_group(
+                    handler, priority, reason, now))
+                continue
+            level = self._level_index[priority or self.config.default_priority]
+            # Truncated at the start: the first load reads its oldest tasks.
+            self._windows.leave((level, handler), 0)
+        self._delayed_window.leave(DELAYED, (-math.inf, 0))
+        yield defer.gatherResults(rejected, consumeErrors=True)
+        # Every queued task up to here belongs to a queue just found: the
+        # poller only looks above.
+        self._watermark = last_id
+        loads = [self._refill(key) for key in self._windows.truncated()]
+        yield defer.gatherResults([d for d in loads if d is not None],
+                                  consumeErrors=True)
+        yield self._load_delayed()
 
     def stop(self):
         """
@@ -581,7 +619,126 @@ class Broker:
 
     # -- dispatch --------------------------------------------------------
 
+    def _admit(self, row):
+        """
+        A queued task new to the broker (submitted, or found by the
+        poller): hold it in memory if its window has room, else leave it in
+        the store for a later load.
+        """
+        if row.run_at is not None and row.run_at > self.clock.seconds():
+            if self._delayed_window.hold(DELAYED, (row.run_at, row.id - 1),
+                                         len(self._delayed_rows)):
+                self._delay(row)
+            return
+        key = (self._level_index[row.priority], row.handler)
+        if self._windows.hold(key, row.id - 1, self.dispatcher.waiting(*key)):
+            self._enqueue(row)
+        else:
+            self._refill(key)
+
+    def _refill(self, key):
+        """
+        Read the next tasks of a truncated queue whose window is low.
+
+        :returns: ``None`` if no load is due, else a ``Deferred`` that
+            fires when the window is full again or the store has no more
+            (never fails).
+        """
+        if key not in self._windows or self._stopped:
+            return None  # the common case, at every dispatch
+        load = self._windows.start(key, self.dispatcher.waiting(*key))
+        if load is None:
+            return None
+        after_id, limit = load
+        level, handler = key
+        name = self.levels[level]
+        priorities = ((name, None) if name == self.config.default_priority
+                      else (name,))
+        d = self.store.queued_window(handler, priorities, after_id, limit,
+                                     self.clock.seconds())
+
+        def loaded(rows):
+            # Held before the window is told, so that dispatches on the way
+            # do not start another load of this queue meanwhile.
+            for row in rows:
+                self._take_loaded(row)
+            self._windows.loaded(key, rows[-1].id if rows else after_id,
+                                 exhausted=len(rows) < limit)
+            return self._refill(key)
+
+        def failed(reason):
+            self._windows.failed(key)
+            self._store_trouble(reason, "reading queued tasks")
+
+        return d.addCallbacks(loaded, failed)
+
+    def _load_delayed(self):
+        """
+        Read the next delayed tasks, by run_at, if their window is low.
+
+        :returns: a ``Deferred`` (never fails).
+        """
+        load = None if self._stopped else self._delayed_window.start(
+            DELAYED, len(self._delayed_rows))
+        if load is None:
+            return defer.succeed(None)
+        after, limit = load
+        d = self.store.delayed_window(after, limit)
+
+        def loaded(rows):
+            for row in rows:
+                self._take_loaded(row)
+            self._delayed_window.loaded(
+                DELAYED, (rows[-1].run_at, rows[-1].id) if rows else after,
+                exhausted=len(rows) < limit)
+
+        def failed(reason):
+            self._delayed_window.failed(DELAYED)
+            self._store_trouble(reason, "reading delayed tasks")
+
+        return d.addCallbacks(loaded, failed)
+
+    def _take_loaded(self, row):
+        """
+        Hold a task read from the store, unless it is held already.
+        """
+        if (row.id in self._running or row.id in self.dispatcher
+                or row.id in self._delayed_rows):
+            return
+        row = self._checked(row)
+        if row is not None:
+            self._enqueue(row)
+
+    def _checked(self, row, writes=None):
+        """
+        A row as read from the store, with the broker's defaults for what
+        its inserter left NULL; or ``None`` if it cannot run, after
+        failing it.
+
+        :param writes: a ``list`` to add the write that fails it to, for a
+            caller that waits for it; else its failure is logged.
+        """
+        reason = self._invalid(row)
+        if reason is not None:
+            self.log.warn("rejected task {task_id}: {reason}",
+                          task_id=row.id, reason=reason)
+            d = self.store.reject(row.id, reason, self.clock.seconds())
+            d.addCallback(lambda _: self._notify(row.id))
+            if writes is not None:
+                writes.append(d)
+            else:
+                d.addErrback(self._store_trouble, "failing an invalid task")
+            return None
+        if row.priority is None or row.max_attempts is None:
+            row = row._replace(
+                priority=row.priority or self.config.default_priority,
+                max_attempts=row.max_attempts or self.config.max_attempts)
+        return row
+
     def _enqueue(self, row, front=False):
+        """
+        Hold a task in memory: waiting for a worker, or for its run_at.
+        """
         if row.run_at is not None and row.run_at > self.clock.seconds():
             self._delay(row)
             return
@@ -619,6 +776,7 @@ class Broker:
         for row in sorted(due, key=lambda r: self._level_index[r.priority]):
             self._enqueue(row)
         self._schedule_delayed()
+        self._load_delayed()
 
     def _withdraw(self, task_id):
         """
@@ -642,7 +800,8 @@ class Broker:
         row = row._replace(worker=peer.name, started_at=now)
         self._running[row.id] = (identity, token, row)
         peer.running[row.id] = token
-        d = self.store.dispatch(row.id, token, peer.name, now)
+        d = self.store.dispatch(row.id, token, peer.name, now, row.priority,
+                                row.max_attempts or self.config.max_attempts)
 
         def committed(ok):
             self._store_backoff = 0.0
@@ -685,6 +844,7 @@ class Broker:
             self._store_trouble(reason, "dispatching a task", pause=True)
 
         d.addCallbacks(committed, failed)
+        self._refill((assignment.task.level, row.handler))
 
     def _undispatch(self, task_id, identity, token):
         entry = self._running.get(task_id)
@@ -757,51 +917,55 @@ class Broker:
             rows, last_id = yield self.store.scan_queued(
                 self._watermark, POLL_BATCH,
                 frozenset(self._submitted_since_poll))
-            adopted, writes = [], []
+            found, rejected = [], []
             for row in rows:
                 if (row.id in self._submitted_since_poll
+                        or row.id in self._running
                         or row.id in self.dispatcher
                         or row.id in self._delayed_rows):
                     continue
-                reason = self._invalid(row)
-                if reason is not None:
-                    self.log.warn("rejected task {task_id}: {reason}",
-                                  task_id=row.id, reason=reason)
-                    writes.append(self.store.reject(
-                        row.id, reason, self.clock.seconds()).addCallback(
-                            lambda _, task_id=row.id: self._notify(task_id)))
-                    continue
-                if row.priority is None or row.max_attempts is None:
-                    row = row._replace(
-                        priority=row.priority or self.config.default_priority,
-                        max_attempts=row.max_attempts or self.config.max_attempts)
-                    writes.append(self.store.fix(
-                        row.id, row.priority, row.max_attempts))
-                adopted.append(row)
-            # All in one group commit; if it fails, the watermark stays and
-            # the next poll tries these rows again.
-            yield defer.gatherResults(writes, consumeErrors=True)
+                row = self._checked(row, rejected)
+                if row is not None:
+                    found.append(row)
+            # If failing the invalid rows fails, the watermark stays and
+            # the next poll reads them again.
+            yield defer.gatherResults(rejected, consumeErrors=True)
+            for row in sorted(found, key=lambda r: self._level_index[r.priority]):
+                if row.id not in self._running and row.id not in self.dispatcher:
+                    self._admit(row)
             self._watermark = max(self._watermark, last_id)
             self._submitted_since_poll = {
                 i for i in self._submitted_since_poll if i > self._watermark}
-            for row in sorted(adopted, key=lambda r: self._level_index[r.priority]):
-                if row.id not in self._running and row.id not in self.dispatcher:
-                    self._enqueue(row)
             if last_id == start:
-                return  # nothing new: the scan reached the end
+                break  # nothing new: the scan reached the end
+        # Loads that failed earlier are tried again here.
+        for key in self._windows.truncated():
+            self._refill(key)
+        yield self._load_delayed()
+
+    def _invalid_queue(self, handler, priority):
+        """
+        Why tasks with this handler and priority, as stored, cannot run,
+        or ``None``.
+        """
+        if not isinstance(handler, str) or not (
+                0 < len(handler) <= codec.MAX_NAME and handler.isprintable()):
+            return (f"invalid handler name (1 to {codec.MAX_NAME} printable "
+                    "characters)")
+        if priority is not None and (
+                not isinstance(priority, str)
+                or priority not in self._level_index):
+            return (f"unknown priority level {priority!r} (levels: "
+                    + ",".join(self.levels) + ")")
+        return None
 
     def _invalid(self, row):
         """
         Why a row another program inserted cannot run, or ``None``.
         """
-        if not isinstance(row.handler, str) or not (
-                0 < len(row.handler) <= codec.MAX_NAME
-                and row.handler.isprintable()):
-            return (f"invalid handler name (1 to {codec.MAX_NAME} printable "
-                    "characters)")
-        if row.priority is not None and row.priority not in self._level_index:
-            return (f"unknown priority level {row.priority!r} (levels: "
-                    + ",".join(self.levels) + ")")
+        reason = self._invalid_queue(row.handler, row.priority)
+        if reason is not None:
+            return reason
         if not isinstance(row.payload, str):
             return "payload is not JSON text"
         if len(row.payload.encode("utf-8")) > codec.MAX_PAYLOAD_SIZE:
@@ -884,7 +1048,7 @@ class Broker:
             # pick of the free workers.
             fresh = [row for row, created in results if created]
             for row in sorted(fresh, key=lambda r: self._level_index[r.priority]):
-                self._enqueue(row)
+                self._admit(row)
 
         d.addCallbacks(committed, self._client_store_failed,
                        errbackArgs=("submitting tasks", identity, req))
@@ -1069,18 +1233,22 @@ class Broker:
 
     def _on_STATS(self, identity, peer, body):
         req = body["req"]
-        d = self.store.counts()
+        d = self.store.counts(self.clock.seconds())
 
         def counted(counts):
-            tasks = {}
-            for (state, level), n in counts.items():
-                tasks.setdefault(state, {})[level] = n
-            waiting = self.dispatcher.waiting_by_handler()
+            tasks, waiting, delayed = {}, {}, 0
+            for (state, level, handler, is_delayed), n in counts.items():
+                by_level = tasks.setdefault(state, {})
+                by_level[level] = by_level.get(level, 0) + n
+                if is_delayed:
+                    delayed += n
+                elif state == "queued":
+                    waiting[handler] = waiting.get(handler, 0) + n
             self._reply(identity, req, {"stats": {
                 "priorities": list(self.levels),
                 "tasks": tasks,
                 "waiting": waiting,
-                "delayed": len(self._delayed_rows),
+                "delayed": delayed,
                 "unserved": sorted(
                     h for h in waiting if not self.dispatcher.served(h)),
                 "workers": len(self._peers),

@@ -146,15 +146,12 @@ class Dispatcher:
     def __contains__(self, task_id):
         return task_id in self._where
 
-    def waiting_by_handler(self):
+    def waiting(self, level, handler):
         """
-        :returns: ``{handler: number of waiting tasks}``.
+        :returns: the number of tasks waiting in one queue.
         """
-        result = {}
-        for (level, handler), queue in self._queues.items():
-            if queue:
-                result[handler] = result.get(handler, 0) + len(queue)
-        return result
+        queue = self._queues.get((level, handler))
+        return 0 if queue is None else len(queue)
 
     def served(self, handler):
         """

@@ -203,20 +203,26 @@ class MemoryStore:
         except Exception as e:
             return defer.fail(e)
 
-    def dispatch(self, task_id, token, worker, started_at):
+    def dispatch(self, task_id, token, worker, started_at, priority=None,
+                 max_attempts=None):
         """
         See :meth:`taskbroker.interfaces.ITaskStore.dispatch`.
         """
-        return self._run(self._dispatch, task_id, token, worker, started_at)
+        return self._run(self._dispatch, task_id, token, worker, started_at,
+                         priority, max_attempts)
 
-    def _dispatch(self, task_id, token, worker, started_at):
+    def _dispatch(self, task_id, token, worker, started_at, priority,
+                  max_attempts):
         self._check_open()
         row = self._rows.get(task_id)
         if row is None or row.state != "queued" or row.token + 1 != token:
             return False
-        self._update(row, state="running", token=token,
-                     attempts=row.attempts + 1, worker=worker,
-                     started_at=started_at, finished_at=None)
+        self._update(
+            row, state="running", token=token, attempts=row.attempts + 1,
+            worker=worker, started_at=started_at, finished_at=None,
+            priority=row.priority if row.priority is not None else priority,
+            max_attempts=(row.max_attempts if row.max_attempts is not None
+                          else max_attempts))
         return True
 
     def finish(self, task_id, token, state, result, error, traceback,
@@ -304,23 +310,6 @@ class MemoryStore:
                                traceback=None)
         return row
 
-    def fix(self, task_id, priority, max_attempts):
-        """
-        See :meth:`taskbroker.interfaces.ITaskStore.fix`.
-        """
-        return self._run(self._fix, task_id, priority, max_attempts)
-
-    def _fix(self, task_id, priority, max_attempts):
-        self._check_open()
-        row = self._rows.get(task_id)
-        if row is not None:
-            self._update(
-                row,
-                priority=row.priority if row.priority is not None else priority,
-                max_attempts=(row.max_attempts if row.max_attempts is not None
-                              else max_attempts),
-            )
-
     def reject(self, task_id, error, finished_at):
         """
         See :meth:`taskbroker.interfaces.ITaskStore.reject`.
@@ -333,6 +322,19 @@ class MemoryStore:
         if row is not None and row.state == "queued":
             self._update(row, state="failed", error=error,
                          finished_at=finished_at)
+
+    def reject_group(self, handler, priority, error, finished_at):
+        """
+        See :meth:`taskbroker.interfaces.ITaskStore.reject_group`.
+        """
+        def reject():
+            rows = [row for row in self._select("queued", handler, 0, None)
+                    if row.priority == priority]
+            for row in rows:
+                self._reject(row.id, error, finished_at)
+            return len(rows)
+
+        return self._run(reject)
 
     def get(self, task_id):
         """
@@ -361,6 +363,46 @@ class MemoryStore:
 
         return self._run(scan)
 
+    def queued_groups(self):
+        """
+        See :meth:`taskbroker.interfaces.ITaskStore.queued_groups`.
+        """
+        def groups():
+            queued = self._select("queued", None, 0, None)
+            pairs = {(row.handler, row.priority) for row in queued}
+            # SQLite's order: NULL first, then numbers, text, blobs.
+            return (sorted(pairs, key=lambda pair: (pair[0], _order(pair[1]))),
+                    queued[-1].id if queued else 0)
+
+        return self._run(groups)
+
+    def queued_window(self, handler, priorities, after_id, limit, now):
+        """
+        See :meth:`taskbroker.interfaces.ITaskStore.queued_window`.
+        """
+        def window():
+            rows = [row for row in self._select("queued", handler, after_id,
+                                                None)
+                    if row.priority in priorities
+                    and (row.run_at is None or row.run_at <= now)]
+            return rows[:limit]
+
+        return self._run(window)
+
+    def delayed_window(self, after, limit):
+        """
+        See :meth:`taskbroker.interfaces.ITaskStore.delayed_window`.
+        """
+        def window():
+            rows = sorted(
+                (row for row in self._select("queued", None, 0, None)
+                 if row.run_at is not None
+                 and (row.run_at, row.id) > tuple(after)),
+                key=lambda row: (row.run_at, row.id))
+            return rows[:limit]
+
+        return self._run(window)
+
     def running(self):
         """
         See :meth:`taskbroker.interfaces.ITaskStore.running`.
@@ -379,16 +421,28 @@ class MemoryStore:
                 rows.append(row)
         return rows
 
-    def counts(self):
+    def counts(self, now):
         """
         See :meth:`taskbroker.interfaces.ITaskStore.counts`.
         """
-        return self._run(self._counts)
+        return self._run(self._counts, now)
 
-    def _counts(self):
+    def _counts(self, now):
         self._check_open()
         counts = {}
         for row in self._rows.values():
-            key = (row.state, row.priority)
+            delayed = (row.state == "queued" and row.run_at is not None
+                       and row.run_at > now)
+            key = (row.state, row.priority, row.handler, delayed)
             counts[key] = counts.get(key, 0) + 1
         return counts
+
+
+def _order(value):
+    if value is None:
+        return (0,)
+    if isinstance(value, (int, float)):
+        return (1, value)
+    if isinstance(value, str):
+        return (2, value)
+    return (3, value)

@@ -100,7 +100,7 @@ class SQLiteStore:
     One broker owns the file at a time: :meth:`open` takes an exclusive
     ``flock`` on ``<path>.lock``, which the operating system releases when
     the owner exits, however it dies.  Other programs may still insert
-    tasks with SQL (see ``schema/sqlite/v2.sql``); the database runs in WAL
+    tasks with SQL (see ``schema/sqlite/v3.sql``); the database runs in WAL
     mode so that they and the broker's readers do not block each other.
 
     A read sees every write whose ``Deferred`` has fired; a write still
@@ -453,11 +453,13 @@ class SQLiteStore:
             return defer.succeed([])
         return self._write(_submit, tasks)
 
-    def dispatch(self, task_id, token, worker, started_at):
+    def dispatch(self, task_id, token, worker, started_at, priority=None,
+                 max_attempts=None):
         """
         See :meth:`taskbroker.interfaces.ITaskStore.dispatch`.
         """
-        return self._write(_dispatch, task_id, token, worker, started_at)
+        return self._write(_dispatch, task_id, token, worker, started_at,
+                           priority, max_attempts)
 
     def finish(self, task_id, token, state, result, error, traceback,
                finished_at):
@@ -492,18 +494,18 @@ class SQLiteStore:
         """
         return self._write(_retry, task_id)
 
-    def fix(self, task_id, priority, max_attempts):
-        """
-        See :meth:`taskbroker.interfaces.ITaskStore.fix`.  Values already
-        in the row are kept.
-        """
-        return self._write(_fix, task_id, priority, max_attempts)
-
     def reject(self, task_id, error, finished_at):
         """
         See :meth:`taskbroker.interfaces.ITaskStore.reject`.
         """
         return self._write(_reject, task_id, error, finished_at)
+
+    def reject_group(self, handler, priority, error, finished_at):
+        """
+        See :meth:`taskbroker.interfaces.ITaskStore.reject_group`.
+        """
+        return self._write(_reject_group, handler, priority, error,
+                           finished_at)
 
     def get(self, task_id):
         """
@@ -523,17 +525,36 @@ class SQLiteStore:
         """
         return self._read(_scan_queued, after_id, limit, frozenset(known))
 
+    def queued_groups(self):
+        """
+        See :meth:`taskbroker.interfaces.ITaskStore.queued_groups`.
+        """
+        return self._read(_queued_groups)
+
+    def queued_window(self, handler, priorities, after_id, limit, now):
+        """
+        See :meth:`taskbroker.interfaces.ITaskStore.queued_window`.
+        """
+        return self._read(_queued_window, handler, tuple(priorities),
+                          after_id, limit, now)
+
+    def delayed_window(self, after, limit):
+        """
+        See :meth:`taskbroker.interfaces.ITaskStore.delayed_window`.
+        """
+        return self._read(_delayed_window, tuple(after), limit)
+
     def running(self):
         """
         See :meth:`taskbroker.interfaces.ITaskStore.running`.
         """
         return self._read(_running)
 
-    def counts(self):
+    def counts(self, now):
         """
         See :meth:`taskbroker.interfaces.ITaskStore.counts`.
         """
-        return self._read(_counts)
+        return self._read(_counts, now)
 
 
 class _Checkpointer:
@@ -788,13 +809,15 @@ def _live_with_key(cursor, unique_key):
     return None if row is None else TaskRow(*row)
 
 
-def _dispatch(cursor, task_id, token, worker, started_at):
+def _dispatch(cursor, task_id, token, worker, started_at, priority,
+              max_attempts):
     cursor.execute(
         "UPDATE tasks SET state = 'running', token = ?, "
         "attempts = attempts + 1, worker = ?, started_at = ?, "
-        "finished_at = NULL "
+        "finished_at = NULL, priority = COALESCE(priority, ?), "
+        "max_attempts = COALESCE(max_attempts, ?) "
         "WHERE id = ? AND state = 'queued' AND token = ? - 1",
-        (token, worker, started_at, task_id, token),
+        (token, worker, started_at, priority, max_attempts, task_id, token),
     )
     return cursor.rowcount == 1
 
@@ -846,20 +869,21 @@ def _retry(cursor, task_id):
     return _get_with(cursor, task_id)
 
 
-def _fix(cursor, task_id, priority, max_attempts):
-    cursor.execute(
-        "UPDATE tasks SET priority = COALESCE(priority, ?), "
-        "max_attempts = COALESCE(max_attempts, ?) WHERE id = ?",
-        (priority, max_attempts, task_id),
-    )
-
-
 def _reject(cursor, task_id, error, finished_at):
     cursor.execute(
         "UPDATE tasks SET state = 'failed', error = ?, finished_at = ? "
         "WHERE id = ? AND state = 'queued'",
         (error, finished_at, task_id),
     )
+
+
+def _reject_group(cursor, handler, priority, error, finished_at):
+    cursor.execute(
+        "UPDATE tasks SET state = 'failed', error = ?, finished_at = ? "
+        "WHERE state = 'queued' AND handler = ? AND priority IS ?",
+        (error, finished_at, handler, priority),
+    )
+    return cursor.rowcount
 
 
 def _get_with(cursor, task_id):
@@ -908,6 +932,65 @@ def _scan_queued(connection, after_id, limit, known):
     return rows, (ids[-1] if ids else after_id)
 
 
+def _queued_groups(connection):
+    # A loose index scan of tasks_queued_by_group: one seek per distinct
+    # (handler, priority), where GROUP BY would read every queued row.
+    # NULL sorts first and compares with nothing, so it is stepped over on
+    # its own.  INDEXED BY: without statistics SQLite would rather read
+    # tasks_by_state_id and sort.
+    cursor = connection.cursor()
+    select = ("SELECT handler, priority FROM tasks "
+              "INDEXED BY tasks_queued_by_group WHERE state = 'queued' ")
+    pairs = []
+    row = cursor.execute(
+        select + "ORDER BY handler, priority LIMIT 1").fetchone()
+    while row is not None:
+        pairs.append(row)
+        handler, priority = row
+        if priority is None:
+            row = cursor.execute(
+                select + "AND handler = ? AND priority IS NOT NULL "
+                "ORDER BY priority LIMIT 1", (handler,)).fetchone()
+        else:
+            row = cursor.execute(
+                select + "AND handler = ? AND priority > ? "
+                "ORDER BY priority LIMIT 1", (handler, priority)).fetchone()
+        if row is None:
+            row = cursor.execute(
+                select + "AND handler > ? ORDER BY handler, priority LIMIT 1",
+                (handler,)).fetchone()
+    last_id = cursor.execute(
+        "SELECT MAX(id) FROM tasks WHERE state = 'queued'").fetchone()[0]
+    return pairs, last_id or 0
+
+
+def _queued_window(connection, handler, priorities, after_id, limit, now):
+    # One ordered range of tasks_queued_by_group per priority, merged:
+    # "priority IN (...)" or "OR priority IS NULL" would make SQLite sort
+    # the whole queue to honour ORDER BY.
+    cursor = connection.cursor()
+    rows = []
+    for priority in priorities:
+        rows.extend(cursor.execute(
+            f"SELECT {_COLUMNS} FROM tasks INDEXED BY tasks_queued_by_group "
+            "WHERE state = 'queued' AND handler = ? AND priority IS ? "
+            "AND id > ? "
+            "AND (run_at IS NULL OR run_at <= ?) ORDER BY id LIMIT ?",
+            (handler, priority, after_id, now, limit)))
+    if len(priorities) > 1:
+        rows.sort()
+    return [TaskRow(*row) for row in rows[:limit]]
+
+
+def _delayed_window(connection, after, limit):
+    rows = connection.cursor().execute(
+        f"SELECT {_COLUMNS} FROM tasks INDEXED BY tasks_queued_by_run_at "
+        "WHERE state = 'queued' AND run_at IS NOT NULL "
+        "AND (run_at, id) > (?, ?) ORDER BY run_at, id LIMIT ?",
+        (*after, limit))
+    return [TaskRow(*row) for row in rows]
+
+
 def _running(connection):
     rows = connection.cursor().execute(
         f"SELECT {_COLUMNS} FROM tasks WHERE state = 'running' ORDER BY id"
@@ -915,8 +998,11 @@ def _running(connection):
     return [TaskRow(*row) for row in rows]
 
 
-def _counts(connection):
+def _counts(connection, now):
     rows = connection.cursor().execute(
-        "SELECT state, priority, COUNT(*) FROM tasks GROUP BY state, priority"
+        "SELECT state, priority, handler, "
+        "state = 'queued' AND run_at IS NOT NULL AND run_at > ?, COUNT(*) "
+        "FROM tasks GROUP BY 1, 2, 3, 4", (now,)
     )
-    return {(state, priority): count for state, priority, count in rows}
+    return {(state, priority, handler, bool(delayed)): count
+            for state, priority, handler, delayed, count in rows}

@@ -7,6 +7,7 @@ one clear line.
 import json
 import os
 import sqlite3
+import time
 
 from taskbroker.client.blocking import BlockingClient
 
@@ -109,6 +110,58 @@ def test_rows_inserted_with_sql(cluster):
     with BlockingClient(cluster.endpoint) as client:
         task, _ = client.submit("echo", 5)
         assert client.wait(task["id"], timeout=30)["result"] == 5
+
+
+def test_queue_deeper_than_the_window_drains_once_in_order(cluster):
+    """
+    More queued tasks than the broker holds in memory (a window of 1,000
+    per queue), inserted by SQL before it starts: every one runs exactly
+    once, urgent queues first; rows no broker can run fail at start.
+    """
+    cluster.start_broker().stop()
+    database = os.path.join(cluster.folder, "tasks.sqlite")
+    soon = time.time() + 4.0
+    with sqlite3.connect(database) as db:
+        insert = ("INSERT INTO tasks (handler, payload, priority, run_at) "
+                  "VALUES (?, ?, ?, ?)")
+        db.executemany(insert, (("echo", str(i), "low", None)
+                                for i in range(2500)))
+        db.executemany(insert, (("echo", str(i), None, None)
+                                for i in range(1200)))
+        db.executemany(insert, (("echo", str(i), "urgent", None)
+                                for i in range(3)))
+        db.executemany(insert, (("echo", str(i), "high", soon)
+                                for i in range(5)))
+    cluster.start_broker()
+    with BlockingClient(cluster.endpoint) as client:
+        stats = client.stats()
+        # The statistics count the store, not the broker's window.
+        assert stats["waiting"] == {"echo": 3700}
+        assert stats["delayed"] == 5
+        assert stats["tasks"]["failed"] == {"urgent": 3}
+    cluster.start_worker(name="w1")
+    cluster.start_worker(name="w2")
+    with BlockingClient(cluster.endpoint) as client:
+        deadline = time.monotonic() + 120
+        while client.stats()["tasks"].get("queued") and (
+                time.monotonic() < deadline):
+            time.sleep(0.2)
+    with sqlite3.connect(database) as db:
+        rows = db.execute(
+            "SELECT priority, state, attempts, started_at, run_at FROM tasks "
+            "WHERE priority != 'urgent' ORDER BY started_at").fetchall()
+    assert len(rows) == 3705
+    assert {(priority, state, attempts)
+            for priority, state, attempts, _, _ in rows} == {
+        ("low", "succeeded", 1), ("normal", "succeeded", 1),
+        ("high", "succeeded", 1)}
+    # Each queue in order: the 1,200 normal ones, then the 2,500 low ones;
+    # the delayed high ones ran as soon as they were due.
+    order = [priority for priority, *_ in rows if priority != "high"]
+    assert order == ["normal"] * 1200 + ["low"] * 2500
+    assert all(started >= run_at - 0.01
+               for priority, _, _, started, run_at in rows
+               if priority == "high")
 
 
 def test_clean_broker_restart_loses_nothing(cluster):

@@ -145,7 +145,7 @@ def test_missing_handler_waits_and_does_not_block_others():
     d.add_worker("w", [NORMAL], ["echo"], slots=1)
     d.add_task(task(2, NORMAL, "echo"))
     assert d.credit("w").task.id == 2
-    assert d.waiting_by_handler() == {"resize": 1}
+    assert (d.waiting(NORMAL, "resize"), d.waiting(NORMAL, "echo")) == (1, 0)
     assert not d.served("resize")
     d.add_worker("r", [NORMAL], ["resize"], slots=1)
     assert d.credit("r").task.id == 1

@@ -6,6 +6,7 @@ what only SQLite has (ownership lock, schema versions, group commit, SQL
 inserts by other programs), the schema loader, and the test helpers.
 """
 
+import math
 import os
 import signal
 import sqlite3
@@ -549,20 +550,99 @@ async def test_retry_refused_while_the_key_is_taken(store):
 
 
 @pytest_twisted.ensureDeferred
-async def test_fix_fills_only_nulls(store):
+async def test_dispatch_fills_only_nulls(store):
     task_id = insert_external(store, "echo", "{}", None)
     row = await store.get(task_id)
     assert (row.priority, row.max_attempts) == (None, None)
-    assert await store.fix(task_id, "normal", 3) is None
+    assert await store.dispatch(task_id, 1, "w", 1.0, "normal", 3) is True
     row = await store.get(task_id)
     assert (row.priority, row.max_attempts) == ("normal", 3)
-    await store.fix(task_id, "high", 9)
-    assert await store.get(task_id) == row
 
     given = await submit_one(store, priority="low", max_attempts=1)
-    await store.fix(given.id, "normal", 3)
-    assert await store.get(given.id) == given
-    assert await store.fix(12345, "normal", 3) is None
+    await store.dispatch(given.id, 1, "w", 1.0, "normal", 3)
+    row = await store.get(given.id)
+    assert (row.priority, row.max_attempts, row.state) == ("low", 1, "running")
+
+
+@pytest_twisted.ensureDeferred
+async def test_reject_group(store):
+    odd = [insert_external(store, "echo", "{}", "urgent") for _ in range(3)]
+    kept = insert_external(store, "echo", "{}", None)
+    other = insert_external(store, "other", "{}", "urgent")
+    running = await submit_one(store, priority="urgent")
+    await store.dispatch(running.id, 1, "w1", 2000.0)
+    assert await store.reject_group("echo", "urgent", "no such level",
+                                    4000.0) == 3
+    for task_id in odd:
+        row = await store.get(task_id)
+        assert (row.state, row.error, row.finished_at) == (
+            "failed", "no such level", 4000.0)
+    for task_id in (kept, other, running.id):
+        assert (await store.get(task_id)).state in ("queued", "running")
+    assert await store.reject_group("echo", None, "gone", 4001.0) == 1
+    assert (await store.get(kept)).state == "failed"
+
+
+@pytest_twisted.ensureDeferred
+async def test_queued_groups(store):
+    assert await store.queued_groups() == ([], 0)
+    insert_external(store, "b", "{}", "high")
+    insert_external(store, "a", "{}", "low")
+    insert_external(store, "b", "{}", None)
+    insert_external(store, "a", "{}", "high")
+    last = insert_external(store, "b", "{}", "high")
+    finished = await submit_one(store, handler="c")
+    await store.cancel(finished.id, 1.0)
+    assert await store.queued_groups() == (
+        [("a", "high"), ("a", "low"), ("b", None), ("b", "high")], last)
+
+
+@pytest_twisted.ensureDeferred
+async def test_queued_window(store):
+    ids = []
+    for priority in ("normal", None, "high", "normal", None, "normal"):
+        ids.append(insert_external(store, "echo", "{}", priority))
+    other = insert_external(store, "other", "{}", "normal")
+    later = insert_external(store, "echo", "{}", "normal", run_at=50.0)
+    due = insert_external(store, "echo", "{}", "normal", run_at=10.0)
+    await store.dispatch(ids[3], 1, "w", 1.0)
+
+    async def window(priorities, after_id=0, limit=100, now=20.0):
+        return [row.id for row in await store.queued_window(
+            "echo", priorities, after_id, limit, now)]
+
+    # Oldest first, NULL matching None, running and undue tasks left out.
+    assert await window(("normal", None)) == [
+        ids[0], ids[1], ids[4], ids[5], due]
+    assert await window(("normal",)) == [ids[0], ids[5], due]
+    assert await window(("normal", None), limit=2) == ids[:2]
+    assert await window(("normal", None), after_id=ids[1], limit=2) == [
+        ids[4], ids[5]]
+    assert await window(("normal",), now=60.0) == [ids[0], ids[5], later, due]
+    assert await window(("high",)) == [ids[2]]
+    assert other not in await window(("normal",))
+
+
+@pytest_twisted.ensureDeferred
+async def test_delayed_window(store):
+    at = {}
+    for run_at in (30.0, 10.0, 20.0, 10.0):
+        at.setdefault(run_at, []).append(
+            insert_external(store, "echo", "{}", run_at=run_at))
+    insert_external(store, "echo", "{}")
+
+    async def window(after, limit=100):
+        return [(row.run_at, row.id) for row in
+                await store.delayed_window(after, limit)]
+
+    ten = [(10.0, i) for i in at[10.0]]
+    everything = ten + [(20.0, at[20.0][0]), (30.0, at[30.0][0])]
+    assert await window((-math.inf, 0)) == everything
+    assert await window((0.0, 0), limit=1) == ten[:1]
+    # The pair after which to go on: ties on run_at are split by id.
+    assert await window(ten[0], limit=1) == ten[1:]
+    assert await window((20.0, math.inf)) == everything[-1:]
+    assert await window((math.inf, math.inf)) == []
 
 
 @pytest_twisted.ensureDeferred
@@ -665,18 +745,20 @@ async def test_queued_and_running(store):
 
 @pytest_twisted.ensureDeferred
 async def test_counts(store):
-    assert await store.counts() == {}
+    assert await store.counts(100.0) == {}
     rows = rows_of(await store.submit([
         new_task(priority="high"), new_task(priority="high"),
-        new_task(priority="low"),
+        new_task(priority="low"), new_task(priority="low", run_at=150.0),
+        new_task(priority="low", run_at=50.0),
     ]))
-    insert_external(store, "echo", "{}")
+    insert_external(store, "other", "{}")
     await store.dispatch(rows[0].id, 1, "w", 1.0)
-    assert await store.counts() == {
-        ("running", "high"): 1,
-        ("queued", "high"): 1,
-        ("queued", "low"): 1,
-        ("queued", None): 1,
+    assert await store.counts(100.0) == {
+        ("running", "high", "echo", False): 1,
+        ("queued", "high", "echo", False): 1,
+        ("queued", "low", "echo", False): 2,
+        ("queued", "low", "echo", True): 1,
+        ("queued", None, "other", False): 1,
     }
 
 
@@ -802,7 +884,7 @@ async def test_sql_insert_by_another_program(sqlite_store, db_path):
 
 @pytest_twisted.ensureDeferred
 async def test_sql_insert_delayed_and_unique(sqlite_store, db_path):
-    # The example of schema/sqlite/v2.sql.
+    # The example of schema/sqlite/v3.sql.
     insert = (
         "INSERT INTO tasks (handler, payload, priority, run_at, unique_key) "
         "VALUES ('report', '{}', NULL, "
@@ -931,11 +1013,12 @@ async def test_lock_released_when_owner_is_killed(reactor, db_path):
 
 @pytest_twisted.ensureDeferred
 async def test_schema_version_recorded(sqlite_store, db_path):
-    assert query(db_path, "SELECT version FROM taskbroker_schema") == [(2,)]
+    assert query(db_path, "SELECT version FROM taskbroker_schema") == [(3,)]
     indexes = {name for (name,) in query(
         db_path, "SELECT name FROM sqlite_master WHERE type = 'index' "
         "AND tbl_name = 'tasks' AND sql IS NOT NULL")}
-    assert indexes == {"tasks_queued_by_id", "tasks_by_state_id",
+    assert indexes == {"tasks_queued_by_group", "tasks_queued_by_run_at",
+                       "tasks_by_state_id",
                        "tasks_by_handler_id", "tasks_live_unique_key",
                        "tasks_by_request_id"}
     assert query(db_path, "PRAGMA journal_mode") == [("wal",)]
@@ -985,24 +1068,30 @@ async def test_newer_schema_refused(reactor, db_path):
     with pytest.raises(StoreError) as caught:
         await store.open()
     assert "database schema version 99 is newer than this taskbroker " \
-        "supports (2)" in str(caught.value)
+        "supports (3)" in str(caught.value)
     assert not isinstance(caught.value, StoreLocked)
     # The failed open let go of the lock and the pool.
-    execute(db_path, "UPDATE taskbroker_schema SET version = 2")
+    execute(db_path, "UPDATE taskbroker_schema SET version = 3")
     await store.open()
     await store.close()
 
 
-def create_v1_database(path):
+def create_old_database(path, version):
     """
-    Create a database as taskbroker 1 did, with ``v1.sql``.
+    Create a database as the taskbroker of that schema version did, with
+    ``v<version>.sql``.
     """
     script = _schema.read_script(_schema.schema_directory("sqlite"),
-                                 "v1.sql")
+                                 f"v{version}.sql")
     with closing(sqlite3.connect(path)) as connection:
         connection.executescript(script)
-        connection.execute("INSERT INTO taskbroker_schema VALUES (1)")
+        connection.execute(
+            "INSERT INTO taskbroker_schema VALUES (?)", (version,))
         connection.commit()
+
+
+def create_v1_database(path):
+    create_old_database(path, 1)
 
 
 def describe_schema(path):
@@ -1049,7 +1138,7 @@ async def test_upgrade_from_v1(reactor, db_path):
     await store.open()
     try:
         assert query(db_path, "SELECT version FROM taskbroker_schema") == [
-            (2,)]
+            (3,)]
         # The old columns are untouched, the new ones come after them.
         assert [row[:13] for row in query(
             db_path, "SELECT * FROM tasks ORDER BY id")] == before
@@ -1084,17 +1173,19 @@ async def test_upgrade_from_v1(reactor, db_path):
     await store.close()
 
 
+@pytest.mark.parametrize("version", [1, 2])
 @pytest_twisted.ensureDeferred
-async def test_upgraded_schema_is_the_new_schema(reactor, tmp_path):
+async def test_upgraded_schema_is_the_new_schema(reactor, tmp_path, version):
     upgraded = str(tmp_path / "upgraded.db")
     fresh = str(tmp_path / "fresh.db")
-    create_v1_database(upgraded)
+    create_old_database(upgraded, version)
     for path in (upgraded, fresh):
         store = SQLiteStore(path, reactor)
         await store.open()
         await store.close()
     tables, indexes = describe_schema(upgraded)
     assert (tables, indexes) == describe_schema(fresh)
+    assert "tasks_queued_by_group" in indexes
     assert [column[1] for column in tables["tasks"]][-6:] == [
         "run_at", "unique_key", "request_id", "token", "time_limit",
         "traceback"]
@@ -1308,11 +1399,13 @@ def test_split_sqlite():
 
 def test_packaged_schema_is_latest():
     directory = _schema.schema_directory("sqlite")
-    assert _schema.latest_version(directory) == 2
-    for name in ("v1.sql", "v2.sql"):
+    assert _schema.latest_version(directory) == 3
+    for name in ("v1.sql", "v2.sql", "v3.sql"):
         assert "CREATE TABLE tasks" in _schema.read_script(directory, name)
     assert "ALTER TABLE tasks" in _schema.read_script(
         directory, "upgrade-to-v2.sql")
+    assert "CREATE INDEX tasks_queued_by_group" in _schema.read_script(
+        directory, "upgrade-to-v3.sql")
 
 
 @pytest.fixture
