@@ -11,7 +11,8 @@ after a WELCOME, a HEARTBEAT (``{"running": []}``: the tasks it runs, none
 between messages) a whole ``--heartbeat`` interval after the previous one
 (the first ones spread evenly over the interval, as workers started at
 different times would be) or at once in answer to the broker's HEARTBEAT
-when its own is due within half the shorter of the two intervals, HELLO
+when its own is due before the broker's next one and did not go within
+the last tenth of the shorter of the two intervals, HELLO
 again on REHELLO or when the broker's instance id changes, BYE on
 SIGTERM.  Each task is an ``echo``: its result is its payload.
 
@@ -168,10 +169,14 @@ def main():
                 if body["broker"] != instance[i]:
                     state["welcomed"] -= 1
                     say_hello(i, now)
-                elif beat_due[i] - now <= min(args.heartbeat,
-                                              broker_beat[i]) / 2:
-                    # Answered at once when due soon, as taskworker does.
-                    heartbeat(i, now)
+                else:
+                    # Answered at once when due before the broker's next,
+                    # unless one went within a tenth of the shorter
+                    # interval, as taskworker does.
+                    due_in = beat_due[i] - now
+                    if (due_in < broker_beat[i] and args.heartbeat - due_in
+                            >= min(args.heartbeat, broker_beat[i]) / 10):
+                        heartbeat(i, now)
             elif command == b"WELCOME":
                 body = json.loads(frames[2])
                 counters["welcomes"] += 1

@@ -336,16 +336,19 @@ class WorkerService(Service):
                           "announcing again", instance=body["broker"])
             self._announce()
             return
-        # Answer at once if our heartbeat is due within half the shorter
-        # interval.  The broker sends its heartbeats to all workers
-        # together, so their answers reach it together too, and it reads
-        # them in a few batches instead of waking once for each worker's
-        # timer.  Each heartbeat goes at most that much early, and the one
-        # after it a whole interval later, so no more are sent than
-        # before.
-        soon = min(self.config.heartbeat, self._broker_heartbeat) / 2
-        if (self._heartbeat is not None
-                and self._heartbeat.getTime() - self.reactor.seconds() <= soon):
+        # Answer at once if our heartbeat is due before the broker's next
+        # one.  The broker sends its heartbeats to all workers together,
+        # so their answers reach it together too, and it reads them in a
+        # few batches instead of waking once for each worker's timer.  The
+        # next one goes a whole interval later, so a worker still sends one
+        # per interval, now in step with the broker.  Not if ours went
+        # within the last tenth of the shorter interval: the two crossed.
+        if self._heartbeat is None:
+            return
+        interval = self.config.heartbeat
+        due_in = self._heartbeat.getTime() - self.reactor.seconds()
+        if (due_in < self._broker_heartbeat and interval - due_in
+                >= min(interval, self._broker_heartbeat) / 10):
             self._beat()
 
     def _on_REHELLO(self, body):
