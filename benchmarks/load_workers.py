@@ -8,10 +8,13 @@ one READY per free slot after each WELCOME, a RESULT for every TASK (with
 its token, and ``"ready": true``: the slot asks for its next task in the
 same message, as taskworker does), results kept until ACKed and resent
 after a WELCOME, a HEARTBEAT (``{"running": []}``: the tasks it runs, none
-between messages) every ``--heartbeat`` seconds per connection (spread
-evenly over the interval, as workers started at different times would be), HELLO again on REHELLO or when the broker's instance id
-changes, BYE on SIGTERM.  Each task is
-an ``echo``: its result is its payload.
+between messages) a whole ``--heartbeat`` interval after the previous one
+(the first ones spread evenly over the interval, as workers started at
+different times would be) or at once in answer to the broker's HEARTBEAT
+when its own is due before the broker's next one and did not go within
+the last tenth of the shorter of the two intervals, HELLO
+again on REHELLO or when the broker's instance id changes, BYE on
+SIGTERM.  Each task is an ``echo``: its result is its payload.
 
 Plain pyzmq, one thread, epoll on the sockets' descriptors.  Prints ``ready N`` once every
 connection is welcomed, and a ``result {json}`` line of counters when it
@@ -22,6 +25,7 @@ stops.
 """
 
 import argparse
+import heapq
 import json
 import resource
 import select
@@ -93,6 +97,10 @@ def main():
     # welcomed), when HELLO was last sent, and results not yet ACKed.
     instance = [None] * count
     hello_sent = [0.0] * count
+    # The broker's heartbeat interval (from WELCOME), and when each
+    # connection's next heartbeat is due.
+    broker_beat = [args.heartbeat] * count
+    beat_due = [0.0] * count
     unacked = [dict() for _ in range(count)]
     counters = {"hellos": 0, "welcomes": 0, "tasks": 0, "acks": 0,
                 "rehellos": 0, "heartbeats_in": 0, "heartbeats_out": 0,
@@ -112,6 +120,11 @@ def main():
             sockets[i].send_multipart([SIGNATURE, command, body], zmq.NOBLOCK)
         except zmq.Again:
             counters["bad"] += 1
+
+    def heartbeat(i, now):
+        beat_due[i] = now + args.heartbeat
+        counters["heartbeats_out"] += 1
+        send(i, b"HEARTBEAT", beat)
 
     def say_hello(i, now):
         instance[i] = None
@@ -150,15 +163,27 @@ def main():
             elif command == b"HEARTBEAT":
                 counters["heartbeats_in"] += 1
                 body = json.loads(frames[2])
-                if instance[i] is not None and body["broker"] != instance[i]:
+                if instance[i] is None:
+                    continue
+                now = time.monotonic()
+                if body["broker"] != instance[i]:
                     state["welcomed"] -= 1
-                    say_hello(i, time.monotonic())
+                    say_hello(i, now)
+                else:
+                    # Answered at once when due before the broker's next,
+                    # unless one went within a tenth of the shorter
+                    # interval, as taskworker does.
+                    due_in = beat_due[i] - now
+                    if (due_in < broker_beat[i] and args.heartbeat - due_in
+                            >= min(args.heartbeat, broker_beat[i]) / 10):
+                        heartbeat(i, now)
             elif command == b"WELCOME":
                 body = json.loads(frames[2])
                 counters["welcomes"] += 1
                 if instance[i] is None:
                     state["welcomed"] += 1
                 instance[i] = body["broker"]
+                broker_beat[i] = body["heartbeat"]
                 # Unacknowledged results first, then the credit.
                 for result in unacked[i].values():
                     send(i, b"RESULT", result)
@@ -182,20 +207,26 @@ def main():
     for i in range(count):
         say_hello(i, started)
     announced = False
-    beats_sent = 0
     per_beat = args.heartbeat / count
+    # (time, connection): a connection's heartbeat is due no sooner; an
+    # answer to the broker's moves beat_due[i] on, and the entry is put
+    # back for that time when it comes up.
+    due = []
+    for i in range(count):
+        beat_due[i] = started + args.heartbeat + i * per_beat
+        due.append((beat_due[i], i))
+    heapq.heapify(due)
     last_retry_scan = started
 
     try:
         while True:
             now = time.monotonic()
-            # Heartbeats: connection i beats at started + i * per_beat + k *
-            # heartbeat; those due go together at each wake.
-            due = int((now - started) / per_beat)
-            while beats_sent < due:
-                send(beats_sent % count, b"HEARTBEAT", beat)
-                counters["heartbeats_out"] += 1
-                beats_sent += 1
+            # Heartbeats due by now go together at each wake.
+            while due[0][0] <= now:
+                _, i = due[0]
+                if beat_due[i] <= now:
+                    heartbeat(i, now)
+                heapq.heapreplace(due, (beat_due[i], i))
             if now - last_retry_scan > 0.5:
                 last_retry_scan = now
                 for i in range(count):

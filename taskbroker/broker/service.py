@@ -70,7 +70,7 @@ class BrokerService(Service):
             raise RuntimeError(
                 f"cannot listen on {self.config.listen}: {e}") from None
         for interval, call in ((self.config.poll_interval, self.broker.poll),
-                               (self.config.heartbeat, self.broker.sweep)):
+                               (self.config.heartbeat, self._sweep)):
             loop = task.LoopingCall(call)
             loop.clock = self.reactor
             loop.start(interval, now=False).addErrback(
@@ -82,6 +82,12 @@ class BrokerService(Service):
             endpoint=self.socket.endpoint, database=self.config.database,
             levels=",".join(self.config.priorities),
             instance=self.broker.instance_id)
+
+    def _sweep(self):
+        # A heartbeat to every worker: one look for input after them all,
+        # not one after each.
+        with self.socket.batch():
+            self.broker.sweep()
 
     def _start_failed(self, reason):
         message = one_line(reason.value)

@@ -148,7 +148,9 @@ class WorkerService(Service):
         self._children = children
         self._monotonic = monotonic or reactor.seconds
         self.socket = None
+        # The next heartbeat (a DelayedCall), and the timer of the checks.
         self._heartbeat = None
+        self._checks = None
         # The broker instance that welcomed us, or None while unwelcomed.
         self.broker_instance = None
         self._time_limit = None
@@ -179,9 +181,11 @@ class WorkerService(Service):
         self.socket = self._connect(self._on_message)
         self._broker_seen = self._monotonic()
         self._announce()
-        self._heartbeat = task.LoopingCall(self._beat)
-        self._heartbeat.clock = self.reactor
-        self._heartbeat.start(self.config.heartbeat, now=False)
+        self._heartbeat = self.reactor.callLater(
+            self.config.heartbeat, self._beat)
+        self._checks = task.LoopingCall(self._check)
+        self._checks.clock = self.reactor
+        self._checks.start(self.config.heartbeat, now=False)
         self.log.info(
             "taskworker {name} started: broker {broker}, {slots} slots, "
             "levels {levels}, handlers {handlers}",
@@ -254,12 +258,30 @@ class WorkerService(Service):
             self._hello()
 
     def _beat(self):
-        now = self._monotonic()
-        # What we run, so the broker can find a TASK lost on the way.
+        """
+        Send a heartbeat now, and the next one a whole interval later
+        unless the broker's heartbeat brings it forward.
+        """
+        if self._heartbeat is None:
+            return  # stopped
+        if self._heartbeat.active():
+            self._heartbeat.reset(self.config.heartbeat)
+        else:
+            self._heartbeat = self.reactor.callLater(
+                self.config.heartbeat, self._beat)
+        # What we run, so the broker can find a TASK lost on the way.  Only
+        # heartbeats carry it, so other messages never stand in for one.
         self._send(b"HEARTBEAT", {"running": [
             {"id": i, "token": t} for i, (t, _) in self.tasks.items()]})
+
+    def _check(self):
+        """
+        Every heartbeat interval: notice a silent broker, and resend
+        results whose acknowledgement is overdue.
+        """
         if self.broker_instance is None:
             return
+        now = self._monotonic()
         if now - self._broker_seen > self._allowance:
             self.log.warn(
                 "broker silent for {silence:.1f}s; announcing again",
@@ -307,10 +329,27 @@ class WorkerService(Service):
                 self._send(b"READY", {})
 
     def _on_HEARTBEAT(self, body):
-        if self.broker_instance is not None and body["broker"] != self.broker_instance:
+        if self.broker_instance is None:
+            return
+        if body["broker"] != self.broker_instance:
             self.log.info("broker restarted (instance {instance}); "
                           "announcing again", instance=body["broker"])
             self._announce()
+            return
+        # Answer at once if our heartbeat is due before the broker's next
+        # one.  The broker sends its heartbeats to all workers together,
+        # so their answers reach it together too, and it reads them in a
+        # few batches instead of waking once for each worker's timer.  The
+        # next one goes a whole interval later, so a worker still sends one
+        # per interval, now in step with the broker.  Not if ours went
+        # within the last tenth of the shorter interval: the two crossed.
+        if self._heartbeat is None:
+            return
+        interval = self.config.heartbeat
+        due_in = self._heartbeat.getTime() - self.reactor.seconds()
+        if (due_in < self._broker_heartbeat and interval - due_in
+                >= min(interval, self._broker_heartbeat) / 10):
+            self._beat()
 
     def _on_REHELLO(self, body):
         # While announcing, HELLOs are already on their way.
@@ -442,8 +481,12 @@ class WorkerService(Service):
             except defer.TimeoutError:
                 pass
             self._idle = None
-        if self._heartbeat is not None and self._heartbeat.running:
-            self._heartbeat.stop()
+        if self._heartbeat is not None:
+            if self._heartbeat.active():
+                self._heartbeat.cancel()
+            self._heartbeat = None
+        if self._checks is not None and self._checks.running:
+            self._checks.stop()
         abandoned, self.tasks = self.tasks, {}
         for task_id, (token, d) in abandoned.items():
             self.log.info("handing back task {task_id}", task_id=task_id)

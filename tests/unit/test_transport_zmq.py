@@ -14,7 +14,7 @@ import re
 import pytest
 import pytest_twisted
 import zmq
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.logger import capturedLogs
 from zmq.utils.monitor import recv_monitor_message
 
@@ -194,6 +194,39 @@ def test_flood_is_read_in_batches_and_timers_still_run(factory):
         # The timer, scheduled on the first message, ran before the last.
         assert len(timer_saw) == 1
         assert 0 < timer_saw[0] < total
+    finally:
+        dealer.close()
+        r.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_batch_of_sends_looks_for_input_once(factory, monkeypatch):
+    at_router, at_dealer = Collector(), Collector()
+    r = router(factory, at_router)
+    dealer = DealerSocket(factory, r.endpoint, at_dealer, identity=b"w1/abc")
+    try:
+        dealer.send([b"TB1", b"HELLO", b"{}"])
+        yield at_router.wait_for(1)
+        # Out of the read that delivered it: sends there never look.
+        yield task.deferLater(reactor(), 0, lambda: None)
+        looks = []
+        look = r._connection._look_for_input
+        monkeypatch.setattr(r._connection, "_look_for_input",
+                            lambda: (looks.append(1), look()))
+        r.send(b"w1/abc", [b"alone"])
+        assert len(looks) == 1
+        with r.batch():
+            for i in range(100):
+                assert r.send(b"w1/abc", [b"%d" % i]) is True
+            assert r.send(b"nobody", [b"x"]) is False
+        assert len(looks) == 2
+        calls = yield at_dealer.wait_for(101)
+        assert [frames for (frames,) in calls] == [[b"alone"]] + [
+            [b"%d" % i] for i in range(100)]
+        # Input that arrives afterwards is read as ever.
+        dealer.send([b"after"])
+        calls = yield at_router.wait_for(2)
+        assert calls[-1] == (b"w1/abc", [b"after"])
     finally:
         dealer.close()
         r.close()

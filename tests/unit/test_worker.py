@@ -165,6 +165,118 @@ def test_restarted_broker_is_noticed_from_its_heartbeat(worker, handler):
     assert len(worker.fake.take(b"READY")) == 1
 
 
+def test_answers_the_brokers_heartbeat_when_its_own_is_due_first(
+        worker, clock):
+    worker.fake.deliver(b"HEARTBEAT", {"broker": "b1"})
+    assert worker.fake.take(b"HEARTBEAT") == []  # not welcomed yet
+    welcome(worker)
+    worker.fake.take()
+    clock.advance(0.6)
+    # Its own is due in 0.4 s, before the broker's next: it goes now.
+    worker.fake.deliver(b"HEARTBEAT", {"broker": "b1"})
+    assert worker.fake.take(b"HEARTBEAT") == [(b"HEARTBEAT", {"running": []})]
+    # The next one is a whole interval later, not at the old time.
+    clock.advance(0.9)
+    assert worker.fake.take(b"HEARTBEAT") == []
+    clock.advance(0.1)
+    assert len(worker.fake.take(b"HEARTBEAT")) == 1
+
+
+def test_a_heartbeat_that_crossed_the_brokers_is_not_sent_again(
+        worker, clock):
+    welcome(worker)
+    worker.fake.take()
+    clock.advance(1.0)
+    assert len(worker.fake.take(b"HEARTBEAT")) == 1
+    clock.advance(0.05)
+    worker.fake.deliver(b"HEARTBEAT", {"broker": "b1"})
+    assert worker.fake.take(b"HEARTBEAT") == []
+
+
+#: The clock's step in _beats_against; a timer runs at the end of the step
+#: in which it falls due, so times measured there are up to a step late.
+STEP = 0.01
+
+
+def _beats_against(worker, clock, arrivals, until):
+    """
+    Deliver the broker's heartbeats at the times ``arrivals`` while the
+    clock runs to ``until`` in steps of STEP; return the times at which
+    the worker sent heartbeats.
+    """
+    beats = []
+    arrivals = list(arrivals)
+    for _ in range(int(round(until / STEP))):
+        clock.advance(STEP)
+        if arrivals and clock.seconds() >= arrivals[0] - 1e-9:
+            arrivals.pop(0)
+            worker.fake.deliver(b"HEARTBEAT", {"broker": "b1"})
+        for _ in worker.fake.take(b"HEARTBEAT"):
+            beats.append(clock.seconds())
+    return beats
+
+
+def test_one_heartbeat_per_interval_whether_the_brokers_is_early_or_late(
+        worker, clock):
+    welcome(worker)
+    worker.fake.take()
+    # The broker's heartbeats come every second, give or take 30 ms.
+    arrivals = [0.7, 1.72, 2.69, 3.71, 4.70, 5.73, 6.68, 7.70]
+    beats = _beats_against(worker, clock, arrivals, 8.0)
+    assert len(beats) == len(arrivals)
+    # Never more than an interval apart, and each one close to a broker's
+    # heartbeat: the workers' heartbeats reach the broker together.
+    assert all(b - a <= 1.0 + STEP for a, b in zip(beats, beats[1:]))
+    assert all(min(abs(b - a) for a in arrivals) <= 0.03 for b in beats)
+
+
+def test_a_worker_out_of_step_falls_into_step(worker, clock):
+    welcome(worker)
+    worker.fake.take()
+    # The broker's heartbeats come 0.4 s after the worker's own would.
+    arrivals = [1.4 + k for k in range(5)]
+    beats = _beats_against(worker, clock, arrivals, 6.0)
+    # One extra heartbeat, once, then one per interval in step.
+    assert len(beats) == 6
+    assert beats[0] == pytest.approx(1.0, abs=STEP)
+    assert beats[1:] == pytest.approx(arrivals, abs=STEP)
+
+
+def test_a_slower_heartbeat_is_not_sent_more_often(handler, clock):
+    sockets = []
+
+    def connect(on_message):
+        sockets.append(FakeSocket(on_message))
+        return sockets[-1]
+
+    w = WorkerService(WorkerConfig(name="w", heartbeat=5.0), {}, clock,
+                      connect=connect)
+    w.startService()
+    w.fake = sockets[0]
+    welcome(w)  # the broker's interval is 1 s
+    beats = _beats_against(w, clock, [k + 0.5 for k in range(20)], 20.0)
+    # In step with the broker's, so at most one of its intervals early.
+    assert 4 <= len(beats) <= 5
+    assert all(4.0 - STEP <= b - a <= 5.0 + STEP
+               for a, b in zip(beats, beats[1:]))
+    result_of(w.stopService())
+
+
+def test_other_messages_do_not_stand_in_for_a_heartbeat(
+        worker, handler, clock):
+    welcome(worker)
+    worker.fake.deliver(b"TASK", task(5))
+    worker.fake.take()
+    # The other slot sends a result every quarter of a second.
+    for k in range(4):
+        clock.advance(0.25)
+        worker.fake.deliver(b"TASK", task(100 + k))
+        handler.pending[100 + k].callback(k)
+    # The heartbeat still goes: it alone tells the broker what runs here.
+    [(_, beat)] = worker.fake.take(b"HEARTBEAT")
+    assert beat["running"] == [{"id": 5, "token": 1}]
+
+
 def test_silent_broker_is_presumed_lost(worker, clock):
     welcome(worker)
     worker.fake.take()
