@@ -1256,7 +1256,7 @@ def test_bad_synchronous(reactor, db_path):
 async def test_checkpoints_run_apart_from_commits(sqlite_store, db_path):
     # SQLite's own checkpoints (inside commits) are off; the store's
     # checkpointer copies the WAL into the database on its own connection.
-    autocheckpoint = await sqlite_store._pool.runWithConnection(
+    autocheckpoint = await sqlite_store._thread.run(
         lambda c: c.execute("PRAGMA wal_autocheckpoint").fetchone()[0])
     assert autocheckpoint == 0
     await sqlite_store.submit([new_task() for _ in range(200)])
