@@ -105,7 +105,8 @@ class ITaskStore(Interface):
 
     def submit(tasks):
         """
-        Insert new tasks in ``queued`` state, all in one transaction.
+        Insert new tasks in ``queued`` state (``running`` for those given
+        a ``worker``), all in one transaction.
 
         If the tasks' ``request_id`` is not ``None`` and tasks with that
         ``request_id`` already exist (a client sent its request again after

@@ -15,6 +15,7 @@ one: a RESULT is taken only for the current token, so a worker presumed
 lost can never overwrite the attempt that replaced it.
 """
 
+import dataclasses
 import heapq
 import math
 import random
@@ -811,22 +812,7 @@ class Broker:
                 # Changed behind our back (by SQL): forget it, free the slot.
                 self._undispatch(row.id, identity, token)
                 return
-            self.counters["dispatched"] += 1
-            if identity in self._peers:
-                self._peers[identity].sent_at[row.id] = self._monotonic()
-            body = (
-                '{"id":%d,"handler":%s,"payload":%s,"priority":%s,'
-                '"attempt":%d,"max_attempts":%d,"token":%d,"time_limit":%s}' % (
-                    row.id, dumps(row.handler), row.payload,
-                    dumps(row.priority), row.attempts + 1,
-                    row.max_attempts or self.config.max_attempts, token,
-                    dumps(row.time_limit)))
-            if not self._send(identity, encode(b"TASK", body)):
-                current = self._peers.get(identity)
-                if current is not None:
-                    self.log.warn("worker {name} is unreachable",
-                                  name=current.name)
-                    self._forget_peer(current)
+            self._send_task(identity, row, token)
 
         def failed(reason):
             # Nothing changed in the store: undo in memory, and hold task
@@ -846,17 +832,44 @@ class Broker:
         d.addCallbacks(committed, failed)
         self._refill((assignment.task.level, row.handler))
 
+    def _send_task(self, identity, row, token):
+        """
+        Send a committed dispatch to its worker.  ``row`` is the task as
+        it was before the dispatch.
+        """
+        self.counters["dispatched"] += 1
+        peer = self._peers.get(identity)
+        if peer is not None:
+            peer.sent_at[row.id] = self._monotonic()
+        body = (
+            '{"id":%d,"handler":%s,"payload":%s,"priority":%s,'
+            '"attempt":%d,"max_attempts":%d,"token":%d,"time_limit":%s}' % (
+                row.id, dumps(row.handler), row.payload,
+                dumps(row.priority), row.attempts + 1,
+                row.max_attempts or self.config.max_attempts, token,
+                dumps(row.time_limit)))
+        if not self._send(identity, encode(b"TASK", body)) and peer is not None:
+            self.log.warn("worker {name} is unreachable", name=peer.name)
+            self._forget_peer(peer)
+
+    def _give_back(self, identity):
+        """
+        A credit was taken for a task that will not run on it after all:
+        free the slot and let the credit find other work.
+        """
+        self.dispatcher.task_done(identity)
+        assignment = self.dispatcher.credit(identity)
+        if assignment is not None:
+            self._dispatch(assignment)
+
     def _undispatch(self, task_id, identity, token):
         entry = self._running.get(task_id)
         if entry is not None and entry[1] == token:
             del self._running[task_id]
         peer = self._peers.get(identity)
         if peer is not None and peer.running.pop(task_id, None) is not None:
-            self.dispatcher.task_done(identity)
             # The worker's credit was spent on nothing: give it back.
-            assignment = self.dispatcher.credit(identity)
-            if assignment is not None:
-                self._dispatch(assignment)
+            self._give_back(identity)
 
     def _store_trouble(self, reason, doing, pause=False):
         """
@@ -1025,9 +1038,32 @@ class Broker:
                 unique_key=spec.get("unique_key"),
                 request_id=body.get("request_id"),
                 time_limit=spec.get("time_limit")))
+        # A task a ready worker can run now is dispatched in the
+        # transaction that inserts it, most urgent first: one commit
+        # before its TASK instead of two.
+        claims = {}
+        for i in sorted(range(len(new)),
+                        key=lambda i: self._level_index[new[i].priority]):
+            task = new[i]
+            key = (self._level_index[task.priority], task.handler)
+            if task.run_at is not None or key in self._windows:
+                continue  # delayed, or older tasks of its queue wait
+            slot = self.dispatcher.claim(*key)
+            if slot is not None:
+                peer = self._peers[slot.key]
+                claims[i] = peer
+                new[i] = dataclasses.replace(task, worker=peer.name)
         d = self.store.submit(new)
 
         def committed(results):
+            # Tasks that were not inserted (a resent request, a unique key
+            # taken) give back their claims; inserted ones are running.
+            for i, peer in claims.items():
+                row, created = results[i] if i < len(results) else (None, False)
+                if created:
+                    self._claimed(peer, row)
+                else:
+                    self._give_back(peer.identity)
             rows = [row for row, _ in results]
             self._submitted_since_poll.update(row.id for row in rows)
             request_id = body.get("request_id")
@@ -1046,12 +1082,35 @@ class Broker:
             })
             # Most urgent first, so that a batch's urgent tasks get first
             # pick of the free workers.
-            fresh = [row for row, created in results if created]
+            fresh = [row for row, created in results
+                     if created and row.state == "queued"]
             for row in sorted(fresh, key=lambda r: self._level_index[r.priority]):
                 self._admit(row)
 
-        d.addCallbacks(committed, self._client_store_failed,
-                       errbackArgs=("submitting tasks", identity, req))
+        def failed(reason):
+            for peer in claims.values():
+                self._give_back(peer.identity)
+            self._client_store_failed(reason, "submitting tasks", identity, req)
+
+        d.addCallbacks(committed, failed)
+
+    def _claimed(self, peer, row):
+        """
+        A task was inserted already dispatched to ``peer`` (token 1): send
+        it, unless the worker went away meanwhile.
+        """
+        before = row._replace(state="queued", attempts=0, token=0)
+        if self._stopped:
+            return  # running in the store: the next broker reclaims it
+        if self._peers.get(peer.identity) is not peer:
+            # Lost or announced again while the insert committed: the
+            # attempt never reached it, so it does not count.
+            self._requeue(row.id, 1, before, f"worker {peer.name} went away "
+                          "before it got the task", consumed=False)
+            return
+        self._running[row.id] = (peer.identity, 1, before)
+        peer.running[row.id] = 1
+        self._send_task(peer.identity, before, 1)
 
     def _on_GET(self, identity, peer, body):
         req = body["req"]

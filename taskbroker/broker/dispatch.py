@@ -198,6 +198,21 @@ class Dispatcher:
         self._waiting_handlers[task.level].add(task.handler)
         return None
 
+    def claim(self, level, handler):
+        """
+        Take a ready credit for a task that is not in the dispatcher yet
+        (the broker dispatches a new task in the transaction that inserts
+        it), as :meth:`add_task` would for it.
+
+        :returns: the :class:`WorkerSlots` whose credit was taken (one
+            more busy slot; give it back with :meth:`task_done` and
+            :meth:`credit` if the task is not run after all), or ``None``.
+        """
+        worker = None if self.paused else self._take_credit(level, handler)
+        if worker is not None:
+            worker.busy += 1
+        return worker
+
     def remove_task(self, task_id):
         """
         Withdraw a waiting task (cancelled, or taken by someone else).

@@ -82,25 +82,26 @@ class MemoryStore:
 
     def _insert(self, handler, payload, priority, max_attempts, created_at,
                 run_at=None, unique_key=None, request_id=None,
-                time_limit=None):
+                time_limit=None, worker=None):
+        dispatched = worker is not None
         row = TaskRow(
             id=self._last_id + 1,
             handler=handler,
             payload=payload,
             priority=priority,
-            state="queued",
-            attempts=0,
+            state="running" if dispatched else "queued",
+            attempts=int(dispatched),
             max_attempts=max_attempts,
-            worker=None,
+            worker=worker,
             created_at=created_at,
-            started_at=None,
+            started_at=created_at if dispatched else None,
             finished_at=None,
             result=None,
             error=None,
             run_at=run_at,
             unique_key=unique_key,
             request_id=request_id,
-            token=0,
+            token=int(dispatched),
             time_limit=time_limit,
             traceback=None,
         )
@@ -190,7 +191,7 @@ class MemoryStore:
                 task.handler, task.payload, task.priority, task.max_attempts,
                 task.created_at, run_at=task.run_at,
                 unique_key=task.unique_key, request_id=task.request_id,
-                time_limit=task.time_limit,
+                time_limit=task.time_limit, worker=task.worker,
             )
             submitted.append(Submitted(row, True))
         return defer.succeed(submitted)

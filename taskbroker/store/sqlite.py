@@ -829,33 +829,37 @@ def _submit(cursor, tasks):
             if live is not None:
                 submitted.append(Submitted(live, False))
                 continue
+        dispatched = task.worker is not None
+        started_at = task.created_at if dispatched else None
         cursor.execute(
             "INSERT INTO tasks "
             "(handler, payload, priority, max_attempts, created_at, run_at, "
-            "unique_key, request_id, time_limit) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "unique_key, request_id, time_limit, state, attempts, token, "
+            "worker, started_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (task.handler, task.payload, task.priority, task.max_attempts,
              task.created_at, task.run_at, task.unique_key, task.request_id,
-             task.time_limit),
+             task.time_limit, "running" if dispatched else "queued",
+             int(dispatched), int(dispatched), task.worker, started_at),
         )
         submitted.append(Submitted(TaskRow(
             id=cursor.lastrowid,
             handler=task.handler,
             payload=task.payload,
             priority=task.priority,
-            state="queued",
-            attempts=0,
+            state="running" if dispatched else "queued",
+            attempts=int(dispatched),
             max_attempts=task.max_attempts,
-            worker=None,
+            worker=task.worker,
             created_at=task.created_at,
-            started_at=None,
+            started_at=started_at,
             finished_at=None,
             result=None,
             error=None,
             run_at=task.run_at,
             unique_key=task.unique_key,
             request_id=task.request_id,
-            token=0,
+            token=int(dispatched),
             time_limit=task.time_limit,
             traceback=None,
         ), True))

@@ -6,6 +6,7 @@ with a MemoryStore and a Clock, and a list in place of the socket.
 import json
 
 import pytest
+from twisted.internet import defer
 from twisted.internet.task import Clock
 
 from taskbroker.broker.core import Broker
@@ -104,18 +105,102 @@ def test_duplicate_live_name_is_refused(broker, peers):
 
 
 def test_submit_is_answered_after_commit_then_dispatched(broker, peers, store):
-    hello(broker)
-    send(broker, b"w1/x", b"READY", {})
     submit(broker, {"handler": "echo", "payload": {"a": 1}})
     [(_, _, reply)] = peers.take(b"client", b"REPLY")
     [task] = reply["tasks"]
     assert task["state"] == "queued" and task["priority"] == "normal"
-    assert reply["unserved"] == []
+    assert reply["unserved"] == ["echo"]
+    hello(broker)
+    send(broker, b"w1/x", b"READY", {})
     [(_, _, sent)] = peers.take(b"w1/x", b"TASK")
     assert sent == {"id": task["id"], "handler": "echo", "payload": {"a": 1},
                     "priority": "normal", "attempt": 1, "max_attempts": 3,
                     "token": 1, "time_limit": None}
     assert result_of(store.get(task["id"])).state == "running"
+
+
+def test_task_for_a_ready_worker_is_inserted_dispatched(broker, peers, store):
+    hello(broker)
+    send(broker, b"w1/x", b"READY", {})
+    submit(broker, {"handler": "echo", "payload": {"a": 1}},
+           {"handler": "echo", "payload": 2})
+    [(_, _, reply)] = peers.take(b"client", b"REPLY")
+    first, second = reply["tasks"]
+    # One commit: the first is inserted running, with its first dispatch.
+    assert (first["state"], first["worker"], first["attempts"]) == (
+        "running", "w1", 1)
+    assert second["state"] == "queued"
+    [(_, _, sent)] = peers.take(b"w1/x", b"TASK")
+    assert (sent["id"], sent["token"], sent["attempt"]) == (first["id"], 1, 1)
+    row = result_of(store.get(first["id"]))
+    assert (row.state, row.token, row.worker, row.started_at) == (
+        "running", 1, "w1", row.created_at)
+    send(broker, b"w1/x", b"RESULT", {"id": first["id"], "token": 1,
+                                       "state": "succeeded", "result": 1,
+                                       "ready": True})
+    assert peers.take(b"w1/x", b"ACK")[0][2] == {"id": first["id"],
+                                                 "token": 1}
+    [(_, _, sent)] = peers.take(b"w1/x", b"TASK")
+    assert sent["id"] == second["id"]
+
+
+def test_a_claim_not_inserted_gives_its_credit_back(broker, peers, store):
+    submit(broker, {"handler": "echo", "unique_key": "k"})
+    [(_, _, reply)] = peers.take(b"client", b"REPLY")
+    existing = reply["tasks"][0]["id"]
+    hello(broker, handlers=["other", "echo"])
+    send(broker, b"w1/x", b"READY", {})
+    [(_, _, sent)] = peers.take(b"w1/x", b"TASK")
+    assert sent["id"] == existing
+    send(broker, b"w1/x", b"RESULT", {"id": existing, "token": 1,
+                                       "state": "succeeded", "result": 1,
+                                       "ready": True})
+    peers.take()
+    # Running again meanwhile: the key is free, but hold it with a delay.
+    submit(broker, {"handler": "echo", "unique_key": "k2", "delay": 60})
+    submit(broker, {"handler": "echo", "unique_key": "k2"})
+    [_, (_, _, reply)] = peers.take(b"client", b"REPLY")
+    assert reply["existing"] == [reply["tasks"][0]["id"]]
+    # The credit the duplicate claimed came back: the next task takes it.
+    assert peers.take(b"w1/x", b"TASK") == []
+    submit(broker, {"handler": "other"})
+    [(_, _, sent)] = peers.take(b"w1/x", b"TASK")
+    assert sent["handler"] == "other"
+    assert broker.dispatcher.worker(b"w1/x").busy == 1
+
+
+def test_worker_gone_while_its_task_was_inserted(broker, peers, store):
+    class SlowStore:
+        # Holds submissions until told, as a database thread would.
+        def __init__(self, store):
+            self.store, self.held = store, []
+
+        def __getattr__(self, name):
+            return getattr(self.store, name)
+
+        def submit(self, tasks):
+            d = defer.Deferred()
+            self.held.append((d, tasks))
+            return d
+
+        def release(self):
+            for d, tasks in self.held:
+                self.store.submit(tasks).chainDeferred(d)
+
+    slow = broker.store = SlowStore(store)
+    hello(broker)
+    send(broker, b"w1/x", b"READY", {})
+    submit(broker, {"handler": "echo"})
+    send(broker, b"w1/x", b"BYE", {})
+    slow.release()
+    assert peers.take(b"w1/x", b"TASK") == []
+    row = result_of(store.get(1))
+    # Back in the queue, the attempt not counted, the token spent.
+    assert (row.state, row.attempts, row.token) == ("queued", 0, 1)
+    hello(broker, identity=b"w2/x", name="w2")
+    send(broker, b"w2/x", b"READY", {})
+    [(_, _, sent)] = peers.take(b"w2/x", b"TASK")
+    assert (sent["id"], sent["token"], sent["attempt"]) == (1, 2, 1)
 
 
 def test_result_is_recorded_and_acknowledged(broker, peers, store):
