@@ -98,6 +98,13 @@ class Peers:
         return found
 
 
+def open_store():
+    clock = Clock()
+    store = MemoryStore(clock)
+    result_of(store.open())
+    return clock, store
+
+
 def start_broker(store, clock, peers, **config):
     broker = Broker(BrokerConfig(**config), store, clock, peers.send,
                     instance_id="b1")
@@ -137,9 +144,7 @@ def held(broker):
 
 
 def test_start_holds_one_window_of_a_deep_queue(small_windows):
-    clock = Clock()
-    store = MemoryStore(clock)
-    result_of(store.open())
+    clock, store = open_store()
     ids = [store.insert_external("echo", str(i)).id for i in range(30)]
     peers = Peers()
     broker = start_broker(store, clock, peers)
@@ -151,9 +156,7 @@ def test_start_holds_one_window_of_a_deep_queue(small_windows):
 
 
 def test_submitted_tasks_beyond_the_window_wait_in_the_store(small_windows):
-    clock = Clock()
-    store = MemoryStore(clock)
-    result_of(store.open())
+    clock, store = open_store()
     peers = Peers()
     broker = start_broker(store, clock, peers)
     for i in range(10):
@@ -164,9 +167,7 @@ def test_submitted_tasks_beyond_the_window_wait_in_the_store(small_windows):
 
 
 def test_a_high_task_found_behind_a_deep_low_queue_runs_first(small_windows):
-    clock = Clock()
-    store = MemoryStore(clock)
-    result_of(store.open())
+    clock, store = open_store()
     for i in range(20):
         store.insert_external("echo", str(i), priority="low")
     peers = Peers()
@@ -178,9 +179,7 @@ def test_a_high_task_found_behind_a_deep_low_queue_runs_first(small_windows):
 
 def test_invalid_queues_are_failed_at_start_without_reading_them(
         small_windows):
-    clock = Clock()
-    store = MemoryStore(clock)
-    result_of(store.open())
+    clock, store = open_store()
     bad = [store.insert_external("echo", "1", priority="urgent").id
            for _ in range(10)]
     good = store.insert_external("echo", "1").id
@@ -193,10 +192,8 @@ def test_invalid_queues_are_failed_at_start_without_reading_them(
 
 
 def test_delayed_tasks_beyond_their_window_come_in_time(small_windows):
-    clock = Clock()
+    clock, store = open_store()
     clock.advance(1000)
-    store = MemoryStore(clock)
-    result_of(store.open())
     ids = [store.insert_external("echo", str(i), run_at=1000.0 + 10 * i).id
            for i in reversed(range(12))][::-1]
     peers = Peers()
@@ -233,9 +230,7 @@ def test_every_queued_task_runs_once_however_the_window_moves(steps):
     original = core.QUEUE_WINDOW
     core.QUEUE_WINDOW = 3
     try:
-        clock = Clock()
-        store = MemoryStore(clock)
-        result_of(store.open())
+        clock, store = open_store()
         for i in range(5):
             store.insert_external("echo", str(i), priority="low")
         peers = Peers()
