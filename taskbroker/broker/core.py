@@ -627,8 +627,10 @@ class Broker:
         the store for a later load.
         """
         if row.run_at is not None and row.run_at > self.clock.seconds():
-            if self._delayed_window.hold(DELAYED, (row.run_at, row.id - 1),
-                                         len(self._delayed_rows)):
+            # Held if it comes before what waits in the store (a load
+            # reads it otherwise); _delay keeps the window's size.
+            cursor = self._delayed_window.cursor(DELAYED)
+            if cursor is None or (row.run_at, row.id) <= cursor:
                 self._delay(row)
             return
         key = (self._level_index[row.priority], row.handler)
@@ -661,37 +663,57 @@ class Broker:
         def loaded(rows):
             # Held before the window is told, so that dispatches on the way
             # do not start another load of this queue meanwhile.
-            for row in rows:
-                self._take_loaded(row)
-            self._windows.loaded(key, rows[-1].id if rows else after_id,
-                                 exhausted=len(rows) < limit)
+            try:
+                if not self._stopped:
+                    for row in rows:
+                        self._take_loaded(row)
+            finally:
+                self._windows.loaded(key, rows[-1].id if rows else after_id,
+                                     exhausted=len(rows) < limit)
             return self._refill(key)
 
         def failed(reason):
             self._windows.failed(key)
             self._store_trouble(reason, "reading queued tasks")
 
-        return d.addCallbacks(loaded, failed)
+        return d.addCallbacks(loaded, failed).addErrback(
+            self.log.failure, "loading queued tasks")
 
     def _load_delayed(self):
         """
-        Read the next delayed tasks, by run_at, if their window is low.
+        Read the next delayed tasks, by run_at, if their window is low or
+        the next one in the store comes due before the poll after next.
 
         :returns: a ``Deferred`` (never fails).
         """
+        cursor = self._delayed_window.cursor(DELAYED)
+        soon = cursor is not None and cursor[0] <= (
+            self.clock.seconds() + 2 * self.config.poll_interval + 1.0)
         load = None if self._stopped else self._delayed_window.start(
-            DELAYED, len(self._delayed_rows))
+            DELAYED, len(self._delayed_rows), soon)
         if load is None:
             return defer.succeed(None)
         after, limit = load
         d = self.store.delayed_window(after, limit)
 
         def loaded(rows):
-            for row in rows:
-                self._take_loaded(row)
-            self._delayed_window.loaded(
-                DELAYED, (rows[-1].run_at, rows[-1].id) if rows else after,
-                exhausted=len(rows) < limit)
+            try:
+                now = self.clock.seconds()
+                for row in rows if not self._stopped else ():
+                    if row.run_at <= now:
+                        # Due already: it joins its queue's window, or
+                        # waits in the store for that queue's next load.
+                        if not self._held(row.id):
+                            row = self._checked(row)
+                            if row is not None:
+                                self._admit(row)
+                    else:
+                        self._take_loaded(row)
+            finally:
+                self._delayed_window.loaded(
+                    DELAYED,
+                    (rows[-1].run_at, rows[-1].id) if rows else after,
+                    exhausted=len(rows) < limit)
 
         def failed(reason):
             self._delayed_window.failed(DELAYED)
@@ -703,12 +725,14 @@ class Broker:
         """
         Hold a task read from the store, unless it is held already.
         """
-        if (row.id in self._running or row.id in self.dispatcher
-                or row.id in self._delayed_rows):
-            return
-        row = self._checked(row)
-        if row is not None:
-            self._enqueue(row)
+        if not self._held(row.id):
+            row = self._checked(row)
+            if row is not None:
+                self._enqueue(row)
+
+    def _held(self, task_id):
+        return (task_id in self._running or task_id in self.dispatcher
+                or task_id in self._delayed_rows)
 
     def _checked(self, row, writes=None):
         """
@@ -730,6 +754,13 @@ class Broker:
             else:
                 d.addErrback(self._store_trouble, "failing an invalid task")
             return None
+        return self._with_defaults(row)
+
+    def _with_defaults(self, row):
+        """
+        The row with the broker's defaults for the priority and
+        max_attempts that SQL left NULL (the dispatch writes them).
+        """
         if row.priority is None or row.max_attempts is None:
             row = row._replace(
                 priority=row.priority or self.config.default_priority,
@@ -752,6 +783,13 @@ class Broker:
     def _delay(self, row):
         self._delayed_rows[row.id] = row
         heapq.heappush(self._delayed, (row.run_at, row.id))
+        if len(self._delayed_rows) > DELAYED_WINDOW:
+            # Over the window: the one due last goes back to the store
+            # (it is queued there), for a later load.
+            last = max(self._delayed_rows.values(),
+                       key=lambda r: (r.run_at, r.id))
+            del self._delayed_rows[last.id]
+            self._delayed_window.leave(DELAYED, (last.run_at, last.id - 1))
         if self._delayed[0][1] == row.id:
             self._schedule_delayed()
 
@@ -852,13 +890,17 @@ class Broker:
             self.log.warn("worker {name} is unreachable", name=peer.name)
             self._forget_peer(peer)
 
-    def _give_back(self, identity):
+    def _give_back(self, peer):
         """
-        A credit was taken for a task that will not run on it after all:
-        free the slot and let the credit find other work.
+        A credit of ``peer`` was taken for a task that will not run on it
+        after all: free the slot and let the credit find other work.  A
+        worker gone, or announced again (its slots counted anew), has
+        nothing to give back.
         """
-        self.dispatcher.task_done(identity)
-        assignment = self.dispatcher.credit(identity)
+        if self._peers.get(peer.identity) is not peer:
+            return
+        self.dispatcher.task_done(peer.identity)
+        assignment = self.dispatcher.credit(peer.identity)
         if assignment is not None:
             self._dispatch(assignment)
 
@@ -869,7 +911,7 @@ class Broker:
         peer = self._peers.get(identity)
         if peer is not None and peer.running.pop(task_id, None) is not None:
             # The worker's credit was spent on nothing: give it back.
-            self._give_back(identity)
+            self._give_back(peer)
 
     def _store_trouble(self, reason, doing, pause=False):
         """
@@ -1063,7 +1105,7 @@ class Broker:
                 if created:
                     self._claimed(peer, row)
                 else:
-                    self._give_back(peer.identity)
+                    self._give_back(peer)
             rows = [row for row, _ in results]
             self._submitted_since_poll.update(row.id for row in rows)
             request_id = body.get("request_id")
@@ -1089,7 +1131,7 @@ class Broker:
 
         def failed(reason):
             for peer in claims.values():
-                self._give_back(peer.identity)
+                self._give_back(peer)
             self._client_store_failed(reason, "submitting tasks", identity, req)
 
         d.addCallbacks(committed, failed)
@@ -1269,7 +1311,7 @@ class Broker:
                 return
             self._submitted_since_poll.add(task_id)
             if task_id not in self.dispatcher and task_id not in self._delayed_rows:
-                self._enqueue(row)
+                self._enqueue(self._with_defaults(row))
             self.log.info("task {task_id} retried", task_id=task_id)
             self._reply(identity, req, {"task": task_object(row)})
 
@@ -1297,6 +1339,9 @@ class Broker:
         def counted(counts):
             tasks, waiting, delayed = {}, {}, 0
             for (state, level, handler, is_delayed), n in counts.items():
+                # A NULL priority (a row inserted by SQL) runs at the
+                # default level.
+                level = level or self.config.default_priority
                 by_level = tasks.setdefault(state, {})
                 by_level[level] = by_level.get(level, 0) + n
                 if is_delayed:

@@ -7,7 +7,7 @@ in a fixed order.
 Start: open the store (take ownership, create the schema), load its tasks,
 bind the socket, start the poller and the heartbeat.  Stop: stop the
 timers, close the socket (no new intake), then close the store, which
-waits for in-flight writes before it closes the connection pool.
+waits for in-flight writes before it closes its connection.
 """
 
 import time

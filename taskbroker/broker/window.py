@@ -53,6 +53,13 @@ class Windows:
     def __len__(self):
         return len(self._cursors)
 
+    def cursor(self, key):
+        """
+        :returns: the cursor of queue ``key``, or ``None`` if it is held
+            whole.
+        """
+        return self._cursors.get(key)
+
     def truncated(self):
         """
         :returns: the keys of the truncated queues.
@@ -89,16 +96,17 @@ class Windows:
             if pending is None or cursor < pending:
                 self._loading[key] = cursor
 
-    def start(self, key, waiting):
+    def start(self, key, waiting, soon=False):
         """
         Whether to load more of queue ``key`` now: it is truncated, no load
-        of it is under way, and fewer than half a window waits.
+        of it is under way, and fewer than half a window waits (or, if
+        ``soon``, the window has any room: what comes next is needed soon).
 
         :returns: ``(after, limit)`` for the load, or ``None``: read up to
             ``limit`` tasks after the cursor ``after``.
         """
         if (key not in self._cursors or key in self._loading
-                or waiting >= self.low):
+                or waiting >= (self.size if soon else self.low)):
             return None
         self._loading[key] = None
         return self._cursors[key], self.size - waiting

@@ -156,7 +156,7 @@ def store_from_url(url, reactor, synchronous="normal"):
     """
     Make the store a database URL names.
 
-    :param reactor: the reactor the store's connection pool runs with.
+    :param reactor: the reactor the store's database thread reports to.
     :param synchronous: SQLite's ``synchronous`` pragma: ``"normal"`` or
         ``"full"``.
     :returns: an unopened :class:`taskbroker.interfaces.ITaskStore`.

@@ -397,7 +397,7 @@ class MemoryStore:
         def window():
             rows = sorted(
                 (row for row in self._select("queued", None, 0, None)
-                 if row.run_at is not None
+                 if isinstance(row.run_at, (int, float))
                  and (row.run_at, row.id) > tuple(after)),
                 key=lambda row: (row.run_at, row.id))
             return rows[:limit]

@@ -86,9 +86,11 @@ class _ConnectionThread:
             failing with the error of ``connect`` (the thread has ended
             then).
         """
-        self._stopped = defer.Deferred()
         started = self.run(lambda connection: None)
         self._thread.start()
+        # Only now: a thread that never started has nothing to stop.  It
+        # reports through callFromThread, so not before this line.
+        self._stopped = defer.Deferred()
         return started
 
     def run(self, function, *args):
@@ -1007,6 +1009,10 @@ def _queued_groups(connection):
     # its own.  INDEXED BY: without statistics SQLite would rather read
     # tasks_by_state_id and sort.
     cursor = connection.cursor()
+    # First: a row inserted during the scan has a higher id, and the
+    # poller, which looks above this one, finds it.
+    last_id = cursor.execute(
+        "SELECT MAX(id) FROM tasks WHERE state = 'queued'").fetchone()[0]
     select = ("SELECT handler, priority FROM tasks "
               "INDEXED BY tasks_queued_by_group WHERE state = 'queued' ")
     pairs = []
@@ -1027,8 +1033,6 @@ def _queued_groups(connection):
             row = cursor.execute(
                 select + "AND handler > ? ORDER BY handler, priority LIMIT 1",
                 (handler,)).fetchone()
-    last_id = cursor.execute(
-        "SELECT MAX(id) FROM tasks WHERE state = 'queued'").fetchone()[0]
     return pairs, last_id or 0
 
 
@@ -1054,6 +1058,10 @@ def _delayed_window(connection, after, limit):
     rows = connection.cursor().execute(
         f"SELECT {_COLUMNS} FROM tasks INDEXED BY tasks_queued_by_run_at "
         "WHERE state = 'queued' AND run_at IS NOT NULL "
+        # A run_at that is not a number (text sorts after every number)
+        # is no time: the poller rejects such rows, and they must not
+        # become the cursor.
+        "AND typeof(run_at) IN ('integer', 'real') "
         "AND (run_at, id) > (?, ?) ORDER BY run_at, id LIMIT ?",
         (*after, limit))
     return [TaskRow(*row) for row in rows]

@@ -272,3 +272,65 @@ def test_every_queued_task_runs_once_however_the_window_moves(steps):
         assert len(ran) == len(set(ran))
     finally:
         core.QUEUE_WINDOW = original
+
+
+def test_a_short_delay_is_not_held_back_by_a_full_delayed_window(
+        small_windows):
+    clock, store = open_store()
+    peers = Peers()
+    broker = start_broker(store, clock, peers)
+    for i in range(6):
+        broker.handle(b"client", codec.encode(b"SUBMIT", {
+            "req": str(i), "tasks": [{"handler": "echo", "delay": 3600}]}))
+    assert len(broker._delayed_rows) == 4
+    broker.handle(b"client", codec.encode(b"SUBMIT", {
+        "req": "soon", "tasks": [{"handler": "echo", "delay": 1}]}))
+    soon = 7
+    assert soon in broker._delayed_rows and len(broker._delayed_rows) == 4
+    identity = worker(broker)
+    broker.handle(identity, codec.encode(b"READY", {}))
+    clock.advance(1)
+    [task] = peers.tasks()
+    assert task["id"] == soon
+    # The ones pushed back to the store come in time too.
+    ran = [task["id"]]
+    broker.handle(identity, codec.encode(b"RESULT", {
+        "id": soon, "token": task["token"], "state": "succeeded",
+        "result": None, "ready": True}))
+    for _ in range(60):
+        clock.advance(100)
+        result_of(broker.poll())
+        for task in peers.tasks():
+            ran.append(task["id"])
+            broker.handle(identity, codec.encode(b"RESULT", {
+                "id": task["id"], "token": task["token"],
+                "state": "succeeded", "result": None, "ready": True}))
+        assert held(broker) <= 4 + 1
+    assert sorted(ran) == list(range(1, 8))
+
+
+def test_due_rows_from_the_delayed_window_keep_to_their_queue_window(
+        small_windows):
+    clock, store = open_store()
+    clock.advance(1000)
+    for i in range(30):
+        store.insert_external("echo", str(i), run_at=500.0 + i)
+    peers = Peers()
+    broker = start_broker(store, clock, peers)
+    for _ in range(5):
+        result_of(broker.poll())
+        assert held(broker) <= 4 + 4
+    ran = run_all(broker, peers, worker(broker))
+    assert sorted(ran) == list(range(1, 31))
+
+
+def test_retry_of_a_sql_row_with_null_priority(small_windows):
+    clock, store = open_store()
+    task_id = store.insert_external("echo", "1").id
+    peers = Peers()
+    broker = start_broker(store, clock, peers)
+    broker.handle(b"client", codec.encode(b"CANCEL", {"req": "c",
+                                                      "id": task_id}))
+    broker.handle(b"client", codec.encode(b"RETRY", {"req": "r",
+                                                     "id": task_id}))
+    assert run_all(broker, peers, worker(broker)) == [task_id]

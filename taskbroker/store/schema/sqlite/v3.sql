@@ -12,11 +12,12 @@
 --     INSERT INTO tasks (handler, payload, priority)
 --     VALUES ('echo', '{"a": 1}', NULL);
 --
--- Every other column then takes its default.  The broker's poller finds the
--- row (queued, id above the last one it saw), fills a NULL priority or
--- max_attempts with its own defaults, and fails rows it cannot run (an
+-- Every other column then takes its default.  The broker finds the row
+-- (its poller looks above the last id it saw; at start it reads each queue
+-- from the index tasks_queued_by_group), fails rows it cannot run (an
 -- invalid handler name, payload that is not JSON, an unknown priority) with
--- an error.  A task for a handler that no connected worker has waits for
+-- an error, and fills a NULL priority or max_attempts with its own defaults
+-- when it dispatches the task.  A task for a handler that no connected worker has waits for
 -- one.
 -- Changing the meaning of a column, or adding one without a default, needs
 -- a new schema version.
