@@ -283,7 +283,8 @@ class ITaskStore(Interface):
         The next queued tasks of one queue, oldest first, to refill the
         broker's window of it: tasks with this ``handler``, a priority in
         ``priorities`` (``None`` in it matches NULL), ``id > after_id``
-        and due (``run_at`` NULL or at most ``now``).
+        and due (``run_at`` NULL or at most ``now``, or not a number: such
+        rows never come due, so they are read for the broker to reject).
 
         :returns: a ``Deferred`` firing with a ``list`` of at most
             ``limit`` :class:`taskbroker.store.TaskRow`, by id.

@@ -385,7 +385,9 @@ class MemoryStore:
             rows = [row for row in self._select("queued", handler, after_id,
                                                 None)
                     if row.priority in priorities
-                    and (row.run_at is None or row.run_at <= now)]
+                    and (row.run_at is None
+                         or not isinstance(row.run_at, (int, float))
+                         or row.run_at <= now)]
             return rows[:limit]
 
         return self._run(window)

@@ -1047,7 +1047,11 @@ def _queued_window(connection, handler, priorities, after_id, limit, now):
             f"SELECT {_COLUMNS} FROM tasks INDEXED BY tasks_queued_by_group "
             "WHERE state = 'queued' AND handler = ? AND priority IS ? "
             "AND id > ? "
-            "AND (run_at IS NULL OR run_at <= ?) ORDER BY id LIMIT ?",
+            # A run_at that is no number is read too, for the broker to
+            # reject: it would never come due.
+            "AND (run_at IS NULL OR run_at <= ? "
+            "OR typeof(run_at) NOT IN ('integer', 'real')) "
+            "ORDER BY id LIMIT ?",
             (handler, priority, after_id, now, limit)))
     if len(priorities) > 1:
         rows.sort()

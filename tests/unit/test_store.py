@@ -621,6 +621,9 @@ async def test_queued_window(store):
     assert await window(("normal",), now=60.0) == [ids[0], ids[5], later, due]
     assert await window(("high",)) == [ids[2]]
     assert other not in await window(("normal",))
+    # A run_at that is no time is read at once, for the broker to reject.
+    text = insert_external(store, "echo", "{}", "high", run_at="tomorrow")
+    assert await window(("high",)) == [ids[2], text]
 
 
 @pytest_twisted.ensureDeferred

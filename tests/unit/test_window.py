@@ -334,3 +334,14 @@ def test_retry_of_a_sql_row_with_null_priority(small_windows):
     broker.handle(b"client", codec.encode(b"RETRY", {"req": "r",
                                                      "id": task_id}))
     assert run_all(broker, peers, worker(broker)) == [task_id]
+
+
+def test_a_run_at_that_is_no_time_is_rejected_at_start(small_windows):
+    clock, store = open_store()
+    bad = store.insert_external("echo", "1", run_at="tomorrow").id
+    good = store.insert_external("echo", "2").id
+    peers = Peers()
+    broker = start_broker(store, clock, peers)
+    row = result_of(store.get(bad))
+    assert row.state == "failed" and "run_at" in row.error
+    assert run_all(broker, peers, worker(broker)) == [good]
