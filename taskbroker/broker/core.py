@@ -719,7 +719,8 @@ class Broker:
             self._delayed_window.failed(DELAYED)
             self._store_trouble(reason, "reading delayed tasks")
 
-        return d.addCallbacks(loaded, failed)
+        return d.addCallbacks(loaded, failed).addErrback(
+            self.log.failure, "loading delayed tasks")
 
     def _take_loaded(self, row):
         """
