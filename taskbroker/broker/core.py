@@ -700,15 +700,10 @@ class Broker:
             try:
                 now = self.clock.seconds()
                 for row in rows if not self._stopped else ():
-                    if row.run_at <= now:
-                        # Due already: it joins its queue's window, or
-                        # waits in the store for that queue's next load.
-                        if not self._held(row.id):
-                            row = self._checked(row)
-                            if row is not None:
-                                self._admit(row)
-                    else:
-                        self._take_loaded(row)
+                    # One due already joins its queue's window, or waits
+                    # in the store for that queue's next load.
+                    due = row.run_at <= now
+                    self._take_loaded(row, self._admit if due else None)
             finally:
                 self._delayed_window.loaded(
                     DELAYED,
@@ -722,14 +717,15 @@ class Broker:
         return d.addCallbacks(loaded, failed).addErrback(
             self.log.failure, "loading delayed tasks")
 
-    def _take_loaded(self, row):
+    def _take_loaded(self, row, hold=None):
         """
-        Hold a task read from the store, unless it is held already.
+        Hold a task read from the store (with ``hold``, by default
+        :meth:`_enqueue`), unless it is held already.
         """
         if not self._held(row.id):
             row = self._checked(row)
             if row is not None:
-                self._enqueue(row)
+                (hold or self._enqueue)(row)
 
     def _held(self, task_id):
         return (task_id in self._running or task_id in self.dispatcher
@@ -975,10 +971,7 @@ class Broker:
                 frozenset(self._submitted_since_poll))
             found, rejected = [], []
             for row in rows:
-                if (row.id in self._submitted_since_poll
-                        or row.id in self._running
-                        or row.id in self.dispatcher
-                        or row.id in self._delayed_rows):
+                if row.id in self._submitted_since_poll or self._held(row.id):
                     continue
                 row = self._checked(row, rejected)
                 if row is not None:
@@ -987,7 +980,7 @@ class Broker:
             # the next poll reads them again.
             yield defer.gatherResults(rejected, consumeErrors=True)
             for row in sorted(found, key=lambda r: self._level_index[r.priority]):
-                if row.id not in self._running and row.id not in self.dispatcher:
+                if not self._held(row.id):
                     self._admit(row)
             self._watermark = max(self._watermark, last_id)
             self._submitted_since_poll = {
