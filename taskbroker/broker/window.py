@@ -50,9 +50,6 @@ class Windows:
         """
         return key in self._cursors
 
-    def __len__(self):
-        return len(self._cursors)
-
     def cursor(self, key):
         """
         :returns: the cursor of queue ``key``, or ``None`` if it is held
