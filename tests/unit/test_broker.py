@@ -11,6 +11,7 @@ from twisted.internet.task import Clock
 
 from taskbroker.broker.core import Broker
 from taskbroker.config import BrokerConfig
+from taskbroker.errors import StoreError
 from taskbroker.protocol import codec
 from taskbroker.testing import MemoryStore, result_of
 
@@ -471,7 +472,7 @@ def test_failed_attempt_is_retried_after_a_backoff(broker, peers, store, clock):
 
 def test_backoff_doubles_up_to_the_maximum(broker):
     for attempt, high in ((1, 1), (2, 2), (3, 4), (12, 300)):
-        delay = broker._backoff(attempt)
+        delay = broker.outcomes.policy.backoff(attempt)
         assert high / 2 <= delay <= high
 
 
@@ -616,7 +617,7 @@ def test_store_failure_pauses_dispatch_then_resumes(broker, peers, store, clock)
         failures.append(args)
         from twisted.internet.defer import fail
 
-        return fail(OSError("disk I/O error"))
+        return fail(StoreError("disk I/O error"))
 
     store.dispatch = broken
     send(broker, b"w1/x", b"READY", {})
@@ -641,7 +642,7 @@ def test_a_flood_of_bad_messages_is_logged_once(broker, peers):
     warnings = [e for e in events if e["log_level"] == LogLevel.warn]
     assert len(warnings) == 1
     assert broker.counters["protocol_errors"] == 100
-    assert broker._bad_messages.suppressed == 99
+    assert broker.router.bad_messages.suppressed == 99
 
 
 def test_a_result_can_carry_the_slots_next_credit(broker, peers):

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet.task import Clock
 
-from taskbroker.broker import core
+from taskbroker.broker import backlog
 from taskbroker.broker.core import Broker
 from taskbroker.broker.window import Windows
 from taskbroker.config import BrokerConfig
@@ -79,8 +79,8 @@ def test_positions_may_be_pairs():
 
 @pytest.fixture
 def small_windows(monkeypatch):
-    monkeypatch.setattr(core, "QUEUE_WINDOW", 4)
-    monkeypatch.setattr(core, "DELAYED_WINDOW", 4)
+    monkeypatch.setattr(backlog, "QUEUE_WINDOW", 4)
+    monkeypatch.setattr(backlog, "DELAYED_WINDOW", 4)
 
 
 class Peers:
@@ -140,7 +140,7 @@ def run_all(broker, peers, identity, limit=1000):
 
 
 def held(broker):
-    return len(broker.dispatcher) + len(broker._delayed_rows)
+    return len(broker.dispatcher) + len(broker.backlog.delayed)
 
 
 def test_start_holds_one_window_of_a_deep_queue(small_windows):
@@ -200,7 +200,7 @@ def test_delayed_tasks_beyond_their_window_come_in_time(small_windows):
     broker = start_broker(store, clock, peers)
     # The first is due now: it waits for a worker, the next three for
     # their time.
-    assert (len(broker.dispatcher), len(broker._delayed_rows)) == (1, 3)
+    assert (len(broker.dispatcher), len(broker.backlog.delayed)) == (1, 3)
     identity = worker(broker)
     broker.handle(identity, codec.encode(b"READY", {}))
     ran = []
@@ -227,8 +227,8 @@ def test_every_queued_task_runs_once_however_the_window_moves(steps):
     broker never holds much more than its windows, and in the end every
     queued task ran exactly once.
     """
-    original = core.QUEUE_WINDOW
-    core.QUEUE_WINDOW = 3
+    original = backlog.QUEUE_WINDOW
+    backlog.QUEUE_WINDOW = 3
     try:
         clock, store = open_store()
         for i in range(5):
@@ -271,7 +271,7 @@ def test_every_queued_task_runs_once_however_the_window_moves(steps):
         assert sorted(ran) == sorted(succeeded)
         assert len(ran) == len(set(ran))
     finally:
-        core.QUEUE_WINDOW = original
+        backlog.QUEUE_WINDOW = original
 
 
 def test_a_short_delay_is_not_held_back_by_a_full_delayed_window(
@@ -282,11 +282,11 @@ def test_a_short_delay_is_not_held_back_by_a_full_delayed_window(
     for i in range(6):
         broker.handle(b"client", codec.encode(b"SUBMIT", {
             "req": str(i), "tasks": [{"handler": "echo", "delay": 3600}]}))
-    assert len(broker._delayed_rows) == 4
+    assert len(broker.backlog.delayed) == 4
     broker.handle(b"client", codec.encode(b"SUBMIT", {
         "req": "soon", "tasks": [{"handler": "echo", "delay": 1}]}))
     soon = 7
-    assert soon in broker._delayed_rows and len(broker._delayed_rows) == 4
+    assert soon in broker.backlog.delayed and len(broker.backlog.delayed) == 4
     identity = worker(broker)
     broker.handle(identity, codec.encode(b"READY", {}))
     clock.advance(1)

@@ -1,0 +1,147 @@
+# -*- test-case-name: tests.unit.test_attempts -*-
+"""
+The attempt ledger: which task runs on which session, under which fencing
+token.
+
+Every dispatch carries a token, one more than the task's previous one, and
+a worker's report counts only for the attempt that is current: a worker
+presumed lost can never overwrite the attempt that replaced it.  An
+attempt whose session is unknown (found ``running`` at start, or whose
+result could not be written) is an *orphan*: it waits until a deadline for
+a worker to claim or report it, and is requeued after.
+
+Pure bookkeeping: no store, no socket, no clock (times are passed in).
+"""
+
+
+class Attempt:
+    """
+    One dispatched attempt.
+
+    :ivar task_id: the task's id.
+    :ivar token: the attempt's fencing token.
+    :ivar row: the task's :class:`taskbroker.store.TaskRow` as it was
+        before this dispatch (its ``attempts`` and ``token`` not yet
+        counting it), to requeue or fail it from.
+    :ivar session: the identity of the session running it, or ``None``
+        for an orphan.
+    """
+
+    __slots__ = ("task_id", "token", "row", "session")
+
+    def __init__(self, task_id, token, row, session):
+        self.task_id = task_id
+        self.token = token
+        self.row = row
+        self.session = session
+
+    def __repr__(self):
+        return (f"Attempt({self.task_id!r}, token={self.token!r}, "
+                f"session={self.session!r})")
+
+
+class Attempts:
+    """
+    The current attempt of every task dispatched and not yet ended.
+    """
+
+    def __init__(self):
+        # task id -> Attempt
+        self._current = {}
+        # task id -> deadline, for orphans
+        self._deadlines = {}
+
+    def __contains__(self, task_id):
+        return task_id in self._current
+
+    def __len__(self):
+        return len(self._current)
+
+    def get(self, task_id):
+        """
+        :returns: the task's current :class:`Attempt`, or ``None``.
+        """
+        return self._current.get(task_id)
+
+    def current(self, task_id, token):
+        """
+        :returns: the task's current :class:`Attempt` if its token is
+            ``token``, else ``None``.
+        """
+        attempt = self._current.get(task_id)
+        if attempt is not None and attempt.token == token:
+            return attempt
+        return None
+
+    def start(self, task_id, token, row, session):
+        """
+        Record a dispatch to ``session``; it replaces any earlier attempt.
+
+        :returns: the new :class:`Attempt`.
+        """
+        attempt = self._current[task_id] = Attempt(task_id, token, row,
+                                                   session)
+        self._deadlines.pop(task_id, None)
+        return attempt
+
+    def orphan(self, task_id, token, row, deadline):
+        """
+        Record an attempt that no live session holds, to be requeued at
+        ``deadline`` unless a worker claims or reports it first.
+        """
+        self._current[task_id] = Attempt(task_id, token, row, None)
+        self._deadlines[task_id] = deadline
+
+    def end(self, task_id, token=None):
+        """
+        Forget a task's attempt: any attempt if ``token`` is ``None``, else
+        only the current one with that token.
+
+        :returns: the :class:`Attempt` forgotten, or ``None``.
+        """
+        attempt = self._current.get(task_id)
+        if attempt is None or (token is not None and attempt.token != token):
+            return None
+        del self._current[task_id]
+        self._deadlines.pop(task_id, None)
+        return attempt
+
+    def claim(self, task_id, token, session, is_live):
+        """
+        A worker that reconnected says it runs ``task_id`` under ``token``.
+
+        :param is_live: ``is_live(session) -> bool``: whether a session is
+            connected.
+        :returns: ``"claimed"`` if the attempt is now ``session``'s,
+            ``"held"`` if it is current but another live session holds it,
+            ``"stale"`` if it is not current (the worker must stop it).
+        """
+        attempt = self.current(task_id, token)
+        if attempt is None:
+            return "stale"
+        if attempt.session is not None and attempt.session != session \
+                and is_live(attempt.session):
+            return "held"
+        attempt.session = session
+        self._deadlines.pop(task_id, None)
+        return "claimed"
+
+    def expired(self, now, is_live):
+        """
+        Take the orphans whose deadline has passed and that no live session
+        claimed meanwhile.
+
+        :returns: a ``list`` of the :class:`Attempt` objects taken, to be
+            requeued.
+        """
+        due = [task_id for task_id, deadline in self._deadlines.items()
+               if deadline <= now]
+        taken = []
+        for task_id in due:
+            del self._deadlines[task_id]
+            attempt = self._current.get(task_id)
+            if attempt is not None and (attempt.session is None
+                                        or not is_live(attempt.session)):
+                del self._current[task_id]
+                taken.append(attempt)
+        return taken

@@ -1,0 +1,242 @@
+# -*- test-case-name: tests.unit.test_outcomes -*-
+"""
+How attempts end: a result recorded, a failure retried after a backoff or
+made final, an attempt put back in its queue; and who is told when a task
+reaches its final state (:meth:`Outcomes.when_final`, for WAIT and for
+anything else that waits on a task).
+
+The retry policy (:class:`RetryPolicy`) is pure; :class:`Outcomes` writes
+to the store and hands requeued tasks to the backlog.
+"""
+
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from taskbroker.errors import TaskbrokerError
+from taskbroker.protocol import codec
+from taskbroker.protocol.codec import dumps
+
+
+class BrokerStopping(TaskbrokerError):
+    """
+    The broker stopped before the task a caller waited for ended.
+    """
+
+
+class RetryPolicy:
+    """
+    When a failed attempt is tried again.
+
+    :param config: a :class:`taskbroker.config.BrokerConfig` (its
+        ``retry_delay``, ``retry_max_delay`` and ``max_attempts``).
+    :param rng: a ``random.Random`` for the jitter.
+    """
+
+    def __init__(self, config, rng):
+        self._config = config
+        self._random = rng
+
+    def max_attempts(self, row):
+        """
+        The attempts ``row`` may use (the broker's default if NULL).
+        """
+        return row.max_attempts or self._config.max_attempts
+
+    def backoff(self, attempt):
+        """
+        The delay before attempt ``attempt + 1``, after attempt ``attempt``
+        failed: exponential, with "equal jitter" (half fixed, half random),
+        so that tasks failing together do not all come back together.
+        """
+        delay = min(self._config.retry_max_delay,
+                    self._config.retry_delay * 2 ** (attempt - 1))
+        return delay / 2 + self._random.uniform(0, delay / 2)
+
+
+class Outcomes:
+    """
+    Records the ends of attempts, and answers those waiting for tasks.
+
+    :param broker: the :class:`taskbroker.broker.core.Broker` this belongs
+        to (its ``store``, ``clock``, ``backlog``, ``attempts`` and
+        ``counters``).
+    :param policy: a :class:`RetryPolicy`.
+    """
+
+    log = Logger()
+
+    def __init__(self, broker, policy):
+        self._broker = broker
+        self.policy = policy
+        # task id -> list of Deferreds from when_final
+        self._waiters = {}
+
+    # -- reports -----------------------------------------------------------
+
+    def report(self, attempt, state, body):
+        """
+        Record what a worker reported of ``attempt``, which the caller has
+        already taken out of the ledger.
+
+        :param state: ``"succeeded"``, ``"failed"`` or ``"released"``.
+        :param body: the RESULT message's body.
+        :returns: a ``Deferred`` that fires when the store has it (then the
+            worker may be acknowledged), or fails if it could not be
+            written.
+        """
+        broker = self._broker
+        task_id, token, row = attempt.task_id, attempt.token, attempt.row
+        if state == "released":
+            return self.requeue(attempt, "handed back by its worker",
+                                consumed=False, trap=False)
+        if state != "succeeded":
+            return self.fail(attempt, body.get("error") or "failed",
+                             body.get("traceback"), body.get("permanent"))
+        now = broker.clock.seconds()
+        # It was decoded from JSON, so it encodes again.
+        result = dumps(body.get("result"))
+        if len(result.encode("utf-8")) > codec.MAX_PAYLOAD_SIZE:
+            d = broker.store.finish(
+                task_id, token, "failed", None,
+                f"result exceeds the limit of {codec.MAX_PAYLOAD_SIZE} "
+                "bytes", None, now)
+            final = None
+        else:
+            d = broker.store.finish(task_id, token, "succeeded", result,
+                                    None, None, now)
+            # The row as the store now has it, so that waiting clients are
+            # answered without reading it back.
+            final = row._replace(
+                state="succeeded", attempts=row.attempts + 1, token=token,
+                finished_at=now, result=result, error=None, traceback=None)
+        return d.addCallback(self._finished, task_id, final)
+
+    def fail(self, attempt, error, traceback, permanent):
+        """
+        An attempt failed: retry after a backoff, or fail the task.
+
+        :returns: a ``Deferred`` that fires when the store has it.
+        """
+        broker = self._broker
+        task_id, token, row = attempt.task_id, attempt.token, attempt.row
+        used = row.attempts + 1
+        max_attempts = self.policy.max_attempts(row)
+        now = broker.clock.seconds()
+        if permanent or used >= max_attempts:
+            d = broker.store.finish(task_id, token, "failed", None, error,
+                                    traceback, now)
+            return d.addCallback(self._finished, task_id)
+        delay = self.policy.backoff(used)
+        run_at = now + delay
+        broker.counters["retried"] += 1
+        self.log.info(
+            "task {task_id} attempt {attempt} of {max_attempts} failed "
+            "({error}); retrying in {delay:.1f}s", task_id=task_id,
+            attempt=used, max_attempts=max_attempts, error=error, delay=delay)
+        d = broker.store.requeue(task_id, token, run_at=run_at, error=error,
+                                 traceback=traceback, consumed=True)
+
+        def requeued(changed):
+            if changed:
+                broker.backlog.enqueue(row._replace(
+                    state="queued", attempts=used, token=token,
+                    run_at=run_at, error=error, traceback=traceback))
+
+        return d.addCallback(requeued)
+
+    def requeue(self, attempt, reason, consumed, trap=True):
+        """
+        Put an attempt's task back at the head of its queue, or fail it if
+        the attempt counted and was its last.
+
+        :param consumed: whether the attempt counts against the task.
+        :param trap: if true, a failure to write is handled here (the
+            attempt becomes an orphan, requeued by a later sweep) and the
+            ``Deferred`` never fails; else it fails, for the caller.
+        :returns: a ``Deferred`` that fires when the store has it.
+        """
+        broker = self._broker
+        task_id, token, row = attempt.task_id, attempt.token, attempt.row
+        now = broker.clock.seconds()
+        used = row.attempts + 1
+        max_attempts = self.policy.max_attempts(row)
+        if consumed and used >= max_attempts:
+            self.log.warn(
+                "task {task_id} failed: {reason} during its last attempt "
+                "({attempt} of {max_attempts})", task_id=task_id,
+                reason=reason, attempt=used, max_attempts=max_attempts)
+            d = broker.store.finish(
+                task_id, token, "failed", None,
+                f"{reason} during attempt {used} of {max_attempts}", None, now)
+            d.addCallback(self._finished, task_id)
+        else:
+            self.log.info("task {task_id} requeued: {reason}",
+                          task_id=task_id, reason=reason)
+            d = broker.store.requeue(task_id, token, consumed=consumed)
+
+            def requeued(changed):
+                if changed:
+                    broker.backlog.enqueue(row._replace(
+                        state="queued", token=token, run_at=None,
+                        attempts=used if consumed else row.attempts),
+                        front=True)
+
+            d.addCallback(requeued)
+        if not trap:
+            return d
+
+        def failed(reason):
+            # Try again later: the attempt becomes an orphan, which the
+            # sweep requeues when its deadline passes.
+            broker.attempts.orphan(task_id, token, row,
+                                   broker.monotonic() + broker.allowance())
+            broker.trouble(reason, "requeueing a task")
+
+        return d.addErrback(failed)
+
+    def _finished(self, changed, task_id, final=None):
+        if changed:
+            self.notify(task_id, final)
+        return changed
+
+    # -- waiting for a task ------------------------------------------------
+
+    def when_final(self, task_id):
+        """
+        Wait for a task to end.
+
+        :returns: a ``Deferred`` that fires with the task's final
+            :class:`taskbroker.store.TaskRow` when this broker ends it (or
+            with ``None`` when the row is to be read from the store), or
+            fails with :class:`BrokerStopping`.  Cancelling it stops the
+            wait.
+        """
+        def cancel(d):
+            waiting = self._waiters.get(task_id)
+            if waiting is not None and d in waiting:
+                waiting.remove(d)
+                if not waiting:
+                    del self._waiters[task_id]
+
+        d = defer.Deferred(cancel)
+        self._waiters.setdefault(task_id, []).append(d)
+        return d
+
+    def notify(self, task_id, final=None):
+        """
+        A task has ended: fire its waiters.
+
+        :param final: the task's row as committed, if known; else ``None``
+            (the waiters read it).
+        """
+        for d in self._waiters.pop(task_id, ()):
+            d.callback(final)
+
+    def stop(self):
+        """
+        Fail every wait: the broker is stopping.
+        """
+        waiters, self._waiters = self._waiters, {}
+        for waiting in waiters.values():
+            for d in waiting:
+                d.errback(BrokerStopping("the broker is stopping"))

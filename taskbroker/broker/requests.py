@@ -1,0 +1,373 @@
+# -*- test-case-name: tests.unit.test_broker -*-
+"""
+The client side of the protocol: SUBMIT, GET, WAIT, LIST, CANCEL, RETRY,
+WORKERS and STATS.
+
+Every request gets exactly one answer: a REPLY, or an ERROR whose code
+tells the client what to do (``unavailable``: try again; ``internal``: a
+bug in the broker, logged with its traceback).
+"""
+
+import dataclasses
+
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from taskbroker.broker.outcomes import BrokerStopping
+from taskbroker.broker.validation import invalid_row
+from taskbroker.errors import StoreError
+from taskbroker.protocol import codec
+from taskbroker.protocol.codec import dumps, encode
+from taskbroker.protocol.objects import iso_time, task_object
+from taskbroker.store import FINAL_STATES, NewTask
+
+#: The longest a WAIT is held when the client gives no timeout (seconds).
+DEFAULT_WAIT = 30.0
+
+
+class Requests:
+    """
+    Handles the messages of clients.
+
+    :param broker: the :class:`taskbroker.broker.core.Broker` this belongs
+        to.
+    """
+
+    log = Logger()
+
+    def __init__(self, broker):
+        self._broker = broker
+
+    # -- answers -----------------------------------------------------------
+
+    def reply(self, identity, req, body):
+        body["req"] = req
+        self._broker.send(identity, encode(b"REPLY", body))
+
+    def error(self, identity, req, code, message):
+        self._broker.send(identity, encode(
+            b"ERROR", {"req": req, "code": code, "message": message}))
+
+    def failed(self, reason, doing, identity, req):
+        """
+        An errback that answers a request whose work failed: ``unavailable``
+        for the store's errors, ``internal`` (logged with its traceback)
+        for anything else.
+        """
+        self._broker.trouble(reason, doing)
+        if reason.check(StoreError):
+            self.error(identity, req, "unavailable",
+                       "the database cannot be used right now; try again")
+        else:
+            self.error(identity, req, "internal",
+                       f"internal error while {doing}; see the broker's log")
+
+    def _answered(self, d, doing, identity, req):
+        # Every chain ends here, so that an exception anywhere in it is
+        # answered and logged rather than lost.
+        return d.addErrback(self.failed, doing, identity, req)
+
+    # -- submit ------------------------------------------------------------
+
+    def on_SUBMIT(self, identity, body):
+        broker = self._broker
+        req = body["req"]
+        now = broker.clock.seconds()
+        new = []
+        for spec in body["tasks"]:
+            priority = spec.get("priority") or broker.config.default_priority
+            if priority not in broker.levels:
+                self.error(identity, req, "unknown_priority",
+                           f"unknown priority level {priority!r} (levels: "
+                           + ",".join(broker.levels) + ")")
+                return
+            payload = dumps(spec["payload"])
+            if len(payload.encode("utf-8")) > codec.MAX_PAYLOAD_SIZE:
+                self.error(identity, req, "too_large",
+                           "payload exceeds the limit of "
+                           f"{codec.MAX_PAYLOAD_SIZE} bytes")
+                return
+            delay = spec.get("delay")
+            new.append(NewTask(
+                spec["handler"], payload, priority,
+                spec.get("max_attempts") or broker.config.max_attempts, now,
+                run_at=now + delay if delay else None,
+                unique_key=spec.get("unique_key"),
+                request_id=body.get("request_id"),
+                time_limit=spec.get("time_limit")))
+        claims = self._claim_workers(new)
+        d = broker.store.submit(new)
+
+        def committed(results):
+            # Tasks that were not inserted (a resent request, a unique key
+            # taken) give back their claims; inserted ones are running.
+            for i, session in claims.items():
+                row, created = results[i] if i < len(results) else (None, False)
+                if created:
+                    broker.claimed(session, row)
+                else:
+                    broker.give_back(session)
+            rows = [row for row, _ in results]
+            broker.backlog.submitted(row.id for row in rows)
+            request_id = body.get("request_id")
+            # A resent request is answered with what the first one made.
+            replayed = request_id is not None and all(
+                not created and row.request_id == request_id
+                for row, created in results)
+            self.reply(identity, req, {
+                "tasks": [task_object(row) for row in rows],
+                "replayed": replayed,
+                "existing": [] if replayed else [
+                    row.id for row, created in results if not created],
+                "unserved": sorted({
+                    row.handler for row in rows
+                    if not broker.dispatcher.served(row.handler)}),
+            })
+            # Most urgent first, so that a batch's urgent tasks get first
+            # pick of the free workers.
+            fresh = [row for row, created in results
+                     if created and row.state == "queued"]
+            for row in sorted(fresh, key=lambda r: broker.level_of(r.priority)):
+                broker.backlog.admit(row)
+
+        def not_committed(reason):
+            for session in claims.values():
+                broker.give_back(session)
+            return reason
+
+        d.addCallbacks(committed, not_committed)
+        self._answered(d, "submitting tasks", identity, req)
+
+    def _claim_workers(self, new):
+        """
+        A task a ready worker can run now is dispatched in the transaction
+        that inserts it, most urgent first: one commit before its TASK
+        instead of two.  Marks those tasks in ``new`` with their worker.
+
+        :returns: a ``dict``: index in ``new`` -> the claimed
+            :class:`taskbroker.broker.sessions.Session`.
+        """
+        broker = self._broker
+        claims = {}
+        for i in sorted(range(len(new)),
+                        key=lambda i: broker.level_of(new[i].priority)):
+            task = new[i]
+            key = (broker.level_of(task.priority), task.handler)
+            if task.run_at is not None or broker.backlog.is_truncated(key):
+                continue  # delayed, or older tasks of its queue wait
+            slot = broker.dispatcher.claim(*key)
+            if slot is not None:
+                session = broker.sessions.get(slot.key)
+                claims[i] = session
+                new[i] = dataclasses.replace(task, worker=session.name)
+        return claims
+
+    # -- reading -----------------------------------------------------------
+
+    def on_GET(self, identity, body):
+        req, task_id = body["req"], body["id"]
+        d = self._broker.store.get(task_id)
+
+        def found(row):
+            if row is None:
+                self.error(identity, req, "not_found",
+                           f"no task with id {task_id}")
+            else:
+                self.reply(identity, req, {"task": task_object(row)})
+
+        self._answered(d.addCallback(found), "reading a task", identity, req)
+
+    def on_WAIT(self, identity, body):
+        broker = self._broker
+        req, task_id = body["req"], body["id"]
+        timeout = body.get("timeout", DEFAULT_WAIT)
+        if timeout > 0 and (task_id in broker.attempts
+                            or broker.backlog.holds(task_id)):
+            # Live, so not final: wait without reading it.
+            self._wait(identity, req, task_id, timeout)
+            return
+        d = broker.store.get(task_id)
+
+        def found(row):
+            if row is None:
+                self.error(identity, req, "not_found",
+                           f"no task with id {task_id}")
+            elif row.state in FINAL_STATES or timeout <= 0:
+                self.reply(identity, req, {"task": task_object(row)})
+            else:
+                self._wait(identity, req, task_id, timeout)
+
+        self._answered(d.addCallback(found), "reading a task", identity, req)
+
+    def _wait(self, identity, req, task_id, timeout):
+        broker = self._broker
+        d = broker.outcomes.when_final(task_id)
+        timer = broker.clock.callLater(timeout, d.cancel)
+
+        def ended(final):
+            if timer.active():
+                timer.cancel()
+            if final is not None:
+                self.reply(identity, req, {"task": task_object(final)})
+            else:
+                self.on_GET(identity, {"req": req, "id": task_id})
+
+        def timed_out(reason):
+            reason.trap(defer.CancelledError)
+            self.on_GET(identity, {"req": req, "id": task_id})
+
+        def stopping(reason):
+            reason.trap(BrokerStopping)
+            if timer.active():
+                timer.cancel()
+            self.error(identity, req, "unavailable", "the broker is stopping")
+
+        d.addCallbacks(ended, timed_out).addErrback(stopping)
+        self._answered(d, "waiting for a task", identity, req)
+
+    def on_LIST(self, identity, body):
+        req = body["req"]
+        limit = body.get("limit") or 100
+        d = self._broker.store.list(body.get("state"), body.get("handler"),
+                                    body.get("after") or 0, limit + 1)
+
+        def listed(rows):
+            more = len(rows) > limit
+            rows = rows[:limit]
+            self.reply(identity, req, {
+                "tasks": [task_object(row) for row in rows],
+                "next": rows[-1].id if more else None,
+            })
+
+        self._answered(d.addCallback(listed), "listing tasks", identity, req)
+
+    # -- changing tasks ----------------------------------------------------
+
+    def on_CANCEL(self, identity, body):
+        broker = self._broker
+        req, task_id = body["req"], body["id"]
+        waiting = broker.backlog.withdraw(task_id)
+        d = broker.store.cancel(task_id, broker.clock.seconds())
+
+        def cancelled(row):
+            if row is None:
+                self.error(identity, req, "not_found",
+                           f"no task with id {task_id}")
+                return
+            if row.state != "cancelled":
+                if waiting is not None and row.state == "queued":
+                    broker.backlog.enqueue(waiting)
+                self.error(
+                    identity, req, "not_cancellable",
+                    f"task {task_id} is {row.state}; only queued and running "
+                    "tasks can be cancelled")
+                return
+            attempt = broker.attempts.end(task_id)
+            holder = (broker.sessions.get(attempt.session)
+                      if attempt is not None and attempt.session is not None
+                      else None)
+            if holder is not None:
+                if holder.running.pop(task_id, None) is not None:
+                    broker.dispatcher.task_done(holder.identity)
+                broker.workers.cancel(holder.identity, task_id, attempt.token)
+            self.log.info("task {task_id} cancelled", task_id=task_id)
+            broker.outcomes.notify(task_id)
+            self.reply(identity, req, {"task": task_object(row)})
+
+        def not_cancelled(reason):
+            if waiting is not None:
+                broker.backlog.enqueue(waiting, front=True)
+            return reason
+
+        d.addCallbacks(cancelled, not_cancelled)
+        self._answered(d, "cancelling a task", identity, req)
+
+    def on_RETRY(self, identity, body):
+        req = body["req"]
+        self._answered(self._retry(identity, req, body["id"]),
+                       "retrying a task", identity, req)
+
+    @defer.inlineCallbacks
+    def _retry(self, identity, req, task_id):
+        broker = self._broker
+        row = yield broker.store.get(task_id)
+        if row is None:
+            self.error(identity, req, "not_found", f"no task with id {task_id}")
+            return
+        if row.state in ("queued", "running"):
+            # Already going to run (a resent RETRY, say): nothing to do.
+            self.reply(identity, req, {"task": task_object(row)})
+            return
+        if row.state not in ("failed", "cancelled"):
+            self.error(
+                identity, req, "not_retryable",
+                f"task {task_id} is {row.state}; only failed and "
+                "cancelled tasks can be retried")
+            return
+        row = yield broker.store.retry(task_id)
+        if row.state != "queued":
+            self.error(
+                identity, req, "not_retryable",
+                f"task {task_id} cannot be retried: another live task "
+                f"holds its unique key {row.unique_key!r}")
+            return
+        reason = invalid_row(row, broker.levels)
+        if reason is not None:
+            yield broker.store.reject(task_id, reason, broker.clock.seconds())
+            self.error(identity, req, "not_retryable",
+                       f"task {task_id} cannot run: {reason}")
+            return
+        broker.backlog.submitted((task_id,))
+        if not broker.backlog.holds(task_id):
+            broker.backlog.enqueue(broker.backlog.with_defaults(row))
+        self.log.info("task {task_id} retried", task_id=task_id)
+        self.reply(identity, req, {"task": task_object(row)})
+
+    # -- the fleet ---------------------------------------------------------
+
+    def on_WORKERS(self, identity, body):
+        workers = []
+        for s in sorted(self._broker.sessions, key=lambda s: s.name):
+            workers.append({
+                "name": s.name,
+                "priorities": list(s.levels),
+                "handlers": sorted(s.handlers),
+                "slots": s.slots,
+                "busy": len(s.running),
+                "connected_since": iso_time(s.connected_since),
+                "last_seen": iso_time(s.last_seen),
+            })
+        self.reply(identity, body["req"], {"workers": workers})
+
+    def on_STATS(self, identity, body):
+        broker = self._broker
+        req = body["req"]
+        d = broker.store.counts(broker.clock.seconds())
+
+        def counted(counts):
+            tasks, waiting, delayed = {}, {}, 0
+            for (state, level, handler, is_delayed), n in counts.items():
+                # A NULL priority (a row inserted by SQL) runs at the
+                # default level.
+                level = level or broker.config.default_priority
+                by_level = tasks.setdefault(state, {})
+                by_level[level] = by_level.get(level, 0) + n
+                if is_delayed:
+                    delayed += n
+                elif state == "queued":
+                    waiting[handler] = waiting.get(handler, 0) + n
+            self.reply(identity, req, {"stats": {
+                "priorities": list(broker.levels),
+                "tasks": tasks,
+                "waiting": waiting,
+                "delayed": delayed,
+                "unserved": sorted(
+                    h for h in waiting if not broker.dispatcher.served(h)),
+                "workers": len(broker.sessions),
+                "slots": broker.sessions.total_slots(),
+                "free_slots": broker.dispatcher.free_credits(),
+                "dispatch_paused": broker.dispatcher.paused,
+                "counters": broker.all_counters(),
+            }})
+
+        self._answered(d.addCallback(counted), "counting tasks", identity, req)

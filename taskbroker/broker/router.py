@@ -1,0 +1,120 @@
+# -*- test-case-name: tests.unit.test_broker -*-
+"""
+The broker's entry point for every message: decode it, count and drop what
+is malformed, and route worker commands and client commands apart, under a
+catch-all so that no message can raise into the socket layer (which would
+leave the daemon deaf).
+"""
+
+from twisted.logger import Logger
+
+from taskbroker.protocol import codec
+from taskbroker.protocol.codec import ProtocolError, encode
+
+#: One log line per peer per this many seconds for its bad messages.
+BAD_MESSAGE_LOG_INTERVAL = 10.0
+
+#: The commands workers send; every other valid command is a client's.
+WORKER_COMMANDS = frozenset((b"HELLO", b"READY", b"HEARTBEAT", b"RESULT",
+                             b"BYE"))
+
+# An idle worker's heartbeat, byte for byte as taskbroker's workers send it.
+_IDLE_HEARTBEAT = encode(b"HEARTBEAT", {"running": []})
+
+
+class RateLimit:
+    """
+    Allows one event per key per interval, and counts the rest.
+
+    :param monotonic: a function returning seconds on a clock that never
+        steps.
+    :param size: the most keys remembered; past it, all are forgotten.
+    """
+
+    def __init__(self, interval, monotonic, size=1024):
+        self._interval = interval
+        self._monotonic = monotonic
+        self._last = {}
+        self._size = size
+        self.suppressed = 0
+
+    def allow(self, key):
+        now = self._monotonic()
+        last = self._last.get(key)
+        if last is not None and now - last < self._interval:
+            self.suppressed += 1
+            return False
+        if len(self._last) >= self._size:
+            self._last.clear()
+        self._last[key] = now
+        return True
+
+
+class Router:
+    """
+    Decodes each message and hands it to the workers' or the clients'
+    handler.
+
+    :param broker: the :class:`taskbroker.broker.core.Broker` this belongs
+        to (its ``sessions``, ``workers``, ``requests`` and ``counters``).
+    """
+
+    log = Logger()
+
+    def __init__(self, broker):
+        self._broker = broker
+        self.bad_messages = RateLimit(BAD_MESSAGE_LOG_INTERVAL,
+                                      broker.monotonic)
+        self._worker_handlers = {
+            command: getattr(broker.workers, "on_" + command.decode())
+            for command in WORKER_COMMANDS}
+
+    def handle(self, identity, frames):
+        """
+        Handle one message from ``identity``.  Never raises.
+        """
+        broker = self._broker
+        session = broker.sessions.get(identity)
+        if session is not None:
+            session.seen_at = broker.monotonic()
+            if not session.running and frames == _IDLE_HEARTBEAT:
+                # Most of what a thousand idle workers send: nothing to
+                # reconcile, so only note that they live, decoding nothing.
+                session.last_seen = broker.clock.seconds()
+                return
+        try:
+            command, body = codec.decode(frames, codec.BROKER_INBOUND)
+        except ProtocolError as e:
+            self._bad(identity, session, e)
+            return
+        if session is not None:
+            session.last_seen = broker.clock.seconds()
+        worker_handler = self._worker_handlers.get(command)
+        try:
+            if worker_handler is not None:
+                worker_handler(identity, session, body)
+            else:
+                getattr(broker.requests, "on_" + command.decode())(
+                    identity, body)
+        except Exception:
+            broker.counters["internal_errors"] += 1
+            self.log.failure(
+                "internal error while handling {command} from {peer!r}",
+                command=command.decode(), peer=identity)
+            if worker_handler is None:
+                broker.requests.error(
+                    identity, body.get("req"), "internal",
+                    f"internal error while handling {command.decode()}; "
+                    "see the broker's log")
+
+    def _bad(self, identity, session, error):
+        self._broker.counters["protocol_errors"] += 1
+        if self.bad_messages.allow(identity):
+            self.log.warn(
+                "bad message from {peer!r}: {reason} (further ones from "
+                "this peer are counted, not logged, for {interval:.0f}s)",
+                peer=identity, reason=error.message,
+                interval=BAD_MESSAGE_LOG_INTERVAL)
+        if session is None:
+            self._broker.requests.error(identity, error.req, error.code,
+                                        error.message)

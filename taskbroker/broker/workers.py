@@ -1,0 +1,260 @@
+# -*- test-case-name: tests.unit.test_broker -*-
+"""
+The worker side of the protocol: HELLO, READY, HEARTBEAT, RESULT and BYE,
+and the sweep that sends heartbeats and notices lost workers.
+
+What a worker may do is checked against what the broker gave it: a RESULT
+counts only for the attempt that is current (its fencing token), and an
+attempt a worker announces is claimed only if no live session holds it.
+"""
+
+from twisted.logger import Logger
+
+from taskbroker.broker.sessions import Session
+from taskbroker.protocol.codec import encode
+
+
+class Workers:
+    """
+    Handles the messages of workers.
+
+    :param broker: the :class:`taskbroker.broker.core.Broker` this belongs
+        to (its ``sessions``, ``attempts``, ``dispatcher``, ``outcomes``,
+        ``send`` and ``dispatch``).
+    """
+
+    log = Logger()
+
+    def __init__(self, broker):
+        self._broker = broker
+        self._heartbeat_body = encode(
+            b"HEARTBEAT", {"broker": broker.instance_id})
+
+    # -- commands ----------------------------------------------------------
+
+    def on_HELLO(self, identity, session, body):
+        broker = self._broker
+        name = body["name"]
+        wanted = body.get("priorities")
+        if wanted is None:
+            wanted = list(broker.levels)
+        unknown = [level for level in wanted if level not in broker.levels]
+        if unknown or not wanted:
+            self._refuse(
+                identity, "unknown_priority",
+                "this broker has no priority level "
+                + ", ".join(map(repr, unknown))
+                + " (its levels: " + ",".join(broker.levels) + ")")
+            return
+        holder = broker.sessions.holder_of(name)
+        if holder is not None and holder.identity != identity:
+            self._refuse(
+                identity, "name_taken",
+                f"a live worker named {name!r} is already connected; "
+                "give each worker a unique --name")
+            return
+        previous = session
+        session = Session(
+            identity, name, tuple(wanted), tuple(body["handlers"]),
+            body["slots"], body.get("heartbeat", 1.0),
+            broker.clock.seconds(), broker.monotonic())
+        if previous is not None:
+            # The same connection announcing again: what it was given is
+            # still its own, even tasks sent after it wrote this HELLO.
+            broker.dispatcher.remove_worker(identity)
+            session.running = previous.running
+            session.connected_since = previous.connected_since
+            broker.sessions.remove(previous)
+        # Attempts the worker is still running (it reconnected, or this
+        # broker restarted): claim those that are still current, and tell
+        # the worker to stop the others: they were requeued or cancelled.
+        for item in body.get("running", ()):
+            task_id, token = item["id"], item["token"]
+            outcome = broker.attempts.claim(task_id, token, identity,
+                                            broker.sessions.__contains__)
+            if outcome == "claimed":
+                session.running[task_id] = token
+            elif outcome == "stale":
+                self._stop_stale(identity, task_id, token)
+        broker.sessions.add(session)
+        broker.dispatcher.add_worker(
+            identity, [broker.level_of(level) for level in wanted],
+            session.handlers, session.slots, busy=len(session.running))
+        broker.send(identity, encode(b"WELCOME", {
+            "broker": broker.instance_id,
+            "priorities": list(broker.levels),
+            "heartbeat": broker.config.heartbeat,
+            "time_limit": broker.config.time_limit,
+        }))
+        self.log.info(
+            "worker {name} connected: {slots} slots, levels {levels}, "
+            "handlers {handlers}", name=name, slots=session.slots,
+            levels=",".join(wanted), handlers=",".join(session.handlers))
+
+    def on_READY(self, identity, session, body):
+        if session is None:
+            self.rehello(identity)
+            return
+        broker = self._broker
+        assignment = broker.dispatcher.credit(identity)
+        if assignment is not None:
+            broker.dispatch(assignment)
+
+    def on_HEARTBEAT(self, identity, session, body):
+        if session is None:
+            self.rehello(identity)
+        elif "running" in body:
+            self._reconcile(session, {(item["id"], item["token"])
+                                      for item in body["running"]})
+
+    def on_BYE(self, identity, session, body):
+        if session is not None:
+            self.log.info("worker {name} left", name=session.name)
+            # A worker leaving on purpose has handed back what it ran;
+            # those attempts do not count against the tasks.
+            self.forget(session, consumed=False)
+
+    def on_RESULT(self, identity, session, body):
+        self._result(identity, session, body)
+        if body.get("ready") and session is not None:
+            # The slot that ran it asks for work in the same message.
+            self.on_READY(identity, session, body)
+
+    def _result(self, identity, session, body):
+        broker = self._broker
+        task_id, token = body["id"], body["token"]
+        attempt = broker.attempts.end(task_id, token)
+        if attempt is None:
+            broker.counters["stale_results"] += 1
+            self.log.info(
+                "ignored a result for task {task_id} token {token}: not the "
+                "current attempt", task_id=task_id, token=token)
+            # Acknowledged: a stale result will never be taken.
+            self._ack(identity, task_id, token)
+            if session is None:
+                self.rehello(identity)
+            return
+        holder = (broker.sessions.get(attempt.session)
+                  if attempt.session is not None else None)
+        if holder is not None and holder.running.pop(task_id, None) is not None:
+            broker.dispatcher.task_done(holder.identity)
+        state = body["state"]
+        d = broker.outcomes.report(attempt, state, body)
+
+        def recorded(_):
+            broker.counters["completed"] += state != "released"
+            self._ack(identity, task_id, token)
+
+        def failed(reason):
+            # Not acknowledged: the worker resends it within its own
+            # allowance.  Until then the attempt is an orphan, requeued
+            # only if nobody reports it for twice as long.
+            broker.attempts.orphan(
+                task_id, token, attempt.row,
+                broker.monotonic() + 2 * broker.allowance())
+            broker.trouble(reason, "recording a result")
+
+        d.addCallbacks(recorded, failed).addErrback(
+            broker.trouble, "acknowledging a result")
+        if session is None:
+            self.rehello(identity)
+
+    # -- replies ---------------------------------------------------------------
+
+    def rehello(self, identity):
+        """
+        Ask a peer the broker does not know to announce itself.
+        """
+        broker = self._broker
+        broker.send(identity, encode(b"REHELLO", {"broker": broker.instance_id}))
+
+    def _ack(self, identity, task_id, token):
+        self._broker.send(identity, encode(b"ACK", {"id": task_id, "token": token}))
+
+    def _refuse(self, identity, code, message):
+        self.log.warn("refused a worker: {message}", message=message)
+        self._broker.send(identity, encode(
+            b"ERROR", {"code": code, "message": message, "fatal": True}))
+
+    def _stop_stale(self, identity, task_id, token):
+        self.log.info(
+            "task {task_id} token {token} is no longer current; telling "
+            "{peer!r} to stop it", task_id=task_id, token=token,
+            peer=identity)
+        self.cancel(identity, task_id, token)
+
+    def cancel(self, identity, task_id, token):
+        """
+        Tell a worker to stop an attempt.
+        """
+        self._broker.send(identity, encode(
+            b"CANCEL", {"id": task_id, "token": token}))
+
+    # -- liveness ----------------------------------------------------------------
+
+    def _reconcile(self, session, listed):
+        """
+        Compare what a worker says it runs with what we gave it.  A TASK
+        can be lost with a dropped connection that ZeroMQ silently
+        re-establishes: a task the worker still lacks two heartbeats after
+        it was sent is requeued (the attempt did not count).  An attempt
+        the worker runs that is no longer current is stopped.
+        """
+        broker = self._broker
+        now = broker.monotonic()
+        for task_id, sent in list(session.sent_at.items()):
+            token = session.running.get(task_id)
+            if token is None or (task_id, token) in listed:
+                del session.sent_at[task_id]
+            elif now - sent > 2 * session.heartbeat:
+                del session.sent_at[task_id]
+                del session.running[task_id]
+                broker.dispatcher.task_done(session.identity)
+                attempt = broker.attempts.end(task_id, token)
+                if attempt is not None:
+                    broker.outcomes.requeue(
+                        attempt, f"worker {session.name} never received it",
+                        consumed=False)
+        for task_id, token in listed:
+            if broker.attempts.current(task_id, token) is None:
+                self._stop_stale(session.identity, task_id, token)
+
+    def forget(self, session, consumed=True):
+        """
+        A worker left or was lost: requeue what it was running.
+        """
+        broker = self._broker
+        broker.sessions.remove(session)
+        broker.dispatcher.remove_worker(session.identity)
+        running, session.running = session.running, {}
+        for task_id, token in running.items():
+            attempt = broker.attempts.end(task_id, token)
+            if attempt is not None:
+                broker.outcomes.requeue(
+                    attempt, f"worker {session.name} was lost" if consumed
+                    else f"worker {session.name} left", consumed=consumed)
+
+    def sweep(self):
+        """
+        Send heartbeats, forget workers silent for too long, and requeue
+        attempts nobody claimed in time.
+        """
+        broker = self._broker
+        now = broker.monotonic()
+        silent = set(broker.sessions.silent(now, broker.config.heartbeat_misses))
+        for session in broker.sessions:
+            if session in silent:
+                broker.counters["lost_workers"] += 1
+                self.log.warn(
+                    "worker {name} lost: silent for {silence:.1f}s",
+                    name=session.name, silence=now - session.seen_at)
+                self.forget(session)
+            elif not broker.send(session.identity, self._heartbeat_body):
+                self.log.warn("worker {name} is unreachable", name=session.name)
+                self.forget(session)
+        for attempt in broker.attempts.expired(now, broker.sessions.__contains__):
+            self.log.info(
+                "task {task_id} token {token} was not claimed by any "
+                "worker in time", task_id=attempt.task_id, token=attempt.token)
+            broker.outcomes.requeue(attempt, "its worker was lost",
+                                    consumed=False)
