@@ -1,28 +1,38 @@
-# -*- test-case-name: tests.unit.test_broker -*-
+# -*- test-case-name: tests.unit.test_broker_service -*-
 """
-The broker daemon as a service: the store, the ROUTER socket, the
-:class:`taskbroker.broker.core.Broker` and its timers, started and stopped
-in a fixed order.
+The broker daemon as a tree of services (:mod:`taskbroker.services`),
+started in this order and stopped in reverse:
 
-Start: open the store (take ownership, create the schema), load its tasks,
-bind the socket, start the poller and the heartbeat.  Stop: stop the
-timers, close the socket (no new intake), then close the store, which
-waits for in-flight writes before it closes its connection.
+1. ``store``: open the database (take ownership, create or upgrade the
+   schema); at the end, close it, which waits for in-flight writes;
+2. ``core``: load the running attempts and a window of each queue, before
+   any message can arrive;
+3. ``zmq``: the ZeroMQ context; at the end, shut it down;
+4. ``socket``: bind the ROUTER socket; at the end, close it;
+5. ``intake``: at the end, stop handling messages and tell waiting
+   clients, while the socket can still send;
+6. ``poller`` and ``sweeper``: the timers that adopt SQL-inserted tasks
+   and send heartbeats (stopping them waits for a poll under way).
+
+So the socket binds only after the store is open and loaded, and at the
+end the intake closes before the store drains.  A web service would be one
+more child.
 """
 
 import time
 
-from twisted.application.service import Service
-from twisted.internet import defer, task
+from twisted.application.internet import TimerService
 from twisted.logger import Logger
 
 from taskbroker.broker.core import Broker
-from taskbroker.errors import one_line
 from taskbroker.protocol.codec import MAX_MESSAGE_SIZE
+from taskbroker.services import ServiceTree, StepService
 from taskbroker.transport.zmq import RouterSocket, ZmqFactoryService
 
+log = Logger()
 
-class BrokerService(Service):
+
+class BrokerService(ServiceTree):
     """
     A running broker.
 
@@ -31,52 +41,58 @@ class BrokerService(Service):
     :param reactor: the reactor (``IReactorTime`` and ``IReactorCore``).
     :param on_fatal: called with a one-line message when the broker cannot
         start; the daemon's tap logs it and exits non-zero.
+    :param monotonic: seconds on a clock that never steps, for liveness;
+        default :func:`time.monotonic`.
+
+    :ivar broker: the :class:`taskbroker.broker.core.Broker`.
+    :ivar socket: the bound :class:`~taskbroker.transport.zmq.RouterSocket`
+        while running, else ``None``.
     """
 
-    log = Logger()
-
-    def __init__(self, config, store, reactor, on_fatal=None):
+    def __init__(self, config, store, reactor, on_fatal=None,
+                 monotonic=time.monotonic):
+        ServiceTree.__init__(self, on_started=self._ready, on_fatal=on_fatal)
+        self.setName("taskbroker")
         self.config = config
         self.store = store
         self.reactor = reactor
-        self.on_fatal = on_fatal
-        self.broker = None
         self.socket = None
+        self.broker = Broker(config, store, reactor, self._send,
+                             monotonic=monotonic)
         self._zmq = ZmqFactoryService(reactor)
-        self._timers = []
-        self._starting = None
-        self._stopping = None
+        self._zmq.setName("zmq")
+        for child in (
+            StepService("store", store.open, store.close),
+            StepService("core", self.broker.load),
+            self._zmq,
+            StepService("socket", self._bind, self._close),
+            StepService("intake", stop=self.broker.stop),
+            self._timer("poller", config.poll_interval, self.broker.poll),
+            self._timer("sweeper", config.heartbeat, self._sweep),
+        ):
+            child.setServiceParent(self)
 
-    def startService(self):
-        if self.running:
-            return
-        Service.startService(self)
-        self._starting = self._start()
-        self._starting.addErrback(self._start_failed)
+    def _timer(self, name, interval, call):
+        timer = TimerService(interval, _guarded(call, name))
+        timer.clock = self.reactor
+        timer.setName(name)
+        return timer
 
-    @defer.inlineCallbacks
-    def _start(self):
-        yield self.store.open()
-        self.broker = Broker(self.config, self.store, self.reactor,
-                             self._send, monotonic=time.monotonic)
-        yield self.broker.load()
-        if not self.running:
-            return
+    def _bind(self):
         try:
             self.socket = RouterSocket(
                 self._zmq.get_factory(), self.config.listen,
                 self.broker.handle, MAX_MESSAGE_SIZE)
         except Exception as e:
-            raise RuntimeError(
-                f"cannot listen on {self.config.listen}: {e}") from None
-        for interval, call in ((self.config.poll_interval, self.broker.poll),
-                               (self.config.heartbeat, self._sweep)):
-            loop = task.LoopingCall(call)
-            loop.clock = self.reactor
-            loop.start(interval, now=False).addErrback(
-                self.log.failure, "timer failed")
-            self._timers.append(loop)
-        self.log.info(
+            raise OSError(f"cannot listen on {self.config.listen}: {e}") from None
+
+    def _close(self):
+        if self.socket is not None:
+            socket, self.socket = self.socket, None
+            socket.close()
+
+    def _ready(self):
+        log.info(
             "taskbroker ready: listening on {endpoint}, database {database}, "
             "levels {levels}, instance {instance}",
             endpoint=self.socket.endpoint, database=self.config.database,
@@ -88,13 +104,6 @@ class BrokerService(Service):
         # not one after each.
         with self.socket.batch():
             self.broker.sweep()
-
-    def _start_failed(self, reason):
-        message = one_line(reason.value)
-        self.log.critical("taskbroker cannot start: {message}",
-                          message=message)
-        if self.on_fatal is not None:
-            self.on_fatal(message)
 
     def _send(self, identity, frames):
         if self.socket is None:
@@ -108,27 +117,22 @@ class BrokerService(Service):
         """
         return self.socket.endpoint if self.socket is not None else None
 
-    def stopService(self):
-        if self._stopping is not None:
-            return self._stopping
-        Service.stopService(self)
-        self._stopping = self._stop()
-        return self._stopping
 
-    @defer.inlineCallbacks
-    def _stop(self):
-        for loop in self._timers:
-            if loop.running:
-                loop.stop()
-        self._timers = []
-        if self._starting is not None and not self._starting.called:
-            # Let a start in progress (opening the store) finish first.
-            yield self._starting
-        if self.broker is not None:
-            self.broker.stop()
-        if self.socket is not None:
-            self.socket.close()
-            self.socket = None
-        self._zmq.stopService()
-        yield self.store.close()
-        self.log.info("taskbroker stopped")
+def _guarded(call, name):
+    """
+    ``call`` for a timer, such that a bug in one tick is logged and the
+    timer goes on: a ``TimerService`` whose call raises stops for good,
+    and a broker whose sweeper stopped would lose every worker.
+    """
+    def tick():
+        try:
+            d = call()
+        except Exception:
+            log.failure("internal error in the {name}", name=name)
+            return None
+        if d is not None:
+            d.addErrback(lambda f: log.failure(
+                "internal error in the {name}", f, name=name))
+        return d
+
+    return tick

@@ -23,6 +23,7 @@ from twisted.logger import Logger
 from taskbroker.errors import PermanentFailure, describe, one_line
 from taskbroker.protocol import codec
 from taskbroker.protocol.codec import ProtocolError, dumps, encode
+from taskbroker.services import ServiceTree
 from taskbroker.transport.zmq import DealerSocket, ZmqFactoryService
 from taskbroker.worker.children import ChildPool, Outcome
 from taskbroker.worker.task import RunningTask
@@ -125,7 +126,10 @@ class WorkerService(Service):
         this worker; the tap exits non-zero.
     :param connect: ``connect(on_message) -> socket`` (with ``send(frames)
         -> bool`` and ``close()``); by default a DEALER socket to the
-        broker.  Tests pass a fake.
+        broker, made with ``zmq``.  Tests pass a fake.
+    :param zmq: the :class:`~taskbroker.transport.zmq.ZmqFactoryService`
+        the default ``connect`` uses; it is started before this service and
+        stopped after it (see :func:`make_worker_service`).
     :param children: runs blocking handlers; by default a
         :class:`~taskbroker.worker.children.ChildPool` with one child
         process per slot.
@@ -136,14 +140,14 @@ class WorkerService(Service):
     log = Logger()
 
     def __init__(self, config, handlers, reactor, on_fatal=None,
-                 connect=None, children=None, monotonic=None):
+                 connect=None, children=None, monotonic=None, zmq=None):
         self.config = config
         self.handlers = handlers
         self.reactor = reactor
         self.on_fatal = on_fatal
         self.identity = (
             config.name + "/" + uuid.uuid4().hex[:8]).encode("utf-8")
-        self._zmq = ZmqFactoryService(reactor, linger=1000)
+        self._zmq = zmq
         self._connect = connect or self._connect_dealer
         self._children = children
         self._monotonic = monotonic or reactor.seconds
@@ -499,6 +503,27 @@ class WorkerService(Service):
         if self.socket is not None:
             self.socket.close()
             self.socket = None
-        self._zmq.stopService()
-        self.log.info("taskworker stopped")
 
+
+
+def make_worker_service(config, handlers, reactor, on_fatal=None,
+                        monotonic=None):
+    """
+    The worker daemon as a tree of services (:mod:`taskbroker.services`):
+    the ZeroMQ context, then the worker; at the end the worker hands back
+    its tasks and says BYE before the context closes.
+
+    :returns: a :class:`~taskbroker.services.ServiceTree` whose child
+        ``"worker"`` is the :class:`WorkerService`.
+    """
+    tree = ServiceTree(on_fatal=on_fatal)
+    tree.setName("taskworker")
+    # Linger: a second to flush the last RESULTs and BYE at close.
+    zmq = ZmqFactoryService(reactor, linger=1000)
+    zmq.setName("zmq")
+    zmq.setServiceParent(tree)
+    worker = WorkerService(config, handlers, reactor, on_fatal=on_fatal,
+                           monotonic=monotonic, zmq=zmq)
+    worker.setName("worker")
+    worker.setServiceParent(tree)
+    return tree

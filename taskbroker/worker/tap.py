@@ -25,10 +25,10 @@ def makeService(options):
     from twisted.internet import reactor
 
     from taskbroker.worker.handlers import load_handlers
-    from taskbroker.worker.service import WorkerService
+    from taskbroker.worker.service import make_worker_service
 
     config = options.config
     handlers = load_handlers(config.handlers_path)
-    return WorkerService(config, handlers, reactor,
-                         on_fatal=lambda message: exit_with(reactor, 1),
-                         monotonic=time.monotonic)
+    return make_worker_service(config, handlers, reactor,
+                               on_fatal=lambda message: exit_with(reactor, 1),
+                               monotonic=time.monotonic)
