@@ -34,6 +34,7 @@ from taskbroker.broker.core import Broker  # noqa: E402
 from taskbroker.config import BrokerConfig  # noqa: E402
 from taskbroker.protocol import codec  # noqa: E402
 from taskbroker.store.sqlite import SQLiteStore  # noqa: E402
+from taskbroker.transport.zmq import Sender  # noqa: E402
 
 WORKERS = (b"w1/x", b"w2/x")
 
@@ -57,7 +58,7 @@ class Harness:
             body = json.loads(frames[2])
             if self.on_task:
                 self.on_task()
-            reactor.callLater(0, self.broker.handle, identity, codec.encode(
+            reactor.callLater(0, self.broker.handle, Sender(identity), codec.encode(
                 b"RESULT", {"id": body["id"], "token": body["token"],
                             "state": "succeeded", "result": body["payload"],
                             "ready": True}))
@@ -71,14 +72,14 @@ class Harness:
 
     def start_workers(self):
         for identity in WORKERS:
-            self.broker.handle(identity, codec.encode(b"HELLO", {
+            self.broker.handle(Sender(identity), codec.encode(b"HELLO", {
                 "name": identity.decode().split("/")[0],
                 "handlers": ["echo"], "slots": 1, "heartbeat": 1.0}))
-            self.broker.handle(identity, codec.encode(b"READY", {}))
+            self.broker.handle(Sender(identity), codec.encode(b"READY", {}))
 
 
 def submit(broker, payloads):
-    broker.handle(b"client", codec.encode(b"SUBMIT", {
+    broker.handle(Sender(b"client"), codec.encode(b"SUBMIT", {
         "req": "r", "tasks": [{"handler": "echo", "payload": p}
                               for p in payloads]}))
 

@@ -69,11 +69,15 @@ class Router:
             command: getattr(broker.workers, "on_" + command.decode())
             for command in WORKER_COMMANDS}
 
-    def handle(self, identity, frames):
+    def handle(self, sender, frames):
         """
-        Handle one message from ``identity``.  Never raises.
+        Handle one message.  Never raises.
+
+        :param sender: a :class:`taskbroker.transport.zmq.Sender`.
+        :param frames: the message's frames after the routing envelope.
         """
         broker = self._broker
+        identity = sender.identity
         session = broker.sessions.get(identity)
         if session is not None:
             session.seen_at = broker.monotonic()

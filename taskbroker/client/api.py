@@ -37,6 +37,7 @@ from taskbroker.client import (
 )
 from taskbroker.client.errors import BrokerUnavailable
 from taskbroker.protocol import codec
+from taskbroker.transport.options import client_options
 from taskbroker.transport.zmq import DealerSocket, ZmqFactoryService
 
 __all__ = ["BrokerClient"]
@@ -80,7 +81,8 @@ class BrokerClient:
             zmq_factory = self._factory_service.get_factory()
         try:
             self._socket = DealerSocket(
-                zmq_factory, endpoint, self._message_received)
+                zmq_factory, endpoint, self._message_received,
+                options=client_options())
         except BaseException:
             if self._factory_service is not None:
                 self._factory_service.stopService()

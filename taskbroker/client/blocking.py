@@ -42,6 +42,7 @@ from taskbroker.client import (
 )
 from taskbroker.client.errors import BrokerUnavailable
 from taskbroker.protocol import codec
+from taskbroker.transport.options import client_options
 
 __all__ = ["BlockingClient"]
 
@@ -102,8 +103,8 @@ class BlockingClient:
 
     def _open(self):
         socket = self._context.socket(zmq.DEALER)
-        # Unsent requests are worthless once we gave up on them.
-        socket.setsockopt(zmq.LINGER, 0)
+        for option, value in client_options():
+            socket.setsockopt(option, value)
         try:
             socket.connect(self.endpoint)
         except zmq.ZMQError as e:

@@ -28,6 +28,7 @@ reactor and clock.
 """
 
 from contextlib import contextmanager
+from typing import NamedTuple, Optional
 
 import zmq
 import zmq.backend
@@ -35,6 +36,8 @@ from twisted.application.service import Service
 from twisted.logger import Logger
 from txzmq import ZmqEndpoint, ZmqEndpointType, ZmqFactory
 from txzmq.connection import ZmqConnection
+
+from taskbroker.transport.options import dealer_options, router_options
 
 #: Messages handled per reactor turn before yielding to timers.
 READ_BATCH = 256
@@ -52,6 +55,20 @@ _POLLIN = int(zmq.POLLIN)
 # only adds options of draft socket types (routing_id, group); without that
 # layer, a message of four frames costs about 2.5 instead of 6 microseconds.
 _send = zmq.backend.Socket.send
+
+
+class Sender(NamedTuple):
+    """
+    Who sent a message to the ROUTER: its route, and (once links are
+    authenticated) the key it proved it holds.
+
+    :ivar identity: the peer's routing identity (``bytes``), to answer it.
+    :ivar key: the peer's authenticated public key, or ``None`` on a link
+        without authentication.
+    """
+
+    identity: bytes
+    key: Optional[bytes] = None
 
 
 class ZmqFactoryService(Service):
@@ -210,27 +227,22 @@ class RouterSocket:
     """
     A bound ROUTER socket.
 
-    :param on_message: called with ``(identity, frames)`` for each message;
-        exceptions it raises are logged and counted, never propagated.
+    :param on_message: called with ``(sender, frames)`` for each message,
+        where ``sender`` is a :class:`Sender`; exceptions it raises are
+        logged and counted, never propagated.
     """
 
     def __init__(self, factory, endpoint, on_message, max_message_size):
         def deliver(message):
             if len(message) < 2:
                 return
-            on_message(message[0], message[1:])
+            on_message(Sender(message[0]), message[1:])
 
         self._connection = _Connection(
             factory,
             zmq.ROUTER,
             deliver,
-            [
-                (zmq.ROUTER_MANDATORY, 1),
-                (zmq.ROUTER_HANDOVER, 1),
-                (zmq.MAXMSGSIZE, max_message_size),
-                (zmq.SNDHWM, 100_000),
-                (zmq.RCVHWM, 100_000),
-            ],
+            router_options(max_message_size),
             [ZmqEndpoint(ZmqEndpointType.bind, endpoint)],
         )
 
@@ -270,24 +282,17 @@ class DealerSocket:
     """
 
     def __init__(self, factory, endpoint, on_message, identity=None,
-                 max_message_size=-1, immediate=False):
+                 options=None):
         """
-        :param immediate: refuse sends (``send`` returns ``False``) while
-            not connected, instead of queueing them for when the connection
-            comes: for a peer that repeats or resends what matters anyway.
+        :param options: ``(option, value)`` pairs from
+            :mod:`taskbroker.transport.options`; by default
+            :func:`~taskbroker.transport.options.dealer_options`.
         """
         self._connection = _Connection(
             factory,
             zmq.DEALER,
             on_message,
-            [
-                (zmq.IMMEDIATE, int(immediate)),
-                (zmq.MAXMSGSIZE, max_message_size),
-                (zmq.SNDHWM, 100_000),
-                (zmq.RCVHWM, 100_000),
-                (zmq.RECONNECT_IVL, 100),
-                (zmq.RECONNECT_IVL_MAX, 2000),
-            ],
+            dealer_options() if options is None else options,
             [ZmqEndpoint(ZmqEndpointType.connect, endpoint)],
             identity=identity,
         )

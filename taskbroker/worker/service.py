@@ -24,6 +24,7 @@ from taskbroker.errors import PermanentFailure, describe, one_line
 from taskbroker.protocol import codec
 from taskbroker.protocol.codec import ProtocolError, dumps, encode
 from taskbroker.services import ServiceTree
+from taskbroker.transport.options import dealer_options
 from taskbroker.transport.zmq import DealerSocket, ZmqFactoryService
 from taskbroker.worker.children import ChildPool, Outcome
 from taskbroker.worker.task import RunningTask
@@ -201,12 +202,14 @@ class WorkerService(Service):
     def _connect_dealer(self, on_message):
         return DealerSocket(
             self._zmq.get_factory(), self.config.broker, on_message,
-            identity=self.identity, max_message_size=codec.MAX_MESSAGE_SIZE,
-            # While the broker is away, HELLO is repeated, results are kept
-            # until acknowledged and credits are re-sent after WELCOME:
-            # nothing needs queueing, and a stale queue would replay a burst
-            # of old HELLOs and credits at the next broker.
-            immediate=True)
+            identity=self.identity, options=dealer_options(
+                codec.MAX_MESSAGE_SIZE,
+                # While the broker is away, HELLO is repeated, results are
+                # kept until acknowledged and credits are re-sent after
+                # WELCOME: nothing needs queueing, and a stale queue would
+                # replay a burst of old HELLOs and credits at the next
+                # broker.
+                immediate=True))
 
     # -- sending ---------------------------------------------------------
 

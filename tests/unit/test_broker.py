@@ -14,6 +14,7 @@ from taskbroker.config import BrokerConfig
 from taskbroker.errors import StoreError
 from taskbroker.protocol import codec
 from taskbroker.testing import MemoryStore, result_of
+from taskbroker.transport.zmq import Sender
 
 
 class Peers:
@@ -69,7 +70,7 @@ def broker(store, clock, peers):
 
 
 def send(broker, identity, command, body):
-    broker.handle(identity, codec.encode(command, body))
+    broker.handle(Sender(identity), codec.encode(command, body))
 
 
 def hello(broker, identity=b"w1/x", name="w1", **fields):
@@ -291,9 +292,9 @@ def test_unknown_level_in_submit_is_an_error(broker, peers):
 
 
 def test_bad_message_from_a_client_gets_an_error(broker, peers):
-    broker.handle(b"client", [b"junk"])
-    broker.handle(b"client", [codec.SIGNATURE, b"SUBMIT", b"{"])
-    broker.handle(b"client", [codec.SIGNATURE, b"NOPE", b"{}"])
+    broker.handle(Sender(b"client"), [b"junk"])
+    broker.handle(Sender(b"client"), [codec.SIGNATURE, b"SUBMIT", b"{"])
+    broker.handle(Sender(b"client"), [codec.SIGNATURE, b"NOPE", b"{}"])
     codes = [body["code"] for _, _, body in peers.take(b"client")]
     assert codes == ["protocol", "bad_request", "unknown_command"]
     assert broker.counters["protocol_errors"] == 3
@@ -302,7 +303,7 @@ def test_bad_message_from_a_client_gets_an_error(broker, peers):
 def test_bad_message_from_a_worker_is_dropped(broker, peers):
     hello(broker)
     peers.take()
-    broker.handle(b"w1/x", [codec.SIGNATURE, b"RESULT", b"{}"])
+    broker.handle(Sender(b"w1/x"), [codec.SIGNATURE, b"RESULT", b"{}"])
     assert peers.take() == []
 
 
@@ -638,7 +639,7 @@ def test_a_flood_of_bad_messages_is_logged_once(broker, peers):
 
     with capturedLogs() as events:
         for _ in range(100):
-            broker.handle(b"flood", [b"junk"])
+            broker.handle(Sender(b"flood"), [b"junk"])
     warnings = [e for e in events if e["log_level"] == LogLevel.warn]
     assert len(warnings) == 1
     assert broker.counters["protocol_errors"] == 100

@@ -23,8 +23,10 @@ from taskbroker.transport.zmq import (
     READ_BATCH,
     DealerSocket,
     RouterSocket,
+    Sender,
     ZmqFactoryService,
 )
+from taskbroker.transport.options import dealer_options
 
 LOOPBACK = "tcp://127.0.0.1:*"
 _inproc = itertools.count()
@@ -118,8 +120,10 @@ def test_dealer_and_router_exchange_messages(factory):
     dealer = DealerSocket(factory, r.endpoint, at_dealer, identity=b"w1/abc")
     try:
         assert dealer.send([b"TB1", b"HELLO", b"{}"]) is True
-        [(identity, frames)] = yield at_router.wait_for(1)
-        assert (identity, frames) == (b"w1/abc", [b"TB1", b"HELLO", b"{}"])
+        [(sender, frames)] = yield at_router.wait_for(1)
+        assert sender == Sender(b"w1/abc", key=None)
+        assert (sender.identity, frames) == (
+            b"w1/abc", [b"TB1", b"HELLO", b"{}"])
 
         assert r.send(b"w1/abc", [b"TB1", b"WELCOME", b"{}"]) is True
         [(frames,)] = yield at_dealer.wait_for(1)
@@ -160,7 +164,8 @@ def test_failing_handler_is_counted_and_socket_keeps_reading(factory):
             dealer.send([b"good", b"1"])
             dealer.send([b"good", b"2"])
             calls = yield at_router.wait_for(2)
-        assert calls == [(b"d", [b"good", b"1"]), (b"d", [b"good", b"2"])]
+        assert calls == [(Sender(b"d"), [b"good", b"1"]),
+                         (Sender(b"d"), [b"good", b"2"])]
         assert r.handler_errors == 1
         assert dealer.handler_errors == 0
         failures = [e for e in events if "log_failure" in e]
@@ -179,7 +184,7 @@ def test_flood_is_read_in_batches_and_timers_still_run(factory):
     endpoint = f"inproc://flood-{next(_inproc)}"
     timer_saw = []
 
-    def on_message(identity, frames):
+    def on_message(sender, frames):
         if not at_router.calls:
             reactor().callLater(0, lambda: timer_saw.append(len(at_router.calls)))
 
@@ -226,7 +231,7 @@ def test_a_batch_of_sends_looks_for_input_once(factory, monkeypatch):
         # Input that arrives afterwards is read as ever.
         dealer.send([b"after"])
         calls = yield at_router.wait_for(2)
-        assert calls[-1] == (b"w1/abc", [b"after"])
+        assert calls[-1] == (Sender(b"w1/abc"), [b"after"])
     finally:
         dealer.close()
         r.close()
@@ -250,7 +255,7 @@ def test_oversized_message_is_dropped_but_new_peers_work(factory):
         small = DealerSocket(factory, r.endpoint, Collector(), identity=b"small")
         assert small.send([b"y" * 1000])
         calls = yield at_router.wait_for(1)
-        assert calls == [(b"small", [b"y" * 1000])]
+        assert calls == [(Sender(b"small"), [b"y" * 1000])]
     finally:
         r._connection.socket.disable_monitor()
         monitor.close(linger=0)
@@ -295,10 +300,32 @@ def test_immediate_dealer_refuses_sends_without_a_connection(factory):
     endpoint = r.endpoint
     r.close()
     queued = DealerSocket(factory, endpoint, Collector())
-    refused = DealerSocket(factory, endpoint, Collector(), immediate=True)
+    refused = DealerSocket(factory, endpoint, Collector(),
+                           options=dealer_options(immediate=True))
     try:
         assert queued.send([b"TB1", b"READY", b"{}"]) is True
         assert refused.send([b"TB1", b"READY", b"{}"]) is False
     finally:
         queued.close()
         refused.close()
+
+
+def test_every_client_socket_takes_its_options_from_one_place(factory):
+    from twisted.internet import reactor as global_reactor
+
+    from taskbroker.client.api import BrokerClient
+    from taskbroker.client.blocking import BlockingClient
+    from taskbroker.transport.options import client_options
+
+    expected = dict(client_options())
+    blocking = BlockingClient("tcp://127.0.0.1:1")
+    twisted_client = BrokerClient(global_reactor, "tcp://127.0.0.1:1",
+                                  zmq_factory=factory)
+    try:
+        for socket in (blocking._socket,
+                       twisted_client._socket._connection.socket):
+            for option, value in expected.items():
+                assert socket.getsockopt(option) == value, option
+    finally:
+        blocking.close()
+        twisted_client.close()

@@ -16,6 +16,7 @@ from taskbroker.broker.window import Windows
 from taskbroker.config import BrokerConfig
 from taskbroker.protocol import codec
 from taskbroker.testing import MemoryStore, result_of
+from taskbroker.transport.zmq import Sender
 
 KEY = (1, "echo")
 
@@ -114,7 +115,7 @@ def start_broker(store, clock, peers, **config):
 
 def worker(broker, name="w1", **fields):
     identity = f"{name}/x".encode()
-    broker.handle(identity, codec.encode(b"HELLO", {
+    broker.handle(Sender(identity), codec.encode(b"HELLO", {
         "name": name, "handlers": ["echo", "other"], "slots": 1,
         "heartbeat": 1.0, **fields}))
     return identity
@@ -125,7 +126,7 @@ def run_all(broker, peers, identity, limit=1000):
     Let one worker run tasks until none is left: each TASK answered with a
     RESULT that asks for the next.
     """
-    broker.handle(identity, codec.encode(b"READY", {}))
+    broker.handle(Sender(identity), codec.encode(b"READY", {}))
     ran = []
     for _ in range(limit):
         tasks = peers.tasks()
@@ -133,7 +134,7 @@ def run_all(broker, peers, identity, limit=1000):
             return ran
         [task] = tasks
         ran.append(task["id"])
-        broker.handle(identity, codec.encode(b"RESULT", {
+        broker.handle(Sender(identity), codec.encode(b"RESULT", {
             "id": task["id"], "token": task["token"], "state": "succeeded",
             "result": None, "ready": True}))
     raise AssertionError("still running")
@@ -160,7 +161,7 @@ def test_submitted_tasks_beyond_the_window_wait_in_the_store(small_windows):
     peers = Peers()
     broker = start_broker(store, clock, peers)
     for i in range(10):
-        broker.handle(b"client", codec.encode(b"SUBMIT", {
+        broker.handle(Sender(b"client"), codec.encode(b"SUBMIT", {
             "req": str(i), "tasks": [{"handler": "echo", "payload": i}]}))
     assert len(broker.dispatcher) == 4
     assert run_all(broker, peers, worker(broker)) == list(range(1, 11))
@@ -202,13 +203,13 @@ def test_delayed_tasks_beyond_their_window_come_in_time(small_windows):
     # their time.
     assert (len(broker.dispatcher), len(broker.backlog.delayed)) == (1, 3)
     identity = worker(broker)
-    broker.handle(identity, codec.encode(b"READY", {}))
+    broker.handle(Sender(identity), codec.encode(b"READY", {}))
     ran = []
     for step in range(12):
         [task] = peers.tasks()
         assert clock.seconds() == 1000.0 + 10 * step
         ran.append(task["id"])
-        broker.handle(identity, codec.encode(b"RESULT", {
+        broker.handle(Sender(identity), codec.encode(b"RESULT", {
             "id": task["id"], "token": task["token"], "state": "succeeded",
             "result": None, "ready": True}))
         assert held(broker) <= 4
@@ -241,7 +242,7 @@ def test_every_queued_task_runs_once_however_the_window_moves(steps):
             if action == "sql":
                 store.insert_external(handler, str(n), priority=priority)
             elif action == "submit":
-                broker.handle(b"client", codec.encode(b"SUBMIT", {
+                broker.handle(Sender(b"client"), codec.encode(b"SUBMIT", {
                     "req": str(n), "tasks": [{
                         "handler": handler, "payload": n,
                         "priority": priority or "normal"}]}))
@@ -250,13 +251,13 @@ def test_every_queued_task_runs_once_however_the_window_moves(steps):
             elif action == "cancel":
                 queued = result_of(store.list("queued", None, 0, 1))
                 if queued:
-                    broker.handle(b"client", codec.encode(b"CANCEL", {
+                    broker.handle(Sender(b"client"), codec.encode(b"CANCEL", {
                         "req": str(n), "id": queued[0].id}))
             else:
-                broker.handle(identity, codec.encode(b"READY", {}))
+                broker.handle(Sender(identity), codec.encode(b"READY", {}))
                 for task in peers.tasks():
                     ran.append(task["id"])
-                    broker.handle(identity, codec.encode(b"RESULT", {
+                    broker.handle(Sender(identity), codec.encode(b"RESULT", {
                         "id": task["id"], "token": task["token"],
                         "state": "succeeded", "result": None}))
             # Three levels x two handlers, a window each, plus what one
@@ -280,21 +281,21 @@ def test_a_short_delay_is_not_held_back_by_a_full_delayed_window(
     peers = Peers()
     broker = start_broker(store, clock, peers)
     for i in range(6):
-        broker.handle(b"client", codec.encode(b"SUBMIT", {
+        broker.handle(Sender(b"client"), codec.encode(b"SUBMIT", {
             "req": str(i), "tasks": [{"handler": "echo", "delay": 3600}]}))
     assert len(broker.backlog.delayed) == 4
-    broker.handle(b"client", codec.encode(b"SUBMIT", {
+    broker.handle(Sender(b"client"), codec.encode(b"SUBMIT", {
         "req": "soon", "tasks": [{"handler": "echo", "delay": 1}]}))
     soon = 7
     assert soon in broker.backlog.delayed and len(broker.backlog.delayed) == 4
     identity = worker(broker)
-    broker.handle(identity, codec.encode(b"READY", {}))
+    broker.handle(Sender(identity), codec.encode(b"READY", {}))
     clock.advance(1)
     [task] = peers.tasks()
     assert task["id"] == soon
     # The ones pushed back to the store come in time too.
     ran = [task["id"]]
-    broker.handle(identity, codec.encode(b"RESULT", {
+    broker.handle(Sender(identity), codec.encode(b"RESULT", {
         "id": soon, "token": task["token"], "state": "succeeded",
         "result": None, "ready": True}))
     for _ in range(60):
@@ -302,7 +303,7 @@ def test_a_short_delay_is_not_held_back_by_a_full_delayed_window(
         result_of(broker.poll())
         for task in peers.tasks():
             ran.append(task["id"])
-            broker.handle(identity, codec.encode(b"RESULT", {
+            broker.handle(Sender(identity), codec.encode(b"RESULT", {
                 "id": task["id"], "token": task["token"],
                 "state": "succeeded", "result": None, "ready": True}))
         assert held(broker) <= 4 + 1
@@ -329,9 +330,9 @@ def test_retry_of_a_sql_row_with_null_priority(small_windows):
     task_id = store.insert_external("echo", "1").id
     peers = Peers()
     broker = start_broker(store, clock, peers)
-    broker.handle(b"client", codec.encode(b"CANCEL", {"req": "c",
+    broker.handle(Sender(b"client"), codec.encode(b"CANCEL", {"req": "c",
                                                       "id": task_id}))
-    broker.handle(b"client", codec.encode(b"RETRY", {"req": "r",
+    broker.handle(Sender(b"client"), codec.encode(b"RETRY", {"req": "r",
                                                      "id": task_id}))
     assert run_all(broker, peers, worker(broker)) == [task_id]
 

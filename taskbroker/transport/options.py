@@ -1,0 +1,64 @@
+# -*- test-case-name: tests.unit.test_transport_zmq -*-
+"""
+The ZeroMQ socket options of every socket taskbroker makes: the broker's
+ROUTER, the worker's DEALER, and the clients' DEALERs (the Twisted client
+through txZMQ, the blocking client with plain pyzmq).  One place, so that
+a limit or, later, a security setting is never applied to one socket and
+forgotten on another.
+
+Each function returns ``(option, value)`` pairs, to be set before the
+socket binds or connects (libzmq reads most of them then).
+"""
+
+import zmq
+
+from taskbroker.protocol.codec import MAX_MESSAGE_SIZE
+
+#: Messages queued per peer before sends fail (``EAGAIN``) or reads stop.
+HIGH_WATER_MARK = 100_000
+#: A DEALER's first wait before reconnecting, and the longest, in ms.
+RECONNECT_IVL_MS = 100
+RECONNECT_IVL_MAX_MS = 2000
+
+
+def router_options(max_message_size=MAX_MESSAGE_SIZE):
+    """
+    The broker's ROUTER: a send to a peer that is gone fails instead of
+    vanishing (``ROUTER_MANDATORY``), a peer that reconnects under its
+    identity takes over its route (``ROUTER_HANDOVER``), and libzmq drops
+    a peer that sends an oversized message before we allocate it.
+    """
+    return [
+        (zmq.ROUTER_MANDATORY, 1),
+        (zmq.ROUTER_HANDOVER, 1),
+        (zmq.MAXMSGSIZE, max_message_size),
+        (zmq.SNDHWM, HIGH_WATER_MARK),
+        (zmq.RCVHWM, HIGH_WATER_MARK),
+    ]
+
+
+def dealer_options(max_message_size=-1, immediate=False):
+    """
+    A DEALER connected to the broker.
+
+    :param max_message_size: the largest message accepted, in bytes; -1
+        for no limit.
+    :param immediate: refuse sends while not connected instead of queueing
+        them, for a peer that repeats or resends what matters anyway.
+    """
+    return [
+        (zmq.IMMEDIATE, int(immediate)),
+        (zmq.MAXMSGSIZE, max_message_size),
+        (zmq.SNDHWM, HIGH_WATER_MARK),
+        (zmq.RCVHWM, HIGH_WATER_MARK),
+        (zmq.RECONNECT_IVL, RECONNECT_IVL_MS),
+        (zmq.RECONNECT_IVL_MAX, RECONNECT_IVL_MAX_MS),
+    ]
+
+
+def client_options():
+    """
+    A client's DEALER: as any DEALER, and unsent requests are dropped at
+    close, since they are worthless once the client gave up on them.
+    """
+    return dealer_options() + [(zmq.LINGER, 0)]
