@@ -714,6 +714,10 @@ def _stats(client, options, output, stdin):
     if unserved:
         output.line("unserved handlers (queued, no connected worker): "
                     + ", ".join(unserved))
+    age = stats.get("counts_age")
+    if isinstance(age, (int, float)):
+        output.line(f"(tasks recounted {age:.0f} s ago; changes made by "
+                    "SQL show at the next recount)")
     return EXIT_OK
 
 

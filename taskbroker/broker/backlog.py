@@ -18,6 +18,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from taskbroker.broker.dispatch import Task
+from taskbroker.broker.status import DELAYED
 from taskbroker.broker.validation import invalid_queue, invalid_row, with_defaults
 from taskbroker.broker.window import Windows
 
@@ -199,7 +200,13 @@ class Backlog:
             self.log.warn("rejected task {task_id}: {reason}",
                           task_id=row.id, reason=reason)
             d = broker.store.reject(row.id, reason, broker.clock.seconds())
-            d.addCallback(lambda _: broker.outcomes.notify(row.id))
+
+            def rejected(_):
+                broker.status.tasks.move(row.priority, row.handler, "queued",
+                                         "failed")
+                broker.outcomes.notify(row.id)
+
+            d.addCallback(rejected)
             if writes is not None:
                 writes.append(d)
             else:
@@ -282,7 +289,7 @@ class Backlog:
                     # One due already joins its queue's window, or waits
                     # in the store for that queue's next load.
                     due = row.run_at <= now
-                    self._take_loaded(row, self.admit if due else None)
+                    self._take_loaded(row, self._came_due if due else None)
             finally:
                 self._delayed_window.loaded(
                     DELAYED,
@@ -342,9 +349,14 @@ class Backlog:
             if row is not None:
                 due.append(row)
         for row in sorted(due, key=lambda r: broker.level_of(r.priority)):
+            broker.status.tasks.move(row.priority, row.handler, DELAYED, None)
             self.enqueue(row)
         self._schedule_delayed()
         self._load_delayed()
+
+    def _came_due(self, row):
+        self._broker.status.tasks.move(row.priority, row.handler, DELAYED, None)
+        self.admit(row)
 
     # -- the poller ----------------------------------------------------------------
 
@@ -377,9 +389,15 @@ class Backlog:
                 self._watermark, POLL_BATCH,
                 frozenset(self._submitted_since_poll))
             found, rejected = [], []
+            now = broker.clock.seconds()
             for row in rows:
                 if row.id in self._submitted_since_poll or self._held(row.id):
                     continue
+                # New to the broker: inserted by SQL since the last poll.
+                broker.status.tasks.add(
+                    "queued", row.priority, row.handler,
+                    delayed=isinstance(row.run_at, (int, float))
+                    and row.run_at > now)
                 row = self.checked(row, rejected)
                 if row is not None:
                     found.append(row)

@@ -21,7 +21,8 @@ The parts, each in its own module (see ``docs/architecture.rst``):
   waiting for a task to end;
 - :mod:`~taskbroker.broker.backlog`: the queued tasks held in memory;
 - :mod:`~taskbroker.broker.dispatch`: which task goes to which credit;
-- :mod:`~taskbroker.broker.requests`: the clients' commands.
+- :mod:`~taskbroker.broker.requests`: the clients' commands;
+- :mod:`~taskbroker.broker.status`: counters and task counts, for STATS.
 
 Each part is given this broker and reaches its siblings through it, as
 Buildbot's services reach theirs through their master.
@@ -40,6 +41,7 @@ from taskbroker.broker.outcomes import Outcomes, RetryPolicy
 from taskbroker.broker.requests import Requests
 from taskbroker.broker.router import Router
 from taskbroker.broker.sessions import Sessions
+from taskbroker.broker.status import Status
 from taskbroker.broker.workers import Workers
 from taskbroker.errors import StoreError, one_line
 from taskbroker.protocol.codec import dumps, encode
@@ -78,16 +80,8 @@ class Broker:
         self.instance_id = instance_id or uuid.uuid4().hex[:12]
         self.levels = tuple(config.priorities)
         self._level_index = {name: i for i, name in enumerate(self.levels)}
-        self.counters = {
-            "protocol_errors": 0,
-            "internal_errors": 0,
-            "stale_results": 0,
-            "dispatched": 0,
-            "completed": 0,
-            "retried": 0,
-            "lost_workers": 0,
-            "store_errors": 0,
-        }
+        self.status = Status(self)
+        self.counters = self.status.counters
         self.dispatcher = Dispatcher(len(self.levels))
         self.sessions = Sessions()
         self.attempts = Attempts()
@@ -114,15 +108,6 @@ class Broker:
         stay silent before it is presumed lost.
         """
         return (heartbeat or self.config.heartbeat) * self.config.heartbeat_misses
-
-    def all_counters(self):
-        """
-        Every counter of the broker and its parts, by name.
-        """
-        return dict(
-            self.counters,
-            dropped_credits=self.dispatcher.dropped_credits,
-            unlogged_bad_messages=self.router.bad_messages.suppressed)
 
     # -- start and stop ------------------------------------------------------
 
@@ -206,6 +191,8 @@ class Broker:
                 # Changed behind our back (by SQL): forget it, free the slot.
                 self._undispatch(row.id, identity, token)
                 return
+            self.status.tasks.move(row.priority, row.handler, "queued",
+                                   "running")
             self._send_task(identity, row, token)
 
         def failed(reason):

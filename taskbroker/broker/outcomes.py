@@ -12,6 +12,7 @@ to the store and hands requeued tasks to the backlog.
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from taskbroker.broker.status import DELAYED
 from taskbroker.errors import TaskbrokerError
 from taskbroker.protocol import codec
 from taskbroker.protocol.codec import dumps
@@ -100,16 +101,15 @@ class Outcomes:
                 task_id, token, "failed", None,
                 f"result exceeds the limit of {codec.MAX_PAYLOAD_SIZE} "
                 "bytes", None, now)
-            final = None
-        else:
-            d = broker.store.finish(task_id, token, "succeeded", result,
-                                    None, None, now)
-            # The row as the store now has it, so that waiting clients are
-            # answered without reading it back.
-            final = row._replace(
-                state="succeeded", attempts=row.attempts + 1, token=token,
-                finished_at=now, result=result, error=None, traceback=None)
-        return d.addCallback(self._finished, task_id, final)
+            return d.addCallback(self._finished, row, "failed")
+        d = broker.store.finish(task_id, token, "succeeded", result,
+                                None, None, now)
+        # The row as the store now has it, so that waiting clients are
+        # answered without reading it back.
+        final = row._replace(
+            state="succeeded", attempts=row.attempts + 1, token=token,
+            finished_at=now, result=result, error=None, traceback=None)
+        return d.addCallback(self._finished, row, "succeeded", final)
 
     def fail(self, attempt, error, traceback, permanent):
         """
@@ -125,7 +125,7 @@ class Outcomes:
         if permanent or used >= max_attempts:
             d = broker.store.finish(task_id, token, "failed", None, error,
                                     traceback, now)
-            return d.addCallback(self._finished, task_id)
+            return d.addCallback(self._finished, row, "failed")
         delay = self.policy.backoff(used)
         run_at = now + delay
         broker.counters["retried"] += 1
@@ -138,6 +138,9 @@ class Outcomes:
 
         def requeued(changed):
             if changed:
+                counts = broker.status.tasks
+                counts.move(row.priority, row.handler, "running", "queued")
+                counts.move(row.priority, row.handler, None, DELAYED)
                 broker.backlog.enqueue(row._replace(
                     state="queued", attempts=used, token=token,
                     run_at=run_at, error=error, traceback=traceback))
@@ -168,7 +171,7 @@ class Outcomes:
             d = broker.store.finish(
                 task_id, token, "failed", None,
                 f"{reason} during attempt {used} of {max_attempts}", None, now)
-            d.addCallback(self._finished, task_id)
+            d.addCallback(self._finished, row, "failed")
         else:
             self.log.info("task {task_id} requeued: {reason}",
                           task_id=task_id, reason=reason)
@@ -176,6 +179,8 @@ class Outcomes:
 
             def requeued(changed):
                 if changed:
+                    broker.status.tasks.move(row.priority, row.handler,
+                                             "running", "queued")
                     broker.backlog.enqueue(row._replace(
                         state="queued", token=token, run_at=None,
                         attempts=used if consumed else row.attempts),
@@ -194,9 +199,11 @@ class Outcomes:
 
         return d.addErrback(failed)
 
-    def _finished(self, changed, task_id, final=None):
+    def _finished(self, changed, row, state, final=None):
         if changed:
-            self.notify(task_id, final)
+            self._broker.status.tasks.move(row.priority, row.handler,
+                                           "running", state)
+            self.notify(row.id, final)
         return changed
 
     # -- waiting for a task ------------------------------------------------

@@ -14,6 +14,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from taskbroker.broker.outcomes import BrokerStopping
+from taskbroker.broker.status import DELAYED
 from taskbroker.broker.validation import invalid_row
 from taskbroker.errors import StoreError
 from taskbroker.protocol import codec
@@ -109,6 +110,11 @@ class Requests:
                     broker.give_back(session)
             rows = [row for row, _ in results]
             broker.backlog.submitted(row.id for row in rows)
+            for row, created in results:
+                if created:
+                    broker.status.tasks.add(
+                        row.state, row.priority, row.handler,
+                        delayed=row.run_at is not None and row.run_at > now)
             request_id = body.get("request_id")
             # A resent request is answered with what the first one made.
             replayed = request_id is not None and all(
@@ -263,6 +269,12 @@ class Requests:
                     "tasks can be cancelled")
                 return
             attempt = broker.attempts.end(task_id)
+            counts = broker.status.tasks
+            counts.move(row.priority, row.handler,
+                        "queued" if attempt is None else "running", "cancelled")
+            if waiting is not None and task_id not in broker.dispatcher \
+                    and waiting.run_at is not None:
+                counts.move(row.priority, row.handler, DELAYED, None)
             holder = (broker.sessions.get(attempt.session)
                       if attempt is not None and attempt.session is not None
                       else None)
@@ -304,6 +316,7 @@ class Requests:
                 f"task {task_id} is {row.state}; only failed and "
                 "cancelled tasks can be retried")
             return
+        previous = row.state
         row = yield broker.store.retry(task_id)
         if row.state != "queued":
             self.error(
@@ -311,9 +324,12 @@ class Requests:
                 f"task {task_id} cannot be retried: another live task "
                 f"holds its unique key {row.unique_key!r}")
             return
+        broker.status.tasks.move(row.priority, row.handler, previous, "queued")
         reason = invalid_row(row, broker.levels)
         if reason is not None:
             yield broker.store.reject(task_id, reason, broker.clock.seconds())
+            broker.status.tasks.move(row.priority, row.handler, "queued",
+                                     "failed")
             self.error(identity, req, "not_retryable",
                        f"task {task_id} cannot run: {reason}")
             return
@@ -340,34 +356,11 @@ class Requests:
         self.reply(identity, body["req"], {"workers": workers})
 
     def on_STATS(self, identity, body):
-        broker = self._broker
+        # From memory, except for the very first, which waits for the
+        # broker's first count of the table.
+        status = self._broker.status
         req = body["req"]
-        d = broker.store.counts(broker.clock.seconds())
-
-        def counted(counts):
-            tasks, waiting, delayed = {}, {}, 0
-            for (state, level, handler, is_delayed), n in counts.items():
-                # A NULL priority (a row inserted by SQL) runs at the
-                # default level.
-                level = level or broker.config.default_priority
-                by_level = tasks.setdefault(state, {})
-                by_level[level] = by_level.get(level, 0) + n
-                if is_delayed:
-                    delayed += n
-                elif state == "queued":
-                    waiting[handler] = waiting.get(handler, 0) + n
-            self.reply(identity, req, {"stats": {
-                "priorities": list(broker.levels),
-                "tasks": tasks,
-                "waiting": waiting,
-                "delayed": delayed,
-                "unserved": sorted(
-                    h for h in waiting if not broker.dispatcher.served(h)),
-                "workers": len(broker.sessions),
-                "slots": broker.sessions.total_slots(),
-                "free_slots": broker.dispatcher.free_credits(),
-                "dispatch_paused": broker.dispatcher.paused,
-                "counters": broker.all_counters(),
-            }})
-
-        self._answered(d.addCallback(counted), "counting tasks", identity, req)
+        d = status.counted()
+        d.addCallback(lambda _: self.reply(identity, req,
+                                           {"stats": status.stats()}))
+        self._answered(d, "counting tasks", identity, req)

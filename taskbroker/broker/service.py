@@ -11,8 +11,10 @@ started in this order and stopped in reverse:
 4. ``socket``: bind the ROUTER socket; at the end, close it;
 5. ``intake``: at the end, stop handling messages and tell waiting
    clients, while the socket can still send;
-6. ``poller`` and ``sweeper``: the timers that adopt SQL-inserted tasks
-   and send heartbeats (stopping them waits for a poll under way).
+6. ``poller``, ``sweeper`` and ``recounter``: the timers that adopt
+   SQL-inserted tasks, send heartbeats, and count the tasks table again
+   (the first count starts as the broker listens; stopping a timer waits
+   for its tick under way).
 
 So the socket binds only after the store is open and loaded, and at the
 end the intake closes before the store drains.  A web service would be one
@@ -25,6 +27,7 @@ from twisted.application.internet import TimerService
 from twisted.logger import Logger
 
 from taskbroker.broker.core import Broker
+from taskbroker.broker.status import RECOUNT_INTERVAL
 from taskbroker.protocol.codec import MAX_MESSAGE_SIZE
 from taskbroker.services import ServiceTree, StepService
 from taskbroker.transport.zmq import RouterSocket, ZmqFactoryService
@@ -69,6 +72,8 @@ class BrokerService(ServiceTree):
             StepService("intake", stop=self.broker.stop),
             self._timer("poller", config.poll_interval, self.broker.poll),
             self._timer("sweeper", config.heartbeat, self._sweep),
+            # Its first count starts as soon as the broker listens.
+            self._timer("recounter", RECOUNT_INTERVAL, self._recount),
         ):
             child.setServiceParent(self)
 
@@ -104,6 +109,10 @@ class BrokerService(ServiceTree):
         # not one after each.
         with self.socket.batch():
             self.broker.sweep()
+
+    def _recount(self):
+        return self.broker.status.recount().addErrback(
+            self.broker.trouble, "counting tasks")
 
     def _send(self, identity, frames):
         if self.socket is None:

@@ -16,7 +16,8 @@ def test_the_socket_binds_after_the_store_and_closes_before_it():
     clock = Clock()
     service = BrokerService(BrokerConfig(), MemoryStore(clock), clock)
     assert [child.name for child in service] == [
-        "store", "core", "zmq", "socket", "intake", "poller", "sweeper"]
+        "store", "core", "zmq", "socket", "intake", "poller", "sweeper",
+        "recounter"]
 
 
 def test_a_store_that_cannot_open_stops_the_start_with_one_line():

@@ -613,6 +613,10 @@ def test_stats_json_and_summary(broker):
     assert ["failed", "0", "1", "1"] in [line.split() for line in lines]
     assert "  echo: 4" in lines
     assert lines[-1].endswith(": resize")
+    broker.handlers["STATS"] = lambda body: reply(
+        stats=dict(STATS, counts_age=42.4))
+    lines = at(broker, "stats").stdout.splitlines()
+    assert lines[-1].startswith("(tasks recounted 42 s ago;")
 
 
 def test_global_options_after_the_command(broker):
