@@ -1,8 +1,8 @@
 # -*- test-case-name: tests.unit.test_tap -*-
 """
-What the broker's and the worker's ``tap`` modules share: building a
-``usage.Options`` class from a table of settings, and exiting a daemon with
-one line and a non-zero status.
+What the broker's and the worker's ``tap`` modules share: a
+``usage.Options`` base derived from a daemon's settings, and exiting a
+daemon with one line and a non-zero status.
 """
 
 import atexit
@@ -11,54 +11,74 @@ import sys
 
 from twisted.python import usage
 
+from taskbroker.config import (
+    KNOWN_VARIABLES,
+    RESERVED_PREFIXES,
+    check_environment,
+)
 from taskbroker.errors import ConfigError
 
 
-def options_class(settings, build_config, command, synopsis):
+class DaemonOptions(usage.Options):
     """
-    Make a ``usage.Options`` subclass for a daemon.
+    The command line of a daemon, derived from its settings.
 
-    Every option defaults to ``None`` so that :func:`taskbroker.config.resolve`
+    A subclass names its ``settings`` (a sequence of
+    :class:`taskbroker.config.Setting`), the ``build_config(given,
+    environ)`` function that layers them, its environment ``prefix`` and
+    its ``command`` name; the option table follows from them.  Every
+    option defaults to ``None`` so that :func:`taskbroker.config.resolve`
     can tell what the user typed; the real default is shown in the help.
-    ``postOptions`` builds the config value (``self.config``) and, if a value
-    is invalid, prints one line and exits with status 2: twistd would
-    otherwise print the whole usage text before the reason.
-
-    :param settings: a sequence of :class:`taskbroker.config.Setting`.
-    :param build_config: ``build_config(given) -> config``, raising
-        :class:`ConfigError`.
-    :param command: the subcommand's name, for error messages.
+    ``postOptions`` checks the environment for misspelt variables and
+    builds the config value (``self.config``); if anything is invalid it
+    prints one line and exits with status 2 (twistd would otherwise print
+    the whole usage text before the reason).
     """
-    parameters = []
-    namespace = {"synopsis": synopsis, "optParameters": parameters}
-    for setting in settings:
-        default = setting.default
-        if isinstance(default, tuple):
-            default = ",".join(default) or "none"
-        help = setting.help + ("" if default is None else f" [default: {default}]")
-        if setting.repeatable:
-            namespace["opt_" + setting.field] = _repeatable(setting.field, help)
-        else:
-            parameters.append([setting.option, setting.short, None, help])
+
+    settings = ()
+    prefix = None
+    command = None
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        cls.optParameters = []
+        for setting in cls.settings:
+            if setting.repeatable:
+                setattr(cls, "opt_" + setting.field,
+                        _repeatable(setting.field, _help(setting)))
+            else:
+                cls.optParameters.append(
+                    [setting.option, setting.short, None, _help(setting)])
 
     def __init__(self):
         usage.Options.__init__(self)
-        for setting in settings:
+        for setting in self.settings:
             if setting.repeatable:
                 self[setting.field] = []
 
+    @staticmethod
+    def build_config(given, environ):
+        raise NotImplementedError
+
     def postOptions(self):
         given = {s.field: self[s.option if not s.repeatable else s.field]
-                 for s in settings}
+                 for s in self.settings}
         try:
-            self.config = build_config(given)
+            for warning in check_environment(
+                    self.prefix, KNOWN_VARIABLES[self.prefix],
+                    RESERVED_PREFIXES[self.prefix], os.environ):
+                sys.stderr.write(f"twistd {self.command}: warning: {warning}\n")
+            self.config = self.build_config(given, os.environ)
         except ConfigError as e:
-            sys.stderr.write(f"twistd {command}: {e}\n")
+            sys.stderr.write(f"twistd {self.command}: {e}\n")
             raise SystemExit(2)
 
-    namespace["__init__"] = __init__
-    namespace["postOptions"] = postOptions
-    return type("Options", (usage.Options,), namespace)
+
+def _help(setting):
+    default = setting.default
+    if isinstance(default, tuple):
+        default = ",".join(default) or "none"
+    return setting.help + ("" if default is None else f" [default: {default}]")
 
 
 def _repeatable(field, help):

@@ -20,7 +20,6 @@ such task.  Every error is one line on stderr that starts with
 
 import getopt
 import json
-import math
 import os
 import sys
 from datetime import datetime
@@ -37,13 +36,18 @@ from taskbroker.client.errors import (
     RequestFailed,
     TaskNotFound,
 )
-from taskbroker.errors import one_line
+from taskbroker.config import (
+    CLIENT_SETTINGS,
+    client_config,
+    non_negative_number,
+    positive_int,
+    positive_number,
+)
+from taskbroker.errors import ConfigError, one_line
 from taskbroker.protocol.objects import TASK_KEYS
 
 __all__ = ["main"]
 
-DEFAULT_BROKER = "tcp://127.0.0.1:5555"
-DEFAULT_TIMEOUT = 5.0
 
 EXIT_OK = 0
 EXIT_TASK_FAILED = 1
@@ -72,39 +76,6 @@ class _Help(Exception):
     def __init__(self, text):
         Exception.__init__(self, text)
         self.text = text
-
-
-def _positive_number(text):
-    value = float(text)
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{text!r} is not a positive number")
-    return value
-
-
-_positive_number.coerceDoc = "A positive number of seconds."
-
-
-def _non_negative_number(text):
-    value = float(text)
-    if not (math.isfinite(value) and value >= 0):
-        raise ValueError(f"{text!r} is not a number of seconds >= 0")
-    return value
-
-
-_non_negative_number.coerceDoc = "A number of seconds >= 0."
-
-
-def _positive_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise ValueError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise ValueError(f"{text!r} is not a positive integer")
-    return value
-
-
-_positive_int.coerceDoc = "A positive integer."
 
 
 def _integer(text):
@@ -156,8 +127,7 @@ class _CommandOptions(_Options):
         ["broker", None, None,
          "The broker's ZeroMQ endpoint (overrides the global option)."],
         ["timeout", None, None,
-         "Seconds to wait for each answer (overrides the global option)",
-         _positive_number],
+         "Seconds to wait for each answer (overrides the global option)"],
     ]
 
     #: How many positional arguments the command takes, for the messages.
@@ -226,13 +196,13 @@ class SubmitOptions(_CommandOptions):
          _integer],
         ["delay", None, None,
          "Run the task no sooner than this many seconds from now",
-         _non_negative_number],
+         non_negative_number],
         ["unique-key", None, None,
          "A name: while a queued or running task holds it, submit nothing "
          "and print that task's id."],
         ["time-limit", None, None,
          "Seconds an attempt may run before the worker stops it (default: "
-         "the broker's)", _positive_number],
+         "the broker's)", positive_number],
         ["from", "f", None, "Submit every task of a JSON Lines file."],
     ]
 
@@ -288,7 +258,7 @@ class ListOptions(_CommandOptions):
         ["state", "s", None,
          "Only tasks in this state (" + ", ".join(_STATES) + ")."],
         ["handler", None, None, "Only tasks for this handler."],
-        ["limit", "n", 100, "The most tasks to show.", _positive_int],
+        ["limit", "n", 100, "The most tasks to show.", positive_int],
     ]
 
 
@@ -357,14 +327,12 @@ class Options(_Options):
         "or was cancelled (submit --wait), or an internal error; 2 usage "
         "error or request refused; 3 broker unreachable, not answering or "
         "unavailable; 4 no such task.")
+    # Checked and layered with the environment by client_config; the
+    # defaults are shown in the help.
     optParameters = [
-        ["broker", "b", None,
-         "The broker's ZeroMQ endpoint (environment: TASKBROKER_BROKER; "
-         "default: " + DEFAULT_BROKER + ")."],
-        ["timeout", "t", DEFAULT_TIMEOUT,
-         "Seconds to wait for each answer; every command tries three "
-         "times", _positive_number],
-    ]
+        [s.option, s.short, None,
+         f"{s.help} (environment: {s.variable('TASKBROKER_')}; default: "
+         f"{s.default})"] for s in CLIENT_SETTINGS]
     subCommands = [
         ["submit", None, SubmitOptions, "Submit a task, or many with --from."],
         ["status", None, StatusOptions, "Show a task."],
@@ -381,21 +349,16 @@ class Options(_Options):
                 "no command given (one of "
                 + ", ".join(name for name, _, _, _ in self.subCommands) + ")")
 
-    def endpoint(self, environ):
+    def client_config(self, environ):
         """
-        :returns: the endpoint from the command line, else the environment,
-            else the default.
+        :returns: the :class:`taskbroker.config.ClientConfig`: from the
+            command (a subcommand's option first), else the environment,
+            else the defaults.
+        :raises ConfigError: for an invalid value.
         """
-        return (self.subOptions["broker"] or self["broker"]
-                or environ.get("TASKBROKER_BROKER") or DEFAULT_BROKER)
-
-    def timeout(self):
-        """
-        :returns: the answer timeout in seconds.
-        """
-        if self.subOptions["timeout"] is not None:
-            return self.subOptions["timeout"]
-        return self["timeout"]
+        given = {s.field: self.subOptions[s.option] or self[s.option]
+                 for s in CLIENT_SETTINGS}
+        return client_config(given, environ)
 
 
 class _Output:
@@ -743,8 +706,9 @@ def _run(argv, output, stdin, environ):
         output.error(f"{e} (see 'taskbroker --help')")
         return EXIT_USAGE
     try:
-        client = BlockingClient(options.endpoint(environ), options.timeout())
-    except ValueError as e:
+        config = options.client_config(environ)
+        client = BlockingClient(config.broker, config.timeout)
+    except (ConfigError, ValueError) as e:
         output.error(str(e))
         return EXIT_USAGE
     with client:

@@ -14,7 +14,7 @@ directly.
 import os
 import re
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from typing import Optional
 
 from taskbroker.errors import ConfigError
@@ -88,6 +88,12 @@ def positive_int(text):
     return value
 
 
+# What usage.Options shows after an option's help.
+positive_number.coerceDoc = "A number greater than 0."
+non_negative_number.coerceDoc = "A number, 0 or more."
+positive_int.coerceDoc = "A whole number, 1 or more."
+
+
 def name(text):
     if not (0 < len(text) <= MAX_NAME) or not text.isprintable():
         raise ValueError(
@@ -133,14 +139,16 @@ def directory_list(paths):
     return tuple(result)
 
 
-# -- layering ---------------------------------------------------------------
+# -- settings ----------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class Setting:
     """
     One option: its name on the command line, how to check it, its
-    default, and its help text.
+    default, and its help text.  Declared once, on the config dataclass's
+    field (:func:`setting`); the option tables, the environment variables
+    and the help are derived from it (:func:`settings_of`).
     """
 
     option: str
@@ -153,6 +161,38 @@ class Setting:
     @property
     def field(self):
         return self.option.replace("-", "_")
+
+    def variable(self, prefix):
+        """
+        The environment variable that sets it, e.g. ``TASKBROKER_LISTEN``.
+        """
+        return prefix + self.field.upper()
+
+
+def setting(default, coerce, help, short=None, repeatable=False):
+    """
+    Declare a config dataclass field as a setting.
+
+    :param default: the built-in default; ``None`` for one computed from
+        the others (say so in ``help``, with "(default: ...)").
+    :param coerce: ``coerce(text) -> value``, raising ``ValueError`` with
+        a reason (for a repeatable setting, it takes the list of texts).
+    """
+    return field(default=default, metadata={"setting": (
+        coerce, help, short, repeatable)})
+
+
+def settings_of(cls):
+    """
+    :returns: the :class:`Setting` of each field of the config dataclass
+        ``cls``, in order.
+    """
+    result = []
+    for f in fields(cls):
+        coerce, help, short, repeatable = f.metadata["setting"]
+        result.append(Setting(f.name.replace("_", "-"), coerce, f.default,
+                              help, short, repeatable))
+    return tuple(result)
 
 
 def resolve(settings, prefix, given, environ):
@@ -169,7 +209,7 @@ def resolve(settings, prefix, given, environ):
     """
     values = {}
     for setting in settings:
-        variable = prefix + setting.field.upper()
+        variable = setting.variable(prefix)
         raw = given.get(setting.field)
         source = f"--{setting.option}"
         if raw is None or (setting.repeatable and not raw):
@@ -188,67 +228,118 @@ def resolve(settings, prefix, given, environ):
     return values
 
 
-# -- the broker -------------------------------------------------------------
+# -- the environment ---------------------------------------------------------
 
-BROKER_SETTINGS = (
-    Setting("listen", endpoint, "tcp://127.0.0.1:5555",
-            "ZeroMQ endpoint to bind for workers and clients. Anyone who can "
-            "reach it can submit and run tasks: keep it on loopback or a "
-            "trusted network."),
-    Setting("database", database_url, "sqlite:///taskbroker.sqlite",
-            "Database URL: sqlite:///relative.db or sqlite:////abs/path.db."),
-    Setting("priorities", level_list, ("high", "normal", "low"),
-            "Priority levels, comma-separated, most urgent first."),
-    Setting("default-priority", name, None,
-            "Level of a task that names none (default: normal if it is a "
-            "level, else the least urgent)."),
-    Setting("poll-interval", positive_number, 1.0,
-            "Seconds between looks for tasks inserted by other programs."),
-    Setting("max-attempts", positive_int, 3,
-            "Attempts a task may use unless it says otherwise."),
-    Setting("retry-delay", positive_number, 1.0,
-            "Seconds before a failed task's first retry; each later retry "
-            "waits twice as long, with random jitter."),
-    Setting("retry-max-delay", positive_number, 300.0,
-            "The longest wait before a retry (seconds)."),
-    Setting("time-limit", optional_positive_number, None,
-            "Seconds an attempt may run unless the task or its handler says "
-            "otherwise (default: no limit)."),
-    Setting("heartbeat", positive_number, 1.0,
-            "Seconds between heartbeats to each worker."),
-    Setting("heartbeat-misses", positive_int, 3,
-            "A worker is lost after this many of its heartbeat intervals "
-            "pass in silence."),
-    Setting("sqlite-synchronous", choice("normal", "full"), "normal",
-            "SQLite durability: normal survives any process crash; full "
-            "also survives power loss, at a cost per commit."),
-)
+
+def check_environment(prefix, known, reserved, environ):
+    """
+    Look for misspelt variables among those with ``prefix``: a variable
+    nobody reads is a setting silently not applied.
+
+    :param known: the variable names that something reads.
+    :param reserved: prefixes of names read elsewhere (``TASKBROKER_TEST_``).
+    :returns: a ``list`` of one-line warnings, for unknown names that look
+        like no known one.
+    :raises ConfigError: for an unknown name within a small edit distance
+        of a known one (a typo such as ``TASKBROKER_DATBASE``), naming both.
+    """
+    warnings = []
+    for name in sorted(environ):
+        if not name.startswith(prefix) or name in known or name.startswith(
+                tuple(reserved)):
+            continue
+        close = [k for k in sorted(known)
+                 if _edit_distance(name[len(prefix):], k[len(prefix):]) <= 2]
+        if close:
+            raise ConfigError(
+                f"{name}: unknown variable; did you mean {close[0]}?")
+        warnings.append(f"{name}: unknown variable, ignored")
+    return warnings
+
+
+def _edit_distance(a, b):
+    """
+    The Levenshtein distance between two strings.
+    """
+    previous = list(range(len(b) + 1))
+    for i, x in enumerate(a, 1):
+        current = [i]
+        for j, y in enumerate(b, 1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1,
+                               previous[j - 1] + (x != y)))
+        previous = current
+    return previous[-1]
+
+
+#: The address both daemons and the clients use unless told otherwise.
+DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"
+
+
+# -- the broker -------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class BrokerConfig:
     """
-    Everything a broker needs to start.
+    Everything a broker needs to start.  Each field is a setting of
+    ``twistd taskbroker`` (``--poll-interval`` for ``poll_interval``) and
+    of the environment (``TASKBROKER_POLL_INTERVAL``).
     """
 
-    listen: str = "tcp://127.0.0.1:5555"
-    database: str = "sqlite:///taskbroker.sqlite"
-    priorities: tuple = ("high", "normal", "low")
-    default_priority: str = "normal"
-    poll_interval: float = 1.0
-    max_attempts: int = 3
-    retry_delay: float = 1.0
-    retry_max_delay: float = 300.0
-    time_limit: Optional[float] = None
-    heartbeat: float = 1.0
-    heartbeat_misses: int = 3
-    sqlite_synchronous: str = "normal"
+    listen: str = setting(
+        DEFAULT_ENDPOINT, endpoint,
+        "ZeroMQ endpoint to bind for workers and clients. Anyone who can "
+        "reach it can submit and run tasks: keep it on loopback or a "
+        "trusted network.")
+    database: str = setting(
+        "sqlite:///taskbroker.sqlite", database_url,
+        "Database URL: sqlite:///relative.db or sqlite:////abs/path.db.")
+    priorities: tuple = setting(
+        ("high", "normal", "low"), level_list,
+        "Priority levels, comma-separated, most urgent first.")
+    default_priority: Optional[str] = setting(
+        None, name,
+        "Level of a task that names none (default: normal if it is a "
+        "level, else the least urgent).")
+    poll_interval: float = setting(
+        1.0, positive_number,
+        "Seconds between looks for tasks inserted by other programs.")
+    max_attempts: int = setting(
+        3, positive_int, "Attempts a task may use unless it says otherwise.")
+    retry_delay: float = setting(
+        1.0, positive_number,
+        "Seconds before a failed task's first retry; each later retry "
+        "waits twice as long, with random jitter.")
+    retry_max_delay: float = setting(
+        300.0, positive_number, "The longest wait before a retry (seconds).")
+    time_limit: Optional[float] = setting(
+        None, optional_positive_number,
+        "Seconds an attempt may run unless the task or its handler says "
+        "otherwise (default: no limit).")
+    heartbeat: float = setting(
+        1.0, positive_number, "Seconds between heartbeats to each worker.")
+    heartbeat_misses: int = setting(
+        3, positive_int,
+        "A worker is lost after this many of its heartbeat intervals pass "
+        "in silence.")
+    sqlite_synchronous: str = setting(
+        "normal", choice("normal", "full"),
+        "SQLite durability: normal survives any process crash; full also "
+        "survives power loss, at a cost per commit.")
 
     def __post_init__(self):
-        if self.default_priority not in self.priorities:
+        levels = self.priorities
+        if self.default_priority is None:
+            object.__setattr__(
+                self, "default_priority",
+                "normal" if "normal" in levels else levels[-1])
+        elif self.default_priority not in levels:
             raise ConfigError(
                 f"--default-priority: {self.default_priority!r} is not one of "
-                "the levels " + ",".join(self.priorities))
+                "the levels " + ",".join(levels))
+
+
+BROKER_SETTINGS = settings_of(BrokerConfig)
 
 
 def broker_config(given, environ=None):
@@ -258,19 +349,18 @@ def broker_config(given, environ=None):
 
     :raises ConfigError: with a one-line reason.
     """
-    values = resolve(BROKER_SETTINGS, "TASKBROKER_",
-                     given, os.environ if environ is None else environ)
-    levels = values["priorities"]
-    if values["default_priority"] is None:
-        values["default_priority"] = "normal" if "normal" in levels else levels[-1]
-    elif values["default_priority"] not in levels:
+    environ = os.environ if environ is None else environ
+    values = resolve(BROKER_SETTINGS, "TASKBROKER_", given, environ)
+    default_priority = values["default_priority"]
+    if default_priority is not None and default_priority not in values[
+            "priorities"]:
         # Checked here as well as in BrokerConfig, to name where it came from.
         source = ("--default-priority"
                   if given.get("default_priority") is not None
                   else "TASKBROKER_DEFAULT_PRIORITY")
         raise ConfigError(
-            f"{source}: {values['default_priority']!r} is not one of the "
-            "levels " + ",".join(levels))
+            f"{source}: {default_priority!r} is not one of the levels "
+            + ",".join(values["priorities"]))
     return BrokerConfig(**values)
 
 
@@ -281,45 +371,46 @@ def default_worker_name():
     return f"{socket.gethostname()}-{os.getpid()}"
 
 
-WORKER_SETTINGS = (
-    Setting("broker", connect_endpoint, "tcp://127.0.0.1:5555",
-            "ZeroMQ endpoint of the broker."),
-    Setting("priorities", level_list, None,
-            "Levels to serve, comma-separated (default: all the broker has). "
-            "A worker serving only the most urgent level is capacity "
-            "reserved for it."),
-    Setting("concurrency", positive_int, 1,
-            "How many tasks to run at once (slots)."),
-    Setting("handlers-path", directory_list, (),
-            "A folder of handler modules; repeatable (environment: "
-            "folders separated by ':').", repeatable=True),
-    Setting("name", name, None,
-            "Worker name, unique among live workers (default: HOSTNAME-PID)."),
-    Setting("heartbeat", positive_number, 1.0,
-            "Seconds between heartbeats to the broker."),
-    Setting("heartbeat-misses", positive_int, 3,
-            "The broker is presumed lost after this many of its heartbeat "
-            "intervals pass in silence."),
-    Setting("grace", non_negative_number, 30.0,
-            "At shutdown, seconds to let running tasks finish before they "
-            "are stopped and handed back to the broker."),
-)
-
-
 @dataclass(frozen=True)
 class WorkerConfig:
     """
-    Everything a worker needs to start.
+    Everything a worker needs to start.  Each field is a setting of
+    ``twistd taskworker`` and of the environment (``TASKWORKER_...``).
     """
 
-    broker: str = "tcp://127.0.0.1:5555"
-    priorities: Optional[tuple] = None
-    concurrency: int = 1
-    handlers_path: tuple = ()
-    name: str = "worker"
-    heartbeat: float = 1.0
-    heartbeat_misses: int = 3
-    grace: float = 30.0
+    broker: str = setting(
+        DEFAULT_ENDPOINT, connect_endpoint, "ZeroMQ endpoint of the broker.")
+    priorities: Optional[tuple] = setting(
+        None, level_list,
+        "Levels to serve, comma-separated (default: all the broker has). "
+        "A worker serving only the most urgent level is capacity reserved "
+        "for it.")
+    concurrency: int = setting(
+        1, positive_int, "How many tasks to run at once (slots).")
+    handlers_path: tuple = setting(
+        (), directory_list,
+        "A folder of handler modules; repeatable (environment: folders "
+        "separated by ':').", repeatable=True)
+    name: Optional[str] = setting(
+        None, name,
+        "Worker name, unique among live workers (default: HOSTNAME-PID).")
+    heartbeat: float = setting(
+        1.0, positive_number, "Seconds between heartbeats to the broker.")
+    heartbeat_misses: int = setting(
+        3, positive_int,
+        "The broker is presumed lost after this many of its heartbeat "
+        "intervals pass in silence.")
+    grace: float = setting(
+        30.0, non_negative_number,
+        "At shutdown, seconds to let running tasks finish before they are "
+        "stopped and handed back to the broker.")
+
+    def __post_init__(self):
+        if self.name is None:
+            object.__setattr__(self, "name", default_worker_name())
+
+
+WORKER_SETTINGS = settings_of(WorkerConfig)
 
 
 def worker_config(given, environ=None):
@@ -329,8 +420,55 @@ def worker_config(given, environ=None):
 
     :raises ConfigError: with a one-line reason.
     """
-    values = resolve(WORKER_SETTINGS, "TASKWORKER_",
-                     given, os.environ if environ is None else environ)
-    if values["name"] is None:
-        values["name"] = default_worker_name()
-    return WorkerConfig(**values)
+    environ = os.environ if environ is None else environ
+    return WorkerConfig(**resolve(WORKER_SETTINGS, "TASKWORKER_", given,
+                                  environ))
+
+
+# -- the command line ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    """
+    Where the ``taskbroker`` command finds its broker, and how long it
+    waits (``--broker``, ``--timeout``; ``TASKBROKER_BROKER``,
+    ``TASKBROKER_TIMEOUT``).
+    """
+
+    broker: str = setting(
+        DEFAULT_ENDPOINT, connect_endpoint, "The broker's ZeroMQ endpoint.",
+        short="b")
+    timeout: float = setting(
+        5.0, positive_number,
+        "Seconds to wait for each answer; every command tries three times.",
+        short="t")
+
+
+CLIENT_SETTINGS = settings_of(ClientConfig)
+
+
+def client_config(given, environ=None):
+    """
+    Build a :class:`ClientConfig` from command-line values and the
+    environment.
+
+    :raises ConfigError: with a one-line reason.
+    """
+    environ = os.environ if environ is None else environ
+    return ClientConfig(**resolve(CLIENT_SETTINGS, "TASKBROKER_", given,
+                                  environ))
+
+
+#: Every variable something of ours reads, by prefix, and the prefixes of
+#: those read elsewhere (the tests, and the client settings to come).
+KNOWN_VARIABLES = {
+    "TASKBROKER_": frozenset(
+        s.variable("TASKBROKER_") for s in BROKER_SETTINGS + CLIENT_SETTINGS),
+    "TASKWORKER_": frozenset(
+        s.variable("TASKWORKER_") for s in WORKER_SETTINGS),
+}
+RESERVED_PREFIXES = {
+    "TASKBROKER_": ("TASKBROKER_TEST_", "TASKBROKER_CLIENT_"),
+    "TASKWORKER_": (),
+}

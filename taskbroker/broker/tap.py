@@ -3,16 +3,25 @@
 ``twistd taskbroker``: the broker's command line.
 """
 
-from taskbroker._tap import exit_with, options_class
+from taskbroker._tap import DaemonOptions, exit_with
 from taskbroker.config import BROKER_SETTINGS, broker_config
 
-Options = options_class(
-    BROKER_SETTINGS, broker_config, "taskbroker",
-    "[options]\n\nKeep tasks in a database and hand each one to a worker "
-    "that asked for work.\nEvery option can also be set with an environment "
-    "variable TASKBROKER_<OPTION>\n(e.g. TASKBROKER_DATABASE); the command "
-    "line wins.",
-)
+
+class Options(DaemonOptions):
+    """
+    ``twistd taskbroker [options]``: one option per field of
+    :class:`taskbroker.config.BrokerConfig`.
+    """
+
+    synopsis = (
+        "[options]\n\nKeep tasks in a database and hand each one to a worker "
+        "that asked for work.\nEvery option can also be set with an "
+        "environment variable TASKBROKER_<OPTION>\n(e.g. "
+        "TASKBROKER_DATABASE); the command line wins.")
+    settings = BROKER_SETTINGS
+    prefix = "TASKBROKER_"
+    command = "taskbroker"
+    build_config = staticmethod(broker_config)
 
 
 def makeService(options):

@@ -5,16 +5,25 @@
 
 import time
 
-from taskbroker._tap import exit_with, options_class
+from taskbroker._tap import DaemonOptions, exit_with
 from taskbroker.config import WORKER_SETTINGS, worker_config
 
-Options = options_class(
-    WORKER_SETTINGS, worker_config, "taskworker",
-    "[options]\n\nRun tasks handed out by a taskbroker, one per free slot.\n"
-    "Every option can also be set with an environment variable "
-    "TASKWORKER_<OPTION>\n(e.g. TASKWORKER_CONCURRENCY); the command line "
-    "wins.",
-)
+
+class Options(DaemonOptions):
+    """
+    ``twistd taskworker [options]``: one option per field of
+    :class:`taskbroker.config.WorkerConfig`.
+    """
+
+    synopsis = (
+        "[options]\n\nRun tasks handed out by a taskbroker, one per free "
+        "slot.\nEvery option can also be set with an environment variable "
+        "TASKWORKER_<OPTION>\n(e.g. TASKWORKER_CONCURRENCY); the command "
+        "line wins.")
+    settings = WORKER_SETTINGS
+    prefix = "TASKWORKER_"
+    command = "taskworker"
+    build_config = staticmethod(worker_config)
 
 
 def makeService(options):

@@ -632,3 +632,19 @@ def test_retry_of_a_running_task_says_so(broker):
     result = run("--broker", broker.endpoint, "retry", "7")
     assert result.code == 0
     assert result.stdout.strip() == "task 7 is already running"
+
+
+def test_the_environment_gives_the_broker_and_the_timeout(
+        broker, silent_endpoint, monkeypatch):
+    broker.handlers["STATS"] = lambda body: reply(stats=STATS)
+    monkeypatch.setenv("TASKBROKER_BROKER", broker.endpoint)
+    assert run("stats", "--json").code == 0
+    # A timeout from the environment: a silent broker answers nothing.
+    monkeypatch.setenv("TASKBROKER_BROKER", silent_endpoint)
+    monkeypatch.setenv("TASKBROKER_TIMEOUT", "0.05")
+    assert run("stats").code == 3
+    monkeypatch.setenv("TASKBROKER_TIMEOUT", "soon")
+    result = run("stats")
+    assert result.code == 2
+    assert result.error_line() == (
+        "taskbroker: TASKBROKER_TIMEOUT: expected a number (got 'soon')")

@@ -194,3 +194,75 @@ def test_twistd_invalid_value_prints_one_line():
     assert "Traceback" not in output
     assert len(output.splitlines()) == 1, output
     assert "--concurrency" in output
+
+
+# -- the environment: typos stop a daemon, other strangers are noted ----------
+
+
+@pytest.mark.parametrize("module, variable, known", [
+    (broker_tap, "TASKBROKER_DATBASE", "TASKBROKER_DATABASE"),
+    (broker_tap, "TASKBROKER_HEARTBEATS", "TASKBROKER_HEARTBEAT"),
+    (broker_tap, "TASKBROKER_POLL_INTERVALL", "TASKBROKER_POLL_INTERVAL"),
+    (worker_tap, "TASKWORKER_CONCURENCY", "TASKWORKER_CONCURRENCY"),
+    (worker_tap, "TASKWORKER_NAMES", "TASKWORKER_NAME"),
+])
+def test_a_misspelt_variable_stops_the_daemon(
+        monkeypatch, capsys, module, variable, known):
+    monkeypatch.setenv(variable, "1")
+    with pytest.raises(SystemExit) as caught:
+        parse(module, [])
+    assert caught.value.code == 2
+    command = "taskbroker" if module is broker_tap else "taskworker"
+    assert capsys.readouterr().err == (
+        f"twistd {command}: {variable}: unknown variable; did you mean "
+        f"{known}?\n")
+
+
+def test_an_unknown_variable_is_a_warning(monkeypatch, capsys):
+    monkeypatch.setenv("TASKBROKER_SOMETHING_ELSE_ENTIRELY", "1")
+    options = parse(broker_tap, [])
+    assert options.config == BrokerConfig()
+    assert capsys.readouterr().err == (
+        "twistd taskbroker: warning: TASKBROKER_SOMETHING_ELSE_ENTIRELY: "
+        "unknown variable, ignored\n")
+
+
+def test_the_command_lines_and_the_tests_variables_are_known(
+        monkeypatch, capsys):
+    for variable in ("TASKBROKER_BROKER", "TASKBROKER_TIMEOUT",
+                     "TASKBROKER_TEST_POSTGRES", "TASKBROKER_CLIENT_KEY",
+                     # The other daemon's variables are its own business.
+                     "TASKWORKER_CONCURRENCY"):
+        monkeypatch.setenv(variable, "1")
+    parse(broker_tap, [])
+    assert capsys.readouterr().err == ""
+
+
+def test_no_daemon_option_clashes_with_the_command_lines_variables():
+    from taskbroker.config import (
+        CLIENT_SETTINGS,
+        KNOWN_VARIABLES,
+        RESERVED_PREFIXES,
+    )
+
+    broker = {s.variable("TASKBROKER_") for s in BROKER_SETTINGS}
+    client = {s.variable("TASKBROKER_") for s in CLIENT_SETTINGS}
+    assert broker.isdisjoint(client)
+    assert KNOWN_VARIABLES["TASKBROKER_"] == broker | client
+    for variable in broker | client:
+        assert not variable.startswith(RESERVED_PREFIXES["TASKBROKER_"])
+    worker = {s.variable("TASKWORKER_") for s in WORKER_SETTINGS}
+    assert KNOWN_VARIABLES["TASKWORKER_"] == worker
+
+
+def test_options_are_declared_once_on_the_config_fields():
+    from dataclasses import fields
+
+    from taskbroker.config import WorkerConfig
+
+    for settings, cls in ((BROKER_SETTINGS, BrokerConfig),
+                          (WORKER_SETTINGS, WorkerConfig)):
+        assert [s.field for s in settings] == [f.name for f in fields(cls)]
+    # A default computed from the others is the same built or parsed.
+    assert WorkerConfig().name == parse(worker_tap, []).config.name
+    assert BrokerConfig(priorities=("a", "b")).default_priority == "b"
