@@ -87,9 +87,18 @@ class ITaskStore(Interface):
     here.
     """
 
+    def claims(broker_id):
+        """
+        The claim source through which a broker with this id finds the
+        tasks it may dispatch from this store.
+
+        :returns: an :class:`IClaimSource`.
+        """
+
     def open():
         """
-        Create or upgrade the schema and take ownership of the database.
+        Create or upgrade the schema; a store that one broker owns at a
+        time (SQLite) takes ownership here.
 
         :returns: a ``Deferred`` firing with ``None``, or failing with
             :class:`taskbroker.errors.StoreLocked` when another broker owns
@@ -249,6 +258,26 @@ class ITaskStore(Interface):
             :class:`taskbroker.store.TaskRow`.
         """
 
+    def counts(now):
+        """
+        Count the tasks, for statistics.  Reads the whole table.
+
+        :param now: the time after which a queued task's ``run_at`` makes
+            it *delayed*.
+        :returns: a ``Deferred`` firing with a ``dict`` mapping ``(state,
+            priority, handler, delayed)`` to a count of tasks, where
+            ``delayed`` is a ``bool`` (always false unless ``queued``).
+        """
+
+
+class IQueueReads(Interface):
+    """
+    The reads a single owner's claim source is built on
+    (:class:`taskbroker.store.claims.OwnerClaims`): a database that one
+    broker owns at a time (SQLite) serves them from its indexes, and that
+    broker may treat what it reads as claimed.
+    """
+
     def scan_queued(after_id, limit, known):
         """
         What the broker's poller reads to find tasks that other programs
@@ -306,13 +335,142 @@ class ITaskStore(Interface):
             :class:`taskbroker.store.TaskRow`.
         """
 
-    def counts(now):
-        """
-        Count the tasks, for statistics.  Reads the whole table.
 
-        :param now: the time after which a queued task's ``run_at`` makes
-            it *delayed*.
-        :returns: a ``Deferred`` firing with a ``dict`` mapping ``(state,
-            priority, handler, delayed)`` to a count of tasks, where
-            ``delayed`` is a ``bool`` (always false unless ``queued``).
+class IClaimSource(Interface):
+    """
+    Decides which queued tasks a broker may hold for dispatch: the store
+    is the truth of what is claimable, not a broker's memory.
+
+    A single owner (SQLite) claims ahead: a window of each queue, read as
+    it drains, and tasks found by polling.  A store shared by several
+    brokers claims only for idle credits, so that a task waits in the
+    database, never in another broker's memory, and holds its claims
+    under a lease that the broker renews; the claims of a broker that
+    stopped renewing go to the others.  Delayed tasks are claimed only
+    when due.  Every dispatch is still a compare-and-set on the task's
+    state and token, so a claim lost to another broker can never run a
+    task twice.
+
+    Every method that reads or writes returns a ``Deferred``.
+    """
+
+    shared = Attribute(
+        "``bool``: ``False`` for a single owner, which claims ahead (the "
+        "broker holds a window of each queue); ``True`` for a store shared "
+        "by several brokers, which claims only for idle credits "
+        "(:meth:`claim_for`).")
+    lease = Attribute(
+        "Seconds a broker's claims last unless renewed (:meth:`renew`), or "
+        "``None`` if they never lapse.")
+
+    def start(now, on_change):
+        """
+        Begin claiming as this source's broker.
+
+        :param on_change: called (with no arguments) when tasks may have
+            become claimable: inserted by another program or broker,
+            released, or reclaimed from a broker that stopped renewing.
+        :returns: a ``Deferred`` firing with the ``list`` of running
+            :class:`taskbroker.store.TaskRow` whose attempts this broker now
+            answers for (a single owner: every running task).
+        """
+
+    def stop():
+        """
+        Give up every claim (the broker is stopping).
+
+        :returns: a ``Deferred`` firing with ``None``.
+        """
+
+    def queues():
+        """
+        For a single owner: the queues that hold queued tasks.
+
+        :returns: a ``Deferred`` firing with a ``list`` of ``(handler,
+            priority)`` pairs, as stored (``priority`` may be ``None`` or
+            any value another program wrote).
+        """
+
+    def claim_queue(handler, priorities, after_id, limit, now):
+        """
+        For a single owner: claim the next due tasks of one queue, oldest
+        first (see :meth:`IQueueReads.queued_window`).
+
+        :returns: a ``Deferred`` firing with a ``list`` of
+            :class:`taskbroker.store.TaskRow`.
+        """
+
+    def claim_for(levels, handlers, limit, now):
+        """
+        For a shared store: claim up to ``limit`` due tasks for idle
+        credits of workers that serve ``levels`` and have ``handlers``: the
+        most urgent level first, the oldest first within a level.
+
+        :param levels: priority level names (``None`` matches a NULL
+            priority: pass it along with the default level).
+        :returns: a ``Deferred`` firing with a ``list`` of
+            :class:`taskbroker.store.TaskRow`.
+        """
+
+    def upcoming(after, limit):
+        """
+        The next delayed tasks, by ``(run_at, id)`` after ``after``, without
+        claiming them (see :meth:`IQueueReads.delayed_window`): a single
+        owner holds them until due; a shared store's broker only times
+        its next claim by them.
+
+        :returns: a ``Deferred`` firing with a ``list`` of
+            :class:`taskbroker.store.TaskRow`.
+        """
+
+    def poll(limit):
+        """
+        For a single owner: the queued tasks that other programs inserted
+        since the last poll (tasks this broker inserted, see
+        :meth:`inserted`, are left out), up to ``limit`` at a time.
+
+        :returns: a ``Deferred`` firing with ``(rows, cursor)``: the
+            :class:`taskbroker.store.TaskRow` list, by id, and where this
+            poll ended, or ``None`` if it found nothing new.  Once the
+            broker has handled the rows (failed the invalid ones), it
+            confirms with :meth:`polled`; until then, the next poll reads
+            them again.
+        """
+
+    def polled(cursor):
+        """
+        The rows of the poll that ended at ``cursor`` are handled: the next
+        poll starts after it.
+        """
+
+    def inserted(task_ids):
+        """
+        Tasks this broker inserted or queued again (submit, retry): they
+        are its claims.
+        """
+
+    def release(task_ids):
+        """
+        Tasks this broker claimed but no longer holds and did not dispatch:
+        claimable by any broker again.
+        """
+
+    def renew(now):
+        """
+        Extend this broker's claims.
+
+        :returns: a ``Deferred`` firing with ``True``, or ``False`` if the
+            lease had already lapsed: the broker must stop dispatching what
+            it holds and start over, since other brokers may have claimed
+            its tasks.
+        """
+
+    def reclaim(now):
+        """
+        Take back the claims of brokers that stopped renewing: their running
+        tasks are queued again (a compare-and-set on state and token; the
+        next dispatch gives each a new token, so a late result from their
+        workers is refused) and their queued claims are freed.
+
+        :returns: a ``Deferred`` firing with the number of tasks freed.
         """

@@ -9,8 +9,9 @@ Everything here is public API; see ``docs/testing.rst``.
 from twisted.python.failure import Failure
 
 from taskbroker.store.memory import MemoryStore
+from taskbroker.store.shared import SharedClaims, SharedMemoryDatabase
 
-__all__ = ["MemoryStore", "result_of"]
+__all__ = ["MemoryStore", "SharedClaims", "SharedMemoryDatabase", "result_of"]
 
 
 def result_of(d):

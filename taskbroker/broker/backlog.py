@@ -1,14 +1,25 @@
 # -*- test-case-name: tests.unit.test_window -*-
 """
-The backlog: the queued tasks this broker holds in memory, waiting for a
-credit or for their ``run_at``, and how it is fed from the store.
+The backlog: the queued tasks this broker has claimed and holds in memory,
+waiting for a credit or for their ``run_at``, and how it is fed from the
+broker's claim source (:class:`taskbroker.interfaces.IClaimSource`).
 
-However deep the store's queues, the backlog holds a bounded window of
-each (:mod:`taskbroker.broker.window`) and of the delayed tasks, read
-again as they drain.  Tasks that other programs inserted with SQL are
-found by a poll, checked (:mod:`taskbroker.broker.validation`) and
-admitted like submitted ones.  Due tasks go to the dispatcher, which may
-match them with a credit at once; the broker then dispatches.
+The claim source's policy decides how much is held:
+
+- a single owner (SQLite) claims ahead: however deep the store's queues,
+  the backlog holds a bounded window of each
+  (:mod:`taskbroker.broker.window`) and of the delayed tasks, read again
+  as they drain; tasks that other programs inserted with SQL are found by
+  a poll and admitted like submitted ones;
+- a store shared by several brokers is claimed from only for idle
+  credits (:meth:`Backlog.feed`), on every wake-up: a credit that found
+  nothing, a change signalled by the store, a delayed task coming due, the
+  poll timer.  A task no credit of this broker takes goes back to the
+  store for any broker to claim.
+
+Rows are checked (:mod:`taskbroker.broker.validation`) before they are
+held.  Due tasks go to the dispatcher, which may match them with a credit
+at once; the broker then dispatches.
 """
 
 import heapq
@@ -31,7 +42,7 @@ QUEUE_WINDOW = 1000
 DELAYED_WINDOW = 1000
 
 # The key of the delayed tasks' window (the queues' keys are tuples).
-DELAYED = "delayed"
+DELAYED_KEY = "delayed"
 
 
 class Backlog:
@@ -56,10 +67,16 @@ class Backlog:
         self._heap = []
         self.delayed = {}
         self._delay_timer = None
-        self._submitted_since_poll = set()
-        self._watermark = 0
         self._polling = False
         self._stopped = False
+        # Capability classes with a claim for them under way, and those
+        # woken again meanwhile.
+        self._feeding = set()
+        self._feed_again = set()
+
+    @property
+    def _shared(self):
+        return self._broker.claims.shared
 
     # -- start and stop ----------------------------------------------------
 
@@ -73,7 +90,12 @@ class Backlog:
         :returns: a ``Deferred`` that fires when done.
         """
         broker = self._broker
-        pairs, last_id = yield broker.store.queued_groups()
+        self._delayed_window.leave(DELAYED_KEY, (-math.inf, 0))
+        if self._shared:
+            # Nothing is claimed ahead: the first credits will ask.
+            yield self._load_delayed()
+            return
+        pairs = yield broker.claims.queues()
         now = broker.clock.seconds()
         rejected = []
         for handler, priority in pairs:
@@ -89,11 +111,7 @@ class Backlog:
             level = broker.level_of(priority or broker.config.default_priority)
             # Truncated at the start: the first load reads its oldest tasks.
             self._windows.leave((level, handler), 0)
-        self._delayed_window.leave(DELAYED, (-math.inf, 0))
         yield defer.gatherResults(rejected, consumeErrors=True)
-        # Every queued task up to here belongs to a queue just found: the
-        # poller only looks above.
-        self._watermark = last_id
         loads = [self._refill(key) for key in self._windows.truncated()]
         yield defer.gatherResults([d for d in loads if d is not None],
                                   consumeErrors=True)
@@ -119,13 +137,6 @@ class Backlog:
         """
         return key in self._windows
 
-    def submitted(self, task_ids):
-        """
-        Tasks inserted through this broker: the poller must not adopt them
-        again.
-        """
-        self._submitted_since_poll.update(task_ids)
-
     def _held(self, task_id):
         return task_id in self._broker.attempts or self.holds(task_id)
 
@@ -135,13 +146,20 @@ class Backlog:
         """
         A queued task new to the broker (submitted, or found by the
         poller): hold it in memory if its window has room, else leave it in
-        the store for a later load.
+        the store for a later load.  (A shared store's brokers hold no new
+        task: it waits in the store for an idle credit to claim it, and
+        the store wakes them.)
         """
         broker = self._broker
-        if row.run_at is not None and row.run_at > broker.clock.seconds():
+        if self._shared:
+            broker.claims.release((row.id,))
+            if self._delays(row):
+                self._delay(row)  # only to time the next claim
+            return
+        if self._delays(row):
             # Held if it comes before what waits in the store (a load
             # reads it otherwise); _delay keeps the window's size.
-            cursor = self._delayed_window.cursor(DELAYED)
+            cursor = self._delayed_window.cursor(DELAYED_KEY)
             if cursor is None or (row.run_at, row.id) <= cursor:
                 self._delay(row)
             return
@@ -159,14 +177,25 @@ class Backlog:
             dispatched before them and comes back).
         """
         broker = self._broker
-        if row.run_at is not None and row.run_at > broker.clock.seconds():
+        if self._delays(row):
             self._delay(row)
+            if self._shared:
+                # Not claimed until due: any broker may run it then.
+                broker.claims.release((row.id,))
             return
         assignment = broker.dispatcher.add_task(
             Task(row.id, broker.level_of(row.priority), row.handler, row),
             front=front)
         if assignment is not None:
             broker.dispatch(assignment)
+        elif self._shared:
+            # No idle credit of ours takes it: back to the store, for any
+            # broker's idle credit.
+            broker.dispatcher.remove_task(row.id)
+            broker.claims.release((row.id,))
+
+    def _delays(self, row):
+        return row.run_at is not None and row.run_at > self._broker.clock.seconds()
 
     def withdraw(self, task_id):
         """
@@ -242,8 +271,8 @@ class Backlog:
         name = broker.levels[level]
         priorities = ((name, None) if name == broker.config.default_priority
                       else (name,))
-        d = broker.store.queued_window(handler, priorities, after_id, limit,
-                                       broker.clock.seconds())
+        d = broker.claims.claim_queue(handler, priorities, after_id, limit,
+                                      broker.clock.seconds())
 
         def loaded(rows):
             # Held before the window is told, so that dispatches on the way
@@ -272,15 +301,15 @@ class Backlog:
         :returns: a ``Deferred`` (never fails).
         """
         broker = self._broker
-        cursor = self._delayed_window.cursor(DELAYED)
+        cursor = self._delayed_window.cursor(DELAYED_KEY)
         soon = cursor is not None and cursor[0] <= (
             broker.clock.seconds() + 2 * broker.config.poll_interval + 1.0)
         load = None if self._stopped else self._delayed_window.start(
-            DELAYED, len(self.delayed), soon)
+            DELAYED_KEY, len(self.delayed), soon)
         if load is None:
             return defer.succeed(None)
         after, limit = load
-        d = broker.store.delayed_window(after, limit)
+        d = broker.claims.upcoming(after, limit)
 
         def loaded(rows):
             try:
@@ -292,12 +321,12 @@ class Backlog:
                     self._take_loaded(row, self._came_due if due else None)
             finally:
                 self._delayed_window.loaded(
-                    DELAYED,
+                    DELAYED_KEY,
                     (rows[-1].run_at, rows[-1].id) if rows else after,
                     exhausted=len(rows) < limit)
 
         def failed(reason):
-            self._delayed_window.failed(DELAYED)
+            self._delayed_window.failed(DELAYED_KEY)
             broker.trouble(reason, "reading delayed tasks")
 
         return d.addCallbacks(loaded, failed).addErrback(
@@ -323,7 +352,7 @@ class Backlog:
             # (it is queued there), for a later load.
             last = max(self.delayed.values(), key=lambda r: (r.run_at, r.id))
             del self.delayed[last.id]
-            self._delayed_window.leave(DELAYED, (last.run_at, last.id - 1))
+            self._delayed_window.leave(DELAYED_KEY, (last.run_at, last.id - 1))
         if self._heap[0][1] == row.id:
             self._schedule_delayed()
 
@@ -350,13 +379,81 @@ class Backlog:
                 due.append(row)
         for row in sorted(due, key=lambda r: broker.level_of(r.priority)):
             broker.status.tasks.move(row.priority, row.handler, DELAYED, None)
-            self.enqueue(row)
+            if not self._shared:
+                self.enqueue(row)
+        if self._shared and due:
+            self.feed()
         self._schedule_delayed()
         self._load_delayed()
 
     def _came_due(self, row):
         self._broker.status.tasks.move(row.priority, row.handler, DELAYED, None)
-        self.admit(row)
+        if self._shared:
+            self.feed()
+        else:
+            self.admit(row)
+
+    # -- claiming for idle credits (a shared store) --------------------------
+
+    def feed(self):
+        """
+        Claim tasks for the credits that wait, from a shared store: for
+        each class of workers with idle credits, at most as many tasks as
+        they have credits, the most urgent first.  A class whose claim is
+        under way is claimed for again when it ends.
+        """
+        broker = self._broker
+        if not self._shared or self._stopped or broker.dispatcher.paused:
+            return
+        for levels, handlers, credits in broker.dispatcher.hungry():
+            key = (levels, handlers)
+            if key in self._feeding:
+                self._feed_again.add(key)
+                continue
+            self._feeding.add(key)
+            self._claim_for(key, credits)
+
+    def _claim_for(self, key, credits):
+        broker = self._broker
+        levels, handlers = key
+        names = [broker.levels[level] for level in sorted(levels)]
+        if broker.config.default_priority in names:
+            names.append(None)  # a NULL priority runs at the default level
+        d = broker.claims.claim_for(names, sorted(handlers), credits,
+                                    broker.clock.seconds())
+
+        def claimed(rows):
+            for row in rows:
+                if self._stopped or self._held(row.id):
+                    broker.claims.release((row.id,))
+                    continue
+                row = self.checked(row)
+                if row is not None:
+                    self.enqueue(row)
+
+        def done(_):
+            self._feeding.discard(key)
+            if key in self._feed_again:
+                self._feed_again.discard(key)
+                self.feed()
+
+        d.addCallbacks(claimed, broker.trouble,
+                       errbackArgs=("claiming tasks",))
+        d.addErrback(broker.trouble, "claiming tasks").addBoth(done)
+
+    def start_over(self):
+        """
+        The broker's claims lapsed (it could not renew them in time), so
+        other brokers may be running what it holds: drop every task held,
+        without dispatching it, and claim afresh.
+        """
+        broker = self._broker
+        dropped = broker.dispatcher.clear_tasks()
+        self.delayed.clear()
+        self._heap.clear()
+        self.log.warn("claims lapsed: dropped {count} held tasks; claiming "
+                      "afresh", count=len(dropped))
+        self.feed()
 
     # -- the poller ----------------------------------------------------------------
 
@@ -375,6 +472,12 @@ class Backlog:
             self._polling = False
             return result
 
+        if self._shared:
+            # New work is claimed on wake-ups; the poll is one more, in
+            # case a signal was lost.
+            self._polling = False
+            self.feed()
+            return self._load_delayed()
         d = self._poll()
         d.addBoth(done)
         d.addErrback(self._broker.trouble, "polling for new tasks")
@@ -384,14 +487,13 @@ class Backlog:
     def _poll(self):
         broker = self._broker
         while True:
-            start = self._watermark
-            rows, last_id = yield broker.store.scan_queued(
-                self._watermark, POLL_BATCH,
-                frozenset(self._submitted_since_poll))
+            rows, cursor = yield broker.claims.poll(POLL_BATCH)
+            if cursor is None:
+                break  # nothing new: the scan reached the end
             found, rejected = [], []
             now = broker.clock.seconds()
             for row in rows:
-                if row.id in self._submitted_since_poll or self._held(row.id):
+                if self._held(row.id):
                     continue
                 # New to the broker: inserted by SQL since the last poll.
                 broker.status.tasks.add(
@@ -401,17 +503,13 @@ class Backlog:
                 row = self.checked(row, rejected)
                 if row is not None:
                     found.append(row)
-            # If failing the invalid rows fails, the watermark stays and
-            # the next poll reads them again.
+            # If failing the invalid rows fails, the poll is not confirmed
+            # and the next one reads them again.
             yield defer.gatherResults(rejected, consumeErrors=True)
             for row in sorted(found, key=lambda r: broker.level_of(r.priority)):
                 if not self._held(row.id):
                     self.admit(row)
-            self._watermark = max(self._watermark, last_id)
-            self._submitted_since_poll = {
-                i for i in self._submitted_since_poll if i > self._watermark}
-            if last_id == start:
-                break  # nothing new: the scan reached the end
+            broker.claims.polled(cursor)
         # Loads that failed earlier are tried again here.
         for key in self._windows.truncated():
             self._refill(key)

@@ -66,18 +66,22 @@ class Broker:
     :param monotonic: a function returning seconds on a clock that never
         steps, for liveness; default ``clock.seconds``.
     :param rng: a ``random.Random`` for retry jitter.
+    :param claims: the :class:`taskbroker.interfaces.IClaimSource` to
+        claim tasks from; by default the store's, for this broker.
     """
 
     log = Logger()
 
     def __init__(self, config, store, clock, send, instance_id=None,
-                 monotonic=None, rng=None):
+                 monotonic=None, rng=None, claims=None):
         self.config = config
         self.store = store
         self.clock = clock
         self.send = send
         self.monotonic = monotonic or clock.seconds
         self.instance_id = instance_id or uuid.uuid4().hex[:12]
+        self.claims = (store.claims(self.instance_id) if claims is None
+                       else claims)
         self.levels = tuple(config.priorities)
         self._level_index = {name: i for i, name in enumerate(self.levels)}
         self.status = Status(self)
@@ -119,7 +123,9 @@ class Broker:
         are given time to be claimed before they are requeued.
         """
         deadline = self.monotonic() + self._reclaim_window()
-        for row in (yield self.store.running()):
+        running = yield self.claims.start(self.clock.seconds(),
+                                          self.backlog.feed)
+        for row in running:
             # Rows in memory are as they were before their dispatch.
             self.attempts.orphan(row.id, row.token,
                                  row._replace(attempts=row.attempts - 1),
@@ -162,6 +168,24 @@ class Broker:
         attempts nobody claimed in time.
         """
         self.workers.sweep()
+
+    @defer.inlineCallbacks
+    def keep_claims(self):
+        """
+        Renew this broker's claims, and take back those of brokers that
+        stopped renewing theirs (a store shared by several brokers).  If
+        this broker's own claims lapsed, it starts over.
+
+        :returns: a ``Deferred`` that fires when done.
+        """
+        now = self.clock.seconds()
+        if not (yield self.claims.renew(now)):
+            self.backlog.start_over()
+        freed = yield self.claims.reclaim(now)
+        if freed:
+            self.log.info("took back {count} tasks from brokers that "
+                          "stopped renewing their claims", count=freed)
+            self.backlog.feed()
 
     # -- dispatch ------------------------------------------------------------
 
@@ -313,3 +337,4 @@ class Broker:
             return
         for assignment in self.dispatcher.resume():
             self.dispatch(assignment)
+        self.backlog.feed()

@@ -171,6 +171,28 @@ class Dispatcher:
     def free_credits(self):
         return sum(w.credits for w in self._workers.values())
 
+    def hungry(self):
+        """
+        The credits that wait for a task, by capability class: what a
+        broker that claims only for idle credits claims for.
+
+        :returns: a ``list`` of ``(levels, handlers, credits)``: the level
+            numbers and handler names (``frozenset`` each) the class's
+            workers serve, and how many of their credits wait.
+        """
+        return [(klass.levels, klass.handlers, len(klass.ready))
+                for klass in self._classes.values() if klass.ready]
+
+    def clear_tasks(self):
+        """
+        Withdraw every waiting task (a broker that lost its claims starts
+        over).
+
+        :returns: the ``list`` of the tasks withdrawn.
+        """
+        tasks = [self.remove_task(task_id) for task_id in list(self._where)]
+        return tasks
+
     # -- tasks -----------------------------------------------------------
 
     def add_task(self, task, front=False):

@@ -100,8 +100,12 @@ class Requests:
         d = broker.store.submit(new)
 
         def committed(results):
+            # What it inserted is this broker's claim (a shared store's
+            # broker then lets go of what it does not run at once).
+            broker.claims.inserted(
+                [row.id for row, created in results if created])
             # Tasks that were not inserted (a resent request, a unique key
-            # taken) give back their claims; inserted ones are running.
+            # taken) give back their credits; inserted ones are running.
             for i, session in claims.items():
                 row, created = results[i] if i < len(results) else (None, False)
                 if created:
@@ -109,7 +113,6 @@ class Requests:
                 else:
                     broker.give_back(session)
             rows = [row for row, _ in results]
-            broker.backlog.submitted(row.id for row in rows)
             for row, created in results:
                 if created:
                     broker.status.tasks.add(
@@ -252,6 +255,7 @@ class Requests:
     def on_CANCEL(self, identity, body):
         broker = self._broker
         req, task_id = body["req"], body["id"]
+        delayed = task_id in broker.backlog.delayed
         waiting = broker.backlog.withdraw(task_id)
         d = broker.store.cancel(task_id, broker.clock.seconds())
 
@@ -272,8 +276,7 @@ class Requests:
             counts = broker.status.tasks
             counts.move(row.priority, row.handler,
                         "queued" if attempt is None else "running", "cancelled")
-            if waiting is not None and task_id not in broker.dispatcher \
-                    and waiting.run_at is not None:
+            if delayed:
                 counts.move(row.priority, row.handler, DELAYED, None)
             holder = (broker.sessions.get(attempt.session)
                       if attempt is not None and attempt.session is not None
@@ -333,7 +336,7 @@ class Requests:
             self.error(identity, req, "not_retryable",
                        f"task {task_id} cannot run: {reason}")
             return
-        broker.backlog.submitted((task_id,))
+        broker.claims.inserted((task_id,))
         if not broker.backlog.holds(task_id):
             broker.backlog.enqueue(broker.backlog.with_defaults(row))
         self.log.info("task {task_id} retried", task_id=task_id)

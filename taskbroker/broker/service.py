@@ -66,7 +66,7 @@ class BrokerService(ServiceTree):
         self._zmq.setName("zmq")
         for child in (
             StepService("store", store.open, store.close),
-            StepService("core", self.broker.load),
+            StepService("core", self.broker.load, self.broker.claims.stop),
             self._zmq,
             StepService("socket", self._bind, self._close),
             StepService("intake", stop=self.broker.stop),
@@ -76,6 +76,11 @@ class BrokerService(ServiceTree):
             self._timer("recounter", RECOUNT_INTERVAL, self._recount),
         ):
             child.setServiceParent(self)
+        if self.broker.claims.lease is not None:
+            # Renewed three times a lease, so that one late renewal does
+            # not lose the claims.
+            self._timer("claims", self.broker.claims.lease / 3,
+                        self._keep_claims).setServiceParent(self)
 
     def _timer(self, name, interval, call):
         timer = TimerService(interval, _guarded(call, name))
@@ -109,6 +114,10 @@ class BrokerService(ServiceTree):
         # not one after each.
         with self.socket.batch():
             self.broker.sweep()
+
+    def _keep_claims(self):
+        return self.broker.keep_claims().addErrback(
+            self.broker.trouble, "renewing claims")
 
     def _recount(self):
         return self.broker.status.recount().addErrback(

@@ -99,6 +99,8 @@ class Workers:
         assignment = broker.dispatcher.credit(identity)
         if assignment is not None:
             broker.dispatch(assignment)
+        else:
+            broker.backlog.feed()
 
     def on_HEARTBEAT(self, identity, session, body):
         if session is None:

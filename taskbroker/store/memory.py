@@ -14,15 +14,16 @@ from twisted.internet.task import Clock
 from zope.interface import implementer
 
 from taskbroker.errors import StoreError
-from taskbroker.interfaces import ITaskStore
+from taskbroker.interfaces import IQueueReads, ITaskStore
 from taskbroker.store import (
     FINAL_STATES, LIVE_STATES, Submitted, TaskRow, check_request_ids,
 )
+from taskbroker.store.claims import OwnerClaims
 
 __all__ = ["MemoryStore"]
 
 
-@implementer(ITaskStore)
+@implementer(ITaskStore, IQueueReads)
 class MemoryStore:
     """
     An :class:`taskbroker.interfaces.ITaskStore` that keeps its rows in a
@@ -141,6 +142,13 @@ class MemoryStore:
     def _check_open(self):
         if not self._open:
             raise StoreError("memory store is not open")
+
+    def claims(self, broker_id):
+        """
+        See :meth:`taskbroker.interfaces.ITaskStore.claims`: one broker
+        owns this store at a time, so its claims are trivial.
+        """
+        return OwnerClaims(self)
 
     def open(self):
         """

@@ -24,10 +24,11 @@ from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from taskbroker.errors import StoreError, StoreLocked, one_line
-from taskbroker.interfaces import ITaskStore
+from taskbroker.interfaces import IQueueReads, ITaskStore
 from taskbroker.store import (
     FINAL_STATES, Submitted, TaskRow, _schema, check_request_ids,
 )
+from taskbroker.store.claims import OwnerClaims
 
 __all__ = ["SQLiteStore"]
 
@@ -178,7 +179,7 @@ CHECKPOINT_INTERVAL = 1.0
 PIPELINE_DEPTH = 2
 
 
-@implementer(ITaskStore)
+@implementer(ITaskStore, IQueueReads)
 class SQLiteStore:
     """
     An :class:`taskbroker.interfaces.ITaskStore` in a SQLite file.
@@ -243,6 +244,13 @@ class SQLiteStore:
         return f"<SQLiteStore {self.path!r} {self._state}>"
 
     # Opening and closing
+
+    def claims(self, broker_id):
+        """
+        See :meth:`taskbroker.interfaces.ITaskStore.claims`: one broker
+        owns this store at a time, so its claims are trivial.
+        """
+        return OwnerClaims(self)
 
     def open(self):
         """

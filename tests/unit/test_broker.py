@@ -13,7 +13,7 @@ from taskbroker.broker.core import Broker
 from taskbroker.config import BrokerConfig
 from taskbroker.errors import StoreError
 from taskbroker.protocol import codec
-from taskbroker.testing import MemoryStore, result_of
+from taskbroker.testing import MemoryStore, SharedMemoryDatabase, result_of
 from taskbroker.transport.zmq import Sender
 
 
@@ -50,8 +50,26 @@ def clock():
     return Clock()
 
 
+@pytest.fixture(params=["owner", "shared"])
+def store(clock, request):
+    """
+    The store, as one broker's own (claims ahead), or as a database shared
+    by several brokers (claims only for idle credits).
+    """
+    if request.param == "owner":
+        s = MemoryStore(clock)
+    else:
+        s = SharedMemoryDatabase(clock).store
+    result_of(s.open())
+    return s
+
+
 @pytest.fixture
-def store(clock):
+def owned_store(clock):
+    """
+    A store one broker owns: for what only a broker that claims ahead
+    does (windows, polling, adopting every running row at start).
+    """
     s = MemoryStore(clock)
     result_of(s.open())
     return s
@@ -62,11 +80,20 @@ def peers():
     return Peers()
 
 
-@pytest.fixture
-def broker(store, clock, peers):
+def started_broker(store, clock, peers):
     b = Broker(BrokerConfig(), store, clock, peers.send, instance_id="b1")
     result_of(b.load())
     return b
+
+
+@pytest.fixture
+def broker(store, clock, peers):
+    return started_broker(store, clock, peers)
+
+
+@pytest.fixture
+def owned_broker(owned_store, clock, peers):
+    return started_broker(owned_store, clock, peers)
 
 
 def send(broker, identity, command, body):
@@ -260,7 +287,9 @@ def test_heartbeats_keep_a_worker(broker, peers, clock):
     assert len(peers.take(b"w1/x", b"HEARTBEAT")) == 10
 
 
-def test_rows_inserted_by_sql_are_validated(broker, store, peers):
+def test_rows_inserted_by_sql_are_validated(owned_broker, owned_store,
+                                           peers):
+    broker, store = owned_broker, owned_store
     good = store.insert_external("echo", '{"a": 1}').id
     bad_json = store.insert_external("echo", "{oops").id
     bad_level = store.insert_external("echo", "1", priority="urgent").id
@@ -278,7 +307,8 @@ def test_rows_inserted_by_sql_are_validated(broker, store, peers):
         "normal", 3, "running")
 
 
-def test_poll_does_not_adopt_a_submitted_task_twice(broker, peers):
+def test_poll_does_not_adopt_a_submitted_task_twice(owned_broker, peers):
+    broker = owned_broker
     submit(broker, {"handler": "echo"})
     result_of(broker.poll())
     assert len(broker.dispatcher) == 1
@@ -353,7 +383,8 @@ def test_cancel_a_queued_task(broker, peers):
 
 
 def test_restarted_broker_lets_workers_reclaim_running_attempts(
-        store, clock, peers):
+        owned_store, clock, peers):
+    store = owned_store
     first = Broker(BrokerConfig(), store, clock, peers.send, instance_id="b1")
     result_of(first.load())
     hello(first)
@@ -374,7 +405,8 @@ def test_restarted_broker_lets_workers_reclaim_running_attempts(
 
 
 def test_unclaimed_running_attempts_are_requeued_after_the_reclaim_window(
-        store, clock, peers):
+        owned_store, clock, peers):
+    store = owned_store
     first = Broker(BrokerConfig(), store, clock, peers.send, instance_id="b1")
     result_of(first.load())
     hello(first)
@@ -576,7 +608,8 @@ def test_retry_a_failed_task(broker, peers, store):
 
 
 def test_resent_submit_with_the_same_request_id_is_not_duplicated(
-        broker, peers):
+        owned_broker, peers):
+    broker = owned_broker
     for _ in range(2):
         send(broker, b"client", b"SUBMIT", {
             "req": "a", "request_id": "r-1",

@@ -48,3 +48,19 @@ def test_one_line_and_describe():
             raise AttributeError("detail")
 
     assert describe(Broken()) == "Broken: (its message could not be shown)"
+
+
+def test_stores_provide_their_interfaces_and_a_claim_source(tmp_path):
+    from taskbroker.interfaces import IClaimSource, IQueueReads, ITaskStore
+    from taskbroker.store.claims import OwnerClaims
+    from taskbroker.store.sqlite import SQLiteStore
+    from taskbroker.testing import MemoryStore
+
+    for store in (MemoryStore(), SQLiteStore(str(tmp_path / "t.sqlite"),
+                                             Clock())):
+        assert verifyObject(ITaskStore, store)
+        assert verifyObject(IQueueReads, store)
+        claims = store.claims("b1")
+        assert isinstance(claims, OwnerClaims)
+        assert verifyObject(IClaimSource, claims)
+        assert (claims.shared, claims.lease) == (False, None)

@@ -1,0 +1,226 @@
+# -*- test-case-name: tests.unit.test_shared_claims -*-
+"""
+One in-memory database shared by several brokers, the way a PostgreSQL
+database will be: each broker claims only for its idle credits, holds its
+claims under a lease it renews, and takes over the claims of a broker that
+stopped renewing.  For tests (``taskbroker.testing``): it keeps the claim
+source's contract honest before a real shared store exists.
+
+The clock is the database's: every lease is judged on it, as PostgreSQL's
+``now()`` would judge them, whatever each broker's own clock says.
+"""
+
+import math
+
+from twisted.internet import defer
+from zope.interface import implementer
+
+from taskbroker.interfaces import IClaimSource
+from taskbroker.store.memory import MemoryStore
+
+#: Seconds a broker's claims last unless renewed.
+DEFAULT_LEASE = 10.0
+
+
+class SharedMemoryDatabase:
+    """
+    The shared database: one :class:`SharedMemoryStore` and the claims and
+    leases of every broker on it.
+
+    :param clock: the database's ``IReactorTime``, which times leases and
+        delivers wake-ups (``callLater(0, ...)``, as a notification
+        arrives after the transaction that sent it).
+    :param lease: seconds a broker's claims last unless renewed.
+    """
+
+    def __init__(self, clock, lease=DEFAULT_LEASE):
+        self.clock = clock
+        self.lease = lease
+        self.store = SharedMemoryStore(self, clock)
+        # task id -> the broker id that claims it
+        self.claimed = {}
+        # broker id -> when its lease ends
+        self.leases = {}
+        # broker id -> its on_change
+        self._listeners = {}
+
+    def insert_external(self, *args, **kwargs):
+        """
+        An ``INSERT`` by another program (see
+        :meth:`taskbroker.store.memory.MemoryStore.insert_external`), with
+        the wake-up a trigger would send.
+        """
+        row = self.store.insert_external(*args, **kwargs)
+        self.signal()
+        return row
+
+    def signal(self):
+        """
+        Wake every broker: tasks may have become claimable.
+        """
+        for on_change in list(self._listeners.values()):
+            self.clock.callLater(0, on_change)
+
+    def live(self, broker_id):
+        return self.leases.get(broker_id, -math.inf) >= self.clock.seconds()
+
+
+class SharedMemoryStore(MemoryStore):
+    """
+    A :class:`~taskbroker.store.memory.MemoryStore` whose writes that make
+    tasks claimable wake the brokers, as a trigger sending ``NOTIFY``
+    would, and whose claims are those of :class:`SharedClaims`.
+    """
+
+    def __init__(self, database, clock):
+        MemoryStore.__init__(self, clock)
+        self._database = database
+
+    def claims(self, broker_id):
+        return SharedClaims(self._database, broker_id)
+
+    def _signalled(self, d):
+        return d.addCallback(_passing(self._database.signal))
+
+    def submit(self, tasks):
+        return self._signalled(MemoryStore.submit(self, tasks))
+
+    def requeue(self, *args, **kwargs):
+        return self._signalled(MemoryStore.requeue(self, *args, **kwargs))
+
+    def retry(self, task_id):
+        return self._signalled(MemoryStore.retry(self, task_id))
+
+
+def _passing(call):
+    def after(result):
+        call()
+        return result
+
+    return after
+
+
+@implementer(IClaimSource)
+class SharedClaims:
+    """
+    The claims of one broker on a :class:`SharedMemoryDatabase`.
+    """
+
+    shared = True
+
+    def __init__(self, database, broker_id):
+        self._db = database
+        self._id = broker_id
+        self.lease = database.lease
+
+    def __repr__(self):
+        return f"<SharedClaims of {self._id!r}>"
+
+    def _mine(self):
+        return [task_id for task_id, owner in self._db.claimed.items()
+                if owner == self._id]
+
+    def start(self, now, on_change):
+        db = self._db
+        db.leases[self._id] = db.clock.seconds() + db.lease
+        db._listeners[self._id] = on_change
+        # A new broker answers for no running task: those of a broker that
+        # went away are taken back once its lease lapses (reclaim).
+        return defer.succeed([])
+
+    def stop(self):
+        db = self._db
+        db._listeners.pop(self._id, None)
+        # Queued claims go back at once; running ones stay until the
+        # lease lapses, for the workers to finish and another broker to
+        # take over.
+        self.release([task_id for task_id in self._mine()
+                      if db.store._rows[task_id].state == "queued"])
+        return defer.succeed(None)
+
+    def queues(self):
+        raise NotImplementedError("a shared store claims for credits")
+
+    def claim_queue(self, handler, priorities, after_id, limit, now):
+        raise NotImplementedError("a shared store claims for credits")
+
+    def poll(self, limit):
+        raise NotImplementedError("a shared store claims for credits")
+
+    def polled(self, cursor):
+        raise NotImplementedError("a shared store claims for credits")
+
+    def claim_for(self, levels, handlers, limit, now):
+        db = self._db
+        rank = {}
+        for i, level in enumerate(levels):
+            rank.setdefault(level, i)
+        handlers = set(handlers)
+        candidates = []
+        for row in db.store._rows.values():
+            if (row.state != "queued" or row.handler not in handlers
+                    or row.priority not in rank):
+                continue
+            if row.run_at is not None and not (
+                    isinstance(row.run_at, (int, float)) and row.run_at <= now):
+                continue
+            owner = db.claimed.get(row.id)
+            if owner is not None and db.live(owner):
+                continue
+            candidates.append((rank[row.priority], row.id, row))
+        candidates.sort(key=lambda c: c[:2])
+        taken = [row for _, _, row in candidates[:limit]]
+        for row in taken:
+            db.claimed[row.id] = self._id
+        return defer.succeed(taken)
+
+    def upcoming(self, after, limit):
+        return self._db.store.delayed_window(after, limit)
+
+    def inserted(self, task_ids):
+        for task_id in task_ids:
+            self._db.claimed[task_id] = self._id
+
+    def release(self, task_ids):
+        db = self._db
+        freed = False
+        for task_id in task_ids:
+            if db.claimed.get(task_id) == self._id:
+                del db.claimed[task_id]
+                freed = True
+        if freed:
+            db.signal()
+
+    def renew(self, now):
+        db = self._db
+        lapsed = not db.live(self._id)
+        if lapsed:
+            # Others may hold what we held: keep nothing.
+            for task_id in self._mine():
+                del db.claimed[task_id]
+        db.leases[self._id] = db.clock.seconds() + db.lease
+        return defer.succeed(not lapsed)
+
+    @defer.inlineCallbacks
+    def reclaim(self, now):
+        db = self._db
+        lapsed = [b for b in db.leases if b != self._id and not db.live(b)]
+        freed = 0
+        for broker_id in lapsed:
+            del db.leases[broker_id]
+            db._listeners.pop(broker_id, None)
+            for task_id, owner in list(db.claimed.items()):
+                if owner != broker_id:
+                    continue
+                del db.claimed[task_id]
+                row = db.store._rows[task_id]
+                if row.state == "running":
+                    # A compare-and-set: the next dispatch gives it a new
+                    # token, so a late result from the old worker is
+                    # refused.
+                    yield MemoryStore.requeue(db.store, task_id, row.token,
+                                              consumed=False)
+                freed += row.state in ("queued", "running")
+        if freed:
+            db.signal()
+        return freed

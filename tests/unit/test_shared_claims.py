@@ -1,0 +1,254 @@
+"""
+Several brokers on one shared database (taskbroker.store.shared, the
+in-memory stand-in for PostgreSQL): each claims only for its idle credits,
+renews its claims, and takes over those of a broker that stopped renewing.
+No task runs twice on live workers, and none waits in a broker's memory
+while another broker has an idle worker for it.
+"""
+
+import json
+from collections import Counter
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.internet.task import Clock
+from twisted.logger import capturedLogs
+from zope.interface.verify import verifyObject
+
+from taskbroker.broker.core import Broker
+from taskbroker.config import BrokerConfig
+from taskbroker.interfaces import IClaimSource, ITaskStore
+from taskbroker.protocol import codec
+from taskbroker.testing import SharedMemoryDatabase, result_of
+from taskbroker.transport.zmq import Sender
+
+
+class Fleet:
+    """
+    One shared database, brokers on it, and what they send.
+    """
+
+    def __init__(self, lease=10.0):
+        self.clock = Clock()
+        self.db = SharedMemoryDatabase(self.clock, lease=lease)
+        result_of(self.db.store.open())
+        self.sent = []
+        self.brokers = {}
+
+    def broker(self, name):
+        def send(identity, frames):
+            self.sent.append((name, identity, frames[1], json.loads(frames[2])))
+            return True
+
+        broker = Broker(BrokerConfig(), self.db.store, self.clock, send,
+                        instance_id=name)
+        result_of(broker.load())
+        self.brokers[name] = broker
+        return broker
+
+    def send(self, broker, identity, command, body):
+        self.brokers[broker].handle(Sender(identity),
+                                    codec.encode(command, body))
+
+    def worker(self, broker, name, slots=1):
+        self.send(broker, name.encode(), b"HELLO", {
+            "name": name, "slots": slots, "handlers": ["echo"],
+            "heartbeat": 1.0})
+        for _ in range(slots):
+            self.send(broker, name.encode(), b"READY", {})
+
+    def submit(self, broker, priority="normal", handler="echo"):
+        self.send(broker, b"client", b"SUBMIT", {
+            "req": "r", "tasks": [{"handler": handler, "priority": priority}]})
+
+    def tasks(self, worker=None):
+        """
+        Take the TASKs sent (to ``worker``): ``[(broker, worker, body)]``.
+        """
+        taken = [(b, w.decode(), body) for b, w, command, body in self.sent
+                 if command == b"TASK" and (worker is None or w == worker.encode())]
+        self.sent = [m for m in self.sent if not (
+            m[2] == b"TASK" and (worker is None or m[1] == worker.encode()))]
+        return taken
+
+    def finish(self, broker, worker, task, state="succeeded", ready=True):
+        self.send(broker, worker.encode(), b"RESULT", {
+            "id": task["id"], "token": task["token"], "state": state,
+            "result": worker, "ready": ready})
+
+    def settle(self):
+        # Wake-ups arrive after the transaction that sent them.
+        self.clock.advance(0)
+
+
+def test_the_shared_store_provides_the_interfaces():
+    fleet = Fleet()
+    assert verifyObject(ITaskStore, fleet.db.store)
+    assert verifyObject(IClaimSource, fleet.db.store.claims("b1"))
+
+
+def test_a_task_waits_in_the_database_for_any_brokers_idle_worker():
+    fleet = Fleet()
+    fleet.broker("a")
+    fleet.broker("b")
+    fleet.worker("b", "w2")
+    fleet.submit("a")  # a has no worker: it keeps nothing in memory
+    assert len(fleet.brokers["a"].dispatcher) == 0
+    fleet.settle()
+    [(broker, worker, task)] = fleet.tasks()
+    assert (broker, worker, task["id"], task["token"]) == ("b", "w2", 1, 1)
+
+
+def test_an_idle_worker_claims_the_most_urgent_task_first():
+    fleet = Fleet()
+    fleet.broker("a")
+    fleet.broker("b")
+    for priority in ("low", "normal", "high", "low"):
+        fleet.submit("a", priority)
+    fleet.settle()
+    fleet.worker("b", "w2")
+    ran = []
+    for _ in range(4):
+        [(_, _, task)] = fleet.tasks("w2")
+        ran.append(task["priority"])
+        fleet.finish("b", "w2", task)
+    assert ran == ["high", "normal", "low", "low"]
+
+
+def test_claims_of_a_broker_that_stopped_renewing_go_to_the_others():
+    fleet = Fleet(lease=10.0)
+    fleet.broker("a")
+    b = fleet.broker("b")
+    fleet.worker("a", "w1")
+    fleet.submit("a")
+    [(_, _, first)] = fleet.tasks("w1")
+    fleet.worker("b", "w2")
+    # Broker a falls silent (it stops renewing); b renews and, once a's
+    # lease has lapsed, takes its running task back.
+    fleet.clock.advance(5)
+    result_of(b.keep_claims())
+    assert fleet.tasks() == []
+    fleet.clock.advance(6)
+    with capturedLogs() as events:
+        result_of(b.keep_claims())
+    assert any(e.get("count") == 1 for e in events)
+    fleet.settle()
+    [(broker, worker, second)] = fleet.tasks()
+    assert (broker, worker, second["id"]) == ("b", "w2", first["id"])
+    assert second["token"] == first["token"] + 1
+    # The late result of a's worker is acknowledged but refused.
+    fleet.finish("a", "w1", first)
+    assert result_of(fleet.db.store.get(first["id"])).state == "running"
+    fleet.finish("b", "w2", second)
+    row = result_of(fleet.db.store.get(first["id"]))
+    assert (row.state, row.result) == ("succeeded", '"w2"')
+
+
+def test_a_broker_whose_claims_lapsed_starts_over():
+    fleet = Fleet(lease=10.0)
+    a = fleet.broker("a")
+    fleet.broker("b")
+    fleet.worker("a", "w1")
+    fleet.clock.advance(11)
+    with capturedLogs() as events:
+        result_of(a.keep_claims())
+    assert any("claims lapsed" in e["log_format"] for e in events)
+    # It goes on with a new lease.
+    fleet.submit("b")
+    fleet.settle()
+    [(broker, worker, _)] = fleet.tasks()
+    assert (broker, worker) == ("a", "w1")
+
+
+def test_rows_inserted_by_sql_are_checked_when_claimed():
+    fleet = Fleet()
+    fleet.broker("a")
+    bad = fleet.db.insert_external("echo", "{oops").id
+    good = fleet.db.insert_external("echo", "1").id
+    fleet.worker("a", "w1")
+    fleet.settle()
+    assert "not valid JSON" in result_of(fleet.db.store.get(bad)).error
+    [(_, _, task)] = fleet.tasks("w1")
+    assert task["id"] == good
+
+
+def test_a_stopping_broker_gives_its_queued_claims_back():
+    fleet = Fleet()
+    a = fleet.broker("a")
+    fleet.broker("b")
+    claims = a.claims
+    claims.inserted([fleet.db.store.insert_external("echo").id])
+    fleet.worker("b", "w2")
+    assert fleet.tasks() == []  # a holds its claim
+    result_of(claims.stop())
+    fleet.settle()
+    [(broker, _, _)] = fleet.tasks()
+    assert broker == "b"
+
+
+STEPS = st.lists(st.tuples(
+    st.sampled_from(["submit", "sql", "ready", "finish", "fail", "lapse",
+                     "renew", "tick"]),
+    st.sampled_from(["a", "b"]),
+    st.sampled_from(["high", "normal", "low"])), max_size=50)
+
+
+@settings(max_examples=80, deadline=None)
+@given(STEPS)
+def test_no_task_runs_twice_on_live_workers_and_every_task_ends(steps):
+    """
+    Whatever two brokers on one database do, with both now and then silent
+    past their lease, no dispatch (a task and its token) is ever sent
+    twice, and in the end every task ended.
+    """
+    fleet = Fleet(lease=10.0)
+    for name in ("a", "b"):
+        fleet.broker(name)
+    workers = {"a": "w1", "b": "w2"}
+    for name, worker in workers.items():
+        fleet.worker(name, worker, slots=2)
+    running = {}  # task id -> (broker, worker, body)
+    sent = Counter()
+
+    def given_out():
+        for broker, worker_name, body in fleet.tasks():
+            sent[(body["id"], body["token"])] += 1
+            assert sent[(body["id"], body["token"])] == 1, body
+            # A task given out again is no longer running where it was.
+            running[body["id"]] = (broker, worker_name, body)
+    for n, (action, name, priority) in enumerate(steps):
+        worker = workers[name]
+        if action == "submit":
+            fleet.submit(name, priority)
+        elif action == "sql":
+            fleet.db.insert_external("echo", str(n), priority=priority)
+        elif action in ("finish", "fail"):
+            mine = [t for t, (b, _, _) in running.items() if b == name]
+            if mine:
+                _, _, body = running.pop(mine[0])
+                fleet.finish(name, worker, body,
+                             "succeeded" if action == "finish" else "failed")
+        elif action == "lapse":
+            fleet.clock.advance(11)  # everyone misses a renewal
+        elif action == "renew":
+            result_of(fleet.brokers[name].keep_claims())
+        else:
+            fleet.clock.advance(1)
+        fleet.settle()
+        given_out()
+    # Drain: both brokers renew and reclaim, workers finish what they hold.
+    for _ in range(200):
+        for name in ("a", "b"):
+            result_of(fleet.brokers[name].keep_claims())
+        fleet.clock.advance(1)
+        fleet.settle()
+        given_out()
+        if not running:
+            pending = result_of(fleet.db.store.list("queued", None, 0, 1))
+            if not pending:
+                break
+            continue
+        task_id, (broker, worker_name, body) = running.popitem()
+        fleet.finish(broker, worker_name, body)
+    for state in ("queued", "running"):
+        assert result_of(fleet.db.store.list(state, None, 0, 10)) == [], state
