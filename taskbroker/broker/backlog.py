@@ -448,9 +448,9 @@ class Backlog:
         without dispatching it, and claim afresh.
         """
         broker = self._broker
+        # (Delayed tasks are kept: a shared store's broker holds them only
+        # to time its next claim, not as claims.)
         dropped = broker.dispatcher.clear_tasks()
-        self.delayed.clear()
-        self._heap.clear()
         self.log.warn("claims lapsed: dropped {count} held tasks; claiming "
                       "afresh", count=len(dropped))
         self.feed()

@@ -238,8 +238,10 @@ def test_no_task_runs_twice_on_live_workers_and_every_task_ends(steps):
         given_out()
     # Drain: both brokers renew and reclaim, workers finish what they hold.
     for _ in range(200):
+        # What the brokers' timers do every second.
         for name in ("a", "b"):
             result_of(fleet.brokers[name].keep_claims())
+            result_of(fleet.brokers[name].poll())
         fleet.clock.advance(1)
         fleet.settle()
         given_out()
