@@ -1,0 +1,113 @@
+# -*- test-case-name: tests.unit.test_cli -*-
+"""
+The ``taskbroker`` command: submit, inspect, cancel and retry tasks, and look
+at workers and statistics, from a shell.
+
+Each run sends a few requests and exits, so it uses the blocking client
+(:class:`taskbroker.client.blocking.BlockingClient`) instead of running a
+reactor under ``task.react``: the Lazy Pirate loop gives every command
+resends for free (a resent ``submit`` is recognised by the broker and
+creates nothing twice), there is no reactor start-up and shutdown to
+get right, and a Ctrl-C interrupts a plain poll cleanly.
+
+Exit codes: 0 success; 1 the task failed or was cancelled (``--wait``), or
+an unexpected internal error; 2 a usage error or a request the broker
+refused (e.g. ``not_cancellable``, ``not_retryable``); 3 the broker is
+unreachable, did not answer within ``--timeout``, or is unavailable; 4 no
+such task.  Every error is one line on stderr that starts with
+``taskbroker:``; so are warnings and notes.
+"""
+
+import os
+import sys
+
+from twisted.python import usage
+
+from taskbroker.cli.commands import (
+    _COMMANDS,
+    _EXIT_FOR_CODE,
+    EXIT_INTERNAL,
+    EXIT_NOT_FOUND,
+    EXIT_OK,
+    EXIT_TASK_FAILED,
+    EXIT_UNAVAILABLE,
+    EXIT_USAGE,
+    _Output,
+)
+from taskbroker.cli.options import Options, _Help
+from taskbroker.client.blocking import BlockingClient
+from taskbroker.client.errors import (
+    BrokerUnavailable,
+    RequestFailed,
+    TaskNotFound,
+)
+from taskbroker.errors import ConfigError
+
+__all__ = ["main", "EXIT_OK", "EXIT_TASK_FAILED", "EXIT_INTERNAL",
+           "EXIT_USAGE", "EXIT_UNAVAILABLE", "EXIT_NOT_FOUND"]
+
+
+def _run(argv, output, stdin, environ):
+    options = Options()
+    try:
+        options.parseOptions(argv)
+    except _Help as help:
+        output.line(help.text.rstrip("\n"))
+        return EXIT_OK
+    except usage.UsageError as e:
+        output.error(f"{e} (see 'taskbroker --help')")
+        return EXIT_USAGE
+    try:
+        config = options.client_config(environ)
+        client = BlockingClient(config.broker, config.timeout)
+    except (ConfigError, ValueError) as e:
+        output.error(str(e))
+        return EXIT_USAGE
+    with client:
+        return _COMMANDS[options.subCommand](
+            client, options.subOptions, output, stdin)
+
+
+def main(argv=None, stdout=None, stderr=None, stdin=None):
+    """
+    Run the ``taskbroker`` command.
+
+    :param argv: the arguments after the program name; ``None`` for
+        ``sys.argv[1:]``, and then ``main`` exits the process with the code
+        (the console-script entry point calls ``main()``).
+    :param stdout: the text stream for results (default ``sys.stdout``).
+    :param stderr: the text stream for warnings and errors (default
+        ``sys.stderr``).
+    :param stdin: the text stream that ``-`` and ``@-`` read (default
+        ``sys.stdin``).
+    :returns: the exit code, ``int`` (when ``argv`` is given).
+    """
+    exit_with_code = argv is None
+    if argv is None:
+        argv = sys.argv[1:]
+    output = _Output(stdout or sys.stdout, stderr or sys.stderr)
+    stdin = stdin or sys.stdin
+    try:
+        code = _run(list(argv), output, stdin, os.environ)
+    except usage.UsageError as e:
+        output.error(str(e))
+        code = EXIT_USAGE
+    except BrokerUnavailable as e:
+        output.error(str(e))
+        code = EXIT_UNAVAILABLE
+    except TaskNotFound as e:
+        output.error(e.message)
+        code = EXIT_NOT_FOUND
+    except RequestFailed as e:
+        output.error(str(e))
+        code = _EXIT_FOR_CODE.get(e.code, EXIT_USAGE)
+    except KeyboardInterrupt as e:
+        output.error(f"interrupted; {e}" if str(e) else "interrupted")
+        code = 130
+    except Exception as e:
+        # Never a traceback: a user can act on one line, and can report it.
+        output.error(f"internal error: {type(e).__name__}: {e}")
+        code = EXIT_INTERNAL
+    if exit_with_code:
+        sys.exit(code)
+    return code

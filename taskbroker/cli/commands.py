@@ -1,0 +1,369 @@
+# -*- test-case-name: tests.unit.test_cli -*-
+"""
+What each ``taskbroker`` command does with the broker's answers, and how
+it prints them: results on stdout, one line per warning or error on
+stderr.
+"""
+
+import json
+from datetime import datetime
+
+from twisted.python import usage
+
+from taskbroker.client import check_task_spec
+from taskbroker.client.errors import ClientError, InvalidRequest
+from taskbroker.errors import one_line
+from taskbroker.protocol.objects import TASK_KEYS
+from taskbroker.store import STATES
+
+
+EXIT_OK = 0
+EXIT_TASK_FAILED = 1
+EXIT_INTERNAL = 1
+EXIT_USAGE = 2
+EXIT_UNAVAILABLE = 3
+EXIT_NOT_FOUND = 4
+
+# ERROR codes that are not the user's mistake get their own exit codes;
+# every other code (bad_request, unknown_priority, not_cancellable,
+# too_large, ...) means the command asked for something the broker refuses.
+_EXIT_FOR_CODE = {
+    "not_found": EXIT_NOT_FOUND,
+    "unavailable": EXIT_UNAVAILABLE,
+    "internal": EXIT_UNAVAILABLE,
+}
+
+
+
+class _Output:
+    """
+    Where a command writes: results to stdout, warnings and the one error
+    line to stderr.
+    """
+
+    def __init__(self, stdout, stderr):
+        self.stdout = stdout
+        self.stderr = stderr
+
+    def line(self, text=""):
+        self.stdout.write(text + "\n")
+
+    def json(self, value):
+        self.line(json.dumps(value, ensure_ascii=False, separators=(",", ":")))
+
+    def warn(self, text):
+        self.stderr.write("taskbroker: warning: " + one_line(text) + "\n")
+
+    def note(self, text):
+        self.stderr.write("taskbroker: note: " + one_line(text) + "\n")
+
+    def error(self, text):
+        self.stderr.write("taskbroker: " + one_line(text) + "\n")
+
+
+def _reject_constant(name):
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _parse_json(text, where):
+    try:
+        # Python's json accepts NaN and Infinity, which are not JSON and
+        # which the encoder would refuse later with a worse message.
+        return json.loads(text, parse_constant=_reject_constant)
+    except ValueError as e:
+        raise usage.UsageError(f"{where} is not valid JSON: {e}") from None
+    except RecursionError:
+        raise usage.UsageError(f"{where} is nested too deeply") from None
+
+
+def _read_text(path, stdin):
+    if path == "-":
+        return stdin.read()
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except OSError as e:
+        raise usage.UsageError(
+            f"cannot read {path}: {e.strerror or e}") from None
+    except UnicodeDecodeError:
+        raise usage.UsageError(f"cannot read {path}: not UTF-8 text") from None
+
+
+def _payload(options, stdin):
+    value = options["payload"]
+    if value is None:
+        return None
+    if value.startswith("@"):
+        path = value[1:]
+        return _parse_json(_read_text(path, stdin), f"--payload file {path}")
+    return _parse_json(value, "--payload")
+
+
+def _read_specs(path, stdin):
+    """
+    Read and check a JSON Lines file of tasks; any bad line is a usage
+    error naming it, so nothing is submitted.
+    """
+    name = "stdin" if path == "-" else path
+    specs = []
+    for number, line in enumerate(_read_text(path, stdin).splitlines(), 1):
+        if not line.strip():
+            continue
+        spec = _parse_json(line, f"{name} line {number}")
+        try:
+            check_task_spec(spec)
+        except InvalidRequest as e:
+            raise usage.UsageError(
+                f"{name} line {number}: {e.message}") from None
+        specs.append(spec)
+    return specs
+
+
+def _warn_unserved(output, unserved):
+    for handler in sorted(unserved):
+        output.warn(
+            f"no connected worker has handler {handler!r}; the task is "
+            "queued until one connects")
+
+
+def _task_ended_badly(output, task):
+    """
+    :returns: the exit code for a final task, after saying why on stderr
+        if it did not succeed.
+    """
+    if task.get("state") == "succeeded":
+        return EXIT_OK
+    verb = "was cancelled" if task.get("state") == "cancelled" else "failed"
+    reason = task.get("error")
+    output.error(f"task {task.get('id')} {verb}"
+                 + (f": {reason}" if reason else ""))
+    return EXIT_TASK_FAILED
+
+
+def _print_new_task(output, task, as_json):
+    if as_json:
+        output.json(task)
+    else:
+        output.line(str(task["id"]))
+
+
+def _note_existing(output, tasks, specs, existing):
+    """
+    Say which tasks were not submitted because a queued or running task
+    held their unique key: those the broker reports as existing, and the
+    repeats of a task this command created for an earlier line with the
+    same key.  A task without a key can only be reported as existing
+    because the broker recognised a resent ``SUBMIT`` of this very
+    command: it is this command's own task, and worth no note.
+    """
+    seen = set()
+    for task, spec in zip(tasks, specs):
+        key = task.get("unique_key") or spec.get("unique_key")
+        if key is not None and (task["id"] in existing or task["id"] in seen):
+            output.note(f"task {task['id']} with unique key {key!r} already "
+                        "exists; not submitted again")
+        seen.add(task["id"])
+
+
+def _submit(client, options, output, stdin):
+    if options["from"] is not None:
+        specs = _read_specs(options["from"], stdin)
+        if not specs:
+            return EXIT_OK
+        try:
+            result = client.submit_many(specs)
+        except ClientError as e:
+            # Say what was committed before the failure, so that it can be
+            # told apart from what was not.
+            for task in e.submitted or ():
+                _print_new_task(output, task, options["json"])
+            raise
+        tasks, unserved = result
+        for task in tasks:
+            _print_new_task(output, task, options["json"])
+        _note_existing(output, tasks, specs, result.existing)
+        _warn_unserved(output, unserved)
+        return EXIT_OK
+    spec = {"unique_key": options["unique-key"]}
+    result = client.submit(
+        options["handler"], _payload(options, stdin),
+        priority=options["priority"], max_attempts=options["max-attempts"],
+        delay=options["delay"], unique_key=options["unique-key"],
+        time_limit=options["time-limit"])
+    task, unserved = result
+    _note_existing(output, [task], [spec], result.existing)
+    _warn_unserved(output, unserved)
+    if not options["wait"]:
+        _print_new_task(output, task, options["json"])
+        return EXIT_OK
+    try:
+        task = client.wait(task["id"])
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(
+            f"task {task['id']} goes on; see 'taskbroker status "
+            f"{task['id']}'") from None
+    if options["json"]:
+        output.json(task)
+    elif task.get("state") == "succeeded":
+        output.json(task.get("result"))
+    return _task_ended_badly(output, task)
+
+
+def _text(value):
+    if value is None:
+        return "-"
+    if isinstance(value, list):
+        return ",".join(map(str, value)) or "-"
+    return str(value)
+
+
+def _time(value):
+    """
+    A protocol time for a table: UTC to the second, without the noise.
+    """
+    if not isinstance(value, str):
+        return _text(value)
+    try:
+        return datetime.fromisoformat(value).strftime("%Y-%m-%d %H:%M:%S")
+    except ValueError:
+        return value
+
+
+def _table(output, headers, rows):
+    widths = [max(len(cell) for cell in column)
+              for column in zip(headers, *rows)]
+    for row in [headers, *rows]:
+        output.line("  ".join(
+            cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+
+
+def _status(client, options, output, stdin):
+    task = client.get(options["id"])
+    if options["json"]:
+        output.json(task)
+        return EXIT_OK
+    keys = [key for key in TASK_KEYS if key in task]
+    keys += [key for key in task if key not in TASK_KEYS]
+    for key in keys:
+        value = task[key]
+        if key == "traceback" or (key == "run_at" and value is None):
+            continue
+        if key in ("payload", "result"):
+            # JSON values: show them as JSON, so that "null" and the string
+            # "null" stay apart.
+            value = json.dumps(value, ensure_ascii=False)
+        output.line(f"{key}: {one_line(_text(value))}")
+    traceback = task.get("traceback")
+    if traceback:
+        # Last, and as it is, line by line: the one field worth reading
+        # whole.
+        output.line("traceback:")
+        for line in str(traceback).rstrip().splitlines():
+            output.line("    " + line.rstrip())
+    return EXIT_OK
+
+
+def _list(client, options, output, stdin):
+    tasks = client.list(options["state"], options["handler"], options["limit"])
+    tasks = sorted(tasks, key=lambda task: task.get("id", 0))
+    if options["json"]:
+        output.json(tasks)
+        return EXIT_OK
+    _table(output, ["ID", "HANDLER", "PRIORITY", "STATE", "ATTEMPTS",
+                    "WORKER", "CREATED"], [
+        [_text(task.get("id")), _text(task.get("handler")),
+         _text(task.get("priority")), _text(task.get("state")),
+         f"{_text(task.get('attempts'))}/{_text(task.get('max_attempts'))}",
+         _text(task.get("worker")), _time(task.get("created_at"))]
+        for task in tasks])
+    return EXIT_OK
+
+
+def _cancel(client, options, output, stdin):
+    task = client.cancel(options["id"])
+    if options["json"]:
+        output.json(task)
+    else:
+        output.line(f"cancelled task {task['id']}")
+    return EXIT_OK
+
+
+def _retry(client, options, output, stdin):
+    task = client.retry(options["id"])
+    if options["json"]:
+        output.json(task)
+    else:
+        # A task that was queued or running already is answered as it is.
+        output.line(f"queued task {task['id']} again"
+                    if task["state"] == "queued" and task["attempts"] == 0
+                    else f"task {task['id']} is already {task['state']}")
+    return EXIT_OK
+
+
+def _workers(client, options, output, stdin):
+    workers = client.workers()
+    if options["json"]:
+        output.json(workers)
+        return EXIT_OK
+    _table(output, ["NAME", "PRIORITIES", "HANDLERS", "SLOTS", "BUSY",
+                    "CONNECTED", "LAST SEEN"], [
+        [_text(worker.get("name")),
+         # null priorities: the worker serves every level.
+         "*" if worker.get("priorities") is None
+         else _text(worker.get("priorities")),
+         _text(worker.get("handlers")), _text(worker.get("slots")),
+         _text(worker.get("busy")), _time(worker.get("connected_since")),
+         _time(worker.get("last_seen"))]
+        for worker in workers])
+    return EXIT_OK
+
+
+def _stats(client, options, output, stdin):
+    stats = client.stats()
+    if options["json"]:
+        output.json(stats)
+        return EXIT_OK
+    output.line(f"workers: {_text(stats.get('workers'))}, slots: "
+                f"{_text(stats.get('slots'))}, free slots: "
+                f"{_text(stats.get('free_slots'))}")
+    counts = stats.get("tasks") or {}
+    levels = list(stats.get("priorities") or [])
+    for by_level in counts.values():
+        levels += [level for level in by_level if level not in levels]
+    states = [state for state in STATES if state in counts]
+    states += [state for state in counts if state not in states]
+    if states:
+        output.line("tasks:")
+        rows = []
+        for state in states:
+            by_level = counts[state] or {}
+            row = [by_level.get(level, 0) for level in levels]
+            rows.append(["  " + state, *map(str, row), str(sum(row))])
+        _table(output, ["  STATE", *map(str, levels), "TOTAL"], rows)
+    else:
+        output.line("tasks: none")
+    waiting = stats.get("waiting") or {}
+    if waiting:
+        output.line("queued by handler:")
+        for handler in sorted(waiting):
+            output.line(f"  {handler}: {waiting[handler]}")
+    unserved = stats.get("unserved") or []
+    if unserved:
+        output.line("unserved handlers (queued, no connected worker): "
+                    + ", ".join(unserved))
+    age = stats.get("counts_age")
+    if isinstance(age, (int, float)):
+        output.line(f"(tasks recounted {age:.0f} s ago; changes made by "
+                    "SQL show at the next recount)")
+    return EXIT_OK
+
+
+_COMMANDS = {
+    "submit": _submit,
+    "status": _status,
+    "list": _list,
+    "cancel": _cancel,
+    "retry": _retry,
+    "workers": _workers,
+    "stats": _stats,
+}

@@ -1,0 +1,312 @@
+# -*- test-case-name: tests.unit.test_cli -*-
+"""
+The ``taskbroker`` command line's options: the global ones, and one
+``usage.Options`` per command.
+"""
+
+import getopt
+
+from twisted.python import usage
+
+import taskbroker
+from taskbroker.config import (
+    CLIENT_SETTINGS,
+    client_config,
+    non_negative_number,
+    positive_int,
+    positive_number,
+)
+from taskbroker.store import STATES
+
+
+class _Help(Exception):
+    """
+    ``--help`` or ``--version`` was given: print the text and exit 0.
+    """
+
+    def __init__(self, text):
+        Exception.__init__(self, text)
+        self.text = text
+
+
+def _integer(text):
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not an integer") from None
+
+
+def _task_id(text):
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise usage.UsageError(
+            f"task id must be a positive integer, not {text!r}")
+    return value
+
+
+class _Options(usage.Options):
+    """
+    ``usage.Options`` that reports help instead of printing it to
+    ``sys.stdout`` and exiting, so that ``main`` can write to the streams
+    it was given.
+    """
+
+    def opt_help(self):
+        """
+        Display this help and exit.
+        """
+        raise _Help(str(self))
+
+    def opt_version(self):
+        """
+        Display the version and exit.
+        """
+        raise _Help(f"taskbroker {taskbroker.__version__}")
+
+
+class _CommandOptions(_Options):
+    """
+    A subcommand's options.  Options may follow its arguments
+    (``submit echo --payload 1``), and ``--broker``/``--timeout`` are
+    accepted here too, where users tend to put them.
+    """
+
+    optParameters = [
+        ["broker", None, None,
+         "The broker's ZeroMQ endpoint (overrides the global option)."],
+        ["timeout", None, None,
+         "Seconds to wait for each answer (overrides the global option)"],
+    ]
+
+    #: How many positional arguments the command takes, for the messages.
+    arguments = ()
+
+    def parseOptions(self, options=None):
+        # usage.Options stops at the first argument (getopt.getopt); let
+        # options come after the arguments, as in GNU tools, by moving them
+        # in front.  "--" still ends the options.
+        try:
+            opts, args = getopt.gnu_getopt(
+                list(options or ()), self.shortOpt, self.longOpt)
+        except getopt.error as e:
+            raise usage.UsageError(str(e)) from None
+        reordered = []
+        for opt, value in opts:
+            reordered.append(opt)
+            if self._takes_value(opt):
+                reordered.append(value)
+        usage.Options.parseOptions(self, reordered + ["--"] + args)
+
+    def _takes_value(self, opt):
+        if opt.startswith("--"):
+            return opt[2:] + "=" in self.longOpt
+        index = self.shortOpt.find(opt[1])
+        return self.shortOpt[index + 1:index + 2] == ":"
+
+    def parseArgs(self, *args):
+        if len(args) != len(self.arguments):
+            expected = " ".join(self.arguments) or "no arguments"
+            raise usage.UsageError(
+                f"{self.parent.subCommand}: expected {expected}, got "
+                f"{len(args)} argument(s)")
+        for name, value in zip(self.arguments, args):
+            self[name.lower()] = value
+
+
+class SubmitOptions(_CommandOptions):
+    """
+    The options of ``taskbroker submit``.
+    """
+
+    synopsis = "HANDLER [options] | --from FILE.jsonl [--json]"
+    longdesc = (
+        "Submit a task and print its id; or, with --from, one task per line "
+        "of a JSON Lines file (\"-\" for stdin), each an object with "
+        "handler, payload, priority, max_attempts, delay, unique_key and "
+        "time_limit, printing one id per line.  A bad line stops everything "
+        "before anything is submitted.  When a queued or running task "
+        "already holds the unique key, its id is printed and a note says "
+        "that nothing new was submitted.")
+    optFlags = [
+        ["wait", "w",
+         "Wait for the task to end and print its result as JSON; exit 1 if "
+         "it failed or was cancelled."],
+        ["json", "j", "Print the task object(s) as JSON."],
+    ]
+    optParameters = [
+        ["payload", "p", None,
+         "The payload: JSON text, or @FILE to read it from FILE (@- for "
+         "stdin). Default: null."],
+        ["priority", None, None,
+         "The priority level (default: the broker's default)."],
+        ["max-attempts", None, None,
+         "How many attempts the task may use (default: the broker's).",
+         _integer],
+        ["delay", None, None,
+         "Run the task no sooner than this many seconds from now",
+         non_negative_number],
+        ["unique-key", None, None,
+         "A name: while a queued or running task holds it, submit nothing "
+         "and print that task's id."],
+        ["time-limit", None, None,
+         "Seconds an attempt may run before the worker stops it (default: "
+         "the broker's)", positive_number],
+        ["from", "f", None, "Submit every task of a JSON Lines file."],
+    ]
+
+    def parseArgs(self, *args):
+        if self["from"] is not None:
+            if args:
+                raise usage.UsageError(
+                    "submit: --from takes no HANDLER argument")
+            self["handler"] = None
+            return
+        if len(args) != 1:
+            raise usage.UsageError(
+                f"submit: expected HANDLER (or --from FILE), got "
+                f"{len(args)} argument(s)")
+        self["handler"] = args[0]
+
+    def postOptions(self):
+        if self["from"] is not None:
+            mixed = [name for name in ("payload", "priority", "max-attempts",
+                                       "delay", "unique-key", "time-limit")
+                     if self[name] is not None]
+            if self["wait"]:
+                mixed.append("wait")
+            if mixed:
+                raise usage.UsageError(
+                    "submit: --from cannot be combined with "
+                    + ", ".join("--" + name for name in mixed))
+
+
+class StatusOptions(_CommandOptions):
+    """
+    The options of ``taskbroker status``.
+    """
+
+    synopsis = "ID [--json]"
+    longdesc = "Show a task."
+    arguments = ("ID",)
+    optFlags = [["json", "j", "Print the task object as JSON."]]
+
+    def postOptions(self):
+        self["id"] = _task_id(self["id"])
+
+
+class ListOptions(_CommandOptions):
+    """
+    The options of ``taskbroker list``.
+    """
+
+    synopsis = "[--state STATE] [--handler NAME] [--limit N] [--json]"
+    longdesc = "List tasks by id."
+    optFlags = [["json", "j", "Print a JSON array of task objects."]]
+    optParameters = [
+        ["state", "s", None,
+         "Only tasks in this state (" + ", ".join(STATES) + ")."],
+        ["handler", None, None, "Only tasks for this handler."],
+        ["limit", "n", 100, "The most tasks to show.", positive_int],
+    ]
+
+
+class CancelOptions(_CommandOptions):
+    """
+    The options of ``taskbroker cancel``.
+    """
+
+    synopsis = "ID [--json]"
+    longdesc = (
+        "Cancel a queued or running task (the worker running it is told to "
+        "stop it).  Cancelling a cancelled task succeeds; a task that "
+        "succeeded or failed cannot be cancelled.")
+    arguments = ("ID",)
+    optFlags = [["json", "j", "Print the cancelled task object as JSON."]]
+
+    def postOptions(self):
+        self["id"] = _task_id(self["id"])
+
+
+class RetryOptions(_CommandOptions):
+    """
+    The options of ``taskbroker retry``.
+    """
+
+    synopsis = "ID [--json]"
+    longdesc = (
+        "Queue a failed or cancelled task again, with all its attempts.  "
+        "A task already queued or running is left as it is.")
+    arguments = ("ID",)
+    optFlags = [["json", "j", "Print the queued task object as JSON."]]
+
+    def postOptions(self):
+        self["id"] = _task_id(self["id"])
+
+
+class WorkersOptions(_CommandOptions):
+    """
+    The options of ``taskbroker workers``.
+    """
+
+    synopsis = "[--json]"
+    longdesc = "List the connected workers."
+    optFlags = [["json", "j", "Print a JSON array of workers."]]
+
+
+class StatsOptions(_CommandOptions):
+    """
+    The options of ``taskbroker stats``.
+    """
+
+    synopsis = "[--json]"
+    longdesc = "Show the broker's statistics."
+    optFlags = [["json", "j", "Print the statistics as JSON."]]
+
+
+class Options(_Options):
+    """
+    The ``taskbroker`` command line.
+    """
+
+    synopsis = ("Usage: taskbroker [--broker ENDPOINT] [--timeout SECONDS] "
+                "COMMAND [options]")
+    longdesc = (
+        "Talk to a taskbroker broker.  Exit codes: 0 ok; 1 the task failed "
+        "or was cancelled (submit --wait), or an internal error; 2 usage "
+        "error or request refused; 3 broker unreachable, not answering or "
+        "unavailable; 4 no such task.")
+    # Checked and layered with the environment by client_config; the
+    # defaults are shown in the help.
+    optParameters = [
+        [s.option, s.short, None,
+         f"{s.help} (environment: {s.variable('TASKBROKER_')}; default: "
+         f"{s.default})"] for s in CLIENT_SETTINGS]
+    subCommands = [
+        ["submit", None, SubmitOptions, "Submit a task, or many with --from."],
+        ["status", None, StatusOptions, "Show a task."],
+        ["list", None, ListOptions, "List tasks."],
+        ["cancel", None, CancelOptions, "Cancel a queued or running task."],
+        ["retry", None, RetryOptions, "Queue a failed or cancelled task again."],
+        ["workers", None, WorkersOptions, "List the connected workers."],
+        ["stats", None, StatsOptions, "Show the broker's statistics."],
+    ]
+
+    def postOptions(self):
+        if self.subCommand is None:
+            raise usage.UsageError(
+                "no command given (one of "
+                + ", ".join(name for name, _, _, _ in self.subCommands) + ")")
+
+    def client_config(self, environ):
+        """
+        :returns: the :class:`taskbroker.config.ClientConfig`: from the
+            command (a subcommand's option first), else the environment,
+            else the defaults.
+        :raises ConfigError: for an invalid value.
+        """
+        given = {s.field: self.subOptions[s.option] or self[s.option]
+                 for s in CLIENT_SETTINGS}
+        return client_config(given, environ)
