@@ -12,7 +12,7 @@ The claim source's policy decides how much is held:
   as they drain; tasks that other programs inserted with SQL are found by
   a poll and admitted like submitted ones;
 - a store shared by several brokers is claimed from only for idle
-  credits (:meth:`Backlog.feed`), on every wake-up: a credit that found
+  credits (:class:`taskbroker.broker.feeder.Feeder`), on every wake-up: a credit that found
   nothing, a change signalled by the store, a delayed task coming due, the
   poll timer.  A task no credit of this broker takes goes back to the
   store for any broker to claim.
@@ -68,11 +68,7 @@ class Backlog:
         self.delayed = {}
         self._delay_timer = None
         self._polling = False
-        self._stopped = False
-        # Capability classes with a claim for them under way, and those
-        # woken again meanwhile.
-        self._feeding = set()
-        self._feed_again = set()
+        self.stopped = False
 
     @property
     def _shared(self):
@@ -118,7 +114,7 @@ class Backlog:
         yield self._load_delayed()
 
     def stop(self):
-        self._stopped = True
+        self.stopped = True
         if self._delay_timer is not None and self._delay_timer.active():
             self._delay_timer.cancel()
 
@@ -136,6 +132,12 @@ class Backlog:
         may wait in the store: a new one must not overtake them.
         """
         return key in self._windows
+
+    def held(self, task_id):
+        """
+        Whether the task is held in memory or running.
+        """
+        return self._held(task_id)
 
     def _held(self, task_id):
         return task_id in self._broker.attempts or self.holds(task_id)
@@ -260,7 +262,7 @@ class Backlog:
             fires when the window is full again or the store has no more
             (never fails).
         """
-        if key not in self._windows or self._stopped:
+        if key not in self._windows or self.stopped:
             return None  # the common case, at every dispatch
         broker = self._broker
         load = self._windows.start(key, broker.dispatcher.waiting(*key))
@@ -278,7 +280,7 @@ class Backlog:
             # Held before the window is told, so that dispatches on the way
             # do not start another load of this queue meanwhile.
             try:
-                if not self._stopped:
+                if not self.stopped:
                     for row in rows:
                         self._take_loaded(row)
             finally:
@@ -304,7 +306,7 @@ class Backlog:
         cursor = self._delayed_window.cursor(DELAYED_KEY)
         soon = cursor is not None and cursor[0] <= (
             broker.clock.seconds() + 2 * broker.config.poll_interval + 1.0)
-        load = None if self._stopped else self._delayed_window.start(
+        load = None if self.stopped else self._delayed_window.start(
             DELAYED_KEY, len(self.delayed), soon)
         if load is None:
             return defer.succeed(None)
@@ -314,7 +316,7 @@ class Backlog:
         def loaded(rows):
             try:
                 now = broker.clock.seconds()
-                for row in rows if not self._stopped else ():
+                for row in rows if not self.stopped else ():
                     # One due already joins its queue's window, or waits
                     # in the store for that queue's next load.
                     due = row.run_at <= now
@@ -362,7 +364,7 @@ class Backlog:
         self._delay_timer = None
         while self._heap and self._heap[0][1] not in self.delayed:
             heapq.heappop(self._heap)
-        if self._heap and not self._stopped:
+        if self._heap and not self.stopped:
             clock = self._broker.clock
             wait = max(0.0, self._heap[0][0] - clock.seconds())
             self._delay_timer = clock.callLater(wait, self._release_due)
@@ -382,78 +384,16 @@ class Backlog:
             if not self._shared:
                 self.enqueue(row)
         if self._shared and due:
-            self.feed()
+            self._broker.feeder.feed()
         self._schedule_delayed()
         self._load_delayed()
 
     def _came_due(self, row):
         self._broker.status.tasks.move(row.priority, row.handler, DELAYED, None)
         if self._shared:
-            self.feed()
+            self._broker.feeder.feed()
         else:
             self.admit(row)
-
-    # -- claiming for idle credits (a shared store) --------------------------
-
-    def feed(self):
-        """
-        Claim tasks for the credits that wait, from a shared store: for
-        each class of workers with idle credits, at most as many tasks as
-        they have credits, the most urgent first.  A class whose claim is
-        under way is claimed for again when it ends.
-        """
-        broker = self._broker
-        if not self._shared or self._stopped or broker.dispatcher.paused:
-            return
-        for levels, handlers, credits in broker.dispatcher.hungry():
-            key = (levels, handlers)
-            if key in self._feeding:
-                self._feed_again.add(key)
-                continue
-            self._feeding.add(key)
-            self._claim_for(key, credits)
-
-    def _claim_for(self, key, credits):
-        broker = self._broker
-        levels, handlers = key
-        names = [broker.levels[level] for level in sorted(levels)]
-        if broker.config.default_priority in names:
-            names.append(None)  # a NULL priority runs at the default level
-        d = broker.claims.claim_for(names, sorted(handlers), credits,
-                                    broker.clock.seconds())
-
-        def claimed(rows):
-            for row in rows:
-                if self._stopped or self._held(row.id):
-                    broker.claims.release((row.id,))
-                    continue
-                row = self.checked(row)
-                if row is not None:
-                    self.enqueue(row)
-
-        def done(_):
-            self._feeding.discard(key)
-            if key in self._feed_again:
-                self._feed_again.discard(key)
-                self.feed()
-
-        d.addCallbacks(claimed, broker.trouble,
-                       errbackArgs=("claiming tasks",))
-        d.addErrback(broker.trouble, "claiming tasks").addBoth(done)
-
-    def start_over(self):
-        """
-        The broker's claims lapsed (it could not renew them in time), so
-        other brokers may be running what it holds: drop every task held,
-        without dispatching it, and claim afresh.
-        """
-        broker = self._broker
-        # (Delayed tasks are kept: a shared store's broker holds them only
-        # to time its next claim, not as claims.)
-        dropped = broker.dispatcher.clear_tasks()
-        self.log.warn("claims lapsed: dropped {count} held tasks; claiming "
-                      "afresh", count=len(dropped))
-        self.feed()
 
     # -- the poller ----------------------------------------------------------------
 
@@ -476,7 +416,7 @@ class Backlog:
             # New work is claimed on wake-ups; the poll is one more, in
             # case a signal was lost.
             self._polling = False
-            self.feed()
+            self._broker.feeder.feed()
             return self._load_delayed()
         d = self._poll()
         d.addBoth(done)

@@ -20,6 +20,8 @@ The parts, each in its own module (see ``docs/architecture.rst``):
 - :mod:`~taskbroker.broker.outcomes`: results, retries, requeues, and
   waiting for a task to end;
 - :mod:`~taskbroker.broker.backlog`: the queued tasks held in memory;
+- :mod:`~taskbroker.broker.feeder`: claiming for idle credits, on a
+  store shared by several brokers;
 - :mod:`~taskbroker.broker.dispatch`: which task goes to which credit;
 - :mod:`~taskbroker.broker.requests`: the clients' commands;
 - :mod:`~taskbroker.broker.status`: counters and task counts, for STATS.
@@ -37,6 +39,7 @@ from twisted.logger import Logger
 from taskbroker.broker.attempts import Attempt, Attempts
 from taskbroker.broker.backlog import Backlog
 from taskbroker.broker.dispatch import Dispatcher
+from taskbroker.broker.feeder import Feeder
 from taskbroker.broker.outcomes import Outcomes, RetryPolicy
 from taskbroker.broker.requests import Requests
 from taskbroker.broker.router import Router
@@ -92,6 +95,7 @@ class Broker:
         self.outcomes = Outcomes(self, RetryPolicy(config,
                                                    rng or random.Random()))
         self.backlog = Backlog(self)
+        self.feeder = Feeder(self)
         self.workers = Workers(self)
         self.requests = Requests(self)
         self.router = Router(self)
@@ -124,7 +128,7 @@ class Broker:
         """
         deadline = self.monotonic() + self._reclaim_window()
         running = yield self.claims.start(self.clock.seconds(),
-                                          self.backlog.feed)
+                                          self.feeder.feed)
         for row in running:
             # Rows in memory are as they were before their dispatch.
             self.attempts.orphan(row.id, row.token,
@@ -180,12 +184,12 @@ class Broker:
         """
         now = self.clock.seconds()
         if not (yield self.claims.renew(now)):
-            self.backlog.start_over()
+            self.feeder.start_over()
         freed = yield self.claims.reclaim(now)
         if freed:
             self.log.info("took back {count} tasks from brokers that "
                           "stopped renewing their claims", count=freed)
-            self.backlog.feed()
+            self.feeder.feed()
 
     # -- dispatch ------------------------------------------------------------
 
@@ -337,4 +341,4 @@ class Broker:
             return
         for assignment in self.dispatcher.resume():
             self.dispatch(assignment)
-        self.backlog.feed()
+        self.feeder.feed()

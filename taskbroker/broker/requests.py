@@ -26,6 +26,17 @@ from taskbroker.store import FINAL_STATES, NewTask
 DEFAULT_WAIT = 30.0
 
 
+class _Refused(Exception):
+    """
+    A request the broker refuses: answered ``ERROR code``.
+    """
+
+    def __init__(self, code, message):
+        Exception.__init__(self, message)
+        self.code = code
+        self.message = message
+
+
 class Requests:
     """
     Handles the messages of clients.
@@ -73,29 +84,11 @@ class Requests:
     def on_SUBMIT(self, identity, body):
         broker = self._broker
         req = body["req"]
-        now = broker.clock.seconds()
-        new = []
-        for spec in body["tasks"]:
-            priority = spec.get("priority") or broker.config.default_priority
-            if priority not in broker.levels:
-                self.error(identity, req, "unknown_priority",
-                           f"unknown priority level {priority!r} (levels: "
-                           + ",".join(broker.levels) + ")")
-                return
-            payload = dumps(spec["payload"])
-            if len(payload.encode("utf-8")) > codec.MAX_PAYLOAD_SIZE:
-                self.error(identity, req, "too_large",
-                           "payload exceeds the limit of "
-                           f"{codec.MAX_PAYLOAD_SIZE} bytes")
-                return
-            delay = spec.get("delay")
-            new.append(NewTask(
-                spec["handler"], payload, priority,
-                spec.get("max_attempts") or broker.config.max_attempts, now,
-                run_at=now + delay if delay else None,
-                unique_key=spec.get("unique_key"),
-                request_id=body.get("request_id"),
-                time_limit=spec.get("time_limit")))
+        try:
+            new = self._new_tasks(body)
+        except _Refused as refused:
+            self.error(identity, req, refused.code, refused.message)
+            return
         claims = self._claim_workers(new)
         d = broker.store.submit(new)
 
@@ -113,6 +106,7 @@ class Requests:
                 else:
                     broker.give_back(session)
             rows = [row for row, _ in results]
+            now = broker.clock.seconds()
             for row, created in results:
                 if created:
                     broker.status.tasks.add(
@@ -146,6 +140,36 @@ class Requests:
 
         d.addCallbacks(committed, not_committed)
         self._answered(d, "submitting tasks", identity, req)
+
+    def _new_tasks(self, body):
+        """
+        The tasks a SUBMIT asks for, with the broker's defaults.
+
+        :returns: a ``list`` of :class:`taskbroker.store.NewTask`.
+        :raises _Refused: for a task the broker cannot take.
+        """
+        broker = self._broker
+        now = broker.clock.seconds()
+        new = []
+        for spec in body["tasks"]:
+            priority = spec.get("priority") or broker.config.default_priority
+            if priority not in broker.levels:
+                raise _Refused(
+                    "unknown_priority", f"unknown priority level {priority!r} "
+                    "(levels: " + ",".join(broker.levels) + ")")
+            payload = dumps(spec["payload"])
+            if len(payload.encode("utf-8")) > codec.MAX_PAYLOAD_SIZE:
+                raise _Refused("too_large", "payload exceeds the limit of "
+                               f"{codec.MAX_PAYLOAD_SIZE} bytes")
+            delay = spec.get("delay")
+            new.append(NewTask(
+                spec["handler"], payload, priority,
+                spec.get("max_attempts") or broker.config.max_attempts, now,
+                run_at=now + delay if delay else None,
+                unique_key=spec.get("unique_key"),
+                request_id=body.get("request_id"),
+                time_limit=spec.get("time_limit")))
+        return new
 
     def _claim_workers(self, new):
         """

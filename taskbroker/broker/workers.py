@@ -100,7 +100,7 @@ class Workers:
         if assignment is not None:
             broker.dispatch(assignment)
         else:
-            broker.backlog.feed()
+            broker.feeder.feed()
 
     def on_HEARTBEAT(self, identity, session, body):
         if session is None:
