@@ -12,7 +12,6 @@ import math
 import os
 import platform
 import re
-import signal
 import socket
 import sqlite3
 import subprocess
@@ -20,8 +19,12 @@ import sys
 import time
 from contextlib import closing
 
+from taskbroker import _daemons
+from taskbroker._daemons import DaemonError
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
+
 BIN = os.path.dirname(sys.executable)
 TWISTD = os.path.join(BIN, "twistd")
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -52,98 +55,53 @@ def child_env(extra=None):
     ``TASKBROKER_*`` or ``TASKWORKER_*`` variable, so that the daemons run
     with their built-in defaults.
     """
-    env = {key: value for key, value in os.environ.items()
-           if not key.startswith(("TASKBROKER_", "TASKWORKER_"))}
-    env.update(extra or {})
-    return env
+    return _daemons.clean_environment(extra)
 
 
-class Process:
+class Process(_daemons.Daemon):
     """
-    A started process whose output goes to ``log_path``.
+    A started process (see :mod:`taskbroker._daemons`, which the demo and
+    the integration tests use too), in a session of its own so that a
+    Ctrl-C in the terminal reaches the suite alone, which then stops
+    everything in order; its output goes to ``NAME.log`` in its folder.
+    Its errors are :class:`BenchError` s.
     """
 
-    def __init__(self, name, popen, log_path):
-        self.name = name
-        self.popen = popen
-        self.log_path = log_path
-        self._offset = 0
-        self._seen = ""
+    server = False
 
-    @property
-    def pid(self):
-        return self.popen.pid
-
-    def alive(self):
-        return self.popen.poll() is None
-
-    def _read_new(self):
+    def __init__(self, name, argv, folder, env=None):
         try:
-            with open(self.log_path, "rb") as f:
-                f.seek(self._offset)
-                data = f.read()
-        except OSError:
-            return ""
-        self._offset += len(data)
-        return data.decode("utf-8", "replace")
-
-    def last_line(self):
-        try:
-            with open(self.log_path, "rb") as f:
-                f.seek(0, os.SEEK_END)
-                f.seek(max(0, f.tell() - 4096))
-                lines = [line for line in
-                         f.read().decode("utf-8", "replace").splitlines()
-                         if line.strip()]
-        except OSError:
-            return ""
-        if not lines:
-            return "(no output)"
-        # twistd prefixes every line with a time and the logger's name.
-        return re.sub(r"^\S+ \[[^\]]*\] ", "", lines[-1]).strip()[:300]
+            _daemons.Daemon.__init__(
+                self, name, argv, folder, env=child_env() if env is None else env,
+                log_path=os.path.join(folder, f"{name}.log"), new_session=True)
+        except DaemonError as e:
+            raise BenchError(str(e)) from None
 
     def check(self):
         """
         :raises BenchError: if the process has exited.
         """
-        code = self.popen.poll()
-        if code is not None:
-            raise BenchError(
-                f"{self.name} exited with status {code}: {self.last_line()}")
+        try:
+            _daemons.Daemon.check(self)
+        except DaemonError as e:
+            raise BenchError(str(e)) from None
 
     def wait_for(self, pattern, timeout, what=None, watched=()):
         """
-        Wait until a line of the log matches ``pattern``.
+        Wait until a line of its output after the last one found matches
+        ``pattern``.
 
         :param watched: other processes that must stay alive meanwhile.
         :returns: the match.
         :raises BenchError: if the process (or a watched one) exits first,
             or time runs out.
         """
-        regex = re.compile(pattern)
-        deadline = time.monotonic() + timeout
-        while True:
-            self._seen += self._read_new()
-            match = regex.search(self._seen)
-            if match:
-                # Later waits look only at what follows.
-                self._seen = self._seen[match.end():]
-                return match
-            # Keep the tail only: a line may arrive in two reads.
-            self._seen = self._seen[-8192:]
-            if not self.alive():
-                self._seen += self._read_new()
-                match = regex.search(self._seen)
-                if match:
-                    return match
-                self.check()
-            for process in watched:
-                process.check()
-            if time.monotonic() > deadline:
-                raise BenchError(
-                    f"{self.name}: no sign of {what or pattern!r} within "
-                    f"{timeout:g} s (last output: {self.last_line()})")
-            time.sleep(0.01)
+        try:
+            return _daemons.Daemon.wait_for(
+                self, pattern, timeout, start=self.after_match, what=what,
+                watched=watched)
+        except DaemonError as e:
+            raise BenchError(str(e)) from None
 
     def wait_exit(self, timeout):
         """
@@ -153,11 +111,9 @@ class Process:
         :raises BenchError: on time-out.
         """
         try:
-            return self.popen.wait(timeout)
-        except subprocess.TimeoutExpired:
-            raise BenchError(
-                f"{self.name} did not finish within {timeout:g} s (last "
-                f"output: {self.last_line()})") from None
+            return _daemons.Daemon.wait_exit(self, timeout)
+        except DaemonError as e:
+            raise BenchError(str(e)) from None
 
 
 class Processes:
@@ -170,20 +126,7 @@ class Processes:
         self._running = []
 
     def start(self, name, argv, folder, env=None):
-        log_path = os.path.join(folder, f"{name}.log")
-        with open(log_path, "wb") as log:
-            try:
-                popen = subprocess.Popen(
-                    argv, cwd=folder, stdin=subprocess.DEVNULL, stdout=log,
-                    stderr=subprocess.STDOUT,
-                    env=child_env() if env is None else env,
-                    # Its own session: a Ctrl-C in the terminal reaches the
-                    # suite alone, which then stops everything in order.
-                    start_new_session=True)
-            except OSError as e:
-                raise BenchError(
-                    f"cannot start {name} ({argv[0]}): {e.strerror}") from None
-        process = Process(name, popen, log_path)
+        process = Process(name, argv, folder, env)
         self._running.append(process)
         return process
 
@@ -193,42 +136,14 @@ class Processes:
         those left (and anything left in their sessions, such as a Celery
         pool's children).
         """
+        _daemons.stop_all(processes, timeout)
         for process in processes:
-            if process.alive():
-                _signal(process.pid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        for process in processes:
-            try:
-                process.popen.wait(max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                _signal(process.pid, signal.SIGKILL)
-                process.popen.wait()
-            # The session's group id is the pid of the process we started.
-            _signal_group(process.pid, signal.SIGKILL)
             if process in self._running:
                 self._running.remove(process)
 
     def stop_all(self):
         if self._running:
             self.stop(*reversed(self._running), timeout=5.0)
-
-
-def _signal(pid, signum):
-    try:
-        os.kill(pid, signum)
-    except ProcessLookupError:
-        pass
-
-
-def _signal_group(pgid, signum):
-    try:
-        os.killpg(pgid, 0)
-    except (ProcessLookupError, PermissionError):
-        return
-    try:
-        os.killpg(pgid, signum)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def free_port():

@@ -13,39 +13,22 @@ default settings (or the heartbeat given):
 """
 
 import argparse
-import os
-import re
 import signal
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from datetime import datetime
 
+from taskbroker import _daemons
 from taskbroker.client.blocking import BlockingClient
 
-TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
-
-
-def start(argv, folder, ready):
-    process = subprocess.Popen(argv, cwd=folder, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)
-    for line in process.stdout:
-        match = re.search(ready, line)
-        if match:
-            return process, match
-    raise SystemExit(f"recovery: {argv[4]} exited before it was ready")
-
-
-def stop(process):
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+def start(command, args, folder, ready, name):
+    daemon = _daemons.Daemon(name, _daemons.twistd(command, *args), folder)
+    try:
+        return daemon, daemon.wait_for(ready)
+    except _daemons.DaemonError as e:
+        _daemons.stop_all([daemon])
+        raise SystemExit(f"recovery: {e}") from None
 
 
 def seconds(iso):
@@ -63,21 +46,19 @@ def one_run(heartbeat):
     hb = ["--heartbeat", str(heartbeat)]
     with tempfile.TemporaryDirectory() as folder:
         broker, match = start(
-            [TWISTD, "--pidfile=", "-n", "taskbroker",
-             "--listen", "tcp://127.0.0.1:*", *hb],
-            folder, r"listening on (\S+),")
+            "taskbroker", ["--listen", "tcp://127.0.0.1:*", *hb],
+            folder, r"listening on (\S+),", "broker")
         endpoint = match.group(1)
         workers = {f"w{i}": start(
-            [TWISTD, "--pidfile=", "-n", "taskworker", "--broker", endpoint,
-             "--name", f"w{i}", "--grace", "0", "--concurrency", "2",
-             *hb],
-            folder, r"welcomed by broker")[0] for i in range(3)}
+            "taskworker", ["--broker", endpoint, "--name", f"w{i}", "--grace",
+                           "0", "--concurrency", "2", *hb],
+            folder, r"welcomed by broker", f"w{i}")[0] for i in range(3)}
         try:
             with BlockingClient(endpoint, timeout=10) as client:
                 task, _ = client.submit("sleep", {"seconds": 60})
                 victim = running(client, task["id"])["worker"]
                 killed = time.time()
-                workers[victim].kill()
+                workers[victim].signal(signal.SIGKILL)
                 while True:
                     again = client.wait(task["id"], timeout=0.02)
                     if again["worker"] != victim and again["state"] == "running":
@@ -85,28 +66,25 @@ def one_run(heartbeat):
                 worker_recovery = seconds(again["started_at"]) - killed
                 frozen = again["worker"]
                 stopped = time.time()
-                workers[frozen].send_signal(signal.SIGSTOP)
+                workers[frozen].signal(signal.SIGSTOP)
                 while True:
                     third = client.wait(task["id"], timeout=0.02)
                     if third["worker"] != frozen and third["state"] == "running":
                         break
                 freeze_recovery = seconds(third["started_at"]) - stopped
-                workers[frozen].kill()
-            broker.kill()
-            broker.wait()
+                workers[frozen].signal(signal.SIGKILL)
+            broker.signal(signal.SIGKILL)
+            broker.wait_exit()
             killed = time.time()
-            broker, _ = start(
-                [TWISTD, "--pidfile=", "-n", "taskbroker",
-                 "--listen", endpoint, *hb],
-                folder, r"listening on")
+            broker, _ = start("taskbroker", ["--listen", endpoint, *hb],
+                              folder, r"listening on", "broker")
             with BlockingClient(endpoint, timeout=10) as client:
                 task, _ = client.submit("echo", 1)
                 done = client.wait(task["id"], timeout=60)
                 broker_recovery = seconds(done["started_at"]) - killed
             return worker_recovery, freeze_recovery, broker_recovery
         finally:
-            for process in [*workers.values(), broker]:
-                stop(process)
+            _daemons.stop_all([*workers.values(), broker])
 
 
 def main():

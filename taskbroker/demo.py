@@ -13,20 +13,18 @@ it started, by pid, whatever happens.
 import argparse
 import os
 import random
-import re
 import shutil
 import signal
 import statistics
-import subprocess
 import sys
 import textwrap
 import time
 from datetime import datetime
 
+from taskbroker import _daemons
 from taskbroker.client.blocking import BlockingClient
 
 RUN_DIR = "demo-run"
-TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
 LEVELS = ("high", "normal", "low")
 #: (name, extra arguments): two workers for all levels, one kept for urgent
 #: work.
@@ -49,59 +47,6 @@ class Stopped(BaseException):
     """SIGTERM: stop as on Ctrl-C, so that the daemons are stopped too."""
 
 
-class Daemon:
-    """One ``twistd`` process and the log file it writes."""
-
-    def __init__(self, name, args, folder, console):
-        self.name = name
-        self.log_path = os.path.join(folder, name + ".log")
-        # TASKBROKER_*/TASKWORKER_* in the user's shell would change what
-        # the daemons do, and the demo should look the same everywhere.
-        env = {k: v for k, v in os.environ.items()
-               if not k.startswith(("TASKBROKER_", "TASKWORKER_"))}
-        # A session of its own keeps Ctrl-C away from the daemon, so that
-        # stop_all can stop them in order (workers first).
-        self.process = subprocess.Popen(
-            [TWISTD, "--pidfile=", "-n", "--logfile", self.log_path, *args],
-            cwd=folder, env=env, stdin=subprocess.DEVNULL, stdout=console,
-            stderr=console, start_new_session=True)
-        self.pid = self.process.pid
-        self._offset = 0
-        self._partial = b""
-
-    def _new_lines(self):
-        try:
-            with open(self.log_path, "rb") as f:
-                f.seek(self._offset)
-                chunk = f.read()
-        except FileNotFoundError:
-            return []
-        self._offset += len(chunk)
-        # The last line may be half-written: keep it for the next read.
-        *lines, self._partial = (self._partial + chunk).split(b"\n")
-        return [line.decode("utf-8", "replace") for line in lines]
-
-    def wait_for(self, pattern, timeout=START_TIMEOUT):
-        """Wait for a log line matching ``pattern``; return the match."""
-        regex = re.compile(pattern)
-        deadline = time.monotonic() + timeout
-        while True:
-            for line in self._new_lines():
-                if match := regex.search(line):
-                    return match
-            self.check_alive("before it was ready")
-            if time.monotonic() > deadline:
-                raise DemoError(
-                    f"{self.name} was not ready within {timeout:g} s")
-            # A regular file is always "readable" to select(): poll briefly.
-            time.sleep(0.05)
-
-    def check_alive(self, when="unexpectedly"):
-        if self.process.poll() is not None:
-            raise DemoError(f"{self.name} exited {when} (status "
-                            f"{self.process.returncode})")
-
-
 def stop_all(daemons):
     """
     SIGTERM by pid, SIGKILL after STOP_TIMEOUT; workers before the broker so
@@ -113,18 +58,7 @@ def stop_all(daemons):
     try:
         for group in ([d for d in daemons if d.name != "broker"],
                       [d for d in daemons if d.name == "broker"]):
-            for d in group:
-                if d.process.poll() is None:
-                    os.kill(d.pid, signal.SIGTERM)
-            deadline = time.monotonic() + STOP_TIMEOUT
-            for d in group:
-                try:
-                    d.process.wait(max(0.0, deadline - time.monotonic()))
-                except subprocess.TimeoutExpired:
-                    print(f"demo: {d.name} ignored SIGTERM; killing it",
-                          file=sys.stderr)
-                    os.kill(d.pid, signal.SIGKILL)
-                    d.process.wait()
+            _daemons.stop_all(group, STOP_TIMEOUT)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -207,7 +141,7 @@ def run_tasks(client, scale, daemons, status):
                                     priority=level)
             late_ids.add(task["id"])
         for d in daemons:
-            d.check_alive()
+            d.check()
         stats = client.stats()
         running = client.list(state="running", limit=None)
         status.show(status_text(elapsed, stats, running, client.workers()))
@@ -360,18 +294,20 @@ def main(argv=None):
 
     previous = signal.signal(signal.SIGTERM, stopped)
     try:
-        if not os.path.exists(TWISTD):
+        if not os.path.exists(_daemons.TWISTD):
             raise DemoError(f"no twistd next to {sys.executable}: run the "
                             "demo with the project's virtualenv (make demo)")
         shutil.rmtree(folder, ignore_errors=True)
         os.makedirs(folder)
-        # What a daemon prints before its log file is open (a bad option, a
-        # crash at import) lands here; O_APPEND keeps each write whole.
-        with open(os.path.join(folder, "console.log"), "ab") as console, \
-                open(os.path.join(folder, "pids.txt"), "w") as pids:
+        with open(os.path.join(folder, "pids.txt"), "w") as pids:
 
             def start(name, *args):
-                daemons.append(Daemon(name, args, folder, console))
+                # A session of its own keeps Ctrl-C away from the daemon,
+                # so that stop_all can stop them in order (workers first).
+                daemons.append(_daemons.Daemon(
+                    name, _daemons.twistd(*args), folder,
+                    log_path=os.path.join(folder, name + ".log"),
+                    new_session=True))
                 # Written at once, so that a test can check on every daemon
                 # even if the demo dies.
                 pids.write(f"{name} {daemons[-1].pid}\n")
@@ -384,12 +320,14 @@ def main(argv=None):
                            "--listen", "tcp://127.0.0.1:*",
                            "--database", "sqlite:///demo.sqlite")
             endpoint = broker.wait_for(
-                r"taskbroker ready: listening on (\S+),").group(1)
+                r"taskbroker ready: listening on (\S+),", START_TIMEOUT,
+                what="ready").group(1)
             # Started together, awaited in turn: the starts overlap.
             for w in [start(name, "taskworker", "--broker", endpoint, "--name",
                             name, "--concurrency", "1", *extra)
                       for name, extra in WORKERS]:
-                w.wait_for(r"welcomed by broker")
+                w.wait_for(r"welcomed by broker", START_TIMEOUT,
+                           what="welcomed by broker")
 
         with BlockingClient(endpoint) as client:
             workers = client.workers()
@@ -404,7 +342,7 @@ def main(argv=None):
         reason = None
     except (KeyboardInterrupt, Stopped):
         reason = "interrupted"
-    except DemoError as e:
+    except (DemoError, _daemons.DaemonError) as e:
         reason = str(e)
     except Exception as e:  # one line, not a traceback, for any surprise
         reason = f"{type(e).__name__}: {e}".splitlines()[0]

@@ -20,70 +20,18 @@ from twisted.application.service import Service
 from twisted.internet import defer, task
 from twisted.logger import Logger
 
-from taskbroker.errors import PermanentFailure, describe, one_line
+from taskbroker.errors import one_line
 from taskbroker.protocol import codec
 from taskbroker.protocol.codec import ProtocolError, dumps, encode
 from taskbroker.services import ServiceTree
 from taskbroker.transport.options import dealer_options
 from taskbroker.transport.zmq import DealerSocket, ZmqFactoryService
 from taskbroker.worker.children import ChildPool, Outcome
+from taskbroker.worker.runner import run_handler
 from taskbroker.worker.task import RunningTask
 
 #: Seconds before the first HELLO is repeated when no WELCOME comes.
 HELLO_FIRST_RETRY = 0.05
-
-
-def run_handler(handler, running_task, clock, time_limit=None):
-    """
-    Run one task of a handler that does not block, in the reactor.
-
-    :param time_limit: seconds the attempt may take, or ``None``.
-    :returns: a ``Deferred`` that always succeeds, with an
-        :class:`~taskbroker.worker.children.Outcome`.  Cancelling it stops
-        the handler (cancels the handler's ``Deferred``) and fires it with
-        a ``cancelled`` outcome.
-    """
-    timer = None
-
-    def settle(outcome):
-        if timer is not None and timer.active():
-            timer.cancel()
-        if not result.called:
-            result.callback(outcome)
-
-    def stop(_):
-        settle(Outcome("cancelled", None, "cancelled"))
-        handler_d.cancel()
-
-    result = defer.Deferred(stop)
-
-    def succeeded(value):
-        try:
-            dumps(value)
-        except (TypeError, ValueError) as e:
-            return Outcome("failed", None,
-                           f"result is not JSON-serialisable: {e}")
-        return Outcome("succeeded", value, None)
-
-    def failed(reason):
-        try:
-            traceback = reason.getTraceback()
-        except Exception:
-            traceback = None
-        return Outcome("failed", None, describe(reason.value),
-                       traceback=traceback,
-                       permanent=bool(reason.check(PermanentFailure)))
-
-    handler_d = defer.maybeDeferred(handler.run, running_task)
-    handler_d.addCallbacks(succeeded, failed).addCallback(settle)
-    if time_limit is not None and not result.called:
-        def expire():
-            settle(Outcome("failed", None,
-                           f"time limit of {time_limit:g} s exceeded"))
-            handler_d.cancel()
-
-        timer = clock.callLater(time_limit, expire)
-    return result
 
 
 #: The most text of an error or traceback sent back (characters); the

@@ -13,7 +13,7 @@ import pytest
 import zmq
 from hypothesis import settings
 
-from tests.unit.fakebroker import FakeBroker
+from taskbroker.testing.fakebroker import FakeBroker
 
 settings.register_profile("ci", deadline=None, derandomize=True)
 settings.register_profile("dev")

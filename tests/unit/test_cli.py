@@ -10,7 +10,7 @@ import json
 import pytest
 
 from taskbroker import cli
-from tests.unit.fakebroker import (
+from taskbroker.testing.fakebroker import (
     error,
     lose_replies,
     make_task,

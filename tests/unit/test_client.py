@@ -31,7 +31,7 @@ from taskbroker.client.errors import (
 )
 from taskbroker.protocol import codec
 from taskbroker.transport.zmq import ZmqFactoryService
-from tests.unit.fakebroker import (
+from taskbroker.testing.fakebroker import (
     error,
     lose_replies,
     make_task,

@@ -1,6 +1,6 @@
 """
 Tests for how the worker runs one task of a handler that does not block:
-``run_handler`` and ``RunningTask`` in taskbroker.worker.service.
+``run_handler`` (taskbroker.worker.runner) and ``RunningTask``.
 
 They need no reactor: handlers, time limits and cancellation all run on a
 ``Clock``.  Blocking handlers run in child processes, which
@@ -16,7 +16,8 @@ from twisted.python.failure import Failure
 from taskbroker.errors import PermanentFailure
 from taskbroker.testing import result_of
 from taskbroker.worker.children import Outcome
-from taskbroker.worker.service import RunningTask, run_handler
+from taskbroker.worker.runner import run_handler
+from taskbroker.worker.task import RunningTask
 
 BODY = {"id": 12, "handler": "h", "payload": {"n": 1}, "priority": "high",
         "attempt": 2, "max_attempts": 5, "token": 31, "time_limit": 0.5}

@@ -1,7 +1,8 @@
 # -*- test-case-name: tests.unit.test_client -*-
 """
-A scripted stand-in for the broker's client side, for client and CLI tests
-until the real broker exists.
+A scripted stand-in for the broker's client side: for testing a program
+that talks to a broker (through the clients or the protocol) against
+answers of your choosing, including lost replies and errors.
 
 :class:`FakeBroker` binds a pyzmq ROUTER to ``tcp://127.0.0.1:*`` and
 serves it from a background thread.  Each request is recorded, then
