@@ -19,7 +19,7 @@ from taskbroker.broker.validation import invalid_row
 from taskbroker.errors import StoreError
 from taskbroker.protocol import codec
 from taskbroker.protocol.codec import dumps, encode
-from taskbroker.protocol.objects import iso_time, task_object
+from taskbroker.protocol.objects import task_object
 from taskbroker.store import FINAL_STATES, NewTask
 
 #: The longest a WAIT is held when the client gives no timeout (seconds).
@@ -369,18 +369,8 @@ class Requests:
     # -- the fleet ---------------------------------------------------------
 
     def on_WORKERS(self, identity, body):
-        workers = []
-        for s in sorted(self._broker.sessions, key=lambda s: s.name):
-            workers.append({
-                "name": s.name,
-                "priorities": list(s.levels),
-                "handlers": sorted(s.handlers),
-                "slots": s.slots,
-                "busy": len(s.running),
-                "connected_since": iso_time(s.connected_since),
-                "last_seen": iso_time(s.last_seen),
-            })
-        self.reply(identity, body["req"], {"workers": workers})
+        self.reply(identity, body["req"],
+                   {"workers": self._broker.status.workers()})
 
     def on_STATS(self, identity, body):
         # From memory, except for the very first, which waits for the

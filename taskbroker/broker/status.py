@@ -1,8 +1,8 @@
 # -*- test-case-name: tests.unit.test_status -*-
 """
-What the broker reports about itself: its counters, and how many tasks
-there are in each state, for STATS today and for a JSON API or a metrics
-exporter later.  Reading it costs nothing that grows with the table.
+What the broker reports about itself: its workers, its counters, and how
+many tasks there are in each state, for STATS and WORKERS today and for a
+JSON API or a metrics exporter later.  Reading it costs nothing that grows with the table.
 
 Task counts are kept incrementally: the broker reports each change it
 makes (:meth:`TaskCounts.add`, :meth:`TaskCounts.move`), and a recount
@@ -17,6 +17,8 @@ from collections import Counter
 
 from twisted.internet import defer
 from twisted.logger import Logger
+
+from taskbroker.protocol.objects import iso_time
 
 #: Seconds between recounts of the tasks table.
 RECOUNT_INTERVAL = 60.0
@@ -181,6 +183,21 @@ class Status:
         if self.tasks.counted_at is not None:
             return defer.succeed(None)
         return self.recount()
+
+    def workers(self):
+        """
+        The WORKERS reply's ``workers`` list (see ``docs/protocol.rst``),
+        by name.
+        """
+        return [{
+            "name": s.name,
+            "priorities": list(s.levels),
+            "handlers": sorted(s.handlers),
+            "slots": s.slots,
+            "busy": len(s.running),
+            "connected_since": iso_time(s.connected_since),
+            "last_seen": iso_time(s.last_seen),
+        } for s in sorted(self._broker.sessions, key=lambda s: s.name)]
 
     def stats(self):
         """
