@@ -193,6 +193,7 @@ def inversions(rows, workers, latency=0.02):
 
 
 def report(tasks, late_ids, workers, out):
+    """Print every task, the waits and the workers, and what they show."""
     def at(iso):
         return datetime.fromisoformat(iso).timestamp()
 
@@ -202,6 +203,15 @@ def report(tasks, late_ids, workers, out):
     rows = sorted((dict(t, created=at(t["created_at"]),
                         start=at(t["started_at"]), end=at(t["finished_at"]))
                    for t in tasks), key=lambda r: (r["start"], r["id"]))
+    print_tasks(rows, late_ids, out)
+    span, waits, share, idle = print_summary(rows, workers, out)
+    print("\nWhat this shows:", file=out)
+    for point in lessons(rows, late_ids, workers, span, waits, share, idle):
+        print(textwrap.fill(point, 78, initial_indent="  - ",
+                            subsequent_indent="    "), file=out)
+
+
+def print_tasks(rows, late_ids, out):
     print(f"\n{'id':>4}  {'priority':<8}  {'worker':<13}  {'waited':>6}  "
           f"{'ran':>5}  state", file=out)
     for r in rows:
@@ -212,6 +222,12 @@ def report(tasks, late_ids, workers, out):
               f"{r['state']}", file=out)
     print("   * submitted on its own while the batch was running", file=out)
 
+
+def print_summary(rows, workers, out):
+    """
+    :returns: the run's span, the waits by level, each worker's busy share
+        and the idle time while tasks waited.
+    """
     span = max(r["end"] for r in rows) - min(r["created"] for r in rows)
     waits = {level: [r["waited"] for r in rows if r["priority"] == level]
              for level in LEVELS}
@@ -230,7 +246,11 @@ def report(tasks, late_ids, workers, out):
     idle = idle_while_waiting(rows, workers)
     print(f"Idle while a task it could run was queued: {idle:.2f} s "
           "(all workers together)", file=out)
+    return span, waits, share, idle
 
+
+def lessons(rows, late_ids, workers, span, waits, share, idle):
+    """The points the run makes, as sentences."""
     late = [r for r in rows if r["id"] in late_ids]
     general = [w["name"] for w in workers
                if len(w["priorities"]) == len(LEVELS)]
@@ -268,10 +288,43 @@ def report(tasks, late_ids, workers, out):
             f"{share[name]:.0%} of the time while low work waited for the "
             "general workers" + ("; in exchange it was free whenever an "
                                  "urgent task came." if ready else "."))
-    print("\nWhat this shows:", file=out)
-    for point in points:
-        print(textwrap.fill(point, 78, initial_indent="  - ",
-                            subsequent_indent="    "), file=out)
+    return points
+
+
+def start_daemons(folder, daemons):
+    """
+    Start the broker and the workers in ``folder``, adding each to
+    ``daemons`` as it starts.
+
+    :returns: the broker's endpoint, once every worker is welcomed.
+    """
+    with open(os.path.join(folder, "pids.txt"), "w") as pids:
+
+        def start(name, *args):
+            # A session of its own keeps Ctrl-C away from the daemon, so
+            # that stop_all can stop them in order (workers first).
+            daemons.append(_daemons.Daemon(
+                name, _daemons.twistd(*args), folder,
+                log_path=os.path.join(folder, name + ".log"),
+                new_session=True))
+            # Written at once, so that a test can check on every daemon
+            # even if the demo dies.
+            pids.write(f"{name} {daemons[-1].pid}\n")
+            pids.flush()
+            return daemons[-1]
+
+        broker = start("broker", "taskbroker", "--listen", "tcp://127.0.0.1:*",
+                       "--database", "sqlite:///demo.sqlite")
+        endpoint = broker.wait_for(
+            r"taskbroker ready: listening on (\S+),", START_TIMEOUT,
+            what="ready").group(1)
+        # Started together, awaited in turn: the starts overlap.
+        for w in [start(name, "taskworker", "--broker", endpoint, "--name",
+                        name, "--concurrency", "1", *extra)
+                  for name, extra in WORKERS]:
+            w.wait_for(r"welcomed by broker", START_TIMEOUT,
+                       what="welcomed by broker")
+    return endpoint
 
 
 def main(argv=None):
@@ -299,35 +352,9 @@ def main(argv=None):
                             "demo with the project's virtualenv (make demo)")
         shutil.rmtree(folder, ignore_errors=True)
         os.makedirs(folder)
-        with open(os.path.join(folder, "pids.txt"), "w") as pids:
-
-            def start(name, *args):
-                # A session of its own keeps Ctrl-C away from the daemon,
-                # so that stop_all can stop them in order (workers first).
-                daemons.append(_daemons.Daemon(
-                    name, _daemons.twistd(*args), folder,
-                    log_path=os.path.join(folder, name + ".log"),
-                    new_session=True))
-                # Written at once, so that a test can check on every daemon
-                # even if the demo dies.
-                pids.write(f"{name} {daemons[-1].pid}\n")
-                pids.flush()
-                return daemons[-1]
-
-            print(f"Starting a broker (SQLite, {RUN_DIR}/demo.sqlite) and "
-                  "three workers...", file=out, flush=True)
-            broker = start("broker", "taskbroker",
-                           "--listen", "tcp://127.0.0.1:*",
-                           "--database", "sqlite:///demo.sqlite")
-            endpoint = broker.wait_for(
-                r"taskbroker ready: listening on (\S+),", START_TIMEOUT,
-                what="ready").group(1)
-            # Started together, awaited in turn: the starts overlap.
-            for w in [start(name, "taskworker", "--broker", endpoint, "--name",
-                            name, "--concurrency", "1", *extra)
-                      for name, extra in WORKERS]:
-                w.wait_for(r"welcomed by broker", START_TIMEOUT,
-                           what="welcomed by broker")
+        print(f"Starting a broker (SQLite, {RUN_DIR}/demo.sqlite) and "
+              "three workers...", file=out, flush=True)
+        endpoint = start_daemons(folder, daemons)
 
         with BlockingClient(endpoint) as client:
             workers = client.workers()
