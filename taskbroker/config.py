@@ -231,6 +231,11 @@ def resolve(settings, prefix, given, environ):
 # -- the environment ---------------------------------------------------------
 
 
+def _environment(environ):
+    return os.environ if environ is None else environ
+
+
+
 def check_environment(prefix, known, reserved, environ):
     """
     Look for misspelt variables among those with ``prefix``: a variable
@@ -349,8 +354,8 @@ def broker_config(given, environ=None):
 
     :raises ConfigError: with a one-line reason.
     """
-    environ = os.environ if environ is None else environ
-    values = resolve(BROKER_SETTINGS, "TASKBROKER_", given, environ)
+    values = resolve(BROKER_SETTINGS, "TASKBROKER_", given,
+                     _environment(environ))
     default_priority = values["default_priority"]
     if default_priority is not None and default_priority not in values[
             "priorities"]:
@@ -420,9 +425,8 @@ def worker_config(given, environ=None):
 
     :raises ConfigError: with a one-line reason.
     """
-    environ = os.environ if environ is None else environ
     return WorkerConfig(**resolve(WORKER_SETTINGS, "TASKWORKER_", given,
-                                  environ))
+                                  _environment(environ)))
 
 
 # -- the command line ------------------------------------------------------------
@@ -455,9 +459,8 @@ def client_config(given, environ=None):
 
     :raises ConfigError: with a one-line reason.
     """
-    environ = os.environ if environ is None else environ
     return ClientConfig(**resolve(CLIENT_SETTINGS, "TASKBROKER_", given,
-                                  environ))
+                                  _environment(environ)))
 
 
 #: Every variable something of ours reads, by prefix, and the prefixes of
