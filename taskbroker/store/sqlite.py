@@ -92,6 +92,7 @@ class SQLiteStore:
         self._lock_fd = None
         self._thread = None
         self._checkpointer = None
+        self._counter = None
         self._journal_mode = None
         # Group commit: (operation, args, Deferred) waiting for a flush.
         self._pending = []
@@ -180,6 +181,15 @@ class SQLiteStore:
             self._checkpointer = Checkpointer(
                 path, self._reactor, self._busy_timeout_ms)
             self._checkpointer.start()
+            # Counting a large table takes long: on a connection of its
+            # own, WAL lets it read while the store's thread commits.
+            self._counter = ConnectionThread(
+                self._reactor, self._connect_reader, "taskbroker-sqlite-count")
+            try:
+                await self._counter.start()
+            except BaseException:
+                await self._shut_down()
+                raise
         log.info("opened database {path} (schema version {version}, "
                  "synchronous {synchronous})", path=path, version=new,
                  synchronous=self._synchronous)
@@ -227,6 +237,16 @@ class SQLiteStore:
         self._journal_mode = str(mode).lower()
         return connection
 
+    def _connect_reader(self):
+        """
+        Open a read-only connection, for the counts; runs in its thread.
+        """
+        connection = sqlite3.connect(
+            self._abspath, check_same_thread=False, isolation_level=None)
+        connection.execute(f"PRAGMA busy_timeout = {self._busy_timeout_ms:d}")
+        connection.execute("PRAGMA query_only = 1")
+        return connection
+
     def close(self):
         """
         Wait for pending writes and reads, close the database and release
@@ -259,6 +279,9 @@ class SQLiteStore:
         Close the connection, end its thread, and release the lock.  Never
         fails: this runs on the way out, where an error has nowhere to go.
         """
+        if self._counter is not None:
+            counter, self._counter = self._counter, None
+            await counter.stop()
         if self._checkpointer is not None:
             checkpointer, self._checkpointer = self._checkpointer, None
             await checkpointer.stop()
@@ -350,11 +373,11 @@ class SQLiteStore:
 
     # Reads
 
-    def _read(self, query, *args):
+    def _read(self, query, *args, thread=None):
         if self._state != "open":
             return defer.fail(self._not_open())
         self._reads += 1
-        d = self._thread.run(query, *args)
+        d = (thread or self._thread).run(query, *args)
         d.addErrback(self._read_failed)
         d.addBoth(self._read_done)
         return d
@@ -490,9 +513,11 @@ class SQLiteStore:
 
     def counts(self, now):
         """
-        See :meth:`taskbroker.interfaces.ITaskStore.counts`.
+        See :meth:`taskbroker.interfaces.ITaskStore.counts`.  It reads on
+        a connection of its own, so a large table's count does not hold up
+        the broker's commits.
         """
-        return self._read(sql.counts, now)
+        return self._read(sql.counts, now, thread=self._counter)
 
 
 def _bad_final_state(state):

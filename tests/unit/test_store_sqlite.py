@@ -584,3 +584,28 @@ async def test_synchronous_full(reactor, db_path):
                                   2.0)
     finally:
         await store.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_counting_does_not_wait_for_the_store_thread(
+        sqlite_store, reactor):
+    # A count of a large table takes long: it must not hold up commits,
+    # nor wait for them.  Here the store's thread is held busy.
+    import threading
+
+    release = threading.Event()
+    busy = sqlite_store._thread.run(lambda connection: release.wait(30))
+    try:
+        await submit_one_sql(sqlite_store)
+        counts = await sqlite_store.counts(0.0).addTimeout(5, reactor)
+    finally:
+        release.set()
+        await busy
+    assert counts == {("queued", "normal", "echo", False): 1}
+
+
+async def submit_one_sql(store):
+    with closing(sqlite3.connect(store.path)) as connection:
+        with connection:
+            connection.execute("INSERT INTO tasks (handler, priority) "
+                               "VALUES ('echo', 'normal')")
