@@ -459,10 +459,12 @@ class IClaimSource(Interface):
         """
         Extend this broker's claims.
 
-        :returns: a ``Deferred`` firing with ``True``, or ``False`` if the
-            lease had already lapsed: the broker must stop dispatching what
-            it holds and start over, since other brokers may have claimed
-            its tasks.
+        :returns: a ``Deferred`` firing with ``None`` while the lease
+            holds.  If it had lapsed, it fires with the ids of the running
+            tasks whose claims other brokers took meanwhile (a ``set``,
+            perhaps empty): the broker must stop those attempts and drop
+            what it holds, and starts over; the claims nobody took stay
+            its own.
         """
 
     def reclaim(now):

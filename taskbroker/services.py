@@ -120,9 +120,10 @@ class ServiceTree(MultiService):
                           name=self.name, message=message)
         # The failed child may have half-started; it must tolerate a stop.
         self._started.append(child)
+        stopping = not self.running  # a stop was asked for meanwhile
         yield self._stop_started()
         Service.stopService(self)
-        if self.on_fatal is not None:
+        if self.on_fatal is not None and not stopping:
             self.on_fatal(message)
 
     def stopService(self):
@@ -140,7 +141,10 @@ class ServiceTree(MultiService):
         if self._starting is not None and not self._starting.called:
             # Let the child starting now finish, then undo it with the
             # others.
-            yield self._starting
+            try:
+                yield self._starting
+            except Exception:
+                self.log.failure("{name} failed while starting", name=self.name)
         yield self._stop_started()
         self.log.info("{name} stopped", name=self.name)
 

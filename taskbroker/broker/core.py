@@ -100,7 +100,7 @@ class Broker:
         self.requests = Requests(self)
         self.router = Router(self)
         self.handle = self.router.handle
-        self._stopped = False
+        self.stopped = False
         self._store_backoff = 0.0
         self._resume_call = None
 
@@ -152,7 +152,7 @@ class Broker:
         ``running`` in the store, to be reclaimed or requeued by the next
         broker.
         """
-        self._stopped = True
+        self.stopped = True
         if self._resume_call is not None and self._resume_call.active():
             self._resume_call.cancel()
         self.backlog.stop()
@@ -183,8 +183,9 @@ class Broker:
         :returns: a ``Deferred`` that fires when done.
         """
         now = self.clock.seconds()
-        if not (yield self.claims.renew(now)):
-            self.feeder.start_over()
+        lost = yield self.claims.renew(now)
+        if lost is not None:
+            self.feeder.start_over(lost)
         freed = yield self.claims.reclaim(now)
         if freed:
             self.log.info("took back {count} tasks from brokers that "
@@ -213,7 +214,7 @@ class Broker:
 
         def committed(ok):
             self._store_backoff = 0.0
-            if self._stopped:
+            if self.stopped:
                 return
             if not ok:
                 # Changed behind our back (by SQL): forget it, free the slot.
@@ -246,7 +247,7 @@ class Broker:
         send it, unless the worker went away meanwhile.
         """
         before = row._replace(state="queued", attempts=0, token=0)
-        if self._stopped:
+        if self.stopped:
             return  # running in the store: the next broker reclaims it
         if not self.sessions.is_current(session):
             # Lost or announced again while the insert committed: the
@@ -259,6 +260,26 @@ class Broker:
         self.attempts.start(row.id, 1, before, session.identity)
         session.running[row.id] = 1
         self._send_task(session.identity, before, 1)
+
+    def stop_attempt(self, attempt, reason):
+        """
+        End an attempt that is no longer this broker's to run (taken over
+        through the store, or replaced): free its slot and tell its worker
+        to stop it.  Nothing is written: the store already says so.
+        """
+        self.attempts.end(attempt.task_id, attempt.token)
+        session = (self.sessions.get(attempt.session)
+                   if attempt.session is not None else None)
+        if session is None:
+            return
+        if session.running.get(attempt.task_id) == attempt.token:
+            del session.running[attempt.task_id]
+            session.sent_at.pop(attempt.task_id, None)
+            self.dispatcher.task_done(session.identity)
+        self.log.info("task {task_id} token {token}: {reason}; telling "
+                      "{worker} to stop it", task_id=attempt.task_id,
+                      token=attempt.token, reason=reason, worker=session.name)
+        self.workers.cancel(session.identity, attempt.task_id, attempt.token)
 
     def _send_task(self, identity, row, token):
         """
@@ -337,7 +358,7 @@ class Broker:
 
     def _resume(self):
         self._resume_call = None
-        if self._stopped:
+        if self.stopped:
             return
         for assignment in self.dispatcher.resume():
             self.dispatch(assignment)

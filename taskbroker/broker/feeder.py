@@ -40,7 +40,7 @@ class Feeder:
         under way is claimed for again when it ends.
         """
         broker = self._broker
-        if not broker.claims.shared or broker.backlog.stopped or broker.dispatcher.paused:
+        if not broker.claims.shared or broker.stopped or broker.dispatcher.paused:
             return
         for levels, handlers, credits in broker.dispatcher.hungry():
             key = (levels, handlers)
@@ -61,9 +61,15 @@ class Feeder:
 
         def claimed(rows):
             for row in rows:
-                if broker.backlog.stopped or broker.backlog.held(row.id):
+                if broker.stopped:
                     broker.claims.release((row.id,))
                     continue
+                # The store says it is queued and now ours: any attempt or
+                # copy of it this broker still has is out of date.
+                stale = broker.attempts.get(row.id)
+                if stale is not None:
+                    broker.stop_attempt(stale, "queued again in the store")
+                broker.backlog.withdraw(row.id)
                 row = broker.backlog.checked(row)
                 if row is not None:
                     broker.backlog.enqueue(row)
@@ -78,16 +84,26 @@ class Feeder:
                        errbackArgs=("claiming tasks",))
         d.addErrback(broker.trouble, "claiming tasks").addBoth(done)
 
-    def start_over(self):
+    def start_over(self, lost):
         """
         The broker's claims lapsed (it could not renew them in time), so
-        other brokers may be running what it holds: drop every task held,
-        without dispatching it, and claim afresh.
+        other brokers may have claimed what it held: drop every task held,
+        without dispatching it; stop the running attempts whose claims
+        were taken, which other brokers run again; and claim afresh.
+
+        :param lost: the ids of the running tasks whose claims were taken.
         """
         broker = self._broker
         # (Delayed tasks are kept: a shared store's broker holds them only
         # to time its next claim, not as claims.)
         dropped = broker.dispatcher.clear_tasks()
-        self.log.warn("claims lapsed: dropped {count} held tasks; claiming "
-                      "afresh", count=len(dropped))
+        stopped = 0
+        for task_id in lost:
+            attempt = broker.attempts.get(task_id)
+            if attempt is not None:
+                broker.stop_attempt(attempt, "taken over by another broker")
+                stopped += 1
+        self.log.warn("claims lapsed: dropped {count} held tasks, stopped "
+                      "{stopped} taken over; claiming afresh",
+                      count=len(dropped), stopped=stopped)
         self.feed()

@@ -279,7 +279,6 @@ class Requests:
     def on_CANCEL(self, identity, body):
         broker = self._broker
         req, task_id = body["req"], body["id"]
-        delayed = task_id in broker.backlog.delayed
         waiting = broker.backlog.withdraw(task_id)
         d = broker.store.cancel(task_id, broker.clock.seconds())
 
@@ -300,7 +299,8 @@ class Requests:
             counts = broker.status.tasks
             counts.move(row.priority, row.handler,
                         "queued" if attempt is None else "running", "cancelled")
-            if delayed:
+            if (attempt is None and isinstance(row.run_at, (int, float))
+                    and row.run_at > broker.clock.seconds()):
                 counts.move(row.priority, row.handler, DELAYED, None)
             holder = (broker.sessions.get(attempt.session)
                       if attempt is not None and attempt.session is not None
@@ -361,8 +361,13 @@ class Requests:
                        f"task {task_id} cannot run: {reason}")
             return
         broker.claims.inserted((task_id,))
-        if not broker.backlog.holds(task_id):
-            broker.backlog.enqueue(broker.backlog.with_defaults(row))
+        # Queued again in the store: an attempt or a held copy this broker
+        # still has (ended behind its back, by another broker) is stale.
+        stale = broker.attempts.get(task_id)
+        if stale is not None:
+            broker.stop_attempt(stale, "retried")
+        broker.backlog.withdraw(task_id)
+        broker.backlog.enqueue(broker.backlog.with_defaults(row))
         self.log.info("task {task_id} retried", task_id=task_id)
         self.reply(identity, req, {"task": task_object(row)})
 

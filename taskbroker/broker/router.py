@@ -77,6 +77,8 @@ class Router:
         :param frames: the message's frames after the routing envelope.
         """
         broker = self._broker
+        if broker.stopped:
+            return
         identity = sender.identity
         session = broker.sessions.get(identity)
         if session is not None:

@@ -77,7 +77,7 @@ class OwnerClaims:
         pass  # nobody else claims: a later window load reads them again
 
     def renew(self, now):
-        return defer.succeed(True)
+        return defer.succeed(None)
 
     def reclaim(self, now):
         return defer.succeed(0)

@@ -91,6 +91,31 @@ class SharedMemoryStore(MemoryStore):
     def retry(self, task_id):
         return self._signalled(MemoryStore.retry(self, task_id))
 
+    # A task that ends is nobody's claim any more, as an owner column
+    # cleared by the same UPDATE would say.
+
+    def _unclaim(self, task_id, ended=True):
+        if ended:
+            self._database.claimed.pop(task_id, None)
+
+    def finish(self, task_id, *args):
+        def ended(changed):
+            self._unclaim(task_id, changed)
+            return changed
+
+        return MemoryStore.finish(self, task_id, *args).addCallback(ended)
+
+    def cancel(self, task_id, finished_at):
+        def ended(row):
+            self._unclaim(task_id, row is not None and row.state == "cancelled")
+            return row
+
+        return MemoryStore.cancel(self, task_id, finished_at).addCallback(ended)
+
+    def reject(self, task_id, error, finished_at):
+        return MemoryStore.reject(self, task_id, error, finished_at).addCallback(
+            _passing(lambda: self._unclaim(task_id)))
+
 
 def _passing(call):
     def after(result):
@@ -112,6 +137,9 @@ class SharedClaims:
         self._db = database
         self._id = broker_id
         self.lease = database.lease
+        self._on_change = None
+        # The live tasks this broker claimed, to tell which it lost.
+        self._claimed = set()
 
     def __repr__(self):
         return f"<SharedClaims of {self._id!r}>"
@@ -120,10 +148,14 @@ class SharedClaims:
         return [task_id for task_id, owner in self._db.claimed.items()
                 if owner == self._id]
 
+    def _claim(self, task_id):
+        self._db.claimed[task_id] = self._id
+        self._claimed.add(task_id)
+
     def start(self, now, on_change):
         db = self._db
         db.leases[self._id] = db.clock.seconds() + db.lease
-        db._listeners[self._id] = on_change
+        self._on_change = db._listeners[self._id] = on_change
         # A new broker answers for no running task: those of a broker that
         # went away are taken back once its lease lapses (reclaim).
         return defer.succeed([])
@@ -171,20 +203,23 @@ class SharedClaims:
         candidates.sort(key=lambda c: c[:2])
         taken = [row for _, _, row in candidates[:limit]]
         for row in taken:
-            db.claimed[row.id] = self._id
+            self._claim(row.id)
         return defer.succeed(taken)
 
     def upcoming(self, after, limit):
         return self._db.store.delayed_window(after, limit)
 
     def inserted(self, task_ids):
+        # (A real shared store records the owner in the inserting
+        # transaction; here nothing runs in between.)
         for task_id in task_ids:
-            self._db.claimed[task_id] = self._id
+            self._claim(task_id)
 
     def release(self, task_ids):
         db = self._db
         freed = False
         for task_id in task_ids:
+            self._claimed.discard(task_id)
             if db.claimed.get(task_id) == self._id:
                 del db.claimed[task_id]
                 freed = True
@@ -194,12 +229,25 @@ class SharedClaims:
     def renew(self, now):
         db = self._db
         lapsed = not db.live(self._id)
-        if lapsed:
-            # Others may hold what we held: keep nothing.
-            for task_id in self._mine():
-                del db.claimed[task_id]
         db.leases[self._id] = db.clock.seconds() + db.lease
-        return defer.succeed(not lapsed)
+        if not lapsed:
+            return defer.succeed(None)
+        # Another broker may have taken this one for gone (and stopped
+        # waking it): come back, let go of the queued claims (the broker
+        # drops what it holds), and say which running tasks were taken.
+        if self._on_change is not None:
+            db._listeners[self._id] = self._on_change
+        rows = db.store._rows
+        lost = set()
+        for task_id in list(self._claimed):
+            state = rows[task_id].state
+            if db.claimed.get(task_id) != self._id:
+                self._claimed.discard(task_id)
+                if state in ("queued", "running"):
+                    lost.add(task_id)
+            elif state == "queued":
+                self.release((task_id,))
+        return defer.succeed(lost)
 
     @defer.inlineCallbacks
     def reclaim(self, now):

@@ -254,3 +254,98 @@ def test_no_task_runs_twice_on_live_workers_and_every_task_ends(steps):
         fleet.finish(broker, worker_name, body)
     for state in ("queued", "running"):
         assert result_of(fleet.db.store.list(state, None, 0, 10)) == [], state
+
+
+def test_a_lapsed_broker_keeps_what_nobody_took_and_stops_what_was_taken():
+    fleet = Fleet(lease=10.0)
+    a, b = fleet.broker("a"), fleet.broker("b")
+    fleet.worker("a", "w1", slots=2)
+    fleet.submit("a")
+    fleet.submit("a")
+    [(_, _, kept), (_, _, taken)] = fleet.tasks("w1")
+    # a misses its renewals; b renews, then takes over one task (as if
+    # it had reclaimed between a's finishing one and the other).
+    fleet.clock.advance(11)
+    result_of(b.claims.renew(fleet.clock.seconds()))
+    fleet.db.claimed[taken["id"]] = "b"
+    result_of(fleet.db.store.requeue(taken["id"], taken["token"],
+                                     consumed=False))
+    fleet.sent.clear()
+    result_of(a.keep_claims())
+    # Its worker is told to stop the task taken over, and only that one.
+    cancels = [body for _, _, command, body in fleet.sent
+               if command == b"CANCEL"]
+    assert cancels == [{"id": taken["id"], "token": taken["token"]}]
+    assert fleet.db.claimed[kept["id"]] == "a"
+    # If a now dies, b takes back what a kept, once a's lease lapses.
+    fleet.worker("b", "w2")
+    for _ in range(5):
+        fleet.clock.advance(4)
+        result_of(b.keep_claims())
+        fleet.settle()
+    ids = {task["id"] for _, _, task in fleet.tasks("w2")}
+    assert kept["id"] in ids
+
+
+def test_retry_of_a_task_this_broker_still_holds_runs_it():
+    fleet = Fleet()
+    a = fleet.broker("a")
+    fleet.broker("b")
+    fleet.send("a", b"client", b"SUBMIT", {
+        "req": "r", "tasks": [{"handler": "echo", "delay": 100}]})
+    fleet.settle()
+    assert 1 in a.backlog.delayed
+    # Another broker cancels it, then a retries it.
+    fleet.send("b", b"client", b"CANCEL", {"req": "c", "id": 1})
+    fleet.send("a", b"client", b"RETRY", {"req": "t", "id": 1})
+    fleet.settle()
+    fleet.worker("b", "w2")
+    fleet.settle()
+    [(broker, _, task)] = fleet.tasks()
+    assert (broker, task["id"]) == ("b", 1)
+
+
+def test_a_retry_stops_an_attempt_that_still_runs_here():
+    fleet = Fleet()
+    fleet.broker("a")
+    fleet.broker("b")
+    fleet.worker("a", "w1")
+    fleet.submit("a")
+    [(_, _, first)] = fleet.tasks("w1")
+    # Cancelled through b (a's worker is not told), then retried on a.
+    fleet.send("b", b"client", b"CANCEL", {"req": "c", "id": first["id"]})
+    fleet.sent.clear()
+    fleet.send("a", b"client", b"RETRY", {"req": "t", "id": first["id"]})
+    fleet.settle()
+    cancels = [body for _, w, command, body in fleet.sent
+               if command == b"CANCEL" and w == b"w1"]
+    assert cancels == [{"id": first["id"], "token": first["token"]}]
+    # Its slot is free again (the worker asks for work once it stopped
+    # the task), and the task runs once more, on a new token.
+    fleet.send("a", b"w1", b"READY", {})
+    fleet.settle()
+    [(_, _, second)] = fleet.tasks("w1")
+    assert (second["id"], second["token"]) == (first["id"],
+                                               first["token"] + 1)
+
+
+def test_claiming_does_not_spin_on_a_task_with_a_stale_attempt():
+    fleet = Fleet()
+    a = fleet.broker("a")
+    fleet.broker("b")
+    fleet.worker("a", "w1", slots=2)
+    fleet.submit("a")
+    [(_, _, first)] = fleet.tasks("w1")
+    calls = []
+    claim_for = a.claims.claim_for
+    a.claims.claim_for = lambda *args: (calls.append(args),
+                                        claim_for(*args))[1]
+    # The store puts it back behind a's back (as a reclaim would).
+    del fleet.db.claimed[first["id"]]
+    result_of(fleet.db.store.requeue(first["id"], first["token"],
+                                     consumed=False))
+    for _ in range(5):
+        fleet.settle()
+    assert len(calls) <= 3
+    [(_, _, again)] = fleet.tasks("w1")
+    assert again["token"] == first["token"] + 1
