@@ -363,7 +363,7 @@ class MemoryStore:
 
     def scan_queued(self, after_id, limit, known):
         """
-        See :meth:`taskbroker.interfaces.ITaskStore.scan_queued`.
+        See :meth:`taskbroker.interfaces.IQueueReads.scan_queued`.
         """
         def scan():
             rows = self._select("queued", None, after_id, limit)
@@ -374,7 +374,7 @@ class MemoryStore:
 
     def queued_groups(self):
         """
-        See :meth:`taskbroker.interfaces.ITaskStore.queued_groups`.
+        See :meth:`taskbroker.interfaces.IQueueReads.queued_groups`.
         """
         def groups():
             queued = self._select("queued", None, 0, None)
@@ -387,7 +387,7 @@ class MemoryStore:
 
     def queued_window(self, handler, priorities, after_id, limit, now):
         """
-        See :meth:`taskbroker.interfaces.ITaskStore.queued_window`.
+        See :meth:`taskbroker.interfaces.IQueueReads.queued_window`.
         """
         def window():
             rows = [row for row in self._select("queued", handler, after_id,
@@ -402,7 +402,7 @@ class MemoryStore:
 
     def delayed_window(self, after, limit):
         """
-        See :meth:`taskbroker.interfaces.ITaskStore.delayed_window`.
+        See :meth:`taskbroker.interfaces.IQueueReads.delayed_window`.
         """
         def window():
             rows = sorted(
@@ -416,7 +416,7 @@ class MemoryStore:
 
     def running(self):
         """
-        See :meth:`taskbroker.interfaces.ITaskStore.running`.
+        See :meth:`taskbroker.interfaces.IQueueReads.running`.
         """
         return self._run(self._select, "running", None, 0, None)
 

@@ -482,32 +482,32 @@ class SQLiteStore:
 
     def scan_queued(self, after_id, limit, known):
         """
-        See :meth:`taskbroker.interfaces.ITaskStore.scan_queued`.
+        See :meth:`taskbroker.interfaces.IQueueReads.scan_queued`.
         """
         return self._read(sql.scan_queued, after_id, limit, frozenset(known))
 
     def queued_groups(self):
         """
-        See :meth:`taskbroker.interfaces.ITaskStore.queued_groups`.
+        See :meth:`taskbroker.interfaces.IQueueReads.queued_groups`.
         """
         return self._read(sql.queued_groups)
 
     def queued_window(self, handler, priorities, after_id, limit, now):
         """
-        See :meth:`taskbroker.interfaces.ITaskStore.queued_window`.
+        See :meth:`taskbroker.interfaces.IQueueReads.queued_window`.
         """
         return self._read(sql.queued_window, handler, tuple(priorities),
                           after_id, limit, now)
 
     def delayed_window(self, after, limit):
         """
-        See :meth:`taskbroker.interfaces.ITaskStore.delayed_window`.
+        See :meth:`taskbroker.interfaces.IQueueReads.delayed_window`.
         """
         return self._read(sql.delayed_window, tuple(after), limit)
 
     def running(self):
         """
-        See :meth:`taskbroker.interfaces.ITaskStore.running`.
+        See :meth:`taskbroker.interfaces.IQueueReads.running`.
         """
         return self._read(sql.running)
 
