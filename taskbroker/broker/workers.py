@@ -125,17 +125,23 @@ class Workers:
     def _result(self, identity, session, body):
         broker = self._broker
         task_id, token = body["id"], body["token"]
-        attempt = broker.attempts.end(task_id, token)
-        if attempt is None:
+        if session is None:
+            # Only a worker that announced itself may report: this one is
+            # asked to, and resends its result after its HELLO.  Nothing
+            # is recorded from a peer that never said who it is.
+            self.rehello(identity)
+            return
+        attempt = broker.attempts.current(task_id, token)
+        if attempt is None or not self._holds(session, attempt):
             broker.counters["stale_results"] += 1
             self.log.info(
-                "ignored a result for task {task_id} token {token}: not the "
-                "current attempt", task_id=task_id, token=token)
-            # Acknowledged: a stale result will never be taken.
+                "ignored a result for task {task_id} token {token} from "
+                "{name}: not an attempt it holds", task_id=task_id,
+                token=token, name=session.name)
+            # Acknowledged: it will never be taken.
             self._ack(identity, task_id, token)
-            if session is None:
-                self.rehello(identity)
             return
+        broker.attempts.end(task_id, token)
         holder = (broker.sessions.get(attempt.session)
                   if attempt.session is not None else None)
         if holder is not None and holder.running.pop(task_id, None) is not None:
@@ -158,8 +164,20 @@ class Workers:
 
         d.addCallbacks(recorded, failed).addErrback(
             broker.trouble, "acknowledging a result")
-        if session is None:
-            self.rehello(identity)
+
+    def _holds(self, session, attempt):
+        """
+        Whether ``session`` may report ``attempt``: it was dispatched to
+        it, or it is unclaimed (after a broker restart, or a result that
+        could not be written) and was given to a worker of that name,
+        which reconnected.  A guessed token from any other peer counts for
+        nothing.
+        """
+        if attempt.session == session.identity:
+            return True
+        if attempt.session is not None and attempt.session in self._broker.sessions:
+            return False
+        return attempt.row.worker == session.name
 
     # -- replies ---------------------------------------------------------------
 

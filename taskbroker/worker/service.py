@@ -94,8 +94,11 @@ class WorkerService(Service):
         self.handlers = handlers
         self.reactor = reactor
         self.on_fatal = on_fatal
+        # The route carries 128 random bits, so that another peer cannot
+        # guess it and take the worker's place; it is never shown (the
+        # broker shows the name).
         self.identity = (
-            config.name + "/" + uuid.uuid4().hex[:8]).encode("utf-8")
+            config.name + "/" + uuid.uuid4().hex).encode("utf-8")
         self._zmq = zmq
         self._connect = connect or self._connect_dealer
         self._children = children

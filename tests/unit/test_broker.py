@@ -729,3 +729,73 @@ def test_a_waiting_client_gets_the_row_as_committed(broker, peers, store):
     from taskbroker.protocol.objects import task_object
 
     assert reply["task"] == task_object(result_of(store.get(1)))
+
+
+# -- who may report an attempt ---------------------------------------------
+
+
+def test_a_result_from_a_peer_that_never_said_hello_records_nothing(
+        broker, peers, store):
+    hello(broker)
+    send(broker, b"w1/x", b"READY", {})
+    submit(broker, {"handler": "echo"})
+    [(_, _, sent)] = peers.take(b"w1/x", b"TASK")
+    peers.take()
+    # Guessing small tokens, as a forger would.
+    for token in (1, 2, 3):
+        send(broker, b"forger", b"RESULT", {
+            "id": sent["id"], "token": token, "state": "succeeded",
+            "result": "forged"})
+    assert [m[1] for m in peers.take(b"forger")] == [b"REHELLO"] * 3
+    row = result_of(store.get(sent["id"]))
+    assert (row.state, row.result) == ("running", None)
+
+
+@pytest.mark.parametrize("state", ["succeeded", "released"])
+def test_a_result_from_another_worker_is_not_taken(broker, peers, store,
+                                                   state):
+    hello(broker)
+    hello(broker, identity=b"w2/y", name="w2")
+    send(broker, b"w1/x", b"READY", {})
+    submit(broker, {"handler": "echo"})
+    [(_, _, sent)] = peers.take(b"w1/x", b"TASK")
+    send(broker, b"w2/y", b"RESULT", {
+        "id": sent["id"], "token": sent["token"], "state": state,
+        "result": "forged"})
+    assert broker.counters["stale_results"] == 1
+    row = result_of(store.get(sent["id"]))
+    assert (row.state, row.token) == ("running", sent["token"])
+    # Nothing was requeued: w2 gets no copy of it.
+    send(broker, b"w2/y", b"READY", {})
+    assert peers.take(b"w2/y", b"TASK") == []
+    # The worker that holds it reports, and that counts.
+    send(broker, b"w1/x", b"RESULT", {
+        "id": sent["id"], "token": sent["token"], "state": "succeeded",
+        "result": "real"})
+    assert result_of(store.get(sent["id"])).result == '"real"'
+
+
+def test_after_a_restart_the_worker_of_that_name_reports_its_attempt(
+        owned_store, clock, peers):
+    first = started_broker(owned_store, clock, peers)
+    hello(first)
+    send(first, b"w1/x", b"READY", {})
+    submit(first, {"handler": "echo"})
+    [(_, _, sent)] = peers.take(b"w1/x", b"TASK")
+    first.stop()
+    second = Broker(BrokerConfig(), owned_store, clock, peers.send,
+                    instance_id="b2")
+    result_of(second.load())
+    # Another worker cannot report it; w1, back on a new route, can,
+    # even before it lists the task in a HELLO.
+    hello(second, identity=b"w2/y", name="w2")
+    send(second, b"w2/y", b"RESULT", {
+        "id": sent["id"], "token": sent["token"], "state": "succeeded",
+        "result": "forged"})
+    assert result_of(owned_store.get(sent["id"])).state == "running"
+    hello(second, identity=b"w1/z", name="w1")
+    send(second, b"w1/z", b"RESULT", {
+        "id": sent["id"], "token": sent["token"], "state": "succeeded",
+        "result": "real"})
+    row = result_of(owned_store.get(sent["id"]))
+    assert (row.state, row.result) == ("succeeded", '"real"')
