@@ -327,6 +327,11 @@ class BrokerConfig:
         3, positive_int,
         "A worker is lost after this many of its heartbeat intervals pass "
         "in silence.")
+    max_worker_heartbeat: float = setting(
+        10.0, positive_number,
+        "The longest heartbeat interval a worker may announce (seconds; the "
+        "shortest is 0.1): a silent connection releases its worker's name "
+        "and tasks within this interval times the misses allowed.")
     sqlite_synchronous: str = setting(
         "normal", choice("normal", "full"),
         "SQLite durability: normal survives any process crash; full also "

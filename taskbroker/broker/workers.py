@@ -13,6 +13,9 @@ from twisted.logger import Logger
 from taskbroker.broker.sessions import Session
 from taskbroker.protocol.codec import encode
 
+#: The shortest heartbeat interval a worker may announce (seconds).
+MIN_WORKER_HEARTBEAT = 0.1
+
 
 class Workers:
     """
@@ -38,6 +41,10 @@ class Workers:
         wanted = body.get("priorities")
         if wanted is None:
             wanted = list(broker.levels)
+        problem = self._bad_hello(body)
+        if problem is not None:
+            self._refuse(identity, "bad_request", problem)
+            return
         unknown = [level for level in wanted if level not in broker.levels]
         if unknown or not wanted:
             self._refuse(
@@ -91,6 +98,24 @@ class Workers:
             "handlers {handlers}", name=name, slots=session.slots,
             levels=",".join(wanted), handlers=",".join(session.handlers))
 
+    def _bad_hello(self, body):
+        """
+        What makes a HELLO unacceptable beyond its shape, or ``None``: a
+        heartbeat that would let a silent connection hold a name and its
+        tasks for long, or more running tasks than slots.
+        """
+        longest = self._broker.config.max_worker_heartbeat
+        heartbeat = body.get("heartbeat", 1.0)
+        if not MIN_WORKER_HEARTBEAT <= heartbeat <= longest:
+            return (f"heartbeat {heartbeat:g} s is not from "
+                    f"{MIN_WORKER_HEARTBEAT:g} to {longest:g} s (this "
+                    "broker's --max-worker-heartbeat)")
+        running = len(body.get("running", ()))
+        if running > body["slots"]:
+            return (f"{running} running tasks announced for "
+                    f"{body['slots']} slots")
+        return None
+
     def on_READY(self, identity, session, body):
         if session is None:
             self.rehello(identity)
@@ -105,6 +130,10 @@ class Workers:
     def on_HEARTBEAT(self, identity, session, body):
         if session is None:
             self.rehello(identity)
+        elif len(body.get("running", ())) > session.slots:
+            # More than it can run: not reconciled, so that one message
+            # costs no more than a worker's slots.
+            self._broker.counters["protocol_errors"] += 1
         elif "running" in body:
             self._reconcile(session, {(item["id"], item["token"])
                                       for item in body["running"]})

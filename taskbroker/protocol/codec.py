@@ -159,9 +159,13 @@ def _number(low, high):
     return check
 
 
+#: The most handler names (or priority levels) one HELLO may list.
+MAX_NAMES = 1000
+
+
 def _names(value):
-    if not isinstance(value, list) or len(value) > 10_000:
-        raise ValueError("must be a list of names")
+    if not isinstance(value, list) or len(value) > MAX_NAMES:
+        raise ValueError(f"must be a list of at most {MAX_NAMES} names")
     return [_name(item) for item in value]
 
 

@@ -799,3 +799,52 @@ def test_after_a_restart_the_worker_of_that_name_reports_its_attempt(
         "result": "real"})
     row = result_of(owned_store.get(sent["id"]))
     assert (row.state, row.result) == ("succeeded", '"real"')
+
+
+# -- bounds on what a worker announces --------------------------------------
+
+
+@pytest.mark.parametrize("heartbeat", [0.05, 10.5, 3600])
+def test_a_heartbeat_outside_the_bounds_is_refused(broker, peers, heartbeat):
+    hello(broker, heartbeat=heartbeat)
+    [(_, command, body)] = peers.take(b"w1/x")
+    assert command == b"ERROR" and body["code"] == "bad_request"
+    assert body["fatal"] is True and "--max-worker-heartbeat" in body["message"]
+    assert broker.dispatcher.worker(b"w1/x") is None
+    # The name is not held: a worker with a sound heartbeat takes it.
+    hello(broker, identity=b"w1/y", heartbeat=10)
+    [(_, command, _)] = peers.take(b"w1/y")
+    assert command == b"WELCOME"
+
+
+def test_the_longest_heartbeat_is_the_brokers_to_choose(store, clock, peers):
+    broker = Broker(BrokerConfig(max_worker_heartbeat=60.0), store, clock,
+                    peers.send, instance_id="b1")
+    result_of(broker.load())
+    hello(broker, heartbeat=60)
+    assert peers.take(b"w1/x")[0][1] == b"WELCOME"
+
+
+def test_more_running_tasks_than_slots_is_refused(broker, peers):
+    hello(broker, slots=1, running=[{"id": 1, "token": 1},
+                                    {"id": 2, "token": 1}])
+    [(_, command, body)] = peers.take(b"w1/x")
+    assert (command, body["code"]) == (b"ERROR", "bad_request")
+    assert "2 running tasks announced for 1 slots" in body["message"]
+
+
+def test_a_heartbeat_listing_more_than_its_slots_is_dropped(broker, peers):
+    hello(broker, slots=1)
+    peers.take()
+    running = [{"id": i, "token": 1} for i in range(1, 1001)]
+    send(broker, b"w1/x", b"HEARTBEAT", {"running": running})
+    # Not reconciled: no CANCEL for each of the thousand.
+    assert peers.take(b"w1/x") == []
+    assert broker.counters["protocol_errors"] == 1
+
+
+def test_a_hello_listing_too_many_handlers_is_refused(broker, peers):
+    handlers = [f"h{i}" for i in range(codec.MAX_NAMES + 1)]
+    hello(broker, handlers=handlers)
+    [(_, command, body)] = peers.take(b"w1/x")
+    assert command == b"ERROR" and "at most 1000 names" in body["message"]
