@@ -68,11 +68,11 @@ class _Daemons:
         self.started = []
 
     def broker(self, db=None, listen="tcp://127.0.0.1:*", timeout=START_TIMEOUT,
-               name="broker"):
+               name="broker", extra=()):
         db = db or os.path.join(self.folder, "taskbroker.sqlite")
         process = self.ctx.procs.start(name, [
             TWISTD, "--pidfile=", "-n", "taskbroker",
-            "--listen", listen, "--database", "sqlite:///" + db,
+            "--listen", listen, "--database", "sqlite:///" + db, *extra,
         ], self.folder)
         self.started.append(process)
         process.server = True
@@ -160,16 +160,15 @@ def _bulk(client, specs):
 # -- 1. throughput -------------------------------------------------------
 
 
-@_guard
-def run_throughput(ctx):
+def _bulk_throughput(ctx, n, details, extra=()):
     """
-    N echo tasks, 2 workers x 1 slot: submitted with the bulk API, then
-    (on a fresh broker) inserted by one SQL transaction.
+    N echo tasks submitted with the bulk API to a broker started with
+    ``extra`` options, 2 workers x 1 slot.
     """
-    n = ctx.params.throughput
-    out, details = {}, {}
-    with _Daemons(ctx, ctx.folder("throughput-bulk")) as daemons:
-        broker = daemons.broker()
+    out = {}
+    label = "throughput-bulk" + "".join(extra).replace("-", "")
+    with _Daemons(ctx, ctx.folder(label)) as daemons:
+        broker = daemons.broker(extra=extra)
         workers = daemons.workers(broker.endpoint, ["w1", "w2"])
         with _client(broker.endpoint) as client:
             specs = [{"handler": "echo", "payload": i} for i in range(n)]
@@ -187,6 +186,21 @@ def run_throughput(ctx):
         out["tb.throughput.broker_cpu"] = 100.0 * used[0] / elapsed
         out["tb.throughput.worker_cpu"] = 100.0 * sum(used[1:]) / len(
             used[1:]) / elapsed
+    return out
+
+
+@_guard
+def run_throughput(ctx):
+    """
+    N echo tasks, 2 workers x 1 slot: submitted with the bulk API (with
+    the default durability, then with --sqlite-synchronous full), then (on
+    a fresh broker) inserted by one SQL transaction.
+    """
+    n = ctx.params.throughput
+    out, details = {}, {}
+    out.update(_bulk_throughput(ctx, n, details))
+    full = _bulk_throughput(ctx, n, {}, ("--sqlite-synchronous", "full"))
+    out["tb.throughput.bulk_full"] = full["tb.throughput.bulk"]
     with _Daemons(ctx, ctx.folder("throughput-sql")) as daemons:
         broker = daemons.broker()
         daemons.workers(broker.endpoint, ["w1", "w2"])
