@@ -10,6 +10,10 @@ rules, and tests need neither store nor reactor.
 
 from taskbroker.protocol import codec
 
+#: Ids, tokens and counts stay below 2**53, so that a JSON reader in any
+#: language reads them exactly (and a token can always be incremented).
+MAX_EXACT = 2**53 - 1
+
 
 def invalid_queue(handler, priority, levels):
     """
@@ -41,6 +45,14 @@ def invalid_row(row, levels):
     reason = invalid_queue(row.handler, row.priority, levels)
     if reason is not None:
         return reason
+    for column, value, low in (("id", row.id, 1), ("token", row.token, 0),
+                               ("attempts", row.attempts, 0)):
+        if type(value) is not int or not low <= value < MAX_EXACT:
+            return (f"{column} must be a whole number from {low} to "
+                    f"{MAX_EXACT - 1}")
+    if isinstance(row.created_at, bool) or not isinstance(
+            row.created_at, (int, float)):
+        return "created_at must be a Unix time in seconds"
     if not isinstance(row.payload, str):
         return "payload is not JSON text"
     if len(row.payload.encode("utf-8")) > codec.MAX_PAYLOAD_SIZE:

@@ -61,3 +61,44 @@ def test_defaults_fill_only_what_sql_left_null():
         "normal", "queued", 0, 3)
     kept = row(priority="low", max_attempts=7)
     assert with_defaults(kept, "normal", 3) is kept
+
+
+@pytest.mark.parametrize("fields, words", [
+    ({"token": "abc"}, "token must be a whole number"),
+    ({"token": 2**63 - 1}, "token must be a whole number"),
+    ({"token": -1}, "token must be a whole number"),
+    ({"attempts": "abc"}, "attempts must be a whole number"),
+    ({"id": 2**63 - 1}, "id must be a whole number"),
+    ({"created_at": "yesterday"}, "created_at must be a Unix time"),
+])
+def test_columns_a_program_could_break_are_checked(fields, words):
+    assert words in invalid_row(row(**fields), LEVELS)
+
+
+def test_a_row_with_a_broken_token_fails_alone():
+    from twisted.internet.task import Clock
+
+    from taskbroker.broker.core import Broker
+    from taskbroker.config import BrokerConfig
+    from taskbroker.testing import MemoryStore, result_of
+    from taskbroker.transport.zmq import Sender
+
+    clock = Clock()
+    store = MemoryStore(clock)
+    result_of(store.open())
+    sent = []
+    broker = Broker(BrokerConfig(), store, clock,
+                    lambda identity, frames: sent.append(frames) or True)
+    result_of(broker.load())
+    bad = store.insert_external("echo", "1")
+    store._rows[bad.id] = store._rows[bad.id]._replace(token="abc")
+    good = store.insert_external("echo", "2")
+    broker.handle(Sender(b"w1/x"), codec.encode(b"HELLO", {
+        "name": "w1", "slots": 1, "handlers": ["echo"], "heartbeat": 1.0}))
+    broker.handle(Sender(b"w1/x"), codec.encode(b"READY", {}))
+    result_of(broker.poll())
+    row = result_of(store.get(bad.id))
+    assert row.state == "failed" and "token" in row.error
+    tasks = [frames for frames in sent if frames[1] == b"TASK"]
+    assert len(tasks) == 1 and b'"id":%d' % good.id in tasks[0][2]
+    assert not broker.dispatcher.paused
