@@ -102,6 +102,7 @@ class BrokerService(ServiceTree):
             socket.close()
 
     def _ready(self):
+        _log_descriptor_limit()
         log.info(
             "taskbroker ready: listening on {endpoint}, database {database}, "
             "levels {levels}, instance {instance}",
@@ -134,6 +135,26 @@ class BrokerService(ServiceTree):
         The endpoint bound (with the port filled in), once started.
         """
         return self.socket.endpoint if self.socket is not None else None
+
+
+#: Fewer descriptors than this and the broker warns at start.
+LOW_DESCRIPTOR_LIMIT = 4096
+
+
+def _log_descriptor_limit():
+    """
+    Each worker and client connection takes a descriptor: say how many the
+    broker may have, and warn when that is few.
+    """
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < LOW_DESCRIPTOR_LIMIT:
+        log.warn("file descriptors: at most {limit}, which caps the workers "
+                 "and clients that can connect; raise it (LimitNOFILE= in "
+                 "a systemd unit, ulimit -n in a shell)", limit=soft)
+    else:
+        log.info("file descriptors: at most {limit}", limit=soft)
 
 
 def _guarded(call, name):

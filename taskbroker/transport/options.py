@@ -16,6 +16,10 @@ from taskbroker.protocol.codec import MAX_MESSAGE_SIZE
 
 #: Messages queued per peer before sends fail (``EAGAIN``) or reads stop.
 HIGH_WATER_MARK = 100_000
+#: How long a connection may take to finish ZeroMQ's handshake, in ms,
+#: before it is dropped (libzmq's default is 30 s): bare TCP connections
+#: that never speak hold a descriptor no longer than this.
+HANDSHAKE_IVL_MS = 5000
 #: A DEALER's first wait before reconnecting, and the longest, in ms.
 RECONNECT_IVL_MS = 100
 RECONNECT_IVL_MAX_MS = 2000
@@ -31,6 +35,7 @@ def router_options(max_message_size=MAX_MESSAGE_SIZE):
     return [
         (zmq.ROUTER_MANDATORY, 1),
         (zmq.ROUTER_HANDOVER, 1),
+        (zmq.HANDSHAKE_IVL, HANDSHAKE_IVL_MS),
         (zmq.MAXMSGSIZE, max_message_size),
         (zmq.SNDHWM, HIGH_WATER_MARK),
         (zmq.RCVHWM, HIGH_WATER_MARK),

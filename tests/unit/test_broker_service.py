@@ -47,3 +47,17 @@ def test_a_bug_in_a_timer_tick_is_logged_and_the_timer_goes_on():
     assert len(calls) == 2
     assert [e["name"] for e in events if e.get("log_failure")] == [
         "sweeper", "sweeper"]
+
+
+def test_the_descriptor_limit_is_logged_and_a_low_one_warned(monkeypatch):
+    import resource
+
+    from taskbroker.broker import service
+
+    for soft, level in ((1024, "warn"), (65536, "info")):
+        monkeypatch.setattr(resource, "getrlimit",
+                            lambda which, soft=soft: (soft, soft))
+        with capturedLogs() as events:
+            service._log_descriptor_limit()
+        [event] = events
+        assert event["limit"] == soft and event["log_level"].name == level

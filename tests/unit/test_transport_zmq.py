@@ -329,3 +329,15 @@ def test_every_client_socket_takes_its_options_from_one_place(factory):
     finally:
         blocking.close()
         twisted_client.close()
+
+
+def test_a_connection_that_never_finishes_its_handshake_is_dropped_soon(
+        factory):
+    from taskbroker.transport.options import HANDSHAKE_IVL_MS
+
+    r = router(factory, Collector())
+    try:
+        assert r._connection.socket.getsockopt(zmq.HANDSHAKE_IVL) == (
+            HANDSHAKE_IVL_MS) <= 10_000
+    finally:
+        r.close()
