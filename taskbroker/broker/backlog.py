@@ -133,12 +133,6 @@ class Backlog:
         """
         return key in self._windows
 
-    def held(self, task_id):
-        """
-        Whether the task is held in memory or running.
-        """
-        return self._held(task_id)
-
     def _held(self, task_id):
         return task_id in self._broker.attempts or self.holds(task_id)
 

@@ -110,12 +110,12 @@ class Broker:
         """
         return self._level_index[name]
 
-    def allowance(self, heartbeat=None):
+    def allowance(self):
         """
-        How long a peer with this heartbeat (by default the broker's) may
-        stay silent before it is presumed lost.
+        How long a peer may stay silent, at the broker's heartbeat, before
+        it is presumed lost.
         """
-        return (heartbeat or self.config.heartbeat) * self.config.heartbeat_misses
+        return self.config.heartbeat * self.config.heartbeat_misses
 
     # -- start and stop ------------------------------------------------------
 

@@ -80,9 +80,8 @@ class Feeder:
                 self._feed_again.discard(key)
                 self.feed()
 
-        d.addCallbacks(claimed, broker.trouble,
-                       errbackArgs=("claiming tasks",))
-        d.addErrback(broker.trouble, "claiming tasks").addBoth(done)
+        d.addCallback(claimed).addErrback(broker.trouble, "claiming tasks")
+        d.addBoth(done)
 
     def start_over(self, lost):
         """
