@@ -10,9 +10,9 @@ rules, and tests need neither store nor reactor.
 
 from taskbroker.protocol import codec
 
-#: Ids, tokens and counts stay below 2**53, so that a JSON reader in any
-#: language reads them exactly (and a token can always be incremented).
-MAX_EXACT = 2**53 - 1
+#: The latest time a row may name (the end of year 9999, UTC), so that
+#: every time can be shown as a date and a task cannot wait for ever.
+MAX_TIME = 253402300799.0
 
 
 def invalid_queue(handler, priority, levels):
@@ -36,41 +36,49 @@ def invalid_queue(handler, priority, levels):
 
 def invalid_row(row, levels):
     """
-    Why a row another program inserted cannot run.
+    Why a row another program inserted cannot run: the limits are the
+    codec's, which every worker applies to the TASK made of the row, so
+    that a task the broker dispatches is one every worker can read.
 
     :param row: a :class:`taskbroker.store.TaskRow`.
     :param levels: as for :func:`invalid_queue`.
-    :returns: a one-line reason, or ``None`` if it can run.
+    :returns: a one-line reason naming the column, or ``None`` if it can
+        run.
     """
     reason = invalid_queue(row.handler, row.priority, levels)
     if reason is not None:
         return reason
-    for column, value, low in (("id", row.id, 1), ("token", row.token, 0),
-                               ("attempts", row.attempts, 0)):
-        if type(value) is not int or not low <= value < MAX_EXACT:
-            return (f"{column} must be a whole number from {low} to "
-                    f"{MAX_EXACT - 1}")
-    if isinstance(row.created_at, bool) or not isinstance(
-            row.created_at, (int, float)):
-        return "created_at must be a Unix time in seconds"
-    if not isinstance(row.payload, str):
-        return "payload is not JSON text"
-    if len(row.payload.encode("utf-8")) > codec.MAX_PAYLOAD_SIZE:
-        return (f"payload exceeds the limit of "
-                f"{codec.MAX_PAYLOAD_SIZE} bytes")
+    for column, value, low, high in (
+            ("id", row.id, 1, codec.MAX_EXACT - 1),
+            ("token", row.token, 0, codec.MAX_EXACT - 1),
+            ("attempts", row.attempts, 0, codec.MAX_ATTEMPT - 1)):
+        if type(value) is not int or not low <= value <= high:
+            return f"{column} must be a whole number from {low} to {high}"
+    for column, value in (("created_at", row.created_at),
+                          ("run_at", row.run_at)):
+        if (value is not None or column == "created_at") and not _time(value):
+            return (f"{column} must be a Unix time in seconds from 0 to "
+                    f"{MAX_TIME:.0f}")
     try:
-        codec.loads(row.payload)
-    except ValueError:
-        return "payload is not valid JSON"
-    if row.max_attempts is not None and not (
-            type(row.max_attempts) is int and 1 <= row.max_attempts <= 1000):
-        return "max_attempts must be a whole number from 1 to 1000"
-    if row.run_at is not None and not isinstance(row.run_at, (int, float)):
-        return "run_at must be a Unix time in seconds"
-    if row.time_limit is not None and not (
-            isinstance(row.time_limit, (int, float)) and row.time_limit > 0):
-        return "time_limit must be a positive number of seconds"
+        codec.check_text(row.payload, "payload")
+    except ValueError as e:
+        return str(e)
+    for column in ("max_attempts", "time_limit"):
+        value = getattr(row, column)
+        if value is not None:
+            try:
+                _TASK[column][0](value)
+            except ValueError as e:
+                return f"{column} {e}"
     return None
+
+
+_TASK = codec.BROKER_TO_WORKER_COMMANDS[b"TASK"]
+
+
+def _time(value):
+    return (not isinstance(value, bool) and isinstance(value, (int, float))
+            and 0 <= value <= MAX_TIME)
 
 
 def with_defaults(row, default_priority, default_max_attempts):

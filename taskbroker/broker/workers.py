@@ -15,6 +15,11 @@ from taskbroker.protocol.codec import encode
 
 #: The shortest heartbeat interval a worker may announce (seconds).
 MIN_WORKER_HEARTBEAT = 0.1
+#: How many times in a row a task may be "never received" before that
+#: counts as a failed attempt: a TASK that no worker can take must end.
+MAX_UNRECEIVED = 3
+#: How many such tasks are remembered (the oldest is forgotten first).
+_UNRECEIVED_KEPT = 10_000
 
 
 class Workers:
@@ -32,6 +37,8 @@ class Workers:
         self._broker = broker
         self._heartbeat_body = encode(
             b"HEARTBEAT", {"broker": broker.instance_id})
+        # task id -> times in a row it was sent and never received
+        self._unreceived = {}
 
     # -- commands ----------------------------------------------------------
 
@@ -246,8 +253,9 @@ class Workers:
         Compare what a worker says it runs with what we gave it.  A TASK
         can be lost with a dropped connection that ZeroMQ silently
         re-establishes: a task the worker still lacks two heartbeats after
-        it was sent is requeued (the attempt did not count).  An attempt
-        the worker runs that is no longer current is stopped.
+        it was sent is requeued, and the attempt counts only when that
+        happened :data:`MAX_UNRECEIVED` times in a row.  An attempt the
+        worker runs that is no longer current is stopped.
         """
         broker = self._broker
         now = broker.monotonic()
@@ -255,18 +263,32 @@ class Workers:
             token = session.running.get(task_id)
             if token is None or (task_id, token) in listed:
                 del session.sent_at[task_id]
+                self._unreceived.pop(task_id, None)
             elif now - sent > 2 * session.heartbeat:
                 del session.sent_at[task_id]
                 del session.running[task_id]
                 broker.dispatcher.task_done(session.identity)
                 attempt = broker.attempts.end(task_id, token)
                 if attempt is not None:
-                    broker.outcomes.requeue(
-                        attempt, f"worker {session.name} never received it",
-                        consumed=False)
+                    self._never_received(session, attempt)
         for task_id, token in listed:
             if broker.attempts.current(task_id, token) is None:
                 self._stop_stale(session.identity, task_id, token)
+
+    def _never_received(self, session, attempt):
+        task_id = attempt.task_id
+        times = self._unreceived.pop(task_id, 0) + 1
+        if times < MAX_UNRECEIVED:
+            if len(self._unreceived) >= _UNRECEIVED_KEPT:
+                del self._unreceived[next(iter(self._unreceived))]
+            self._unreceived[task_id] = times
+            reason = f"worker {session.name} never received it"
+        else:
+            reason = (f"workers never received it ({times} times in a "
+                      f"row, last {session.name})")
+        broker = self._broker
+        broker.outcomes.requeue(attempt, reason,
+                                consumed=times >= MAX_UNRECEIVED)
 
     def forget(self, session, consumed=True):
         """

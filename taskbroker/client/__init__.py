@@ -267,6 +267,10 @@ def check_task_spec(spec):
             + ", ".join(_SPEC_KEYS) + ")")
     task = {key: spec.get(key) for key in _SPEC_KEYS}
     try:
+        codec.check_depth(task["payload"])
+    except ValueError as e:
+        raise InvalidRequest("bad_request", f"field 'payload' {e}") from None
+    try:
         payload_size = len(codec.dumps(task["payload"]).encode("utf-8"))
     except (TypeError, ValueError) as e:
         raise InvalidRequest(

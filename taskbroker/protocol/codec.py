@@ -31,6 +31,15 @@ MAX_NAME = 200
 MAX_LIST = 1000
 #: The longest a WAIT may be held open by the broker (seconds).
 MAX_WAIT = 60.0
+#: The most levels of arrays and objects in a payload or a result.  Set
+#: here, not left to each process's recursion limit, so that what one
+#: process accepts every other can decode, inside a message's envelope.
+MAX_DEPTH = 64
+#: Ids, tokens and counts stay below 2**53, so that a JSON reader in any
+#: language reads them exactly (and a token can always be incremented).
+MAX_EXACT = 2**53 - 1
+#: The highest attempt number.
+MAX_ATTEMPT = 2**31 - 1
 
 
 class ProtocolError(Exception):
@@ -105,6 +114,70 @@ def dumps(value):
     return text
 
 
+def check_depth(value):
+    """
+    ``value``, or ``ValueError`` if it holds more than :data:`MAX_DEPTH`
+    levels of arrays and objects (a cycle is as deep as it goes).
+    """
+    level = [value] if isinstance(value, (dict, list, tuple)) else []
+    depth = 0
+    while level:
+        depth += 1
+        if depth > MAX_DEPTH:
+            raise ValueError(f"is nested deeper than {MAX_DEPTH} levels")
+        level = [child for item in level
+                 for child in (item.values() if isinstance(item, dict)
+                               else item)
+                 if isinstance(child, (dict, list, tuple))]
+    return value
+
+
+def encode_value(value, what):
+    """
+    The JSON text of a payload or result, checked against the limits that
+    every peer applies.
+
+    :param what: ``"payload"`` or ``"result"``, for the error.
+    :raises ValueError: one line naming why ``value`` cannot be sent: not
+        JSON, nested too deeply, or too large.
+    """
+    try:
+        check_depth(value)
+    except ValueError as e:
+        raise ValueError(f"{what} {e}") from None
+    try:
+        text = dumps(value)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{what} is not JSON-serialisable: {e}") from None
+    size = len(text.encode("utf-8"))
+    if size > MAX_PAYLOAD_SIZE:
+        raise ValueError(f"{what} of {size} bytes exceeds the limit of "
+                         f"{MAX_PAYLOAD_SIZE}")
+    return text
+
+
+def check_text(text, what):
+    """
+    ``text``, if it is JSON that :func:`encode_value` could have made;
+    else ``ValueError`` naming why (for payloads stored by other
+    programs).
+    """
+    if not isinstance(text, str):
+        raise ValueError(f"{what} is not JSON text")
+    if len(text.encode("utf-8", "surrogatepass")) > MAX_PAYLOAD_SIZE:
+        raise ValueError(f"{what} exceeds the limit of {MAX_PAYLOAD_SIZE} "
+                         "bytes")
+    try:
+        value = loads(text)
+    except ValueError:
+        raise ValueError(f"{what} is not valid JSON") from None
+    try:
+        check_depth(value)
+    except ValueError as e:
+        raise ValueError(f"{what} {e}") from None
+    return text
+
+
 def encode(command, body):
     """
     The frames of a message (without any routing envelope).
@@ -173,6 +246,11 @@ def _any(value):
     return value
 
 
+def _json(value):
+    # A payload or a result: decoded already, so only its depth is left.
+    return check_depth(value)
+
+
 def _string(value):
     if not isinstance(value, str) or len(value) > 1_000_000:
         raise ValueError("must be a string")
@@ -200,9 +278,9 @@ def _request_id(value):
     return value
 
 
-_TASK_ID = _int(1, 2**63 - 1)
-_ATTEMPT = _int(1, 2**31 - 1)
-_TOKEN = _int(1, 2**63 - 1)
+_TASK_ID = _int(1, MAX_EXACT)
+_ATTEMPT = _int(1, MAX_ATTEMPT)
+_TOKEN = _int(1, MAX_EXACT)
 #: The longest a task may be delayed, or run (seconds): a year.
 MAX_SECONDS = 366 * 24 * 3600.0
 
@@ -236,7 +314,7 @@ def _new_tasks(value):
 
 _NEW_TASK_FIELDS = {
     "handler": (_name, True),
-    "payload": (_any, False),
+    "payload": (_json, False),
     "priority": (_optional(_name), False),
     "max_attempts": (_optional(_int(1, 1000)), False),
     "delay": (_optional(_number(0, MAX_SECONDS)), False),
@@ -261,7 +339,7 @@ WORKER_COMMANDS = {
         "id": (_TASK_ID, True),
         "token": (_TOKEN, True),
         "state": (_choice("succeeded", "failed", "released"), True),
-        "result": (_any, False),
+        "result": (_json, False),
         "error": (_optional(_string), False),
         "traceback": (_optional(_string), False),
         "permanent": (_optional(_boolean), False),
@@ -289,7 +367,7 @@ CLIENT_COMMANDS = {
         "state": (_optional(_choice(
             "queued", "running", "succeeded", "failed", "cancelled")), False),
         "handler": (_optional(_name), False),
-        "after": (_optional(_int(0, 2**63 - 1)), False),
+        "after": (_optional(_int(0, MAX_EXACT)), False),
         "limit": (_optional(_int(1, MAX_LIST)), False),
     },
     b"CANCEL": {**_REQ, "id": (_TASK_ID, True)},
@@ -309,7 +387,7 @@ BROKER_TO_WORKER_COMMANDS = {
     b"TASK": {
         "id": (_TASK_ID, True),
         "handler": (_name, True),
-        "payload": (_any, False),
+        "payload": (_json, False),
         "priority": (_name, True),
         "attempt": (_ATTEMPT, True),
         "max_attempts": (_int(1, 1000), True),

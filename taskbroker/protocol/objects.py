@@ -7,6 +7,7 @@ Readers must ignore keys they do not know, so that later versions can add
 some.
 """
 
+import math
 from datetime import datetime, timezone
 
 from taskbroker.protocol.codec import loads
@@ -20,17 +21,34 @@ TASK_KEYS = (
 
 def iso_time(unix_time):
     """
-    ISO 8601 UTC with microseconds and an explicit ``+00:00``, or ``None``.
+    ISO 8601 UTC with microseconds and an explicit ``+00:00``, or ``None``;
+    a value that is not a time (another program stored it) is shown as
+    text.
     """
     if unix_time is None:
         return None
-    return datetime.fromtimestamp(unix_time, timezone.utc).isoformat(
-        timespec="microseconds")
+    try:
+        return datetime.fromtimestamp(unix_time, timezone.utc).isoformat(
+            timespec="microseconds")
+    except (TypeError, ValueError, OverflowError, OSError):
+        return str(_shown(unix_time))
+
+
+def _shown(value):
+    """
+    A column's value as JSON can carry it: a row another program wrote may
+    hold anything SQLite stores, and one bad row must not break a reply.
+    """
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
 
 
 def _json_value(text):
-    if text is None:
-        return None
+    if not isinstance(text, str):
+        return _shown(text)
     try:
         # The codec's strict loads: json.loads would accept NaN, which the
         # reply could then not encode.
@@ -47,21 +65,21 @@ def task_object(row):
     :returns: a ``dict`` of JSON values with the keys :data:`TASK_KEYS`.
     """
     return {
-        "id": row.id,
-        "handler": row.handler,
+        "id": _shown(row.id),
+        "handler": _shown(row.handler),
         "payload": _json_value(row.payload),
-        "priority": row.priority,
-        "state": row.state,
-        "attempts": row.attempts,
-        "max_attempts": row.max_attempts,
-        "worker": row.worker,
+        "priority": _shown(row.priority),
+        "state": _shown(row.state),
+        "attempts": _shown(row.attempts),
+        "max_attempts": _shown(row.max_attempts),
+        "worker": _shown(row.worker),
         "created_at": iso_time(row.created_at),
         "started_at": iso_time(row.started_at),
         "finished_at": iso_time(row.finished_at),
         "result": _json_value(row.result),
-        "error": row.error,
-        "traceback": row.traceback,
+        "error": _shown(row.error),
+        "traceback": _shown(row.traceback),
         "run_at": iso_time(row.run_at),
-        "unique_key": row.unique_key,
-        "time_limit": row.time_limit,
+        "unique_key": _shown(row.unique_key),
+        "time_limit": _shown(row.time_limit),
     }

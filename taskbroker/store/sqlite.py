@@ -42,6 +42,13 @@ _SYNCHRONOUS = {"normal": "NORMAL", "full": "FULL"}
 PIPELINE_DEPTH = 2
 
 
+def _text(data):
+    # Text that is not UTF-8 (another program's INSERT) would make the
+    # whole query fail to read, and with it every other row; replaced, it
+    # is one bad row that fails alone.
+    return data.decode("utf-8", "replace")
+
+
 @implementer(ITaskStore, IQueueReads)
 class SQLiteStore:
     """
@@ -218,6 +225,7 @@ class SQLiteStore:
             # beyond their own statement.
             isolation_level=None,
         )
+        connection.text_factory = _text
         try:
             # First, so that switching to WAL waits for other programs.
             connection.execute(
@@ -243,6 +251,7 @@ class SQLiteStore:
         """
         connection = sqlite3.connect(
             self._abspath, check_same_thread=False, isolation_level=None)
+        connection.text_factory = _text
         connection.execute(f"PRAGMA busy_timeout = {self._busy_timeout_ms:d}")
         connection.execute("PRAGMA query_only = 1")
         return connection

@@ -38,7 +38,7 @@ import traceback
 from twisted.logger import eventAsText, globalLogBeginner
 
 from taskbroker.errors import PermanentFailure, describe
-from taskbroker.protocol.codec import dumps, loads
+from taskbroker.protocol.codec import dumps, encode_value, loads
 from taskbroker.worker.task import RunningTask
 
 _LENGTH = struct.Struct(">I")
@@ -97,14 +97,13 @@ def run_task(handlers, body, clock):
         answer["traceback"] = _sendable("".join(traceback.format_exception(e)))
         answer["permanent"] = isinstance(e, PermanentFailure)
         return frame(answer)
-    answer.update(state="succeeded", result=value)
     try:
-        # Encoded once: only the result can make this fail.
+        encode_value(value, "result")
+    except ValueError as e:
+        answer["error"] = _sendable(str(e))
         return frame(answer)
-    except (TypeError, ValueError) as e:
-        answer.update(state="failed", result=None,
-                      error=_sendable(f"result is not JSON-serialisable: {e}"))
-        return frame(answer)
+    answer.update(state="succeeded", result=value)
+    return frame(answer)
 
 
 class Channel:

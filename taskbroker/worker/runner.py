@@ -9,7 +9,7 @@ cancellable.  Used by the worker, and by :func:`taskbroker.testing.run_task`.
 from twisted.internet import defer
 
 from taskbroker.errors import PermanentFailure, describe
-from taskbroker.protocol.codec import dumps
+from taskbroker.protocol.codec import encode_value
 from taskbroker.worker.children import Outcome
 
 
@@ -39,10 +39,9 @@ def run_handler(handler, running_task, clock, time_limit=None):
 
     def succeeded(value):
         try:
-            dumps(value)
-        except (TypeError, ValueError) as e:
-            return Outcome("failed", None,
-                           f"result is not JSON-serialisable: {e}")
+            encode_value(value, "result")
+        except ValueError as e:
+            return Outcome("failed", None, str(e))
         return Outcome("succeeded", value, None)
 
     def failed(reason):

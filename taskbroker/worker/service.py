@@ -22,7 +22,7 @@ from twisted.logger import Logger
 
 from taskbroker.errors import one_line
 from taskbroker.protocol import codec
-from taskbroker.protocol.codec import ProtocolError, dumps, encode
+from taskbroker.protocol.codec import ProtocolError, encode, encode_value
 from taskbroker.services import ServiceTree
 from taskbroker.transport.options import dealer_options
 from taskbroker.transport.zmq import DealerSocket, ZmqFactoryService
@@ -56,12 +56,16 @@ def _result_body(task_id, token, outcome):
             "traceback": _clip(outcome.traceback),
             "permanent": outcome.permanent}
     if outcome.state == "succeeded":
-        size = len(dumps(outcome.result).encode("utf-8"))
-        if size > codec.MAX_PAYLOAD_SIZE:
-            body.update(state="failed", result=None, error=(
-                f"result of {size} bytes exceeds the limit of "
-                f"{codec.MAX_PAYLOAD_SIZE}"))
+        try:
+            encode_value(outcome.result, "result")
+        except ValueError as e:
+            body.update(state="failed", result=None, error=str(e))
     return body
+
+
+#: Reads only the id and token of a TASK that failed its checks, so that
+#: its attempt can be answered.
+_TASK_REFERENCE = {b"TASK": codec.BROKER_TO_WORKER_COMMANDS[b"ACK"]}
 
 
 class WorkerService(Service):
@@ -262,9 +266,25 @@ class WorkerService(Service):
         except ProtocolError as e:
             self.log.warn("bad message from the broker: {reason}",
                           reason=e.message)
+            self._unreadable_task(frames, e.message)
             return
         self._broker_seen = self._monotonic()
         getattr(self, "_on_" + command.decode("ascii"))(body)
+
+    def _unreadable_task(self, frames, reason):
+        """
+        Fail the attempt of a TASK that cannot be run as sent, if its id
+        and token can be read: its slot is free again at once, and the
+        task's error says why, instead of the broker finding it "never
+        received" heartbeats later.
+        """
+        try:
+            _, body = codec.decode(frames, _TASK_REFERENCE)
+        except ProtocolError:
+            return
+        self._start(body["id"], body["token"], lambda: defer.succeed(Outcome(
+            "failed", None, f"worker {self.config.name} could not read the "
+            f"task: {reason}")))
 
     def _on_WELCOME(self, body):
         if self._hello_retry is not None and self._hello_retry.active():
@@ -341,7 +361,14 @@ class WorkerService(Service):
         entry[1].cancel()
 
     def _on_TASK(self, body):
-        task_id, token = body["id"], body["token"]
+        self._start(body["id"], body["token"], lambda: self._run(body))
+
+    def _start(self, task_id, token, run):
+        """
+        Start an attempt unless it is here already or we are stopping.
+
+        :param run: makes the ``Deferred`` of the attempt's ``Outcome``.
+        """
         if task_id in self.tasks:
             self.log.warn("task {task_id} is already running here; ignored",
                           task_id=task_id)
@@ -353,22 +380,23 @@ class WorkerService(Service):
             self._send(b"RESULT", {"id": task_id, "token": token,
                                    "state": "released"})
             return
-        handler = self.handlers.get(body["handler"])
-        if handler is None:
-            d = defer.succeed(Outcome(
-                "failed", None,
-                f"no handler {body['handler']!r} on worker {self.config.name}"))
-        else:
-            time_limit = (body.get("time_limit")
-                          or getattr(handler, "time_limit", None)
-                          or self._time_limit)
-            if handler.blocking:
-                d = self._children.run(body, time_limit)
-            else:
-                d = run_handler(handler, RunningTask(body, self.reactor),
-                                self.reactor, time_limit)
+        d = run()
         self.tasks[task_id] = (token, d)
         d.addCallback(self._finished, task_id, token)
+
+    def _run(self, body):
+        handler = self.handlers.get(body["handler"])
+        if handler is None:
+            return defer.succeed(Outcome(
+                "failed", None,
+                f"no handler {body['handler']!r} on worker {self.config.name}"))
+        time_limit = (body.get("time_limit")
+                      or getattr(handler, "time_limit", None)
+                      or self._time_limit)
+        if handler.blocking:
+            return self._children.run(body, time_limit)
+        return run_handler(handler, RunningTask(body, self.reactor),
+                           self.reactor, time_limit)
 
     def _finished(self, outcome, task_id, token):
         entry = self.tasks.get(task_id)

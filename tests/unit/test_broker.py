@@ -703,6 +703,45 @@ def test_a_task_the_worker_never_got_is_requeued(broker, peers, store, clock):
     assert broker.dispatcher.worker(b"w1/x").busy == 0
 
 
+def test_a_task_no_worker_ever_receives_uses_its_attempts_and_fails(
+        broker, peers, store, clock):
+    # A TASK that is lost every time must not circle for ever: every
+    # third loss in a row counts as a failed attempt.
+    start_one(broker, peers, max_attempts=2)
+    for loss in range(1, 7):
+        clock.advance(2.5)
+        send(broker, b"w1/x", b"HEARTBEAT", {"running": []})
+        row = result_of(store.get(1))
+        if loss < 6:
+            assert (row.state, row.attempts) == ("queued", loss // 3)
+            send(broker, b"w1/x", b"READY", {})
+            clock.advance(2)  # a retry waits for its backoff
+            peers.take(b"w1/x", b"TASK")
+    assert row.state == "failed"
+    assert row.error == ("workers never received it (3 times in a row, "
+                         "last w1) during attempt 2 of 2")
+
+
+def test_a_task_received_in_between_starts_the_count_again(
+        broker, peers, store, clock):
+    sent = start_one(broker, peers)
+    for _ in range(2):
+        clock.advance(2.5)
+        send(broker, b"w1/x", b"HEARTBEAT", {"running": []})
+        send(broker, b"w1/x", b"READY", {})
+        [(_, _, sent)] = peers.take(b"w1/x", b"TASK")
+    clock.advance(0.5)
+    send(broker, b"w1/x", b"HEARTBEAT",
+         {"running": [{"id": 1, "token": sent["token"]}]})
+    send(broker, b"w1/x", b"RESULT", {"id": 1, "token": sent["token"],
+                                       "state": "released", "ready": True})
+    [(_, _, sent)] = peers.take(b"w1/x", b"TASK")
+    clock.advance(2.5)
+    send(broker, b"w1/x", b"HEARTBEAT", {"running": []})
+    row = result_of(store.get(1))
+    assert (row.state, row.attempts) == ("queued", 0)
+
+
 def test_a_task_the_worker_has_is_left_alone(broker, peers, store, clock):
     sent = start_one(broker, peers)
     for _ in range(5):

@@ -65,6 +65,13 @@ def not_json(task):
     return {1, 2}
 
 
+def too_deep(task):
+    value = 0
+    for _ in range(500):
+        value = [value]
+    return value
+
+
 def nap(task):
     time.sleep(task.payload)
 
@@ -108,7 +115,7 @@ class Blocking:
 
 
 handlers = [Blocking(name) for name in (
-    "fields", "fail", "permanent", "not_json", "nap", "exit3",
+    "fields", "fail", "permanent", "not_json", "too_deep", "nap", "exit3",
     "segfault", "talk", "hold", "spawn")]
 for handler in handlers:
     globals()["handler_" + handler.name] = handler
@@ -314,6 +321,15 @@ async def test_result_not_json(reactor, make_pool):
     assert outcome.state == "failed"
     assert outcome.error.startswith("result is not JSON-serialisable: ")
     assert (await within(reactor, pool.run(body(2, "fields")))).state == "succeeded"
+
+
+@pytest_twisted.ensureDeferred
+async def test_result_nested_too_deeply(reactor, make_pool):
+    # Refused in the handler process, with the limit every peer applies,
+    # not left to the parent's decoder.
+    outcome = await within(reactor, make_pool().run(body(1, "too_deep")))
+    assert (outcome.state, outcome.error) == (
+        "failed", "result is nested deeper than 64 levels")
 
 
 @pytest_twisted.ensureDeferred

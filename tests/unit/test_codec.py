@@ -52,7 +52,7 @@ CLIENT_SAMPLES = {
     b"WAIT": {"req": "r3", "id": 2, "timeout": 60},
     b"LIST": {"req": "r4", "state": "queued", "handler": "echo",
               "after": 0, "limit": 1000},
-    b"CANCEL": {"req": "r5", "id": 2**63 - 1},
+    b"CANCEL": {"req": "r5", "id": 2**53 - 1},
     b"RETRY": {"req": "r7", "id": 4},
     b"WORKERS": {"req": "r6"},
     b"STATS": {"req": "r" * 64},
@@ -64,7 +64,7 @@ BROKER_TO_WORKER_SAMPLES = {
               "priority": "high", "attempt": 1, "max_attempts": 3,
               "token": 5, "time_limit": 0.5},
     b"ACK": {"id": 1, "token": 2},
-    b"CANCEL": {"id": 1, "token": 2**63 - 1},
+    b"CANCEL": {"id": 1, "token": 2**53 - 1},
     b"HEARTBEAT": {"broker": "b-1"},
     b"REHELLO": {"broker": "b-1"},
     b"ERROR": {"code": "unknown_priority", "message": "no", "fatal": True},
@@ -289,7 +289,7 @@ def test_missing_required_field_to_a_worker(command, body, field):
     (b"GET", {"req": "r", "id": 1.0}, "id"),
     (b"GET", {"req": "r", "id": "1"}, "id"),
     (b"GET", {"req": "r", "id": 0}, "id"),
-    (b"GET", {"req": "r", "id": 2**63}, "id"),
+    (b"GET", {"req": "r", "id": 2**53}, "id"),
     (b"GET", {"req": 1, "id": 1}, "req"),
     (b"GET", {"req": "", "id": 1}, "req"),
     (b"GET", {"req": "r" * 65, "id": 1}, "req"),
@@ -352,6 +352,59 @@ def nested(depth):
 def test_value_nested_too_deeply_is_not_dumped():
     with pytest.raises(ValueError):
         codec.dumps(nested(100_000))
+
+
+def nested(depth):
+    value = "x"
+    for level in range(depth):
+        value = [value] if level % 2 else {"k": value}
+    return value
+
+
+@pytest.mark.parametrize("command, field, body, commands", [
+    (b"SUBMIT", "payload",
+     lambda v: {"req": "r", "tasks": [{"handler": "h", "payload": v}]},
+     codec.CLIENT_COMMANDS),
+    (b"RESULT", "result",
+     lambda v: {"id": 1, "token": 1, "state": "succeeded", "result": v},
+     codec.WORKER_COMMANDS),
+    (b"TASK", "payload",
+     lambda v: {"id": 1, "handler": "h", "payload": v, "priority": "p",
+                "attempt": 1, "max_attempts": 1, "token": 1},
+     codec.BROKER_TO_WORKER_COMMANDS),
+])
+@pytest.mark.parametrize("depth", [63, 64, 65])
+def test_payloads_and_results_are_nested_at_most_64_levels(
+        command, field, body, commands, depth):
+    frames = codec.encode(command, body(nested(depth)))
+    if depth <= codec.MAX_DEPTH:
+        codec.decode(frames, commands)
+    else:
+        with pytest.raises(ProtocolError) as e:
+            codec.decode(frames, commands)
+        assert e.value.code == "bad_request"
+        assert e.value.message.endswith(
+            f"field {field!r} is nested deeper than 64 levels")
+
+
+def test_the_depth_check_ends_on_a_cycle():
+    cycle = []
+    cycle.append(cycle)
+    with pytest.raises(ValueError):
+        codec.check_depth(cycle)
+
+
+@pytest.mark.parametrize("value, error", [
+    (nested(65), "result is nested deeper than 64 levels"),
+    ("x" * codec.MAX_PAYLOAD_SIZE, "result of 1048578 bytes exceeds the "
+                                   "limit of 1048576"),
+    (object(), "result is not JSON-serialisable: Object of type object is "
+               "not JSON serializable"),
+])
+def test_encode_value_says_why_a_value_cannot_be_sent(value, error):
+    with pytest.raises(ValueError) as e:
+        codec.encode_value(value, "result")
+    assert str(e.value) == error
 
 
 @pytest.mark.parametrize("delay, ok", [
@@ -550,3 +603,16 @@ def test_task_object_shows_invalid_json_payload_as_text(text):
                           error="payload is not valid JSON"))
     assert obj["payload"] == text
     codec.dumps(obj)
+
+
+@pytest.mark.parametrize("fields", [
+    {"created_at": "yesterday"},
+    {"created_at": 1e300, "run_at": float("inf"), "started_at": -1e20},
+    {"handler": b"\xffecho", "error": float("nan"), "payload": b"[1]"},
+    {"time_limit": float("-inf"), "attempts": "abc", "token": "x"},
+])
+def test_task_object_of_a_row_broken_by_another_program_can_be_sent(fields):
+    # One such row must not break a GET or a whole LIST page.
+    obj = task_object(row(**fields))
+    codec.dumps(obj)
+    assert obj["created_at"] is not None

@@ -92,6 +92,17 @@ async def test_sql_insert_by_another_program(sqlite_store, db_path):
 
 
 @pytest_twisted.ensureDeferred
+async def test_text_that_is_not_utf8_does_not_stop_reads(sqlite_store, db_path):
+    # sqlite3 would refuse to read the whole result; the one row is read
+    # with replacement characters, for the broker to fail it alone.
+    execute(db_path, "INSERT INTO tasks (handler, payload) "
+            "VALUES (CAST(X'ff6563686f' AS TEXT), '1')")
+    execute(db_path, "INSERT INTO tasks (handler) VALUES ('echo')")
+    rows = await sqlite_store.list("queued", None, 0, 10)
+    assert [row.handler for row in rows] == ["\ufffdecho", "echo"]
+
+
+@pytest_twisted.ensureDeferred
 async def test_sql_insert_delayed_and_unique(sqlite_store, db_path):
     # The example of schema/sqlite/v3.sql.
     insert = (

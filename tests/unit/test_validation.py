@@ -50,6 +50,12 @@ def test_invalid_rows_say_why(fields, words):
     assert "\n" not in reason
 
 
+def test_a_row_at_every_limit_can_run():
+    assert invalid_row(row(
+        payload="[" * 64 + "]" * 64, attempts=2**31 - 2, time_limit=0.001,
+        token=2**53 - 2, id=2**53 - 2, run_at=253402300799), LEVELS) is None
+
+
 def test_a_queue_check_lists_the_levels():
     assert invalid_queue("echo", "urgent", LEVELS) == (
         "unknown priority level 'urgent' (levels: high,normal,low)")
@@ -70,6 +76,19 @@ def test_defaults_fill_only_what_sql_left_null():
     ({"attempts": "abc"}, "attempts must be a whole number"),
     ({"id": 2**63 - 1}, "id must be a whole number"),
     ({"created_at": "yesterday"}, "created_at must be a Unix time"),
+    ({"created_at": 1e300}, "created_at must be a Unix time"),
+    # What the worker's codec would refuse in the TASK made of the row.
+    ({"attempts": -5}, "attempts must be a whole number from 0 to "
+                       "2147483646"),
+    ({"attempts": 2**31 - 1}, "attempts must be a whole number"),
+    ({"time_limit": 1e300}, "time_limit must be a number from 0.001 to"),
+    ({"time_limit": 1e-9}, "time_limit must be a number from 0.001 to"),
+    ({"run_at": 1e300}, "run_at must be a Unix time in seconds from 0 to "
+                        "253402300799"),
+    ({"run_at": float("inf")}, "run_at must be a Unix time"),
+    ({"payload": "[" * 65 + "]" * 65}, "payload is nested deeper than 64 "
+                                       "levels"),
+    ({"payload": "[" * 5000 + "]" * 5000}, "payload is not valid JSON"),
 ])
 def test_columns_a_program_could_break_are_checked(fields, words):
     assert words in invalid_row(row(**fields), LEVELS)

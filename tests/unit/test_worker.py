@@ -319,6 +319,54 @@ def test_bad_message_from_broker_is_ignored(worker):
     assert worker.tasks == {}
 
 
+def nested(depth):
+    value = 0
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+def test_a_task_it_cannot_read_fails_its_attempt_and_frees_the_slot(worker):
+    welcome(worker)
+    worker.fake.take()
+    worker.fake.deliver(b"TASK", task(4, payload=nested(65), token=7))
+    [(_, result)] = worker.fake.take(b"RESULT")
+    assert result["id"] == 4 and result["token"] == 7
+    assert result["state"] == "failed" and result["ready"] is True
+    assert result["error"] == (
+        "worker w could not read the task: TASK: field 'payload' is nested "
+        "deeper than 64 levels")
+    assert worker.tasks == {} and worker.free_slots == 2
+    # Kept until acknowledged, like every result.
+    assert (4, 7) in worker.unacked
+
+
+def test_a_task_at_the_depth_limit_runs(worker):
+    welcome(worker)
+    worker.fake.take()
+    worker.fake.deliver(b"TASK", task(4, handler="echo", payload=nested(64)))
+    [(_, result)] = worker.fake.take(b"RESULT")
+    assert result["state"] == "succeeded" and result["result"] == nested(64)
+
+
+@pytest.mark.parametrize("value, error", [
+    (nested(65), "result is nested deeper than 64 levels"),
+    ({1, 2}, "result is not JSON-serialisable: Object of type set is not "
+             "JSON serializable"),
+    (float("nan"), "result is not JSON-serialisable: Out of range float "
+                   "values are not JSON compliant"),
+])
+def test_a_result_it_cannot_send_fails_the_attempt(worker, handler, value,
+                                                   error):
+    welcome(worker)
+    worker.fake.deliver(b"TASK", task(10))
+    worker.fake.take()
+    handler.pending[10].callback(value)
+    [(_, result)] = worker.fake.take(b"RESULT")
+    assert (result["state"], result["result"]) == ("failed", None)
+    assert result["error"] == error and result["ready"] is True
+
+
 def test_stop_waits_for_running_tasks_and_their_acks(worker, handler, clock):
     welcome(worker)
     worker.fake.deliver(b"TASK", task(5))

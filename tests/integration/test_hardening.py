@@ -1,0 +1,131 @@
+"""
+The hardening suite: single bad tasks, rows and peers against real
+daemons.  After each one, every task the broker acknowledged reaches
+exactly one final state, and a normal task submitted afterwards finishes
+within a few seconds (:func:`still_serves`).
+
+Daemons here run with a fast heartbeat (0.2 s) so that the suite stays
+quick.
+"""
+
+import json
+import os
+import sqlite3
+
+import zmq
+
+from taskbroker.client.blocking import BlockingClient
+from taskbroker.protocol import codec
+
+HEARTBEAT = ("--heartbeat", "0.2")
+FINAL = {"succeeded", "failed", "cancelled"}
+
+
+def still_serves(cluster, acknowledged=()):
+    """
+    Every acknowledged task ends, once, and a new task runs at once.
+
+    :returns: the final tasks, in the order of ``acknowledged``.
+    """
+    with BlockingClient(cluster.endpoint) as client:
+        done = [client.wait(task_id, timeout=30) for task_id in acknowledged]
+        assert [t["state"] in FINAL for t in done] == [True] * len(done), done
+        task, _ = client.submit("echo", "after")
+        assert client.wait(task["id"], timeout=5)["result"] == "after"
+    with sqlite3.connect(os.path.join(cluster.folder, "tasks.sqlite")) as db:
+        [(ids, distinct)] = db.execute(
+            "SELECT count(*), count(DISTINCT id) FROM tasks").fetchall()
+    assert ids == distinct
+    return done
+
+
+def nested(depth):
+    return "[" * depth + "]" * depth
+
+
+def test_a_payload_nested_too_deeply_is_refused_at_submit(cluster):
+    cluster.start_broker(*HEARTBEAT)
+    cluster.start_worker(*HEARTBEAT, name="w1")
+    refused = cluster.cli("submit", "echo", "--payload", nested(973))
+    assert refused.returncode == 2
+    assert refused.stderr == ("taskbroker: field 'payload' is nested deeper "
+                              "than 64 levels (bad_request)\n")
+    # A client that skips the client's own checks meets the broker's.
+    context = zmq.Context()
+    raw = context.socket(zmq.DEALER)
+    raw.setsockopt(zmq.LINGER, 0)
+    raw.connect(cluster.endpoint)
+    try:
+        raw.send_multipart(codec.encode(b"SUBMIT", '{"req":"r","tasks":[{'
+                                        '"handler":"echo","payload":'
+                                        + nested(65) + "}]}"))
+        assert raw.poll(5000)
+        command, body = raw.recv_multipart()[1:]
+        assert command == b"ERROR" and json.loads(body)["code"] == "bad_request"
+    finally:
+        raw.close()
+        context.term()
+    # The deepest payload allowed goes there and back, result and all.
+    ok = cluster.cli("submit", "echo", "--wait", "--payload", nested(64))
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads(ok.stdout) == json.loads(nested(64))
+    still_serves(cluster)
+
+
+def test_rows_no_worker_could_read_fail_alone(cluster):
+    cluster.start_broker(*HEARTBEAT, "--poll-interval", "0.1")
+    cluster.start_worker(*HEARTBEAT, name="w1")
+    database = os.path.join(cluster.folder, "tasks.sqlite")
+    columns = {"attempts": -5, "time_limit": 1e300, "run_at": 1e300}
+    with sqlite3.connect(database) as db:
+        ids = {column: db.execute(
+            f"INSERT INTO tasks (handler, {column}) VALUES ('echo', ?)",
+            (value,)).lastrowid for column, value in columns.items()}
+        ids["payload"] = db.execute(
+            "INSERT INTO tasks (handler, payload) VALUES ('echo', ?)",
+            (nested(65),)).lastrowid
+        ids["tiny time_limit"] = db.execute(
+            "INSERT INTO tasks (handler, time_limit) VALUES ('echo', 1e-9)"
+        ).lastrowid
+    done = dict(zip(ids, still_serves(cluster, ids.values())))
+    for column, task in done.items():
+        assert task["state"] == "failed", task
+        assert column.split()[-1] in task["error"], task
+        assert task["started_at"] is None  # never dispatched
+    assert "nested deeper than 64 levels" in done["payload"]["error"]
+
+
+def test_a_task_no_worker_ever_receives_ends_failed(cluster):
+    """
+    A peer that takes TASKs and always says it runs nothing: each task
+    comes back "never received", and after three times in a row its
+    attempt counts, so it ends instead of circling for ever.
+    """
+    cluster.start_broker(*HEARTBEAT)
+    context = zmq.Context()
+    sink = context.socket(zmq.DEALER)
+    sink.setsockopt(zmq.LINGER, 0)
+    sink.setsockopt(zmq.IDENTITY, b"sink/" + os.urandom(16).hex().encode())
+    sink.connect(cluster.endpoint)
+    try:
+        sink.send_multipart(codec.encode(b"HELLO", {
+            "name": "sink", "slots": 1, "handlers": ["echo"],
+            "heartbeat": 0.1}))
+        with BlockingClient(cluster.endpoint) as client:
+            task, _ = client.submit("echo", 1, max_attempts=1)
+            received = 0
+            while client.get(task["id"])["state"] != "failed":
+                sink.send_multipart(codec.encode(b"READY", {}))
+                sink.send_multipart(codec.encode(b"HEARTBEAT",
+                                                 {"running": []}))
+                while sink.poll(100):
+                    received += sink.recv_multipart()[1] == b"TASK"
+            final = client.get(task["id"])
+        assert received == 3
+        assert final["error"].startswith(
+            "workers never received it (3 times in a row, last sink)")
+    finally:
+        sink.close()
+        context.term()
+    cluster.start_worker(*HEARTBEAT, name="w1")
+    still_serves(cluster, [task["id"]])
