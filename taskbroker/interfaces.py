@@ -246,7 +246,7 @@ class ITaskStore(Interface):
             :class:`taskbroker.store.TaskRow`, or ``None``.
         """
 
-    def list(state, handler, after_id, limit):
+    def list(state, handler, after_id, limit, max_bytes=None):
         """
         Tasks ordered by id, optionally filtered.
 
@@ -254,6 +254,9 @@ class ITaskStore(Interface):
         :param handler: a handler name or ``None`` for all.
         :param after_id: return only tasks with a greater id; ``0`` for all.
         :param limit: the most rows to return.
+        :param max_bytes: if given, stop after the row that brings the
+            rows' :func:`taskbroker.store.text_size` to this many, so that
+            large rows are never read by the thousand.
         :returns: a ``Deferred`` firing with a ``list`` of
             :class:`taskbroker.store.TaskRow`.
         """

@@ -36,6 +36,7 @@ import uuid
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from taskbroker.broker.admission import Admission
 from taskbroker.broker.attempts import Attempt, Attempts
 from taskbroker.broker.backlog import Backlog
 from taskbroker.broker.dispatch import Dispatcher
@@ -97,6 +98,7 @@ class Broker:
         self.backlog = Backlog(self)
         self.feeder = Feeder(self)
         self.workers = Workers(self)
+        self.admission = Admission()
         self.requests = Requests(self)
         self.router = Router(self)
         self.handle = self.router.handle

@@ -18,9 +18,9 @@ from taskbroker.broker.status import DELAYED
 from taskbroker.broker.validation import invalid_row
 from taskbroker.errors import StoreError
 from taskbroker.protocol import codec
-from taskbroker.protocol.codec import dumps, encode
+from taskbroker.protocol.codec import MAX_LIST_BYTES, dumps, encode
 from taskbroker.protocol.objects import task_object
-from taskbroker.store import FINAL_STATES, NewTask
+from taskbroker.store import FINAL_STATES, NewTask, text_size
 
 #: The longest a WAIT is held when the client gives no timeout (seconds).
 DEFAULT_WAIT = 30.0
@@ -139,7 +139,7 @@ class Requests:
             return reason
 
         d.addCallbacks(committed, not_committed)
-        self._answered(d, "submitting tasks", identity, req)
+        return self._answered(d, "submitting tasks", identity, req)
 
     def _new_tasks(self, body):
         """
@@ -208,7 +208,8 @@ class Requests:
             else:
                 self.reply(identity, req, {"task": task_object(row)})
 
-        self._answered(d.addCallback(found), "reading a task", identity, req)
+        return self._answered(d.addCallback(found), "reading a task",
+                              identity, req)
 
     def on_WAIT(self, identity, body):
         broker = self._broker
@@ -218,7 +219,7 @@ class Requests:
                             or broker.backlog.holds(task_id)):
             # Live, so not final: wait without reading it.
             self._wait(identity, req, task_id, timeout)
-            return
+            return None
         d = broker.store.get(task_id)
 
         def found(row):
@@ -230,10 +231,15 @@ class Requests:
             else:
                 self._wait(identity, req, task_id, timeout)
 
-        self._answered(d.addCallback(found), "reading a task", identity, req)
+        return self._answered(d.addCallback(found), "reading a task",
+                              identity, req)
 
     def _wait(self, identity, req, task_id, timeout):
         broker = self._broker
+        if not broker.admission.hold_wait():
+            self.error(identity, req, "busy", "the broker holds too many "
+                       "WAITs open; try again shortly")
+            return
         d = broker.outcomes.when_final(task_id)
         timer = broker.clock.callLater(timeout, d.cancel)
 
@@ -255,24 +261,31 @@ class Requests:
                 timer.cancel()
             self.error(identity, req, "unavailable", "the broker is stopping")
 
-        d.addCallbacks(ended, timed_out).addErrback(stopping)
+        def held(result):
+            broker.admission.end_wait()
+            return result
+
+        d.addCallbacks(ended, timed_out).addErrback(stopping).addBoth(held)
         self._answered(d, "waiting for a task", identity, req)
 
     def on_LIST(self, identity, body):
         req = body["req"]
         limit = body.get("limit") or 100
         d = self._broker.store.list(body.get("state"), body.get("handler"),
-                                    body.get("after") or 0, limit + 1)
+                                    body.get("after") or 0, limit + 1,
+                                    MAX_LIST_BYTES)
 
         def listed(rows):
-            more = len(rows) > limit
+            more = (len(rows) > limit
+                    or sum(map(text_size, rows)) >= MAX_LIST_BYTES)
             rows = rows[:limit]
             self.reply(identity, req, {
                 "tasks": [task_object(row) for row in rows],
                 "next": rows[-1].id if more else None,
             })
 
-        self._answered(d.addCallback(listed), "listing tasks", identity, req)
+        return self._answered(d.addCallback(listed), "listing tasks",
+                              identity, req)
 
     # -- changing tasks ----------------------------------------------------
 
@@ -319,12 +332,12 @@ class Requests:
             return reason
 
         d.addCallbacks(cancelled, not_cancelled)
-        self._answered(d, "cancelling a task", identity, req)
+        return self._answered(d, "cancelling a task", identity, req)
 
     def on_RETRY(self, identity, body):
         req = body["req"]
-        self._answered(self._retry(identity, req, body["id"]),
-                       "retrying a task", identity, req)
+        return self._answered(self._retry(identity, req, body["id"]),
+                              "retrying a task", identity, req)
 
     @defer.inlineCallbacks
     def _retry(self, identity, req, task_id):
@@ -385,4 +398,4 @@ class Requests:
         d = status.counted()
         d.addCallback(lambda _: self.reply(identity, req,
                                            {"stats": status.stats()}))
-        self._answered(d, "counting tasks", identity, req)
+        return self._answered(d, "counting tasks", identity, req)

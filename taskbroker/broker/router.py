@@ -8,6 +8,7 @@ leave the daemon deaf).
 
 from twisted.logger import Logger
 
+from taskbroker.broker.admission import COUNTED, cost
 from taskbroker.protocol import codec
 from taskbroker.protocol.codec import ProtocolError, encode
 
@@ -65,6 +66,7 @@ class Router:
         self._broker = broker
         self.bad_messages = RateLimit(BAD_MESSAGE_LOG_INTERVAL,
                                       broker.monotonic)
+        self.busy_logs = RateLimit(BAD_MESSAGE_LOG_INTERVAL, broker.monotonic)
         self._worker_handlers = {
             command: getattr(broker.workers, "on_" + command.decode())
             for command in WORKER_COMMANDS}
@@ -88,20 +90,64 @@ class Router:
                 # reconcile, so only note that they live, decoding nothing.
                 session.last_seen = broker.clock.seconds()
                 return
+        size = None
+        if len(frames) == 3 and frames[1] in COUNTED:
+            size = cost(frames[1], frames[2])
+            if not broker.admission.admit(size):
+                self._busy(identity, frames)
+                return
+        answered = None
+        try:
+            answered = self._handle(identity, session, frames)
+        finally:
+            if size is not None:
+                if answered is None:
+                    broker.admission.release(size)
+                else:
+                    answered.addBoth(self._release, size)
+
+    def _release(self, result, size):
+        self._broker.admission.release(size)
+        return result
+
+    def _busy(self, identity, frames):
+        broker = self._broker
+        broker.counters["busy"] += 1
+        if self.busy_logs.allow(identity):
+            self.log.warn(
+                "refused requests from {peer!r}: the broker is busy ("
+                "{pending} requests, {size} bytes in progress; further "
+                "refusals to this peer are counted, not logged, for "
+                "{interval:.0f}s)", peer=identity,
+                pending=broker.admission.pending,
+                size=broker.admission.pending_bytes,
+                interval=BAD_MESSAGE_LOG_INTERVAL)
+        broker.requests.error(
+            identity, codec.peek_req(frames[2]), "busy",
+            "the broker has too many requests in progress; try again "
+            "shortly")
+
+    def _handle(self, identity, session, frames):
+        """
+        Decode and route a message.
+
+        :returns: the ``Deferred`` of a client request's answer, or
+            ``None`` once it has been answered (or for a worker's message).
+        """
+        broker = self._broker
         try:
             command, body = codec.decode(frames, codec.BROKER_INBOUND)
         except ProtocolError as e:
             self._bad(identity, session, e)
-            return
+            return None
         if session is not None:
             session.last_seen = broker.clock.seconds()
         worker_handler = self._worker_handlers.get(command)
         try:
             if worker_handler is not None:
-                worker_handler(identity, session, body)
-            else:
-                getattr(broker.requests, "on_" + command.decode())(
-                    identity, body)
+                return worker_handler(identity, session, body)
+            return getattr(broker.requests, "on_" + command.decode())(
+                identity, body)
         except Exception:
             broker.counters["internal_errors"] += 1
             self.log.failure(
@@ -112,6 +158,7 @@ class Router:
                     identity, body.get("req"), "internal",
                     f"internal error while handling {command.decode()}; "
                     "see the broker's log")
+            return None
 
     def _bad(self, identity, session, error):
         self._broker.counters["protocol_errors"] += 1

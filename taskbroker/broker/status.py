@@ -133,6 +133,7 @@ class Status:
             "retried": 0,
             "lost_workers": 0,
             "store_errors": 0,
+            "busy": 0,
         }
         self.tasks = TaskCounts(broker.config.default_priority)
         self._waiters = []
@@ -145,7 +146,9 @@ class Status:
         return dict(
             self.counters,
             dropped_credits=broker.dispatcher.dropped_credits,
-            unlogged_bad_messages=broker.router.bad_messages.suppressed)
+            unlogged_bad_messages=broker.router.bad_messages.suppressed,
+            requests_in_progress=broker.admission.pending,
+            waits_held=broker.admission.waits)
 
     def recount(self):
         """

@@ -30,6 +30,7 @@ EXIT_NOT_FOUND = 4
 _EXIT_FOR_CODE = {
     "not_found": EXIT_NOT_FOUND,
     "unavailable": EXIT_UNAVAILABLE,
+    "busy": EXIT_UNAVAILABLE,
     "internal": EXIT_UNAVAILABLE,
 }
 

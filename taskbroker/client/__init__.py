@@ -62,10 +62,10 @@ FINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
 #: this plus its own timeout.
 WAIT_SLICE = 30.0
 
-#: The most encoded task bytes one SUBMIT carries.  The reply echoes every
-#: task object, payload included, so a request of half the 4 MiB message
-#: limit leaves room for the reply to stay under it too.
-SUBMIT_CHUNK_BYTES = 2 * 1024 * 1024
+#: The most encoded task bytes one SUBMIT carries, unless it is one task:
+#: the largest task (a payload of MAX_PAYLOAD_SIZE and its fields) then
+#: travels alone, and either way the SUBMIT fits the message limit.
+SUBMIT_CHUNK_BYTES = codec.MAX_PAYLOAD_SIZE
 
 # Replies are not subject to the request limit: a LIST page or a task with
 # a large result may exceed it, and dropping it would look like a timeout.

@@ -15,12 +15,19 @@ tasks it created the first time; cancelling a cancelled task succeeds.  A
 resent ``RETRY`` would be refused (``not_retryable``) once the first copy
 had queued the task, so it is sent once.
 
+A request the broker refuses as ``busy`` (too much work in progress) was
+not carried out, so it is sent again after a pause that doubles from 50 ms
+to 2 s, with jitter, for as long as its resends after timeouts could have
+taken; then :class:`~taskbroker.client.errors.RequestFailed` (code
+``busy``) is raised.
+
 One request is outstanding at a time, so a reply whose ``req`` is not the
 current one is stale (a duplicate, or from before a timeout) and is
 discarded.  A client is not thread-safe: use one per thread.
 """
 
 import math
+import random
 import time
 from uuid import uuid4
 
@@ -40,11 +47,38 @@ from taskbroker.client import (
     wait_call,
     workers_call,
 )
-from taskbroker.client.errors import BrokerUnavailable
+from taskbroker.client.errors import BrokerUnavailable, RequestFailed
 from taskbroker.protocol import codec
 from taskbroker.transport.options import client_options
 
 __all__ = ["BlockingClient"]
+
+#: The first and the longest pause before a request the broker refused
+#: as ``busy`` is sent again (seconds).
+BUSY_FIRST_PAUSE = 0.05
+BUSY_LONGEST_PAUSE = 2.0
+
+
+class _Backoff:
+    """
+    Pauses that double, with jitter, until a deadline.
+    """
+
+    def __init__(self, deadline):
+        self._deadline = deadline
+        self._pause = BUSY_FIRST_PAUSE
+
+    def wait(self, now):
+        """
+        Sleep before the next try; ``False`` (without sleeping) if it
+        would end past the deadline.
+        """
+        pause = self._pause * random.uniform(0.5, 1.0)
+        if now + pause > self._deadline:
+            return False
+        time.sleep(pause)
+        self._pause = min(self._pause * 2, BUSY_LONGEST_PAUSE)
+        return True
 
 
 class BlockingClient:
@@ -145,7 +179,9 @@ class BlockingClient:
         attempts = 1 + self.retries if request.idempotent else 1
         answer_time = self.timeout + request.extra_time
         ignored = []
-        for _ in range(attempts):
+        busy = _Backoff(self._clock() + self.timeout * attempts)
+        sent = 0
+        while sent < attempts:
             if self._socket is None:
                 self._open()
             try:
@@ -154,9 +190,17 @@ class BlockingClient:
                 # The queue is full: as good as no answer.
                 pass
             else:
-                body = self._receive(req, answer_time, ignored)
+                try:
+                    body = self._receive(req, answer_time, ignored)
+                except RequestFailed as e:
+                    # Refused before anything was done: safe to send
+                    # again, even a RETRY, after a pause.
+                    if e.code != "busy" or not busy.wait(self._clock()):
+                        raise
+                    continue
                 if body is not None:
                     return body
+            sent += 1
             self._discard_socket()
         command = request.command.decode("ascii")
         reason = (f"no answer from {self.endpoint} within "

@@ -19,16 +19,25 @@ from numbers import Real
 
 SIGNATURE = b"TB1"
 
-#: The largest message the broker accepts, all frames together (bytes).
-MAX_MESSAGE_SIZE = 4 * 1024 * 1024
-#: The largest payload a task may carry, as JSON text (bytes).
+#: The largest payload a task may carry, as JSON text (bytes); results
+#: too.
 MAX_PAYLOAD_SIZE = 1024 * 1024
+#: The largest message a peer accepts, all frames together (bytes): the
+#: largest legal message (a SUBMIT, TASK or RESULT of one task of the
+#: largest payload, with names and envelope) and no more, since every
+#: peer may queue many messages of this size (docs/reliability.rst).
+MAX_MESSAGE_SIZE = MAX_PAYLOAD_SIZE + 64 * 1024
 #: The most tasks one SUBMIT may carry.
 MAX_BATCH = 1000
 #: The longest name (handler, worker, priority level).
 MAX_NAME = 200
 #: The most tasks one LIST reply carries.
 MAX_LIST = 1000
+#: A LIST reply also ends after the task that brings its payloads,
+#: results, errors and tracebacks to this many characters (its ``next``
+#: says where the next page starts), so that large tasks are never read
+#: by the thousand.
+MAX_LIST_BYTES = 1024 * 1024
 #: The longest a WAIT may be held open by the broker (seconds).
 MAX_WAIT = 60.0
 #: The most levels of arrays and objects in a payload or a result.  Set
@@ -428,6 +437,19 @@ def _readable_req(body):
         return _request_id(body.get("req"))
     except ValueError:
         return None
+
+
+_LEADING_REQ = re.compile(rb'\A\{"req":"([\x21\x23-\x5b\x5d-\x7e]{1,64})"')
+
+
+def peek_req(body):
+    """
+    The request id at the start of an undecoded body, as taskbroker's
+    clients write it, or ``None``: for refusing a request without reading
+    all of it.
+    """
+    match = _LEADING_REQ.match(body)
+    return match.group(1).decode("ascii") if match else None
 
 
 def _check_fields(body, fields, where):

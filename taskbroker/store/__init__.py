@@ -44,6 +44,32 @@ class NewTask:
     worker: Optional[str] = None
 
 
+def text_size(row):
+    """
+    The characters of a row's large columns (payload, result, error and
+    traceback): what a listing of it costs, roughly, in bytes.
+    """
+    return sum(len(text) for text in (row.payload, row.result, row.error,
+                                      row.traceback)
+               if isinstance(text, (str, bytes)))
+
+
+def up_to_size(rows, max_bytes):
+    """
+    ``rows`` (any iterable, read lazily) until their :func:`text_size`
+    reaches ``max_bytes`` (all of them if it is ``None``), as a ``list``.
+    """
+    if max_bytes is None:
+        return list(rows)
+    taken, size = [], 0
+    for row in rows:
+        taken.append(row)
+        size += text_size(row)
+        if size >= max_bytes:
+            break
+    return taken
+
+
 class TaskRow(NamedTuple):
     """
     One row of the ``tasks`` table.

@@ -8,7 +8,7 @@ transaction), in autocommit mode: the store manages the transactions.
 import sqlite3
 
 from taskbroker.errors import StoreError, one_line
-from taskbroker.store import Submitted, TaskRow, _schema
+from taskbroker.store import Submitted, TaskRow, _schema, up_to_size
 
 # In TaskRow's field order, so that TaskRow(*row) builds one.
 _COLUMNS = (
@@ -246,7 +246,7 @@ def get(connection, task_id):
     return get_with(connection.cursor(), task_id)
 
 
-def list(connection, state, handler, after_id, limit):
+def list(connection, state, handler, after_id, limit, max_bytes=None):
     where = ["id > ?"]
     params = [after_id]
     if state is not None:
@@ -261,7 +261,8 @@ def list(connection, state, handler, after_id, limit):
         "ORDER BY id LIMIT ?",
         params,
     )
-    return [TaskRow(*row) for row in rows]
+    return up_to_size(map(TaskRow._make, rows), max_bytes)
+
 
 
 def scan_queued(connection, after_id, limit, known):

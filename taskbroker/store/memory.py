@@ -17,6 +17,7 @@ from taskbroker.errors import StoreError
 from taskbroker.interfaces import IQueueReads, ITaskStore
 from taskbroker.store import (
     FINAL_STATES, LIVE_STATES, Submitted, TaskRow, check_request_ids,
+    up_to_size,
 )
 from taskbroker.store.claims import OwnerClaims
 
@@ -355,11 +356,12 @@ class MemoryStore:
         self._check_open()
         return self._rows.get(task_id)
 
-    def list(self, state, handler, after_id, limit):
+    def list(self, state, handler, after_id, limit, max_bytes=None):
         """
         See :meth:`taskbroker.interfaces.ITaskStore.list`.
         """
-        return self._run(self._select, state, handler, after_id, limit)
+        return self._run(lambda: up_to_size(
+            self._select(state, handler, after_id, limit), max_bytes))
 
     def scan_queued(self, after_id, limit, known):
         """

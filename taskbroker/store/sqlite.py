@@ -483,11 +483,12 @@ class SQLiteStore:
         """
         return self._read(sql.get, task_id)
 
-    def list(self, state, handler, after_id, limit):
+    def list(self, state, handler, after_id, limit, max_bytes=None):
         """
         See :meth:`taskbroker.interfaces.ITaskStore.list`.
         """
-        return self._read(sql.list, state, handler, after_id, limit)
+        return self._read(sql.list, state, handler, after_id, limit,
+                          max_bytes)
 
     def scan_queued(self, after_id, limit, known):
         """

@@ -588,6 +588,22 @@ class StoreContract:
         assert await listed(limit=0) == []
 
     @pytest_twisted.ensureDeferred
+    async def test_list_stops_at_a_size(self, store):
+        rows = rows_of(await store.submit([
+            new_task(payload='"' + "x" * 998 + '"') for _ in range(5)]))
+        ids = [row.id for row in rows]
+
+        async def listed(max_bytes):
+            return [row.id for row in
+                    await store.list(None, None, 0, 100, max_bytes)]
+
+        # The row that reaches the size is the last one read.
+        assert await listed(2000) == ids[:2]
+        assert await listed(2001) == ids[:3]
+        assert await listed(1) == ids[:1]
+        assert await listed(None) == ids
+
+    @pytest_twisted.ensureDeferred
     async def test_counts(self, store, insert_sql):
         assert await store.counts(100.0) == {}
         rows = rows_of(await store.submit([

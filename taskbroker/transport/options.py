@@ -16,6 +16,12 @@ from taskbroker.protocol.codec import MAX_MESSAGE_SIZE
 
 #: Messages queued per peer before sends fail (``EAGAIN``) or reads stop.
 HIGH_WATER_MARK = 100_000
+#: Messages the broker's ROUTER queues from one peer before it stops
+#: reading that peer's connection (TCP then holds the sender back; nothing
+#: is dropped).  The broker reads as fast as it can and refuses what is
+#: over its bounds at once, so the queue is short in practice; this caps
+#: it at this many messages of at most MAX_MESSAGE_SIZE per peer.
+ROUTER_RECEIVE_HWM = 100
 #: How long a connection may take to finish ZeroMQ's handshake, in ms,
 #: before it is dropped (libzmq's default is 30 s): bare TCP connections
 #: that never speak hold a descriptor no longer than this.
@@ -38,7 +44,7 @@ def router_options(max_message_size=MAX_MESSAGE_SIZE):
         (zmq.HANDSHAKE_IVL, HANDSHAKE_IVL_MS),
         (zmq.MAXMSGSIZE, max_message_size),
         (zmq.SNDHWM, HIGH_WATER_MARK),
-        (zmq.RCVHWM, HIGH_WATER_MARK),
+        (zmq.RCVHWM, ROUTER_RECEIVE_HWM),
     ]
 
 

@@ -11,7 +11,9 @@ quick.
 import json
 import os
 import sqlite3
+import time
 
+import pytest
 import zmq
 
 from taskbroker.client.blocking import BlockingClient
@@ -129,3 +131,95 @@ def test_a_task_no_worker_ever_receives_ends_failed(cluster):
         context.term()
     cluster.start_worker(*HEARTBEAT, name="w1")
     still_serves(cluster, [task["id"]])
+
+
+# -- floods ---------------------------------------------------------------
+
+#: What the broker may hold at its peak under any flood below (MB).
+RSS_BOUND_MB = 500
+
+
+def peak_rss_mb(daemon):
+    with open(f"/proc/{daemon.pid}/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM")
+
+
+def stats_time(cluster):
+    """
+    Seconds the broker takes to answer STATS (once, no resend).
+    """
+    with BlockingClient(cluster.endpoint, timeout=5, retries=0) as client:
+        started = time.monotonic()
+        client.stats()
+        return time.monotonic() - started
+
+
+def flood(cluster, peers, messages, frames):
+    """
+    ``peers`` connections each send ``messages`` copies of ``frames`` as
+    fast as they can and never read an answer; meanwhile STATS is asked
+    for, again and again.
+
+    :returns: the slowest STATS answer, in seconds.
+    """
+    context = zmq.Context()
+    sockets = []
+    try:
+        for _ in range(peers):
+            socket = context.socket(zmq.DEALER)
+            socket.setsockopt(zmq.LINGER, 0)
+            socket.setsockopt(zmq.SNDHWM, 0)
+            socket.connect(cluster.endpoint)
+            sockets.append(socket)
+        slowest = 0.0
+        for i in range(messages):
+            for socket in sockets:
+                # The same buffers every time: the flood costs this
+                # process nothing.
+                socket.send_multipart(frames, copy=False)
+            if i % max(1, messages // 10) == 0:
+                slowest = max(slowest, stats_time(cluster))
+        slowest = max(slowest, stats_time(cluster))
+        return slowest
+    finally:
+        for socket in sockets:
+            socket.close()
+        context.term()
+
+
+LARGEST_SUBMIT = codec.encode(b"SUBMIT", codec.dumps({
+    "req": "flood", "tasks": [{"handler": "nobody",
+                               "payload": "x" * (codec.MAX_PAYLOAD_SIZE - 2)}]}))
+
+
+@pytest.mark.parametrize("peers, messages", [(1, 1000), (100, 10)])
+def test_a_flood_of_the_largest_submits_is_bounded(cluster, peers, messages):
+    broker = cluster.start_broker(*HEARTBEAT)
+    cluster.start_worker(*HEARTBEAT, name="w1")
+    slowest = flood(cluster, peers, messages, LARGEST_SUBMIT)
+    with BlockingClient(cluster.endpoint) as client:
+        stats = client.stats()
+    print(f"{peers} peers x {messages} SUBMITs of 1 MiB: peak RSS "
+          f"{peak_rss_mb(broker):.0f} MB, slowest STATS {slowest:.3f} s, "
+          f"{stats['counters']['busy']} refused busy")
+    assert peak_rss_mb(broker) < RSS_BOUND_MB
+    assert slowest < 1.0
+    still_serves(cluster)
+
+
+def test_a_flood_of_lists_over_large_tasks_is_bounded(cluster):
+    broker = cluster.start_broker(*HEARTBEAT)
+    with BlockingClient(cluster.endpoint) as client:
+        client.submit_many([{"handler": "nobody", "payload": "x" * (
+            codec.MAX_PAYLOAD_SIZE - 2)}] * 100)
+    slowest = flood(cluster, 10, 100, codec.encode(b"LIST", {
+        "req": "flood", "limit": 1000}))
+    print(f"10 peers x 100 LISTs over 100 tasks of 1 MiB: peak RSS "
+          f"{peak_rss_mb(broker):.0f} MB, slowest STATS {slowest:.3f} s")
+    assert peak_rss_mb(broker) < RSS_BOUND_MB
+    assert slowest < 1.0
+    cluster.start_worker(*HEARTBEAT, name="w1")
+    still_serves(cluster)

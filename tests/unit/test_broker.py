@@ -887,3 +887,72 @@ def test_a_hello_listing_too_many_handlers_is_refused(broker, peers):
     hello(broker, handlers=handlers)
     [(_, command, body)] = peers.take(b"w1/x")
     assert command == b"ERROR" and "at most 1000 names" in body["message"]
+
+
+# -- bounds on client work -------------------------------------------------
+
+
+def test_requests_over_the_bound_are_refused_busy_unread(broker, peers, store):
+    held = defer.Deferred()
+    store.get = lambda task_id: held  # a read that takes its time
+    broker.admission.max_pending = 2
+    for req in ("g1", "g2", "g3"):
+        send(broker, b"client", b"GET", {"req": req, "id": 1})
+    [(_, command, body)] = peers.take(b"client")
+    assert (command, body["req"], body["code"]) == (b"ERROR", "g3", "busy")
+    # Refused before it was decoded: even a malformed body says busy.
+    broker.handle(Sender(b"client"), [codec.SIGNATURE, b"SUBMIT", b"junk"])
+    assert peers.take(b"client")[0][2]["code"] == "busy"
+    # Looking at the broker is never refused.
+    send(broker, b"client", b"STATS", {"req": "s"})
+    [(_, _, stats)] = peers.take(b"client", b"REPLY")
+    assert stats["stats"]["counters"]["busy"] == 2
+    assert stats["stats"]["counters"]["requests_in_progress"] == 2
+    held.callback(None)
+    assert broker.admission.pending == broker.admission.pending_bytes == 0
+    assert len(peers.take(b"client", b"ERROR")) == 2  # not_found, twice
+
+
+def test_requests_are_bounded_by_what_they_cost(broker, peers):
+    from taskbroker.broker.admission import cost
+
+    # A SUBMIT costs its body and the reply it may make; a LIST, a page.
+    assert cost(b"SUBMIT", b"x" * 10) == 10 + codec.MAX_MESSAGE_SIZE
+    assert cost(b"LIST", b"x") == (
+        1 + codec.MAX_LIST_BYTES + codec.MAX_MESSAGE_SIZE)
+    broker.admission.max_pending_bytes = codec.MAX_MESSAGE_SIZE + 100
+    submit(broker, {"handler": "echo", "payload": "x" * 100})
+    [(_, command, body)] = peers.take(b"client")
+    assert (command, body["code"]) == (b"ERROR", "busy")
+    submit(broker, {"handler": "echo", "payload": "x"})
+    assert peers.take(b"client")[0][1] == b"REPLY"
+    assert broker.admission.pending_bytes == 0
+
+
+def test_waits_held_open_are_bounded(broker, peers):
+    start_one(broker, peers)
+    broker.admission.max_waits = 1
+    for req in ("w1", "w2"):
+        send(broker, b"client", b"WAIT", {"req": req, "id": 1, "timeout": 9})
+    [(_, _, refused)] = peers.take(b"client")
+    assert (refused["req"], refused["code"]) == ("w2", "busy")
+    assert broker.admission.waits == 1
+    send(broker, b"w1/x", b"RESULT", {"id": 1, "token": 1,
+                                       "state": "succeeded", "result": 2})
+    assert peers.take(b"client", b"REPLY")[0][2]["req"] == "w1"
+    assert broker.admission.waits == 0 and broker.admission.pending == 0
+
+
+def test_a_list_page_ends_at_a_size(broker, peers):
+    from taskbroker.protocol.codec import MAX_LIST_BYTES
+
+    big = "x" * (MAX_LIST_BYTES // 2)
+    for _ in range(3):
+        submit(broker, {"handler": "echo", "payload": big})
+    peers.take()
+    send(broker, b"client", b"LIST", {"req": "l", "limit": 100})
+    [(_, _, page)] = peers.take(b"client", b"REPLY")
+    assert [t["id"] for t in page["tasks"]] == [1, 2] and page["next"] == 2
+    send(broker, b"client", b"LIST", {"req": "l", "after": 2})
+    [(_, _, page)] = peers.take(b"client", b"REPLY")
+    assert [t["id"] for t in page["tasks"]] == [3] and page["next"] is None

@@ -166,6 +166,13 @@ def test_broker_unavailable_error_exits_3(broker):
     assert "db locked" in result.error_line()
 
 
+def test_a_broker_that_stays_busy_exits_3(broker):
+    broker.handlers["STATS"] = lambda body: error("busy", "too many requests")
+    result = at(broker, "stats", "--timeout", "0.2")
+    assert result.code == 3
+    assert "too many requests" in result.error_line()
+
+
 def test_endpoint_from_environment(broker, monkeypatch):
     monkeypatch.setenv("TASKBROKER_BROKER", broker.endpoint)
     broker.handlers["STATS"] = lambda body: reply(stats={"workers": 0})

@@ -136,12 +136,18 @@ def test_submit_call_chunks_by_count():
 
 
 def test_submit_call_chunks_by_size():
-    big = "x" * (900 * 1024)
+    big = "x" * (400 * 1024)
     specs = [{"handler": "echo", "payload": big} for _ in range(5)]
     requests, _ = _requests_of(submit_call(specs), _accept)
     assert [len(r.fields["tasks"]) for r in requests] == [2, 2, 1]
     for request in requests:
         assert len(codec.dumps(request.fields)) <= SUBMIT_CHUNK_BYTES + 100
+    # The largest payload travels alone, within the message limit.
+    largest = "x" * (codec.MAX_PAYLOAD_SIZE - 2)
+    requests, _ = _requests_of(submit_call(
+        [{"handler": "h" * 200, "payload": largest, "unique_key": "k" * 200,
+          "priority": "p" * 200}] * 2), _accept)
+    assert [len(r.fields["tasks"]) for r in requests] == [1, 1]
 
 
 def test_submit_call_collects_existing_ids():
@@ -699,3 +705,22 @@ async def test_twisted_close_fails_outstanding_requests(
     await client.close()
     with pytest.raises(BrokerUnavailable):
         await d
+
+
+def test_a_busy_broker_is_asked_again_after_a_pause(broker, client):
+    broker.handlers["RETRY"] = sequence(
+        error("busy"), error("busy"),
+        reply(task=make_task(4, state="queued")))
+    assert client.retry(4)["state"] == "queued"
+    reqs = [body["req"] for command, body in broker.requests]
+    # The same request each time (even a RETRY: a busy one was not done).
+    assert len(reqs) == 3 and len(set(reqs)) == 1
+
+
+def test_a_broker_busy_for_too_long_is_an_error(broker):
+    broker.handlers["STATS"] = lambda body: error("busy")
+    with BlockingClient(broker.endpoint, timeout=0.3, retries=0) as client:
+        with pytest.raises(RequestFailed) as caught:
+            client.stats()
+    assert caught.value.code == "busy"
+    assert 2 <= len(broker.requests) <= 6

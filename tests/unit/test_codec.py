@@ -207,7 +207,7 @@ def test_too_large():
     assert str(size) in error.message
 
 
-def test_default_limit_is_four_mebibytes():
+def test_default_limit_is_the_largest_legal_message():
     body = b'{"req":"r","id":1,"pad":"' + b"x" * codec.MAX_MESSAGE_SIZE + b'"}'
     assert rejected(frames(b"GET", body)).code == "too_large"
 
