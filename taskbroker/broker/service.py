@@ -102,7 +102,7 @@ class BrokerService(ServiceTree):
             socket.close()
 
     def _ready(self):
-        _log_descriptor_limit()
+        _raise_descriptor_limit()
         log.info(
             "taskbroker ready: listening on {endpoint}, database {database}, "
             "levels {levels}, instance {instance}",
@@ -139,20 +139,38 @@ class BrokerService(ServiceTree):
 
 #: Fewer descriptors than this and the broker warns at start.
 LOW_DESCRIPTOR_LIMIT = 4096
+#: The broker raises its soft descriptor limit towards its hard limit, up
+#: to this many.
+MAX_DESCRIPTORS = 1_048_576
 
 
-def _log_descriptor_limit():
+def _raise_descriptor_limit():
     """
-    Each worker and client connection takes a descriptor: say how many the
-    broker may have, and warn when that is few.
+    Each worker and client connection takes a descriptor, and a broker out
+    of them can accept nobody (libzmq then retries the accept in a busy
+    loop): raise the soft limit to the hard one, as servers do, say how
+    many the broker may have, and warn when that is few.
     """
     import resource
 
-    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = MAX_DESCRIPTORS if hard == resource.RLIM_INFINITY else min(
+        hard, MAX_DESCRIPTORS)
+    raised_from = None
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+        except (ValueError, OSError):
+            pass
+        else:
+            raised_from, soft = soft, wanted
     if soft != resource.RLIM_INFINITY and soft < LOW_DESCRIPTOR_LIMIT:
         log.warn("file descriptors: at most {limit}, which caps the workers "
                  "and clients that can connect; raise it (LimitNOFILE= in "
                  "a systemd unit, ulimit -n in a shell)", limit=soft)
+    elif raised_from is not None:
+        log.info("file descriptors: at most {limit} (raised from "
+                 "{raised_from})", limit=soft, raised_from=raised_from)
     else:
         log.info("file descriptors: at most {limit}", limit=soft)
 

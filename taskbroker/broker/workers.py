@@ -10,6 +10,7 @@ attempt a worker announces is claimed only if no live session holds it.
 
 from twisted.logger import Logger
 
+from taskbroker.broker.router import BAD_MESSAGE_LOG_INTERVAL, RateLimit
 from taskbroker.broker.sessions import Session
 from taskbroker.protocol.codec import encode
 
@@ -39,6 +40,9 @@ class Workers:
             b"HEARTBEAT", {"broker": broker.instance_id})
         # task id -> times in a row it was sent and never received
         self._unreceived = {}
+        # One line per peer and kind per interval for what a peer can
+        # repeat at will (refused HELLOs, results or attempts not its own).
+        self._logs = RateLimit(BAD_MESSAGE_LOG_INTERVAL, broker.monotonic)
 
     # -- commands ----------------------------------------------------------
 
@@ -170,10 +174,13 @@ class Workers:
         attempt = broker.attempts.current(task_id, token)
         if attempt is None or not self._holds(session, attempt):
             broker.counters["stale_results"] += 1
-            self.log.info(
-                "ignored a result for task {task_id} token {token} from "
-                "{name}: not an attempt it holds", task_id=task_id,
-                token=token, name=session.name)
+            if self._logs.allow((identity, "result")):
+                self.log.info(
+                    "ignored a result for task {task_id} token {token} from "
+                    "{name}: not an attempt it holds (further ones from this "
+                    "worker are counted, not logged, for {interval:.0f}s)",
+                    task_id=task_id, token=token, name=session.name,
+                    interval=BAD_MESSAGE_LOG_INTERVAL)
             # Acknowledged: it will never be taken.
             self._ack(identity, task_id, token)
             return
@@ -228,15 +235,17 @@ class Workers:
         self._broker.send(identity, encode(b"ACK", {"id": task_id, "token": token}))
 
     def _refuse(self, identity, code, message):
-        self.log.warn("refused a worker: {message}", message=message)
+        if self._logs.allow((identity, "refused")):
+            self.log.warn("refused a worker: {message}", message=message)
         self._broker.send(identity, encode(
             b"ERROR", {"code": code, "message": message, "fatal": True}))
 
     def _stop_stale(self, identity, task_id, token):
-        self.log.info(
-            "task {task_id} token {token} is no longer current; telling "
-            "{peer!r} to stop it", task_id=task_id, token=token,
-            peer=identity)
+        if self._logs.allow((identity, "stale")):
+            self.log.info(
+                "task {task_id} token {token} is no longer current; telling "
+                "{peer!r} to stop it", task_id=task_id, token=token,
+                peer=identity)
         self.cancel(identity, task_id, token)
 
     def cancel(self, identity, task_id, token):

@@ -10,14 +10,17 @@ quick.
 
 import json
 import os
+import socket
 import sqlite3
 import time
 
 import pytest
 import zmq
 
+from taskbroker import _daemons
 from taskbroker.client.blocking import BlockingClient
 from taskbroker.protocol import codec
+from tests.integration.daemons import Daemon
 
 HEARTBEAT = ("--heartbeat", "0.2")
 FINAL = {"succeeded", "failed", "cancelled"}
@@ -147,11 +150,12 @@ def peak_rss_mb(daemon):
     raise AssertionError("no VmHWM")
 
 
-def stats_time(cluster):
+def stats_time(cluster, timeout=5):
     """
     Seconds the broker takes to answer STATS (once, no resend).
     """
-    with BlockingClient(cluster.endpoint, timeout=5, retries=0) as client:
+    with BlockingClient(cluster.endpoint, timeout=timeout,
+                        retries=0) as client:
         started = time.monotonic()
         client.stats()
         return time.monotonic() - started
@@ -221,5 +225,38 @@ def test_a_flood_of_lists_over_large_tasks_is_bounded(cluster):
           f"{peak_rss_mb(broker):.0f} MB, slowest STATS {slowest:.3f} s")
     assert peak_rss_mb(broker) < RSS_BOUND_MB
     assert slowest < 1.0
+    cluster.start_worker(*HEARTBEAT, name="w1")
+    still_serves(cluster)
+
+
+@pytest.mark.parametrize("limits, bound", [
+    ("1024:8192", 1.0),   # raised to the hard limit at start
+    ("1024:1024", 10.0),  # cannot be raised: handshakes end after 5 s
+])
+def test_a_flood_of_bare_connections_locks_nobody_out_for_long(
+        cluster, limits, bound):
+    argv = ["prlimit", f"--nofile={limits}", *_daemons.twistd(
+        "taskbroker", "--listen", "tcp://127.0.0.1:*", "--database",
+        cluster.database, *HEARTBEAT)]
+    broker = Daemon("broker", argv, cluster.folder)
+    cluster.daemons.append(broker)
+    cluster.endpoint = broker.wait_for(
+        r"taskbroker ready: listening on (\S+),").group(1)
+    broker.wait_for(r"file descriptors: at most")
+    host, port = cluster.endpoint.removeprefix("tcp://").rsplit(":", 1)
+    bare = []
+    try:
+        for _ in range(1100):
+            connection = socket.socket()
+            connection.connect((host, int(port)))
+            bare.append(connection)
+        took = stats_time(cluster)
+        descriptors = len(os.listdir(f"/proc/{broker.pid}/fd"))
+        print(f"--nofile={limits}: STATS answered in {took:.3f} s beside "
+              f"1,100 bare connections ({descriptors} descriptors open)")
+        assert took < bound
+    finally:
+        for connection in bare:
+            connection.close()
     cluster.start_worker(*HEARTBEAT, name="w1")
     still_serves(cluster)

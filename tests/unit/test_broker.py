@@ -956,3 +956,25 @@ def test_a_list_page_ends_at_a_size(broker, peers):
     send(broker, b"client", b"LIST", {"req": "l", "after": 2})
     [(_, _, page)] = peers.take(b"client", b"REPLY")
     assert [t["id"] for t in page["tasks"]] == [3] and page["next"] is None
+
+
+def test_what_a_peer_repeats_at_will_is_logged_once_per_interval(
+        broker, peers, clock):
+    from twisted.logger import capturedLogs
+
+    hello(broker)
+    with capturedLogs() as events:
+        for _ in range(100):
+            hello(broker, identity=b"w1/other")  # name taken
+            send(broker, b"w1/x", b"RESULT", {"id": 7, "token": 3,
+                                               "state": "failed"})
+            send(broker, b"w1/x", b"HEARTBEAT",
+                 {"running": [{"id": 9, "token": 4}]})
+    assert len(events) == 3
+    assert len(peers.take(b"w1/other", b"ERROR")) == 100
+    assert len(peers.take(b"w1/x", b"CANCEL")) == 100
+    assert broker.counters["stale_results"] == 100
+    clock.advance(10)
+    with capturedLogs() as events:
+        hello(broker, identity=b"w1/other")
+    assert len(events) == 1

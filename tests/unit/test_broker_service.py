@@ -49,15 +49,24 @@ def test_a_bug_in_a_timer_tick_is_logged_and_the_timer_goes_on():
         "sweeper", "sweeper"]
 
 
-def test_the_descriptor_limit_is_logged_and_a_low_one_warned(monkeypatch):
+def test_the_descriptor_limit_is_raised_logged_and_a_low_one_warned(
+        monkeypatch):
     import resource
 
     from taskbroker.broker import service
 
-    for soft, level in ((1024, "warn"), (65536, "info")):
+    set_to = []
+    monkeypatch.setattr(resource, "setrlimit",
+                        lambda which, limits: set_to.append(limits))
+    for (soft, hard), level, limit in (
+            ((1024, 1024), "warn", 1024),
+            ((65536, 65536), "info", 65536),
+            ((1024, 524288), "info", 524288),
+            ((1024, resource.RLIM_INFINITY), "info", 1_048_576)):
         monkeypatch.setattr(resource, "getrlimit",
-                            lambda which, soft=soft: (soft, soft))
+                            lambda which, limits=(soft, hard): limits)
         with capturedLogs() as events:
-            service._log_descriptor_limit()
+            service._raise_descriptor_limit()
         [event] = events
-        assert event["limit"] == soft and event["log_level"].name == level
+        assert event["limit"] == limit and event["log_level"].name == level
+    assert set_to == [(524288, 524288), (1_048_576, resource.RLIM_INFINITY)]
