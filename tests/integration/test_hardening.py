@@ -260,3 +260,55 @@ def test_a_flood_of_bare_connections_locks_nobody_out_for_long(
             connection.close()
     cluster.start_worker(*HEARTBEAT, name="w1")
     still_serves(cluster)
+
+
+# -- forged messages -------------------------------------------------------
+
+
+def test_forged_results_and_hand_backs_change_nothing(cluster):
+    """
+    A peer that is not the task's worker reports it succeeded and hands
+    it back, with every token it could guess: the task runs once, on its
+    worker, and keeps that worker's result.
+    """
+    cluster.start_broker(*HEARTBEAT)
+    cluster.start_worker(*HEARTBEAT, name="w1")
+    context = zmq.Context()
+    strangers = []
+    for hello in (None, {"name": "w2", "slots": 1, "handlers": ["record"],
+                         "heartbeat": 0.2}):
+        stranger = context.socket(zmq.DEALER)
+        stranger.setsockopt(zmq.LINGER, 0)
+        stranger.connect(cluster.endpoint)
+        if hello is not None:
+            stranger.send_multipart(codec.encode(b"HELLO", hello))
+            assert stranger.poll(5000)
+            assert stranger.recv_multipart()[1] == b"WELCOME"
+        strangers.append(stranger)
+    try:
+        with BlockingClient(cluster.endpoint) as client:
+            task, _ = client.submit("record", {"seconds": 1.5})
+            while client.wait(task["id"], timeout=0.05)["state"] == "queued":
+                pass
+            for stranger in strangers:
+                for token in range(1, 5):
+                    for state in ("succeeded", "released"):
+                        stranger.send_multipart(codec.encode(b"RESULT", {
+                            "id": task["id"], "token": token,
+                            "state": state, "result": "forged"}))
+            answers = []
+            for stranger in strangers:
+                while stranger.poll(500):
+                    answers.append(stranger.recv_multipart()[1])
+            assert client.get(task["id"])["state"] == "running"
+            done = client.wait(task["id"], timeout=30)
+    finally:
+        for stranger in strangers:
+            stranger.close()
+        context.term()
+    # The one that never said HELLO is asked to; the other is acknowledged
+    # (so that it stops resending) and nothing is recorded.
+    assert b"REHELLO" in answers and b"ACK" in answers
+    assert done["state"] == "succeeded" and done["attempts"] == 1
+    assert done["worker"] == "w1" and done["result"]["token"] == 1
+    still_serves(cluster, [task["id"]])
