@@ -20,7 +20,7 @@ COUNTED = frozenset((b"SUBMIT", b"GET", b"WAIT", b"LIST", b"CANCEL",
 MAX_PENDING = 1000
 #: The most bytes the counted requests being worked on may cost at once:
 #: each costs its body, as received, and the reply it may make.
-MAX_PENDING_BYTES = 32 * 1024 * 1024
+MAX_PENDING_BYTES = 16 * 1024 * 1024
 #: What a reply may hold: one task (a GET, a SUBMIT's echo, ...), or a
 #: LIST page, which ends after 1 MiB of task text and so holds at most
 #: that and one more task.

@@ -43,6 +43,21 @@ DELAYED_WINDOW = 1000
 
 # The key of the delayed tasks' window (the queues' keys are tuples).
 DELAYED_KEY = "delayed"
+#: The largest payload (characters of JSON text) a task held in memory
+#: keeps; a larger one is left in the store and read when the task is
+#: dispatched, so that a window of large tasks costs at most this much
+#: per task (16 MiB per queue) instead of up to 1 GB.
+HELD_PAYLOAD = 16 * 1024
+
+
+def held(row):
+    """
+    The row as the backlog holds it: without a payload larger than
+    :data:`HELD_PAYLOAD` (``payload`` is then ``None``).
+    """
+    if row.payload is not None and len(row.payload) > HELD_PAYLOAD:
+        return row._replace(payload=None)
+    return row
 
 
 class Backlog:
@@ -180,7 +195,8 @@ class Backlog:
                 broker.claims.release((row.id,))
             return
         assignment = broker.dispatcher.add_task(
-            Task(row.id, broker.level_of(row.priority), row.handler, row),
+            Task(row.id, broker.level_of(row.priority), row.handler,
+                 held(row)),
             front=front)
         if assignment is not None:
             broker.dispatch(assignment)
@@ -341,7 +357,7 @@ class Backlog:
     # -- delayed tasks -----------------------------------------------------------
 
     def _delay(self, row):
-        self.delayed[row.id] = row
+        self.delayed[row.id] = held(row)
         heapq.heappush(self._heap, (row.run_at, row.id))
         if len(self.delayed) > DELAYED_WINDOW:
             # Over the window: the one due last goes back to the store

@@ -224,6 +224,8 @@ class Broker:
                 return
             self.status.tasks.move(row.priority, row.handler, "queued",
                                    "running")
+            if row.payload is None:
+                return self._send_large_task(identity, row, token)
             self._send_task(identity, row, token)
 
         def failed(reason):
@@ -302,6 +304,24 @@ class Broker:
         if not self.send(identity, encode(b"TASK", body)) and session is not None:
             self.log.warn("worker {name} is unreachable", name=session.name)
             self.workers.forget(session)
+
+    def _send_large_task(self, identity, row, token):
+        """
+        Send a task whose large payload the backlog left in the store
+        (:data:`taskbroker.broker.backlog.HELD_PAYLOAD`).  Should the read
+        fail, the worker never gets the TASK, and the heartbeats that do
+        not list it requeue the task.
+        """
+        session = self.sessions.get(identity)
+        if session is not None:
+            session.sent_at[row.id] = self.monotonic()
+
+        def read(stored):
+            if stored is not None and self.sessions.get(identity) is not None:
+                self._send_task(identity, row._replace(
+                    payload=stored.payload), token)
+
+        return self.store.get(row.id).addCallback(read)
 
     def give_back(self, session):
         """

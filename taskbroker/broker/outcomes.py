@@ -105,8 +105,9 @@ class Outcomes:
         d = broker.store.finish(task_id, token, "succeeded", result,
                                 None, None, now)
         # The row as the store now has it, so that waiting clients are
-        # answered without reading it back.
-        final = row._replace(
+        # answered without reading it back (unless the broker did not
+        # hold its payload).
+        final = None if row.payload is None else row._replace(
             state="succeeded", attempts=row.attempts + 1, token=token,
             finished_at=now, result=result, error=None, traceback=None)
         return d.addCallback(self._finished, row, "succeeded", final)

@@ -978,3 +978,35 @@ def test_what_a_peer_repeats_at_will_is_logged_once_per_interval(
     with capturedLogs() as events:
         hello(broker, identity=b"w1/other")
     assert len(events) == 1
+
+
+def test_a_large_payload_waits_in_the_store_not_in_memory(owned_broker,
+                                                          peers):
+    from taskbroker.broker.backlog import HELD_PAYLOAD
+
+    broker = owned_broker
+    large = "x" * HELD_PAYLOAD
+    submit(broker, {"handler": "echo", "payload": large},
+           {"handler": "echo", "payload": "small"})
+    peers.take()
+    held = {task_id: broker.backlog.withdraw(task_id) for task_id in (1, 2)}
+    assert held[1].payload is None and held[2].payload == '"small"'
+    for row in held.values():
+        broker.backlog.enqueue(row)
+
+
+def test_a_large_payload_is_read_when_its_task_is_dispatched(broker, peers):
+    from taskbroker.broker.backlog import HELD_PAYLOAD
+
+    large = "x" * HELD_PAYLOAD
+    submit(broker, {"handler": "echo", "payload": large})
+    send(broker, b"client", b"WAIT", {"req": "w", "id": 1, "timeout": 9})
+    peers.take()
+    hello(broker)
+    send(broker, b"w1/x", b"READY", {})
+    [(_, _, sent)] = peers.take(b"w1/x", b"TASK")
+    assert sent["id"] == 1 and sent["payload"] == large
+    send(broker, b"w1/x", b"RESULT", {"id": 1, "token": 1,
+                                       "state": "succeeded", "result": 1})
+    [(_, _, reply)] = peers.take(b"client", b"REPLY")
+    assert reply["task"]["payload"] == large
