@@ -53,10 +53,15 @@ class ConnectionThread:
             then).
         """
         started = self.run(lambda connection: None)
-        self._thread.start()
-        # Only now: a thread that never started has nothing to stop.  It
-        # reports through callFromThread, so not before this line.
+        # Before the thread starts: it looks up self._stopped.callback in
+        # its own thread (only the call goes through callFromThread), and
+        # one whose connect fails fast would otherwise find None.
         self._stopped = defer.Deferred()
+        try:
+            self._thread.start()
+        except BaseException:
+            self._stopped = None  # never started: nothing to stop
+            raise
         return started
 
     def run(self, function, *args):

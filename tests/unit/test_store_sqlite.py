@@ -21,6 +21,7 @@ from twisted.internet import defer, protocol
 import taskbroker
 from taskbroker.errors import StoreError, StoreLocked
 from taskbroker.store import _schema
+from taskbroker.store._sqlite_threads import ConnectionThread
 from taskbroker.store.sqlite import SQLiteStore
 from taskbroker.testing.store_contract import new_task, rows_of
 
@@ -620,3 +621,17 @@ async def submit_one_sql(store):
         with connection:
             connection.execute("INSERT INTO tasks (handler, priority) "
                                "VALUES ('echo', 'normal')")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_connection_thread_whose_connect_fails_at_once_stops(reactor):
+    # The thread reports its end from its own start: it must find
+    # something to report to, however soon its connect fails.
+    def connect():
+        raise sqlite3.OperationalError("unable to open database file")
+
+    for _ in range(20):
+        thread = ConnectionThread(reactor, connect, "taskbroker-test")
+        with pytest.raises(sqlite3.OperationalError):
+            await thread.start()
+        await thread.stop().addTimeout(5, reactor)
