@@ -27,6 +27,15 @@ class StoreLocked(StoreError):
     """
 
 
+class WriteRefused(StoreError):
+    """
+    The database refused one write for what it would have written (a
+    CHECK, UNIQUE or NOT NULL constraint).  The other writes of its group
+    commit went through and the database works: this is not database
+    trouble to wait out, and the same write would be refused again.
+    """
+
+
 class PermanentFailure(Exception):
     """
     Raised by a handler to fail its task at once, without any retry.

@@ -85,6 +85,12 @@ class ITaskStore(Interface):
     seconds (``float``), passed in by the caller so that the store reads no
     clock.  Payloads and results are passed as JSON text, never decoded
     here.
+
+    A write fails with :class:`taskbroker.errors.StoreError` when the
+    database cannot be used, and with its subclass
+    :class:`taskbroker.errors.WriteRefused` when the database refused that
+    write alone (a constraint): the writes it shared a transaction with
+    are not affected.
     """
 
     def claims(broker_id):

@@ -47,7 +47,7 @@ from taskbroker.broker.router import Router
 from taskbroker.broker.sessions import Sessions
 from taskbroker.broker.status import Status
 from taskbroker.broker.workers import Workers
-from taskbroker.errors import StoreError, one_line
+from taskbroker.errors import StoreError, WriteRefused, one_line
 from taskbroker.protocol.codec import dumps, encode
 
 #: Database trouble: the first and the longest pause before trying again.
@@ -229,6 +229,9 @@ class Broker:
             self._send_task(identity, row, token)
 
         def failed(reason):
+            if reason.check(WriteRefused):
+                self._refused(row, identity, token, reason)
+                return
             # Nothing changed in the store: undo in memory, and hold task
             # and credit (paused, so they are not matched again at once)
             # until the store works again.
@@ -337,6 +340,27 @@ class Broker:
         if assignment is not None:
             self.dispatch(assignment)
 
+    def _refused(self, row, identity, token, reason):
+        """
+        The database refused this task's dispatch for what it would have
+        written (a constraint): the task cannot run, and fails alone; the
+        worker's credit goes to the next task, and dispatch goes on.
+        """
+        error = one_line(reason.value)
+        self.log.warn("task {task_id} failed: the database refused its "
+                      "dispatch: {error}", task_id=row.id, error=error)
+        self._undispatch(row.id, identity, token)
+        self.feeder.feed()  # a shared store's broker claims for the credit
+        d = self.store.reject(row.id, error, self.clock.seconds())
+
+        def rejected(_):
+            self.status.tasks.move(row.priority, row.handler, "queued",
+                                   "failed")
+            self.outcomes.notify(row.id)
+
+        d.addCallback(rejected).addErrback(self.trouble,
+                                            "failing a refused task")
+
     def _undispatch(self, task_id, identity, token):
         self.attempts.end(task_id, token)
         session = self.sessions.get(identity)
@@ -350,9 +374,16 @@ class Broker:
         """
         An errback for work that failed.  The store's errors are logged as
         database trouble and, for dispatch, pause it until a backoff has
-        passed (doubling while the trouble lasts); anything else is a bug,
-        logged with its traceback.
+        passed (doubling while the trouble lasts); a write the database
+        refused for its own values is not trouble (the same write would be
+        refused again): it is only logged.  Anything else is a bug, logged
+        with its traceback.
         """
+        if reason.check(WriteRefused):
+            self.log.warn("the database refused a write while {doing}: "
+                          "{error}", doing=doing,
+                          error=one_line(reason.value))
+            return
         if reason.check(StoreError):
             self.counters["store_errors"] += 1
             kind, error = "database", one_line(reason.value)

@@ -16,7 +16,7 @@ from twisted.logger import Logger
 from taskbroker.broker.outcomes import BrokerStopping
 from taskbroker.broker.status import DELAYED
 from taskbroker.broker.validation import invalid_row
-from taskbroker.errors import StoreError
+from taskbroker.errors import StoreError, WriteRefused, one_line
 from taskbroker.protocol import codec
 from taskbroker.protocol.codec import MAX_LIST_BYTES, dumps, encode
 from taskbroker.protocol.objects import task_object
@@ -62,12 +62,16 @@ class Requests:
 
     def failed(self, reason, doing, identity, req):
         """
-        An errback that answers a request whose work failed: ``unavailable``
-        for the store's errors, ``internal`` (logged with its traceback)
-        for anything else.
+        An errback that answers a request whose work failed: ``refused``
+        for a write the database refused for its values, ``unavailable``
+        for the store's other errors, ``internal`` (logged with its
+        traceback) for anything else.
         """
         self._broker.trouble(reason, doing)
-        if reason.check(StoreError):
+        if reason.check(WriteRefused):
+            self.error(identity, req, "refused",
+                       f"the database refused it: {one_line(reason.value)}")
+        elif reason.check(StoreError):
             self.error(identity, req, "unavailable",
                        "the database cannot be used right now; try again")
         else:

@@ -50,7 +50,8 @@ class RequestFailed(ClientError):
 
     :ivar code: the machine-readable reason (``bad_request``,
         ``unknown_priority``, ``not_found``, ``not_cancellable``,
-        ``not_retryable``, ``unavailable``, ...; see docs/protocol.rst).
+        ``not_retryable``, ``refused``, ``unavailable``, ...; see
+        docs/protocol.rst).
     :ivar message: one line for a person.
     """
 

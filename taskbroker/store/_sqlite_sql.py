@@ -7,7 +7,7 @@ transaction), in autocommit mode: the store manages the transactions.
 
 import sqlite3
 
-from taskbroker.errors import StoreError, one_line
+from taskbroker.errors import StoreError, WriteRefused, one_line
 from taskbroker.store import Submitted, TaskRow, _schema, up_to_size
 
 # In TaskRow's field order, so that TaskRow(*row) builds one.
@@ -17,8 +17,8 @@ _COLUMNS = (
     "unique_key, request_id, token, time_limit, traceback"
 )
 
-# Errors that one operation's arguments can cause (a NULL in a NOT NULL
-# column, a value sqlite3 cannot bind, a bug in the caller): they fail that
+# Errors that one operation's arguments can cause (a value a constraint
+# refuses, one sqlite3 cannot bind, a bug in the caller): they fail that
 # operation alone.  Anything else (disk full, I/O error, a locked database)
 # fails the whole transaction.
 _OPERATION_ERRORS = (
@@ -49,7 +49,9 @@ def run_batch(connection, operations):
     Run a group of writes in one transaction.
 
     :returns: for each operation, ``(True, result)`` or ``(False,
-        StoreError)`` when the operation's own arguments made it fail.
+        StoreError)`` when the operation's own arguments made it fail
+        (:class:`~taskbroker.errors.WriteRefused` when a constraint
+        refused what it would write).
     :raises: the database's error when the transaction as a whole failed;
         nothing was written then.
     """
@@ -79,7 +81,8 @@ def transaction(cursor, operations, isolate):
                 outcomes.append((True, operation(cursor, *args)))
             except _OPERATION_ERRORS as e:
                 cursor.execute("ROLLBACK TO operation")
-                error = StoreError(
+                refused = isinstance(e, sqlite3.IntegrityError)
+                error = (WriteRefused if refused else StoreError)(
                     f"{operation.__name__.lstrip('_')} failed: {one_line(e)}"
                 )
                 error.__cause__ = e

@@ -13,7 +13,7 @@ from twisted.internet import defer
 from twisted.internet.task import Clock
 from zope.interface import implementer
 
-from taskbroker.errors import StoreError
+from taskbroker.errors import StoreError, WriteRefused
 from taskbroker.interfaces import IQueueReads, ITaskStore
 from taskbroker.store import (
     FINAL_STATES, LIVE_STATES, Submitted, TaskRow, check_request_ids,
@@ -181,7 +181,7 @@ class MemoryStore:
         for task in tasks:
             # The SQLite store refuses NULLs here through NOT NULL columns.
             if task.handler is None or task.payload is None:
-                return defer.fail(StoreError(
+                return defer.fail(WriteRefused(
                     "submit failed: handler and payload must not be None"
                 ))
         if request_id in self._by_request:
@@ -210,6 +210,11 @@ class MemoryStore:
         # Turns the synchronous methods below into the Deferred contract.
         try:
             return defer.succeed(function(*args))
+        except sqlite3.IntegrityError as e:
+            # What the SQLite store makes of a constraint that refused a
+            # write.
+            return defer.fail(WriteRefused(
+                f"{function.__name__.lstrip('_')} failed: {e}"))
         except Exception as e:
             return defer.fail(e)
 

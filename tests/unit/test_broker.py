@@ -11,7 +11,7 @@ from twisted.internet.task import Clock
 
 from taskbroker.broker.core import Broker
 from taskbroker.config import BrokerConfig
-from taskbroker.errors import StoreError
+from taskbroker.errors import StoreError, WriteRefused
 from taskbroker.protocol import codec
 from taskbroker.testing import MemoryStore, SharedMemoryDatabase, result_of
 from taskbroker.transport.zmq import Sender
@@ -425,6 +425,53 @@ def test_unclaimed_running_attempts_are_requeued_after_the_reclaim_window(
     row = result_of(store.get(1))
     assert (row.state, row.attempts) == ("queued", 0)  # not counted
     assert 1 in second.dispatcher
+
+
+def test_a_submit_the_database_refuses_is_answered_refused(broker, peers,
+                                                          store):
+    real_submit = store.submit
+    store.submit = lambda tasks: defer.fail(WriteRefused(
+        "submit failed: CHECK constraint failed: id"))
+    hello(broker)
+    send(broker, b"w1/x", b"READY", {})
+    submit(broker, {"handler": "echo"})
+    [(_, command, body)] = peers.take(b"client")
+    assert command == b"ERROR" and body["code"] == "refused"
+    assert body["message"] == ("the database refused it: submit failed: "
+                               "CHECK constraint failed: id")
+    # Not database trouble: nothing paused, the credit still free.
+    assert broker.counters["store_errors"] == 0
+    assert not broker.dispatcher.paused
+    store.submit = real_submit
+    submit(broker, {"handler": "echo"})
+    assert len(peers.take(b"w1/x", b"TASK")) == 1
+
+
+def test_a_dispatch_the_database_refuses_fails_that_task_alone(
+        broker, peers, store, clock):
+    submit(broker, {"handler": "echo"}, {"handler": "echo"})
+    [(_, _, reply)] = peers.take(b"client", b"REPLY")
+    refused, other = [task["id"] for task in reply["tasks"]]
+    real_dispatch = store.dispatch
+
+    def dispatch(task_id, token, *args):
+        if task_id == refused:
+            return defer.fail(WriteRefused(
+                "dispatch failed: CHECK constraint failed: token"))
+        return real_dispatch(task_id, token, *args)
+
+    store.dispatch = dispatch
+    hello(broker)
+    send(broker, b"w1/x", b"READY", {})
+    # The credit goes on to the next task at once, and dispatch goes on.
+    [(_, _, task)] = peers.take(b"w1/x", b"TASK")
+    assert task["id"] == other
+    assert not broker.dispatcher.paused
+    assert broker.counters["store_errors"] == 0
+    row = result_of(store.get(refused))
+    assert (row.state, row.error) == (
+        "failed", "dispatch failed: CHECK constraint failed: token")
+    assert refused not in broker.attempts and refused not in broker.dispatcher
 
 
 def test_stats_and_workers(broker, peers):
