@@ -46,6 +46,7 @@ from taskbroker.broker.requests import Requests
 from taskbroker.broker.router import Router
 from taskbroker.broker.sessions import Sessions
 from taskbroker.broker.status import Status
+from taskbroker.broker.validation import invalid_row
 from taskbroker.broker.workers import Workers
 from taskbroker.errors import StoreError, WriteRefused, one_line
 from taskbroker.protocol.codec import dumps, encode
@@ -126,16 +127,29 @@ class Broker:
         """
         Load the store's running tasks, and a window of each queue.
         Running ones are attempts that workers may still be running: they
-        are given time to be claimed before they are requeued.
+        are given time to be claimed before they are requeued.  A running
+        row that could not run again (another program broke a column) is
+        failed, alone, naming the column.
         """
         deadline = self.monotonic() + self._reclaim_window()
-        running = yield self.claims.start(self.clock.seconds(),
-                                          self.feeder.feed)
+        now = self.clock.seconds()
+        running = yield self.claims.start(now, self.feeder.feed)
+        failed = []
         for row in running:
-            # Rows in memory are as they were before their dispatch.
-            self.attempts.orphan(row.id, row.token,
-                                 row._replace(attempts=row.attempts - 1),
-                                 deadline)
+            reason = invalid_row(row, self.levels)
+            if reason is not None:
+                self.log.warn("failed running task {task_id}: {reason}",
+                              task_id=row.id, reason=reason)
+                failed.append(self.store.finish(
+                    row.id, row.token, "failed", None, reason, None, now))
+                continue
+            # Rows in memory are as they were before their dispatch (the
+            # store's requeue never takes attempts below 0 either).
+            self.attempts.orphan(row.id, row.token, self.backlog.with_defaults(
+                row._replace(attempts=max(row.attempts - 1, 0))), deadline)
+        # As for the queues failed whole at start: if failing them fails,
+        # the broker does not start, and the next start tries again.
+        yield defer.gatherResults(failed, consumeErrors=True)
         yield self.backlog.load()
 
     def _reclaim_window(self):

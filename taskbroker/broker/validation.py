@@ -36,11 +36,15 @@ def invalid_queue(handler, priority, levels):
 
 def invalid_row(row, levels):
     """
-    Why a row another program inserted cannot run: the limits are the
-    codec's, which every worker applies to the TASK made of the row, so
-    that a task the broker dispatches is one every worker can read.
+    Why a row another program inserted (or changed) cannot run: the limits
+    are the codec's, which every worker applies to the TASK made of the
+    row, so that a task the broker dispatches is one every worker can read.
 
-    :param row: a :class:`taskbroker.store.TaskRow`.
+    A queued row must leave room for its next dispatch (one more token,
+    one more attempt); a running row holds its current ones, which may be
+    the highest a message carries.
+
+    :param row: a :class:`taskbroker.store.TaskRow`, queued or running.
     :param levels: as for :func:`invalid_queue`.
     :returns: a one-line reason naming the column, or ``None`` if it can
         run.
@@ -48,10 +52,11 @@ def invalid_row(row, levels):
     reason = invalid_queue(row.handler, row.priority, levels)
     if reason is not None:
         return reason
+    room = 0 if row.state == "running" else 1
     for column, value, low, high in (
             ("id", row.id, 1, codec.MAX_EXACT - 1),
-            ("token", row.token, 0, codec.MAX_EXACT - 1),
-            ("attempts", row.attempts, 0, codec.MAX_ATTEMPT - 1)):
+            ("token", row.token, 0, codec.MAX_EXACT - room),
+            ("attempts", row.attempts, 0, codec.MAX_ATTEMPT - room)):
         if type(value) is not int or not low <= value <= high:
             return f"{column} must be a whole number from {low} to {high}"
     for column, value in (("created_at", row.created_at),

@@ -427,6 +427,73 @@ def test_unclaimed_running_attempts_are_requeued_after_the_reclaim_window(
     assert 1 in second.dispatcher
 
 
+def running_row(store, handler="echo"):
+    """
+    A task a broker before this one dispatched (token 1), as the store
+    has it.
+    """
+    row = store.insert_external(handler, '"x"', priority="normal",
+                                max_attempts=3)
+    assert result_of(store.dispatch(row.id, 1, "w1", 1.0))
+    return result_of(store.get(row.id))
+
+
+def break_row(store, row, **columns):
+    """
+    Change a row's columns as another program's SQL could (in a database
+    without schema 4's constraints).
+    """
+    broken = row._replace(**columns)
+    del store._rows[row.id]
+    store._rows[broken.id] = broken
+    return broken
+
+
+@pytest.mark.parametrize("column, value", [
+    ("token", "abc"),
+    ("token", 2**63 - 1),
+    ("attempts", "abc"),
+    ("created_at", "yesterday"),
+    ("id", 2**63 - 1),
+    ("payload", "[" * 65 + "]" * 65),
+    ("priority", "urgent"),
+])
+def test_a_broken_running_row_fails_alone_at_start(owned_store, clock, peers,
+                                                   column, value):
+    store = owned_store
+    good = running_row(store)
+    bad = break_row(store, running_row(store), **{column: value})
+    queued = store.insert_external("echo", '"next"')
+    broker = Broker(BrokerConfig(), store, clock, peers.send, instance_id="b2")
+    result_of(broker.load())
+    row = result_of(store.get(bad.id))
+    assert row.state == "failed" and column in row.error, row
+    assert row.finished_at == clock.seconds()
+    assert bad.id not in broker.attempts
+    # The good attempt waits for its worker, which claims it; and the
+    # queued task goes to the next free slot.
+    hello(broker, running=[{"id": good.id, "token": 1}], slots=2)
+    send(broker, b"w1/x", b"READY", {})
+    [(_, _, task)] = peers.take(b"w1/x", b"TASK")
+    assert task["id"] == queued.id and not broker.dispatcher.paused
+    send(broker, b"w1/x", b"RESULT", {"id": good.id, "token": 1,
+                                       "state": "succeeded", "result": 1})
+    assert result_of(store.get(good.id)).state == "succeeded"
+
+
+def test_a_running_row_keeps_its_attempt_at_start(owned_store, clock, peers):
+    # The highest token and attempt a message carries are a running row's
+    # to hold; its next dispatch would go past them, and fails it then.
+    store = owned_store
+    row = break_row(store, running_row(store), token=codec.MAX_EXACT,
+                    attempts=codec.MAX_ATTEMPT, priority=None)
+    broker = Broker(BrokerConfig(), store, clock, peers.send, instance_id="b2")
+    result_of(broker.load())
+    assert broker.attempts.get(row.id).row.priority == "normal"
+    hello(broker, running=[{"id": row.id, "token": codec.MAX_EXACT}])
+    assert broker.attempts.get(row.id).session == b"w1/x"
+
+
 def test_a_submit_the_database_refuses_is_answered_refused(broker, peers,
                                                           store):
     real_submit = store.submit

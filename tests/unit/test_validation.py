@@ -94,6 +94,19 @@ def test_columns_a_program_could_break_are_checked(fields, words):
     assert words in invalid_row(row(**fields), LEVELS)
 
 
+def test_a_running_row_may_hold_the_highest_token_and_attempt():
+    # It holds its current ones; a queued row must leave room for the next.
+    top = dict(token=codec.MAX_EXACT, attempts=codec.MAX_ATTEMPT)
+    assert invalid_row(row(state="running", **top), LEVELS) is None
+    assert "token must be a whole number from 0 to 9007199254740990" in \
+        invalid_row(row(**top), LEVELS)
+    assert "token must be a whole number from 0 to 9007199254740991" in \
+        invalid_row(row(state="running", token=codec.MAX_EXACT + 1), LEVELS)
+    assert "attempts must be a whole number from 0 to 2147483647" in \
+        invalid_row(row(state="running", attempts=codec.MAX_ATTEMPT + 1),
+                    LEVELS)
+
+
 def test_a_row_with_a_broken_token_fails_alone():
     from twisted.internet.task import Clock
 
