@@ -41,6 +41,15 @@ class _IsolateOperations(Exception):
 
 
 def ensure_schema(connection):
+    try:
+        connection.execute("SELECT json_valid('null')")
+    except sqlite3.OperationalError:
+        # Checked here, where it can be said plainly: without them every
+        # INSERT would fail with "no such function" (schema 4's CHECKs).
+        raise StoreError(
+            f"SQLite {sqlite3.sqlite_version} has no JSON functions, which "
+            "the tasks table's constraints use; use a build that has them "
+            "(built in since SQLite 3.38)") from None
     return _schema.ensure_schema(connection, "sqlite")
 
 

@@ -57,7 +57,7 @@ class SQLiteStore:
     One broker owns the file at a time: :meth:`open` takes an exclusive
     ``flock`` on ``<path>.lock``, which the operating system releases when
     the owner exits, however it dies.  Other programs may still insert
-    tasks with SQL (see ``schema/sqlite/v3.sql``); the database runs in WAL
+    tasks with SQL (see ``schema/sqlite/v4.sql``); the database runs in WAL
     mode so that they and the broker's readers do not block each other.
 
     A read sees every write whose ``Deferred`` has fired; a write still

@@ -30,8 +30,10 @@ the class three fixtures::
         def insert_sql(self, store):
             # Inserts a row as another program's plain SQL would, with the
             # other columns at their defaults, and returns its id; raises
-            # the database's integrity error (naming the index
-            # tasks_live_unique_key) for a live task's unique_key.
+            # the database's integrity error for a row it refuses: one
+            # naming the index tasks_live_unique_key for a live task's
+            # unique_key, one naming the column for a value out of range
+            # (a store may take those, for the broker to fail).
             def insert(handler, payload, priority=None, **columns):
                 ...
             return insert
@@ -737,8 +739,13 @@ class QueueReadsContract:
         assert await window(("normal",), now=60.0) == [ids[0], ids[5], later, due]
         assert await window(("high",)) == [ids[2]]
         assert other not in await window(("normal",))
-        # A run_at that is no time is read at once, for the broker to reject.
-        text = insert_sql("echo", "{}", "high", run_at="tomorrow")
+        # A run_at that is no time is read at once, for the broker to reject
+        # (if the store takes it: SQLite refuses it since schema 4).
+        try:
+            text = insert_sql("echo", "{}", "high", run_at="tomorrow")
+        except Exception as refused:
+            assert "run_at" in str(refused)
+            return
         assert await window(("high",)) == [ids[2], text]
 
     @pytest_twisted.ensureDeferred

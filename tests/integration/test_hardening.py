@@ -81,23 +81,30 @@ def test_rows_no_worker_could_read_fail_alone(cluster):
     cluster.start_broker(*HEARTBEAT, "--poll-interval", "0.1")
     cluster.start_worker(*HEARTBEAT, name="w1")
     database = os.path.join(cluster.folder, "tasks.sqlite")
-    columns = {"attempts": -5, "time_limit": 1e300, "run_at": 1e300}
+    # What the schema's CHECKs can say, the database refuses at insert
+    # (more in test_poison_rows.py) ...
+    with sqlite3.connect(database) as db:
+        for column, value in {"attempts": -5, "time_limit": 1e300,
+                              "run_at": 1e300, "max_attempts": 0}.items():
+            with pytest.raises(sqlite3.IntegrityError, match=column):
+                db.execute(f"INSERT INTO tasks (handler, {column}) "
+                           "VALUES ('echo', ?)", (value,))
+    # ... and what it cannot, the broker fails alone.
     with sqlite3.connect(database) as db:
         ids = {column: db.execute(
-            f"INSERT INTO tasks (handler, {column}) VALUES ('echo', ?)",
-            (value,)).lastrowid for column, value in columns.items()}
-        ids["payload"] = db.execute(
-            "INSERT INTO tasks (handler, payload) VALUES ('echo', ?)",
-            (nested(65),)).lastrowid
-        ids["tiny time_limit"] = db.execute(
-            "INSERT INTO tasks (handler, time_limit) VALUES ('echo', 1e-9)"
-        ).lastrowid
+            "INSERT INTO tasks (handler, payload) VALUES (?, ?)",
+            (handler, payload)).lastrowid
+            for column, handler, payload in (
+                ("payload", "echo", nested(65)),
+                ("payload surrogate", "echo", '"\\ud800"'),
+                ("handler", "ec\nho", "null"))}
     done = dict(zip(ids, still_serves(cluster, ids.values())))
     for column, task in done.items():
         assert task["state"] == "failed", task
-        assert column.split()[-1] in task["error"], task
+        assert column.split()[0] in task["error"], task
         assert task["started_at"] is None  # never dispatched
     assert "nested deeper than 64 levels" in done["payload"]["error"]
+    assert "not valid JSON" in done["payload surrogate"]["error"]
 
 
 def test_a_task_no_worker_ever_receives_ends_failed(cluster):

@@ -4,13 +4,19 @@ Tests for the versioned schema loader (taskbroker.store._schema): atomic
 creation, step-by-step upgrades, and the packaged schema files.
 """
 
+import json
+import re
 import sqlite3
 from contextlib import closing
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
+from taskbroker.broker import validation
 from taskbroker.errors import StoreError
-from taskbroker.store import _schema
+from taskbroker.protocol import codec
+from taskbroker.store import TaskRow, _schema, _sqlite_sql
 
 
 def test_split_sqlite():
@@ -32,13 +38,181 @@ def test_split_sqlite():
 
 def test_packaged_schema_is_latest():
     directory = _schema.schema_directory("sqlite")
-    assert _schema.latest_version(directory) == 3
-    for name in ("v1.sql", "v2.sql", "v3.sql"):
+    assert _schema.latest_version(directory) == 4
+    for name in ("v1.sql", "v2.sql", "v3.sql", "v4.sql"):
         assert "CREATE TABLE tasks" in _schema.read_script(directory, name)
     assert "ALTER TABLE tasks" in _schema.read_script(
         directory, "upgrade-to-v2.sql")
     assert "CREATE INDEX tasks_queued_by_group" in _schema.read_script(
         directory, "upgrade-to-v3.sql")
+    assert "CREATE TABLE tasks_v4" in _schema.read_script(
+        directory, "upgrade-to-v4.sql")
+
+
+def normalised(statement):
+    """
+    A statement without its comments and with its white space collapsed.
+    """
+    return " ".join(re.sub(r"--[^\n]*", "", statement).split())
+
+
+def statements(name, prefix):
+    script = _schema.read_script(_schema.schema_directory("sqlite"), name)
+    return [normalised(statement) for statement in _schema.split_sqlite(script)
+            if normalised(statement).startswith(prefix)]
+
+
+def test_the_upgrade_to_v4_builds_the_table_of_v4():
+    # The same table, constraints and all, under its temporary name; then
+    # the same indexes.
+    (fresh,) = statements("v4.sql", "CREATE TABLE tasks ")
+    (rebuilt,) = statements("upgrade-to-v4.sql", "CREATE TABLE tasks_v4 ")
+    assert rebuilt.replace("CREATE TABLE tasks_v4 ", "CREATE TABLE tasks ",
+                           1) == fresh
+    for kind in ("CREATE INDEX", "CREATE UNIQUE INDEX"):
+        assert statements("upgrade-to-v4.sql", kind) == statements(
+            "v4.sql", kind)
+
+
+@pytest.fixture
+def v4():
+    """
+    A new database at schema version 4, in memory.
+    """
+    with closing(sqlite3.connect(":memory:", isolation_level=None)) as db:
+        _schema.ensure_schema(db, "sqlite")
+        yield db
+
+
+def accepts(db, column, value):
+    """
+    Whether a v4 database takes a row whose ``column`` holds ``value``;
+    when it does not, the error names the column's constraint.
+    """
+    columns = "handler" if column == "handler" else f"handler, {column}"
+    values = "?" if column == "handler" else "'echo', ?"
+    db.execute("SAVEPOINT probe")
+    try:
+        db.execute(f"INSERT INTO tasks ({columns}) VALUES ({values})",
+                   (value,))
+    except sqlite3.IntegrityError as e:
+        assert str(e) == f"CHECK constraint failed: {column}"
+        return False
+    finally:
+        db.execute("ROLLBACK TO probe")
+        db.execute("RELEASE probe")
+    return True
+
+
+def _codec_accepts(check, value):
+    try:
+        check(value)
+    except ValueError:
+        return False
+    return True
+
+
+_TASK = codec.BROKER_TO_WORKER_COMMANDS[b"TASK"]
+
+
+@pytest.mark.parametrize("column, values, valid", [
+    # Ids below 2**53 as the broker runs them (validation.invalid_row);
+    # tokens and attempts as a TASK carries them, or 0 before the first.
+    ("id", [0, 1, codec.MAX_EXACT - 1, codec.MAX_EXACT, 2**63 - 1, -1],
+     lambda v: 1 <= v <= codec.MAX_EXACT - 1),
+    ("token", [-1, 0, 1, codec.MAX_EXACT, codec.MAX_EXACT + 1, 2**63 - 1,
+               "abc", 1.5],
+     lambda v: v == 0 or _codec_accepts(_TASK["token"][0], v)),
+    ("attempts", [-1, 0, codec.MAX_ATTEMPT, codec.MAX_ATTEMPT + 1, "abc"],
+     lambda v: v == 0 or _codec_accepts(_TASK["attempt"][0], v)),
+    ("max_attempts", [None, 0, 1, 1000, 1001, 2.5, "abc"],
+     lambda v: v is None or _codec_accepts(_TASK["max_attempts"][0], v)),
+    ("time_limit", [None, 0, 0.0009, 0.001, codec.MAX_SECONDS,
+                    codec.MAX_SECONDS + 0.001, 1e300, "1s"],
+     lambda v: _codec_accepts(_TASK["time_limit"][0], v)),
+    ("handler", ["", "h", "h" * codec.MAX_NAME, "h" * (codec.MAX_NAME + 1),
+                 b"echo"],
+     lambda v: _codec_accepts(_TASK["handler"][0], v)),
+    ("priority", [None, "high", b"high"], lambda v: not isinstance(v, bytes)),
+] + [
+    (column, [None, -0.001, 0, 1.5, validation.MAX_TIME,
+              validation.MAX_TIME + 1, 1e300, "yesterday"],
+     lambda v, column=column: (v is None and column != "created_at")
+     or (isinstance(v, (int, float)) and 0 <= v <= validation.MAX_TIME))
+    for column in ("created_at", "started_at", "finished_at", "run_at")
+])
+def test_the_constraints_are_the_codecs_limits(v4, column, values, valid):
+    for value in values:
+        if column == "created_at" and value is None:
+            continue  # NOT NULL, as since version 1
+        assert accepts(v4, column, value) == valid(value), value
+
+
+def test_a_payload_is_json_text_of_at_most_a_mebibyte(v4):
+    largest = '"' + "x" * (codec.MAX_PAYLOAD_SIZE - 2) + '"'
+    assert accepts(v4, "payload", largest)
+    assert not accepts(v4, "payload", largest + " ")
+    # Bytes in UTF-8, as the codec counts them, not characters.
+    two_byte = '"' + "\u00e9" * ((codec.MAX_PAYLOAD_SIZE - 2) // 2) + '"'
+    assert accepts(v4, "payload", two_byte)
+    assert not accepts(v4, "payload", two_byte[:-1] + 'e"')
+    for text in ("NaN", "Infinity", "-Infinity", '{"a": NaN}', "", "{",
+                 "[1,]", "{a: 1}", "'x'", "0x10"):
+        assert not accepts(v4, "payload", text), text
+    assert not accepts(v4, "payload", b"null")
+
+
+# What SQLite's json_valid() must refuse for its CHECK to be no looser than
+# the codec on these (SQLite 3.42 and later read JSON5, but json_valid()
+# with one argument still means strict RFC 8259 JSON).
+NOT_JSON = ["NaN", "Infinity", "-Infinity", "[1,]", "{'a':1}", "{a:1}",
+            "01", ".5", "1.", "+1", "0x10", "\ufeff1", "", " ", '"\t"',
+            "/*c*/1", "[1]//c", "'x'", '"\\x41"', "1 2", "[1]]"]
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False) | st.text(),
+    lambda children: st.lists(children, max_size=4)
+    | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    max_leaves=12,
+)
+
+
+@given(json_values, st.sampled_from([None, 1]))
+def test_json_valid_takes_every_payload_the_codec_makes(value, indent):
+    # The broker's own payloads must never break the CHECK: the compact
+    # text it stores, and any layout another program's encoder may use.
+    with closing(sqlite3.connect(":memory:")) as db:
+        for text in (codec.encode_value(value, "payload"),
+                     json.dumps(value, indent=indent, ensure_ascii=False)):
+            assert db.execute("SELECT json_valid(?)", (text,)).fetchone() \
+                == (1,), text
+
+
+@pytest.mark.parametrize("text", NOT_JSON)
+def test_json_valid_refuses_what_the_codec_refuses(text):
+    with pytest.raises(ValueError):
+        codec.check_text(text, "payload")
+    with closing(sqlite3.connect(":memory:")) as db:
+        assert db.execute("SELECT json_valid(?)", (text,)).fetchone() == (0,)
+
+
+def test_what_the_broker_dispatches_fits_the_constraints(v4):
+    # A queued row at validation's limits is valid; its dispatch writes the
+    # next token and attempt, which the constraints must take.
+    v4.execute("INSERT INTO tasks (handler, token, attempts) "
+               "VALUES ('echo', ?, ?)",
+               (codec.MAX_EXACT - 1, codec.MAX_ATTEMPT - 1))
+    (row,) = v4.execute(f"SELECT {_sqlite_sql._COLUMNS} FROM tasks")
+    row = TaskRow(*row)
+    assert validation.invalid_row(row, ("normal",)) is None
+    assert _sqlite_sql.dispatch(v4.cursor(), row.id, row.token + 1, "w", 1.0,
+                                "normal", 3) is True
+    assert v4.execute("SELECT token, attempts FROM tasks").fetchall() == [
+        (codec.MAX_EXACT, codec.MAX_ATTEMPT)]
+    running = TaskRow(*v4.execute(
+        f"SELECT {_sqlite_sql._COLUMNS} FROM tasks").fetchone())
+    assert validation.invalid_row(running, ("normal",)) is None
 
 
 @pytest.fixture

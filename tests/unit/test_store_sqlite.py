@@ -8,6 +8,7 @@ checkpoints, and durability settings.
 """
 
 import os
+import re
 import signal
 import sqlite3
 import sys
@@ -19,7 +20,8 @@ import pytest_twisted
 from twisted.internet import defer, protocol
 
 import taskbroker
-from taskbroker.errors import StoreError, StoreLocked
+from taskbroker.errors import StoreError, StoreLocked, WriteRefused
+from taskbroker.protocol import codec
 from taskbroker.store import _schema
 from taskbroker.store._sqlite_threads import ConnectionThread
 from taskbroker.store.sqlite import SQLiteStore
@@ -234,7 +236,7 @@ async def test_lock_released_when_owner_is_killed(reactor, db_path):
 
 @pytest_twisted.ensureDeferred
 async def test_schema_version_recorded(sqlite_store, db_path):
-    assert query(db_path, "SELECT version FROM taskbroker_schema") == [(3,)]
+    assert query(db_path, "SELECT version FROM taskbroker_schema") == [(4,)]
     indexes = {name for (name,) in query(
         db_path, "SELECT name FROM sqlite_master WHERE type = 'index' "
         "AND tbl_name = 'tasks' AND sql IS NOT NULL")}
@@ -289,10 +291,10 @@ async def test_newer_schema_refused(reactor, db_path):
     with pytest.raises(StoreError) as caught:
         await store.open()
     assert "database schema version 99 is newer than this taskbroker " \
-        "supports (3)" in str(caught.value)
+        "supports (4)" in str(caught.value)
     assert not isinstance(caught.value, StoreLocked)
     # The failed open let go of the lock and the pool.
-    execute(db_path, "UPDATE taskbroker_schema SET version = 3")
+    execute(db_path, "UPDATE taskbroker_schema SET version = 4")
     await store.open()
     await store.close()
 
@@ -318,16 +320,23 @@ def create_v1_database(path):
 def describe_schema(path):
     """
     What makes two databases' schemas the same: the columns of each table
-    (name, type, NOT NULL, default, primary key) and each index (unique,
-    partial, columns, and its definition give or take white space).
+    (name, type, NOT NULL, default, primary key) and its definition (with
+    its CHECK constraints), and each index (unique, partial, columns, and
+    its definition), each definition give or take comments and white
+    space.
     """
     with closing(sqlite3.connect(path)) as connection:
         tables = {}
-        for (table,) in connection.execute(
-                "SELECT name FROM sqlite_master WHERE type = 'table' "
+        for table, sql in connection.execute(
+                "SELECT name, sql FROM sqlite_master WHERE type = 'table' "
                 "AND name NOT LIKE 'sqlite_%' ORDER BY name"):
-            tables[table] = connection.execute(
-                f"PRAGMA table_xinfo({table})").fetchall()
+            # A table rebuilt under another name and renamed is quoted.
+            sql = sql.replace(f'CREATE TABLE "{table}"',
+                              f"CREATE TABLE {table}", 1)
+            tables[table] = (
+                connection.execute(f"PRAGMA table_xinfo({table})").fetchall(),
+                " ".join(re.sub(r"--[^\n]*", "", sql).split()),
+            )
         indexes = {}
         for name, sql in connection.execute(
                 "SELECT name, sql FROM sqlite_master WHERE type = 'index' "
@@ -359,7 +368,7 @@ async def test_upgrade_from_v1(reactor, db_path):
     await store.open()
     try:
         assert query(db_path, "SELECT version FROM taskbroker_schema") == [
-            (3,)]
+            (4,)]
         # The old columns are untouched, the new ones come after them.
         assert [row[:13] for row in query(
             db_path, "SELECT * FROM tasks ORDER BY id")] == before
@@ -394,7 +403,7 @@ async def test_upgrade_from_v1(reactor, db_path):
     await store.close()
 
 
-@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("version", [1, 2, 3])
 @pytest_twisted.ensureDeferred
 async def test_upgraded_schema_is_the_new_schema(reactor, tmp_path, version):
     upgraded = str(tmp_path / "upgraded.db")
@@ -407,12 +416,194 @@ async def test_upgraded_schema_is_the_new_schema(reactor, tmp_path, version):
     tables, indexes = describe_schema(upgraded)
     assert (tables, indexes) == describe_schema(fresh)
     assert "tasks_queued_by_group" in indexes
-    assert [column[1] for column in tables["tasks"]][-6:] == [
+    columns, definition = tables["tasks"]
+    assert [column[1] for column in columns][-6:] == [
         "run_at", "unique_key", "request_id", "token", "time_limit",
         "traceback"]
+    assert "CONSTRAINT token CHECK (typeof(token) = 'integer'" in definition
     # The partial unique index, with its condition.
     assert indexes["tasks_live_unique_key"][1].endswith(
         "WHERE unique_key IS NOT NULL AND state IN ('queued', 'running')")
+
+
+#: Rows that break schema 4's constraints, as another program could have
+#: inserted them before it: (the columns, the schema version that has
+#: them, the column the upgrade names).
+BROKEN_ROWS = [
+    ({"attempts": "abc", "state": "running", "started_at": 5.0},
+     1, "attempts"),
+    ({"created_at": "yesterday"}, 1, "created_at"),
+    ({"payload": "{", "state": "succeeded", "result": "1"}, 1, "payload"),
+    ({"max_attempts": 0, "state": "failed", "error": "boom"},
+     1, "max_attempts"),
+    ({"handler": "h" * 201}, 1, "handler"),
+    ({"token": "abc"}, 2, "token"),
+    ({"token": 2**63 - 1, "state": "running"}, 2, "token"),
+    ({"run_at": 1e300}, 2, "run_at"),
+    ({"time_limit": 1e-9, "state": "cancelled"}, 2, "time_limit"),
+    # Last: after the id at 2**63 - 1, AUTOINCREMENT had nowhere to go
+    # ("database or disk is full").
+    ({"id": -4}, 1, "id"),
+    ({"id": 2**63 - 1}, 1, "id"),
+]
+
+
+def insert_row(path, **columns):
+    columns = {"handler": "echo", **columns}
+    with closing(sqlite3.connect(path)) as connection:
+        with connection:
+            return connection.execute(
+                f"INSERT INTO tasks ({', '.join(columns)}) "
+                f"VALUES ({', '.join('?' for _ in columns)})",
+                tuple(columns.values())).lastrowid
+
+
+@pytest.mark.parametrize("version", [1, 2, 3])
+@pytest_twisted.ensureDeferred
+async def test_upgrade_repairs_the_rows_that_break_the_constraints(
+        reactor, db_path, version):
+    create_old_database(db_path, version)
+    good = [insert_row(db_path, payload='{"a": 1}'),
+            insert_row(db_path, state="succeeded", result='"ok"')]
+    broken = [(insert_row(db_path, **columns), columns, column)
+              for columns, since, column in BROKEN_ROWS if since <= version]
+    count = len(good) + len(broken)
+    upgraded_at = time.time()
+    store = SQLiteStore(db_path, reactor)
+    await store.open()
+    try:
+        assert query(db_path, "SELECT version FROM taskbroker_schema") == [
+            (4,)]
+        rows = await store.list(None, None, 0, 100)
+        assert len(rows) == count
+        # The good rows as they were.
+        assert [(row.id, row.state, row.error) for row in rows[:2]] == [
+            (good[0], "queued", None), (good[1], "succeeded", None)]
+        # Broken ids come last, with new ids after the highest, in the
+        # order of the old ones.
+        by_id = {row.id: row for row in rows}
+        last = max(i for i, _, _ in broken if 0 < i < 2**53)
+        renumbered = [i for i, _, _ in broken if not 0 < i < 2**53]
+        new_ids = dict(zip(sorted(renumbered), range(last + 1, count + 1)))
+        assert sorted(by_id) == sorted(good + [new_ids.get(i, i)
+                                               for i, _, _ in broken])
+        for old_id, columns, column in broken:
+            row = by_id[new_ids.get(old_id, old_id)]
+            state = columns.get("state", "queued")
+            # The live ones fail; the others keep their state.
+            expected = "failed" if state in ("queued", "running") else state
+            assert row.state == expected, row
+            assert row.error.startswith(f"{column} "), row
+            assert "(found by the upgrade to schema 4)" in row.error
+            if "error" in columns:
+                assert row.error.endswith("; before: boom")
+            if state in ("queued", "running"):
+                assert upgraded_at - 1 <= row.finished_at <= time.time() + 1
+        # What each broken value became.
+        replaced = {column: by_id[new_ids.get(i, i)]
+                    for i, _, column in broken}
+        assert replaced["attempts"].attempts == 0
+        assert replaced["created_at"].created_at == 0
+        assert replaced["payload"].payload == '"{"'  # its text, kept
+        assert replaced["max_attempts"].max_attempts is None
+        assert replaced["handler"].handler == "h" * 200
+        if version >= 2:
+            assert replaced["token"].token == 0
+            assert replaced["run_at"].run_at is None
+            assert replaced["time_limit"].time_limit is None
+        assert "id 9223372036854775807 is not from 1 to 9007199254740990" \
+            in by_id[new_ids[2**63 - 1]].error
+
+        # The constraints are in force, and the ids go on.
+        with pytest.raises(sqlite3.IntegrityError,
+                           match="CHECK constraint failed: token"):
+            insert_row(db_path, token="abc")
+        (row,) = rows_of(await store.submit([new_task()]))
+        assert row.id == count + 1
+    finally:
+        await store.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_upgrade_keeps_the_id_sequence(reactor, db_path):
+    create_old_database(db_path, 3)
+    for _ in range(5):
+        insert_row(db_path)
+    # AUTOINCREMENT: the ids of deleted rows are not used again.
+    execute(db_path, "DELETE FROM tasks WHERE id > 3")
+    store = SQLiteStore(db_path, reactor)
+    await store.open()
+    try:
+        (row,) = rows_of(await store.submit([new_task()]))
+        assert row.id == 6
+        assert query(db_path, "SELECT name, seq FROM sqlite_sequence") == [
+            ("tasks", 6)]
+    finally:
+        await store.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_id_at_the_top_is_refused_and_submits_go_on(
+        sqlite_store, db_path):
+    # Version 3 took it, and AUTOINCREMENT had nowhere to go after it: every
+    # insert failed from then on.
+    first = insert_row(db_path)
+    for top in (2**63 - 1, 2**53 - 1):
+        with pytest.raises(sqlite3.IntegrityError,
+                           match="CHECK constraint failed: id"):
+            insert_row(db_path, id=top)
+    assert query(db_path, "SELECT seq FROM sqlite_sequence") == [(first,)]
+    (row,) = rows_of(await sqlite_store.submit([new_task()]))
+    assert row.id == first + 1
+    assert insert_row(db_path) == first + 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_upgrade_refuses_to_drop_a_trigger(reactor, db_path):
+    create_old_database(db_path, 3)
+    insert_row(db_path)
+    execute(db_path, "CREATE TRIGGER audit AFTER INSERT ON tasks "
+            "BEGIN SELECT 1; END")
+    before = describe_schema(db_path)
+    store = SQLiteStore(db_path, reactor)
+    with pytest.raises(StoreError, match="would drop the triggers on it"):
+        await store.open()
+    assert describe_schema(db_path) == before
+    assert query(db_path, "SELECT name FROM sqlite_master "
+                 "WHERE type = 'trigger'") == [("audit",)]
+    execute(db_path, "DROP TRIGGER audit")
+    await store.open()
+    await store.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_refused_write_fails_alone_in_its_group(sqlite_store,
+                                                        db_path):
+    # A queued task with the highest token a message carries: its next
+    # dispatch would take it past, which the token's CHECK refuses.
+    top = insert_row(db_path, token=codec.MAX_EXACT)
+    before = sqlite_store.transactions
+    writes = [
+        sqlite_store.submit([new_task(payload='"fine"')]),
+        sqlite_store.submit([new_task(payload="not JSON")]),
+        sqlite_store.dispatch(top, codec.MAX_EXACT + 1, "w", 1.0),
+        sqlite_store.submit([new_task(payload='"also fine"')]),
+    ]
+    outcomes = await defer.DeferredList(writes, consumeErrors=True)
+    assert sqlite_store.transactions - before == 1
+    (ok1, (first,)), (ok2, payload), (ok3, token), (ok4, (last,)) = outcomes
+    assert (ok1, ok2, ok3, ok4) == (True, False, False, True)
+    assert payload.check(WriteRefused)
+    assert str(payload.value) == (
+        "submit failed: CHECK constraint failed: payload")
+    assert token.check(WriteRefused)
+    assert str(token.value) == (
+        "dispatch failed: CHECK constraint failed: token")
+    rows = await sqlite_store.list(None, None, 0, 10)
+    assert [(row.id, row.payload, row.state, row.token) for row in rows] == [
+        (top, "null", "queued", codec.MAX_EXACT),
+        (first.row.id, '"fine"', "queued", 0),
+        (last.row.id, '"also fine"', "queued", 0)]
 
 
 @pytest_twisted.ensureDeferred
@@ -504,7 +695,7 @@ async def test_group_commit(sqlite_store):
 @pytest_twisted.ensureDeferred
 async def test_writes_during_a_flush_go_in_the_next(sqlite_store, reactor):
     before = sqlite_store.transactions
-    first = sqlite_store.submit([new_task(payload="first")])
+    first = sqlite_store.submit([new_task(payload='"first"')])
     later = []
     # Runs just after the first flush was handed to the pool thread, in the
     # same timer pass, so that flush cannot have finished yet.
@@ -635,3 +826,45 @@ async def test_a_connection_thread_whose_connect_fails_at_once_stops(reactor):
         with pytest.raises(sqlite3.OperationalError):
             await thread.start()
         await thread.stop().addTimeout(5, reactor)
+
+
+@pytest_twisted.ensureDeferred
+async def test_running_rows_no_broker_could_run_fail_alone_at_start(
+        reactor, db_path):
+    # A version 3 database, with running rows another program broke (the
+    # upgrade fails those), and running rows that schema 4's constraints
+    # take but that no broker could run again (the broker fails those).
+    from taskbroker.broker.core import Broker
+    from taskbroker.config import BrokerConfig
+
+    create_old_database(db_path, 3)
+    running = {"state": "running", "attempts": 1, "token": 1,
+               "priority": "normal", "worker": "w1", "started_at": 5.0}
+    good = insert_row(db_path, **running)
+    broken = {column: insert_row(db_path, **{**running, column: value})
+              for column, value in (("token", "abc"), ("attempts", "abc"),
+                                    ("created_at", "yesterday"))}
+    unrunnable = {
+        "priority": insert_row(db_path, **{**running, "priority": "urgent"}),
+        "payload": insert_row(db_path, **{**running,
+                                          "payload": "[" * 65 + "]" * 65}),
+        "handler": insert_row(db_path, **{**running, "handler": "a\nb"}),
+    }
+    store = SQLiteStore(db_path, reactor)
+    await store.open()
+    broker = Broker(BrokerConfig(), store, reactor, lambda *_: True)
+    try:
+        await broker.load()
+        for column, task_id in {**broken, **unrunnable}.items():
+            row = await store.get(task_id)
+            assert row.state == "failed" and column in row.error, row
+            assert task_id not in broker.attempts
+        for task_id in broken.values():
+            assert (await store.get(task_id)).error.endswith(
+                "(found by the upgrade to schema 4)")
+        # The good attempt waits for its worker to claim it.
+        assert broker.attempts.get(good).token == 1
+        assert (await store.get(good)).state == "running"
+    finally:
+        broker.stop()
+        await store.close()
