@@ -27,8 +27,9 @@ class DaemonOptions(usage.Options):
     :class:`taskbroker.config.Setting`), the ``build_config(given,
     environ)`` function that layers them, its environment ``prefix`` and
     its ``command`` name; the option table follows from them.  Every
-    option defaults to ``None`` so that :func:`taskbroker.config.resolve`
-    can tell what the user typed; the real default is shown in the help.
+    option defaults to ``None`` (a flag, to 0) so that
+    :func:`taskbroker.config.resolve` can tell what the user typed; the
+    real default is shown in the help.
     ``postOptions`` checks the environment for misspelt variables and
     builds the config value (``self.config``); if anything is invalid it
     prints one line and exits with status 2 (twistd would otherwise print
@@ -42,10 +43,14 @@ class DaemonOptions(usage.Options):
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
         cls.optParameters = []
+        cls.optFlags = []
         for setting in cls.settings:
             if setting.repeatable:
                 setattr(cls, "opt_" + setting.field,
                         _repeatable(setting.field, _help(setting)))
+            elif setting.flag:
+                cls.optFlags.append(
+                    [setting.option, setting.short, _help(setting)])
             else:
                 cls.optParameters.append(
                     [setting.option, setting.short, None, _help(setting)])
@@ -61,8 +66,7 @@ class DaemonOptions(usage.Options):
         raise NotImplementedError
 
     def postOptions(self):
-        given = {s.field: self[s.option if not s.repeatable else s.field]
-                 for s in self.settings}
+        given = {s.field: self._given(s) for s in self.settings}
         try:
             for warning in check_environment(
                     self.prefix, KNOWN_VARIABLES[self.prefix],
@@ -74,7 +78,19 @@ class DaemonOptions(usage.Options):
             raise SystemExit(2)
 
 
+    def _given(self, setting):
+        if setting.repeatable:
+            return self[setting.field]
+        if setting.flag:
+            # usage.Options counts a flag 0 or 1; absent, the environment
+            # may still set it.
+            return "yes" if self[setting.option] else None
+        return self[setting.option]
+
+
 def _help(setting):
+    if setting.flag:
+        return setting.help
     default = setting.default
     if isinstance(default, tuple):
         default = ",".join(default) or "none"

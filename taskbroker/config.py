@@ -120,6 +120,15 @@ def database_url(text):
     return text
 
 
+def boolean(text):
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError("expected yes or no (also 1, true, on; 0, false, off)")
+
+
 def choice(*choices):
     def check(text):
         if text not in choices:
@@ -157,6 +166,7 @@ class Setting:
     help: str
     short: Optional[str] = None
     repeatable: bool = False
+    flag: bool = False
 
     @property
     def field(self):
@@ -169,7 +179,8 @@ class Setting:
         return prefix + self.field.upper()
 
 
-def setting(default, coerce, help, short=None, repeatable=False):
+def setting(default, coerce, help, short=None, repeatable=False,
+            flag=False):
     """
     Declare a config dataclass field as a setting.
 
@@ -177,9 +188,12 @@ def setting(default, coerce, help, short=None, repeatable=False):
         the others (say so in ``help``, with "(default: ...)").
     :param coerce: ``coerce(text) -> value``, raising ``ValueError`` with
         a reason (for a repeatable setting, it takes the list of texts).
+    :param flag: an option that takes no value (``--create-database``);
+        giving it means ``yes`` to ``coerce``, and its variable takes yes
+        or no.
     """
     return field(default=default, metadata={"setting": (
-        coerce, help, short, repeatable)})
+        coerce, help, short, repeatable, flag)})
 
 
 def settings_of(cls):
@@ -189,9 +203,9 @@ def settings_of(cls):
     """
     result = []
     for f in fields(cls):
-        coerce, help, short, repeatable = f.metadata["setting"]
+        coerce, help, short, repeatable, flag = f.metadata["setting"]
         result.append(Setting(f.name.replace("_", "-"), coerce, f.default,
-                              help, short, repeatable))
+                              help, short, repeatable, flag))
     return tuple(result)
 
 
@@ -336,6 +350,12 @@ class BrokerConfig:
         "normal", choice("normal", "full"),
         "SQLite durability: normal survives any process crash; full also "
         "survives power loss, at a cost per commit.")
+    create_database: bool = setting(
+        False, boolean,
+        "Create the database even though its lock file shows that one was "
+        "there (it was deleted or moved): without this the broker refuses "
+        "to start on an empty database in its place. A new folder needs "
+        "no flag.", flag=True)
 
     def __post_init__(self):
         levels = self.priorities

@@ -35,6 +35,7 @@ def makeService(options):
 
     config = options.config
     store = store_from_url(config.database, reactor,
-                           synchronous=config.sqlite_synchronous)
+                           synchronous=config.sqlite_synchronous,
+                           create_database=config.create_database)
     return BrokerService(config, store, reactor,
                          on_fatal=lambda message: exit_with(reactor, 1))

@@ -178,17 +178,21 @@ def parse_database_url(url):
     )
 
 
-def store_from_url(url, reactor, synchronous="normal"):
+def store_from_url(url, reactor, synchronous="normal", create_database=False):
     """
     Make the store a database URL names.
 
     :param reactor: the reactor the store's database thread reports to.
     :param synchronous: SQLite's ``synchronous`` pragma: ``"normal"`` or
         ``"full"``.
+    :param create_database: create a missing database even where its lock
+        file shows that one was there (see
+        :meth:`taskbroker.store.sqlite.SQLiteStore.open`).
     :returns: an unopened :class:`taskbroker.interfaces.ITaskStore`.
     :raises ConfigError: when the URL is invalid or not supported.
     """
     kind, path = parse_database_url(url)
     from taskbroker.store.sqlite import SQLiteStore
 
-    return SQLiteStore(path, reactor, synchronous=synchronous)
+    return SQLiteStore(path, reactor, synchronous=synchronous,
+                       create_database=create_database)

@@ -7,7 +7,6 @@ runs WAL checkpoints on a connection of its own, apart from commits.
 """
 
 import queue
-import sqlite3
 import threading
 
 from twisted.internet import defer, threads
@@ -17,6 +16,7 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from taskbroker.errors import one_line
+from taskbroker.store._sqlite_files import connect_existing
 
 log = Logger()
 
@@ -184,7 +184,7 @@ class Checkpointer:
 
     def _checkpoint(self):
         if self._connection is None:
-            self._connection = sqlite3.connect(
+            self._connection = connect_existing(
                 self._path, isolation_level=None, check_same_thread=False)
             self._connection.execute(
                 f"PRAGMA busy_timeout = {self._busy_timeout_ms:d}")

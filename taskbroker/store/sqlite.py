@@ -10,7 +10,6 @@ into one transaction, so the broker pays for one commit per batch, not one
 per task.
 """
 
-import fcntl
 import os
 import sqlite3
 
@@ -19,9 +18,10 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from taskbroker.errors import StoreError, StoreLocked, one_line
+from taskbroker.errors import StoreError, one_line
 from taskbroker.interfaces import IQueueReads, ITaskStore
 from taskbroker.store import FINAL_STATES, check_request_ids
+from taskbroker.store import _sqlite_files as files
 from taskbroker.store import _sqlite_sql as sql
 from taskbroker.store._sqlite_threads import (
     Checkpointer,
@@ -78,11 +78,14 @@ class SQLiteStore:
     :param float busy_timeout: how long, in seconds, a statement waits for
         another program that holds the database's write lock before it
         fails.
+    :param bool create_database: create a missing database even where its
+        lock file exists (see :meth:`open`).
     :ivar int transactions: how many write transactions (group commits)
         the store has started; for tests and metrics.
     """
 
-    def __init__(self, path, reactor, synchronous="normal", busy_timeout=5.0):
+    def __init__(self, path, reactor, synchronous="normal", busy_timeout=5.0,
+                 create_database=False):
         if synchronous not in _SYNCHRONOUS:
             raise ValueError(
                 f"synchronous must be 'normal' or 'full', not {synchronous!r}"
@@ -90,12 +93,14 @@ class SQLiteStore:
         self.path = path
         self.transactions = 0
         self._reactor = reactor
+        self._create_database = create_database
         self._synchronous = synchronous
         self._busy_timeout_ms = int(busy_timeout * 1000)
         # "new" -> "opening" -> "open" -> "closing" -> "closed"; a failed
         # open goes back to "closed", and a closed store may be opened again.
         self._state = "new"
         self._abspath = None
+        self._creating = False
         self._lock_fd = None
         self._thread = None
         self._checkpointer = None
@@ -127,6 +132,12 @@ class SQLiteStore:
         """
         Take ownership of the database and create or upgrade its schema.
 
+        A database that is missing is created, unless its lock file exists
+        (a database was there, and was probably deleted or moved) and the
+        store was not made with ``create_database``.  A database that this
+        process cannot write is refused, and so is one where an empty
+        write transaction fails.
+
         :returns: a ``Deferred`` firing with ``None``, or failing with
             :class:`taskbroker.errors.StoreLocked` when another broker owns
             the database, or with :class:`taskbroker.errors.StoreError`
@@ -156,14 +167,17 @@ class SQLiteStore:
                 f"cannot open database {path}: directory {directory} "
                 "does not exist"
             )
-        self._lock_fd = _lock(path)
+        # Before the lock, whose file this looks for.
+        self._creating = files.check_may_create(path, self._create_database)
+        files.check_writable(path)
+        self._lock_fd = files.lock(path)
         try:
             # One connection, one thread: writes reach SQLite in the order
             # they were issued, and never contend with each other.
             self._thread = ConnectionThread(
                 self._reactor, self._connect, "taskbroker-sqlite")
             await self._thread.start()
-            old, new = await self._thread.run(sql.ensure_schema)
+            old, new = await self._thread.run(self._prepare)
         except BaseException as e:
             await self._shut_down()
             # OSError: a schema file missing from a broken installation.
@@ -201,6 +215,18 @@ class SQLiteStore:
                  "synchronous {synchronous})", path=path, version=new,
                  synchronous=self._synchronous)
 
+    def _prepare(self, connection):
+        """
+        Bring the schema up to date and make sure a write commits; runs in
+        the store's thread.
+        """
+        versions = sql.ensure_schema(connection)
+        try:
+            sql.run_batch(connection, [(sql.touch, ())])
+        except sqlite3.Error as e:
+            raise StoreError(f"an empty write failed: {one_line(e)}") from e
+        return versions
+
     def checkpoint(self):
         """
         Copy the WAL's committed pages into the database file now (it is
@@ -217,7 +243,8 @@ class SQLiteStore:
         """
         Open and set up the connection; runs in the store's thread.
         """
-        connection = sqlite3.connect(
+        connect = sqlite3.connect if self._creating else files.connect_existing
+        connection = connect(
             self._abspath,
             check_same_thread=False,
             # Autocommit mode: we issue BEGIN and COMMIT ourselves, so that
@@ -249,7 +276,7 @@ class SQLiteStore:
         """
         Open a read-only connection, for the counts; runs in its thread.
         """
-        connection = sqlite3.connect(
+        connection = files.connect_existing(
             self._abspath, check_same_thread=False, isolation_level=None)
         connection.text_factory = _text
         connection.execute(f"PRAGMA busy_timeout = {self._busy_timeout_ms:d}")
@@ -535,49 +562,3 @@ def _bad_final_state(state):
         "a finished task's state must be 'succeeded', 'failed' or "
         f"'cancelled', not {state!r}"
     )
-
-
-def _lock(path):
-    """
-    Take the ownership lock of the database at ``path``.
-
-    :returns: the lock file's descriptor; closing it releases the lock.
-    :raises StoreLocked: if another process (or another store in this one)
-        holds it.
-    """
-    lock_path = path + ".lock"
-    try:
-        # os.open makes the descriptor close-on-exec, so processes the
-        # broker spawns cannot keep the lock alive after the broker dies.
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as e:
-        raise StoreError(
-            f"cannot open lock file {lock_path}: {e.strerror}"
-        ) from e
-    try:
-        # flock, not fcntl locks: an flock belongs to this open file, so a
-        # second store in the same process is refused too, and closing any
-        # other descriptor of the file does not drop it.
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        try:
-            owner = os.read(fd, 64).decode("ascii", "replace").strip()
-        finally:
-            os.close(fd)
-        # The owner writes its pid just after locking; it may not be there yet.
-        if not owner.isdigit():
-            owner = "unknown"
-        raise StoreLocked(
-            f"database {path} is in use by another broker (pid {owner})"
-        ) from None
-    except OSError as e:
-        os.close(fd)
-        raise StoreError(f"cannot lock {lock_path}: {e.strerror}") from e
-    try:
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode("ascii"))
-    except OSError:
-        # The pid is only shown in the other broker's error message.
-        log.failure("could not write the pid into {lock_path}",
-                    lock_path=lock_path)
-    return fd

@@ -55,13 +55,17 @@ class Cluster:
         self.broker = None
 
     def start_broker(self, *args, listen="tcp://127.0.0.1:*", wait=True,
-                     database=None):
+                     database=None, prefix=()):
         """
         Start a broker; by default wait until it listens and remember its
         endpoint.
+
+        :param prefix: a command line to run it under, such as
+            ``setpriv`` with its options.
         """
-        argv = _daemons.twistd("taskbroker", "--listen", listen, "--database",
-                               database or self.database, *args)
+        argv = [*prefix, *_daemons.twistd(
+            "taskbroker", "--listen", listen, "--database",
+            database or self.database, *args)]
         daemon = Daemon("broker", argv, self.folder)
         self.daemons.append(daemon)
         if wait:

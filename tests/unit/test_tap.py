@@ -115,8 +115,13 @@ def test_unknown_option_is_a_usage_error():
 def test_help_mentions_every_option_and_its_default(module, settings):
     text = " ".join(str(module.Options()).split())
     for setting in settings:
-        assert f"--{setting.option}=" in text
         helptext = " ".join(setting.help.split())
+        if setting.flag:
+            # Off unless given: no value, no default shown.
+            assert f"--{setting.option} " in text
+            assert helptext in text
+            continue
+        assert f"--{setting.option}=" in text
         default = setting.default
         if isinstance(default, tuple):
             default = ",".join(default) or "none"
@@ -126,6 +131,25 @@ def test_help_mentions_every_option_and_its_default(module, settings):
             assert helptext in text
         else:
             assert f"{helptext} [default: {default}]" in text, setting.option
+
+
+def test_a_flag_is_off_unless_given_or_set_in_the_environment(monkeypatch):
+    assert parse(broker_tap, []).config.create_database is False
+    assert parse(broker_tap, ["--create-database"]).config.create_database
+    monkeypatch.setenv("TASKBROKER_CREATE_DATABASE", "yes")
+    assert parse(broker_tap, []).config.create_database is True
+    monkeypatch.setenv("TASKBROKER_CREATE_DATABASE", "0")
+    assert parse(broker_tap, []).config.create_database is False
+
+
+def test_a_flag_set_to_nonsense_in_the_environment_is_refused(
+        monkeypatch, capsys):
+    monkeypatch.setenv("TASKBROKER_CREATE_DATABASE", "maybe")
+    with pytest.raises(SystemExit):
+        parse(broker_tap, [])
+    assert capsys.readouterr().err == (
+        "twistd taskbroker: TASKBROKER_CREATE_DATABASE: expected yes or no "
+        "(also 1, true, on; 0, false, off) (got 'maybe')\n")
 
 
 def test_help_mentions_the_environment():
