@@ -36,6 +36,13 @@ class WriteRefused(StoreError):
     """
 
 
+class StoreLost(StoreError):
+    """
+    The store can no longer keep its promises and the broker must stop:
+    its database file was removed or replaced while it was in use.
+    """
+
+
 class PermanentFailure(Exception):
     """
     Raised by a handler to fail its task at once, without any retry.

@@ -118,6 +118,18 @@ class ITaskStore(Interface):
         :returns: a ``Deferred`` firing with ``None``.  Safe to call twice.
         """
 
+    def when_lost():
+        """
+        Wait until the store finds that it can no longer keep its promises
+        (its database was removed or replaced).  From then on its writes
+        fail with :class:`taskbroker.errors.StoreLost` and none is
+        acknowledged: the broker must stop.  Passing trouble (a locked
+        database, a full disk) does not count.
+
+        :returns: a ``Deferred`` firing with a one-line message saying
+            what happened; it never fires for a store that stays sound.
+        """
+
     def submit(tasks):
         """
         Insert new tasks in ``queued`` state (``running`` for those given

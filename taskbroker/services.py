@@ -9,7 +9,8 @@ before its store has opened, and at the end its intake must close before
 its store drains and closes.  :class:`ServiceTree` starts each child after
 the previous one's start has fired and stops them one at a time in
 reverse; if a child fails to start, it stops those already started and
-reports one line.
+reports one line.  A running tree that must not go on (its database was
+lost) stops the same way through :meth:`ServiceTree.fail`.
 """
 
 from twisted.application.service import MultiService, Service
@@ -67,9 +68,9 @@ class ServiceTree(MultiService):
 
     :param on_started: called once every child has started.
     :param on_fatal: called with a one-line message when a child fails to
-        start, after those started before it have been stopped; the
-        daemon's tap exits non-zero.  Without it the failure is only
-        logged.
+        start, after those started before it have been stopped, or after
+        :meth:`fail` has stopped them all; the daemon's tap exits
+        non-zero.  Without it the failure is only logged.
     """
 
     log = Logger()
@@ -125,6 +126,25 @@ class ServiceTree(MultiService):
         Service.stopService(self)
         if self.on_fatal is not None and not stopping:
             self.on_fatal(message)
+
+    def fail(self, message):
+        """
+        Stop for good while running, because going on would break a
+        promise: log one critical line, stop every child as
+        :meth:`stopService` does, then call ``on_fatal``.  Does nothing
+        once a stop has begun.
+
+        :param str message: what happened, on one line.
+        :returns: a ``Deferred`` that fires once stopped and reported.
+        """
+        if not self.running:
+            return defer.succeed(None)
+        self.log.critical("{name} stopping: {message}", name=self.name,
+                          message=one_line(message))
+        d = self.stopService()
+        if self.on_fatal is not None:
+            d.addCallback(lambda _: self.on_fatal(one_line(message)))
+        return d
 
     def stopService(self):
         """

@@ -19,6 +19,10 @@ started in this order and stopped in reverse:
 So the socket binds only after the store is open and loaded, and at the
 end the intake closes before the store drains.  A web service would be one
 more child.
+
+If the store is lost (its database removed or replaced), the broker stops
+with one critical line and exits 1 (:meth:`ServiceTree.fail
+<taskbroker.services.ServiceTree.fail>`).
 """
 
 import time
@@ -65,7 +69,7 @@ class BrokerService(ServiceTree):
         self._zmq = ZmqFactoryService(reactor)
         self._zmq.setName("zmq")
         for child in (
-            StepService("store", store.open, store.close),
+            StepService("store", self._open_store, store.close),
             StepService("core", self.broker.load, self.broker.claims.stop),
             self._zmq,
             StepService("socket", self._bind, self._close),
@@ -87,6 +91,13 @@ class BrokerService(ServiceTree):
         timer.clock = self.reactor
         timer.setName(name)
         return timer
+
+    def _open_store(self):
+        return self.store.open().addCallback(self._watch_store)
+
+    def _watch_store(self, _):
+        # Not returned: it fires only if the database is lost.
+        self.store.when_lost().addCallback(self.fail)
 
     def _bind(self):
         try:

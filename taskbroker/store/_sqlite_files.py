@@ -1,8 +1,12 @@
 # -*- test-case-name: tests.unit.test_store_sqlite_faults -*-
 """
-The SQLite store's files, apart from SQL: the ownership lock, and the
-checks made before the database is opened (may this process write it, and
-is a missing database new or lost?).
+The SQLite store's files, apart from SQL: the ownership lock, the checks
+made before the database is opened (may this process write it, and is a
+missing database new or lost?), and the watch on the files it opened.
+
+An open connection goes on working in a database file that was deleted or
+replaced, and SQLite never notices: without the watch, the broker would
+acknowledge writes that nobody could ever read again.
 """
 
 import fcntl
@@ -13,11 +17,11 @@ from urllib.request import pathname2url
 
 from twisted.logger import Logger
 
-from taskbroker.errors import StoreError, StoreLocked
+from taskbroker.errors import StoreError, StoreLocked, StoreLost
 
 __all__ = [
-    "check_may_create", "check_writable", "connect_existing", "lock",
-    "lock_path",
+    "FileWatch", "check_may_create", "check_writable", "connect_existing",
+    "leave_lock", "lock", "lock_path",
 ]
 
 log = Logger()
@@ -78,6 +82,27 @@ def _write_pid(fd, lock_file):
         # The pid is only shown in the other broker's error message.
         log.failure("could not write the pid into {lock_path}",
                     lock_path=lock_file)
+
+
+def leave_lock(path):
+    """
+    Put a lock file back where a lost one was, once the store has let go
+    of the database, so that the next start refuses to create an empty
+    database in place of a lost one (see :func:`check_may_create`).
+    """
+    lock_file = lock_path(path)
+    try:
+        fd = os.open(lock_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        return
+    except OSError as e:
+        log.warn("could not put back the lock file {lock_path}: {error}",
+                 lock_path=lock_file, error=e.strerror)
+        return
+    try:
+        _write_pid(fd, lock_file)
+    finally:
+        os.close(fd)
 
 
 def check_may_create(path, create):
@@ -154,3 +179,65 @@ def connect_existing(path, **kwargs):
     """
     uri = "file:" + pathname2url(path) + "?mode=rw"
     return sqlite3.connect(uri, uri=True, **kwargs)
+
+
+class FileWatch:
+    """
+    The files a store opened, by device and inode, so that it can tell
+    when one is removed or replaced: the database and its lock file after
+    every group commit (one ``os.stat`` each), and also the -wal and -shm
+    files, which SQLite keeps while any connection is open, once in a
+    while.
+
+    Made and checked in a database thread, once the store has written.
+
+    :param path: the database's absolute path.
+    :param lock_fd: the descriptor of its lock file, as :func:`lock`
+        returned it.
+    """
+
+    def __init__(self, path, lock_fd):
+        self._often = (
+            ("database", path, _identity(os.stat(path))),
+            ("lock file", lock_path(path), _identity(os.fstat(lock_fd))),
+        )
+        self._all = self._often + tuple(
+            ("file", path + suffix, _identity(os.stat(path + suffix)))
+            for suffix in SIDE_FILES if os.path.exists(path + suffix))
+
+    def check(self):
+        """
+        Look at the database and its lock file.
+
+        :raises StoreLost: if a file is no longer at its path, or another
+            file is.  Any other error of ``stat`` proves nothing and is
+            ignored.
+        """
+        _check(self._often)
+
+    def check_all(self):
+        """
+        Look at the -wal and -shm files too; see :meth:`check`.
+        """
+        _check(self._all)
+
+
+def _check(files):
+    for what, path, expected in files:
+        try:
+            found = _identity(os.stat(path))
+        except (FileNotFoundError, NotADirectoryError):
+            raise StoreLost(
+                f"{what} {path} was removed while the broker was using it"
+            ) from None
+        except OSError:
+            continue
+        if found != expected:
+            raise StoreLost(
+                f"{what} {path} was replaced while the broker was using it "
+                f"(device {expected[0]} inode {expected[1]}, now device "
+                f"{found[0]} inode {found[1]})")
+
+
+def _identity(stat):
+    return (stat.st_dev, stat.st_ino)

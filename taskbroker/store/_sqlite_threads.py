@@ -15,7 +15,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
-from taskbroker.errors import one_line
+from taskbroker.errors import StoreLost, one_line
 from taskbroker.store._sqlite_files import connect_existing
 
 log = Logger()
@@ -127,10 +127,10 @@ class Event:
         self._waiters.append(d)
         return d
 
-    def fire(self):
+    def fire(self, value=None):
         waiters, self._waiters = self._waiters, []
         for d in waiters:
-            d.callback(None)
+            d.callback(value)
 
 
 class Checkpointer:
@@ -142,12 +142,19 @@ class Checkpointer:
     the one thread every write waits for, which is what the broker's p99
     latencies were made of.  A ``PASSIVE`` checkpoint here copies what it
     can without blocking the writer.
+
+    Before each checkpoint it also runs ``watch``, which raises
+    :class:`taskbroker.errors.StoreLost` when the database's files were
+    removed or replaced, so that an idle broker notices within a tick too;
+    it then calls ``on_lost`` with that error.
     """
 
-    def __init__(self, path, reactor, busy_timeout_ms):
+    def __init__(self, path, reactor, busy_timeout_ms, watch, on_lost):
         self._path = path
         self._reactor = reactor
         self._busy_timeout_ms = busy_timeout_ms
+        self._watch = watch
+        self._on_lost = on_lost
         self._threads = ThreadPool(minthreads=1, maxthreads=1,
                                    name="taskbroker-checkpoint")
         self._connection = None
@@ -162,10 +169,14 @@ class Checkpointer:
 
     def _tick(self):
         if self._running is None:
-            self.run().addErrback(
-                lambda reason: log.error(
-                    "WAL checkpoint of {path} failed: {error}",
-                    path=self._path, error=one_line(reason.value)))
+            self.run().addErrback(self._failed)
+
+    def _failed(self, reason):
+        if reason.check(StoreLost):
+            self._on_lost(reason.value)
+        else:
+            log.error("WAL checkpoint of {path} failed: {error}",
+                      path=self._path, error=one_line(reason.value))
 
     def run(self):
         """
@@ -183,6 +194,8 @@ class Checkpointer:
         return d.addBoth(done)
 
     def _checkpoint(self):
+        # First: a connection to a removed file would fail less clearly.
+        self._watch()
         if self._connection is None:
             self._connection = connect_existing(
                 self._path, isolation_level=None, check_same_thread=False)

@@ -167,6 +167,13 @@ class MemoryStore:
         self._open = False
         return defer.succeed(None)
 
+    def when_lost(self):
+        """
+        See :meth:`taskbroker.interfaces.ITaskStore.when_lost`: memory is
+        never lost, so this never fires.
+        """
+        return defer.Deferred()
+
     def submit(self, tasks):
         """
         See :meth:`taskbroker.interfaces.ITaskStore.submit`.

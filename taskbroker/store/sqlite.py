@@ -18,7 +18,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from taskbroker.errors import StoreError, one_line
+from taskbroker.errors import StoreError, StoreLost, one_line
 from taskbroker.interfaces import IQueueReads, ITaskStore
 from taskbroker.store import FINAL_STATES, check_request_ids
 from taskbroker.store import _sqlite_files as files
@@ -102,10 +102,14 @@ class SQLiteStore:
         self._abspath = None
         self._creating = False
         self._lock_fd = None
+        self._watch = None
         self._thread = None
         self._checkpointer = None
         self._counter = None
         self._journal_mode = None
+        # The StoreLost that ended this store's use, once there is one.
+        self._lost = None
+        self._lost_event = Event()
         # Group commit: (operation, args, Deferred) waiting for a flush.
         self._pending = []
         self._flush_call = None
@@ -149,6 +153,7 @@ class SQLiteStore:
         if self._state not in ("new", "closed"):
             raise StoreError(f"database {self.path} is already {self._state}")
         self._state = "opening"
+        self._lost = None
         try:
             await self._open_unguarded()
         except BaseException:
@@ -192,40 +197,48 @@ class SQLiteStore:
         elif old != new:
             log.info("upgraded database {path} from schema version {old} "
                      "to {new}", path=path, old=old, new=new)
-        if self._journal_mode != "wal":
-            # WAL cannot be used on some file systems (network ones); the
-            # store still works, but readers then block the broker's writes.
-            log.warn("database {path} uses journal mode {journal_mode} "
-                     "instead of WAL", path=path,
-                     journal_mode=self._journal_mode)
-        if self._journal_mode == "wal":
-            self._checkpointer = Checkpointer(
-                path, self._reactor, self._busy_timeout_ms)
-            self._checkpointer.start()
-            # Counting a large table takes long: on a connection of its
-            # own, WAL lets it read while the store's thread commits.
-            self._counter = ConnectionThread(
-                self._reactor, self._connect_reader, "taskbroker-sqlite-count")
-            try:
-                await self._counter.start()
-            except BaseException:
-                await self._shut_down()
-                raise
+        await self._start_helpers(path)
         log.info("opened database {path} (schema version {version}, "
                  "synchronous {synchronous})", path=path, version=new,
                  synchronous=self._synchronous)
 
     def _prepare(self, connection):
         """
-        Bring the schema up to date and make sure a write commits; runs in
-        the store's thread.
+        Bring the schema up to date, make sure a write commits, and note
+        which file was opened; runs in the store's thread.
         """
         versions = sql.ensure_schema(connection)
         try:
             sql.run_batch(connection, [(sql.touch, ())])
         except sqlite3.Error as e:
             raise StoreError(f"an empty write failed: {one_line(e)}") from e
+        self._watch = files.FileWatch(self._abspath, self._lock_fd)
         return versions
+
+    async def _start_helpers(self, path):
+        """
+        Start the checkpointer and the counts' connection, in WAL mode.
+        """
+        if self._journal_mode != "wal":
+            # WAL cannot be used on some file systems (network ones); the
+            # store still works, but readers then block the broker's writes.
+            log.warn("database {path} uses journal mode {journal_mode} "
+                     "instead of WAL", path=path,
+                     journal_mode=self._journal_mode)
+            return
+        self._checkpointer = Checkpointer(
+            path, self._reactor, self._busy_timeout_ms, self._watch.check_all,
+            self._lose)
+        self._checkpointer.start()
+        # Counting a large table takes long: on a connection of its own,
+        # WAL lets it read while the store's thread commits.
+        self._counter = ConnectionThread(
+            self._reactor, self._connect_reader, "taskbroker-sqlite-count")
+        try:
+            await self._counter.start()
+        except BaseException:
+            await self._shut_down()
+            raise
 
     def checkpoint(self):
         """
@@ -312,8 +325,9 @@ class SQLiteStore:
 
     async def _shut_down(self):
         """
-        Close the connection, end its thread, and release the lock.  Never
-        fails: this runs on the way out, where an error has nowhere to go.
+        Close the connections, end their threads, and release the lock.
+        Never fails: this runs on the way out, where an error has nowhere
+        to go.
         """
         if self._counter is not None:
             counter, self._counter = self._counter, None
@@ -323,7 +337,9 @@ class SQLiteStore:
             await checkpointer.stop()
         if self._thread is not None:
             # Closing the last connection checkpoints the WAL into the
-            # database: disk work, done in the store's thread.
+            # database: disk work, done in the store's thread.  After a
+            # loss too: SQLite then deletes the -wal file, which must not
+            # be applied to whatever database is now at the path.
             thread, self._thread = self._thread, None
             await thread.stop()
         if self._lock_fd is not None:
@@ -332,6 +348,30 @@ class SQLiteStore:
             # stays: deleting it would let a newcomer lock a fresh file while
             # the old owner still holds the deleted one.
             os.close(fd)
+            if self._lost is not None:
+                files.leave_lock(self._abspath)
+
+    # Losing the database
+
+    def when_lost(self):
+        """
+        See :meth:`taskbroker.interfaces.ITaskStore.when_lost`.
+        """
+        if self._lost is not None:
+            return defer.succeed(str(self._lost))
+        return self._lost_event.wait()
+
+    def _lose(self, error):
+        """
+        Stop using the database for good: refuse every write from now on
+        and tell those waiting on :meth:`when_lost`.
+
+        :param StoreLost error: why.
+        """
+        if self._lost is not None:
+            return
+        self._lost = error
+        self._lost_event.fire(str(error))
 
     # Group commit
 
@@ -344,6 +384,8 @@ class SQLiteStore:
         """
         if self._state != "open":
             return defer.fail(self._not_open())
+        if self._lost is not None:
+            return defer.fail(self._lost)
         d = defer.Deferred()
         self._pending.append((operation, args, d))
         self._schedule_flush()
@@ -359,9 +401,14 @@ class SQLiteStore:
     def _flush(self):
         self._flush_call = None
         batch, self._pending = self._pending, []
+        if self._lost is not None:
+            for _, _, d in batch:
+                d.errback(Failure(self._lost))
+            self._after_work()
+            return
         self.transactions += 1
         operations = [(operation, args) for operation, args, _ in batch]
-        d = self._thread.run(sql.run_batch, operations)
+        d = self._thread.run(self._commit, operations)
         self._flushing += 1
         d.addCallbacks(
             self._flushed,
@@ -369,6 +416,19 @@ class SQLiteStore:
             callbackArgs=(batch,),
             errbackArgs=(batch,),
         )
+
+    def _commit(self, connection, operations):
+        """
+        Run a group of writes, then make sure that they went into the file
+        at the store's path, before anyone hears that they were made; runs
+        in the store's thread.
+
+        :raises StoreLost: if the database or its lock file was removed or
+            replaced.
+        """
+        outcomes = sql.run_batch(connection, operations)
+        self._watch.check()
+        return outcomes
 
     def _flushed(self, outcomes, batch):
         self._flushing -= 1
@@ -382,16 +442,20 @@ class SQLiteStore:
     def _flush_failed(self, reason, batch):
         self._flushing -= 1
         error = reason.value
-        log.error("write transaction of {count} operations on {path} "
-                  "failed: {error}", count=len(batch), path=self._abspath,
-                  error=one_line(error))
-        for _, _, d in batch:
+        if not isinstance(error, StoreLost):
+            log.error("write transaction of {count} operations on {path} "
+                      "failed: {error}", count=len(batch), path=self._abspath,
+                      error=one_line(error))
             wrapped = StoreError(
                 f"database {self._abspath}: transaction failed: "
                 f"{one_line(error)}"
             )
             wrapped.__cause__ = error
-            d.errback(Failure(wrapped))
+            error = wrapped
+        for _, _, d in batch:
+            d.errback(Failure(error))
+        if isinstance(error, StoreLost):
+            self._lose(error)
         self._after_work()
 
     def _busy(self):

@@ -1,6 +1,6 @@
 """
-Database faults with real daemons: database files that the broker cannot
-write.
+Database faults with real daemons: the database's files removed, moved
+or replaced under the broker, and files that it cannot write.
 
 After each one: nothing is acknowledged that the database does not hold;
 where the broker must exit, it exits 1 with one critical line; and after a
@@ -13,17 +13,21 @@ this user may enter (pytest's ``tmp_path`` sits in folders only root may
 enter).
 """
 
+import glob
 import os
 import pwd
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import tempfile
+from contextlib import closing
 
 import pytest
 
 from taskbroker.client.blocking import BlockingClient
+from taskbroker.client.errors import BrokerUnavailable, RequestFailed
 
 from .daemons import Cluster
 from .test_hardening import still_serves
@@ -45,6 +49,25 @@ def submit(cluster, count, handler="echo", payload=None):
     return [task["id"] for task in tasks]
 
 
+def submits_after_a_fault(cluster, count):
+    """
+    Try up to ``count`` submits, one at a time, while the broker runs.
+
+    :returns: the ids of those acknowledged.
+    """
+    acknowledged = []
+    with BlockingClient(cluster.endpoint, timeout=2, retries=0) as client:
+        for n in range(count):
+            if not cluster.broker.alive():
+                break
+            try:
+                task, _ = client.submit("echo", n)
+            except (BrokerUnavailable, RequestFailed):
+                continue
+            acknowledged.append(task["id"])
+    return acknowledged
+
+
 def critical_lines(daemon):
     return [line.split("#critical] ", 1)[1] for line in daemon.lines
             if "#critical] " in line]
@@ -57,6 +80,62 @@ def exits_with_one_line(daemon):
     assert daemon.wait_exit() == 1, daemon.output()
     [line] = critical_lines(daemon)
     return line
+
+
+# Files removed, moved or replaced while the broker runs
+
+
+def test_database_files_deleted_under_the_broker(cluster):
+    cluster.start_broker(*HEARTBEAT)
+    cluster.start_worker(*HEARTBEAT, name="w1")
+    still_serves(cluster, submit(cluster, 5))
+    path = database(cluster)
+    for name in glob.glob(path + "*"):  # the lock file too
+        os.unlink(name)
+    # Before: 20 more submits acknowledged, then lost with the file.
+    assert submits_after_a_fault(cluster, 20) == []
+    assert exits_with_one_line(cluster.broker) == (
+        f"taskbroker stopping: database {path} was removed while the broker "
+        "was using it")
+    # Before: a restart created an empty database without a word.
+    refused = cluster.start_broker(*HEARTBEAT, listen=cluster.endpoint,
+                                   wait=False)
+    assert exits_with_one_line(refused) == (
+        f"taskbroker cannot start: database {path} does not exist, but its "
+        f"lock file {path}.lock does: the database was probably deleted or "
+        "moved; put it back, or start the broker with --create-database to "
+        "begin with an empty one")
+    assert not os.path.exists(path)
+    cluster.start_broker(*HEARTBEAT, "--create-database",
+                         listen=cluster.endpoint)
+    still_serves(cluster)
+
+
+@pytest.mark.parametrize("fault", ["moved away", "replaced"])
+def test_a_database_moved_or_replaced_under_the_broker_loses_nothing(
+        cluster, fault):
+    cluster.start_broker(*HEARTBEAT)
+    cluster.start_worker(*HEARTBEAT, name="w1")
+    # Still queued or running when the file goes.
+    acknowledged = submit(cluster, 10, "sleep", {"seconds": 0.2})
+    path = database(cluster)
+    if fault == "moved away":
+        os.rename(path, path + ".moved")
+    else:
+        os.link(path, path + ".orig")
+        with closing(sqlite3.connect(path + ".new")) as other:
+            other.execute("CREATE TABLE t (a)")
+        os.replace(path + ".new", path)
+    assert submits_after_a_fault(cluster, 20) == []
+    line = exits_with_one_line(cluster.broker)
+    seen_as = {"moved away": "removed", "replaced": "replaced"}[fault]
+    assert line.startswith(f"taskbroker stopping: database {path} was "
+                           f"{seen_as} while the broker was using it")
+    # Put back as it was, the database holds every acknowledged task.
+    os.replace(path + (".moved" if fault == "moved away" else ".orig"), path)
+    cluster.start_broker(*HEARTBEAT, listen=cluster.endpoint)
+    done = still_serves(cluster, acknowledged)
+    assert {task["state"] for task in done} == {"succeeded"}
 
 
 # Files the broker's user cannot write (root writes anything)

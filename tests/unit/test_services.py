@@ -138,3 +138,26 @@ def test_children_that_return_nothing_are_fine():
     assert plain.running
     result_of(tree.stopService())
     assert not plain.running
+
+
+def test_a_running_tree_that_fails_stops_in_reverse_and_reports_one_line():
+    r = Recorder()
+    fatal = []
+    tree = tree_of(r, "store", "socket", on_fatal=fatal.append)
+    tree.startService()
+    for name in ("store", "socket"):
+        r.finish("start", name)
+    with capturedLogs() as events:
+        d = tree.fail("database gone\nfor good")
+        assert tree.fail("again") is not d and not tree.running
+        r.finish("stop", "socket")
+        assert not fatal
+        r.finish("stop", "store")
+    assert fatal == ["database gone for good"]
+    assert result_of(d) is None
+    [line] = [e for e in events if e["log_level"].name == "critical"]
+    assert line["log_format"] == "{name} stopping: {message}"
+    assert (line["name"], line["message"]) == ("daemon",
+                                               "database gone for good")
+    # A stop asked for later (twistd's, at exit) is the same stop.
+    assert tree.stopService().called

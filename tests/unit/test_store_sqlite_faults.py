@@ -1,10 +1,10 @@
 # -*- test-case-name: tests.unit.test_store_sqlite_faults -*-
 """
 The SQLite store against faults of its files: a database that is missing
-where its lock file says one was, and one that cannot be written.  Real
-files in ``tmp_path``; the non-root cases (files this process may not
-write) are in ``tests/integration/test_database_faults.py``, since tests
-run as root.
+where its lock file says one was, one that cannot be written, and one
+removed or replaced while open.  Real files in ``tmp_path``; the non-root
+cases (files this process may not write) are in
+``tests/integration/test_database_faults.py``, since tests run as root.
 """
 
 import os
@@ -13,9 +13,14 @@ from contextlib import closing
 
 import pytest
 import pytest_twisted
+from twisted.internet import defer
 
-from taskbroker.errors import StoreError
+from taskbroker.errors import StoreError, StoreLost
 from taskbroker.store.sqlite import SQLiteStore
+from taskbroker.testing.store_contract import new_task, rows_of
+
+#: How long a test waits for something the store does by itself.
+WAIT = 10.0
 
 @pytest.fixture
 def reactor():
@@ -27,6 +32,16 @@ def reactor():
 @pytest.fixture
 def db_path(tmp_path):
     return str(tmp_path / "tasks.db")
+
+
+@pytest_twisted.async_yield_fixture
+async def store(reactor, db_path):
+    store = SQLiteStore(db_path, reactor)
+    await store.open()
+    try:
+        yield store
+    finally:
+        await store.close()
 
 
 def remove(path, *suffixes):
@@ -85,3 +100,90 @@ async def test_a_database_that_cannot_be_written_is_refused_at_open(
         other.execute("ROLLBACK")
     assert str(caught.value) == (
         f"cannot use database {db_path}: database is locked")
+
+
+# Files removed or replaced under an open store
+
+
+@pytest.mark.parametrize("removed, what", [
+    (("", "-wal", "-shm"), "database {path} was removed"),
+    (("", "-wal", "-shm", ".lock"), "database {path} was removed"),
+    ((".lock",), "lock file {path}.lock was removed"),
+])
+@pytest_twisted.ensureDeferred
+async def test_writes_after_a_removal_are_not_acknowledged(
+        reactor, db_path, removed, what):
+    store = SQLiteStore(db_path, reactor)
+    await store.open()
+    lost = store.when_lost()
+    (kept,) = rows_of(await store.submit([new_task()]))
+    remove(db_path, *removed)
+    # One group commit: every write in it fails, none is acknowledged.
+    writes = [store.submit([new_task()]), store.dispatch(kept.id, 1, "w", 1.0)]
+    outcomes = await defer.DeferredList(writes, consumeErrors=True)
+    message = what.format(path=db_path) + " while the broker was using it"
+    for ok, failure in outcomes:
+        assert not ok and failure.check(StoreLost)
+        assert str(failure.value) == message
+    assert await lost == message
+    # From now on, writes fail at once.
+    with pytest.raises(StoreLost):
+        await store.submit([new_task()])
+    await store.close()
+    # The lock file is back, so that a restart does not create an empty
+    # database in place of the lost one.
+    assert os.path.exists(db_path + ".lock")
+    assert os.path.exists(db_path) == ("" not in removed)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_replaced_database_is_lost(store, db_path, tmp_path):
+    other = str(tmp_path / "other.db")
+    with closing(sqlite3.connect(other)) as connection:
+        connection.execute("CREATE TABLE x (a)")
+    before = os.stat(db_path)
+    os.replace(other, db_path)
+    after = os.stat(db_path)
+    with pytest.raises(StoreLost) as caught:
+        await store.submit([new_task()])
+    assert str(caught.value) == (
+        f"database {db_path} was replaced while the broker was using it "
+        f"(device {before.st_dev} inode {before.st_ino}, now device "
+        f"{after.st_dev} inode {after.st_ino})")
+
+
+@pytest.mark.parametrize("removed, what", [
+    (("", "-wal", "-shm"), "database {path}"),
+    (("-wal",), "file {path}-wal"),
+    (("-shm",), "file {path}-shm"),
+])
+@pytest_twisted.ensureDeferred
+async def test_an_idle_store_notices_a_removal_by_itself(
+        store, db_path, reactor, removed, what):
+    remove(db_path, *removed)
+    # No write: the checkpointer looks every second, at the -wal and -shm
+    # files too.
+    message = await store.when_lost().addTimeout(WAIT, reactor)
+    assert message == (what.format(path=db_path)
+                       + " was removed while the broker was using it")
+    # Its connections never create a new file in place of the old one.
+    assert os.path.exists(db_path) == ("" not in removed)
+
+
+def test_the_watch_costs_one_stat_per_file(tmp_path, monkeypatch):
+    from taskbroker.store._sqlite_files import FileWatch, lock
+
+    path = str(tmp_path / "tasks.db")
+    with closing(sqlite3.connect(path)):
+        pass
+    fd = lock(path)
+    try:
+        watch = FileWatch(path, fd)
+        looked_at = []
+        real_stat = os.stat
+        monkeypatch.setattr(os, "stat", lambda name: looked_at.append(name)
+                            or real_stat(name))
+        watch.check()
+        assert looked_at == [path, path + ".lock"]
+    finally:
+        os.close(fd)
