@@ -356,6 +356,10 @@ class BrokerConfig:
         "there (it was deleted or moved): without this the broker refuses "
         "to start on an empty database in its place. A new folder needs "
         "no flag.", flag=True)
+    check_database: str = setting(
+        "quick", choice("quick", "none"),
+        "Once listening, check the database for damage in the background "
+        "(PRAGMA quick_check) and stop if it is damaged; none to skip.")
 
     def __post_init__(self):
         levels = self.priorities

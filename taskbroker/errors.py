@@ -39,7 +39,8 @@ class WriteRefused(StoreError):
 class StoreLost(StoreError):
     """
     The store can no longer keep its promises and the broker must stop:
-    its database file was removed or replaced while it was in use.
+    its database file was removed or replaced while it was in use, or the
+    database is damaged.
     """
 
 

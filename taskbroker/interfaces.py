@@ -121,13 +121,25 @@ class ITaskStore(Interface):
     def when_lost():
         """
         Wait until the store finds that it can no longer keep its promises
-        (its database was removed or replaced).  From then on its writes
-        fail with :class:`taskbroker.errors.StoreLost` and none is
-        acknowledged: the broker must stop.  Passing trouble (a locked
-        database, a full disk) does not count.
+        (its database was removed, replaced or found damaged).  From then
+        on its writes fail with :class:`taskbroker.errors.StoreLost` and
+        none is acknowledged: the broker must stop.  Passing trouble (a
+        locked database, a full disk) does not count.
 
         :returns: a ``Deferred`` firing with a one-line message saying
             what happened; it never fires for a store that stays sound.
+        """
+
+    def check():
+        """
+        Look for damage in the database, without holding up the store's
+        other work (the SQLite store runs ``PRAGMA quick_check``).  A
+        damaged database is lost (see :meth:`when_lost`).
+
+        :returns: a ``Deferred`` firing with ``None``, or failing with
+            :class:`taskbroker.errors.StoreLost` if the database is
+            damaged, or with :class:`taskbroker.errors.StoreError` if it
+            could not be checked.
         """
 
     def submit(tasks):

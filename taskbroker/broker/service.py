@@ -20,8 +20,10 @@ So the socket binds only after the store is open and loaded, and at the
 end the intake closes before the store drains.  A web service would be one
 more child.
 
-If the store is lost (its database removed or replaced), the broker stops
-with one critical line and exits 1 (:meth:`ServiceTree.fail
+Once it listens, the broker has the store check its database for damage
+(``--check-database``), in the background.  If the store is lost (its
+database removed, replaced or found damaged), the broker stops with one
+critical line and exits 1 (:meth:`ServiceTree.fail
 <taskbroker.services.ServiceTree.fail>`).
 """
 
@@ -32,6 +34,7 @@ from twisted.logger import Logger
 
 from taskbroker.broker.core import Broker
 from taskbroker.broker.status import RECOUNT_INTERVAL
+from taskbroker.errors import StoreLost, one_line
 from taskbroker.protocol.codec import MAX_MESSAGE_SIZE
 from taskbroker.services import ServiceTree, StepService
 from taskbroker.transport.zmq import RouterSocket, ZmqFactoryService
@@ -99,6 +102,19 @@ class BrokerService(ServiceTree):
         # Not returned: it fires only if the database is lost.
         self.store.when_lost().addCallback(self.fail)
 
+    def _check_database(self):
+        if self.config.check_database == "none":
+            return
+        self.store.check().addErrback(self._check_failed)
+
+    def _check_failed(self, reason):
+        # A damaged database is lost, and when_lost stops the broker; a
+        # check interrupted by a stop needs no word.
+        if reason.check(StoreLost) or not self.running:
+            return
+        log.warn("the database could not be checked: {error}",
+                 error=one_line(reason.value))
+
     def _bind(self):
         try:
             self.socket = RouterSocket(
@@ -120,6 +136,7 @@ class BrokerService(ServiceTree):
             endpoint=self.socket.endpoint, database=self.config.database,
             levels=",".join(self.config.priorities),
             instance=self.broker.instance_id)
+        self._check_database()
 
     def _sweep(self):
         # A heartbeat to every worker: one look for input after them all,

@@ -82,6 +82,20 @@ def touch(cursor):
     cursor.execute("UPDATE taskbroker_schema SET version = version")
 
 
+def quick_check(connection, limit):
+    """
+    Run ``PRAGMA quick_check``.
+
+    :returns: the problems found, one line each (at most ``limit``
+        reports, some of several lines); none when the database is sound.
+    """
+    rows = connection.execute(f"PRAGMA quick_check({limit:d})").fetchall()
+    lines = [line for (text,) in rows for line in str(text).splitlines()]
+    if lines == ["ok"]:
+        return []
+    return [line for line in lines if not line.startswith("*** in database")]
+
+
 def transaction(cursor, operations, isolate):
     outcomes = []
     cursor.execute("BEGIN IMMEDIATE")

@@ -7,6 +7,7 @@ runs WAL checkpoints on a connection of its own, apart from commits.
 """
 
 import queue
+import sqlite3
 import threading
 
 from twisted.internet import defer, threads
@@ -45,6 +46,8 @@ class ConnectionThread:
         self._thread = threading.Thread(target=self._work, name=name,
                                         daemon=True)
         self._stopped = None
+        self._connection = None
+        self._interrupted = False
 
     def start(self):
         """
@@ -85,6 +88,18 @@ class ConnectionThread:
         self._queue.put(None)
         return self._stopped
 
+    def interrupt(self):
+        """
+        Make the call running in the thread, and every later one, fail
+        with ``sqlite3.OperationalError`` ("interrupted"); safe from any
+        thread.  For a thread that is no longer needed, such as one that
+        runs a long check.
+        """
+        self._interrupted = True
+        connection = self._connection
+        if connection is not None:
+            connection.interrupt()
+
     def _work(self):
         call = self._reactor.callFromThread
         try:
@@ -95,17 +110,21 @@ class ConnectionThread:
             call(d.errback, failure)
             call(self._stopped.callback, None)
             return
+        self._connection = connection
         while True:
             item = self._queue.get()
             if item is None:
                 break
             function, args, d = item
             try:
+                if self._interrupted:
+                    raise sqlite3.OperationalError("interrupted")
                 result = function(connection, *args)
             except BaseException:
                 call(d.errback, Failure())
             else:
                 call(d.callback, result)
+        self._connection = None
         try:
             connection.close()
         except BaseException:

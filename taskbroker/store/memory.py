@@ -174,6 +174,13 @@ class MemoryStore:
         """
         return defer.Deferred()
 
+    def check(self):
+        """
+        See :meth:`taskbroker.interfaces.ITaskStore.check`: nothing to
+        check.
+        """
+        return self._run(self._check_open)
+
     def submit(self, tasks):
         """
         See :meth:`taskbroker.interfaces.ITaskStore.submit`.

@@ -36,6 +36,11 @@ log = Logger()
 
 _SYNCHRONOUS = {"normal": "NORMAL", "full": "FULL"}
 
+#: How many of ``PRAGMA quick_check``'s reports the store asks for, and
+#: how many lines of them a damaged database's error shows.
+CHECK_REPORTS = 10
+CHECK_SHOWN = 3
+
 #: Transactions queued to the database thread at once.  Two let the next
 #: batch start as soon as one commits, without waiting for the reactor to
 #: hear of it; the store's single thread still runs them in order.
@@ -106,6 +111,7 @@ class SQLiteStore:
         self._thread = None
         self._checkpointer = None
         self._counter = None
+        self._checker = None
         self._journal_mode = None
         # The StoreLost that ended this store's use, once there is one.
         self._lost = None
@@ -287,7 +293,8 @@ class SQLiteStore:
 
     def _connect_reader(self):
         """
-        Open a read-only connection, for the counts; runs in its thread.
+        Open a read-only connection, for the counts and the integrity
+        check; runs in its thread.
         """
         connection = files.connect_existing(
             self._abspath, check_same_thread=False, isolation_level=None)
@@ -316,6 +323,9 @@ class SQLiteStore:
         if self._state != "open":
             return
         self._state = "closing"
+        if self._checker is not None:
+            # An integrity check may take minutes: stop it, not wait for it.
+            self._checker.interrupt()
         if self._busy():
             await self._idle.wait()
         await self._shut_down()
@@ -329,9 +339,11 @@ class SQLiteStore:
         Never fails: this runs on the way out, where an error has nowhere
         to go.
         """
-        if self._counter is not None:
-            counter, self._counter = self._counter, None
-            await counter.stop()
+        for name in ("_checker", "_counter"):
+            thread = getattr(self, name)
+            if thread is not None:
+                setattr(self, name, None)
+                await thread.stop()
         if self._checkpointer is not None:
             checkpointer, self._checkpointer = self._checkpointer, None
             await checkpointer.stop()
@@ -372,6 +384,44 @@ class SQLiteStore:
             return
         self._lost = error
         self._lost_event.fire(str(error))
+
+    # Checking
+
+    def check(self):
+        """
+        See :meth:`taskbroker.interfaces.ITaskStore.check`.  It runs
+        ``PRAGMA quick_check`` on a connection and thread of its own, so
+        that the store's work goes on meanwhile; closing the store stops
+        it.  A damaged database is lost (see :meth:`when_lost`).
+        """
+        if self._state != "open":
+            return defer.fail(self._not_open())
+        return defer.Deferred.fromCoroutine(self._check())
+
+    async def _check(self):
+        path = self._abspath
+        checker = self._checker = ConnectionThread(
+            self._reactor, self._connect_reader, "taskbroker-sqlite-check")
+        started = self._reactor.seconds()
+        log.info("checking database {path} (PRAGMA quick_check)", path=path)
+        try:
+            await checker.start()
+            problems = await checker.run(sql.quick_check, CHECK_REPORTS)
+        except sqlite3.DatabaseError as e:
+            if not _is_damage(e):
+                raise StoreError(
+                    f"could not check database {path}: {one_line(e)}") from e
+            problems = [one_line(e)]
+        finally:
+            if self._checker is checker:
+                self._checker = None
+                await checker.stop()
+        if problems:
+            error = _damaged(path, problems)
+            self._lose(error)
+            raise error
+        log.info("database {path} passed its integrity check in {seconds:.2f} "
+                 "s", path=path, seconds=self._reactor.seconds() - started)
 
     # Group commit
 
@@ -619,6 +669,19 @@ class SQLiteStore:
         the broker's commits.
         """
         return self._read(sql.counts, now, thread=self._counter)
+
+
+def _is_damage(error):
+    # SQLITE_CORRUPT and SQLITE_NOTADB, with their extended codes.
+    return getattr(error, "sqlite_errorcode", 0) & 0xFF in (11, 26)
+
+
+def _damaged(path, problems):
+    shown = "; ".join(problems[:CHECK_SHOWN])
+    return StoreLost(
+        f"database {path} is damaged: PRAGMA quick_check found: {shown}"
+        + (" (and more)" if len(problems) > CHECK_SHOWN else "")
+        + "; see 'Database faults' in the docs to recover it")
 
 
 def _bad_final_state(state):

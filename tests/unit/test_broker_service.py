@@ -70,3 +70,22 @@ def test_the_descriptor_limit_is_raised_logged_and_a_low_one_warned(
         [event] = events
         assert event["limit"] == limit and event["log_level"].name == level
     assert set_to == [(524288, 524288), (1_048_576, resource.RLIM_INFINITY)]
+
+
+class CountingStore(MemoryStore):
+    checks = 0
+
+    def check(self):
+        self.checks += 1
+        return MemoryStore.check(self)
+
+
+def test_the_database_is_checked_once_listening_unless_told_not_to():
+    for setting, checks in (("quick", 1), ("none", 0)):
+        clock = Clock()
+        store = CountingStore(clock)
+        result_of(store.open())
+        service = BrokerService(BrokerConfig(check_database=setting), store,
+                                clock)
+        service._check_database()
+        assert store.checks == checks

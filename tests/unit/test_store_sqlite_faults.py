@@ -1,10 +1,10 @@
 # -*- test-case-name: tests.unit.test_store_sqlite_faults -*-
 """
 The SQLite store against faults of its files: a database that is missing
-where its lock file says one was, one that cannot be written, and one
-removed or replaced while open.  Real files in ``tmp_path``; the non-root
-cases (files this process may not write) are in
-``tests/integration/test_database_faults.py``, since tests run as root.
+where its lock file says one was, one that cannot be written, one
+removed or replaced while open, and a damaged one.  Real files in
+``tmp_path``; the non-root cases (files this process may not write) are
+in ``tests/integration/test_database_faults.py``, since tests run as root.
 """
 
 import os
@@ -13,11 +13,13 @@ from contextlib import closing
 
 import pytest
 import pytest_twisted
-from twisted.internet import defer
+from twisted.internet import defer, task
 
 from taskbroker.errors import StoreError, StoreLost
+from taskbroker.store._sqlite_threads import ConnectionThread
 from taskbroker.store.sqlite import SQLiteStore
 from taskbroker.testing.store_contract import new_task, rows_of
+from tests.damage import damage_index_pages
 
 #: How long a test waits for something the store does by itself.
 WAIT = 10.0
@@ -187,3 +189,74 @@ def test_the_watch_costs_one_stat_per_file(tmp_path, monkeypatch):
         assert looked_at == [path, path + ".lock"]
     finally:
         os.close(fd)
+
+
+# Damage
+
+
+async def fill(store, tasks=2000):
+    for start in range(0, tasks, 500):
+        await store.submit([new_task(payload=f'"{i:0>200}"')
+                            for i in range(start, start + 500)])
+
+
+@pytest_twisted.ensureDeferred
+async def test_check_passes_a_sound_database(store):
+    await fill(store, 500)
+    await store.check()
+    await store.submit([new_task()])
+
+
+@pytest_twisted.ensureDeferred
+async def test_check_finds_damage_in_the_middle_of_the_file(reactor, db_path):
+    store = SQLiteStore(db_path, reactor)
+    await store.open()
+    await fill(store)
+    await store.close()
+    pages = damage_index_pages(db_path)
+    await store.open()  # opening reads too little to notice
+    try:
+        lost = store.when_lost()
+        with pytest.raises(StoreLost) as caught:
+            await store.check()
+        message = str(caught.value)
+        assert message.startswith(
+            f"database {db_path} is damaged: PRAGMA quick_check found: Page ")
+        assert message.endswith(
+            "; see 'Database faults' in the docs to recover it")
+        assert any(f"Page {page}:" in message for page in pages)
+        assert "\n" not in message
+        assert await lost == message
+        with pytest.raises(StoreLost):
+            await store.submit([new_task()])
+    finally:
+        await store.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_check_that_cannot_run_is_a_store_error(store):
+    await store.close()
+    with pytest.raises(StoreError):
+        await store.check()
+
+
+@pytest_twisted.ensureDeferred
+async def test_interrupt_stops_a_long_statement_and_every_later_one(reactor):
+    thread = ConnectionThread(
+        reactor, lambda: sqlite3.connect(":memory:", check_same_thread=False),
+        "test-interrupt")
+    await thread.start()
+    endless = thread.run(lambda connection: connection.execute(
+        "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n) "
+        "SELECT count(*) FROM n").fetchone())
+    later = thread.run(lambda connection: 1)
+    started = thread.run(lambda connection: None)
+    # The endless query runs once the thread got past the first call.
+    await task.deferLater(reactor, 0.05, lambda: None)
+    thread.interrupt()
+    with pytest.raises(sqlite3.OperationalError, match="interrupted"):
+        await endless.addTimeout(WAIT, reactor)
+    for d in (later, started):
+        with pytest.raises(sqlite3.OperationalError, match="interrupted"):
+            await d
+    await thread.stop()
