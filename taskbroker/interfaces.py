@@ -118,6 +118,12 @@ class ITaskStore(Interface):
         :returns: a ``Deferred`` firing with ``None``.  Safe to call twice.
         """
 
+    write_error = Attribute(
+        "``None`` while writes work; after a write transaction failed, and "
+        "until one commits again, why it failed (``str``, one line).  A "
+        "store that fails writes tries an empty write now and then, so that "
+        "this clears by itself when the trouble passes.")
+
     def when_lost():
         """
         Wait until the store finds that it can no longer keep its promises

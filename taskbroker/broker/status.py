@@ -209,7 +209,11 @@ class Status:
         broker = self._broker
         tasks, waiting, delayed = self.tasks.summary()
         counted_at = self.tasks.counted_at
+        write_error = broker.store.write_error
         return {
+            # First: what a health check reads.
+            "accepting_work": write_error is None,
+            "write_error": write_error,
             "priorities": list(broker.levels),
             "tasks": tasks,
             "waiting": waiting,

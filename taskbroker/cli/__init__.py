@@ -1,7 +1,7 @@
 # -*- test-case-name: tests.unit.test_cli -*-
 """
 The ``taskbroker`` command: submit, inspect, cancel and retry tasks, and look
-at workers and statistics, from a shell.
+at workers, statistics and health, from a shell.
 
 Each run sends a few requests and exits, so it uses the blocking client
 (:class:`taskbroker.client.blocking.BlockingClient`) instead of running a
@@ -13,8 +13,8 @@ get right, and a Ctrl-C interrupts a plain poll cleanly.
 Exit codes: 0 success; 1 the task failed or was cancelled (``--wait``), or
 an unexpected internal error; 2 a usage error or a request the broker
 refused (e.g. ``not_cancellable``, ``not_retryable``); 3 the broker is
-unreachable, did not answer within ``--timeout``, or is unavailable; 4 no
-such task.  Every error is one line on stderr that starts with
+unreachable, did not answer within ``--timeout``, or is unavailable, or
+(``health``) it is up but cannot write its database; 4 no such task.  Every error is one line on stderr that starts with
 ``taskbroker:``; so are warnings and notes.
 """
 

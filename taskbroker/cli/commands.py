@@ -319,11 +319,31 @@ def _workers(client, options, output, stdin):
     return EXIT_OK
 
 
+def _health(client, options, output, stdin):
+    stats = client.stats()
+    accepting = stats.get("accepting_work")
+    if accepting is True:
+        output.line("accepting work")
+        return EXIT_OK
+    if accepting is False:
+        output.error("up but cannot write: "
+                     + _text(stats.get("write_error")))
+        return EXIT_UNAVAILABLE
+    output.error("the broker does not say whether it accepts work (is it "
+                 "an older version?)")
+    return EXIT_INTERNAL
+
+
 def _stats(client, options, output, stdin):
     stats = client.stats()
     if options["json"]:
         output.json(stats)
         return EXIT_OK
+    if stats.get("accepting_work") is True:
+        output.line("accepting work")
+    elif stats.get("accepting_work") is False:
+        output.line("NOT accepting work, cannot write: "
+                    + _text(stats.get("write_error")))
     output.line(f"workers: {_text(stats.get('workers'))}, slots: "
                 f"{_text(stats.get('slots'))}, free slots: "
                 f"{_text(stats.get('free_slots'))}")
@@ -367,4 +387,5 @@ _COMMANDS = {
     "retry": _retry,
     "workers": _workers,
     "stats": _stats,
+    "health": _health,
 }

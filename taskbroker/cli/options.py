@@ -266,6 +266,19 @@ class StatsOptions(_CommandOptions):
     optFlags = [["json", "j", "Print the statistics as JSON."]]
 
 
+class HealthOptions(_CommandOptions):
+    """
+    The options of ``taskbroker health``.
+    """
+
+    synopsis = ""
+    longdesc = (
+        "Say whether the broker accepts work: print 'accepting work' and "
+        "exit 0 when it can write its database; exit 3 with one line "
+        "saying why when it is up but cannot write, or when it cannot be "
+        "reached.")
+
+
 class Options(_Options):
     """
     The ``taskbroker`` command line.
@@ -277,7 +290,7 @@ class Options(_Options):
         "Talk to a taskbroker broker.  Exit codes: 0 ok; 1 the task failed "
         "or was cancelled (submit --wait), or an internal error; 2 usage "
         "error or request refused; 3 broker unreachable, not answering or "
-        "unavailable; 4 no such task.")
+        "unavailable, or (health) up but unable to write; 4 no such task.")
     # Checked and layered with the environment by client_config; the
     # defaults are shown in the help.
     optParameters = [
@@ -292,6 +305,9 @@ class Options(_Options):
         ["retry", None, RetryOptions, "Queue a failed or cancelled task again."],
         ["workers", None, WorkersOptions, "List the connected workers."],
         ["stats", None, StatsOptions, "Show the broker's statistics."],
+        ["health", None, HealthOptions,
+         "Say whether the broker accepts work (exit 0) or cannot write "
+         "(exit 3)."],
     ]
 
     def postOptions(self):

@@ -42,6 +42,10 @@ class MemoryStore:
         methods themselves read no clock.
     """
 
+    #: Writes in memory do not fail; see
+    #: :attr:`taskbroker.interfaces.ITaskStore.write_error`.
+    write_error = None
+
     def __init__(self, clock=None):
         self._clock = Clock() if clock is None else clock
         # Insertion order is id order, because ids only grow.

@@ -36,6 +36,11 @@ log = Logger()
 
 _SYNCHRONOUS = {"normal": "NORMAL", "full": "FULL"}
 
+#: After a write transaction failed, seconds until the store tries an
+#: empty one, so that it finds out by itself when writes work again (see
+#: :attr:`SQLiteStore.write_error`).
+WRITE_PROBE_INTERVAL = 5.0
+
 #: How many of ``PRAGMA quick_check``'s reports the store asks for, and
 #: how many lines of them a damaged database's error shows.
 CHECK_REPORTS = 10
@@ -87,6 +92,8 @@ class SQLiteStore:
         lock file exists (see :meth:`open`).
     :ivar int transactions: how many write transactions (group commits)
         the store has started; for tests and metrics.
+    :ivar write_error: see
+        :attr:`taskbroker.interfaces.ITaskStore.write_error`.
     """
 
     def __init__(self, path, reactor, synchronous="normal", busy_timeout=5.0,
@@ -97,6 +104,7 @@ class SQLiteStore:
             )
         self.path = path
         self.transactions = 0
+        self.write_error = None
         self._reactor = reactor
         self._create_database = create_database
         self._synchronous = synchronous
@@ -116,6 +124,7 @@ class SQLiteStore:
         # The StoreLost that ended this store's use, once there is one.
         self._lost = None
         self._lost_event = Event()
+        self._probe_call = None
         # Group commit: (operation, args, Deferred) waiting for a flush.
         self._pending = []
         self._flush_call = None
@@ -323,6 +332,7 @@ class SQLiteStore:
         if self._state != "open":
             return
         self._state = "closing"
+        self._stop_probing()
         if self._checker is not None:
             # An integrity check may take minutes: stop it, not wait for it.
             self._checker.interrupt()
@@ -383,6 +393,8 @@ class SQLiteStore:
         if self._lost is not None:
             return
         self._lost = error
+        self.write_error = one_line(error)
+        self._stop_probing()
         self._lost_event.fire(str(error))
 
     # Checking
@@ -482,6 +494,11 @@ class SQLiteStore:
 
     def _flushed(self, outcomes, batch):
         self._flushing -= 1
+        if self.write_error is not None:
+            log.info("writes to database {path} work again",
+                     path=self._abspath)
+            self.write_error = None
+            self._stop_probing()
         for (_, _, d), (ok, value) in zip(batch, outcomes):
             if ok:
                 d.callback(value)
@@ -501,12 +518,35 @@ class SQLiteStore:
                 f"{one_line(error)}"
             )
             wrapped.__cause__ = error
+            self.write_error = one_line(wrapped)
+            self._start_probing()
             error = wrapped
         for _, _, d in batch:
             d.errback(Failure(error))
         if isinstance(error, StoreLost):
             self._lose(error)
         self._after_work()
+
+    def _start_probing(self):
+        """
+        Try an empty write transaction in a while, and again after each
+        that fails, until one commits: without it, a broker with nothing
+        to write would report a passing trouble for ever.
+        """
+        if self._probe_call is None and self._state == "open":
+            self._probe_call = self._reactor.callLater(
+                WRITE_PROBE_INTERVAL, self._probe)
+
+    def _probe(self):
+        self._probe_call = None
+        # Its failure is recorded, and the next probe scheduled, by
+        # _flush_failed.
+        self._write(sql.touch).addErrback(lambda _: None)
+
+    def _stop_probing(self):
+        if self._probe_call is not None:
+            call, self._probe_call = self._probe_call, None
+            call.cancel()
 
     def _busy(self):
         return bool(

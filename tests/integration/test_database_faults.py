@@ -1,6 +1,7 @@
 """
 Database faults with real daemons: the database's files removed, moved
-or replaced under the broker, files that it cannot write, and damage.
+or replaced under the broker, files that it cannot write, damage, and
+writes that fail for a while.
 
 After each one: nothing is acknowledged that the database does not hold;
 where the broker must exit, it exits 1 with one critical line; and after a
@@ -256,3 +257,33 @@ def test_a_damaged_database_stops_the_broker_once_it_listens(cluster):
     cluster.start_worker(*HEARTBEAT, "--concurrency", "4", name="w1")
     done = still_serves(cluster, acknowledged)
     assert len(done) == 1000
+
+
+# Writes that fail for a while
+
+
+def test_health_tells_accepting_work_from_up_but_cannot_write(cluster):
+    cluster.start_broker(*HEARTBEAT)
+    cluster.start_worker(*HEARTBEAT, name="w1")
+    healthy = cluster.cli("health")
+    assert (healthy.returncode, healthy.stdout) == (0, "accepting work\n")
+    path = database(cluster)
+    with closing(sqlite3.connect(path, isolation_level=None)) as other:
+        # Another program holds the write lock for longer than the
+        # broker's 5 s busy timeout.
+        other.execute("BEGIN IMMEDIATE")
+        refused = cluster.cli("submit", "echo", "--timeout", "10")
+        assert refused.returncode == 3
+        sick = cluster.cli("health")
+        assert (sick.returncode, sick.stdout) == (3, "")
+        assert sick.stderr == (
+            f"taskbroker: up but cannot write: database {path}: transaction "
+            "failed: database is locked\n")
+        stats = cluster.cli("stats", "--json")
+        assert '"accepting_work":false' in stats.stdout
+        mark = cluster.broker.mark()
+        other.execute("ROLLBACK")
+    # Nobody writes: the broker finds out by itself.
+    cluster.broker.wait_for(r"writes to database \S+ work again", start=mark)
+    assert cluster.cli("health").returncode == 0
+    still_serves(cluster)

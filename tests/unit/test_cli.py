@@ -626,6 +626,50 @@ def test_stats_json_and_summary(broker):
     assert lines[-1].startswith("(tasks recounted 42 s ago;")
 
 
+def test_stats_say_first_whether_the_broker_accepts_work(broker):
+    broker.handlers["STATS"] = lambda body: reply(stats=dict(
+        STATS, accepting_work=False, write_error="database x: disk I/O error"))
+    lines = at(broker, "stats").stdout.splitlines()
+    assert lines[0] == ("NOT accepting work, cannot write: database x: "
+                        "disk I/O error")
+    broker.handlers["STATS"] = lambda body: reply(stats=dict(
+        STATS, accepting_work=True, write_error=None))
+    assert at(broker, "stats").stdout.splitlines()[0] == "accepting work"
+
+
+def test_health_exits_0_when_the_broker_accepts_work(broker):
+    broker.handlers["STATS"] = lambda body: reply(stats=dict(
+        STATS, accepting_work=True, write_error=None))
+    result = at(broker, "health")
+    assert (result.code, result.stdout, result.stderr) == (
+        0, "accepting work\n", "")
+
+
+def test_health_exits_3_with_one_line_when_the_broker_cannot_write(broker):
+    broker.handlers["STATS"] = lambda body: reply(stats=dict(
+        STATS, accepting_work=False,
+        write_error="database /srv/tasks.sqlite: transaction failed: "
+                    "database is locked"))
+    result = at(broker, "health")
+    assert result.code == 3 and result.stdout == ""
+    assert result.error_line() == (
+        "taskbroker: up but cannot write: database /srv/tasks.sqlite: "
+        "transaction failed: database is locked")
+
+
+def test_health_of_a_broker_that_does_not_say_is_not_ok(broker):
+    broker.handlers["STATS"] = lambda body: reply(stats=STATS)
+    result = at(broker, "health")
+    assert result.code == 1
+    assert "does not say whether it accepts work" in result.error_line()
+
+
+def test_health_of_an_unreachable_broker_exits_3(silent_endpoint):
+    result = run("--broker", silent_endpoint, "--timeout", "0.05", "health")
+    assert result.code == 3
+    assert result.error_line().startswith("taskbroker: no answer from")
+
+
 def test_global_options_after_the_command(broker):
     broker.handlers["STATS"] = lambda body: reply(stats=STATS)
     result = run("stats", "--json", "--broker", broker.endpoint,

@@ -54,6 +54,21 @@ def test_stats_answers_from_memory_after_its_first_count():
     assert stats["counts_age"] == 7.0 and len(reads) == 1
 
 
+def test_stats_say_whether_the_broker_accepts_work():
+    clock, store = open_store()
+    peers = Peers()
+    broker = start_broker(store, clock, peers)
+
+    def stats():
+        broker.handle(Sender(b"client"), codec.encode(b"STATS", {"req": "r"}))
+        return peers.sent[-1][2]["stats"]
+
+    assert (stats()["accepting_work"], stats()["write_error"]) == (True, None)
+    store.write_error = "database x: transaction failed: disk I/O error"
+    assert (stats()["accepting_work"], stats()["write_error"]) == (
+        False, "database x: transaction failed: disk I/O error")
+
+
 ACTIONS = st.tuples(
     st.sampled_from(["submit", "later", "sql", "bad-sql", "run", "fail",
                      "cancel-queued", "cancel-running", "retry", "tick",

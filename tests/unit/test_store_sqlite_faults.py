@@ -1,8 +1,8 @@
 # -*- test-case-name: tests.unit.test_store_sqlite_faults -*-
 """
 The SQLite store against faults of its files: a database that is missing
-where its lock file says one was, one that cannot be written, one
-removed or replaced while open, and a damaged one.  Real files in
+where its lock file says one was, a database removed or replaced while
+open, a damaged one, and writes that fail for a while.  Real files in
 ``tmp_path``; the non-root cases (files this process may not write) are
 in ``tests/integration/test_database_faults.py``, since tests run as root.
 """
@@ -16,6 +16,7 @@ import pytest_twisted
 from twisted.internet import defer, task
 
 from taskbroker.errors import StoreError, StoreLost
+from taskbroker.store import sqlite as sqlite_store_module
 from taskbroker.store._sqlite_threads import ConnectionThread
 from taskbroker.store.sqlite import SQLiteStore
 from taskbroker.testing.store_contract import new_task, rows_of
@@ -23,6 +24,7 @@ from tests.damage import damage_index_pages
 
 #: How long a test waits for something the store does by itself.
 WAIT = 10.0
+
 
 @pytest.fixture
 def reactor():
@@ -44,6 +46,17 @@ async def store(reactor, db_path):
         yield store
     finally:
         await store.close()
+
+
+async def until(reactor, condition, what):
+    """
+    Wait until ``condition()`` is true, looking every 20 ms, for at most
+    :data:`WAIT` seconds.
+    """
+    deadline = reactor.seconds() + WAIT
+    while not condition():
+        assert reactor.seconds() < deadline, f"still waiting for {what}"
+        await task.deferLater(reactor, 0.02, lambda: None)
 
 
 def remove(path, *suffixes):
@@ -128,6 +141,7 @@ async def test_writes_after_a_removal_are_not_acknowledged(
         assert not ok and failure.check(StoreLost)
         assert str(failure.value) == message
     assert await lost == message
+    assert store.write_error == message
     # From now on, writes fail at once.
     with pytest.raises(StoreLost):
         await store.submit([new_task()])
@@ -204,6 +218,7 @@ async def fill(store, tasks=2000):
 async def test_check_passes_a_sound_database(store):
     await fill(store, 500)
     await store.check()
+    assert store.write_error is None
     await store.submit([new_task()])
 
 
@@ -260,3 +275,30 @@ async def test_interrupt_stops_a_long_statement_and_every_later_one(reactor):
         with pytest.raises(sqlite3.OperationalError, match="interrupted"):
             await d
     await thread.stop()
+
+
+# Writes that fail for a while
+
+
+@pytest_twisted.ensureDeferred
+async def test_write_error_lasts_until_a_write_commits_again(
+        reactor, db_path, monkeypatch):
+    monkeypatch.setattr(sqlite_store_module, "WRITE_PROBE_INTERVAL", 0.05)
+    store = SQLiteStore(db_path, reactor, busy_timeout=0.05)
+    await store.open()
+    try:
+        assert store.write_error is None
+        with closing(sqlite3.connect(db_path, isolation_level=None)) as other:
+            # Another program holds the write lock longer than the store
+            # waits for it.
+            other.execute("BEGIN IMMEDIATE")
+            with pytest.raises(StoreError):
+                await store.submit([new_task()])
+            assert store.write_error == (
+                f"database {db_path}: transaction failed: database is locked")
+            other.execute("ROLLBACK")
+        # Nothing else writes: the store's own empty writes find out.
+        await until(reactor, lambda: store.write_error is None,
+                    "the write error to clear")
+    finally:
+        await store.close()
