@@ -3,6 +3,9 @@
 ``twistd taskbroker``: the broker's command line.
 """
 
+import faulthandler
+import sys
+
 from taskbroker._tap import DaemonOptions, exit_with
 from taskbroker.config import BROKER_SETTINGS, broker_config
 
@@ -34,8 +37,23 @@ def makeService(options):
     from taskbroker.store import store_from_url
 
     config = options.config
+    _report_crashes()
     store = store_from_url(config.database, reactor,
                            synchronous=config.sqlite_synchronous,
                            create_database=config.create_database)
     return BrokerService(config, store, reactor,
                          on_fatal=lambda message: exit_with(reactor, 1))
+
+
+def _report_crashes():
+    """
+    Have Python write every thread's stack to standard error if the
+    process dies of a fault in C code.  SQLite maps the database's -shm
+    file into memory: when another program truncates that file, the
+    broker's next look at it ends the process with ``SIGBUS`` at once,
+    with no chance to log a line.
+    """
+    try:
+        faulthandler.enable(file=sys.__stderr__, all_threads=True)
+    except (AttributeError, ValueError, OSError):
+        pass  # no standard error to write to (a closed descriptor)

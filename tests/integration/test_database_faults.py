@@ -1,6 +1,6 @@
 """
-Database faults with real daemons: the database's files removed, moved
-or replaced under the broker, files that it cannot write, damage, and
+Database faults with real daemons: the database's files removed, moved,
+replaced, made read-only, damaged or truncated under the broker, and
 writes that fail for a while.
 
 After each one: nothing is acknowledged that the database does not hold;
@@ -224,6 +224,30 @@ def test_an_shm_file_the_broker_cannot_write_is_refused_at_start(
         "the folder it is in, and the -wal and -shm files next to it")
     os.chown(shm, uid, gid)
     cluster.start_broker(*HEARTBEAT, prefix=prefix)
+    cluster.start_worker(*HEARTBEAT, name="w1")
+    still_serves(cluster, acknowledged)
+
+
+# The -shm file truncated under the broker
+
+
+def test_an_shm_file_truncated_under_the_broker_ends_it_with_sigbus(cluster):
+    """
+    SQLite maps the -shm file into memory; cut short, the mapping's pages
+    no longer exist and the next look at them ends the process with
+    SIGBUS, which no code can catch.  Python's fault handler says so on
+    standard error, and nothing acknowledged is lost: the -wal file holds
+    every commit, and the next broker rebuilds the -shm from it.
+    """
+    cluster.start_broker(*HEARTBEAT)
+    acknowledged = submit(cluster, 5)
+    os.truncate(database(cluster) + "-shm", 0)
+    assert submits_after_a_fault(cluster, 20) == []
+    assert cluster.broker.wait_exit() == -signal.SIGBUS
+    output = cluster.broker.output(200)
+    assert "Fatal Python error: Bus error" in output
+    assert "taskbroker/store/" in output.split("Current thread")[1]
+    cluster.start_broker(*HEARTBEAT, listen=cluster.endpoint)
     cluster.start_worker(*HEARTBEAT, name="w1")
     still_serves(cluster, acknowledged)
 
