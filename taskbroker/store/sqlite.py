@@ -495,10 +495,10 @@ class SQLiteStore:
     def _flushed(self, outcomes, batch):
         self._flushing -= 1
         if self.write_error is not None:
-            log.info("writes to database {path} work again",
-                     path=self._abspath)
             self.write_error = None
             self._stop_probing()
+            log.info("writes to database {path} work again",
+                     path=self._abspath)
         for (_, _, d), (ok, value) in zip(batch, outcomes):
             if ok:
                 d.callback(value)

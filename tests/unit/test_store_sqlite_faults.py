@@ -9,11 +9,12 @@ in ``tests/integration/test_database_faults.py``, since tests run as root.
 
 import os
 import sqlite3
-from contextlib import closing
+from contextlib import closing, contextmanager
 
 import pytest
 import pytest_twisted
-from twisted.internet import defer, task
+from twisted.internet import defer
+from twisted.logger import globalLogPublisher
 
 from taskbroker.errors import StoreError, StoreLost
 from taskbroker.store import sqlite as sqlite_store_module
@@ -48,15 +49,23 @@ async def store(reactor, db_path):
         await store.close()
 
 
-async def until(reactor, condition, what):
+@contextmanager
+def first_logged(log_format):
     """
-    Wait until ``condition()`` is true, looking every 20 ms, for at most
-    :data:`WAIT` seconds.
+    :returns: a ``Deferred`` that fires with the first event logged, while
+        in the context, with this format.
     """
-    deadline = reactor.seconds() + WAIT
-    while not condition():
-        assert reactor.seconds() < deadline, f"still waiting for {what}"
-        await task.deferLater(reactor, 0.02, lambda: None)
+    d = defer.Deferred()
+
+    def observe(event):
+        if event.get("log_format") == log_format and not d.called:
+            d.callback(event)
+
+    globalLogPublisher.addObserver(observe)
+    try:
+        yield d
+    finally:
+        globalLogPublisher.removeObserver(observe)
 
 
 def remove(path, *suffixes):
@@ -257,23 +266,27 @@ async def test_a_check_that_cannot_run_is_a_store_error(store):
 
 @pytest_twisted.ensureDeferred
 async def test_interrupt_stops_a_long_statement_and_every_later_one(reactor):
-    thread = ConnectionThread(
-        reactor, lambda: sqlite3.connect(":memory:", check_same_thread=False),
-        "test-interrupt")
+    running = defer.Deferred()
+
+    def connect():
+        connection = sqlite3.connect(":memory:", check_same_thread=False)
+        # Called by the statement itself, so it runs when this is heard.
+        connection.create_function("running", 0, lambda: reactor.callFromThread(
+            running.callback, None) or 1)
+        return connection
+
+    thread = ConnectionThread(reactor, connect, "test-interrupt")
     await thread.start()
     endless = thread.run(lambda connection: connection.execute(
-        "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n) "
-        "SELECT count(*) FROM n").fetchone())
+        "WITH RECURSIVE n(i) AS (SELECT running() UNION ALL "
+        "SELECT i + 1 FROM n) SELECT count(*) FROM n").fetchone())
     later = thread.run(lambda connection: 1)
-    started = thread.run(lambda connection: None)
-    # The endless query runs once the thread got past the first call.
-    await task.deferLater(reactor, 0.05, lambda: None)
+    await running.addTimeout(WAIT, reactor)
     thread.interrupt()
     with pytest.raises(sqlite3.OperationalError, match="interrupted"):
         await endless.addTimeout(WAIT, reactor)
-    for d in (later, started):
-        with pytest.raises(sqlite3.OperationalError, match="interrupted"):
-            await d
+    with pytest.raises(sqlite3.OperationalError, match="interrupted"):
+        await later
     await thread.stop()
 
 
@@ -296,9 +309,10 @@ async def test_write_error_lasts_until_a_write_commits_again(
                 await store.submit([new_task()])
             assert store.write_error == (
                 f"database {db_path}: transaction failed: database is locked")
-            other.execute("ROLLBACK")
-        # Nothing else writes: the store's own empty writes find out.
-        await until(reactor, lambda: store.write_error is None,
-                    "the write error to clear")
+            # Nothing else writes: the store's own empty writes find out.
+            with first_logged("writes to database {path} work again") as again:
+                other.execute("ROLLBACK")
+                await again.addTimeout(WAIT, reactor)
+        assert store.write_error is None
     finally:
         await store.close()
