@@ -23,7 +23,8 @@ The parts, each in its own module (see ``docs/architecture.rst``):
 - :mod:`~taskbroker.broker.feeder`: claiming for idle credits, on a
   store shared by several brokers;
 - :mod:`~taskbroker.broker.dispatch`: which task goes to which credit;
-- :mod:`~taskbroker.broker.requests`: the clients' commands;
+- :mod:`~taskbroker.broker.requests`: the clients' commands, and
+  :mod:`~taskbroker.broker.admission`: how many of them at once;
 - :mod:`~taskbroker.broker.status`: counters and task counts, for STATS.
 
 Each part is given this broker and reaches its siblings through it, as
