@@ -20,8 +20,10 @@ HIGH_WATER_MARK = 100_000
 #: reading that peer's connection (TCP then holds the sender back; nothing
 #: is dropped).  The broker reads as fast as it can and refuses what is
 #: over its bounds at once, so the queue is short in practice; this caps
-#: it at this many messages of at most MAX_MESSAGE_SIZE per peer.
-ROUTER_RECEIVE_HWM = 100
+#: it at this many messages of at most MAX_MESSAGE_SIZE per peer.  Not
+#: lower: libzmq lets the reading side acknowledge only every half of it,
+#: and at 100 the bulk throughput of `make bench` fell by a third.
+ROUTER_RECEIVE_HWM = 1000
 #: How long a connection may take to finish ZeroMQ's handshake, in ms,
 #: before it is dropped (libzmq's default is 30 s): bare TCP connections
 #: that never speak hold a descriptor no longer than this.
