@@ -21,6 +21,8 @@ MAX_PENDING = 1000
 #: The most bytes the counted requests being worked on may cost at once:
 #: each costs its body, as received, and the reply it may make.
 MAX_PENDING_BYTES = 16 * 1024 * 1024
+#: The most WAITs held open at once.
+MAX_WAITS = 10_000
 #: What a reply may hold: one task (a GET, a SUBMIT's echo, ...), or a
 #: LIST page, which ends after 1 MiB of task text and so holds at most
 #: that and one more task.
@@ -34,8 +36,6 @@ def cost(command, body):
     large tasks costs its reply, not its few bytes of request.
     """
     return len(body) + (_LIST_REPLY if command == b"LIST" else _REPLY)
-#: The most WAITs held open at once.
-MAX_WAITS = 10_000
 
 
 class Admission:

@@ -255,11 +255,6 @@ def _any(value):
     return value
 
 
-def _json(value):
-    # A payload or a result: decoded already, so only its depth is left.
-    return check_depth(value)
-
-
 def _string(value):
     if not isinstance(value, str) or len(value) > 1_000_000:
         raise ValueError("must be a string")
@@ -323,7 +318,7 @@ def _new_tasks(value):
 
 _NEW_TASK_FIELDS = {
     "handler": (_name, True),
-    "payload": (_json, False),
+    "payload": (check_depth, False),
     "priority": (_optional(_name), False),
     "max_attempts": (_optional(_int(1, 1000)), False),
     "delay": (_optional(_number(0, MAX_SECONDS)), False),
@@ -348,7 +343,7 @@ WORKER_COMMANDS = {
         "id": (_TASK_ID, True),
         "token": (_TOKEN, True),
         "state": (_choice("succeeded", "failed", "released"), True),
-        "result": (_json, False),
+        "result": (check_depth, False),
         "error": (_optional(_string), False),
         "traceback": (_optional(_string), False),
         "permanent": (_optional(_boolean), False),
@@ -396,7 +391,7 @@ BROKER_TO_WORKER_COMMANDS = {
     b"TASK": {
         "id": (_TASK_ID, True),
         "handler": (_name, True),
-        "payload": (_json, False),
+        "payload": (check_depth, False),
         "priority": (_name, True),
         "attempt": (_ATTEMPT, True),
         "max_attempts": (_int(1, 1000), True),
