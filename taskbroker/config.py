@@ -12,41 +12,24 @@ directly.
 """
 
 import os
-import re
 import socket
 from dataclasses import dataclass, field, fields
 from typing import Optional
 
 from taskbroker.errors import ConfigError
+from taskbroker.failover import connect_endpoint, endpoint, parse_endpoints
 from taskbroker.protocol.codec import MAX_NAME
 from taskbroker.store import parse_database_url
-
-_ENDPOINT = re.compile(r"^(tcp://[^\s]+:(\d+|\*)|ipc://\S+|inproc://\S+)$")
-
 
 # -- coercers: text -> value, ValueError with a reason ----------------------
 
 
-def endpoint(text):
-    match = _ENDPOINT.match(text)
-    if not match:
-        raise ValueError(
-            "expected a ZeroMQ endpoint such as tcp://127.0.0.1:5555")
-    # libzmq takes a TCP port modulo 65536 (":70000" binds 4464).
-    port = match.group(2)
-    if port is not None and port != "*" and int(port) > 65535:
-        raise ValueError("the port must be at most 65535")
-    return text
-
-
-def connect_endpoint(text):
+def endpoint_list(text):
     """
-    An endpoint to connect to: a wildcard or port 0 names no peer.
+    A failover list: comma-separated endpoints to connect to, each checked
+    as :func:`taskbroker.failover.connect_endpoint` does, none twice.
     """
-    endpoint(text)
-    if text.startswith("tcp://") and text.rsplit(":", 1)[1] in ("*", "0"):
-        raise ValueError("name the broker's port, e.g. tcp://127.0.0.1:5555")
-    return text
+    return parse_endpoints(text)
 
 
 def positive_number(text):
@@ -92,6 +75,7 @@ def positive_int(text):
 positive_number.coerceDoc = "A number greater than 0."
 non_negative_number.coerceDoc = "A number, 0 or more."
 positive_int.coerceDoc = "A whole number, 1 or more."
+endpoint_list.coerceDoc = "Comma-separated ZeroMQ endpoints, none twice."
 
 
 def name(text):
@@ -401,6 +385,21 @@ def broker_config(given, environ=None):
 # -- the worker -------------------------------------------------------------
 
 
+def _normalise_broker(config):
+    """
+    Make a config's ``broker`` a ``tuple`` of endpoints, for values built
+    directly (``WorkerConfig(broker="tcp://...")``).
+
+    :raises ConfigError: naming the bad endpoint.
+    """
+    if isinstance(config.broker, tuple) and config.broker:
+        return
+    try:
+        object.__setattr__(config, "broker", parse_endpoints(config.broker))
+    except ValueError as e:
+        raise ConfigError(f"broker: {e}") from None
+
+
 def default_worker_name():
     return f"{socket.gethostname()}-{os.getpid()}"
 
@@ -469,13 +468,19 @@ class ClientConfig:
     ``TASKBROKER_TIMEOUT``).
     """
 
-    broker: str = setting(
-        DEFAULT_ENDPOINT, connect_endpoint, "The broker's ZeroMQ endpoint.",
+    broker: tuple = setting(
+        (DEFAULT_ENDPOINT,), endpoint_list,
+        "The broker's ZeroMQ endpoint, or a failover list of brokers, "
+        "comma-separated: a request that gets no answer goes to the next.",
         short="b")
     timeout: float = setting(
         5.0, positive_number,
-        "Seconds to wait for each answer; every command tries three times.",
+        "Seconds to wait for each answer; every command tries three times "
+        "(and each broker of a list at least once).",
         short="t")
+
+    def __post_init__(self):
+        _normalise_broker(self)
 
 
 CLIENT_SETTINGS = settings_of(ClientConfig)

@@ -76,7 +76,8 @@ class _CommandOptions(_Options):
 
     optParameters = [
         ["broker", None, None,
-         "The broker's ZeroMQ endpoint (overrides the global option)."],
+         "The broker's ZeroMQ endpoint, or a comma-separated failover list "
+         "(overrides the global option)."],
         ["timeout", None, None,
          "Seconds to wait for each answer (overrides the global option)"],
     ]
@@ -279,12 +280,17 @@ class HealthOptions(_CommandOptions):
         "reached.")
 
 
+def _shown(default):
+    return ",".join(default) if isinstance(default, tuple) else default
+
+
 class Options(_Options):
     """
     The ``taskbroker`` command line.
     """
 
-    synopsis = ("Usage: taskbroker [--broker ENDPOINT] [--timeout SECONDS] "
+    synopsis = ("Usage: taskbroker [--broker ENDPOINT[,ENDPOINT...]] "
+                "[--timeout SECONDS] "
                 "COMMAND [options]")
     longdesc = (
         "Talk to a taskbroker broker.  Exit codes: 0 ok; 1 the task failed "
@@ -296,7 +302,7 @@ class Options(_Options):
     optParameters = [
         [s.option, s.short, None,
          f"{s.help} (environment: {s.variable('TASKBROKER_')}; default: "
-         f"{s.default})"] for s in CLIENT_SETTINGS]
+         f"{_shown(s.default)})"] for s in CLIENT_SETTINGS]
     subCommands = [
         ["submit", None, SubmitOptions, "Submit a task, or many with --from."],
         ["status", None, StatusOptions, "Show a task."],

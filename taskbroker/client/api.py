@@ -15,7 +15,21 @@ repeat, so a hidden loop here would only fight it.  Note that each call of
 :meth:`BrokerClient.submit` is a new ``SUBMIT`` with a new ``request_id``:
 calling it again after a timeout may create the task twice, unless it has
 a ``unique_key``.
+
+The one exception is a failover list of brokers that share one database:
+a request that gets no answer from one broker within the timeout (or
+cannot be queued to it) goes, unchanged, to the next broker of the list
+that it has not tried, and fails only when every broker has had its
+chance.  Unchanged means with the same ``req`` and, for a ``SUBMIT``, the
+same ``request_id``, which the shared database recognises, so a resent
+``SUBMIT`` creates its tasks once.  The client starts at a random broker
+of the list and moves to the next when one does not answer; later
+requests go where it moved.  Each broker gets its own socket, opened on
+first use, so a late answer from a broker left behind still arrives, and
+the first answer to a request wins.
 """
+
+import random
 
 from uuid import uuid4
 
@@ -36,6 +50,7 @@ from taskbroker.client import (
     workers_call,
 )
 from taskbroker.client.errors import BrokerUnavailable
+from taskbroker.failover import EndpointRing, parse_endpoints
 from taskbroker.protocol import codec
 from taskbroker.transport.options import client_options
 from taskbroker.transport.zmq import DealerSocket, ZmqFactoryService
@@ -43,54 +58,103 @@ from taskbroker.transport.zmq import DealerSocket, ZmqFactoryService
 __all__ = ["BrokerClient"]
 
 
+class _Pending:
+    """
+    A request waiting for its answer: its ``Deferred``, the timer of its
+    current try, its frames, and the brokers it was sent to, in order.
+    """
+
+    __slots__ = ("deferred", "timer", "request", "frames", "tried")
+
+    def __init__(self, deferred, request, frames):
+        self.deferred = deferred
+        self.timer = None
+        self.request = request
+        self.frames = frames
+        self.tried = []
+
+    def stop_timer(self):
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+        self.timer = None
+
+
 class BrokerClient:
     """
-    An asynchronous connection to a broker.
+    An asynchronous connection to a broker, or to one of a failover list
+    of brokers.
 
-    :ivar endpoint: the broker's ZeroMQ endpoint.
+    :ivar endpoints: the ``tuple`` of the brokers' endpoints.
+    :ivar endpoint: the endpoint new requests go to.
     :ivar timeout: seconds to wait for each answer.
     """
 
     log = Logger()
 
-    def __init__(self, reactor, endpoint, timeout=5.0, zmq_factory=None):
+    def __init__(self, reactor, endpoint, timeout=5.0, zmq_factory=None,
+                 start=None):
         """
         :param reactor: provides ``IReactorTime`` (for timeouts and waits)
             and, when ``zmq_factory`` is ``None``, the reactor the ZeroMQ
             socket is driven by.
-        :param endpoint: ``str``, e.g. ``"tcp://127.0.0.1:5555"``.
+        :param endpoint: ``str``, e.g. ``"tcp://127.0.0.1:5555"``; or a
+            failover list of brokers sharing one database, as a
+            comma-separated ``str`` or a ``list`` of ``str``.
         :param timeout: seconds (> 0) to wait for each answer; a ``WAIT``
             gets its own hold time on top.
         :param zmq_factory: a ``txzmq.ZmqFactory`` shared with other
             sockets; by default the client owns one and shuts it down on
             :meth:`close`.
+        :param start: the index in the list of the first broker to use;
+            ``None`` for a random one.
+        :raises ValueError: ``timeout`` or ``endpoint`` is invalid.
         """
         if not timeout > 0:
             raise ValueError(
                 f"timeout must be a positive number, not {timeout!r}")
+        endpoints = parse_endpoints(endpoint)
+        self._ring = EndpointRing(endpoints, random.randrange(
+            len(endpoints)) if start is None else start)
         self._reactor = reactor
-        self.endpoint = endpoint
         self.timeout = timeout
-        #: req -> (Deferred, IDelayedCall of its timeout)
+        #: req -> _Pending
         self._pending = {}
+        #: endpoint -> DealerSocket, opened on first use
+        self._sockets = {}
         self._closed = False
         self._factory_service = None
         if zmq_factory is None:
             self._factory_service = ZmqFactoryService(reactor)
             self._factory_service.startService()
             zmq_factory = self._factory_service.get_factory()
+        self._zmq_factory = zmq_factory
         try:
-            self._socket = DealerSocket(
-                zmq_factory, endpoint, self._message_received,
-                options=client_options())
+            self._socket_for(self.endpoint)
         except BaseException:
             if self._factory_service is not None:
                 self._factory_service.stopService()
             raise
 
+    @property
+    def endpoints(self):
+        return self._ring.endpoints
+
+    @property
+    def endpoint(self):
+        return self._ring.current
+
+    def _socket_for(self, endpoint):
+        socket = self._sockets.get(endpoint)
+        if socket is None:
+            socket = self._sockets[endpoint] = DealerSocket(
+                self._zmq_factory, endpoint,
+                lambda frames: self._message_received(frames, endpoint),
+                options=client_options())
+        return socket
+
     def close(self):
         """
-        Close the socket (and the ZeroMQ factory if the client owns it).
+        Close the sockets (and the ZeroMQ factory if the client owns it).
         Outstanding requests fail with ``BrokerUnavailable``.  Safe to call
         twice.
 
@@ -100,12 +164,12 @@ class BrokerClient:
             return succeed(None)
         self._closed = True
         pending, self._pending = self._pending, {}
-        for d, timer in pending.values():
-            if timer.active():
-                timer.cancel()
-            d.errback(BrokerUnavailable(
+        for entry in pending.values():
+            entry.stop_timer()
+            entry.deferred.errback(BrokerUnavailable(
                 "the client was closed before the broker answered"))
-        self._socket.close()
+        for socket in self._sockets.values():
+            socket.close()
         if self._factory_service is not None:
             self._factory_service.stopService()
         return succeed(None)
@@ -127,38 +191,79 @@ class BrokerClient:
         except Exception:
             return fail()
         d = Deferred(lambda d: self._forget(req))
-        timer = self._reactor.callLater(
-            self.timeout + request.extra_time, self._timed_out, req, request)
-        self._pending[req] = (d, timer)
-        if not self._socket.send(frames):
-            self._forget(req)
-            d.errback(BrokerUnavailable(
-                f"cannot send to {self.endpoint}: its queue is full"))
+        self._pending[req] = _Pending(d, request, frames)
+        self._transmit(req, self.endpoint)
         return d
+
+    def _transmit(self, req, endpoint):
+        """
+        Send (or resend) a pending request to one broker, and time it.
+        """
+        entry = self._pending[req]
+        entry.tried.append(endpoint)
+        entry.timer = self._reactor.callLater(
+            self.timeout + entry.request.extra_time, self._timed_out, req)
+        if not self._socket_for(endpoint).send(entry.frames):
+            self._no_answer(req, "its queue is full")
 
     def _forget(self, req):
         entry = self._pending.pop(req, None)
-        if entry is not None and entry[1].active():
-            entry[1].cancel()
+        if entry is not None:
+            entry.stop_timer()
 
-    def _timed_out(self, req, request):
-        entry = self._pending.pop(req, None)
+    def _timed_out(self, req):
+        entry = self._pending.get(req)
         if entry is None:
             return
-        command = request.command.decode("ascii")
-        reason = (f"no answer from {self.endpoint} within "
-                  f"{self.timeout + request.extra_time:g} s to {command}")
-        if request.writes:
-            reason += f"; the {command} may or may not have taken effect"
-        entry[0].errback(BrokerUnavailable(reason))
+        entry.timer = None
+        self._no_answer(req, f"no answer within "
+                        f"{self.timeout + entry.request.extra_time:g} s")
 
-    def _message_received(self, frames):
+    def _no_answer(self, req, why):
+        """
+        The broker a request was last sent to did not take it or did not
+        answer: send it to the next broker of the list it has not tried,
+        or fail it.
+        """
+        entry = self._pending[req]
+        entry.stop_timer()
+        left = entry.tried[-1]
+        if self._ring.current == left:
+            # New requests, too, go to the next broker from now on.
+            self._ring.advance()
+        untried = [e for e in self._rotation() if e not in entry.tried]
+        command = entry.request.command.decode("ascii")
+        if untried:
+            self.log.warn(
+                "{command} to {left}: {why}; trying {endpoint}",
+                command=command, left=left, why=why, endpoint=untried[0])
+            self._transmit(req, untried[0])
+            return
+        del self._pending[req]
+        if why == "its queue is full":
+            reason = f"cannot send to {left}: its queue is full"
+        else:
+            reason = (f"no answer from {', '.join(entry.tried)} within "
+                      f"{self.timeout + entry.request.extra_time:g} s "
+                      f"to {command}")
+        if entry.request.writes:
+            reason += f"; the {command} may or may not have taken effect"
+        entry.deferred.errback(BrokerUnavailable(reason))
+
+    def _rotation(self):
+        """
+        The endpoints in the order to try them, from the current one.
+        """
+        endpoints, position = self._ring.endpoints, self._ring.position
+        return endpoints[position:] + endpoints[:position]
+
+    def _message_received(self, frames, endpoint):
         try:
             reply = read_reply(frames)
         except codec.ProtocolError as e:
             self.log.warn(
                 "ignored an invalid message from {endpoint}: {reason}",
-                endpoint=self.endpoint, reason=e.message)
+                endpoint=endpoint, reason=e.message)
             return
         req = reply.req
         if req is None and len(self._pending) == 1:
@@ -172,12 +277,11 @@ class BrokerClient:
                 "it came after the timeout, or was an ERROR without req "
                 "({error})", req=reply.req, error=reply.error)
             return
-        d, timer = entry
-        timer.cancel()
+        entry.stop_timer()
         if reply.error is not None:
-            d.errback(reply.error)
+            entry.deferred.errback(reply.error)
         else:
-            d.callback(reply.body)
+            entry.deferred.callback(reply.body)
 
     def _run(self, call):
         return ensureDeferred(self._drive(call))

@@ -24,6 +24,14 @@ taken; then :class:`~taskbroker.client.errors.RequestFailed` (code
 One request is outstanding at a time, so a reply whose ``req`` is not the
 current one is stale (a duplicate, or from before a timeout) and is
 discarded.  A client is not thread-safe: use one per thread.
+
+Given a failover list of brokers (brokers sharing one database), the
+client starts at a random one and stays with it while it answers; each
+resend after a timeout goes to the next broker of the list, on a new
+socket, still the same message (the same ``req`` and, for a ``SUBMIT``,
+the same ``request_id``, which the shared database recognises), so every
+broker is tried before the client gives up.  A ``WAIT`` that moves to
+another broker goes on waiting there.
 """
 
 import math
@@ -48,6 +56,7 @@ from taskbroker.client import (
     workers_call,
 )
 from taskbroker.client.errors import BrokerUnavailable, RequestFailed
+from taskbroker.failover import EndpointRing, parse_endpoints
 from taskbroker.protocol import codec
 from taskbroker.transport.options import client_options
 
@@ -87,22 +96,30 @@ class BlockingClient:
 
     Usable as a context manager, which closes it.
 
-    :ivar endpoint: the broker's ZeroMQ endpoint.
+    :ivar endpoints: the ``tuple`` of the brokers' endpoints.
+    :ivar endpoint: the endpoint in use: the broker that answered last, or
+        the next one to try.
     :ivar timeout: seconds to wait for each answer.
     :ivar retries: how many times a request is resent after a timeout (so
-        it is sent ``1 + retries`` times in all); ``RETRY`` is sent once.
+        it is sent ``1 + retries`` times in all, and at least once to each
+        broker of a failover list).
     """
 
     def __init__(self, endpoint, timeout=5.0, retries=2, context=None,
-                 clock=time.monotonic):
+                 clock=time.monotonic, start=None):
         """
-        :param endpoint: ``str``, e.g. ``"tcp://127.0.0.1:5555"``.
+        :param endpoint: ``str``, e.g. ``"tcp://127.0.0.1:5555"``; or a
+            failover list of brokers sharing one database, as a
+            comma-separated ``str`` or a ``list`` of ``str``.
         :param timeout: seconds (> 0) to wait for each answer; a ``WAIT``
             gets its own hold time on top.
         :param retries: ``int`` ≥ 0: resends of a request.
         :param context: a ``zmq.Context`` to use; by default the client
             makes its own and terminates it on :meth:`close`.
         :param clock: a callable returning monotonic seconds, for deadlines.
+        :param start: the index in the list of the first broker to try;
+            ``None`` for a random one, so that clients spread over the
+            list.
         :raises ValueError: ``timeout``, ``retries`` or ``endpoint`` is
             invalid.
         """
@@ -113,7 +130,9 @@ class BlockingClient:
         if type(retries) is not int or retries < 0:
             raise ValueError(
                 f"retries must be an integer >= 0, not {retries!r}")
-        self.endpoint = endpoint
+        endpoints = parse_endpoints(endpoint)
+        self._ring = EndpointRing(endpoints, random.randrange(
+            len(endpoints)) if start is None else start)
         self.timeout = float(timeout)
         self.retries = retries
         self._clock = clock
@@ -128,6 +147,14 @@ class BlockingClient:
         except BaseException:
             self.close()
             raise
+
+    @property
+    def endpoints(self):
+        return self._ring.endpoints
+
+    @property
+    def endpoint(self):
+        return self._ring.current
 
     def __enter__(self):
         return self
@@ -176,7 +203,9 @@ class BlockingClient:
             raise RuntimeError("the client is closed")
         req = uuid4().hex
         frames = encode_request(req, request)
-        attempts = 1 + self.retries if request.idempotent else 1
+        attempts = (max(1 + self.retries, len(self._ring))
+                    if request.idempotent else 1)
+        tried = []
         answer_time = self.timeout + request.extra_time
         ignored = []
         busy = _Backoff(self._clock() + self.timeout * attempts)
@@ -184,6 +213,8 @@ class BlockingClient:
         while sent < attempts:
             if self._socket is None:
                 self._open()
+            if self.endpoint not in tried:
+                tried.append(self.endpoint)
             try:
                 self._socket.send_multipart(frames, zmq.NOBLOCK)
             except zmq.Again:
@@ -202,8 +233,10 @@ class BlockingClient:
                     return body
             sent += 1
             self._discard_socket()
+            # The next try goes to the next broker of a failover list.
+            self._ring.advance()
         command = request.command.decode("ascii")
-        reason = (f"no answer from {self.endpoint} within "
+        reason = (f"no answer from {', '.join(tried)} within "
                   f"{answer_time:g} s to {command}")
         if attempts > 1:
             reason += f" ({attempts} attempts)"

@@ -159,6 +159,43 @@ def test_read_only_commands_retry_then_exit_3(silent_endpoint):
     assert "3 attempts" in result.error_line()
 
 
+def test_a_failover_list_submits_through_the_broker_that_answers(
+        broker, silent_endpoint):
+    broker.handlers["SUBMIT"] = submitted(first_id=12)
+    # Whichever broker the command starts with, the task is submitted.
+    for endpoints in ((silent_endpoint, broker.endpoint),
+                      (broker.endpoint, silent_endpoint)):
+        result = run("--broker", ",".join(endpoints), "--timeout", "0.2",
+                     "submit", "echo")
+        assert result.code == 0, result.stderr
+        assert result.stderr == ""
+    assert [body["tasks"][0]["handler"] for _, body in broker.requests] == [
+        "echo", "echo"]
+
+
+def test_a_failover_list_of_silent_brokers_names_them(silent_endpoint):
+    result = run("--broker", f"{silent_endpoint},tcp://127.0.0.1:1",
+                 "--timeout", "0.1", "stats")
+    assert result.code == 3
+    line = result.error_line()
+    assert silent_endpoint in line and "tcp://127.0.0.1:1" in line
+
+
+@pytest.mark.parametrize("value, words", [
+    ("tcp://127.0.0.1:1,localhost:2", "endpoint 'localhost:2'"),
+    ("tcp://127.0.0.1:1,tcp://127.0.0.1:1", "listed twice"),
+    ("tcp://127.0.0.1:1,,tcp://127.0.0.1:2", "empty"),
+])
+def test_a_bad_failover_list_is_a_usage_error(value, words, monkeypatch):
+    result = run("--broker", value, "stats")
+    assert result.code == 2
+    assert words in result.error_line()
+    monkeypatch.setenv("TASKBROKER_BROKER", value)
+    result = run("stats")
+    assert result.code == 2
+    assert result.error_line().startswith("taskbroker: TASKBROKER_BROKER: ")
+
+
 def test_broker_unavailable_error_exits_3(broker):
     broker.handlers["STATS"] = lambda body: error("unavailable", "db locked")
     result = at(broker, "stats")

@@ -32,6 +32,7 @@ from taskbroker.client.errors import (
 from taskbroker.protocol import codec
 from taskbroker.transport.zmq import ZmqFactoryService
 from taskbroker.testing.fakebroker import (
+    FakeBroker,
     error,
     lose_replies,
     make_task,
@@ -724,3 +725,123 @@ def test_a_broker_busy_for_too_long_is_an_error(broker):
             client.stats()
     assert caught.value.code == "busy"
     assert 2 <= len(broker.requests) <= 6
+
+
+# Failover lists: a request that gets no answer goes to the next broker.
+
+
+@pytest.fixture
+def other():
+    """
+    A second scripted broker, for failover lists.
+    """
+    with FakeBroker() as fake:
+        yield fake
+        assert fake.errors == []
+
+
+def test_a_list_is_read_and_a_bad_entry_named():
+    with pytest.raises(ValueError) as info:
+        BlockingClient("tcp://127.0.0.1:1,nowhere")
+    assert "endpoint 'nowhere'" in str(info.value)
+    with pytest.raises(ValueError) as info:
+        BlockingClient(["tcp://127.0.0.1:1", "tcp://127.0.0.1:1"])
+    assert "listed twice" in str(info.value)
+
+
+def test_the_start_is_random_unless_given(broker, other):
+    endpoints = [broker.endpoint, other.endpoint]
+    with BlockingClient(endpoints, start=1) as client:
+        assert client.endpoints == tuple(endpoints)
+        assert client.endpoint == other.endpoint
+    starts = set()
+    for _ in range(40):
+        with BlockingClient(",".join(endpoints)) as client:
+            starts.add(client.endpoint)
+    assert starts == set(endpoints)
+
+
+def test_an_unanswered_submit_goes_to_the_next_broker_unchanged(
+        broker, other):
+    # The first broker carries the SUBMIT out but its answer never comes;
+    # the second (sharing the database) sees the same request_id.
+    broker.handlers["SUBMIT"] = lambda body: None
+    other.handlers["SUBMIT"] = submitted(first_id=5)
+    other.handlers["GET"] = lambda body: reply(task=make_task(body["id"]))
+    with BlockingClient([broker.endpoint, other.endpoint], timeout=0.2,
+                        retries=0, start=0) as client:
+        task, _ = client.submit("echo", {"n": 1})
+        assert task["id"] == 5
+        # It stays with the broker that answered.
+        assert client.endpoint == other.endpoint
+        assert client.get(5)["id"] == 5
+    [(_, first)] = broker.requests
+    [(_, second), (_, third)] = other.requests
+    assert first == second
+    assert len(first["request_id"]) == 32
+    assert third["id"] == 5
+
+
+def test_every_broker_is_tried_before_giving_up(broker, other):
+    broker.handlers["STATS"] = other.handlers["STATS"] = lambda body: None
+    with BlockingClient([broker.endpoint, other.endpoint], timeout=0.1,
+                        retries=2, start=1) as client:
+        with pytest.raises(BrokerUnavailable) as caught:
+            client.stats()
+    message = str(caught.value)
+    assert f"{other.endpoint}, {broker.endpoint}" in message
+    assert "3 attempts" in message
+    # Three sends, round the list: the second broker, the first, again
+    # the second.
+    assert len(other.requests) == 2 and len(broker.requests) == 1
+
+
+def test_a_wait_moves_to_the_next_broker_and_goes_on_waiting(broker, other):
+    broker.handlers["WAIT"] = sequence(
+        reply(task=make_task(4, state="running")), None)
+    other.handlers["WAIT"] = lambda body: reply(
+        task=make_task(4, state="succeeded", result=1))
+    with BlockingClient([broker.endpoint, other.endpoint], timeout=0.2,
+                        retries=0, start=0) as client:
+        task = client.wait(4, timeout=0.3)
+    assert task["state"] == "succeeded"
+    assert broker.commands() == ["WAIT", "WAIT"]
+    assert other.commands() == ["WAIT"]
+    assert other.requests[0][1]["req"] == broker.requests[1][1]["req"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_twisted_unanswered_submit_goes_to_the_next_broker(
+        reactor, broker, other):
+    broker.handlers["SUBMIT"] = lambda body: None
+    other.handlers["SUBMIT"] = submitted(first_id=9)
+    other.handlers["STATS"] = lambda body: reply(stats={"ok": 1})
+    client = BrokerClient(reactor, f"{broker.endpoint},{other.endpoint}",
+                          timeout=0.2, start=0)
+    try:
+        task, _ = await client.submit("echo")
+        assert task["id"] == 9
+        assert client.endpoint == other.endpoint
+        assert await client.stats() == {"ok": 1}
+    finally:
+        await client.close()
+    [(_, first)] = broker.requests
+    assert other.requests[0][1] == first
+    assert other.commands() == ["SUBMIT", "STATS"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_twisted_gives_up_once_every_broker_was_tried(
+        reactor, broker, silent_endpoint):
+    broker.handlers["GET"] = lambda body: None
+    client = BrokerClient(reactor, [silent_endpoint, broker.endpoint],
+                          timeout=0.1, start=1)
+    try:
+        with pytest.raises(BrokerUnavailable) as caught:
+            await client.get(1)
+        assert client._pending == {}
+    finally:
+        await client.close()
+    assert f"no answer from {broker.endpoint}, {silent_endpoint}" in str(
+        caught.value)
+    assert broker.commands() == ["GET"]

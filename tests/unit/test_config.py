@@ -11,8 +11,10 @@ from taskbroker.config import (
     BROKER_SETTINGS,
     WORKER_SETTINGS,
     BrokerConfig,
+    ClientConfig,
     WorkerConfig,
     broker_config,
+    client_config,
     default_worker_name,
     endpoint,
     worker_config,
@@ -26,6 +28,10 @@ def broker(given=None, env=None):
 
 def worker(given=None, env=None):
     return worker_config(given or {}, env or {})
+
+
+def client(given=None, env=None):
+    return client_config(given or {}, env or {})
 
 
 def config_error(build, given=None, env=None):
@@ -305,3 +311,30 @@ def test_invalid_endpoints(text):
         endpoint(text)
     message = config_error(broker, {"listen": text})
     assert message.startswith("--listen: ")
+
+
+# -- failover lists ----------------------------------------------------------
+
+
+def test_a_config_built_directly_takes_a_string_or_a_list():
+    assert ClientConfig(broker=["tcp://127.0.0.1:1"]).broker == (
+        "tcp://127.0.0.1:1",)
+    with pytest.raises(ConfigError) as info:
+        ClientConfig(broker="tcp://127.0.0.1:1,nowhere")
+    assert str(info.value) == (
+        "broker: endpoint 'nowhere': expected a ZeroMQ endpoint such as "
+        "tcp://127.0.0.1:5555")
+
+
+@pytest.mark.parametrize("build, prefix", [(client, "TASKBROKER_")])
+@pytest.mark.parametrize("value, reason", [
+    ("tcp://127.0.0.1:1,tcp://127.0.0.1", "endpoint 'tcp://127.0.0.1':"),
+    ("tcp://127.0.0.1:1,tcp://127.0.0.1:1", "listed twice"),
+    ("tcp://127.0.0.1:1,", "empty"),
+])
+def test_a_bad_broker_list_is_one_line_naming_the_endpoint(
+        build, prefix, value, reason):
+    message = config_error(build, {"broker": value})
+    assert message.startswith("--broker: ") and reason in message
+    message = config_error(build, None, {prefix + "BROKER": value})
+    assert message.startswith(prefix + "BROKER: ") and reason in message

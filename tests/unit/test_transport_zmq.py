@@ -323,7 +323,8 @@ def test_every_client_socket_takes_its_options_from_one_place(factory):
                                   zmq_factory=factory)
     try:
         for socket in (blocking._socket,
-                       twisted_client._socket._connection.socket):
+                       twisted_client._socket_for(
+                           twisted_client.endpoint)._connection.socket):
             for option, value in expected.items():
                 assert socket.getsockopt(option) == value, option
     finally:
