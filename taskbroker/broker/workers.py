@@ -36,8 +36,14 @@ class Workers:
 
     def __init__(self, broker):
         self._broker = broker
-        self._heartbeat_body = encode(
-            b"HEARTBEAT", {"broker": broker.instance_id})
+        # Encoded once each: the heartbeat says whether this broker can
+        # use its database, so that a worker with other brokers to go to
+        # can leave one whose database has been failing for a while.
+        self._heartbeat_bodies = {
+            failing: encode(b"HEARTBEAT", {
+                "broker": broker.instance_id,
+                "store": "failing" if failing else "ok"})
+            for failing in (False, True)}
         # task id -> times in a row it was sent and never received
         self._unreceived = {}
         # One line per peer and kind per interval for what a peer can
@@ -322,6 +328,8 @@ class Workers:
         broker = self._broker
         now = broker.monotonic()
         silent = set(broker.sessions.silent(now, broker.config.heartbeat_misses))
+        heartbeat = self._heartbeat_bodies[
+            broker.store.write_error is not None]
         for session in broker.sessions:
             if session in silent:
                 broker.counters["lost_workers"] += 1
@@ -329,7 +337,7 @@ class Workers:
                     "worker {name} lost: silent for {silence:.1f}s",
                     name=session.name, silence=now - session.seen_at)
                 self.forget(session)
-            elif not broker.send(session.identity, self._heartbeat_body):
+            elif not broker.send(session.identity, heartbeat):
                 self.log.warn("worker {name} is unreachable", name=session.name)
                 self.forget(session)
         for attempt in broker.attempts.expired(now, broker.sessions.__contains__):

@@ -400,7 +400,10 @@ BROKER_TO_WORKER_COMMANDS = {
     },
     b"ACK": {"id": (_TASK_ID, True), "token": (_TOKEN, True)},
     b"CANCEL": {"id": (_TASK_ID, True), "token": (_TOKEN, True)},
-    b"HEARTBEAT": {"broker": (_string, True)},
+    # "store" is "ok" or "failing" (whether the broker can use its
+    # database); optional, and any other value reads as "ok", so that
+    # older brokers and later values still interoperate.
+    b"HEARTBEAT": {"broker": (_string, True), "store": (_any, False)},
     b"REHELLO": {"broker": (_string, True)},
     b"ERROR": {
         "code": (_string, True),

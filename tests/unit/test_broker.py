@@ -287,6 +287,27 @@ def test_heartbeats_keep_a_worker(broker, peers, clock):
     assert len(peers.take(b"w1/x", b"HEARTBEAT")) == 10
 
 
+def test_heartbeats_say_whether_the_store_can_be_written(
+        broker, store, peers, clock):
+    hello(broker)
+    peers.take()
+    broker.sweep()
+    [(_, _, body)] = peers.take(b"w1/x", b"HEARTBEAT")
+    assert body == {"broker": "b1", "store": "ok"}
+    store.write_error = "database x: transaction failed: disk I/O error"
+    clock.advance(1)
+    send(broker, b"w1/x", b"HEARTBEAT", {})
+    broker.sweep()
+    [(_, _, body)] = peers.take(b"w1/x", b"HEARTBEAT")
+    assert body == {"broker": "b1", "store": "failing"}
+    store.write_error = None
+    clock.advance(1)
+    send(broker, b"w1/x", b"HEARTBEAT", {})
+    broker.sweep()
+    [(_, _, body)] = peers.take(b"w1/x", b"HEARTBEAT")
+    assert body["store"] == "ok"
+
+
 def test_rows_inserted_by_sql_are_validated(owned_broker, owned_store,
                                            peers):
     broker, store = owned_broker, owned_store

@@ -65,7 +65,7 @@ BROKER_TO_WORKER_SAMPLES = {
               "token": 5, "time_limit": 0.5},
     b"ACK": {"id": 1, "token": 2},
     b"CANCEL": {"id": 1, "token": 2**53 - 1},
-    b"HEARTBEAT": {"broker": "b-1"},
+    b"HEARTBEAT": {"broker": "b-1", "store": "failing"},
     b"REHELLO": {"broker": "b-1"},
     b"ERROR": {"code": "unknown_priority", "message": "no", "fatal": True},
 }
@@ -109,6 +109,14 @@ def test_every_command_round_trips(commands, samples):
         encoded = encode(command, body)
         assert encoded[:2] == [SIGNATURE, command]
         assert decode(encoded, commands, strict=True) == (command, body)
+
+
+def test_a_broker_heartbeat_without_or_with_an_unknown_store_field_reads():
+    # Older brokers send no "store"; a later one may send a value this
+    # version does not know: neither is refused.
+    for body in ({"broker": "b-1"}, {"broker": "b-1", "store": "degraded"}):
+        assert decode(encode(b"HEARTBEAT", body),
+                      BROKER_TO_WORKER_COMMANDS) == (b"HEARTBEAT", body)
 
 
 def test_encode_accepts_json_text_as_is():
