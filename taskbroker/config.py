@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, fields
 from typing import Optional
 
 from taskbroker.errors import ConfigError
-from taskbroker.failover import connect_endpoint, endpoint, parse_endpoints
+from taskbroker.failover import endpoint, parse_endpoints
 from taskbroker.protocol.codec import MAX_NAME
 from taskbroker.store import parse_database_url
 
@@ -392,8 +392,6 @@ def _normalise_broker(config):
 
     :raises ConfigError: naming the bad endpoint.
     """
-    if isinstance(config.broker, tuple) and config.broker:
-        return
     try:
         object.__setattr__(config, "broker", parse_endpoints(config.broker))
     except ValueError as e:
@@ -411,8 +409,12 @@ class WorkerConfig:
     ``twistd taskworker`` and of the environment (``TASKWORKER_...``).
     """
 
-    broker: str = setting(
-        DEFAULT_ENDPOINT, connect_endpoint, "ZeroMQ endpoint of the broker.")
+    broker: tuple = setting(
+        (DEFAULT_ENDPOINT,), endpoint_list,
+        "ZeroMQ endpoint of the broker, or a failover list of brokers "
+        "sharing one database, comma-separated: the worker uses one at a "
+        "time, starting where its name points, and moves to the next when "
+        "it loses its broker.")
     priorities: Optional[tuple] = setting(
         None, level_list,
         "Levels to serve, comma-separated (default: all the broker has). "
@@ -437,10 +439,16 @@ class WorkerConfig:
         30.0, non_negative_number,
         "At shutdown, seconds to let running tasks finish before they are "
         "stopped and handed back to the broker.")
+    failover_after: float = setting(
+        10.0, positive_number,
+        "With several brokers in --broker: seconds the broker may report "
+        "that it cannot use its database before the worker moves to the "
+        "next one.")
 
     def __post_init__(self):
         if self.name is None:
             object.__setattr__(self, "name", default_worker_name())
+        _normalise_broker(self)
 
 
 WORKER_SETTINGS = settings_of(WorkerConfig)

@@ -9,6 +9,16 @@ restart is invisible to ZeroMQ, so the worker watches the broker's instance
 id (in ``WELCOME`` and heartbeats) and its silence, and announces itself
 again when either says the broker it knew is gone.
 
+Given a failover list of brokers that share one database, the worker
+connects to one at a time: first the one its name points to (a stable
+hash, so a fleet spreads over the list), then, whenever it loses that
+broker (silence, or no ``WELCOME`` within the allowance) or the broker
+has reported for ``--failover-after`` seconds that it cannot write its
+database, the next one, on a new socket.  There it announces itself as
+after any reconnection: its ``HELLO`` lists the attempts it runs, for the
+new broker to adopt, and its unacknowledged results follow the
+``WELCOME``; their fencing tokens decide whether they still count.
+
 Handlers that do not block run in the reactor; blocking ones run in child
 processes (:mod:`taskbroker.worker.children`), so that a time limit or a
 cancellation can stop them and a crash cannot take the worker down.
@@ -21,6 +31,7 @@ from twisted.internet import defer, task
 from twisted.logger import Logger
 
 from taskbroker.errors import one_line
+from taskbroker.failover import EndpointRing, StoreWatch, start_position
 from taskbroker.protocol import codec
 from taskbroker.protocol.codec import ProtocolError, encode, encode_value
 from taskbroker.services import ServiceTree
@@ -77,9 +88,11 @@ class WorkerService(Service):
     :param reactor: the reactor (``IReactorTime``, ``IReactorProcess``).
     :param on_fatal: called with a one-line reason when the broker refuses
         this worker; the tap exits non-zero.
-    :param connect: ``connect(on_message) -> socket`` (with ``send(frames)
-        -> bool`` and ``close()``); by default a DEALER socket to the
-        broker, made with ``zmq``.  Tests pass a fake.
+    :param connect: ``connect(endpoint, on_message) -> socket`` (with
+        ``send(frames) -> bool`` and ``close()``); by default a DEALER
+        socket to the broker at ``endpoint``, made with ``zmq``.  It is
+        called again, with the next endpoint, at each move along a
+        failover list.  Tests pass a fake.
     :param zmq: the :class:`~taskbroker.transport.zmq.ZmqFactoryService`
         the default ``connect`` uses; it is started before this service and
         stopped after it (see :func:`make_worker_service`).
@@ -105,6 +118,11 @@ class WorkerService(Service):
             config.name + "/" + uuid.uuid4().hex).encode("utf-8")
         self._zmq = zmq
         self._connect = connect or self._connect_dealer
+        # One broker at a time, from the failover list, starting where the
+        # name points.
+        self._ring = EndpointRing(config.broker, start_position(
+            config.name, len(config.broker)))
+        self._store_watch = StoreWatch(config.failover_after)
         self._children = children
         self._monotonic = monotonic or reactor.seconds
         self.socket = None
@@ -126,6 +144,13 @@ class WorkerService(Service):
         self._idle = None
 
     @property
+    def endpoint(self):
+        """
+        The endpoint of the broker in use.
+        """
+        return self._ring.current
+
+    @property
     def free_slots(self):
         return max(0, self.config.concurrency - len(self.tasks))
 
@@ -138,7 +163,7 @@ class WorkerService(Service):
             self._children = ChildPool(
                 self.reactor, self.config.handlers_path,
                 self.config.concurrency)
-        self.socket = self._connect(self._on_message)
+        self.socket = self._connect(self.endpoint, self._on_message)
         self._broker_seen = self._monotonic()
         self._announce()
         self._heartbeat = self.reactor.callLater(
@@ -149,14 +174,16 @@ class WorkerService(Service):
         self.log.info(
             "taskworker {name} started: broker {broker}, {slots} slots, "
             "levels {levels}, handlers {handlers}",
-            name=self.config.name, broker=self.config.broker,
+            name=self.config.name, broker=self.endpoint + (
+                "" if len(self._ring) == 1 else
+                " (failover list " + ",".join(self._ring.endpoints) + ")"),
             slots=self.config.concurrency,
             levels=",".join(self.config.priorities or ("all",)),
             handlers=",".join(sorted(self.handlers)) or "none")
 
-    def _connect_dealer(self, on_message):
+    def _connect_dealer(self, endpoint, on_message):
         return DealerSocket(
-            self._zmq.get_factory(), self.config.broker, on_message,
+            self._zmq.get_factory(), endpoint, on_message,
             identity=self.identity, options=dealer_options(
                 codec.MAX_MESSAGE_SIZE,
                 # While the broker is away, HELLO is repeated, results are
@@ -241,14 +268,24 @@ class WorkerService(Service):
         Every heartbeat interval: notice a silent broker, and resend
         results whose acknowledgement is overdue.
         """
-        if self.broker_instance is None:
-            return
         now = self._monotonic()
-        if now - self._broker_seen > self._allowance:
-            self.log.warn(
-                "broker silent for {silence:.1f}s; announcing again",
-                silence=now - self._broker_seen)
-            self._announce()
+        silence = now - self._broker_seen
+        if self.broker_instance is None:
+            # Announcing.  With other brokers to go to, one that has not
+            # answered within an allowance is left for the next.
+            if len(self._ring) > 1 and silence > self._allowance:
+                self._move("no answer to HELLO for {silence:.1f}s",
+                           silence=silence)
+            return
+        if silence > self._allowance:
+            if len(self._ring) > 1:
+                self._move("broker silent for {silence:.1f}s",
+                           silence=silence)
+            else:
+                self.log.warn(
+                    "broker silent for {silence:.1f}s; announcing again",
+                    silence=silence)
+                self._announce()
             self._check_idle()
             return
         # A result whose acknowledgement was lost goes again.
@@ -256,6 +293,29 @@ class WorkerService(Service):
             if now - entry[1] > self._allowance:
                 entry[1] = now
                 self._send(b"RESULT", entry[0])
+
+    def _move(self, reason, **fields):
+        """
+        Leave the broker in use for the next one of the failover list: a
+        new socket, and a new announcement there (listing the attempts
+        that run here, for the new broker to adopt; the unacknowledged
+        results follow its WELCOME).
+
+        :param reason: why, a format string of ``fields``.
+        """
+        if self.socket is None:
+            return  # stopped
+        previous, endpoint = self._ring.advance()
+        self.log.warn(
+            "leaving broker {previous} for {endpoint}: " + reason,
+            previous=previous, endpoint=endpoint, **fields)
+        self.socket.close()
+        self.socket = self._connect(endpoint, self._on_message)
+        self._store_watch.reset()
+        # Until the new broker announces its interval, ours is the measure.
+        self._broker_heartbeat = None
+        self._broker_seen = self._monotonic()
+        self._announce()
 
     # -- receiving -------------------------------------------------------
 
@@ -293,8 +353,9 @@ class WorkerService(Service):
         self.broker_instance = body["broker"]
         self._time_limit = body.get("time_limit")
         self._broker_heartbeat = body["heartbeat"]
-        self.log.info("welcomed by broker {instance}",
-                      instance=body["broker"])
+        self._store_watch.reset()
+        self.log.info("welcomed by broker {instance} at {endpoint}",
+                      instance=body["broker"], endpoint=self.endpoint)
         # Results first, so the broker frees their slots before it counts
         # our credits.  A WELCOME always starts a fresh count of credits
         # at the broker; any it already had are dropped there.
@@ -314,6 +375,8 @@ class WorkerService(Service):
                           "announcing again", instance=body["broker"])
             self._announce()
             return
+        if self._store_failing(body.get("store") == "failing"):
+            return
         # Answer at once if our heartbeat is due before the broker's next
         # one.  The broker sends its heartbeats to all workers together,
         # so their answers reach it together too, and it reads them in a
@@ -328,6 +391,36 @@ class WorkerService(Service):
         if (due_in < self._broker_heartbeat and interval - due_in
                 >= min(interval, self._broker_heartbeat) / 10):
             self._beat()
+
+    def _store_failing(self, failing):
+        """
+        Take the broker's word on its database, and leave it for the next
+        broker of the list once it has failed for ``failover_after``
+        seconds without a break.
+
+        :returns: ``True`` if the worker moved.
+        """
+        watch = self._store_watch
+        was_failing = watch.failing_since is not None
+        now = self._monotonic()
+        if not watch.report(now, failing):
+            if failing and not was_failing:
+                self.log.warn(
+                    "broker {endpoint} cannot write its database"
+                    + ("; leaving it if that lasts {after:g}s"
+                       if len(self._ring) > 1 else ""),
+                    endpoint=self.endpoint, after=self.config.failover_after)
+            elif was_failing and not failing:
+                self.log.info("broker {endpoint} can write its database "
+                              "again", endpoint=self.endpoint)
+            return False
+        if len(self._ring) == 1:
+            return False
+        self._move("its database has been failing for {failing:.1f}s "
+                   "(--failover-after {after:g})",
+                   failing=watch.failing_for(now),
+                   after=self.config.failover_after)
+        return True
 
     def _on_REHELLO(self, body):
         # While announcing, HELLOs are already on their way.

@@ -316,17 +316,30 @@ def test_invalid_endpoints(text):
 # -- failover lists ----------------------------------------------------------
 
 
+def test_a_broker_list_for_the_worker_and_its_failover_time():
+    config = worker({"broker": "tcp://127.0.0.1:1, tcp://127.0.0.1:2"})
+    assert config.broker == ("tcp://127.0.0.1:1", "tcp://127.0.0.1:2")
+    assert config.failover_after == 10.0
+    config = worker(env={"TASKWORKER_BROKER": "tcp://127.0.0.1:3",
+                         "TASKWORKER_FAILOVER_AFTER": "2.5"})
+    assert (config.broker, config.failover_after) == (
+        ("tcp://127.0.0.1:3",), 2.5)
+
+
 def test_a_config_built_directly_takes_a_string_or_a_list():
+    assert WorkerConfig(broker="tcp://127.0.0.1:1,tcp://127.0.0.1:2").broker \
+        == ("tcp://127.0.0.1:1", "tcp://127.0.0.1:2")
     assert ClientConfig(broker=["tcp://127.0.0.1:1"]).broker == (
         "tcp://127.0.0.1:1",)
     with pytest.raises(ConfigError) as info:
-        ClientConfig(broker="tcp://127.0.0.1:1,nowhere")
+        WorkerConfig(broker="tcp://127.0.0.1:1,nowhere")
     assert str(info.value) == (
         "broker: endpoint 'nowhere': expected a ZeroMQ endpoint such as "
         "tcp://127.0.0.1:5555")
 
 
-@pytest.mark.parametrize("build, prefix", [(client, "TASKBROKER_")])
+@pytest.mark.parametrize("build, prefix", [
+    (worker, "TASKWORKER_"), (client, "TASKBROKER_")])
 @pytest.mark.parametrize("value, reason", [
     ("tcp://127.0.0.1:1,tcp://127.0.0.1", "endpoint 'tcp://127.0.0.1':"),
     ("tcp://127.0.0.1:1,tcp://127.0.0.1:1", "listed twice"),
@@ -338,3 +351,7 @@ def test_a_bad_broker_list_is_one_line_naming_the_endpoint(
     assert message.startswith("--broker: ") and reason in message
     message = config_error(build, None, {prefix + "BROKER": value})
     assert message.startswith(prefix + "BROKER: ") and reason in message
+
+
+def test_failover_after_must_be_positive():
+    assert "greater than 0" in config_error(worker, {"failover_after": "0"})

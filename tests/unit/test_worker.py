@@ -9,10 +9,12 @@ import json
 import pytest
 from twisted.internet import defer
 from twisted.internet.task import Clock
+from twisted.logger import capturedLogs
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
 from taskbroker.config import WorkerConfig
+from taskbroker.failover import start_position
 from taskbroker.interfaces import ITaskHandler
 from taskbroker.protocol import codec
 from taskbroker.testing import result_of
@@ -37,12 +39,14 @@ class Manual:
 
 
 class FakeSocket:
-    def __init__(self, on_message):
+    def __init__(self, on_message, endpoint=None):
         self.on_message = on_message
+        self.endpoint = endpoint
         self.sent = []
         self.closed = False
 
     def send(self, frames):
+        assert not self.closed, "sent on a closed socket"
         self.sent.append((frames[1], json.loads(frames[2])))
         return True
 
@@ -72,8 +76,8 @@ def handler():
 def worker(clock, handler):
     sockets = []
 
-    def connect(on_message):
-        sockets.append(FakeSocket(on_message))
+    def connect(endpoint, on_message):
+        sockets.append(FakeSocket(on_message, endpoint))
         return sockets[-1]
 
     w = WorkerService(WorkerConfig(name="w", concurrency=2),
@@ -245,8 +249,8 @@ def test_a_worker_out_of_step_falls_into_step(worker, clock):
 def test_a_slower_heartbeat_is_not_sent_more_often(handler, clock):
     sockets = []
 
-    def connect(on_message):
-        sockets.append(FakeSocket(on_message))
+    def connect(endpoint, on_message):
+        sockets.append(FakeSocket(on_message, endpoint))
         return sockets[-1]
 
     w = WorkerService(WorkerConfig(name="w", heartbeat=5.0), {}, clock,
@@ -488,3 +492,174 @@ def test_stopping_without_a_broker_does_not_wait_for_acks(
     for _ in range(4):
         clock.advance(1)  # the broker stays silent: presumed gone
     assert stopped.called
+
+
+# -- failover lists ------------------------------------------------------------
+
+BROKERS = ("tcp://127.0.0.1:5001", "tcp://127.0.0.1:5002",
+           "tcp://127.0.0.1:5003")
+
+
+@pytest.fixture
+def fleet_worker(clock, handler):
+    """
+    A worker of a failover list of three brokers; ``w.sockets`` holds
+    every socket it made, in order.
+    """
+    sockets = []
+
+    def connect(endpoint, on_message):
+        sockets.append(FakeSocket(on_message, endpoint))
+        return sockets[-1]
+
+    w = WorkerService(WorkerConfig(name="w", concurrency=2, broker=BROKERS,
+                                   failover_after=10.0),
+                      {"manual": handler}, clock, connect=connect)
+    w.sockets = sockets
+    w.startService()
+    yield w
+    stopped = w.stopService()
+    clock.advance(w.config.grace)
+    result_of(stopped)
+
+
+def welcome_on(worker, instance):
+    worker.fake = worker.sockets[-1]
+    welcome(worker, instance)
+
+
+def expected_order(name, count=3):
+    start = start_position(name, count)
+    return [BROKERS[(start + i) % count] for i in range(count + 1)]
+
+
+def test_a_worker_starts_on_the_broker_its_name_points_to(clock, handler):
+    for name in ("w", "alpha", "worker-12", "x"):
+        sockets = []
+
+        def connect(endpoint, on_message):
+            sockets.append(FakeSocket(on_message, endpoint))
+            return sockets[-1]
+
+        w = WorkerService(WorkerConfig(name=name, broker=BROKERS), {},
+                          clock, connect=connect)
+        w.startService()
+        assert [s.endpoint for s in sockets] == [expected_order(name)[0]]
+        assert w.endpoint == sockets[0].endpoint
+        assert sockets[0].take(b"HELLO")
+        result_of(w.stopService())
+
+
+def test_a_lost_broker_is_left_for_the_next_with_tasks_and_results(
+        fleet_worker, handler, clock):
+    w = fleet_worker
+    with capturedLogs() as events:
+        welcome_on(w, "b1")
+        w.fake.deliver(b"TASK", task(7))
+        w.fake.deliver(b"TASK", task(8, token=4))
+        handler.pending[7].callback("done")  # its ACK never comes
+        first = w.sockets[0]
+        first.take()
+        # Three heartbeat intervals of silence, and a bit.
+        clock.advance(1)
+        clock.advance(1)
+        clock.advance(1)
+        assert len(w.sockets) == 1
+        clock.advance(1)
+    assert first.closed
+    [second] = w.sockets[1:]
+    assert second.endpoint == expected_order("w")[1]
+    [(_, hello)] = second.take(b"HELLO")
+    # The new broker may adopt the attempt that still runs here.
+    assert hello["running"] == [{"id": 8, "token": 4}]
+    [moved] = [e for e in events
+               if e["log_format"].startswith("leaving broker")]
+    assert (moved["previous"], moved["endpoint"]) == tuple(
+        expected_order("w")[:2])
+    assert "silent" in moved["log_format"]
+    # The result that was never acknowledged goes to the new broker.
+    welcome_on(w, "b2")
+    [(_, result)] = second.take(b"RESULT")
+    assert (result["id"], result["token"], result["result"]) == (
+        7, 1, "done")
+    assert len(second.take(b"READY")) == 1
+
+
+def test_moves_go_round_the_list(fleet_worker, clock):
+    w = fleet_worker
+    seen = [w.sockets[-1].endpoint]
+    for k in range(3):
+        welcome_on(w, f"b{k}")
+        for _ in range(4):
+            clock.advance(1)
+        seen.append(w.sockets[-1].endpoint)
+    assert seen == expected_order("w")
+    assert all(s.closed for s in w.sockets[:-1])
+
+
+def test_a_broker_that_never_answers_is_left_after_an_allowance(
+        fleet_worker, clock):
+    w = fleet_worker
+    for _ in range(3):
+        clock.advance(1)
+    assert len(w.sockets) == 1
+    clock.advance(1)
+    assert [s.endpoint for s in w.sockets] == expected_order("w")[:2]
+    assert w.sockets[1].take(b"HELLO")
+
+
+def test_a_single_broker_is_never_left(worker, clock):
+    welcome(worker)
+    for _ in range(30):
+        clock.advance(1)
+        worker.fake.deliver(b"HEARTBEAT", {"broker": "b1", "store": "failing"})
+    clock.advance(10)
+    assert not worker.fake.closed
+    assert worker.endpoint == "tcp://127.0.0.1:5555"
+
+
+def test_a_failing_store_for_failover_after_seconds_moves_the_worker(
+        fleet_worker, clock):
+    w = fleet_worker
+    welcome_on(w, "b1")
+    with capturedLogs() as events:
+        for _ in range(10):
+            w.fake.deliver(b"HEARTBEAT", {"broker": "b1", "store": "failing"})
+            clock.advance(1)
+        assert len(w.sockets) == 1
+        w.fake.deliver(b"HEARTBEAT", {"broker": "b1", "store": "failing"})
+    assert [s.endpoint for s in w.sockets] == expected_order("w")[:2]
+    [warned, moved] = [e for e in events if e["log_level"].name == "warn"]
+    assert warned["log_format"].startswith("broker {endpoint} cannot write")
+    assert moved["log_format"].startswith("leaving broker")
+    assert "database has been failing" in moved["log_format"]
+    assert moved["failing"] == 10.0
+
+
+def test_a_store_that_recovers_in_time_keeps_the_worker(fleet_worker, clock):
+    w = fleet_worker
+    welcome_on(w, "b1")
+    for _ in range(3):
+        for _ in range(9):
+            w.fake.deliver(b"HEARTBEAT", {"broker": "b1", "store": "failing"})
+            clock.advance(1)
+        # An older broker's heartbeat, without the field, counts as ok.
+        w.fake.deliver(b"HEARTBEAT", {"broker": "b1"})
+        clock.advance(1)
+    assert len(w.sockets) == 1
+
+
+def test_a_new_broker_is_judged_afresh(fleet_worker, clock):
+    w = fleet_worker
+    welcome_on(w, "b1")
+    for _ in range(11):
+        w.fake.deliver(b"HEARTBEAT", {"broker": "b1", "store": "failing"})
+        clock.advance(1)
+    assert len(w.sockets) == 2
+    welcome_on(w, "b2")
+    for _ in range(10):
+        w.fake.deliver(b"HEARTBEAT", {"broker": "b2", "store": "failing"})
+        clock.advance(1)
+    assert len(w.sockets) == 2
+    w.fake.deliver(b"HEARTBEAT", {"broker": "b2", "store": "failing"})
+    assert [s.endpoint for s in w.sockets] == expected_order("w")[:3]
