@@ -566,6 +566,11 @@ class WorkerService(Service):
             self._heartbeat = None
         if self._checks is not None and self._checks.running:
             self._checks.stop()
+        # Announcing may have started again meanwhile (a silent broker, a
+        # move to the next one); nothing more is announced now.
+        if self._hello_retry is not None and self._hello_retry.active():
+            self._hello_retry.cancel()
+        self._hello_retry = None
         abandoned, self.tasks = self.tasks, {}
         for task_id, (token, d) in abandoned.items():
             self.log.info("handing back task {task_id}", task_id=task_id)

@@ -663,3 +663,57 @@ def test_a_new_broker_is_judged_afresh(fleet_worker, clock):
     assert len(w.sockets) == 2
     w.fake.deliver(b"HEARTBEAT", {"broker": "b2", "store": "failing"})
     assert [s.endpoint for s in w.sockets] == expected_order("w")[:3]
+
+
+def test_a_stopping_worker_may_move_and_leaves_no_timer_behind(
+        clock, handler):
+    sockets = []
+
+    def connect(endpoint, on_message):
+        sockets.append(FakeSocket(on_message, endpoint))
+        return sockets[-1]
+
+    w = WorkerService(WorkerConfig(name="w", broker=BROKERS, grace=30.0),
+                      {"manual": handler}, clock, connect=connect)
+    w.startService()
+    w.fake = sockets[0]
+    welcome(w)
+    w.fake.deliver(b"TASK", task(3))
+    stopped = w.stopService()
+    for _ in range(4):
+        clock.advance(1)
+    # The broker went silent while the task ran: its result goes to the
+    # next broker instead.
+    assert len(sockets) == 2
+    w.fake = sockets[1]
+    welcome(w, "b2")
+    handler.pending[3].callback("late")
+    [(_, result)] = w.fake.take(b"RESULT")
+    assert result["id"] == 3
+    w.fake.deliver(b"ACK", {"id": 3, "token": 1})
+    result_of(stopped)
+    assert w.fake.closed
+    assert clock.getDelayedCalls() == []
+
+
+def test_a_worker_stopped_while_announcing_leaves_no_timer_behind(
+        clock, handler):
+    sockets = []
+
+    def connect(endpoint, on_message):
+        sockets.append(FakeSocket(on_message, endpoint))
+        return sockets[-1]
+
+    w = WorkerService(WorkerConfig(name="w", broker=BROKERS, grace=5.0),
+                      {"manual": handler}, clock, connect=connect)
+    w.startService()
+    w.fake = sockets[0]
+    welcome(w)
+    w.fake.deliver(b"TASK", task(3))
+    stopped = w.stopService()
+    for _ in range(5):
+        clock.advance(1)
+    assert len(sockets) == 2  # moved, and no broker answers there
+    result_of(stopped)
+    assert sockets[-1].closed
+    assert clock.getDelayedCalls() == []
