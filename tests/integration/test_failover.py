@@ -3,14 +3,20 @@ Failover lists against real daemons: two SQLite brokers, each with its
 own database file, stand in for brokers sharing one database.  A worker
 given both starts on the one its name points to and moves to the other
 when that one is stopped; the command line given both submits through
-the one that answers.
+the one that answers; a worker leaves a broker that cannot write its
+database.
 """
 
+import os
+import re
 import signal
+import sqlite3
+from contextlib import closing
 
 import pytest
 
 from taskbroker.client.blocking import BlockingClient
+from taskbroker.client.errors import RequestFailed
 from taskbroker.failover import start_position
 
 HEARTBEAT = ("--heartbeat", "0.2")
@@ -63,6 +69,37 @@ def test_a_worker_moves_to_the_next_broker_when_its_own_stops(
     done = run_echo(endpoints[second], {"on": "second"})
     assert (done["state"], done["result"], done["worker"]) == (
         "succeeded", {"on": "second"}, name)
+
+
+def test_a_worker_leaves_a_broker_that_cannot_write_its_database(cluster):
+    daemons, endpoints = two_brokers(cluster)
+    name = "fleet-3"
+    first = start_position(name, 2)
+    second = 1 - first
+    worker = cluster.start_worker(*HEARTBEAT, "--failover-after", "1",
+                                  name=name, wait=False)
+    assert worker.wait_for(r"welcomed by broker \S+ at (\S+)").group(1) == (
+        endpoints[first])
+    path = os.path.join(cluster.folder, "ab"[first] + ".sqlite")
+    with closing(sqlite3.connect(path, isolation_level=None)) as other:
+        # Another program holds the write lock for longer than the
+        # broker's busy timeout: the broker's next write fails.
+        other.execute("BEGIN IMMEDIATE")
+        mark = worker.mark()
+        with BlockingClient(endpoints[first], timeout=10, retries=0) as client:
+            with pytest.raises(RequestFailed) as refused:
+                client.submit("echo")
+        assert refused.value.code == "unavailable"
+        worker.wait_for(r"broker \S+ cannot write its database", start=mark)
+        moved = worker.wait_for(r"leaving broker (\S+) for (\S+): its "
+                                r"database has been failing", start=mark)
+        other.execute("ROLLBACK")
+    assert moved.groups() == (endpoints[first], endpoints[second])
+    worker.wait_for(
+        r"welcomed by broker \S+ at " + re.escape(endpoints[second]),
+        start=worker.after_match)
+    done = run_echo(endpoints[second], "still served")
+    assert (done["state"], done["worker"]) == ("succeeded", name)
 
 
 def test_the_command_line_submits_through_the_broker_that_answers(cluster):
