@@ -15,14 +15,13 @@ import sqlite3
 
 from twisted.internet import defer
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from taskbroker.errors import StoreError, StoreLost, one_line
 from taskbroker.interfaces import IQueueReads, ITaskStore
-from taskbroker.store import FINAL_STATES, check_request_ids
 from taskbroker.store import _sqlite_files as files
 from taskbroker.store import _sqlite_sql as sql
+from taskbroker.store._batches import BatchedStore
 from taskbroker.store._sqlite_threads import (
     Checkpointer,
     ConnectionThread,
@@ -36,21 +35,10 @@ log = Logger()
 
 _SYNCHRONOUS = {"normal": "NORMAL", "full": "FULL"}
 
-#: After a write transaction failed, seconds until the store tries an
-#: empty one, so that it finds out by itself when writes work again (see
-#: :attr:`SQLiteStore.write_error`).
-WRITE_PROBE_INTERVAL = 5.0
-
 #: How many of ``PRAGMA quick_check``'s reports the store asks for, and
 #: how many lines of them a damaged database's error shows.
 CHECK_REPORTS = 10
 CHECK_SHOWN = 3
-
-#: Transactions queued to the database thread at once.  Two let the next
-#: batch start as soon as one commits, without waiting for the reactor to
-#: hear of it; the store's single thread still runs them in order.
-PIPELINE_DEPTH = 2
-
 
 def _text(data):
     # Text that is not UTF-8 (another program's INSERT) would make the
@@ -60,7 +48,7 @@ def _text(data):
 
 
 @implementer(ITaskStore, IQueueReads)
-class SQLiteStore:
+class SQLiteStore(BatchedStore):
     """
     An :class:`taskbroker.interfaces.ITaskStore` in a SQLite file.
 
@@ -103,8 +91,7 @@ class SQLiteStore:
                 f"synchronous must be 'normal' or 'full', not {synchronous!r}"
             )
         self.path = path
-        self.transactions = 0
-        self.write_error = None
+        self._init_batches()
         self._reactor = reactor
         self._create_database = create_database
         self._synchronous = synchronous
@@ -121,16 +108,8 @@ class SQLiteStore:
         self._counter = None
         self._checker = None
         self._journal_mode = None
-        # The StoreLost that ended this store's use, once there is one.
-        self._lost = None
+        # The StoreLost that ended this store's use is self._lost.
         self._lost_event = Event()
-        self._probe_call = None
-        # Group commit: (operation, args, Deferred) waiting for a flush.
-        self._pending = []
-        self._flush_call = None
-        # Transactions handed to the thread and not yet reported back.
-        self._flushing = 0
-        self._reads = 0
         self._idle = Event()
         self._opened = Event()
         self._closed = Event()
@@ -435,49 +414,13 @@ class SQLiteStore:
         log.info("database {path} passed its integrity check in {seconds:.2f} "
                  "s", path=path, seconds=self._reactor.seconds() - started)
 
-    # Group commit
+    # Group commit (taskbroker.store._batches)
 
-    def _write(self, operation, *args):
-        """
-        Queue a write for the next group commit.
+    @property
+    def _label(self):
+        return self._abspath
 
-        :returns: a ``Deferred`` firing with the operation's result after
-            the transaction that ran it committed.
-        """
-        if self._state != "open":
-            return defer.fail(self._not_open())
-        if self._lost is not None:
-            return defer.fail(self._lost)
-        d = defer.Deferred()
-        self._pending.append((operation, args, d))
-        self._schedule_flush()
-        return d
-
-    def _schedule_flush(self):
-        if (self._pending and self._flush_call is None
-                and self._flushing < PIPELINE_DEPTH):
-            # callLater(0) rather than flushing now: every write issued in
-            # this reactor turn joins the same transaction.
-            self._flush_call = self._reactor.callLater(0, self._flush)
-
-    def _flush(self):
-        self._flush_call = None
-        batch, self._pending = self._pending, []
-        if self._lost is not None:
-            for _, _, d in batch:
-                d.errback(Failure(self._lost))
-            self._after_work()
-            return
-        self.transactions += 1
-        operations = [(operation, args) for operation, args, _ in batch]
-        d = self._thread.run(self._commit, operations)
-        self._flushing += 1
-        d.addCallbacks(
-            self._flushed,
-            self._flush_failed,
-            callbackArgs=(batch,),
-            errbackArgs=(batch,),
-        )
+    _sql = sql
 
     def _commit(self, connection, operations):
         """
@@ -492,184 +435,7 @@ class SQLiteStore:
         self._watch.check()
         return outcomes
 
-    def _flushed(self, outcomes, batch):
-        self._flushing -= 1
-        if self.write_error is not None:
-            self.write_error = None
-            self._stop_probing()
-            log.info("writes to database {path} work again",
-                     path=self._abspath)
-        for (_, _, d), (ok, value) in zip(batch, outcomes):
-            if ok:
-                d.callback(value)
-            else:
-                d.errback(Failure(value))
-        self._after_work()
-
-    def _flush_failed(self, reason, batch):
-        self._flushing -= 1
-        error = reason.value
-        if not isinstance(error, StoreLost):
-            log.error("write transaction of {count} operations on {path} "
-                      "failed: {error}", count=len(batch), path=self._abspath,
-                      error=one_line(error))
-            wrapped = StoreError(
-                f"database {self._abspath}: transaction failed: "
-                f"{one_line(error)}"
-            )
-            wrapped.__cause__ = error
-            self.write_error = one_line(wrapped)
-            self._start_probing()
-            error = wrapped
-        for _, _, d in batch:
-            d.errback(Failure(error))
-        if isinstance(error, StoreLost):
-            self._lose(error)
-        self._after_work()
-
-    def _start_probing(self):
-        """
-        Try an empty write transaction in a while, and again after each
-        that fails, until one commits: without it, a broker with nothing
-        to write would report a passing trouble for ever.
-        """
-        if self._probe_call is None and self._state == "open":
-            self._probe_call = self._reactor.callLater(
-                WRITE_PROBE_INTERVAL, self._probe)
-
-    def _probe(self):
-        self._probe_call = None
-        # Its failure is recorded, and the next probe scheduled, by
-        # _flush_failed.
-        self._write(sql.touch).addErrback(lambda _: None)
-
-    def _stop_probing(self):
-        if self._probe_call is not None:
-            call, self._probe_call = self._probe_call, None
-            call.cancel()
-
-    def _busy(self):
-        return bool(
-            self._pending
-            or self._flush_call is not None
-            or self._flushing
-            or self._reads
-        )
-
-    def _after_work(self):
-        self._schedule_flush()
-        if not self._busy():
-            self._idle.fire()
-
-    # Reads
-
-    def _read(self, query, *args, thread=None):
-        if self._state != "open":
-            return defer.fail(self._not_open())
-        self._reads += 1
-        d = (thread or self._thread).run(query, *args)
-        d.addErrback(self._read_failed)
-        d.addBoth(self._read_done)
-        return d
-
-    def _read_failed(self, reason):
-        if reason.check(StoreError):
-            return reason
-        error = StoreError(
-            f"database {self._abspath}: read failed: {one_line(reason.value)}"
-        )
-        error.__cause__ = reason.value
-        return Failure(error)
-
-    def _read_done(self, result):
-        self._reads -= 1
-        self._after_work()
-        return result
-
-    def _not_open(self):
-        return StoreError(f"database {self.path} is not open ({self._state})")
-
-    # ITaskStore
-
-    def submit(self, tasks):
-        """
-        See :meth:`taskbroker.interfaces.ITaskStore.submit`.
-        """
-        tasks = list(tasks)
-        try:
-            check_request_ids(tasks)
-        except Exception as e:
-            return defer.fail(e)
-        if not tasks and self._state == "open":
-            return defer.succeed([])
-        return self._write(sql.submit, tasks)
-
-    def dispatch(self, task_id, token, worker, started_at, priority=None,
-                 max_attempts=None):
-        """
-        See :meth:`taskbroker.interfaces.ITaskStore.dispatch`.
-        """
-        return self._write(sql.dispatch, task_id, token, worker, started_at,
-                           priority, max_attempts)
-
-    def finish(self, task_id, token, state, result, error, traceback,
-               finished_at):
-        """
-        See :meth:`taskbroker.interfaces.ITaskStore.finish`.
-
-        :raises ValueError: (through the ``Deferred``) if ``state`` is not
-            ``"succeeded"``, ``"failed"`` or ``"cancelled"``.
-        """
-        if state not in FINAL_STATES:
-            return defer.fail(_bad_final_state(state))
-        return self._write(sql.finish, task_id, token, state, result, error,
-                           traceback, finished_at)
-
-    def requeue(self, task_id, token, run_at=None, error=None, traceback=None,
-                consumed=True):
-        """
-        See :meth:`taskbroker.interfaces.ITaskStore.requeue`.
-        """
-        return self._write(sql.requeue, task_id, token, run_at, error, traceback,
-                           bool(consumed))
-
-    def cancel(self, task_id, finished_at):
-        """
-        See :meth:`taskbroker.interfaces.ITaskStore.cancel`.
-        """
-        return self._write(sql.cancel, task_id, finished_at)
-
-    def retry(self, task_id):
-        """
-        See :meth:`taskbroker.interfaces.ITaskStore.retry`.
-        """
-        return self._write(sql.retry, task_id)
-
-    def reject(self, task_id, error, finished_at):
-        """
-        See :meth:`taskbroker.interfaces.ITaskStore.reject`.
-        """
-        return self._write(sql.reject, task_id, error, finished_at)
-
-    def reject_group(self, handler, priority, error, finished_at):
-        """
-        See :meth:`taskbroker.interfaces.ITaskStore.reject_group`.
-        """
-        return self._write(sql.reject_group, handler, priority, error,
-                           finished_at)
-
-    def get(self, task_id):
-        """
-        See :meth:`taskbroker.interfaces.ITaskStore.get`.
-        """
-        return self._read(sql.get, task_id)
-
-    def list(self, state, handler, after_id, limit, max_bytes=None):
-        """
-        See :meth:`taskbroker.interfaces.ITaskStore.list`.
-        """
-        return self._read(sql.list, state, handler, after_id, limit,
-                          max_bytes)
+    # IQueueReads
 
     def scan_queued(self, after_id, limit, known):
         """
@@ -702,14 +468,6 @@ class SQLiteStore:
         """
         return self._read(sql.running)
 
-    def counts(self, now):
-        """
-        See :meth:`taskbroker.interfaces.ITaskStore.counts`.  It reads on
-        a connection of its own, so a large table's count does not hold up
-        the broker's commits.
-        """
-        return self._read(sql.counts, now, thread=self._counter)
-
 
 def _is_damage(error):
     # SQLITE_CORRUPT and SQLITE_NOTADB, with their extended codes.
@@ -722,10 +480,3 @@ def _damaged(path, problems):
         f"database {path} is damaged: PRAGMA quick_check found: {shown}"
         + (" (and more)" if len(problems) > CHECK_SHOWN else "")
         + "; see 'Database faults' in the docs to recover it")
-
-
-def _bad_final_state(state):
-    return ValueError(
-        "a finished task's state must be 'succeeded', 'failed' or "
-        f"'cancelled', not {state!r}"
-    )

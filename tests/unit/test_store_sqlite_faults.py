@@ -17,7 +17,7 @@ from twisted.internet import defer
 from twisted.logger import globalLogPublisher
 
 from taskbroker.errors import StoreError, StoreLost
-from taskbroker.store import sqlite as sqlite_store_module
+from taskbroker.store import _batches as batches_module
 from taskbroker.store._sqlite_threads import ConnectionThread
 from taskbroker.store.sqlite import SQLiteStore
 from taskbroker.testing.store_contract import new_task, rows_of
@@ -296,7 +296,7 @@ async def test_interrupt_stops_a_long_statement_and_every_later_one(reactor):
 @pytest_twisted.ensureDeferred
 async def test_write_error_lasts_until_a_write_commits_again(
         reactor, db_path, monkeypatch):
-    monkeypatch.setattr(sqlite_store_module, "WRITE_PROBE_INTERVAL", 0.05)
+    monkeypatch.setattr(batches_module, "WRITE_PROBE_INTERVAL", 0.05)
     store = SQLiteStore(db_path, reactor, busy_timeout=0.05)
     await store.open()
     try:
