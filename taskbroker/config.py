@@ -12,6 +12,7 @@ directly.
 """
 
 import os
+import re
 import socket
 from dataclasses import dataclass, field, fields
 from typing import Optional
@@ -222,8 +223,13 @@ def resolve(settings, prefix, given, environ):
             values[setting.field] = setting.coerce(raw)
         except ValueError as e:
             shown = raw if not isinstance(raw, list) else os.pathsep.join(raw)
+            # A URI's password never reaches a log or a terminal.
+            shown = _PASSWORD.sub(r"\1***@", shown)
             raise ConfigError(f"{source}: {e} (got {shown!r})") from None
     return values
+
+
+_PASSWORD = re.compile(r"(://[^:/@]*:)[^@/]*@")
 
 
 # -- the environment ---------------------------------------------------------
@@ -296,7 +302,10 @@ class BrokerConfig:
         "trusted network.")
     database: str = setting(
         "sqlite:///taskbroker.sqlite", database_url,
-        "Database URL: sqlite:///relative.db or sqlite:////abs/path.db.")
+        "Database URL: sqlite:///relative.db, sqlite:////abs/path.db, or "
+        "a PostgreSQL URI (postgresql://user@host/dbname; leave the "
+        "password to ~/.pgpass or PGPASSWORD), which several brokers may "
+        "share.")
     priorities: tuple = setting(
         ("high", "normal", "low"), level_list,
         "Priority levels, comma-separated, most urgent first.")

@@ -506,12 +506,27 @@ class IClaimSource(Interface):
             its own.
         """
 
-    def reclaim(now):
+    def reclaim(now, grace):
         """
-        Take back the claims of brokers that stopped renewing: their running
-        tasks are queued again (a compare-and-set on state and token; the
-        next dispatch gives each a new token, so a late result from their
-        workers is refused) and their queued claims are freed.
+        Take back the claims of brokers that stopped renewing: their queued
+        claims are freed at once, and their running tasks, once the lease
+        has been over for ``grace`` seconds (their workers' time to bring
+        them to another broker, see :meth:`adopt`), are queued again with
+        the attempt given back (a compare-and-set on state and token; a
+        late result from their workers is refused).  Safe to run on every
+        broker at once.
 
         :returns: a ``Deferred`` firing with the number of tasks freed.
+        """
+
+    def adopt(task_id, token):
+        """
+        A worker that moved from another broker still runs ``task_id``
+        under ``token``: take the attempt over if its broker's lease
+        lapsed (or it is this broker's own).
+
+        :returns: a ``Deferred`` firing with the task's
+            :class:`taskbroker.store.TaskRow` if the attempt is now this
+            broker's, else ``None`` (the worker must stop it).  A single
+            owner adopts nothing: every running task is its own already.
         """

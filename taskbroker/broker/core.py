@@ -203,7 +203,7 @@ class Broker:
         lost = yield self.claims.renew(now)
         if lost is not None:
             self.feeder.start_over(lost)
-        freed = yield self.claims.reclaim(now)
+        freed = yield self.claims.reclaim(now, self._reclaim_window())
         if freed:
             self.log.info("took back {count} tasks from brokers that "
                           "stopped renewing their claims", count=freed)
@@ -412,6 +412,7 @@ class Broker:
                 self.log.error("database error while {doing}: {error}",
                                doing=doing, error=error)
             return
+        self.dispatcher.paused = True
         if self._resume_call is not None and self._resume_call.active():
             return
         self._store_backoff = min(

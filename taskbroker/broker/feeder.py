@@ -80,7 +80,8 @@ class Feeder:
                 self._feed_again.discard(key)
                 self.feed()
 
-        d.addCallback(claimed).addErrback(broker.trouble, "claiming tasks")
+        d.addCallback(claimed).addErrback(broker.trouble, "claiming tasks",
+                                          pause=True)
         d.addBoth(done)
 
     def start_over(self, lost):

@@ -37,6 +37,7 @@ from taskbroker.broker.status import RECOUNT_INTERVAL
 from taskbroker.errors import StoreLost, one_line
 from taskbroker.protocol.codec import MAX_MESSAGE_SIZE
 from taskbroker.services import ServiceTree, StepService
+from taskbroker.store import describe_database
 from taskbroker.transport.zmq import RouterSocket, ZmqFactoryService
 
 log = Logger()
@@ -84,9 +85,9 @@ class BrokerService(ServiceTree):
         ):
             child.setServiceParent(self)
         if self.broker.claims.lease is not None:
-            # Renewed three times a lease, so that one late renewal does
-            # not lose the claims.
-            self._timer("claims", self.broker.claims.lease / 3,
+            # Renewed every second, or three times a lease if that is
+            # shorter, so that one late renewal does not lose the claims.
+            self._timer("claims", min(1.0, self.broker.claims.lease / 3),
                         self._keep_claims).setServiceParent(self)
 
     def _timer(self, name, interval, call):
@@ -133,7 +134,7 @@ class BrokerService(ServiceTree):
         log.info(
             "taskbroker ready: listening on {endpoint}, database {database}, "
             "levels {levels}, instance {instance}",
-            endpoint=self.socket.endpoint, database=self.config.database,
+            endpoint=self.socket.endpoint, database=describe_database(self.config.database),
             levels=",".join(self.config.priorities),
             instance=self.broker.instance_id)
         self._check_database()
@@ -145,8 +146,10 @@ class BrokerService(ServiceTree):
             self.broker.sweep()
 
     def _keep_claims(self):
+        # Paused: a broker that cannot renew may lose its claims, and says
+        # so once, not at every tick.
         return self.broker.keep_claims().addErrback(
-            self.broker.trouble, "renewing claims")
+            self.broker.trouble, "renewing claims", pause=True)
 
     def _recount(self):
         return self.broker.status.recount().addErrback(

@@ -40,7 +40,9 @@ def makeService(options):
     _report_crashes()
     store = store_from_url(config.database, reactor,
                            synchronous=config.sqlite_synchronous,
-                           create_database=config.create_database)
+                           create_database=config.create_database,
+                           levels=config.priorities,
+                           default_priority=config.default_priority)
     return BrokerService(config, store, reactor,
                          on_fatal=lambda message: exit_with(reactor, 1))
 

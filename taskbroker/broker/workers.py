@@ -92,18 +92,28 @@ class Workers:
         # Attempts the worker is still running (it reconnected, or this
         # broker restarted): claim those that are still current, and tell
         # the worker to stop the others: they were requeued or cancelled.
+        # On a shared store, an attempt unknown here may come from a
+        # broker the worker moved away from: adopt it if that broker's
+        # lease lapsed.
+        adopting = []
         for item in body.get("running", ()):
             task_id, token = item["id"], item["token"]
             outcome = broker.attempts.claim(task_id, token, identity,
                                             broker.sessions.__contains__)
             if outcome == "claimed":
                 session.running[task_id] = token
+            elif outcome == "stale" and broker.claims.shared \
+                    and task_id not in broker.attempts:
+                adopting.append((task_id, token))
             elif outcome == "stale":
                 self._stop_stale(identity, task_id, token)
         broker.sessions.add(session)
         broker.dispatcher.add_worker(
             identity, [broker.level_of(level) for level in wanted],
-            session.handlers, session.slots, busy=len(session.running))
+            session.handlers, session.slots,
+            busy=len(session.running) + len(adopting))
+        for task_id, token in adopting:
+            self._adopt(session, task_id, token)
         broker.send(identity, encode(b"WELCOME", {
             "broker": broker.instance_id,
             "priorities": list(broker.levels),
@@ -114,6 +124,46 @@ class Workers:
             "worker {name} connected: {slots} slots, levels {levels}, "
             "handlers {handlers}", name=name, slots=session.slots,
             levels=",".join(wanted), handlers=",".join(session.handlers))
+
+    def _adopt(self, session, task_id, token):
+        """
+        Take over an attempt a worker brought from another broker, whose
+        slot counts as busy meanwhile; tell the worker to stop it if it is
+        not to be had.
+        """
+        broker = self._broker
+        identity = session.identity
+
+        def adopted(row):
+            current = broker.sessions.is_current(session)
+            if row is None or task_id in broker.attempts:
+                if current:
+                    broker.dispatcher.task_done(identity)
+                    self._stop_stale(identity, task_id, token)
+                return
+            # Remembered as it was before its dispatch, as at start.
+            before = broker.backlog.with_defaults(
+                row._replace(attempts=max(row.attempts - 1, 0)))
+            if not current:
+                # Gone meanwhile: an orphan, requeued unless it comes back.
+                broker.attempts.orphan(
+                    task_id, token, before,
+                    broker.monotonic() + 2 * broker.allowance())
+                return
+            broker.attempts.start(task_id, token, before, identity)
+            session.running[task_id] = token
+            self.log.info("adopted task {task_id} from a broker that went "
+                          "away: worker {name} runs it", task_id=task_id,
+                          name=session.name)
+
+        def failed(reason):
+            if broker.sessions.is_current(session):
+                broker.dispatcher.task_done(identity)
+                self._stop_stale(identity, task_id, token)
+            broker.trouble(reason, "adopting a running task")
+
+        broker.claims.adopt(task_id, token).addCallbacks(
+            adopted, failed).addErrback(broker.trouble, "adopting a task")
 
     def _bad_hello(self, body):
         """

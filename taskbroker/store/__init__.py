@@ -151,8 +151,9 @@ def parse_database_url(url):
     """
     Check a database URL and say which backend it names.
 
-    :param url: ``sqlite:///relative.db``, ``sqlite:////absolute.db``.
-    :returns: ``("sqlite", path)``.
+    :param url: ``sqlite:///relative.db``, ``sqlite:////absolute.db``, or
+        a libpq connection URI (``postgresql://...`` or ``postgres://...``).
+    :returns: ``("sqlite", path)`` or ``("postgresql", url)``.
     :raises ConfigError: for anything else, with a one-line reason.
     """
     if url.startswith("sqlite:///"):
@@ -169,16 +170,31 @@ def parse_database_url(url):
             )
         return ("sqlite", path)
     if url.startswith(("postgresql://", "postgres://")):
-        raise ConfigError(
-            "--database: PostgreSQL is not supported yet; use sqlite:///FILE"
-        )
+        from taskbroker.store.postgresql import check_url
+
+        check_url(url)
+        return ("postgresql", url)
+    shown = url if "@" not in url else url.split("://")[0] + "://..."
     raise ConfigError(
-        f"--database: unsupported URL {url!r} "
-        "(expected sqlite:///relative.db or sqlite:////abs/path.db)"
+        f"--database: unsupported URL {shown!r} (expected "
+        "sqlite:///relative.db, sqlite:////abs/path.db or postgresql://...)"
     )
 
 
-def store_from_url(url, reactor, synchronous="normal", create_database=False):
+def describe_database(url):
+    """
+    A database URL as logs and status pages show it: a PostgreSQL URI
+    without its password.
+    """
+    if url.startswith(("postgresql://", "postgres://")):
+        from taskbroker.store.postgresql import describe_url
+
+        return describe_url(url)
+    return url
+
+
+def store_from_url(url, reactor, synchronous="normal", create_database=False,
+                   levels=("high", "normal", "low"), default_priority="normal"):
     """
     Make the store a database URL names.
 
@@ -188,10 +204,18 @@ def store_from_url(url, reactor, synchronous="normal", create_database=False):
     :param create_database: create a missing database even where its lock
         file shows that one was there (see
         :meth:`taskbroker.store.sqlite.SQLiteStore.open`).
+    :param levels: the priority levels, which a PostgreSQL database
+        records (see :class:`taskbroker.store.postgresql.PostgresStore`).
+    :param default_priority: the level of a task that names none.
     :returns: an unopened :class:`taskbroker.interfaces.ITaskStore`.
     :raises ConfigError: when the URL is invalid or not supported.
     """
     kind, path = parse_database_url(url)
+    if kind == "postgresql":
+        from taskbroker.store.postgresql import PostgresStore
+
+        return PostgresStore(url, reactor, levels=levels,
+                             default_priority=default_priority)
     from taskbroker.store.sqlite import SQLiteStore
 
     return SQLiteStore(path, reactor, synchronous=synchronous,

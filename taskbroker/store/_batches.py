@@ -206,7 +206,7 @@ class BatchedStore:
         return result
 
     def _not_open(self):
-        return StoreError(f"database {self.path} is not open ({self._state})")
+        return StoreError(f"database {self._label} is not open ({self._state})")
 
     # ITaskStore
 

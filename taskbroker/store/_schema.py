@@ -78,6 +78,11 @@ class _Dialect:
     # One parameter: a table name.  Returns a row if the table exists.
     has_table: str
     split: object
+    # The placeholder of a parameter.
+    param: str = "?"
+    # Run first in the transaction, so that one process at a time checks
+    # and upgrades a database that several share; or None.
+    lock: str = None
 
 
 _DIALECTS = {
@@ -85,6 +90,19 @@ _DIALECTS = {
         begin="BEGIN IMMEDIATE",
         has_table="SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?",
         split=split_sqlite,
+    ),
+    # PostgreSQL runs a script of several statements in one call (its
+    # simple query protocol), so the files need no splitting.  Several
+    # brokers may start at once on one database: an advisory lock named
+    # after the schema makes them take turns.
+    "postgresql": _Dialect(
+        begin="BEGIN",
+        has_table="SELECT 1 FROM pg_tables "
+                  "WHERE schemaname = current_schema() AND tablename = %s",
+        split=lambda script: [script],
+        param="%s",
+        lock="SELECT pg_advisory_xact_lock(hashtext('taskbroker schema ' "
+             "|| current_schema()))",
     ),
 }
 
@@ -162,8 +180,9 @@ def ensure_schema(connection, dialect, directory=None):
     Bring a database to the newest schema version, in one transaction.
 
     :param connection: a DB-API connection in autocommit mode (for
-        ``sqlite3``, ``isolation_level=None``), so that this function can
-        run its own ``BEGIN`` and ``COMMIT``.
+        ``sqlite3``, ``isolation_level=None``; for psycopg,
+        ``autocommit=True``), so that this function can run its own
+        ``BEGIN`` and ``COMMIT``.
     :param str dialect: the database dialect, such as ``"sqlite"``.
     :param directory: the folder of schema files, as for
         :func:`read_script`; by default, the one this package ships for
@@ -178,14 +197,17 @@ def ensure_schema(connection, dialect, directory=None):
         directory = schema_directory(dialect)
     latest = latest_version(directory)
     cursor = connection.cursor()
-    cursor.execute(_DIALECTS[dialect].begin)
+    spec = _DIALECTS[dialect]
+    cursor.execute(spec.begin)
     try:
+        if spec.lock is not None:
+            cursor.execute(spec.lock)
         old = _current_version(cursor, dialect)
         if old is None:
             _run_script(cursor, dialect, directory, f"v{latest}.sql")
             cursor.execute(
-                "INSERT INTO taskbroker_schema (version) VALUES (?)", (latest,)
-            )
+                "INSERT INTO taskbroker_schema (version) VALUES "
+                f"({spec.param})", (latest,))
         elif old > latest:
             raise StoreError(
                 f"database schema version {old} is newer than this "
@@ -198,8 +220,8 @@ def ensure_schema(connection, dialect, directory=None):
                 )
             if old != latest:
                 cursor.execute(
-                    "UPDATE taskbroker_schema SET version = ?", (latest,)
-                )
+                    f"UPDATE taskbroker_schema SET version = {spec.param}",
+                    (latest,))
         cursor.execute("COMMIT")
     except BaseException:
         rollback(cursor)

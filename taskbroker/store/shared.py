@@ -250,18 +250,22 @@ class SharedClaims:
         return defer.succeed(lost)
 
     @defer.inlineCallbacks
-    def reclaim(self, now):
+    def reclaim(self, now, grace):
         db = self._db
         lapsed = [b for b in db.leases if b != self._id and not db.live(b)]
         freed = 0
         for broker_id in lapsed:
-            del db.leases[broker_id]
+            past_grace = db.leases[broker_id] + grace < db.clock.seconds()
+            if past_grace:
+                del db.leases[broker_id]
             db._listeners.pop(broker_id, None)
             for task_id, owner in list(db.claimed.items()):
                 if owner != broker_id:
                     continue
-                del db.claimed[task_id]
                 row = db.store._rows[task_id]
+                if row.state == "running" and not past_grace:
+                    continue  # its worker may bring it here (adopt)
+                del db.claimed[task_id]
                 if row.state == "running":
                     # A compare-and-set: the next dispatch gives it a new
                     # token, so a late result from the old worker is
@@ -272,3 +276,14 @@ class SharedClaims:
         if freed:
             db.signal()
         return freed
+
+    def adopt(self, task_id, token):
+        db = self._db
+        row = db.store._rows.get(task_id)
+        owner = db.claimed.get(task_id)
+        if (row is None or row.state != "running" or row.token != token
+                or (owner is not None and owner != self._id
+                    and db.live(owner))):
+            return defer.succeed(None)
+        self._claim(task_id)
+        return defer.succeed(row)

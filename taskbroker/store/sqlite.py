@@ -418,7 +418,7 @@ class SQLiteStore(BatchedStore):
 
     @property
     def _label(self):
-        return self._abspath
+        return self._abspath or self.path
 
     _sql = sql
 

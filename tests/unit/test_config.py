@@ -262,14 +262,26 @@ def test_handlers_path_must_be_a_directory(tmp_path):
 @pytest.mark.parametrize("url", [
     "sqlite:///tasks.sqlite", "sqlite:///data/tasks.db",
     "sqlite:////var/lib/taskbroker/tasks.db",
+    "postgresql://localhost/tasks", "postgres://u@db.example:6432/tasks",
+    "postgresql:///tasks?host=/var/run/postgresql",
+    "postgresql://u@h/tasks?sslmode=verify-full&connect_timeout=3",
 ])
-def test_sqlite_urls_are_accepted(url):
+def test_database_urls_are_accepted(url):
     assert broker({"database": url}).database == url
 
 
+def test_a_password_is_never_shown():
+    from taskbroker.store import describe_database
+
+    shown = describe_database("postgresql://u:s3cret@h:5433/tasks")
+    assert shown == "postgresql://u@h:5433/tasks"
+    with pytest.raises(ConfigError) as raised:
+        broker({"database": "postgresql://u:s3cret@h/tasks?bogus=1"})
+    assert "s3cret" not in str(raised.value)
+
+
 @pytest.mark.parametrize("url, reason", [
-    ("postgresql://localhost/tasks", "not supported yet"),
-    ("postgres://localhost/tasks", "not supported yet"),
+    ("postgresql://localhost/tasks?nosuchoption=1", "invalid PostgreSQL URI"),
     ("sqlite:///:memory:", "in-memory"),
     ("sqlite:///", "names no file"),
     ("sqlite://tasks.db", "unsupported"),

@@ -124,11 +124,16 @@ def test_claims_of_a_broker_that_stopped_renewing_go_to_the_others():
     [(_, _, first)] = fleet.tasks("w1")
     fleet.worker("b", "w2")
     # Broker a falls silent (it stops renewing); b renews and, once a's
-    # lease has lapsed, takes its running task back.
+    # lease has lapsed and a's workers had their time to bring their
+    # attempts elsewhere, takes its running task back.
     fleet.clock.advance(5)
     result_of(b.keep_claims())
     assert fleet.tasks() == []
     fleet.clock.advance(6)
+    result_of(b.keep_claims())
+    fleet.settle()
+    assert fleet.tasks() == []
+    fleet.clock.advance(b._reclaim_window())
     with capturedLogs() as events:
         result_of(b.keep_claims())
     assert any(e.get("count") == 1 for e in events)
@@ -142,6 +147,40 @@ def test_claims_of_a_broker_that_stopped_renewing_go_to_the_others():
     fleet.finish("b", "w2", second)
     row = result_of(fleet.db.store.get(first["id"]))
     assert (row.state, row.result) == ("succeeded", '"w2"')
+
+
+def test_a_worker_brings_its_attempt_from_a_lapsed_broker():
+    fleet = Fleet(lease=10.0)
+    fleet.broker("a")
+    b = fleet.broker("b")
+    fleet.worker("a", "w1")
+    fleet.submit("a")
+    [(_, _, first)] = fleet.tasks("w1")
+    # While a still holds its lease, b does not take the attempt.
+    fleet.send("b", b"w1", b"HELLO", {
+        "name": "w1", "slots": 1, "handlers": ["echo"], "heartbeat": 1.0,
+        "running": [{"id": first["id"], "token": first["token"]}]})
+    fleet.settle()
+    [(_, _, cancel)] = [(n, i, body) for n, i, command, body in fleet.sent
+                        if command == b"CANCEL"]
+    assert cancel["id"] == first["id"]
+    fleet.sent.clear()
+    # Once a's lease lapsed, w1 moves to b with it, and b adopts it: the
+    # attempt goes on, and its result counts.
+    fleet.clock.advance(11)
+    fleet.send("b", b"w1b", b"HELLO", {
+        "name": "w1b", "slots": 1, "handlers": ["echo"], "heartbeat": 1.0,
+        "running": [{"id": first["id"], "token": first["token"]}]})
+    fleet.settle()
+    assert [c for _, _, c, _ in fleet.sent if c == b"CANCEL"] == []
+    result_of(b.keep_claims())
+    fleet.clock.advance(b._reclaim_window() + 1)
+    result_of(b.keep_claims())
+    fleet.settle()
+    assert fleet.tasks() == []
+    fleet.finish("b", "w1b", first)
+    row = result_of(fleet.db.store.get(first["id"]))
+    assert (row.state, row.result) == ("succeeded", '"w1b"')
 
 
 def test_a_broker_whose_claims_lapsed_starts_over():

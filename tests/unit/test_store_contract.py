@@ -13,9 +13,12 @@ import pytest_twisted
 from twisted.internet.task import Clock
 
 from taskbroker.store import NewTask, TaskRow
+from taskbroker.store.postgresql import PostgresStore
 from taskbroker.store.sqlite import SQLiteStore
 from taskbroker.testing import MemoryStore, SharedMemoryDatabase
 from taskbroker.testing.store_contract import QueueReadsContract, StoreContract
+from tests.postgres import connect
+from tests.postgres import postgres_url  # noqa: F401 (a fixture)
 
 
 @pytest.fixture
@@ -73,6 +76,25 @@ class TestSQLiteStore(_OpenStore, StoreContract, QueueReadsContract):
                         f"VALUES ({', '.join('?' for _ in names)})",
                         (handler, payload, priority, *columns.values()))
                 return cursor.lastrowid
+
+        return insert
+
+
+class TestPostgresStore(_OpenStore, StoreContract):
+    @pytest.fixture
+    def new_store(self, reactor, postgres_url):
+        return lambda: PostgresStore(postgres_url, reactor)
+
+    @pytest.fixture
+    def insert_sql(self, store):
+        def insert(handler, payload, priority=None, **columns):
+            names = ["handler", "payload", "priority", *columns]
+            with connect(store.url) as connection:
+                return connection.execute(
+                    f"INSERT INTO tasks ({', '.join(names)}) "
+                    f"VALUES ({', '.join('%s' for _ in names)}) RETURNING id",
+                    (handler, payload, priority, *columns.values())
+                ).fetchone()[0]
 
         return insert
 

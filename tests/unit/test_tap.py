@@ -80,7 +80,7 @@ def test_worker_handlers_path_from_environment(tmp_path, monkeypatch):
 @pytest.mark.parametrize("module, argv, option", [
     (worker_tap, ["--concurrency", "zero"], "--concurrency"),
     (worker_tap, ["--handlers-path", "/nonexistent/dir"], "--handlers-path"),
-    (broker_tap, ["--database", "postgresql://db/tasks"], "--database"),
+    (broker_tap, ["--database", "postgresql://db/tasks?bogus=1"], "--database"),
     (broker_tap, ["--default-priority", "urgent"], "--default-priority"),
     (broker_tap, ["--listen", "localhost"], "--listen"),
 ])

@@ -1,0 +1,495 @@
+# -*- test-case-name: tests.unit.test_store_postgresql -*-
+"""
+The SQL of the PostgreSQL store: what runs in the store's threads, one
+function per operation.  Each write receives a cursor inside the
+transaction the store opened for its batch, and the id of the broker
+that writes (``None`` for a store no broker claims through), which the
+rows it takes or queues record as their ``owner``.
+"""
+
+import psycopg
+from psycopg import errors as pg_errors
+
+from taskbroker.errors import StoreError, WriteRefused, one_line
+from taskbroker.store import Submitted, TaskRow, up_to_size
+
+# In TaskRow's field order, so that TaskRow(*row) builds one.
+COLUMNS = (
+    "id, handler, payload, priority, state, attempts, max_attempts, worker, "
+    "created_at, started_at, finished_at, result, error, run_at, "
+    "unique_key, request_id, token, time_limit, traceback"
+)
+_T_COLUMNS = ", ".join("t." + name.strip() for name in COLUMNS.split(","))
+
+# Errors that one operation's arguments can cause (a value a constraint
+# refuses, text that is not JSON, a number out of range): they fail that
+# operation alone.  Anything else (a lost connection, a full disk) fails
+# the whole transaction.
+_OPERATION_ERRORS = (
+    pg_errors.IntegrityError,
+    pg_errors.DataError,
+    psycopg.ProgrammingError,
+    TypeError,
+    ValueError,
+    OverflowError,
+)
+
+
+class _IsolateOperations(Exception):
+    """
+    An operation failed on its own arguments: roll back and run the batch
+    again with a savepoint around each operation.
+    """
+
+
+def clean(text):
+    """
+    Text as PostgreSQL can store it: a ``text`` value cannot hold NUL,
+    which a worker's error or traceback may (it is replaced by U+FFFD).
+    """
+    if text is not None and "\x00" in text:
+        return text.replace("\x00", "\ufffd")
+    return text
+
+
+def run_batch(connection, operations, owner, notify):
+    """
+    Run a group of writes in one transaction.
+
+    :param notify: the channel to wake the brokers on when the batch made
+        tasks claimable, or ``None``.
+    :returns: for each operation, ``(True, result)`` or ``(False,
+        StoreError)`` when the operation's own arguments made it fail
+        (:class:`~taskbroker.errors.WriteRefused` when a constraint refused
+        what it would write).
+    :raises: the database's error when the transaction as a whole failed;
+        nothing was written then.
+    """
+    try:
+        return _transaction(connection, operations, owner, notify, False)
+    except _IsolateOperations:
+        # Savepoints cost two statements per operation: only a batch in
+        # which a caller passed bad arguments pays for them.
+        return _transaction(connection, operations, owner, notify, True)
+
+
+def _transaction(connection, operations, owner, notify, isolate):
+    outcomes = []
+    wake = False
+    with connection.transaction():
+        cursor = connection.cursor()
+        for operation, args in operations:
+            if not isolate:
+                try:
+                    outcomes.append((True, operation(cursor, owner, *args)))
+                except _OPERATION_ERRORS as e:
+                    raise _IsolateOperations() from e
+            else:
+                try:
+                    with connection.transaction():
+                        outcomes.append(
+                            (True, operation(cursor, owner, *args)))
+                except _OPERATION_ERRORS as e:
+                    refused = isinstance(e, (pg_errors.IntegrityError,
+                                             pg_errors.DataError))
+                    error = (WriteRefused if refused else StoreError)(
+                        f"{operation.__name__.lstrip('_')} failed: "
+                        f"{one_line(e)}")
+                    error.__cause__ = e
+                    outcomes.append((False, error))
+                    continue
+            wake = wake or operation in WAKING
+        if wake and notify is not None:
+            cursor.execute("SELECT pg_notify(%s, '')", (notify,))
+    return outcomes
+
+
+def touch(cursor, owner):
+    """
+    A write that changes nothing, for a transaction that must write.
+    """
+    cursor.execute("UPDATE taskbroker_schema SET version = version")
+
+
+def submit(cursor, owner, tasks):
+    request_id = tasks[0].request_id
+    if request_id is not None:
+        # Two brokers given the same request (a client that failed over)
+        # take turns here, so the second finds the tasks of the first.
+        cursor.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))",
+                       (_REQUEST_LOCK, request_id))
+        rows = cursor.execute(
+            f"SELECT {COLUMNS} FROM tasks WHERE request_id = %s ORDER BY id",
+            (request_id,)).fetchall()
+        if rows:
+            return [Submitted(TaskRow(*row), False) for row in rows]
+    submitted = []
+    for task in tasks:
+        dispatched = task.worker is not None
+        values = (task.handler, task.payload, task.priority,
+                  task.max_attempts, task.created_at, task.run_at,
+                  task.unique_key, task.request_id, task.time_limit,
+                  "running" if dispatched else "queued", int(dispatched),
+                  int(dispatched), task.worker,
+                  task.created_at if dispatched else None, owner)
+        if task.unique_key is None:
+            row = cursor.execute(_INSERT, values).fetchone()
+        else:
+            # Another broker may insert the same key meanwhile: the
+            # conflict waits for it to commit, then its task is the one.
+            row = cursor.execute(
+                _INSERT.replace(" RETURNING", _ON_KEY_CONFLICT + " RETURNING"),
+                values).fetchone()
+            if row is None:
+                live = live_with_key(cursor, task.unique_key)
+                if live is not None:
+                    submitted.append(Submitted(live, False))
+                    continue
+                row = cursor.execute(_INSERT, values).fetchone()
+        submitted.append(Submitted(TaskRow(*row), True))
+    return submitted
+
+
+# The first key of the advisory locks on request ids (the second is the
+# id's hash): a constant of our own, so that other programs' locks on the
+# same database do not collide with them.
+_REQUEST_LOCK = 0x7462  # "tb"
+
+_INSERT = (
+    "INSERT INTO tasks (handler, payload, priority, max_attempts, "
+    "created_at, run_at, unique_key, request_id, time_limit, state, "
+    "attempts, token, worker, started_at, owner) "
+    "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
+    f"RETURNING {COLUMNS}"
+)
+_ON_KEY_CONFLICT = (
+    " ON CONFLICT (unique_key) WHERE unique_key IS NOT NULL "
+    "AND state IN ('queued', 'running') DO NOTHING"
+)
+
+
+def live_with_key(cursor, unique_key):
+    row = cursor.execute(
+        f"SELECT {COLUMNS} FROM tasks WHERE unique_key = %s "
+        "AND state IN ('queued', 'running')", (unique_key,)).fetchone()
+    return None if row is None else TaskRow(*row)
+
+
+def dispatch(cursor, owner, task_id, token, worker, started_at, priority,
+             max_attempts):
+    cursor.execute(
+        "UPDATE tasks SET state = 'running', token = %s, "
+        "attempts = attempts + 1, worker = %s, started_at = %s, "
+        "finished_at = NULL, priority = COALESCE(priority, %s), "
+        "max_attempts = COALESCE(max_attempts, %s) "
+        "WHERE id = %s AND state = 'queued' AND token = %s - 1 "
+        "AND owner IS NOT DISTINCT FROM %s",
+        (token, clean(worker), started_at, priority, max_attempts, task_id,
+         token, owner))
+    return cursor.rowcount == 1
+
+
+def finish(cursor, owner, task_id, token, state, result, error, traceback,
+           finished_at):
+    cursor.execute(
+        "UPDATE tasks SET state = %s, result = %s, error = %s, "
+        "traceback = %s, finished_at = %s "
+        "WHERE id = %s AND token = %s AND state = 'running' "
+        "AND owner IS NOT DISTINCT FROM %s",
+        (state, clean(result), clean(error), clean(traceback), finished_at,
+         task_id, token, owner))
+    return cursor.rowcount == 1
+
+
+def requeue(cursor, owner, task_id, token, run_at, error, traceback,
+            consumed):
+    # The task stays this broker's claim: it holds it again at once, and
+    # gives it back if no worker of its own takes it.
+    cursor.execute(
+        "UPDATE tasks SET state = 'queued', run_at = %s, error = %s, "
+        "traceback = %s, attempts = CASE WHEN %s THEN attempts "
+        "ELSE GREATEST(attempts - 1, 0) END "
+        "WHERE id = %s AND token = %s AND state = 'running' "
+        "AND owner IS NOT DISTINCT FROM %s",
+        (run_at, clean(error), clean(traceback), consumed, task_id, token,
+         owner))
+    return cursor.rowcount == 1
+
+
+def cancel(cursor, owner, task_id, finished_at):
+    cursor.execute(
+        "UPDATE tasks SET state = 'cancelled', error = 'cancelled', "
+        "finished_at = %s WHERE id = %s AND state IN ('queued', 'running')",
+        (finished_at, task_id))
+    return get_with(cursor, task_id)
+
+
+def retry(cursor, owner, task_id):
+    cursor.execute(
+        "UPDATE tasks SET state = 'queued', attempts = 0, run_at = NULL, "
+        "finished_at = NULL, result = NULL, error = NULL, traceback = NULL, "
+        "owner = %s "
+        "WHERE id = %s AND state IN ('failed', 'cancelled') "
+        "AND NOT EXISTS (SELECT 1 FROM tasks AS live "
+        "WHERE live.unique_key = tasks.unique_key "
+        "AND live.state IN ('queued', 'running'))",
+        (owner, task_id))
+    return get_with(cursor, task_id)
+
+
+def reject(cursor, owner, task_id, error, finished_at):
+    cursor.execute(
+        "UPDATE tasks SET state = 'failed', error = %s, finished_at = %s "
+        "WHERE id = %s AND state = 'queued'",
+        (clean(error), finished_at, task_id))
+
+
+def reject_group(cursor, owner, handler, priority, error, finished_at):
+    cursor.execute(
+        "UPDATE tasks SET state = 'failed', error = %s, finished_at = %s "
+        "WHERE state = 'queued' AND handler = %s "
+        "AND priority IS NOT DISTINCT FROM %s",
+        (clean(error), finished_at, handler, priority))
+    return cursor.rowcount
+
+
+def release(cursor, owner, task_ids):
+    cursor.execute(
+        "UPDATE tasks SET owner = NULL "
+        "WHERE id = ANY(%s) AND state = 'queued' AND owner = %s",
+        (list(task_ids), owner))
+    return cursor.rowcount
+
+
+# The writes after which other brokers may find tasks to claim.
+WAKING = frozenset((requeue, retry, release))
+
+
+def get_with(cursor, task_id):
+    row = cursor.execute(
+        f"SELECT {COLUMNS} FROM tasks WHERE id = %s", (task_id,)).fetchone()
+    return None if row is None else TaskRow(*row)
+
+
+def get(connection, task_id):
+    return get_with(connection.cursor(), task_id)
+
+
+def list(connection, state, handler, after_id, limit, max_bytes=None):
+    where = ["id > %s"]
+    params = [after_id]
+    if state is not None:
+        where.append("state = %s")
+        params.append(state)
+    if handler is not None:
+        where.append("handler = %s")
+        params.append(handler)
+    params.append(limit)
+    cursor = connection.cursor()
+    cursor.execute(
+        f"SELECT {COLUMNS} FROM tasks WHERE {' AND '.join(where)} "
+        "ORDER BY id LIMIT %s", params)
+    return up_to_size(map(TaskRow._make, cursor), max_bytes)
+
+
+def counts(connection, now):
+    cursor = connection.cursor()
+    cursor.execute(
+        "SELECT state, priority, handler, "
+        "state = 'queued' AND run_at IS NOT NULL AND run_at > %s, count(*) "
+        "FROM tasks GROUP BY 1, 2, 3, 4", (now,))
+    return {(state, priority, handler, bool(delayed)): count
+            for state, priority, handler, delayed, count in cursor}
+
+
+def running(connection):
+    cursor = connection.cursor()
+    cursor.execute(
+        f"SELECT {COLUMNS} FROM tasks WHERE state = 'running' ORDER BY id")
+    return [TaskRow(*row) for row in cursor]
+
+
+def queued_groups(connection):
+    """
+    The distinct ``(handler, priority)`` of queued tasks, one index seek
+    each (a loose scan of ``tasks_queued_by_group``), however deep the
+    queues.
+    """
+    cursor = connection.cursor()
+    cursor.execute(
+        "WITH RECURSIVE g AS ("
+        " (SELECT handler, priority FROM tasks WHERE state = 'queued'"
+        "  ORDER BY handler, priority LIMIT 1)"
+        " UNION ALL"
+        " SELECT n.handler, n.priority FROM g CROSS JOIN LATERAL"
+        " (SELECT handler, priority FROM tasks"
+        "  WHERE state = 'queued' AND (handler, priority) > (g.handler,"
+        "  g.priority) ORDER BY handler, priority LIMIT 1) AS n"
+        ") SELECT handler, priority FROM g")
+    pairs = cursor.fetchall()
+    # A row comparison skips NULLs: the handlers with NULL priorities
+    # are found apart (NULL sorts last in the index).
+    cursor.execute(
+        "WITH RECURSIVE g AS ("
+        " (SELECT handler FROM tasks WHERE state = 'queued'"
+        "  AND priority IS NULL ORDER BY handler LIMIT 1)"
+        " UNION ALL"
+        " SELECT n.handler FROM g CROSS JOIN LATERAL"
+        " (SELECT handler FROM tasks WHERE state = 'queued'"
+        "  AND priority IS NULL AND handler > g.handler"
+        "  ORDER BY handler LIMIT 1) AS n"
+        ") SELECT handler FROM g")
+    pairs.extend((handler, None) for (handler,) in cursor)
+    return pairs
+
+
+def delayed_window(connection, after, limit):
+    cursor = connection.cursor()
+    cursor.execute(
+        f"SELECT {COLUMNS} FROM tasks "
+        "WHERE state = 'queued' AND run_at IS NOT NULL "
+        "AND (run_at, id) > (%s, %s) ORDER BY run_at, id LIMIT %s",
+        (*after, limit))
+    return [TaskRow(*row) for row in cursor]
+
+
+def claim(connection, owner, ranks, handlers, limit, now):
+    """
+    Claim up to ``limit`` due tasks: the most urgent level first, the
+    longest queued first within a level; rows other brokers are claiming
+    at this moment are skipped, not waited for.
+
+    The CTE matters: with the SELECT in the UPDATE's WHERE instead, the
+    planner may run it more than once and update more rows than the
+    LIMIT.
+    """
+    with connection.transaction():
+        cursor = connection.cursor()
+        cursor.execute(
+            "WITH c AS (SELECT id FROM tasks WHERE state = 'queued' "
+            "AND owner IS NULL AND rank = ANY(%s) AND handler = ANY(%s) "
+            "AND (run_at IS NULL OR run_at <= %s) "
+            "ORDER BY rank, ready_seq LIMIT %s FOR UPDATE SKIP LOCKED) "
+            f"UPDATE tasks AS t SET owner = %s FROM c WHERE t.id = c.id "
+            f"RETURNING t.rank, t.ready_seq, {_T_COLUMNS}",
+            (ranks, handlers, now, limit, owner))
+        rows = sorted(cursor.fetchall())
+    return [TaskRow(*row[2:]) for row in rows]
+
+
+def register(connection, owner, host, pid, lease):
+    with connection.transaction():
+        _register(connection, owner, host, pid, lease)
+
+
+def _register(connection, owner, host, pid, lease):
+    connection.execute(
+        "INSERT INTO taskbroker_brokers (id, host, pid, lease_expires) "
+        "VALUES (%s, %s, %s, now() + make_interval(secs => %s)) "
+        "ON CONFLICT (id) DO UPDATE SET "
+        "lease_expires = EXCLUDED.lease_expires",
+        (owner, host, pid, lease))
+
+
+def unregister(connection, owner):
+    """
+    A broker that stops: its queued claims go back at once; its running
+    tasks stay its own until its lease lapses, for its workers to finish
+    them or take them to another broker.
+    """
+    with connection.transaction():
+        connection.execute(
+            "UPDATE tasks SET owner = NULL "
+            "WHERE owner = %s AND state = 'queued'", (owner,))
+        connection.execute(
+            "UPDATE taskbroker_brokers SET lease_expires = now() "
+            "WHERE id = %s", (owner,))
+
+
+def renew(connection, owner, host, pid, lease, held):
+    """
+    Extend the broker's lease.
+
+    :param held: the ids of the running tasks the broker holds.
+    :returns: ``None`` if the lease held; else the ids of the tasks in
+        ``held`` that are no longer the broker's (the broker is registered
+        again, and its queued claims are given back).
+    """
+    with connection.transaction():
+        # FOR UPDATE: a reaper taking this broker's tasks locks its row
+        # first, so this waits until it is done and then sees all it took.
+        row = connection.execute(
+            "SELECT lease_expires > now() FROM taskbroker_brokers "
+            "WHERE id = %s FOR UPDATE", (owner,)).fetchone()
+        if row is None:
+            _register(connection, owner, host, pid, lease)
+        else:
+            connection.execute(
+                "UPDATE taskbroker_brokers "
+                "SET lease_expires = now() + make_interval(secs => %s) "
+                "WHERE id = %s", (lease, owner))
+            if row[0]:
+                return None
+        lost = connection.execute(
+            "SELECT id FROM tasks WHERE id = ANY(%s) "
+            "AND (state <> 'running' OR owner IS DISTINCT FROM %s)",
+            (sorted(held), owner)).fetchall()
+        connection.execute(
+            "UPDATE tasks SET owner = NULL "
+            "WHERE owner = %s AND state = 'queued'", (owner,))
+    return {task_id for (task_id,) in lost}
+
+
+def reap(connection, owner, grace, notify):
+    """
+    Take back the tasks of brokers whose lease lapsed: their queued claims
+    at once; their running tasks once the lease has been over for
+    ``grace`` seconds (their workers had that long to bring them to
+    another broker), queued again with a new token and the attempt given
+    back.  Any number of brokers may run this at once: each lapsed
+    broker's row is locked by one of them, and skipped by the others.
+
+    :returns: the number of tasks freed.
+    """
+    with connection.transaction():
+        lapsed = connection.execute(
+            "SELECT id, lease_expires < now() - make_interval(secs => %s) "
+            "FROM taskbroker_brokers WHERE lease_expires < now() AND id <> %s "
+            "FOR UPDATE SKIP LOCKED", (grace, owner)).fetchall()
+        freed = 0
+        for broker_id, past_grace in lapsed:
+            freed += connection.execute(
+                "UPDATE tasks SET owner = NULL "
+                "WHERE owner = %s AND state = 'queued'",
+                (broker_id,)).rowcount
+            if not past_grace:
+                continue
+            freed += connection.execute(
+                "UPDATE tasks SET state = 'queued', owner = NULL, "
+                "token = token + 1, attempts = GREATEST(attempts - 1, 0), "
+                "error = 'its broker went away' "
+                "WHERE owner = %s AND state = 'running'",
+                (broker_id,)).rowcount
+            connection.execute(
+                "DELETE FROM taskbroker_brokers WHERE id = %s", (broker_id,))
+        if freed and notify is not None:
+            connection.execute("SELECT pg_notify(%s, '')", (notify,))
+    return freed
+
+
+def adopt(connection, owner, task_id, token):
+    """
+    Take over a running attempt that a worker brought from another broker:
+    only from a broker whose lease lapsed (or from this one).
+
+    :returns: the task's row, or ``None`` if it is not to be adopted.
+    """
+    with connection.transaction():
+        row = connection.execute(
+            f"UPDATE tasks AS t SET owner = %s WHERE id = %s AND token = %s "
+            "AND state = 'running' AND (owner IS NULL OR owner = %s "
+            "OR NOT EXISTS (SELECT 1 FROM taskbroker_brokers AS b "
+            "WHERE b.id = t.owner AND b.lease_expires > now())) "
+            f"RETURNING {_T_COLUMNS}",
+            (owner, task_id, token, owner)).fetchone()
+    return None if row is None else TaskRow(*row)
