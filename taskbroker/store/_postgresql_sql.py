@@ -257,7 +257,7 @@ def release(cursor, owner, task_ids):
     cursor.execute(
         "UPDATE tasks SET owner = NULL "
         "WHERE id = ANY(%s) AND state = 'queued' AND owner = %s",
-        (list(task_ids), owner))
+        ([*task_ids], owner))
     return cursor.rowcount
 
 

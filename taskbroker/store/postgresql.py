@@ -505,9 +505,15 @@ class PostgresClaims:
 
     def renew(self, now):
         store = self._store
+
+        def renewed(lost):
+            if lost:
+                store.running_ids.difference_update(lost)
+            return lost
+
         return store._run(self._leaser, sql.renew, self._id,
                           socket.gethostname(), os.getpid(), self.lease,
-                          set(store.running_ids))
+                          set(store.running_ids)).addCallback(renewed)
 
     def reclaim(self, now, grace):
         store = self._store

@@ -1,0 +1,306 @@
+"""
+What the PostgreSQL store does beyond the store contract: its schema and
+levels, claims by several brokers at once (SKIP LOCKED), leases, the
+reaper, adoption, and wake-ups.  Each test has a schema of its own on a
+real server (tests/postgres.py); a lease is made to lapse by moving its
+expiry into the past, as the database's clock would.
+"""
+
+import pytest
+import pytest_twisted
+from twisted.internet import defer
+
+from taskbroker.errors import StoreError
+from taskbroker.store.postgresql import PostgresStore
+from taskbroker.testing.store_contract import new_task, submit_one
+from tests.postgres import connect
+from tests.postgres import postgres_url  # noqa: F401 (a fixture)
+
+NOW = 2000.0
+
+
+@pytest.fixture
+def reactor():
+    from twisted.internet import reactor
+
+    return reactor
+
+
+@pytest.fixture
+def sql(postgres_url):
+    """
+    Run one statement as another program would; returns its rows.
+    """
+    connection = connect(postgres_url)
+
+    def run(statement, params=()):
+        cursor = connection.execute(statement, params)
+        return cursor.fetchall() if cursor.description else cursor.rowcount
+
+    yield run
+    connection.close()
+
+
+@pytest_twisted.async_yield_fixture
+async def open_stores(reactor, postgres_url):
+    """
+    ``open_store(broker_id=None, **kwargs)``: an open store (and the claims
+    of ``broker_id`` on it, started), closed after the test.
+    """
+    opened = []
+
+    async def open_store(broker_id=None, **kwargs):
+        store = PostgresStore(postgres_url, reactor, **kwargs)
+        await store.open()
+        claims = None
+        if broker_id is not None:
+            claims = store.claims(broker_id)
+            await claims.start(NOW, lambda: None)
+        opened.append((store, claims))
+        return store, claims
+
+    yield open_store
+    for store, claims in reversed(opened):
+        if claims is not None:
+            await claims.stop()
+        await store.close()
+
+
+def lapse(sql, broker_id, seconds_ago=1):
+    sql("UPDATE taskbroker_brokers SET lease_expires = now() - "
+        "make_interval(secs => %s) WHERE id = %s", (seconds_ago, broker_id))
+
+
+@pytest_twisted.ensureDeferred
+async def test_sql_inserts_are_ranked_by_level(open_stores, sql):
+    await open_stores()
+    sql("INSERT INTO tasks (handler, payload, priority) VALUES "
+        "('a', '1', 'high'), ('a', '2', NULL), ('a', '3', 'low'), "
+        "('a', '4', 'urgent')")
+    rows = sql("SELECT payload::text, rank, ready_seq FROM tasks ORDER BY id")
+    assert [(p, r) for p, r, _ in rows] == [
+        ("1", 0), ("2", 1), ("3", 2), ("4", None)]
+    seqs = [s for _, _, s in rows]
+    assert seqs == sorted(seqs) and len(set(seqs)) == 4
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_task_queued_again_goes_to_the_back_of_its_level(
+        open_stores, sql):
+    store, _ = await open_stores()
+    first = await submit_one(store)
+    second = await submit_one(store)
+    assert await store.dispatch(first.id, 1, "w", NOW)
+    assert await store.requeue(first.id, 1)
+    (s1,), (s2,) = sql("SELECT ready_seq FROM tasks WHERE id IN (%s, %s) "
+                       "ORDER BY id", (first.id, second.id))
+    assert s1 > s2
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_levels_are_recorded_and_other_levels_refused(
+        open_stores, reactor, postgres_url, sql):
+    await open_stores(levels=("now", "later"), default_priority="later")
+    assert sql("SELECT rank, name, is_default FROM taskbroker_levels "
+               "ORDER BY rank") == [(0, "now", False), (1, "later", True)]
+    other = PostgresStore(postgres_url, reactor)
+    with pytest.raises(StoreError) as raised:
+        await other.open()
+    message = str(raised.value)
+    assert "now,later (default later)" in message
+    assert "high,normal,low (default normal)" in message
+    # To change them: empty the table with every broker stopped; the next
+    # broker records its own and ranks the queued tasks anew.
+    sql("INSERT INTO tasks (handler, priority) VALUES ('a', 'normal')")
+    sql("DELETE FROM taskbroker_levels")
+    await open_stores()
+    assert sql("SELECT rank FROM tasks") == [(1,)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_newer_schema_is_refused(open_stores, reactor, postgres_url,
+                                         sql):
+    store, _ = await open_stores()
+    await store.close()
+    sql("UPDATE taskbroker_schema SET version = 99")
+    with pytest.raises(StoreError, match="version 99 is newer"):
+        await PostgresStore(postgres_url, reactor).open()
+
+
+@pytest_twisted.ensureDeferred
+async def test_brokers_starting_together_create_the_schema_once(
+        reactor, postgres_url, sql):
+    stores = [PostgresStore(postgres_url, reactor) for _ in range(4)]
+    try:
+        await defer.gatherResults([s.open() for s in stores])
+    finally:
+        for store in stores:
+            await store.close()
+    assert sql("SELECT version FROM taskbroker_schema") == [(1,)]
+    assert sql("SELECT count(*) FROM taskbroker_levels") == [(3,)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_claims_take_the_most_urgent_and_oldest_first(open_stores, sql):
+    store, claims = await open_stores("a")
+    sql("INSERT INTO tasks (handler, priority) VALUES ('h', 'low'), "
+        "('h', 'normal'), ('h', 'high'), ('other', 'high'), ('h', 'high')")
+    sql("INSERT INTO tasks (handler, priority, run_at) VALUES "
+        "('h', 'high', 9999)")
+    rows = await claims.claim_for(["high", "normal", None], ["h"], 10, NOW)
+    assert [(r.id, r.priority) for r in rows] == [
+        (3, "high"), (5, "high"), (2, "normal")]
+    assert sql("SELECT id FROM tasks WHERE owner = 'a' ORDER BY id") == [
+        (2,), (3,), (5,)]
+    # Nothing is claimed twice, and the LIMIT holds.
+    assert await claims.claim_for(["high", "normal", "low"], ["h"], 10,
+                                  NOW) == [await store.get(1)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_brokers_claiming_at_once_never_share_a_task(open_stores, sql):
+    sql("SELECT 1")
+    stores = [await open_stores(name) for name in "abc"]
+    sql("INSERT INTO tasks (handler) SELECT 'h' FROM generate_series(1, 300)")
+    results = await defer.gatherResults([
+        claims.claim_for(["normal"], ["h"], 7, NOW)
+        for _ in range(15) for _, claims in stores])
+    ids = [row.id for rows in results for row in rows]
+    assert len(ids) == len(set(ids)) == 300
+    owners = sql("SELECT owner, count(*) FROM tasks GROUP BY owner")
+    assert sum(n for _, n in owners) == 300 and None not in dict(owners)
+
+
+@pytest_twisted.ensureDeferred
+async def test_released_tasks_are_claimable_again(open_stores, sql):
+    _, a = await open_stores("a")
+    _, b = await open_stores("b")
+    sql("INSERT INTO tasks (handler) VALUES ('h')")
+    [row] = await a.claim_for(["normal"], ["h"], 1, NOW)
+    assert await b.claim_for(["normal"], ["h"], 1, NOW) == []
+    a.release([row.id])
+    await a._store._write(lambda cursor, owner: None)  # after the release
+    [again] = await b.claim_for(["normal"], ["h"], 1, NOW)
+    assert again.id == row.id
+
+
+@pytest_twisted.ensureDeferred
+async def test_nothing_a_broker_that_lost_its_lease_writes_lands(
+        open_stores, sql):
+    a_store, a = await open_stores("a")
+    b_store, b = await open_stores("b")
+    sql("INSERT INTO tasks (handler) VALUES ('h'), ('h')")
+    first, second = await a.claim_for(["normal"], ["h"], 2, NOW)
+    assert await a_store.dispatch(first.id, 1, "w1", NOW)
+    lapse(sql, "a")
+    # Within the grace, only the queued claim goes back.
+    assert await b.reclaim(NOW, 3600.0) == 1
+    assert sql("SELECT state, owner FROM tasks ORDER BY id") == [
+        ("running", "a"), ("queued", None)]
+    # Past it, the running task is queued again with a new token, the
+    # attempt given back, and a's broker forgotten.
+    assert await b.reclaim(NOW, 0.0) == 1
+    assert sql("SELECT state, owner, token, attempts FROM tasks "
+               "WHERE id = %s", (first.id,)) == [("queued", None, 2, 0)]
+    assert sql("SELECT id FROM taskbroker_brokers") == [("b",)]
+    assert not await a_store.finish(first.id, 1, "succeeded", "1", None,
+                                    None, NOW)
+    assert not await a_store.dispatch(second.id, 1, "w1", NOW)
+    # Running the reaper again, or on every broker, changes nothing.
+    assert await b.reclaim(NOW, 0.0) == 0
+    assert await a.reclaim(NOW, 0.0) == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_broker_whose_lease_lapsed_learns_what_it_lost(
+        open_stores, sql):
+    a_store, a = await open_stores("a")
+    _, b = await open_stores("b")
+    sql("INSERT INTO tasks (handler) SELECT 'h' FROM generate_series(1, 3)")
+    one, two, three = await a.claim_for(["normal"], ["h"], 3, NOW)
+    for row in (one, two):
+        assert await a_store.dispatch(row.id, 1, "w", NOW)
+    assert await a.renew(NOW) is None
+    lapse(sql, "a")
+    # b takes only what it may: the queued claim; then a comes back.
+    assert await b.reclaim(NOW, 3600.0) == 1
+    sql("UPDATE tasks SET state = 'cancelled' WHERE id = %s", (two.id,))
+    assert await a.renew(NOW) == {two.id}
+    assert sql("SELECT lease_expires > now() FROM taskbroker_brokers "
+               "WHERE id = 'a'") == [(True,)]
+    assert sql("SELECT owner FROM tasks WHERE id = %s", (one.id,)) == [("a",)]
+    # A broker the others forgot registers again.
+    sql("DELETE FROM taskbroker_brokers WHERE id = 'a'")
+    assert await a.renew(NOW) == set()
+    assert sql("SELECT count(*) FROM taskbroker_brokers WHERE id = 'a'") == [
+        (1,)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_worker_brings_its_attempt_only_from_a_lapsed_broker(
+        open_stores, sql):
+    a_store, a = await open_stores("a")
+    _, b = await open_stores("b")
+    row = await submit_one(a_store)
+    assert await a_store.dispatch(row.id, 1, "w", NOW)
+    assert await b.adopt(row.id, 1) is None
+    lapse(sql, "a")
+    assert await b.adopt(row.id, 2) is None  # not the current token
+    adopted = await b.adopt(row.id, 1)
+    assert (adopted.id, adopted.state, adopted.token) == (row.id, "running", 1)
+    assert sql("SELECT owner FROM tasks") == [("b",)]
+    # The reaper leaves it alone now.
+    assert await b.reclaim(NOW, 0.0) == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_insert_by_sql_wakes_the_brokers(reactor, postgres_url, sql):
+    store = PostgresStore(postgres_url, reactor)
+    await store.open()
+    claims = store.claims("a")
+    woken = defer.Deferred()
+    await claims.start(NOW, lambda: woken.called or woken.callback(None))
+    try:
+        sql("INSERT INTO tasks (handler) VALUES ('h')")
+        await woken
+    finally:
+        await claims.stop()
+        await store.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_stopping_broker_gives_back_its_queued_claims(
+        open_stores, sql):
+    store, a = await open_stores("a")
+    await submit_one(store)
+    running = await submit_one(store)
+    assert await store.dispatch(running.id, 1, "w", NOW)
+    await a.stop()
+    assert sql("SELECT state, owner FROM tasks ORDER BY id") == [
+        ("queued", None), ("running", "a")]
+    assert sql("SELECT lease_expires <= now() FROM taskbroker_brokers") == [
+        (True,)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_text_postgresql_cannot_hold_is_kept_readable(open_stores):
+    store, _ = await open_stores()
+    row = await submit_one(store)
+    assert await store.dispatch(row.id, 1, "w", NOW)
+    assert await store.finish(row.id, 1, "failed", None, "bad\x00byte",
+                              "Traceback\x00", NOW)
+    got = await store.get(row.id)
+    assert (got.error, got.traceback) == ("bad\ufffdbyte", "Traceback\ufffd")
+
+
+@pytest_twisted.ensureDeferred
+async def test_one_request_sent_to_two_brokers_creates_its_tasks_once(
+        open_stores):
+    a, _ = await open_stores("a")
+    b, _ = await open_stores("b")
+    tasks = [new_task(request_id="r1"), new_task(request_id="r1")]
+    first, second = await defer.gatherResults([a.submit(tasks),
+                                               b.submit(tasks)])
+    assert sorted(created for _, created in first + second) == [
+        False, False, True, True]
+    assert [row.id for row, _ in first] == [row.id for row, _ in second]
