@@ -343,6 +343,12 @@ class BrokerConfig:
         "normal", choice("normal", "full"),
         "SQLite durability: normal survives any process crash; full also "
         "survives power loss, at a cost per commit.")
+    lease: float = setting(
+        5.0, positive_number,
+        "On a shared (PostgreSQL) database: seconds a broker's claims last "
+        "unless renewed; it renews them every second. When a broker's "
+        "lease runs out the others take its queued tasks at once, and its "
+        "running ones after its workers' allowance.")
     create_database: bool = setting(
         False, boolean,
         "Create the database even though its lock file shows that one was "
@@ -356,6 +362,10 @@ class BrokerConfig:
 
     def __post_init__(self):
         levels = self.priorities
+        if self.lease < 1.5:
+            raise ConfigError(
+                f"--lease: {self.lease:g} s is too short to renew every "
+                "second (at least 1.5)")
         if self.default_priority is None:
             object.__setattr__(
                 self, "default_priority",

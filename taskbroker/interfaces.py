@@ -525,8 +525,29 @@ class IClaimSource(Interface):
         under ``token``: take the attempt over if its broker's lease
         lapsed (or it is this broker's own).
 
-        :returns: a ``Deferred`` firing with the task's
-            :class:`taskbroker.store.TaskRow` if the attempt is now this
-            broker's, else ``None`` (the worker must stop it).  A single
-            owner adopts nothing: every running task is its own already.
+        :returns: a ``Deferred`` firing with ``("adopted", row)`` (the
+            task's :class:`taskbroker.store.TaskRow`) if the attempt is now
+            this broker's; ``("held", None)`` while the broker that
+            dispatched it holds its lease (ask again later); ``("stale",
+            None)`` if the attempt is not current (the worker must stop
+            it).  A single owner has every running task already.
+        """
+
+    def holding():
+        """
+        What the store says this broker holds, to find claims it holds
+        without knowing (a commit whose answer was lost with the
+        connection).
+
+        :returns: a ``Deferred`` firing with a ``dict`` mapping task ids to
+            ``"queued"`` or ``"running"``.
+        """
+
+    def let_go(task_ids):
+        """
+        Give up tasks the store says this broker holds but it does not:
+        queued ones become anyone's, running ones are queued again with a
+        new token and the attempt given back.
+
+        :returns: a ``Deferred`` firing with the number let go.
         """

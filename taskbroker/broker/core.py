@@ -58,6 +58,9 @@ MAX_STORE_BACKOFF = 30.0
 #: The longest a worker's socket waits between reconnection attempts
 #: (ZMQ_RECONNECT_IVL_MAX in the transport), in seconds.
 RECONNECT_WAIT = 2.0
+#: Seconds between looks for claims a broker on a shared store holds
+#: without knowing.
+RECONCILE_INTERVAL = 10.0
 
 
 class Broker:
@@ -107,6 +110,10 @@ class Broker:
         self.stopped = False
         self._store_backoff = 0.0
         self._resume_call = None
+        # A shared store's claims this broker may hold without knowing,
+        # and when to look for them next (see _reconcile).
+        self._stray = set()
+        self._next_reconcile = 0.0
 
     def level_of(self, name):
         """
@@ -208,6 +215,30 @@ class Broker:
             self.log.info("took back {count} tasks from brokers that "
                           "stopped renewing their claims", count=freed)
             self.feeder.feed()
+        if now >= self._next_reconcile:
+            self._next_reconcile = now + RECONCILE_INTERVAL
+            yield self._reconcile()
+
+    @defer.inlineCallbacks
+    def _reconcile(self):
+        """
+        Let go of what the store says this broker holds and it does not:
+        claims whose commit succeeded while its answer was lost with the
+        connection.  A task must look stray twice in a row, so that a
+        claim on its way back from the store is not taken for one.
+        """
+        holding = yield self.claims.holding()
+        stray = {task_id for task_id in holding
+                 if task_id not in self.attempts
+                 and not self.backlog.holds(task_id)}
+        suspects, self._stray = self._stray, stray
+        confirmed = stray & suspects
+        if confirmed:
+            count = yield self.claims.let_go(confirmed)
+            if count:
+                self.log.warn("let go of {count} tasks the database said "
+                              "this broker held and it did not (a commit "
+                              "whose answer was lost)", count=count)
 
     # -- dispatch ------------------------------------------------------------
 

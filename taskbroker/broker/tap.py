@@ -42,7 +42,8 @@ def makeService(options):
                            synchronous=config.sqlite_synchronous,
                            create_database=config.create_database,
                            levels=config.priorities,
-                           default_priority=config.default_priority)
+                           default_priority=config.default_priority,
+                           lease=config.lease)
     return BrokerService(config, store, reactor,
                          on_fatal=lambda message: exit_with(reactor, 1))
 

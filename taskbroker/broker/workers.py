@@ -23,6 +23,10 @@ MAX_UNRECEIVED = 3
 _UNRECEIVED_KEPT = 10_000
 
 
+#: Seconds between attempts to adopt a task another broker still holds.
+ADOPT_RETRY = 1.0
+
+
 class Workers:
     """
     Handles the messages of workers.
@@ -134,9 +138,16 @@ class Workers:
         broker = self._broker
         identity = session.identity
 
-        def adopted(row):
+        def adopted(outcome):
+            state, row = outcome
             current = broker.sessions.is_current(session)
-            if row is None or task_id in broker.attempts:
+            if state == "held" and current and not broker.stopped:
+                # Its broker still holds its lease, and may come back:
+                # ask again until it lapses.
+                broker.clock.callLater(ADOPT_RETRY, self._adopt, session,
+                                       task_id, token)
+                return
+            if state != "adopted" or task_id in broker.attempts:
                 if current:
                     broker.dispatcher.task_done(identity)
                     self._stop_stale(identity, task_id, token)

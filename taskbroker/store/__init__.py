@@ -194,7 +194,8 @@ def describe_database(url):
 
 
 def store_from_url(url, reactor, synchronous="normal", create_database=False,
-                   levels=("high", "normal", "low"), default_priority="normal"):
+                   levels=("high", "normal", "low"), default_priority="normal",
+                   lease=5.0):
     """
     Make the store a database URL names.
 
@@ -207,6 +208,8 @@ def store_from_url(url, reactor, synchronous="normal", create_database=False,
     :param levels: the priority levels, which a PostgreSQL database
         records (see :class:`taskbroker.store.postgresql.PostgresStore`).
     :param default_priority: the level of a task that names none.
+    :param lease: seconds a broker's claims on a shared database last
+        unless renewed.
     :returns: an unopened :class:`taskbroker.interfaces.ITaskStore`.
     :raises ConfigError: when the URL is invalid or not supported.
     """
@@ -215,7 +218,7 @@ def store_from_url(url, reactor, synchronous="normal", create_database=False,
         from taskbroker.store.postgresql import PostgresStore
 
         return PostgresStore(url, reactor, levels=levels,
-                             default_priority=default_priority)
+                             default_priority=default_priority, lease=lease)
     from taskbroker.store.sqlite import SQLiteStore
 
     return SQLiteStore(path, reactor, synchronous=synchronous,

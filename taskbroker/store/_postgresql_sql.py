@@ -482,14 +482,55 @@ def adopt(connection, owner, task_id, token):
     Take over a running attempt that a worker brought from another broker:
     only from a broker whose lease lapsed (or from this one).
 
-    :returns: the task's row, or ``None`` if it is not to be adopted.
+    :returns: ``("adopted", row)``; ``("held", None)`` while the broker
+        that dispatched it holds its lease; ``("stale", None)`` if the
+        attempt is not current.
     """
     with connection.transaction():
         row = connection.execute(
-            f"UPDATE tasks AS t SET owner = %s WHERE id = %s AND token = %s "
-            "AND state = 'running' AND (owner IS NULL OR owner = %s "
-            "OR NOT EXISTS (SELECT 1 FROM taskbroker_brokers AS b "
-            "WHERE b.id = t.owner AND b.lease_expires > now())) "
-            f"RETURNING {_T_COLUMNS}",
-            (owner, task_id, token, owner)).fetchone()
-    return None if row is None else TaskRow(*row)
+            f"SELECT {COLUMNS}, owner, EXISTS (SELECT 1 FROM "
+            "taskbroker_brokers AS b WHERE b.id = t.owner "
+            "AND b.lease_expires > now()) FROM tasks AS t "
+            "WHERE id = %s AND token = %s AND state = 'running' FOR UPDATE",
+            (task_id, token)).fetchone()
+        if row is None:
+            return ("stale", None)
+        *columns, holder, live = row
+        if live and holder != owner:
+            return ("held", None)
+        connection.execute("UPDATE tasks SET owner = %s WHERE id = %s",
+                           (owner, task_id))
+    return ("adopted", TaskRow(*columns))
+
+
+def holding(connection, owner):
+    """
+    The tasks the database says this broker holds: ``{id: state}``.
+    """
+    return dict(connection.execute(
+        "SELECT id, state FROM tasks WHERE owner = %s "
+        "AND state IN ('queued', 'running')", (owner,)).fetchall())
+
+
+def let_go(connection, owner, task_ids, notify):
+    """
+    Give up tasks this broker holds in the database but not in memory (a
+    commit whose answer was lost with the connection): queued ones are
+    freed, running ones queued again with a new token and the attempt
+    given back.
+
+    :returns: the number of tasks let go.
+    """
+    with connection.transaction():
+        count = connection.execute(
+            "UPDATE tasks SET owner = NULL "
+            "WHERE id = ANY(%s) AND owner = %s AND state = 'queued'",
+            ([*task_ids], owner)).rowcount
+        count += connection.execute(
+            "UPDATE tasks SET state = 'queued', owner = NULL, "
+            "token = token + 1, attempts = GREATEST(attempts - 1, 0) "
+            "WHERE id = ANY(%s) AND owner = %s AND state = 'running'",
+            ([*task_ids], owner)).rowcount
+        if count and notify is not None:
+            connection.execute("SELECT pg_notify(%s, '')", (notify,))
+    return count

@@ -104,6 +104,15 @@ class _Link:
         self._application_name = application_name
         self._connection = None
 
+    @property
+    def connected(self):
+        return self._connection is not None
+
+    @property
+    def broken(self):
+        connection = self._connection
+        return connection is not None and connection.broken
+
     def get(self):
         connection = self._connection
         if connection is not None and not connection.broken \
@@ -134,10 +143,20 @@ class _Link:
 def _on(function):
     """
     ``function(connection, ...)`` as a connection thread calls it: with
-    the link's current connection.
+    the link's current connection.  A connection found dead when used (the
+    server restarted, or the network dropped it while idle) is replaced
+    and the call tried once more: a statement that failed that way never
+    ran.
     """
     def call(link, *args):
-        return function(link.get(), *args)
+        reused = link.connected
+        try:
+            return function(link.get(), *args)
+        except _psycopg().OperationalError:
+            if not (reused and link.broken):
+                raise
+            link.close()
+            return function(link.get(), *args)
 
     call.__name__ = function.__name__
     return call
@@ -523,13 +542,23 @@ class PostgresClaims:
     def adopt(self, task_id, token):
         store = self._store
 
-        def adopted(row):
-            if row is not None:
+        def adopted(outcome):
+            if outcome[0] == "adopted":
                 store.running_ids.add(task_id)
-            return row
+            return outcome
 
         return store._run(store._thread, sql.adopt, self._id, task_id,
                           token).addCallback(adopted)
+
+    def holding(self):
+        store = self._store
+        return store._run(self._leaser, sql.holding, self._id)
+
+    def let_go(self, task_ids):
+        store = self._store
+        store.running_ids.difference_update(task_ids)
+        return store._run(self._leaser, sql.let_go, self._id,
+                          sorted(task_ids), store.channel)
 
 
 class _Listener:

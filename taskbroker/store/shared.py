@@ -280,10 +280,34 @@ class SharedClaims:
     def adopt(self, task_id, token):
         db = self._db
         row = db.store._rows.get(task_id)
+        if row is None or row.state != "running" or row.token != token:
+            return defer.succeed(("stale", None))
         owner = db.claimed.get(task_id)
-        if (row is None or row.state != "running" or row.token != token
-                or (owner is not None and owner != self._id
-                    and db.live(owner))):
-            return defer.succeed(None)
+        if owner is not None and owner != self._id and db.live(owner):
+            return defer.succeed(("held", None))
         self._claim(task_id)
-        return defer.succeed(row)
+        return defer.succeed(("adopted", row))
+
+    def holding(self):
+        rows = self._db.store._rows
+        return defer.succeed({task_id: rows[task_id].state
+                              for task_id in self._mine()
+                              if rows[task_id].state in ("queued", "running")})
+
+    @defer.inlineCallbacks
+    def let_go(self, task_ids):
+        db = self._db
+        count = 0
+        for task_id in task_ids:
+            if db.claimed.get(task_id) != self._id:
+                continue
+            row = db.store._rows[task_id]
+            self._claimed.discard(task_id)
+            del db.claimed[task_id]
+            if row.state == "running":
+                yield MemoryStore.requeue(db.store, task_id, row.token,
+                                          consumed=False)
+            count += row.state in ("queued", "running")
+        if count:
+            db.signal()
+        return count

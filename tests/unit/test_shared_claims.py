@@ -151,36 +151,69 @@ def test_claims_of_a_broker_that_stopped_renewing_go_to_the_others():
 
 def test_a_worker_brings_its_attempt_from_a_lapsed_broker():
     fleet = Fleet(lease=10.0)
-    fleet.broker("a")
+    a = fleet.broker("a")
     b = fleet.broker("b")
     fleet.worker("a", "w1")
     fleet.submit("a")
     [(_, _, first)] = fleet.tasks("w1")
-    # While a still holds its lease, b does not take the attempt.
-    fleet.send("b", b"w1", b"HELLO", {
-        "name": "w1", "slots": 1, "handlers": ["echo"], "heartbeat": 1.0,
-        "running": [{"id": first["id"], "token": first["token"]}]})
-    fleet.settle()
-    [(_, _, cancel)] = [(n, i, body) for n, i, command, body in fleet.sent
-                        if command == b"CANCEL"]
-    assert cancel["id"] == first["id"]
-    fleet.sent.clear()
-    # Once a's lease lapsed, w1 moves to b with it, and b adopts it: the
-    # attempt goes on, and its result counts.
-    fleet.clock.advance(11)
-    fleet.send("b", b"w1b", b"HELLO", {
-        "name": "w1b", "slots": 1, "handlers": ["echo"], "heartbeat": 1.0,
-        "running": [{"id": first["id"], "token": first["token"]}]})
+    # w1 lost a and moved to b with its attempt.  While a still holds its
+    # lease (it may come back), b neither takes the attempt nor stops it.
+    hello = {"name": "w1", "slots": 1, "handlers": ["echo"],
+             "heartbeat": 1.0,
+             "running": [{"id": first["id"], "token": first["token"]}]}
+    fleet.send("b", b"w1", b"HELLO", hello)
     fleet.settle()
     assert [c for _, _, c, _ in fleet.sent if c == b"CANCEL"] == []
-    result_of(b.keep_claims())
+    assert first["id"] not in b.attempts
+    # Once a's lease lapsed, b adopts it: the attempt goes on, nobody
+    # takes it back, and its result counts.
+    with capturedLogs() as events:
+        for _ in range(11):
+            fleet.clock.advance(1)
+    assert any("adopted task" in e["log_format"] for e in events)
+    assert first["id"] in b.attempts
     fleet.clock.advance(b._reclaim_window() + 1)
     result_of(b.keep_claims())
     fleet.settle()
     assert fleet.tasks() == []
-    fleet.finish("b", "w1b", first)
+    fleet.finish("b", "w1", first)
     row = result_of(fleet.db.store.get(first["id"]))
-    assert (row.state, row.result) == ("succeeded", '"w1b"')
+    assert (row.state, row.result) == ("succeeded", '"w1"')
+    assert a.attempts.get(first["id"]) is not None  # a never came back
+
+
+def test_a_worker_is_told_to_stop_an_attempt_that_is_not_current():
+    fleet = Fleet(lease=10.0)
+    fleet.broker("a")
+    fleet.broker("b")
+    fleet.worker("a", "w1")
+    fleet.submit("a")
+    [(_, _, first)] = fleet.tasks("w1")
+    fleet.send("b", b"w1", b"HELLO", {
+        "name": "w1", "slots": 1, "handlers": ["echo"], "heartbeat": 1.0,
+        "running": [{"id": first["id"], "token": first["token"] + 5}]})
+    fleet.settle()
+    [cancel] = [body for _, _, c, body in fleet.sent if c == b"CANCEL"]
+    assert cancel["id"] == first["id"]
+
+
+def test_claims_held_without_knowing_are_let_go():
+    fleet = Fleet(lease=10.0)
+    a = fleet.broker("a")
+    fleet.broker("b")
+    fleet.submit("b")  # no worker: back to the store
+    fleet.settle()
+    [row] = result_of(fleet.db.store.list(None, None, 0, 10))
+    # A claim whose commit succeeded but whose answer was lost: the store
+    # says a holds it; a does not know.
+    fleet.db.claimed[row.id] = "a"
+    result_of(a.keep_claims())  # first look: a suspect
+    assert fleet.db.claimed.get(row.id) == "a"
+    fleet.clock.advance(10)
+    with capturedLogs() as events:
+        result_of(a.keep_claims())
+    assert any("let go of" in e["log_format"] for e in events)
+    assert row.id not in fleet.db.claimed
 
 
 def test_a_broker_whose_claims_lapsed_starts_over():
@@ -316,13 +349,17 @@ def test_a_lapsed_broker_keeps_what_nobody_took_and_stops_what_was_taken():
                if command == b"CANCEL"]
     assert cancels == [{"id": taken["id"], "token": taken["token"]}]
     assert fleet.db.claimed[kept["id"]] == "a"
-    # If a now dies, b takes back what a kept, once a's lease lapses.
+    # If a now dies, b takes back what a kept, once a's lease lapses and
+    # its workers had their time.
     fleet.worker("b", "w2")
-    for _ in range(5):
+    ids = set()
+    for _ in range(10):
         fleet.clock.advance(4)
         result_of(b.keep_claims())
         fleet.settle()
-    ids = {task["id"] for _, _, task in fleet.tasks("w2")}
+        for _, _, task in fleet.tasks("w2"):
+            ids.add(task["id"])
+            fleet.finish("b", "w2", task)
     assert kept["id"] in ids
 
 

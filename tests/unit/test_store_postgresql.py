@@ -6,6 +6,8 @@ real server (tests/postgres.py); a lease is made to lapse by moving its
 expiry into the past, as the database's clock would.
 """
 
+import os
+
 import pytest
 import pytest_twisted
 from twisted.internet import defer
@@ -243,11 +245,12 @@ async def test_a_worker_brings_its_attempt_only_from_a_lapsed_broker(
     _, b = await open_stores("b")
     row = await submit_one(a_store)
     assert await a_store.dispatch(row.id, 1, "w", NOW)
-    assert await b.adopt(row.id, 1) is None
+    assert await b.adopt(row.id, 1) == ("held", None)
     lapse(sql, "a")
-    assert await b.adopt(row.id, 2) is None  # not the current token
-    adopted = await b.adopt(row.id, 1)
-    assert (adopted.id, adopted.state, adopted.token) == (row.id, "running", 1)
+    assert await b.adopt(row.id, 2) == ("stale", None)  # not current
+    outcome, adopted = await b.adopt(row.id, 1)
+    assert (outcome, adopted.id, adopted.state, adopted.token) == (
+        "adopted", row.id, "running", 1)
     assert sql("SELECT owner FROM tasks") == [("b",)]
     # The reaper leaves it alone now.
     assert await b.reclaim(NOW, 0.0) == 0
@@ -304,3 +307,29 @@ async def test_one_request_sent_to_two_brokers_creates_its_tasks_once(
     assert sorted(created for _, created in first + second) == [
         False, False, True, True]
     assert [row.id for row, _ in first] == [row.id for row, _ in second]
+
+
+@pytest_twisted.ensureDeferred
+async def test_claims_held_without_knowing_are_let_go(open_stores, sql):
+    store, a = await open_stores("a")
+    queued = await submit_one(store)
+    running = await submit_one(store)
+    assert await store.dispatch(running.id, 1, "w", NOW)
+    assert await a.holding() == {queued.id: "queued", running.id: "running"}
+    assert await a.let_go([queued.id, running.id]) == 2
+    assert sql("SELECT state, owner, token, attempts FROM tasks "
+               "ORDER BY id") == [("queued", None, 0, 0),
+                                  ("queued", None, 2, 0)]
+    assert await a.holding() == {}
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_read_after_the_server_dropped_the_connection_works(
+        open_stores, sql):
+    store, _ = await open_stores()
+    row = await submit_one(store)
+    assert (await store.get(row.id)).id == row.id
+    sql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+        "WHERE application_name = %s", (f"taskbroker reader {os.getpid()}",))
+    assert (await store.get(row.id)).id == row.id
+

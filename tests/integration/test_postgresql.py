@@ -1,0 +1,216 @@
+"""
+Several real brokers on one PostgreSQL database (a schema of the test's
+own, tests/postgres.py): they share the work without ever running a task
+twice, take over from a broker that went away, and survive losing the
+database for a while.
+
+Daemons run with a fast heartbeat (0.2 s, 3 misses) and a short lease
+(2 s) so that the suite stays quick.
+"""
+
+import signal
+import threading
+import time
+from urllib.parse import urlsplit
+
+import pytest
+
+from taskbroker.client.blocking import BlockingClient
+from tests.integration.test_faults import check_promises, events, running_on
+from tests.postgres import connect
+from tests.postgres import postgres_url  # noqa: F401 (a fixture)
+from tests.proxy import Proxy
+
+HEARTBEAT = ("--heartbeat", "0.2")
+LEASE = ("--lease", "2")
+#: How long a lapsed broker's running tasks wait for their workers:
+#: RECONNECT_WAIT plus twice the allowance.
+GRACE = 2.0 + 2 * 0.6
+SLOTS = ("--concurrency", "1")
+
+
+@pytest.fixture
+def record(tmp_path):
+    folder = tmp_path / "record"
+    folder.mkdir()
+    return folder
+
+
+def start_brokers(cluster, url, count):
+    brokers = []
+    for _ in range(count):
+        daemon = cluster.start_broker(*HEARTBEAT, *LEASE, database=url)
+        brokers.append((daemon, cluster.endpoint))
+    return brokers
+
+
+def start_worker(cluster, endpoint, name, record):
+    cluster.endpoint = endpoint
+    return cluster.start_worker(*HEARTBEAT, *SLOTS, name=name,
+                                env={"TASKBROKER_TEST_RECORD": str(record)})
+
+
+def wait_until(condition, timeout=120, what="the condition"):
+    """
+    Check ``condition`` every 50 ms until it holds.
+    """
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def states(url):
+    with connect(url) as connection:
+        return dict(connection.execute(
+            "SELECT state, count(*) FROM tasks GROUP BY state").fetchall())
+
+
+@pytest.mark.parametrize("brokers", [2, 3])
+def test_brokers_share_the_work_and_run_each_task_once(
+        cluster, postgres_url, record, brokers):
+    started = start_brokers(cluster, postgres_url, brokers)
+    for i in range(6):
+        start_worker(cluster, started[i % brokers][1], f"w{i}", record)
+    total = 5000
+    by_sql = 1000
+    submitted = []
+
+    def submit(endpoint, count):
+        with BlockingClient(endpoint, timeout=30) as client:
+            for start in range(0, count, 500):
+                tasks, _ = client.submit_many(
+                    [{"handler": "record"}] * min(500, count - start))
+                submitted.extend(tasks)
+
+    share, extra = divmod(total - by_sql, brokers)
+    threads = [threading.Thread(target=submit,
+                                args=(endpoint, share + (i < extra)))
+               for i, (_, endpoint) in enumerate(started)]
+    for thread in threads:
+        thread.start()
+    with connect(postgres_url) as connection:
+        for _ in range(by_sql // 100):
+            connection.execute(
+                "INSERT INTO tasks (handler, payload) "
+                "SELECT 'record', '{}' FROM generate_series(1, 100)")
+    for thread in threads:
+        thread.join()
+    assert len(submitted) == total - by_sql
+    wait_until(lambda: states(postgres_url) == {"succeeded": total},
+               what=f"{total} tasks to succeed")
+    starts = [e for e in events(record) if e["event"] == "start"]
+    by_task = {}
+    for e in starts:
+        by_task.setdefault(e["task"], []).append(e)
+    assert len(by_task) == total
+    twice = {task: runs for task, runs in by_task.items() if len(runs) > 1}
+    assert twice == {}
+    # Every broker dispatched some of them.
+    with connect(postgres_url) as connection:
+        owners = connection.execute(
+            "SELECT count(DISTINCT owner) FROM tasks").fetchone()[0]
+    assert owners == brokers
+
+
+def test_a_paused_broker_past_its_lease_starts_over(
+        cluster, postgres_url, record):
+    (a, a_endpoint), (b, b_endpoint) = start_brokers(cluster, postgres_url, 2)
+    wa = start_worker(cluster, a_endpoint, "wa", record)
+    start_worker(cluster, b_endpoint, "wb", record)
+    with BlockingClient(a_endpoint) as client:
+        task, _ = client.submit("record", {"seconds": 8})
+        first = running_on(client, task["id"])
+    assert first["worker"] == "wa"
+    mark = b.mark()
+    a.signal(signal.SIGSTOP)
+    try:
+        # b frees a's claims once its lease lapsed and its workers had
+        # their time, and wb runs the task again.
+        b.wait_for(r"took back 1 tasks", start=mark, timeout=30)
+        with BlockingClient(b_endpoint) as client:
+            wait_until(lambda: client.get(task["id"])["worker"] == "wb",
+                       what="wb to run the task")
+        mark = a.mark()
+    finally:
+        a.signal(signal.SIGCONT)
+    # a finds its lease lapsed, starts over, and has wa stop the attempt
+    # it no longer holds; wa keeps working for a.
+    a.wait_for(r"claims lapsed", start=mark)
+    wa.wait_for(r"stopping task %d" % task["id"])
+    with BlockingClient(b_endpoint) as client:
+        check_promises(client, [task], record, presumed_dead=())
+        done = client.get(task["id"])
+    assert (done["state"], done["worker"], done["token"]) == (
+        "succeeded", "wb", 2)
+    with BlockingClient(a_endpoint) as client:
+        late, _ = client.submit("record", {})
+        assert client.wait(late["id"], timeout=60)["state"] == "succeeded"
+
+
+def proxied(url, proxy):
+    """
+    ``url`` with its host and port replaced by the proxy's.
+    """
+    parts = urlsplit(url)
+    netloc = parts.netloc.rsplit("@", 1)
+    user = netloc[0] + "@" if len(netloc) == 2 else ""
+    return parts._replace(
+        netloc=f"{user}127.0.0.1:{proxy.port}").geturl()
+
+
+def server_of(url):
+    parts = urlsplit(url)
+    return parts.hostname or "127.0.0.1", parts.port or 5432
+
+
+def test_a_broker_cut_off_from_the_database_pauses_and_resumes(
+        cluster, postgres_url, record):
+    with Proxy(*server_of(postgres_url)) as proxy:
+        url = proxied(postgres_url, proxy)
+        broker = cluster.start_broker(*HEARTBEAT, *LEASE, database=url)
+        for i in range(2):
+            start_worker(cluster, cluster.endpoint, f"w{i}", record)
+        with BlockingClient(cluster.endpoint, timeout=10) as client:
+            tasks, _ = client.submit_many(
+                [{"handler": "record", "payload": {"seconds": 0.05}}] * 60)
+            mark = broker.mark()
+            proxy.sever()
+            broker.wait_for(r"dispatch paused", start=mark)
+            proxy.restore()
+            broker.wait_for(r"work again", start=mark)
+            check_promises(client, tasks, record)
+            stopping = broker.mark()
+        broker.stop()
+        print("\n".join(broker.lines[stopping:]))
+    starts = [e["task"] for e in events(record) if e["event"] == "start"]
+    assert sorted(set(starts)) == sorted(t["id"] for t in tasks)
+
+
+def test_a_broker_cut_off_from_the_database_but_not_its_workers(
+        cluster, postgres_url, record):
+    with Proxy(*server_of(postgres_url)) as proxy:
+        a = cluster.start_broker(*HEARTBEAT, *LEASE,
+                                 database=proxied(postgres_url, proxy))
+        a_endpoint = cluster.endpoint
+        b = cluster.start_broker(*HEARTBEAT, *LEASE, database=postgres_url)
+        b_endpoint = cluster.endpoint
+        start_worker(cluster, a_endpoint, "wa", record)
+        start_worker(cluster, b_endpoint, "wb", record)
+        with BlockingClient(a_endpoint) as client:
+            task, _ = client.submit("record", {"seconds": 6})
+            assert running_on(client, task["id"])["worker"] == "wa"
+        mark = b.mark()
+        a_mark = a.mark()
+        proxy.sever()
+        b.wait_for(r"took back 1 tasks", start=mark, timeout=30)
+        proxy.restore()
+        a.wait_for(r"claims lapsed", start=a_mark, timeout=30)
+        with BlockingClient(b_endpoint) as client:
+            done = client.wait(task["id"], timeout=60)
+        assert (done["state"], done["worker"]) == ("succeeded", "wb")
+        # wa's attempt was stopped: it never reported an end that counted.
+        ends = [e for e in events(record)
+                if e["task"] == task["id"] and e["event"] == "end"]
+        assert [e["token"] for e in ends if e["token"] == done["token"]] == [
+            done["token"]]
