@@ -7,7 +7,9 @@ CI (``CI=true``) they stay in and fail.
 
 import os
 
-from tests.postgres import ENVIRONMENT
+import pytest
+
+from tests.postgres import ENVIRONMENT, new_schema
 
 _left_out = []
 
@@ -29,3 +31,12 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.write_line(
             f"{len(_left_out)} PostgreSQL tests left out: set {ENVIRONMENT}="
             "postgresql://USER@HOST:PORT/DB to run them (docs/testing.rst)")
+
+
+@pytest.fixture
+def postgres_url():
+    """
+    The URI of a schema of the test's own on the test server.
+    """
+    with new_schema() as url:
+        yield url

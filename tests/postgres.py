@@ -62,12 +62,3 @@ def new_schema():
         with connect(url) as connection:
             connection.execute("SET lock_timeout = '10s'")
             connection.execute(f"DROP SCHEMA {schema} CASCADE")
-
-
-@pytest.fixture
-def postgres_url():
-    """
-    The URI of a schema of the test's own on the test server.
-    """
-    with new_schema() as url:
-        yield url

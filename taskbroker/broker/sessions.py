@@ -25,11 +25,13 @@ class Session:
     :ivar running: task id -> token of the attempts it holds.
     :ivar sent_at: task id -> monotonic time its TASK was sent, until the
         worker confirms it in a heartbeat.
+    :ivar adopting: task id -> token of the attempts it brought from
+        another broker, while this one asks the store for them.
     """
 
     __slots__ = ("identity", "name", "levels", "handlers", "slots",
                  "heartbeat", "connected_since", "last_seen", "seen_at",
-                 "running", "sent_at")
+                 "running", "sent_at", "adopting")
 
     def __init__(self, identity, name, levels, handlers, slots, heartbeat,
                  now, monotonic_now):
@@ -44,6 +46,7 @@ class Session:
         self.seen_at = monotonic_now
         self.running = {}
         self.sent_at = {}
+        self.adopting = {}
 
     def __repr__(self):
         return f"<Session {self.name!r} {self.identity!r}>"

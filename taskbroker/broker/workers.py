@@ -50,6 +50,9 @@ class Workers:
             for failing in (False, True)}
         # task id -> times in a row it was sent and never received
         self._unreceived = {}
+        # (identity, task id) -> a RESULT for an attempt being adopted; at
+        # most one per slot of a session, each bounded by the codec.
+        self._early = {}
         # One line per peer and kind per interval for what a peer can
         # repeat at will (refused HELLOs, results or attempts not its own).
         self._logs = RateLimit(BAD_MESSAGE_LOG_INTERVAL, broker.monotonic)
@@ -117,6 +120,7 @@ class Workers:
             session.handlers, session.slots,
             busy=len(session.running) + len(adopting))
         for task_id, token in adopting:
+            session.adopting[task_id] = token
             self._adopt(session, task_id, token)
         broker.send(identity, encode(b"WELCOME", {
             "broker": broker.instance_id,
@@ -133,7 +137,8 @@ class Workers:
         """
         Take over an attempt a worker brought from another broker, whose
         slot counts as busy meanwhile; tell the worker to stop it if it is
-        not to be had.
+        not to be had.  A result the worker sends meanwhile waits in
+        ``self._early`` until the store has answered.
         """
         broker = self._broker
         identity = session.identity
@@ -147,10 +152,11 @@ class Workers:
                 broker.clock.callLater(ADOPT_RETRY, self._adopt, session,
                                        task_id, token)
                 return
+            session.adopting.pop(task_id, None)
+            early = self._early.pop((identity, task_id), None)
             if state != "adopted" or task_id in broker.attempts:
                 if current:
-                    broker.dispatcher.task_done(identity)
-                    self._stop_stale(identity, task_id, token)
+                    self._not_adopted(session, task_id, token, early)
                 return
             # Remembered as it was before its dispatch, as at start.
             before = broker.backlog.with_defaults(
@@ -163,18 +169,37 @@ class Workers:
                 return
             broker.attempts.start(task_id, token, before, identity)
             session.running[task_id] = token
+            # Confirmed by the worker's next heartbeats, like a TASK sent.
+            session.sent_at[task_id] = broker.monotonic()
             self.log.info("adopted task {task_id} from a broker that went "
                           "away: worker {name} runs it", task_id=task_id,
                           name=session.name)
+            if early is not None:
+                self.on_RESULT(identity, session, early)
 
         def failed(reason):
+            session.adopting.pop(task_id, None)
+            early = self._early.pop((identity, task_id), None)
             if broker.sessions.is_current(session):
-                broker.dispatcher.task_done(identity)
-                self._stop_stale(identity, task_id, token)
+                self._not_adopted(session, task_id, token, early)
             broker.trouble(reason, "adopting a running task")
 
         broker.claims.adopt(task_id, token).addCallbacks(
             adopted, failed).addErrback(broker.trouble, "adopting a task")
+
+    def _not_adopted(self, session, task_id, token, early):
+        """
+        An attempt a worker brought is not this broker's: free its slot,
+        and stop the attempt, or drop the result it already sent.
+        """
+        identity = session.identity
+        self._broker.dispatcher.task_done(identity)
+        if early is None:
+            self._stop_stale(identity, task_id, token)
+            return
+        self._ack(identity, task_id, token)
+        if early.get("ready"):
+            self.on_READY(identity, session, early)
 
     def _bad_hello(self, body):
         """
@@ -224,6 +249,12 @@ class Workers:
             self.forget(session, consumed=False)
 
     def on_RESULT(self, identity, session, body):
+        if session is not None and \
+                session.adopting.get(body["id"]) == body["token"]:
+            # Brought from another broker and not adopted yet: its result
+            # (and the slot's request for work) waits for the store.
+            self._early[(identity, body["id"])] = body
+            return
         self._result(identity, session, body)
         if body.get("ready") and session is not None:
             # The slot that ran it asks for work in the same message.
@@ -348,7 +379,8 @@ class Workers:
                 if attempt is not None:
                     self._never_received(session, attempt)
         for task_id, token in listed:
-            if broker.attempts.current(task_id, token) is None:
+            if (broker.attempts.current(task_id, token) is None
+                    and session.adopting.get(task_id) != token):
                 self._stop_stale(session.identity, task_id, token)
 
     def _never_received(self, session, attempt):

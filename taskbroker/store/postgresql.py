@@ -47,6 +47,8 @@ log = Logger()
 DEFAULT_LEASE = 5.0
 #: Seconds between renewals of the lease.
 RENEW_INTERVAL = 1.0
+#: Seconds before a failed release of claimed tasks is tried again.
+RELEASE_RETRY = 1.0
 #: The longest wait for a connection to the server.
 CONNECT_TIMEOUT = 5
 #: Seconds between attempts to listen again after the listening
@@ -347,6 +349,18 @@ class PostgresStore(BatchedStore):
         return BatchedStore._read(self, _on(query), *args,
                                   thread=thread or self._counter)
 
+    def cannot_write(self, reason):
+        """
+        An errback for the lease's statements: a broker that cannot renew
+        cannot write either, even with no write to try; say so (its
+        workers move to another broker after a while) until a probe's
+        write commits.
+        """
+        if self.write_error is None and self._state == "open":
+            self.write_error = one_line(reason.value)
+            self._start_probing()
+        return reason
+
     # What the claims run
 
     def _run(self, thread, function, *args):
@@ -448,6 +462,9 @@ class PostgresClaims:
         self._on_change = None
         self._leaser = None
         self._listener = None
+        # Claimed tasks to give back in the next statement.
+        self._to_release = set()
+        self._release_call = None
 
     def __repr__(self):
         return f"<PostgresClaims of {self._id!r}>"
@@ -473,6 +490,9 @@ class PostgresClaims:
         return defer.Deferred.fromCoroutine(self._stop())
 
     async def _stop(self):
+        if self._release_call is not None and self._release_call.active():
+            self._release_call.cancel()
+        self._release_call = None
         if self._listener is not None:
             listener, self._listener = self._listener, None
             await listener.stop()
@@ -515,12 +535,30 @@ class PostgresClaims:
         pass  # inserted with this broker as their owner
 
     def release(self, task_ids):
-        task_ids = list(task_ids)
-        if task_ids:
-            self._store.release(task_ids).addErrback(
-                lambda f: log.warn("could not give back {count} claimed "
-                                   "tasks: {error}", count=len(task_ids),
-                                   error=one_line(f.value)))
+        """
+        Give tasks back, in one statement per reactor turn; if that fails,
+        again a second later, until it is done (the tasks are claimed by
+        this broker, and nobody else's to run, until then).
+        """
+        self._to_release.update(task_ids)
+        if self._to_release and self._release_call is None:
+            self._release_call = self._store._reactor.callLater(
+                0, self._release)
+
+    def _release(self):
+        self._release_call = None
+        task_ids, self._to_release = self._to_release, set()
+
+        def failed(reason):
+            if not reason.check(StoreError):
+                return reason
+            self._to_release.update(task_ids)
+            if self._release_call is None and self._leaser is not None:
+                self._release_call = self._store._reactor.callLater(
+                    RELEASE_RETRY, self._release)
+
+        self._store.release(sorted(task_ids)).addErrback(failed).addErrback(
+            lambda f: log.failure("giving back claimed tasks", f))
 
     def renew(self, now):
         store = self._store
@@ -532,7 +570,8 @@ class PostgresClaims:
 
         return store._run(self._leaser, sql.renew, self._id,
                           socket.gethostname(), os.getpid(), self.lease,
-                          set(store.running_ids)).addCallback(renewed)
+                          set(store.running_ids)).addCallbacks(
+                              renewed, store.cannot_write)
 
     def reclaim(self, now, grace):
         store = self._store

@@ -425,3 +425,29 @@ def test_claiming_does_not_spin_on_a_task_with_a_stale_attempt():
     assert len(calls) <= 3
     [(_, _, again)] = fleet.tasks("w1")
     assert again["token"] == first["token"] + 1
+
+
+def test_a_result_sent_while_its_attempt_is_adopted_counts():
+    fleet = Fleet(lease=10.0)
+    fleet.broker("a")
+    b = fleet.broker("b")
+    fleet.worker("a", "w1")
+    fleet.submit("a")
+    [(_, _, first)] = fleet.tasks("w1")
+    fleet.send("b", b"w1", b"HELLO", {
+        "name": "w1", "slots": 1, "handlers": ["echo"], "heartbeat": 1.0,
+        "running": [{"id": first["id"], "token": first["token"]}]})
+    # The attempt ends before a's lease lapses: its result waits.
+    fleet.finish("b", "w1", first)
+    assert [c for _, _, c, _ in fleet.sent if c == b"ACK"] == []
+    for _ in range(11):
+        fleet.clock.advance(1)
+    [ack] = [body for _, _, c, body in fleet.sent if c == b"ACK"]
+    assert ack["id"] == first["id"]
+    row = result_of(fleet.db.store.get(first["id"]))
+    assert (row.state, row.result) == ("succeeded", '"w1"')
+    # The slot's request for work came with it, and counts too.
+    fleet.submit("b")
+    fleet.settle()
+    assert [w for _, w, _ in fleet.tasks()] == ["w1"]
+    assert first["id"] not in b.attempts

@@ -18,7 +18,6 @@ from taskbroker.store.sqlite import SQLiteStore
 from taskbroker.testing import MemoryStore, SharedMemoryDatabase
 from taskbroker.testing.store_contract import QueueReadsContract, StoreContract
 from tests.postgres import connect
-from tests.postgres import postgres_url  # noqa: F401 (a fixture)
 
 
 @pytest.fixture

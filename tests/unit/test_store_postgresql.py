@@ -16,7 +16,6 @@ from taskbroker.errors import StoreError
 from taskbroker.store.postgresql import PostgresStore
 from taskbroker.testing.store_contract import new_task, submit_one
 from tests.postgres import connect
-from tests.postgres import postgres_url  # noqa: F401 (a fixture)
 
 NOW = 2000.0
 
