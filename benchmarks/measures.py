@@ -68,11 +68,18 @@ class _Daemons:
         self.started = []
 
     def broker(self, db=None, listen="tcp://127.0.0.1:*", timeout=START_TIMEOUT,
-               name="broker", extra=()):
-        db = db or os.path.join(self.folder, "taskbroker.sqlite")
+               name="broker", extra=(), database=None):
+        """
+        :param db: the SQLite file (default: ``taskbroker.sqlite`` in the
+            run's folder), unless ``database`` gives another URL (a
+            PostgreSQL one); the process's ``db`` is then ``None``.
+        """
+        if database is None:
+            db = db or os.path.join(self.folder, "taskbroker.sqlite")
+            database = "sqlite:///" + db
         process = self.ctx.procs.start(name, [
             TWISTD, "--pidfile=", "-n", "taskbroker",
-            "--listen", listen, "--database", "sqlite:///" + db, *extra,
+            "--listen", listen, "--database", database, *extra,
         ], self.folder)
         self.started.append(process)
         process.server = True

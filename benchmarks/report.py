@@ -23,9 +23,14 @@ class Metric:
     #: the floor metric to quote a ratio of, if any
     floor: Optional[str] = None
     #: ("max", x): median <= x; ("min", x): median >= x;
-    #: ("floor", x): median / floor >= x; ("ratio", key, x): median /
-    #: median of key >= x
+    #: ("floor", x): median / floor >= x; ("ratio", key, x[, label]):
+    #: median / median of key >= x; ("plus", key, d, label): median <=
+    #: median of key + d; ("versus", key, label): the ratio to key,
+    #: shown, never judged.  A key may be a tuple of keys: the first
+    #: measured in this suite is used.
     target: Optional[tuple] = None
+    #: more targets of the same kinds, each judged and shown
+    also: tuple = ()
     #: informative only: shown, never judged
     note: str = ""
 
@@ -47,6 +52,18 @@ def metrics(p):
     S5 = (f"5 Deep queue: {p.deep:,} tasks inserted by SQL before the "
           "broker starts, 2 workers x 1 slot")
     S6 = "6 Worker alone: twistd taskworker --concurrency 1, stub broker"
+    S8 = (f"8 PostgreSQL throughput: {p.pg_throughput:,} echo tasks, 2 "
+          "workers x 1 slot, brokers on one database (a fresh schema a "
+          "run), first submit -> last result committed")
+    S9 = (f"9 PostgreSQL latency: {p.latency:,} tasks one at a time "
+          "(submit, then wait for the result)")
+    S10 = (f"10 PostgreSQL priority: {p.pg_priority_low:,} low tasks "
+           "inserted by SQL, general workers busy, 1 worker reserved for "
+           f"high; {p.pg_priority_high} high tasks one at a time")
+    pg_compare = (f" ({p.pg_compare:,} jobs)"
+                  if p.pg_compare != p.pg_throughput else "")
+    sqlite_rate = ("pg.throughput.sqlite", "tb.throughput.bulk")
+    sqlite_p50 = ("pg.latency.sqlite_result_p50", "tb.latency.result_p50")
     compare_note = (f"{p.compare:,} tasks" if p.compare != p.throughput
                     else "")
     return [
@@ -171,6 +188,90 @@ def metrics(p):
                "  the worker's CPU per task", "us"),
         Metric("tb.alone.stub_us", S6,
                "  the stub's CPU per task (also on the round trip)", "us"),
+
+        Metric("pg.throughput.b1", S8,
+               "taskbroker, 1 broker (BlockingClient.submit_many)",
+               "tasks/s", tp, ("ratio", sqlite_rate, 0.5, "SQLite"),
+               also=(("ratio", "procrastinate.pg.throughput", 2.0,
+                      "procrastinate"),)),
+        Metric("pg.throughput.b1_broker_cpu", S8,
+               "  the broker's CPU meanwhile (% of one core)", "%"),
+        Metric("pg.throughput.b1_worker_cpu", S8,
+               "  each worker's CPU meanwhile (mean)", "%"),
+        Metric("pg.throughput.b2", S8,
+               "taskbroker, 2 brokers, a worker on each, submits on both",
+               "tasks/s", tp, ("ratio", "pg.throughput.b1", 1.0, "1 broker")),
+        Metric("pg.throughput.b2_broker_cpu", S8,
+               "  the brokers' CPU meanwhile (sum, % of one core)", "%"),
+        Metric("pg.throughput.b3", S8,
+               "taskbroker, 3 brokers (one without workers), submits on "
+               "all", "tasks/s", tp,
+               ("versus", "pg.throughput.b1", "1 broker")),
+        Metric("pg.throughput.b3_broker_cpu", S8,
+               "  the brokers' CPU meanwhile (sum, % of one core)", "%"),
+        Metric("pg.throughput.sqlite", S8,
+               "taskbroker on SQLite, 1 broker, same workload (baseline)",
+               "tasks/s", tp),
+        Metric("procrastinate.pg.throughput", S8,
+               "procrastinate, 2 workers x concurrency 1, batch_defer"
+               + pg_compare, "tasks/s", tp),
+        Metric("pgqueuer.pg.throughput", S8,
+               "pgqueuer, 2 workers x batch_size 1, enqueue of lists"
+               + pg_compare, "tasks/s", tp,
+               ("versus", "pg.throughput.b1", "taskbroker")),
+
+        Metric("pg.latency.b1.start_p50", S9,
+               "taskbroker, 1 broker: submit->start p50 (handler's clock)",
+               "ms", "floor.latency.start_p50"),
+        Metric("pg.latency.b1.start_p99", S9,
+               "taskbroker, 1 broker: submit->start p99", "ms",
+               "floor.latency.start_p99"),
+        Metric("pg.latency.b1.result_p50", S9,
+               "taskbroker, 1 broker: submit->result p50 (client wall)",
+               "ms", "floor.latency.result_p50",
+               ("plus", sqlite_p50, 1.0, "SQLite")),
+        Metric("pg.latency.b1.result_p99", S9,
+               "taskbroker, 1 broker: submit->result p99", "ms",
+               "floor.latency.result_p99"),
+        Metric("pg.latency.b2.start_p50", S9,
+               "taskbroker, 2 brokers: submit->start p50", "ms",
+               "floor.latency.start_p50"),
+        Metric("pg.latency.b2.start_p99", S9,
+               "taskbroker, 2 brokers: submit->start p99", "ms",
+               "floor.latency.start_p99"),
+        Metric("pg.latency.b2.result_p50", S9,
+               "taskbroker, 2 brokers: submit->result p50", "ms",
+               "floor.latency.result_p50"),
+        Metric("pg.latency.b2.result_p99", S9,
+               "taskbroker, 2 brokers: submit->result p99", "ms",
+               "floor.latency.result_p99"),
+        Metric("pg.latency.sqlite_result_p50", S9,
+               "taskbroker on SQLite: submit->result p50 (baseline)", "ms",
+               "floor.latency.result_p50"),
+        Metric("procrastinate.pg.latency.result_p50", S9,
+               "procrastinate submit->result p50 (NOTIFY at success)", "ms",
+               "floor.latency.result_p50",
+               ("versus", "pg.latency.b1.result_p50", "taskbroker")),
+        Metric("procrastinate.pg.latency.result_p99", S9,
+               "procrastinate submit->result p99", "ms",
+               "floor.latency.result_p99"),
+        Metric("pgqueuer.pg.latency.result_p50", S9,
+               "pgqueuer submit->result p50 (NOTIFY at success)", "ms",
+               "floor.latency.result_p50",
+               ("versus", "pg.latency.b1.result_p50", "taskbroker")),
+        Metric("pgqueuer.pg.latency.result_p99", S9,
+               "pgqueuer submit->result p99", "ms",
+               "floor.latency.result_p99"),
+
+        Metric("pg.priority.wait_p50", S10, "high task submit->start p50",
+               "ms", "floor.latency.start_p50"),
+        Metric("pg.priority.wait_p99", S10, "high task submit->start p99",
+               "ms", "floor.latency.start_p99", ("max", 5.0)),
+        Metric("pg.priority.result_p50", S10,
+               "high task submit->result p50 (client wall time)", "ms",
+               "floor.latency.result_p50"),
+        Metric("pg.priority.depth", S10,
+               "  low tasks queued meanwhile (SQL count)", "tasks"),
     ]
 
 
@@ -199,8 +300,7 @@ def fmt(value, unit):
     return f"{value:g}"
 
 
-def _target_text(metric):
-    target = metric.target
+def _target_text(metric, target):
     if target is None:
         return ""
     unit = {"tasks/s": "/s", "%": " %", "ms": " ms", "MB": " MB",
@@ -213,8 +313,52 @@ def _target_text(metric):
     if kind == "floor":
         return f">= {target[1]:g} x floor"
     if kind == "ratio":
-        return f">= {target[2]:g} x next"
+        return f">= {target[2]:g} x {target[3] if len(target) > 3 else 'next'}"
+    if kind == "plus":
+        return f"<= {target[3]} + {fmt(target[2], metric.unit)}{unit}"
     return ""
+
+
+def _first(medians, keys):
+    """
+    The first of ``keys`` (a key or a tuple of keys) measured, and its
+    median; ``(None, None)`` if none was.
+    """
+    for key in (keys,) if isinstance(keys, str) else keys:
+        if medians.get(key):
+            return key, medians[key]
+    return None, None
+
+
+def _judge(metric, target, value, floor_ratio, medians):
+    """
+    :returns: ``(text, met)``: the target as shown, and whether the
+        median meets it (``None``: not judged, or its baseline missing).
+    """
+    text = _target_text(metric, target)
+    kind = target[0]
+    if kind == "max":
+        return text, value <= target[1]
+    if kind == "min":
+        return text, value >= target[1]
+    if kind == "floor":
+        return text, (None if floor_ratio is None
+                      else floor_ratio >= target[1])
+    if kind in ("ratio", "versus"):
+        _, base = _first(medians, target[1])
+        if base is None:
+            return (text + " (not measured)" if text else ""), None
+        ratio = value / base
+        if kind == "versus":
+            return f"{ratio:.2f} x {target[2]}", None
+        return f"{text} ({ratio:.2f})", ratio >= target[2]
+    if kind == "plus":
+        _, base = _first(medians, target[1])
+        if base is None:
+            return text + " (not measured)", None
+        return (f"{text} ({fmt(base + target[2], metric.unit)})",
+                value <= base + target[2])
+    return text, None
 
 
 def summarise(p, values):
@@ -239,26 +383,26 @@ def summarise(p, values):
             "max": max(runs),
             "runs": runs,
             "floor_ratio": None,
-            "target": _target_text(metric) or None,
+            "target": None,
             "met": None,
         }
         floor = medians.get(metric.floor) if metric.floor else None
         if floor:
             row["floor_ratio"] = value / floor
-        target = metric.target
-        if target is not None:
-            kind = target[0]
-            if kind == "max":
-                row["met"] = value <= target[1]
-            elif kind == "min":
-                row["met"] = value >= target[1]
-            elif kind == "floor" and row["floor_ratio"] is not None:
-                row["met"] = row["floor_ratio"] >= target[1]
-            elif kind == "ratio" and medians.get(target[1]):
-                ratio = value / medians[target[1]]
-                row["ratio"] = ratio
-                row["met"] = ratio >= target[2]
-                row["target"] = f">= {target[2]:g} x next ({ratio:.2f})"
+        targets = ([metric.target] if metric.target else []) + list(
+            metric.also)
+        texts, verdicts = [], []
+        for target in targets:
+            text, met = _judge(metric, target, value, row["floor_ratio"],
+                               medians)
+            if met is not None:
+                text += "  ok" if met else "  MISSED"
+            texts.append(text)
+            verdicts.append(met)
+        if texts:
+            row["target"] = "; ".join(texts)
+            judged = [m for m in verdicts if m is not None]
+            row["met"] = all(judged) if judged else None
         rows.append(row)
     return rows
 
@@ -297,7 +441,19 @@ def header_lines(report):
     compare = report.get("compare")
     if compare:
         lines.append(f"compare  {compare}")
+    compare_pg = report.get("compare_pg")
+    if compare_pg:
+        lines.append(f"compare  {compare_pg}, at "
+                     f"{_server(report['params'].get('postgres', ''))} (in "
+                     f"{report['params'].get('compare_venv')})")
     return lines
+
+
+def _server(url):
+    # The address only: a URL may carry a password.
+    from urllib.parse import urlsplit
+    parts = urlsplit(url)
+    return f"{parts.hostname or 'localhost'}:{parts.port or 5432}{parts.path}"
 
 
 def table(report):
@@ -321,8 +477,6 @@ def table(report):
         ratio_text = "" if ratio is None else (
             f"{ratio:.2f}" if ratio < 10 else f"{ratio:.0f}")
         target = row["target"] or ""
-        if row["met"] is not None:
-            target += "  ok" if row["met"] else "  MISSED"
         label = f"  {row['label']}"
         if len(label) > width:
             label = label[:width - 1] + "~"
