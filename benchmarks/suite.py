@@ -19,7 +19,7 @@ import traceback
 from datetime import datetime, timezone
 from urllib.parse import urlsplit
 
-from benchmarks import measures
+from benchmarks import measures, postgresql
 from benchmarks._util import (
     ROOT, TWISTD, BenchError, Processes, Skip, child_env, daemon_defaults, machine,
 )
@@ -42,7 +42,12 @@ class Params:
     alone: int = 20_000
     floor: int = 20_000
     compare: int = 5_000
+    pg_throughput: int = 20_000
+    pg_priority_low: int = 100_000
+    pg_priority_high: int = 200
+    pg_compare: int = 20_000
     redis: str = "redis://127.0.0.1:6379/11"
+    postgres: str = "postgresql://postgres@127.0.0.1:5432/test"
     compare_venv: str = os.path.join(ROOT, "bench-results", ".venv-compare")
 
 
@@ -50,7 +55,8 @@ class Params:
 QUICK = dict(runs=1, throughput=3_000, latency=200, priority_low=2_000,
              priority_high=30, many_tasks=2_000, idle_seconds=3.0,
              deep=100_000, deep_drain=3_000, alone=3_000, floor=5_000,
-             compare=1_000)
+             compare=1_000, pg_throughput=10_000, pg_priority_low=20_000,
+             pg_priority_high=50, pg_compare=10_000)
 
 #: name -> (function, one line), in the order they run.
 MEASURES = {
@@ -71,10 +77,24 @@ MEASURES = {
     "celery": (measures.run_celery,
                "7: Celery + Redis, throughput and latency workloads"),
     "rq": (measures.run_rq, "7: RQ + Redis, throughput and latency workloads"),
+    "pg-throughput": (postgresql.run_pg_throughput,
+                      "8: echo tasks/s on PostgreSQL, 1, 2 and 3 brokers"),
+    "pg-latency": (postgresql.run_pg_latency,
+                   "9: one task at a time on PostgreSQL, 1 and 2 brokers"),
+    "pg-priority": (postgresql.run_pg_priority,
+                    "10: high tasks behind 100,000 low ones on PostgreSQL"),
+    "procrastinate": (postgresql.run_procrastinate,
+                      "8-9: procrastinate on the same PostgreSQL server"),
+    "pgqueuer": (postgresql.run_pgqueuer,
+                 "8-9: pgqueuer on the same PostgreSQL server"),
 }
 
 #: kombu's Redis transport needs packages of the "redis" extra.
 COMPARE_PACKAGES = ("celery[redis]", "redis", "rq")
+#: The PostgreSQL queues, pinned: their figures in docs/performance.rst
+#: are for these versions.
+PG_COMPARE_PACKAGES = ("procrastinate==3.10.0", "pgqueuer==1.6.0",
+                       "psycopg[binary,pool]", "asyncpg")
 
 
 class Context:
@@ -83,16 +103,21 @@ class Context:
     per run, and the comparison virtualenv (set up on first use).
     """
 
-    def __init__(self, params, procs, root, quiet=False):
+    def __init__(self, params, procs, root, quiet=False, chosen=()):
         self.params = params
         self.procs = procs
         self.root = root
         self.notes = []
         self.quiet = quiet
+        #: the names of the measures this suite runs, so that a measure
+        #: can reuse another's baseline rather than measure it again.
+        self.chosen = frozenset(chosen)
         self._compare = None
+        self._compare_pg = None
         self.compare_python = os.path.join(params.compare_venv, "bin",
                                            "python")
         self.compare_versions = None
+        self.compare_pg_versions = None
 
     def folder(self, name):
         return tempfile.mkdtemp(prefix=name + "-", dir=self.root)
@@ -111,15 +136,60 @@ class Context:
                 self._venv_problem() or ""
         return self._compare or None
 
+    def compare_setup_pg(self):
+        """
+        :returns: ``None`` when PostgreSQL answers and the comparison
+            virtualenv has procrastinate and pgqueuer, else why not (and
+            the measure is skipped).
+        """
+        if self._compare_pg is None:
+            self._compare_pg = postgresql.server_problem(
+                self.params.postgres) or self._venv_problem_pg() or ""
+        return self._compare_pg or None
+
+    def _venv_problem_pg(self):
+        check = [self.compare_python, "-c",
+                 "from importlib.metadata import version as v; "
+                 "import procrastinate, pgqueuer, psycopg, psycopg_pool, "
+                 "asyncpg; "
+                 "print(v('procrastinate'), v('pgqueuer'), v('psycopg'))"]
+        problem = self._install(check, PG_COMPARE_PACKAGES)
+        if problem:
+            return problem
+        procrastinate, pgqueuer, psycopg = _runs(check).split()
+        self.compare_pg_versions = (
+            f"procrastinate {procrastinate}, pgqueuer {pgqueuer}, psycopg "
+            f"{psycopg}, PostgreSQL server "
+            f"{postgresql.server_version(self.params.postgres)}")
+        return None
+
     def _venv_problem(self):
-        venv = self.params.compare_venv
         check = [self.compare_python, "-c",
                  "import celery, redis, rq, kombu.transport.redis; "
                  "print(celery.__version__, redis.__version__, "
                  "rq.__version__)"]
+        problem = self._install(check, COMPARE_PACKAGES)
+        if problem:
+            return problem
+        celery, redis_py, rq = _runs(check).split()
+        server = _redis_version(self.params.redis)
+        self.compare_versions = (
+            f"Celery {celery}, RQ {rq}, redis-py {redis_py}, Redis server "
+            f"{server} at {_redis_address(self.params.redis)} (in "
+            f"{self.params.compare_venv})")
+        return None
+
+    def _install(self, check, packages):
+        """
+        Make the comparison virtualenv if need be, and install
+        ``packages`` into it unless ``check`` already runs there.
+
+        :returns: ``None``, or why the packages cannot be used.
+        """
+        venv = self.params.compare_venv
         if not _runs(check):
             progress(f"setting up the comparison virtualenv {venv} "
-                     f"(pip install {' '.join(COMPARE_PACKAGES)})")
+                     f"(pip install {' '.join(packages)})")
             try:
                 if not os.path.exists(self.compare_python):
                     subprocess.run(
@@ -134,23 +204,17 @@ class Context:
             try:
                 subprocess.run(
                     [self.compare_python, "-m", "pip", "install", "--quiet",
-                     "--disable-pip-version-check", *COMPARE_PACKAGES],
+                     "--disable-pip-version-check", *packages],
                     check=True, capture_output=True, text=True, timeout=900)
             except subprocess.CalledProcessError as e:
                 last = (e.stderr or e.stdout or "").strip().splitlines()
-                return (f"cannot install {', '.join(COMPARE_PACKAGES)} into "
+                return (f"cannot install {', '.join(packages)} into "
                         f"{venv}: {last[-1] if last else e}")
             except (OSError, subprocess.SubprocessError) as e:
-                return (f"cannot install {', '.join(COMPARE_PACKAGES)} into "
+                return (f"cannot install {', '.join(packages)} into "
                         f"{venv}: {e}")
-        versions = _runs(check)
-        if not versions:
-            return f"{venv} cannot import {', '.join(COMPARE_PACKAGES)}"
-        celery, redis_py, rq = versions.split()
-        server = _redis_version(self.params.redis)
-        self.compare_versions = (
-            f"Celery {celery}, RQ {rq}, redis-py {redis_py}, Redis server "
-            f"{server} at {_redis_address(self.params.redis)} (in {venv})")
+        if not _runs(check):
+            return f"{venv} cannot import {', '.join(packages)}"
         return None
 
 
@@ -222,11 +286,14 @@ def _names(text, parser):
             continue
         if name == "compare":
             names += ["celery", "rq"]
+        elif name == "postgresql":
+            names += [n for n in MEASURES if n.startswith("pg-")] + [
+                "procrastinate", "pgqueuer"]
         elif name in MEASURES:
             names.append(name)
         else:
             parser.error(f"unknown measure {part.strip()!r} (choose from "
-                         + ", ".join(MEASURES) + ", compare)")
+                         + ", ".join(MEASURES) + ", compare, postgresql)")
     return names
 
 
@@ -236,8 +303,10 @@ def parser():
         description="taskbroker's benchmark suite: real twistd daemons on "
                     "loopback with their default settings, side by side "
                     "with a storage-less ZeroMQ floor and, where Redis "
-                    "answers, Celery and RQ. Prints a table and writes it "
-                    "as text and JSON to --output.",
+                    "answers, Celery and RQ; where PostgreSQL answers, "
+                    "taskbroker on PostgreSQL beside procrastinate and "
+                    "pgqueuer. Prints a table and writes it as text and "
+                    "JSON to --output.",
         epilog="measures (in the order they run): " + "; ".join(
             f"{name} ({line})" for name, (_, line) in MEASURES.items())
         + ". Run from the repository root; `make bench` runs the defaults "
@@ -249,7 +318,8 @@ def parser():
                    f"(default {d.runs}; 1 with --quick)")
     p.add_argument("--only", metavar="NAME[,NAME]",
                    help="run only these measures (names below; 'compare' "
-                        "means celery,rq)")
+                        "means celery,rq; 'postgresql' the pg-* measures, "
+                        "procrastinate and pgqueuer)")
     p.add_argument("--skip", metavar="NAME[,NAME]",
                    help="run all measures but these")
     p.add_argument("--list", action="store_true",
@@ -276,6 +346,15 @@ def parser():
     p.add_argument("--redis", metavar="URL",
                    help=f"Redis for Celery and RQ (default {d.redis}); "
                         "their keys are named per run and deleted after")
+    p.add_argument("--postgres", metavar="URL",
+                   help=f"PostgreSQL server for the pg-* measures, "
+                        f"procrastinate and pgqueuer (default {d.postgres}); "
+                        "each run creates a schema of its own and drops it "
+                        "after")
+    p.add_argument("--pg-tasks", type=int, metavar="N",
+                   help=f"throughput tasks on PostgreSQL, taskbroker, "
+                        f"procrastinate and pgqueuer (default "
+                        f"{d.pg_throughput:,})")
     p.add_argument("--compare-venv", metavar="DIR",
                    help="the comparison virtualenv, created on demand "
                         "(default bench-results/.venv-compare)")
@@ -290,17 +369,21 @@ def params_from(args):
                        ("latency_tasks", "latency"), ("deep", "deep"),
                        ("connections", "many_connections"),
                        ("compare_tasks", "compare"), ("redis", "redis"),
+                       ("postgres", "postgres"),
                        ("compare_venv", "compare_venv")):
         value = getattr(args, arg)
         if value is not None:
             values[field] = value
     if args.tasks is not None:
         values["floor"] = args.tasks
+    if args.pg_tasks is not None:
+        values["pg_throughput"] = values["pg_compare"] = args.pg_tasks
     values["compare_venv"] = os.path.abspath(values["compare_venv"])
     params = Params(**values)
     for field in ("runs", "throughput", "latency", "priority_high",
                   "many_connections", "many_tasks", "deep_drain", "alone",
-                  "floor", "compare"):
+                  "floor", "compare", "pg_throughput", "pg_priority_high",
+                  "pg_compare"):
         if getattr(params, field) < 1:
             raise BenchError(f"--{field.replace('_', '-')} must be at least 1")
     if params.deep < params.deep_drain:
@@ -349,7 +432,7 @@ def main(argv=None):
     began = time.monotonic()
     procs = Processes()
     root = tempfile.mkdtemp(prefix="taskbroker-bench-")
-    ctx = Context(params, procs, root)
+    ctx = Context(params, procs, root, chosen=chosen)
     values, details, errors, skipped = {}, {}, [], []
     interrupted = False
     # Others may commit or edit while the suite runs: say so if they did.
@@ -422,6 +505,7 @@ def main(argv=None):
         "machine": at_start,
         "defaults": daemon_defaults(),
         "compare": ctx.compare_versions,
+        "compare_pg": ctx.compare_pg_versions,
         "rows": summarise(params, values),
         "values": values,
         "details": details,
