@@ -28,7 +28,11 @@ for urgent work, ``--priorities`` are set), and measures:
    the same run, which every figure is quoted as a ratio of; and, where
    Redis answers on 127.0.0.1:6379, Celery and RQ (``compare/``), in a
    virtualenv of their own (``bench-results/.venv-compare``, created on
-   first use; never a dependency of taskbroker).
+   first use; never a dependency of taskbroker);
+8. where PostgreSQL answers on 127.0.0.1:5432 (:mod:`benchmarks.postgresql`):
+   throughput on 1, 2 and 3 brokers sharing one database, latency on 1
+   and 2, priority behind 100,000 queued ``low`` tasks, and procrastinate
+   and pgqueuer on the same server, each run in a fresh schema.
 
 Each measure runs ``--runs`` times (default 3); the table shows the median
 and the spread (min-max), and is written with every per-run value to
