@@ -402,13 +402,17 @@ class IClaimSource(Interface):
         "Seconds a broker's claims last unless renewed (:meth:`renew`), or "
         "``None`` if they never lapse.")
 
-    def start(now, on_change):
+    def start(now, on_change, on_finished=None):
         """
         Begin claiming as this source's broker.
 
         :param on_change: called (with no arguments) when tasks may have
             become claimable: inserted by another program or broker,
             released, or reclaimed from a broker that stopped renewing.
+        :param on_finished: for a shared store, called when other brokers
+            ended tasks (a ``WAIT`` here may be for one of them): with a
+            ``list`` of task ids, or ``None`` when they were too many to
+            name (any waited task may have ended).
         :returns: a ``Deferred`` firing with the ``list`` of running
             :class:`taskbroker.store.TaskRow` whose attempts this broker now
             answers for (a single owner: every running task).

@@ -141,7 +141,8 @@ class Broker:
         """
         deadline = self.monotonic() + self._reclaim_window()
         now = self.clock.seconds()
-        running = yield self.claims.start(now, self.feeder.feed)
+        running = yield self.claims.start(now, self.feeder.feed,
+                                          self._finished_elsewhere)
         failed = []
         for row in running:
             reason = invalid_row(row, self.levels)
@@ -159,6 +160,15 @@ class Broker:
         # the broker does not start, and the next start tries again.
         yield defer.gatherResults(failed, consumeErrors=True)
         yield self.backlog.load()
+
+    def _finished_elsewhere(self, task_ids):
+        """
+        Other brokers ended tasks: the WAITs here for them read them again.
+        """
+        if task_ids is None:
+            task_ids = self.outcomes.waited()
+        for task_id in task_ids:
+            self.outcomes.notify(task_id)
 
     def _reclaim_window(self):
         """

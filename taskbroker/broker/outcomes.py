@@ -230,6 +230,12 @@ class Outcomes:
         self._waiters.setdefault(task_id, []).append(d)
         return d
 
+    def waited(self):
+        """
+        :returns: the ids of the tasks someone waits for (a ``list``).
+        """
+        return list(self._waiters)
+
     def notify(self, task_id, final=None):
         """
         A task has ended: fire its waiters.

@@ -52,12 +52,13 @@ def clean(text):
     return text
 
 
-def run_batch(connection, operations, owner, notify):
+def run_batch(connection, operations, owner, channels):
     """
     Run a group of writes in one transaction.
 
-    :param notify: the channel to wake the brokers on when the batch made
-        tasks claimable, or ``None``.
+    :param channels: ``(wake, done)``: the channels to notify the brokers
+        on when the batch made tasks claimable, and with the ids of the
+        tasks it ended; or ``None``.
     :returns: for each operation, ``(True, result)`` or ``(False,
         StoreError)`` when the operation's own arguments made it fail
         (:class:`~taskbroker.errors.WriteRefused` when a constraint refused
@@ -66,16 +67,17 @@ def run_batch(connection, operations, owner, notify):
         nothing was written then.
     """
     try:
-        return _transaction(connection, operations, owner, notify, False)
+        return _transaction(connection, operations, owner, channels, False)
     except _IsolateOperations:
         # Savepoints cost two statements per operation: only a batch in
         # which a caller passed bad arguments pays for them.
-        return _transaction(connection, operations, owner, notify, True)
+        return _transaction(connection, operations, owner, channels, True)
 
 
-def _transaction(connection, operations, owner, notify, isolate):
+def _transaction(connection, operations, owner, channels, isolate):
     outcomes = []
     wake = False
+    ended = []
     with connection.transaction():
         cursor = connection.cursor()
         for operation, args in operations:
@@ -99,9 +101,35 @@ def _transaction(connection, operations, owner, notify, isolate):
                     outcomes.append((False, error))
                     continue
             wake = wake or operation in WAKING
-        if wake and notify is not None:
-            cursor.execute("SELECT pg_notify(%s, '')", (notify,))
+            if operation in ENDING and outcomes[-1][1]:
+                ended.append(args[0])
+        if channels is not None:
+            if wake:
+                cursor.execute("SELECT pg_notify(%s, '')", (channels[0],))
+            if ended:
+                cursor.execute("SELECT pg_notify(%s, %s)",
+                               (channels[1], _ids_payload(ended)))
     return outcomes
+
+
+#: The longest list of ids a notification carries; a longer one says
+#: only that tasks ended (PostgreSQL's limit is 8000 bytes).
+MAX_IDS_PAYLOAD = 7000
+
+
+def _ids_payload(task_ids):
+    payload = ",".join(map(str, task_ids))
+    return payload if len(payload) <= MAX_IDS_PAYLOAD else ""
+
+
+def parse_ids(payload):
+    """
+    The ids a notification of ended tasks names, or ``None`` for "some".
+    """
+    try:
+        return [int(part) for part in payload.split(",")] if payload else None
+    except ValueError:
+        return None
 
 
 def touch(cursor, owner):
@@ -261,8 +289,10 @@ def release(cursor, owner, task_ids):
     return cursor.rowcount
 
 
-# The writes after which other brokers may find tasks to claim.
+# The writes after which other brokers may find tasks to claim, and those
+# that end a task (a WAIT on another broker may be for it).
 WAKING = frozenset((requeue, retry, release))
+ENDING = frozenset((finish, cancel))
 
 
 def get_with(cursor, task_id):

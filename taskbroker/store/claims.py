@@ -37,7 +37,7 @@ class OwnerClaims:
         # Tasks above the watermark that the broker inserted itself.
         self._inserted = set()
 
-    def start(self, now, on_change):
+    def start(self, now, on_change, on_finished=None):
         return self._store.running()
 
     def stop(self):

@@ -199,6 +199,7 @@ class PostgresStore(BatchedStore):
         # rows it inserts or takes.
         self._owner = None
         self.channel = None
+        self.done_channel = None
         self.schema = None
         # The running tasks this store's broker dispatched or adopted, so
         # that a broker whose lease lapsed learns which it lost.
@@ -282,7 +283,10 @@ class PostgresStore(BatchedStore):
         versions = _schema.ensure_schema(connection, "postgresql")
         self.schema = connection.execute(
             "SELECT current_schema()").fetchone()[0]
+        # Named after the schema, so that deployments in several schemas
+        # of one database do not wake each other.
         self.channel = ("taskbroker_" + self.schema)[:63]
+        self.done_channel = ("taskbroker_done_" + self.schema)[:63]
         _record_levels(connection, self.levels, self.default_priority)
         return versions
 
@@ -343,7 +347,7 @@ class PostgresStore(BatchedStore):
 
     def _commit(self, link, operations):
         return sql.run_batch(link.get(), operations, self._owner,
-                             self.channel)
+                             (self.channel, self.done_channel))
 
     def _read(self, query, *args, thread=None):
         return BatchedStore._read(self, _on(query), *args,
@@ -469,17 +473,19 @@ class PostgresClaims:
     def __repr__(self):
         return f"<PostgresClaims of {self._id!r}>"
 
-    def start(self, now, on_change):
-        return defer.Deferred.fromCoroutine(self._start(on_change))
+    def start(self, now, on_change, on_finished=None):
+        return defer.Deferred.fromCoroutine(
+            self._start(on_change, on_finished))
 
-    async def _start(self, on_change):
+    async def _start(self, on_change, on_finished):
         store = self._store
         self._on_change = on_change
         self._leaser = store._connection_thread("lease")
         await self._leaser.start()
         await store._run(self._leaser, sql.register, self._id,
                          socket.gethostname(), os.getpid(), self.lease)
-        self._listener = _Listener(store, store._reactor, on_change)
+        self._listener = _Listener(store, store._reactor, on_change,
+                                   on_finished)
         self._listener.start()
         # A new broker answers for no running task: those of a broker
         # that went away come back when its lease lapses (reclaim), or
@@ -603,16 +609,18 @@ class PostgresClaims:
 class _Listener:
     """
     ``LISTEN`` on a connection of its own, in a thread of its own: each
-    notification (a task inserted, given back or taken back) calls
-    ``on_change`` in the reactor.  Several arriving together make one
-    call.  If the connection fails, it listens again after a pause, and
-    calls ``on_change`` once then, for what it may have missed.
+    notification that tasks may be claimable (inserted, given back or
+    taken back) calls ``on_change`` in the reactor, several arriving
+    together making one call; each that tasks ended calls ``on_finished``
+    with their ids.  If the connection fails, it listens again after a
+    pause, and then calls both once, for what it may have missed.
     """
 
-    def __init__(self, store, reactor, on_change):
+    def __init__(self, store, reactor, on_change, on_finished=None):
         self._store = store
         self._reactor = reactor
         self._on_change = on_change
+        self._on_finished = on_finished
         self._stopping = threading.Event()
         self._thread = threading.Thread(
             target=self._work, name="taskbroker-pg-listen", daemon=True)
@@ -631,6 +639,10 @@ class _Listener:
         self._pending = False
         self._on_change()
 
+    def _finished(self, payload):
+        if self._on_finished is not None:
+            self._on_finished(sql.parse_ids(payload))
+
     def _notify(self):
         # In the reactor: one on_change for a burst of notifications.
         if not self._pending:
@@ -643,21 +655,26 @@ class _Listener:
         call = self._reactor.callFromThread
         wait = 0.1
         missed = False
+        store = self._store
         while not self._stopping.is_set():
-            link = self._store._link("listen")
+            link = store._link("listen")
             try:
                 connection = link.get()
-                connection.execute(pgsql.SQL("LISTEN {}").format(
-                    pgsql.Identifier(self._store.channel)))
+                for channel in (store.channel, store.done_channel):
+                    connection.execute(pgsql.SQL("LISTEN {}").format(
+                        pgsql.Identifier(channel)))
                 if missed:
                     call(log.info, "listening for new tasks again")
                     call(self._notify)
+                    call(self._finished, "")
                 missed = False
                 wait = 0.1
                 while not self._stopping.is_set():
-                    for _ in connection.notifies(timeout=0.5):
-                        call(self._notify)
-                        break
+                    for notification in connection.notifies(timeout=0.5):
+                        if notification.channel == store.done_channel:
+                            call(self._finished, notification.payload)
+                        else:
+                            call(self._notify)
             except Exception as e:
                 if not missed and not self._stopping.is_set():
                     call(log.warn, "lost the connection that listens for "

@@ -41,8 +41,9 @@ class SharedMemoryDatabase:
         self.claimed = {}
         # broker id -> when its lease ends
         self.leases = {}
-        # broker id -> its on_change
+        # broker id -> its on_change, and its on_finished
         self._listeners = {}
+        self._finished_listeners = {}
 
     def insert_external(self, *args, **kwargs):
         """
@@ -60,6 +61,14 @@ class SharedMemoryDatabase:
         """
         for on_change in list(self._listeners.values()):
             self.clock.callLater(0, on_change)
+
+    def ended(self, task_ids):
+        """
+        Tell every broker that tasks ended, as a notification sent with the
+        commit would.
+        """
+        for on_finished in list(self._finished_listeners.values()):
+            self.clock.callLater(0, on_finished, list(task_ids))
 
     def live(self, broker_id):
         return self.leases.get(broker_id, -math.inf) >= self.clock.seconds()
@@ -97,6 +106,7 @@ class SharedMemoryStore(MemoryStore):
     def _unclaim(self, task_id, ended=True):
         if ended:
             self._database.claimed.pop(task_id, None)
+            self._database.ended([task_id])
 
     def finish(self, task_id, *args):
         def ended(changed):
@@ -152,10 +162,12 @@ class SharedClaims:
         self._db.claimed[task_id] = self._id
         self._claimed.add(task_id)
 
-    def start(self, now, on_change):
+    def start(self, now, on_change, on_finished=None):
         db = self._db
         db.leases[self._id] = db.clock.seconds() + db.lease
         self._on_change = db._listeners[self._id] = on_change
+        if on_finished is not None:
+            db._finished_listeners[self._id] = on_finished
         # A new broker answers for no running task: those of a broker that
         # went away are taken back once its lease lapses (reclaim).
         return defer.succeed([])
@@ -163,6 +175,7 @@ class SharedClaims:
     def stop(self):
         db = self._db
         db._listeners.pop(self._id, None)
+        db._finished_listeners.pop(self._id, None)
         # Queued claims go back at once; running ones stay until the
         # lease lapses, for the workers to finish and another broker to
         # take over.

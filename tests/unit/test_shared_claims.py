@@ -451,3 +451,22 @@ def test_a_result_sent_while_its_attempt_is_adopted_counts():
     fleet.settle()
     assert [w for _, w, _ in fleet.tasks()] == ["w1"]
     assert first["id"] not in b.attempts
+
+
+def test_a_wait_is_answered_when_another_broker_ends_the_task():
+    fleet = Fleet()
+    fleet.broker("a")
+    fleet.broker("b")
+    fleet.worker("a", "w1")
+    fleet.submit("a")
+    [(_, _, task)] = fleet.tasks("w1")
+    fleet.send("b", b"client", b"WAIT", {"req": "w", "id": task["id"],
+                                         "timeout": 60})
+    fleet.settle()
+    assert [body for broker, _, c, body in fleet.sent
+            if c == b"REPLY" and broker == "b"] == []
+    fleet.finish("a", "w1", task)
+    fleet.settle()
+    [reply] = [body for broker, _, c, body in fleet.sent
+               if c == b"REPLY" and broker == "b" and body.get("req") == "w"]
+    assert reply["task"]["state"] == "succeeded"

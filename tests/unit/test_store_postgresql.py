@@ -271,6 +271,23 @@ async def test_an_insert_by_sql_wakes_the_brokers(reactor, postgres_url, sql):
 
 
 @pytest_twisted.ensureDeferred
+async def test_brokers_hear_which_tasks_another_ended(open_stores):
+    a_store, _ = await open_stores("a")
+    b_store = (await open_stores())[0]
+    heard = defer.Deferred()
+    b = b_store.claims("b")
+    await b.start(NOW, lambda: None, heard.callback)
+    try:
+        row = await submit_one(a_store)
+        assert await a_store.dispatch(row.id, 1, "w", NOW)
+        assert await a_store.finish(row.id, 1, "succeeded", "1", None, None,
+                                    NOW)
+        assert await heard == [row.id]
+    finally:
+        await b.stop()
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_stopping_broker_gives_back_its_queued_claims(
         open_stores, sql):
     store, a = await open_stores("a")
