@@ -427,7 +427,9 @@ class IClaimSource(Interface):
 
     def queues():
         """
-        For a single owner: the queues that hold queued tasks.
+        The queues that hold queued tasks: a single owner loads a window
+        of each; the brokers of a shared store look among them for those
+        no broker can run, to fail their tasks.
 
         :returns: a ``Deferred`` firing with a ``list`` of ``(handler,
             priority)`` pairs, as stored (``priority`` may be ``None`` or

@@ -38,6 +38,9 @@ POLL_BATCH = 5000
 #: The most tasks of one queue (level and handler) held in memory; the rest
 #: wait in the store and are read as the window drains (window.py).
 QUEUE_WINDOW = 1000
+#: Seconds between a shared store's broker's looks for queued tasks no
+#: broker can run.
+SWEEP_INTERVAL = 10.0
 #: The most delayed tasks held in memory, waiting for their time.
 DELAYED_WINDOW = 1000
 
@@ -83,6 +86,7 @@ class Backlog:
         self.delayed = {}
         self._delay_timer = None
         self._polling = False
+        self._next_sweep = 0.0
         self.stopped = False
 
     @property
@@ -427,11 +431,39 @@ class Backlog:
             # case a signal was lost.
             self._polling = False
             self._broker.feeder.feed()
+            if self._broker.clock.seconds() >= self._next_sweep:
+                self._next_sweep = self._broker.clock.seconds() + SWEEP_INTERVAL
+                self._sweep_unrunnable().addErrback(
+                    self._broker.trouble, "failing tasks no broker can run")
             return self._load_delayed()
         d = self._poll()
         d.addBoth(done)
         d.addErrback(self._broker.trouble, "polling for new tasks")
         return d
+
+    @defer.inlineCallbacks
+    def _sweep_unrunnable(self):
+        """
+        On a shared store, where brokers claim only what their workers can
+        run: fail the queued tasks of queues no broker can ever run (an
+        unknown level, a handler name no worker can have), which nobody
+        would otherwise claim.  Every broker may do it; failing a queue
+        twice changes nothing.
+        """
+        broker = self._broker
+        pairs = yield broker.claims.queues()
+        now = broker.clock.seconds()
+        for handler, priority in pairs:
+            reason = invalid_queue(handler, priority, broker.levels)
+            if reason is None:
+                continue
+            count = yield broker.store.reject_group(handler, priority, reason,
+                                                    now)
+            if count:
+                self.log.warn(
+                    "failed {count} queued tasks of handler {handler!r} and "
+                    "priority {priority!r}: {reason}", count=count,
+                    handler=handler, priority=priority, reason=reason)
 
     @defer.inlineCallbacks
     def _poll(self):

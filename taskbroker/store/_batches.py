@@ -287,7 +287,7 @@ class BatchedStore:
         """
         See :meth:`taskbroker.interfaces.ITaskStore.list`.
         """
-        return self._read(self._sql.list, state, handler, after_id, limit,
+        return self._read(self._sql.list_tasks, state, handler, after_id, limit,
                           max_bytes)
 
     def counts(self, now):

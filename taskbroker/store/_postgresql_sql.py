@@ -285,7 +285,7 @@ def release(cursor, owner, task_ids):
     cursor.execute(
         "UPDATE tasks SET owner = NULL "
         "WHERE id = ANY(%s) AND state = 'queued' AND owner = %s",
-        ([*task_ids], owner))
+        (list(task_ids), owner))
     return cursor.rowcount
 
 
@@ -305,7 +305,7 @@ def get(connection, task_id):
     return get_with(connection.cursor(), task_id)
 
 
-def list(connection, state, handler, after_id, limit, max_bytes=None):
+def list_tasks(connection, state, handler, after_id, limit, max_bytes=None):
     where = ["id > %s"]
     params = [after_id]
     if state is not None:
@@ -357,8 +357,8 @@ def queued_groups(connection):
         "  g.priority) ORDER BY handler, priority LIMIT 1) AS n"
         ") SELECT handler, priority FROM g")
     pairs = cursor.fetchall()
-    # A row comparison skips NULLs: the handlers with NULL priorities
-    # are found apart (NULL sorts last in the index).
+    # A row comparison with a NULL is NULL where the handler does not
+    # decide it: the handlers with NULL priorities are found apart.
     cursor.execute(
         "WITH RECURSIVE g AS ("
         " (SELECT handler FROM tasks WHERE state = 'queued'"
@@ -370,7 +370,9 @@ def queued_groups(connection):
         "  ORDER BY handler LIMIT 1) AS n"
         ") SELECT handler FROM g")
     pairs.extend((handler, None) for (handler,) in cursor)
-    return pairs
+    # (The first scan may find a NULL priority too, where the handler
+    # alone decides the comparison.)
+    return list(dict.fromkeys(pairs))
 
 
 def delayed_window(connection, after, limit):

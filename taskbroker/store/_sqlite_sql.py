@@ -280,7 +280,7 @@ def get(connection, task_id):
     return get_with(connection.cursor(), task_id)
 
 
-def list(connection, state, handler, after_id, limit, max_bytes=None):
+def list_tasks(connection, state, handler, after_id, limit, max_bytes=None):
     where = ["id > ?"]
     params = [after_id]
     if state is not None:

@@ -512,7 +512,8 @@ class PostgresClaims:
             await leaser.stop()
 
     def queues(self):
-        raise NotImplementedError("a shared store claims for credits")
+        store = self._store
+        return store._run(store._counter, sql.queued_groups)
 
     def claim_queue(self, handler, priorities, after_id, limit, now):
         raise NotImplementedError("a shared store claims for credits")

@@ -184,7 +184,10 @@ class SharedClaims:
         return defer.succeed(None)
 
     def queues(self):
-        raise NotImplementedError("a shared store claims for credits")
+        return defer.succeed(sorted(
+            {(row.handler, row.priority)
+             for row in self._db.store._rows.values()
+             if row.state == "queued"}, key=repr))
 
     def claim_queue(self, handler, priorities, after_id, limit, now):
         raise NotImplementedError("a shared store claims for credits")

@@ -470,3 +470,22 @@ def test_a_wait_is_answered_when_another_broker_ends_the_task():
     [reply] = [body for broker, _, c, body in fleet.sent
                if c == b"REPLY" and broker == "b" and body.get("req") == "w"]
     assert reply["task"]["state"] == "succeeded"
+
+
+def test_tasks_no_broker_can_run_are_failed_by_the_sweeper():
+    fleet = Fleet()
+    a = fleet.broker("a")
+    bad_level = fleet.db.insert_external("echo", "1", "urgent").id
+    bad_name = fleet.db.insert_external("bad\x07name", "1").id
+    good = fleet.db.insert_external("nobody-has-it", "1").id
+    with capturedLogs() as events:
+        result_of(a.poll())
+        fleet.settle()
+    assert sum("failed {count} queued tasks" in e["log_format"]
+               for e in events) == 2
+    rows = {i: result_of(fleet.db.store.get(i)) for i in (bad_level, bad_name,
+                                                          good)}
+    assert "unknown priority level 'urgent'" in rows[bad_level].error
+    assert "invalid handler name" in rows[bad_name].error
+    # A handler no connected worker has waits for one.
+    assert rows[good].state == "queued"

@@ -349,3 +349,16 @@ async def test_a_read_after_the_server_dropped_the_connection_works(
         "WHERE application_name = %s", (f"taskbroker reader {os.getpid()}",))
     assert (await store.get(row.id)).id == row.id
 
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_queues_are_found_one_seek_each(open_stores, sql):
+    _, a = await open_stores("a")
+    sql("INSERT INTO tasks (handler, priority) VALUES ('b', 'high'), "
+        "('a', 'low'), ('b', NULL), ('a', 'high'), ('b', 'high'), "
+        "('c', NULL), ('a', 'urgent')")
+    sql("INSERT INTO tasks (handler, priority, state) VALUES "
+        "('d', 'low', 'failed')")
+    assert sorted(await a.queues(), key=repr) == sorted([
+        ("a", "high"), ("a", "low"), ("a", "urgent"), ("b", "high"),
+        ("b", None), ("c", None)], key=repr)
