@@ -1,0 +1,62 @@
+"""
+How long the PostgreSQL store's claim takes with many finished tasks in
+the table: ``python -m benchmarks.pg_claims 1000000`` (default 0) makes a
+schema of its own on ``$TASKBROKER_BENCH_POSTGRES`` (default
+``postgresql://postgres@127.0.0.1:5432/test``), inserts that many
+finished rows and 2,000 queued ones, claims 1,000 tasks one at a time
+with the store's own statement, prints p50 and p99 and the plan, and drops
+the schema.
+"""
+import os
+import statistics
+import sys
+import time
+
+import psycopg
+from twisted.internet import defer, reactor
+
+from taskbroker.store.postgresql import PostgresStore
+from taskbroker.store import _postgresql_sql as sql
+
+BASE = os.environ.get("TASKBROKER_BENCH_POSTGRES",
+                      "postgresql://postgres@127.0.0.1:5432/test")
+finished = int(sys.argv[1]) if len(sys.argv) > 1 else 0
+schema = f"measure_claim_{finished}"
+admin = psycopg.connect(BASE, autocommit=True)
+admin.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+admin.execute(f"CREATE SCHEMA {schema}")
+url = BASE + f"?options=-csearch_path%3D{schema}"
+
+@defer.inlineCallbacks
+def setup():
+    store = PostgresStore(url, reactor)
+    yield store.open()
+    yield store.close()
+    reactor.stop()
+reactor.callWhenRunning(setup)
+reactor.run()
+
+c = psycopg.connect(url, autocommit=True)
+c.execute("ALTER TABLE tasks DISABLE TRIGGER tasks_notify_insert")
+t0 = time.time()
+c.execute("INSERT INTO tasks (handler, payload, state, finished_at, owner) "
+          "SELECT 'echo', '{}', 'succeeded', 1, 'x' FROM generate_series(1, %s)", (finished,))
+c.execute("INSERT INTO tasks (handler, payload) SELECT 'echo', '{}' FROM generate_series(1, 2000)")
+c.execute("VACUUM ANALYZE tasks")
+print(f"{finished} finished rows inserted in {time.time()-t0:.1f} s")
+times = []
+for i in range(1000):
+    start = time.perf_counter()
+    rows = sql.claim(c, "b1", [0, 1, 2], ["echo"], 1, 2e9)
+    times.append(time.perf_counter() - start)
+    assert len(rows) == 1
+    with c.transaction():
+        c.execute("UPDATE tasks SET state='succeeded', owner = NULL WHERE id = %s", (rows[0].id,))
+times.sort()
+print(f"claim of 1 task, {finished} finished rows: p50 {statistics.median(times)*1000:.3f} ms, "
+      f"p99 {times[989]*1000:.3f} ms")
+plan = c.execute("EXPLAIN (ANALYZE, BUFFERS) WITH c AS (SELECT id FROM tasks WHERE state = 'queued' "
+    "AND owner IS NULL AND rank = ANY(ARRAY[0,1,2]) AND handler = ANY(ARRAY['echo']) AND (run_at IS NULL OR run_at <= 2e9) "
+    "ORDER BY rank, ready_seq LIMIT 1 FOR UPDATE SKIP LOCKED) SELECT * FROM c").fetchall()
+print("\n".join(r[0] for r in plan))
+admin.execute(f"DROP SCHEMA {schema} CASCADE")
