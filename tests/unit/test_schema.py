@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from taskbroker.broker import validation
 from taskbroker.errors import StoreError
 from taskbroker.protocol import codec
+from tests.postgres import connect
 from taskbroker.store import TaskRow, _schema, _sqlite_sql
 
 
@@ -288,3 +289,63 @@ def test_failed_creation_leaves_empty_database(schemas, tmp_path):
             _schema.ensure_schema(connection, "sqlite", schemas)
         assert connection.execute(
             "SELECT name FROM sqlite_master").fetchall() == []
+
+
+# -- PostgreSQL: the same loader, with its dialect ---------------------------
+
+
+def test_packaged_postgresql_schema():
+    directory = _schema.schema_directory("postgresql")
+    assert _schema.latest_version(directory) == 1
+    assert "CREATE TABLE tasks" in _schema.read_script(directory, "v1.sql")
+
+
+@pytest.fixture
+def pg_schemas(tmp_path):
+    """
+    A folder of PostgreSQL schema files at version 2: the packaged
+    version 1 and an upgrade of it, so that every packaged version is
+    upgraded from, as a real upgrade would be.
+    """
+    directory = tmp_path / "pg-schemas"
+    directory.mkdir()
+    v1 = _schema.read_script(_schema.schema_directory("postgresql"), "v1.sql")
+    step = "ALTER TABLE tasks ADD COLUMN note text;"
+    (directory / "v1.sql").write_text(v1)
+    (directory / "upgrade-to-v2.sql").write_text(step)
+    (directory / "v2.sql").write_text(v1 + "\n" + step)
+    return directory
+
+
+def test_postgresql_schema_upgraded_from_each_version(pg_schemas, postgres_url):
+    with connect(postgres_url) as connection:
+        packaged = _schema.schema_directory("postgresql")
+        assert _schema.ensure_schema(connection, "postgresql",
+                                     packaged) == (None, 1)
+        connection.execute("INSERT INTO tasks (handler) VALUES ('a')")
+        assert _schema.ensure_schema(connection, "postgresql",
+                                     pg_schemas) == (1, 2)
+        assert connection.execute(
+            "SELECT handler, note FROM tasks").fetchall() == [("a", None)]
+        assert _schema.ensure_schema(connection, "postgresql",
+                                     pg_schemas) == (2, 2)
+        with pytest.raises(StoreError, match="version 2 is newer"):
+            _schema.ensure_schema(connection, "postgresql", packaged)
+
+
+def test_postgresql_failed_upgrade_changes_nothing(pg_schemas, postgres_url):
+    import psycopg
+
+    (pg_schemas / "upgrade-to-v2.sql").write_text(
+        "ALTER TABLE tasks ADD COLUMN note text;\nNOT SQL;")
+    with connect(postgres_url) as connection:
+        _schema.ensure_schema(connection, "postgresql",
+                              _schema.schema_directory("postgresql"))
+        with pytest.raises(psycopg.errors.SyntaxError):
+            _schema.ensure_schema(connection, "postgresql", pg_schemas)
+        assert connection.execute(
+            "SELECT version FROM taskbroker_schema").fetchall() == [(1,)]
+        assert connection.execute(
+            "SELECT count(*) FROM information_schema.columns WHERE "
+            "table_schema = current_schema() AND column_name = 'note'"
+        ).fetchall() == [(0,)]
