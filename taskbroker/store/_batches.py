@@ -14,6 +14,7 @@ from twisted.python.failure import Failure
 
 from taskbroker.errors import StoreError, StoreLost, one_line
 from taskbroker.store import FINAL_STATES, check_request_ids
+from taskbroker.store._sqlite_threads import Event
 
 log = Logger()
 
@@ -33,16 +34,26 @@ class BatchedStore:
     The writes and reads of :class:`taskbroker.interfaces.ITaskStore` on
     a connection thread.  A subclass sets ``_sql`` (the module of its
     statements: ``touch``, ``submit``, ``dispatch``, ..., ``get``,
-    ``list`` and ``counts``), ``_thread`` and ``_counter`` (its
+    ``list_tasks`` and ``counts``), ``_label`` (the database, as messages
+    name it), ``_commit``, and ``_open_unguarded`` and ``_shut_down``,
+    which start and stop ``_thread`` and ``_counter`` (its
     :class:`~taskbroker.store._sqlite_threads.ConnectionThread` objects for
-    writes and for counts), ``_label`` (the database, as messages name
-    it) and ``_commit``, and calls :meth:`_init_batches` in its
-    ``__init__``.
+    writes and for counts); it calls :meth:`_init_batches` in its
+    ``__init__``, and its ``open`` and ``close`` return ``_open()`` and
+    ``_close()`` as ``Deferred`` objects.
     """
 
     _sql = None
 
     def _init_batches(self):
+        # "new" -> "opening" -> "open" -> "closing" -> "closed"; a failed
+        # open goes back to "closed", and a closed store may be opened again.
+        self._state = "new"
+        self._thread = None
+        self._counter = None
+        self._idle = Event()
+        self._opened = Event()
+        self._closed = Event()
         self.transactions = 0
         self.write_error = None
         self._lost = None
@@ -53,6 +64,47 @@ class BatchedStore:
         # Transactions handed to the thread and not yet reported back.
         self._flushing = 0
         self._reads = 0
+
+    # Opening and closing: the subclass's _open_unguarded connects (and
+    # _shut_down undoes it, and never fails); _interrupt stops what need
+    # not be waited for.
+
+    async def _open(self):
+        if self._state not in ("new", "closed"):
+            raise StoreError(f"database {self._label} is already "
+                             f"{self._state}")
+        self._state = "opening"
+        self._lost = None
+        try:
+            await self._open_unguarded()
+        except BaseException:
+            self._state = "closed"
+            raise
+        else:
+            self._state = "open"
+        finally:
+            self._opened.fire()
+
+    async def _close(self):
+        if self._state == "opening":
+            await self._opened.wait()
+        if self._state == "closing":
+            await self._closed.wait()
+            return
+        if self._state != "open":
+            return
+        self._state = "closing"
+        self._stop_probing()
+        self._interrupt()
+        if self._busy():
+            await self._idle.wait()
+        await self._shut_down()
+        self._state = "closed"
+        log.info("closed database {path}", path=self._label)
+        self._closed.fire()
+
+    def _interrupt(self):
+        pass
 
     def _commit(self, connection, operations):
         """

@@ -36,7 +36,7 @@ from taskbroker.interfaces import IClaimSource, ITaskStore
 from taskbroker.store import _postgresql_sql as sql
 from taskbroker.store import _schema
 from taskbroker.store._batches import BatchedStore
-from taskbroker.store._sqlite_threads import ConnectionThread, Event
+from taskbroker.store._sqlite_threads import ConnectionThread
 
 __all__ = ["PostgresStore", "PostgresClaims", "describe_url"]
 
@@ -192,9 +192,6 @@ class PostgresStore(BatchedStore):
         self._label = describe_url(url)
         self._init_batches()
         self._reactor = reactor
-        self._state = "new"
-        self._thread = None
-        self._counter = None
         # The broker that claims through this store: the owner of the
         # rows it inserts or takes.
         self._owner = None
@@ -204,9 +201,6 @@ class PostgresStore(BatchedStore):
         # The running tasks this store's broker dispatched or adopted, so
         # that a broker whose lease lapsed learns which it lost.
         self.running_ids = set()
-        self._idle = Event()
-        self._opened = Event()
-        self._closed = Event()
 
     def __repr__(self):
         return f"<PostgresStore {self._label} {self._state}>"
@@ -236,21 +230,6 @@ class PostgresStore(BatchedStore):
             :class:`taskbroker.errors.StoreError` (a one-line message).
         """
         return defer.Deferred.fromCoroutine(self._open())
-
-    async def _open(self):
-        if self._state not in ("new", "closed"):
-            raise StoreError(f"database {self._label} is already "
-                             f"{self._state}")
-        self._state = "opening"
-        try:
-            await self._open_unguarded()
-        except BaseException:
-            self._state = "closed"
-            raise
-        else:
-            self._state = "open"
-        finally:
-            self._opened.fire()
 
     async def _open_unguarded(self):
         psycopg = _psycopg()
@@ -298,23 +277,6 @@ class PostgresStore(BatchedStore):
             and before :meth:`open`.
         """
         return defer.Deferred.fromCoroutine(self._close())
-
-    async def _close(self):
-        if self._state == "opening":
-            await self._opened.wait()
-        if self._state == "closing":
-            await self._closed.wait()
-            return
-        if self._state != "open":
-            return
-        self._state = "closing"
-        self._stop_probing()
-        if self._busy():
-            await self._idle.wait()
-        await self._shut_down()
-        self._state = "closed"
-        log.info("closed database {database}", database=self._label)
-        self._closed.fire()
 
     async def _shut_down(self):
         for name in ("_counter", "_thread"):

@@ -96,23 +96,15 @@ class SQLiteStore(BatchedStore):
         self._create_database = create_database
         self._synchronous = synchronous
         self._busy_timeout_ms = int(busy_timeout * 1000)
-        # "new" -> "opening" -> "open" -> "closing" -> "closed"; a failed
-        # open goes back to "closed", and a closed store may be opened again.
-        self._state = "new"
         self._abspath = None
         self._creating = False
         self._lock_fd = None
         self._watch = None
-        self._thread = None
         self._checkpointer = None
-        self._counter = None
         self._checker = None
         self._journal_mode = None
         # The StoreLost that ended this store's use is self._lost.
         self._lost_event = Event()
-        self._idle = Event()
-        self._opened = Event()
-        self._closed = Event()
 
     def __repr__(self):
         return f"<SQLiteStore {self.path!r} {self._state}>"
@@ -142,21 +134,6 @@ class SQLiteStore(BatchedStore):
             (with a one-line message) when it cannot be used.
         """
         return defer.Deferred.fromCoroutine(self._open())
-
-    async def _open(self):
-        if self._state not in ("new", "closed"):
-            raise StoreError(f"database {self.path} is already {self._state}")
-        self._state = "opening"
-        self._lost = None
-        try:
-            await self._open_unguarded()
-        except BaseException:
-            self._state = "closed"
-            raise
-        else:
-            self._state = "open"
-        finally:
-            self._opened.fire()
 
     async def _open_unguarded(self):
         path = self._abspath = os.path.abspath(self.path)
@@ -302,26 +279,6 @@ class SQLiteStore(BatchedStore):
         """
         return defer.Deferred.fromCoroutine(self._close())
 
-    async def _close(self):
-        if self._state == "opening":
-            await self._opened.wait()
-        if self._state == "closing":
-            await self._closed.wait()
-            return
-        if self._state != "open":
-            return
-        self._state = "closing"
-        self._stop_probing()
-        if self._checker is not None:
-            # An integrity check may take minutes: stop it, not wait for it.
-            self._checker.interrupt()
-        if self._busy():
-            await self._idle.wait()
-        await self._shut_down()
-        self._state = "closed"
-        log.info("closed database {path}", path=self._abspath)
-        self._closed.fire()
-
     async def _shut_down(self):
         """
         Close the connections, end their threads, and release the lock.
@@ -421,6 +378,11 @@ class SQLiteStore(BatchedStore):
         return self._abspath or self.path
 
     _sql = sql
+
+    def _interrupt(self):
+        if self._checker is not None:
+            # An integrity check may take minutes: stop it, not wait for it.
+            self._checker.interrupt()
 
     def _commit(self, connection, operations):
         """
