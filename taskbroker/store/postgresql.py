@@ -49,8 +49,19 @@ DEFAULT_LEASE = 5.0
 RENEW_INTERVAL = 1.0
 #: Seconds before a failed release of claimed tasks is tried again.
 RELEASE_RETRY = 1.0
-#: The longest wait for a connection to the server.
-CONNECT_TIMEOUT = 5
+#: libpq settings the store uses unless the URI gives its own: a
+#: connection attempt gives up after 5 s, and a connection whose server
+#: stopped answering (a host gone, a network cut without a reset) is found
+#: dead within about 10 s, instead of holding a statement (and the thread
+#: that waits for it) for as long as the kernel's TCP timeouts.
+CONNECTION_DEFAULTS = {
+    "connect_timeout": 5,
+    "keepalives": 1,
+    "keepalives_idle": 5,
+    "keepalives_interval": 2,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 10000,
+}
 #: Seconds between attempts to listen again after the listening
 #: connection failed, at most.
 LISTEN_RETRY_MAX = 5.0
@@ -124,9 +135,12 @@ class _Link:
         psycopg = _psycopg()
         from psycopg.types.string import TextLoader
 
+        given = psycopg.conninfo.conninfo_to_dict(self._url)
+        options = {name: value for name, value in CONNECTION_DEFAULTS.items()
+                   if name not in given}
         connection = psycopg.connect(
-            self._url, autocommit=True, connect_timeout=CONNECT_TIMEOUT,
-            application_name=self._application_name)
+            self._url, autocommit=True,
+            application_name=self._application_name, **options)
         # Payloads are json: read them as the text that was written, not
         # decoded, as the store's interface wants.
         connection.adapters.register_loader("json", TextLoader)
