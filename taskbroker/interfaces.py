@@ -539,6 +539,15 @@ class IClaimSource(Interface):
             it).  A single owner has every running task already.
         """
 
+    def watch(task_id):
+        """
+        A ``WAIT`` here is for ``task_id``, which another broker may end:
+        have the store tell this broker when it does (``on_finished`` of
+        :meth:`start`).  Nothing to do for a single owner.
+
+        :returns: a ``Deferred`` firing with ``None`` once asked.
+        """
+
     def holding():
         """
         What the store says this broker holds, to find claims it holds

@@ -271,6 +271,25 @@ class Requests:
 
         d.addCallbacks(ended, timed_out).addErrback(stopping).addBoth(held)
         self._answered(d, "waiting for a task", identity, req)
+        if broker.claims.shared:
+            self._watch(task_id)
+
+    def _watch(self, task_id):
+        """
+        On a shared store another broker may end the task: ask to be told,
+        then read it once more, in case it ended before the store heard.
+        """
+        broker = self._broker
+
+        def read_again(_):
+            return broker.store.get(task_id).addCallback(ended)
+
+        def ended(row):
+            if row is not None and row.state in FINAL_STATES:
+                broker.outcomes.notify(task_id, row)
+
+        broker.claims.watch(task_id).addCallback(read_again).addErrback(
+            broker.trouble, "watching a task")
 
     def on_LIST(self, identity, body):
         req = body["req"]

@@ -75,6 +75,14 @@ def run_batch(connection, operations, owner, channels):
 
 
 def _transaction(connection, operations, owner, channels, isolate):
+    if len(operations) == 1 and operations[0][0] in SINGLE_STATEMENT:
+        # One statement commits on its own: no BEGIN and COMMIT round
+        # trips (a dispatch, most often, between two results).
+        operation, args = operations[0]
+        try:
+            return [(True, operation(connection.cursor(), owner, *args))]
+        except _OPERATION_ERRORS as e:
+            return [(False, _refusal(operation, e))]
     outcomes = []
     wake = False
     ended = []
@@ -92,13 +100,7 @@ def _transaction(connection, operations, owner, channels, isolate):
                         outcomes.append(
                             (True, operation(cursor, owner, *args)))
                 except _OPERATION_ERRORS as e:
-                    refused = isinstance(e, (pg_errors.IntegrityError,
-                                             pg_errors.DataError))
-                    error = (WriteRefused if refused else StoreError)(
-                        f"{operation.__name__.lstrip('_')} failed: "
-                        f"{one_line(e)}")
-                    error.__cause__ = e
-                    outcomes.append((False, error))
+                    outcomes.append((False, _refusal(operation, e)))
                     continue
             wake = wake or operation in WAKING
             if operation in ENDING and outcomes[-1][1]:
@@ -107,9 +109,26 @@ def _transaction(connection, operations, owner, channels, isolate):
             if wake:
                 cursor.execute("SELECT pg_notify(%s, '')", (channels[0],))
             if ended:
-                cursor.execute("SELECT pg_notify(%s, %s)",
-                               (channels[1], _ids_payload(ended)))
+                # Only for tasks a WAIT on another broker watches: most
+                # batches send nothing, and take no notification lock.
+                watched = [task_id for (task_id,) in cursor.execute(
+                    "SELECT id FROM tasks WHERE id = ANY(%s) AND watched",
+                    (ended,))]
+                if watched:
+                    cursor.execute("SELECT pg_notify(%s, %s)",
+                                   (channels[1], _ids_payload(watched)))
     return outcomes
+
+
+def _refusal(operation, e):
+    """
+    The error of an operation that failed on its own arguments.
+    """
+    refused = isinstance(e, (pg_errors.IntegrityError, pg_errors.DataError))
+    error = (WriteRefused if refused else StoreError)(
+        f"{operation.__name__.lstrip('_')} failed: {one_line(e)}")
+    error.__cause__ = e
+    return error
 
 
 #: The longest list of ids a notification carries; a longer one says
@@ -289,10 +308,18 @@ def release(cursor, owner, task_ids):
     return cursor.rowcount
 
 
-# The writes after which other brokers may find tasks to claim, and those
-# that end a task (a WAIT on another broker may be for it).
+def watch(cursor, owner, task_id):
+    cursor.execute("UPDATE tasks SET watched = true WHERE id = %s "
+                   "AND state IN ('queued', 'running') AND NOT watched",
+                   (task_id,))
+
+
+# The writes after which other brokers may find tasks to claim; those
+# that end a task (a WAIT on another broker may be for it); and those of
+# one statement, which commit alone without a transaction block.
 WAKING = frozenset((requeue, retry, release))
 ENDING = frozenset((finish, cancel))
+SINGLE_STATEMENT = frozenset((dispatch, watch))
 
 
 def get_with(cursor, task_id):
@@ -391,22 +418,39 @@ def claim(connection, owner, ranks, handlers, limit, now):
     longest queued first within a level; rows other brokers are claiming
     at this moment are skipped, not waited for.
 
-    The CTE matters: with the SELECT in the UPDATE's WHERE instead, the
-    planner may run it more than once and update more rows than the
-    LIMIT.
+    One statement, and so one round trip: the levels are read one after
+    the other (a lateral join over ``ranks``, in order, which stops once
+    ``limit`` rows came), each in ``tasks_claimable``'s order; with
+    ``rank = ANY(...)`` instead, the planner sorts every queued row.  The
+    CTE matters too: with the SELECT in the UPDATE's WHERE, the planner
+    may run it more than once and update more rows than the LIMIT.
+
+    The connection commits without waiting for the disk (see
+    :data:`LAZY_COMMIT`).
     """
-    with connection.transaction():
-        cursor = connection.cursor()
-        cursor.execute(
-            "WITH c AS (SELECT id FROM tasks WHERE state = 'queued' "
-            "AND owner IS NULL AND rank = ANY(%s) AND handler = ANY(%s) "
-            "AND (run_at IS NULL OR run_at <= %s) "
-            "ORDER BY rank, ready_seq LIMIT %s FOR UPDATE SKIP LOCKED) "
-            f"UPDATE tasks AS t SET owner = %s FROM c WHERE t.id = c.id "
-            f"RETURNING t.rank, t.ready_seq, {_T_COLUMNS}",
-            (ranks, handlers, now, limit, owner))
-        rows = sorted(cursor.fetchall())
-    return [TaskRow(*row[2:]) for row in rows]
+    cursor = connection.execute(_CLAIM, (ranks, handlers, now, limit, limit,
+                                         owner))
+    return [TaskRow(*row[2:]) for row in sorted(cursor.fetchall())]
+
+
+_CLAIM = (
+    "WITH c AS (SELECT t.id FROM unnest(%s::integer[]) AS r(rank) "
+    "CROSS JOIN LATERAL (SELECT id FROM tasks WHERE state = 'queued' "
+    "AND owner IS NULL AND rank = r.rank AND handler = ANY(%s) "
+    "AND (run_at IS NULL OR run_at <= %s) "
+    "ORDER BY ready_seq LIMIT %s FOR UPDATE SKIP LOCKED) AS t LIMIT %s) "
+    "UPDATE tasks AS t SET owner = %s FROM c WHERE t.id = c.id "
+    f"RETURNING t.rank, t.ready_seq, {_T_COLUMNS}"
+)
+
+#: What the claims' connection runs first.  A claim commits without
+#: waiting for its WAL to reach the disk: nothing outside the database
+#: acts on one before a later write of the same broker (the dispatch)
+#: commits with a full sync, which makes every earlier commit durable too;
+#: if the server crashes before that, the claim is lost with nothing done
+#: on it.  It saves a disk sync per task; the dispatch and the finish keep
+#: theirs.
+LAZY_COMMIT = "SET synchronous_commit = off"
 
 
 def register(connection, owner, host, pid, lease):

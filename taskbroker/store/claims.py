@@ -85,6 +85,9 @@ class OwnerClaims:
     def adopt(self, task_id, token):
         return defer.succeed(("stale", None))
 
+    def watch(self, task_id):
+        return defer.succeed(None)
+
     def holding(self):
         return defer.succeed({})
 

@@ -10,11 +10,12 @@ lease writes can land.  See :class:`PostgresClaims`.
 
 The store's statements run on blocking psycopg connections, each in a
 thread of its own (:class:`~taskbroker.store._sqlite_threads.ConnectionThread`),
-as the SQLite store's do: writes and claims on one, so they reach the
-database in order and batch into group commits; reads (listings, counts)
-on a second, so that a long one does not hold up commits; the lease on a
-third, so that a renewal never waits behind a batch; and ``LISTEN`` on a
-fourth.  A thread of our own costs a hand-off of about 45 microseconds a
+as the SQLite store's do: writes on one, so they reach the database in
+order and batch into group commits; reads (listings, counts) on a
+second, so that a long one does not hold up commits; claims on a third,
+so that a claim for a free slot does not wait for the commit of the
+result that freed it; the lease on a fourth, so that a renewal never
+waits behind a batch; and ``LISTEN`` on a fifth.  A thread of our own costs a hand-off of about 45 microseconds a
 batch, a fraction of a round trip to the server, and keeps the
 reactor-independent, tested machinery of the SQLite store; psycopg's
 asyncio connection would tie the broker to the asyncio reactor.
@@ -112,9 +113,10 @@ class _Link:
     store's connection threads hand to the functions they run.
     """
 
-    def __init__(self, url, application_name):
+    def __init__(self, url, application_name, setup=()):
         self._url = url
         self._application_name = application_name
+        self._setup = setup
         self._connection = None
 
     @property
@@ -144,6 +146,8 @@ class _Link:
         # Payloads are json: read them as the text that was written, not
         # decoded, as the store's interface wants.
         connection.adapters.register_loader("json", TextLoader)
+        for statement in self._setup:
+            connection.execute(statement)
         self._connection = connection
         return connection
 
@@ -226,12 +230,13 @@ class PostgresStore(BatchedStore):
         self._owner = broker_id
         return PostgresClaims(self, broker_id)
 
-    def _link(self, role):
-        return _Link(self.url, f"taskbroker {role} {os.getpid()}")
+    def _link(self, role, setup=()):
+        return _Link(self.url, f"taskbroker {role} {os.getpid()}", setup)
 
-    def _connection_thread(self, role):
+    def _connection_thread(self, role, setup=()):
         return ConnectionThread(
-            self._reactor, lambda: self._link(role), f"taskbroker-pg-{role}")
+            self._reactor, lambda: self._link(role, setup),
+            f"taskbroker-pg-{role}")
 
     # Opening and closing
 
@@ -441,6 +446,7 @@ class PostgresClaims:
         self.renew_interval = RENEW_INTERVAL
         self._on_change = None
         self._leaser = None
+        self._claimer = None
         self._listener = None
         # Claimed tasks to give back in the next statement.
         self._to_release = set()
@@ -458,6 +464,10 @@ class PostgresClaims:
         self._on_change = on_change
         self._leaser = store._connection_thread("lease")
         await self._leaser.start()
+        # Claims on a connection of their own: a claim for a credit does
+        # not wait behind the commit of the result that freed it.
+        self._claimer = store._connection_thread("claims", (sql.LAZY_COMMIT,))
+        await self._claimer.start()
         await store._run(self._leaser, sql.register, self._id,
                          socket.gethostname(), os.getpid(), self.lease)
         self._listener = _Listener(store, store._reactor, on_change,
@@ -478,6 +488,9 @@ class PostgresClaims:
         if self._listener is not None:
             listener, self._listener = self._listener, None
             await listener.stop()
+        if self._claimer is not None:
+            claimer, self._claimer = self._claimer, None
+            await claimer.stop()
         if self._leaser is not None:
             leaser, self._leaser = self._leaser, None
             try:
@@ -506,7 +519,7 @@ class PostgresClaims:
                         if level in store.levels})
         if not ranks or not handlers or limit <= 0:
             return defer.succeed([])
-        return store._run(store._thread, sql.claim, self._id, ranks,
+        return store._run(self._claimer, sql.claim, self._id, ranks,
                           sorted(handlers), limit, now)
 
     def upcoming(self, after, limit):
@@ -571,6 +584,9 @@ class PostgresClaims:
 
         return store._run(store._thread, sql.adopt, self._id, task_id,
                           token).addCallback(adopted)
+
+    def watch(self, task_id):
+        return self._store._write(sql.watch, task_id)
 
     def holding(self):
         store = self._store

@@ -271,7 +271,7 @@ async def test_an_insert_by_sql_wakes_the_brokers(reactor, postgres_url, sql):
 
 
 @pytest_twisted.ensureDeferred
-async def test_brokers_hear_which_tasks_another_ended(open_stores):
+async def test_brokers_hear_when_a_task_they_watch_ends(open_stores):
     a_store, _ = await open_stores("a")
     b_store = (await open_stores())[0]
     heard = defer.Deferred()
@@ -279,9 +279,13 @@ async def test_brokers_hear_which_tasks_another_ended(open_stores):
     await b.start(NOW, lambda: None, heard.callback)
     try:
         row = await submit_one(a_store)
-        assert await a_store.dispatch(row.id, 1, "w", NOW)
-        assert await a_store.finish(row.id, 1, "succeeded", "1", None, None,
-                                    NOW)
+        unwatched = await submit_one(a_store)
+        await b.watch(row.id)
+        for task in (unwatched, row):
+            assert await a_store.dispatch(task.id, 1, "w", NOW)
+            assert await a_store.finish(task.id, 1, "succeeded", "1", None,
+                                        None, NOW)
+        # Only the task a WAIT watches is told: most ends notify nobody.
         assert await heard == [row.id]
     finally:
         await b.stop()

@@ -106,7 +106,10 @@ CREATE TABLE tasks (
     -- The broker (taskbroker_brokers.id) that claimed or dispatched the
     -- task; NULL for a queued task no broker holds.  Finished tasks keep
     -- the broker that ended them.
-    owner text
+    owner text,
+    -- Set by a broker that holds a WAIT for the task while another broker
+    -- may end it: the broker that ends it then notifies the others.
+    watched boolean NOT NULL DEFAULT false
 );
 
 -- Brokers claim with "ORDER BY rank, ready_seq ... FOR UPDATE SKIP
@@ -116,9 +119,10 @@ CREATE INDEX tasks_claimable ON tasks (rank, ready_seq)
     WHERE state = 'queued' AND owner IS NULL;
 
 -- The tasks each broker holds, for the reaper and for a broker starting
--- over.
+-- over.  (Without "owner IS NOT NULL" the planner may take it for claims,
+-- which need tasks_claimable's order.)
 CREATE INDEX tasks_by_owner ON tasks (owner)
-    WHERE state IN ('queued', 'running');
+    WHERE owner IS NOT NULL AND state IN ('queued', 'running');
 
 -- Delayed tasks, read in the order they come due, to time the next claim.
 CREATE INDEX tasks_queued_by_run_at ON tasks (run_at, id)
