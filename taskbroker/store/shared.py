@@ -1,10 +1,11 @@
 # -*- test-case-name: tests.unit.test_shared_claims -*-
 """
 One in-memory database shared by several brokers, the way a PostgreSQL
-database will be: each broker claims only for its idle credits, holds its
-claims under a lease it renews, and takes over the claims of a broker that
-stopped renewing.  For tests (``taskbroker.testing``): it keeps the claim
-source's contract honest before a real shared store exists.
+database is (:mod:`taskbroker.store.postgresql`): each broker claims only
+for its idle credits, holds its claims under a lease it renews, and takes
+over the claims of a broker that stopped renewing.  For tests
+(``taskbroker.testing``): the broker's unit tests run several brokers on
+it with a ``Clock``, with no server.
 
 The clock is the database's: every lease is judged on it, as PostgreSQL's
 ``now()`` would judge them, whatever each broker's own clock says.
