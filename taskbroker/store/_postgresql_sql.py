@@ -77,14 +77,26 @@ def run_batch(connection, operations, owner, channels):
 def _transaction(connection, operations, owner, channels, isolate):
     if len(operations) == 1 and operations[0][0] in SINGLE_STATEMENT:
         # One statement commits on its own: no BEGIN and COMMIT round
-        # trips (a dispatch, most often, between two results).
+        # trips (a dispatch or a finish, most often, between two results).
         operation, args = operations[0]
+        cursor = connection.cursor()
         try:
-            return [(True, operation(connection.cursor(), owner, *args))]
+            outcome = operation(cursor, owner, *args)
         except _OPERATION_ERRORS as e:
             return [(False, _refusal(operation, e))]
+        if channels is not None and isinstance(outcome, Finished) \
+                and outcome.watched:
+            try:
+                cursor.execute("SELECT pg_notify(%s, %s)",
+                               (channels[1], str(args[0])))
+            except psycopg.Error:
+                pass  # the WAIT reads the task when its hold time is up
+        return [(True, outcome)]
     outcomes = []
     wake = False
+    # The tasks ended that a WAIT on another broker watches, and those
+    # ended that may be watched.
+    watched = []
     ended = []
     with connection.transaction():
         cursor = connection.cursor()
@@ -103,20 +115,24 @@ def _transaction(connection, operations, owner, channels, isolate):
                     outcomes.append((False, _refusal(operation, e)))
                     continue
             wake = wake or operation in WAKING
-            if operation in ENDING and outcomes[-1][1]:
+            outcome = outcomes[-1][1]
+            if isinstance(outcome, Finished):
+                if outcome.watched:
+                    watched.append(args[0])
+            elif operation in ENDING and outcome:
                 ended.append(args[0])
         if channels is not None:
             if wake:
                 cursor.execute("SELECT pg_notify(%s, '')", (channels[0],))
             if ended:
-                # Only for tasks a WAIT on another broker watches: most
-                # batches send nothing, and take no notification lock.
-                watched = [task_id for (task_id,) in cursor.execute(
+                watched += [task_id for (task_id,) in cursor.execute(
                     "SELECT id FROM tasks WHERE id = ANY(%s) AND watched",
                     (ended,))]
-                if watched:
-                    cursor.execute("SELECT pg_notify(%s, %s)",
-                                   (channels[1], _ids_payload(watched)))
+            # Only for tasks a WAIT on another broker watches: most
+            # batches send nothing, and take no notification lock.
+            if watched:
+                cursor.execute("SELECT pg_notify(%s, %s)",
+                               (channels[1], _ids_payload(watched)))
     return outcomes
 
 
@@ -238,14 +254,29 @@ def dispatch(cursor, owner, task_id, token, worker, started_at, priority,
 
 def finish(cursor, owner, task_id, token, state, result, error, traceback,
            finished_at):
-    cursor.execute(
+    row = cursor.execute(
         "UPDATE tasks SET state = %s, result = %s, error = %s, "
         "traceback = %s, finished_at = %s "
         "WHERE id = %s AND token = %s AND state = 'running' "
-        "AND owner IS NOT DISTINCT FROM %s",
+        "AND owner IS NOT DISTINCT FROM %s RETURNING watched",
         (state, clean(result), clean(error), clean(traceback), finished_at,
-         task_id, token, owner))
-    return cursor.rowcount == 1
+         task_id, token, owner)).fetchone()
+    return False if row is None else Finished(row[0])
+
+
+class Finished:
+    """
+    What :func:`finish` returns when it changed the row (the store turns
+    it into ``True``): whether a WAIT on another broker watches the task.
+    """
+
+    __slots__ = ("watched",)
+
+    def __init__(self, watched):
+        self.watched = watched
+
+    def __bool__(self):
+        return True
 
 
 def requeue(cursor, owner, task_id, token, run_at, error, traceback,
@@ -319,7 +350,7 @@ def watch(cursor, owner, task_id):
 # one statement, which commit alone without a transaction block.
 WAKING = frozenset((requeue, retry, release))
 ENDING = frozenset((finish, cancel))
-SINGLE_STATEMENT = frozenset((dispatch, watch))
+SINGLE_STATEMENT = frozenset((dispatch, finish, watch))
 
 
 def get_with(cursor, task_id):

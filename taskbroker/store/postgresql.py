@@ -358,7 +358,7 @@ class PostgresStore(BatchedStore):
             if ok:
                 (self.running_ids.add if running
                  else self.running_ids.discard)(task_id)
-            return ok
+            return bool(ok)
 
         return d.addCallback(changed)
 
