@@ -167,7 +167,7 @@ class Backlog:
         """
         broker = self._broker
         if self._shared:
-            broker.claims.release((row.id,))
+            self._give_back(row.id)
             if self._delays(row):
                 self._delay(row)  # only to time the next claim
             return
@@ -196,7 +196,7 @@ class Backlog:
             self._delay(row)
             if self._shared:
                 # Not claimed until due: any broker may run it then.
-                broker.claims.release((row.id,))
+                self._give_back(row.id)
             return
         assignment = broker.dispatcher.add_task(
             Task(row.id, broker.level_of(row.priority), row.handler,
@@ -208,7 +208,18 @@ class Backlog:
             # No idle credit of ours takes it: back to the store, for any
             # broker's idle credit.
             broker.dispatcher.remove_task(row.id)
-            broker.claims.release((row.id,))
+            self._give_back(row.id)
+
+    def _give_back(self, task_id):
+        """
+        A shared store's task this broker will not run now: back to the
+        store, for any broker; a WAIT here for it must then hear of its
+        end from whichever broker ends it.
+        """
+        broker = self._broker
+        broker.claims.release((task_id,))
+        if broker.outcomes.is_waited(task_id):
+            broker.requests.watch(task_id)
 
     def _delays(self, row):
         return row.run_at is not None and row.run_at > self._broker.clock.seconds()

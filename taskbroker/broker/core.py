@@ -330,6 +330,9 @@ class Broker:
         through the store, or replaced): free its slot and tell its worker
         to stop it.  Nothing is written: the store already says so.
         """
+        if self.claims.shared and self.outcomes.is_waited(attempt.task_id):
+            # Another broker runs it now: a WAIT here must hear of its end.
+            self.requests.watch(attempt.task_id)
         self.attempts.end(attempt.task_id, attempt.token)
         session = (self.sessions.get(attempt.session)
                    if attempt.session is not None else None)

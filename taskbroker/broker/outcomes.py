@@ -236,6 +236,12 @@ class Outcomes:
         """
         return list(self._waiters)
 
+    def is_waited(self, task_id):
+        """
+        Whether someone waits for the task.
+        """
+        return task_id in self._waiters
+
     def notify(self, task_id, final=None):
         """
         A task has ended: fire its waiters.

@@ -271,12 +271,13 @@ class Requests:
 
         d.addCallbacks(ended, timed_out).addErrback(stopping).addBoth(held)
         self._answered(d, "waiting for a task", identity, req)
-        if broker.claims.shared:
-            self._watch(task_id)
+        if broker.claims.shared and task_id not in broker.attempts:
+            self.watch(task_id)
 
-    def _watch(self, task_id):
+    def watch(self, task_id):
         """
-        On a shared store another broker may end the task: ask to be told,
+        On a shared store another broker may end a task waited for here
+        (one this broker does not run, or no longer runs): ask to be told,
         then read it once more, in case it ended before the store heard.
         """
         broker = self._broker

@@ -489,3 +489,23 @@ def test_tasks_no_broker_can_run_are_failed_by_the_sweeper():
     assert "invalid handler name" in rows[bad_name].error
     # A handler no connected worker has waits for one.
     assert rows[good].state == "queued"
+
+
+def test_a_wait_hears_of_a_task_its_broker_gave_back_to_another():
+    fleet = Fleet()
+    a = fleet.broker("a")
+    fleet.broker("b")
+    fleet.worker("b", "w2")
+    # Submitted to a, which has no worker: b's worker runs it.
+    fleet.submit("a")
+    fleet.settle()
+    [(broker, _, task)] = fleet.tasks()
+    assert broker == "b"
+    fleet.send("a", b"client", b"WAIT", {"req": "w", "id": task["id"],
+                                         "timeout": 60})
+    fleet.finish("b", "w2", task)
+    fleet.settle()
+    [reply] = [body for name, _, c, body in fleet.sent
+               if c == b"REPLY" and name == "a" and body.get("req") == "w"]
+    assert reply["task"]["state"] == "succeeded"
+    assert not a.outcomes.is_waited(task["id"])
