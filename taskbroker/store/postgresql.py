@@ -472,7 +472,10 @@ class PostgresClaims:
                          socket.gethostname(), os.getpid(), self.lease)
         self._listener = _Listener(store, store._reactor, on_change,
                                    on_finished)
-        self._listener.start()
+        # Listening before the broker claims: a task inserted after this
+        # wakes it.  (If the server refuses, the poll covers until the
+        # listener is back.)
+        await self._listener.start()
         # A new broker answers for no running task: those of a broker
         # that went away come back when its lease lapses (reclaim), or
         # with their workers (adopt).
@@ -620,9 +623,15 @@ class _Listener:
         self._connection = None
         self._pending = False
         self._done = defer.Deferred()
+        self._listening = defer.Deferred()
 
     def start(self):
+        """
+        :returns: a ``Deferred`` that fires once listening, or once the
+            first attempt failed.
+        """
         self._thread.start()
+        return self._listening
 
     def stop(self):
         self._stopping.set()
@@ -631,6 +640,10 @@ class _Listener:
     def _wake(self):
         self._pending = False
         self._on_change()
+
+    def _listened(self):
+        if not self._listening.called:
+            self._listening.callback(None)
 
     def _finished(self, payload):
         if self._on_finished is not None:
@@ -660,6 +673,7 @@ class _Listener:
                     call(log.info, "listening for new tasks again")
                     call(self._notify)
                     call(self._finished, "")
+                call(self._listened)
                 missed = False
                 wait = 0.1
                 while not self._stopping.is_set():
@@ -669,6 +683,7 @@ class _Listener:
                         else:
                             call(self._notify)
             except Exception as e:
+                call(self._listened)
                 if not missed and not self._stopping.is_set():
                     call(log.warn, "lost the connection that listens for "
                          "new tasks ({error}); the poll finds them until "

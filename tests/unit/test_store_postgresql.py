@@ -264,14 +264,14 @@ async def test_an_insert_by_sql_wakes_the_brokers(reactor, postgres_url, sql):
     await claims.start(NOW, lambda: woken.called or woken.callback(None))
     try:
         sql("INSERT INTO tasks (handler) VALUES ('h')")
-        await woken
+        await woken.addTimeout(30, reactor)
     finally:
         await claims.stop()
         await store.close()
 
 
 @pytest_twisted.ensureDeferred
-async def test_brokers_hear_when_a_task_they_watch_ends(open_stores):
+async def test_brokers_hear_when_a_task_they_watch_ends(open_stores, reactor):
     a_store, _ = await open_stores("a")
     b_store = (await open_stores())[0]
     heard = defer.Deferred()
@@ -286,7 +286,7 @@ async def test_brokers_hear_when_a_task_they_watch_ends(open_stores):
             assert await a_store.finish(task.id, 1, "succeeded", "1", None,
                                         None, NOW)
         # Only the task a WAIT watches is told: most ends notify nobody.
-        assert await heard == [row.id]
+        assert await heard.addTimeout(30, reactor) == [row.id]
     finally:
         await b.stop()
 
