@@ -396,8 +396,8 @@ class IClaimSource(Interface):
     shared = Attribute(
         "``bool``: ``False`` for a single owner, which claims ahead (the "
         "broker holds a window of each queue); ``True`` for a store shared "
-        "by several brokers, which claims only for idle credits "
-        "(:meth:`claim_for`).")
+        "by several brokers, which claims only for idle credits, "
+        "dispatching what it claims at once (:meth:`dispatch_for`).")
     lease = Attribute(
         "Seconds a broker's claims last unless renewed (:meth:`renew`), or "
         "``None`` if they never lapse.")
@@ -457,6 +457,25 @@ class IClaimSource(Interface):
             :class:`taskbroker.store.TaskRow`.
         """
 
+    def dispatch_for(levels, handlers, workers, now, priority,
+                     max_attempts):
+        """
+        For a shared store: claim up to ``len(workers)`` tasks as
+        :meth:`claim_for` does and dispatch them (as
+        :meth:`ITaskStore.dispatch` does) in the same durable commit, the
+        i-th to ``workers[i]``, with ``now`` as their ``started_at`` and
+        ``priority`` and ``max_attempts`` for what their inserter left
+        NULL.  The broker sends their TASKs after it: one commit per task
+        instead of a claim and then a dispatch.
+
+        :param workers: worker names, one per idle credit (a worker with
+            two idle slots appears twice).
+        :returns: a ``Deferred`` firing with a ``list`` as long as
+            ``workers``: the dispatched :class:`taskbroker.store.TaskRow`
+            for each worker (running, with its new token), or ``None``
+            where no task was left for it.
+        """
+
     def upcoming(after, limit):
         """
         The next delayed tasks, by ``(run_at, id)`` after ``after``, without
@@ -491,7 +510,9 @@ class IClaimSource(Interface):
     def inserted(task_ids):
         """
         Tasks this broker inserted or queued again (submit, retry): they
-        are its claims.
+        are its claims; on a shared store, of the tasks it inserted only
+        those it dispatched in the insert are (the others wait unclaimed
+        for any broker's idle credit).
         """
 
     def release(task_ids):

@@ -162,12 +162,16 @@ class Backlog:
         A queued task new to the broker (submitted, or found by the
         poller): hold it in memory if its window has room, else leave it in
         the store for a later load.  (A shared store's brokers hold no new
-        task: it waits in the store for an idle credit to claim it, and
-        the store wakes them.)
+        task: it waits in the store, unclaimed, for an idle credit to claim
+        it, and the store wakes them.)
         """
         broker = self._broker
         if self._shared:
-            self._give_back(row.id)
+            # Inserted unclaimed: it waits in the store for any broker's
+            # idle credit (one of ours would have taken it in the insert).
+            broker.feeder.unstarve()
+            if broker.outcomes.is_waited(row.id):
+                broker.requests.watch(row.id)
             if self._delays(row):
                 self._delay(row)  # only to time the next claim
             return
@@ -218,6 +222,7 @@ class Backlog:
         """
         broker = self._broker
         broker.claims.release((task_id,))
+        broker.feeder.unstarve()
         if broker.outcomes.is_waited(task_id):
             broker.requests.watch(task_id)
 
@@ -409,14 +414,14 @@ class Backlog:
             if not self._shared:
                 self.enqueue(row)
         if self._shared and due:
-            self._broker.feeder.feed()
+            self._broker.feeder.wake()
         self._schedule_delayed()
         self._load_delayed()
 
     def _came_due(self, row):
         self._broker.status.tasks.move(row.priority, row.handler, DELAYED, None)
         if self._shared:
-            self._broker.feeder.feed()
+            self._broker.feeder.wake()
         else:
             self.admit(row)
 
@@ -441,7 +446,7 @@ class Backlog:
             # New work is claimed on wake-ups; the poll is one more, in
             # case a signal was lost.
             self._polling = False
-            self._broker.feeder.feed()
+            self._broker.feeder.wake()
             if self._broker.clock.seconds() >= self._next_sweep:
                 self._next_sweep = self._broker.clock.seconds() + SWEEP_INTERVAL
                 self._sweep_unrunnable().addErrback(

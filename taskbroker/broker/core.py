@@ -141,7 +141,7 @@ class Broker:
         """
         deadline = self.monotonic() + self._reclaim_window()
         now = self.clock.seconds()
-        running = yield self.claims.start(now, self.feeder.feed,
+        running = yield self.claims.start(now, self.feeder.wake,
                                           self._finished_elsewhere)
         failed = []
         for row in running:
@@ -224,7 +224,7 @@ class Broker:
         if freed:
             self.log.info("took back {count} tasks from brokers that "
                           "stopped renewing their claims", count=freed)
-            self.feeder.feed()
+            self.feeder.wake()
         if now >= self._next_reconcile:
             self._next_reconcile = now + RECONCILE_INTERVAL
             yield self._reconcile()
@@ -306,23 +306,27 @@ class Broker:
 
     def claimed(self, session, row):
         """
-        A task was inserted already dispatched to ``session`` (token 1):
+        A task was dispatched to ``session`` in the transaction that
+        inserted or claimed it (``row`` is as it committed, running):
         send it, unless the worker went away meanwhile.
         """
-        before = row._replace(state="queued", attempts=0, token=0)
+        token = row.token
+        # As it was before the dispatch, as dispatch() remembers it.
+        before = row._replace(state="queued", attempts=row.attempts - 1,
+                              token=token - 1)
         if self.stopped:
             return  # running in the store: the next broker reclaims it
         if not self.sessions.is_current(session):
-            # Lost or announced again while the insert committed: the
-            # attempt never reached it, so it does not count.
+            # Lost or announced again while the commit ran: the attempt
+            # never reached it, so it does not count.
             self.outcomes.requeue(
-                Attempt(row.id, 1, before, None),
+                Attempt(row.id, token, before, None),
                 f"worker {session.name} went away before it got the task",
                 consumed=False)
             return
-        self.attempts.start(row.id, 1, before, session.identity)
-        session.running[row.id] = 1
-        self._send_task(session.identity, before, 1)
+        self.attempts.start(row.id, token, before, session.identity)
+        session.running[row.id] = token
+        self._send_task(session.identity, before, token)
 
     def stop_attempt(self, attempt, reason):
         """
@@ -475,4 +479,4 @@ class Broker:
             return
         for assignment in self.dispatcher.resume():
             self.dispatch(assignment)
-        self.feeder.feed()
+        self.feeder.wake()

@@ -174,14 +174,42 @@ class Dispatcher:
     def hungry(self):
         """
         The credits that wait for a task, by capability class: what a
-        broker that claims only for idle credits claims for.
+        broker that claims only for idle credits claims for.  The classes
+        come in the order the dispatcher prefers them for a task, so that
+        claims made in this order give urgent work to the workers kept
+        for it.
 
         :returns: a ``list`` of ``(levels, handlers, credits)``: the level
             numbers and handler names (``frozenset`` each) the class's
             workers serve, and how many of their credits wait.
         """
         return [(klass.levels, klass.handlers, len(klass.ready))
-                for klass in self._classes.values() if klass.ready]
+                for klass in sorted(self._classes.values(),
+                                    key=lambda klass: klass.rank)
+                if klass.ready]
+
+    def take_credits(self, levels, handlers):
+        """
+        Take every ready credit of one capability class (as
+        :meth:`hungry` names it) for tasks not in the dispatcher yet: a
+        broker on a shared store claims and dispatches them in one
+        transaction.
+
+        :returns: a ``list`` of :class:`WorkerSlots`, one per credit taken
+            (one more busy slot each; give it back with :meth:`task_done`
+            and :meth:`credit` if no task comes for it), oldest first.
+        """
+        klass = self._classes.get((levels, handlers))
+        if klass is None or self.paused:
+            return []
+        taken = []
+        while klass.ready:
+            seq, worker = klass.ready.popitem(last=False)
+            worker._credit_seqs.remove(seq)
+            worker.credits -= 1
+            worker.busy += 1
+            taken.append(worker)
+        return taken
 
     def clear_tasks(self):
         """

@@ -7,12 +7,17 @@ It holds no window of queued tasks: whenever credits wait (a worker
 asked for work and nothing it can run is held), and on every wake-up the
 store sends (a task inserted, released or reclaimed), it claims at most as
 many tasks as the waiting credits of each class of workers can take, the
-most urgent first.  A broker on a single owner's store claims ahead in
+most urgent first, and dispatches them to those credits in the same
+statement (so a task claimed is never held, and a claim costs no commit
+of its own).  A broker on a single owner's store claims ahead in
 windows instead (:mod:`taskbroker.broker.backlog`), and this does
 nothing.
 """
 
 from twisted.logger import Logger
+
+from taskbroker.broker.validation import invalid_row
+from taskbroker.errors import WriteRefused
 
 
 class Feeder:
@@ -27,45 +32,110 @@ class Feeder:
 
     def __init__(self, broker):
         self._broker = broker
-        # Capability classes with a claim for them under way, and those
-        # woken again meanwhile.
-        self._feeding = set()
-        self._feed_again = set()
+        # Counts the wake-ups (see wake), so that a claim that came back
+        # short knows whether tasks may have come meanwhile.
+        self._wakes = 0
+        # The classes of workers for which the store had no task left at
+        # the last claim, and no wake-up came since.
+        self._starved = set()
 
     def feed(self):
         """
-        Claim tasks for the credits that wait, from a shared store: for
-        each class of workers with idle credits, at most as many tasks as
-        they have credits, the most urgent first.  A class whose claim is
-        under way is claimed for again when it ends.
+        Claim and dispatch tasks for the credits that wait, from a shared
+        store: for each class of workers with idle credits, at most as
+        many tasks as they have credits, the most urgent first, each
+        dispatched in the statement that claims it.  The credits are
+        taken while their claim is under way; those it finds nothing for
+        come back, and are claimed for again if the store signalled a
+        change meanwhile, else not before the next wake-up (a credit
+        that frees up finds the store empty without asking it).
         """
         broker = self._broker
         if not broker.claims.shared or broker.stopped or broker.dispatcher.paused:
             return
-        for levels, handlers, credits in broker.dispatcher.hungry():
-            key = (levels, handlers)
-            if key in self._feeding:
-                self._feed_again.add(key)
+        for levels, handlers, _ in broker.dispatcher.hungry():
+            if (levels, handlers) in self._starved:
                 continue
-            self._feeding.add(key)
-            self._claim_for(key, credits)
+            slots = broker.dispatcher.take_credits(levels, handlers)
+            if slots:
+                self._dispatch_for(levels, handlers, slots)
 
-    def _claim_for(self, key, credits):
+    def wake(self):
+        """
+        Tasks may have become claimable (the store signalled a change, a
+        delayed task came due, the poll's safety net): claim for the
+        credits that wait, and again for those of a claim under way that
+        comes back short.
+        """
+        self._wakes += 1
+        self.unstarve()
+        self.feed()
+
+    def unstarve(self):
+        """
+        This broker put claimable tasks in the store: the next credit of
+        any class claims, without waiting for the store's wake-up.
+        """
+        self._starved.clear()
+
+    def _dispatch_for(self, levels, handlers, slots):
         broker = self._broker
-        levels, handlers = key
-        names = [broker.levels[level] for level in sorted(levels)]
-        if broker.config.default_priority in names:
-            names.append(None)  # a NULL priority runs at the default level
-        d = broker.claims.claim_for(names, sorted(handlers), credits,
-                                    broker.clock.seconds())
+        sessions = [broker.sessions.get(slot.key) for slot in slots]
+        wakes = self._wakes
+        d = broker.claims.dispatch_for(
+            self._names(levels), sorted(handlers), [session.name for session in sessions],
+            broker.clock.seconds(), broker.config.default_priority,
+            broker.config.max_attempts)
+
+        def dispatched(rows):
+            for session, row in zip(sessions, rows):
+                if row is None:
+                    broker.give_back(session)
+                else:
+                    self._dispatched(session, row)
+            if None not in rows:
+                return
+            if self._wakes != wakes:
+                self.feed()
+            else:
+                # Nothing more to claim for this class until a wake-up:
+                # its credits wait without asking the store again.
+                self._starved.add((levels, handlers))
+
+        def failed(reason):
+            # Nothing was claimed.
+            if reason.check(WriteRefused):
+                # The database refused to dispatch one of the tasks (a
+                # value out of range): claim without dispatching, and
+                # dispatch one by one, so that it fails alone.
+                for session in sessions:
+                    broker.give_back(session)
+                self._claim_for(levels, handlers, len(sessions))
+                return None
+            # The credits wait (paused, so that they do not ask again at
+            # once) until the store works again.
+            broker.dispatcher.paused = True
+            for session in sessions:
+                broker.give_back(session)
+            return reason
+
+        d.addCallbacks(dispatched, failed).addErrback(
+            broker.trouble, "claiming tasks", pause=True)
+
+    def _claim_for(self, levels, handlers, credits):
+        """
+        Claim tasks for the class's credits without dispatching them: they
+        join the dispatcher, which gives them to the credits one by one.
+        """
+        broker = self._broker
+        d = broker.claims.claim_for(self._names(levels), sorted(handlers),
+                                    credits, broker.clock.seconds())
 
         def claimed(rows):
             for row in rows:
                 if broker.stopped:
                     broker.claims.release((row.id,))
                     continue
-                # The store says it is queued and now ours: any attempt or
-                # copy of it this broker still has is out of date.
                 stale = broker.attempts.get(row.id)
                 if stale is not None:
                     broker.stop_attempt(stale, "queued again in the store")
@@ -74,15 +144,53 @@ class Feeder:
                 if row is not None:
                     broker.backlog.enqueue(row)
 
-        def done(_):
-            self._feeding.discard(key)
-            if key in self._feed_again:
-                self._feed_again.discard(key)
-                self.feed()
-
         d.addCallback(claimed).addErrback(broker.trouble, "claiming tasks",
                                           pause=True)
-        d.addBoth(done)
+
+    def _names(self, levels):
+        """
+        The level names of level numbers, and ``None`` (a NULL priority)
+        along with the default level.
+        """
+        broker = self._broker
+        names = [broker.levels[level] for level in sorted(levels)]
+        if broker.config.default_priority in names:
+            names.append(None)
+        return names
+
+    def _dispatched(self, session, row):
+        """
+        A task claimed and dispatched to ``session`` committed: send it,
+        unless its row cannot run (then it fails, and the credit finds
+        other work).
+        """
+        broker = self._broker
+        # The store says it is now ours to run: any attempt or copy of it
+        # this broker still has is out of date.
+        stale = broker.attempts.get(row.id)
+        if stale is not None:
+            broker.stop_attempt(stale, "queued again in the store")
+        broker.backlog.withdraw(row.id)
+        reason = invalid_row(row, broker.levels)
+        if reason is None:
+            broker.status.tasks.move(row.priority, row.handler, "queued",
+                                     "running")
+            broker.claimed(session, row)
+            return
+        self.log.warn("rejected task {task_id}: {reason}", task_id=row.id,
+                      reason=reason)
+        d = broker.store.finish(row.id, row.token, "failed", None, reason,
+                                None, broker.clock.seconds())
+
+        def failed(changed):
+            if changed:
+                broker.status.tasks.move(row.priority, row.handler,
+                                         "queued", "failed")
+                broker.outcomes.notify(row.id)
+
+        d.addCallback(failed).addErrback(broker.trouble,
+                                         "failing an invalid task")
+        broker.give_back(session)
 
     def start_over(self, lost):
         """
@@ -106,4 +214,4 @@ class Feeder:
         self.log.warn("claims lapsed: dropped {count} held tasks, stopped "
                       "{stopped} taken over; claiming afresh",
                       count=len(dropped), stopped=stopped)
-        self.feed()
+        self.wake()

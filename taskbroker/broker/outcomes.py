@@ -71,10 +71,48 @@ class Outcomes:
         self.policy = policy
         # task id -> list of Deferreds from when_final
         self._waiters = {}
+        # task id -> reports being written (see reporting)
+        self._reporting = {}
 
     # -- reports -----------------------------------------------------------
 
     def report(self, attempt, state, body):
+        """
+        Record what a worker reported of ``attempt`` (see
+        :meth:`_report`); until the store has it, the task counts as
+        :meth:`reporting`.
+        """
+        task_id = attempt.task_id
+        self._reporting[task_id] = self._reporting.get(task_id, 0) + 1
+
+        def reported(result):
+            left = self._reporting.pop(task_id) - 1
+            if left:
+                self._reporting[task_id] = left
+            self._watch_if_elsewhere(task_id)
+            return result
+
+        return self._report(attempt, state, body).addBoth(reported)
+
+    def reporting(self, task_id):
+        """
+        Whether a worker's report of the task is being written: a WAIT
+        for it waits for that, without reading the task.
+        """
+        return task_id in self._reporting
+
+    def _watch_if_elsewhere(self, task_id):
+        """
+        On a shared store, a task waited for here that this broker did
+        not end and no longer holds may end on another broker: be told.
+        """
+        broker = self._broker
+        if (broker.claims.shared and self.is_waited(task_id)
+                and task_id not in broker.attempts
+                and not broker.backlog.holds(task_id)):
+            broker.requests.watch(task_id)
+
+    def _report(self, attempt, state, body):
         """
         Record what a worker reported of ``attempt``, which the caller has
         already taken out of the ledger.

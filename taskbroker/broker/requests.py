@@ -220,7 +220,8 @@ class Requests:
         req, task_id = body["req"], body["id"]
         timeout = body.get("timeout", DEFAULT_WAIT)
         if timeout > 0 and (task_id in broker.attempts
-                            or broker.backlog.holds(task_id)):
+                            or broker.backlog.holds(task_id)
+                            or broker.outcomes.reporting(task_id)):
             # Live, so not final: wait without reading it.
             self._wait(identity, req, task_id, timeout)
             return None
@@ -271,7 +272,8 @@ class Requests:
 
         d.addCallbacks(ended, timed_out).addErrback(stopping).addBoth(held)
         self._answered(d, "waiting for a task", identity, req)
-        if broker.claims.shared and task_id not in broker.attempts:
+        if broker.claims.shared and task_id not in broker.attempts \
+                and not broker.outcomes.reporting(task_id):
             self.watch(task_id)
 
     def watch(self, task_id):

@@ -44,6 +44,7 @@ class BatchedStore:
     """
 
     _sql = None
+    _pipeline_depth = PIPELINE_DEPTH
 
     def _init_batches(self):
         # "new" -> "opening" -> "open" -> "closing" -> "closed"; a failed
@@ -139,7 +140,7 @@ class BatchedStore:
 
     def _schedule_flush(self):
         if (self._pending and self._flush_call is None
-                and self._flushing < PIPELINE_DEPTH):
+                and self._flushing < self._pipeline_depth):
             # callLater(0) rather than flushing now: every write issued in
             # this reactor turn joins the same transaction.
             self._flush_call = self._reactor.callLater(0, self._flush)

@@ -66,7 +66,11 @@ def run_batch(connection, operations, owner, channels):
     :raises: the database's error when the transaction as a whole failed;
         nothing was written then.
     """
+    if len(operations) == 1 and operations[0][0] in SINGLE_STATEMENT:
+        return _alone(connection, *operations[0], owner, channels)
     try:
+        if psycopg.Pipeline.is_supported():
+            return _pipelined(connection, operations, owner, channels)
         return _transaction(connection, operations, owner, channels, False)
     except _IsolateOperations:
         # Savepoints cost two statements per operation: only a batch in
@@ -74,66 +78,120 @@ def run_batch(connection, operations, owner, channels):
         return _transaction(connection, operations, owner, channels, True)
 
 
-def _transaction(connection, operations, owner, channels, isolate):
-    if len(operations) == 1 and operations[0][0] in SINGLE_STATEMENT:
-        # One statement commits on its own: no BEGIN and COMMIT round
-        # trips (a dispatch or a finish, most often, between two results).
-        operation, args = operations[0]
-        cursor = connection.cursor()
+class Later:
+    """
+    What a write returns when its result can be read only once the
+    server answered its statement: in a pipelined batch, after the whole
+    batch was sent.
+    """
+
+    __slots__ = ("read",)
+
+    def __init__(self, read):
+        self.read = read
+
+
+def _settled(outcome):
+    return outcome.read() if isinstance(outcome, Later) else outcome
+
+
+def _alone(connection, operation, args, owner, channels):
+    """
+    One statement commits on its own: no BEGIN and COMMIT (a dispatch or
+    a finish, most often, between two results).
+    """
+    cursor = connection.cursor()
+    try:
+        outcome = _settled(operation(cursor, owner, *args))
+    except _OPERATION_ERRORS as e:
+        return [(False, _refusal(operation, e))]
+    if channels is not None and isinstance(outcome, Finished) \
+            and outcome.watched:
         try:
-            outcome = operation(cursor, owner, *args)
-        except _OPERATION_ERRORS as e:
-            return [(False, _refusal(operation, e))]
-        if channels is not None and isinstance(outcome, Finished) \
-                and outcome.watched:
-            try:
-                cursor.execute("SELECT pg_notify(%s, %s)",
-                               (channels[1], str(args[0])))
-            except psycopg.Error:
-                pass  # the WAIT reads the task when its hold time is up
-        return [(True, outcome)]
+            cursor.execute("SELECT pg_notify(%s, %s)",
+                           (channels[1], str(args[0])))
+        except psycopg.Error:
+            pass  # the WAIT reads the task when its hold time is up
+    return [(True, outcome)]
+
+
+def _pipelined(connection, operations, owner, channels):
+    """
+    The batch's statements sent at once, BEGIN to COMMIT, in psycopg's
+    pipeline mode: one round trip to the server instead of one per
+    statement.  A write that must see an earlier one's result (a submit
+    with a unique key) still waits for it.
+    """
+    pending = []
+    try:
+        with connection.pipeline():
+            connection.execute("BEGIN")
+            for operation, args in operations:
+                pending.append(operation(connection.cursor(), owner, *args))
+            _notify(connection.cursor(), operations, channels)
+            connection.execute("COMMIT")
+    except BaseException as e:
+        # A failed pipeline leaves the session in its transaction.
+        if not connection.closed and \
+                connection.info.transaction_status != _IDLE:
+            connection.execute("ROLLBACK")
+        if isinstance(e, (*_OPERATION_ERRORS, pg_errors.PipelineAborted)):
+            # (Statements after a failed one are aborted: which operation
+            # failed is found without the pipeline.)
+            raise _IsolateOperations() from e
+        raise
+    return [(True, _settled(outcome)) for outcome in pending]
+
+
+def _transaction(connection, operations, owner, channels, isolate):
     outcomes = []
-    wake = False
-    # The tasks ended that a WAIT on another broker watches, and those
-    # ended that may be watched.
-    watched = []
-    ended = []
     with connection.transaction():
-        cursor = connection.cursor()
         for operation, args in operations:
+            cursor = connection.cursor()
             if not isolate:
                 try:
-                    outcomes.append((True, operation(cursor, owner, *args)))
+                    outcomes.append(
+                        (True, _settled(operation(cursor, owner, *args))))
                 except _OPERATION_ERRORS as e:
                     raise _IsolateOperations() from e
-            else:
-                try:
-                    with connection.transaction():
-                        outcomes.append(
-                            (True, operation(cursor, owner, *args)))
-                except _OPERATION_ERRORS as e:
-                    outcomes.append((False, _refusal(operation, e)))
-                    continue
-            wake = wake or operation in WAKING
-            outcome = outcomes[-1][1]
-            if isinstance(outcome, Finished):
-                if outcome.watched:
-                    watched.append(args[0])
-            elif operation in ENDING and outcome:
-                ended.append(args[0])
-        if channels is not None:
-            if wake:
-                cursor.execute("SELECT pg_notify(%s, '')", (channels[0],))
-            if ended:
-                watched += [task_id for (task_id,) in cursor.execute(
-                    "SELECT id FROM tasks WHERE id = ANY(%s) AND watched",
-                    (ended,))]
-            # Only for tasks a WAIT on another broker watches: most
-            # batches send nothing, and take no notification lock.
-            if watched:
-                cursor.execute("SELECT pg_notify(%s, %s)",
-                               (channels[1], _ids_payload(watched)))
+                continue
+            try:
+                with connection.transaction():
+                    outcomes.append(
+                        (True, _settled(operation(cursor, owner, *args))))
+            except _OPERATION_ERRORS as e:
+                outcomes.append((False, _refusal(operation, e)))
+        _notify(connection.cursor(), operations, channels)
     return outcomes
+
+
+def _notify(cursor, operations, channels):
+    """
+    Notify, at the batch's commit, the brokers that may claim tasks it
+    made claimable, and those that wait for tasks it ended.  Only tasks a
+    WAIT on another broker watches are named: most batches notify
+    nothing, and take no notification lock.
+    """
+    if channels is None:
+        return
+    if any(operation in WAKING for operation, _ in operations):
+        cursor.execute("SELECT pg_notify(%s, '')", (channels[0],))
+    ended = [args[0] for operation, args in operations
+             if operation in ENDING]
+    if ended:
+        cursor.execute(_NOTIFY_WATCHED, (channels[1], MAX_IDS_PAYLOAD,
+                                         ended))
+
+
+# Too many ids to name makes an empty payload: "some tasks ended".
+_NOTIFY_WATCHED = (
+    "SELECT pg_notify(%s, CASE WHEN length(ids) <= %s THEN ids ELSE '' END) "
+    "FROM (SELECT string_agg(id::text, ',' ORDER BY id) AS ids FROM tasks "
+    "WHERE id = ANY(%s) AND watched "
+    "AND state IN ('succeeded', 'failed', 'cancelled')) AS s "
+    "WHERE ids IS NOT NULL"
+)
+_IDLE = psycopg.pq.TransactionStatus.IDLE
 
 
 def _refusal(operation, e):
@@ -175,42 +233,75 @@ def touch(cursor, owner):
 
 
 def submit(cursor, owner, tasks):
+    connection = cursor.connection
     request_id = tasks[0].request_id
+    earlier = None
     if request_id is not None:
         # Two brokers given the same request (a client that failed over)
         # take turns here, so the second finds the tasks of the first.
         cursor.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))",
                        (_REQUEST_LOCK, request_id))
-        rows = cursor.execute(
+        earlier = connection.cursor()
+        earlier.execute(
             f"SELECT {COLUMNS} FROM tasks WHERE request_id = %s ORDER BY id",
-            (request_id,)).fetchall()
+            (request_id,))
+    if any(task.unique_key is not None for task in tasks):
+        if earlier is not None:
+            rows = earlier.fetchall()
+            if rows:
+                return [Submitted(TaskRow(*row), False) for row in rows]
+        return [_insert_keyed(cursor, owner, task) if task.unique_key
+                else _insert_one(cursor, owner, task) for task in tasks]
+    # One statement for the whole request, read once the batch is sent
+    # (in a pipelined batch, with no round trip of its own).  Unless the
+    # request was carried out before: then it inserts nothing.
+    inserting = connection.cursor()
+    inserting.execute(
+        _INSERT_MANY.format(rows=", ".join([_VALUES] * len(tasks)))
+        + ("" if request_id is None else _UNLESS_REQUESTED) + _RETURNING,
+        [value for task in tasks for value in _values(task, owner)]
+        + ([] if request_id is None else [request_id]))
+
+    def read():
+        rows = [] if earlier is None else earlier.fetchall()
         if rows:
             return [Submitted(TaskRow(*row), False) for row in rows]
-    submitted = []
-    for task in tasks:
-        dispatched = task.worker is not None
-        values = (task.handler, task.payload, task.priority,
-                  task.max_attempts, task.created_at, task.run_at,
-                  task.unique_key, task.request_id, task.time_limit,
-                  "running" if dispatched else "queued", int(dispatched),
-                  int(dispatched), task.worker,
-                  task.created_at if dispatched else None, owner)
-        if task.unique_key is None:
-            row = cursor.execute(_INSERT, values).fetchone()
-        else:
-            # Another broker may insert the same key meanwhile: the
-            # conflict waits for it to commit, then its task is the one.
-            row = cursor.execute(
-                _INSERT.replace(" RETURNING", _ON_KEY_CONFLICT + " RETURNING"),
-                values).fetchone()
-            if row is None:
-                live = live_with_key(cursor, task.unique_key)
-                if live is not None:
-                    submitted.append(Submitted(live, False))
-                    continue
-                row = cursor.execute(_INSERT, values).fetchone()
-        submitted.append(Submitted(TaskRow(*row), True))
-    return submitted
+        # Ids are drawn in the order of the VALUES rows.
+        rows = sorted(inserting.fetchall())
+        return [Submitted(TaskRow(*row), True) for row in rows]
+
+    return Later(read)
+
+
+def _values(task, owner):
+    dispatched = task.worker is not None
+    return (task.handler, task.payload, task.priority, task.max_attempts,
+            task.created_at, task.run_at, task.unique_key, task.request_id,
+            task.time_limit, "running" if dispatched else "queued",
+            int(dispatched), int(dispatched), task.worker,
+            task.created_at if dispatched else None,
+            # Claimed only when dispatched at once; else any broker's idle
+            # credit may take it.
+            owner if dispatched else None)
+
+
+def _insert_one(cursor, owner, task):
+    row = cursor.execute(_INSERT, _values(task, owner)).fetchone()
+    return Submitted(TaskRow(*row), True)
+
+
+def _insert_keyed(cursor, owner, task):
+    # Another broker may insert the same key meanwhile: the conflict waits
+    # for it to commit, then its task is the one.
+    row = cursor.execute(
+        _INSERT.replace(" RETURNING", _ON_KEY_CONFLICT + " RETURNING"),
+        _values(task, owner)).fetchone()
+    if row is None:
+        live = live_with_key(cursor, task.unique_key)
+        if live is not None:
+            return Submitted(live, False)
+        row = cursor.execute(_INSERT, _values(task, owner)).fetchone()
+    return Submitted(TaskRow(*row), True)
 
 
 # The first key of the advisory locks on request ids (the second is the
@@ -218,13 +309,28 @@ def submit(cursor, owner, tasks):
 # same database do not collide with them.
 _REQUEST_LOCK = 0x7462  # "tb"
 
+# In the order of _values().
+_INSERT_COLUMNS = (
+    "handler, payload, priority, max_attempts, created_at, run_at, "
+    "unique_key, request_id, time_limit, state, attempts, token, worker, "
+    "started_at, owner")
+_RETURNING = f" RETURNING {COLUMNS}"
 _INSERT = (
-    "INSERT INTO tasks (handler, payload, priority, max_attempts, "
-    "created_at, run_at, unique_key, request_id, time_limit, state, "
-    "attempts, token, worker, started_at, owner) "
-    "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
-    f"RETURNING {COLUMNS}"
+    f"INSERT INTO tasks ({_INSERT_COLUMNS}) VALUES "
+    f"({', '.join(['%s'] * 15)}){_RETURNING}"
 )
+# The same with many rows, from a SELECT so that a WHERE can stop it; the
+# casts give the VALUES the columns' types.
+_INSERT_MANY = (
+    f"INSERT INTO tasks ({_INSERT_COLUMNS}) SELECT * FROM (VALUES {{rows}}) "
+    f"AS v({_INSERT_COLUMNS})")
+_VALUES = (
+    "(%s::text, %s::json, %s::text, %s::integer, %s::double precision, "
+    "%s::double precision, %s::text, %s::text, %s::double precision, "
+    "%s::text, %s::integer, %s::bigint, %s::text, %s::double precision, "
+    "%s::text)")
+_UNLESS_REQUESTED = (
+    " WHERE NOT EXISTS (SELECT 1 FROM tasks WHERE request_id = %s)")
 _ON_KEY_CONFLICT = (
     " ON CONFLICT (unique_key) WHERE unique_key IS NOT NULL "
     "AND state IN ('queued', 'running') DO NOTHING"
@@ -249,19 +355,73 @@ def dispatch(cursor, owner, task_id, token, worker, started_at, priority,
         "AND owner IS NOT DISTINCT FROM %s",
         (token, clean(worker), started_at, priority, max_attempts, task_id,
          token, owner))
-    return cursor.rowcount == 1
+    return Later(lambda: cursor.rowcount == 1)
+
+
+def dispatch_for(cursor, owner, ranks, handlers, workers, now, priority,
+                 max_attempts):
+    """
+    Claim up to ``len(workers)`` due tasks as :func:`claim` does and
+    dispatch them in the same statement, the n-th claimed to
+    ``workers[n]``: one durable commit before their TASKs instead of a
+    claim and then a dispatch.  A NULL priority or max_attempts becomes
+    ``priority`` or ``max_attempts``, as :func:`dispatch` does.
+
+    :returns: a ``list`` as long as ``workers``: the dispatched
+        :class:`TaskRow` for each worker, or ``None`` where no task was
+        left for it.
+    """
+    cursor.execute(_DISPATCH_FOR, (
+        ranks, handlers, now, len(workers), len(workers),
+        [clean(name) for name in workers], owner, now, priority,
+        max_attempts))
+
+    def read():
+        dispatched = [None] * len(workers)
+        for n, *row in cursor.fetchall():
+            dispatched[n - 1] = TaskRow(*row)
+        return dispatched
+
+    return Later(read)
+
+
+# The levels are read in order, as in _CLAIM; row_number() numbers the
+# claimed rows for the workers (which worker of a class gets which task
+# does not matter: they all can run each of them).
+_DISPATCH_FOR = (
+    "WITH c AS (SELECT t.id, row_number() OVER () AS n "
+    "FROM unnest(%s::integer[]) AS r(rank) "
+    "CROSS JOIN LATERAL (SELECT id FROM tasks WHERE state = 'queued' "
+    "AND owner IS NULL AND rank = r.rank AND handler = ANY(%s) "
+    "AND (run_at IS NULL OR run_at <= %s) "
+    "ORDER BY ready_seq LIMIT %s FOR UPDATE SKIP LOCKED) AS t LIMIT %s), "
+    "w AS (SELECT name, n FROM unnest(%s::text[]) WITH ORDINALITY "
+    "AS w(name, n)) "
+    "UPDATE tasks AS t SET owner = %s, state = 'running', "
+    "token = t.token + 1, attempts = t.attempts + 1, worker = w.name, "
+    "started_at = %s, finished_at = NULL, "
+    "priority = COALESCE(t.priority, %s), "
+    "max_attempts = COALESCE(t.max_attempts, %s) "
+    "FROM c JOIN w USING (n) WHERE t.id = c.id "
+    f"RETURNING c.n, {_T_COLUMNS}"
+)
 
 
 def finish(cursor, owner, task_id, token, state, result, error, traceback,
            finished_at):
-    row = cursor.execute(
+    cursor.execute(
         "UPDATE tasks SET state = %s, result = %s, error = %s, "
         "traceback = %s, finished_at = %s "
         "WHERE id = %s AND token = %s AND state = 'running' "
         "AND owner IS NOT DISTINCT FROM %s RETURNING watched",
         (state, clean(result), clean(error), clean(traceback), finished_at,
-         task_id, token, owner)).fetchone()
-    return False if row is None else Finished(row[0])
+         task_id, token, owner))
+
+    def read():
+        row = cursor.fetchone()
+        return False if row is None else Finished(row[0])
+
+    return Later(read)
 
 
 class Finished:
@@ -291,7 +451,7 @@ def requeue(cursor, owner, task_id, token, run_at, error, traceback,
         "AND owner IS NOT DISTINCT FROM %s",
         (run_at, clean(error), clean(traceback), consumed, task_id, token,
          owner))
-    return cursor.rowcount == 1
+    return Later(lambda: cursor.rowcount == 1)
 
 
 def cancel(cursor, owner, task_id, finished_at):
@@ -328,7 +488,7 @@ def reject_group(cursor, owner, handler, priority, error, finished_at):
         "WHERE state = 'queued' AND handler = %s "
         "AND priority IS NOT DISTINCT FROM %s",
         (clean(error), finished_at, handler, priority))
-    return cursor.rowcount
+    return Later(lambda: cursor.rowcount)
 
 
 def release(cursor, owner, task_ids):
@@ -336,7 +496,7 @@ def release(cursor, owner, task_ids):
         "UPDATE tasks SET owner = NULL "
         "WHERE id = ANY(%s) AND state = 'queued' AND owner = %s",
         (list(task_ids), owner))
-    return cursor.rowcount
+    return Later(lambda: cursor.rowcount)
 
 
 def watch(cursor, owner, task_id):
@@ -350,7 +510,7 @@ def watch(cursor, owner, task_id):
 # one statement, which commit alone without a transaction block.
 WAKING = frozenset((requeue, retry, release))
 ENDING = frozenset((finish, cancel))
-SINGLE_STATEMENT = frozenset((dispatch, finish, watch))
+SINGLE_STATEMENT = frozenset((dispatch, finish, watch, dispatch_for))
 
 
 def get_with(cursor, task_id):

@@ -56,6 +56,10 @@ class OwnerClaims:
     def claim_for(self, levels, handlers, limit, now):
         raise NotImplementedError("a single owner claims by queue")
 
+    def dispatch_for(self, levels, handlers, workers, now, priority,
+                     max_attempts):
+        raise NotImplementedError("a single owner claims by queue")
+
     def upcoming(self, after, limit):
         return self._store.delayed_window(after, limit)
 

@@ -118,6 +118,8 @@ class _Link:
         self._application_name = application_name
         self._setup = setup
         self._connection = None
+        #: The server process of the current connection.
+        self.pid = None
 
     @property
     def connected(self):
@@ -149,6 +151,7 @@ class _Link:
         for statement in self._setup:
             connection.execute(statement)
         self._connection = connection
+        self.pid = connection.info.backend_pid
         return connection
 
     def close(self):
@@ -200,6 +203,7 @@ class PostgresStore(BatchedStore):
     """
 
     _sql = sql
+    _pipeline_depth = 1
 
     def __init__(self, url, reactor, levels=("high", "normal", "low"),
                  default_priority="normal", lease=DEFAULT_LEASE):
@@ -219,6 +223,8 @@ class PostgresStore(BatchedStore):
         # The running tasks this store's broker dispatched or adopted, so
         # that a broker whose lease lapsed learns which it lost.
         self.running_ids = set()
+        # The server process of the connection that writes.
+        self.writer_pid = None
 
     def __repr__(self):
         return f"<PostgresStore {self._label} {self._state}>"
@@ -327,7 +333,10 @@ class PostgresStore(BatchedStore):
     # Group commit (taskbroker.store._batches)
 
     def _commit(self, link, operations):
-        return sql.run_batch(link.get(), operations, self._owner,
+        connection = link.get()
+        # (Read by the listener, to tell this store's notifications.)
+        self.writer_pid = link.pid
+        return sql.run_batch(connection, operations, self._owner,
                              (self.channel, self.done_channel))
 
     def _read(self, query, *args, thread=None):
@@ -525,6 +534,25 @@ class PostgresClaims:
         return store._run(self._claimer, sql.claim, self._id, ranks,
                           sorted(handlers), limit, now)
 
+    def dispatch_for(self, levels, handlers, workers, now, priority,
+                     max_attempts):
+        store = self._store
+        ranks = sorted({store.levels.index(level) for level in levels
+                        if level in store.levels})
+        if not ranks or not handlers or not workers:
+            return defer.succeed([None] * len(workers))
+
+        def dispatched(rows):
+            store.running_ids.update(row.id for row in rows
+                                     if row is not None)
+            return rows
+
+        # With the group commit: a result and the dispatch its freed slot
+        # asked for share one transaction.
+        return store._write(sql.dispatch_for, ranks, sorted(handlers),
+                            list(workers), now, priority,
+                            max_attempts).addCallback(dispatched)
+
     def upcoming(self, after, limit):
         store = self._store
         return store._run(store._counter, sql.delayed_window, tuple(after),
@@ -678,6 +706,10 @@ class _Listener:
                 wait = 0.1
                 while not self._stopping.is_set():
                     for notification in connection.notifies(timeout=0.5):
+                        if notification.pid == store.writer_pid:
+                            # This broker's own writes: it knows what they
+                            # made claimable, and what they ended.
+                            continue
                         if notification.channel == store.done_channel:
                             call(self._finished, notification.payload)
                         else:

@@ -14,6 +14,7 @@ The clock is the database's: every lease is judged on it, as PostgreSQL's
 import math
 
 from twisted.internet import defer
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from taskbroker.interfaces import IClaimSource
@@ -200,6 +201,9 @@ class SharedClaims:
         raise NotImplementedError("a shared store claims for credits")
 
     def claim_for(self, levels, handlers, limit, now):
+        return defer.succeed(self._claim_due(levels, handlers, limit, now))
+
+    def _claim_due(self, levels, handlers, limit, now):
         db = self._db
         rank = {}
         for i, level in enumerate(levels):
@@ -221,16 +225,38 @@ class SharedClaims:
         taken = [row for _, _, row in candidates[:limit]]
         for row in taken:
             self._claim(row.id)
-        return defer.succeed(taken)
+        return taken
+
+    def dispatch_for(self, levels, handlers, workers, now, priority,
+                     max_attempts):
+        store = self._db.store
+        rows = self._claim_due(levels, handlers, len(workers), now)
+        dispatched = [None] * len(workers)
+        for i, (row, worker) in enumerate(zip(rows, workers)):
+            outcome = []
+            store.dispatch(row.id, row.token + 1, worker, now, priority,
+                           max_attempts).addBoth(outcome.append)
+            if isinstance(outcome[0], Failure):
+                # One statement in a real store: all or nothing.
+                for done in rows[:i]:
+                    store._rows[done.id] = done
+                self.release([row.id for row in rows])
+                return defer.fail(outcome[0])
+            if outcome[0]:
+                dispatched[i] = store._rows[row.id]
+        return defer.succeed(dispatched)
 
     def upcoming(self, after, limit):
         return self._db.store.delayed_window(after, limit)
 
     def inserted(self, task_ids):
-        # (A real shared store records the owner in the inserting
-        # transaction; here nothing runs in between.)
+        # What the broker dispatched as it inserted it is its claim; the
+        # rest waits unclaimed.  (A real shared store records the owner in
+        # the inserting transaction; here nothing runs in between.)
+        rows = self._db.store._rows
         for task_id in task_ids:
-            self._claim(task_id)
+            if rows[task_id].state == "running":
+                self._claim(task_id)
 
     def release(self, task_ids):
         db = self._db

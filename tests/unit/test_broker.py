@@ -372,6 +372,39 @@ def test_wait_answers_when_the_task_ends(broker, peers, clock):
     assert reply["task"]["error"] == "boom"
 
 
+def test_a_wait_while_the_result_is_written_waits_for_it(broker, peers,
+                                                        store):
+    hello(broker)
+    send(broker, b"w1/x", b"READY", {})
+    submit(broker, {"handler": "echo"})
+    peers.take()
+    writing = []
+    finish = store.finish
+
+    def held_finish(*args):
+        writing.append((defer.Deferred(), args))
+        return writing[-1][0]
+
+    store.finish = held_finish
+    send(broker, b"w1/x", b"RESULT", {"id": 1, "token": 1,
+                                       "state": "succeeded", "result": 2})
+    asked = []
+    get = store.get
+    store.get = lambda task_id: asked.append(task_id) or get(task_id)
+    if broker.claims.shared:
+        watch = broker.claims.watch
+        broker.claims.watch = lambda task_id: asked.append(task_id) or \
+            watch(task_id)
+    send(broker, b"client", b"WAIT", {"req": "w", "id": 1, "timeout": 10})
+    # Neither read nor watched: this broker is ending it.
+    assert asked == []
+    [(d, args)] = writing
+    finish(*args).chainDeferred(d)
+    [(_, _, reply)] = peers.take(b"client", b"REPLY")
+    assert (reply["task"]["state"], reply["task"]["result"]) == (
+        "succeeded", 2)
+
+
 def test_wait_times_out_with_the_current_state(broker, peers, clock):
     submit(broker, {"handler": "echo"})
     peers.take()

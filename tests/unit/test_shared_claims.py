@@ -115,6 +115,28 @@ def test_an_idle_worker_claims_the_most_urgent_task_first():
     assert ran == ["high", "normal", "low", "low"]
 
 
+def test_a_credit_asks_the_store_again_only_after_a_wake_up():
+    fleet = Fleet()
+    b = fleet.broker("b")
+    calls = []
+    dispatch_for = b.claims.dispatch_for
+    b.claims.dispatch_for = lambda *args: (calls.append(args),
+                                           dispatch_for(*args))[1]
+    fleet.worker("b", "w1")
+    fleet.worker("b", "w2")  # (w1's claim found the store empty)
+    assert len(calls) == 1
+    fleet.submit("b")  # dispatched as it is inserted
+    fleet.settle()
+    asked = len(calls)
+    [(_, worker, task)] = fleet.tasks()
+    fleet.finish("b", worker, task)
+    assert len(calls) == asked  # nothing came since: the credit waits
+    fleet.db.insert_external("echo")
+    fleet.settle()  # the store's wake-up
+    [_] = fleet.tasks()
+    assert len(calls) == asked + 1
+
+
 def test_claims_of_a_broker_that_stopped_renewing_go_to_the_others():
     fleet = Fleet(lease=10.0)
     fleet.broker("a")
@@ -249,7 +271,11 @@ def test_a_stopping_broker_gives_its_queued_claims_back():
     a = fleet.broker("a")
     fleet.broker("b")
     claims = a.claims
-    claims.inserted([fleet.db.store.insert_external("echo").id])
+    fleet.db.store.insert_external("echo")
+    # Claimed before any broker has a worker for it (as a queued task
+    # coming back to a broker is).
+    [claimed] = result_of(claims.claim_for(["normal", None], ["echo"], 1,
+                                           fleet.clock.seconds()))
     fleet.worker("b", "w2")
     assert fleet.tasks() == []  # a holds its claim
     result_of(claims.stop())

@@ -85,6 +85,19 @@ async def test_sql_inserts_are_ranked_by_level(open_stores, sql):
     assert seqs == sorted(seqs) and len(set(seqs)) == 4
 
 
+async def claimed(store, claims):
+    """
+    A task submitted and then claimed by ``claims``'s broker, as one it
+    holds to dispatch (a broker's submitted tasks are its own only when
+    dispatched in the insert).
+    """
+    row = await submit_one(store)
+    [taken] = await claims.claim_for([row.priority or "normal", None],
+                                     [row.handler], 1, NOW)
+    assert taken.id == row.id
+    return taken
+
+
 @pytest_twisted.ensureDeferred
 async def test_a_task_queued_again_goes_to_the_back_of_its_level(
         open_stores, sql):
@@ -156,6 +169,68 @@ async def test_claims_take_the_most_urgent_and_oldest_first(open_stores, sql):
     # Nothing is claimed twice, and the LIMIT holds.
     assert await claims.claim_for(["high", "normal", "low"], ["h"], 10,
                                   NOW) == [await store.get(1)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_claims_dispatched_at_once_go_to_the_workers_given(
+        open_stores, sql):
+    store, claims = await open_stores("a", default_priority="normal")
+    sql("INSERT INTO tasks (handler, priority, max_attempts) VALUES "
+        "('h', 'low', NULL), ('h', NULL, 5), ('h', 'high', NULL), "
+        "('other', 'high', NULL)")
+    dispatched = await claims.dispatch_for(
+        ["high", "normal", None], ["h"], ["w1", "w2", "w3"], NOW, "normal", 3)
+    first, second, third = dispatched
+    assert third is None  # the low task is not for these workers
+    assert [(r.id, r.worker, r.state, r.token, r.attempts, r.started_at)
+            for r in (first, second)] == [
+        (3, "w1", "running", 1, 1, NOW), (2, "w2", "running", 1, 1, NOW)]
+    # What the inserter left NULL takes the defaults given.
+    assert [(r.priority, r.max_attempts) for r in (first, second)] == [
+        ("high", 3), ("normal", 5)]
+    assert sql("SELECT id, owner, state FROM tasks ORDER BY id") == [
+        (1, None, "queued"), (2, "a", "running"), (3, "a", "running"),
+        (4, None, "queued")]
+    # A worker's result lands on it as on any dispatch.
+    assert await store.finish(3, 1, "succeeded", "1", None, None, NOW)
+
+
+@pytest_twisted.ensureDeferred
+async def test_brokers_dispatching_at_once_never_share_a_task(
+        open_stores, sql):
+    stores = [await open_stores(name) for name in "abc"]
+    sql("INSERT INTO tasks (handler) SELECT 'h' FROM generate_series(1, 300)")
+    results = await defer.gatherResults([
+        claims.dispatch_for(["normal"], ["h"], ["w"] * 7, NOW, "normal", 3)
+        for _ in range(15) for _, claims in stores])
+    ids = [row.id for rows in results for row in rows if row is not None]
+    assert len(ids) == len(set(ids)) == 300
+    assert sql("SELECT count(*) FROM tasks WHERE state = 'running' "
+               "AND token = 1 AND owner IS NOT NULL") == [(300,)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_submitted_task_is_claimed_only_when_dispatched_at_once(
+        open_stores, sql):
+    store, _ = await open_stores("a")
+    await store.submit([new_task(), new_task(worker="w1")])
+    assert sql("SELECT state, owner FROM tasks ORDER BY id") == [
+        ("queued", None), ("running", "a")]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_request_is_one_statement_and_carried_out_once(
+        open_stores, sql):
+    store, _ = await open_stores("a")
+    tasks = [new_task(request_id="r", payload=str(i)) for i in range(1000)]
+    first = await store.submit(tasks)
+    assert [row.payload for row, created in first] == [
+        str(i) for i in range(1000)]
+    assert all(created for _, created in first)
+    again = await store.submit(tasks)
+    assert [(row.id, created) for row, created in again] == [
+        (row.id, False) for row, _ in first]
+    assert sql("SELECT count(*) FROM tasks") == [(1000,)]
 
 
 @pytest_twisted.ensureDeferred
@@ -242,7 +317,7 @@ async def test_a_worker_brings_its_attempt_only_from_a_lapsed_broker(
         open_stores, sql):
     a_store, a = await open_stores("a")
     _, b = await open_stores("b")
-    row = await submit_one(a_store)
+    row = await claimed(a_store, a)
     assert await a_store.dispatch(row.id, 1, "w", NOW)
     assert await b.adopt(row.id, 1) == ("held", None)
     lapse(sql, "a")
@@ -272,14 +347,14 @@ async def test_an_insert_by_sql_wakes_the_brokers(reactor, postgres_url, sql):
 
 @pytest_twisted.ensureDeferred
 async def test_brokers_hear_when_a_task_they_watch_ends(open_stores, reactor):
-    a_store, _ = await open_stores("a")
+    a_store, a = await open_stores("a")
     b_store = (await open_stores())[0]
     heard = defer.Deferred()
     b = b_store.claims("b")
     await b.start(NOW, lambda: None, heard.callback)
     try:
-        row = await submit_one(a_store)
-        unwatched = await submit_one(a_store)
+        row = await claimed(a_store, a)
+        unwatched = await claimed(a_store, a)
         await b.watch(row.id)
         for task in (unwatched, row):
             assert await a_store.dispatch(task.id, 1, "w", NOW)
@@ -295,8 +370,8 @@ async def test_brokers_hear_when_a_task_they_watch_ends(open_stores, reactor):
 async def test_a_stopping_broker_gives_back_its_queued_claims(
         open_stores, sql):
     store, a = await open_stores("a")
-    await submit_one(store)
-    running = await submit_one(store)
+    await claimed(store, a)
+    running = await claimed(store, a)
     assert await store.dispatch(running.id, 1, "w", NOW)
     await a.stop()
     assert sql("SELECT state, owner FROM tasks ORDER BY id") == [
@@ -332,8 +407,8 @@ async def test_one_request_sent_to_two_brokers_creates_its_tasks_once(
 @pytest_twisted.ensureDeferred
 async def test_claims_held_without_knowing_are_let_go(open_stores, sql):
     store, a = await open_stores("a")
-    queued = await submit_one(store)
-    running = await submit_one(store)
+    queued = await claimed(store, a)
+    running = await claimed(store, a)
     assert await store.dispatch(running.id, 1, "w", NOW)
     assert await a.holding() == {queued.id: "queued", running.id: "running"}
     assert await a.let_go([queued.id, running.id]) == 2
