@@ -235,21 +235,15 @@ def touch(cursor, owner):
 def submit(cursor, owner, tasks):
     connection = cursor.connection
     request_id = tasks[0].request_id
-    earlier = None
     if request_id is not None:
         # Two brokers given the same request (a client that failed over)
         # take turns here, so the second finds the tasks of the first.
         cursor.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))",
                        (_REQUEST_LOCK, request_id))
-        earlier = connection.cursor()
-        earlier.execute(
-            f"SELECT {COLUMNS} FROM tasks WHERE request_id = %s ORDER BY id",
-            (request_id,))
     if any(task.unique_key is not None for task in tasks):
-        if earlier is not None:
-            rows = earlier.fetchall()
-            if rows:
-                return [Submitted(TaskRow(*row), False) for row in rows]
+        earlier = _requested(cursor, request_id)
+        if earlier:
+            return earlier
         return [_insert_keyed(cursor, owner, task) if task.unique_key
                 else _insert_one(cursor, owner, task) for task in tasks]
     # One statement for the whole request, read once the batch is sent
@@ -263,14 +257,29 @@ def submit(cursor, owner, tasks):
         + ([] if request_id is None else [request_id]))
 
     def read():
-        rows = [] if earlier is None else earlier.fetchall()
-        if rows:
-            return [Submitted(TaskRow(*row), False) for row in rows]
         # Ids are drawn in the order of the VALUES rows.
         rows = sorted(inserting.fetchall())
+        if not rows:
+            # The request came before: its tasks are read after this
+            # batch committed (a round trip that only a resent request
+            # costs).
+            return _requested(connection.cursor(), request_id)
         return [Submitted(TaskRow(*row), True) for row in rows]
 
     return Later(read)
+
+
+def _requested(cursor, request_id):
+    """
+    The tasks a request created when it came before, as ``submit``
+    returns them (``[]`` for a new request).
+    """
+    if request_id is None:
+        return []
+    rows = cursor.execute(
+        f"SELECT {COLUMNS} FROM tasks WHERE request_id = %s ORDER BY id",
+        (request_id,)).fetchall()
+    return [Submitted(TaskRow(*row), False) for row in rows]
 
 
 def _values(task, owner):
