@@ -62,8 +62,10 @@ class BatchedStore:
         # Group commit: (operation, args, Deferred) waiting for a flush.
         self._pending = []
         self._flush_call = None
-        # Transactions handed to the thread and not yet reported back.
+        # Transactions handed to the threads and not yet reported back,
+        # in all and by writer thread.
         self._flushing = 0
+        self._in_flight = {}
         self._reads = 0
 
     # Opening and closing: the subclass's _open_unguarded connects (and
@@ -140,7 +142,7 @@ class BatchedStore:
 
     def _schedule_flush(self):
         if (self._pending and self._flush_call is None
-                and self._flushing < self._pipeline_depth):
+                and self._free_writer() is not None):
             # callLater(0) rather than flushing now: every write issued in
             # this reactor turn joins the same transaction.
             self._flush_call = self._reactor.callLater(0, self._flush)
@@ -155,14 +157,40 @@ class BatchedStore:
             return
         self.transactions += 1
         operations = [(operation, args) for operation, args, _ in batch]
-        d = self._thread.run(self._commit, operations)
+        writer = self._free_writer()
+        d = writer.run(self._commit, operations)
         self._flushing += 1
+        self._in_flight[writer] = self._in_flight.get(writer, 0) + 1
+
+        def done(result):
+            self._in_flight[writer] -= 1
+            return result
+
+        d.addBoth(done)
         d.addCallbacks(
             self._flushed,
             self._flush_failed,
             callbackArgs=(batch,),
             errbackArgs=(batch,),
         )
+
+    def _writers(self):
+        """
+        The connection threads that commit batches: ``_thread`` alone,
+        unless a subclass has several.
+        """
+        return (self._thread,)
+
+    def _free_writer(self):
+        """
+        The writer with the fewest transactions under way, if it can take
+        one more (``_pipeline_depth`` each), else ``None``.
+        """
+        writer = min(self._writers(),
+                     key=lambda writer: self._in_flight.get(writer, 0))
+        if self._in_flight.get(writer, 0) < self._pipeline_depth:
+            return writer
+        return None
 
     def _flushed(self, outcomes, batch):
         self._flushing -= 1

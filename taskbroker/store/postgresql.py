@@ -63,6 +63,13 @@ CONNECTION_DEFAULTS = {
     "keepalives_count": 3,
     "tcp_user_timeout": 10000,
 }
+#: Connections that commit batches of writes, each in a thread of its
+#: own: while one waits for the server (its statements, the disk sync of
+#: its commit), another commits the next batch.
+WRITERS = 2
+#: How many times a batch the server rolled back to break a deadlock
+#: between two writers runs again.
+DEADLOCK_RETRIES = 3
 #: Seconds between attempts to listen again after the listening
 #: connection failed, at most.
 LISTEN_RETRY_MAX = 5.0
@@ -203,6 +210,8 @@ class PostgresStore(BatchedStore):
     """
 
     _sql = sql
+    # Each writer commits one batch at a time: what comes meanwhile joins
+    # the next batch, or goes to another writer.
     _pipeline_depth = 1
 
     def __init__(self, url, reactor, levels=("high", "normal", "low"),
@@ -223,8 +232,10 @@ class PostgresStore(BatchedStore):
         # The running tasks this store's broker dispatched or adopted, so
         # that a broker whose lease lapsed learns which it lost.
         self.running_ids = set()
-        # The server process of the connection that writes.
-        self.writer_pid = None
+        # The server processes of the connections that write (including
+        # those of connections since replaced).
+        self.writer_pids = set()
+        self._writer_threads = []
 
     def __repr__(self):
         return f"<PostgresStore {self._label} {self._state}>"
@@ -258,10 +269,13 @@ class PostgresStore(BatchedStore):
 
     async def _open_unguarded(self):
         psycopg = _psycopg()
-        self._thread = self._connection_thread("writer")
+        self._writer_threads = [self._connection_thread("writer")
+                                for _ in range(WRITERS)]
+        self._thread = self._writer_threads[0]
         self._counter = self._connection_thread("reader")
         try:
-            await self._thread.start()
+            for writer in self._writer_threads:
+                await writer.start()
             await self._counter.start()
             old, new = await self._thread.run(self._prepare)
         except BaseException as e:
@@ -304,11 +318,16 @@ class PostgresStore(BatchedStore):
         return defer.Deferred.fromCoroutine(self._close())
 
     async def _shut_down(self):
-        for name in ("_counter", "_thread"):
-            thread = getattr(self, name)
-            if thread is not None:
-                setattr(self, name, None)
-                await thread.stop()
+        threads, self._writer_threads = self._writer_threads, []
+        self._thread = None
+        if self._counter is not None:
+            threads.append(self._counter)
+            self._counter = None
+        for thread in threads:
+            await thread.stop()
+
+    def _writers(self):
+        return self._writer_threads
 
     # Losing the database: a server may be down for a while, which is
     # passing trouble; nothing here makes the store unusable for good.
@@ -333,11 +352,20 @@ class PostgresStore(BatchedStore):
     # Group commit (taskbroker.store._batches)
 
     def _commit(self, link, operations):
-        connection = link.get()
-        # (Read by the listener, to tell this store's notifications.)
-        self.writer_pid = link.pid
-        return sql.run_batch(connection, operations, self._owner,
-                             (self.channel, self.done_channel))
+        channels = (self.channel, self.done_channel)
+        for attempt in range(DEADLOCK_RETRIES + 1):
+            connection = link.get()
+            # (Read by the listener, to tell this store's notifications.)
+            self.writer_pids.add(link.pid)
+            try:
+                return sql.run_batch(connection, operations, self._owner,
+                                     channels)
+            except sql.pg_errors.DeadlockDetected:
+                # Two writers' batches waited for each other's rows (a
+                # cancel racing a result, say): the server rolled this
+                # one back whole, so it runs again as it was.
+                if attempt == DEADLOCK_RETRIES:
+                    raise
 
     def _read(self, query, *args, thread=None):
         return BatchedStore._read(self, _on(query), *args,
@@ -706,7 +734,7 @@ class _Listener:
                 wait = 0.1
                 while not self._stopping.is_set():
                     for notification in connection.notifies(timeout=0.5):
-                        if notification.pid == store.writer_pid:
+                        if notification.pid in store.writer_pids:
                             # This broker's own writes: it knows what they
                             # made claimable, and what they ended.
                             continue

@@ -11,6 +11,7 @@ import os
 import pytest
 import pytest_twisted
 from twisted.internet import defer
+from twisted.internet.task import deferLater
 
 from taskbroker.errors import StoreError
 from taskbroker.store.postgresql import PostgresStore
@@ -416,6 +417,33 @@ async def test_claims_held_without_knowing_are_let_go(open_stores, sql):
                "ORDER BY id") == [("queued", None, 0, 0),
                                   ("queued", None, 2, 0)]
     assert await a.holding() == {}
+
+
+@pytest_twisted.ensureDeferred
+async def test_batches_of_two_writers_that_deadlock_both_land(
+        open_stores, sql, reactor):
+    store, _ = await open_stores()
+    sql("INSERT INTO tasks (handler) VALUES ('h'), ('h')")
+
+    def locking(first, then):
+        # Takes one row, waits for the other writer to take the second,
+        # then wants it too.
+        def write(cursor, owner):
+            cursor.execute("UPDATE tasks SET worker = coalesce(worker, '') "
+                           "|| %s WHERE id = %s", (str(first), first))
+            cursor.execute("SELECT pg_sleep(0.3)")
+            cursor.execute("UPDATE tasks SET worker = coalesce(worker, '') "
+                           "|| %s WHERE id = %s", (str(first), then))
+            return first
+        return write
+
+    one = store._write(locking(1, 2))
+    await deferLater(reactor, 0.05)  # the next batch: the other writer
+    two = store._write(locking(2, 1))
+    assert await defer.gatherResults([one, two]) == [1, 2]
+    # Each batch landed once, whole.
+    assert sorted(sql("SELECT id, length(worker) FROM tasks")) == [
+        (1, 2), (2, 2)]
 
 
 @pytest_twisted.ensureDeferred
