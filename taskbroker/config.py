@@ -133,6 +133,16 @@ def directory_list(paths):
     return tuple(result)
 
 
+def file_path(text):
+    if not text:
+        raise ValueError("expected a file name")
+    return os.path.abspath(text)
+
+
+def directory(text):
+    return directory_list([text])[0]
+
+
 # -- settings ----------------------------------------------------------------
 
 
@@ -300,6 +310,24 @@ class BrokerConfig:
         "ZeroMQ endpoint to bind for workers and clients. Anyone who can "
         "reach it can submit and run tasks: keep it on loopback or a "
         "trusted network.")
+    curve_secret_key: Optional[str] = setting(
+        None, file_path,
+        "The broker's CURVE secret key file (from 'taskbroker keygen'): "
+        "links are encrypted, and only keys of --authorized-workers and "
+        "--authorized-clients get in (default: no CURVE, plain links; see "
+        "docs/security.rst).")
+    authorized_workers: Optional[str] = setting(
+        None, directory,
+        "With --curve-secret-key: a folder of public key files (NAME.key) "
+        "of the workers that may register (default: none).")
+    authorized_clients: Optional[str] = setting(
+        None, directory,
+        "With --curve-secret-key: a folder of public key files (NAME.key) "
+        "of the clients that may submit and manage tasks (default: none).")
+    allow_any_key: bool = setting(
+        False, boolean,
+        "With --curve-secret-key and no authorized folders: encrypt, but "
+        "let any key in, as worker and as client.", flag=True)
     database: str = setting(
         "sqlite:///taskbroker.sqlite", database_url,
         "Database URL: sqlite:///relative.db, sqlite:////abs/path.db, or "
@@ -362,6 +390,21 @@ class BrokerConfig:
 
     def __post_init__(self):
         levels = self.priorities
+        folders = self.authorized_workers or self.authorized_clients
+        if self.curve_secret_key is None:
+            if folders or self.allow_any_key:
+                raise ConfigError(
+                    "--authorized-workers, --authorized-clients and "
+                    "--allow-any-key need --curve-secret-key")
+        elif not folders and not self.allow_any_key:
+            raise ConfigError(
+                "--curve-secret-key: give --authorized-workers and "
+                "--authorized-clients (folders of public keys), or "
+                "--allow-any-key to encrypt without checking keys")
+        elif folders and self.allow_any_key:
+            raise ConfigError(
+                "--allow-any-key lets every key in: drop it, or drop "
+                "--authorized-workers and --authorized-clients")
         if self.lease < 1.5:
             raise ConfigError(
                 f"--lease: {self.lease:g} s is too short to renew every "

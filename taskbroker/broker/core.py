@@ -95,6 +95,10 @@ class Broker:
         self._level_index = {name: i for i, name in enumerate(self.levels)}
         self.status = Status(self)
         self.counters = self.status.counters
+        #: With CURVE, the :class:`taskbroker.broker.keys.PeerKeys` whose
+        #: roles each message's key must have; ``None`` when any key (or
+        #: none) may do anything.
+        self.peer_keys = None
         self.dispatcher = Dispatcher(len(self.levels))
         self.sessions = Sessions()
         self.attempts = Attempts()

@@ -67,6 +67,7 @@ class Router:
         self.bad_messages = RateLimit(BAD_MESSAGE_LOG_INTERVAL,
                                       broker.monotonic)
         self.busy_logs = RateLimit(BAD_MESSAGE_LOG_INTERVAL, broker.monotonic)
+        self.refusals = RateLimit(BAD_MESSAGE_LOG_INTERVAL, broker.monotonic)
         self._worker_handlers = {
             command: getattr(broker.workers, "on_" + command.decode())
             for command in WORKER_COMMANDS}
@@ -82,6 +83,9 @@ class Router:
         if broker.stopped:
             return
         identity = sender.identity
+        if broker.peer_keys is not None and not self._authorized(sender,
+                                                                 frames):
+            return
         session = broker.sessions.get(identity)
         if session is not None:
             session.seen_at = broker.monotonic()
@@ -105,6 +109,38 @@ class Router:
                     broker.admission.release(size)
                 else:
                     answered.addBoth(self._release, size)
+
+    def _authorized(self, sender, frames):
+        """
+        Whether the sender's key has the role the command needs (see
+        :mod:`taskbroker.broker.keys`); if not, refuse the message: a
+        worker is told to stop (fatal), and its tasks are requeued.
+        """
+        broker = self._broker
+        keys = broker.peer_keys
+        command = frames[1] if len(frames) > 1 else b""
+        as_worker = command in codec.WORKER_COMMANDS
+        if (keys.may_work if as_worker else keys.may_ask)(sender.key):
+            return True
+        broker.counters["refused_keys"] += 1
+        role = "worker" if as_worker else "client"
+        if self.refusals.allow(sender.key):
+            self.log.warn(
+                "refused {command} from {key}: not an authorized {role} key "
+                "(further refusals of this key are counted, not logged, for "
+                "{interval:.0f}s)", command=command.decode("ascii", "replace"),
+                key=keys.name(sender.key), role=role,
+                interval=BAD_MESSAGE_LOG_INTERVAL)
+        message = f"this key may not act as a {role} on this broker"
+        if as_worker:
+            session = broker.sessions.get(sender.identity)
+            if session is not None:
+                broker.workers.forget(session)
+            broker.workers.refuse(sender.identity, "forbidden", message)
+        elif len(frames) == 3:
+            broker.requests.error(sender.identity, codec.peek_req(frames[2]),
+                                  "forbidden", message)
+        return False
 
     def _release(self, result, size):
         self._broker.admission.release(size)

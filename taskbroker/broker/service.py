@@ -38,9 +38,15 @@ from taskbroker.errors import StoreLost, one_line
 from taskbroker.protocol.codec import MAX_MESSAGE_SIZE
 from taskbroker.services import ServiceTree, StepService
 from taskbroker.store import describe_database
+from taskbroker.broker.router import BAD_MESSAGE_LOG_INTERVAL, RateLimit
+from taskbroker.transport.zap import ZAP_ENDPOINT, ZapHandler
 from taskbroker.transport.zmq import RouterSocket, ZmqFactoryService
 
 log = Logger()
+
+
+def _any_key(key):
+    return True
 
 
 class BrokerService(ServiceTree):
@@ -61,13 +67,17 @@ class BrokerService(ServiceTree):
     """
 
     def __init__(self, config, store, reactor, on_fatal=None,
-                 monotonic=time.monotonic):
+                 monotonic=time.monotonic, curve=None):
         ServiceTree.__init__(self, on_started=self._ready, on_fatal=on_fatal)
         self.setName("taskbroker")
         self.config = config
         self.store = store
         self.reactor = reactor
         self.socket = None
+        # (keypair, peer keys or None), from taskbroker.broker.keys.load.
+        self._curve = curve
+        self._zap = None
+        self._refusals = RateLimit(BAD_MESSAGE_LOG_INTERVAL, monotonic)
         self.broker = Broker(config, store, reactor, self._send,
                              monotonic=monotonic)
         self._zmq = ZmqFactoryService(reactor)
@@ -117,17 +127,49 @@ class BrokerService(ServiceTree):
                  error=one_line(reason.value))
 
     def _bind(self):
+        factory = self._zmq.get_factory()
+        keypair = None
+        if self._curve is not None:
+            keypair, keys = self._curve
+            self.broker.peer_keys = keys
+            for problem in keys.problems if keys is not None else ():
+                log.warn("key file left out: {problem}", problem=problem)
+            # Before the socket: where no ZAP handler answers, libzmq lets
+            # every key in.
+            try:
+                self._zap = ZapHandler(
+                    factory, keys.admits if keys is not None else _any_key,
+                    self._refused)
+            except Exception as e:
+                raise OSError(
+                    "cannot serve CURVE authentication (ZAP handler at "
+                    f"{ZAP_ENDPOINT}): {e}; without it any key would get "
+                    "in") from None
         try:
             self.socket = RouterSocket(
-                self._zmq.get_factory(), self.config.listen,
-                self.broker.handle, MAX_MESSAGE_SIZE)
+                factory, self.config.listen, self.broker.handle,
+                MAX_MESSAGE_SIZE, curve=keypair)
         except Exception as e:
             raise OSError(f"cannot listen on {self.config.listen}: {e}") from None
+
+    def _refused(self, key, reason, address):
+        self.broker.counters["refused_keys"] += 1
+        if self._refusals.allow(key):
+            keys = self.broker.peer_keys
+            shown = keys.name(key) if keys is not None else key
+            log.warn("refused a connection from {address}: {reason}, "
+                     "{key} (further refusals of this key are counted, not "
+                     "logged, for {interval:.0f}s)", address=address,
+                     reason=reason, key=shown,
+                     interval=BAD_MESSAGE_LOG_INTERVAL)
 
     def _close(self):
         if self.socket is not None:
             socket, self.socket = self.socket, None
             socket.close()
+        if self._zap is not None:
+            zap, self._zap = self._zap, None
+            zap.close()
 
     def _ready(self):
         _raise_descriptor_limit()

@@ -134,6 +134,7 @@ class Status:
             "lost_workers": 0,
             "store_errors": 0,
             "busy": 0,
+            "refused_keys": 0,
         }
         self.tasks = TaskCounts(broker.config.default_priority)
         self._waiters = []

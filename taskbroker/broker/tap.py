@@ -8,6 +8,7 @@ import sys
 
 from taskbroker._tap import DaemonOptions, exit_with
 from taskbroker.config import BROKER_SETTINGS, broker_config
+from taskbroker.errors import ConfigError
 
 
 class Options(DaemonOptions):
@@ -25,6 +26,16 @@ class Options(DaemonOptions):
     prefix = "TASKBROKER_"
     command = "taskbroker"
     build_config = staticmethod(broker_config)
+
+    def postOptions(self):
+        DaemonOptions.postOptions(self)
+        from taskbroker.broker import keys
+
+        try:
+            self.curve = keys.load(self.config)
+        except ConfigError as e:
+            sys.stderr.write(f"twistd {self.command}: {e}\n")
+            raise SystemExit(2)
 
 
 def makeService(options):
@@ -45,7 +56,8 @@ def makeService(options):
                            default_priority=config.default_priority,
                            lease=config.lease)
     return BrokerService(config, store, reactor,
-                         on_fatal=lambda message: exit_with(reactor, 1))
+                         on_fatal=lambda message: exit_with(reactor, 1),
+                         curve=getattr(options, "curve", None))
 
 
 def _report_crashes():

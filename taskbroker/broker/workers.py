@@ -67,11 +67,11 @@ class Workers:
             wanted = list(broker.levels)
         problem = self._bad_hello(body)
         if problem is not None:
-            self._refuse(identity, "bad_request", problem)
+            self.refuse(identity, "bad_request", problem)
             return
         unknown = [level for level in wanted if level not in broker.levels]
         if unknown or not wanted:
-            self._refuse(
+            self.refuse(
                 identity, "unknown_priority",
                 "this broker has no priority level "
                 + ", ".join(map(repr, unknown))
@@ -79,7 +79,7 @@ class Workers:
             return
         holder = broker.sessions.holder_of(name)
         if holder is not None and holder.identity != identity:
-            self._refuse(
+            self.refuse(
                 identity, "name_taken",
                 f"a live worker named {name!r} is already connected; "
                 "give each worker a unique --name")
@@ -332,7 +332,7 @@ class Workers:
     def _ack(self, identity, task_id, token):
         self._broker.send(identity, encode(b"ACK", {"id": task_id, "token": token}))
 
-    def _refuse(self, identity, code, message):
+    def refuse(self, identity, code, message):
         if self._logs.allow((identity, "refused")):
             self.log.warn("refused a worker: {message}", message=message)
         self._broker.send(identity, encode(

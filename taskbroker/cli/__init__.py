@@ -23,6 +23,7 @@ import sys
 
 from twisted.python import usage
 
+from taskbroker import curve
 from taskbroker.cli.commands import (
     _COMMANDS,
     _EXIT_FOR_CODE,
@@ -57,6 +58,8 @@ def _run(argv, output, stdin, environ):
     except usage.UsageError as e:
         output.error(f"{e} (see 'taskbroker --help')")
         return EXIT_USAGE
+    if options.subCommand == "keygen":
+        return _keygen(options.subOptions, output)
     try:
         config = options.client_config(environ)
         client = BlockingClient(config.broker, config.timeout)
@@ -66,6 +69,18 @@ def _run(argv, output, stdin, environ):
     with client:
         return _COMMANDS[options.subCommand](
             client, options.subOptions, output, stdin)
+
+
+def _keygen(options, output):
+    try:
+        public, secret = curve.keygen(options["dir"], options["name"])
+    except ConfigError as e:
+        output.error(str(e))
+        return EXIT_USAGE
+    output.line(f"public key: {public} (give it to the peers that admit "
+                "this key)")
+    output.line(f"secret key: {secret} (keep it; readable by you only)")
+    return EXIT_OK
 
 
 def main(argv=None, stdout=None, stderr=None, stdin=None):

@@ -280,6 +280,26 @@ class HealthOptions(_CommandOptions):
         "reached.")
 
 
+class KeygenOptions(_CommandOptions):
+    """
+    The options of ``taskbroker keygen``.
+    """
+
+    synopsis = "DIR --name NAME"
+    longdesc = (
+        "Make a CURVE key pair in DIR (made if missing): NAME.key, the "
+        "public key, to give to the peers that must admit it, and "
+        "NAME.key_secret, readable by its owner only, to keep.  An "
+        "existing key is never overwritten.  Needs no broker.")
+    arguments = ("DIR",)
+    optParameters = [["name", "n", None,
+                      "The key's name: letters, digits, '.', '_' or '-'."]]
+
+    def postOptions(self):
+        if not self["name"]:
+            raise usage.UsageError("keygen: --name NAME is required")
+
+
 def _shown(default):
     return ",".join(default) if isinstance(default, tuple) else default
 
@@ -314,6 +334,8 @@ class Options(_Options):
         ["health", None, HealthOptions,
          "Say whether the broker accepts work (exit 0) or cannot write "
          "(exit 3)."],
+        ["keygen", None, KeygenOptions,
+         "Make a CURVE key pair (for a broker, a worker or a client)."],
     ]
 
     def postOptions(self):

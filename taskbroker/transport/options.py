@@ -31,6 +31,9 @@ HANDSHAKE_IVL_MS = 5000
 #: A DEALER's first wait before reconnecting, and the longest, in ms.
 RECONNECT_IVL_MS = 100
 RECONNECT_IVL_MAX_MS = 2000
+#: The domain the broker's socket names in its requests to the ZAP
+#: handler (:mod:`taskbroker.transport.zap`).
+ZAP_DOMAIN = b"taskbroker"
 
 
 def router_options(max_message_size=MAX_MESSAGE_SIZE):
@@ -75,3 +78,37 @@ def client_options():
     close, since they are worthless once the client gave up on them.
     """
     return dealer_options() + [(zmq.LINGER, 0)]
+
+
+def curve_server_options(public, secret):
+    """
+    The broker's ROUTER with CURVE: encrypted links, and peers
+    authenticated by the context's ZAP handler (the domain names the
+    broker's requests to it).
+
+    :param public: the broker's public key, Z85 ``bytes``.
+    :param secret: its secret key.
+    """
+    return [
+        (zmq.CURVE_SERVER, 1),
+        (zmq.CURVE_PUBLICKEY, public),
+        (zmq.CURVE_SECRETKEY, secret),
+        (zmq.ZAP_DOMAIN, ZAP_DOMAIN),
+    ]
+
+
+def curve_client_options(server, public, secret):
+    """
+    A DEALER with CURVE: it talks only to a broker that holds the secret
+    of ``server`` (a process that took the broker's port gets nothing),
+    and proves its own key pair.
+
+    :param server: the broker's public key, Z85 ``bytes``.
+    :param public: this peer's public key.
+    :param secret: its secret key.
+    """
+    return [
+        (zmq.CURVE_SERVERKEY, server),
+        (zmq.CURVE_PUBLICKEY, public),
+        (zmq.CURVE_SECRETKEY, secret),
+    ]

@@ -37,7 +37,11 @@ from twisted.logger import Logger
 from txzmq import ZmqEndpoint, ZmqEndpointType, ZmqFactory
 from txzmq.connection import ZmqConnection
 
-from taskbroker.transport.options import dealer_options, router_options
+from taskbroker.transport.options import (
+    curve_server_options,
+    dealer_options,
+    router_options,
+)
 
 #: Messages handled per reactor turn before yielding to timers.
 READ_BATCH = 256
@@ -50,6 +54,7 @@ _NOBLOCK = int(zmq.NOBLOCK)
 _SEND_MORE = int(zmq.SNDMORE) | _NOBLOCK
 _EVENTS = zmq.EVENTS
 _POLLIN = int(zmq.POLLIN)
+_USER_ID = "User-Id"
 
 # The backend's send.  The public class wraps it in a Python layer that
 # only adds options of draft socket types (routing_id, group); without that
@@ -105,9 +110,12 @@ class _Connection(ZmqConnection):
     log = Logger()
 
     def __init__(self, factory, socket_type, on_message, options, endpoints,
-                 identity=None):
+                 identity=None, keyed=False):
         self.socketType = socket_type
         self._on_message = on_message
+        # With keyed, on_message also gets the key the peer authenticated
+        # with (ZAP's User-Id), read from each message.
+        self._keyed = keyed
         self.handler_errors = 0
         # True while reading or in a batch of sends (see send_frames).
         self._reading = False
@@ -140,11 +148,16 @@ class _Connection(ZmqConnection):
                     return
                 # A multipart message arrives whole: no Again from here.
                 message = [frame.bytes]
+                key = frame.get(_USER_ID).encode("ascii") \
+                    if self._keyed else None
                 while frame.more:
                     frame = socket.recv(_NOBLOCK, copy=False)
                     message.append(frame.bytes)
                 try:
-                    self._on_message(message)
+                    if self._keyed:
+                        self._on_message(message, key)
+                    else:
+                        self._on_message(message)
                 except Exception:
                     self.handler_errors += 1
                     self.log.failure(
@@ -232,18 +245,29 @@ class RouterSocket:
         logged and counted, never propagated.
     """
 
-    def __init__(self, factory, endpoint, on_message, max_message_size):
-        def deliver(message):
+    def __init__(self, factory, endpoint, on_message, max_message_size,
+                 curve=None):
+        """
+        :param curve: ``(public, secret)``, the broker's CURVE keys (Z85):
+            peers must then hold a key the context's ZAP handler admits
+            (bind it first: see :mod:`taskbroker.transport.zap`), and
+            each message's sender carries its key.
+        """
+        def deliver(message, key=None):
             if len(message) < 2:
                 return
-            on_message(Sender(message[0]), message[1:])
+            on_message(Sender(message[0], key), message[1:])
 
+        options = router_options(max_message_size)
+        if curve is not None:
+            options += curve_server_options(*curve)
         self._connection = _Connection(
             factory,
             zmq.ROUTER,
             deliver,
-            router_options(max_message_size),
+            options,
             [ZmqEndpoint(ZmqEndpointType.bind, endpoint)],
+            keyed=curve is not None,
         )
 
     @property

@@ -89,3 +89,32 @@ def test_the_database_is_checked_once_listening_unless_told_not_to():
                                 clock)
         service._check_database()
         assert store.checks == checks
+
+
+def test_a_broker_whose_zap_handler_cannot_bind_never_listens(
+        tmp_path, monkeypatch):
+    # Where no ZAP handler answers, libzmq lets every CURVE key in: the
+    # broker must not listen without its own.
+    import zmq
+
+    from taskbroker import curve
+    from taskbroker.broker import keys, service as service_module
+
+    def taken(*args):
+        raise zmq.ZMQError(zmq.EADDRINUSE)
+
+    monkeypatch.setattr(service_module, "ZapHandler", taken)
+    clock = Clock()
+    curve.keygen(str(tmp_path), "broker")
+    config = BrokerConfig(
+        curve_secret_key=str(tmp_path / "broker.key_secret"),
+        authorized_clients=str(tmp_path))
+    fatal = []
+    service = BrokerService(config, MemoryStore(clock), clock,
+                            on_fatal=fatal.append, curve=keys.load(config))
+    result_of(service.startService())
+    assert fatal == [
+        "cannot serve CURVE authentication (ZAP handler at "
+        "inproc://zeromq.zap.01): Address already in use; without it any "
+        "key would get in"]
+    assert service.socket is None and not service.running

@@ -1,0 +1,97 @@
+# -*- test-case-name: tests.unit.test_curve -*-
+"""
+Who may do what on a broker with CURVE: the public keys of its
+authorization folders, by role.
+
+A key in ``--authorized-workers`` may register as a worker and run tasks;
+a key in ``--authorized-clients`` may submit and manage tasks; a key in
+both may do both.  ZAP admits a connection whose key is in either
+(:mod:`taskbroker.transport.zap`), and the router checks every message's
+key against the role its command needs
+(:meth:`taskbroker.broker.router.Router.handle`), so a key removed from a
+folder is refused at its next message, though libzmq keeps its
+connection.
+"""
+
+from taskbroker import curve
+
+SECRET_OPTION = "--curve-secret-key"
+WORKERS_OPTION = "--authorized-workers"
+CLIENTS_OPTION = "--authorized-clients"
+
+
+def load(config):
+    """
+    The broker's CURVE material, as its configuration names it.
+
+    :param config: a :class:`taskbroker.config.BrokerConfig`.
+    :returns: ``None`` without CURVE, else ``(keypair, peer_keys)``: the
+        broker's ``(public, secret)`` keys and its :class:`PeerKeys`
+        (``None`` with ``--allow-any-key``).
+    :raises ConfigError: with one line, for a key or folder that cannot
+        be used.
+    """
+    if config.curve_secret_key is None:
+        return None
+    curve.check_support()
+    keypair = curve.load_secret(config.curve_secret_key, SECRET_OPTION)
+    if config.allow_any_key:
+        return keypair, None
+    return keypair, PeerKeys(config.authorized_workers,
+                             config.authorized_clients)
+
+
+class PeerKeys:
+    """
+    The keys a broker admits, read from its folders (again at each
+    :meth:`reload`).
+
+    :param workers: the folder of worker keys, or ``None``.
+    :param clients: the folder of client keys, or ``None``.
+    :raises ConfigError: if a folder cannot be read.
+    """
+
+    def __init__(self, workers, clients):
+        self._folders = ((workers, WORKERS_OPTION), (clients, CLIENTS_OPTION))
+        self.workers = {}
+        self.clients = {}
+        self.problems = self.reload()
+
+    def reload(self):
+        """
+        Read the folders again; on a failure, the sets stay as they were.
+
+        :returns: one line for each key file that could not be read (left
+            out).
+        :raises ConfigError: if a folder cannot be read.
+        """
+        read, problems = [], []
+        for folder, option in self._folders:
+            if folder is None:
+                read.append({})
+                continue
+            keys, bad = curve.load_folder(folder, option)
+            read.append(keys)
+            problems += bad
+        self.workers, self.clients = read
+        return problems
+
+    def admits(self, key):
+        """
+        Whether a peer with this key may connect at all (ZAP).
+        """
+        return key in self.workers or key in self.clients
+
+    def may_work(self, key):
+        return key in self.workers
+
+    def may_ask(self, key):
+        return key in self.clients
+
+    def name(self, key):
+        """
+        How logs name a key: its file's name, and the key.
+        """
+        name = self.workers.get(key) or self.clients.get(key)
+        shown = key.decode("ascii", "replace") if key else "none"
+        return f"{name} ({shown})" if name else f"unknown key {shown}"

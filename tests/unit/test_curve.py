@@ -1,0 +1,137 @@
+"""
+CURVE keys: making and reading them (taskbroker.curve), and the broker's
+key sets by role (taskbroker.broker.keys).
+"""
+
+import os
+import stat
+
+import pytest
+import zmq
+import zmq.auth
+
+from taskbroker import curve
+from taskbroker.broker.keys import PeerKeys
+from taskbroker.errors import ConfigError
+
+
+def test_keygen_writes_a_pair_pyzmq_reads(tmp_path):
+    public_path, secret_path = curve.keygen(str(tmp_path / "new"), "w1")
+    assert (public_path, secret_path) == (
+        str(tmp_path / "new" / "w1.key"),
+        str(tmp_path / "new" / "w1.key_secret"))
+    assert stat.S_IMODE(os.stat(secret_path).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(public_path).st_mode) == 0o644
+    public, secret = zmq.auth.load_certificate(secret_path)
+    assert zmq.auth.load_certificate(public_path) == (public, None)
+    assert zmq.curve_public(secret) == public
+    assert curve.load_secret(secret_path, "--x") == (public, secret)
+    assert curve.load_public(public_path, "--x") == public
+
+
+def test_keygen_never_overwrites(tmp_path):
+    curve.keygen(str(tmp_path), "w1")
+    before = (tmp_path / "w1.key_secret").read_text()
+    with pytest.raises(ConfigError, match="w1.key: exists; a key is never "
+                       "overwritten"):
+        curve.keygen(str(tmp_path), "w1")
+    assert (tmp_path / "w1.key_secret").read_text() == before
+    # Not even the secret alone, left by someone else.
+    (tmp_path / "w2.key_secret").write_text("mine")
+    with pytest.raises(ConfigError, match="w2.key_secret: exists"):
+        curve.keygen(str(tmp_path), "w2")
+    assert not (tmp_path / "w2.key").exists()
+
+
+@pytest.mark.parametrize("name", ["", "../x", "a/b", ".hidden", "x" * 101,
+                                  "sp ace"])
+def test_keygen_refuses_names_that_are_not_plain(tmp_path, name):
+    with pytest.raises(ConfigError, match="is not a key name"):
+        curve.keygen(str(tmp_path), name)
+    assert os.listdir(tmp_path) == []
+
+
+def test_keys_made_by_pyzmq_load(tmp_path):
+    public_path, secret_path = zmq.auth.create_certificates(str(tmp_path),
+                                                            "py")
+    os.chmod(secret_path, 0o600)
+    public, secret = curve.load_secret(secret_path, "--x")
+    assert curve.load_public(public_path, "--x") == public
+
+
+def test_a_secret_key_others_may_read_is_refused(tmp_path):
+    _, secret_path = curve.keygen(str(tmp_path), "b")
+    os.chmod(secret_path, 0o644)
+    with pytest.raises(ConfigError) as e:
+        curve.load_secret(secret_path, "--curve-secret-key")
+    assert str(e.value) == (
+        f"--curve-secret-key: {secret_path}: a secret key readable by "
+        f"others (mode 644) is refused; chmod 600 {secret_path}")
+
+
+@pytest.mark.parametrize("content, reason", [
+    (None, "No such file or directory"),
+    ("hello\n", "no public key in it"),
+    ('curve\n    public-key = "short"\n',
+     "not a CURVE key file (a key is 40 characters of Z85)"),
+])
+def test_files_that_are_not_keys_are_refused_in_one_line(tmp_path, content,
+                                                         reason):
+    path = tmp_path / "k.key_secret"
+    if content is not None:
+        path.write_text(content)
+        os.chmod(path, 0o600)
+    with pytest.raises(ConfigError) as e:
+        curve.load_secret(str(path), "--curve-secret-key")
+    assert str(e.value) == f"--curve-secret-key: {path}: {reason}"
+
+
+def test_a_public_file_given_as_the_secret_one_is_named(tmp_path):
+    public_path, _ = curve.keygen(str(tmp_path), "b")
+    os.chmod(public_path, 0o600)
+    with pytest.raises(ConfigError, match="no secret key in it"):
+        curve.load_secret(public_path, "--curve-secret-key")
+
+
+def test_a_pair_that_does_not_belong_together_is_refused(tmp_path):
+    _, one = curve.keygen(str(tmp_path), "one")
+    _, two = curve.keygen(str(tmp_path), "two")
+    mixed = tmp_path / "mixed.key_secret"
+    public = zmq.auth.load_certificate(one)[0].decode()
+    secret = zmq.auth.load_certificate(two)[1].decode()
+    mixed.write_text(f'curve\n    public-key = "{public}"\n'
+                     f'    secret-key = "{secret}"\n')
+    os.chmod(mixed, 0o600)
+    with pytest.raises(ConfigError, match="do not belong together"):
+        curve.load_secret(str(mixed), "--curve-secret-key")
+
+
+def test_peer_keys_by_role_and_reloaded(tmp_path):
+    keys_folder = tmp_path / "all"
+    for name in ("w1", "c1", "both", "later"):
+        curve.keygen(str(keys_folder), name)
+
+    def key(name):
+        return curve.load_public(str(keys_folder / f"{name}.key"), "t")
+
+    workers, clients = tmp_path / "workers", tmp_path / "clients"
+    workers.mkdir()
+    clients.mkdir()
+    for folder, names in ((workers, ("w1", "both")), (clients, ("c1", "both"))):
+        for name in names:
+            os.link(keys_folder / f"{name}.key", folder / f"{name}.key")
+    (workers / "broken.key").write_text("nothing")
+    (workers / "notes.txt").write_text("not a key file")
+    peers = PeerKeys(str(workers), str(clients))
+    assert len(peers.problems) == 1 and "broken.key" in peers.problems[0]
+    assert (peers.may_work(key("w1")), peers.may_ask(key("w1"))) == (
+        True, False)
+    assert (peers.may_work(key("c1")), peers.may_ask(key("c1"))) == (
+        False, True)
+    assert peers.may_work(key("both")) and peers.may_ask(key("both"))
+    assert not peers.admits(key("later")) and not peers.may_ask(None)
+    assert peers.name(key("w1")) == f"w1 ({key('w1').decode()})"
+    os.link(keys_folder / "later.key", clients / "later.key")
+    os.unlink(workers / "w1.key")
+    peers.reload()
+    assert peers.may_ask(key("later")) and not peers.admits(key("w1"))
