@@ -30,10 +30,12 @@ class DaemonOptions(usage.Options):
     option defaults to ``None`` (a flag, to 0) so that
     :func:`taskbroker.config.resolve` can tell what the user typed; the
     real default is shown in the help.
-    ``postOptions`` checks the environment for misspelt variables and
-    builds the config value (``self.config``); if anything is invalid it
-    prints one line and exits with status 2 (twistd would otherwise print
-    the whole usage text before the reason).
+    ``postOptions`` checks the environment for misspelt variables, builds
+    the config value (``self.config``) and reads the CURVE keys it names
+    (``self.curve``, from ``load_curve(config)``), so that a bad key file
+    stops the daemon before it starts; if anything is invalid it prints
+    one line and exits with status 2 (twistd would otherwise print the
+    whole usage text before the reason).
     """
 
     settings = ()
@@ -65,6 +67,15 @@ class DaemonOptions(usage.Options):
     def build_config(given, environ):
         raise NotImplementedError
 
+    @staticmethod
+    def load_curve(config):
+        """
+        :returns: the daemon's CURVE keys, as its config names them, or
+            ``None`` without CURVE.
+        :raises ConfigError: with one line, for a key that cannot be used.
+        """
+        return None
+
     def postOptions(self):
         given = {s.field: self._given(s) for s in self.settings}
         try:
@@ -73,10 +84,10 @@ class DaemonOptions(usage.Options):
                     RESERVED_PREFIXES[self.prefix], os.environ):
                 sys.stderr.write(f"twistd {self.command}: warning: {warning}\n")
             self.config = self.build_config(given, os.environ)
+            self.curve = self.load_curve(self.config)
         except ConfigError as e:
             sys.stderr.write(f"twistd {self.command}: {e}\n")
             raise SystemExit(2)
-
 
     def _given(self, setting):
         if setting.repeatable:

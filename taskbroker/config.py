@@ -4,11 +4,11 @@ Daemon configuration: validated, immutable values built from layers.
 
 Precedence, highest first: the command line, then the environment
 (``TASKBROKER_<OPTION>`` for the broker, ``TASKWORKER_<OPTION>`` for the
-worker, the option's name in upper case with ``-`` as ``_``), then the
-built-in default.  ``usage.Options`` cannot tell a default from a typed
-value, so every option is declared with a ``None`` default there and the
-layers are resolved here, in one place.  Tests build the config values
-directly.
+worker, the option's name in upper case with ``-`` as ``_``, unless the
+setting names its own variable), then the built-in default.
+``usage.Options`` cannot tell a default from a typed value, so every
+option is declared with a ``None`` default there and the layers are
+resolved here, in one place.  Tests build the config values directly.
 """
 
 import os
@@ -162,6 +162,7 @@ class Setting:
     short: Optional[str] = None
     repeatable: bool = False
     flag: bool = False
+    own_variable: Optional[str] = None
 
     @property
     def field(self):
@@ -169,13 +170,20 @@ class Setting:
 
     def variable(self, prefix):
         """
-        The environment variable that sets it, e.g. ``TASKBROKER_LISTEN``.
+        The environment variable that sets it, e.g. ``TASKBROKER_LISTEN``:
+        its own name if it has one (:func:`setting`'s ``variable``), else
+        the prefix and its field's name.
         """
+        if self.own_variable is not None:
+            if not self.own_variable.startswith(prefix):
+                raise ValueError(
+                    f"{self.own_variable} does not start with {prefix}")
+            return self.own_variable
         return prefix + self.field.upper()
 
 
 def setting(default, coerce, help, short=None, repeatable=False,
-            flag=False):
+            flag=False, variable=None):
     """
     Declare a config dataclass field as a setting.
 
@@ -186,9 +194,15 @@ def setting(default, coerce, help, short=None, repeatable=False,
     :param flag: an option that takes no value (``--create-database``);
         giving it means ``yes`` to ``coerce``, and its variable takes yes
         or no.
+    :param variable: the whole name of its environment variable, for a
+        setting whose derived name another program reads: the command
+        line's ``--curve-secret-key`` must not read the broker's
+        ``TASKBROKER_CURVE_SECRET_KEY``.  It starts with the config's
+        prefix, so that misspellings of it are still caught
+        (:func:`check_environment`).
     """
     return field(default=default, metadata={"setting": (
-        coerce, help, short, repeatable, flag)})
+        coerce, help, short, repeatable, flag, variable)})
 
 
 def settings_of(cls):
@@ -198,9 +212,10 @@ def settings_of(cls):
     """
     result = []
     for f in fields(cls):
-        coerce, help, short, repeatable, flag = f.metadata["setting"]
+        coerce, help, short, repeatable, flag, variable = f.metadata[
+            "setting"]
         result.append(Setting(f.name.replace("_", "-"), coerce, f.default,
-                              help, short, repeatable, flag))
+                              help, short, repeatable, flag, variable))
     return tuple(result)
 
 
@@ -460,6 +475,28 @@ def _normalise_broker(config):
         raise ConfigError(f"broker: {e}") from None
 
 
+def check_curve_pair(server, secret, server_name, secret_name, peer):
+    """
+    CURVE needs both the broker's public key and the peer's own key pair:
+    one of them alone is a mistake, not a choice.
+
+    :param server: the broker's public key file, or ``None``.
+    :param secret: the peer's secret key file, or ``None``.
+    :param server_name: how the user named the first
+        (``--curve-server-key``), for the message; likewise
+        ``secret_name``.
+    :param peer: ``"worker"`` or ``"client"``, for the message.
+    :raises ConfigError: if one is given without the other.
+    """
+    if (server is None) == (secret is None):
+        return
+    given, missing = ((server_name, secret_name) if secret is None
+                      else (secret_name, server_name))
+    raise ConfigError(
+        f"{given} without {missing}: give both (the broker's public key "
+        f"file and this {peer}'s NAME.key_secret file) or neither")
+
+
 def default_worker_name():
     return f"{socket.gethostname()}-{os.getpid()}"
 
@@ -477,6 +514,19 @@ class WorkerConfig:
         "sharing one database, comma-separated: the worker uses one at a "
         "time, starting where its name points, and moves to the next when "
         "it loses its broker.")
+    curve_server_key: Optional[str] = setting(
+        None, file_path,
+        "With --curve-secret-key: the broker's CURVE public key file "
+        "(NAME.key, from 'taskbroker keygen'). Links are encrypted, and "
+        "the worker talks only to a broker that holds its secret key; "
+        "every broker of a failover list must hold the same one (default: "
+        "no CURVE, plain links).")
+    curve_secret_key: Optional[str] = setting(
+        None, file_path,
+        "With --curve-server-key: this worker's own key pair, the "
+        "NAME.key_secret file from 'taskbroker keygen', readable by its "
+        "owner only; the broker must have NAME.key in its "
+        "--authorized-workers (default: none).")
     priorities: Optional[tuple] = setting(
         None, level_list,
         "Levels to serve, comma-separated (default: all the broker has). "
@@ -511,6 +561,9 @@ class WorkerConfig:
         if self.name is None:
             object.__setattr__(self, "name", default_worker_name())
         _normalise_broker(self)
+        check_curve_pair(self.curve_server_key, self.curve_secret_key,
+                         "--curve-server-key", "--curve-secret-key",
+                         "worker")
 
 
 WORKER_SETTINGS = settings_of(WorkerConfig)
@@ -533,9 +586,15 @@ def worker_config(given, environ=None):
 @dataclass(frozen=True)
 class ClientConfig:
     """
-    Where the ``taskbroker`` command finds its broker, and how long it
-    waits (``--broker``, ``--timeout``; ``TASKBROKER_BROKER``,
-    ``TASKBROKER_TIMEOUT``).
+    Where the ``taskbroker`` command finds its broker, how long it waits,
+    and its CURVE keys (``--broker``, ``--timeout``, ``--curve-server-key``,
+    ``--curve-secret-key``; ``TASKBROKER_BROKER``, ``TASKBROKER_TIMEOUT``,
+    ``TASKBROKER_CLIENT_CURVE_SERVER_KEY``,
+    ``TASKBROKER_CLIENT_CURVE_SECRET_KEY``).
+
+    The keys' variables have names of their own: the derived
+    ``TASKBROKER_CURVE_SECRET_KEY`` is the broker's secret key, and a
+    command that read it would pose as the broker.
     """
 
     broker: tuple = setting(
@@ -548,9 +607,26 @@ class ClientConfig:
         "Seconds to wait for each answer; every command tries three times "
         "(and each broker of a list at least once).",
         short="t")
+    curve_server_key: Optional[str] = setting(
+        None, file_path,
+        "With --curve-secret-key: the broker's CURVE public key file "
+        "(NAME.key, from 'taskbroker keygen'); requests are encrypted and "
+        "go only to a broker that holds its secret key (default: no "
+        "CURVE).",
+        variable="TASKBROKER_CLIENT_CURVE_SERVER_KEY")
+    curve_secret_key: Optional[str] = setting(
+        None, file_path,
+        "With --curve-server-key: this client's own key pair, the "
+        "NAME.key_secret file from 'taskbroker keygen', readable by its "
+        "owner only; the broker must have NAME.key in its "
+        "--authorized-clients (default: none).",
+        variable="TASKBROKER_CLIENT_CURVE_SECRET_KEY")
 
     def __post_init__(self):
         _normalise_broker(self)
+        check_curve_pair(self.curve_server_key, self.curve_secret_key,
+                         "--curve-server-key", "--curve-secret-key",
+                         "client")
 
 
 CLIENT_SETTINGS = settings_of(ClientConfig)
@@ -567,8 +643,9 @@ def client_config(given, environ=None):
                                   _environment(environ)))
 
 
-#: Every variable something of ours reads, by prefix, and the prefixes of
-#: those read elsewhere (the tests, and the client settings to come).
+#: Every variable something of ours reads, by prefix (the broker's and
+#: the command line's share one), and the prefixes of those read
+#: elsewhere (the tests).
 KNOWN_VARIABLES = {
     "TASKBROKER_": frozenset(
         s.variable("TASKBROKER_") for s in BROKER_SETTINGS + CLIENT_SETTINGS),
@@ -576,6 +653,6 @@ KNOWN_VARIABLES = {
         s.variable("TASKWORKER_") for s in WORKER_SETTINGS),
 }
 RESERVED_PREFIXES = {
-    "TASKBROKER_": ("TASKBROKER_TEST_", "TASKBROKER_CLIENT_"),
+    "TASKBROKER_": ("TASKBROKER_TEST_",),
     "TASKWORKER_": (),
 }

@@ -22,6 +22,7 @@ import stat
 import zmq
 import zmq.auth
 
+from taskbroker.config import check_curve_pair
 from taskbroker.errors import ConfigError
 
 #: The oldest libzmq whose CURVE the project trusts: 4.3.2 fixed a flaw
@@ -127,15 +128,17 @@ def load_secret(path, option):
         mode = os.stat(path).st_mode
     except OSError as e:
         raise ConfigError(f"{option}: {path}: {e.strerror}") from None
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise ConfigError(
-            f"{option}: {path}: a secret key readable by others (mode "
-            f"{stat.S_IMODE(mode):o}) is refused; chmod 600 {path}")
+    # Read before the mode is judged: a public file, readable by all as
+    # it should be, is the wrong file, and chmod would not help.
     public, secret = _read(path, option)
     if secret is None:
         raise ConfigError(
             f"{option}: {path}: no secret key in it (a public "
             f"{PUBLIC_SUFFIX} file? the secret one ends in {SECRET_SUFFIX})")
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise ConfigError(
+            f"{option}: {path}: a secret key readable by others (mode "
+            f"{stat.S_IMODE(mode):o}) is refused; chmod 600 {path}")
     if zmq.curve_public(secret) != public:
         raise ConfigError(f"{option}: {path}: its public and secret keys "
                           "do not belong together")
@@ -154,6 +157,8 @@ def load_public(path, option):
 
 def _read(path, option):
     try:
+        # pyzmq reports a missing file with no errno.
+        os.stat(path)
         public, secret = zmq.auth.load_certificate(path)
     except (OSError, ValueError) as e:
         reason = getattr(e, "strerror", None) or "no public key in it"
@@ -163,6 +168,43 @@ def _read(path, option):
             raise ConfigError(f"{option}: {path}: not a CURVE key file "
                               "(a key is 40 characters of Z85)")
     return public, secret
+
+
+def load_peer_keys(server_path, secret_path, peer,
+                   server_option="--curve-server-key",
+                   secret_option="--curve-secret-key"):
+    """
+    The keys of a worker or a client: the broker's public key, and its own
+    key pair.
+
+    :param server_path: the broker's public key file, or ``None``.
+    :param secret_path: the peer's secret key file, or ``None``; both or
+        neither.
+    :param peer: ``"worker"`` or ``"client"``, for the messages.
+    :param server_option: how the user named ``server_path``, for the
+        messages; likewise ``secret_option``.
+    :returns: ``None`` without CURVE (neither file), else ``(server,
+        public, secret)``, Z85 ``bytes`` each, as
+        :func:`taskbroker.transport.options.curve_client_options` takes
+        them.
+    :raises ConfigError: one file without the other, a libzmq without
+        CURVE, a file :func:`load_secret` or :func:`load_public` refuses,
+        or a secret file as the broker's key (the broker's secret belongs
+        on the broker's hosts only).
+    """
+    check_curve_pair(server_path, secret_path, server_option, secret_option,
+                     peer)
+    if server_path is None:
+        return None
+    check_support()
+    public, secret = load_secret(secret_path, secret_option)
+    server, server_secret = _read(server_path, server_option)
+    if server_secret is not None:
+        raise ConfigError(
+            f"{server_option}: {server_path}: holds a secret key; give the "
+            f"broker's public {PUBLIC_SUFFIX} file, and keep its secret on "
+            "the broker")
+    return server, public, secret
 
 
 def load_folder(folder, option):

@@ -8,7 +8,6 @@ import sys
 
 from taskbroker._tap import DaemonOptions, exit_with
 from taskbroker.config import BROKER_SETTINGS, broker_config
-from taskbroker.errors import ConfigError
 
 
 class Options(DaemonOptions):
@@ -27,15 +26,12 @@ class Options(DaemonOptions):
     command = "taskbroker"
     build_config = staticmethod(broker_config)
 
-    def postOptions(self):
-        DaemonOptions.postOptions(self)
+    @staticmethod
+    def load_curve(config):
+        # Imported here: the keys bring zmq, which --help does not need.
         from taskbroker.broker import keys
 
-        try:
-            self.curve = keys.load(self.config)
-        except ConfigError as e:
-            sys.stderr.write(f"twistd {self.command}: {e}\n")
-            raise SystemExit(2)
+        return keys.load(config)
 
 
 def makeService(options):
@@ -57,7 +53,7 @@ def makeService(options):
                            lease=config.lease)
     return BrokerService(config, store, reactor,
                          on_fatal=lambda message: exit_with(reactor, 1),
-                         curve=getattr(options, "curve", None))
+                         curve=options.curve)
 
 
 def _report_crashes():

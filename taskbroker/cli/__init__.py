@@ -62,7 +62,14 @@ def _run(argv, output, stdin, environ):
         return _keygen(options.subOptions, output)
     try:
         config = options.client_config(environ)
-        client = BlockingClient(config.broker, config.timeout)
+        # Read here first, so that a bad file is named by its option
+        # (the client names its keyword argument).
+        curve.load_peer_keys(config.curve_server_key,
+                             config.curve_secret_key, "client")
+        client = BlockingClient(
+            config.broker, config.timeout,
+            curve_server_key=config.curve_server_key,
+            curve_secret_key=config.curve_secret_key)
     except (ConfigError, ValueError) as e:
         output.error(str(e))
         return EXIT_USAGE

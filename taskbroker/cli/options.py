@@ -70,8 +70,9 @@ class _Options(usage.Options):
 class _CommandOptions(_Options):
     """
     A subcommand's options.  Options may follow its arguments
-    (``submit echo --payload 1``), and ``--broker``/``--timeout`` are
-    accepted here too, where users tend to put them.
+    (``submit echo --payload 1``), and the global options (``--broker``,
+    ``--timeout``, the CURVE keys) are accepted here too, where users tend
+    to put them.
     """
 
     optParameters = [
@@ -80,6 +81,12 @@ class _CommandOptions(_Options):
          "(overrides the global option)."],
         ["timeout", None, None,
          "Seconds to wait for each answer (overrides the global option)"],
+        ["curve-server-key", None, None,
+         "The broker's CURVE public key file (overrides the global "
+         "option)."],
+        ["curve-secret-key", None, None,
+         "This client's CURVE secret key file (overrides the global "
+         "option)."],
     ]
 
     #: How many positional arguments the command takes, for the messages.
@@ -304,6 +311,14 @@ def _shown(default):
     return ",".join(default) if isinstance(default, tuple) else default
 
 
+def _global_help(setting):
+    # A setting without a default describes it in its help.
+    default = ("" if setting.default is None
+               else f"; default: {_shown(setting.default)}")
+    return (f"{setting.help} (environment: "
+            f"{setting.variable('TASKBROKER_')}{default})")
+
+
 class Options(_Options):
     """
     The ``taskbroker`` command line.
@@ -311,6 +326,7 @@ class Options(_Options):
 
     synopsis = ("Usage: taskbroker [--broker ENDPOINT[,ENDPOINT...]] "
                 "[--timeout SECONDS] "
+                "[--curve-server-key FILE --curve-secret-key FILE] "
                 "COMMAND [options]")
     longdesc = (
         "Talk to a taskbroker broker.  Exit codes: 0 ok; 1 the task failed "
@@ -320,9 +336,7 @@ class Options(_Options):
     # Checked and layered with the environment by client_config; the
     # defaults are shown in the help.
     optParameters = [
-        [s.option, s.short, None,
-         f"{s.help} (environment: {s.variable('TASKBROKER_')}; default: "
-         f"{_shown(s.default)})"] for s in CLIENT_SETTINGS]
+        [s.option, s.short, None, _global_help(s)] for s in CLIENT_SETTINGS]
     subCommands = [
         ["submit", None, SubmitOptions, "Submit a task, or many with --from."],
         ["status", None, StatusOptions, "Show a task."],

@@ -15,24 +15,28 @@ therefore exist once; the two clients only move frames and keep time.
 """
 
 import json
+import os
 import sys
 from collections import Counter, namedtuple
 from uuid import uuid4
 
+from taskbroker import curve
 from taskbroker.client.errors import (
     BrokerUnavailable,
     ClientError,
+    InvalidKeys,
     InvalidRequest,
     RequestFailed,
     TaskNotFound,
     error_for_code,
 )
-from taskbroker.errors import one_line
+from taskbroker.errors import ConfigError, one_line
 from taskbroker.protocol import codec
 
 __all__ = [
     "BrokerUnavailable",
     "ClientError",
+    "InvalidKeys",
     "InvalidRequest",
     "RequestFailed",
     "TaskNotFound",
@@ -41,6 +45,7 @@ __all__ = [
     "Reply",
     "Submission",
     "check_task_spec",
+    "load_keys",
     "encode_request",
     "read_reply",
     "run_call",
@@ -79,6 +84,33 @@ _SPEC_KEYS = ("handler", "payload", "priority", "max_attempts", "delay",
 _CHECK_TASKS = codec.CLIENT_COMMANDS[b"SUBMIT"]["tasks"][0]
 
 _SUBMIT_ONLY = {b"SUBMIT": codec.CLIENT_COMMANDS[b"SUBMIT"]}
+
+#: Added to the reason of a request that got no answer, with CURVE: a
+#: failed handshake is not reported to the socket's user.
+CURVE_NO_ANSWER = ("; with CURVE, a wrong server key or a key the broker "
+                   "does not admit gets no answer either")
+
+
+def load_keys(curve_server_key, curve_secret_key):
+    """
+    Read a client's CURVE keys.
+
+    :param curve_server_key: the path of the broker's public key file
+        (``NAME.key``), or ``None``.
+    :param curve_secret_key: the path of the client's own key pair
+        (``NAME.key_secret``, readable by its owner only), or ``None``;
+        both or neither.
+    :returns: ``None`` without CURVE, else ``(server, public, secret)``,
+        Z85 ``bytes`` each.
+    :raises InvalidKeys: with one line naming the argument and the file.
+    """
+    paths = [None if path is None else os.fspath(path)
+             for path in (curve_server_key, curve_secret_key)]
+    try:
+        return curve.load_peer_keys(*paths, "client", "curve_server_key",
+                                    "curve_secret_key")
+    except ConfigError as e:
+        raise InvalidKeys(str(e)) from None
 
 
 class Request(namedtuple("Request",

@@ -37,11 +37,13 @@ from twisted.internet.defer import Deferred, ensureDeferred, fail, succeed
 from twisted.logger import Logger
 
 from taskbroker.client import (
+    CURVE_NO_ANSWER,
     Submission,
     cancel_call,
     encode_request,
     get_call,
     list_call,
+    load_keys,
     read_reply,
     retry_call,
     stats_call,
@@ -52,7 +54,7 @@ from taskbroker.client import (
 from taskbroker.client.errors import BrokerUnavailable
 from taskbroker.failover import EndpointRing, parse_endpoints
 from taskbroker.protocol import codec
-from taskbroker.transport.options import client_options
+from taskbroker.transport.options import client_options, curve_client_options
 from taskbroker.transport.zmq import DealerSocket, ZmqFactoryService
 
 __all__ = ["BrokerClient"]
@@ -92,7 +94,7 @@ class BrokerClient:
     log = Logger()
 
     def __init__(self, reactor, endpoint, timeout=5.0, zmq_factory=None,
-                 start=None):
+                 start=None, curve_server_key=None, curve_secret_key=None):
         """
         :param reactor: provides ``IReactorTime`` (for timeouts and waits)
             and, when ``zmq_factory`` is ``None``, the reactor the ZeroMQ
@@ -107,12 +109,26 @@ class BrokerClient:
             :meth:`close`.
         :param start: the index in the list of the first broker to use;
             ``None`` for a random one.
+        :param curve_server_key: with ``curve_secret_key``, CURVE: the
+            path of the broker's public key file (``NAME.key``, from
+            ``taskbroker keygen``).  Requests are encrypted, and go only
+            to a broker that holds its secret key (every broker of a
+            failover list holds the same one).  ``None`` (the default)
+            for plain links.
+        :param curve_secret_key: the path of this client's own key pair,
+            the ``NAME.key_secret`` file, readable by its owner only; the
+            broker must have ``NAME.key`` among its authorized clients.
+            Both files are read here, before anything else is opened.
         :raises ValueError: ``timeout`` or ``endpoint`` is invalid.
+        :raises taskbroker.client.errors.InvalidKeys: (a ``ValueError``
+            and a :class:`~taskbroker.errors.ConfigError`) one key file
+            without the other, or one that cannot be used.
         """
         if not timeout > 0:
             raise ValueError(
                 f"timeout must be a positive number, not {timeout!r}")
         endpoints = parse_endpoints(endpoint)
+        self._curve = load_keys(curve_server_key, curve_secret_key)
         self._ring = EndpointRing(endpoints, random.randrange(
             len(endpoints)) if start is None else start)
         self._reactor = reactor
@@ -146,10 +162,13 @@ class BrokerClient:
     def _socket_for(self, endpoint):
         socket = self._sockets.get(endpoint)
         if socket is None:
+            options = client_options()
+            if self._curve is not None:
+                options += curve_client_options(*self._curve)
             socket = self._sockets[endpoint] = DealerSocket(
                 self._zmq_factory, endpoint,
                 lambda frames: self._message_received(frames, endpoint),
-                options=client_options())
+                options=options)
         return socket
 
     def close(self):
@@ -246,6 +265,8 @@ class BrokerClient:
             reason = (f"no answer from {', '.join(entry.tried)} within "
                       f"{self.timeout + entry.request.extra_time:g} s "
                       f"to {command}")
+            if self._curve is not None:
+                reason += CURVE_NO_ANSWER
         if entry.request.writes:
             reason += f"; the {command} may or may not have taken effect"
         entry.deferred.errback(BrokerUnavailable(reason))

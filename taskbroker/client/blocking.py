@@ -42,11 +42,13 @@ from uuid import uuid4
 import zmq
 
 from taskbroker.client import (
+    CURVE_NO_ANSWER,
     Submission,
     cancel_call,
     encode_request,
     get_call,
     list_call,
+    load_keys,
     read_reply,
     retry_call,
     run_call,
@@ -58,7 +60,7 @@ from taskbroker.client import (
 from taskbroker.client.errors import BrokerUnavailable, RequestFailed
 from taskbroker.failover import EndpointRing, parse_endpoints
 from taskbroker.protocol import codec
-from taskbroker.transport.options import client_options
+from taskbroker.transport.options import client_options, curve_client_options
 
 __all__ = ["BlockingClient"]
 
@@ -106,7 +108,8 @@ class BlockingClient:
     """
 
     def __init__(self, endpoint, timeout=5.0, retries=2, context=None,
-                 clock=time.monotonic, start=None):
+                 clock=time.monotonic, start=None, curve_server_key=None,
+                 curve_secret_key=None):
         """
         :param endpoint: ``str``, e.g. ``"tcp://127.0.0.1:5555"``; or a
             failover list of brokers sharing one database, as a
@@ -120,8 +123,21 @@ class BlockingClient:
         :param start: the index in the list of the first broker to try;
             ``None`` for a random one, so that clients spread over the
             list.
+        :param curve_server_key: with ``curve_secret_key``, CURVE: the
+            path of the broker's public key file (``NAME.key``, from
+            ``taskbroker keygen``).  Requests are encrypted, and go only
+            to a broker that holds its secret key (every broker of a
+            failover list holds the same one).  ``None`` (the default)
+            for plain links.
+        :param curve_secret_key: the path of this client's own key pair,
+            the ``NAME.key_secret`` file, readable by its owner only; the
+            broker must have ``NAME.key`` among its authorized clients.
+            Both files are read here.
         :raises ValueError: ``timeout``, ``retries`` or ``endpoint`` is
             invalid.
+        :raises taskbroker.client.errors.InvalidKeys: (a ``ValueError``
+            and a :class:`~taskbroker.errors.ConfigError`) one key file
+            without the other, or one that cannot be used.
         """
         if not (isinstance(timeout, (int, float)) and math.isfinite(timeout)
                 and timeout > 0):
@@ -131,6 +147,7 @@ class BlockingClient:
             raise ValueError(
                 f"retries must be an integer >= 0, not {retries!r}")
         endpoints = parse_endpoints(endpoint)
+        self._curve = load_keys(curve_server_key, curve_secret_key)
         self._ring = EndpointRing(endpoints, random.randrange(
             len(endpoints)) if start is None else start)
         self.timeout = float(timeout)
@@ -164,7 +181,10 @@ class BlockingClient:
 
     def _open(self):
         socket = self._context.socket(zmq.DEALER)
-        for option, value in client_options():
+        options = client_options()
+        if self._curve is not None:
+            options += curve_client_options(*self._curve)
+        for option, value in options:
             socket.setsockopt(option, value)
         try:
             socket.connect(self.endpoint)
@@ -240,6 +260,8 @@ class BlockingClient:
                   f"{answer_time:g} s to {command}")
         if attempts > 1:
             reason += f" ({attempts} attempts)"
+        if self._curve is not None:
+            reason += CURVE_NO_ANSWER
         if ignored:
             reason += (f"; ignored {len(ignored)} invalid message(s), the "
                        f"last: {ignored[-1]}")

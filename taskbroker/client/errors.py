@@ -8,10 +8,11 @@ Callers tell three situations apart: the broker did not answer
 with ``ERROR`` (:class:`RequestFailed` and its subclasses: retrying the same
 request will not help, except for code ``unavailable``), and the client
 refused to send a request the broker would refuse anyway
-(:class:`InvalidRequest`).
+(:class:`InvalidRequest`).  A client that cannot use the CURVE key files
+it is given is not made at all (:class:`InvalidKeys`).
 """
 
-from taskbroker.errors import TaskbrokerError
+from taskbroker.errors import ConfigError, TaskbrokerError
 
 __all__ = [
     "ClientError",
@@ -19,6 +20,7 @@ __all__ = [
     "RequestFailed",
     "TaskNotFound",
     "InvalidRequest",
+    "InvalidKeys",
     "error_for_code",
 ]
 
@@ -80,6 +82,20 @@ class InvalidRequest(RequestFailed, ValueError):
     out of range, a payload or message too large).  ``code`` is the code the
     broker would have answered with, so callers can handle both alike.  It
     is also a ``ValueError``: it is raised for a bad argument.
+    """
+
+
+class InvalidKeys(ConfigError, ValueError):
+    """
+    A client's ``curve_server_key`` and ``curve_secret_key`` cannot be
+    used: one is given without the other, a file is missing or holds no
+    key, the secret file is readable by others than its owner, the
+    broker's key is given as its secret file, or libzmq has no CURVE.
+    The message is one line naming the argument and the file.
+
+    It is a :class:`~taskbroker.errors.ConfigError`, as the daemons and
+    the ``taskbroker`` command report the same files, and a
+    ``ValueError``, as the clients report their other bad arguments.
     """
 
 

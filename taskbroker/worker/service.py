@@ -19,6 +19,14 @@ after any reconnection: its ``HELLO`` lists the attempts it runs, for the
 new broker to adopt, and its unacknowledged results follow the
 ``WELCOME``; their fencing tokens decide whether they still count.
 
+With CURVE, the worker's DEALER proves the worker's key pair and talks
+only to a broker that holds the secret of the configured server key.
+Every broker of a failover list is expected to hold that one key pair (a
+fleet shares it).  A broker with another key, or one that does not admit
+the worker's key, is never heard from: ZeroMQ drops the connection during
+its handshake and reports nothing to the socket's user, so the worker
+warns when its HELLO stays unanswered.
+
 Handlers that do not block run in the reactor; blocking ones run in child
 processes (:mod:`taskbroker.worker.children`), so that a time limit or a
 cancellation can stop them and a crash cannot take the worker down.
@@ -35,7 +43,7 @@ from taskbroker.failover import EndpointRing, StoreWatch, start_position
 from taskbroker.protocol import codec
 from taskbroker.protocol.codec import ProtocolError, encode, encode_value
 from taskbroker.services import ServiceTree
-from taskbroker.transport.options import dealer_options
+from taskbroker.transport.options import curve_client_options, dealer_options
 from taskbroker.transport.zmq import DealerSocket, ZmqFactoryService
 from taskbroker.worker.children import ChildPool, Outcome
 from taskbroker.worker.runner import run_handler
@@ -43,6 +51,8 @@ from taskbroker.worker.task import RunningTask
 
 #: Seconds before the first HELLO is repeated when no WELCOME comes.
 HELLO_FIRST_RETRY = 0.05
+#: The longest interval between two warnings that no WELCOME came (s).
+UNWELCOMED_WARNING_MAX_INTERVAL = 600.0
 
 
 #: The most text of an error or traceback sent back (characters); the
@@ -101,12 +111,18 @@ class WorkerService(Service):
         process per slot.
     :param monotonic: seconds on a clock that never steps, for noticing a
         silent broker; default ``reactor.seconds``.
+    :param curve: ``None`` for plain links, or the CURVE keys ``(server,
+        public, secret)`` (Z85 ``bytes``, from
+        :func:`taskbroker.curve.load_peer_keys`) of the default
+        ``connect``'s sockets: the one server key is every broker's of the
+        failover list.
     """
 
     log = Logger()
 
     def __init__(self, config, handlers, reactor, on_fatal=None,
-                 connect=None, children=None, monotonic=None, zmq=None):
+                 connect=None, children=None, monotonic=None, zmq=None,
+                 curve=None):
         self.config = config
         self.handlers = handlers
         self.reactor = reactor
@@ -117,6 +133,7 @@ class WorkerService(Service):
         self.identity = (
             config.name + "/" + uuid.uuid4().hex).encode("utf-8")
         self._zmq = zmq
+        self._curve = curve
         self._connect = connect or self._connect_dealer
         # One broker at a time, from the failover list, starting where the
         # name points.
@@ -136,6 +153,10 @@ class WorkerService(Service):
         self._broker_seen = 0.0
         self._hello_retry = None
         self._hello_delay = HELLO_FIRST_RETRY
+        # When the current announcement began, and how long into it the
+        # next warning that no WELCOME came is due.
+        self._announced_at = None
+        self._unwelcomed_warning_at = None
         # task id -> (token, Deferred of its Outcome)
         self.tasks = {}
         # (task id, token) -> [RESULT body, monotonic time last sent]
@@ -182,16 +203,17 @@ class WorkerService(Service):
             handlers=",".join(sorted(self.handlers)) or "none")
 
     def _connect_dealer(self, endpoint, on_message):
-        return DealerSocket(
-            self._zmq.get_factory(), endpoint, on_message,
-            identity=self.identity, options=dealer_options(
-                codec.MAX_MESSAGE_SIZE,
-                # While the broker is away, HELLO is repeated, results are
-                # kept until acknowledged and credits are re-sent after
-                # WELCOME: nothing needs queueing, and a stale queue would
-                # replay a burst of old HELLOs and credits at the next
-                # broker.
-                immediate=True))
+        options = dealer_options(
+            codec.MAX_MESSAGE_SIZE,
+            # While the broker is away, HELLO is repeated, results are
+            # kept until acknowledged and credits are re-sent after
+            # WELCOME: nothing needs queueing, and a stale queue would
+            # replay a burst of old HELLOs and credits at the next broker.
+            immediate=True)
+        if self._curve is not None:
+            options += curve_client_options(*self._curve)
+        return DealerSocket(self._zmq.get_factory(), endpoint, on_message,
+                            identity=self.identity, options=options)
 
     # -- sending ---------------------------------------------------------
 
@@ -216,6 +238,8 @@ class WorkerService(Service):
         """
         self.broker_instance = None
         self._hello_delay = HELLO_FIRST_RETRY
+        self._announced_at = self._monotonic()
+        self._unwelcomed_warning_at = self._allowance
         self._hello()
 
     def _hello(self):
@@ -272,10 +296,14 @@ class WorkerService(Service):
         silence = now - self._broker_seen
         if self.broker_instance is None:
             # Announcing.  With other brokers to go to, one that has not
-            # answered within an allowance is left for the next.
-            if len(self._ring) > 1 and silence > self._allowance:
-                self._move("no answer to HELLO for {silence:.1f}s",
-                           silence=silence)
+            # answered within an allowance is left for the next (and the
+            # move is logged); with one, the wait is.
+            if len(self._ring) > 1:
+                if silence > self._allowance:
+                    self._move("no answer to HELLO for {silence:.1f}s",
+                               silence=silence)
+            else:
+                self._warn_unwelcomed(now)
             return
         if silence > self._allowance:
             if len(self._ring) > 1:
@@ -293,6 +321,32 @@ class WorkerService(Service):
             if now - entry[1] > self._allowance:
                 entry[1] = now
                 self._send(b"RESULT", entry[0])
+
+    def _warn_unwelcomed(self, now):
+        """
+        Warn that HELLO got no WELCOME, an allowance after the
+        announcement began, then each time the wait has doubled (at least
+        every :data:`UNWELCOMED_WARNING_MAX_INTERVAL`).
+        """
+        waited = now - self._announced_at
+        if waited < self._unwelcomed_warning_at:
+            return
+        self._unwelcomed_warning_at = waited + min(
+            waited, UNWELCOMED_WARNING_MAX_INTERVAL)
+        if self._curve is None:
+            self.log.warn(
+                "not welcomed: no answer to HELLO from broker {endpoint} "
+                "for {waited:.1f}s; still trying",
+                endpoint=self.endpoint, waited=waited)
+        else:
+            # The handshake's failures are not reported to us: say what
+            # they may be.
+            self.log.warn(
+                "not welcomed: no answer to HELLO from broker {endpoint} "
+                "for {waited:.1f}s; still trying (with CURVE, check that "
+                "--curve-server-key is this broker's public key and that "
+                "it authorizes this worker's key)",
+                endpoint=self.endpoint, waited=waited)
 
     def _move(self, reason, **fields):
         """
@@ -587,12 +641,14 @@ class WorkerService(Service):
 
 
 def make_worker_service(config, handlers, reactor, on_fatal=None,
-                        monotonic=None):
+                        monotonic=None, curve=None):
     """
     The worker daemon as a tree of services (:mod:`taskbroker.services`):
     the ZeroMQ context, then the worker; at the end the worker hands back
     its tasks and says BYE before the context closes.
 
+    :param curve: the CURVE keys, or ``None``, as :class:`WorkerService`
+        takes them.
     :returns: a :class:`~taskbroker.services.ServiceTree` whose child
         ``"worker"`` is the :class:`WorkerService`.
     """
@@ -603,7 +659,7 @@ def make_worker_service(config, handlers, reactor, on_fatal=None,
     zmq.setName("zmq")
     zmq.setServiceParent(tree)
     worker = WorkerService(config, handlers, reactor, on_fatal=on_fatal,
-                           monotonic=monotonic, zmq=zmq)
+                           monotonic=monotonic, zmq=zmq, curve=curve)
     worker.setName("worker")
     worker.setServiceParent(tree)
     return tree

@@ -25,6 +25,14 @@ class Options(DaemonOptions):
     command = "taskworker"
     build_config = staticmethod(worker_config)
 
+    @staticmethod
+    def load_curve(config):
+        # Imported here: the keys bring zmq, which --help does not need.
+        from taskbroker import curve
+
+        return curve.load_peer_keys(config.curve_server_key,
+                                    config.curve_secret_key, "worker")
+
 
 def makeService(options):
     """
@@ -40,4 +48,4 @@ def makeService(options):
     handlers = load_handlers(config.handlers_path)
     return make_worker_service(config, handlers, reactor,
                                on_fatal=lambda message: exit_with(reactor, 1),
-                               monotonic=time.monotonic)
+                               monotonic=time.monotonic, curve=options.curve)

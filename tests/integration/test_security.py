@@ -2,7 +2,8 @@
 CURVE against a real broker: who gets in, and as what.
 
 Peers here are raw pyzmq DEALER sockets, so that each test sets exactly
-the keys it means to (or none).
+the keys it means to (or none), and then real workers and ``taskbroker``
+commands given their keys.
 """
 
 import json
@@ -11,11 +12,14 @@ import re
 import subprocess
 
 import pytest
+import pytest_twisted
 import zmq
 
 from taskbroker import curve
+from taskbroker.client.api import BrokerClient
+from taskbroker.client.blocking import BlockingClient
 from taskbroker.protocol import codec
-from tests.integration.daemons import CLI
+from tests.integration.daemons import CLI, clean_environment
 
 #: Milliseconds a refused peer is given to get an answer it must not get.
 SILENCE_MS = 1500
@@ -163,3 +167,121 @@ def test_keygen_from_the_command_line(tmp_path):
     assert again.stderr == (f"taskbroker: {tmp_path / 'k' / 'node1.key'}: "
                             "exists; a key is never overwritten (remove it "
                             "first to replace it)\n")
+
+
+# -- workers and the command line with their keys ----------------------------
+
+
+def key_options(keys, key, server="broker"):
+    return ["--curve-server-key", str(keys / "keys" / f"{server}.key"),
+            "--curve-secret-key", str(keys / "keys" / f"{key}.key_secret")]
+
+
+def curve_worker(cluster, keys, *extra, key="w1", server="broker",
+                 **kwargs):
+    return cluster.start_worker(*key_options(keys, key, server), *extra,
+                                **kwargs)
+
+
+def curve_cli(cluster, keys, *args, key="c1", server="broker"):
+    return cluster.cli(*key_options(keys, key, server), *args)
+
+
+def test_a_worker_and_the_command_with_keys_run_a_task(cluster, keys):
+    curve_broker(cluster, keys)
+    curve_worker(cluster, keys, name="w1")
+    run = curve_cli(cluster, keys, "submit", "echo", "--payload", '"x"',
+                    "--wait")
+    assert (run.returncode, run.stdout, run.stderr) == (0, '"x"\n', "")
+    # The keys may also come from the environment.
+    env = {"TASKBROKER_CLIENT_CURVE_SERVER_KEY":
+           str(keys / "keys" / "broker.key"),
+           "TASKBROKER_CLIENT_CURVE_SECRET_KEY":
+           str(keys / "keys" / "c1.key_secret")}
+    run = subprocess.run([CLI, "--broker", cluster.endpoint, "workers",
+                          "--json"], env=clean_environment(env),
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert [w["name"] for w in json.loads(run.stdout)] == ["w1"]
+
+
+def test_a_worker_that_trusts_another_broker_key_gets_no_task(cluster, keys):
+    # The broker runs with the pair B2; the worker's key is authorized,
+    # but the worker takes B1 for the broker's key.
+    curve.keygen(str(keys / "keys"), "broker2")
+    cluster.start_broker(
+        "--curve-secret-key", str(keys / "keys" / "broker2.key_secret"),
+        "--authorized-workers", str(keys / "workers"),
+        "--authorized-clients", str(keys / "clients"))
+    submitted = curve_cli(cluster, keys, "submit", "echo", server="broker2")
+    assert submitted.returncode == 0, submitted.stderr
+    task_id = submitted.stdout.strip()
+    worker = curve_worker(cluster, keys, "--heartbeat", "0.2", name="w1",
+                          wait=False)
+    # Told after an allowance (3 x 0.2 s), then after each doubling.
+    worker.wait_for(r"not welcomed: no answer to HELLO from broker "
+                    + re.escape(cluster.endpoint) + r" for .*curve-server-key")
+    worker.wait_for(r"not welcomed: ", start=worker.after_match)
+    status = curve_cli(cluster, keys, "status", task_id, "--json",
+                       server="broker2")
+    assert json.loads(status.stdout)["state"] == "queued"
+    workers = curve_cli(cluster, keys, "workers", "--json", server="broker2")
+    assert json.loads(workers.stdout) == []
+    assert "welcomed by broker" not in worker.output()
+    assert worker.alive()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_python_clients_with_keys(cluster, keys):
+    from twisted.internet import reactor
+
+    curve_broker(cluster, keys)
+    curve_worker(cluster, keys, name="w1")
+    paths = {"curve_server_key": keys / "keys" / "broker.key",
+             "curve_secret_key": keys / "keys" / "c1.key_secret"}
+    client = BrokerClient(reactor, cluster.endpoint, timeout=10, **paths)
+    try:
+        task, _ = await client.submit("echo", {"via": "twisted"})
+        done = await client.wait(task["id"])
+    finally:
+        await client.close()
+    assert done["result"] == {"via": "twisted"}
+    with BlockingClient(cluster.endpoint, timeout=10, **paths) as blocking:
+        task, _ = blocking.submit("echo", {"via": "blocking"})
+        assert blocking.wait(task["id"])["result"] == {"via": "blocking"}
+
+
+def test_the_command_with_a_wrong_server_key_finds_no_broker(cluster, keys):
+    curve_broker(cluster, keys)
+    run = curve_cli(cluster, keys, "--timeout", "0.5", "stats",
+                    server="stranger")
+    assert (run.returncode, run.stdout) == (3, "")
+    [line] = run.stderr.splitlines()
+    assert line.startswith(f"taskbroker: no answer from {cluster.endpoint} "
+                           "within 0.5 s to STATS")
+    assert "with CURVE, a wrong server key" in line
+    # The right key gets an answer.
+    assert curve_cli(cluster, keys, "stats").returncode == 0
+
+
+def test_a_worker_with_a_client_key_is_refused(cluster, keys):
+    broker = curve_broker(cluster, keys)
+    worker = curve_worker(cluster, keys, key="c1", name="intruder",
+                          wait=False)
+    # A fatal ERROR: the worker says why and exits 1.
+    assert worker.wait_exit() == 1
+    assert re.search(r"taskworker refused by the broker: this key may not "
+                     r"act as a worker on this broker", worker.output())
+    broker.wait_for(r"refused HELLO from c1 \(")
+
+
+def test_a_worker_with_an_unusable_key_does_not_start(cluster, keys):
+    curve_broker(cluster, keys)
+    public = keys / "keys" / "w1.key"
+    worker = cluster.start_worker(
+        "--curve-server-key", str(keys / "keys" / "broker.key"),
+        "--curve-secret-key", str(public), wait=False)
+    assert worker.wait_exit() == 2
+    assert worker.output() == (
+        f"twistd taskworker: --curve-secret-key: {public}: no secret key in "
+        "it (a public .key file? the secret one ends in .key_secret)")

@@ -45,3 +45,20 @@ def silent_endpoint():
     yield router.getsockopt_string(zmq.LAST_ENDPOINT)
     router.close(0)
     context.term()
+
+
+@pytest.fixture
+def curve_keys(tmp_path):
+    """
+    Key pairs made by ``taskbroker keygen`` in ``tmp_path/keys``: the
+    broker's, a worker's (``w1``) and a client's (``c1``).
+
+    :returns: a function of a file name in that folder (``"broker.key"``,
+        ``"c1.key_secret"``) to its path, a ``str``.
+    """
+    from taskbroker import curve
+
+    folder = tmp_path / "keys"
+    for name in ("broker", "w1", "c1"):
+        curve.keygen(str(folder), name)
+    return lambda name: str(folder / name)

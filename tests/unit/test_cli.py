@@ -244,7 +244,7 @@ def test_refusals_exit_2(broker, code):
 
 def test_internal_error_is_one_line(broker, monkeypatch):
     class Exploding:
-        def __init__(self, *args):
+        def __init__(self, *args, **kwargs):
             raise RuntimeError("boom\nsecond line")
 
     monkeypatch.setattr(cli, "BlockingClient", Exploding)
@@ -736,3 +736,97 @@ def test_the_environment_gives_the_broker_and_the_timeout(
     assert result.code == 2
     assert result.error_line() == (
         "taskbroker: TASKBROKER_TIMEOUT: expected a number (got 'soon')")
+
+
+# CURVE keys.
+
+
+class _SpyClient:
+    """
+    Records the keyword arguments the command gives the client.
+    """
+
+    def __init__(self, monkeypatch):
+        self.kwargs = []
+        real = cli.BlockingClient
+
+        def make(*args, **kwargs):
+            self.kwargs.append(kwargs)
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(cli, "BlockingClient", make)
+
+
+def test_curve_keys_reach_the_client_from_anywhere(
+        silent_endpoint, curve_keys, monkeypatch):
+    spy = _SpyClient(monkeypatch)
+    server, secret = curve_keys("broker.key"), curve_keys("c1.key_secret")
+    keys = {"curve_server_key": server, "curve_secret_key": secret}
+    options = ["--curve-server-key", server, "--curve-secret-key", secret]
+    for argv in (options + ["stats"], ["stats"] + options):
+        result = run("--broker", silent_endpoint, "--timeout", "0.05", *argv)
+        assert result.code == 3
+        # No answer: with CURVE, the reason may be a key.
+        assert result.error_line().endswith(
+            "; with CURVE, a wrong server key or a key the broker does not "
+            "admit gets no answer either")
+    monkeypatch.setenv("TASKBROKER_CLIENT_CURVE_SERVER_KEY", server)
+    monkeypatch.setenv("TASKBROKER_CLIENT_CURVE_SECRET_KEY", secret)
+    assert run("--broker", silent_endpoint, "--timeout", "0.05",
+               "stats").code == 3
+    assert spy.kwargs == [keys] * 3
+
+
+def test_the_command_never_reads_the_brokers_secret_key(
+        broker, curve_keys, monkeypatch):
+    # TASKBROKER_CURVE_SECRET_KEY is the broker's: a command that read it
+    # would pose as the broker.
+    spy = _SpyClient(monkeypatch)
+    monkeypatch.setenv("TASKBROKER_CURVE_SECRET_KEY",
+                       curve_keys("broker.key_secret"))
+    broker.handlers["STATS"] = lambda body: reply(stats=STATS)
+    assert at(broker, "stats").code == 0
+    assert spy.kwargs == [{"curve_server_key": None,
+                           "curve_secret_key": None}]
+
+
+@pytest.mark.parametrize("given, expected", [
+    ({"--curve-server-key": "broker.key"},
+     "--curve-server-key without --curve-secret-key: give both (the "
+     "broker's public key file and this client's NAME.key_secret file) or "
+     "neither"),
+    ({"TASKBROKER_CLIENT_CURVE_SECRET_KEY": "c1.key_secret"},
+     "--curve-secret-key without --curve-server-key: give both (the "
+     "broker's public key file and this client's NAME.key_secret file) or "
+     "neither"),
+    ({"--curve-server-key": "broker.key", "--curve-secret-key": "c1.key"},
+     "--curve-secret-key: {c1.key}: no secret key in it (a public .key "
+     "file? the secret one ends in .key_secret)"),
+    ({"--curve-server-key": "nothing.key",
+      "--curve-secret-key": "c1.key_secret"},
+     "--curve-server-key: {nothing.key}: No such file or directory"),
+    ({"--curve-server-key": "broker.key_secret",
+      "--curve-secret-key": "c1.key_secret"},
+     "--curve-server-key: {broker.key_secret}: holds a secret key; give the "
+     "broker's public .key file, and keep its secret on the broker"),
+])
+def test_unusable_curve_keys_exit_2_in_one_line(
+        broker, curve_keys, monkeypatch, given, expected):
+    argv = []
+    for name, file in given.items():
+        if name.startswith("--"):
+            argv += [name, curve_keys(file)]
+        else:
+            monkeypatch.setenv(name, curve_keys(file))
+    result = at(broker, *argv, "stats")
+    assert result.code == 2
+    for name in ("c1.key", "nothing.key", "broker.key_secret"):
+        expected = expected.replace("{" + name + "}", curve_keys(name))
+    assert result.error_line() == "taskbroker: " + expected
+    assert broker.requests == []
+
+
+def test_help_names_the_curve_variables():
+    text = " ".join(run("--help").stdout.split())
+    assert "(environment: TASKBROKER_CLIENT_CURVE_SERVER_KEY)" in text
+    assert "(environment: TASKBROKER_CLIENT_CURVE_SECRET_KEY)" in text

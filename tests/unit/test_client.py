@@ -845,3 +845,85 @@ async def test_twisted_gives_up_once_every_broker_was_tried(
     assert f"no answer from {broker.endpoint}, {silent_endpoint}" in str(
         caught.value)
     assert broker.commands() == ["GET"]
+
+
+# CURVE keys: both or neither, read when the client is made.
+
+
+def _make_blocking(**keys):
+    return BlockingClient("tcp://127.0.0.1:1", **keys)
+
+
+def _make_twisted(**keys):
+    from twisted.internet import reactor
+
+    return BrokerClient(reactor, "tcp://127.0.0.1:1", **keys)
+
+
+@pytest.mark.parametrize("make", [_make_blocking, _make_twisted])
+@pytest.mark.parametrize("server, secret, expected", [
+    ("broker.key", None,
+     "curve_server_key without curve_secret_key: give both (the broker's "
+     "public key file and this client's NAME.key_secret file) or neither"),
+    (None, "c1.key_secret",
+     "curve_secret_key without curve_server_key: give both (the broker's "
+     "public key file and this client's NAME.key_secret file) or neither"),
+    ("broker.key", "c1.key",
+     "curve_secret_key: {c1.key}: no secret key in it (a public .key "
+     "file? the secret one ends in .key_secret)"),
+    ("nothing.key", "c1.key_secret",
+     "curve_server_key: {nothing.key}: No such file or directory"),
+])
+def test_unusable_curve_keys_are_invalid_keys(curve_keys, make, server,
+                                              secret, expected):
+    from taskbroker.client.errors import InvalidKeys
+    from taskbroker.errors import ConfigError
+
+    with pytest.raises(InvalidKeys) as caught:
+        make(curve_server_key=server and curve_keys(server),
+             curve_secret_key=secret and curve_keys(secret))
+    # Caught as the daemons' errors, or as the clients' other bad
+    # arguments.
+    assert isinstance(caught.value, ConfigError)
+    assert isinstance(caught.value, ValueError)
+    for name in ("c1.key", "nothing.key"):
+        expected = expected.replace("{" + name + "}", curve_keys(name))
+    assert str(caught.value) == expected
+
+
+def test_curve_key_paths_may_be_path_objects(curve_keys):
+    import pathlib
+
+    with BlockingClient(
+            "tcp://127.0.0.1:1",
+            curve_server_key=pathlib.Path(curve_keys("broker.key")),
+            curve_secret_key=pathlib.Path(curve_keys("c1.key_secret"))
+    ) as client:
+        assert client._curve is not None
+
+
+def test_no_answer_with_curve_says_a_key_may_be_why(silent_endpoint,
+                                                    curve_keys):
+    with BlockingClient(silent_endpoint, timeout=0.05, retries=0,
+                        curve_server_key=curve_keys("broker.key"),
+                        curve_secret_key=curve_keys("c1.key_secret")
+                        ) as client:
+        with pytest.raises(BrokerUnavailable) as caught:
+            client.stats()
+    assert str(caught.value).endswith(
+        "; with CURVE, a wrong server key or a key the broker does not "
+        "admit gets no answer either")
+
+
+@pytest_twisted.ensureDeferred
+async def test_twisted_no_answer_with_curve_says_a_key_may_be_why(
+        reactor, silent_endpoint, curve_keys):
+    client = BrokerClient(reactor, silent_endpoint, timeout=0.2,
+                          curve_server_key=curve_keys("broker.key"),
+                          curve_secret_key=curve_keys("c1.key_secret"))
+    try:
+        with pytest.raises(BrokerUnavailable) as caught:
+            await client.stats()
+    finally:
+        await client.close()
+    assert "with CURVE, a wrong server key" in str(caught.value)

@@ -367,3 +367,68 @@ def test_a_bad_broker_list_is_one_line_naming_the_endpoint(
 
 def test_failover_after_must_be_positive():
     assert "greater than 0" in config_error(worker, {"failover_after": "0"})
+
+
+# -- CURVE keys of the worker and the command line ---------------------------
+
+
+@pytest.mark.parametrize("build, peer", [(worker, "worker"),
+                                         (client, "client")])
+def test_curve_keys_come_both_or_neither(build, peer):
+    assert (build().curve_server_key, build().curve_secret_key) == (
+        None, None)
+    assert config_error(build, {"curve_server_key": "/k/broker.key"}) == (
+        "--curve-server-key without --curve-secret-key: give both (the "
+        f"broker's public key file and this {peer}'s NAME.key_secret file) "
+        "or neither")
+    assert config_error(build, {"curve_secret_key": "/k/me.key_secret"}) \
+        .startswith("--curve-secret-key without --curve-server-key: ")
+
+
+def test_curve_key_paths_are_made_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for build in (worker, client):
+        config = build({"curve_server_key": "keys/broker.key",
+                        "curve_secret_key": "me.key_secret"})
+        assert (config.curve_server_key, config.curve_secret_key) == (
+            str(tmp_path / "keys" / "broker.key"),
+            str(tmp_path / "me.key_secret"))
+    assert config_error(worker, {"curve_server_key": ""}).startswith(
+        "--curve-server-key: expected a file name")
+
+
+def test_curve_key_variables():
+    keys = ("/k/broker.key", "/k/me.key_secret")
+    config = worker(env={"TASKWORKER_CURVE_SERVER_KEY": keys[0],
+                         "TASKWORKER_CURVE_SECRET_KEY": keys[1]})
+    assert (config.curve_server_key, config.curve_secret_key) == keys
+    config = client(env={"TASKBROKER_CLIENT_CURVE_SERVER_KEY": keys[0],
+                         "TASKBROKER_CLIENT_CURVE_SECRET_KEY": keys[1]})
+    assert (config.curve_server_key, config.curve_secret_key) == keys
+
+
+def test_the_command_line_and_the_broker_never_read_each_others_keys():
+    # TASKBROKER_CURVE_SECRET_KEY is the broker's secret: a command that
+    # read it would pose as the broker.
+    config = client(env={"TASKBROKER_CURVE_SECRET_KEY": "/k/b.key_secret"})
+    assert (config.curve_server_key, config.curve_secret_key) == (
+        None, None)
+    config = broker(env={
+        "TASKBROKER_CLIENT_CURVE_SECRET_KEY": "/k/c.key_secret",
+        "TASKBROKER_CLIENT_CURVE_SERVER_KEY": "/k/b.key"})
+    assert config.curve_secret_key is None
+
+
+def test_a_setting_may_name_its_own_variable():
+    from taskbroker.config import CLIENT_SETTINGS
+
+    assert {s.field: s.variable("TASKBROKER_") for s in CLIENT_SETTINGS} \
+        == {"broker": "TASKBROKER_BROKER", "timeout": "TASKBROKER_TIMEOUT",
+            "curve_server_key": "TASKBROKER_CLIENT_CURVE_SERVER_KEY",
+            "curve_secret_key": "TASKBROKER_CLIENT_CURVE_SECRET_KEY"}
+    # Under its config's prefix, or not at all.
+    [secret] = [s for s in CLIENT_SETTINGS if s.field == "curve_secret_key"]
+    with pytest.raises(ValueError):
+        secret.variable("TASKWORKER_")
+    assert {s.variable("TASKWORKER_") for s in WORKER_SETTINGS} >= {
+        "TASKWORKER_CURVE_SERVER_KEY", "TASKWORKER_CURVE_SECRET_KEY"}

@@ -86,11 +86,16 @@ def test_files_that_are_not_keys_are_refused_in_one_line(tmp_path, content,
     assert str(e.value) == f"--curve-secret-key: {path}: {reason}"
 
 
-def test_a_public_file_given_as_the_secret_one_is_named(tmp_path):
+@pytest.mark.parametrize("mode", [0o600, 0o644])
+def test_a_public_file_given_as_the_secret_one_is_named(tmp_path, mode):
+    # Readable by all, as keygen leaves it: the advice is not to chmod it.
     public_path, _ = curve.keygen(str(tmp_path), "b")
-    os.chmod(public_path, 0o600)
-    with pytest.raises(ConfigError, match="no secret key in it"):
+    os.chmod(public_path, mode)
+    with pytest.raises(ConfigError) as e:
         curve.load_secret(public_path, "--curve-secret-key")
+    assert str(e.value) == (
+        f"--curve-secret-key: {public_path}: no secret key in it (a public "
+        ".key file? the secret one ends in .key_secret)")
 
 
 def test_a_pair_that_does_not_belong_together_is_refused(tmp_path):
@@ -104,6 +109,60 @@ def test_a_pair_that_does_not_belong_together_is_refused(tmp_path):
     os.chmod(mixed, 0o600)
     with pytest.raises(ConfigError, match="do not belong together"):
         curve.load_secret(str(mixed), "--curve-secret-key")
+
+
+# -- a worker's or a client's keys ---------------------------------------------
+
+
+def test_a_peer_reads_the_brokers_public_key_and_its_own_pair(curve_keys):
+    server, public, secret = curve.load_peer_keys(
+        curve_keys("broker.key"), curve_keys("w1.key_secret"), "worker")
+    assert server == curve.load_public(curve_keys("broker.key"), "t")
+    assert (public, secret) == curve.load_secret(
+        curve_keys("w1.key_secret"), "t")
+    assert curve.load_peer_keys(None, None, "worker") is None
+
+
+@pytest.mark.parametrize("server, secret, expected", [
+    ("broker.key", None,
+     "--curve-server-key without --curve-secret-key: give both (the "
+     "broker's public key file and this worker's NAME.key_secret file) or "
+     "neither"),
+    (None, "w1.key_secret",
+     "--curve-secret-key without --curve-server-key: give both (the "
+     "broker's public key file and this worker's NAME.key_secret file) or "
+     "neither"),
+    ("missing.key", "w1.key_secret",
+     "--curve-server-key: {missing.key}: No such file or directory"),
+    ("broker.key", "missing.key_secret",
+     "--curve-secret-key: {missing.key_secret}: No such file or directory"),
+    ("broker.key_secret", "w1.key_secret",
+     "--curve-server-key: {broker.key_secret}: holds a secret key; give the "
+     "broker's public .key file, and keep its secret on the broker"),
+    ("broker.key", "w1.key",
+     "--curve-secret-key: {w1.key}: no secret key in it (a public .key "
+     "file? the secret one ends in .key_secret)"),
+    ("notes.txt", "w1.key_secret",
+     "--curve-server-key: {notes.txt}: no public key in it"),
+])
+def test_a_peers_unusable_keys_are_refused_in_one_line(
+        curve_keys, server, secret, expected):
+    with open(curve_keys("notes.txt"), "w") as f:
+        f.write("not a key\n")
+    with pytest.raises(ConfigError) as e:
+        curve.load_peer_keys(server and curve_keys(server),
+                             secret and curve_keys(secret), "worker")
+    for name in ("missing.key", "missing.key_secret", "broker.key_secret",
+                 "w1.key", "notes.txt"):
+        expected = expected.replace("{" + name + "}", curve_keys(name))
+    assert str(e.value) == expected
+
+
+def test_a_peers_secret_key_readable_by_others_is_refused(curve_keys):
+    os.chmod(curve_keys("w1.key_secret"), 0o640)
+    with pytest.raises(ConfigError, match="readable by others"):
+        curve.load_peer_keys(curve_keys("broker.key"),
+                             curve_keys("w1.key_secret"), "worker")
 
 
 def test_peer_keys_by_role_and_reloaded(tmp_path):

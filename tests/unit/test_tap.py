@@ -229,6 +229,10 @@ def test_twistd_invalid_value_prints_one_line():
     (broker_tap, "TASKBROKER_POLL_INTERVALL", "TASKBROKER_POLL_INTERVAL"),
     (worker_tap, "TASKWORKER_CONCURENCY", "TASKWORKER_CONCURRENCY"),
     (worker_tap, "TASKWORKER_NAMES", "TASKWORKER_NAME"),
+    (worker_tap, "TASKWORKER_CURVE_SERVER_KY", "TASKWORKER_CURVE_SERVER_KEY"),
+    (broker_tap, "TASKBROKER_CLIENT_CURVE_SECRT_KEY",
+     "TASKBROKER_CLIENT_CURVE_SECRET_KEY"),
+    (broker_tap, "TASKBROKER_CURVE_SECRET_KY", "TASKBROKER_CURVE_SECRET_KEY"),
 ])
 def test_a_misspelt_variable_stops_the_daemon(
         monkeypatch, capsys, module, variable, known):
@@ -254,11 +258,14 @@ def test_an_unknown_variable_is_a_warning(monkeypatch, capsys):
 def test_the_command_lines_and_the_tests_variables_are_known(
         monkeypatch, capsys):
     for variable in ("TASKBROKER_BROKER", "TASKBROKER_TIMEOUT",
-                     "TASKBROKER_TEST_POSTGRES", "TASKBROKER_CLIENT_KEY",
+                     "TASKBROKER_CLIENT_CURVE_SERVER_KEY",
+                     "TASKBROKER_CLIENT_CURVE_SECRET_KEY",
+                     "TASKBROKER_TEST_POSTGRES",
                      # The other daemon's variables are its own business.
                      "TASKWORKER_CONCURRENCY"):
         monkeypatch.setenv(variable, "1")
-    parse(broker_tap, [])
+    # The broker reads none of them.
+    assert parse(broker_tap, []).config == BrokerConfig()
     assert capsys.readouterr().err == ""
 
 
@@ -277,6 +284,50 @@ def test_no_daemon_option_clashes_with_the_command_lines_variables():
         assert not variable.startswith(RESERVED_PREFIXES["TASKBROKER_"])
     worker = {s.variable("TASKWORKER_") for s in WORKER_SETTINGS}
     assert KNOWN_VARIABLES["TASKWORKER_"] == worker
+
+
+# -- the worker's CURVE keys: read before it starts -------------------------
+
+
+def test_the_worker_reads_its_curve_keys(curve_keys):
+    from taskbroker import curve
+
+    assert parse(worker_tap, []).curve is None
+    options = parse(worker_tap, [
+        "--curve-server-key", curve_keys("broker.key"),
+        "--curve-secret-key", curve_keys("w1.key_secret")])
+    assert options.curve == (
+        curve.load_public(curve_keys("broker.key"), "t"),
+        *curve.load_secret(curve_keys("w1.key_secret"), "t"))
+
+
+def test_the_worker_reads_its_curve_keys_from_the_environment(
+        curve_keys, monkeypatch):
+    monkeypatch.setenv("TASKWORKER_CURVE_SERVER_KEY", curve_keys("broker.key"))
+    monkeypatch.setenv("TASKWORKER_CURVE_SECRET_KEY",
+                       curve_keys("w1.key_secret"))
+    assert parse(worker_tap, []).curve is not None
+
+
+@pytest.mark.parametrize("server, secret, expected", [
+    ("broker.key", None, "--curve-server-key without --curve-secret-key: "),
+    ("broker.key", "w1.key", "--curve-secret-key: {w1.key}: no secret key"),
+    ("nothing.key", "w1.key_secret",
+     "--curve-server-key: {nothing.key}: No such file or directory"),
+])
+def test_unusable_curve_keys_stop_the_worker_in_one_line(
+        curve_keys, capsys, server, secret, expected):
+    argv = ["--curve-server-key", curve_keys(server)]
+    if secret is not None:
+        argv += ["--curve-secret-key", curve_keys(secret)]
+    with pytest.raises(SystemExit) as caught:
+        parse(worker_tap, argv)
+    assert caught.value.code == 2
+    out, err = capsys.readouterr()
+    for name in ("w1.key", "nothing.key"):
+        expected = expected.replace("{" + name + "}", curve_keys(name))
+    assert out == "" and err.startswith("twistd taskworker: " + expected)
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
 
 
 def test_options_are_declared_once_on_the_config_fields():

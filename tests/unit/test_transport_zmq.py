@@ -332,6 +332,43 @@ def test_every_client_socket_takes_its_options_from_one_place(factory):
         twisted_client.close()
 
 
+def test_every_client_socket_with_keys_speaks_curve(factory, zmq_service,
+                                                   curve_keys):
+    from twisted.internet import reactor as global_reactor
+
+    from taskbroker import curve
+    from taskbroker.client.api import BrokerClient
+    from taskbroker.client.blocking import BlockingClient
+    from taskbroker.config import WorkerConfig
+    from taskbroker.worker.service import WorkerService
+
+    server = curve_keys("broker.key")
+    blocking = BlockingClient("tcp://127.0.0.1:1", curve_server_key=server,
+                              curve_secret_key=curve_keys("c1.key_secret"))
+    twisted_client = BrokerClient(
+        global_reactor, "tcp://127.0.0.1:1", zmq_factory=factory,
+        curve_server_key=server,
+        curve_secret_key=curve_keys("c1.key_secret"))
+    worker = WorkerService(
+        WorkerConfig(), {}, global_reactor, zmq=zmq_service,
+        curve=curve.load_peer_keys(server, curve_keys("w1.key_secret"),
+                                   "worker"))
+    dealer = worker._connect_dealer("tcp://127.0.0.1:1", lambda frames: None)
+    plain = BlockingClient("tcp://127.0.0.1:1")
+    try:
+        for socket in (blocking._socket,
+                       twisted_client._socket_for(
+                           twisted_client.endpoint)._connection.socket,
+                       dealer._connection.socket):
+            # libzmq reads the keys back only into buffers of its sizes.
+            assert socket.getsockopt(zmq.MECHANISM) == zmq.CURVE
+            assert socket.getsockopt(zmq.CURVE_SERVER) == 0
+        assert plain._socket.getsockopt(zmq.MECHANISM) == zmq.NULL
+    finally:
+        for closable in (blocking, twisted_client, dealer, plain):
+            closable.close()
+
+
 def test_a_connection_that_never_finishes_its_handshake_is_dropped_soon(
         factory):
     from taskbroker.transport.options import HANDSHAKE_IVL_MS

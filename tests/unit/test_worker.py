@@ -448,6 +448,50 @@ def test_broker_silence_is_judged_by_its_announced_heartbeat(worker, clock):
     assert worker.fake.take(b"HELLO")
 
 
+def _not_welcomed(events):
+    return [e for e in events if e["log_format"].startswith("not welcomed")]
+
+
+def test_a_worker_nobody_welcomes_says_so_less_and_less_often(worker, clock):
+    with capturedLogs() as events:
+        for _ in range(13):
+            clock.advance(1)
+    # After an allowance (3 heartbeats of 1 s), then at each doubling.
+    warnings = _not_welcomed(events)
+    assert [e["waited"] for e in warnings] == [3.0, 6.0, 12.0]
+    assert warnings[0]["endpoint"] == "tcp://127.0.0.1:5555"
+    assert warnings[0]["log_level"].name == "warn"
+    assert "CURVE" not in warnings[0]["log_format"]
+    welcome(worker)
+    with capturedLogs() as events:
+        for _ in range(30):
+            clock.advance(1)
+            worker.fake.deliver(b"HEARTBEAT", {"broker": "b1"})
+    assert _not_welcomed(events) == []
+
+
+def test_with_curve_the_warning_names_the_keys(clock, handler):
+    # A wrong server key or an unauthorized key fails ZeroMQ's handshake,
+    # which the socket's user never hears of.
+    w = WorkerService(WorkerConfig(name="w"), {"manual": handler}, clock,
+                      connect=lambda endpoint, on_message: FakeSocket(
+                          on_message, endpoint),
+                      curve=(b"s" * 40, b"p" * 40, b"k" * 40))
+    w.startService()
+    try:
+        with capturedLogs() as events:
+            clock.advance(1)
+            clock.advance(1)
+            clock.advance(1)
+        [warning] = _not_welcomed(events)
+        assert "--curve-server-key is this broker's public key" in (
+            warning["log_format"])
+    finally:
+        stopped = w.stopService()
+        clock.advance(w.config.grace)
+        result_of(stopped)
+
+
 def test_a_result_too_large_to_send_fails_the_attempt(worker, handler):
     welcome(worker)
     worker.fake.deliver(b"TASK", task(10))
