@@ -76,6 +76,25 @@ class PeerKeys:
         self.workers, self.clients = read
         return problems
 
+    def changes(self, before):
+        """
+        What changed since ``before`` (a :meth:`snapshot`), for the log.
+
+        :returns: e.g. ``"workers +w3 -w1; clients +c2"``, or ``""``.
+        """
+        parts = []
+        for role, (old, new) in zip(("workers", "clients"),
+                                    zip(before, self.snapshot())):
+            added = sorted(new[key] for key in new.keys() - old.keys())
+            removed = sorted(old[key] for key in old.keys() - new.keys())
+            if added or removed:
+                parts.append(" ".join([role] + ["+" + n for n in added]
+                                      + ["-" + n for n in removed]))
+        return "; ".join(parts)
+
+    def snapshot(self):
+        return (dict(self.workers), dict(self.clients))
+
     def admits(self, key):
         """
         Whether a peer with this key may connect at all (ZAP).

@@ -34,7 +34,7 @@ from twisted.logger import Logger
 
 from taskbroker.broker.core import Broker
 from taskbroker.broker.status import RECOUNT_INTERVAL
-from taskbroker.errors import StoreLost, one_line
+from taskbroker.errors import ConfigError, StoreLost, one_line
 from taskbroker.protocol.codec import MAX_MESSAGE_SIZE
 from taskbroker.services import ServiceTree, StepService
 from taskbroker.store import describe_database
@@ -78,6 +78,9 @@ class BrokerService(ServiceTree):
         self._curve = curve
         self._zap = None
         self._refusals = RateLimit(BAD_MESSAGE_LOG_INTERVAL, monotonic)
+        # What the last reload of the authorization folders said was
+        # wrong, so that it is logged once, not at every reload.
+        self._key_problems = set()
         self.broker = Broker(config, store, reactor, self._send,
                              monotonic=monotonic)
         self._zmq = ZmqFactoryService(reactor)
@@ -94,6 +97,9 @@ class BrokerService(ServiceTree):
             self._timer("recounter", RECOUNT_INTERVAL, self._recount),
         ):
             child.setServiceParent(self)
+        if curve is not None and curve[1] is not None:
+            self._timer("keys", KEYS_RELOAD_INTERVAL,
+                        self.reload_keys).setServiceParent(self)
         if self.broker.claims.lease is not None:
             # Renewed every second, or three times a lease if that is
             # shorter, so that one late renewal does not lose the claims.
@@ -132,8 +138,8 @@ class BrokerService(ServiceTree):
         if self._curve is not None:
             keypair, keys = self._curve
             self.broker.peer_keys = keys
-            for problem in keys.problems if keys is not None else ():
-                log.warn("key file left out: {problem}", problem=problem)
+            if keys is not None:
+                self._note_key_problems(keys.problems)
             # Before the socket: where no ZAP handler answers, libzmq lets
             # every key in.
             try:
@@ -151,6 +157,31 @@ class BrokerService(ServiceTree):
                 MAX_MESSAGE_SIZE, curve=keypair)
         except Exception as e:
             raise OSError(f"cannot listen on {self.config.listen}: {e}") from None
+
+    def reload_keys(self):
+        """
+        Read the authorization folders again (every few seconds, and on
+        ``SIGHUP``): a key added may connect at once, a key removed is
+        refused at its next message.
+        """
+        keys = self.broker.peer_keys
+        if keys is None:
+            return
+        before = keys.snapshot()
+        try:
+            problems = keys.reload()
+        except ConfigError as e:
+            self._note_key_problems([f"{e}; the keys stay as they were"])
+            return
+        changes = keys.changes(before)
+        if changes:
+            log.info("authorized keys changed: {changes}", changes=changes)
+        self._note_key_problems(problems)
+
+    def _note_key_problems(self, problems):
+        for problem in sorted(set(problems) - self._key_problems):
+            log.warn("authorized keys: {problem}", problem=problem)
+        self._key_problems = set(problems)
 
     def _refused(self, key, reason, address):
         self.broker.counters["refused_keys"] += 1
@@ -210,6 +241,8 @@ class BrokerService(ServiceTree):
         return self.socket.endpoint if self.socket is not None else None
 
 
+#: Seconds between reads of the authorization folders (CURVE).
+KEYS_RELOAD_INTERVAL = 2.0
 #: Fewer descriptors than this and the broker warns at start.
 LOW_DESCRIPTOR_LIMIT = 4096
 #: The broker raises its soft descriptor limit towards its hard limit, up

@@ -4,6 +4,7 @@
 """
 
 import faulthandler
+import signal
 import sys
 
 from taskbroker._tap import DaemonOptions, exit_with
@@ -51,9 +52,13 @@ def makeService(options):
                            levels=config.priorities,
                            default_priority=config.default_priority,
                            lease=config.lease)
-    return BrokerService(config, store, reactor,
-                         on_fatal=lambda message: exit_with(reactor, 1),
-                         curve=options.curve)
+    service = BrokerService(config, store, reactor,
+                            on_fatal=lambda message: exit_with(reactor, 1),
+                            curve=options.curve)
+    # SIGHUP: read the authorization folders now.
+    signal.signal(signal.SIGHUP, lambda signum, frame: reactor.callFromThread(
+        service.reload_keys))
+    return service
 
 
 def _report_crashes():

@@ -9,6 +9,7 @@ commands given their keys.
 import json
 import os
 import re
+import signal
 import subprocess
 
 import pytest
@@ -285,3 +286,23 @@ def test_a_worker_with_an_unusable_key_does_not_start(cluster, keys):
     assert worker.output() == (
         f"twistd taskworker: --curve-secret-key: {public}: no secret key in "
         "it (a public .key file? the secret one ends in .key_secret)")
+
+
+def test_keys_added_and_removed_take_effect_without_a_restart(
+        cluster, keys, peers):
+    broker = curve_broker(cluster, keys)
+    assert peers("stranger").ask(*STATS, timeout=SILENCE_MS) is None
+    os.link(keys / "keys" / "stranger.key",
+            keys / "clients" / "stranger.key")
+    broker.wait_for(r"authorized keys changed: clients \+stranger")
+    late = peers("stranger")
+    assert late.ask(*STATS)[0] == b"REPLY"
+    os.unlink(keys / "clients" / "stranger.key")
+    # SIGHUP reads the folders at once (the timer does within 2 s).
+    mark = broker.mark()
+    broker.signal(signal.SIGHUP)
+    broker.wait_for(r"authorized keys changed: clients -stranger",
+                    start=mark)
+    # Still connected, but refused at its next message.
+    command, body = late.ask(*STATS)
+    assert (command, body["code"]) == (b"ERROR", "forbidden")
