@@ -343,6 +343,10 @@ class BrokerConfig:
         False, boolean,
         "With --curve-secret-key and no authorized folders: encrypt, but "
         "let any key in, as worker and as client.", flag=True)
+    require_curve: bool = setting(
+        False, boolean,
+        "Refuse to start without --curve-secret-key (without it, a broker "
+        "listening beyond loopback only warns).", flag=True)
     database: str = setting(
         "sqlite:///taskbroker.sqlite", database_url,
         "Database URL: sqlite:///relative.db, sqlite:////abs/path.db, or "
@@ -407,6 +411,10 @@ class BrokerConfig:
         levels = self.priorities
         folders = self.authorized_workers or self.authorized_clients
         if self.curve_secret_key is None:
+            if self.require_curve:
+                raise ConfigError(
+                    "--require-curve: give --curve-secret-key (and the "
+                    "authorized keys; see docs/security.rst)")
             if folders or self.allow_any_key:
                 raise ConfigError(
                     "--authorized-workers, --authorized-clients and "

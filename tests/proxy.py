@@ -17,8 +17,14 @@ class Proxy:
     Use as a context manager, or call :meth:`close`.
     """
 
-    def __init__(self, host, port):
+    def __init__(self, host, port, record=False):
+        """
+        :param record: keep every byte that passes, both ways, in
+            :attr:`recorded` (a ``bytearray``), for a test that looks at
+            what travels on the wire.
+        """
         self._target = (host, port)
+        self.recorded = bytearray() if record else None
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.port = self._listener.getsockname()[1]
         self._lock = threading.Lock()
@@ -72,16 +78,22 @@ class Proxy:
                 self._open += [client, server]
                 self.connections += 1
             for a, b in ((client, server), (server, client)):
-                threading.Thread(target=_pump, args=(a, b), daemon=True,
+                threading.Thread(target=self._pump, args=(a, b), daemon=True,
                                  name="test-proxy-pump").start()
 
+    def _pump(self, source, sink):
+        _pump(source, sink, self.recorded, self._lock)
 
-def _pump(source, sink):
+
+def _pump(source, sink, recorded=None, lock=None):
     try:
         while True:
             data = source.recv(65536)
             if not data:
                 break
+            if recorded is not None:
+                with lock:
+                    recorded += data
             sink.sendall(data)
     except OSError:
         pass

@@ -13,6 +13,8 @@ folder is refused at its next message, though libzmq keeps its
 connection.
 """
 
+import ipaddress
+
 from taskbroker import curve
 
 SECRET_OPTION = "--curve-secret-key"
@@ -114,3 +116,22 @@ class PeerKeys:
         name = self.workers.get(key) or self.clients.get(key)
         shown = key.decode("ascii", "replace") if key else "none"
         return f"{name} ({shown})" if name else f"unknown key {shown}"
+
+
+def reachable_from_afar(endpoint):
+    """
+    Whether peers on other hosts may reach a bound endpoint: any TCP
+    address but a loopback one (``*`` binds every interface, and an
+    interface or host name is taken as reachable).
+    """
+    if not endpoint.startswith("tcp://"):
+        return False  # ipc:// and inproc:// stay on the host
+    host = endpoint[len("tcp://"):].rsplit(":", 1)[0]
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if host in ("localhost", "lo"):
+        return False
+    try:
+        return not ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return True

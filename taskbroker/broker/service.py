@@ -33,6 +33,7 @@ from twisted.application.internet import TimerService
 from twisted.logger import Logger
 
 from taskbroker.broker.core import Broker
+from taskbroker.broker.keys import reachable_from_afar
 from taskbroker.broker.status import RECOUNT_INTERVAL
 from taskbroker.errors import ConfigError, StoreLost, one_line
 from taskbroker.protocol.codec import MAX_MESSAGE_SIZE
@@ -204,6 +205,13 @@ class BrokerService(ServiceTree):
 
     def _ready(self):
         _raise_descriptor_limit()
+        if self._curve is None and reachable_from_afar(self.socket.endpoint):
+            log.warn(
+                "listening on {endpoint} WITHOUT CURVE: anyone who can reach "
+                "it can submit and read every task, and register as a "
+                "worker to be sent them; give --curve-secret-key (see "
+                "docs/security.rst), bind a loopback address, or refuse "
+                "this with --require-curve", endpoint=self.socket.endpoint)
         log.info(
             "taskbroker ready: listening on {endpoint}, database {database}, "
             "levels {levels}, instance {instance}",

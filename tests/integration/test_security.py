@@ -21,6 +21,7 @@ from taskbroker.client.api import BrokerClient
 from taskbroker.client.blocking import BlockingClient
 from taskbroker.protocol import codec
 from tests.integration.daemons import CLI, clean_environment
+from tests.proxy import Proxy
 
 #: Milliseconds a refused peer is given to get an answer it must not get.
 SILENCE_MS = 1500
@@ -54,7 +55,7 @@ class Peer:
     without CURVE when ``name`` is ``None``).
     """
 
-    def __init__(self, cluster, keys, name, server="broker"):
+    def __init__(self, cluster, keys, name, server="broker", endpoint=None):
         self.context = zmq.Context()
         self.socket = self.context.socket(zmq.DEALER)
         self.socket.setsockopt(zmq.LINGER, 0)
@@ -65,7 +66,7 @@ class Peer:
                 str(keys / "keys" / f"{server}.key"), "test")
             self.socket.curve_publickey = public
             self.socket.curve_secretkey = secret
-        self.socket.connect(cluster.endpoint)
+        self.socket.connect(endpoint or cluster.endpoint)
 
     def ask(self, command, body, timeout=5000):
         """
@@ -306,3 +307,37 @@ def test_keys_added_and_removed_take_effect_without_a_restart(
     # Still connected, but refused at its next message.
     command, body = late.ask(*STATS)
     assert (command, body["code"]) == (b"ERROR", "forbidden")
+
+
+@pytest.mark.parametrize("with_curve", [True, False])
+def test_payloads_cross_the_wire_only_encrypted(cluster, keys, with_curve):
+    # A relay between client and broker records every byte: with CURVE it
+    # never sees the payload or the result; without, it does (so this
+    # test can fail).
+    if with_curve:
+        curve_broker(cluster, keys)
+    else:
+        cluster.start_broker()
+    host, port = cluster.endpoint[len("tcp://"):].rsplit(":", 1)
+    secret = "unmistakable-payload-4f9c2a"
+    with Proxy(host, int(port), record=True) as relay:
+        peer = Peer(cluster, keys, "c1" if with_curve else None,
+                    endpoint=f"tcp://127.0.0.1:{relay.port}")
+        try:
+            command, body = peer.ask(b"SUBMIT", {
+                "req": "r", "tasks": [{"handler": "echo",
+                                       "payload": secret}]})
+            assert command == b"REPLY"
+            assert body["tasks"][0]["payload"] == secret
+        finally:
+            peer.close()
+        seen = bytes(relay.recorded)
+    assert (secret.encode() in seen) is not with_curve
+
+
+def test_require_curve_refuses_to_start_without_it(cluster):
+    # (The warning a broker without CURVE gives when it listens beyond
+    # loopback is tested in test_broker_service: tests bind loopback only.)
+    refusing = cluster.start_broker("--require-curve", wait=False)
+    assert refusing.wait_exit() == 2
+    assert "--require-curve: give --curve-secret-key" in refusing.output()

@@ -118,3 +118,20 @@ def test_a_broker_whose_zap_handler_cannot_bind_never_listens(
         "inproc://zeromq.zap.01): Address already in use; without it any "
         "key would get in"]
     assert service.socket is None and not service.running
+
+
+def test_a_broker_beyond_loopback_without_curve_warns():
+    from types import SimpleNamespace
+
+    clock = Clock()
+    warnings = {}
+    for endpoint in ("tcp://0.0.0.0:5555", "tcp://127.0.0.1:5555"):
+        service = BrokerService(BrokerConfig(check_database="none"),
+                                MemoryStore(clock), clock)
+        service.socket = SimpleNamespace(endpoint=endpoint)
+        with capturedLogs() as events:
+            service._ready()
+        warnings[endpoint] = [e for e in events if "WITHOUT CURVE" in
+                              e.get("log_format", "")]
+    assert len(warnings["tcp://0.0.0.0:5555"]) == 1
+    assert warnings["tcp://127.0.0.1:5555"] == []

@@ -194,3 +194,24 @@ def test_peer_keys_by_role_and_reloaded(tmp_path):
     os.unlink(workers / "w1.key")
     peers.reload()
     assert peers.may_ask(key("later")) and not peers.admits(key("w1"))
+
+
+def test_which_endpoints_other_hosts_may_reach():
+    from taskbroker.broker.keys import reachable_from_afar
+
+    for endpoint in ("tcp://127.0.0.1:5555", "tcp://127.8.0.1:1",
+                     "tcp://[::1]:5555", "tcp://localhost:5555",
+                     "tcp://lo:5555", "ipc:///run/tb.sock", "inproc://x"):
+        assert not reachable_from_afar(endpoint), endpoint
+    for endpoint in ("tcp://0.0.0.0:5555", "tcp://*:5555", "tcp://[::]:1",
+                     "tcp://10.0.0.5:5555", "tcp://eth0:5555",
+                     "tcp://broker.example.com:5555"):
+        assert reachable_from_afar(endpoint), endpoint
+
+
+def test_require_curve_refuses_a_broker_without_it():
+    from taskbroker.config import BrokerConfig
+
+    with pytest.raises(ConfigError, match="--require-curve: give "
+                       "--curve-secret-key"):
+        BrokerConfig(require_curve=True)
