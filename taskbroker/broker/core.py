@@ -31,6 +31,7 @@ Each part is given this broker and reaches its siblings through it, as
 Buildbot's services reach theirs through their master.
 """
 
+import hashlib
 import random
 import uuid
 
@@ -118,6 +119,18 @@ class Broker:
         # and when to look for them next (see _reconcile).
         self._stray = set()
         self._next_reconcile = 0.0
+
+    def describe_peer(self, identity):
+        """
+        How logs name a peer: a worker by its name, anyone else by a
+        fingerprint of its route.  A route itself is never shown: a
+        worker's carries 128 random bits so that no other peer can take
+        its place by connecting under it.
+        """
+        session = self.sessions.get(identity)
+        if session is not None:
+            return f"worker {session.name}"
+        return "peer " + hashlib.blake2b(identity, digest_size=4).hexdigest()
 
     def level_of(self, name):
         """

@@ -151,10 +151,10 @@ class Router:
         broker.counters["busy"] += 1
         if self.busy_logs.allow(identity):
             self.log.warn(
-                "refused requests from {peer!r}: the broker is busy ("
+                "refused requests from {peer}: the broker is busy ("
                 "{pending} requests, {size} bytes in progress; further "
                 "refusals to this peer are counted, not logged, for "
-                "{interval:.0f}s)", peer=identity,
+                "{interval:.0f}s)", peer=broker.describe_peer(identity),
                 pending=broker.admission.pending,
                 size=broker.admission.pending_bytes,
                 interval=BAD_MESSAGE_LOG_INTERVAL)
@@ -187,8 +187,8 @@ class Router:
         except Exception:
             broker.counters["internal_errors"] += 1
             self.log.failure(
-                "internal error while handling {command} from {peer!r}",
-                command=command.decode(), peer=identity)
+                "internal error while handling {command} from {peer}",
+                command=command.decode(), peer=broker.describe_peer(identity))
             if worker_handler is None:
                 broker.requests.error(
                     identity, body.get("req"), "internal",
@@ -200,9 +200,9 @@ class Router:
         self._broker.counters["protocol_errors"] += 1
         if self.bad_messages.allow(identity):
             self.log.warn(
-                "bad message from {peer!r}: {reason} (further ones from "
+                "bad message from {peer}: {reason} (further ones from "
                 "this peer are counted, not logged, for {interval:.0f}s)",
-                peer=identity, reason=error.message,
+                peer=self._broker.describe_peer(identity), reason=error.message,
                 interval=BAD_MESSAGE_LOG_INTERVAL)
         if session is None:
             self._broker.requests.error(identity, error.req, error.code,

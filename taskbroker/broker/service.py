@@ -46,10 +46,6 @@ from taskbroker.transport.zmq import RouterSocket, ZmqFactoryService
 log = Logger()
 
 
-def _any_key(key):
-    return True
-
-
 class BrokerService(ServiceTree):
     """
     A running broker.
@@ -144,9 +140,7 @@ class BrokerService(ServiceTree):
             # Before the socket: where no ZAP handler answers, libzmq lets
             # every key in.
             try:
-                self._zap = ZapHandler(
-                    factory, keys.admits if keys is not None else _any_key,
-                    self._refused)
+                self._zap = ZapHandler(factory, self._refusal, self._refused)
             except Exception as e:
                 raise OSError(
                     "cannot serve CURVE authentication (ZAP handler at "
@@ -158,6 +152,15 @@ class BrokerService(ServiceTree):
                 MAX_MESSAGE_SIZE, curve=keypair)
         except Exception as e:
             raise OSError(f"cannot listen on {self.config.listen}: {e}") from None
+
+    def _refusal(self, key):
+        """
+        ZAP: why a key may not connect, or ``None``.
+        """
+        keys = self.broker.peer_keys
+        if keys is not None and not keys.admits(key):
+            return "a key not authorized"
+        return None
 
     def reload_keys(self):
         """

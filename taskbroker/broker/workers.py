@@ -342,8 +342,8 @@ class Workers:
         if self._logs.allow((identity, "stale")):
             self.log.info(
                 "task {task_id} token {token} is no longer current; telling "
-                "{peer!r} to stop it", task_id=task_id, token=token,
-                peer=identity)
+                "{peer} to stop it", task_id=task_id, token=token,
+                peer=self._broker.describe_peer(identity))
         self.cancel(identity, task_id, token)
 
     def cancel(self, identity, task_id, token):

@@ -31,14 +31,15 @@ ZAP_ENDPOINT = "inproc://zeromq.zap.01"
 _VERSION = b"1.0"
 
 
-def answer(request, admits):
+def answer(request, refusal):
     """
     The reply to one ZAP request.
 
     :param request: the request's frames: version, request id, domain,
         address, routing identity, mechanism, then the credentials (for
         CURVE, the 32-byte public key).
-    :param admits: ``admits(key) -> bool`` for a Z85 key (``bytes``).
+    :param refusal: ``refusal(key)``: why a Z85 key (``bytes``) may not
+        connect, or ``None`` if it may.
     :returns: ``(reply frames, key or None, reason)``: the key that asked
         (Z85, ``None`` if none was given) and why it was refused (``None``
         when admitted).
@@ -53,9 +54,9 @@ def answer(request, admits):
         return _reply(request_id, b"400", b"CURVE only"), None, \
             f"mechanism {mechanism.decode('ascii', 'replace')}"
     key = z85.encode(credentials[0])
-    if not admits(key):
-        return _reply(request_id, b"400", b"Unknown key"), key, \
-            "a key not authorized"
+    reason = refusal(key)
+    if reason is not None:
+        return _reply(request_id, b"400", b"Refused"), key, reason
     return _reply(request_id, b"200", b"OK", key), key, None
 
 
@@ -68,8 +69,8 @@ class ZapHandler:
     The ZAP handler of one ZeroMQ context.
 
     :param factory: the txZMQ factory (its context).
-    :param admits: ``admits(key) -> bool``, called in the reactor for
-        each peer that connects.
+    :param refusal: ``refusal(key)``, called in the reactor for each
+        peer that connects: why it may not, or ``None``.
     :param refused: called with ``(key, reason, address)`` for each peer
         refused (``key`` ``None`` when it gave none), to be logged.
     :raises zmq.ZMQError: if the handler cannot be bound (another one is
@@ -78,8 +79,8 @@ class ZapHandler:
 
     log = Logger()
 
-    def __init__(self, factory, admits, refused):
-        self._admits = admits
+    def __init__(self, factory, refusal, refused):
+        self._refusal = refusal
         self._refused = refused
         self._connection = _Connection(factory, zmq.REP, self._handle, [],
                                        [])
@@ -91,7 +92,7 @@ class ZapHandler:
             raise
 
     def _handle(self, request):
-        reply, key, reason = answer(request, self._admits)
+        reply, key, reason = answer(request, self._refusal)
         if reason is not None:
             address = request[3].decode("utf-8", "replace") \
                 if len(request) > 3 else "?"

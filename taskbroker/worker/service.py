@@ -32,7 +32,7 @@ processes (:mod:`taskbroker.worker.children`), so that a time limit or a
 cancellation can stop them and a crash cannot take the worker down.
 """
 
-import uuid
+import secrets
 
 from twisted.application.service import Service
 from twisted.internet import defer, task
@@ -131,7 +131,7 @@ class WorkerService(Service):
         # guess it and take the worker's place; it is never shown (the
         # broker shows the name).
         self.identity = (
-            config.name + "/" + uuid.uuid4().hex).encode("utf-8")
+            config.name + "/" + secrets.token_hex(16)).encode("utf-8")
         self._zmq = zmq
         self._curve = curve
         self._connect = connect or self._connect_dealer

@@ -55,10 +55,13 @@ class Peer:
     without CURVE when ``name`` is ``None``).
     """
 
-    def __init__(self, cluster, keys, name, server="broker", endpoint=None):
+    def __init__(self, cluster, keys, name, server="broker", endpoint=None,
+                 identity=None):
         self.context = zmq.Context()
         self.socket = self.context.socket(zmq.DEALER)
         self.socket.setsockopt(zmq.LINGER, 0)
+        if identity is not None:
+            self.socket.setsockopt(zmq.ROUTING_ID, identity)
         if name is not None:
             public, secret = curve.load_secret(
                 str(keys / "keys" / f"{name}.key_secret"), "test")
