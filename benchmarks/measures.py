@@ -52,9 +52,13 @@ def _json(text, source):
                          f"{text[:100]!r}") from None
 
 
-def _client(endpoint, timeout=60.0):
+def _client(endpoint, timeout=60.0, **keys):
+    """
+    :param keys: ``curve_server_key`` and ``curve_secret_key``, for a
+        broker with CURVE.
+    """
     from taskbroker.client.blocking import BlockingClient
-    return BlockingClient(endpoint, timeout=timeout)
+    return BlockingClient(endpoint, timeout=timeout, **keys)
 
 
 class _Daemons:
@@ -167,17 +171,22 @@ def _bulk(client, specs):
 # -- 1. throughput -------------------------------------------------------
 
 
-def _bulk_throughput(ctx, n, details, extra=()):
+def _bulk_throughput(ctx, n, details, extra=(), curve=None):
     """
     N echo tasks submitted with the bulk API to a broker started with
     ``extra`` options, 2 workers x 1 slot.
+
+    :param curve: a :class:`_CurveKeys`, for CURVE everywhere.
     """
     out = {}
-    label = "throughput-bulk" + "".join(extra).replace("-", "")
+    label = "throughput-bulk" + "".join(extra).replace("-", "") + (
+        "-curve" if curve else "")
     with _Daemons(ctx, ctx.folder(label)) as daemons:
-        broker = daemons.broker(extra=extra)
-        workers = daemons.workers(broker.endpoint, ["w1", "w2"])
-        with _client(broker.endpoint) as client:
+        broker = daemons.broker(extra=extra + (curve.broker if curve else ()))
+        workers = daemons.workers(broker.endpoint, ["w1", "w2"],
+                                  extra=curve.worker if curve else ())
+        with _client(broker.endpoint,
+                     **(curve.client if curve else {})) as client:
             specs = [{"handler": "echo", "payload": i} for i in range(n)]
             cpu = [cpu_seconds(p.pid) for p in (broker, *workers)]
             began = time.time()
@@ -241,12 +250,22 @@ def run_latency(ctx):
     returns the time it ran), so that submit->start is when the handler
     started on the worker.
     """
-    n = ctx.params.latency
+    return _one_at_a_time(ctx, ctx.params.latency)
+
+
+def _one_at_a_time(ctx, n, curve=None):
+    """
+    The latency workload, on a broker with CURVE everywhere if ``curve``
+    (a :class:`_CurveKeys`) is given.
+    """
     dispatch, finished, wall = [], [], []
-    with _Daemons(ctx, ctx.folder("latency")) as daemons:
-        broker = daemons.broker()
-        daemons.workers(broker.endpoint, ["w1", "w2"], extra=STAMP)
-        with _client(broker.endpoint, timeout=30) as client:
+    with _Daemons(ctx, ctx.folder("latency" + ("-curve" if curve else ""))
+                  ) as daemons:
+        broker = daemons.broker(extra=curve.broker if curve else ())
+        daemons.workers(broker.endpoint, ["w1", "w2"],
+                        extra=STAMP + (curve.worker if curve else ()))
+        with _client(broker.endpoint, timeout=30,
+                     **(curve.client if curve else {})) as client:
             for i in range(ctx.params.warmup):
                 task, _ = client.submit("stamp", i)
                 client.wait(task["id"], timeout=30)
@@ -680,3 +699,53 @@ def run_rq(ctx):
         "--logging_level", "WARNING", "--name", f"{tag}-w{i}", tag]
         for i in (1, 2)],
         "rq_driver.py", ctx.params.compare)
+
+
+# -- 11. CURVE -------------------------------------------------------------
+
+
+class _CurveKeys:
+    """
+    Key pairs for a broker, its workers (one pair for both) and a client,
+    made in ``folder``, and the options that give them to each.
+    """
+
+    def __init__(self, folder):
+        from taskbroker import curve
+
+        for name in ("broker", "worker", "client"):
+            curve.keygen(folder, name)
+        for role, name in (("workers", "worker"), ("clients", "client")):
+            os.mkdir(os.path.join(folder, role))
+            shutil.copy(os.path.join(folder, name + ".key"),
+                        os.path.join(folder, role))
+        server = os.path.join(folder, "broker.key")
+        self.broker = (
+            "--curve-secret-key", os.path.join(folder, "broker.key_secret"),
+            "--authorized-workers", os.path.join(folder, "workers"),
+            "--authorized-clients", os.path.join(folder, "clients"))
+        self.worker = ("--curve-server-key", server, "--curve-secret-key",
+                       os.path.join(folder, "worker.key_secret"))
+        self.client = {
+            "curve_server_key": server,
+            "curve_secret_key": os.path.join(folder, "client.key_secret")}
+
+
+@_guard
+def run_curve(ctx):
+    """
+    The throughput and latency workloads with CURVE on every link (the
+    broker's keys, the workers' and the client's), and off, in the same
+    run.
+    """
+    keys = _CurveKeys(ctx.folder("curve-keys"))
+    out = {}
+    for label, curve in (("on", keys), ("off", None)):
+        bulk = _bulk_throughput(ctx, ctx.params.throughput, {}, curve=curve)
+        out[f"curve.{label}.throughput"] = bulk["tb.throughput.bulk"]
+        out[f"curve.{label}.broker_cpu"] = bulk["tb.throughput.broker_cpu"]
+        latency = _one_at_a_time(ctx, ctx.params.latency, curve)
+        for q in (50, 99):
+            out[f"curve.{label}.result_p{q}"] = latency[
+                f"tb.latency.result_p{q}"]
+    return out

@@ -60,6 +60,9 @@ def metrics(p):
     S10 = (f"10 PostgreSQL priority: {p.pg_priority_low:,} low tasks "
            "inserted by SQL, general workers busy, 1 worker reserved for "
            f"high; {p.pg_priority_high} high tasks one at a time")
+    S11 = (f"11 CURVE: {p.throughput:,} echo tasks (2 workers x 1 slot) "
+           f"and {p.latency:,} one at a time, every link encrypted and "
+           "authenticated, then plain, in the same run")
     pg_compare = (f" ({p.pg_compare:,} jobs)"
                   if p.pg_compare != p.pg_throughput else "")
     sqlite_rate = ("pg.throughput.sqlite", "tb.throughput.bulk")
@@ -272,6 +275,26 @@ def metrics(p):
                "floor.latency.result_p50"),
         Metric("pg.priority.depth", S10,
                "  low tasks queued meanwhile (SQL count)", "tasks"),
+
+        Metric("curve.on.throughput", S11, "throughput with CURVE",
+               "tasks/s", tp, ("versus", "curve.off.throughput", "plain")),
+        Metric("curve.on.broker_cpu", S11,
+               "  the broker's CPU meanwhile (% of one core)", "%"),
+        Metric("curve.off.throughput", S11, "throughput, plain", "tasks/s",
+               tp),
+        Metric("curve.off.broker_cpu", S11,
+               "  the broker's CPU meanwhile (% of one core)", "%"),
+        Metric("curve.on.result_p50", S11,
+               "submit->result p50 with CURVE (client wall)", "ms",
+               "floor.latency.result_p50",
+               ("versus", "curve.off.result_p50", "plain")),
+        Metric("curve.on.result_p99", S11, "submit->result p99 with CURVE",
+               "ms", "floor.latency.result_p99",
+               ("versus", "curve.off.result_p99", "plain")),
+        Metric("curve.off.result_p50", S11, "submit->result p50, plain",
+               "ms", "floor.latency.result_p50"),
+        Metric("curve.off.result_p99", S11, "submit->result p99, plain",
+               "ms", "floor.latency.result_p99"),
     ]
 
 

@@ -87,6 +87,8 @@ MEASURES = {
                       "8-9: procrastinate on the same PostgreSQL server"),
     "pgqueuer": (postgresql.run_pgqueuer,
                  "8-9: pgqueuer on the same PostgreSQL server"),
+    "curve": (measures.run_curve,
+              "11: throughput and latency with CURVE on, and off"),
 }
 
 #: kombu's Redis transport needs packages of the "redis" extra.
