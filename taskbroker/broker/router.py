@@ -103,6 +103,11 @@ class Router:
         answered = None
         try:
             answered = self._handle(identity, session, frames)
+            if session is None and sender.key is not None:
+                # A session opened by this message knows its key.
+                opened = broker.sessions.get(identity)
+                if opened is not None:
+                    opened.key = sender.key
         finally:
             if size is not None:
                 if answered is None:

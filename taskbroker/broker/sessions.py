@@ -27,11 +27,13 @@ class Session:
         worker confirms it in a heartbeat.
     :ivar adopting: task id -> token of the attempts it brought from
         another broker, while this one asks the store for them.
+    :ivar key: with CURVE, the public key it authenticated with (Z85
+        ``bytes``), else ``None``.
     """
 
     __slots__ = ("identity", "name", "levels", "handlers", "slots",
                  "heartbeat", "connected_since", "last_seen", "seen_at",
-                 "running", "sent_at", "adopting")
+                 "running", "sent_at", "adopting", "key")
 
     def __init__(self, identity, name, levels, handlers, slots, heartbeat,
                  now, monotonic_now):
@@ -47,6 +49,7 @@ class Session:
         self.running = {}
         self.sent_at = {}
         self.adopting = {}
+        self.key = None
 
     def __repr__(self):
         return f"<Session {self.name!r} {self.identity!r}>"

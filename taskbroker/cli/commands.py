@@ -306,8 +306,11 @@ def _workers(client, options, output, stdin):
     if options["json"]:
         output.json(workers)
         return EXIT_OK
+    # With CURVE, the start of each worker's key, enough to tell keys
+    # apart (--json has them whole).
+    keyed = any(worker.get("key") for worker in workers)
     _table(output, ["NAME", "PRIORITIES", "HANDLERS", "SLOTS", "BUSY",
-                    "CONNECTED", "LAST SEEN"], [
+                    "CONNECTED", "LAST SEEN"] + ["KEY"] * keyed, [
         [_text(worker.get("name")),
          # null priorities: the worker serves every level.
          "*" if worker.get("priorities") is None
@@ -315,6 +318,7 @@ def _workers(client, options, output, stdin):
          _text(worker.get("handlers")), _text(worker.get("slots")),
          _text(worker.get("busy")), _time(worker.get("connected_since")),
          _time(worker.get("last_seen"))]
+        + [_text(worker.get("key"))[:12]] * keyed
         for worker in workers])
     return EXIT_OK
 

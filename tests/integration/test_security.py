@@ -207,7 +207,9 @@ def test_a_worker_and_the_command_with_keys_run_a_task(cluster, keys):
                           "--json"], env=clean_environment(env),
                          capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stderr
-    assert [w["name"] for w in json.loads(run.stdout)] == ["w1"]
+    w1 = curve.load_public(str(keys / "keys" / "w1.key"), "t").decode()
+    assert [(w["name"], w["key"]) for w in json.loads(run.stdout)] == [
+        ("w1", w1)]
 
 
 def test_a_worker_that_trusts_another_broker_key_gets_no_task(cluster, keys):

@@ -610,6 +610,7 @@ def test_stats_and_workers(broker, peers):
     [worker] = peers.take(b"client")[0][2]["workers"]
     assert worker["name"] == "w1" and worker["busy"] == 0
     assert worker["handlers"] == ["echo", "sleep"]
+    assert worker["key"] is None  # no CURVE here
 
 
 def test_a_batch_is_handed_out_most_urgent_first(broker, peers):

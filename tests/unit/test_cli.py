@@ -634,6 +634,16 @@ def test_workers_json_and_table(broker):
     assert first.split()[:5] == ["build-7", "high,normal", "echo,resize",
                                  "4", "1"]
     assert second.split()[1] == "*"
+    assert "KEY" not in header  # no CURVE
+
+
+def test_workers_table_shows_the_start_of_each_key(broker):
+    key = "rq:rM>}U?@Lns47E1%kR.o@n%FcmmsL/@{H8]yf7"
+    broker.handlers["WORKERS"] = lambda body: reply(
+        workers=[{**WORKER, "key": key}])
+    header, row = at(broker, "workers").stdout.splitlines()
+    assert header.split()[-1] == "KEY"
+    assert row.split()[-1] == key[:12]
 
 
 STATS = {
