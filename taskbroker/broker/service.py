@@ -40,7 +40,11 @@ from taskbroker.protocol.codec import MAX_MESSAGE_SIZE
 from taskbroker.services import ServiceTree, StepService
 from taskbroker.store import describe_database
 from taskbroker.broker.router import BAD_MESSAGE_LOG_INTERVAL, RateLimit
-from taskbroker.transport.zap import ZAP_ENDPOINT, ZapHandler
+from taskbroker.transport.zap import (
+    ZAP_ENDPOINT,
+    HandshakeMonitor,
+    ZapHandler,
+)
 from taskbroker.transport.zmq import RouterSocket, ZmqFactoryService
 
 log = Logger()
@@ -74,6 +78,7 @@ class BrokerService(ServiceTree):
         # (keypair, peer keys or None), from taskbroker.broker.keys.load.
         self._curve = curve
         self._zap = None
+        self._handshakes = None
         self._refusals = RateLimit(BAD_MESSAGE_LOG_INTERVAL, monotonic)
         # What the last reload of the authorization folders said was
         # wrong, so that it is logged once, not at every reload.
@@ -152,6 +157,9 @@ class BrokerService(ServiceTree):
                 MAX_MESSAGE_SIZE, curve=keypair)
         except Exception as e:
             raise OSError(f"cannot listen on {self.config.listen}: {e}") from None
+        if keypair is not None:
+            self._handshakes = HandshakeMonitor(
+                factory, self.socket.zmq_socket, self._handshake_failed)
 
     def _refusal(self, key):
         """
@@ -198,7 +206,20 @@ class BrokerService(ServiceTree):
                      reason=reason, key=shown,
                      interval=BAD_MESSAGE_LOG_INTERVAL)
 
+    def _handshake_failed(self, reason):
+        # libzmq does not say from where: the event names the broker's
+        # own endpoint.
+        self.broker.counters["refused_keys"] += 1
+        if self._refusals.allow(reason):
+            log.warn("refused a connection that failed the CURVE "
+                     "handshake: {reason} (further ones are counted, not "
+                     "logged, for {interval:.0f}s)", reason=reason,
+                     interval=BAD_MESSAGE_LOG_INTERVAL)
+
     def _close(self):
+        if self._handshakes is not None:
+            handshakes, self._handshakes = self._handshakes, None
+            handshakes.close()
         if self.socket is not None:
             socket, self.socket = self.socket, None
             socket.close()

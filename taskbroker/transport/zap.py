@@ -19,8 +19,9 @@ turn, which is as long as any message waits.
 """
 
 import zmq
+from twisted.internet import task
 from twisted.logger import Logger
-from zmq.utils import z85
+from zmq.utils import monitor, z85
 from txzmq import ZmqEndpoint, ZmqEndpointType
 
 from taskbroker.transport.zmq import _Connection
@@ -102,3 +103,74 @@ class ZapHandler:
 
     def close(self):
         self._connection.close()
+
+
+#: Where the broker's ROUTER reports failed handshakes, in its context.
+MONITOR_ENDPOINT = "inproc://taskbroker.handshakes"
+#: Seconds between reads of those reports.
+MONITOR_INTERVAL = 1.0
+
+_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+           | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+_WHY = {
+    zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH:
+        "it does not use CURVE",
+    zmq.PROTOCOL_ERROR_ZMTP_CRYPTOGRAPHIC:
+        "its keys do not fit (it takes another key for the broker's?)",
+}
+
+
+def why_failed(event, value):
+    """
+    A handshake failure as the log says it.
+    """
+    if event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL and value in _WHY:
+        return _WHY[value]
+    return (f"error {value:#x} (a peer without CURVE, or one that takes "
+            "another key for the broker's?)")
+
+
+class HandshakeMonitor:
+    """
+    Tells of the peers whose handshake failed before ZAP could see them
+    (a peer without CURVE, or one that takes another key for the
+    broker's): libzmq's socket monitor, read by the reactor every
+    :data:`MONITOR_INTERVAL` seconds (a log line, not a reply, depends on
+    it).
+
+    :param factory: the txZMQ factory of the socket's context (its
+        ``reactor`` runs the reads).
+    :param socket: the monitored pyzmq socket.
+    :param failed: called with the reason of each failure.
+    """
+
+    def __init__(self, factory, socket, failed):
+        self._socket = socket
+        self._failed = failed
+        socket.monitor(MONITOR_ENDPOINT, _FAILED)
+        self._events = factory.context.socket(zmq.PAIR)
+        self._events.connect(MONITOR_ENDPOINT)
+        self._reads = task.LoopingCall(self._read)
+        self._reads.clock = factory.reactor
+        self._reads.start(MONITOR_INTERVAL, now=False)
+
+    def _read(self):
+        while True:
+            try:
+                frames = self._events.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                event = monitor.parse_monitor_message(frames)
+            except Exception:
+                continue
+            self._failed(why_failed(event["event"], event["value"]))
+
+    def close(self):
+        if self._reads.running:
+            self._reads.stop()
+        try:
+            self._socket.disable_monitor()
+        except zmq.ZMQError:
+            pass
+        self._events.close(linger=0)

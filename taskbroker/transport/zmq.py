@@ -281,6 +281,13 @@ class RouterSocket:
     def handler_errors(self):
         return self._connection.handler_errors
 
+    @property
+    def zmq_socket(self):
+        """
+        The pyzmq socket, for a monitor.
+        """
+        return self._connection.socket
+
     def send(self, identity, frames):
         """
         :returns: ``True`` if sent, ``False`` if the peer is gone or full.

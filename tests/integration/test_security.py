@@ -137,6 +137,13 @@ def test_unknown_keys_and_plain_peers_get_nothing(cluster, keys, peers):
     assert peers("c1").ask(*STATS)[0] == b"REPLY"
 
 
+def test_a_peer_without_curve_is_logged(cluster, keys, peers):
+    # Its handshake fails before ZAP sees it; libzmq's monitor tells.
+    broker = curve_broker(cluster, keys)
+    assert peers(None).ask(*STATS, timeout=SILENCE_MS) is None
+    broker.wait_for("refused a connection that failed the CURVE handshake")
+
+
 def test_a_broker_with_curve_and_no_folders_refuses_to_start(cluster, keys):
     broker = cluster.start_broker(
         "--curve-secret-key", str(keys / "keys" / "broker.key_secret"),

@@ -56,3 +56,16 @@ def test_a_handler_that_cannot_bind_raises_and_leaves_nothing_open():
     finally:
         squatter.close()
         factory.shutdown()
+
+
+def test_failed_handshakes_are_told_in_words():
+    from taskbroker.transport.zap import why_failed
+
+    assert why_failed(zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL,
+                      zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH) == \
+        "it does not use CURVE"
+    assert why_failed(zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL,
+                      zmq.PROTOCOL_ERROR_ZMTP_CRYPTOGRAPHIC).startswith(
+        "its keys do not fit")
+    assert why_failed(zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL, 32).startswith(
+        "error 0x20 (a peer without CURVE")
