@@ -353,3 +353,45 @@ def test_require_curve_refuses_to_start_without_it(cluster):
     refusing = cluster.start_broker("--require-curve", wait=False)
     assert refusing.wait_exit() == 2
     assert "--require-curve: give --curve-secret-key" in refusing.output()
+
+
+def test_the_fleet_set_up_of_the_security_page(cluster, tmp_path):
+    # docs/security.rst, "A fleet, step by step", with its paths under
+    # tmp_path: three hosts' folders, and only public files copied.
+    broker_host, worker_host, ops_home = (tmp_path / "broker-host",
+                                          tmp_path / "worker-host",
+                                          tmp_path / "ops-home")
+
+    def run(*argv):
+        done = subprocess.run(argv, capture_output=True, text=True,
+                              timeout=60)
+        assert done.returncode == 0, done.stderr
+        return done
+
+    run(CLI, "keygen", str(broker_host / "keys"), "--name", "broker")
+    run("mkdir", str(broker_host / "workers"), str(broker_host / "clients"))
+    run(CLI, "keygen", str(worker_host / "keys"), "--name", "worker-1")
+    run(CLI, "keygen", str(ops_home / ".taskbroker"), "--name", "ops")
+    run("cp", str(worker_host / "keys" / "worker-1.key"),
+        str(broker_host / "workers"))
+    run("cp", str(ops_home / ".taskbroker" / "ops.key"),
+        str(broker_host / "clients"))
+    run("cp", str(broker_host / "keys" / "broker.key"),
+        str(worker_host / "keys"))
+    run("cp", str(broker_host / "keys" / "broker.key"),
+        str(ops_home / ".taskbroker"))
+    cluster.start_broker(
+        "--curve-secret-key", str(broker_host / "keys" / "broker.key_secret"),
+        "--authorized-workers", str(broker_host / "workers"),
+        "--authorized-clients", str(broker_host / "clients"))
+    cluster.start_worker(
+        "--curve-server-key", str(worker_host / "keys" / "broker.key"),
+        "--curve-secret-key", str(worker_host / "keys" / "worker-1.key_secret"),
+        name="worker-1")
+    ops = ["--curve-server-key", str(ops_home / ".taskbroker" / "broker.key"),
+           "--curve-secret-key", str(ops_home / ".taskbroker" / "ops.key_secret")]
+    stats = cluster.cli(*ops, "stats")
+    assert stats.returncode == 0 and "workers: 1" in stats.stdout, stats
+    done = cluster.cli(*ops, "submit", "echo", "--payload", '"fleet"',
+                       "--wait")
+    assert (done.returncode, done.stdout) == (0, '"fleet"\n'), done.stderr
