@@ -212,22 +212,23 @@ def load_folder(folder, option):
     Read the public keys of a folder: every ``*.key`` file in it.
 
     :returns: ``(keys, problems)``: a ``dict`` of public key (Z85
-        ``bytes``) to the name of its file (without ``.key``), and one
-        line for each file that could not be read, which is left out.
+        ``bytes``) to the name of its file (without ``.key``), and a
+        ``dict`` of that name to one line for each file that could not be
+        read, which is left out.
     :raises ConfigError: if the folder cannot be read.
     """
     try:
         names = sorted(os.listdir(folder))
     except OSError as e:
         raise ConfigError(f"{option}: {folder}: {e.strerror}") from None
-    keys, problems = {}, []
+    keys, problems = {}, {}
     for name in names:
         if not name.endswith(PUBLIC_SUFFIX):
             continue
         try:
             key = load_public(os.path.join(folder, name), option)
         except ConfigError as e:
-            problems.append(str(e))
+            problems[name[:-len(PUBLIC_SUFFIX)]] = str(e)
             continue
         keys[key] = name[:-len(PUBLIC_SUFFIX)]
     return keys, problems

@@ -222,6 +222,8 @@ class Backlog:
         """
         broker = self._broker
         broker.claims.release((task_id,))
+        # A credit may take it back; and once the release commits, the
+        # claim source wakes the broker again.
         broker.feeder.unstarve()
         if broker.outcomes.is_waited(task_id):
             broker.requests.watch(task_id)

@@ -297,6 +297,16 @@ class Broker:
                 return
             self.status.tasks.move(row.priority, row.handler, "queued",
                                    "running")
+            if self.attempts.current(row.id, token) is None:
+                # Its worker went away while the dispatch committed, and
+                # the requeue issued then may have run first (on another
+                # writer) and found nothing running: requeue it now (a
+                # second requeue of the same attempt changes nothing).
+                self.outcomes.requeue(
+                    Attempt(row.id, token, row, None),
+                    "its worker went away before it got the task",
+                    consumed=False)
+                return
             if row.payload is None:
                 return self._send_large_task(identity, row, token)
             self._send_task(identity, row, token)

@@ -67,15 +67,16 @@ class Feeder:
         credits that wait, and again for those of a claim under way that
         comes back short.
         """
-        self._wakes += 1
         self.unstarve()
         self.feed()
 
     def unstarve(self):
         """
-        This broker put claimable tasks in the store: the next credit of
-        any class claims, without waiting for the store's wake-up.
+        This broker put claimable tasks in the store (its own writes do
+        not wake it): the next credit of any class claims, and a claim
+        under way that comes back short claims again.
         """
+        self._wakes += 1
         self._starved.clear()
 
     def _dispatch_for(self, levels, handlers, slots):
@@ -191,6 +192,7 @@ class Feeder:
         d.addCallback(failed).addErrback(broker.trouble,
                                          "failing an invalid task")
         broker.give_back(session)
+        self.feed()
 
     def start_over(self, lost):
         """

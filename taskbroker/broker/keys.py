@@ -68,13 +68,19 @@ class PeerKeys:
         :raises ConfigError: if a folder cannot be read.
         """
         read, problems = [], []
-        for folder, option in self._folders:
+        for (folder, option), before in zip(self._folders,
+                                            (self.workers, self.clients)):
             if folder is None:
                 read.append({})
                 continue
             keys, bad = curve.load_folder(folder, option)
+            # A file that cannot be read now (caught while being
+            # rewritten, say) keeps the key it had: its peer is not
+            # refused for it.
+            keys.update((key, name) for key, name in before.items()
+                        if name in bad)
             read.append(keys)
-            problems += bad
+            problems += bad.values()
         self.workers, self.clients = read
         return problems
 

@@ -103,7 +103,7 @@ class Router:
         answered = None
         try:
             answered = self._handle(identity, session, frames)
-            if session is None and sender.key is not None:
+            if sender.key is not None and frames[1:2] == [b"HELLO"]:
                 # A session opened by this message knows its key.
                 opened = broker.sessions.get(identity)
                 if opened is not None:

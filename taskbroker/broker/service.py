@@ -188,7 +188,26 @@ class BrokerService(ServiceTree):
         changes = keys.changes(before)
         if changes:
             log.info("authorized keys changed: {changes}", changes=changes)
+            self._refuse_revoked_workers(keys, before[0])
         self._note_key_problems(problems)
+
+    def _refuse_revoked_workers(self, keys, named):
+        """
+        A worker whose key was removed gets no more tasks: it is told to
+        stop (fatal), and its tasks are requeued, without waiting for its
+        next message.
+        """
+        workers = self.broker.workers
+        for session in list(self.broker.sessions):
+            if session.key is not None and not keys.may_work(session.key):
+                log.warn("worker {name}: its key {key} ({key_name}) was "
+                         "removed; refusing it", name=session.name,
+                         key=session.key.decode("ascii"),
+                         key_name=named.get(session.key, "?"))
+                workers.forget(session)
+                workers.refuse(session.identity, "forbidden",
+                               "this key may not act as a worker on this "
+                               "broker")
 
     def _note_key_problems(self, problems):
         for problem in sorted(set(problems) - self._key_problems):

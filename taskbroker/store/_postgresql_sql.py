@@ -140,7 +140,22 @@ def _pipelined(connection, operations, owner, channels):
             # failed is found without the pipeline.)
             raise _IsolateOperations() from e
         raise
-    return [(True, _settled(outcome)) for outcome in pending]
+    return [_read_after_commit(operation, outcome)
+            for (operation, _), outcome in zip(operations, pending)]
+
+
+def _read_after_commit(operation, outcome):
+    """
+    An operation's outcome, read once its batch committed: a failure to
+    read it fails that operation alone (the others committed).
+    """
+    try:
+        return (True, _settled(outcome))
+    except psycopg.Error as e:
+        error = StoreError(f"{operation.__name__} committed, but its "
+                           f"outcome could not be read: {one_line(e)}")
+        error.__cause__ = e
+        return (False, error)
 
 
 def _transaction(connection, operations, owner, channels, isolate):

@@ -232,9 +232,8 @@ class PostgresStore(BatchedStore):
         # The running tasks this store's broker dispatched or adopted, so
         # that a broker whose lease lapsed learns which it lost.
         self.running_ids = set()
-        # The server processes of the connections that write (including
-        # those of connections since replaced).
-        self.writer_pids = set()
+        # The server process of each writer thread's connection.
+        self.writer_pids = {}
         self._writer_threads = []
 
     def __repr__(self):
@@ -356,7 +355,7 @@ class PostgresStore(BatchedStore):
         for attempt in range(DEADLOCK_RETRIES + 1):
             connection = link.get()
             # (Read by the listener, to tell this store's notifications.)
-            self.writer_pids.add(link.pid)
+            self.writer_pids[threading.get_ident()] = link.pid
             try:
                 return sql.run_batch(connection, operations, self._owner,
                                      channels)
@@ -612,7 +611,14 @@ class PostgresClaims:
                 self._release_call = self._store._reactor.callLater(
                     RELEASE_RETRY, self._release)
 
-        self._store.release(sorted(task_ids)).addErrback(failed).addErrback(
+        def released(_):
+            # The brokers' notification of it is this broker's own, which
+            # it ignores: wake it here.
+            if self._on_change is not None:
+                self._on_change()
+
+        self._store.release(sorted(task_ids)).addCallbacks(
+            released, failed).addErrback(
             lambda f: log.failure("giving back claimed tasks", f))
 
     def renew(self, now):
@@ -734,7 +740,7 @@ class _Listener:
                 wait = 0.1
                 while not self._stopping.is_set():
                     for notification in connection.notifies(timeout=0.5):
-                        if notification.pid in store.writer_pids:
+                        if notification.pid in store.writer_pids.values():
                             # This broker's own writes: it knows what they
                             # made claimable, and what they ended.
                             continue

@@ -395,3 +395,18 @@ def test_the_fleet_set_up_of_the_security_page(cluster, tmp_path):
     done = cluster.cli(*ops, "submit", "echo", "--payload", '"fleet"',
                        "--wait")
     assert (done.returncode, done.stdout) == (0, '"fleet"\n'), done.stderr
+
+
+def test_a_worker_whose_key_is_removed_is_refused_at_once(cluster, keys,
+                                                          peers):
+    # Not at its next message: a worker that stays silent must get no
+    # more tasks.
+    broker = curve_broker(cluster, keys)
+    worker = peers("w1")
+    assert worker.ask(*HELLO)[0] == b"WELCOME"
+    os.unlink(keys / "workers" / "w1.key")
+    broker.signal(signal.SIGHUP)
+    assert worker.socket.poll(10_000)
+    command, body = worker.socket.recv_multipart()[1:]
+    assert (command, json.loads(body)["code"]) == (b"ERROR", "forbidden")
+    broker.wait_for(r"worker intruder: its key .* \(w1\) was removed")

@@ -1179,3 +1179,31 @@ def test_a_large_payload_is_read_when_its_task_is_dispatched(broker, peers):
                                        "state": "succeeded", "result": 1})
     [(_, _, reply)] = peers.take(b"client", b"REPLY")
     assert reply["task"]["payload"] == large
+
+
+def test_a_worker_gone_while_its_dispatch_commits_gets_nothing(broker, peers,
+                                                               store):
+    # The requeue that its leaving issues may commit before the dispatch
+    # (two writers): the task must still end up queued, and no TASK go out.
+    submit(broker, {"handler": "echo"})
+    peers.take()
+    held = []
+    # (A shared store's broker claims and dispatches in one write.)
+    owner = broker.claims if broker.claims.shared else store
+    name = "dispatch_for" if broker.claims.shared else "dispatch"
+    dispatch = getattr(owner, name)
+
+    def slow_dispatch(*args):
+        held.append((defer.Deferred(), args))
+        return held[-1][0]
+
+    setattr(owner, name, slow_dispatch)
+    hello(broker)
+    send(broker, b"w1/x", b"READY", {})
+    [(pending, args)] = held
+    send(broker, b"w1/x", b"BYE", {})  # its requeue finds nothing running
+    setattr(owner, name, dispatch)
+    dispatch(*args).chainDeferred(pending)  # the dispatch commits after
+    assert peers.take(b"w1/x", b"TASK") == []
+    row = result_of(store.get(1))
+    assert (row.state, row.attempts) == ("queued", 0)

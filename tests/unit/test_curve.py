@@ -215,3 +215,19 @@ def test_require_curve_refuses_a_broker_without_it():
     with pytest.raises(ConfigError, match="--require-curve: give "
                        "--curve-secret-key"):
         BrokerConfig(require_curve=True)
+
+
+def test_a_key_file_that_cannot_be_read_for_a_moment_keeps_its_key(
+        tmp_path):
+    workers = tmp_path / "workers"
+    curve.keygen(str(tmp_path / "all"), "w1")
+    workers.mkdir()
+    text = (tmp_path / "all" / "w1.key").read_text()
+    (workers / "w1.key").write_text(text)
+    peers = PeerKeys(str(workers), None)
+    [key] = peers.workers
+    (workers / "w1.key").write_text("")  # caught while being rewritten
+    assert len(peers.reload()) == 1
+    assert peers.may_work(key)
+    (workers / "w1.key").unlink()  # gone: the key goes
+    assert peers.reload() == [] and not peers.may_work(key)
