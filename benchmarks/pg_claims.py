@@ -8,34 +8,18 @@ one at a time with the store's own statement, each committed as the
 broker commits it (durably, on its own), prints p50 and p99 and the
 plan, and drops the schema.
 """
-import os
 import statistics
 import sys
 import time
 
 import psycopg
-from twisted.internet import defer, reactor
 
-from taskbroker.store.postgresql import PostgresStore
+from benchmarks._pg_scripts import fresh_tables
 from taskbroker.store import _postgresql_sql as sql
 
-BASE = os.environ.get("TASKBROKER_BENCH_POSTGRES",
-                      "postgresql://postgres@127.0.0.1:5432/test")
 finished = int(sys.argv[1]) if len(sys.argv) > 1 else 0
 schema = f"measure_claim_{finished}"
-admin = psycopg.connect(BASE, autocommit=True)
-admin.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
-admin.execute(f"CREATE SCHEMA {schema}")
-url = BASE + f"?options=-csearch_path%3D{schema}"
-
-@defer.inlineCallbacks
-def setup():
-    store = PostgresStore(url, reactor)
-    yield store.open()
-    yield store.close()
-    reactor.stop()
-reactor.callWhenRunning(setup)
-reactor.run()
+admin, url = fresh_tables(schema)
 
 c = psycopg.connect(url, autocommit=True)
 c.execute("ALTER TABLE tasks DISABLE TRIGGER tasks_notify_insert")

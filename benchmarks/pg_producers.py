@@ -8,19 +8,15 @@ per transaction, into a schema of its own on
 prints the medians.
 """
 import multiprocessing
-import os
 import statistics
 import time
 
 import psycopg
-from twisted.internet import defer, reactor
 
-from taskbroker.store.postgresql import PostgresStore
+from benchmarks._pg_scripts import fresh_tables, schema_url
 
-BASE = os.environ.get("TASKBROKER_BENCH_POSTGRES",
-                      "postgresql://postgres@127.0.0.1:5432/test")
 schema = "measure_producers"
-url = BASE + f"?options=-csearch_path%3D{schema}"
+url = schema_url(schema)
 PER = 2000
 
 def produce(_):
@@ -40,17 +36,7 @@ def run(trigger):
     return 8 * PER / elapsed
 
 if __name__ == "__main__":
-    admin = psycopg.connect(BASE, autocommit=True)
-    admin.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
-    admin.execute(f"CREATE SCHEMA {schema}")
-    @defer.inlineCallbacks
-    def setup():
-        store = PostgresStore(url, reactor)
-        yield store.open()
-        yield store.close()
-        reactor.stop()
-    reactor.callWhenRunning(setup)
-    reactor.run()
+    admin, _ = fresh_tables(schema)
     results = {True: [], False: []}
     for _ in range(3):
         for trigger in (True, False):

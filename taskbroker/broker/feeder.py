@@ -137,16 +137,24 @@ class Feeder:
                 if broker.stopped:
                     broker.claims.release((row.id,))
                     continue
-                stale = broker.attempts.get(row.id)
-                if stale is not None:
-                    broker.stop_attempt(stale, "queued again in the store")
-                broker.backlog.withdraw(row.id)
+                self._forget_copies(row.id)
                 row = broker.backlog.checked(row)
                 if row is not None:
                     broker.backlog.enqueue(row)
 
         d.addCallback(claimed).addErrback(broker.trouble, "claiming tasks",
                                           pause=True)
+
+    def _forget_copies(self, task_id):
+        """
+        The store says a task is now this broker's to run afresh: any
+        attempt or copy of it that the broker still has is out of date.
+        """
+        broker = self._broker
+        stale = broker.attempts.get(task_id)
+        if stale is not None:
+            broker.stop_attempt(stale, "queued again in the store")
+        broker.backlog.withdraw(task_id)
 
     def _names(self, levels):
         """
@@ -166,12 +174,7 @@ class Feeder:
         other work).
         """
         broker = self._broker
-        # The store says it is now ours to run: any attempt or copy of it
-        # this broker still has is out of date.
-        stale = broker.attempts.get(row.id)
-        if stale is not None:
-            broker.stop_attempt(stale, "queued again in the store")
-        broker.backlog.withdraw(row.id)
+        self._forget_copies(row.id)
         reason = invalid_row(row, broker.levels)
         if reason is None:
             broker.status.tasks.move(row.priority, row.handler, "queued",

@@ -311,7 +311,8 @@ def test_keys_added_and_removed_take_effect_without_a_restart(
     late = peers("stranger")
     assert late.ask(*STATS)[0] == b"REPLY"
     os.unlink(keys / "clients" / "stranger.key")
-    # SIGHUP reads the folders at once (the timer does within 2 s).
+    # SIGHUP reads the folders at once (test_tap checks that it asks;
+    # the timer does within 2 s, so this step cannot tell them apart).
     mark = broker.mark()
     broker.signal(signal.SIGHUP)
     broker.wait_for(r"authorized keys changed: clients -stranger",

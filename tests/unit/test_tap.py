@@ -341,3 +341,21 @@ def test_options_are_declared_once_on_the_config_fields():
     # A default computed from the others is the same built or parsed.
     assert WorkerConfig().name == parse(worker_tap, []).config.name
     assert BrokerConfig(priorities=("a", "b")).default_priority == "b"
+
+
+def test_sighup_makes_the_broker_read_its_key_folders(monkeypatch, tmp_path):
+    import signal
+
+    from twisted.internet import reactor
+
+    called = []
+    monkeypatch.setattr(reactor, "callFromThread",
+                        lambda f, *args: called.append(f))
+    before = signal.getsignal(signal.SIGHUP)
+    try:
+        service = broker_tap.makeService(parse(broker_tap, [
+            "--database", f"sqlite:///{tmp_path}/t.sqlite"]))
+        signal.getsignal(signal.SIGHUP)(signal.SIGHUP, None)
+    finally:
+        signal.signal(signal.SIGHUP, before)
+    assert called == [service.reload_keys]
