@@ -282,12 +282,14 @@ class ITaskStore(Interface):
             :class:`taskbroker.store.TaskRow`, or ``None``.
         """
 
-    def list(state, handler, after_id, limit, max_bytes=None):
+    def list(state, handler, after_id, limit, max_bytes=None, submitter=None):
         """
         Tasks ordered by id, optionally filtered.
 
         :param state: a state name or ``None`` for all.
         :param handler: a handler name or ``None`` for all.
+        :param submitter: a client's public key (Z85 text): only the tasks
+            it submitted; ``None`` for all.
         :param after_id: return only tasks with a greater id; ``0`` for all.
         :param limit: the most rows to return.
         :param max_bytes: if given, stop after the row that brings the

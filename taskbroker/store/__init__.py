@@ -30,6 +30,8 @@ class NewTask:
     it is inserted ``running``, with its first dispatch (token 1, one
     attempt used, ``started_at`` its ``created_at``) in the same
     transaction, which spares a free worker a second commit.
+    ``submitter`` is the CURVE public key (Z85 text) of the client that
+    submits it, or ``None``.
     """
 
     handler: str
@@ -42,6 +44,7 @@ class NewTask:
     request_id: Optional[str] = None
     time_limit: Optional[float] = None
     worker: Optional[str] = None
+    submitter: Optional[str] = None
 
 
 def text_size(row):
@@ -85,10 +88,11 @@ class TaskRow(NamedTuple):
     token.  ``error`` and ``traceback`` describe the latest failed attempt
     (a task waiting to be retried keeps them), or ``error`` says why the
     task was cancelled.  See :class:`NewTask` for ``run_at``,
-    ``unique_key``, ``request_id`` and ``time_limit``.
+    ``unique_key``, ``request_id``, ``time_limit`` and ``submitter``.
 
-    The fields added with schema version 2 come last and have defaults, so
-    that rows built with the first thirteen fields keep working.  A named
+    The fields added with schema version 2 and later come last and have
+    defaults, so that rows built with the first thirteen fields keep
+    working.  A named
     tuple rather than a frozen dataclass: the broker builds one per task
     it reads, and a tuple is several times cheaper to build; change one
     with ``row._replace(...)``.
@@ -113,6 +117,7 @@ class TaskRow(NamedTuple):
     token: int = 0
     time_limit: Optional[float] = None
     traceback: Optional[str] = None
+    submitter: Optional[str] = None
 
 
 class Submitted(NamedTuple):

@@ -364,12 +364,13 @@ class BatchedStore:
         """
         return self._read(self._sql.get, task_id)
 
-    def list(self, state, handler, after_id, limit, max_bytes=None):
+    def list(self, state, handler, after_id, limit, max_bytes=None,
+             submitter=None):
         """
         See :meth:`taskbroker.interfaces.ITaskStore.list`.
         """
         return self._read(self._sql.list_tasks, state, handler, after_id, limit,
-                          max_bytes)
+                          max_bytes, submitter)
 
     def counts(self, now):
         """

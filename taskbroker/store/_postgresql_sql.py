@@ -17,7 +17,7 @@ from taskbroker.store import Submitted, TaskRow, up_to_size
 COLUMNS = (
     "id, handler, payload, priority, state, attempts, max_attempts, worker, "
     "created_at, started_at, finished_at, result, error, run_at, "
-    "unique_key, request_id, token, time_limit, traceback"
+    "unique_key, request_id, token, time_limit, traceback, submitter"
 )
 _T_COLUMNS = ", ".join("t." + name.strip() for name in COLUMNS.split(","))
 
@@ -306,7 +306,7 @@ def _values(task, owner):
             task.created_at if dispatched else None,
             # Claimed only when dispatched at once; else any broker's idle
             # credit may take it.
-            owner if dispatched else None)
+            owner if dispatched else None, task.submitter)
 
 
 def _insert_one(cursor, owner, task):
@@ -337,11 +337,11 @@ _REQUEST_LOCK = 0x7462  # "tb"
 _INSERT_COLUMNS = (
     "handler, payload, priority, max_attempts, created_at, run_at, "
     "unique_key, request_id, time_limit, state, attempts, token, worker, "
-    "started_at, owner")
+    "started_at, owner, submitter")
 _RETURNING = f" RETURNING {COLUMNS}"
 _INSERT = (
     f"INSERT INTO tasks ({_INSERT_COLUMNS}) VALUES "
-    f"({', '.join(['%s'] * 15)}){_RETURNING}"
+    f"({', '.join(['%s'] * 16)}){_RETURNING}"
 )
 # The same with many rows, from a SELECT so that a WHERE can stop it; the
 # casts give the VALUES the columns' types.
@@ -352,7 +352,7 @@ _VALUES = (
     "(%s::text, %s::json, %s::text, %s::integer, %s::double precision, "
     "%s::double precision, %s::text, %s::text, %s::double precision, "
     "%s::text, %s::integer, %s::bigint, %s::text, %s::double precision, "
-    "%s::text)")
+    "%s::text, %s::text)")
 _UNLESS_REQUESTED = (
     " WHERE NOT EXISTS (SELECT 1 FROM tasks WHERE request_id = %s)")
 _ON_KEY_CONFLICT = (
@@ -547,9 +547,13 @@ def get(connection, task_id):
     return get_with(connection.cursor(), task_id)
 
 
-def list_tasks(connection, state, handler, after_id, limit, max_bytes=None):
+def list_tasks(connection, state, handler, after_id, limit, max_bytes=None,
+               submitter=None):
     where = ["id > %s"]
     params = [after_id]
+    if submitter is not None:
+        where.append("submitter = %s")
+        params.append(submitter)
     if state is not None:
         where.append("state = %s")
         params.append(state)

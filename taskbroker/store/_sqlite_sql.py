@@ -14,7 +14,7 @@ from taskbroker.store import Submitted, TaskRow, _schema, up_to_size
 _COLUMNS = (
     "id, handler, payload, priority, state, attempts, max_attempts, worker, "
     "created_at, started_at, finished_at, result, error, run_at, "
-    "unique_key, request_id, token, time_limit, traceback"
+    "unique_key, request_id, token, time_limit, traceback, submitter"
 )
 
 # Errors that one operation's arguments can cause (a value a constraint
@@ -150,12 +150,13 @@ def submit(cursor, tasks):
             "INSERT INTO tasks "
             "(handler, payload, priority, max_attempts, created_at, run_at, "
             "unique_key, request_id, time_limit, state, attempts, token, "
-            "worker, started_at) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "worker, started_at, submitter) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (task.handler, task.payload, task.priority, task.max_attempts,
              task.created_at, task.run_at, task.unique_key, task.request_id,
              task.time_limit, "running" if dispatched else "queued",
-             int(dispatched), int(dispatched), task.worker, started_at),
+             int(dispatched), int(dispatched), task.worker, started_at,
+             task.submitter),
         )
         submitted.append(Submitted(TaskRow(
             id=cursor.lastrowid,
@@ -177,6 +178,7 @@ def submit(cursor, tasks):
             token=int(dispatched),
             time_limit=task.time_limit,
             traceback=None,
+            submitter=task.submitter,
         ), True))
     return submitted
 
@@ -280,9 +282,13 @@ def get(connection, task_id):
     return get_with(connection.cursor(), task_id)
 
 
-def list_tasks(connection, state, handler, after_id, limit, max_bytes=None):
+def list_tasks(connection, state, handler, after_id, limit, max_bytes=None,
+               submitter=None):
     where = ["id > ?"]
     params = [after_id]
+    if submitter is not None:
+        where.append("submitter = ?")
+        params.append(submitter)
     if state is not None:
         where.append("state = ?")
         params.append(state)

@@ -63,7 +63,7 @@ class MemoryStore:
 
     def insert_external(self, handler, payload="null", priority=None,
                         max_attempts=None, run_at=None, unique_key=None,
-                        time_limit=None):
+                        time_limit=None, submitter=None):
         """
         Add a row the way another program's ``INSERT INTO tasks (handler,
         payload, priority) VALUES (...)`` would: every other column takes
@@ -76,6 +76,7 @@ class MemoryStore:
         :param run_at: a Unix time, or ``None``.
         :param unique_key: a ``str``, or ``None``.
         :param time_limit: seconds, or ``None``.
+        :param submitter: a client's public key (Z85 text), or ``None``.
         :returns: the new :class:`taskbroker.store.TaskRow`.
         :raises sqlite3.IntegrityError: as SQLite would, if a queued or
             running task already holds ``unique_key``; nothing is inserted
@@ -84,11 +85,12 @@ class MemoryStore:
         return self._insert(
             handler, payload, priority, max_attempts, self._clock.seconds(),
             run_at=run_at, unique_key=unique_key, time_limit=time_limit,
+            submitter=submitter,
         )
 
     def _insert(self, handler, payload, priority, max_attempts, created_at,
                 run_at=None, unique_key=None, request_id=None,
-                time_limit=None, worker=None):
+                time_limit=None, worker=None, submitter=None):
         dispatched = worker is not None
         row = TaskRow(
             id=self._last_id + 1,
@@ -110,6 +112,7 @@ class MemoryStore:
             token=int(dispatched),
             time_limit=time_limit,
             traceback=None,
+            submitter=submitter,
         )
         self._index(None, row)
         self._last_id = row.id
@@ -219,6 +222,7 @@ class MemoryStore:
                 task.created_at, run_at=task.run_at,
                 unique_key=task.unique_key, request_id=task.request_id,
                 time_limit=task.time_limit, worker=task.worker,
+                submitter=task.submitter,
             )
             submitted.append(Submitted(row, True))
         return defer.succeed(submitted)
@@ -379,12 +383,14 @@ class MemoryStore:
         self._check_open()
         return self._rows.get(task_id)
 
-    def list(self, state, handler, after_id, limit, max_bytes=None):
+    def list(self, state, handler, after_id, limit, max_bytes=None,
+             submitter=None):
         """
         See :meth:`taskbroker.interfaces.ITaskStore.list`.
         """
         return self._run(lambda: up_to_size(
-            self._select(state, handler, after_id, limit), max_bytes))
+            self._select(state, handler, after_id, limit, submitter),
+            max_bytes))
 
     def scan_queued(self, after_id, limit, known):
         """
@@ -445,7 +451,7 @@ class MemoryStore:
         """
         return self._run(self._select, "running", None, 0, None)
 
-    def _select(self, state, handler, after_id, limit):
+    def _select(self, state, handler, after_id, limit, submitter=None):
         self._check_open()
         rows = []
         for row in self._rows.values():
@@ -453,7 +459,8 @@ class MemoryStore:
                 break
             if (row.id > after_id
                     and (state is None or row.state == state)
-                    and (handler is None or row.handler == handler)):
+                    and (handler is None or row.handler == handler)
+                    and (submitter is None or row.submitter == submitter)):
                 rows.append(row)
         return rows
 

@@ -590,6 +590,33 @@ class StoreContract:
         assert await listed(limit=0) == []
 
     @pytest_twisted.ensureDeferred
+    async def test_the_submitter_is_kept_and_filters_a_list(self, store):
+        alice, bob = "a" * 40, "b" * 40
+        mine = rows_of(await store.submit([
+            new_task(submitter=alice), new_task(submitter=alice)]))
+        (theirs,) = rows_of(await store.submit([new_task(submitter=bob)]))
+        (nobody,) = rows_of(await store.submit([new_task()]))
+        assert [row.submitter for row in mine] == [alice, alice]
+        assert (theirs.submitter, nobody.submitter) == (bob, None)
+        for row in mine + [theirs, nobody]:
+            assert await store.get(row.id) == row
+        # Kept through a dispatch, as every column the broker does not
+        # write.
+        assert await store.dispatch(mine[0].id, 1, "w", 1.0)
+        assert (await store.get(mine[0].id)).submitter == alice
+
+        async def listed(submitter, after_id=0, state=None):
+            return [row.id for row in await store.list(
+                state, None, after_id, 100, submitter=submitter)]
+
+        assert await listed(alice) == [row.id for row in mine]
+        assert await listed(alice, after_id=mine[0].id) == [mine[1].id]
+        assert await listed(alice, state="queued") == [mine[1].id]
+        assert await listed(bob) == [theirs.id]
+        assert await listed("c" * 40) == []
+        assert len(await listed(None)) == 4
+
+    @pytest_twisted.ensureDeferred
     async def test_list_stops_at_a_size(self, store):
         rows = rows_of(await store.submit([
             new_task(payload='"' + "x" * 998 + '"') for _ in range(5)]))

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from taskbroker.broker import validation
 from taskbroker.errors import StoreError
 from taskbroker.protocol import codec
-from tests.postgres import connect
+from tests.postgres import connect, new_schema
 from taskbroker.store import TaskRow, _schema, _sqlite_sql
 
 
@@ -39,8 +39,8 @@ def test_split_sqlite():
 
 def test_packaged_schema_is_latest():
     directory = _schema.schema_directory("sqlite")
-    assert _schema.latest_version(directory) == 4
-    for name in ("v1.sql", "v2.sql", "v3.sql", "v4.sql"):
+    assert _schema.latest_version(directory) == 5
+    for name in ("v1.sql", "v2.sql", "v3.sql", "v4.sql", "v5.sql"):
         assert "CREATE TABLE tasks" in _schema.read_script(directory, name)
     assert "ALTER TABLE tasks" in _schema.read_script(
         directory, "upgrade-to-v2.sql")
@@ -48,6 +48,8 @@ def test_packaged_schema_is_latest():
         directory, "upgrade-to-v3.sql")
     assert "CREATE TABLE tasks_v4" in _schema.read_script(
         directory, "upgrade-to-v4.sql")
+    assert "ADD COLUMN submitter" in _schema.read_script(
+        directory, "upgrade-to-v5.sql")
 
 
 def normalised(statement):
@@ -78,7 +80,8 @@ def test_the_upgrade_to_v4_builds_the_table_of_v4():
 @pytest.fixture
 def v4():
     """
-    A new database at schema version 4, in memory.
+    A new database at the newest schema version (4's constraints and
+    later ones), in memory.
     """
     with closing(sqlite3.connect(":memory:", isolation_level=None)) as db:
         _schema.ensure_schema(db, "sqlite")
@@ -135,6 +138,9 @@ _TASK = codec.BROKER_TO_WORKER_COMMANDS[b"TASK"]
                  b"echo"],
      lambda v: _codec_accepts(_TASK["handler"][0], v)),
     ("priority", [None, "high", b"high"], lambda v: not isinstance(v, bytes)),
+    # A CURVE public key in Z85.
+    ("submitter", [None, "k" * 40, "k" * 39, "k" * 41, b"k" * 40, 40],
+     lambda v: v is None or (isinstance(v, str) and len(v) == 40)),
 ] + [
     (column, [None, -0.001, 0, 1.5, validation.MAX_TIME,
               validation.MAX_TIME + 1, 1e300, "yesterday"],
@@ -294,57 +300,126 @@ def test_failed_creation_leaves_empty_database(schemas, tmp_path):
 # -- PostgreSQL: the same loader, with its dialect ---------------------------
 
 
+#: The newest packaged PostgreSQL schema version.
+PG_LATEST = 2
+
+
 def test_packaged_postgresql_schema():
     directory = _schema.schema_directory("postgresql")
-    assert _schema.latest_version(directory) == 1
-    assert "CREATE TABLE tasks" in _schema.read_script(directory, "v1.sql")
+    assert _schema.latest_version(directory) == PG_LATEST
+    for version in range(1, PG_LATEST + 1):
+        assert "CREATE TABLE tasks" in _schema.read_script(
+            directory, f"v{version}.sql")
+    assert "ADD COLUMN submitter" in _schema.read_script(
+        directory, "upgrade-to-v2.sql")
 
 
-@pytest.fixture
-def pg_schemas(tmp_path):
+def pg_schema_files(tmp_path, version):
     """
-    A folder of PostgreSQL schema files at version 2: the packaged
-    version 1 and an upgrade of it, so that every packaged version is
-    upgraded from, as a real upgrade would be.
+    A folder of the packaged PostgreSQL schema files up to ``version``,
+    to create a database as the taskbroker of that version did.
     """
-    directory = tmp_path / "pg-schemas"
+    packaged = _schema.schema_directory("postgresql")
+    directory = tmp_path / f"pg-v{version}"
     directory.mkdir()
-    v1 = _schema.read_script(_schema.schema_directory("postgresql"), "v1.sql")
-    step = "ALTER TABLE tasks ADD COLUMN note text;"
-    (directory / "v1.sql").write_text(v1)
-    (directory / "upgrade-to-v2.sql").write_text(step)
-    (directory / "v2.sql").write_text(v1 + "\n" + step)
+    for n in range(1, version + 1):
+        names = [f"v{n}.sql"] + ([f"upgrade-to-v{n}.sql"] if n > 1 else [])
+        for name in names:
+            (directory / name).write_text(_schema.read_script(packaged, name))
     return directory
 
 
-def test_postgresql_schema_upgraded_from_each_version(pg_schemas, postgres_url):
+def describe_pg_schema(connection):
+    """
+    What makes two PostgreSQL schemas the same: each table's columns (in
+    order, with type, default and nullability), its constraints and
+    indexes, the triggers and the sequences, as the server describes them.
+    """
+    def rows(sql):
+        return connection.execute(sql).fetchall()
+
+    return {
+        "columns": rows(
+            "SELECT table_name, ordinal_position, column_name, data_type, "
+            "column_default, is_nullable FROM information_schema.columns "
+            "WHERE table_schema = current_schema() ORDER BY 1, 2"),
+        "constraints": rows(
+            "SELECT c.conrelid::regclass::text, c.conname, "
+            "pg_get_constraintdef(c.oid) FROM pg_constraint c "
+            "JOIN pg_namespace n ON n.oid = c.connamespace "
+            "WHERE n.nspname = current_schema() ORDER BY 1, 2"),
+        "indexes": rows(
+            "SELECT tablename, indexname, "
+            "replace(indexdef, current_schema() || '.', '') FROM pg_indexes "
+            "WHERE schemaname = current_schema() ORDER BY 1, 2"),
+        "triggers": rows(
+            "SELECT event_object_table, trigger_name, event_manipulation, "
+            "action_statement, action_timing FROM information_schema.triggers "
+            "WHERE trigger_schema = current_schema() ORDER BY 1, 2, 3"),
+        "sequences": rows(
+            "SELECT sequence_name FROM information_schema.sequences "
+            "WHERE sequence_schema = current_schema() ORDER BY 1"),
+        "options": rows(
+            "SELECT relname, reloptions FROM pg_class c "
+            "JOIN pg_namespace n ON n.oid = c.relnamespace "
+            "WHERE n.nspname = current_schema() AND relkind = 'r' "
+            "ORDER BY 1"),
+    }
+
+
+@pytest.mark.parametrize("version", range(1, PG_LATEST))
+def test_postgresql_schema_upgraded_from_each_version(tmp_path, version):
+    packaged = _schema.schema_directory("postgresql")
+    with new_schema() as upgraded_url, new_schema() as fresh_url:
+        with connect(upgraded_url) as connection:
+            assert _schema.ensure_schema(
+                connection, "postgresql",
+                pg_schema_files(tmp_path, version)) == (None, version)
+            connection.execute("INSERT INTO tasks (handler) VALUES ('a')")
+            assert _schema.ensure_schema(connection, "postgresql",
+                                         packaged) == (version, PG_LATEST)
+            assert connection.execute(
+                "SELECT handler, submitter FROM tasks").fetchall() == [
+                    ("a", None)]
+            upgraded = describe_pg_schema(connection)
+        with connect(fresh_url) as connection:
+            assert _schema.ensure_schema(connection, "postgresql",
+                                         packaged) == (None, PG_LATEST)
+            assert describe_pg_schema(connection) == upgraded
+
+
+def test_postgresql_newer_schema_is_refused(tmp_path, postgres_url):
     with connect(postgres_url) as connection:
-        packaged = _schema.schema_directory("postgresql")
-        assert _schema.ensure_schema(connection, "postgresql",
-                                     packaged) == (None, 1)
-        connection.execute("INSERT INTO tasks (handler) VALUES ('a')")
-        assert _schema.ensure_schema(connection, "postgresql",
-                                     pg_schemas) == (1, 2)
-        assert connection.execute(
-            "SELECT handler, note FROM tasks").fetchall() == [("a", None)]
-        assert _schema.ensure_schema(connection, "postgresql",
-                                     pg_schemas) == (2, 2)
-        with pytest.raises(StoreError, match="version 2 is newer"):
-            _schema.ensure_schema(connection, "postgresql", packaged)
+        newer = pg_schema_files(tmp_path, PG_LATEST)
+        (newer / f"v{PG_LATEST + 1}.sql").write_text("")
+        (newer / f"upgrade-to-v{PG_LATEST + 1}.sql").write_text(
+            "ALTER TABLE tasks ADD COLUMN note text;")
+        assert _schema.ensure_schema(
+            connection, "postgresql", _schema.schema_directory(
+                "postgresql")) == (None, PG_LATEST)
+        assert _schema.ensure_schema(connection, "postgresql", newer) == (
+            PG_LATEST, PG_LATEST + 1)
+        with pytest.raises(StoreError,
+                           match=f"version {PG_LATEST + 1} is newer"):
+            _schema.ensure_schema(connection, "postgresql",
+                                  _schema.schema_directory("postgresql"))
 
 
-def test_postgresql_failed_upgrade_changes_nothing(pg_schemas, postgres_url):
+def test_postgresql_failed_upgrade_changes_nothing(tmp_path, postgres_url):
     import psycopg
 
-    (pg_schemas / "upgrade-to-v2.sql").write_text(
+    directory = pg_schema_files(tmp_path, PG_LATEST)
+    (directory / f"v{PG_LATEST + 1}.sql").write_text("")
+    (directory / f"upgrade-to-v{PG_LATEST + 1}.sql").write_text(
         "ALTER TABLE tasks ADD COLUMN note text;\nNOT SQL;")
     with connect(postgres_url) as connection:
         _schema.ensure_schema(connection, "postgresql",
                               _schema.schema_directory("postgresql"))
         with pytest.raises(psycopg.errors.SyntaxError):
-            _schema.ensure_schema(connection, "postgresql", pg_schemas)
+            _schema.ensure_schema(connection, "postgresql", directory)
         assert connection.execute(
-            "SELECT version FROM taskbroker_schema").fetchall() == [(1,)]
+            "SELECT version FROM taskbroker_schema").fetchall() == [
+                (PG_LATEST,)]
         assert connection.execute(
             "SELECT count(*) FROM information_schema.columns WHERE "
             "table_schema = current_schema() AND column_name = 'note'"

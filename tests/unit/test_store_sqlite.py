@@ -236,14 +236,14 @@ async def test_lock_released_when_owner_is_killed(reactor, db_path):
 
 @pytest_twisted.ensureDeferred
 async def test_schema_version_recorded(sqlite_store, db_path):
-    assert query(db_path, "SELECT version FROM taskbroker_schema") == [(4,)]
+    assert query(db_path, "SELECT version FROM taskbroker_schema") == [(5,)]
     indexes = {name for (name,) in query(
         db_path, "SELECT name FROM sqlite_master WHERE type = 'index' "
         "AND tbl_name = 'tasks' AND sql IS NOT NULL")}
     assert indexes == {"tasks_queued_by_group", "tasks_queued_by_run_at",
                        "tasks_by_state_id",
                        "tasks_by_handler_id", "tasks_live_unique_key",
-                       "tasks_by_request_id"}
+                       "tasks_by_request_id", "tasks_by_submitter_id"}
     assert query(db_path, "PRAGMA journal_mode") == [("wal",)]
 
 
@@ -291,10 +291,10 @@ async def test_newer_schema_refused(reactor, db_path):
     with pytest.raises(StoreError) as caught:
         await store.open()
     assert "database schema version 99 is newer than this taskbroker " \
-        "supports (4)" in str(caught.value)
+        "supports (5)" in str(caught.value)
     assert not isinstance(caught.value, StoreLocked)
     # The failed open let go of the lock and the pool.
-    execute(db_path, "UPDATE taskbroker_schema SET version = 4")
+    execute(db_path, "UPDATE taskbroker_schema SET version = 5")
     await store.open()
     await store.close()
 
@@ -323,7 +323,7 @@ def describe_schema(path):
     (name, type, NOT NULL, default, primary key) and its definition (with
     its CHECK constraints), and each index (unique, partial, columns, and
     its definition), each definition give or take comments and white
-    space.
+    space (next to commas and closing parentheses, none or one).
     """
     with closing(sqlite3.connect(path)) as connection:
         tables = {}
@@ -333,9 +333,12 @@ def describe_schema(path):
             # A table rebuilt under another name and renamed is quoted.
             sql = sql.replace(f'CREATE TABLE "{table}"',
                               f"CREATE TABLE {table}", 1)
+            # ALTER TABLE ADD COLUMN splices the column into the text as
+            # ", <definition>" before the closing parenthesis.
             tables[table] = (
                 connection.execute(f"PRAGMA table_xinfo({table})").fetchall(),
-                " ".join(re.sub(r"--[^\n]*", "", sql).split()),
+                re.sub(r" ?([,)]) ?", r"\1 ", " ".join(
+                    re.sub(r"--[^\n]*", "", sql).split())).strip(),
             )
         indexes = {}
         for name, sql in connection.execute(
@@ -368,7 +371,7 @@ async def test_upgrade_from_v1(reactor, db_path):
     await store.open()
     try:
         assert query(db_path, "SELECT version FROM taskbroker_schema") == [
-            (4,)]
+            (5,)]
         # The old columns are untouched, the new ones come after them.
         assert [row[:13] for row in query(
             db_path, "SELECT * FROM tasks ORDER BY id")] == before
@@ -377,8 +380,8 @@ async def test_upgrade_from_v1(reactor, db_path):
                 external.attempts) == ("echo", '{"a":1}', "queued", 0)
         for row in (external, running, failed):
             assert (row.run_at, row.unique_key, row.request_id,
-                    row.time_limit, row.traceback) == (
-                None, None, None, None, None)
+                    row.time_limit, row.traceback, row.submitter) == (
+                None, None, None, None, None, None)
         # The tokens go on from the attempt numbers.
         assert [row.token for row in (external, running, failed)] == [
             0, 2, 1]
@@ -403,7 +406,7 @@ async def test_upgrade_from_v1(reactor, db_path):
     await store.close()
 
 
-@pytest.mark.parametrize("version", [1, 2, 3])
+@pytest.mark.parametrize("version", [1, 2, 3, 4])
 @pytest_twisted.ensureDeferred
 async def test_upgraded_schema_is_the_new_schema(reactor, tmp_path, version):
     upgraded = str(tmp_path / "upgraded.db")
@@ -417,13 +420,38 @@ async def test_upgraded_schema_is_the_new_schema(reactor, tmp_path, version):
     assert (tables, indexes) == describe_schema(fresh)
     assert "tasks_queued_by_group" in indexes
     columns, definition = tables["tasks"]
-    assert [column[1] for column in columns][-6:] == [
+    assert [column[1] for column in columns][-7:] == [
         "run_at", "unique_key", "request_id", "token", "time_limit",
-        "traceback"]
+        "traceback", "submitter"]
     assert "CONSTRAINT token CHECK (typeof(token) = 'integer'" in definition
     # The partial unique index, with its condition.
     assert indexes["tasks_live_unique_key"][1].endswith(
         "WHERE unique_key IS NOT NULL AND state IN ('queued', 'running')")
+
+
+@pytest_twisted.ensureDeferred
+async def test_upgrade_to_v5_keeps_every_row_and_adds_the_submitter(
+        reactor, db_path):
+    create_old_database(db_path, 4)
+    ids = [insert_row(db_path, payload='{"a": 1}'),
+           insert_row(db_path, state="failed", error="boom", attempts=3)]
+    before = query(db_path, "SELECT * FROM tasks ORDER BY id")
+    store = SQLiteStore(db_path, reactor)
+    await store.open()
+    try:
+        assert query(db_path, "SELECT * FROM tasks ORDER BY id") == [
+            row + (None,) for row in before]
+        key = "k" * 40
+        (mine,) = rows_of(await store.submit([new_task(submitter=key)]))
+        assert mine.submitter == key and mine.id == ids[-1] + 1
+        assert await store.get(mine.id) == mine
+        assert [row.id for row in await store.list(
+            None, None, 0, 10, submitter=key)] == [mine.id]
+        with pytest.raises(sqlite3.IntegrityError,
+                           match="CHECK constraint failed: submitter"):
+            insert_row(db_path, submitter="too short")
+    finally:
+        await store.close()
 
 
 #: Rows that break schema 4's constraints, as another program could have
@@ -473,7 +501,7 @@ async def test_upgrade_repairs_the_rows_that_break_the_constraints(
     await store.open()
     try:
         assert query(db_path, "SELECT version FROM taskbroker_schema") == [
-            (4,)]
+            (5,)]
         rows = await store.list(None, None, 0, 100)
         assert len(rows) == count
         # The good rows as they were.
