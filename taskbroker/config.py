@@ -338,7 +338,13 @@ class BrokerConfig:
     authorized_clients: Optional[str] = setting(
         None, directory,
         "With --curve-secret-key: a folder of public key files (NAME.key) "
-        "of the clients that may submit and manage tasks (default: none).")
+        "of the clients that may submit tasks, and read, cancel and retry "
+        "the tasks they submitted (default: none).")
+    admin_clients: Optional[str] = setting(
+        None, directory,
+        "With --curve-secret-key: a folder of public key files of the "
+        "clients that may do so with every task, and list the workers "
+        "(default: none).")
     allow_any_key: bool = setting(
         False, boolean,
         "With --curve-secret-key and no authorized folders: encrypt, but "
@@ -409,7 +415,8 @@ class BrokerConfig:
 
     def __post_init__(self):
         levels = self.priorities
-        folders = self.authorized_workers or self.authorized_clients
+        folders = (self.authorized_workers or self.authorized_clients
+                   or self.admin_clients)
         if self.curve_secret_key is None:
             if self.require_curve:
                 raise ConfigError(
@@ -417,8 +424,9 @@ class BrokerConfig:
                     "authorized keys; see docs/security.rst)")
             if folders or self.allow_any_key:
                 raise ConfigError(
-                    "--authorized-workers, --authorized-clients and "
-                    "--allow-any-key need --curve-secret-key")
+                    "--authorized-workers, --authorized-clients, "
+                    "--admin-clients and --allow-any-key need "
+                    "--curve-secret-key")
         elif not folders and not self.allow_any_key:
             raise ConfigError(
                 "--curve-secret-key: give --authorized-workers and "
@@ -427,7 +435,8 @@ class BrokerConfig:
         elif folders and self.allow_any_key:
             raise ConfigError(
                 "--allow-any-key lets every key in: drop it, or drop "
-                "--authorized-workers and --authorized-clients")
+                "--authorized-workers, --authorized-clients and "
+                "--admin-clients")
         if self.lease < 1.5:
             raise ConfigError(
                 f"--lease: {self.lease:g} s is too short to renew every "

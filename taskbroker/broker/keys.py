@@ -4,10 +4,11 @@ Who may do what on a broker with CURVE: the public keys of its
 authorization folders, by role.
 
 A key in ``--authorized-workers`` may register as a worker and run tasks;
-a key in ``--authorized-clients`` may submit and manage tasks; a key in
-both may do both.  ZAP admits a connection whose key is in either
-(:mod:`taskbroker.transport.zap`), and the router checks every message's
-key against the role its command needs
+a key in ``--authorized-clients`` may submit tasks and manage its own; a
+key in ``--admin-clients`` may do what a client key does, to every task,
+and see the workers; a key in several folders has each role.  ZAP admits a
+connection whose key is in any (:mod:`taskbroker.transport.zap`), and the
+router checks every message's key against the role its command needs
 (:meth:`taskbroker.broker.router.Router.handle`), so a key removed from a
 folder is refused at its next message, though libzmq keeps its
 connection.
@@ -20,6 +21,10 @@ from taskbroker import curve
 SECRET_OPTION = "--curve-secret-key"
 WORKERS_OPTION = "--authorized-workers"
 CLIENTS_OPTION = "--authorized-clients"
+ADMINS_OPTION = "--admin-clients"
+
+#: The roles, as logs name them, in the order of the folders.
+ROLES = ("workers", "clients", "admins")
 
 
 def load(config):
@@ -40,7 +45,7 @@ def load(config):
     if config.allow_any_key:
         return keypair, None
     return keypair, PeerKeys(config.authorized_workers,
-                             config.authorized_clients)
+                             config.authorized_clients, config.admin_clients)
 
 
 class PeerKeys:
@@ -50,13 +55,18 @@ class PeerKeys:
 
     :param workers: the folder of worker keys, or ``None``.
     :param clients: the folder of client keys, or ``None``.
+    :param admins: the folder of admin client keys, or ``None``.
     :raises ConfigError: if a folder cannot be read.
+
+    Each role is a ``dict``: key (Z85 ``bytes``) -> its file's name.
     """
 
-    def __init__(self, workers, clients):
-        self._folders = ((workers, WORKERS_OPTION), (clients, CLIENTS_OPTION))
+    def __init__(self, workers, clients, admins=None):
+        self._folders = ((workers, WORKERS_OPTION), (clients, CLIENTS_OPTION),
+                         (admins, ADMINS_OPTION))
         self.workers = {}
         self.clients = {}
+        self.admins = {}
         self.problems = self.reload()
 
     def reload(self):
@@ -68,8 +78,7 @@ class PeerKeys:
         :raises ConfigError: if a folder cannot be read.
         """
         read, problems = [], []
-        for (folder, option), before in zip(self._folders,
-                                            (self.workers, self.clients)):
+        for (folder, option), before in zip(self._folders, self.snapshot()):
             if folder is None:
                 read.append({})
                 continue
@@ -81,7 +90,7 @@ class PeerKeys:
                         if name in bad)
             read.append(keys)
             problems += bad.values()
-        self.workers, self.clients = read
+        self.workers, self.clients, self.admins = read
         return problems
 
     def changes(self, before):
@@ -91,8 +100,7 @@ class PeerKeys:
         :returns: e.g. ``"workers +w3 -w1; clients +c2"``, or ``""``.
         """
         parts = []
-        for role, (old, new) in zip(("workers", "clients"),
-                                    zip(before, self.snapshot())):
+        for role, old, new in zip(ROLES, before, self.snapshot()):
             added = sorted(new[key] for key in new.keys() - old.keys())
             removed = sorted(old[key] for key in old.keys() - new.keys())
             if added or removed:
@@ -101,25 +109,32 @@ class PeerKeys:
         return "; ".join(parts)
 
     def snapshot(self):
-        return (dict(self.workers), dict(self.clients))
+        """
+        Copies of the roles, in the order of :data:`ROLES`.
+        """
+        return (dict(self.workers), dict(self.clients), dict(self.admins))
 
     def admits(self, key):
         """
         Whether a peer with this key may connect at all (ZAP).
         """
-        return key in self.workers or key in self.clients
+        return key in self.workers or self.may_ask(key)
 
     def may_work(self, key):
         return key in self.workers
 
     def may_ask(self, key):
-        return key in self.clients
+        return key in self.clients or key in self.admins
+
+    def is_admin(self, key):
+        return key in self.admins
 
     def name(self, key):
         """
         How logs name a key: its file's name, and the key.
         """
-        name = self.workers.get(key) or self.clients.get(key)
+        name = (self.workers.get(key) or self.clients.get(key)
+                or self.admins.get(key))
         shown = key.decode("ascii", "replace") if key else "none"
         return f"{name} ({shown})" if name else f"unknown key {shown}"
 

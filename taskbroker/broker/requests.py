@@ -6,6 +6,12 @@ WORKERS and STATS.
 Every request gets exactly one answer: a REPLY, or an ERROR whose code
 tells the client what to do (``unavailable``: try again; ``internal``: a
 bug in the broker, logged with its traceback).
+
+Each handler receives the sender's CURVE public key (``None`` without
+CURVE).  The broker records it as the submitter of the tasks it submits,
+and where the broker checks client keys, a key that is not an admin's
+sees and changes only those tasks: any other is answered as a task that
+does not exist (docs/security.rst).
 """
 
 import dataclasses
@@ -62,11 +68,15 @@ class Requests:
 
     def failed(self, reason, doing, identity, req):
         """
-        An errback that answers a request whose work failed: ``refused``
-        for a write the database refused for its values, ``unavailable``
-        for the store's other errors, ``internal`` (logged with its
-        traceback) for anything else.
+        An errback that answers a request whose work failed: with its code
+        for a request refused, ``refused`` for a write the database
+        refused for its values, ``unavailable`` for the store's other
+        errors, ``internal`` (logged with its traceback) for anything
+        else.
         """
+        if reason.check(_Refused):
+            self.error(identity, req, reason.value.code, reason.value.message)
+            return
         self._broker.trouble(reason, doing)
         if reason.check(WriteRefused):
             self.error(identity, req, "refused",
@@ -83,13 +93,52 @@ class Requests:
         # answered and logged rather than lost.
         return d.addErrback(self.failed, doing, identity, req)
 
+    # -- whose tasks -------------------------------------------------------
+
+    def _scope(self, key):
+        """
+        The tasks a client key may see and change: ``None`` for all of
+        them (no client checks, or an admin key), else the key's text,
+        which the tasks it submitted name.
+        """
+        keys = self._broker.peer_keys
+        if keys is None or keys.is_admin(key):
+            return None
+        return key.decode("ascii") if key is not None else ""
+
+    @staticmethod
+    def _not_found(task_id):
+        return _Refused("not_found", f"no task with id {task_id}")
+
+    def _found(self, row, task_id, scope):
+        """
+        ``row`` (a task read for a client) if the client may see it.
+
+        :raises _Refused: ``not_found`` if it does not exist, or belongs
+            to another key: a client learns nothing of others' tasks.
+        """
+        if row is None or (scope is not None and row.submitter != scope):
+            raise self._not_found(task_id)
+        return row
+
+    def _read(self, task_id, scope):
+        """
+        Read a task for a client.
+
+        :returns: a ``Deferred`` firing with its row; it fails with
+            ``not_found`` (see :meth:`_found`).
+        """
+        return self._broker.store.get(task_id).addCallback(
+            self._found, task_id, scope)
+
     # -- submit ------------------------------------------------------------
 
-    def on_SUBMIT(self, identity, body):
+    def on_SUBMIT(self, identity, body, key=None):
         broker = self._broker
         req = body["req"]
+        scope = self._scope(key)
         try:
-            new = self._new_tasks(body)
+            new = self._new_tasks(body, key)
         except _Refused as refused:
             self.error(identity, req, refused.code, refused.message)
             return
@@ -109,7 +158,6 @@ class Requests:
                     broker.claimed(session, row)
                 else:
                     broker.give_back(session)
-            rows = [row for row, _ in results]
             now = broker.clock.seconds()
             for row, created in results:
                 if created:
@@ -122,13 +170,17 @@ class Requests:
                 not created and row.request_id == request_id
                 for row, created in results)
             self.reply(identity, req, {
-                "tasks": [task_object(row) for row in rows],
+                # Another key's task (one that holds a unique key asked
+                # for) is shown by its id alone.
+                "tasks": [task_object(row) if created or scope is None
+                          or row.submitter == scope else {"id": row.id}
+                          for row, created in results],
                 "replayed": replayed,
                 "existing": [] if replayed else [
                     row.id for row, created in results if not created],
                 "unserved": sorted({
-                    row.handler for row in rows
-                    if not broker.dispatcher.served(row.handler)}),
+                    task.handler for task in new
+                    if not broker.dispatcher.served(task.handler)}),
             })
             # Most urgent first, so that a batch's urgent tasks get first
             # pick of the free workers.
@@ -145,15 +197,17 @@ class Requests:
         d.addCallbacks(committed, not_committed)
         return self._answered(d, "submitting tasks", identity, req)
 
-    def _new_tasks(self, body):
+    def _new_tasks(self, body, key):
         """
-        The tasks a SUBMIT asks for, with the broker's defaults.
+        The tasks a SUBMIT asks for, with the broker's defaults, submitted
+        by ``key``.
 
         :returns: a ``list`` of :class:`taskbroker.store.NewTask`.
         :raises _Refused: for a task the broker cannot take.
         """
         broker = self._broker
         now = broker.clock.seconds()
+        submitter = key.decode("ascii") if key is not None else None
         new = []
         for spec in body["tasks"]:
             priority = spec.get("priority") or broker.config.default_priority
@@ -172,7 +226,7 @@ class Requests:
                 run_at=now + delay if delay else None,
                 unique_key=spec.get("unique_key"),
                 request_id=body.get("request_id"),
-                time_limit=spec.get("time_limit")))
+                time_limit=spec.get("time_limit"), submitter=submitter))
         return new
 
     def _claim_workers(self, new):
@@ -201,45 +255,45 @@ class Requests:
 
     # -- reading -----------------------------------------------------------
 
-    def on_GET(self, identity, body):
+    def on_GET(self, identity, body, key=None):
         req, task_id = body["req"], body["id"]
-        d = self._broker.store.get(task_id)
+        d = self._read(task_id, self._scope(key))
+        d.addCallback(lambda row: self.reply(identity, req,
+                                             {"task": task_object(row)}))
+        return self._answered(d, "reading a task", identity, req)
 
-        def found(row):
-            if row is None:
-                self.error(identity, req, "not_found",
-                           f"no task with id {task_id}")
-            else:
-                self.reply(identity, req, {"task": task_object(row)})
-
-        return self._answered(d.addCallback(found), "reading a task",
-                              identity, req)
-
-    def on_WAIT(self, identity, body):
-        broker = self._broker
+    def on_WAIT(self, identity, body, key=None):
         req, task_id = body["req"], body["id"]
         timeout = body.get("timeout", DEFAULT_WAIT)
-        if timeout > 0 and (task_id in broker.attempts
-                            or broker.backlog.holds(task_id)
-                            or broker.outcomes.reporting(task_id)):
+        scope = self._scope(key)
+        if timeout > 0 and self._live_for(task_id, scope):
             # Live, so not final: wait without reading it.
-            self._wait(identity, req, task_id, timeout)
+            self._wait(identity, req, task_id, timeout, key)
             return None
-        d = broker.store.get(task_id)
 
         def found(row):
-            if row is None:
-                self.error(identity, req, "not_found",
-                           f"no task with id {task_id}")
-            elif row.state in FINAL_STATES or timeout <= 0:
+            if row.state in FINAL_STATES or timeout <= 0:
                 self.reply(identity, req, {"task": task_object(row)})
             else:
-                self._wait(identity, req, task_id, timeout)
+                self._wait(identity, req, task_id, timeout, key)
 
-        return self._answered(d.addCallback(found), "reading a task",
-                              identity, req)
+        d = self._read(task_id, scope).addCallback(found)
+        return self._answered(d, "reading a task", identity, req)
 
-    def _wait(self, identity, req, task_id, timeout):
+    def _live_for(self, task_id, scope):
+        """
+        Whether the task is known to be live, and the client may see it,
+        without reading it.
+        """
+        broker = self._broker
+        if scope is not None:
+            # Only a running task's row is at hand to tell whose it is.
+            attempt = broker.attempts.get(task_id)
+            return attempt is not None and attempt.row.submitter == scope
+        return (task_id in broker.attempts or broker.backlog.holds(task_id)
+                or broker.outcomes.reporting(task_id))
+
+    def _wait(self, identity, req, task_id, timeout, key):
         broker = self._broker
         if not broker.admission.hold_wait():
             self.error(identity, req, "busy", "the broker holds too many "
@@ -254,11 +308,11 @@ class Requests:
             if final is not None:
                 self.reply(identity, req, {"task": task_object(final)})
             else:
-                self.on_GET(identity, {"req": req, "id": task_id})
+                self.on_GET(identity, {"req": req, "id": task_id}, key)
 
         def timed_out(reason):
             reason.trap(defer.CancelledError)
-            self.on_GET(identity, {"req": req, "id": task_id})
+            self.on_GET(identity, {"req": req, "id": task_id}, key)
 
         def stopping(reason):
             reason.trap(BrokerStopping)
@@ -294,12 +348,13 @@ class Requests:
         broker.claims.watch(task_id).addCallback(read_again).addErrback(
             broker.trouble, "watching a task")
 
-    def on_LIST(self, identity, body):
+    def on_LIST(self, identity, body, key=None):
         req = body["req"]
         limit = body.get("limit") or 100
         d = self._broker.store.list(body.get("state"), body.get("handler"),
                                     body.get("after") or 0, limit + 1,
-                                    MAX_LIST_BYTES)
+                                    MAX_LIST_BYTES,
+                                    submitter=self._scope(key))
 
         def listed(rows):
             more = (len(rows) > limit
@@ -315,9 +370,17 @@ class Requests:
 
     # -- changing tasks ----------------------------------------------------
 
-    def on_CANCEL(self, identity, body):
-        broker = self._broker
+    def on_CANCEL(self, identity, body, key=None):
         req, task_id = body["req"], body["id"]
+        scope = self._scope(key)
+        if scope is None:
+            return self._cancel(identity, req, task_id)
+        d = self._read(task_id, scope)
+        d.addCallback(lambda _: self._cancel(identity, req, task_id))
+        return self._answered(d, "cancelling a task", identity, req)
+
+    def _cancel(self, identity, req, task_id):
+        broker = self._broker
         waiting = broker.backlog.withdraw(task_id)
         d = broker.store.cancel(task_id, broker.clock.seconds())
 
@@ -360,18 +423,16 @@ class Requests:
         d.addCallbacks(cancelled, not_cancelled)
         return self._answered(d, "cancelling a task", identity, req)
 
-    def on_RETRY(self, identity, body):
+    def on_RETRY(self, identity, body, key=None):
         req = body["req"]
-        return self._answered(self._retry(identity, req, body["id"]),
-                              "retrying a task", identity, req)
+        return self._answered(
+            self._retry(identity, req, body["id"], self._scope(key)),
+            "retrying a task", identity, req)
 
     @defer.inlineCallbacks
-    def _retry(self, identity, req, task_id):
+    def _retry(self, identity, req, task_id, scope):
         broker = self._broker
-        row = yield broker.store.get(task_id)
-        if row is None:
-            self.error(identity, req, "not_found", f"no task with id {task_id}")
-            return
+        row = yield self._read(task_id, scope)
         if row.state in ("queued", "running"):
             # Already going to run (a resent RETRY, say): nothing to do.
             self.reply(identity, req, {"task": task_object(row)})
@@ -412,11 +473,18 @@ class Requests:
 
     # -- the fleet ---------------------------------------------------------
 
-    def on_WORKERS(self, identity, body):
+    def on_WORKERS(self, identity, body, key=None):
+        # Names hosts, keys and the tasks each worker runs: an admin's.
+        if self._scope(key) is not None:
+            self.error(identity, body["req"], "forbidden",
+                       "listing the workers needs an admin key "
+                       "(--admin-clients)")
+            return
         self.reply(identity, body["req"],
                    {"workers": self._broker.status.workers()})
 
-    def on_STATS(self, identity, body):
+    def on_STATS(self, identity, body, key=None):
+        # Counts only, no task's content: any client may see them.
         # From memory, except for the very first, which waits for the
         # broker's first count of the table.
         status = self._broker.status

@@ -102,7 +102,7 @@ class Router:
                 return
         answered = None
         try:
-            answered = self._handle(identity, session, frames)
+            answered = self._handle(sender, session, frames)
             if sender.key is not None and frames[1:2] == [b"HELLO"]:
                 # A session opened by this message knows its key.
                 opened = broker.sessions.get(identity)
@@ -168,7 +168,7 @@ class Router:
             "the broker has too many requests in progress; try again "
             "shortly")
 
-    def _handle(self, identity, session, frames):
+    def _handle(self, sender, session, frames):
         """
         Decode and route a message.
 
@@ -176,6 +176,7 @@ class Router:
             ``None`` once it has been answered (or for a worker's message).
         """
         broker = self._broker
+        identity = sender.identity
         try:
             command, body = codec.decode(frames, codec.BROKER_INBOUND)
         except ProtocolError as e:
@@ -188,7 +189,7 @@ class Router:
             if worker_handler is not None:
                 return worker_handler(identity, session, body)
             return getattr(broker.requests, "on_" + command.decode())(
-                identity, body)
+                identity, body, sender.key)
         except Exception:
             broker.counters["internal_errors"] += 1
             self.log.failure(

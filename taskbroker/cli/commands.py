@@ -247,7 +247,8 @@ def _status(client, options, output, stdin):
     keys += [key for key in task if key not in TASK_KEYS]
     for key in keys:
         value = task[key]
-        if key == "traceback" or (key == "run_at" and value is None):
+        if key == "traceback" or (key in ("run_at", "submitter")
+                                  and value is None):
             continue
         if key in ("payload", "result"):
             # JSON values: show them as JSON, so that "null" and the string

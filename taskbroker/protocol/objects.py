@@ -16,6 +16,7 @@ TASK_KEYS = (
     "id", "handler", "payload", "priority", "state", "attempts",
     "max_attempts", "worker", "created_at", "started_at", "finished_at",
     "result", "error", "traceback", "run_at", "unique_key", "time_limit",
+    "submitter",
 )
 
 
@@ -82,4 +83,5 @@ def task_object(row):
         "run_at": iso_time(row.run_at),
         "unique_key": _shown(row.unique_key),
         "time_limit": _shown(row.time_limit),
+        "submitter": _shown(row.submitter),
     }

@@ -10,6 +10,7 @@ import json
 import os
 import re
 import signal
+import sqlite3
 import subprocess
 
 import pytest
@@ -30,15 +31,18 @@ SILENCE_MS = 1500
 @pytest.fixture
 def keys(tmp_path):
     """
-    A folder of key pairs (broker, w1, c1, stranger) and the broker's
-    authorization folders: w1 may work, c1 may ask.
+    A folder of key pairs (broker, w1, c1, c2, ops, stranger) and the
+    broker's authorization folders: w1 may work, c1 and c2 may ask, ops
+    is an admin.
     """
     folder = tmp_path / "keys"
-    for name in ("broker", "w1", "c1", "stranger"):
+    for name in ("broker", "w1", "c1", "c2", "ops", "stranger"):
         curve.keygen(str(folder), name)
-    for role, name in (("workers", "w1"), ("clients", "c1")):
+    for role, names in (("workers", ("w1",)), ("clients", ("c1", "c2")),
+                        ("admins", ("ops",))):
         (tmp_path / role).mkdir()
-        os.link(folder / f"{name}.key", tmp_path / role / f"{name}.key")
+        for name in names:
+            os.link(folder / f"{name}.key", tmp_path / role / f"{name}.key")
     return tmp_path
 
 
@@ -46,7 +50,8 @@ def curve_broker(cluster, keys, *extra):
     return cluster.start_broker(
         "--curve-secret-key", str(keys / "keys" / "broker.key_secret"),
         "--authorized-workers", str(keys / "workers"),
-        "--authorized-clients", str(keys / "clients"), *extra)
+        "--authorized-clients", str(keys / "clients"),
+        "--admin-clients", str(keys / "admins"), *extra)
 
 
 class Peer:
@@ -205,11 +210,12 @@ def test_a_worker_and_the_command_with_keys_run_a_task(cluster, keys):
     run = curve_cli(cluster, keys, "submit", "echo", "--payload", '"x"',
                     "--wait")
     assert (run.returncode, run.stdout, run.stderr) == (0, '"x"\n', "")
-    # The keys may also come from the environment.
+    # The keys may also come from the environment; the workers are an
+    # admin's to see.
     env = {"TASKBROKER_CLIENT_CURVE_SERVER_KEY":
            str(keys / "keys" / "broker.key"),
            "TASKBROKER_CLIENT_CURVE_SECRET_KEY":
-           str(keys / "keys" / "c1.key_secret")}
+           str(keys / "keys" / "ops.key_secret")}
     run = subprocess.run([CLI, "--broker", cluster.endpoint, "workers",
                           "--json"], env=clean_environment(env),
                          capture_output=True, text=True, timeout=60)
@@ -226,7 +232,8 @@ def test_a_worker_that_trusts_another_broker_key_gets_no_task(cluster, keys):
     cluster.start_broker(
         "--curve-secret-key", str(keys / "keys" / "broker2.key_secret"),
         "--authorized-workers", str(keys / "workers"),
-        "--authorized-clients", str(keys / "clients"))
+        "--authorized-clients", str(keys / "clients"),
+        "--admin-clients", str(keys / "admins"))
     submitted = curve_cli(cluster, keys, "submit", "echo", server="broker2")
     assert submitted.returncode == 0, submitted.stderr
     task_id = submitted.stdout.strip()
@@ -239,7 +246,8 @@ def test_a_worker_that_trusts_another_broker_key_gets_no_task(cluster, keys):
     status = curve_cli(cluster, keys, "status", task_id, "--json",
                        server="broker2")
     assert json.loads(status.stdout)["state"] == "queued"
-    workers = curve_cli(cluster, keys, "workers", "--json", server="broker2")
+    workers = curve_cli(cluster, keys, "workers", "--json", key="ops",
+                        server="broker2")
     assert json.loads(workers.stdout) == []
     assert "welcomed by broker" not in worker.output()
     assert worker.alive()
@@ -358,44 +366,52 @@ def test_require_curve_refuses_to_start_without_it(cluster):
 
 def test_the_fleet_set_up_of_the_security_page(cluster, tmp_path):
     # docs/security.rst, "A fleet, step by step", with its paths under
-    # tmp_path: three hosts' folders, and only public files copied.
-    broker_host, worker_host, ops_home = (tmp_path / "broker-host",
-                                          tmp_path / "worker-host",
-                                          tmp_path / "ops-home")
+    # tmp_path: four hosts' folders, and only public files copied.
+    broker_host, worker_host, app_host, ops_home = (
+        tmp_path / "broker-host", tmp_path / "worker-host",
+        tmp_path / "app-host", tmp_path / "ops-home")
+    broker_keys, worker_keys, app_keys, ops_keys = (
+        broker_host / "keys", worker_host / "keys", app_host / "keys",
+        ops_home / ".taskbroker")
 
     def run(*argv):
-        done = subprocess.run(argv, capture_output=True, text=True,
-                              timeout=60)
+        done = subprocess.run([str(arg) for arg in argv],
+                              capture_output=True, text=True, timeout=60)
         assert done.returncode == 0, done.stderr
         return done
 
-    run(CLI, "keygen", str(broker_host / "keys"), "--name", "broker")
-    run("mkdir", str(broker_host / "workers"), str(broker_host / "clients"))
-    run(CLI, "keygen", str(worker_host / "keys"), "--name", "worker-1")
-    run(CLI, "keygen", str(ops_home / ".taskbroker"), "--name", "ops")
-    run("cp", str(worker_host / "keys" / "worker-1.key"),
-        str(broker_host / "workers"))
-    run("cp", str(ops_home / ".taskbroker" / "ops.key"),
-        str(broker_host / "clients"))
-    run("cp", str(broker_host / "keys" / "broker.key"),
-        str(worker_host / "keys"))
-    run("cp", str(broker_host / "keys" / "broker.key"),
-        str(ops_home / ".taskbroker"))
+    run(CLI, "keygen", broker_keys, "--name", "broker")
+    run("mkdir", broker_host / "workers", broker_host / "clients",
+        broker_host / "admins")
+    run(CLI, "keygen", worker_keys, "--name", "worker-1")
+    run(CLI, "keygen", app_keys, "--name", "reports")
+    run(CLI, "keygen", ops_keys, "--name", "ops")
+    run("cp", worker_keys / "worker-1.key", broker_host / "workers")
+    run("cp", app_keys / "reports.key", broker_host / "clients")
+    run("cp", ops_keys / "ops.key", broker_host / "admins")
+    for keys in (worker_keys, app_keys, ops_keys):
+        run("cp", broker_keys / "broker.key", keys)
     cluster.start_broker(
-        "--curve-secret-key", str(broker_host / "keys" / "broker.key_secret"),
+        "--curve-secret-key", str(broker_keys / "broker.key_secret"),
         "--authorized-workers", str(broker_host / "workers"),
-        "--authorized-clients", str(broker_host / "clients"))
+        "--authorized-clients", str(broker_host / "clients"),
+        "--admin-clients", str(broker_host / "admins"))
     cluster.start_worker(
-        "--curve-server-key", str(worker_host / "keys" / "broker.key"),
-        "--curve-secret-key", str(worker_host / "keys" / "worker-1.key_secret"),
+        "--curve-server-key", str(worker_keys / "broker.key"),
+        "--curve-secret-key", str(worker_keys / "worker-1.key_secret"),
         name="worker-1")
-    ops = ["--curve-server-key", str(ops_home / ".taskbroker" / "broker.key"),
-           "--curve-secret-key", str(ops_home / ".taskbroker" / "ops.key_secret")]
-    stats = cluster.cli(*ops, "stats")
-    assert stats.returncode == 0 and "workers: 1" in stats.stdout, stats
-    done = cluster.cli(*ops, "submit", "echo", "--payload", '"fleet"',
+    reports, ops = ([
+        "--curve-server-key", str(keys / "broker.key"),
+        "--curve-secret-key", str(keys / f"{name}.key_secret")]
+        for keys, name in ((app_keys, "reports"), (ops_keys, "ops")))
+    done = cluster.cli(*reports, "submit", "echo", "--payload", '"fleet"',
                        "--wait")
     assert (done.returncode, done.stdout) == (0, '"fleet"\n'), done.stderr
+    stats = cluster.cli(*ops, "stats")
+    assert stats.returncode == 0 and "workers: 1" in stats.stdout, stats
+    workers = cluster.cli(*ops, "workers")
+    assert workers.returncode == 0 and "worker-1" in workers.stdout, workers
+    assert cluster.cli(*reports, "workers").returncode != 0
 
 
 def test_a_worker_whose_key_is_removed_is_refused_at_once(cluster, keys,
@@ -411,3 +427,57 @@ def test_a_worker_whose_key_is_removed_is_refused_at_once(cluster, keys,
     command, body = worker.socket.recv_multipart()[1:]
     assert (command, json.loads(body)["code"]) == (b"ERROR", "forbidden")
     broker.wait_for(r"worker intruder: its key .* \(w1\) was removed")
+
+
+def test_each_client_key_sees_and_changes_only_its_own_tasks(cluster, keys):
+    broker = curve_broker(cluster, keys)
+
+    def cli(key, *args):
+        return curve_cli(cluster, keys, *args, key=key)
+
+    def public(name):
+        return curve.load_public(str(keys / "keys" / f"{name}.key"),
+                                 "t").decode()
+
+    # No worker: c1's task stays queued.
+    submitted = cli("c1", "submit", "echo", "--payload", '"c1 secret"',
+                    "--unique-key", "nightly", "--json")
+    assert submitted.returncode == 0, submitted.stderr
+    task = json.loads(submitted.stdout)
+    assert task["submitter"] == public("c1")
+    task_id = str(task["id"])
+    for args in (("status", task_id), ("status", task_id, "--json"),
+                 ("cancel", task_id), ("retry", task_id)):
+        run = cli("c2", *args)
+        assert run.returncode != 0 and run.stdout == "", (args, run)
+        assert f"no task with id {task_id}" in run.stderr, (args, run)
+    listed = cli("c2", "list", "--json")
+    assert (listed.returncode, json.loads(listed.stdout)) == (0, [])
+    # A submit that meets c1's unique key learns its id, nothing more.
+    again = cli("c2", "submit", "echo", "--unique-key", "nightly", "--json")
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout) == {"id": task["id"]}
+    assert "c1 secret" not in again.stdout + again.stderr
+    # The workers are the admins' to see; the counts anyone's.
+    workers = cli("c2", "workers")
+    assert workers.returncode != 0
+    assert "listing the workers needs an admin key" in workers.stderr
+    assert cli("c2", "stats").returncode == 0
+    # A worker key reads nothing.
+    assert cli("w1", "list").returncode != 0
+    broker.wait_for(r"refused LIST from w1 \(")
+    # Its submitter and an admin see and change it.
+    for key in ("c1", "ops"):
+        status = cli(key, "status", task_id, "--json")
+        assert json.loads(status.stdout)["payload"] == "c1 secret"
+        listed = json.loads(cli(key, "list", "--json").stdout)
+        assert [t["id"] for t in listed] == [task["id"]]
+    cancelled = cli("c1", "cancel", task_id)
+    assert cancelled.returncode == 0, cancelled.stderr
+    retried = cli("ops", "retry", task_id)
+    assert retried.returncode == 0, retried.stderr
+    # A task inserted by SQL has no submitter: it is the admins'.
+    with sqlite3.connect(os.path.join(cluster.folder, "tasks.sqlite")) as db:
+        db.execute("INSERT INTO tasks (handler) VALUES ('echo')")
+    assert len(json.loads(cli("ops", "list", "--json").stdout)) == 2
+    assert len(json.loads(cli("c1", "list", "--json").stdout)) == 1

@@ -547,7 +547,7 @@ def test_task_object():
         "result": "done", "error": None,
         "traceback": "Traceback (most recent call last):\n  ...\n",
         "run_at": "1970-01-01T00:00:01.250000+00:00",
-        "unique_key": "nightly", "time_limit": 30.0,
+        "unique_key": "nightly", "time_limit": 30.0, "submitter": None,
     }
     # It is sendable as it is.
     codec.dumps(obj)
@@ -560,7 +560,7 @@ def test_task_keys_are_the_old_keys_then_the_new_ones():
         "max_attempts", "worker", "created_at", "started_at", "finished_at",
         "result", "error")
     assert TASK_KEYS[13:] == ("traceback", "run_at", "unique_key",
-                              "time_limit")
+                              "time_limit", "submitter")
 
 
 def test_task_object_nulls():
@@ -586,7 +586,7 @@ def test_task_object_of_a_row_without_the_new_fields():
     assert tuple(obj) == TASK_KEYS
     assert {k: obj[k] for k in TASK_KEYS[13:]} == {
         "traceback": None, "run_at": None, "unique_key": None,
-        "time_limit": None}
+        "time_limit": None, "submitter": None}
     codec.dumps(obj)
 
 

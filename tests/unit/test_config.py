@@ -432,3 +432,17 @@ def test_a_setting_may_name_its_own_variable():
         secret.variable("TASKWORKER_")
     assert {s.variable("TASKWORKER_") for s in WORKER_SETTINGS} >= {
         "TASKWORKER_CURVE_SERVER_KEY", "TASKWORKER_CURVE_SECRET_KEY"}
+
+
+def test_admin_clients_is_an_authorization_folder(tmp_path):
+    secret = str(tmp_path / "broker.key_secret")
+    with pytest.raises(ConfigError, match="--admin-clients and "
+                       "--allow-any-key need --curve-secret-key"):
+        BrokerConfig(admin_clients=str(tmp_path))
+    with pytest.raises(ConfigError, match="--allow-any-key lets every key"):
+        BrokerConfig(curve_secret_key=secret, admin_clients=str(tmp_path),
+                     allow_any_key=True)
+    # Admins alone: a broker its operators use, with no other clients.
+    assert BrokerConfig(curve_secret_key=secret,
+                        admin_clients=str(tmp_path)).admin_clients == str(
+                            tmp_path)

@@ -196,6 +196,30 @@ def test_peer_keys_by_role_and_reloaded(tmp_path):
     assert peers.may_ask(key("later")) and not peers.admits(key("w1"))
 
 
+def test_an_admin_key_is_a_client_key_with_every_task(tmp_path):
+    keys_folder, clients, admins = (tmp_path / name for name in (
+        "all", "clients", "admins"))
+    for name in ("c1", "root"):
+        curve.keygen(str(keys_folder), name)
+    clients.mkdir()
+    admins.mkdir()
+    os.link(keys_folder / "c1.key", clients / "c1.key")
+    os.link(keys_folder / "root.key", admins / "root.key")
+    peers = PeerKeys(None, str(clients), str(admins))
+    c1, root = (curve.load_public(str(keys_folder / f"{name}.key"), "t")
+                for name in ("c1", "root"))
+    assert peers.admits(root) and peers.may_ask(root) and peers.is_admin(root)
+    assert not peers.may_work(root)
+    assert peers.may_ask(c1) and not peers.is_admin(c1)
+    assert peers.name(root) == f"root ({root.decode()})"
+    before = peers.snapshot()
+    os.link(keys_folder / "c1.key", admins / "c1.key")
+    os.unlink(admins / "root.key")
+    peers.reload()
+    assert peers.is_admin(c1) and not peers.admits(root)
+    assert peers.changes(before) == "admins +c1 -root"
+
+
 def test_which_endpoints_other_hosts_may_reach():
     from taskbroker.broker.keys import reachable_from_afar
 
