@@ -481,3 +481,40 @@ def test_each_client_key_sees_and_changes_only_its_own_tasks(cluster, keys):
         db.execute("INSERT INTO tasks (handler) VALUES ('echo')")
     assert len(json.loads(cli("ops", "list", "--json").stdout)) == 2
     assert len(json.loads(cli("c1", "list", "--json").stdout)) == 1
+
+
+def test_a_client_key_cannot_take_over_a_workers_route(cluster, keys, peers):
+    # The broker's socket gives a route to whoever connects under its
+    # routing identity (so that a worker that reconnects keeps its own).
+    # What keeps a client from taking a worker's route, and its TASKs, is
+    # that a worker's identity ends in 128 random bits that nothing shows.
+    broker = curve_broker(cluster, keys)
+    worker = curve_worker(cluster, keys, name="w1")
+    ran = curve_cli(cluster, keys, "submit", "echo", "--payload", '"a"',
+                    "--wait")
+    assert ran.returncode == 0, ran.stderr
+    shown = "\n".join([
+        broker.output(), worker.output(),
+        curve_cli(cluster, keys, "workers", "--json", key="ops").stdout,
+        curve_cli(cluster, keys, "stats", "--json", key="ops").stdout,
+        curve_cli(cluster, keys, "list", "--json", key="ops").stdout])
+    assert '"name":"w1"' in shown
+    assert not re.search(r"w1/[0-9a-f]{32}", shown), shown
+    # A client that tries the identities it might guess takes no route.
+    for guess in (b"w1", b"w1/", b"w1/" + b"0" * 32, b"w1/0"):
+        assert peers("c1", identity=guess).ask(*STATS)[0] == b"REPLY"
+    ran = curve_cli(cluster, keys, "submit", "echo", "--payload", '"b"',
+                    "--wait", "--timeout", "20")
+    assert (ran.returncode, ran.stdout) == (0, '"b"\n'), ran.stderr
+    # Were an identity known, its route would be taken: a worker (w1's
+    # key, another name) whose identity a client knows...
+    known = peers("w1", identity=b"w9/known")
+    assert known.ask(b"HELLO", {"name": "w9", "slots": 1,
+                                "handlers": ["only-w9"],
+                                "heartbeat": 5.0})[0] == b"WELCOME"
+    known.socket.send_multipart(codec.encode(b"READY", {}))
+    thief = peers("c1", identity=b"w9/known")
+    assert thief.ask(*STATS)[0] == b"REPLY"  # connected: the route is its
+    assert curve_cli(cluster, keys, "submit", "only-w9").returncode == 0
+    assert thief.socket.poll(10_000)
+    assert thief.socket.recv_multipart()[1] == b"TASK"
