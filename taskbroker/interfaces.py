@@ -38,6 +38,21 @@ class ITask(Interface):
         "process with no reactor: an object with only ``seconds()``."
     )
 
+    def progress(fraction, message=None):
+        """
+        Say how far the task has got: ``taskbroker status``, ``list``, the
+        API and the dashboard show the latest report of the running
+        attempt.  Call it as often as is convenient, from any thread:
+        reports are thinned out on their way (at most two a second reach
+        the broker, the latest always), and the broker keeps the latest,
+        writing it at most about once a second.
+
+        :param fraction: a number from 0 to 1 (``0.25``: a quarter done).
+        :param message: a short text, or ``None``; cut to 200 characters.
+        :raises ValueError: if ``fraction`` is not a number from 0 to 1.
+        :raises TypeError: if ``message`` is not a string.
+        """
+
 
 class ITaskHandler(Interface):
     """
@@ -190,6 +205,19 @@ class ITaskStore(Interface):
         :returns: a ``Deferred`` firing with ``True`` if the task was
             queued and is now ``running``, else ``False`` (nothing
             changed).
+        """
+
+    def progress(task_id, token, fraction, message, at):
+        """
+        Record how far a running task's current dispatch has got, as its
+        handler reported it.
+
+        :param fraction: a number from 0 to 1.
+        :param message: a short text (at most 200 characters) or ``None``.
+        :param at: when the handler reported it (Unix time).
+        :returns: a ``Deferred`` firing with ``True`` if the task was
+            ``running`` with that ``token`` and the change was made, else
+            ``False`` (stale or unknown: nothing changed).
         """
 
     def finish(task_id, token, state, result, error, traceback, finished_at):

@@ -25,15 +25,23 @@ class Attempt:
         counting it), to requeue or fail it from.
     :ivar session: the identity of the session running it, or ``None``
         for an orphan.
+    :ivar progress: the latest ``(fraction, message, at)`` its handler
+        reported, or ``None``; ``progress_written`` (monotonic seconds)
+        and ``progress_timer`` belong to
+        :class:`taskbroker.broker.progress.ProgressRecords`.
     """
 
-    __slots__ = ("task_id", "token", "row", "session")
+    __slots__ = ("task_id", "token", "row", "session", "progress",
+                 "progress_written", "progress_timer")
 
     def __init__(self, task_id, token, row, session):
         self.task_id = task_id
         self.token = token
         self.row = row
         self.session = session
+        self.progress = None
+        self.progress_written = None
+        self.progress_timer = None
 
     def __repr__(self):
         return (f"Attempt({self.task_id!r}, token={self.token!r}, "

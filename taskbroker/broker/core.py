@@ -44,6 +44,7 @@ from taskbroker.broker.backlog import Backlog
 from taskbroker.broker.dispatch import Dispatcher
 from taskbroker.broker.feeder import Feeder
 from taskbroker.broker.outcomes import Outcomes, RetryPolicy
+from taskbroker.broker.progress import ProgressRecords
 from taskbroker.broker.requests import Requests
 from taskbroker.broker.router import Router
 from taskbroker.broker.sessions import Sessions
@@ -106,6 +107,7 @@ class Broker:
         self.outcomes = Outcomes(self, RetryPolicy(config,
                                                    rng or random.Random()))
         self.backlog = Backlog(self)
+        self.progress = ProgressRecords(self)
         self.feeder = Feeder(self)
         self.workers = Workers(self)
         self.admission = Admission()

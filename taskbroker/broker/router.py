@@ -17,7 +17,7 @@ BAD_MESSAGE_LOG_INTERVAL = 10.0
 
 #: The commands workers send; every other valid command is a client's.
 WORKER_COMMANDS = frozenset((b"HELLO", b"READY", b"HEARTBEAT", b"RESULT",
-                             b"BYE"))
+                             b"BYE", b"PROGRESS"))
 
 # An idle worker's heartbeat, byte for byte as taskbroker's workers send it.
 _IDLE_HEARTBEAT = encode(b"HEARTBEAT", {"running": []})

@@ -127,6 +127,7 @@ class Workers:
             "priorities": list(broker.levels),
             "heartbeat": broker.config.heartbeat,
             "time_limit": broker.config.time_limit,
+            "progress": True,
         }))
         self.log.info(
             "worker {name} connected: {slots} slots, levels {levels}, "
@@ -305,6 +306,15 @@ class Workers:
 
         d.addCallbacks(recorded, failed).addErrback(
             broker.trouble, "acknowledging a result")
+
+    def on_PROGRESS(self, identity, session, body):
+        # Only from the session that runs the current attempt; anything
+        # else is late (the attempt ended) and simply dropped.
+        attempt = self._broker.attempts.current(body["id"], body["token"])
+        if session is None or attempt is None or attempt.session != identity:
+            return
+        self._broker.progress.report(attempt, body["fraction"],
+                                     body.get("message"))
 
     def _holds(self, session, attempt):
         """

@@ -247,13 +247,15 @@ def _status(client, options, output, stdin):
     keys += [key for key in task if key not in TASK_KEYS]
     for key in keys:
         value = task[key]
-        if key == "traceback" or (key in ("run_at", "submitter")
+        if key == "traceback" or (key in ("run_at", "submitter", "progress")
                                   and value is None):
             continue
         if key in ("payload", "result"):
             # JSON values: show them as JSON, so that "null" and the string
             # "null" stay apart.
             value = json.dumps(value, ensure_ascii=False)
+        elif key == "progress":
+            value = _progress_text(value, long=True)
         output.line(f"{key}: {one_line(_text(value))}")
     traceback = task.get("traceback")
     if traceback:
@@ -265,16 +267,35 @@ def _status(client, options, output, stdin):
     return EXIT_OK
 
 
+def _progress_text(progress, long=False):
+    """
+    A task's ``progress`` object as a person reads it: ``"42%"``, and with
+    ``long`` its message and time (``""`` for none).
+    """
+    if not isinstance(progress, dict):
+        return ""
+    fraction = progress.get("fraction")
+    text = (f"{fraction:.0%}" if isinstance(fraction, (int, float))
+            and not isinstance(fraction, bool) else _text(fraction))
+    if long:
+        if progress.get("message"):
+            text += f" {_text(progress['message'])}"
+        if progress.get("at"):
+            text += f" (at {_time(progress['at'])})"
+    return text
+
+
 def _list(client, options, output, stdin):
     tasks = client.list(options["state"], options["handler"], options["limit"])
     tasks = sorted(tasks, key=lambda task: task.get("id", 0))
     if options["json"]:
         output.json(tasks)
         return EXIT_OK
-    _table(output, ["ID", "HANDLER", "PRIORITY", "STATE", "ATTEMPTS",
-                    "WORKER", "CREATED"], [
+    _table(output, ["ID", "HANDLER", "PRIORITY", "STATE", "PROGRESS",
+                    "ATTEMPTS", "WORKER", "CREATED"], [
         [_text(task.get("id")), _text(task.get("handler")),
          _text(task.get("priority")), _text(task.get("state")),
+         _progress_text(task.get("progress")),
          f"{_text(task.get('attempts'))}/{_text(task.get('max_attempts'))}",
          _text(task.get("worker")), _time(task.get("created_at"))]
         for task in tasks])

@@ -261,6 +261,17 @@ def _string(value):
     return value
 
 
+#: The longest progress message (characters).
+MAX_PROGRESS_MESSAGE = 200
+
+
+def _short_text(value):
+    if not isinstance(value, str) or len(value) > MAX_PROGRESS_MESSAGE:
+        raise ValueError(
+            f"must be a string of at most {MAX_PROGRESS_MESSAGE} characters")
+    return value
+
+
 def _boolean(value):
     if not isinstance(value, bool):
         raise ValueError("must be true or false")
@@ -351,6 +362,12 @@ WORKER_COMMANDS = {
     },
     b"HEARTBEAT": {"running": (_running, False)},
     b"BYE": {},
+    b"PROGRESS": {
+        "id": (_TASK_ID, True),
+        "token": (_TOKEN, True),
+        "fraction": (_number(0, 1), True),
+        "message": (_optional(_short_text), False),
+    },
 }
 
 #: What a client may send.
@@ -387,6 +404,8 @@ BROKER_TO_WORKER_COMMANDS = {
         "priorities": (_names, True),
         "heartbeat": (_number(0.01, 3600), True),
         "time_limit": (_optional(_number(0.001, MAX_SECONDS)), False),
+        # Whether the broker takes PROGRESS (older ones do not say).
+        "progress": (_optional(_boolean), False),
     },
     b"TASK": {
         "id": (_TASK_ID, True),

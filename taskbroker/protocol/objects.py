@@ -16,7 +16,7 @@ TASK_KEYS = (
     "id", "handler", "payload", "priority", "state", "attempts",
     "max_attempts", "worker", "created_at", "started_at", "finished_at",
     "result", "error", "traceback", "run_at", "unique_key", "time_limit",
-    "submitter",
+    "submitter", "progress",
 )
 
 
@@ -84,4 +84,17 @@ def task_object(row):
         "unique_key": _shown(row.unique_key),
         "time_limit": _shown(row.time_limit),
         "submitter": _shown(row.submitter),
+        "progress": _progress(row),
     }
+
+
+def _progress(row):
+    """
+    The latest progress its handler reported, as ``{"fraction",
+    "message", "at"}``, or ``None``.
+    """
+    if row.progress is None:
+        return None
+    return {"fraction": _shown(row.progress),
+            "message": _shown(row.progress_message),
+            "at": iso_time(row.progress_at)}

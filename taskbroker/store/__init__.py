@@ -89,6 +89,9 @@ class TaskRow(NamedTuple):
     (a task waiting to be retried keeps them), or ``error`` says why the
     task was cancelled.  See :class:`NewTask` for ``run_at``,
     ``unique_key``, ``request_id``, ``time_limit`` and ``submitter``.
+    ``progress`` (a fraction from 0 to 1), ``progress_message`` and
+    ``progress_at`` (a Unix time) are the latest progress the running
+    attempt's handler reported, or ``None``; each dispatch clears them.
 
     The fields added with schema version 2 and later come last and have
     defaults, so that rows built with the first thirteen fields keep
@@ -118,6 +121,9 @@ class TaskRow(NamedTuple):
     time_limit: Optional[float] = None
     traceback: Optional[str] = None
     submitter: Optional[str] = None
+    progress: Optional[float] = None
+    progress_message: Optional[str] = None
+    progress_at: Optional[float] = None
 
 
 class Submitted(NamedTuple):

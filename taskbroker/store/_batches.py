@@ -312,6 +312,13 @@ class BatchedStore:
         return self._write(self._sql.dispatch, task_id, token, worker, started_at,
                            priority, max_attempts)
 
+    def progress(self, task_id, token, fraction, message, at):
+        """
+        See :meth:`taskbroker.interfaces.ITaskStore.progress`.
+        """
+        return self._write(self._sql.progress, task_id, token, fraction,
+                           message, at)
+
     def finish(self, task_id, token, state, result, error, traceback,
                finished_at):
         """

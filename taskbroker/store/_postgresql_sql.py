@@ -17,7 +17,8 @@ from taskbroker.store import Submitted, TaskRow, up_to_size
 COLUMNS = (
     "id, handler, payload, priority, state, attempts, max_attempts, worker, "
     "created_at, started_at, finished_at, result, error, run_at, "
-    "unique_key, request_id, token, time_limit, traceback, submitter"
+    "unique_key, request_id, token, time_limit, traceback, submitter, "
+    "progress, progress_message, progress_at"
 )
 _T_COLUMNS = ", ".join("t." + name.strip() for name in COLUMNS.split(","))
 
@@ -373,7 +374,8 @@ def dispatch(cursor, owner, task_id, token, worker, started_at, priority,
     cursor.execute(
         "UPDATE tasks SET state = 'running', token = %s, "
         "attempts = attempts + 1, worker = %s, started_at = %s, "
-        "finished_at = NULL, priority = COALESCE(priority, %s), "
+        "finished_at = NULL, progress = NULL, progress_message = NULL, "
+        "progress_at = NULL, priority = COALESCE(priority, %s), "
         "max_attempts = COALESCE(max_attempts, %s) "
         "WHERE id = %s AND state = 'queued' AND token = %s - 1 "
         "AND owner IS NOT DISTINCT FROM %s",
@@ -423,12 +425,22 @@ _DISPATCH_FOR = (
     "AS w(name, n)) "
     "UPDATE tasks AS t SET owner = %s, state = 'running', "
     "token = t.token + 1, attempts = t.attempts + 1, worker = w.name, "
-    "started_at = %s, finished_at = NULL, "
+    "started_at = %s, finished_at = NULL, progress = NULL, "
+    "progress_message = NULL, progress_at = NULL, "
     "priority = COALESCE(t.priority, %s), "
     "max_attempts = COALESCE(t.max_attempts, %s) "
     "FROM c JOIN w USING (n) WHERE t.id = c.id "
     f"RETURNING c.n, {_T_COLUMNS}"
 )
+
+
+def progress(cursor, owner, task_id, token, fraction, message, at):
+    cursor.execute(
+        "UPDATE tasks SET progress = %s, progress_message = %s, "
+        "progress_at = %s WHERE id = %s AND token = %s AND state = 'running' "
+        "AND owner IS NOT DISTINCT FROM %s",
+        (fraction, clean(message), at, task_id, token, owner))
+    return Later(lambda: cursor.rowcount == 1)
 
 
 def finish(cursor, owner, task_id, token, state, result, error, traceback,

@@ -14,7 +14,8 @@ from taskbroker.store import Submitted, TaskRow, _schema, up_to_size
 _COLUMNS = (
     "id, handler, payload, priority, state, attempts, max_attempts, worker, "
     "created_at, started_at, finished_at, result, error, run_at, "
-    "unique_key, request_id, token, time_limit, traceback, submitter"
+    "unique_key, request_id, token, time_limit, traceback, submitter, "
+    "progress, progress_message, progress_at"
 )
 
 # Errors that one operation's arguments can cause (a value a constraint
@@ -199,10 +200,20 @@ def dispatch(cursor, task_id, token, worker, started_at, priority,
     cursor.execute(
         "UPDATE tasks SET state = 'running', token = ?, "
         "attempts = attempts + 1, worker = ?, started_at = ?, "
-        "finished_at = NULL, priority = COALESCE(priority, ?), "
+        "finished_at = NULL, progress = NULL, progress_message = NULL, "
+        "progress_at = NULL, priority = COALESCE(priority, ?), "
         "max_attempts = COALESCE(max_attempts, ?) "
         "WHERE id = ? AND state = 'queued' AND token = ? - 1",
         (token, worker, started_at, priority, max_attempts, task_id, token),
+    )
+    return cursor.rowcount == 1
+
+
+def progress(cursor, task_id, token, fraction, message, at):
+    cursor.execute(
+        "UPDATE tasks SET progress = ?, progress_message = ?, "
+        "progress_at = ? WHERE id = ? AND token = ? AND state = 'running'",
+        (fraction, message, at, task_id, token),
     )
     return cursor.rowcount == 1
 

@@ -257,9 +257,26 @@ class MemoryStore:
         self._update(
             row, state="running", token=token, attempts=row.attempts + 1,
             worker=worker, started_at=started_at, finished_at=None,
+            progress=None, progress_message=None, progress_at=None,
             priority=row.priority if row.priority is not None else priority,
             max_attempts=(row.max_attempts if row.max_attempts is not None
                           else max_attempts))
+        return True
+
+    def progress(self, task_id, token, fraction, message, at):
+        """
+        See :meth:`taskbroker.interfaces.ITaskStore.progress`.
+        """
+        return self._run(self._progress, task_id, token, fraction, message,
+                         at)
+
+    def _progress(self, task_id, token, fraction, message, at):
+        self._check_open()
+        row = self._rows.get(task_id)
+        if row is None or row.state != "running" or row.token != token:
+            return False
+        self._update(row, progress=fraction, progress_message=message,
+                     progress_at=at)
         return True
 
     def finish(self, task_id, token, state, result, error, traceback,

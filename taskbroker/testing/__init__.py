@@ -25,6 +25,7 @@ from zope.interface import implementer
 from taskbroker.interfaces import ITask, ITaskHandler
 from taskbroker.store.memory import MemoryStore
 from taskbroker.store.shared import SharedClaims, SharedMemoryDatabase
+from taskbroker.worker.progress import checked
 
 __all__ = ["FakeTask", "MemoryStore", "RecordingHandler", "SharedClaims",
            "SharedMemoryDatabase", "result_of", "run_task"]
@@ -37,6 +38,9 @@ class FakeTask:
     A task as a handler's ``run`` receives it, with a
     :class:`~twisted.internet.task.Clock` as its ``clock``: advance it to
     move the handler's time.
+
+    :ivar reported: the ``(fraction, message)`` of each
+        :meth:`progress` call, in order.
     """
 
     payload: object = None
@@ -47,6 +51,13 @@ class FakeTask:
     max_attempts: int = 3
     token: int = 1
     clock: Clock = field(default_factory=Clock)
+    reported: list = field(default_factory=list)
+
+    def progress(self, fraction, message=None):
+        """
+        Check a report as the worker does, and record it.
+        """
+        self.reported.append(checked(fraction, message))
 
 
 def run_task(handler, task, time_limit=None):

@@ -617,6 +617,34 @@ class StoreContract:
         assert len(await listed(None)) == 4
 
     @pytest_twisted.ensureDeferred
+    async def test_progress_is_kept_for_the_current_dispatch_only(
+            self, store):
+        (row,) = rows_of(await store.submit([new_task()]))
+        # Not running: nothing to report on.
+        assert await store.progress(row.id, 0, 0.5, "x", 5.0) is False
+        assert await store.dispatch(row.id, 1, "w", 1.0)
+        assert await store.progress(row.id, 1, 0.25, "a quarter", 5.0)
+        assert await store.progress(row.id, 1, 0.5, None, 6.5)
+        got = await store.get(row.id)
+        assert (got.progress, got.progress_message, got.progress_at) == (
+            0.5, None, 6.5)
+        # A report of an earlier dispatch changes nothing.
+        assert await store.progress(row.id, 0, 0.9, "old", 7.0) is False
+        assert await store.requeue(row.id, 1) is True
+        assert await store.progress(row.id, 1, 0.9, "old", 7.0) is False
+        # Kept while the task waits to run again; cleared at its dispatch.
+        assert (await store.get(row.id)).progress == 0.5
+        assert await store.dispatch(row.id, 2, "w", 8.0)
+        got = await store.get(row.id)
+        assert (got.progress, got.progress_message, got.progress_at) == (
+            None, None, None)
+        assert await store.progress(row.id, 2, 1, "done", 9.0)
+        assert await store.finish(row.id, 2, "succeeded", "1", None, None,
+                                  10.0)
+        assert await store.progress(row.id, 2, 0.1, "late", 11.0) is False
+        assert (await store.get(row.id)).progress_message == "done"
+
+    @pytest_twisted.ensureDeferred
     async def test_list_stops_at_a_size(self, store):
         rows = rows_of(await store.submit([
             new_task(payload='"' + "x" * 998 + '"') for _ in range(5)]))

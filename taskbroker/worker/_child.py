@@ -13,6 +13,9 @@ both ways.  The parent sends task bodies (``id``, ``handler``, ``payload``,
 ``priority``, ``attempt``, ``max_attempts``).  The child sends::
 
     {"event": "started", "id": ID}            before calling the handler
+    {"event": "progress", "id": ID, "fraction": F, "message": M}
+                                              the handler's progress, at
+                                              most two a second
     {"event": "finished", "id": ID, "state": "succeeded" | "failed",
      "result": ..., "error": ..., "traceback": ..., "permanent": BOOL}
     {"event": "log", "level": NAME, "namespace": NS, "text": TEXT}
@@ -39,6 +42,7 @@ from twisted.logger import eventAsText, globalLogBeginner
 
 from taskbroker.errors import PermanentFailure, describe
 from taskbroker.protocol.codec import dumps, encode_value, loads
+from taskbroker.worker.progress import Throttle, thread_timer
 from taskbroker.worker.task import RunningTask
 
 _LENGTH = struct.Struct(">I")
@@ -72,12 +76,14 @@ def _sendable(text):
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
-def run_task(handlers, body, clock):
+def run_task(handlers, body, clock, report=None):
     """
     Run one task with its handler.
 
     :param handlers: ``{name: ITaskHandler}``.
     :param body: the task body from the parent.
+    :param report: where the task's progress reports go (see
+        :class:`~taskbroker.worker.task.RunningTask`).
     :returns: ``bytes``: the ``finished`` frame.
     """
     answer = {"event": "finished", "id": body["id"], "state": "failed",
@@ -89,7 +95,7 @@ def run_task(handlers, body, clock):
             f"no handler {body['handler']!r} in the handler process")
         return frame(answer)
     try:
-        value = handler.run(RunningTask(body, clock))
+        value = handler.run(RunningTask(body, clock, report))
     # BaseException too: a handler's sys.exit() or stray KeyboardInterrupt
     # fails its attempt, not the process that the next task needs.
     except BaseException as e:
@@ -151,6 +157,19 @@ class Channel:
         with self._lock:
             self._output.write(data)
             self._output.flush()
+
+    def progress_sender(self, task_id):
+        """
+        :returns: a function that sends one progress report of the task.
+        """
+        def send(fraction, message):
+            try:
+                self.send(frame({"event": "progress", "id": task_id,
+                                 "fraction": fraction, "message": message}))
+            except OSError:
+                pass  # the worker is gone; the reader ends this process
+
+        return send
 
     def log_observer(self, event):
         """
@@ -244,7 +263,13 @@ def main(argv=None):
     while True:
         body = channel.tasks.get()
         channel.send(frame({"event": "started", "id": body["id"]}))
-        channel.send(run_task(handlers, body, clock))
+        progress = Throttle(channel.progress_sender(body["id"]),
+                            time.monotonic, thread_timer)
+        try:
+            answer = run_task(handlers, body, clock, progress)
+        finally:
+            progress.cancel()
+        channel.send(answer)
 
 
 if __name__ == "__main__":

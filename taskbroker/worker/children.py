@@ -27,6 +27,7 @@ from twisted.logger import Logger, LogLevel, InvalidLogLevelError
 
 from taskbroker.protocol.codec import loads
 from taskbroker.worker._child import frame
+from taskbroker.worker.progress import checked
 
 __all__ = ["ChildPool", "Outcome"]
 
@@ -65,13 +66,15 @@ class _Run:
     A task given to the pool, waiting for a slot or running in ``child``.
     """
 
-    __slots__ = ("id", "data", "time_limit", "deferred", "child", "timer")
+    __slots__ = ("id", "data", "time_limit", "deferred", "child", "timer",
+                 "on_progress")
 
-    def __init__(self, task_id, data, time_limit, deferred):
+    def __init__(self, task_id, data, time_limit, deferred, on_progress):
         self.id = task_id
         self.data = data
         self.time_limit = time_limit
         self.deferred = deferred
+        self.on_progress = on_progress
         self.child = None
         self.timer = None
 
@@ -253,7 +256,7 @@ class ChildPool:
         """
         return sorted(p.pid for p in [*self._idle, *self._busy])
 
-    def run(self, task_body, time_limit=None):
+    def run(self, task_body, time_limit=None, on_progress=None):
         """
         Run a task in a handler process, as soon as one is free.
 
@@ -262,6 +265,8 @@ class ChildPool:
         :param time_limit: seconds the handler may run (from when it
             starts, not counting a wait for a slot or the start of its
             process), or ``None`` for no limit.
+        :param on_progress: called with ``(fraction, message)`` for the
+            handler's progress reports, or ``None``.
         :returns: a ``Deferred`` that never fails, firing with an
             :class:`Outcome`.  Cancelling it is :meth:`cancel`.
         :raises TypeError, ValueError: if ``task_body`` is not JSON.
@@ -274,7 +279,8 @@ class ChildPool:
             return defer.succeed(Outcome(
                 "failed", None, f"task {task_id} is already running here"))
         run = _Run(task_id, frame(task_body), time_limit,
-                   defer.Deferred(lambda d: self.cancel(task_id)))
+                   defer.Deferred(lambda d: self.cancel(task_id)),
+                   on_progress)
         self._runs[task_id] = run
         self._waiting.append(run)
         self._dispatch()
@@ -388,12 +394,23 @@ class ChildPool:
         if process.done:
             return
         run = process.run
+        if event == "progress" and (run is None
+                                    or message.get("id") != run.id):
+            return  # sent as its task ended: too late to matter
         if run is None or message.get("id") != run.id:
             self._garbled(process, f"unexpected message {event!r}")
         elif event == "started":
             if run.time_limit is not None:
                 run.timer = self._reactor.callLater(
                     run.time_limit, self._time_out, run)
+        elif event == "progress":
+            try:
+                report = checked(message["fraction"], message.get("message"))
+            except (KeyError, TypeError, ValueError) as e:
+                self._garbled(process, f"bad progress report: {e}")
+                return
+            if run.on_progress is not None:
+                run.on_progress(*report)
         elif event == "finished":
             self._busy.discard(process)
             process.run = None

@@ -37,6 +37,7 @@ import secrets
 from twisted.application.service import Service
 from twisted.internet import defer, task
 from twisted.logger import Logger
+from twisted.python.threadable import isInIOThread
 
 from taskbroker.errors import one_line
 from taskbroker.failover import EndpointRing, StoreWatch, start_position
@@ -46,6 +47,7 @@ from taskbroker.services import ServiceTree
 from taskbroker.transport.options import curve_client_options, dealer_options
 from taskbroker.transport.zmq import DealerSocket, ZmqFactoryService
 from taskbroker.worker.children import ChildPool, Outcome
+from taskbroker.worker.progress import Throttle
 from taskbroker.worker.runner import run_handler
 from taskbroker.worker.task import RunningTask
 
@@ -149,6 +151,9 @@ class WorkerService(Service):
         # The broker instance that welcomed us, or None while unwelcomed.
         self.broker_instance = None
         self._time_limit = None
+        self._broker_takes_progress = False
+        # (task id, token) -> the Throttle of its progress reports
+        self._throttles = {}
         self._broker_heartbeat = None
         self._broker_seen = 0.0
         self._hello_retry = None
@@ -406,6 +411,7 @@ class WorkerService(Service):
         self._hello_retry = None
         self.broker_instance = body["broker"]
         self._time_limit = body.get("time_limit")
+        self._broker_takes_progress = bool(body.get("progress"))
         self._broker_heartbeat = body["heartbeat"]
         self._store_watch.reset()
         self.log.info("welcomed by broker {instance} at {endpoint}",
@@ -540,12 +546,43 @@ class WorkerService(Service):
         time_limit = (body.get("time_limit")
                       or getattr(handler, "time_limit", None)
                       or self._time_limit)
+        report = self._progress_of(body["id"], body["token"])
         if handler.blocking:
-            return self._children.run(body, time_limit)
-        return run_handler(handler, RunningTask(body, self.reactor),
+            return self._children.run(body, time_limit, report)
+        return run_handler(handler, RunningTask(body, self.reactor, report),
                            self.reactor, time_limit)
 
+    def _progress_of(self, task_id, token):
+        """
+        Where an attempt's progress reports go: thinned out, and sent to
+        the broker while the attempt runs here, if the broker takes them.
+
+        :returns: a function of ``(fraction, message)``, for any thread.
+        """
+        def send(fraction, message):
+            # (A handler may report before its run() returns, before the
+            # attempt is in self.tasks; the throttle is dropped when the
+            # attempt ends, and cancelled with it.)
+            if self._broker_takes_progress:
+                self._send(b"PROGRESS", {"id": task_id, "token": token,
+                                         "fraction": fraction,
+                                         "message": message})
+
+        throttle = self._throttles[(task_id, token)] = Throttle(
+            send, self._monotonic, self.reactor.callLater)
+
+        def report(fraction, message):
+            if isInIOThread():
+                throttle(fraction, message)
+            else:
+                self.reactor.callFromThread(throttle, fraction, message)
+
+        return report
+
     def _finished(self, outcome, task_id, token):
+        throttle = self._throttles.pop((task_id, token), None)
+        if throttle is not None:
+            throttle.cancel()
         entry = self.tasks.get(task_id)
         if entry is None or entry[0] != token:
             # Cancelled or handed back: nothing to report.

@@ -115,7 +115,7 @@ def test_hello_is_welcomed(broker, peers):
     [(_, command, body)] = peers.take(b"w1/x")
     assert command == b"WELCOME"
     assert body == {"broker": "b1", "priorities": ["high", "normal", "low"],
-                    "heartbeat": 1.0, "time_limit": None}
+                    "heartbeat": 1.0, "time_limit": None, "progress": True}
 
 
 def test_unknown_level_is_refused(broker, peers):

@@ -493,6 +493,19 @@ def test_status_human_and_json(broker):
     assert json.loads(result.stdout) == task
 
 
+def test_status_shows_the_handlers_progress(broker):
+    task = make_task(3, state="running", progress={
+        "fraction": 0.25, "message": "resizing 3 of 12",
+        "at": "2026-11-28T04:12:00.000000+00:00"})
+    broker.handlers["GET"] = lambda body: reply(task=task)
+    lines = at(broker, "status", "3").stdout.splitlines()
+    assert ("progress: 25% resizing 3 of 12 (at 2026-11-28 04:12:00)"
+            in lines)
+    task["progress"] = None
+    lines = at(broker, "status", "3").stdout.splitlines()
+    assert not any(line.startswith("progress") for line in lines)
+
+
 def test_status_shows_run_at_and_the_traceback_last(broker):
     traceback = ('Traceback (most recent call last):\n'
                  '  File "handlers.py", line 3, in resize\n'
@@ -534,16 +547,19 @@ def test_list_json_is_an_array_by_id(broker):
 
 def test_list_human_table(broker):
     broker.handlers["LIST"] = lambda body: reply(
-        tasks=[make_task(1, worker="w1"), make_task(12, handler="resize")],
+        tasks=[make_task(1, worker="w1"),
+               make_task(12, handler="resize", state="running", progress={
+                   "fraction": 0.425, "message": "page 17 of 40",
+                   "at": "2026-11-28T04:12:00.000000+00:00"})],
         next=None)
     result = at(broker, "list", "--limit", "5")
     assert result.code == 0
     header, first, second = result.stdout.splitlines()
     assert header.split() == ["ID", "HANDLER", "PRIORITY", "STATE",
-                              "ATTEMPTS", "WORKER", "CREATED"]
+                              "PROGRESS", "ATTEMPTS", "WORKER", "CREATED"]
     assert first.split() == ["1", "echo", "normal", "queued", "0/3", "w1",
                              "2026-11-28", "04:11:03"]
-    assert second.split()[:2] == ["12", "resize"]
+    assert second.split()[:5] == ["12", "resize", "normal", "running", "42%"]
     assert broker.requests[0][1]["limit"] == 5
 
 

@@ -38,6 +38,8 @@ WORKER_SAMPLES = {
                 "traceback": None, "permanent": False},
     b"HEARTBEAT": {},
     b"BYE": {},
+    b"PROGRESS": {"id": 9, "token": 1, "fraction": 0.25,
+                  "message": "step 1 of 4"},
 }
 CLIENT_SAMPLES = {
     b"SUBMIT": {"req": "r1", "request_id": "batch-2024-01-01", "tasks": [
@@ -59,7 +61,7 @@ CLIENT_SAMPLES = {
 }
 BROKER_TO_WORKER_SAMPLES = {
     b"WELCOME": {"broker": "b-1", "priorities": ["high", "low"],
-                 "heartbeat": 0.01, "time_limit": 600},
+                 "heartbeat": 0.01, "time_limit": 600, "progress": True},
     b"TASK": {"id": 1, "handler": "echo", "payload": [1, 2.5, "三"],
               "priority": "high", "attempt": 1, "max_attempts": 3,
               "token": 5, "time_limit": 0.5},
@@ -548,6 +550,7 @@ def test_task_object():
         "traceback": "Traceback (most recent call last):\n  ...\n",
         "run_at": "1970-01-01T00:00:01.250000+00:00",
         "unique_key": "nightly", "time_limit": 30.0, "submitter": None,
+        "progress": None,
     }
     # It is sendable as it is.
     codec.dumps(obj)
@@ -560,7 +563,7 @@ def test_task_keys_are_the_old_keys_then_the_new_ones():
         "max_attempts", "worker", "created_at", "started_at", "finished_at",
         "result", "error")
     assert TASK_KEYS[13:] == ("traceback", "run_at", "unique_key",
-                              "time_limit", "submitter")
+                              "time_limit", "submitter", "progress")
 
 
 def test_task_object_nulls():
@@ -586,7 +589,7 @@ def test_task_object_of_a_row_without_the_new_fields():
     assert tuple(obj) == TASK_KEYS
     assert {k: obj[k] for k in TASK_KEYS[13:]} == {
         "traceback": None, "run_at": None, "unique_key": None,
-        "time_limit": None, "submitter": None}
+        "time_limit": None, "submitter": None, "progress": None}
     codec.dumps(obj)
 
 
@@ -624,3 +627,11 @@ def test_task_object_of_a_row_broken_by_another_program_can_be_sent(fields):
     obj = task_object(row(**fields))
     codec.dumps(obj)
     assert obj["created_at"] is not None
+
+
+def test_task_object_progress():
+    obj = task_object(row(state="running", progress=0.5,
+                          progress_message="half", progress_at=1.25))
+    assert obj["progress"] == {"fraction": 0.5, "message": "half",
+                               "at": "1970-01-01T00:00:01.250000+00:00"}
+    codec.dumps(obj)

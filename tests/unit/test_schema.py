@@ -39,8 +39,8 @@ def test_split_sqlite():
 
 def test_packaged_schema_is_latest():
     directory = _schema.schema_directory("sqlite")
-    assert _schema.latest_version(directory) == 5
-    for name in ("v1.sql", "v2.sql", "v3.sql", "v4.sql", "v5.sql"):
+    assert _schema.latest_version(directory) == 6
+    for name in ("v1.sql", "v2.sql", "v3.sql", "v4.sql", "v5.sql", "v6.sql"):
         assert "CREATE TABLE tasks" in _schema.read_script(directory, name)
     assert "ALTER TABLE tasks" in _schema.read_script(
         directory, "upgrade-to-v2.sql")
@@ -50,6 +50,8 @@ def test_packaged_schema_is_latest():
         directory, "upgrade-to-v4.sql")
     assert "ADD COLUMN submitter" in _schema.read_script(
         directory, "upgrade-to-v5.sql")
+    assert "ADD COLUMN progress" in _schema.read_script(
+        directory, "upgrade-to-v6.sql")
 
 
 def normalised(statement):
@@ -141,12 +143,17 @@ _TASK = codec.BROKER_TO_WORKER_COMMANDS[b"TASK"]
     # A CURVE public key in Z85.
     ("submitter", [None, "k" * 40, "k" * 39, "k" * 41, b"k" * 40, 40],
      lambda v: v is None or (isinstance(v, str) and len(v) == 40)),
+    ("progress", [None, -0.1, 0, 0.5, 1, 1.01, "half"],
+     lambda v: v is None or (isinstance(v, (int, float)) and 0 <= v <= 1)),
+    ("progress_message", [None, "", "m" * 200, "m" * 201, b"m"],
+     lambda v: v is None or (isinstance(v, str) and len(v) <= 200)),
 ] + [
     (column, [None, -0.001, 0, 1.5, validation.MAX_TIME,
               validation.MAX_TIME + 1, 1e300, "yesterday"],
      lambda v, column=column: (v is None and column != "created_at")
      or (isinstance(v, (int, float)) and 0 <= v <= validation.MAX_TIME))
-    for column in ("created_at", "started_at", "finished_at", "run_at")
+    for column in ("created_at", "started_at", "finished_at", "run_at",
+                   "progress_at")
 ])
 def test_the_constraints_are_the_codecs_limits(v4, column, values, valid):
     for value in values:
@@ -301,7 +308,7 @@ def test_failed_creation_leaves_empty_database(schemas, tmp_path):
 
 
 #: The newest packaged PostgreSQL schema version.
-PG_LATEST = 2
+PG_LATEST = 3
 
 
 def test_packaged_postgresql_schema():
@@ -312,6 +319,8 @@ def test_packaged_postgresql_schema():
             directory, f"v{version}.sql")
     assert "ADD COLUMN submitter" in _schema.read_script(
         directory, "upgrade-to-v2.sql")
+    assert "ADD COLUMN progress" in _schema.read_script(
+        directory, "upgrade-to-v3.sql")
 
 
 def pg_schema_files(tmp_path, version):
@@ -379,8 +388,8 @@ def test_postgresql_schema_upgraded_from_each_version(tmp_path, version):
             assert _schema.ensure_schema(connection, "postgresql",
                                          packaged) == (version, PG_LATEST)
             assert connection.execute(
-                "SELECT handler, submitter FROM tasks").fetchall() == [
-                    ("a", None)]
+                "SELECT handler, submitter, progress FROM tasks"
+            ).fetchall() == [("a", None, None)]
             upgraded = describe_pg_schema(connection)
         with connect(fresh_url) as connection:
             assert _schema.ensure_schema(connection, "postgresql",

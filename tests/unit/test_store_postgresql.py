@@ -151,7 +151,7 @@ async def test_brokers_starting_together_create_the_schema_once(
     finally:
         for store in stores:
             await store.close()
-    assert sql("SELECT version FROM taskbroker_schema") == [(2,)]
+    assert sql("SELECT version FROM taskbroker_schema") == [(3,)]
     assert sql("SELECT count(*) FROM taskbroker_levels") == [(3,)]
 
 

@@ -236,7 +236,7 @@ async def test_lock_released_when_owner_is_killed(reactor, db_path):
 
 @pytest_twisted.ensureDeferred
 async def test_schema_version_recorded(sqlite_store, db_path):
-    assert query(db_path, "SELECT version FROM taskbroker_schema") == [(5,)]
+    assert query(db_path, "SELECT version FROM taskbroker_schema") == [(6,)]
     indexes = {name for (name,) in query(
         db_path, "SELECT name FROM sqlite_master WHERE type = 'index' "
         "AND tbl_name = 'tasks' AND sql IS NOT NULL")}
@@ -291,10 +291,10 @@ async def test_newer_schema_refused(reactor, db_path):
     with pytest.raises(StoreError) as caught:
         await store.open()
     assert "database schema version 99 is newer than this taskbroker " \
-        "supports (5)" in str(caught.value)
+        "supports (6)" in str(caught.value)
     assert not isinstance(caught.value, StoreLocked)
     # The failed open let go of the lock and the pool.
-    execute(db_path, "UPDATE taskbroker_schema SET version = 5")
+    execute(db_path, "UPDATE taskbroker_schema SET version = 6")
     await store.open()
     await store.close()
 
@@ -371,7 +371,7 @@ async def test_upgrade_from_v1(reactor, db_path):
     await store.open()
     try:
         assert query(db_path, "SELECT version FROM taskbroker_schema") == [
-            (5,)]
+            (6,)]
         # The old columns are untouched, the new ones come after them.
         assert [row[:13] for row in query(
             db_path, "SELECT * FROM tasks ORDER BY id")] == before
@@ -380,8 +380,8 @@ async def test_upgrade_from_v1(reactor, db_path):
                 external.attempts) == ("echo", '{"a":1}', "queued", 0)
         for row in (external, running, failed):
             assert (row.run_at, row.unique_key, row.request_id,
-                    row.time_limit, row.traceback, row.submitter) == (
-                None, None, None, None, None, None)
+                    row.time_limit, row.traceback, row.submitter,
+                    row.progress) == (None,) * 7
         # The tokens go on from the attempt numbers.
         assert [row.token for row in (external, running, failed)] == [
             0, 2, 1]
@@ -406,7 +406,7 @@ async def test_upgrade_from_v1(reactor, db_path):
     await store.close()
 
 
-@pytest.mark.parametrize("version", [1, 2, 3, 4])
+@pytest.mark.parametrize("version", [1, 2, 3, 4, 5])
 @pytest_twisted.ensureDeferred
 async def test_upgraded_schema_is_the_new_schema(reactor, tmp_path, version):
     upgraded = str(tmp_path / "upgraded.db")
@@ -420,9 +420,10 @@ async def test_upgraded_schema_is_the_new_schema(reactor, tmp_path, version):
     assert (tables, indexes) == describe_schema(fresh)
     assert "tasks_queued_by_group" in indexes
     columns, definition = tables["tasks"]
-    assert [column[1] for column in columns][-7:] == [
+    assert [column[1] for column in columns][-10:] == [
         "run_at", "unique_key", "request_id", "token", "time_limit",
-        "traceback", "submitter"]
+        "traceback", "submitter", "progress", "progress_message",
+        "progress_at"]
     assert "CONSTRAINT token CHECK (typeof(token) = 'integer'" in definition
     # The partial unique index, with its condition.
     assert indexes["tasks_live_unique_key"][1].endswith(
@@ -440,7 +441,7 @@ async def test_upgrade_to_v5_keeps_every_row_and_adds_the_submitter(
     await store.open()
     try:
         assert query(db_path, "SELECT * FROM tasks ORDER BY id") == [
-            row + (None,) for row in before]
+            row + (None,) * 4 for row in before]
         key = "k" * 40
         (mine,) = rows_of(await store.submit([new_task(submitter=key)]))
         assert mine.submitter == key and mine.id == ids[-1] + 1
@@ -501,7 +502,7 @@ async def test_upgrade_repairs_the_rows_that_break_the_constraints(
     await store.open()
     try:
         assert query(db_path, "SELECT version FROM taskbroker_schema") == [
-            (5,)]
+            (6,)]
         rows = await store.list(None, None, 0, 100)
         assert len(rows) == count
         # The good rows as they were.

@@ -97,3 +97,52 @@ record = Record()
 flaky = Flaky()
 blocking_sleep = BlockingSpin()
 fail = Fail()
+
+
+def _reported_steps(task):
+    """
+    Report each of ``payload["steps"]`` (``[fraction, message]`` pairs).
+    """
+    for fraction, message in task.payload["steps"]:
+        task.progress(fraction, message)
+
+
+@implementer(IPlugin, ITaskHandler)
+class Progress:
+    """
+    Reports ``payload["steps"]``, then runs until the file
+    ``payload["until"]`` exists.
+    """
+
+    name = "progress"
+    blocking = False
+
+    def run(self, task):
+        _reported_steps(task)
+
+        def wait():
+            if os.path.exists(task.payload["until"]):
+                return "done"
+            return deferLater(task.clock, 0.05, wait)
+
+        return wait()
+
+
+@implementer(IPlugin, ITaskHandler)
+class BlockingProgress:
+    """
+    :class:`Progress`, in a handler process.
+    """
+
+    name = "progress-blocking"
+    blocking = True
+
+    def run(self, task):
+        _reported_steps(task)
+        while not os.path.exists(task.payload["until"]):
+            time.sleep(0.05)
+        return "done"
+
+
+progress = Progress()
+blocking_progress = BlockingProgress()
