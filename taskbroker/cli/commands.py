@@ -6,12 +6,13 @@ stderr.
 """
 
 import json
+import time
 from datetime import datetime
 
 from twisted.python import usage
 
 from taskbroker.client import check_task_spec
-from taskbroker.client.errors import ClientError, InvalidRequest
+from taskbroker.client.errors import ClientError, InvalidRequest, TaskNotFound
 from taskbroker.errors import one_line
 from taskbroker.protocol.objects import TASK_KEYS
 from taskbroker.store import STATES
@@ -23,6 +24,13 @@ EXIT_INTERNAL = 1
 EXIT_USAGE = 2
 EXIT_UNAVAILABLE = 3
 EXIT_NOT_FOUND = 4
+EXIT_NOT_FINISHED = 5
+
+# When the tasks of one 'wait' end differently: the code of the worst,
+# least worst first.  Knowing nothing (the broker could not be asked) is
+# worse than a wrong id, which is worse than a task still running.
+_EXIT_RANK = (EXIT_OK, EXIT_TASK_FAILED, EXIT_NOT_FINISHED, EXIT_NOT_FOUND,
+              EXIT_UNAVAILABLE)
 
 # ERROR codes that are not the user's mistake get their own exit codes;
 # every other code (bad_request, unknown_priority, not_cancellable,
@@ -206,6 +214,43 @@ def _submit(client, options, output, stdin):
     if options["json"]:
         output.json(task)
     elif task.get("state") == "succeeded":
+        output.json(task.get("result"))
+    return _task_ended_badly(output, task)
+
+
+def _wait(client, options, output, stdin):
+    deadline = (None if options["wait"] is None
+                else time.monotonic() + options["wait"])
+    worst = EXIT_OK
+    for task_id in options["ids"]:
+        remaining = (None if deadline is None
+                     else max(0.0, deadline - time.monotonic()))
+        try:
+            task = client.wait(task_id, remaining)
+        except TaskNotFound as e:
+            output.error(e.message)
+            code = EXIT_NOT_FOUND
+        except KeyboardInterrupt:
+            raise KeyboardInterrupt(
+                "the tasks go on; see 'taskbroker status ID'") from None
+        else:
+            code = _waited(output, task, options["json"])
+        worst = max(worst, code, key=_EXIT_RANK.index)
+    return worst
+
+
+def _waited(output, task, as_json):
+    """
+    Show a task that was waited for.
+
+    :returns: its exit code.
+    """
+    if as_json:
+        output.json(task)
+    if task.get("state") in ("queued", "running"):
+        output.error(f"task {task.get('id')} is still {task['state']}")
+        return EXIT_NOT_FINISHED
+    if not as_json and task.get("state") == "succeeded":
         output.json(task.get("result"))
     return _task_ended_badly(output, task)
 
@@ -408,6 +453,7 @@ def _stats(client, options, output, stdin):
 _COMMANDS = {
     "submit": _submit,
     "status": _status,
+    "wait": _wait,
     "list": _list,
     "cancel": _cancel,
     "retry": _retry,

@@ -205,6 +205,38 @@ class StatusOptions(_CommandOptions):
         self["id"] = _task_id(self["id"])
 
 
+class WaitOptions(_CommandOptions):
+    """
+    The options of ``taskbroker wait``.
+    """
+
+    synopsis = "ID... [--timeout SECONDS] [--json]"
+    longdesc = (
+        "Wait for tasks that exist to end, and print each one's result as "
+        "JSON, one line per task in the order given (with --json, each "
+        "task object).  Exit 0 if every task succeeded; otherwise with the "
+        "code of the worst outcome: 3 the broker could not be reached, 4 "
+        "no such task, 5 not finished within --timeout, 1 failed or "
+        "cancelled.")
+    optFlags = [["json", "j", "Print each task object as JSON."]]
+    # Here --timeout is the whole wait; the time to wait for each answer
+    # is then given before the command (taskbroker --timeout S wait ...).
+    optParameters = [
+        ["timeout", None, None,
+         "Seconds to wait in all (default: until every task has ended).",
+         non_negative_number],
+    ]
+
+    def parseArgs(self, *ids):
+        if not ids:
+            raise usage.UsageError("wait: expected at least one task ID")
+        self["ids"] = [_task_id(task_id) for task_id in ids]
+
+    def postOptions(self):
+        self["wait"] = self["timeout"]
+        self["timeout"] = None
+
+
 class ListOptions(_CommandOptions):
     """
     The options of ``taskbroker list``.
@@ -330,9 +362,10 @@ class Options(_Options):
                 "COMMAND [options]")
     longdesc = (
         "Talk to a taskbroker broker.  Exit codes: 0 ok; 1 the task failed "
-        "or was cancelled (submit --wait), or an internal error; 2 usage "
-        "error or request refused; 3 broker unreachable, not answering or "
-        "unavailable, or (health) up but unable to write; 4 no such task.")
+        "or was cancelled (submit --wait, wait), or an internal error; 2 "
+        "usage error or request refused; 3 broker unreachable, not "
+        "answering or unavailable, or (health) up but unable to write; 4 "
+        "no such task; 5 (wait) not finished within --timeout.")
     # Checked and layered with the environment by client_config; the
     # defaults are shown in the help.
     optParameters = [
@@ -340,6 +373,7 @@ class Options(_Options):
     subCommands = [
         ["submit", None, SubmitOptions, "Submit a task, or many with --from."],
         ["status", None, StatusOptions, "Show a task."],
+        ["wait", None, WaitOptions, "Wait for tasks to end."],
         ["list", None, ListOptions, "List tasks."],
         ["cancel", None, CancelOptions, "Cancel a queued or running task."],
         ["retry", None, RetryOptions, "Queue a failed or cancelled task again."],

@@ -235,3 +235,31 @@ def test_invalid_option_is_one_line(cluster):
     assert worker.wait_exit() == 2
     lines = [line for line in worker.lines if line.strip()]
     assert len(lines) == 1 and "--concurrency" in lines[0], lines
+
+
+def test_wait_for_tasks_already_submitted(cluster, tmp_path):
+    cluster.start_broker()
+    cluster.start_worker(name="w1")
+    until = tmp_path / "release"
+    ids = []
+    for handler, payload in (("echo", '"one"'), ("fail", "null"),
+                             ("progress", json.dumps(
+                                 {"steps": [], "until": str(until)}))):
+        run = cluster.cli("submit", handler, "--payload", payload,
+                          "--max-attempts", "1")
+        assert run.returncode == 0, run.stderr
+        ids.append(run.stdout.strip())
+    # The third runs until released: not finished within the timeout.
+    waited = cluster.cli("wait", *ids, "--timeout", "1")
+    assert waited.returncode == 5, waited.stderr
+    assert waited.stdout == '"one"\n'
+    assert waited.stderr.splitlines() == [
+        f"taskbroker: task {ids[1]} failed: RuntimeError: failed on purpose",
+        f"taskbroker: task {ids[2]} is still running"]
+    until.touch()
+    waited = cluster.cli("wait", ids[0], ids[2])
+    assert (waited.returncode, waited.stdout) == (0, '"one"\n"done"\n')
+    assert cluster.cli("wait", ids[1]).returncode == 1
+    missing = cluster.cli("wait", ids[0], "999999")
+    assert missing.returncode == 4
+    assert "no task with id 999999" in missing.stderr

@@ -856,3 +856,71 @@ def test_help_names_the_curve_variables():
     text = " ".join(run("--help").stdout.split())
     assert "(environment: TASKBROKER_CLIENT_CURVE_SERVER_KEY)" in text
     assert "(environment: TASKBROKER_CLIENT_CURVE_SECRET_KEY)" in text
+
+
+def waits(outcomes):
+    """
+    A WAIT handler: each task id's final (or current) state from
+    ``outcomes``; an id not in it does not exist.
+    """
+    def handle(body):
+        state = outcomes.get(body["id"])
+        if state is None:
+            return error("not_found", f"no task with id {body['id']}")
+        return reply(task=make_task(
+            body["id"], state=state, error=None if state == "succeeded"
+            else "boom", result=body["id"] * 10))
+
+    return handle
+
+
+def test_wait_for_tasks_that_exist(broker):
+    broker.handlers["WAIT"] = waits({4: "succeeded", 9: "succeeded"})
+    result = at(broker, "wait", "4", "9")
+    assert (result.code, result.stdout, result.stderr) == (0, "40\n90\n", "")
+    assert [body["id"] for _, body in broker.requests] == [4, 9]
+    result = at(broker, "wait", "4", "--json")
+    assert json.loads(result.stdout)["state"] == "succeeded"
+
+
+@pytest.mark.parametrize("outcomes, code", [
+    ({1: "succeeded", 2: "failed"}, 1),
+    ({1: "cancelled", 2: "succeeded"}, 1),
+    ({1: "running", 2: "failed"}, 5),
+    ({1: "failed", 2: "running"}, 5),
+    ({1: "running"}, 4),           # task 2 does not exist
+    ({2: "succeeded"}, 4),
+])
+def test_wait_exits_with_the_worst_outcome(broker, outcomes, code):
+    broker.handlers["WAIT"] = waits(outcomes)
+    result = at(broker, "wait", "1", "2", "--timeout", "0")
+    assert result.code == code, result.stderr
+    # Every task is waited for, whatever the first one did.
+    assert [body["id"] for _, body in broker.requests] == [1, 2]
+
+
+def test_wait_says_which_tasks_did_not_end(broker):
+    broker.handlers["WAIT"] = waits({1: "running", 3: "failed"})
+    result = at(broker, "wait", "1", "2", "3", "--timeout", "0")
+    assert result.stderr.splitlines() == [
+        "taskbroker: task 1 is still running",
+        "taskbroker: no task with id 2",
+        "taskbroker: task 3 failed: boom"]
+    # A zero timeout asks once and does not hold.
+    assert all(body["timeout"] == 0 for _, body in broker.requests)
+
+
+def test_wait_needs_a_task_id(broker):
+    for argv in (["wait"], ["wait", "x"], ["wait", "1", "--timeout", "-1"]):
+        result = at(broker, *argv)
+        assert result.code == 2, argv
+    assert broker.requests == []
+
+
+def test_wait_timeout_is_the_whole_wait_not_each_answers(broker):
+    # The answer timeout stays the global option's (2 s, set by at()).
+    broker.handlers["WAIT"] = waits({1: "succeeded"})
+    result = at(broker, "wait", "1", "--timeout", "30")
+    assert result.code == 0
+    [(_, body)] = broker.requests
+    assert 0 < body["timeout"] <= 30
