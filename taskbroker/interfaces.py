@@ -310,7 +310,8 @@ class ITaskStore(Interface):
             :class:`taskbroker.store.TaskRow`, or ``None``.
         """
 
-    def list(state, handler, after_id, limit, max_bytes=None, submitter=None):
+    def list(state, handler, after_id, limit, max_bytes=None, submitter=None,
+             priority=None, before_id=None, newest_first=False):
         """
         Tasks ordered by id, optionally filtered.
 
@@ -318,7 +319,10 @@ class ITaskStore(Interface):
         :param handler: a handler name or ``None`` for all.
         :param submitter: a client's public key (Z85 text): only the tasks
             it submitted; ``None`` for all.
+        :param priority: a level name or ``None`` for all.
         :param after_id: return only tasks with a greater id; ``0`` for all.
+        :param before_id: return only tasks with a smaller id, or ``None``.
+        :param newest_first: highest ids first (else lowest first).
         :param limit: the most rows to return.
         :param max_bytes: if given, stop after the row that brings the
             rows' :func:`taskbroker.store.text_size` to this many, so that

@@ -351,10 +351,13 @@ class Requests:
     def on_LIST(self, identity, body, key=None):
         req = body["req"]
         limit = body.get("limit") or 100
-        d = self._broker.store.list(body.get("state"), body.get("handler"),
-                                    body.get("after") or 0, limit + 1,
-                                    MAX_LIST_BYTES,
-                                    submitter=self._scope(key))
+        # Oldest first unless asked: what clients from before 'order' mean.
+        order = body.get("order") or "oldest"
+        d = self._broker.store.list(
+            body.get("state"), body.get("handler"), body.get("after") or 0,
+            limit + 1, MAX_LIST_BYTES, submitter=self._scope(key),
+            priority=body.get("priority"), before_id=body.get("before"),
+            newest_first=order == "newest")
 
         def listed(rows):
             more = (len(rows) > limit
@@ -362,7 +365,12 @@ class Requests:
             rows = rows[:limit]
             self.reply(identity, req, {
                 "tasks": [task_object(row) for row in rows],
+                # The cursor of the next page: its 'after' (oldest first)
+                # or its 'before' (newest first).
                 "next": rows[-1].id if more else None,
+                # Echoed, so that a client can tell a broker that ignored
+                # it (one from before it).
+                "order": order,
             })
 
         return self._answered(d.addCallback(listed), "listing tasks",

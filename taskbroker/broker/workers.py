@@ -12,6 +12,7 @@ from twisted.logger import Logger
 
 from taskbroker.broker.router import BAD_MESSAGE_LOG_INTERVAL, RateLimit
 from taskbroker.broker.sessions import Session
+from taskbroker.errors import counted
 from taskbroker.protocol.codec import encode
 
 #: The shortest heartbeat interval a worker may announce (seconds).
@@ -130,8 +131,9 @@ class Workers:
             "progress": True,
         }))
         self.log.info(
-            "worker {name} connected: {slots} slots, levels {levels}, "
+            "worker {name} connected: {slots_text}, levels {levels}, "
             "handlers {handlers}", name=name, slots=session.slots,
+            slots_text=counted(session.slots, "slot"),
             levels=",".join(wanted), handlers=",".join(session.handlers))
 
     def _adopt(self, session, task_id, token):

@@ -331,8 +331,9 @@ def _progress_text(progress, long=False):
 
 
 def _list(client, options, output, stdin):
-    tasks = client.list(options["state"], options["handler"], options["limit"])
-    tasks = sorted(tasks, key=lambda task: task.get("id", 0))
+    tasks = client.list(options["state"], options["handler"], options["limit"],
+                        priority=options["priority"], order=options["order"],
+                        after=options["after"] or 0, before=options["before"])
     if options["json"]:
         output.json(tasks)
         return EXIT_OK

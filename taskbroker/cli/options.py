@@ -237,19 +237,35 @@ class WaitOptions(_CommandOptions):
         self["timeout"] = None
 
 
+def _order(text):
+    if text not in ("newest", "oldest"):
+        raise ValueError(f"must be newest or oldest, not {text!r}")
+    return text
+
+
 class ListOptions(_CommandOptions):
     """
     The options of ``taskbroker list``.
     """
 
-    synopsis = "[--state STATE] [--handler NAME] [--limit N] [--json]"
-    longdesc = "List tasks by id."
+    synopsis = ("[--state STATE] [--handler NAME] [--priority LEVEL] "
+                "[--order newest|oldest] [--limit N] [--before ID | "
+                "--after ID] [--json]")
+    longdesc = (
+        "List tasks, newest first (or oldest first with --order oldest).  "
+        "To see the next page, give the last id shown as --before (newest "
+        "first) or --after (oldest first).")
     optFlags = [["json", "j", "Print a JSON array of task objects."]]
     optParameters = [
         ["state", "s", None,
          "Only tasks in this state (" + ", ".join(STATES) + ")."],
         ["handler", None, None, "Only tasks for this handler."],
+        ["priority", None, None, "Only tasks of this priority level."],
+        ["order", None, "newest",
+         "newest (highest ids first) or oldest.", _order],
         ["limit", "n", 100, "The most tasks to show.", positive_int],
+        ["before", None, None, "Only tasks with a smaller id.", _task_id],
+        ["after", None, None, "Only tasks with a greater id.", _task_id],
     ]
 
 

@@ -459,25 +459,41 @@ def wait_call(task_id, timeout, clock):
             return task
 
 
-def list_call(state=None, handler=None, limit=100):
+def list_call(state=None, handler=None, limit=100, priority=None,
+              order="oldest", after=0, before=None):
     """
     List tasks by id, following ``next`` from page to page.
 
     :param state: a state name to filter on, or ``None``.
     :param handler: a handler name to filter on, or ``None``.
+    :param priority: a level name to filter on, or ``None``.
     :param limit: the most tasks to return (``int`` ≥ 1), or ``None`` for
         all.
-    :returns: a ``list`` of task objects ordered by id.
+    :param order: ``"oldest"`` (lowest ids first) or ``"newest"``.
+    :param after: only tasks with a greater id (``0``: from the first).
+    :param before: only tasks with a smaller id, or ``None``.
+    :returns: a ``list`` of task objects in that order.
+    :raises InvalidRequest: for a bad argument.
+    :raises RequestFailed: code ``protocol``, when ``order`` is
+        ``"newest"`` and the broker is too old to list that way.
     """
     if limit is not None and (type(limit) is not int or limit < 1):
         raise InvalidRequest("bad_request", "limit must be an integer >= 1")
-    tasks, after = [], 0
+    if order not in ("oldest", "newest"):
+        raise InvalidRequest("bad_request",
+                             f"order must be oldest or newest, not {order!r}")
+    tasks = []
     while limit is None or len(tasks) < limit:
         page = codec.MAX_LIST if limit is None else min(
             codec.MAX_LIST, limit - len(tasks))
         body = yield Request(b"LIST", {
-            "state": state, "handler": handler, "after": after,
+            "state": state, "handler": handler, "priority": priority,
+            "order": order, "after": after, "before": before,
             "limit": page})
+        if order == "newest" and body.get("order") != "newest":
+            raise RequestFailed(
+                "protocol", "this broker cannot list newest first (it is "
+                "older than that); list oldest first")
         got, following = body.get("tasks"), body.get("next")
         if not isinstance(got, list) or not all(
                 isinstance(task, dict) for task in got):
@@ -485,10 +501,15 @@ def list_call(state=None, handler=None, limit=100):
         tasks.extend(got)
         if following is None:
             break
-        # A 'next' that does not move forward would page forever.
-        if type(following) is not int or following <= after:
-            raise _malformed(f"'next' {following!r} after {after}")
-        after = following
+        # A 'next' that does not move on would page forever.
+        if type(following) is not int or (
+                following <= after if order == "oldest"
+                else before is not None and following >= before):
+            raise _malformed(f"'next' {following!r} does not move on")
+        if order == "oldest":
+            after = following
+        else:
+            before = following
     return tasks if limit is None else tasks[:limit]
 
 

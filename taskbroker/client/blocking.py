@@ -382,15 +382,20 @@ class BlockingClient:
         """
         return self._run(wait_call(task_id, timeout, self._clock))
 
-    def list(self, state=None, handler=None, limit=100):
+    def list(self, state=None, handler=None, limit=100, priority=None,
+             order="oldest", after=0, before=None):
         """
         :param state: a state to filter on, or ``None``.
         :param handler: a handler name to filter on, or ``None``.
         :param limit: the most tasks to return, or ``None`` for all.
-        :returns: a ``list`` of task objects ordered by id.
-        :raises BrokerUnavailable: no answer.
+        :param priority: a level name to filter on, or ``None``.
+        :param order: ``"oldest"`` (lowest ids first) or ``"newest"``.
+        :param after: only tasks with a greater id (``0``: from the first).
+        :param before: only tasks with a smaller id, or ``None``.
+        :returns: a ``list`` of task objects in that order.
         """
-        return self._run(list_call(state, handler, limit))
+        return self._run(list_call(state, handler, limit, priority, order,
+                                   after, before))
 
     def cancel(self, task_id):
         """

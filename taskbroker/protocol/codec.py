@@ -388,7 +388,10 @@ CLIENT_COMMANDS = {
         "state": (_optional(_choice(
             "queued", "running", "succeeded", "failed", "cancelled")), False),
         "handler": (_optional(_name), False),
+        "priority": (_optional(_name), False),
+        "order": (_optional(_choice("oldest", "newest")), False),
         "after": (_optional(_int(0, MAX_EXACT)), False),
+        "before": (_optional(_int(1, MAX_EXACT)), False),
         "limit": (_optional(_int(1, MAX_LIST)), False),
     },
     b"CANCEL": {**_REQ, "id": (_TASK_ID, True)},

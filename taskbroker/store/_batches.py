@@ -372,12 +372,14 @@ class BatchedStore:
         return self._read(self._sql.get, task_id)
 
     def list(self, state, handler, after_id, limit, max_bytes=None,
-             submitter=None):
+             submitter=None, priority=None, before_id=None,
+             newest_first=False):
         """
         See :meth:`taskbroker.interfaces.ITaskStore.list`.
         """
         return self._read(self._sql.list_tasks, state, handler, after_id, limit,
-                          max_bytes, submitter)
+                          max_bytes, submitter, priority, before_id,
+                          newest_first)
 
     def counts(self, now):
         """

@@ -560,23 +560,21 @@ def get(connection, task_id):
 
 
 def list_tasks(connection, state, handler, after_id, limit, max_bytes=None,
-               submitter=None):
+               submitter=None, priority=None, before_id=None,
+               newest_first=False):
     where = ["id > %s"]
     params = [after_id]
-    if submitter is not None:
-        where.append("submitter = %s")
-        params.append(submitter)
-    if state is not None:
-        where.append("state = %s")
-        params.append(state)
-    if handler is not None:
-        where.append("handler = %s")
-        params.append(handler)
+    for column, value in (("id <", before_id), ("submitter =", submitter),
+                          ("state =", state), ("handler =", handler),
+                          ("priority =", priority)):
+        if value is not None:
+            where.append(f"{column} %s")
+            params.append(value)
     params.append(limit)
     cursor = connection.cursor()
     cursor.execute(
         f"SELECT {COLUMNS} FROM tasks WHERE {' AND '.join(where)} "
-        "ORDER BY id LIMIT %s", params)
+        f"ORDER BY id {'DESC' if newest_first else ''} LIMIT %s", params)
     return up_to_size(map(TaskRow._make, cursor), max_bytes)
 
 

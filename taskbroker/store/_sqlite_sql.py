@@ -294,25 +294,22 @@ def get(connection, task_id):
 
 
 def list_tasks(connection, state, handler, after_id, limit, max_bytes=None,
-               submitter=None):
+               submitter=None, priority=None, before_id=None,
+               newest_first=False):
     where = ["id > ?"]
     params = [after_id]
-    if submitter is not None:
-        where.append("submitter = ?")
-        params.append(submitter)
-    if state is not None:
-        where.append("state = ?")
-        params.append(state)
-    if handler is not None:
-        where.append("handler = ?")
-        params.append(handler)
+    for column, value in (("id <", before_id), ("submitter =", submitter),
+                          ("state =", state), ("handler =", handler),
+                          ("priority =", priority)):
+        if value is not None:
+            where.append(f"{column} ?")
+            params.append(value)
     params.append(limit)
-    rows = connection.cursor().execute(
+    cursor = connection.cursor()
+    cursor.execute(
         f"SELECT {_COLUMNS} FROM tasks WHERE {' AND '.join(where)} "
-        "ORDER BY id LIMIT ?",
-        params,
-    )
-    return up_to_size(map(TaskRow._make, rows), max_bytes)
+        f"ORDER BY id {'DESC' if newest_first else ''} LIMIT ?", params)
+    return up_to_size(map(TaskRow._make, cursor), max_bytes)
 
 
 

@@ -401,13 +401,21 @@ class MemoryStore:
         return self._rows.get(task_id)
 
     def list(self, state, handler, after_id, limit, max_bytes=None,
-             submitter=None):
+             submitter=None, priority=None, before_id=None,
+             newest_first=False):
         """
         See :meth:`taskbroker.interfaces.ITaskStore.list`.
         """
-        return self._run(lambda: up_to_size(
-            self._select(state, handler, after_id, limit, submitter),
-            max_bytes))
+        def listed():
+            rows = [row for row in self._select(state, handler, after_id,
+                                                None, submitter)
+                    if (priority is None or row.priority == priority)
+                    and (before_id is None or row.id < before_id)]
+            if newest_first:
+                rows.reverse()
+            return up_to_size(rows[:limit], max_bytes)
+
+        return self._run(listed)
 
     def scan_queued(self, after_id, limit, known):
         """

@@ -590,6 +590,29 @@ class StoreContract:
         assert await listed(limit=0) == []
 
     @pytest_twisted.ensureDeferred
+    async def test_list_newest_first_by_priority_between_ids(self, store):
+        rows = []
+        for priority in ("high", "low", "high", "high", "low"):
+            rows.extend(rows_of(await store.submit(
+                [new_task(priority=priority)])))
+        ids = [row.id for row in rows]
+
+        async def listed(after_id=0, limit=100, **kwargs):
+            return [row.id for row in await store.list(
+                None, None, after_id, limit, **kwargs)]
+
+        assert await listed(newest_first=True) == ids[::-1]
+        assert await listed(newest_first=True, limit=2) == [ids[4], ids[3]]
+        # Paging back: the next page is before the last id of this one.
+        assert await listed(newest_first=True, limit=2,
+                            before_id=ids[3]) == [ids[2], ids[1]]
+        assert await listed(priority="high") == [ids[0], ids[2], ids[3]]
+        assert await listed(priority="high", newest_first=True,
+                            before_id=ids[3]) == [ids[2], ids[0]]
+        assert await listed(after_id=ids[0], before_id=ids[3]) == ids[1:3]
+        assert await listed(priority="urgent") == []
+
+    @pytest_twisted.ensureDeferred
     async def test_the_submitter_is_kept_and_filters_a_list(self, store):
         alice, bob = "a" * 40, "b" * 40
         mine = rows_of(await store.submit([

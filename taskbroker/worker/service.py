@@ -39,7 +39,7 @@ from twisted.internet import defer, task
 from twisted.logger import Logger
 from twisted.python.threadable import isInIOThread
 
-from taskbroker.errors import one_line
+from taskbroker.errors import counted, one_line
 from taskbroker.failover import EndpointRing, StoreWatch, start_position
 from taskbroker.protocol import codec
 from taskbroker.protocol.codec import ProtocolError, encode, encode_value
@@ -198,12 +198,13 @@ class WorkerService(Service):
         self._checks.clock = self.reactor
         self._checks.start(self.config.heartbeat, now=False)
         self.log.info(
-            "taskworker {name} started: broker {broker}, {slots} slots, "
+            "taskworker {name} started: broker {broker}, {slots_text}, "
             "levels {levels}, handlers {handlers}",
             name=self.config.name, broker=self.endpoint + (
                 "" if len(self._ring) == 1 else
                 " (failover list " + ",".join(self._ring.endpoints) + ")"),
             slots=self.config.concurrency,
+            slots_text=counted(self.config.concurrency, "slot"),
             levels=",".join(self.config.priorities or ("all",)),
             handlers=",".join(sorted(self.handlers)) or "none")
 

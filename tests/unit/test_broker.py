@@ -1207,3 +1207,38 @@ def test_a_worker_gone_while_its_dispatch_commits_gets_nothing(broker, peers,
     assert peers.take(b"w1/x", b"TASK") == []
     row = result_of(store.get(1))
     assert (row.state, row.attempts) == ("queued", 0)
+
+
+def test_list_newest_first_by_priority_and_echoes_its_order(broker, peers):
+    for priority in ("high", "low", "high"):
+        submit(broker, {"handler": "echo", "priority": priority})
+    peers.take()
+    send(broker, b"client", b"LIST", {"req": "l", "order": "newest",
+                                      "priority": "high", "limit": 1})
+    [(_, _, reply)] = peers.take(b"client")
+    assert [t["id"] for t in reply["tasks"]] == [3]
+    assert (reply["next"], reply["order"]) == (3, "newest")
+    send(broker, b"client", b"LIST", {"req": "l", "order": "newest",
+                                      "priority": "high", "before": 3})
+    [(_, _, reply)] = peers.take(b"client")
+    assert ([t["id"] for t in reply["tasks"]], reply["next"]) == ([1], None)
+    # A client from before 'order' gets what it always did.
+    send(broker, b"client", b"LIST", {"req": "l"})
+    [(_, _, reply)] = peers.take(b"client")
+    assert [t["id"] for t in reply["tasks"]] == [1, 2, 3]
+    assert reply["order"] == "oldest"
+
+
+def test_a_worker_with_one_slot_is_logged_as_such(broker, peers):
+    from twisted.logger import globalLogPublisher, formatEvent
+
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        hello(broker, slots=1)
+        hello(broker, identity=b"w2/y", name="w2", slots=4)
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    texts = [formatEvent(e) for e in events if "connected" in formatEvent(e)]
+    assert "worker w1 connected: 1 slot, levels" in texts[0]
+    assert "worker w2 connected: 4 slots, levels" in texts[1]

@@ -533,16 +533,56 @@ def test_status_shows_run_at_and_the_traceback_last(broker):
         "traceback:")
 
 
-def test_list_json_is_an_array_by_id(broker):
+def test_list_json_is_an_array_newest_first(broker):
     broker.handlers["LIST"] = lambda body: reply(
-        tasks=[make_task(2), make_task(1)], next=None)
+        tasks=[make_task(2), make_task(1)], next=None, order="newest")
     result = at(broker, "list", "--state", "queued", "--handler", "echo",
                 "--json")
     assert result.code == 0
-    assert [t["id"] for t in json.loads(result.stdout)] == [1, 2]
+    assert [t["id"] for t in json.loads(result.stdout)] == [2, 1]
     [(_, body)] = broker.requests
-    assert (body["state"], body["handler"], body["limit"]) == \
-        ("queued", "echo", 100)
+    assert (body["state"], body["handler"], body["limit"], body["order"]) \
+        == ("queued", "echo", 100, "newest")
+
+
+def test_list_pages_with_the_cursor_of_its_order(broker):
+    pages = {None: ([make_task(9), make_task(8)], 8),
+             8: ([make_task(5)], None)}
+
+    def newest(body):
+        tasks, following = pages[body["before"]]
+        return reply(tasks=tasks, next=following, order=body["order"])
+
+    broker.handlers["LIST"] = newest
+    result = at(broker, "list", "--priority", "high", "--json")
+    assert [t["id"] for t in json.loads(result.stdout)] == [9, 8, 5]
+    assert [body["priority"] for _, body in broker.requests] == ["high"] * 2
+    # Oldest first from a given id: 'after' moves on.
+    broker.requests.clear()
+    broker.handlers["LIST"] = lambda body: reply(
+        tasks=[make_task(body["after"] + 1)],
+        next=None if body["after"] else body["after"] + 1, order="oldest")
+    result = at(broker, "list", "--order", "oldest", "--json")
+    assert [t["id"] for t in json.loads(result.stdout)] == [1, 2]
+    assert [body["after"] for _, body in broker.requests] == [0, 1]
+
+
+def test_list_newest_first_needs_a_broker_that_can(broker):
+    # A broker older than 'order' ignores it and lists oldest first.
+    broker.handlers["LIST"] = lambda body: reply(tasks=[make_task(1)],
+                                                 next=None)
+    result = at(broker, "list")
+    assert result.code == 2
+    assert "cannot list newest first" in result.error_line()
+    broker.handlers["LIST"] = lambda body: reply(tasks=[make_task(1)],
+                                                 next=None)
+    assert at(broker, "list", "--order", "oldest").code == 0
+
+
+def test_list_refuses_a_bad_order_or_cursor(broker):
+    for argv in (["list", "--order", "random"], ["list", "--before", "x"]):
+        assert at(broker, *argv).code == 2, argv
+    assert broker.requests == []
 
 
 def test_list_human_table(broker):
@@ -551,7 +591,7 @@ def test_list_human_table(broker):
                make_task(12, handler="resize", state="running", progress={
                    "fraction": 0.425, "message": "page 17 of 40",
                    "at": "2026-11-28T04:12:00.000000+00:00"})],
-        next=None)
+        next=None, order="newest")
     result = at(broker, "list", "--limit", "5")
     assert result.code == 0
     header, first, second = result.stdout.splitlines()
