@@ -21,6 +21,7 @@ from taskbroker.errors import ConfigError
 from taskbroker.failover import endpoint, parse_endpoints
 from taskbroker.protocol.codec import MAX_NAME
 from taskbroker.store import parse_database_url
+from taskbroker.wording import edit_distance
 
 # -- coercers: text -> value, ValueError with a reason ----------------------
 
@@ -283,26 +284,12 @@ def check_environment(prefix, known, reserved, environ):
                 tuple(reserved)):
             continue
         close = [k for k in sorted(known)
-                 if _edit_distance(name[len(prefix):], k[len(prefix):]) <= 2]
+                 if edit_distance(name[len(prefix):], k[len(prefix):]) <= 2]
         if close:
             raise ConfigError(
                 f"{name}: unknown variable; did you mean {close[0]}?")
         warnings.append(f"{name}: unknown variable, ignored")
     return warnings
-
-
-def _edit_distance(a, b):
-    """
-    The Levenshtein distance between two strings.
-    """
-    previous = list(range(len(b) + 1))
-    for i, x in enumerate(a, 1):
-        current = [i]
-        for j, y in enumerate(b, 1):
-            current.append(min(previous[j] + 1, current[j - 1] + 1,
-                               previous[j - 1] + (x != y)))
-        previous = current
-    return previous[-1]
 
 
 #: The address both daemons and the clients use unless told otherwise.

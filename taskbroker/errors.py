@@ -53,13 +53,6 @@ class PermanentFailure(Exception):
     """
 
 
-def counted(number, noun):
-    """
-    ``"1 slot"``, ``"4 slots"``: a count as a message says it.
-    """
-    return f"{number} {noun}" + ("" if number == 1 else "s")
-
-
 def one_line(text):
     """
     ``text`` (or an exception's message) on one line, with its runs of

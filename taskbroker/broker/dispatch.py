@@ -159,6 +159,13 @@ class Dispatcher:
         """
         return self._handler_workers.get(handler, 0) > 0
 
+    def served_handlers(self):
+        """
+        :returns: the names of the handlers live workers have.
+        """
+        return [name for name, count in self._handler_workers.items()
+                if count > 0]
+
     def worker(self, key):
         """
         :returns: the :class:`WorkerSlots` for ``key``, or ``None``.

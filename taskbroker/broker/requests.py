@@ -27,6 +27,7 @@ from taskbroker.protocol import codec
 from taskbroker.protocol.codec import MAX_LIST_BYTES, dumps, encode
 from taskbroker.protocol.objects import task_object
 from taskbroker.store import FINAL_STATES, NewTask, text_size
+from taskbroker.wording import nearest
 
 #: The longest a WAIT is held when the client gives no timeout (seconds).
 DEFAULT_WAIT = 30.0
@@ -164,6 +165,8 @@ class Requests:
                     broker.status.tasks.add(
                         row.state, row.priority, row.handler,
                         delayed=row.run_at is not None and row.run_at > now)
+            unserved = sorted({task.handler for task in new
+                               if not broker.dispatcher.served(task.handler)})
             request_id = body.get("request_id")
             # A resent request is answered with what the first one made.
             replayed = request_id is not None and all(
@@ -178,9 +181,8 @@ class Requests:
                 "replayed": replayed,
                 "existing": [] if replayed else [
                     row.id for row, created in results if not created],
-                "unserved": sorted({
-                    task.handler for task in new
-                    if not broker.dispatcher.served(task.handler)}),
+                "unserved": unserved,
+                "suggestions": self._suggestions(unserved),
             })
             # Most urgent first, so that a batch's urgent tasks get first
             # pick of the free workers.
@@ -196,6 +198,18 @@ class Requests:
 
         d.addCallbacks(committed, not_committed)
         return self._answered(d, "submitting tasks", identity, req)
+
+    def _suggestions(self, unserved):
+        """
+        For each handler no worker has, the one a worker has that it was
+        probably meant to be (a typo), if any.
+        """
+        if not unserved:
+            return {}
+        served = self._broker.dispatcher.served_handlers()
+        meant = {name: nearest(name, served) for name in unserved}
+        return {name: other for name, other in meant.items()
+                if other is not None}
 
     def _new_tasks(self, body, key):
         """

@@ -12,8 +12,8 @@ from twisted.logger import Logger
 
 from taskbroker.broker.router import BAD_MESSAGE_LOG_INTERVAL, RateLimit
 from taskbroker.broker.sessions import Session
-from taskbroker.errors import counted
 from taskbroker.protocol.codec import encode
+from taskbroker.wording import counted
 
 #: The shortest heartbeat interval a worker may announce (seconds).
 MIN_WORKER_HEARTBEAT = 0.1

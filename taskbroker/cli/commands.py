@@ -128,11 +128,14 @@ def _read_specs(path, stdin):
     return specs
 
 
-def _warn_unserved(output, unserved):
+def _warn_unserved(output, result):
+    unserved, suggestions = result[1], result.suggestions
     for handler in sorted(unserved):
+        meant = suggestions.get(handler)
         output.warn(
-            f"no connected worker has handler {handler!r}; the task is "
-            "queued until one connects")
+            f"no connected worker has handler {handler!r}"
+            + (f" (did you mean {meant!r}?)" if meant else "")
+            + "; the task is queued until one connects")
 
 
 def _task_ended_badly(output, task):
@@ -187,11 +190,11 @@ def _submit(client, options, output, stdin):
             for task in e.submitted or ():
                 _print_new_task(output, task, options["json"])
             raise
-        tasks, unserved = result
+        tasks = result[0]
         for task in tasks:
             _print_new_task(output, task, options["json"])
         _note_existing(output, tasks, specs, result.existing)
-        _warn_unserved(output, unserved)
+        _warn_unserved(output, result)
         return EXIT_OK
     spec = {"unique_key": options["unique-key"]}
     result = client.submit(
@@ -199,9 +202,9 @@ def _submit(client, options, output, stdin):
         priority=options["priority"], max_attempts=options["max-attempts"],
         delay=options["delay"], unique_key=options["unique-key"],
         time_limit=options["time-limit"])
-    task, unserved = result
+    task = result[0]
     _note_existing(output, [task], [spec], result.existing)
-    _warn_unserved(output, unserved)
+    _warn_unserved(output, result)
     if not options["wait"]:
         _print_new_task(output, task, options["json"])
         return EXIT_OK

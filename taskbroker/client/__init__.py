@@ -167,11 +167,15 @@ class Submission(tuple):
         task this submission created is not in it, even when a later spec
         with the same ``unique_key`` got it again: then the id is repeated
         in the tasks.
+    :ivar suggestions: a ``dict``: an unserved handler name -> the name,
+        among those the connected workers have, that it was probably meant
+        to be (a few edits away).
     """
 
-    def __new__(cls, tasks, unserved, existing=frozenset()):
+    def __new__(cls, tasks, unserved, existing=frozenset(), suggestions=None):
         self = super().__new__(cls, (tasks, unserved))
         self.existing = frozenset(existing)
+        self.suggestions = dict(suggestions or {})
         return self
 
     def __repr__(self):
@@ -383,6 +387,7 @@ def submit_call(specs):
     """
     chunks = _chunks(specs)
     tasks, unserved, existing, created = [], {}, set(), set()
+    suggestions = {}
     for chunk in chunks:
         try:
             body = yield Request(
@@ -405,18 +410,24 @@ def submit_call(specs):
             if not isinstance(old, list) or not all(
                     type(task_id) is int for task_id in old):
                 raise _malformed("'existing' is not a list of task ids")
+            # ... and one older than 'suggestions' suggests nothing.
+            meant = body.get("suggestions") or {}
+            if not isinstance(meant, dict) or not all(
+                    isinstance(name, str) for name in meant.values()):
+                raise _malformed("'suggestions' is not an object of names")
         except ClientError as e:
             e.submitted = list(tasks)
             raise
         tasks.extend(got)
         unserved.update(dict.fromkeys(names))
+        suggestions.update(meant)
         # 'existing' has one entry per task that was not created: an id
         # that the tasks hold more often than it is listed was created by
         # this request (for its first spec with that unique_key).
         listed = Counter(old)
         for task_id, count in Counter(task["id"] for task in got).items():
             (existing if listed[task_id] >= count else created).add(task_id)
-    return Submission(tasks, list(unserved), existing - created)
+    return Submission(tasks, list(unserved), existing - created, suggestions)
 
 
 def get_call(task_id):

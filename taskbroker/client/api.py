@@ -351,7 +351,7 @@ class BrokerClient:
             "unique_key": unique_key, "time_limit": time_limit}]))
         return d.addCallback(
             lambda result: Submission(result[0][0], result[1],
-                                      result.existing))
+                                      result.existing, result.suggestions))
 
     def submit_many(self, specs):
         """
@@ -371,7 +371,7 @@ class BrokerClient:
         d = self._run(submit_call(specs))
         return d.addCallback(
             lambda result: Submission(result[0], set(result[1]),
-                                      result.existing))
+                                      result.existing, result.suggestions))
 
     def get(self, task_id):
         """

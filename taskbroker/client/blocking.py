@@ -334,7 +334,8 @@ class BlockingClient:
             "max_attempts": max_attempts, "delay": delay,
             "unique_key": unique_key, "time_limit": time_limit}]))
         tasks, unserved = result
-        return Submission(tasks[0], unserved, result.existing)
+        return Submission(tasks[0], unserved, result.existing,
+                          result.suggestions)
 
     def submit_many(self, specs):
         """
@@ -357,7 +358,8 @@ class BlockingClient:
         """
         result = self._run(submit_call(specs))
         tasks, unserved = result
-        return Submission(tasks, set(unserved), result.existing)
+        return Submission(tasks, set(unserved), result.existing,
+                          result.suggestions)
 
     def get(self, task_id):
         """

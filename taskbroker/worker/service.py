@@ -39,7 +39,7 @@ from twisted.internet import defer, task
 from twisted.logger import Logger
 from twisted.python.threadable import isInIOThread
 
-from taskbroker.errors import counted, one_line
+from taskbroker.errors import one_line
 from taskbroker.failover import EndpointRing, StoreWatch, start_position
 from taskbroker.protocol import codec
 from taskbroker.protocol.codec import ProtocolError, encode, encode_value
@@ -50,6 +50,7 @@ from taskbroker.worker.children import ChildPool, Outcome
 from taskbroker.worker.progress import Throttle
 from taskbroker.worker.runner import run_handler
 from taskbroker.worker.task import RunningTask
+from taskbroker.wording import counted
 
 #: Seconds before the first HELLO is repeated when no WELCOME comes.
 HELLO_FIRST_RETRY = 0.05

@@ -1242,3 +1242,14 @@ def test_a_worker_with_one_slot_is_logged_as_such(broker, peers):
     texts = [formatEvent(e) for e in events if "connected" in formatEvent(e)]
     assert "worker w1 connected: 1 slot, levels" in texts[0]
     assert "worker w2 connected: 4 slots, levels" in texts[1]
+
+
+def test_a_submit_for_an_unserved_handler_suggests_a_served_one(broker,
+                                                                peers):
+    hello(broker, handlers=["echo", "resize"])
+    peers.take()
+    submit(broker, {"handler": "ecoh"}, {"handler": "report"},
+           {"handler": "echo"})
+    [(_, _, reply)] = peers.take(b"client")
+    assert reply["unserved"] == ["ecoh", "report"]
+    assert reply["suggestions"] == {"ecoh": "echo"}

@@ -348,6 +348,19 @@ def test_submit_payload_from_stdin(broker):
     assert broker.requests[0][1]["tasks"][0]["payload"] == "hi"
 
 
+def test_submit_suggests_the_handler_meant(broker):
+    def answer(body):
+        command, fields = submitted(unserved=["ecoh"])(body)
+        return command, dict(fields, suggestions={"ecoh": "echo"})
+
+    broker.handlers["SUBMIT"] = answer
+    result = at(broker, "submit", "ecoh")
+    assert result.code == 0
+    assert result.stderr == (
+        "taskbroker: warning: no connected worker has handler 'ecoh' (did "
+        "you mean 'echo'?); the task is queued until one connects\n")
+
+
 def test_submit_warns_about_unserved_handlers(broker):
     broker.handlers["SUBMIT"] = submitted(unserved=["echo"])
     result = at(broker, "submit", "echo")
