@@ -40,6 +40,7 @@ import time
 from uuid import uuid4
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from taskbroker.client import (
     CURVE_NO_ANSWER,
@@ -66,6 +67,14 @@ __all__ = ["BlockingClient"]
 
 #: The first and the longest pause before a request the broker refused
 #: as ``busy`` is sent again (seconds).
+#: Seconds after which a broker whose every connection attempt was refused
+#: (nothing listens at its address) is given up, without waiting for the
+#: whole timeout.
+REFUSED_AFTER = 1.0
+
+# What _receive returns when nothing listens at the endpoint.
+_REFUSED = object()
+
 BUSY_FIRST_PAUSE = 0.05
 BUSY_LONGEST_PAUSE = 2.0
 
@@ -156,6 +165,7 @@ class BlockingClient:
         self._own_context = context is None
         self._context = zmq.Context() if context is None else context
         self._socket = None
+        self._monitor = None
         self._closed = False
         try:
             # Connect now so that a malformed endpoint is reported here,
@@ -186,18 +196,44 @@ class BlockingClient:
             options += curve_client_options(*self._curve)
         for option, value in options:
             socket.setsockopt(option, value)
+        # libzmq's socket monitor tells a refused connection (nothing
+        # listens) from a broker that is slow to answer.
+        self._monitor = socket.get_monitor_socket(
+            zmq.EVENT_CONNECTED | zmq.EVENT_CONNECT_RETRIED)
+        self._opened_at = self._clock()
+        self._connected = self._retried = False
+        self._socket = socket
         try:
             socket.connect(self.endpoint)
         except zmq.ZMQError as e:
-            socket.close(0)
+            self._discard_socket()
             raise ValueError(
                 f"invalid broker endpoint {self.endpoint!r}: {e}") from None
-        self._socket = socket
 
     def _discard_socket(self):
         if self._socket is not None:
+            if self._monitor is not None:
+                self._socket.disable_monitor()
+                self._monitor.close(0)
             self._socket.close(0)
-            self._socket = None
+            self._socket = self._monitor = None
+
+    def _refused(self):
+        """
+        Read the monitor's events: whether every attempt to connect to the
+        endpoint was refused, for long enough to be sure.
+        """
+        while True:
+            try:
+                event = recv_monitor_message(self._monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            if event["event"] == zmq.EVENT_CONNECTED:
+                self._connected = True
+            elif event["event"] == zmq.EVENT_CONNECT_RETRIED:
+                self._retried = True
+        return (self._retried and not self._connected
+                and self._clock() - self._opened_at >= REFUSED_AFTER)
 
     def close(self):
         """
@@ -225,7 +261,7 @@ class BlockingClient:
         frames = encode_request(req, request)
         attempts = (max(1 + self.retries, len(self._ring))
                     if request.idempotent else 1)
-        tried = []
+        tried, refused = [], []
         answer_time = self.timeout + request.extra_time
         ignored = []
         busy = _Backoff(self._clock() + self.timeout * attempts)
@@ -249,7 +285,16 @@ class BlockingClient:
                     if e.code != "busy" or not busy.wait(self._clock()):
                         raise
                     continue
-                if body is not None:
+                if body is _REFUSED:
+                    refused.append(self.endpoint)
+                    if set(refused) >= set(self._ring.endpoints):
+                        self._discard_socket()
+                        self._ring.advance()
+                        raise BrokerUnavailable(
+                            "nothing listens at " + ", ".join(refused)
+                            + " (connection refused); is the broker "
+                            "running?")
+                elif body is not None:
                     return body
             sent += 1
             self._discard_socket()
@@ -273,14 +318,25 @@ class BlockingClient:
         """
         Wait for the answer to ``req``.
 
-        :returns: the ``REPLY`` body, or ``None`` on timeout.
+        :returns: the ``REPLY`` body, ``None`` on timeout, or
+            :data:`_REFUSED` when nothing listens at the endpoint.
         """
         deadline = self._clock() + answer_time
+        poller = zmq.Poller()
+        poller.register(self._socket, zmq.POLLIN)
+        poller.register(self._monitor, zmq.POLLIN)
         while True:
+            if self._refused():
+                return _REFUSED
             remaining = deadline - self._clock()
             if remaining <= 0:
                 return None
-            if not self._socket.poll(math.ceil(remaining * 1000), zmq.POLLIN):
+            if not self._connected:
+                # Look again when a refusal would count.
+                remaining = min(remaining, max(
+                    0.01, self._opened_at + REFUSED_AFTER - self._clock()))
+            ready = dict(poller.poll(math.ceil(remaining * 1000)))
+            if self._socket not in ready:
                 continue
             frames = self._socket.recv_multipart(zmq.NOBLOCK)
             try:

@@ -927,3 +927,45 @@ async def test_twisted_no_answer_with_curve_says_a_key_may_be_why(
     finally:
         await client.close()
     assert "with CURVE, a wrong server key" in str(caught.value)
+
+
+# Nothing listening: said at once, not after every timeout.
+
+
+@pytest.fixture
+def closed_port():
+    """
+    A loopback port where nothing listens (connections are refused).
+    """
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return f"tcp://127.0.0.1:{probe.getsockname()[1]}"
+
+
+def test_nothing_listening_is_said_without_waiting_for_the_timeout(
+        closed_port):
+    # A timeout this long would take minutes: the refusal is what ends it.
+    with BlockingClient(closed_port, timeout=60, retries=2) as client:
+        with pytest.raises(BrokerUnavailable) as caught:
+            client.stats()
+    assert str(caught.value) == (
+        f"nothing listens at {closed_port} (connection refused); is the "
+        "broker running?")
+
+
+def test_a_refusing_broker_of_a_list_is_passed_over(closed_port, broker):
+    broker.handlers["STATS"] = lambda body: reply(stats={"workers": 0})
+    with BlockingClient([closed_port, broker.endpoint], timeout=60,
+                        start=0) as client:
+        assert client.stats() == {"workers": 0}
+        assert client.endpoint == broker.endpoint
+
+
+def test_a_broker_that_answers_slowly_is_not_refused(silent_endpoint):
+    # Connected, but silent: the timeout applies, not the refusal.
+    with BlockingClient(silent_endpoint, timeout=1.5, retries=0) as client:
+        with pytest.raises(BrokerUnavailable) as caught:
+            client.stats()
+    assert "no answer from" in str(caught.value)
