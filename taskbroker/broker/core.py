@@ -52,6 +52,7 @@ from taskbroker.broker.status import Status
 from taskbroker.broker.validation import invalid_row
 from taskbroker.broker.workers import Workers
 from taskbroker.errors import StoreError, WriteRefused, one_line
+from taskbroker.logs import TaskLog, seconds
 from taskbroker.protocol.codec import dumps, encode
 
 #: Database trouble: the first and the longest pause before trying again.
@@ -63,6 +64,12 @@ RECONNECT_WAIT = 2.0
 #: Seconds between looks for claims a broker on a shared store holds
 #: without knowing.
 RECONCILE_INTERVAL = 10.0
+
+
+def _dispatch_details(task):
+    return (f"{task['handler']}, priority {task['priority']}, attempt "
+            f"{task['attempt']} of {task['max_attempts']}, "
+            f"{seconds(task['waited'])} after it was created")
 
 
 class Broker:
@@ -108,6 +115,11 @@ class Broker:
                                                    rng or random.Random()))
         self.backlog = Backlog(self)
         self.progress = ProgressRecords(self)
+        self.dispatch_log = TaskLog(
+            self.log, clock, "dispatched",
+            lambda t: f"task {t['id']} dispatched to {t['worker']}: "
+                      f"{_dispatch_details(t)}",
+            lambda t: f"{t['id']} to {t['worker']} ({_dispatch_details(t)})")
         self.feeder = Feeder(self)
         self.workers = Workers(self)
         self.admission = Admission()
@@ -210,6 +222,7 @@ class Broker:
             self._resume_call.cancel()
         self.backlog.stop()
         self.outcomes.stop()
+        self.dispatch_log.flush()
 
     def poll(self):
         """
@@ -389,12 +402,17 @@ class Broker:
         session = self.sessions.get(identity)
         if session is not None:
             session.sent_at[row.id] = self.monotonic()
+        max_attempts = row.max_attempts or self.config.max_attempts
+        self.dispatch_log.add(
+            id=row.id, handler=row.handler, priority=row.priority,
+            worker=row.worker, attempt=row.attempts + 1,
+            max_attempts=max_attempts, token=token,
+            waited=row.started_at - row.created_at)
         body = (
             '{"id":%d,"handler":%s,"payload":%s,"priority":%s,'
             '"attempt":%d,"max_attempts":%d,"token":%d,"time_limit":%s}' % (
                 row.id, dumps(row.handler), row.payload,
-                dumps(row.priority), row.attempts + 1,
-                row.max_attempts or self.config.max_attempts, token,
+                dumps(row.priority), row.attempts + 1, max_attempts, token,
                 dumps(row.time_limit)))
         if not self.send(identity, encode(b"TASK", body)) and session is not None:
             self.log.warn("worker {name} is unreachable", name=session.name)

@@ -14,8 +14,16 @@ from twisted.logger import Logger
 
 from taskbroker.broker.status import DELAYED
 from taskbroker.errors import TaskbrokerError
+from taskbroker.logs import TaskLog, cut, seconds
 from taskbroker.protocol import codec
 from taskbroker.protocol.codec import dumps
+
+
+def _end_details(task):
+    return (f"{task['handler']}, priority {task['priority']}, worker "
+            f"{task['worker']}, attempt {task['attempt']}, ran "
+            f"{seconds(task['ran'])}"
+            + ("" if task["error"] is None else f": {task['error']}"))
 
 
 class BrokerStopping(TaskbrokerError):
@@ -73,6 +81,10 @@ class Outcomes:
         self._waiters = {}
         # task id -> reports being written (see reporting)
         self._reporting = {}
+        self.end_log = TaskLog(
+            self.log, broker.clock, "ended",
+            lambda t: f"task {t['id']} {t['outcome']}: {_end_details(t)}",
+            lambda t: f"{t['id']} {t['outcome']} ({_end_details(t)})")
 
     # -- reports -----------------------------------------------------------
 
@@ -135,11 +147,11 @@ class Outcomes:
         # It was decoded from JSON, so it encodes again.
         result = dumps(body.get("result"))
         if len(result.encode("utf-8")) > codec.MAX_PAYLOAD_SIZE:
-            d = broker.store.finish(
-                task_id, token, "failed", None,
-                f"result exceeds the limit of {codec.MAX_PAYLOAD_SIZE} "
-                "bytes", None, now)
-            return d.addCallback(self._finished, row, "failed")
+            error = (f"result exceeds the limit of {codec.MAX_PAYLOAD_SIZE} "
+                     "bytes")
+            d = broker.store.finish(task_id, token, "failed", None, error,
+                                    None, now)
+            return d.addCallback(self._finished, row, "failed", error=error)
         d = broker.store.finish(task_id, token, "succeeded", result,
                                 None, None, now)
         # The row as the store now has it, so that waiting clients are
@@ -164,7 +176,7 @@ class Outcomes:
         if permanent or used >= max_attempts:
             d = broker.store.finish(task_id, token, "failed", None, error,
                                     traceback, now)
-            return d.addCallback(self._finished, row, "failed")
+            return d.addCallback(self._finished, row, "failed", error=error)
         delay = self.policy.backoff(used)
         run_at = now + delay
         broker.counters["retried"] += 1
@@ -207,10 +219,10 @@ class Outcomes:
                 "task {task_id} failed: {reason} during its last attempt "
                 "({attempt} of {max_attempts})", task_id=task_id,
                 reason=reason, attempt=used, max_attempts=max_attempts)
-            d = broker.store.finish(
-                task_id, token, "failed", None,
-                f"{reason} during attempt {used} of {max_attempts}", None, now)
-            d.addCallback(self._finished, row, "failed")
+            error = f"{reason} during attempt {used} of {max_attempts}"
+            d = broker.store.finish(task_id, token, "failed", None, error,
+                                    None, now)
+            d.addCallback(self._finished, row, "failed", error=error)
         else:
             self.log.info("task {task_id} requeued: {reason}",
                           task_id=task_id, reason=reason)
@@ -238,10 +250,22 @@ class Outcomes:
 
         return d.addErrback(failed)
 
-    def _finished(self, changed, row, state, final=None):
+    def _finished(self, changed, row, state, final=None, error=None):
+        """
+        The store has a task's end (``changed``: it was current).
+        ``row`` is the task as its last dispatch found it.
+        """
         if changed:
-            self._broker.status.tasks.move(row.priority, row.handler,
-                                           "running", state)
+            broker = self._broker
+            broker.status.tasks.move(row.priority, row.handler, "running",
+                                     state)
+            started = row.started_at
+            self.end_log.add(
+                id=row.id, handler=row.handler, priority=row.priority,
+                worker=row.worker, attempt=row.attempts + 1, outcome=state,
+                ran=(broker.clock.seconds() - started
+                     if isinstance(started, (int, float)) else None),
+                error=cut(error))
             self.notify(row.id, final)
         return changed
 
@@ -294,6 +318,7 @@ class Outcomes:
         """
         Fail every wait: the broker is stopping.
         """
+        self.end_log.flush()
         waiters, self._waiters = self._waiters, {}
         for waiting in waiters.values():
             for d in waiting:

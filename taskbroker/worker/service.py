@@ -41,6 +41,7 @@ from twisted.python.threadable import isInIOThread
 
 from taskbroker.errors import one_line
 from taskbroker.failover import EndpointRing, StoreWatch, start_position
+from taskbroker.logs import TaskLog, cut, seconds
 from taskbroker.protocol import codec
 from taskbroker.protocol.codec import ProtocolError, encode, encode_value
 from taskbroker.services import ServiceTree
@@ -155,6 +156,16 @@ class WorkerService(Service):
         self._broker_takes_progress = False
         # (task id, token) -> the Throttle of its progress reports
         self._throttles = {}
+        # (task id, token) -> (monotonic time it started, handler name)
+        self._started = {}
+        self._start_log = TaskLog(
+            self.log, reactor, "started",
+            lambda t: f"task {t['id']} started: {_start_details(t)}",
+            lambda t: f"{t['id']} ({_start_details(t)})")
+        self._end_log = TaskLog(
+            self.log, reactor, "ended",
+            lambda t: f"task {t['id']} {t['outcome']}: {_end_details(t)}",
+            lambda t: f"{t['id']} {t['outcome']} ({_end_details(t)})")
         self._broker_heartbeat = None
         self._broker_seen = 0.0
         self._hello_retry = None
@@ -541,6 +552,13 @@ class WorkerService(Service):
 
     def _run(self, body):
         handler = self.handlers.get(body["handler"])
+        self._started[(body["id"], body["token"])] = (self._monotonic(),
+                                                      body["handler"])
+        self._start_log.add(
+            id=body["id"], handler=body["handler"],
+            priority=body["priority"], attempt=body["attempt"],
+            max_attempts=body["max_attempts"], token=body["token"],
+            blocking=getattr(handler, "blocking", False))
         if handler is None:
             return defer.succeed(Outcome(
                 "failed", None,
@@ -585,6 +603,12 @@ class WorkerService(Service):
         throttle = self._throttles.pop((task_id, token), None)
         if throttle is not None:
             throttle.cancel()
+        started = self._started.pop((task_id, token), None)
+        if started is not None:
+            self._end_log.add(
+                id=task_id, handler=started[1], outcome=outcome.state,
+                ran=self._monotonic() - started[0], token=token,
+                error=cut(outcome.error))
         entry = self.tasks.get(task_id)
         if entry is None or entry[0] != token:
             # Cancelled or handed back: nothing to report.
@@ -671,12 +695,25 @@ class WorkerService(Service):
                                    "state": "released"})
             d.cancel()
         self._send(b"BYE", {})
+        self._start_log.flush()
+        self._end_log.flush()
         if self._children is not None:
             yield self._children.stop()
         if self.socket is not None:
             self.socket.close()
             self.socket = None
 
+
+
+def _start_details(task):
+    return (f"{task['handler']}, priority {task['priority']}, attempt "
+            f"{task['attempt']} of {task['max_attempts']}"
+            + (", in a handler process" if task["blocking"] else ""))
+
+
+def _end_details(task):
+    return (f"{task['handler']}, ran {seconds(task['ran'])}"
+            + ("" if task["error"] is None else f": {task['error']}"))
 
 
 def make_worker_service(config, handlers, reactor, on_fatal=None,

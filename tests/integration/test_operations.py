@@ -238,8 +238,8 @@ def test_invalid_option_is_one_line(cluster):
 
 
 def test_wait_for_tasks_already_submitted(cluster, tmp_path):
-    cluster.start_broker()
-    cluster.start_worker(name="w1")
+    broker = cluster.start_broker()
+    worker = cluster.start_worker(name="w1")
     until = tmp_path / "release"
     ids = []
     for handler, payload in (("echo", '"one"'), ("fail", "null"),
@@ -263,3 +263,13 @@ def test_wait_for_tasks_already_submitted(cluster, tmp_path):
     missing = cluster.cli("wait", ids[0], "999999")
     assert missing.returncode == 4
     assert "no task with id 999999" in missing.stderr
+    # Both daemons told of each task's dispatch (or start) and end.
+    broker.wait_for(rf"task {ids[0]} dispatched to w1: echo, priority "
+                    r"normal, attempt 1 of 1, \d+\.\d{3}s after it was "
+                    "created")
+    broker.wait_for(rf"task {ids[1]} failed: fail, priority normal, worker "
+                    r"w1, attempt 1, ran \d+\.\d{3}s: RuntimeError: failed "
+                    "on purpose")
+    worker.wait_for(rf"task {ids[2]} started: progress, priority normal, "
+                    "attempt 1 of 1")
+    worker.wait_for(rf"task {ids[2]} succeeded: progress, ran ")
