@@ -11,6 +11,7 @@ from datetime import datetime
 
 from twisted.python import usage
 
+from taskbroker.cli.bar import LOOK_EVERY, Bar, shown_on
 from taskbroker.client import check_task_spec
 from taskbroker.client.errors import ClientError, InvalidRequest, TaskNotFound
 from taskbroker.errors import one_line
@@ -208,12 +209,16 @@ def _submit(client, options, output, stdin):
     if not options["wait"]:
         _print_new_task(output, task, options["json"])
         return EXIT_OK
+    bar = Bar(output.stderr, 1) if shown_on(output.stderr) else None
     try:
-        task = client.wait(task["id"])
+        task = _wait_for(client, task["id"], None, bar)
     except KeyboardInterrupt:
         raise KeyboardInterrupt(
             f"task {task['id']} goes on; see 'taskbroker status "
             f"{task['id']}'") from None
+    finally:
+        if bar is not None:
+            bar.close()
     if options["json"]:
         output.json(task)
     elif task.get("state") == "succeeded":
@@ -222,24 +227,65 @@ def _submit(client, options, output, stdin):
 
 
 def _wait(client, options, output, stdin):
+    ids = options["ids"]
     deadline = (None if options["wait"] is None
                 else time.monotonic() + options["wait"])
+    bar = Bar(output.stderr, len(ids)) if shown_on(output.stderr) else None
     worst = EXIT_OK
-    for task_id in options["ids"]:
-        remaining = (None if deadline is None
-                     else max(0.0, deadline - time.monotonic()))
-        try:
-            task = client.wait(task_id, remaining)
-        except TaskNotFound as e:
-            output.error(e.message)
-            code = EXIT_NOT_FOUND
-        except KeyboardInterrupt:
-            raise KeyboardInterrupt(
-                "the tasks go on; see 'taskbroker status ID'") from None
-        else:
-            code = _waited(output, task, options["json"])
-        worst = max(worst, code, key=_EXIT_RANK.index)
+    try:
+        for done, task_id in enumerate(ids):
+            remaining = (None if deadline is None
+                         else max(0.0, deadline - time.monotonic()))
+            try:
+                # One task's bar shows its progress; several's, how many
+                # have ended.
+                task = _wait_for(client, task_id, remaining,
+                                 bar if len(ids) == 1 else None)
+            except TaskNotFound as e:
+                task, missing = None, e.message
+            if bar is not None:
+                bar.clear()
+            if task is None:
+                output.error(missing)
+                code = EXIT_NOT_FOUND
+            else:
+                code = _waited(output, task, options["json"])
+            worst = max(worst, code, key=_EXIT_RANK.index)
+            if bar is not None and len(ids) > 1:
+                bar.ended(done + 1)
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(
+            "the tasks go on; see 'taskbroker status ID'") from None
+    finally:
+        if bar is not None:
+            bar.close()
     return worst
+
+
+def _wait_for(client, task_id, timeout, bar):
+    """
+    Wait for a task to end, or ``timeout`` seconds (``None``: for ever);
+    with a ``bar``, look at it every :data:`LOOK_EVERY` seconds to show
+    how far it has got.
+
+    :returns: the task object, final unless the time ran out.
+    """
+    if bar is None:
+        return client.wait(task_id, timeout)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    look = 0.0  # the first look answers at once
+    while True:
+        left = (None if deadline is None
+                else max(0.0, deadline - time.monotonic()))
+        task = client.wait(task_id, look if left is None else min(look, left))
+        if task.get("state") not in _LIVE or left == 0.0 or (
+                left is not None and left <= look):
+            return task
+        bar.task(task)
+        look = LOOK_EVERY
+
+
+_LIVE = ("queued", "running")
 
 
 def _waited(output, task, as_json):

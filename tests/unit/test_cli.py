@@ -6,10 +6,12 @@ one-line errors, against a scripted fake broker.
 
 import io
 import json
+import time
 
 import pytest
 
 from taskbroker import cli
+from taskbroker.cli import commands
 from taskbroker.testing.fakebroker import (
     error,
     lose_replies,
@@ -977,3 +979,93 @@ def test_wait_timeout_is_the_whole_wait_not_each_answers(broker):
     assert result.code == 0
     [(_, body)] = broker.requests
     assert 0 < body["timeout"] <= 30
+
+
+# The progress bar: on a terminal's stderr only.
+
+
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def on_terminal(broker, *argv):
+    stdout, stderr = io.StringIO(), Terminal()
+    code = cli.main(["--broker", broker.endpoint, "--timeout", "2", *argv],
+                    stdout=stdout, stderr=stderr, stdin=io.StringIO())
+    return Result(code, stdout.getvalue(), stderr.getvalue())
+
+
+def held(*answers):
+    """
+    A WAIT handler that, as the broker does, holds each WAIT for its
+    timeout unless its answer is final.
+    """
+    answer = sequence(*answers)
+
+    def handle(body):
+        command, fields = answer(body)
+        if fields["task"]["state"] not in ("succeeded", "failed"):
+            time.sleep(body["timeout"])
+        return command, fields
+
+    return handle
+
+
+def test_wait_on_a_terminal_shows_the_tasks_progress(broker, monkeypatch):
+    monkeypatch.setattr(commands, "LOOK_EVERY", 0.05)
+    broker.handlers["WAIT"] = held(
+        reply(task=make_task(5, state="running", attempts=1, progress={
+            "fraction": 0.25, "message": "step 1 of 4", "at": None})),
+        reply(task=make_task(5, state="running", attempts=1, progress={
+            "fraction": 0.5, "message": "half way", "at": None})),
+        reply(task=make_task(5, state="succeeded", result="done")))
+    result = on_terminal(broker, "wait", "5")
+    assert (result.code, result.stdout) == (0, '"done"\n')
+    for shown in ("task 5", " 25%", "attempt 1 of 3: step 1 of 4", " 50%",
+                  "half way"):
+        assert shown in result.stderr, shown
+    # A first look at once, then one a LOOK_EVERY.
+    assert [body["timeout"] for _, body in broker.requests] == pytest.approx(
+        [0, 0.05, 0.05], abs=0.01)
+
+
+def test_a_task_waiting_for_its_retry_says_when(broker, monkeypatch):
+    monkeypatch.setattr(commands, "LOOK_EVERY", 0.05)
+    broker.handlers["WAIT"] = held(
+        reply(task=make_task(5, state="queued", attempts=1,
+                             run_at="2999-01-01T00:00:00.000000+00:00")),
+        reply(task=make_task(5, state="failed", error="boom")))
+    result = on_terminal(broker, "wait", "5")
+    assert result.code == 1
+    assert "attempt 2 of 3, retry in " in result.stderr
+    assert "task 5 failed: boom" in result.stderr
+
+
+def test_submit_wait_on_a_terminal_shows_the_bar_too(broker, monkeypatch):
+    monkeypatch.setattr(commands, "LOOK_EVERY", 0.05)
+    broker.handlers["SUBMIT"] = submitted(first_id=5)
+    broker.handlers["WAIT"] = held(
+        reply(task=make_task(5, state="running", attempts=1, progress={
+            "fraction": 0.75, "message": None, "at": None})),
+        reply(task=make_task(5, state="succeeded", result=1)))
+    result = on_terminal(broker, "submit", "echo", "--wait")
+    assert (result.code, result.stdout) == (0, "1\n")
+    assert " 75%" in result.stderr
+
+
+def test_waiting_for_several_counts_those_ended(broker):
+    broker.handlers["WAIT"] = waits({1: "succeeded", 2: "succeeded"})
+    result = on_terminal(broker, "wait", "1", "2")
+    assert result.stdout == "10\n20\n"
+    assert "2/2 tasks" in result.stderr
+
+
+def test_without_a_terminal_there_is_no_bar(broker):
+    broker.handlers["WAIT"] = sequence(
+        reply(task=make_task(5, state="running", attempts=1)),
+        reply(task=make_task(5, state="succeeded", result=1)))
+    result = at(broker, "wait", "5")
+    assert (result.code, result.stdout, result.stderr) == (0, "1\n", "")
+    # Held as long as one WAIT may be, not looked at every second.
+    assert broker.requests[0][1]["timeout"] == 30
