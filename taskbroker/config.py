@@ -17,7 +17,7 @@ import socket
 from dataclasses import dataclass, field, fields
 from typing import Optional
 
-from taskbroker.errors import ConfigError
+from taskbroker.errors import ConfigError, one_line
 from taskbroker.failover import endpoint, parse_endpoints
 from taskbroker.protocol.codec import MAX_NAME
 from taskbroker.store import parse_database_url
@@ -132,6 +132,28 @@ def directory_list(paths):
             raise ValueError(f"{path!r} is not a directory")
         result.append(absolute)
     return tuple(result)
+
+
+#: Where the broker's HTTP status site listens unless told otherwise.
+DEFAULT_HTTP = "tcp:8642:interface=127.0.0.1"
+
+
+def http_endpoint(text):
+    """
+    A Twisted server endpoint description, or ``none`` for no site.
+    """
+    if text.strip().lower() == "none":
+        return None
+    from twisted.internet.endpoints import serverFromString
+
+    try:
+        # Parsed only: nothing listens until the endpoint's listen().
+        serverFromString(None, text)
+    except (ValueError, TypeError, KeyError) as e:
+        raise ValueError(
+            f"not a server endpoint description ({one_line(e)}); e.g. "
+            f"{DEFAULT_HTTP}") from None
+    return text
 
 
 def file_path(text):
@@ -340,6 +362,15 @@ class BrokerConfig:
         False, boolean,
         "Refuse to start without --curve-secret-key (without it, a broker "
         "listening beyond loopback only warns).", flag=True)
+    http: Optional[str] = setting(
+        DEFAULT_HTTP, http_endpoint,
+        "Where the HTTP status site listens: a Twisted server endpoint "
+        "description, or none. If the default port is taken (another "
+        "broker on this host), the broker only warns.")
+    http_token_file: Optional[str] = setting(
+        None, file_path,
+        "A file whose first line is the status site's token (default: a "
+        "new random one at each start, shown in the URL the broker logs).")
     database: str = setting(
         "sqlite:///taskbroker.sqlite", database_url,
         "Database URL: sqlite:///relative.db, sqlite:////abs/path.db, or "

@@ -27,14 +27,18 @@ critical line and exits 1 (:meth:`ServiceTree.fail
 <taskbroker.services.ServiceTree.fail>`).
 """
 
+import socket
 import time
 
 from twisted.application.internet import TimerService
+from twisted.internet import defer
 from twisted.logger import Logger
 
 from taskbroker.broker.core import Broker
+from taskbroker.broker.http import StatusSite, is_loopback, load_token
 from taskbroker.broker.keys import reachable_from_afar
 from taskbroker.broker.status import RECOUNT_INTERVAL
+from taskbroker.config import DEFAULT_HTTP
 from taskbroker.errors import ConfigError, StoreLost, one_line
 from taskbroker.protocol.codec import MAX_MESSAGE_SIZE
 from taskbroker.services import ServiceTree, StepService
@@ -75,6 +79,8 @@ class BrokerService(ServiceTree):
         self.store = store
         self.reactor = reactor
         self.socket = None
+        #: The HTTP status site's listening port, or ``None``.
+        self.http_port = None
         # (keypair, peer keys or None), from taskbroker.broker.keys.load.
         self._curve = curve
         self._zap = None
@@ -92,6 +98,7 @@ class BrokerService(ServiceTree):
             StepService("core", self.broker.load, self.broker.claims.stop),
             self._zmq,
             StepService("socket", self._bind, self._close),
+            StepService("http", self._listen_http, self._stop_http),
             StepService("intake", stop=self.broker.stop),
             self._timer("poller", config.poll_interval, self.broker.poll),
             self._timer("sweeper", config.heartbeat, self._sweep),
@@ -160,6 +167,60 @@ class BrokerService(ServiceTree):
         if keypair is not None:
             self._handshakes = HandshakeMonitor(
                 factory, self.socket.zmq_socket, self._handshake_failed)
+
+    def _listen_http(self):
+        """
+        Serve the status site (``--http``).  A failure to listen is fatal,
+        but for the default endpoint: a second broker on one host finds
+        its port taken, and only says so.
+        """
+        from twisted.internet.endpoints import serverFromString
+        from twisted.web.server import Site
+
+        if self.config.http is None:
+            return None
+        token = load_token(self.config.http_token_file)
+        site = StatusSite(self.broker, token, loopback=True, open_reads=False)
+        endpoint = serverFromString(self.reactor, self.config.http)
+
+        def listening(port):
+            self.http_port = port
+            address = port.getHost()
+            host = getattr(address, "host", None)
+            site.loopback = host is None or is_loopback(host)
+            site.open_reads = site.loopback and self._curve is None
+            shown = (socket.getfqdn() if host in ("0.0.0.0", "::")
+                     else host)
+            if host is None:
+                where = f"unix socket {address.name}"
+            else:
+                where = "http://" + (f"[{shown}]" if ":" in shown
+                                     else shown) + f":{address.port}/"
+            if self.config.http_token_file is None:
+                log.info("status site at {url}?token={token}", url=where,
+                         token=token)
+            else:
+                log.info("status site at {url} (its token is in {path})",
+                         url=where, path=self.config.http_token_file)
+
+        def failed(reason):
+            error = one_line(reason.value)
+            if self.config.http != DEFAULT_HTTP:
+                raise OSError(f"cannot serve --http {self.config.http}: "
+                              f"{error}")
+            log.warn("no status site: cannot listen on {endpoint} "
+                     "({error}; another broker on this host?); give --http "
+                     "another endpoint, or none", endpoint=self.config.http,
+                     error=error)
+
+        return defer.maybeDeferred(endpoint.listen, Site(site)).addCallbacks(
+            listening, failed)
+
+    def _stop_http(self):
+        port, self.http_port = self.http_port, None
+        if port is not None:
+            return port.stopListening()
+        return None
 
     def _refusal(self, key):
         """

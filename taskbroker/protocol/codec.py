@@ -339,6 +339,11 @@ _NEW_TASK_FIELDS = {
 
 _REQ = {"req": (_request_id, True)}
 
+#: Checks of one value, for requests that come another way (the HTTP
+#: API): each returns the value or raises ValueError with a reason.
+check_name = _name
+check_task_id = _TASK_ID
+
 #: What a worker may send: command -> {field: (check, required)}.
 WORKER_COMMANDS = {
     b"HELLO": {

@@ -63,6 +63,10 @@ class Cluster:
         :param prefix: a command line to run it under, such as
             ``setpriv`` with its options.
         """
+        if not any(arg.startswith("--http") and arg != "--http-token-file"
+                   for arg in args):
+            # A port of its own: tests run side by side.
+            args = ("--http", "tcp:0:interface=127.0.0.1", *args)
         argv = [*prefix, *_daemons.twistd(
             "taskbroker", "--listen", listen, "--database",
             database or self.database, *args)]

@@ -5,7 +5,7 @@ order and the failure paths with a MemoryStore and a Clock.
 """
 
 from twisted.internet.task import Clock
-from twisted.logger import capturedLogs
+from twisted.logger import capturedLogs, formatEvent
 
 from taskbroker.broker.service import BrokerService, _guarded
 from taskbroker.config import BrokerConfig
@@ -16,8 +16,8 @@ def test_the_socket_binds_after_the_store_and_closes_before_it():
     clock = Clock()
     service = BrokerService(BrokerConfig(), MemoryStore(clock), clock)
     assert [child.name for child in service] == [
-        "store", "core", "zmq", "socket", "intake", "poller", "sweeper",
-        "recounter"]
+        "store", "core", "zmq", "socket", "http", "intake", "poller",
+        "sweeper", "recounter"]
 
 
 def test_a_store_that_cannot_open_stops_the_start_with_one_line():
@@ -135,3 +135,22 @@ def test_a_broker_beyond_loopback_without_curve_warns():
                               e.get("log_format", "")]
     assert len(warnings["tcp://0.0.0.0:5555"]) == 1
     assert warnings["tcp://127.0.0.1:5555"] == []
+
+
+def test_a_status_site_that_cannot_listen_on_the_default_only_warns():
+    # (A Clock cannot listen: as a port another broker holds.)
+    clock = Clock()
+    service = BrokerService(BrokerConfig(), MemoryStore(clock), clock)
+    with capturedLogs() as events:
+        assert result_of(service._listen_http()) is None
+    assert service.http_port is None
+    assert any("no status site: cannot listen on "
+               "tcp:8642:interface=127.0.0.1" in formatEvent(e)
+               for e in events)
+    # Any other endpoint the broker was told to serve stops it.
+    service = BrokerService(BrokerConfig(http="tcp:8643"),
+                            MemoryStore(clock), clock)
+    failures = []
+    service._listen_http().addErrback(failures.append)
+    [failure] = failures
+    assert "cannot serve --http tcp:8643: " in str(failure.value)

@@ -1,0 +1,233 @@
+# -*- test-case-name: tests.integration.test_http -*-
+"""
+The broker's HTTP status site (``--http``): a JSON API to read the queues,
+the workers and the tasks.
+
+Every request's ``Host`` and ``Origin`` are checked first: on a loopback
+address the site answers only to a loopback host name (a page on another
+site that a browser was made to resolve to 127.0.0.1 gets nothing), and a
+request from a page of another origin gets nothing either.  Reading needs
+the site's token (``Authorization: Bearer TOKEN`` or ``?token=``) when
+the site listens beyond loopback or the broker uses CURVE.
+"""
+
+import hmac
+import ipaddress
+import json
+import secrets
+from urllib.parse import urlsplit
+
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.web import resource, server
+
+from taskbroker.errors import ConfigError, one_line
+from taskbroker.protocol import codec
+from taskbroker.protocol.objects import task_object
+from taskbroker.store import STATES
+
+#: The most tasks one page of /api/tasks holds.
+MOST_PER_PAGE = 500
+
+#: Host names a site on a loopback address answers to.
+LOOPBACK_NAMES = frozenset(("localhost", "127.0.0.1", "::1"))
+
+
+class HTTPError(Exception):
+    """
+    A request answered with an error: its status code and one line.
+    """
+
+    def __init__(self, status, message):
+        Exception.__init__(self, message)
+        self.status = status
+        self.message = message
+
+
+def load_token(path):
+    """
+    The site's token: the first line of ``path``, or, without one, a new
+    random one.
+
+    :raises ConfigError: if the file cannot be read or holds too short a
+        token.
+    """
+    if path is None:
+        return secrets.token_urlsafe(24)
+    try:
+        with open(path, encoding="utf-8") as f:
+            token = f.readline().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"--http-token-file: cannot read {path}: "
+                          f"{one_line(e)}") from None
+    if len(token) < 16:
+        raise ConfigError(f"--http-token-file: {path} must hold a token of "
+                          "at least 16 characters on its first line")
+    return token
+
+
+def is_loopback(host):
+    """
+    Whether an interface address (as an endpoint's ``interface=`` gives
+    it) is a loopback one.
+    """
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+class StatusSite(resource.Resource):
+    """
+    The site's root: checks each request, then routes ``/api/...``.
+
+    :param broker: the :class:`taskbroker.broker.core.Broker`.
+    :param token: the site's token.
+    :param loopback: whether the site listens on loopback only.
+    :param open_reads: whether reading needs no token.
+    """
+
+    isLeaf = True
+    log = Logger()
+
+    def __init__(self, broker, token, loopback, open_reads):
+        resource.Resource.__init__(self)
+        self._broker = broker
+        self._token = token
+        self.loopback = loopback
+        self.open_reads = open_reads
+
+    def render(self, request):
+        gone = []
+        request.notifyFinish().addErrback(gone.append)
+        d = defer.maybeDeferred(self._answer, request)
+        d.addCallback(self._send, request, 200, gone)
+        d.addErrback(self._failed, request, gone)
+        return server.NOT_DONE_YET
+
+    def _answer(self, request):
+        self._check_origin(request)
+        if not self.open_reads:
+            self._check_token(request)
+        path = request.path.decode("utf-8", "replace").rstrip("/")
+        parts = path.split("/")[1:]
+        if request.method != b"GET":
+            raise HTTPError(405, "only GET is served")
+        if parts == ["api", "stats"]:
+            status = self._broker.status
+            return status.counted().addCallback(
+                lambda _: {"stats": status.stats()})
+        if parts == ["api", "workers"]:
+            return {"workers": self._broker.status.workers()}
+        if parts == ["api", "tasks"]:
+            return self._tasks(request)
+        if len(parts) == 3 and parts[:2] == ["api", "tasks"]:
+            return self._task(parts[2])
+        raise HTTPError(404, f"no such page: {path or '/'}")
+
+    def _check_origin(self, request):
+        host = request.getHeader("host") or ""
+        name = urlsplit("//" + host).hostname or ""
+        if self.loopback and name not in LOOPBACK_NAMES:
+            raise HTTPError(403, "this site answers to localhost only")
+        origin = request.getHeader("origin")
+        if origin is not None and urlsplit(origin).netloc != host:
+            raise HTTPError(403, "requests from other sites are refused")
+
+    def _check_token(self, request):
+        given = None
+        header = request.getHeader("authorization") or ""
+        if header.startswith("Bearer "):
+            given = header[len("Bearer "):].strip()
+        else:
+            given = _arg(request, "token")
+        if given is None or not hmac.compare_digest(
+                given.encode("utf-8"), self._token.encode("utf-8")):
+            raise HTTPError(401, "a token is needed (Authorization: Bearer "
+                            "TOKEN, or ?token=TOKEN; the broker's log "
+                            "shows the site's URL with it)")
+
+    def _tasks(self, request):
+        state = _arg(request, "state")
+        if state is not None and state not in STATES:
+            raise HTTPError(400, "state must be one of " + ", ".join(STATES))
+        filters = {}
+        for name in ("priority", "handler"):
+            value = _arg(request, name)
+            if value is not None:
+                try:
+                    filters[name] = codec.check_name(value)
+                except ValueError as e:
+                    raise HTTPError(400, f"{name} {e}") from None
+        limit = _number(request, "limit", 100, 1, MOST_PER_PAGE)
+        cursor = _number(request, "cursor", None, 1, codec.MAX_EXACT)
+        d = self._broker.store.list(
+            state, filters.get("handler"), 0, limit + 1,
+            codec.MAX_LIST_BYTES, priority=filters.get("priority"),
+            before_id=cursor, newest_first=True)
+
+        def page(rows):
+            more = len(rows) > limit
+            rows = rows[:limit]
+            return {"tasks": [task_object(row) for row in rows],
+                    "next": rows[-1].id if more and rows else None}
+
+        return d.addCallback(page)
+
+    def _task(self, text):
+        try:
+            task_id = int(text)
+            codec.check_task_id(task_id)
+        except ValueError:
+            raise HTTPError(400, f"{text!r} is not a task id") from None
+
+        def found(row):
+            if row is None:
+                raise HTTPError(404, f"no task with id {task_id}")
+            return {"task": task_object(row)}
+
+        return self._broker.store.get(task_id).addCallback(found)
+
+    def _send(self, body, request, status, gone):
+        if gone or request.finished:
+            return  # the client went away
+        data = json.dumps(body, separators=(",", ":")).encode("utf-8")
+        request.setResponseCode(status)
+        request.setHeader(b"content-type", b"application/json")
+        request.setHeader(b"cache-control", b"no-store")
+        request.setHeader(b"x-content-type-options", b"nosniff")
+        request.write(data)
+        request.finish()
+
+    def _failed(self, reason, request, gone):
+        if reason.check(HTTPError):
+            error = reason.value
+            self._send({"error": error.message}, request, error.status, gone)
+            return
+        self._broker.trouble(reason, "answering an HTTP request")
+        self._send({"error": "internal error; see the broker's log"},
+                   request, 500, gone)
+
+
+def _arg(request, name):
+    values = request.args.get(name.encode("ascii"))
+    if not values:
+        return None
+    try:
+        return values[0].decode("utf-8")
+    except UnicodeDecodeError:
+        raise HTTPError(400, f"{name} is not UTF-8 text") from None
+
+
+def _number(request, name, default, low, high):
+    text = _arg(request, name)
+    if text is None:
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or not low <= value <= high:
+        raise HTTPError(400, f"{name} must be a whole number from {low} to "
+                        f"{high}")
+    return value

@@ -1,0 +1,139 @@
+"""
+The broker's HTTP status site, against a real broker over HTTP: its JSON
+API, and what it refuses (other host names, other origins, no token).
+"""
+
+import json
+import re
+import urllib.error
+import urllib.request
+
+import pytest
+
+from taskbroker import curve
+
+
+def site(broker):
+    """
+    The site's base URL and token, from the line the broker logs.
+    """
+    match = broker.wait_for(r"status site at (http://\S+/)\?token=(\S+)")
+    return match.group(1), match.group(2)
+
+
+def get(url, headers=None):
+    """
+    :returns: ``(status, JSON body)``.
+    """
+    request = urllib.request.Request(url, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_the_api_shows_the_queues_the_workers_and_the_tasks(cluster):
+    broker = cluster.start_broker()
+    cluster.start_worker(name="w1")
+    base, _ = site(broker)
+    for handler, priority in (("echo", "high"), ("nobody", "low"),
+                              ("nobody", "high")):
+        run = cluster.cli("submit", handler, "--priority", priority)
+        assert run.returncode == 0, run.stderr
+    done = cluster.cli("wait", "1")
+    assert done.returncode == 0
+
+    status, body = get(base + "api/stats")
+    assert status == 200
+    cli_stats = json.loads(cluster.cli("stats", "--json").stdout)
+    assert body["stats"]["tasks"] == cli_stats["tasks"]
+    assert body["stats"]["workers"] == 1
+
+    status, body = get(base + "api/workers")
+    assert [w["name"] for w in body["workers"]] == ["w1"]
+
+    # Newest first, as `taskbroker list --json` shows them.
+    status, body = get(base + "api/tasks")
+    listed = json.loads(cluster.cli("list", "--json").stdout)
+    assert body == {"tasks": listed, "next": None}
+    assert [t["id"] for t in body["tasks"]] == [3, 2, 1]
+    status, body = get(base + "api/tasks?priority=high&limit=1")
+    assert ([t["id"] for t in body["tasks"]], body["next"]) == ([3], 3)
+    status, body = get(base + "api/tasks?priority=high&cursor=3")
+    assert [t["id"] for t in body["tasks"]] == [1]
+    status, body = get(base + "api/tasks?state=succeeded")
+    assert [t["id"] for t in body["tasks"]] == [1]
+    status, body = get(base + "api/tasks/1")
+    assert status == 200 and body["task"] == json.loads(
+        cluster.cli("status", "1", "--json").stdout)
+
+
+@pytest.mark.parametrize("path, status, says", [
+    ("api/tasks/99", 404, "no task with id 99"),
+    ("api/tasks/x", 400, "is not a task id"),
+    ("api/tasks?state=sleeping", 400, "state must be one of"),
+    ("api/tasks?limit=0", 400, "limit must be a whole number"),
+    ("api/nothing", 404, "no such page"),
+])
+def test_bad_requests_get_a_json_error(cluster, path, status, says):
+    base, _ = site(cluster.start_broker())
+    got, body = get(base + path)
+    assert got == status and says in body["error"]
+
+
+def test_other_hosts_and_origins_are_refused(cluster):
+    broker = cluster.start_broker()
+    base, token = site(broker)
+    port = re.search(r":(\d+)/$", base).group(1)
+    # A name an attacker's DNS pointed at 127.0.0.1 (DNS rebinding).
+    status, body = get(base + "api/stats",
+                       {"Host": f"evil.example:{port}"})
+    assert status == 403 and "localhost only" in body["error"]
+    # A page of another site, through the user's browser.
+    status, body = get(base + "api/stats",
+                       {"Origin": "http://evil.example"})
+    assert status == 403 and "other sites" in body["error"]
+    # Its own origin is fine.
+    status, _ = get(base + "api/stats",
+                    {"Origin": f"http://127.0.0.1:{port}"})
+    assert status == 200
+
+
+def test_with_curve_reading_needs_the_token(cluster, tmp_path):
+    keys = tmp_path / "keys"
+    curve.keygen(str(keys), "broker")
+    token_file = tmp_path / "token"
+    token_file.write_text("a-token-of-the-operators-own\n")
+    broker = cluster.start_broker(
+        "--curve-secret-key", str(keys / "broker.key_secret"),
+        "--allow-any-key", "--http-token-file", str(token_file))
+    match = broker.wait_for(r"status site at (http://\S+/) \(its token is "
+                            "in ")
+    base = match.group(1)
+    assert "a-token-of-the-operators-own" not in broker.output()
+    status, body = get(base + "api/stats")
+    assert status == 401 and "a token is needed" in body["error"]
+    status, _ = get(base + "api/stats",
+                    {"Authorization": "Bearer wrong-token-wrong-token"})
+    assert status == 401
+    status, _ = get(base + "api/stats", {
+        "Authorization": "Bearer a-token-of-the-operators-own"})
+    assert status == 200
+    status, _ = get(base + "api/stats?token=a-token-of-the-operators-own")
+    assert status == 200
+
+
+def test_an_http_endpoint_that_is_taken_stops_the_broker(cluster):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        # (The default one only warns, for a second broker on a host:
+        # tests/unit/test_broker_service.py.)
+        broker = cluster.start_broker(
+            "--http", f"tcp:{port}:interface=127.0.0.1", wait=False)
+        assert broker.wait_exit() != 0
+        assert "cannot serve --http tcp:" in broker.output()
