@@ -1,14 +1,15 @@
 # -*- test-case-name: tests.integration.test_http -*-
 """
 The broker's HTTP status site (``--http``): a JSON API to read the queues,
-the workers and the tasks.
+the workers and the tasks, and to submit, cancel and retry tasks.
 
 Every request's ``Host`` and ``Origin`` are checked first: on a loopback
 address the site answers only to a loopback host name (a page on another
 site that a browser was made to resolve to 127.0.0.1 gets nothing), and a
 request from a page of another origin gets nothing either.  Reading needs
 the site's token (``Authorization: Bearer TOKEN`` or ``?token=``) when
-the site listens beyond loopback or the broker uses CURVE.
+the site listens beyond loopback or the broker uses CURVE; acting always
+needs it, in the ``Authorization`` header.
 """
 
 import hmac
@@ -21,10 +22,25 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.web import resource, server
 
-from taskbroker.errors import ConfigError, one_line
+from taskbroker.broker.requests import Refused
+from taskbroker.errors import ConfigError, StoreError, WriteRefused, one_line
 from taskbroker.protocol import codec
 from taskbroker.protocol.objects import task_object
 from taskbroker.store import STATES
+
+#: The HTTP status of each ERROR code the broker answers requests with.
+STATUS_OF_CODE = {
+    "not_found": 404,
+    "bad_request": 400,
+    "unknown_priority": 400,
+    "too_large": 413,
+    "not_cancellable": 409,
+    "not_retryable": 409,
+    "refused": 422,
+    "forbidden": 403,
+    "busy": 503,
+    "unavailable": 503,
+}
 
 #: The most tasks one page of /api/tasks holds.
 MOST_PER_PAGE = 500
@@ -107,12 +123,17 @@ class StatusSite(resource.Resource):
 
     def _answer(self, request):
         self._check_origin(request)
-        if not self.open_reads:
-            self._check_token(request)
         path = request.path.decode("utf-8", "replace").rstrip("/")
         parts = path.split("/")[1:]
+        if request.method == b"POST":
+            # Acting always needs the token, and only in its header: a
+            # link or a form cannot carry one.
+            self._check_token(request, in_query=False)
+            return self._act(request, parts, path)
         if request.method != b"GET":
-            raise HTTPError(405, "only GET is served")
+            raise HTTPError(405, "only GET and POST are served")
+        if not self.open_reads:
+            self._check_token(request)
         if parts == ["api", "stats"]:
             status = self._broker.status
             return status.counted().addCallback(
@@ -134,12 +155,52 @@ class StatusSite(resource.Resource):
         if origin is not None and urlsplit(origin).netloc != host:
             raise HTTPError(403, "requests from other sites are refused")
 
-    def _check_token(self, request):
+    def _act(self, request, parts, path):
+        requests = self._broker.requests
+        if parts == ["api", "tasks"]:
+            body = self._submission(request)
+            answered = []
+            d = requests.submit(body, None, answered.append)
+            return d.addCallback(lambda _: answered[0])
+        if (len(parts) == 4 and parts[:2] == ["api", "tasks"]
+                and parts[3] in ("cancel", "retry")):
+            task_id = _task_id(parts[2])
+            act = requests.cancel if parts[3] == "cancel" else requests.retry
+            return act(task_id, None)
+        raise HTTPError(404, f"no such action: {path}")
+
+    @staticmethod
+    def _submission(request):
+        """
+        The body of a POST /api/tasks, checked as a SUBMIT is.
+        """
+        data = request.content.read(codec.MAX_MESSAGE_SIZE + 1)
+        if len(data) > codec.MAX_MESSAGE_SIZE:
+            raise HTTPError(413, "the request exceeds the limit of "
+                            f"{codec.MAX_MESSAGE_SIZE} bytes")
+        try:
+            body = codec.loads(data.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as e:
+            raise HTTPError(400, f"the body is not JSON: {one_line(e)}") \
+                from None
+        if not isinstance(body, dict):
+            raise HTTPError(400, 'the body must be an object: {"tasks": '
+                            '[{"handler": ..., "payload": ...}]}')
+        try:
+            _, checked = codec.decode(
+                codec.encode(b"SUBMIT", dict(body, req="http")),
+                codec.CLIENT_COMMANDS)
+        except codec.ProtocolError as e:
+            raise HTTPError(STATUS_OF_CODE.get(e.code, 400),
+                            e.message) from None
+        return checked
+
+    def _check_token(self, request, in_query=True):
         given = None
         header = request.getHeader("authorization") or ""
         if header.startswith("Bearer "):
             given = header[len("Bearer "):].strip()
-        else:
+        elif in_query:
             given = _arg(request, "token")
         if given is None or not hmac.compare_digest(
                 given.encode("utf-8"), self._token.encode("utf-8")):
@@ -175,11 +236,7 @@ class StatusSite(resource.Resource):
         return d.addCallback(page)
 
     def _task(self, text):
-        try:
-            task_id = int(text)
-            codec.check_task_id(task_id)
-        except ValueError:
-            raise HTTPError(400, f"{text!r} is not a task id") from None
+        task_id = _task_id(text)
 
         def found(row):
             if row is None:
@@ -204,9 +261,31 @@ class StatusSite(resource.Resource):
             error = reason.value
             self._send({"error": error.message}, request, error.status, gone)
             return
+        if reason.check(Refused):
+            refused = reason.value
+            self._send({"error": refused.message, "code": refused.code},
+                       request, STATUS_OF_CODE.get(refused.code, 400), gone)
+            return
         self._broker.trouble(reason, "answering an HTTP request")
+        if reason.check(WriteRefused):
+            self._send({"error": "the database refused it: "
+                        f"{one_line(reason.value)}", "code": "refused"},
+                       request, 422, gone)
+            return
+        if reason.check(StoreError):
+            self._send({"error": "the database cannot be used right now; "
+                        "try again", "code": "unavailable"}, request, 503,
+                       gone)
+            return
         self._send({"error": "internal error; see the broker's log"},
                    request, 500, gone)
+
+
+def _task_id(text):
+    try:
+        return codec.check_task_id(int(text))
+    except ValueError:
+        raise HTTPError(400, f"{text!r} is not a task id") from None
 
 
 def _arg(request, name):

@@ -33,9 +33,10 @@ from taskbroker.wording import nearest
 DEFAULT_WAIT = 30.0
 
 
-class _Refused(Exception):
+class Refused(Exception):
     """
-    A request the broker refuses: answered ``ERROR code``.
+    A request the broker refuses: answered ``ERROR code`` (over HTTP, by
+    the status the code maps to).
     """
 
     def __init__(self, code, message):
@@ -75,7 +76,7 @@ class Requests:
         errors, ``internal`` (logged with its traceback) for anything
         else.
         """
-        if reason.check(_Refused):
+        if reason.check(Refused):
             self.error(identity, req, reason.value.code, reason.value.message)
             return
         self._broker.trouble(reason, doing)
@@ -109,13 +110,13 @@ class Requests:
 
     @staticmethod
     def _not_found(task_id):
-        return _Refused("not_found", f"no task with id {task_id}")
+        return Refused("not_found", f"no task with id {task_id}")
 
     def _found(self, row, task_id, scope):
         """
         ``row`` (a task read for a client) if the client may see it.
 
-        :raises _Refused: ``not_found`` if it does not exist, or belongs
+        :raises Refused: ``not_found`` if it does not exist, or belongs
             to another key: a client learns nothing of others' tasks.
         """
         if row is None or (scope is not None and row.submitter != scope):
@@ -135,14 +136,27 @@ class Requests:
     # -- submit ------------------------------------------------------------
 
     def on_SUBMIT(self, identity, body, key=None):
-        broker = self._broker
         req = body["req"]
+        d = self.submit(body, key,
+                        lambda answer: self.reply(identity, req, answer))
+        return self._answered(d, "submitting tasks", identity, req)
+
+    def submit(self, body, key, answer):
+        """
+        Carry out a SUBMIT (its body as the codec checked it) for a client
+        with ``key``.
+
+        :param answer: called with the reply's body once the tasks are
+            committed, before they are handed out.
+        :returns: a ``Deferred`` that fires when done, or fails with
+            :class:`Refused` or the store's error.
+        """
+        broker = self._broker
         scope = self._scope(key)
         try:
             new = self._new_tasks(body, key)
-        except _Refused as refused:
-            self.error(identity, req, refused.code, refused.message)
-            return
+        except Refused as refused:
+            return defer.fail(refused)
         claims = self._claim_workers(new)
         d = broker.store.submit(new)
 
@@ -172,7 +186,7 @@ class Requests:
             replayed = request_id is not None and all(
                 not created and row.request_id == request_id
                 for row, created in results)
-            self.reply(identity, req, {
+            answer({
                 # Another key's task (one that holds a unique key asked
                 # for) is shown by its id alone.
                 "tasks": [task_object(row) if created or scope is None
@@ -196,8 +210,7 @@ class Requests:
                 broker.give_back(session)
             return reason
 
-        d.addCallbacks(committed, not_committed)
-        return self._answered(d, "submitting tasks", identity, req)
+        return d.addCallbacks(committed, not_committed)
 
     def _suggestions(self, unserved):
         """
@@ -217,7 +230,7 @@ class Requests:
         by ``key``.
 
         :returns: a ``list`` of :class:`taskbroker.store.NewTask`.
-        :raises _Refused: for a task the broker cannot take.
+        :raises Refused: for a task the broker cannot take.
         """
         broker = self._broker
         now = broker.clock.seconds()
@@ -226,12 +239,12 @@ class Requests:
         for spec in body["tasks"]:
             priority = spec.get("priority") or broker.config.default_priority
             if priority not in broker.levels:
-                raise _Refused(
+                raise Refused(
                     "unknown_priority", f"unknown priority level {priority!r} "
                     "(levels: " + ",".join(broker.levels) + ")")
             payload = dumps(spec["payload"])
             if len(payload.encode("utf-8")) > codec.MAX_PAYLOAD_SIZE:
-                raise _Refused("too_large", "payload exceeds the limit of "
+                raise Refused("too_large", "payload exceeds the limit of "
                                f"{codec.MAX_PAYLOAD_SIZE} bytes")
             delay = spec.get("delay")
             new.append(NewTask(
@@ -393,32 +406,39 @@ class Requests:
     # -- changing tasks ----------------------------------------------------
 
     def on_CANCEL(self, identity, body, key=None):
-        req, task_id = body["req"], body["id"]
-        scope = self._scope(key)
-        if scope is None:
-            return self._cancel(identity, req, task_id)
-        d = self._read(task_id, scope)
-        d.addCallback(lambda _: self._cancel(identity, req, task_id))
+        req = body["req"]
+        d = self.cancel(body["id"], key)
+        d.addCallback(lambda answer: self.reply(identity, req, answer))
         return self._answered(d, "cancelling a task", identity, req)
 
-    def _cancel(self, identity, req, task_id):
+    def cancel(self, task_id, key):
+        """
+        Cancel a task for a client with ``key``.
+
+        :returns: a ``Deferred`` firing with the reply's body, or failing
+            with :class:`Refused` or the store's error.
+        """
+        scope = self._scope(key)
+        if scope is None:
+            return self._cancel(task_id)
+        return self._read(task_id, scope).addCallback(
+            lambda _: self._cancel(task_id))
+
+    def _cancel(self, task_id):
         broker = self._broker
         waiting = broker.backlog.withdraw(task_id)
         d = broker.store.cancel(task_id, broker.clock.seconds())
 
         def cancelled(row):
             if row is None:
-                self.error(identity, req, "not_found",
-                           f"no task with id {task_id}")
-                return
+                raise self._not_found(task_id)
             if row.state != "cancelled":
                 if waiting is not None and row.state == "queued":
                     broker.backlog.enqueue(waiting)
-                self.error(
-                    identity, req, "not_cancellable",
+                raise Refused(
+                    "not_cancellable",
                     f"task {task_id} is {row.state}; only queued and running "
                     "tasks can be cancelled")
-                return
             attempt = broker.attempts.end(task_id)
             counts = broker.status.tasks
             counts.move(row.priority, row.handler,
@@ -435,53 +455,53 @@ class Requests:
                 broker.workers.cancel(holder.identity, task_id, attempt.token)
             self.log.info("task {task_id} cancelled", task_id=task_id)
             broker.outcomes.notify(task_id)
-            self.reply(identity, req, {"task": task_object(row)})
+            return {"task": task_object(row)}
 
         def not_cancelled(reason):
             if waiting is not None:
                 broker.backlog.enqueue(waiting, front=True)
             return reason
 
-        d.addCallbacks(cancelled, not_cancelled)
-        return self._answered(d, "cancelling a task", identity, req)
+        return d.addCallbacks(cancelled, not_cancelled)
 
     def on_RETRY(self, identity, body, key=None):
         req = body["req"]
-        return self._answered(
-            self._retry(identity, req, body["id"], self._scope(key)),
-            "retrying a task", identity, req)
+        d = self.retry(body["id"], key)
+        d.addCallback(lambda answer: self.reply(identity, req, answer))
+        return self._answered(d, "retrying a task", identity, req)
 
     @defer.inlineCallbacks
-    def _retry(self, identity, req, task_id, scope):
+    def retry(self, task_id, key):
+        """
+        Queue a failed or cancelled task again, for a client with ``key``.
+
+        :returns: a ``Deferred`` firing with the reply's body, or failing
+            with :class:`Refused` or the store's error.
+        """
         broker = self._broker
-        row = yield self._read(task_id, scope)
+        row = yield self._read(task_id, self._scope(key))
         if row.state in ("queued", "running"):
             # Already going to run (a resent RETRY, say): nothing to do.
-            self.reply(identity, req, {"task": task_object(row)})
-            return
+            return {"task": task_object(row)}
         if row.state not in ("failed", "cancelled"):
-            self.error(
-                identity, req, "not_retryable",
-                f"task {task_id} is {row.state}; only failed and "
-                "cancelled tasks can be retried")
-            return
+            raise Refused(
+                "not_retryable", f"task {task_id} is {row.state}; only "
+                "failed and cancelled tasks can be retried")
         previous = row.state
         row = yield broker.store.retry(task_id)
         if row.state != "queued":
-            self.error(
-                identity, req, "not_retryable",
+            raise Refused(
+                "not_retryable",
                 f"task {task_id} cannot be retried: another live task "
                 f"holds its unique key {row.unique_key!r}")
-            return
         broker.status.tasks.move(row.priority, row.handler, previous, "queued")
         reason = invalid_row(row, broker.levels)
         if reason is not None:
             yield broker.store.reject(task_id, reason, broker.clock.seconds())
             broker.status.tasks.move(row.priority, row.handler, "queued",
                                      "failed")
-            self.error(identity, req, "not_retryable",
-                       f"task {task_id} cannot run: {reason}")
-            return
+            raise Refused("not_retryable",
+                          f"task {task_id} cannot run: {reason}")
         broker.claims.inserted((task_id,))
         # Queued again in the store: an attempt or a held copy this broker
         # still has (ended behind its back, by another broker) is stale.
@@ -491,7 +511,7 @@ class Requests:
         broker.backlog.withdraw(task_id)
         broker.backlog.enqueue(broker.backlog.with_defaults(row))
         self.log.info("task {task_id} retried", task_id=task_id)
-        self.reply(identity, req, {"task": task_object(row)})
+        return {"task": task_object(row)}
 
     # -- the fleet ---------------------------------------------------------
 

@@ -137,3 +137,75 @@ def test_an_http_endpoint_that_is_taken_stops_the_broker(cluster):
             "--http", f"tcp:{port}:interface=127.0.0.1", wait=False)
         assert broker.wait_exit() != 0
         assert "cannot serve --http tcp:" in broker.output()
+
+
+def post(url, body=None, token=None, headers=None):
+    """
+    :returns: ``(status, JSON body)``.
+    """
+    data = None if body is None else json.dumps(body).encode("utf-8")
+    request = urllib.request.Request(url, data=data or b"", method="POST",
+                                     headers=dict(headers or {}))
+    request.add_header("Content-Type", "application/json")
+    if token is not None:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_the_api_submits_cancels_and_retries_with_the_token(cluster):
+    broker = cluster.start_broker()
+    base, token = site(broker)
+    # Nothing is done without the token, in its header.
+    status, body = post(base + "api/tasks",
+                        {"tasks": [{"handler": "echo"}]})
+    assert status == 401
+    status, _ = post(base + f"api/tasks?token={token}",
+                     {"tasks": [{"handler": "echo"}]})
+    assert status == 401
+    assert json.loads(cluster.cli("list", "--json").stdout) == []
+
+    status, body = post(base + "api/tasks", {"tasks": [
+        {"handler": "echo", "payload": {"n": 1}, "priority": "high"},
+        {"handler": "ecoh"}]}, token)
+    assert status == 200, body
+    assert [t["id"] for t in body["tasks"]] == [1, 2]
+    assert body["unserved"] == ["echo", "ecoh"]
+    assert json.loads(cluster.cli("status", "1", "--json").stdout)[
+        "payload"] == {"n": 1}
+
+    status, body = post(base + "api/tasks/2/cancel", token=token)
+    assert (status, body["task"]["state"]) == (200, "cancelled")
+    status, body = post(base + "api/tasks/1/retry", token=token)
+    assert (status, body["task"]["state"]) == (200, "queued")  # as it was
+    status, body = post(base + "api/tasks/2/retry", token=token)
+    assert (status, body["task"]["state"]) == (200, "queued")
+    cluster.start_worker(name="w1")
+    assert cluster.cli("wait", "1").returncode == 0
+    # No worker has 'ecoh': it waits, queued.
+    assert json.loads(cluster.cli("status", "2", "--json").stdout)[
+        "state"] == "queued"
+
+    # The protocol's refusals, with their codes.
+    status, body = post(base + "api/tasks/99/cancel", token=token)
+    assert (status, body["code"]) == (404, "not_found")
+    status, body = post(base + "api/tasks/1/cancel", token=token)
+    assert (status, body["code"]) == (409, "not_cancellable")
+    status, body = post(base + "api/tasks", {"tasks": [
+        {"handler": "echo", "priority": "urgent"}]}, token)
+    assert (status, body["code"]) == (400, "unknown_priority")
+    status, body = post(base + "api/tasks", {"tasks": []}, token)
+    assert status == 400 and "tasks" in body["error"]
+    status, body = post(base + "api/tasks", ["not", "an", "object"], token)
+    assert status == 400
+
+
+def test_a_page_of_another_site_cannot_act(cluster):
+    base, token = site(cluster.start_broker())
+    status, _ = post(base + "api/tasks", {"tasks": [{"handler": "echo"}]},
+                     token, {"Origin": "http://evil.example"})
+    assert status == 403
+    assert json.loads(cluster.cli("list", "--json").stdout) == []
