@@ -43,6 +43,7 @@ from taskbroker.broker.attempts import Attempt, Attempts
 from taskbroker.broker.backlog import Backlog
 from taskbroker.broker.dispatch import Dispatcher
 from taskbroker.broker.feeder import Feeder
+from taskbroker.broker.metrics import Metrics
 from taskbroker.broker.outcomes import Outcomes, RetryPolicy
 from taskbroker.broker.progress import ProgressRecords
 from taskbroker.broker.requests import Requests
@@ -115,6 +116,7 @@ class Broker:
                                                    rng or random.Random()))
         self.backlog = Backlog(self)
         self.progress = ProgressRecords(self)
+        self.metrics = Metrics(self)
         self.dispatch_log = TaskLog(
             self.log, clock, "dispatched",
             lambda t: f"task {t['id']} dispatched to {t['worker']}: "
@@ -403,11 +405,12 @@ class Broker:
         if session is not None:
             session.sent_at[row.id] = self.monotonic()
         max_attempts = row.max_attempts or self.config.max_attempts
+        waited = row.started_at - row.created_at
         self.dispatch_log.add(
             id=row.id, handler=row.handler, priority=row.priority,
             worker=row.worker, attempt=row.attempts + 1,
-            max_attempts=max_attempts, token=token,
-            waited=row.started_at - row.created_at)
+            max_attempts=max_attempts, token=token, waited=waited)
+        self.metrics.dispatched(row.priority, row.handler, waited)
         body = (
             '{"id":%d,"handler":%s,"payload":%s,"priority":%s,'
             '"attempt":%d,"max_attempts":%d,"token":%d,"time_limit":%s}' % (

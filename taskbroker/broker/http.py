@@ -18,6 +18,7 @@ import json
 import secrets
 from urllib.parse import urlsplit
 
+from prometheus_client import CONTENT_TYPE_LATEST
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.web import resource, server
@@ -134,6 +135,8 @@ class StatusSite(resource.Resource):
             raise HTTPError(405, "only GET and POST are served")
         if not self.open_reads:
             self._check_token(request)
+        if parts == ["metrics"]:
+            return _Text(self._broker.metrics.render())
         if parts == ["api", "stats"]:
             status = self._broker.status
             return status.counted().addCallback(
@@ -248,9 +251,13 @@ class StatusSite(resource.Resource):
     def _send(self, body, request, status, gone):
         if gone or request.finished:
             return  # the client went away
-        data = json.dumps(body, separators=(",", ":")).encode("utf-8")
+        if isinstance(body, _Text):
+            data, kind = body.data, CONTENT_TYPE_LATEST.encode("ascii")
+        else:
+            data = json.dumps(body, separators=(",", ":")).encode("utf-8")
+            kind = b"application/json"
         request.setResponseCode(status)
-        request.setHeader(b"content-type", b"application/json")
+        request.setHeader(b"content-type", kind)
         request.setHeader(b"cache-control", b"no-store")
         request.setHeader(b"x-content-type-options", b"nosniff")
         request.write(data)
@@ -279,6 +286,15 @@ class StatusSite(resource.Resource):
             return
         self._send({"error": "internal error; see the broker's log"},
                    request, 500, gone)
+
+
+class _Text:
+    """
+    An answer in Prometheus's text format rather than JSON.
+    """
+
+    def __init__(self, data):
+        self.data = data
 
 
 def _task_id(text):

@@ -260,12 +260,15 @@ class Outcomes:
             broker.status.tasks.move(row.priority, row.handler, "running",
                                      state)
             started = row.started_at
+            ran = (broker.clock.seconds() - started
+                   if isinstance(started, (int, float)) else None)
             self.end_log.add(
                 id=row.id, handler=row.handler, priority=row.priority,
                 worker=row.worker, attempt=row.attempts + 1, outcome=state,
-                ran=(broker.clock.seconds() - started
-                     if isinstance(started, (int, float)) else None),
-                error=cut(error))
+                ran=ran, error=cut(error))
+            broker.metrics.ended(
+                row.priority or broker.config.default_priority, row.handler,
+                state, ran)
             self.notify(row.id, final)
         return changed
 

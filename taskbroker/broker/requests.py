@@ -454,6 +454,9 @@ class Requests:
                     broker.dispatcher.task_done(holder.identity)
                 broker.workers.cancel(holder.identity, task_id, attempt.token)
             self.log.info("task {task_id} cancelled", task_id=task_id)
+            broker.metrics.ended(
+                row.priority or broker.config.default_priority, row.handler,
+                "cancelled")
             broker.outcomes.notify(task_id)
             return {"task": task_object(row)}
 

@@ -83,6 +83,13 @@ class TaskCounts:
         if new is not None:
             self._counts[(new, level, handler)] += n
 
+    def items(self):
+        """
+        ``((state, level, handler), count)`` pairs (state may be
+        :data:`DELAYED`).
+        """
+        return self._counts.items()
+
     def summary(self):
         """
         :returns: ``(tasks, waiting, delayed)``: ``{state: {level: n}}``,

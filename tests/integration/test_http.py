@@ -209,3 +209,77 @@ def test_a_page_of_another_site_cannot_act(cluster):
                      token, {"Origin": "http://evil.example"})
     assert status == 403
     assert json.loads(cluster.cli("list", "--json").stdout) == []
+
+
+def scrape(url, headers=None):
+    """
+    :returns: ``{(name, labels as a sorted tuple): value}`` of a scrape,
+        read with the Prometheus client's own parser.
+    """
+    from prometheus_client.parser import text_string_to_metric_families
+
+    request = urllib.request.Request(url, headers=headers or {})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        assert response.headers["Content-Type"].startswith("text/plain")
+        text = response.read().decode("utf-8")
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples}
+
+
+def test_the_metrics_agree_with_stats(cluster):
+    broker = cluster.start_broker()
+    cluster.start_worker(name="w1")
+    base, _ = site(broker)
+    for handler, priority in (("echo", "high"), ("echo", "normal"),
+                              ("fail", "normal"), ("nobody", "low")):
+        run = cluster.cli("submit", handler, "--priority", priority,
+                          "--max-attempts", "1")
+        assert run.returncode == 0, run.stderr
+    cluster.cli("wait", "1", "2", "3")
+    cancel = cluster.cli("cancel", "4")
+    assert cancel.returncode == 0
+
+    metrics = scrape(base + "metrics")
+    stats = json.loads(cluster.cli("stats", "--json").stdout)
+    assert metrics[("taskbroker_workers", ())] == stats["workers"] == 1
+    assert metrics[("taskbroker_worker_slots", (("state", "free"),))] == 1
+    assert metrics[("taskbroker_worker_slots", (("state", "busy"),))] == 0
+
+    def finished(priority, handler, outcome):
+        return metrics.get(("taskbroker_tasks_finished_total", (
+            ("handler", handler), ("outcome", outcome),
+            ("priority", priority))), 0)
+
+    assert finished("high", "echo", "succeeded") == 1
+    assert finished("normal", "echo", "succeeded") == 1
+    assert finished("normal", "fail", "failed") == 1
+    # Not served by any worker: counted, under _other.
+    assert finished("low", "_other", "cancelled") == 1
+    assert sum(value for (name, _), value in metrics.items()
+               if name == "taskbroker_tasks_finished_total") == sum(
+        n for state in ("succeeded", "failed", "cancelled")
+        for n in stats["tasks"].get(state, {}).values())
+    echo_high = (("handler", "echo"), ("priority", "high"))
+    assert metrics[("taskbroker_task_wait_seconds_count", echo_high)] == 1
+    assert metrics[("taskbroker_task_run_seconds_count", echo_high)] == 1
+    assert metrics[("taskbroker_task_run_seconds_bucket", tuple(sorted(
+        echo_high + (("le", "+Inf"),))))] == 1
+    assert metrics[("taskbroker_bad_messages_total", ())] == 0
+    # Nothing waits or runs now.
+    assert not any(value for (name, _), value in metrics.items()
+                   if name in ("taskbroker_queue_depth",
+                               "taskbroker_tasks_running"))
+
+
+def test_the_queue_depth_is_the_tables(cluster):
+    broker = cluster.start_broker()
+    base, _ = site(broker)
+    for priority in ("high", "high", "low"):
+        cluster.cli("submit", "echo", "--priority", priority)
+    metrics = scrape(base + "metrics")
+    # No worker serves echo: its queue is counted under _other.
+    assert metrics[("taskbroker_queue_depth", (
+        ("handler", "_other"), ("priority", "high")))] == 2
+    assert metrics[("taskbroker_queue_depth", (
+        ("handler", "_other"), ("priority", "low")))] == 1
