@@ -13,6 +13,7 @@ it started, by pid, whatever happens.
 import argparse
 import os
 import random
+import re
 import shutil
 import signal
 import statistics
@@ -296,7 +297,8 @@ def start_daemons(folder, daemons):
     Start the broker and the workers in ``folder``, adding each to
     ``daemons`` as it starts.
 
-    :returns: the broker's endpoint, once every worker is welcomed.
+    :returns: ``(endpoint, site)``: the broker's endpoint, once every
+        worker is welcomed, and its status site's URL.
     """
     with open(os.path.join(folder, "pids.txt"), "w") as pids:
 
@@ -313,18 +315,22 @@ def start_daemons(folder, daemons):
             pids.flush()
             return daemons[-1]
 
+        # Any free ports: a broker of the user's may hold the defaults.
         broker = start("broker", "taskbroker", "--listen", "tcp://127.0.0.1:*",
+                       "--http", "tcp:0:interface=127.0.0.1",
                        "--database", "sqlite:///demo.sqlite")
         endpoint = broker.wait_for(
             r"taskbroker ready: listening on (\S+),", START_TIMEOUT,
             what="ready").group(1)
+        # Logged before the broker says it is ready.
+        site = re.search(r"status site at (\S+)", broker.output()).group(1)
         # Started together, awaited in turn: the starts overlap.
         for w in [start(name, "taskworker", "--broker", endpoint, "--name",
                         name, "--concurrency", "1", *extra)
                   for name, extra in WORKERS]:
             w.wait_for(r"welcomed by broker", START_TIMEOUT,
                        what="welcomed by broker")
-    return endpoint
+    return endpoint, site
 
 
 def main(argv=None):
@@ -354,7 +360,9 @@ def main(argv=None):
         os.makedirs(folder)
         print(f"Starting a broker (SQLite, {RUN_DIR}/demo.sqlite) and "
               "three workers...", file=out, flush=True)
-        endpoint = start_daemons(folder, daemons)
+        endpoint, site = start_daemons(folder, daemons)
+        print(f"The broker's status site (JSON API, metrics): {site}",
+              file=out, flush=True)
 
         with BlockingClient(endpoint) as client:
             workers = client.workers()
