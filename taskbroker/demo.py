@@ -48,6 +48,11 @@ class Stopped(BaseException):
     """SIGTERM: stop as on Ctrl-C, so that the daemons are stopped too."""
 
 
+#: Seconds the daemons stay up after the demo, on a terminal, so that a
+#: person can look at the dashboard.
+LINGER = 60.0
+
+
 def stop_all(daemons):
     """
     SIGTERM by pid, SIGKILL after STOP_TIMEOUT; workers before the broker so
@@ -361,8 +366,8 @@ def main(argv=None):
         print(f"Starting a broker (SQLite, {RUN_DIR}/demo.sqlite) and "
               "three workers...", file=out, flush=True)
         endpoint, site = start_daemons(folder, daemons)
-        print(f"The broker's status site (JSON API, metrics): {site}",
-              file=out, flush=True)
+        print(f"Watch it on the broker's dashboard: {site}", file=out,
+              flush=True)
 
         with BlockingClient(endpoint) as client:
             workers = client.workers()
@@ -374,6 +379,14 @@ def main(argv=None):
                   "worker runs", file=out, flush=True)
             tasks, late_ids = run_tasks(client, args.scale, daemons, status)
         report(tasks, late_ids, workers, out)
+        if out.isatty():
+            # A person is watching: leave the dashboard up a while.
+            print(f"\nThe dashboard stays up for {LINGER:.0f} s "
+                  "(Ctrl-C to stop now).", file=out, flush=True)
+            try:
+                time.sleep(LINGER)
+            except (KeyboardInterrupt, Stopped):
+                pass  # the demo is done: stopping now is no interruption
         reason = None
     except (KeyboardInterrupt, Stopped):
         reason = "interrupted"

@@ -16,6 +16,7 @@ import hmac
 import ipaddress
 import json
 import secrets
+from importlib.resources import files
 from urllib.parse import urlsplit
 
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -25,9 +26,21 @@ from twisted.web import resource, server
 
 from taskbroker.broker.requests import Refused
 from taskbroker.errors import ConfigError, StoreError, WriteRefused, one_line
+from taskbroker.logs import cut
 from taskbroker.protocol import codec
-from taskbroker.protocol.objects import task_object
+from taskbroker.protocol.objects import iso_time, task_object
 from taskbroker.store import STATES
+
+#: The dashboard's files, served from the package: name -> content type.
+DASHBOARD = {
+    "index.html": b"text/html; charset=utf-8",
+    "dashboard.js": b"text/javascript; charset=utf-8",
+    "dashboard.css": b"text/css; charset=utf-8",
+    "favicon.svg": b"image/svg+xml",
+}
+
+#: How many recent failures the dashboard shows.
+RECENT_FAILURES = 10
 
 #: The HTTP status of each ERROR code the broker answers requests with.
 STATUS_OF_CODE = {
@@ -133,8 +146,13 @@ class StatusSite(resource.Resource):
             return self._act(request, parts, path)
         if request.method != b"GET":
             raise HTTPError(405, "only GET and POST are served")
+        if parts in ([], [""]) or (len(parts) == 1 and parts[0] in DASHBOARD):
+            # The page holds no data: what it shows, it reads from the API.
+            return _File(parts[0] if parts and parts[0] else "index.html")
         if not self.open_reads:
             self._check_token(request)
+        if parts == ["api", "overview"]:
+            return self._overview()
         if parts == ["metrics"]:
             return _Text(self._broker.metrics.render())
         if parts == ["api", "stats"]:
@@ -157,6 +175,37 @@ class StatusSite(resource.Resource):
         origin = request.getHeader("origin")
         if origin is not None and urlsplit(origin).netloc != host:
             raise HTTPError(403, "requests from other sites are refused")
+
+    def _overview(self):
+        """
+        What the dashboard shows, in one answer: the stats, the workers
+        with what each runs and how far it has got (from memory), and
+        the latest failures.
+        """
+        broker = self._broker
+        status = broker.status
+        running = status.running()
+        d = status.counted().addCallback(
+            lambda _: broker.store.list("failed", None, 0, RECENT_FAILURES,
+                                        codec.MAX_LIST_BYTES,
+                                        newest_first=True))
+
+        def answer(failed):
+            workers = status.workers()
+            for worker in workers:
+                worker["running"] = running.get(worker["name"], [])
+            return {
+                "stats": status.stats(),
+                "workers": workers,
+                "failures": [{
+                    "id": row.id, "handler": row.handler,
+                    "priority": row.priority,
+                    "error": cut(row.error, 300),
+                    "finished_at": iso_time(row.finished_at),
+                } for row in failed],
+            }
+
+        return d.addCallback(answer)
 
     def _act(self, request, parts, path):
         requests = self._broker.requests
@@ -253,6 +302,11 @@ class StatusSite(resource.Resource):
             return  # the client went away
         if isinstance(body, _Text):
             data, kind = body.data, CONTENT_TYPE_LATEST.encode("ascii")
+        elif isinstance(body, _File):
+            data, kind = body.data, DASHBOARD[body.name]
+            request.setHeader(b"content-security-policy",
+                              b"default-src 'self'; frame-ancestors 'none'")
+            request.setHeader(b"x-frame-options", b"DENY")
         else:
             data = json.dumps(body, separators=(",", ":")).encode("utf-8")
             kind = b"application/json"
@@ -286,6 +340,17 @@ class StatusSite(resource.Resource):
             return
         self._send({"error": "internal error; see the broker's log"},
                    request, 500, gone)
+
+
+class _File:
+    """
+    A file of the dashboard, read from the package.
+    """
+
+    def __init__(self, name):
+        self.name = name
+        self.data = (files("taskbroker.broker") / "dashboard" / name
+                     ).read_bytes()
 
 
 class _Text:

@@ -211,6 +211,28 @@ class Status:
             "key": None if s.key is None else s.key.decode("ascii"),
         } for s in sorted(self._broker.sessions, key=lambda s: s.name)]
 
+    def running(self):
+        """
+        What each worker runs, from memory, for the dashboard: by worker
+        name, ``[{"id", "handler", "priority", "progress", "message"}]``
+        (``progress`` the handler's latest fraction, or ``None``).
+        """
+        broker = self._broker
+        by_worker = {}
+        for session in broker.sessions:
+            tasks = []
+            for task_id in sorted(session.running):
+                attempt = broker.attempts.get(task_id)
+                if attempt is None:
+                    continue
+                reported = attempt.progress or (None, None, None)
+                tasks.append({"id": task_id, "handler": attempt.row.handler,
+                              "priority": attempt.row.priority,
+                              "progress": reported[0],
+                              "message": reported[1]})
+            by_worker[session.name] = tasks
+        return by_worker
+
     def stats(self):
         """
         The STATS reply's ``stats`` object (see ``docs/protocol.rst``).

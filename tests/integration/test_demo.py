@@ -44,9 +44,11 @@ def test_demo_runs_and_cleans_up(tmp_path):
     late = re.findall(r"^\s*\d+\*\s+high\s+(\S+)", done.stdout, re.M)
     assert late == ["reserved-high"] * 4
     assert "What this shows:" in done.stdout
-    assert re.search(r"^The broker's status site \(JSON API, metrics\): "
+    assert re.search(r"^Watch it on the broker's dashboard: "
                      r"http://127\.0\.0\.1:\d+/\?token=\S+$", done.stdout,
                      re.M)
+    # Not on a terminal: it does not linger.
+    assert "stays up" not in done.stdout
     for name in pids:
         assert (tmp_path / "demo-run" / f"{name}.log").exists()
 

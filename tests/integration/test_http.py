@@ -283,3 +283,32 @@ def test_the_queue_depth_is_the_tables(cluster):
         ("handler", "_other"), ("priority", "high")))] == 2
     assert metrics[("taskbroker_queue_depth", (
         ("handler", "_other"), ("priority", "low")))] == 1
+
+
+def test_the_dashboard_is_served_from_the_package(cluster, tmp_path):
+    # The page holds no data, so it needs no token, even with CURVE on;
+    # what it shows it reads from the API, which does.
+    keys = tmp_path / "keys"
+    curve.keygen(str(keys), "broker")
+    broker = cluster.start_broker(
+        "--curve-secret-key", str(keys / "broker.key_secret"),
+        "--allow-any-key")
+    base, token = site(broker)
+    for path, kind in (("", "text/html"), ("dashboard.js", "text/javascript"),
+                       ("dashboard.css", "text/css"),
+                       ("favicon.svg", "image/svg+xml")):
+        with urllib.request.urlopen(base + path, timeout=30) as response:
+            assert response.headers["Content-Type"].startswith(kind)
+            # Nothing from elsewhere: no page, script or font of another
+            # site may load, and no other site may frame it.
+            assert response.headers["Content-Security-Policy"] == (
+                "default-src 'self'; frame-ancestors 'none'")
+            body = response.read().decode("utf-8")
+        # (An SVG names its namespace by a URL that nothing loads.)
+        body = body.replace("http://www.w3.org/2000/svg", "")
+        assert "http://" not in body and "https://" not in body
+    status, body = get(base + "api/overview")
+    assert status == 401
+    status, body = get(base + "api/overview",
+                       {"Authorization": f"Bearer {token}"})
+    assert status == 200 and set(body) == {"stats", "workers", "failures"}

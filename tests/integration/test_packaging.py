@@ -21,6 +21,8 @@ def test_wheel_contents(tmp_path):
     twisted_files = [n for n in names if n.startswith("twisted/")]
     assert twisted_files == ["twisted/plugins/taskbroker_plugin.py"]
     assert "taskbroker/store/schema/sqlite/v1.sql" in names
+    for name in ("index.html", "dashboard.js", "dashboard.css", "favicon.svg"):
+        assert f"taskbroker/broker/dashboard/{name}" in names
     assert "taskbroker/plugins/taskbroker_builtin_handlers.py" in names
     assert not any(n.startswith("tests/") for n in names)
 
