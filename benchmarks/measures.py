@@ -10,10 +10,13 @@ reserved worker, ``--priorities`` are given.
 
 import json
 import os
+import re
 import shutil
 import sqlite3
+import statistics
 import sys
 import time
+import urllib.request
 from contextlib import closing
 from datetime import datetime
 
@@ -558,6 +561,84 @@ def run_deep_queue(ctx):
         out["tb.deep.drain_empty"] = drain / (nth - first)
         out["tb.deep.rss_empty"] = memory_kib(broker.pid, "VmRSS") / 1024
     out["details"] = details
+    return out
+
+
+# -- 12. the status site -------------------------------------------------
+
+#: Requests of each kind a run makes to the status site.
+SITE_REQUESTS = 50
+
+
+def _site_request(url, token):
+    request = urllib.request.Request(
+        url, headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return response.read()
+
+
+@_guard
+def run_status_site(ctx):
+    """
+    The status site with the deep queue's tasks in the store (none of
+    them runnable, so the workers stay idle) and the many-workers
+    measure's worker connections: the size of a dashboard refresh
+    (/api/overview) and of a /metrics scrape, the wall time of each, and
+    the broker's CPU for each beyond its idle work (its heartbeats).
+    """
+    p = ctx.params
+    folder = ctx.folder("status-site")
+    db_path = os.path.join(folder, "taskbroker.sqlite")
+    shutil.copyfile(deep_template(ctx), db_path)
+    with closing(sqlite3.connect(db_path, isolation_level=None)) as db:
+        db.execute("UPDATE tasks SET handler = 'nobody'")
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    out = {}
+    with _Daemons(ctx, folder) as daemons:
+        # A free port for the site: a broker of the user's may hold 8642.
+        broker = daemons.broker(
+            db=db_path, timeout=DRAIN_TIMEOUT,
+            extra=("--http", "tcp:0:interface=127.0.0.1"))
+        # Logged before the line that daemons.broker() waited for.
+        site = re.search(r"status site at (\S+)\?token=(\S+)",
+                         broker.output(200))
+        if site is None:
+            raise BenchError("the broker logged no status site URL")
+        base, token = site.group(1), site.group(2)
+        connections = p.many_connections
+        load = daemons.process(f"load-{connections}", [
+            PYTHON, LOAD_WORKERS, "--broker", broker.endpoint,
+            "--connections", str(connections), "--name", "site"])
+        load.wait_for(rf"ready {connections}\b", 120,
+                      f"{connections} connections welcomed", watched=[broker])
+        # The first answer waits for the first count of the table.
+        _site_request(base + "api/overview", token)
+        time.sleep(2.0)
+        c0, t0 = cpu_seconds(broker.pid), time.monotonic()
+        time.sleep(3.0)
+        idle = (cpu_seconds(broker.pid) - c0) / (time.monotonic() - t0)
+        out["site.idle_cpu"] = 100.0 * idle
+        for name, path in (("overview", "api/overview"),
+                           ("metrics", "metrics")):
+            sizes, walls = [], []
+            c0, t0 = cpu_seconds(broker.pid), time.monotonic()
+            for _ in range(SITE_REQUESTS):
+                began = time.perf_counter()
+                sizes.append(len(_site_request(base + path, token)))
+                walls.append(time.perf_counter() - began)
+            spent = cpu_seconds(broker.pid) - c0
+            elapsed = time.monotonic() - t0
+            out[f"site.{name}_kib"] = round(max(sizes) / 1024, 1)
+            out[f"site.{name}_ms"] = 1000 * statistics.median(walls)
+            out[f"site.{name}_cpu_ms"] = max(
+                0.0, 1000 * (spent - idle * elapsed) / SITE_REQUESTS)
+        stats = json.loads(_site_request(base + "api/stats", token))["stats"]
+        if stats["workers"] != connections:
+            raise BenchError(f"the broker counts {stats['workers']} workers, "
+                             f"not {connections}")
+        out["site.tasks"] = sum(n for by_level in stats["tasks"].values()
+                                for n in by_level.values())
+        daemons.stop()
     return out
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from benchmarks._util import median
+from benchmarks.measures import SITE_REQUESTS
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,9 @@ def metrics(p):
     S11 = (f"11 CURVE: {p.throughput:,} echo tasks (2 workers x 1 slot) "
            f"and {p.latency:,} one at a time, every link encrypted and "
            "authenticated, then plain, in the same run")
+    S12 = (f"12 Status site: {p.deep:,} tasks in the store (not "
+           f"runnable), {p.many_connections:,} worker connections; "
+           f"{SITE_REQUESTS} requests of each kind")
     pg_compare = (f" ({p.pg_compare:,} jobs)"
                   if p.pg_compare != p.pg_throughput else "")
     sqlite_rate = ("pg.throughput.sqlite", "tb.throughput.bulk")
@@ -295,6 +299,21 @@ def metrics(p):
                "ms", "floor.latency.result_p50"),
         Metric("curve.off.result_p99", S11, "submit->result p99, plain",
                "ms", "floor.latency.result_p99"),
+
+        Metric("site.overview_kib", S12,
+               "dashboard refresh (/api/overview): size", "KiB",
+               target=("max", 200.0)),
+        Metric("site.overview_cpu_ms", S12,
+               "  the broker's CPU for one", "ms", target=("max", 20.0)),
+        Metric("site.overview_ms", S12, "  its wall time (median)", "ms"),
+        Metric("site.metrics_kib", S12, "/metrics scrape: size", "KiB"),
+        Metric("site.metrics_cpu_ms", S12, "  the broker's CPU for one",
+               "ms"),
+        Metric("site.metrics_ms", S12, "  its wall time (median)", "ms"),
+        Metric("site.idle_cpu", S12,
+               "the broker's CPU between requests (% of one core)", "%"),
+        Metric("site.tasks", S12, "tasks in the store (the stats' count)",
+               "tasks"),
     ]
 
 

@@ -89,6 +89,9 @@ MEASURES = {
                  "8-9: pgqueuer on the same PostgreSQL server"),
     "curve": (measures.run_curve,
               "11: throughput and latency with CURVE on, and off"),
+    "status-site": (measures.run_status_site,
+                    "12: dashboard refresh and /metrics scrape, deep queue "
+                    "and many workers"),
 }
 
 #: kombu's Redis transport needs packages of the "redis" extra.

@@ -191,9 +191,13 @@ class StatusSite(resource.Resource):
                                         newest_first=True))
 
         def answer(failed):
-            workers = status.workers()
-            for worker in workers:
-                worker["running"] = running.get(worker["name"], [])
+            # What the dashboard shows of each worker, and no more: a
+            # refresh stays small with a thousand of them.
+            workers = [{
+                "name": worker["name"], "priorities": worker["priorities"],
+                "slots": worker["slots"], "busy": worker["busy"],
+                "running": running.get(worker["name"], []),
+            } for worker in status.workers()]
             return {
                 "stats": status.stats(),
                 "workers": workers,
