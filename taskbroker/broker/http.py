@@ -21,7 +21,6 @@ from urllib.parse import urlsplit
 
 from prometheus_client import CONTENT_TYPE_LATEST
 from twisted.internet import defer
-from twisted.logger import Logger
 from twisted.web import resource, server
 
 from taskbroker.broker.requests import Refused
@@ -118,7 +117,6 @@ class StatusSite(resource.Resource):
     """
 
     isLeaf = True
-    log = Logger()
 
     def __init__(self, broker, token, loopback, open_reads):
         resource.Resource.__init__(self)
@@ -169,11 +167,16 @@ class StatusSite(resource.Resource):
 
     def _check_origin(self, request):
         host = request.getHeader("host") or ""
-        name = urlsplit("//" + host).hostname or ""
+        origin = request.getHeader("origin")
+        try:
+            name = urlsplit("//" + host).hostname or ""
+            elsewhere = origin is not None and urlsplit(origin).netloc != host
+        except ValueError:  # e.g. "[::1": not a host at all
+            raise HTTPError(400, "the Host or Origin header is not a "
+                            "host") from None
         if self.loopback and name not in LOOPBACK_NAMES:
             raise HTTPError(403, "this site answers to localhost only")
-        origin = request.getHeader("origin")
-        if origin is not None and urlsplit(origin).netloc != host:
+        if elsewhere:
             raise HTTPError(403, "requests from other sites are refused")
 
     def _overview(self):

@@ -21,16 +21,19 @@ def site(broker):
     return match.group(1), match.group(2)
 
 
-def get(url, headers=None):
+def answer(request):
     """
-    :returns: ``(status, JSON body)``.
+    :returns: ``(status, JSON body)`` of a ``urllib`` request.
     """
-    request = urllib.request.Request(url, headers=headers or {})
     try:
         with urllib.request.urlopen(request, timeout=30) as response:
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as e:
         return e.code, json.loads(e.read())
+
+
+def get(url, headers=None):
+    return answer(urllib.request.Request(url, headers=headers or {}))
 
 
 def test_the_api_shows_the_queues_the_workers_and_the_tasks(cluster):
@@ -94,6 +97,8 @@ def test_other_hosts_and_origins_are_refused(cluster):
     status, body = get(base + "api/stats",
                        {"Origin": "http://evil.example"})
     assert status == 403 and "other sites" in body["error"]
+    status, body = get(base + "api/stats", {"Host": "[::1"})
+    assert status == 400 and "not a host" in body["error"]
     # Its own origin is fine.
     status, _ = get(base + "api/stats",
                     {"Origin": f"http://127.0.0.1:{port}"})
@@ -149,11 +154,7 @@ def post(url, body=None, token=None, headers=None):
     request.add_header("Content-Type", "application/json")
     if token is not None:
         request.add_header("Authorization", f"Bearer {token}")
-    try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
+    return answer(request)
 
 
 def test_the_api_submits_cancels_and_retries_with_the_token(cluster):
