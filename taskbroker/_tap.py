@@ -11,6 +11,7 @@ import sys
 
 from twisted.python import usage
 
+import taskbroker
 from taskbroker.config import (
     KNOWN_VARIABLES,
     RESERVED_PREFIXES,
@@ -62,6 +63,13 @@ class DaemonOptions(usage.Options):
         for setting in self.settings:
             if setting.repeatable:
                 self[setting.field] = []
+
+    def opt_version(self):
+        """
+        Print taskbroker's version and exit (before anything starts).
+        """
+        print(f"taskbroker {taskbroker.__version__}")
+        sys.exit(0)
 
     @staticmethod
     def build_config(given, environ):

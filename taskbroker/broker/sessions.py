@@ -29,11 +29,12 @@ class Session:
         another broker, while this one asks the store for them.
     :ivar key: with CURVE, the public key it authenticated with (Z85
         ``bytes``), else ``None``.
+    :ivar version: the taskbroker version its HELLO gave, or ``None``.
     """
 
     __slots__ = ("identity", "name", "levels", "handlers", "slots",
                  "heartbeat", "connected_since", "last_seen", "seen_at",
-                 "running", "sent_at", "adopting", "key")
+                 "running", "sent_at", "adopting", "key", "version")
 
     def __init__(self, identity, name, levels, handlers, slots, heartbeat,
                  now, monotonic_now):
@@ -50,6 +51,7 @@ class Session:
         self.sent_at = {}
         self.adopting = {}
         self.key = None
+        self.version = None
 
     def __repr__(self):
         return f"<Session {self.name!r} {self.identity!r}>"

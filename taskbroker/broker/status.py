@@ -209,6 +209,7 @@ class Status:
             "connected_since": iso_time(s.connected_since),
             "last_seen": iso_time(s.last_seen),
             "key": None if s.key is None else s.key.decode("ascii"),
+            "version": s.version,
         } for s in sorted(self._broker.sessions, key=lambda s: s.name)]
 
     def running(self):

@@ -10,6 +10,8 @@ attempt a worker announces is claimed only if no live session holds it.
 
 from twisted.logger import Logger
 
+import taskbroker
+
 from taskbroker.broker.router import BAD_MESSAGE_LOG_INTERVAL, RateLimit
 from taskbroker.broker.sessions import Session
 from taskbroker.protocol.codec import encode
@@ -90,6 +92,7 @@ class Workers:
             identity, name, tuple(wanted), tuple(body["handlers"]),
             body["slots"], body.get("heartbeat", 1.0),
             broker.clock.seconds(), broker.monotonic())
+        session.version = body.get("version")
         if previous is not None:
             # The same connection announcing again: what it was given is
             # still its own, even tasks sent after it wrote this HELLO.
@@ -129,7 +132,15 @@ class Workers:
             "heartbeat": broker.config.heartbeat,
             "time_limit": broker.config.time_limit,
             "progress": True,
+            "version": taskbroker.__version__,
         }))
+        theirs = body.get("version")
+        if theirs != taskbroker.__version__:
+            self.log.warn(
+                "worker {name} runs taskbroker {theirs}, this broker {ours}: "
+                "upgrade them together (docs/operations.rst, \"Upgrades\")",
+                name=name, theirs=theirs or "older than 0.1.0",
+                ours=taskbroker.__version__)
         self.log.info(
             "worker {name} connected: {slots_text}, levels {levels}, "
             "handlers {handlers}", name=name, slots=session.slots,

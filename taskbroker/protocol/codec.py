@@ -353,6 +353,8 @@ WORKER_COMMANDS = {
         "handlers": (_names, True),
         "running": (_running, False),
         "heartbeat": (_number(0.01, 3600), False),
+        # taskbroker's version; older workers leave it out.
+        "version": (_optional(_short_text), False),
     },
     b"READY": {},
     b"RESULT": {
@@ -414,6 +416,7 @@ BROKER_TO_WORKER_COMMANDS = {
         "time_limit": (_optional(_number(0.001, MAX_SECONDS)), False),
         # Whether the broker takes PROGRESS (older ones do not say).
         "progress": (_optional(_boolean), False),
+        "version": (_optional(_short_text), False),
     },
     b"TASK": {
         "id": (_TASK_ID, True),

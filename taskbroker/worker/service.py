@@ -39,6 +39,8 @@ from twisted.internet import defer, task
 from twisted.logger import Logger
 from twisted.python.threadable import isInIOThread
 
+import taskbroker
+
 from taskbroker.errors import one_line
 from taskbroker.failover import EndpointRing, StoreWatch, start_position
 from taskbroker.logs import TaskLog, cut, seconds
@@ -280,6 +282,7 @@ class WorkerService(Service):
             "running": [{"id": i, "token": t}
                         for i, (t, _) in self.tasks.items()],
             "heartbeat": self.config.heartbeat,
+            "version": taskbroker.__version__,
         }
 
     def _hello_unanswered(self):
@@ -425,6 +428,14 @@ class WorkerService(Service):
         self.broker_instance = body["broker"]
         self._time_limit = body.get("time_limit")
         self._broker_takes_progress = bool(body.get("progress"))
+        theirs = body.get("version")
+        if theirs != taskbroker.__version__:
+            self.log.warn(
+                "broker {endpoint} runs taskbroker {theirs}, this worker "
+                "{ours}: upgrade them together (docs/operations.rst, "
+                "\"Upgrades\")", endpoint=self.endpoint,
+                theirs=theirs or "older than 0.1.0",
+                ours=taskbroker.__version__)
         self._broker_heartbeat = body["heartbeat"]
         self._store_watch.reset()
         self.log.info("welcomed by broker {instance} at {endpoint}",

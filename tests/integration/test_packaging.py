@@ -8,6 +8,8 @@ import subprocess
 import sys
 import zipfile
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
 
 
@@ -32,3 +34,20 @@ def test_twistd_lists_both_daemons():
     out = subprocess.run([twistd, "--help"], capture_output=True, text=True,
                          check=True).stdout
     assert "taskbroker" in out and "taskworker" in out
+
+
+@pytest.mark.parametrize("daemon", ["taskbroker", "taskworker"])
+def test_version_is_taskbrokers_and_acts_before_anything_starts(
+        daemon, tmp_path):
+    import taskbroker
+
+    twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
+    # Settings that would stop a start do not stop --version.
+    env = dict(os.environ, TASKBROKER_DATABASE="nonsense",
+               TASKWORKER_CONCURRENCY="-1")
+    done = subprocess.run([twistd, "--pidfile=", "-n", daemon, "--version"],
+                          capture_output=True, text=True, cwd=tmp_path,
+                          env=env, timeout=60)
+    assert (done.returncode, done.stdout) == (
+        0, f"taskbroker {taskbroker.__version__}\n"), done.stderr
+    assert list(tmp_path.iterdir()) == []  # no log, no database

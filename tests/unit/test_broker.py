@@ -9,6 +9,7 @@ import pytest
 from twisted.internet import defer
 from twisted.internet.task import Clock
 
+import taskbroker
 from taskbroker.broker.core import Broker
 from taskbroker.config import BrokerConfig
 from taskbroker.errors import StoreError, WriteRefused
@@ -115,7 +116,8 @@ def test_hello_is_welcomed(broker, peers):
     [(_, command, body)] = peers.take(b"w1/x")
     assert command == b"WELCOME"
     assert body == {"broker": "b1", "priorities": ["high", "normal", "low"],
-                    "heartbeat": 1.0, "time_limit": None, "progress": True}
+                    "heartbeat": 1.0, "time_limit": None, "progress": True,
+                    "version": taskbroker.__version__}
 
 
 def test_unknown_level_is_refused(broker, peers):
@@ -1253,3 +1255,26 @@ def test_a_submit_for_an_unserved_handler_suggests_a_served_one(broker,
     [(_, _, reply)] = peers.take(b"client")
     assert reply["unserved"] == ["ecoh", "report"]
     assert reply["suggestions"] == {"ecoh": "echo"}
+
+
+def test_a_worker_of_another_version_is_logged(broker, peers):
+    from twisted.logger import capturedLogs, formatEvent
+
+    with capturedLogs() as events:
+        hello(broker, version="0.0.9")
+        hello(broker, identity=b"w2/y", name="w2",
+              version=taskbroker.__version__)
+        hello(broker, identity=b"w3/z", name="w3")  # older: says none
+    texts = [formatEvent(e) for e in events if "runs taskbroker" in
+             formatEvent(e)]
+    assert texts == [
+        f"worker w1 runs taskbroker 0.0.9, this broker "
+        f"{taskbroker.__version__}: upgrade them together "
+        '(docs/operations.rst, "Upgrades")',
+        f"worker w3 runs taskbroker older than 0.1.0, this broker "
+        f"{taskbroker.__version__}: upgrade them together "
+        '(docs/operations.rst, "Upgrades")']
+    send(broker, b"client", b"WORKERS", {"req": "w"})
+    [(_, _, reply)] = peers.take(b"client", b"REPLY")
+    assert [w["version"] for w in reply["workers"]] == [
+        "0.0.9", taskbroker.__version__, None]
