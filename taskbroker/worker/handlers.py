@@ -87,6 +87,32 @@ def _failed_file(exc_info, folders):
     return "a handler module"
 
 
+def _warn_classes_without_instances():
+    """
+    A handler module that defines a handler class but makes no object of
+    it has no handler: twisted.plugin finds objects, not classes.  Say
+    so, naming the class, rather than leave its tasks waiting.
+    """
+    prefix = taskbroker.plugins.__name__ + "."
+    for name, module in list(sys.modules.items()):
+        if not name.startswith(prefix) or module is None:
+            continue
+        values = list(vars(module).values())
+        for value in values:
+            if (isinstance(value, type) and value.__module__ == name
+                    and ITaskHandler.implementedBy(value)
+                    and not any(isinstance(other, value)
+                                for other in values)):
+                log.warn(
+                    "handler module {path} defines the handler class "
+                    "{cls} but no object of it, so it loads no handler "
+                    "from it: add '{instance} = {cls}()' at module level, "
+                    "or write the handler as a function under "
+                    "@taskbroker.handler(...)",
+                    path=getattr(module, "__file__", name),
+                    cls=value.__name__, instance=value.__name__.lower())
+
+
 def load_handlers(paths=()):
     """
     Load every handler the plugin package and ``paths`` provide.
@@ -118,6 +144,7 @@ def load_handlers(paths=()):
             "could not load handler module {path}: {error}",
             path=_failed_file(exc_info, folders),
             error=describe(exc_info[1]))
+    _warn_classes_without_instances()
 
     handlers = {}
     for candidate in candidates:

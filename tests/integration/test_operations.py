@@ -273,3 +273,11 @@ def test_wait_for_tasks_already_submitted(cluster, tmp_path):
     worker.wait_for(rf"task {ids[2]} started: progress, priority normal, "
                     "attempt 1 of 1")
     worker.wait_for(rf"task {ids[2]} succeeded: progress, ran ")
+
+
+def test_a_function_under_handler_runs_in_a_real_worker(cluster):
+    cluster.start_broker()
+    cluster.start_worker(name="w1")
+    done = cluster.cli("submit", "decorated-sum", "--payload", "[1, 2, 3]",
+                       "--wait")
+    assert (done.returncode, done.stdout) == (0, "6\n"), done.stderr

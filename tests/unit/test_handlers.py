@@ -4,6 +4,7 @@ built-in handlers in taskbroker.plugins.taskbroker_builtin_handlers.
 """
 
 import itertools
+import re
 import sys
 import textwrap
 from contextlib import contextmanager
@@ -11,11 +12,12 @@ from contextlib import contextmanager
 import pytest
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
-from twisted.logger import LogLevel, capturedLogs
+from twisted.logger import LogLevel, capturedLogs, formatEvent
 
 import taskbroker.plugins
 from taskbroker.plugins.taskbroker_builtin_handlers import MAX_SLEEP, Echo, Sleep
 from taskbroker.worker.handlers import load_handlers
+from taskbroker.testing import FakeTask
 from taskbroker.worker.task import RunningTask
 
 _counter = itertools.count()
@@ -293,3 +295,83 @@ def test_sleep_rejects_bad_payloads(payload):
     with pytest.raises(ValueError, match="seconds"):
         run(Sleep(), payload, clock)
     assert clock.getDelayedCalls() == []
+
+
+# -- the short way: @handler on a function ------------------------------------
+
+
+DECORATED = '''
+from twisted.internet import defer
+from taskbroker import handler
+
+@handler({name!r})
+def greet(task):
+    """Greets."""
+    return defer.succeed("hello " + task.payload)
+
+@handler({blocking_name!r}, blocking=True, time_limit=600)
+def checksum(task):
+    return sum(task.payload)
+'''
+
+CLASS_ONLY = '''
+from twisted.plugin import IPlugin
+from zope.interface import implementer
+from taskbroker.interfaces import ITaskHandler
+
+@implementer(IPlugin, ITaskHandler)
+class Forgotten:
+    name = {name!r}
+    blocking = False
+
+    def run(self, task):
+        return None
+'''
+
+
+def test_a_function_under_handler_is_a_handler(plugin_package, tmp_path):
+    name, blocking_name = unique("greet"), unique("checksum")
+    module = unique("decorated")
+    path = folder(tmp_path, "decorated", {f"{module}.py": DECORATED.format(
+        name=name, blocking_name=blocking_name)})
+    handlers, events = load(path)
+    assert events_at(events, LogLevel.warn) == []
+    greet, checksum = handlers[name], handlers[blocking_name]
+    assert (greet.blocking, checksum.blocking) == (False, True)
+    assert checksum.time_limit == 600
+    assert not hasattr(greet, "time_limit")
+    assert run(greet, "you").result == "hello you"
+    assert run(checksum, [1, 2, 3]) == 6
+    # Still callable as the function it was, and named after it.
+    assert checksum(FakeTask(payload=[4])) == 4
+    assert greet.__doc__ == "Greets." and name in repr(greet)
+
+
+@pytest.mark.parametrize("arguments, error", [
+    (("",), "handler name '' must be a string of 1 to 200 characters"),
+    (("a\nb",), "must not contain control characters"),
+    (("ok", "yes"), "blocking must be True or False"),
+    (("ok", False, 0), "time_limit must be a number of seconds"),
+    (("ok", False, "600"), "time_limit must be a number of seconds"),
+])
+def test_a_handler_no_worker_could_use_is_refused_at_import(arguments, error):
+    from taskbroker import handler
+
+    with pytest.raises(ValueError, match=re.escape(error)):
+        handler(*arguments)
+
+
+def test_a_module_with_a_handler_class_and_no_object_is_named(
+        plugin_package, tmp_path):
+    name = unique("forgotten")
+    module = unique("classonly")
+    path = folder(tmp_path, "classonly", {
+        f"{module}.py": CLASS_ONLY.format(name=name)})
+    handlers, events = load(path)
+    assert name not in handlers
+    [warning] = [e for e in events_at(events, LogLevel.warn)
+                 if "Forgotten" in str(e.get("cls"))]
+    text = formatEvent(warning)
+    assert f"{module}.py defines the handler class Forgotten but no object "\
+        "of it" in text
+    assert "add 'forgotten = Forgotten()' at module level" in text

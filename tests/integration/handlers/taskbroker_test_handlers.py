@@ -11,6 +11,7 @@ from twisted.internet.task import deferLater
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
+from taskbroker import handler
 from taskbroker.interfaces import ITaskHandler
 
 
@@ -146,3 +147,11 @@ class BlockingProgress:
 
 progress = Progress()
 blocking_progress = BlockingProgress()
+
+
+@handler("decorated-sum", blocking=True, time_limit=60)
+def decorated_sum(task):
+    """
+    The short way, in a handler process: the sum of the payload's numbers.
+    """
+    return sum(task.payload)
