@@ -113,6 +113,21 @@ def _warn_classes_without_instances():
                     cls=value.__name__, instance=value.__name__.lower())
 
 
+def origin(handler):
+    """
+    Where a loaded handler comes from: its module's file (the package's
+    built-in ones are named so).
+    """
+    module_name = getattr(getattr(handler, "function", None), "__module__",
+                          None) or type(handler).__module__
+    module = sys.modules.get(module_name)
+    path = getattr(module, "__file__", None) or module_name
+    builtin = os.path.dirname(os.path.abspath(taskbroker.plugins.__file__))
+    if os.path.dirname(os.path.abspath(path)) == builtin:
+        return f"{os.path.basename(path)} (built in)"
+    return path
+
+
 def load_handlers(paths=()):
     """
     Load every handler the plugin package and ``paths`` provide.
