@@ -4,6 +4,7 @@ API, and what it refuses (other host names, other origins, no token).
 """
 
 import json
+import os
 import re
 import urllib.error
 import urllib.request
@@ -313,3 +314,82 @@ def test_the_dashboard_is_served_from_the_package(cluster, tmp_path):
     status, body = get(base + "api/overview",
                        {"Authorization": f"Bearer {token}"})
     assert status == 200 and set(body) == {"stats", "workers", "failures"}
+
+
+# The OpenAPI description (docs/openapi.json) against what the site does.
+
+SPEC = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__)))), "docs", "openapi.json")
+
+
+def conforms(value, schema, spec, where="answer"):
+    """
+    Check ``value`` against the parts of an OpenAPI schema this API
+    uses: references, object's required properties, arrays' items,
+    types and nullable.
+    """
+    if "$ref" in schema:
+        name = schema["$ref"].rsplit("/", 1)[1]
+        schema = spec["components"]["schemas"][name]
+    if value is None:
+        assert schema.get("nullable") or not schema.get("type"), where
+        return
+    kind = schema.get("type")
+    python = {"object": dict, "array": list, "string": str,
+              "integer": int, "number": (int, float), "boolean": bool}
+    if kind is not None:
+        assert isinstance(value, python[kind]), (where, value, kind)
+    for name in schema.get("required", ()):
+        assert name in value, (where, name)
+    for name, sub in schema.get("properties", {}).items():
+        if name in value:
+            conforms(value[name], sub, spec, f"{where}.{name}")
+    if kind == "array" and "items" in schema:
+        for i, item in enumerate(value):
+            conforms(item, schema["items"], spec, f"{where}[{i}]")
+
+
+def test_the_api_is_as_its_openapi_description_says(cluster):
+    with open(SPEC, encoding="utf-8") as f:
+        spec = json.load(f)
+    broker = cluster.start_broker()
+    cluster.start_worker(name="w1")
+    base, token = site(broker)
+    # Task 1 fails; task 2 waits for a handler nobody serves.
+    status, _ = post(base + "api/tasks", {"tasks": [
+        {"handler": "fail", "max_attempts": 1}, {"handler": "nobody"}]}, token)
+    assert status == 200
+    assert cluster.cli("wait", "1").returncode == 1
+    checked = set()
+    for path, methods in spec["paths"].items():
+        for method, operation in methods.items():
+            task_id = "2" if path.endswith("/cancel") else "1"
+            url = base + path.lstrip("/").replace("{id}", task_id)
+            if method == "get" and path == "/metrics":
+                with urllib.request.urlopen(url, timeout=30) as response:
+                    assert response.status == 200
+            elif method == "get":
+                status, body = get(url)
+                assert status == 200, (path, body)
+                schema = operation["responses"]["200"]["content"][
+                    "application/json"]["schema"]
+                conforms(body, schema, spec, path)
+            else:
+                sent = ({"tasks": [{"handler": "echo", "payload": 1}]}
+                        if path == "/api/tasks" else None)
+                status, body = post(url, sent, token)
+                schema = operation["responses"]["200"]["content"][
+                    "application/json"]["schema"]
+                assert status == 200, (path, body)
+                conforms(body, schema, spec, path)
+            checked.add((method, path))
+    # Every route the site serves is described (and was just called).
+    assert checked == {
+        ("get", "/api/stats"), ("get", "/api/workers"),
+        ("get", "/api/tasks"), ("post", "/api/tasks"),
+        ("get", "/api/tasks/{id}"), ("post", "/api/tasks/{id}/cancel"),
+        ("post", "/api/tasks/{id}/retry"), ("get", "/api/overview"),
+        ("get", "/metrics")}
+    # An error, as described.
+    status, body = get(base + "api/tasks/999")
+    conforms(body, spec["components"]["schemas"]["Error"], spec)
