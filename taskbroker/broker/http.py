@@ -27,7 +27,7 @@ from taskbroker.broker.requests import Refused
 from taskbroker.errors import ConfigError, StoreError, WriteRefused, one_line
 from taskbroker.logs import cut
 from taskbroker.protocol import codec
-from taskbroker.protocol.objects import iso_time, task_object
+from taskbroker.protocol.objects import iso_time
 from taskbroker.store import STATES
 
 #: The dashboard's files, served from the package: name -> content type.
@@ -279,30 +279,18 @@ class StatusSite(resource.Resource):
                     filters[name] = codec.check_name(value)
                 except ValueError as e:
                     raise HTTPError(400, f"{name} {e}") from None
-        limit = _number(request, "limit", 100, 1, MOST_PER_PAGE)
-        cursor = _number(request, "cursor", None, 1, codec.MAX_EXACT)
-        d = self._broker.store.list(
-            state, filters.get("handler"), 0, limit + 1,
-            codec.MAX_LIST_BYTES, priority=filters.get("priority"),
-            before_id=cursor, newest_first=True)
-
-        def page(rows):
-            more = len(rows) > limit
-            rows = rows[:limit]
-            return {"tasks": [task_object(row) for row in rows],
-                    "next": rows[-1].id if more and rows else None}
-
-        return d.addCallback(page)
+        # A LIST, newest first, paged by 'before'.
+        d = self._broker.requests.list_tasks({
+            "state": state, "handler": filters.get("handler"),
+            "priority": filters.get("priority"), "order": "newest",
+            "before": _number(request, "cursor", None, 1, codec.MAX_EXACT),
+            "limit": _number(request, "limit", 100, 1, MOST_PER_PAGE),
+        }, None)
+        return d.addCallback(
+            lambda answer: {"tasks": answer["tasks"], "next": answer["next"]})
 
     def _task(self, text):
-        task_id = _task_id(text)
-
-        def found(row):
-            if row is None:
-                raise HTTPError(404, f"no task with id {task_id}")
-            return {"task": task_object(row)}
-
-        return self._broker.store.get(task_id).addCallback(found)
+        return self._broker.requests.get(_task_id(text), None)
 
     def _send(self, body, request, status, gone):
         if gone or request.finished:

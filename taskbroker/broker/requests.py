@@ -283,11 +283,20 @@ class Requests:
     # -- reading -----------------------------------------------------------
 
     def on_GET(self, identity, body, key=None):
-        req, task_id = body["req"], body["id"]
-        d = self._read(task_id, self._scope(key))
-        d.addCallback(lambda row: self.reply(identity, req,
-                                             {"task": task_object(row)}))
+        req = body["req"]
+        d = self.get(body["id"], key)
+        d.addCallback(lambda answer: self.reply(identity, req, answer))
         return self._answered(d, "reading a task", identity, req)
+
+    def get(self, task_id, key):
+        """
+        Read a task for a client with ``key``.
+
+        :returns: a ``Deferred`` firing with the reply's body, or failing
+            with :class:`Refused` (``not_found``) or the store's error.
+        """
+        return self._read(task_id, self._scope(key)).addCallback(
+            lambda row: {"task": task_object(row)})
 
     def on_WAIT(self, identity, body, key=None):
         req, task_id = body["req"], body["id"]
@@ -377,6 +386,18 @@ class Requests:
 
     def on_LIST(self, identity, body, key=None):
         req = body["req"]
+        d = self.list_tasks(body, key)
+        d.addCallback(lambda answer: self.reply(identity, req, answer))
+        return self._answered(d, "listing tasks", identity, req)
+
+    def list_tasks(self, body, key):
+        """
+        Carry out a LIST (its body as the codec checked it) for a client
+        with ``key``.
+
+        :returns: a ``Deferred`` firing with the reply's body, or failing
+            with the store's error.
+        """
         limit = body.get("limit") or 100
         # Oldest first unless asked: what clients from before 'order' mean.
         order = body.get("order") or "oldest"
@@ -390,7 +411,7 @@ class Requests:
             more = (len(rows) > limit
                     or sum(map(text_size, rows)) >= MAX_LIST_BYTES)
             rows = rows[:limit]
-            self.reply(identity, req, {
+            return {
                 "tasks": [task_object(row) for row in rows],
                 # The cursor of the next page: its 'after' (oldest first)
                 # or its 'before' (newest first).
@@ -398,10 +419,9 @@ class Requests:
                 # Echoed, so that a client can tell a broker that ignored
                 # it (one from before it).
                 "order": order,
-            })
+            }
 
-        return self._answered(d.addCallback(listed), "listing tasks",
-                              identity, req)
+        return d.addCallback(listed)
 
     # -- changing tasks ----------------------------------------------------
 

@@ -7,12 +7,16 @@ because shared CI machines are slow and a flaky deadline proves nothing;
 ``dev`` keeps Hypothesis' defaults.
 """
 
+import json
 import os
 
 import pytest
 import zmq
 from hypothesis import settings
+from twisted.internet.task import Clock
 
+from taskbroker.protocol import codec
+from taskbroker.testing import MemoryStore, SharedMemoryDatabase, result_of
 from taskbroker.testing.fakebroker import FakeBroker
 
 settings.register_profile("ci", deadline=None, derandomize=True)
@@ -62,3 +66,59 @@ def curve_keys(tmp_path):
     for name in ("broker", "w1", "c1"):
         curve.keygen(str(folder), name)
     return lambda name: str(folder / name)
+
+
+# The broker core's tests (test_broker.py and its neighbours): a Clock,
+# the store, and a list in place of the socket.
+
+
+class Peers:
+    """
+    Stands in for the ROUTER socket: records what the broker sends.
+    """
+
+    def __init__(self):
+        self.sent = []
+        self.gone = set()
+
+    def send(self, identity, frames):
+        if identity in self.gone:
+            return False
+        assert frames[0] == codec.SIGNATURE
+        self.sent.append((identity, frames[1], json.loads(frames[2])))
+        return True
+
+    def take(self, identity=None, command=None):
+        """
+        Remove and return the messages sent (to ``identity``, of
+        ``command``).
+        """
+        taken = [m for m in self.sent
+                 if (identity is None or m[0] == identity)
+                 and (command is None or m[1] == command)]
+        self.sent = [m for m in self.sent if m not in taken]
+        return taken
+
+
+@pytest.fixture
+def clock():
+    return Clock()
+
+
+@pytest.fixture(params=["owner", "shared"])
+def store(clock, request):
+    """
+    The store, as one broker's own (claims ahead), or as a database shared
+    by several brokers (claims only for idle credits).
+    """
+    if request.param == "owner":
+        s = MemoryStore(clock)
+    else:
+        s = SharedMemoryDatabase(clock).store
+    result_of(s.open())
+    return s
+
+
+@pytest.fixture
+def peers():
+    return Peers()

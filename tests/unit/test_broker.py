@@ -3,66 +3,17 @@ Tests for taskbroker.broker.core: the broker's message handling, driven
 with a MemoryStore and a Clock, and a list in place of the socket.
 """
 
-import json
 
 import pytest
 from twisted.internet import defer
-from twisted.internet.task import Clock
 
 import taskbroker
 from taskbroker.broker.core import Broker
 from taskbroker.config import BrokerConfig
 from taskbroker.errors import StoreError, WriteRefused
 from taskbroker.protocol import codec
-from taskbroker.testing import MemoryStore, SharedMemoryDatabase, result_of
+from taskbroker.testing import MemoryStore, result_of
 from taskbroker.transport.zmq import Sender
-
-
-class Peers:
-    """
-    Stands in for the ROUTER socket: records what the broker sends.
-    """
-
-    def __init__(self):
-        self.sent = []
-        self.gone = set()
-
-    def send(self, identity, frames):
-        if identity in self.gone:
-            return False
-        assert frames[0] == codec.SIGNATURE
-        self.sent.append((identity, frames[1], json.loads(frames[2])))
-        return True
-
-    def take(self, identity=None, command=None):
-        """
-        Remove and return the messages sent (to ``identity``, of
-        ``command``).
-        """
-        taken = [m for m in self.sent
-                 if (identity is None or m[0] == identity)
-                 and (command is None or m[1] == command)]
-        self.sent = [m for m in self.sent if m not in taken]
-        return taken
-
-
-@pytest.fixture
-def clock():
-    return Clock()
-
-
-@pytest.fixture(params=["owner", "shared"])
-def store(clock, request):
-    """
-    The store, as one broker's own (claims ahead), or as a database shared
-    by several brokers (claims only for idle credits).
-    """
-    if request.param == "owner":
-        s = MemoryStore(clock)
-    else:
-        s = SharedMemoryDatabase(clock).store
-    result_of(s.open())
-    return s
 
 
 @pytest.fixture
@@ -74,11 +25,6 @@ def owned_store(clock):
     s = MemoryStore(clock)
     result_of(s.open())
     return s
-
-
-@pytest.fixture
-def peers():
-    return Peers()
 
 
 def started_broker(store, clock, peers):

@@ -13,7 +13,8 @@ from twisted.logger import Logger, capturedLogs, formatEvent
 from taskbroker import logs
 from taskbroker.logs import GATHER, MOST_PER_EVENT, TaskLog, cut, seconds
 from taskbroker.testing import MemoryStore, result_of
-from tests.unit.test_broker import Peers, hello, send, started_broker
+from tests.unit.conftest import Peers
+from tests.unit.test_broker import hello, send, started_broker
 from tests.unit.test_progress import progress_worker
 
 

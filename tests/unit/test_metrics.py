@@ -8,7 +8,8 @@ from twisted.internet.task import Clock
 
 from taskbroker.broker.metrics import MOST_HANDLERS, OTHER
 from taskbroker.testing import MemoryStore, result_of
-from tests.unit.test_broker import Peers, started_broker
+from tests.unit.conftest import Peers
+from tests.unit.test_broker import started_broker
 
 
 def samples(broker):

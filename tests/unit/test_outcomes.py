@@ -17,7 +17,7 @@ from taskbroker.errors import StoreError
 from taskbroker.store import TaskRow
 from taskbroker.testing import result_of
 
-from .test_broker import hello, peers, send, store, submit, broker, clock  # noqa: F401
+from .test_broker import hello, send, submit, broker  # noqa: F401
 
 
 def test_backoff_doubles_with_equal_jitter_up_to_the_maximum():

@@ -5,34 +5,14 @@ drives the broker, with each message's authenticated key.
 """
 
 import pytest
-from twisted.internet.task import Clock
 
 from taskbroker.broker.keys import PeerKeys
 from taskbroker.protocol import codec
-from taskbroker.testing import MemoryStore, SharedMemoryDatabase, result_of
 from taskbroker.transport.zmq import Sender
-from tests.unit.test_broker import Peers, started_broker
+from tests.unit.test_broker import started_broker
 
 # Z85 public keys are 40 characters; the broker only compares them.
 ALICE, BOB, ADMIN, WORKER = (name.encode() * 40 for name in "abdw")
-
-
-@pytest.fixture
-def clock():
-    return Clock()
-
-
-@pytest.fixture
-def peers():
-    return Peers()
-
-
-@pytest.fixture(params=["owner", "shared"])
-def store(clock, request):
-    s = (MemoryStore(clock) if request.param == "owner"
-         else SharedMemoryDatabase(clock).store)
-    result_of(s.open())
-    return s
 
 
 @pytest.fixture

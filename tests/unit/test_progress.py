@@ -22,7 +22,8 @@ from taskbroker.transport.zmq import Sender
 from taskbroker.worker.progress import INTERVAL, Throttle, checked
 from taskbroker.worker.service import WorkerService
 from taskbroker.worker.task import RunningTask
-from tests.unit.test_broker import Peers, hello, send, started_broker
+from tests.unit.conftest import Peers
+from tests.unit.test_broker import hello, send, started_broker
 from tests.unit.test_worker import FakeSocket, task
 
 
