@@ -8,6 +8,8 @@ checked with ``verifyObject`` in the unit tests.
 
 from zope.interface import Attribute, Interface
 
+from taskbroker.store import FINAL_STATES
+
 
 class ITask(Interface):
     """
@@ -340,6 +342,88 @@ class ITaskStore(Interface):
         :returns: a ``Deferred`` firing with a ``dict`` mapping ``(state,
             priority, handler, delayed)`` to a count of tasks, where
             ``delayed`` is a ``bool`` (always false unless ``queued``).
+        """
+
+
+    def add_schedule(row, replace=False):
+        """
+        Add a periodic task.
+
+        :param row: a :class:`taskbroker.store.ScheduleRow`.
+        :param replace: replace a schedule of the same name, if any.
+        :returns: a ``Deferred`` firing with ``True``, or ``False`` when a
+            schedule of that name exists and ``replace`` is false (nothing
+            is written then).
+        """
+
+    def schedules(names=None):
+        """
+        :param names: the names to read (an iterable of ``str``), or
+            ``None`` for every schedule.
+        :returns: a ``Deferred`` firing with a ``list`` of
+            :class:`taskbroker.store.ScheduleRow`, by name.
+        """
+
+    def remove_schedule(name):
+        """
+        :returns: a ``Deferred`` firing with whether there was one.
+        """
+
+    def pause_schedule(name, paused, next_tick):
+        """
+        Pause a schedule, or resume it so that it next comes due at
+        ``next_tick`` (a schedule already so is left as it is).
+
+        :returns: a ``Deferred`` firing with the
+            :class:`taskbroker.store.ScheduleRow` as it now is, or ``None``
+            if there is none of that name.
+        """
+
+    def due_schedules(now, limit):
+        """
+        :returns: a ``Deferred`` firing with at most ``limit`` schedules
+            that are not paused and whose ``next_tick`` is ``now`` or
+            earlier, the earliest first.
+        """
+
+    def fire_schedule(name, tick, next_tick, task, skip_if_running):
+        """
+        Handle a schedule's tick: in one transaction, move its
+        ``next_tick`` from ``tick`` to ``next_tick`` if it still holds
+        ``tick`` (the compare-and-set that makes each tick happen once
+        however many brokers share the database), and insert ``task``
+        (a :class:`taskbroker.store.NewTask` whose ``unique_key`` names
+        the tick) unless ``skip_if_running`` and the schedule's previous
+        task is still queued or running.
+
+        :returns: a ``Deferred`` firing with ``("enqueued", row)``,
+            ``("existing", row)`` (a live task holds the unique key),
+            ``("skipped", None)`` or ``("gone", None)`` (another broker
+            handled the tick, or the schedule was paused, changed or
+            removed).
+        """
+
+    def purge(finished_before, states=FINAL_STATES, handler=None,
+              submitter=None, limit=500):
+        """
+        Delete at most ``limit`` finished tasks, those that finished
+        earliest first: a small batch, so that the transaction holds its
+        locks briefly.
+
+        :param finished_before: a Unix time.
+        :param states: the final states to delete.
+        :param handler: only tasks of this handler, if not ``None``.
+        :param submitter: only tasks this client key submitted, if not
+            ``None``.
+        :returns: a ``Deferred`` firing with a ``list`` of ``(priority,
+            handler, state)``, one per task deleted.
+        """
+
+    def setting(name):
+        """
+        :returns: a ``Deferred`` firing with the value (``str``) of a
+            setting of the database (``default_keep_finished``), or
+            ``None``.
         """
 
 

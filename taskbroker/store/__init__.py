@@ -126,6 +126,38 @@ class TaskRow(NamedTuple):
     progress_at: Optional[float] = None
 
 
+class ScheduleRow(NamedTuple):
+    """
+    One row of the ``schedules`` table: a periodic task.
+
+    Exactly one of ``every`` (seconds between ticks) and ``cron`` (an
+    expression run in the wall time of ``timezone``) is set.  ``payload``
+    is JSON text; ``priority``, ``max_attempts`` and ``time_limit`` may be
+    ``None`` for the broker's defaults.  ``next_tick`` is the Unix time of
+    the tick to enqueue next; ``last_tick`` and ``last_task_id`` say what
+    the last tick handled did (``last_task_id`` stays as it was when that
+    tick was skipped).  ``submitter`` is the CURVE public key of the
+    client that added it, or ``None``.
+    """
+
+    name: str
+    handler: str
+    payload: str
+    priority: Optional[str]
+    max_attempts: Optional[int]
+    time_limit: Optional[float]
+    every: Optional[float]
+    cron: Optional[str]
+    timezone: str
+    skip_if_running: bool
+    paused: bool
+    next_tick: float
+    last_tick: Optional[float]
+    last_task_id: Optional[int]
+    created_at: float
+    submitter: Optional[str]
+
+
 class Submitted(NamedTuple):
     """
     What :meth:`taskbroker.interfaces.ITaskStore.submit` returns for each

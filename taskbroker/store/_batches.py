@@ -389,6 +389,60 @@ class BatchedStore:
         """
         return self._read(self._sql.counts, now, thread=self._counter)
 
+    # Schedules, retention and settings
+
+    def add_schedule(self, row, replace=False):
+        """
+        See :meth:`taskbroker.interfaces.ITaskStore.add_schedule`.
+        """
+        return self._write(self._sql.add_schedule, row, replace)
+
+    def schedules(self, names=None):
+        """
+        See :meth:`taskbroker.interfaces.ITaskStore.schedules`.
+        """
+        return self._read(self._sql.schedules,
+                          None if names is None else list(names))
+
+    def remove_schedule(self, name):
+        """
+        See :meth:`taskbroker.interfaces.ITaskStore.remove_schedule`.
+        """
+        return self._write(self._sql.remove_schedule, name)
+
+    def pause_schedule(self, name, paused, next_tick):
+        """
+        See :meth:`taskbroker.interfaces.ITaskStore.pause_schedule`.
+        """
+        return self._write(self._sql.pause_schedule, name, paused, next_tick)
+
+    def due_schedules(self, now, limit):
+        """
+        See :meth:`taskbroker.interfaces.ITaskStore.due_schedules`.
+        """
+        return self._read(self._sql.due_schedules, now, limit)
+
+    def fire_schedule(self, name, tick, next_tick, task, skip_if_running):
+        """
+        See :meth:`taskbroker.interfaces.ITaskStore.fire_schedule`.
+        """
+        return self._write(self._sql.fire_schedule, name, tick, next_tick,
+                           task, skip_if_running)
+
+    def purge(self, finished_before, states=FINAL_STATES, handler=None,
+              submitter=None, limit=500):
+        """
+        See :meth:`taskbroker.interfaces.ITaskStore.purge`.
+        """
+        return self._write(self._sql.purge, finished_before, tuple(states),
+                           handler, submitter, limit)
+
+    def setting(self, name):
+        """
+        See :meth:`taskbroker.interfaces.ITaskStore.setting`.
+        """
+        return self._read(self._sql.setting, name)
+
 
 def _bad_final_state(state):
     return ValueError(

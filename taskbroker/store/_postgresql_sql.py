@@ -12,6 +12,7 @@ from psycopg import errors as pg_errors
 
 from taskbroker.errors import StoreError, WriteRefused, one_line
 from taskbroker.store import Submitted, TaskRow, up_to_size
+from taskbroker.store import _housekeeping_sql as housekeeping
 
 # In TaskRow's field order, so that TaskRow(*row) builds one.
 COLUMNS = (
@@ -541,14 +542,6 @@ def watch(cursor, owner, task_id):
                    (task_id,))
 
 
-# The writes after which other brokers may find tasks to claim; those
-# that end a task (a WAIT on another broker may be for it); and those of
-# one statement, which commit alone without a transaction block.
-WAKING = frozenset((requeue, retry, release))
-ENDING = frozenset((finish, cancel))
-SINGLE_STATEMENT = frozenset((dispatch, finish, watch, dispatch_for))
-
-
 def get_with(cursor, task_id):
     row = cursor.execute(
         f"SELECT {COLUMNS} FROM tasks WHERE id = %s", (task_id,)).fetchone()
@@ -839,3 +832,54 @@ def let_go(connection, owner, task_ids, notify):
         if count and notify is not None:
             connection.execute("SELECT pg_notify(%s, '')", (notify,))
     return count
+
+
+# Schedules, retention and settings (taskbroker.store._housekeeping_sql).
+
+
+def add_schedule(cursor, owner, row, replace):
+    return housekeeping.add_schedule(cursor, "%s", row, replace)
+
+
+def schedules(connection, names=None):
+    return housekeeping.schedules(connection, "%s", names)
+
+
+def remove_schedule(cursor, owner, name):
+    return housekeeping.remove_schedule(cursor, "%s", name)
+
+
+def pause_schedule(cursor, owner, name, paused, next_tick):
+    return housekeeping.pause_schedule(cursor, "%s", name, paused, next_tick)
+
+
+def due_schedules(connection, now, limit):
+    return housekeeping.due_schedules(connection, "%s", now, limit)
+
+
+def fire_schedule(cursor, owner, name, tick, next_tick, task,
+                  skip_if_running):
+    # (A task with a unique key is inserted at once, not Later.)
+    def insert(cursor, task):
+        return submit(cursor, owner, [task])[0]
+
+    return housekeeping.fire_schedule(cursor, "%s", insert, name, tick,
+                                      next_tick, task, skip_if_running)
+
+
+def purge(cursor, owner, finished_before, states, handler, submitter, limit):
+    return housekeeping.purge(cursor, "%s", finished_before, states, handler,
+                              submitter, limit,
+                              skip_locked=" FOR UPDATE SKIP LOCKED")
+
+
+def setting(connection, name):
+    return housekeeping.setting(connection, "%s", name)
+
+
+# The writes after which other brokers may find tasks to claim; those
+# that end a task (a WAIT on another broker may be for it); and those of
+# one statement, which commit alone without a transaction block.
+WAKING = frozenset((requeue, retry, release, fire_schedule))
+ENDING = frozenset((finish, cancel))
+SINGLE_STATEMENT = frozenset((dispatch, finish, watch, dispatch_for))

@@ -9,6 +9,7 @@ import sqlite3
 
 from taskbroker.errors import StoreError, WriteRefused, one_line
 from taskbroker.store import Submitted, TaskRow, _schema, up_to_size
+from taskbroker.store import _housekeeping_sql as housekeeping
 
 # In TaskRow's field order, so that TaskRow(*row) builds one.
 _COLUMNS = (
@@ -414,3 +415,44 @@ def counts(connection, now):
     )
     return {(state, priority, handler, bool(delayed)): count
             for state, priority, handler, delayed, count in rows}
+
+
+# Schedules, retention and settings (taskbroker.store._housekeeping_sql).
+
+
+def add_schedule(cursor, row, replace):
+    return housekeeping.add_schedule(cursor, "?", row, replace)
+
+
+def schedules(connection, names=None):
+    return housekeeping.schedules(connection, "?", names)
+
+
+def remove_schedule(cursor, name):
+    return housekeeping.remove_schedule(cursor, "?", name)
+
+
+def pause_schedule(cursor, name, paused, next_tick):
+    return housekeeping.pause_schedule(cursor, "?", name, paused, next_tick)
+
+
+def due_schedules(connection, now, limit):
+    return housekeeping.due_schedules(connection, "?", now, limit)
+
+
+def _insert(cursor, task):
+    return submit(cursor, [task])[0]
+
+
+def fire_schedule(cursor, name, tick, next_tick, task, skip_if_running):
+    return housekeeping.fire_schedule(cursor, "?", _insert, name, tick,
+                                      next_tick, task, skip_if_running)
+
+
+def purge(cursor, finished_before, states, handler, submitter, limit):
+    return housekeeping.purge(cursor, "?", finished_before, states, handler,
+                              submitter, limit)
+
+
+def setting(connection, name):
+    return housekeeping.setting(connection, "?", name)

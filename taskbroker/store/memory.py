@@ -56,6 +56,10 @@ class MemoryStore:
         # running) task that holds it, and request_id -> ids, in order.
         self._live_keys = {}
         self._by_request = {}
+        # The schedules table, by name, and the settings of a database
+        # created at the newest schema version.
+        self._schedules = {}
+        self._settings = {"default_keep_finished": "7d"}
 
     def __repr__(self):
         state = "open" if self._open else "closed"
@@ -504,6 +508,123 @@ class MemoryStore:
             key = (row.state, row.priority, row.handler, delayed)
             counts[key] = counts.get(key, 0) + 1
         return counts
+
+    # Schedules, retention and settings
+
+    def add_schedule(self, row, replace=False):
+        """
+        See :meth:`taskbroker.interfaces.ITaskStore.add_schedule`.
+        """
+        def add():
+            if (row.every is None) == (row.cron is None):
+                # The schedules table's CHECK constraint "timing".
+                raise sqlite3.IntegrityError(
+                    "CHECK constraint failed: timing")
+            if row.name in self._schedules and not replace:
+                return False
+            self._schedules[row.name] = row
+            return True
+
+        return self._run_open(add)
+
+    def schedules(self, names=None):
+        """
+        See :meth:`taskbroker.interfaces.ITaskStore.schedules`.
+        """
+        return self._run_open(lambda: [
+            self._schedules[name] for name in sorted(self._schedules)
+            if names is None or name in names])
+
+    def remove_schedule(self, name):
+        """
+        See :meth:`taskbroker.interfaces.ITaskStore.remove_schedule`.
+        """
+        return self._run_open(
+            lambda: self._schedules.pop(name, None) is not None)
+
+    def pause_schedule(self, name, paused, next_tick):
+        """
+        See :meth:`taskbroker.interfaces.ITaskStore.pause_schedule`.
+        """
+        def pause():
+            row = self._schedules.get(name)
+            if row is None or row.paused == paused:
+                return row
+            changes = {"paused": paused}
+            if not paused:
+                changes["next_tick"] = next_tick
+            row = self._schedules[name] = row._replace(**changes)
+            return row
+
+        return self._run_open(pause)
+
+    def due_schedules(self, now, limit):
+        """
+        See :meth:`taskbroker.interfaces.ITaskStore.due_schedules`.
+        """
+        return self._run_open(lambda: sorted(
+            (row for row in self._schedules.values()
+             if not row.paused and row.next_tick <= now),
+            key=lambda row: row.next_tick)[:limit])
+
+    def fire_schedule(self, name, tick, next_tick, task, skip_if_running):
+        """
+        See :meth:`taskbroker.interfaces.ITaskStore.fire_schedule`.
+        """
+        def fire():
+            row = self._schedules.get(name)
+            if row is None or row.paused or row.next_tick != tick:
+                return ("gone", None)
+            row = self._schedules[name] = row._replace(
+                next_tick=next_tick, last_tick=tick)
+            previous = self._rows.get(row.last_task_id)
+            if skip_if_running and previous is not None \
+                    and previous.state in LIVE_STATES:
+                return ("skipped", None)
+            live = self._live_with_key(task.unique_key)
+            if live is not None:
+                created = live
+            else:
+                created = self._insert(
+                    task.handler, task.payload, task.priority,
+                    task.max_attempts, task.created_at,
+                    unique_key=task.unique_key, time_limit=task.time_limit,
+                    submitter=task.submitter)
+            self._schedules[name] = row._replace(last_task_id=created.id)
+            return ("existing" if live is not None else "enqueued", created)
+
+        return self._run_open(fire)
+
+    def purge(self, finished_before, states=FINAL_STATES, handler=None,
+              submitter=None, limit=500):
+        """
+        See :meth:`taskbroker.interfaces.ITaskStore.purge`.
+        """
+        def purge():
+            chosen = sorted(
+                (row for row in self._rows.values()
+                 if row.state in FINAL_STATES and row.state in states
+                 and row.finished_at is not None
+                 and row.finished_at < finished_before
+                 and (handler is None or row.handler == handler)
+                 and (submitter is None or row.submitter == submitter)),
+                key=lambda row: row.finished_at)[:limit]
+            for row in chosen:
+                del self._rows[row.id]
+            return [(row.priority, row.handler, row.state) for row in chosen]
+
+        return self._run_open(purge)
+
+    def setting(self, name):
+        """
+        See :meth:`taskbroker.interfaces.ITaskStore.setting`.
+        """
+        return self._run_open(lambda: self._settings.get(name))
+
+    def _run_open(self, function):
+        if not self._open:
+            return defer.fail(StoreError("memory store is not open"))
+        return self._run(function)
 
 
 def _order(value):

@@ -50,9 +50,10 @@ from zope.interface.verify import verifyObject
 
 from taskbroker.errors import StoreError, WriteRefused
 from taskbroker.interfaces import IQueueReads, ITaskStore
-from taskbroker.store import NewTask, Submitted, TaskRow
+from taskbroker.schedules import unique_key
+from taskbroker.store import NewTask, ScheduleRow, Submitted, TaskRow
 
-__all__ = ["StoreContract", "QueueReadsContract", "new_task", "rows_of",
+__all__ = ["StoreContract", "QueueReadsContract", "HousekeepingContract", "new_task", "rows_of",
            "submit_one", "all_rows"]
 
 
@@ -768,6 +769,166 @@ class StoreContract:
         await store.close()
         with pytest.raises(StoreError):
             await store.dispatch(1, 1, "w", 1.0)
+
+
+def schedule_row(name="nightly", every=60.0, cron=None, next_tick=1060.0,
+                 **changes):
+    row = ScheduleRow(
+        name=name, handler="echo", payload='{"n": 1}', priority=None,
+        max_attempts=None, time_limit=None, every=every, cron=cron,
+        timezone="UTC", skip_if_running=False, paused=False,
+        next_tick=next_tick, last_tick=None, last_task_id=None,
+        created_at=1000.0, submitter=None)
+    return row._replace(**changes)
+
+
+def schedule_task(name, tick):
+    return new_task(unique_key=unique_key(name, tick), created_at=tick)
+
+
+class HousekeepingContract:
+    """
+    Schedules, retention and settings: the tests every
+    :class:`~taskbroker.interfaces.ITaskStore` passes (with the fixtures
+    of :class:`StoreContract`).
+    """
+
+    @pytest_twisted.ensureDeferred
+    async def test_add_list_remove_schedules(self, store):
+        assert await store.schedules() == []
+        assert await store.add_schedule(schedule_row("b")) is True
+        assert await store.add_schedule(schedule_row(
+            "a", every=None, cron="0 3 * * *", timezone="Europe/Paris",
+            skip_if_running=True, priority="high", max_attempts=2,
+            time_limit=30.0, submitter="key")) is True
+        a, b = await store.schedules()
+        assert a == schedule_row(
+            "a", every=None, cron="0 3 * * *", timezone="Europe/Paris",
+            skip_if_running=True, priority="high", max_attempts=2,
+            time_limit=30.0, submitter="key")
+        assert b == schedule_row("b")
+        assert await store.schedules(["b", "c"]) == [b]
+        # A name is taken until the schedule is removed or replaced.
+        changed = schedule_row("b", every=5.0)
+        assert await store.add_schedule(changed) is False
+        assert await store.schedules(["b"]) == [b]
+        assert await store.add_schedule(changed, replace=True) is True
+        assert await store.schedules(["b"]) == [changed]
+        assert await store.remove_schedule("b") is True
+        assert await store.remove_schedule("b") is False
+        assert [row.name for row in await store.schedules()] == ["a"]
+
+    @pytest_twisted.ensureDeferred
+    async def test_a_schedule_has_every_or_cron(self, store):
+        with pytest.raises(WriteRefused):
+            await store.add_schedule(schedule_row(every=None))
+        with pytest.raises(WriteRefused):
+            await store.add_schedule(schedule_row(cron="* * * * *"))
+        assert await store.schedules() == []
+
+    @pytest_twisted.ensureDeferred
+    async def test_pause_and_resume(self, store):
+        await store.add_schedule(schedule_row(next_tick=1060.0))
+        paused = await store.pause_schedule("nightly", True, 5000.0)
+        assert (paused.paused, paused.next_tick) == (True, 1060.0)
+        assert await store.due_schedules(2000.0, 10) == []
+        # Pausing again changes nothing; resuming sets the next tick.
+        assert await store.pause_schedule("nightly", True, 7000.0) == paused
+        resumed = await store.pause_schedule("nightly", False, 2060.0)
+        assert (resumed.paused, resumed.next_tick) == (False, 2060.0)
+        assert await store.pause_schedule("nightly", False, 9.0) == resumed
+        assert await store.pause_schedule("other", True, 1.0) is None
+
+    @pytest_twisted.ensureDeferred
+    async def test_due_schedules_earliest_first(self, store):
+        for name, tick in (("c", 1300.0), ("a", 1200.0), ("b", 1100.0)):
+            await store.add_schedule(schedule_row(name, next_tick=tick))
+        assert [row.name for row in await store.due_schedules(1250.0, 10)] \
+            == ["b", "a"]
+        assert [row.name for row in await store.due_schedules(1300.0, 1)] \
+            == ["b"]
+
+    @pytest_twisted.ensureDeferred
+    async def test_each_tick_is_fired_once(self, store):
+        await store.add_schedule(schedule_row(next_tick=1060.0))
+        task = schedule_task("nightly", 1060.0)
+        state, row = await store.fire_schedule("nightly", 1060.0, 1120.0,
+                                               task, False)
+        assert state == "enqueued"
+        assert (row.handler, row.payload, row.state, row.unique_key) == (
+            "echo", '{"n": 1}', "queued",
+            "schedule:nightly:1970-01-01T00:17:40.000000+00:00")
+        assert await store.get(row.id) == row
+        # The compare-and-set: the tick is no longer the schedule's.
+        assert await store.fire_schedule("nightly", 1060.0, 1120.0, task,
+                                         False) == ("gone", None)
+        (schedule,) = await store.schedules()
+        assert (schedule.next_tick, schedule.last_tick,
+                schedule.last_task_id) == (1120.0, 1060.0, row.id)
+        assert len(await all_rows(store)) == 1
+        # Nor does a paused or removed schedule fire.
+        await store.pause_schedule("nightly", True, 0.0)
+        assert await store.fire_schedule(
+            "nightly", 1120.0, 1180.0, schedule_task("nightly", 1120.0),
+            False) == ("gone", None)
+        assert await store.fire_schedule(
+            "other", 1120.0, 1180.0, schedule_task("other", 1120.0),
+            False) == ("gone", None)
+
+    @pytest_twisted.ensureDeferred
+    async def test_skip_if_running(self, store):
+        await store.add_schedule(schedule_row(skip_if_running=True))
+        _, first = await store.fire_schedule(
+            "nightly", 1060.0, 1120.0, schedule_task("nightly", 1060.0),
+            True)
+        # Its first task still queued: the next tick enqueues nothing, but
+        # passes.
+        assert await store.fire_schedule(
+            "nightly", 1120.0, 1180.0, schedule_task("nightly", 1120.0),
+            True) == ("skipped", None)
+        (schedule,) = await store.schedules()
+        assert (schedule.next_tick, schedule.last_task_id) == (1180.0,
+                                                                first.id)
+        await store.cancel(first.id, 1150.0)
+        state, second = await store.fire_schedule(
+            "nightly", 1180.0, 1240.0, schedule_task("nightly", 1180.0),
+            True)
+        assert state == "enqueued" and second.id != first.id
+
+    @pytest_twisted.ensureDeferred
+    async def test_purge_deletes_old_finished_tasks_oldest_first(self, store):
+        rows = rows_of(await store.submit([
+            new_task(handler=handler) for handler in "abcab"]))
+        ended = [(rows[0], 1500.0), (rows[1], 1100.0), (rows[2], 1200.0),
+                 (rows[3], 2500.0)]
+        for row, at in ended:
+            await store.cancel(row.id, at)
+        # rows[4] stays queued.
+        assert await store.purge(2000.0, limit=1) == [
+            ("normal", "b", "cancelled")]
+        assert await store.purge(2000.0, handler="a") == [
+            ("normal", "a", "cancelled")]
+        assert await store.purge(2000.0, states=("failed",)) == []
+        assert await store.purge(2000.0, states=("cancelled", "failed")) \
+            == [("normal", "c", "cancelled")]
+        assert await store.purge(2000.0) == []
+        assert [row.id for row in await all_rows(store)] == [
+            rows[3].id, rows[4].id]
+
+    @pytest_twisted.ensureDeferred
+    async def test_purge_of_a_clients_tasks(self, store):
+        mine, theirs = rows_of(await store.submit([
+            new_task(submitter="m" * 40), new_task(submitter="t" * 40)]))
+        for row in (mine, theirs):
+            await store.cancel(row.id, 1100.0)
+        assert await store.purge(2000.0, submitter="m" * 40) == [
+            ("normal", "echo", "cancelled")]
+        assert [row.id for row in await all_rows(store)] == [theirs.id]
+
+    @pytest_twisted.ensureDeferred
+    async def test_a_new_database_keeps_finished_tasks_a_week(self, store):
+        assert await store.setting("default_keep_finished") == "7d"
+        assert await store.setting("nothing") is None
 
 
 class QueueReadsContract:

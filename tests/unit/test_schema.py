@@ -39,8 +39,9 @@ def test_split_sqlite():
 
 def test_packaged_schema_is_latest():
     directory = _schema.schema_directory("sqlite")
-    assert _schema.latest_version(directory) == 6
-    for name in ("v1.sql", "v2.sql", "v3.sql", "v4.sql", "v5.sql", "v6.sql"):
+    assert _schema.latest_version(directory) == 7
+    for name in ("v1.sql", "v2.sql", "v3.sql", "v4.sql", "v5.sql", "v6.sql",
+                 "v7.sql"):
         assert "CREATE TABLE tasks" in _schema.read_script(directory, name)
     assert "ALTER TABLE tasks" in _schema.read_script(
         directory, "upgrade-to-v2.sql")
@@ -52,6 +53,8 @@ def test_packaged_schema_is_latest():
         directory, "upgrade-to-v5.sql")
     assert "ADD COLUMN progress" in _schema.read_script(
         directory, "upgrade-to-v6.sql")
+    assert "CREATE TABLE schedules" in _schema.read_script(
+        directory, "upgrade-to-v7.sql")
 
 
 def normalised(statement):
@@ -308,7 +311,7 @@ def test_failed_creation_leaves_empty_database(schemas, tmp_path):
 
 
 #: The newest packaged PostgreSQL schema version.
-PG_LATEST = 3
+PG_LATEST = 4
 
 
 def test_packaged_postgresql_schema():
@@ -390,11 +393,18 @@ def test_postgresql_schema_upgraded_from_each_version(tmp_path, version):
             assert connection.execute(
                 "SELECT handler, submitter, progress FROM tasks"
             ).fetchall() == [("a", None, None)]
+            # An upgraded database keeps its history unless told otherwise.
+            assert connection.execute(
+                "SELECT name, value FROM taskbroker_settings").fetchall() \
+                == [("default_keep_finished", "none")]
             upgraded = describe_pg_schema(connection)
         with connect(fresh_url) as connection:
             assert _schema.ensure_schema(connection, "postgresql",
                                          packaged) == (None, PG_LATEST)
             assert describe_pg_schema(connection) == upgraded
+            assert connection.execute(
+                "SELECT name, value FROM taskbroker_settings").fetchall() \
+                == [("default_keep_finished", "7d")]
 
 
 def test_postgresql_newer_schema_is_refused(tmp_path, postgres_url):

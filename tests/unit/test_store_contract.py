@@ -16,7 +16,9 @@ from taskbroker.store import NewTask, TaskRow
 from taskbroker.store.postgresql import PostgresStore
 from taskbroker.store.sqlite import SQLiteStore
 from taskbroker.testing import MemoryStore, SharedMemoryDatabase
-from taskbroker.testing.store_contract import QueueReadsContract, StoreContract
+from taskbroker.testing.store_contract import (
+    HousekeepingContract, QueueReadsContract, StoreContract,
+)
 from tests.postgres import connect
 
 
@@ -38,7 +40,8 @@ class _OpenStore:
             await store.close()
 
 
-class TestMemoryStore(_OpenStore, StoreContract, QueueReadsContract):
+class TestMemoryStore(_OpenStore, StoreContract, QueueReadsContract,
+                      HousekeepingContract):
     @pytest.fixture
     def new_store(self):
         return MemoryStore
@@ -58,7 +61,8 @@ class TestSharedMemoryStore(TestMemoryStore):
         return lambda: SharedMemoryDatabase(Clock()).store
 
 
-class TestSQLiteStore(_OpenStore, StoreContract, QueueReadsContract):
+class TestSQLiteStore(_OpenStore, StoreContract, QueueReadsContract,
+                      HousekeepingContract):
     @pytest.fixture
     def new_store(self, reactor, tmp_path):
         path = str(tmp_path / "tasks.db")
@@ -79,7 +83,7 @@ class TestSQLiteStore(_OpenStore, StoreContract, QueueReadsContract):
         return insert
 
 
-class TestPostgresStore(_OpenStore, StoreContract):
+class TestPostgresStore(_OpenStore, StoreContract, HousekeepingContract):
     @pytest.fixture
     def new_store(self, reactor, postgres_url):
         return lambda: PostgresStore(postgres_url, reactor)

@@ -17,6 +17,7 @@ from taskbroker.errors import StoreError
 from taskbroker.store.postgresql import PostgresStore
 from taskbroker.testing.store_contract import new_task, submit_one
 from tests.postgres import connect
+from tests.unit.test_schema import PG_LATEST
 
 NOW = 2000.0
 
@@ -151,7 +152,7 @@ async def test_brokers_starting_together_create_the_schema_once(
     finally:
         for store in stores:
             await store.close()
-    assert sql("SELECT version FROM taskbroker_schema") == [(3,)]
+    assert sql("SELECT version FROM taskbroker_schema") == [(PG_LATEST,)]
     assert sql("SELECT count(*) FROM taskbroker_levels") == [(3,)]
 
 

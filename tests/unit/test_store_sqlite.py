@@ -27,6 +27,9 @@ from taskbroker.store._sqlite_threads import ConnectionThread
 from taskbroker.store.sqlite import SQLiteStore
 from taskbroker.testing.store_contract import new_task, rows_of
 
+#: The newest schema version.
+LATEST = _schema.latest_version(_schema.schema_directory("sqlite"))
+
 
 @pytest.fixture
 def reactor():
@@ -236,14 +239,16 @@ async def test_lock_released_when_owner_is_killed(reactor, db_path):
 
 @pytest_twisted.ensureDeferred
 async def test_schema_version_recorded(sqlite_store, db_path):
-    assert query(db_path, "SELECT version FROM taskbroker_schema") == [(6,)]
+    assert query(db_path, "SELECT version FROM taskbroker_schema") == [
+        (LATEST,)]
     indexes = {name for (name,) in query(
         db_path, "SELECT name FROM sqlite_master WHERE type = 'index' "
         "AND tbl_name = 'tasks' AND sql IS NOT NULL")}
     assert indexes == {"tasks_queued_by_group", "tasks_queued_by_run_at",
                        "tasks_by_state_id",
                        "tasks_by_handler_id", "tasks_live_unique_key",
-                       "tasks_by_request_id", "tasks_by_submitter_id"}
+                       "tasks_by_request_id", "tasks_by_submitter_id",
+                       "tasks_finished_by_time"}
     assert query(db_path, "PRAGMA journal_mode") == [("wal",)]
 
 
@@ -291,10 +296,10 @@ async def test_newer_schema_refused(reactor, db_path):
     with pytest.raises(StoreError) as caught:
         await store.open()
     assert "database schema version 99 is newer than this taskbroker " \
-        "supports (6)" in str(caught.value)
+        f"supports ({LATEST})" in str(caught.value)
     assert not isinstance(caught.value, StoreLocked)
     # The failed open let go of the lock and the pool.
-    execute(db_path, "UPDATE taskbroker_schema SET version = 6")
+    execute(db_path, f"UPDATE taskbroker_schema SET version = {LATEST}")
     await store.open()
     await store.close()
 
@@ -371,7 +376,7 @@ async def test_upgrade_from_v1(reactor, db_path):
     await store.open()
     try:
         assert query(db_path, "SELECT version FROM taskbroker_schema") == [
-            (6,)]
+            (LATEST,)]
         # The old columns are untouched, the new ones come after them.
         assert [row[:13] for row in query(
             db_path, "SELECT * FROM tasks ORDER BY id")] == before
@@ -406,7 +411,7 @@ async def test_upgrade_from_v1(reactor, db_path):
     await store.close()
 
 
-@pytest.mark.parametrize("version", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("version", [1, 2, 3, 4, 5, 6])
 @pytest_twisted.ensureDeferred
 async def test_upgraded_schema_is_the_new_schema(reactor, tmp_path, version):
     upgraded = str(tmp_path / "upgraded.db")
@@ -419,6 +424,13 @@ async def test_upgraded_schema_is_the_new_schema(reactor, tmp_path, version):
     tables, indexes = describe_schema(upgraded)
     assert (tables, indexes) == describe_schema(fresh)
     assert "tasks_queued_by_group" in indexes
+    assert {"schedules", "taskbroker_settings"} <= set(tables)
+    assert "tasks_finished_by_time" in indexes
+    # An upgraded database keeps its history unless told otherwise; a new
+    # one keeps a week of it.
+    assert [query(path, "SELECT name, value FROM taskbroker_settings")
+            for path in (upgraded, fresh)] == [
+        [("default_keep_finished", "none")], [("default_keep_finished", "7d")]]
     columns, definition = tables["tasks"]
     assert [column[1] for column in columns][-10:] == [
         "run_at", "unique_key", "request_id", "token", "time_limit",
@@ -502,7 +514,7 @@ async def test_upgrade_repairs_the_rows_that_break_the_constraints(
     await store.open()
     try:
         assert query(db_path, "SELECT version FROM taskbroker_schema") == [
-            (6,)]
+            (LATEST,)]
         rows = await store.list(None, None, 0, 100)
         assert len(rows) == count
         # The good rows as they were.
