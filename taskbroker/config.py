@@ -20,6 +20,7 @@ from typing import Optional
 from taskbroker.errors import ConfigError, one_line
 from taskbroker.failover import endpoint, parse_endpoints
 from taskbroker.protocol.codec import MAX_NAME
+from taskbroker.schedules import parse_duration
 from taskbroker.store import parse_database_url
 from taskbroker.wording import edit_distance
 
@@ -61,6 +62,15 @@ def non_negative_number(text):
     if not (0 <= value < float("inf")):
         raise ValueError("must be 0 or more")
     return value
+
+
+def kept_duration(text):
+    """
+    How long to keep something: a duration (seconds, or a number with s,
+    m, h or d), or ``none`` for ever, read as infinity.
+    """
+    seconds = parse_duration(text, allow_none=True)
+    return float("inf") if seconds is None else seconds
 
 
 def positive_int(text):
@@ -430,6 +440,12 @@ class BrokerConfig:
         "quick", choice("quick", "none"),
         "Once listening, check the database for damage in the background "
         "(PRAGMA quick_check) and stop if it is damaged; none to skip.")
+    keep_finished: Optional[float] = setting(
+        None, kept_duration,
+        "How long finished tasks are kept: seconds or a number with s, m, "
+        "h or d (such as 7d), or none for ever; older ones are deleted in "
+        "small batches (default: the database's, 7d for a database created "
+        "by this version and none for one it upgraded).")
 
     def __post_init__(self):
         levels = self.priorities

@@ -419,6 +419,12 @@ class ITaskStore(Interface):
             handler, state)``, one per task deleted.
         """
 
+    def count(state, handler=None, submitter=None):
+        """
+        :returns: a ``Deferred`` firing with the number of tasks in
+            ``state`` (of ``handler`` and ``submitter``, if not ``None``).
+        """
+
     def setting(name):
         """
         :returns: a ``Deferred`` firing with the value (``str``) of a

@@ -41,6 +41,7 @@ from twisted.logger import Logger
 from taskbroker.broker.admission import Admission
 from taskbroker.broker.attempts import Attempt, Attempts
 from taskbroker.broker.backlog import Backlog
+from taskbroker.broker.bulk import Bulk
 from taskbroker.broker.dispatch import Dispatcher
 from taskbroker.broker.feeder import Feeder
 from taskbroker.broker.metrics import Metrics
@@ -48,6 +49,7 @@ from taskbroker.broker.outcomes import Outcomes, RetryPolicy
 from taskbroker.broker.progress import ProgressRecords
 from taskbroker.broker.requests import Requests
 from taskbroker.broker.router import Router
+from taskbroker.broker.schedules import Schedules
 from taskbroker.broker.sessions import Sessions
 from taskbroker.broker.status import Status
 from taskbroker.broker.validation import invalid_row
@@ -126,6 +128,8 @@ class Broker:
         self.workers = Workers(self)
         self.admission = Admission()
         self.requests = Requests(self)
+        self.schedules = Schedules(self)
+        self.bulk = Bulk(self)
         self.router = Router(self)
         self.handle = self.router.handle
         self.stopped = False
@@ -193,6 +197,7 @@ class Broker:
         # the broker does not start, and the next start tries again.
         yield defer.gatherResults(failed, consumeErrors=True)
         yield self.backlog.load()
+        yield self.bulk.start_retention()
 
     def _finished_elsewhere(self, task_ids):
         """

@@ -89,6 +89,7 @@ class Metrics:
     def __init__(self, broker):
         self._broker = broker
         self._finished = Counter()
+        self._purged = 0
         # The handler names kept as themselves (see _kept).
         self._seen = set()
         self._wait = _Histogram(WAIT_BUCKETS)
@@ -121,6 +122,12 @@ class Metrics:
         self._finished[(priority, handler, outcome)] += 1
         if isinstance(ran, (int, float)) and ran >= 0:
             self._run.observe((priority, handler), ran)
+
+    def purged(self, count):
+        """
+        ``count`` finished tasks were deleted (retention or a purge).
+        """
+        self._purged += count
 
     def render(self):
         """
@@ -183,6 +190,10 @@ class Metrics:
         slots.add_metric(("busy",), max(0, total - free))
         slots.add_metric(("free",), free)
         yield slots
+        yield CounterMetricFamily(
+            "taskbroker_tasks_deleted",
+            "Finished tasks this broker deleted (retention and purges).",
+            value=self._purged)
         yield CounterMetricFamily(
             "taskbroker_bad_messages",
             "Messages this broker could not read (protocol errors).",

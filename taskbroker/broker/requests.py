@@ -97,7 +97,7 @@ class Requests:
 
     # -- whose tasks -------------------------------------------------------
 
-    def _scope(self, key):
+    def scope(self, key):
         """
         The tasks a client key may see and change: ``None`` for all of
         them (no client checks, or an admin key), else the key's text,
@@ -152,7 +152,7 @@ class Requests:
             :class:`Refused` or the store's error.
         """
         broker = self._broker
-        scope = self._scope(key)
+        scope = self.scope(key)
         try:
             new = self._new_tasks(body, key)
         except Refused as refused:
@@ -295,13 +295,13 @@ class Requests:
         :returns: a ``Deferred`` firing with the reply's body, or failing
             with :class:`Refused` (``not_found``) or the store's error.
         """
-        return self._read(task_id, self._scope(key)).addCallback(
+        return self._read(task_id, self.scope(key)).addCallback(
             lambda row: {"task": task_object(row)})
 
     def on_WAIT(self, identity, body, key=None):
         req, task_id = body["req"], body["id"]
         timeout = body.get("timeout", DEFAULT_WAIT)
-        scope = self._scope(key)
+        scope = self.scope(key)
         if timeout > 0 and self._live_for(task_id, scope):
             # Live, so not final: wait without reading it.
             self._wait(identity, req, task_id, timeout, key)
@@ -403,7 +403,7 @@ class Requests:
         order = body.get("order") or "oldest"
         d = self._broker.store.list(
             body.get("state"), body.get("handler"), body.get("after") or 0,
-            limit + 1, MAX_LIST_BYTES, submitter=self._scope(key),
+            limit + 1, MAX_LIST_BYTES, submitter=self.scope(key),
             priority=body.get("priority"), before_id=body.get("before"),
             newest_first=order == "newest")
 
@@ -438,13 +438,16 @@ class Requests:
         :returns: a ``Deferred`` firing with the reply's body, or failing
             with :class:`Refused` or the store's error.
         """
-        scope = self._scope(key)
+        scope = self.scope(key)
         if scope is None:
-            return self._cancel(task_id)
+            return self.cancel_task(task_id)
         return self._read(task_id, scope).addCallback(
-            lambda _: self._cancel(task_id))
+            lambda _: self.cancel_task(task_id))
 
-    def _cancel(self, task_id):
+    def cancel_task(self, task_id):
+        """
+        Cancel a task, whoever submitted it (the caller checked).
+        """
         broker = self._broker
         waiting = broker.backlog.withdraw(task_id)
         d = broker.store.cancel(task_id, broker.clock.seconds())
@@ -493,7 +496,6 @@ class Requests:
         d.addCallback(lambda answer: self.reply(identity, req, answer))
         return self._answered(d, "retrying a task", identity, req)
 
-    @defer.inlineCallbacks
     def retry(self, task_id, key):
         """
         Queue a failed or cancelled task again, for a client with ``key``.
@@ -501,8 +503,19 @@ class Requests:
         :returns: a ``Deferred`` firing with the reply's body, or failing
             with :class:`Refused` or the store's error.
         """
+        return self._read(task_id, self.scope(key)).addCallback(self._retry)
+
+    def retry_task(self, task_id):
+        """
+        Queue a failed or cancelled task again, whoever submitted it (the
+        caller checked).
+        """
+        return self._read(task_id, None).addCallback(self._retry)
+
+    @defer.inlineCallbacks
+    def _retry(self, row):
         broker = self._broker
-        row = yield self._read(task_id, self._scope(key))
+        task_id = row.id
         if row.state in ("queued", "running"):
             # Already going to run (a resent RETRY, say): nothing to do.
             return {"task": task_object(row)}
@@ -540,7 +553,7 @@ class Requests:
 
     def on_WORKERS(self, identity, body, key=None):
         # Names hosts, keys and the tasks each worker runs: an admin's.
-        if self._scope(key) is not None:
+        if self.scope(key) is not None:
             self.error(identity, body["req"], "forbidden",
                        "listing the workers needs an admin key "
                        "(--admin-clients)")

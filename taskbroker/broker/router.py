@@ -10,7 +10,7 @@ from twisted.logger import Logger
 
 from taskbroker.broker.admission import COUNTED, cost
 from taskbroker.protocol import codec
-from taskbroker.protocol.codec import ProtocolError, encode
+from taskbroker.protocol.codec import CLIENT_COMMANDS, ProtocolError, encode
 
 #: One log line per peer per this many seconds for its bad messages.
 BAD_MESSAGE_LOG_INTERVAL = 10.0
@@ -71,6 +71,14 @@ class Router:
         self._worker_handlers = {
             command: getattr(broker.workers, "on_" + command.decode())
             for command in WORKER_COMMANDS}
+        # Each client command is handled by the first of these that has
+        # an on_COMMAND.
+        self._client_handlers = {
+            command: next(
+                getattr(owner, "on_" + command.decode())
+                for owner in (broker.requests, broker.schedules, broker.bulk)
+                if hasattr(owner, "on_" + command.decode()))
+            for command in CLIENT_COMMANDS}
 
     def handle(self, sender, frames):
         """
@@ -188,8 +196,7 @@ class Router:
         try:
             if worker_handler is not None:
                 return worker_handler(identity, session, body)
-            return getattr(broker.requests, "on_" + command.decode())(
-                identity, body, sender.key)
+            return self._client_handlers[command](identity, body, sender.key)
         except Exception:
             broker.counters["internal_errors"] += 1
             self.log.failure(

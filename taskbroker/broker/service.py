@@ -34,9 +34,11 @@ from twisted.application.internet import TimerService
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from taskbroker.broker.bulk import RETENTION_INTERVAL
 from taskbroker.broker.core import Broker
 from taskbroker.broker.http import StatusSite, is_loopback, load_token
 from taskbroker.broker.keys import reachable_from_afar
+from taskbroker.broker.schedules import SCHEDULE_INTERVAL
 from taskbroker.broker.status import RECOUNT_INTERVAL
 from taskbroker.config import DEFAULT_HTTP
 from taskbroker.errors import ConfigError, StoreLost, one_line
@@ -104,6 +106,8 @@ class BrokerService(ServiceTree):
             self._timer("sweeper", config.heartbeat, self._sweep),
             # Its first count starts as soon as the broker listens.
             self._timer("recounter", RECOUNT_INTERVAL, self._recount),
+            self._timer("scheduler", SCHEDULE_INTERVAL, self._schedule),
+            self._timer("retention", RETENTION_INTERVAL, self._retain),
         ):
             child.setServiceParent(self)
         if curve is not None and curve[1] is not None:
@@ -335,6 +339,14 @@ class BrokerService(ServiceTree):
         # so once, not at every tick.
         return self.broker.keep_claims().addErrback(
             self.broker.trouble, "renewing claims", pause=True)
+
+    def _schedule(self):
+        return self.broker.schedules.tick().addErrback(
+            self.broker.trouble, "enqueueing periodic tasks")
+
+    def _retain(self):
+        return self.broker.bulk.retain().addErrback(
+            self.broker.trouble, "deleting old finished tasks")
 
     def _recount(self):
         return self.broker.status.recount().addErrback(

@@ -17,6 +17,9 @@ import json
 import re
 from numbers import Real
 
+from taskbroker.schedules import Cron
+from taskbroker.schedules import check_name as check_schedule_name
+
 SIGNATURE = b"TB1"
 
 #: The largest payload a task may carry, as JSON text (bytes); results
@@ -339,6 +342,24 @@ _NEW_TASK_FIELDS = {
 
 _REQ = {"req": (_request_id, True)}
 
+
+def _cron(value):
+    return Cron(value).expression
+
+
+def _final_state(value):
+    return _choice("succeeded", "failed", "cancelled")(value)
+
+
+_SCHEDULE_NAME = {"name": (check_schedule_name, True)}
+#: Where a bulk request (CANCEL_MANY, RETRY_MANY) starts and what it
+#: acts on; with "count", it only counts.
+_BULK = {
+    "handler": (_optional(_name), False),
+    "after": (_optional(_int(0, MAX_EXACT)), False),
+    "count": (_optional(_boolean), False),
+}
+
 #: Checks of one value, for requests that come another way (the HTTP
 #: API): each returns the value or raises ValueError with a reason.
 check_name = _name
@@ -405,6 +426,40 @@ CLIENT_COMMANDS = {
     b"RETRY": {**_REQ, "id": (_TASK_ID, True)},
     b"WORKERS": {**_REQ},
     b"STATS": {**_REQ},
+    # Periodic tasks (docs/protocol.rst, "Schedules").
+    b"SCHEDULE_ADD": {
+        **_REQ,
+        **_SCHEDULE_NAME,
+        "handler": (_name, True),
+        "payload": (check_depth, False),
+        "priority": (_optional(_name), False),
+        "max_attempts": (_optional(_int(1, 1000)), False),
+        "time_limit": (_optional(_number(0.001, MAX_SECONDS)), False),
+        "every": (_optional(_number(1, MAX_SECONDS)), False),
+        "cron": (_optional(_cron), False),
+        "timezone": (_optional(_name), False),
+        "skip_if_running": (_optional(_boolean), False),
+        "replace": (_optional(_boolean), False),
+    },
+    b"SCHEDULE_LIST": {**_REQ},
+    b"SCHEDULE_REMOVE": {**_REQ, **_SCHEDULE_NAME},
+    b"SCHEDULE_PAUSE": {**_REQ, **_SCHEDULE_NAME},
+    b"SCHEDULE_RESUME": {**_REQ, **_SCHEDULE_NAME},
+    # Work on many tasks, a bounded batch per request.
+    b"PURGE": {
+        **_REQ,
+        "older_than": (_number(0, 100 * MAX_SECONDS), True),
+        "state": (_optional(_final_state), False),
+        "handler": (_optional(_name), False),
+    },
+    b"CANCEL_MANY": {
+        **_REQ, **_BULK,
+        "state": (_optional(_choice("queued", "running")), False),
+    },
+    b"RETRY_MANY": {
+        **_REQ, **_BULK,
+        "state": (_optional(_choice("failed", "cancelled")), False),
+    },
 }
 
 #: What the broker sends to a worker.

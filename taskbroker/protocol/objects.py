@@ -98,3 +98,36 @@ def _progress(row):
     return {"fraction": _shown(row.progress),
             "message": _shown(row.progress_message),
             "at": iso_time(row.progress_at)}
+
+
+SCHEDULE_KEYS = (
+    "name", "handler", "payload", "priority", "max_attempts", "time_limit",
+    "every", "cron", "timezone", "skip_if_running", "paused", "next_tick",
+    "last_tick", "last_task_id", "created_at", "submitter",
+)
+
+
+def schedule_object(row):
+    """
+    :param row: a :class:`taskbroker.store.ScheduleRow`.
+    :returns: a ``dict`` of JSON values with the keys
+        :data:`SCHEDULE_KEYS`; times in the ISO form of task objects.
+    """
+    return {
+        "name": _shown(row.name),
+        "handler": _shown(row.handler),
+        "payload": _json_value(row.payload),
+        "priority": _shown(row.priority),
+        "max_attempts": _shown(row.max_attempts),
+        "time_limit": _shown(row.time_limit),
+        "every": _shown(row.every),
+        "cron": _shown(row.cron),
+        "timezone": _shown(row.timezone),
+        "skip_if_running": bool(row.skip_if_running),
+        "paused": bool(row.paused),
+        "next_tick": iso_time(row.next_tick),
+        "last_tick": iso_time(row.last_tick),
+        "last_task_id": _shown(row.last_task_id),
+        "created_at": iso_time(row.created_at),
+        "submitter": _shown(row.submitter),
+    }

@@ -437,6 +437,13 @@ class BatchedStore:
         return self._write(self._sql.purge, finished_before, tuple(states),
                            handler, submitter, limit)
 
+    def count(self, state, handler=None, submitter=None):
+        """
+        See :meth:`taskbroker.interfaces.ITaskStore.count`.
+        """
+        return self._read(self._sql.count, state, handler, submitter,
+                          thread=self._counter)
+
     def setting(self, name):
         """
         See :meth:`taskbroker.interfaces.ITaskStore.setting`.

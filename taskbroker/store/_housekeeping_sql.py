@@ -146,6 +146,17 @@ def purge(cursor, p, finished_before, states, handler, submitter, limit,
     return cursor.fetchall()
 
 
+def count(cursor, p, state, handler, submitter):
+    where, params = [f"state = {p}"], [state]
+    for column, value in (("handler", handler), ("submitter", submitter)):
+        if value is not None:
+            where.append(f"{column} = {p}")
+            params.append(value)
+    return cursor.execute(
+        f"SELECT count(*) FROM tasks WHERE {' AND '.join(where)}",
+        params).fetchone()[0]
+
+
 def setting(cursor, p, name):
     row = cursor.execute(
         f"SELECT value FROM taskbroker_settings WHERE name = {p}",

@@ -873,6 +873,10 @@ def purge(cursor, owner, finished_before, states, handler, submitter, limit):
                               skip_locked=" FOR UPDATE SKIP LOCKED")
 
 
+def count(connection, state, handler, submitter):
+    return housekeeping.count(connection, "%s", state, handler, submitter)
+
+
 def setting(connection, name):
     return housekeeping.setting(connection, "%s", name)
 

@@ -454,5 +454,9 @@ def purge(cursor, finished_before, states, handler, submitter, limit):
                               submitter, limit)
 
 
+def count(connection, state, handler, submitter):
+    return housekeeping.count(connection, "?", state, handler, submitter)
+
+
 def setting(connection, name):
     return housekeeping.setting(connection, "?", name)

@@ -615,6 +615,16 @@ class MemoryStore:
 
         return self._run_open(purge)
 
+    def count(self, state, handler=None, submitter=None):
+        """
+        See :meth:`taskbroker.interfaces.ITaskStore.count`.
+        """
+        return self._run_open(lambda: sum(
+            1 for row in self._rows.values()
+            if row.state == state
+            and (handler is None or row.handler == handler)
+            and (submitter is None or row.submitter == submitter)))
+
     def setting(self, name):
         """
         See :meth:`taskbroker.interfaces.ITaskStore.setting`.

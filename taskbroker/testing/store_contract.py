@@ -926,6 +926,18 @@ class HousekeepingContract:
         assert [row.id for row in await all_rows(store)] == [theirs.id]
 
     @pytest_twisted.ensureDeferred
+    async def test_count(self, store):
+        rows = rows_of(await store.submit([
+            new_task(handler="a", submitter="m" * 40), new_task(handler="a"),
+            new_task(handler="b")]))
+        await store.cancel(rows[2].id, 1100.0)
+        assert await store.count("queued") == 2
+        assert await store.count("queued", handler="a") == 2
+        assert await store.count("queued", submitter="m" * 40) == 1
+        assert await store.count("cancelled", handler="a") == 0
+        assert await store.count("cancelled") == 1
+
+    @pytest_twisted.ensureDeferred
     async def test_a_new_database_keeps_finished_tasks_a_week(self, store):
         assert await store.setting("default_keep_finished") == "7d"
         assert await store.setting("nothing") is None

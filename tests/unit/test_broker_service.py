@@ -17,7 +17,7 @@ def test_the_socket_binds_after_the_store_and_closes_before_it():
     service = BrokerService(BrokerConfig(), MemoryStore(clock), clock)
     assert [child.name for child in service] == [
         "store", "core", "zmq", "socket", "http", "intake", "poller",
-        "sweeper", "recounter"]
+        "sweeper", "recounter", "scheduler", "retention"]
 
 
 def test_a_store_that_cannot_open_stops_the_start_with_one_line():

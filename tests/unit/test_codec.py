@@ -58,6 +58,22 @@ CLIENT_SAMPLES = {
     b"RETRY": {"req": "r7", "id": 4},
     b"WORKERS": {"req": "r6"},
     b"STATS": {"req": "r" * 64},
+    b"SCHEDULE_ADD": {
+        "req": "r1", "name": "nightly.report-2", "handler": "report",
+        "payload": {"a": [1]}, "priority": "low", "max_attempts": 2,
+        "time_limit": 60, "every": None, "cron": "0 3 * * mon-fri",
+        "timezone": "Europe/Paris", "skip_if_running": True,
+        "replace": False},
+    b"SCHEDULE_LIST": {"req": "r1"},
+    b"SCHEDULE_REMOVE": {"req": "r1", "name": "n"},
+    b"SCHEDULE_PAUSE": {"req": "r1", "name": "n"},
+    b"SCHEDULE_RESUME": {"req": "r1", "name": "n"},
+    b"PURGE": {"req": "r1", "older_than": 86400, "state": "failed",
+               "handler": "echo"},
+    b"CANCEL_MANY": {"req": "r1", "state": "queued", "handler": "echo",
+                     "after": 10, "count": True},
+    b"RETRY_MANY": {"req": "r1", "state": "failed", "handler": None,
+                    "after": 0, "count": False},
 }
 BROKER_TO_WORKER_SAMPLES = {
     b"WELCOME": {"broker": "b-1", "priorities": ["high", "low"],

@@ -17,6 +17,14 @@ ALICE, BOB, ADMIN, WORKER = (name.encode() * 40 for name in "abdw")
 
 @pytest.fixture
 def keys():
+    return peer_keys()
+
+
+def peer_keys():
+    """
+    Keys as the broker loads them: a worker's, Alice's and Bob's client
+    keys, and an admin's.
+    """
     keys = PeerKeys(None, None, None)
     keys.workers = {WORKER: "w1"}
     keys.clients = {ALICE: "alice", BOB: "bob"}
