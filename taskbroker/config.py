@@ -69,7 +69,9 @@ def kept_duration(text):
     How long to keep something: a duration (seconds, or a number with s,
     m, h or d), or ``none`` for ever, read as infinity.
     """
-    seconds = parse_duration(text, allow_none=True)
+    # A minute at least: a task that just finished must still be there
+    # for the WAIT or the status read that comes for it.
+    seconds = parse_duration(text, allow_none=True, least=60.0)
     return float("inf") if seconds is None else seconds
 
 

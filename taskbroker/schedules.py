@@ -36,13 +36,14 @@ def check_name(name):
     return name
 
 
-def parse_duration(text, allow_none=False):
+def parse_duration(text, allow_none=False, least=0.0):
     """
     A duration as users write it: seconds, or a number with ``s``, ``m``,
     ``h`` or ``d``, such as ``90``, ``15m`` or ``7d``.
 
     :param allow_none: also accept ``none`` (kept for ever), returned as
         ``None``.
+    :param least: the shortest duration accepted (seconds).
     :returns: seconds (``float``), or ``None`` for ``none``.
     :raises ValueError: with what was expected.
     """
@@ -55,8 +56,9 @@ def parse_duration(text, allow_none=False):
             "expected seconds or a number with s, m, h or d (such as 90, "
             "15m or 7d)" + (", or none" if allow_none else ""))
     seconds = float(match.group(1)) * _UNITS[match.group(2) or "s"]
-    if not 0 < seconds <= 100 * 366 * 86400:
-        raise ValueError("must be more than 0 and at most 100 years")
+    if not least <= seconds <= 100 * 366 * 86400:
+        raise ValueError(f"must be at least {format_duration(least)} and "
+                         "at most 100 years")
     return seconds
 
 
@@ -67,6 +69,8 @@ def format_duration(seconds):
     """
     if seconds is None:
         return "none"
+    if seconds == 0:
+        return "0s"
     for unit in "dhm":
         if seconds >= _UNITS[unit] and seconds % _UNITS[unit] == 0:
             return f"{int(seconds // _UNITS[unit])}{unit}"
@@ -241,10 +245,13 @@ def next_tick(after, every=None, cron=None, timezone_name="UTC",
     if (every is None) == (cron is None):
         raise ValueError("a schedule has --every or --cron, and not both")
     if every is not None:
-        start = after if previous is None else previous
-        if start > after:
-            return float(start)
-        return start + every * (math.floor((after - start) / every) + 1)
+        if previous is None:
+            # A new schedule starts on a whole second, so its ticks read
+            # well.
+            return math.ceil(after) + every
+        if previous > after:
+            return float(previous)
+        return previous + every * (math.floor((after - previous) / every) + 1)
     tz = zone(timezone_name)
     expression = cron if isinstance(cron, Cron) else Cron(cron)
     wall = datetime.fromtimestamp(after, tz).replace(

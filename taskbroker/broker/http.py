@@ -1,7 +1,8 @@
 # -*- test-case-name: tests.integration.test_http -*-
 """
 The broker's HTTP status site (``--http``): a JSON API to read the queues,
-the workers and the tasks, and to submit, cancel and retry tasks.
+the workers and the tasks, to submit, cancel and retry tasks, and to keep
+the schedules of periodic tasks.
 
 Every request's ``Host`` and ``Origin`` are checked first: on a loopback
 address the site answers only to a loopback host name (a page on another
@@ -23,11 +24,12 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from twisted.internet import defer
 from twisted.web import resource, server
 
-from taskbroker.broker.requests import Refused
+from taskbroker.broker.requests import SITE, Refused
 from taskbroker.errors import ConfigError, StoreError, WriteRefused, one_line
 from taskbroker.logs import cut
 from taskbroker.protocol import codec
 from taskbroker.protocol.objects import iso_time
+from taskbroker.schedules import check_name as check_schedule_name
 from taskbroker.store import STATES
 
 #: The dashboard's files, served from the package: name -> content type.
@@ -46,6 +48,8 @@ STATUS_OF_CODE = {
     "not_found": 404,
     "bad_request": 400,
     "unknown_priority": 400,
+    "bad_schedule": 400,
+    "exists": 409,
     "too_large": 413,
     "not_cancellable": 409,
     "not_retryable": 409,
@@ -161,6 +165,8 @@ class StatusSite(resource.Resource):
             return {"workers": self._broker.status.workers()}
         if parts == ["api", "tasks"]:
             return self._tasks(request)
+        if parts == ["api", "schedules"]:
+            return self._broker.schedules.list({}, SITE)
         if len(parts) == 3 and parts[:2] == ["api", "tasks"]:
             return self._task(parts[2])
         raise HTTPError(404, f"no such page: {path or '/'}")
@@ -216,22 +222,32 @@ class StatusSite(resource.Resource):
 
     def _act(self, request, parts, path):
         requests = self._broker.requests
+        schedules = self._broker.schedules
         if parts == ["api", "tasks"]:
-            body = self._submission(request)
+            body = self._body(request, b"SUBMIT")
             answered = []
-            d = requests.submit(body, None, answered.append)
+            d = requests.submit(body, SITE, answered.append)
             return d.addCallback(lambda _: answered[0])
         if (len(parts) == 4 and parts[:2] == ["api", "tasks"]
                 and parts[3] in ("cancel", "retry")):
             task_id = _task_id(parts[2])
             act = requests.cancel if parts[3] == "cancel" else requests.retry
-            return act(task_id, None)
+            return act(task_id, SITE)
+        if parts == ["api", "schedules"]:
+            return schedules.add(self._body(request, b"SCHEDULE_ADD"), SITE)
+        if (len(parts) == 4 and parts[:2] == ["api", "schedules"]
+                and parts[3] in ("pause", "resume", "remove")):
+            try:
+                body = {"name": check_schedule_name(parts[2])}
+            except ValueError as e:
+                raise HTTPError(400, one_line(e)) from None
+            return getattr(schedules, parts[3])(body, SITE)
         raise HTTPError(404, f"no such action: {path}")
 
     @staticmethod
-    def _submission(request):
+    def _body(request, command):
         """
-        The body of a POST /api/tasks, checked as a SUBMIT is.
+        The body of a POST, checked as the protocol's ``command`` is.
         """
         data = request.content.read(codec.MAX_MESSAGE_SIZE + 1)
         if len(data) > codec.MAX_MESSAGE_SIZE:
@@ -243,11 +259,11 @@ class StatusSite(resource.Resource):
             raise HTTPError(400, f"the body is not JSON: {one_line(e)}") \
                 from None
         if not isinstance(body, dict):
-            raise HTTPError(400, 'the body must be an object: {"tasks": '
-                            '[{"handler": ..., "payload": ...}]}')
+            raise HTTPError(400, "the body must be a JSON object (see "
+                            "docs/http.rst)")
         try:
             _, checked = codec.decode(
-                codec.encode(b"SUBMIT", dict(body, req="http")),
+                codec.encode(command, dict(body, req="http")),
                 codec.CLIENT_COMMANDS)
         except codec.ProtocolError as e:
             raise HTTPError(STATUS_OF_CODE.get(e.code, 400),
@@ -285,12 +301,12 @@ class StatusSite(resource.Resource):
             "priority": filters.get("priority"), "order": "newest",
             "before": _number(request, "cursor", None, 1, codec.MAX_EXACT),
             "limit": _number(request, "limit", 100, 1, MOST_PER_PAGE),
-        }, None)
+        }, SITE)
         return d.addCallback(
             lambda answer: {"tasks": answer["tasks"], "next": answer["next"]})
 
     def _task(self, text):
-        return self._broker.requests.get(_task_id(text), None)
+        return self._broker.requests.get(_task_id(text), SITE)
 
     def _send(self, body, request, status, gone):
         if gone or request.finished:

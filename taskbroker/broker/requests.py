@@ -32,6 +32,29 @@ from taskbroker.wording import nearest
 #: The longest a WAIT is held when the client gives no timeout (seconds).
 DEFAULT_WAIT = 30.0
 
+#: The key of the requests the status site makes for the holder of its
+#: token, who may do what an admin key may (docs/http.rst).
+SITE = "the status site's token"
+
+
+def submitter_of(key):
+    """
+    What a task or schedule records as made by ``key``: its text, or
+    ``None`` for no key or the status site.
+    """
+    if key is None or key is SITE:
+        return None
+    return key.decode("ascii")
+
+
+def is_admin(broker, key):
+    """
+    Whether ``key`` may see and change everything: no client checks, an
+    admin key, or the status site's token.
+    """
+    keys = broker.peer_keys
+    return keys is None or key is SITE or keys.is_admin(key)
+
 
 class Refused(Exception):
     """
@@ -103,8 +126,7 @@ class Requests:
         them (no client checks, or an admin key), else the key's text,
         which the tasks it submitted name.
         """
-        keys = self._broker.peer_keys
-        if keys is None or keys.is_admin(key):
+        if is_admin(self._broker, key):
             return None
         return key.decode("ascii") if key is not None else ""
 
@@ -234,7 +256,7 @@ class Requests:
         """
         broker = self._broker
         now = broker.clock.seconds()
-        submitter = key.decode("ascii") if key is not None else None
+        submitter = submitter_of(key)
         new = []
         for spec in body["tasks"]:
             priority = spec.get("priority") or broker.config.default_priority

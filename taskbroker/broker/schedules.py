@@ -14,7 +14,7 @@ client's limits.
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from taskbroker.broker.requests import Refused
+from taskbroker.broker.requests import Refused, is_admin, submitter_of
 from taskbroker.broker.router import RateLimit
 from taskbroker.errors import one_line
 from taskbroker.protocol import codec
@@ -52,8 +52,7 @@ class Schedules:
         """
         :raises Refused: ``forbidden`` unless ``key`` may do anything.
         """
-        keys = self._broker.peer_keys
-        if keys is not None and not keys.is_admin(key):
+        if not is_admin(self._broker, key):
             raise Refused("forbidden", f"{doing} needs an admin key "
                                        "(--admin-clients)")
 
@@ -148,7 +147,7 @@ class Schedules:
             skip_if_running=bool(body.get("skip_if_running")), paused=False,
             next_tick=first, last_tick=None, last_task_id=None,
             created_at=now,
-            submitter=key.decode("ascii") if key is not None else None)
+            submitter=submitter_of(key))
 
     def list(self, body, key):
         self._admin(key, "listing schedules")

@@ -398,6 +398,9 @@ def _list(client, options, output, stdin):
 
 
 def _cancel(client, options, output, stdin):
+    if options["state"] is not None:
+        return _many(client.cancel_many, "cancel", "cancelled", options,
+                     output, stdin)
     task = client.cancel(options["id"])
     if options["json"]:
         output.json(task)
@@ -407,6 +410,9 @@ def _cancel(client, options, output, stdin):
 
 
 def _retry(client, options, output, stdin):
+    if options["state"] is not None:
+        return _many(client.retry_many, "retry", "queued again", options,
+                     output, stdin)
     task = client.retry(options["id"])
     if options["json"]:
         output.json(task)
@@ -416,6 +422,105 @@ def _retry(client, options, output, stdin):
                     if task["state"] == "queued" and task["attempts"] == 0
                     else f"task {task['id']} is already {task['state']}")
     return EXIT_OK
+
+
+def _many(act, verb, done, options, output, stdin):
+    """
+    ``cancel`` or ``retry`` with ``--state``: count, confirm (on a
+    terminal, or by --yes), then act.
+    """
+    state, handler = options["state"], options["handler"]
+    which = f"{state} tasks" + (f" of handler {handler}" if handler else "")
+    count = act(state, handler, count_only=True)
+    if count == 0:
+        output.line(f"no {which}")
+        return EXIT_OK
+    if not options["yes"]:
+        question = f"{verb} {count} {which}? [y/N] "
+        if not _confirmed(question, output, stdin):
+            output.error(f"nothing done ({verb} needs a yes)"
+                         if _interactive(stdin) else
+                         f"{verb} {count} {which}: not on a terminal to "
+                         "ask; give --yes to go ahead")
+            return EXIT_USAGE
+    acted, refused = act(state, handler)
+    output.line(f"{done} {acted} {which}")
+    if refused:
+        output.note(f"{refused} could not be (they changed state meanwhile)")
+    return EXIT_OK
+
+
+def _interactive(stdin):
+    isatty = getattr(stdin, "isatty", None)
+    return bool(isatty and isatty())
+
+
+def _confirmed(question, output, stdin):
+    """
+    Ask on the terminal; no terminal, no yes.
+    """
+    if not _interactive(stdin):
+        return False
+    output.stderr.write("taskbroker: " + question)
+    output.stderr.flush()
+    return stdin.readline().strip().lower() in ("y", "yes")
+
+
+def _purge(client, options, output, stdin):
+    deleted = client.purge(options["older-than"], options["state"],
+                           options["handler"])
+    output.line(f"deleted {deleted} tasks")
+    return EXIT_OK
+
+
+def _schedule(client, options, output, stdin):
+    command, sub = options.subCommand, options.subOptions
+    if command == "add":
+        schedule = client.add_schedule(
+            sub["name"], sub["handler"], every=sub["every"], cron=sub["cron"],
+            payload=_payload(sub, stdin), priority=sub["priority"],
+            timezone=sub["timezone"], skip_if_running=sub["skip-if-running"],
+            max_attempts=sub["max-attempts"], time_limit=sub["time-limit"],
+            replace=sub["replace"])
+        if sub["json"]:
+            output.json(schedule)
+        else:
+            output.line(f"schedule {schedule['name']} added: next at "
+                        f"{_time(schedule.get('next_tick'))} UTC")
+    elif command == "list":
+        schedules = client.schedules()
+        if sub["json"]:
+            output.json(schedules)
+            return EXIT_OK
+        _table(output, ["NAME", "HANDLER", "WHEN", "NEXT (UTC)", "LAST TASK",
+                        "STATE"], [
+            [_text(s.get("name")), _text(s.get("handler")), _when(s),
+             _time(s.get("next_tick")), _text(s.get("last_task_id")),
+             "paused" if s.get("paused") else "active"]
+            for s in schedules])
+    elif command == "remove":
+        client.remove_schedule(sub["name"])
+        output.line(f"schedule {sub['name']} removed")
+    else:
+        paused = command == "pause"
+        schedule = (client.pause_schedule if paused
+                    else client.resume_schedule)(sub["name"])
+        output.line(f"schedule {schedule['name']} paused" if paused else
+                    f"schedule {schedule['name']} resumed: next at "
+                    f"{_time(schedule.get('next_tick'))} UTC")
+    return EXIT_OK
+
+
+def _when(schedule):
+    every = schedule.get("every")
+    if isinstance(every, (int, float)):
+        when = f"every {every:g}s"
+    else:
+        zone = schedule.get("timezone")
+        when = _text(schedule.get("cron")) + (
+            "" if zone in (None, "UTC") else f" ({zone})")
+    return when + (", skip if running" if schedule.get("skip_if_running")
+                   else "")
 
 
 def _workers(client, options, output, stdin):
@@ -507,6 +612,8 @@ _COMMANDS = {
     "list": _list,
     "cancel": _cancel,
     "retry": _retry,
+    "purge": _purge,
+    "schedule": _schedule,
     "workers": _workers,
     "stats": _stats,
     "health": _health,

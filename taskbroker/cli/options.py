@@ -16,6 +16,8 @@ from taskbroker.config import (
     positive_int,
     positive_number,
 )
+from taskbroker.protocol import codec
+from taskbroker.schedules import parse_duration
 from taskbroker.store import STATES
 
 
@@ -269,37 +271,123 @@ class ListOptions(_CommandOptions):
     ]
 
 
-class CancelOptions(_CommandOptions):
+class _OneOrManyOptions(_CommandOptions):
+    """
+    A command that acts on one task (``ID``) or, with ``--state``, on every
+    task in a state, after a confirmation.
+    """
+
+    #: The states --state takes, the first the default.
+    many_states = ()
+    arguments = ("ID",)
+
+    def parseArgs(self, *args):
+        if len(args) == 1:
+            self["id"] = _task_id(args[0])
+        elif len(args) == 0 and self["state"] is not None:
+            self["id"] = None
+        else:
+            raise usage.UsageError(
+                f"{self.parent.subCommand}: expected ID, or --state STATE "
+                f"for many tasks, got {len(args)} argument(s)")
+
+    def postOptions(self):
+        many = self["state"] is not None
+        if many and self["id"] is not None:
+            raise usage.UsageError(
+                f"{self.parent.subCommand}: give ID or --state, not both")
+        if many and self["state"] not in self.many_states:
+            raise usage.UsageError(
+                f"{self.parent.subCommand}: --state must be "
+                + " or ".join(self.many_states))
+        if not many and (self["handler"] or self["yes"]):
+            raise usage.UsageError(
+                f"{self.parent.subCommand}: --handler and --yes go with "
+                "--state")
+
+
+class CancelOptions(_OneOrManyOptions):
     """
     The options of ``taskbroker cancel``.
     """
 
-    synopsis = "ID [--json]"
+    synopsis = "ID [--json] | --state queued|running [--handler NAME] [--yes]"
     longdesc = (
         "Cancel a queued or running task (the worker running it is told to "
         "stop it).  Cancelling a cancelled task succeeds; a task that "
-        "succeeded or failed cannot be cancelled.")
-    arguments = ("ID",)
-    optFlags = [["json", "j", "Print the cancelled task object as JSON."]]
+        "succeeded or failed cannot be cancelled.  With --state, cancel "
+        "every queued (or running) task, of --handler if given, after "
+        "saying how many and asking on a terminal; elsewhere --yes is "
+        "needed.")
+    many_states = ("queued", "running")
+    optFlags = [["json", "j", "Print the cancelled task object as JSON."],
+                ["yes", "y", "With --state: do not ask."]]
+    optParameters = [
+        ["state", "s", None, "Cancel every task in this state (queued or "
+                             "running)."],
+        ["handler", None, None, "With --state: only tasks for this "
+                                "handler."],
+    ]
 
-    def postOptions(self):
-        self["id"] = _task_id(self["id"])
 
-
-class RetryOptions(_CommandOptions):
+class RetryOptions(_OneOrManyOptions):
     """
     The options of ``taskbroker retry``.
     """
 
-    synopsis = "ID [--json]"
+    synopsis = ("ID [--json] | --state failed|cancelled [--handler NAME] "
+                "[--yes]")
     longdesc = (
         "Queue a failed or cancelled task again, with all its attempts.  "
-        "A task already queued or running is left as it is.")
-    arguments = ("ID",)
-    optFlags = [["json", "j", "Print the queued task object as JSON."]]
+        "A task already queued or running is left as it is.  With --state, "
+        "queue every failed (or cancelled) task again, of --handler if "
+        "given, after saying how many and asking on a terminal; elsewhere "
+        "--yes is needed.")
+    many_states = ("failed", "cancelled")
+    optFlags = [["json", "j", "Print the queued task object as JSON."],
+                ["yes", "y", "With --state: do not ask."]]
+    optParameters = [
+        ["state", "s", None, "Retry every task in this state (failed or "
+                             "cancelled)."],
+        ["handler", None, None, "With --state: only tasks for this "
+                                "handler."],
+    ]
+
+
+def _duration(text):
+    try:
+        return parse_duration(text)
+    except ValueError as e:
+        raise usage.UsageError(f"--older-than: {e} (got {text!r})") from None
+
+
+class PurgeOptions(_CommandOptions):
+    """
+    The options of ``taskbroker purge``.
+    """
+
+    synopsis = ("--older-than DURATION [--state succeeded|failed|cancelled] "
+                "[--handler NAME]")
+    longdesc = (
+        "Delete the finished tasks that finished longer ago than "
+        "DURATION (seconds, or a number with s, m, h or d, such as 30d), "
+        "a few hundred per transaction, and print how many.  Queued and "
+        "running tasks are never deleted.  (The broker's --keep-finished "
+        "does this by itself.)")
+    optParameters = [
+        ["older-than", None, None, "How long ago they finished, at least.",
+         _duration],
+        ["state", "s", None,
+         "Only tasks in this state (succeeded, failed or cancelled)."],
+        ["handler", None, None, "Only tasks for this handler."],
+    ]
 
     def postOptions(self):
-        self["id"] = _task_id(self["id"])
+        if self["older-than"] is None:
+            raise usage.UsageError("purge: --older-than DURATION is required")
+        if self["state"] not in (None, "succeeded", "failed", "cancelled"):
+            raise usage.UsageError(
+                "purge: --state must be succeeded, failed or cancelled")
 
 
 class WorkersOptions(_CommandOptions):
@@ -355,6 +443,116 @@ class KeygenOptions(_CommandOptions):
             raise usage.UsageError("keygen: --name NAME is required")
 
 
+def _every(text):
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 1 <= value <= codec.MAX_SECONDS:
+        raise usage.UsageError(
+            f"--every: seconds from 1 to {codec.MAX_SECONDS:.0f}, not "
+            f"{text!r}")
+    return value
+
+
+class ScheduleAddOptions(_CommandOptions):
+    """
+    The options of ``taskbroker schedule add``.
+    """
+
+    synopsis = ("NAME (--every SECONDS | --cron \"MIN HOUR DOM MON DOW\") "
+                "HANDLER [--payload JSON] [--priority LEVEL] "
+                "[--timezone TZ] [--skip-if-running] [--replace]")
+    longdesc = (
+        "Add a periodic task: HANDLER is submitted every SECONDS, or at the "
+        "times of a cron expression in the wall time of --timezone (UTC "
+        "by default).  Each tick is enqueued once however many brokers "
+        "share the database; a tick missed while no broker ran is "
+        "enqueued once when one starts.  NAME is letters, digits, '.', "
+        "'_' and '-'.")
+    arguments = ("NAME", "HANDLER")
+    optFlags = [
+        ["skip-if-running", None,
+         "Enqueue nothing at a tick while the previous task is still "
+         "queued or running."],
+        ["replace", None, "Replace a schedule of the same name."],
+        ["json", "j", "Print the schedule as JSON."],
+    ]
+    optParameters = [
+        ["every", None, None, "Seconds between ticks (1 or more).", _every],
+        ["cron", None, None,
+         "A cron expression: MIN HOUR DOM MON DOW (such as '0 3 * * *' "
+         "or '*/15 9-17 * * mon-fri'), or @hourly, @daily, @weekly, "
+         "@monthly, @yearly."],
+        ["timezone", None, None,
+         "With --cron: the IANA time zone of its times (default UTC)."],
+        ["payload", "p", None,
+         "The tasks' payload: JSON, @FILE, or - for stdin (default null)."],
+        ["priority", None, None, "The tasks' priority level."],
+        ["max-attempts", None, None, "Attempts each task may use.",
+         positive_int],
+        ["time-limit", None, None, "Seconds an attempt may run.",
+         positive_number],
+    ]
+
+    def postOptions(self):
+        if (self["every"] is None) == (self["cron"] is None):
+            raise usage.UsageError(
+                "schedule add: give --every SECONDS or --cron EXPRESSION")
+        if self["timezone"] is not None and self["cron"] is None:
+            raise usage.UsageError(
+                "schedule add: --timezone goes with --cron (--every counts "
+                "elapsed seconds)")
+
+
+class ScheduleListOptions(_CommandOptions):
+    synopsis = "[--json]"
+    longdesc = "List the schedules."
+    optFlags = [["json", "j", "Print a JSON array of schedules."]]
+
+
+class _ScheduleNameOptions(_CommandOptions):
+    synopsis = "NAME"
+    arguments = ("NAME",)
+
+
+class ScheduleRemoveOptions(_ScheduleNameOptions):
+    longdesc = "Remove a schedule (the tasks it enqueued stay)."
+
+
+class SchedulePauseOptions(_ScheduleNameOptions):
+    longdesc = "Pause a schedule: its ticks enqueue nothing until resumed."
+
+
+class ScheduleResumeOptions(_ScheduleNameOptions):
+    longdesc = (
+        "Resume a paused schedule from its next tick (the ticks missed "
+        "while it was paused are not enqueued).")
+
+
+class ScheduleOptions(_Options):
+    """
+    The options of ``taskbroker schedule``.
+    """
+
+    synopsis = "add|list|remove|pause|resume ..."
+    longdesc = (
+        "Periodic tasks, kept in the database so every broker sees them "
+        "(with CURVE client checks, for admin keys only).")
+    subCommands = [
+        ["add", None, ScheduleAddOptions, "Add a periodic task."],
+        ["list", None, ScheduleListOptions, "List the schedules."],
+        ["remove", None, ScheduleRemoveOptions, "Remove a schedule."],
+        ["pause", None, SchedulePauseOptions, "Pause a schedule."],
+        ["resume", None, ScheduleResumeOptions, "Resume a schedule."],
+    ]
+
+    def postOptions(self):
+        if self.subCommand is None:
+            raise usage.UsageError(
+                "schedule: give add, list, remove, pause or resume")
+
+
 def _shown(default):
     return ",".join(default) if isinstance(default, tuple) else default
 
@@ -393,6 +591,9 @@ class Options(_Options):
         ["list", None, ListOptions, "List tasks."],
         ["cancel", None, CancelOptions, "Cancel a queued or running task."],
         ["retry", None, RetryOptions, "Queue a failed or cancelled task again."],
+        ["purge", None, PurgeOptions, "Delete old finished tasks."],
+        ["schedule", None, ScheduleOptions,
+         "Add, list, pause, resume or remove periodic tasks."],
         ["workers", None, WorkersOptions, "List the connected workers."],
         ["stats", None, StatsOptions, "Show the broker's statistics."],
         ["health", None, HealthOptions,
@@ -415,6 +616,9 @@ class Options(_Options):
             else the defaults.
         :raises ConfigError: for an invalid value.
         """
-        given = {s.field: self.subOptions[s.option] or self[s.option]
+        command = self.subOptions
+        while getattr(command, "subOptions", None) is not None:
+            command = command.subOptions  # schedule add: add's options
+        given = {s.field: command.get(s.option) or self[s.option]
                  for s in CLIENT_SETTINGS}
         return client_config(given, environ)

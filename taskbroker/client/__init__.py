@@ -57,6 +57,14 @@ __all__ = [
     "retry_call",
     "workers_call",
     "stats_call",
+    "schedule_add_call",
+    "schedule_list_call",
+    "schedule_remove_call",
+    "schedule_pause_call",
+    "purge_call",
+    "cancel_many_call",
+    "retry_many_call",
+    "HousekeepingMethods",
 ]
 
 #: The states a task never leaves.
@@ -590,3 +598,226 @@ def stats_call():
     if not isinstance(stats, dict):
         raise _malformed("no 'stats' object")
     return stats
+
+
+# -- schedules ---------------------------------------------------------------
+
+
+def _schedule_of(body):
+    schedule = body.get("schedule")
+    if not isinstance(schedule, dict) or "name" not in schedule:
+        raise _malformed("no valid 'schedule'")
+    return schedule
+
+
+def schedule_add_call(name, handler, every=None, cron=None, payload=None,
+                      priority=None, timezone=None, skip_if_running=False,
+                      max_attempts=None, time_limit=None, replace=False):
+    """
+    Add a periodic task: ``handler`` with ``payload``, every ``every``
+    seconds or at the times of the cron expression ``cron`` (``MIN HOUR
+    DOM MON DOW``) in the wall time of ``timezone`` (an IANA name; UTC by
+    default).  With ``skip_if_running``, a tick whose previous task is
+    still queued or running enqueues nothing.  Not resent after a
+    timeout unless ``replace`` (a resent add would find its own schedule
+    and fail with ``exists``).
+
+    :returns: the schedule object.
+    :raises InvalidRequest: a bad name, expression or value; nothing was
+        sent.
+    :raises RequestFailed: code ``exists`` (a schedule of that name),
+        ``bad_schedule``, ``unknown_priority`` or ``forbidden`` (under
+        CURVE, for keys that are not an admin's).
+    """
+    if (every is None) == (cron is None):
+        raise InvalidRequest("bad_request",
+                             "give every (seconds) or cron, and not both")
+    body = yield Request(b"SCHEDULE_ADD", {
+        "name": name, "handler": handler, "every": every, "cron": cron,
+        "payload": payload, "priority": priority, "timezone": timezone,
+        "skip_if_running": bool(skip_if_running),
+        "max_attempts": max_attempts, "time_limit": time_limit,
+        "replace": bool(replace)}, idempotent=bool(replace), writes=True)
+    return _schedule_of(body)
+
+
+def schedule_list_call():
+    """
+    :returns: a ``list`` of schedule objects, by name.
+    """
+    body = yield Request(b"SCHEDULE_LIST", {})
+    schedules = body.get("schedules")
+    if not isinstance(schedules, list) or not all(
+            isinstance(schedule, dict) for schedule in schedules):
+        raise _malformed("no 'schedules' list")
+    return schedules
+
+
+def schedule_remove_call(name):
+    """
+    Remove a schedule; the tasks it enqueued stay.
+
+    :raises RequestFailed: code ``not_found``.
+    """
+    yield Request(b"SCHEDULE_REMOVE", {"name": name}, idempotent=False,
+                  writes=True)
+
+
+def schedule_pause_call(name, paused=True):
+    """
+    Pause a schedule, or resume it (``paused=False``): it next comes due
+    at its first tick from now, and the ticks missed while it was paused
+    are not enqueued.
+
+    :returns: the schedule object.
+    :raises RequestFailed: code ``not_found``.
+    """
+    body = yield Request(
+        b"SCHEDULE_PAUSE" if paused else b"SCHEDULE_RESUME", {"name": name},
+        writes=True)
+    return _schedule_of(body)
+
+
+# -- many tasks at once --------------------------------------------------------
+
+
+def purge_call(older_than, state=None, handler=None):
+    """
+    Delete the finished tasks (succeeded, failed or cancelled, or only
+    ``state``) that finished over ``older_than`` seconds ago, of
+    ``handler`` if given: a request per few thousand, until none is left.
+    Under CURVE, a client key deletes only its own tasks.
+
+    :returns: how many it deleted (``int``).
+    """
+    deleted = 0
+    while True:
+        body = yield Request(b"PURGE", {
+            "older_than": older_than, "state": state, "handler": handler},
+            writes=True)
+        count, more = body.get("deleted"), body.get("more")
+        if type(count) is not int or not isinstance(more, bool):
+            raise _malformed("no 'deleted' count")
+        deleted += count
+        if not more:
+            return deleted
+
+
+def _many_call(command, done_key, state, handler, count_only):
+    if count_only:
+        body = yield Request(command, {"state": state, "handler": handler,
+                                       "count": True})
+        if type(body.get("count")) is not int:
+            raise _malformed("no 'count'")
+        return body["count"]
+    done = refused = 0
+    after = 0
+    while True:
+        body = yield Request(command, {"state": state, "handler": handler,
+                                       "after": after}, writes=True)
+        acted, skipped, following = (body.get(done_key), body.get("refused"),
+                                     body.get("next"))
+        if type(acted) is not int or type(skipped) is not int:
+            raise _malformed(f"no '{done_key}' count")
+        done += acted
+        refused += skipped
+        if following is None:
+            return (done, refused)
+        if type(following) is not int or following <= after:
+            raise _malformed(f"'next' {following!r} does not move on")
+        after = following
+
+
+def cancel_many_call(state="queued", handler=None, count_only=False):
+    """
+    Cancel every task in ``state`` (``"queued"`` or ``"running"``), of
+    ``handler`` if given, as :func:`cancel_call` does each; a request per
+    thousand.  Under CURVE, a client key cancels only its own tasks.
+
+    :returns: with ``count_only``, how many there are (nothing is
+        cancelled); else ``(cancelled, refused)``: how many it cancelled,
+        and how many it could not (they ended meanwhile).
+    """
+    return (yield from _many_call(b"CANCEL_MANY", "cancelled", state,
+                                  handler, count_only))
+
+
+def retry_many_call(state="failed", handler=None, count_only=False):
+    """
+    Queue again every task in ``state`` (``"failed"`` or
+    ``"cancelled"``), of ``handler`` if given, as :func:`retry_call` does
+    each; a request per thousand.  Under CURVE, a client key retries only
+    its own tasks.
+
+    :returns: with ``count_only``, how many there are; else ``(retried,
+        refused)`` (refused: another live task holds its unique key, say).
+    """
+    return (yield from _many_call(b"RETRY_MANY", "retried", state, handler,
+                                  count_only))
+
+
+class HousekeepingMethods:
+    """
+    The schedule and bulk requests, for both clients: each method returns
+    what its call returns (a ``Deferred`` of it from
+    :class:`~taskbroker.client.api.BrokerClient`), and raises (or fails
+    with) what it raises.  Under CURVE with client checks, schedules are
+    for admin keys.
+    """
+
+    def _run(self, call):
+        raise NotImplementedError()
+
+    def add_schedule(self, name, handler, every=None, cron=None,
+                     payload=None, priority=None, timezone=None,
+                     skip_if_running=False, max_attempts=None,
+                     time_limit=None, replace=False):
+        """
+        Add a periodic task; see :func:`schedule_add_call`.
+        """
+        return self._run(schedule_add_call(
+            name, handler, every, cron, payload, priority, timezone,
+            skip_if_running, max_attempts, time_limit, replace))
+
+    def schedules(self):
+        """
+        The schedules, by name; see :func:`schedule_list_call`.
+        """
+        return self._run(schedule_list_call())
+
+    def remove_schedule(self, name):
+        """
+        Remove a schedule; see :func:`schedule_remove_call`.
+        """
+        return self._run(schedule_remove_call(name))
+
+    def pause_schedule(self, name):
+        """
+        Pause a schedule; see :func:`schedule_pause_call`.
+        """
+        return self._run(schedule_pause_call(name, True))
+
+    def resume_schedule(self, name):
+        """
+        Resume a paused schedule from its next tick; see
+        :func:`schedule_pause_call`.
+        """
+        return self._run(schedule_pause_call(name, False))
+
+    def purge(self, older_than, state=None, handler=None):
+        """
+        Delete old finished tasks; see :func:`purge_call`.
+        """
+        return self._run(purge_call(older_than, state, handler))
+
+    def cancel_many(self, state="queued", handler=None, count_only=False):
+        """
+        Cancel tasks in bulk; see :func:`cancel_many_call`.
+        """
+        return self._run(cancel_many_call(state, handler, count_only))
+
+    def retry_many(self, state="failed", handler=None, count_only=False):
+        """
+        Queue failed tasks again in bulk; see :func:`retry_many_call`.
+        """
+        return self._run(retry_many_call(state, handler, count_only))

@@ -37,6 +37,7 @@ from twisted.internet.defer import Deferred, ensureDeferred, fail, succeed
 from twisted.logger import Logger
 
 from taskbroker.client import (
+    HousekeepingMethods,
     CURVE_NO_ANSWER,
     Submission,
     cancel_call,
@@ -81,7 +82,7 @@ class _Pending:
         self.timer = None
 
 
-class BrokerClient:
+class BrokerClient(HousekeepingMethods):
     """
     An asynchronous connection to a broker, or to one of a failover list
     of brokers.

@@ -43,6 +43,7 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from taskbroker.client import (
+    HousekeepingMethods,
     CURVE_NO_ANSWER,
     Submission,
     cancel_call,
@@ -101,7 +102,7 @@ class _Backoff:
         return True
 
 
-class BlockingClient:
+class BlockingClient(HousekeepingMethods):
     """
     A synchronous connection to a broker.
 

@@ -364,7 +364,8 @@ def test_the_api_is_as_its_openapi_description_says(cluster):
     for path, methods in spec["paths"].items():
         for method, operation in methods.items():
             task_id = "2" if path.endswith("/cancel") else "1"
-            url = base + path.lstrip("/").replace("{id}", task_id)
+            url = base + path.lstrip("/").replace("{id}", task_id).replace(
+                "{name}", "nightly")
             if method == "get" and path == "/metrics":
                 with urllib.request.urlopen(url, timeout=30) as response:
                     assert response.status == 200
@@ -375,8 +376,13 @@ def test_the_api_is_as_its_openapi_description_says(cluster):
                     "application/json"]["schema"]
                 conforms(body, schema, spec, path)
             else:
-                sent = ({"tasks": [{"handler": "echo", "payload": 1}]}
-                        if path == "/api/tasks" else None)
+                sent = {
+                    "/api/tasks": {"tasks": [{"handler": "echo",
+                                              "payload": 1}]},
+                    "/api/schedules": {"name": "nightly", "handler": "echo",
+                                       "cron": "0 3 * * *",
+                                       "timezone": "Europe/Paris"},
+                }.get(path)
                 status, body = post(url, sent, token)
                 schema = operation["responses"]["200"]["content"][
                     "application/json"]["schema"]
@@ -389,7 +395,10 @@ def test_the_api_is_as_its_openapi_description_says(cluster):
         ("get", "/api/tasks"), ("post", "/api/tasks"),
         ("get", "/api/tasks/{id}"), ("post", "/api/tasks/{id}/cancel"),
         ("post", "/api/tasks/{id}/retry"), ("get", "/api/overview"),
-        ("get", "/metrics")}
+        ("get", "/metrics"), ("post", "/api/schedules"),
+        ("get", "/api/schedules"), ("post", "/api/schedules/{name}/pause"),
+        ("post", "/api/schedules/{name}/resume"),
+        ("post", "/api/schedules/{name}/remove")}
     # An error, as described.
     status, body = get(base + "api/tasks/999")
     conforms(body, spec["components"]["schemas"]["Error"], spec)

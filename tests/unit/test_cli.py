@@ -1069,3 +1069,201 @@ def test_without_a_terminal_there_is_no_bar(broker):
     assert (result.code, result.stdout, result.stderr) == (0, "1\n", "")
     # Held as long as one WAIT may be, not looked at every second.
     assert broker.requests[0][1]["timeout"] == 30
+
+
+# -- schedules, purge, and many tasks at once -------------------------------
+
+
+class Terminal(io.StringIO):
+    """
+    Standard input that is a terminal, with the user's answers.
+    """
+
+    def isatty(self):
+        return True
+
+
+def run_on_terminal(broker, *argv, answer):
+    stdout, stderr = io.StringIO(), io.StringIO()
+    code = cli.main(["--broker", broker.endpoint, "--timeout", "2", *argv],
+                    stdout=stdout, stderr=stderr, stdin=Terminal(answer))
+    return Result(code, stdout.getvalue(), stderr.getvalue())
+
+
+SCHEDULE = {"name": "nightly", "handler": "report", "every": None,
+            "cron": "0 3 * * *", "timezone": "Europe/Paris",
+            "skip_if_running": True, "paused": False,
+            "next_tick": "2026-12-06T02:00:00.000000+00:00",
+            "last_tick": None, "last_task_id": None}
+
+
+def test_schedule_add(broker):
+    broker.handlers["SCHEDULE_ADD"] = lambda body: reply(schedule=SCHEDULE)
+    result = at(broker, "schedule", "add", "nightly", "--cron", "0 3 * * *",
+                "report", "--timezone", "Europe/Paris", "--skip-if-running",
+                "--payload", '{"full": true}', "--priority", "low")
+    assert (result.code, result.stdout, result.stderr) == (
+        0, "schedule nightly added: next at 2026-12-06 02:00:00 UTC\n", "")
+    [(_, body)] = broker.requests
+    assert {key: body[key] for key in (
+        "name", "handler", "cron", "every", "timezone", "skip_if_running",
+        "payload", "priority", "replace")} == {
+        "name": "nightly", "handler": "report", "cron": "0 3 * * *",
+        "every": None, "timezone": "Europe/Paris", "skip_if_running": True,
+        "payload": {"full": True}, "priority": "low", "replace": False}
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["nightly", "report"], "schedule add: give --every SECONDS or --cron "
+                            "EXPRESSION"),
+    (["nightly", "report", "--every", "5", "--cron", "@daily"],
+     "schedule add: give --every SECONDS or --cron EXPRESSION"),
+    (["nightly", "report", "--every", "0.5"],
+     "--every: seconds from 1 to 31622400, not '0.5'"),
+    (["nightly", "report", "--every", "60", "--timezone", "UTC"],
+     "schedule add: --timezone goes with --cron"),
+    (["nightly", "--every", "60"], "add: expected NAME HANDLER, got 1"),
+    (["a b", "report", "--every", "60"], "a schedule's name is 1 to 100"),
+    (["n", "report", "--cron", "* * *"],
+     "cron expression '* * *' has 3 fields, not five"),
+])
+def test_schedule_add_checks_before_sending(broker, argv, message):
+    result = at(broker, "schedule", "add", *argv)
+    assert result.code == 2
+    assert message in result.error_line()
+    assert broker.commands() == []
+
+
+def test_schedule_list(broker):
+    every = dict(SCHEDULE, name="often", every=30, cron=None,
+                 timezone="UTC", skip_if_running=False, paused=True,
+                 last_task_id=12)
+    broker.handlers["SCHEDULE_LIST"] = lambda body: reply(
+        schedules=[SCHEDULE, every])
+    result = at(broker, "schedule", "list")
+    assert result.stdout.splitlines() == [
+        "NAME     HANDLER  WHEN                                       "
+        "NEXT (UTC)           LAST TASK  STATE",
+        "nightly  report   0 3 * * * (Europe/Paris), skip if running  "
+        "2026-12-06 02:00:00  -          active",
+        "often    report   every 30s                                  "
+        "2026-12-06 02:00:00  12         paused"]
+    assert json.loads(at(broker, "schedule", "list", "--json").stdout) == [
+        SCHEDULE, every]
+
+
+def test_schedule_pause_resume_remove(broker):
+    broker.handlers["SCHEDULE_PAUSE"] = lambda body: reply(
+        schedule=dict(SCHEDULE, paused=True))
+    broker.handlers["SCHEDULE_RESUME"] = lambda body: reply(
+        schedule=SCHEDULE)
+    broker.handlers["SCHEDULE_REMOVE"] = sequence(
+        reply(removed="nightly"),
+        error("not_found", "no schedule named 'nightly'"))
+    assert at(broker, "schedule", "pause", "nightly").stdout == \
+        "schedule nightly paused\n"
+    assert at(broker, "schedule", "resume", "nightly").stdout == \
+        "schedule nightly resumed: next at 2026-12-06 02:00:00 UTC\n"
+    assert at(broker, "schedule", "remove", "nightly").stdout == \
+        "schedule nightly removed\n"
+    result = at(broker, "schedule", "remove", "nightly")
+    assert (result.code, result.error_line()) == (
+        4, "taskbroker: no schedule named 'nightly'")
+
+
+def test_schedule_needs_a_command(broker):
+    result = at(broker, "schedule")
+    assert result.code == 2
+    assert "schedule: give add, list, remove, pause or resume" in \
+        result.error_line()
+
+
+def test_purge_asks_until_all_are_deleted(broker):
+    broker.handlers["PURGE"] = sequence(reply(deleted=10000, more=True),
+                                        reply(deleted=12, more=False))
+    result = at(broker, "purge", "--older-than", "30d", "--state", "failed")
+    assert (result.code, result.stdout) == (0, "deleted 10012 tasks\n")
+    bodies = [body for _, body in broker.requests]
+    assert [(b["older_than"], b["state"], b["handler"]) for b in bodies] == [
+        (30 * 86400.0, "failed", None)] * 2
+
+
+@pytest.mark.parametrize("argv, message", [
+    ([], "purge: --older-than DURATION is required"),
+    (["--older-than", "7w"], "--older-than: expected seconds or a number"),
+    (["--older-than", "1d", "--state", "queued"],
+     "purge: --state must be succeeded, failed or cancelled"),
+])
+def test_purge_usage(broker, argv, message):
+    result = at(broker, "purge", *argv)
+    assert result.code == 2 and message in result.error_line()
+    assert broker.commands() == []
+
+
+def many(done_key, pages):
+    """
+    A bulk request's handler: a count, then ``pages`` of work.
+    """
+    answers = iter(pages)
+
+    def handle(body):
+        if body.get("count"):
+            return reply(count=sum(page[0] for page in pages))
+        acted, following = next(answers)
+        return reply(**{done_key: acted}, refused=0, next=following)
+
+    return handle
+
+
+def test_bulk_cancel_needs_yes_without_a_terminal(broker):
+    broker.handlers["CANCEL_MANY"] = many("cancelled", [(3, None)])
+    result = at(broker, "cancel", "--state", "queued", "--handler", "echo")
+    assert result.code == 2
+    assert result.error_line() == (
+        "taskbroker: cancel 3 queued tasks of handler echo: not on a "
+        "terminal to ask; give --yes to go ahead")
+    assert broker.commands() == ["CANCEL_MANY"]  # the count alone
+    result = at(broker, "cancel", "--state", "queued", "--handler", "echo",
+                "--yes")
+    assert (result.code, result.stdout) == (
+        0, "cancelled 3 queued tasks of handler echo\n")
+
+
+def test_bulk_cancel_asks_on_a_terminal(broker):
+    broker.handlers["CANCEL_MANY"] = many("cancelled",
+                                          [(1000, 1000), (5, None)])
+    result = run_on_terminal(broker, "cancel", "--state", "queued",
+                             answer="n\n")
+    assert (result.code, result.stdout) == (2, "")
+    assert result.stderr.startswith(
+        "taskbroker: cancel 1005 queued tasks? [y/N] ")
+    result = run_on_terminal(broker, "cancel", "--state", "queued",
+                             answer="y\n")
+    assert (result.code, result.stdout) == (0, "cancelled 1005 queued tasks\n")
+    afters = [body.get("after") for command, body in broker.requests
+              if not body.get("count")]
+    assert afters == [0, 1000]
+
+
+def test_bulk_retry(broker):
+    broker.handlers["RETRY_MANY"] = many("retried", [(2, None)])
+    result = at(broker, "retry", "--state", "failed", "--yes")
+    assert (result.code, result.stdout) == (0, "queued again 2 failed tasks\n")
+    broker.handlers["RETRY_MANY"] = lambda body: reply(count=0)
+    assert at(broker, "retry", "--state", "failed").stdout == \
+        "no failed tasks\n"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["cancel", "1", "--state", "queued"], "cancel: give ID or --state"),
+    (["cancel", "--state", "failed"], "cancel: --state must be queued or "
+                                      "running"),
+    (["retry", "--state", "queued"], "retry: --state must be failed or "
+                                     "cancelled"),
+    (["cancel", "1", "--yes"], "cancel: --handler and --yes go with --state"),
+    (["cancel"], "cancel: expected ID, or --state STATE for many tasks"),
+])
+def test_bulk_usage(broker, argv, message):
+    result = at(broker, *argv)
+    assert result.code == 2 and message in result.error_line()
+    assert broker.commands() == []

@@ -121,6 +121,8 @@ def test_an_unknown_zone():
 
 def test_every_counts_elapsed_seconds():
     assert next_tick(1000.0, every=60) == 1060.0
+    # A new schedule starts on a whole second.
+    assert next_tick(1000.25, every=60) == 1061.0
     # Due at 1060 and handled late, at 1305: the ticks passed meanwhile are
     # not made up, and the next keeps the rhythm.
     assert next_tick(1305.0, every=60, previous=1060.0) == 1360.0
@@ -150,10 +152,19 @@ def test_durations(text, seconds):
     assert parse_duration(text) == seconds
 
 
-@pytest.mark.parametrize("text", ["", "-1", "0", "7w", "d", "1e3", "none"])
+@pytest.mark.parametrize("text", ["", "-1", "7w", "d", "1e3", "none",
+                                  "101000d"])
 def test_bad_durations(text):
     with pytest.raises(ValueError):
         parse_duration(text)
+
+
+def test_the_shortest_duration():
+    assert parse_duration("0") == 0.0
+    assert parse_duration("1m", least=60.0) == 60.0
+    with pytest.raises(ValueError, match="must be at least 1m and at most "
+                                         "100 years"):
+        parse_duration("59", least=60.0)
 
 
 def test_none_is_for_ever_where_allowed():
@@ -162,7 +173,7 @@ def test_none_is_for_ever_where_allowed():
 
 @pytest.mark.parametrize("seconds, text", [
     (604800.0, "7d"), (7200.0, "2h"), (900.0, "15m"), (90.0, "90s"),
-    (1.5, "1.5s"), (None, "none"),
+    (1.5, "1.5s"), (0.0, "0s"), (None, "none"),
 ])
 def test_durations_shown(seconds, text):
     assert format_duration(seconds) == text
