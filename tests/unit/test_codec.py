@@ -352,7 +352,7 @@ def test_unencodable_string_is_not_dumped():
         codec.dumps({"path": "\udcff"})
 
 
-def nested(depth):
+def nested_lists(depth):
     value = []
     for _ in range(depth):
         value = [value]
@@ -361,7 +361,7 @@ def nested(depth):
 
 def test_value_nested_too_deeply_is_not_dumped():
     with pytest.raises(ValueError):
-        codec.dumps(nested(100_000))
+        codec.dumps(nested_lists(100_000))
 
 
 def nested(depth):
