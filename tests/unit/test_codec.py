@@ -128,7 +128,7 @@ def test_encode_accepts_json_text_as_is():
 
 def test_encode_is_compact_utf8():
     assert encode(b"GET", {"req": "é", "id": 1})[2] == (
-        '{"req":"é","id":1}'.encode("utf-8"))
+        '{"req":"é","id":1}'.encode())
 
 
 def test_submit_task_payload_defaults_to_null():
