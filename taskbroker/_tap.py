@@ -40,8 +40,8 @@ class DaemonOptions(usage.Options):
     """
 
     settings = ()
-    prefix = None
-    command = None
+    prefix: str | None = None
+    command: str | None = None
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)

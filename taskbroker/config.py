@@ -72,11 +72,12 @@ def positive_int(text):
     return value
 
 
-# What usage.Options shows after an option's help.
-positive_number.coerceDoc = "A number greater than 0."
-non_negative_number.coerceDoc = "A number, 0 or more."
-positive_int.coerceDoc = "A whole number, 1 or more."
-endpoint_list.coerceDoc = "Comma-separated ZeroMQ endpoints, none twice."
+# What usage.Options shows after an option's help (an attribute of the
+# function, which type checkers do not expect).
+positive_number.coerceDoc = "A number greater than 0."  # type: ignore[attr-defined]
+non_negative_number.coerceDoc = "A number, 0 or more."  # type: ignore[attr-defined]
+positive_int.coerceDoc = "A whole number, 1 or more."  # type: ignore[attr-defined]
+endpoint_list.coerceDoc = "Comma-separated ZeroMQ endpoints, none twice."  # type: ignore[attr-defined]
 
 
 def name(text):
