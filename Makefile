@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: install test unit integration demo bench docs lint clean regenerate-plugin-cache
+.PHONY: install test unit integration demo bench docs lint dist release-tools clean regenerate-plugin-cache
 
 install: $(STAMP)
 
@@ -78,6 +78,22 @@ lint: $(LINT_STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 	$(BIN)/ruff format --check --output-format concise .
+
+# The sdist and the wheel in dist/, checked by twine ("release" extra).
+# .ci/wheel-check goes further: it installs the wheel in a virtualenv of
+# its own and runs a task with it.
+RELEASE_STAMP := $(VENV)/.release-stamp
+
+$(RELEASE_STAMP): $(STAMP) setup.cfg
+	$(BIN)/python -m pip install --quiet -e '.[release]'
+	touch $(RELEASE_STAMP)
+
+release-tools: $(RELEASE_STAMP)
+
+dist: $(RELEASE_STAMP)
+	rm -rf dist
+	$(BIN)/python -m build --outdir dist .
+	$(BIN)/python -m twine check --strict dist/*
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .hypothesis demo-run
