@@ -7,13 +7,13 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: install test unit integration demo bench docs clean regenerate-plugin-cache
+.PHONY: install test unit integration demo bench docs lint dist release-tools clean regenerate-plugin-cache
 
 install: $(STAMP)
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip 'setuptools>=64' wheel
+	$(BIN)/python -m pip install --quiet --upgrade pip 'setuptools>=77' wheel
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	$(MAKE) --no-print-directory regenerate-plugin-cache
 	touch $(STAMP)
@@ -63,6 +63,37 @@ $(DOCS_STAMP): $(STAMP) setup.cfg
 
 docs: $(DOCS_STAMP)
 	$(BIN)/python -m sphinx -W --keep-going -b html docs docs/_build/html
+
+# ruff's rules, mypy, and ruff's formatting (checked, never applied here),
+# all configured in pyproject.toml; the tools are the "lint" extra.  The
+# format check comes last, so that the other two report first; it names
+# each file it would change (ruff format --diff shows how).
+LINT_STAMP := $(VENV)/.lint-stamp
+
+$(LINT_STAMP): $(STAMP) setup.cfg
+	$(BIN)/python -m pip install --quiet -e '.[lint]'
+	touch $(LINT_STAMP)
+
+lint: $(LINT_STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+	$(BIN)/ruff format --check --output-format concise .
+
+# The sdist and the wheel in dist/, checked by twine ("release" extra).
+# .ci/wheel-check goes further: it installs the wheel in a virtualenv of
+# its own and runs a task with it.
+RELEASE_STAMP := $(VENV)/.release-stamp
+
+$(RELEASE_STAMP): $(STAMP) setup.cfg
+	$(BIN)/python -m pip install --quiet -e '.[release]'
+	touch $(RELEASE_STAMP)
+
+release-tools: $(RELEASE_STAMP)
+
+dist: $(RELEASE_STAMP)
+	rm -rf dist
+	$(BIN)/python -m build --outdir dist .
+	$(BIN)/python -m twine check --strict dist/*
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .hypothesis demo-run

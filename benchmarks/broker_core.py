@@ -99,12 +99,12 @@ async def one_at_a_time(harness, n):
     for i in range(n):
         done = defer.Deferred()
         t0 = time.perf_counter()
-        harness.on_reply = lambda: marks["reply"].append(
+        harness.on_reply = lambda t0=t0: marks["reply"].append(
             time.perf_counter() - t0)
-        harness.on_task = lambda: marks["task"].append(
+        harness.on_task = lambda t0=t0: marks["task"].append(
             time.perf_counter() - t0)
 
-        def acked(done=done):
+        def acked(done=done, t0=t0):
             marks["ack"].append(time.perf_counter() - t0)
             done.callback(None)
 

@@ -37,6 +37,7 @@ import uuid
 import zmq
 
 from taskbroker.protocol.codec import SIGNATURE
+
 DUMPS = json.JSONEncoder(separators=(",", ":")).encode
 
 
@@ -79,7 +80,7 @@ def main():
         name = f"{args.name}-{i}"
         sock = context.socket(zmq.DEALER)
         sock.setsockopt(zmq.IDENTITY,
-                        f"{name}/{uuid.uuid4().hex[:8]}".encode("utf-8"))
+                        f"{name}/{uuid.uuid4().hex[:8]}".encode())
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDHWM, 10_000)
         sock.setsockopt(zmq.RCVHWM, 10_000)

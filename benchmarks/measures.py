@@ -21,8 +21,16 @@ from contextlib import closing
 from datetime import datetime
 
 from benchmarks._util import (
-    HERE, TWISTD, BenchError, Skip, cpu_seconds, free_port, memory_kib,
-    percentile, read_only, wait_done,
+    HERE,
+    TWISTD,
+    BenchError,
+    Skip,
+    cpu_seconds,
+    free_port,
+    memory_kib,
+    percentile,
+    read_only,
+    wait_done,
 )
 
 PYTHON = sys.executable

@@ -31,7 +31,7 @@ c.execute("VACUUM ANALYZE tasks")
 print(f"{finished} finished rows inserted in {time.time()-t0:.1f} s")
 times = []
 claim = [(sql.dispatch_for, ([0, 1, 2], ["echo"], ["w1"], 2e9, "normal", 3))]
-for i in range(1000):
+for _ in range(1000):
     start = time.perf_counter()
     [(ok, [row])] = sql.run_batch(c, claim, "b1", None)
     times.append(time.perf_counter() - start)

@@ -18,11 +18,23 @@ from contextlib import closing, contextmanager
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 from benchmarks._util import (
-    STALL, BenchError, Skip, cpu_seconds, percentile,
+    STALL,
+    BenchError,
+    Skip,
+    cpu_seconds,
+    percentile,
 )
 from benchmarks.measures import (
-    COMPARE, DRAIN_TIMEOUT, STAMP, _bulk, _bulk_throughput, _client,
-    _Daemons, _guard, _json, _ms,
+    COMPARE,
+    DRAIN_TIMEOUT,
+    STAMP,
+    _bulk,
+    _bulk_throughput,
+    _client,
+    _Daemons,
+    _guard,
+    _json,
+    _ms,
 )
 
 

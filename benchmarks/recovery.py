@@ -22,6 +22,7 @@ from datetime import datetime
 from taskbroker import _daemons
 from taskbroker.client.blocking import BlockingClient
 
+
 def start(command, args, folder, ready, name):
     daemon = _daemons.Daemon(name, _daemons.twistd(command, *args), folder)
     try:

@@ -9,7 +9,6 @@ sets one.
 """
 
 from dataclasses import dataclass
-from typing import Optional
 
 from benchmarks._util import median
 from benchmarks.measures import SITE_REQUESTS
@@ -22,14 +21,14 @@ class Metric:
     label: str
     unit: str
     #: the floor metric to quote a ratio of, if any
-    floor: Optional[str] = None
+    floor: str | None = None
     #: ("max", x): median <= x; ("min", x): median >= x;
     #: ("floor", x): median / floor >= x; ("ratio", key, x[, label]):
     #: median / median of key >= x; ("plus", key, d, label): median <=
     #: median of key + d; ("versus", key, label): the ratio to key,
     #: shown, never judged.  A key may be a tuple of keys: the first
     #: measured in this suite is used.
-    target: Optional[tuple] = None
+    target: tuple | None = None
     #: more targets of the same kinds, each judged and shown
     also: tuple = ()
     #: informative only: shown, never judged

@@ -26,6 +26,7 @@ import uuid
 import zmq
 
 from taskbroker.protocol.codec import SIGNATURE
+
 DUMPS = json.JSONEncoder(separators=(",", ":")).encode
 
 

@@ -16,12 +16,19 @@ import sys
 import tempfile
 import time
 import traceback
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from urllib.parse import urlsplit
 
 from benchmarks import measures, postgresql
 from benchmarks._util import (
-    ROOT, TWISTD, BenchError, Processes, Skip, child_env, daemon_defaults, machine,
+    ROOT,
+    TWISTD,
+    BenchError,
+    Processes,
+    Skip,
+    child_env,
+    daemon_defaults,
+    machine,
 )
 from benchmarks.report import summarise, table
 
@@ -433,7 +440,7 @@ def main(argv=None):
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _raise_interrupt)
     signal.signal(signal.SIGHUP, _raise_interrupt)
-    started_at = datetime.now(timezone.utc)
+    started_at = datetime.now(UTC)
     began = time.monotonic()
     procs = Processes()
     root = tempfile.mkdtemp(prefix="taskbroker-bench-")

@@ -40,8 +40,8 @@ class DaemonOptions(usage.Options):
     """
 
     settings = ()
-    prefix = None
-    command = None
+    prefix: str | None = None
+    command: str | None = None
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -95,7 +95,7 @@ class DaemonOptions(usage.Options):
             self.curve = self.load_curve(self.config)
         except ConfigError as e:
             sys.stderr.write(f"twistd {self.command}: {e}\n")
-            raise SystemExit(2)
+            raise SystemExit(2) from None
 
     def _given(self, setting):
         if setting.repeatable:

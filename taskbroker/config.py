@@ -15,7 +15,6 @@ import os
 import re
 import socket
 from dataclasses import dataclass, field, fields
-from typing import Optional
 
 from taskbroker.errors import ConfigError, one_line
 from taskbroker.failover import endpoint, parse_endpoints
@@ -85,11 +84,12 @@ def positive_int(text):
     return value
 
 
-# What usage.Options shows after an option's help.
-positive_number.coerceDoc = "A number greater than 0."
-non_negative_number.coerceDoc = "A number, 0 or more."
-positive_int.coerceDoc = "A whole number, 1 or more."
-endpoint_list.coerceDoc = "Comma-separated ZeroMQ endpoints, none twice."
+# What usage.Options shows after an option's help (an attribute of the
+# function, which type checkers do not expect).
+positive_number.coerceDoc = "A number greater than 0."  # type: ignore[attr-defined]
+non_negative_number.coerceDoc = "A number, 0 or more."  # type: ignore[attr-defined]
+positive_int.coerceDoc = "A whole number, 1 or more."  # type: ignore[attr-defined]
+endpoint_list.coerceDoc = "Comma-separated ZeroMQ endpoints, none twice."  # type: ignore[attr-defined]
 
 
 def name(text):
@@ -194,10 +194,10 @@ class Setting:
     coerce: object
     default: object
     help: str
-    short: Optional[str] = None
+    short: str | None = None
     repeatable: bool = False
     flag: bool = False
-    own_variable: Optional[str] = None
+    own_variable: str | None = None
 
     @property
     def field(self):
@@ -346,22 +346,22 @@ class BrokerConfig:
         "ZeroMQ endpoint to bind for workers and clients. Anyone who can "
         "reach it can submit and run tasks: keep it on loopback or a "
         "trusted network.")
-    curve_secret_key: Optional[str] = setting(
+    curve_secret_key: str | None = setting(
         None, file_path,
         "The broker's CURVE secret key file (from 'taskbroker keygen'): "
         "links are encrypted, and only keys of --authorized-workers and "
         "--authorized-clients get in (default: no CURVE, plain links; see "
         "docs/security.rst).")
-    authorized_workers: Optional[str] = setting(
+    authorized_workers: str | None = setting(
         None, directory,
         "With --curve-secret-key: a folder of public key files (NAME.key) "
         "of the workers that may register (default: none).")
-    authorized_clients: Optional[str] = setting(
+    authorized_clients: str | None = setting(
         None, directory,
         "With --curve-secret-key: a folder of public key files (NAME.key) "
         "of the clients that may submit tasks, and read, cancel and retry "
         "the tasks they submitted (default: none).")
-    admin_clients: Optional[str] = setting(
+    admin_clients: str | None = setting(
         None, directory,
         "With --curve-secret-key: a folder of public key files of the "
         "clients that may do so with every task, and list the workers "
@@ -374,12 +374,12 @@ class BrokerConfig:
         False, boolean,
         "Refuse to start without --curve-secret-key (without it, a broker "
         "listening beyond loopback only warns).", flag=True)
-    http: Optional[str] = setting(
+    http: str | None = setting(
         DEFAULT_HTTP, http_endpoint,
         "Where the HTTP status site listens: a Twisted server endpoint "
         "description, or none. If the default port is taken (another "
         "broker on this host), the broker only warns.")
-    http_token_file: Optional[str] = setting(
+    http_token_file: str | None = setting(
         None, file_path,
         "A file whose first line is the status site's token (default: a "
         "new random one at each start, shown in the URL the broker logs).")
@@ -392,7 +392,7 @@ class BrokerConfig:
     priorities: tuple = setting(
         ("high", "normal", "low"), level_list,
         "Priority levels, comma-separated, most urgent first.")
-    default_priority: Optional[str] = setting(
+    default_priority: str | None = setting(
         None, name,
         "Level of a task that names none (default: normal if it is a "
         "level, else the least urgent).")
@@ -407,7 +407,7 @@ class BrokerConfig:
         "waits twice as long, with random jitter.")
     retry_max_delay: float = setting(
         300.0, positive_number, "The longest wait before a retry (seconds).")
-    time_limit: Optional[float] = setting(
+    time_limit: float | None = setting(
         None, optional_positive_number,
         "Seconds an attempt may run unless the task or its handler says "
         "otherwise (default: no limit).")
@@ -567,20 +567,20 @@ class WorkerConfig:
         "sharing one database, comma-separated: the worker uses one at a "
         "time, starting where its name points, and moves to the next when "
         "it loses its broker.")
-    curve_server_key: Optional[str] = setting(
+    curve_server_key: str | None = setting(
         None, file_path,
         "With --curve-secret-key: the broker's CURVE public key file "
         "(NAME.key, from 'taskbroker keygen'). Links are encrypted, and "
         "the worker talks only to a broker that holds its secret key; "
         "every broker of a failover list must hold the same one (default: "
         "no CURVE, plain links).")
-    curve_secret_key: Optional[str] = setting(
+    curve_secret_key: str | None = setting(
         None, file_path,
         "With --curve-server-key: this worker's own key pair, the "
         "NAME.key_secret file from 'taskbroker keygen', readable by its "
         "owner only; the broker must have NAME.key in its "
         "--authorized-workers (default: none).")
-    priorities: Optional[tuple] = setting(
+    priorities: tuple | None = setting(
         None, level_list,
         "Levels to serve, comma-separated (default: all the broker has). "
         "A worker serving only the most urgent level is capacity reserved "
@@ -591,7 +591,7 @@ class WorkerConfig:
         (), directory_list,
         "A folder of handler modules; repeatable (environment: folders "
         "separated by ':').", repeatable=True)
-    name: Optional[str] = setting(
+    name: str | None = setting(
         None, name,
         "Worker name, unique among live workers (default: HOSTNAME-PID).")
     heartbeat: float = setting(
@@ -660,14 +660,14 @@ class ClientConfig:
         "Seconds to wait for each answer; every command tries three times "
         "(and each broker of a list at least once).",
         short="t")
-    curve_server_key: Optional[str] = setting(
+    curve_server_key: str | None = setting(
         None, file_path,
         "With --curve-secret-key: the broker's CURVE public key file "
         "(NAME.key, from 'taskbroker keygen'); requests are encrypted and "
         "go only to a broker that holds its secret key (default: no "
         "CURVE).",
         variable="TASKBROKER_CLIENT_CURVE_SERVER_KEY")
-    curve_secret_key: Optional[str] = setting(
+    curve_secret_key: str | None = setting(
         None, file_path,
         "With --curve-server-key: this client's own key pair, the "
         "NAME.key_secret file from 'taskbroker keygen', readable by its "

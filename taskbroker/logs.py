@@ -13,10 +13,15 @@ task's work instead of a third.
 
 import os
 import sys
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
-from twisted.logger import jsonFileLogObserver
+from twisted.logger import Logger, jsonFileLogObserver
 
 from taskbroker.errors import one_line
+
+if TYPE_CHECKING:
+    from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
 #: Seconds a line about tasks waits for others to share its event.
 GATHER = 0.1
@@ -41,16 +46,18 @@ class TaskLog:
         e.g. ``7 to w1 (...)``; the line starts ``tasks <kind>:``.
     """
 
-    def __init__(self, log, clock, kind, one, many):
+    def __init__(self, log: Logger, clock: "IReactorTime", kind: str,
+                 one: Callable[[dict[str, Any]], str],
+                 many: Callable[[dict[str, Any]], str]) -> None:
         self._log = log
         self._clock = clock
         self._kind = kind
         self._one = one
         self._many = many
-        self._records = []
-        self._call = None
+        self._records: list[dict[str, Any]] = []
+        self._call: IDelayedCall | None = None
 
-    def add(self, **record):
+    def add(self, **record: Any) -> None:
         """
         Tell of one task: ``record`` holds its fields (``id`` first),
         which the event carries as given.
@@ -59,7 +66,7 @@ class TaskLog:
         if self._call is None:
             self._call = self._clock.callLater(GATHER, self.flush)
 
-    def flush(self):
+    def flush(self) -> None:
         """
         Log what was gathered (at once when the daemon stops).
         """
@@ -81,7 +88,7 @@ class TaskLog:
                            tasks=chunk)
 
 
-def cut(text, most=200):
+def cut(text: object, most: int = 200) -> str | None:
     """
     An error as a line about a task shows it: one line, at most ``most``
     characters (``taskbroker status`` shows it whole).
@@ -92,7 +99,7 @@ def cut(text, most=200):
     return line if len(line) <= most else line[:most - 1] + "\u2026"
 
 
-def seconds(value):
+def seconds(value: object) -> str:
     """
     A duration as the lines about tasks show it: ``0.003s``, or ``?``.
     """

@@ -12,9 +12,10 @@ import asyncio
 import sys
 import time
 
-import pg_common
 from pgqueuer.adapters.drivers.psycopg import PsycopgDriver
 from pgqueuer.queries import Queries
+
+import pg_common
 
 
 async def install():
@@ -46,7 +47,7 @@ async def run(args):
     out = {}
     for i in range(args.warmup):
         job_id = await enqueue(i)
-        await pg_common.wait_until(lambda: logged(job_id), 60,
+        await pg_common.wait_until(lambda job_id=job_id: logged(job_id), 60,
                                    "a warm-up job", poll=0.01)
 
     if args.tasks:

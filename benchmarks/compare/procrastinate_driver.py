@@ -42,7 +42,7 @@ async def run(args):
         await pg_common.wait_until(registered, 60, "2 workers registering")
         for i in range(args.warmup):
             job_id = await noop.defer_async(i=i)
-            await pg_common.wait_until(lambda: finished(job_id), 30,
+            await pg_common.wait_until(lambda job_id=job_id: finished(job_id), 30,
                                        "a warm-up job", poll=0.01)
 
         if args.tasks:

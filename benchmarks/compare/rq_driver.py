@@ -13,7 +13,7 @@ import json
 import os
 import sys
 import time
-from datetime import timezone
+from datetime import UTC
 
 import redis
 from rq import Queue, Worker
@@ -77,7 +77,7 @@ def main():
                     status = job.get_status(refresh=False) if job else None
                     if status == JobStatus.FINISHED and job.ended_at:
                         ended.append(job.ended_at.replace(
-                            tzinfo=timezone.utc).timestamp())
+                            tzinfo=UTC).timestamp())
                     elif status == JobStatus.FAILED:
                         print(f"error: job {job_id} failed", flush=True)
                         return 1

@@ -42,9 +42,9 @@ def main():
         sock.setsockopt(zmq.SNDHWM, 0)
         sock.setsockopt(zmq.RCVHWM, 0)
         sock.bind("tcp://127.0.0.1:*")
-    print("frontend %s backend %s" % (
-        frontend.getsockopt(zmq.LAST_ENDPOINT).decode(),
-        backend.getsockopt(zmq.LAST_ENDPOINT).decode()), flush=True)
+    front = frontend.getsockopt(zmq.LAST_ENDPOINT).decode()
+    back = backend.getsockopt(zmq.LAST_ENDPOINT).decode()
+    print(f"frontend {front} backend {back}", flush=True)
 
     poller = zmq.Poller()
     poller.register(frontend, zmq.POLLIN)

@@ -13,6 +13,17 @@ a worker to claim or report it, and is requeued after.
 Pure bookkeeping: no store, no socket, no clock (times are passed in).
 """
 
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from twisted.internet.interfaces import IDelayedCall
+
+    from taskbroker.store import TaskRow
+
+#: What :meth:`Attempts.claim` found.
+Claimed = Literal["claimed", "held", "stale"]
+
 
 class Attempt:
     """
@@ -34,16 +45,17 @@ class Attempt:
     __slots__ = ("task_id", "token", "row", "session", "progress",
                  "progress_written", "progress_timer")
 
-    def __init__(self, task_id, token, row, session):
+    def __init__(self, task_id: int, token: int, row: "TaskRow",
+                 session: bytes | None) -> None:
         self.task_id = task_id
         self.token = token
         self.row = row
         self.session = session
-        self.progress = None
-        self.progress_written = None
-        self.progress_timer = None
+        self.progress: tuple[float, str | None, float] | None = None
+        self.progress_written: float | None = None
+        self.progress_timer: IDelayedCall | None = None
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return (f"Attempt({self.task_id!r}, token={self.token!r}, "
                 f"session={self.session!r})")
 
@@ -53,25 +65,25 @@ class Attempts:
     The current attempt of every task dispatched and not yet ended.
     """
 
-    def __init__(self):
+    def __init__(self) -> None:
         # task id -> Attempt
-        self._current = {}
+        self._current: dict[int, Attempt] = {}
         # task id -> deadline, for orphans
-        self._deadlines = {}
+        self._deadlines: dict[int, float] = {}
 
-    def __contains__(self, task_id):
+    def __contains__(self, task_id: object) -> bool:
         return task_id in self._current
 
-    def __len__(self):
+    def __len__(self) -> int:
         return len(self._current)
 
-    def get(self, task_id):
+    def get(self, task_id: int) -> Attempt | None:
         """
         :returns: the task's current :class:`Attempt`, or ``None``.
         """
         return self._current.get(task_id)
 
-    def current(self, task_id, token):
+    def current(self, task_id: int, token: int) -> Attempt | None:
         """
         :returns: the task's current :class:`Attempt` if its token is
             ``token``, else ``None``.
@@ -81,7 +93,8 @@ class Attempts:
             return attempt
         return None
 
-    def start(self, task_id, token, row, session):
+    def start(self, task_id: int, token: int, row: "TaskRow",
+              session: bytes) -> Attempt:
         """
         Record a dispatch to ``session``; it replaces any earlier attempt.
 
@@ -92,7 +105,8 @@ class Attempts:
         self._deadlines.pop(task_id, None)
         return attempt
 
-    def orphan(self, task_id, token, row, deadline):
+    def orphan(self, task_id: int, token: int, row: "TaskRow",
+               deadline: float) -> None:
         """
         Record an attempt that no live session holds, to be requeued at
         ``deadline`` unless a worker claims or reports it first.
@@ -100,7 +114,7 @@ class Attempts:
         self._current[task_id] = Attempt(task_id, token, row, None)
         self._deadlines[task_id] = deadline
 
-    def end(self, task_id, token=None):
+    def end(self, task_id: int, token: int | None = None) -> Attempt | None:
         """
         Forget a task's attempt: any attempt if ``token`` is ``None``, else
         only the current one with that token.
@@ -114,7 +128,8 @@ class Attempts:
         self._deadlines.pop(task_id, None)
         return attempt
 
-    def claim(self, task_id, token, session, is_live):
+    def claim(self, task_id: int, token: int, session: bytes,
+              is_live: Callable[[bytes], bool]) -> Claimed:
         """
         A worker that reconnected says it runs ``task_id`` under ``token``.
 
@@ -134,7 +149,8 @@ class Attempts:
         self._deadlines.pop(task_id, None)
         return "claimed"
 
-    def expired(self, now, is_live):
+    def expired(self, now: float,
+                is_live: Callable[[bytes], bool]) -> list[Attempt]:
         """
         Take the orphans whose deadline has passed and that no live session
         claimed meanwhile.

@@ -30,7 +30,11 @@ from twisted.logger import Logger
 
 from taskbroker.broker.dispatch import Task
 from taskbroker.broker.status import DELAYED
-from taskbroker.broker.validation import invalid_queue, invalid_row, with_defaults
+from taskbroker.broker.validation import (
+    invalid_queue,
+    invalid_row,
+    with_defaults,
+)
 from taskbroker.broker.window import Windows
 
 #: How many queued rows one poll reads at a time.

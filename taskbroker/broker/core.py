@@ -37,6 +37,7 @@ import uuid
 
 from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from taskbroker.broker.admission import Admission
 from taskbroker.broker.attempts import Attempt, Attempts
@@ -158,7 +159,7 @@ class Broker:
         """
         return self._level_index[name]
 
-    def allowance(self):
+    def allowance(self) -> float:
         """
         How long a peer may stay silent, at the broker's heartbeat, before
         it is presumed lost.
@@ -488,7 +489,8 @@ class Broker:
 
     # -- trouble -------------------------------------------------------------
 
-    def trouble(self, reason, doing, pause=False):
+    def trouble(self, reason: Failure, doing: str,
+                pause: bool = False) -> None:
         """
         An errback for work that failed.  The store's errors are logged as
         database trouble and, for dispatch, pause it until a backoff has

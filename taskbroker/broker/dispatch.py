@@ -24,8 +24,10 @@ the task), never O(workers) or O(queued tasks).
 """
 
 from collections import OrderedDict
+from collections.abc import Hashable, Iterable, ValuesView
 from dataclasses import dataclass, field
 from itertools import count
+from typing import Any, cast
 
 
 @dataclass(eq=False)
@@ -35,13 +37,15 @@ class _Class:
     order they arrived.
     """
 
-    levels: frozenset
-    handlers: frozenset
+    levels: frozenset[int]
+    handlers: frozenset[str]
     # Preference among classes able to run a task: least urgent "most
     # urgent level" first, then fewest levels.
-    rank: tuple
+    rank: tuple[int, int]
     members: int = 0
-    ready: OrderedDict = field(default_factory=OrderedDict)
+    # credit seq -> the worker whose credit it is
+    ready: OrderedDict[int, "WorkerSlots"] = field(
+        default_factory=OrderedDict)
 
 
 @dataclass(eq=False)
@@ -54,14 +58,16 @@ class WorkerSlots:
     :ivar credits: credits waiting for a task.
     """
 
-    key: object
-    levels: tuple
-    handlers: frozenset
+    key: Hashable
+    levels: tuple[int, ...]
+    handlers: frozenset[str]
     slots: int
     busy: int = 0
     credits: int = 0
-    _class: _Class = None
-    _credit_seqs: list = field(default_factory=list)
+    # Set by Dispatcher.add_worker as soon as it makes the worker: every
+    # worker the dispatcher holds has its class.
+    _class: _Class = None  # type: ignore[assignment]
+    _credit_seqs: list[int] = field(default_factory=list)
 
 
 class Task:
@@ -77,14 +83,15 @@ class Task:
 
     __slots__ = ("id", "level", "handler", "data", "seq")
 
-    def __init__(self, id, level, handler, data=None):
+    def __init__(self, id: Hashable, level: int, handler: str,
+                 data: Any = None) -> None:
         self.id = id
         self.level = level
         self.handler = handler
         self.data = data
         self.seq = 0
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"Task({self.id!r}, {self.level!r}, {self.handler!r})"
 
 
@@ -95,11 +102,11 @@ class Assignment:
 
     __slots__ = ("task", "worker")
 
-    def __init__(self, task, worker):
+    def __init__(self, task: Task, worker: WorkerSlots) -> None:
         self.task = task
         self.worker = worker
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"Assignment({self.task!r}, {self.worker.key!r})"
 
 
@@ -113,23 +120,25 @@ class Dispatcher:
     Tasks are :class:`Task` objects.
     """
 
-    def __init__(self, levels):
+    def __init__(self, levels: int) -> None:
         self.levels = levels
-        # (level, handler) -> OrderedDict(task_id -> (seq, task)), FIFO.
-        self._queues = {}
+        # (level, handler) -> OrderedDict(task_id -> task), FIFO.
+        self._queues: dict[tuple[int, str], OrderedDict[Hashable, Task]] = {}
         # level -> set of handlers whose queue at that level is non-empty.
-        self._waiting_handlers = [set() for _ in range(levels)]
+        self._waiting_handlers: list[set[str]] = [
+            set() for _ in range(levels)]
         # task_id -> (level, handler)
-        self._where = {}
+        self._where: dict[Hashable, tuple[int, str]] = {}
         self._seq = count()
         # Tasks put back at the front are older than any other.
         self._front_seq = count(-1, -1)
-        self._classes = {}
+        self._classes: dict[tuple[frozenset[int], frozenset[str]],
+                            _Class] = {}
         # (level, handler) -> classes able to run such tasks, best first.
-        self._able = {}
-        self._workers = {}
+        self._able: dict[tuple[int, str], list[_Class]] = {}
+        self._workers: dict[Hashable, WorkerSlots] = {}
         # handler -> number of live workers that have it
-        self._handler_workers = {}
+        self._handler_workers: dict[str, int] = {}
         #: credits refused because the worker had no free slot for them.
         self.dropped_credits = 0
         #: while true, tasks and credits only queue (the store is failing).
@@ -137,48 +146,48 @@ class Dispatcher:
 
     # -- queries ---------------------------------------------------------
 
-    def __len__(self):
+    def __len__(self) -> int:
         """
         The number of waiting tasks.
         """
         return len(self._where)
 
-    def __contains__(self, task_id):
+    def __contains__(self, task_id: object) -> bool:
         return task_id in self._where
 
-    def waiting(self, level, handler):
+    def waiting(self, level: int, handler: str) -> int:
         """
         :returns: the number of tasks waiting in one queue.
         """
         queue = self._queues.get((level, handler))
         return 0 if queue is None else len(queue)
 
-    def served(self, handler):
+    def served(self, handler: str) -> bool:
         """
         :returns: whether a live worker has this handler.
         """
         return self._handler_workers.get(handler, 0) > 0
 
-    def served_handlers(self):
+    def served_handlers(self) -> list[str]:
         """
         :returns: the names of the handlers live workers have.
         """
         return [name for name, count in self._handler_workers.items()
                 if count > 0]
 
-    def worker(self, key):
+    def worker(self, key: Hashable) -> WorkerSlots | None:
         """
         :returns: the :class:`WorkerSlots` for ``key``, or ``None``.
         """
         return self._workers.get(key)
 
-    def workers(self):
+    def workers(self) -> ValuesView[WorkerSlots]:
         return self._workers.values()
 
-    def free_credits(self):
+    def free_credits(self) -> int:
         return sum(w.credits for w in self._workers.values())
 
-    def hungry(self):
+    def hungry(self) -> list[tuple[frozenset[int], frozenset[str], int]]:
         """
         The credits that wait for a task, by capability class: what a
         broker that claims only for idle credits claims for.  The classes
@@ -195,7 +204,8 @@ class Dispatcher:
                                     key=lambda klass: klass.rank)
                 if klass.ready]
 
-    def take_credits(self, levels, handlers):
+    def take_credits(self, levels: frozenset[int],
+                     handlers: frozenset[str]) -> list[WorkerSlots]:
         """
         Take every ready credit of one capability class (as
         :meth:`hungry` names it) for tasks not in the dispatcher yet: a
@@ -218,7 +228,7 @@ class Dispatcher:
             taken.append(worker)
         return taken
 
-    def clear_tasks(self):
+    def clear_tasks(self) -> list[Task]:
         """
         Withdraw every waiting task (a broker that lost its claims starts
         over).
@@ -226,11 +236,13 @@ class Dispatcher:
         :returns: the ``list`` of the tasks withdrawn.
         """
         tasks = [self.remove_task(task_id) for task_id in list(self._where)]
-        return tasks
+        # Each of them was waiting, so none is None.
+        return cast(list[Task], tasks)
 
     # -- tasks -----------------------------------------------------------
 
-    def add_task(self, task, front=False):
+    def add_task(self, task: Task,
+                 front: bool = False) -> Assignment | None:
         """
         A task is waiting.
 
@@ -255,7 +267,7 @@ class Dispatcher:
         self._waiting_handlers[task.level].add(task.handler)
         return None
 
-    def claim(self, level, handler):
+    def claim(self, level: int, handler: str) -> WorkerSlots | None:
         """
         Take a ready credit for a task that is not in the dispatcher yet
         (the broker dispatches a new task in the transaction that inserts
@@ -270,7 +282,7 @@ class Dispatcher:
             worker.busy += 1
         return worker
 
-    def remove_task(self, task_id):
+    def remove_task(self, task_id: Hashable) -> Task | None:
         """
         Withdraw a waiting task (cancelled, or taken by someone else).
 
@@ -287,7 +299,9 @@ class Dispatcher:
 
     # -- workers ---------------------------------------------------------
 
-    def add_worker(self, key, levels, handlers, slots, busy=0):
+    def add_worker(self, key: Hashable, levels: Iterable[int],
+                   handlers: Iterable[str], slots: int,
+                   busy: int = 0) -> WorkerSlots:
         """
         A worker announced itself.
 
@@ -314,7 +328,7 @@ class Dispatcher:
                 self._handler_workers.get(handler, 0) + 1)
         return worker
 
-    def remove_worker(self, key):
+    def remove_worker(self, key: Hashable) -> WorkerSlots | None:
         """
         A worker left or was lost.  Its credits are dropped; the caller
         requeues the tasks it was running.
@@ -340,7 +354,7 @@ class Dispatcher:
                 del self._handler_workers[handler]
         return worker
 
-    def credit(self, key):
+    def credit(self, key: Hashable) -> Assignment | None:
         """
         A worker has a free slot.
 
@@ -363,7 +377,7 @@ class Dispatcher:
         worker._class.ready[seq] = worker
         return None
 
-    def task_done(self, key):
+    def task_done(self, key: Hashable) -> None:
         """
         A task assigned to the worker ended (its slot is free; a credit for
         it comes separately).
@@ -372,7 +386,7 @@ class Dispatcher:
         if worker is not None and worker.busy > 0:
             worker.busy -= 1
 
-    def resume(self):
+    def resume(self) -> list[Assignment]:
         """
         End a pause: match the credits that queued meanwhile, oldest first.
 
@@ -394,7 +408,8 @@ class Dispatcher:
 
     # -- internals -------------------------------------------------------
 
-    def _new_class(self, levels, handlers):
+    def _new_class(self, levels: frozenset[int],
+                   handlers: frozenset[str]) -> _Class:
         rank = (-min(levels, default=self.levels), len(levels))
         klass = _Class(levels, handlers, rank)
         self._classes[(levels, handlers)] = klass
@@ -405,7 +420,7 @@ class Dispatcher:
                 able.sort(key=lambda c: c.rank)
         return klass
 
-    def _drop_class(self, klass):
+    def _drop_class(self, klass: _Class) -> None:
         del self._classes[(klass.levels, klass.handlers)]
         for level in klass.levels:
             for handler in klass.handlers:
@@ -414,7 +429,7 @@ class Dispatcher:
                 if not able:
                     del self._able[(level, handler)]
 
-    def _take_credit(self, level, handler):
+    def _take_credit(self, level: int, handler: str) -> WorkerSlots | None:
         best = None
         for klass in self._able.get((level, handler), ()):
             if not klass.ready:
@@ -432,7 +447,7 @@ class Dispatcher:
         worker.credits -= 1
         return worker
 
-    def _take_task(self, worker):
+    def _take_task(self, worker: WorkerSlots) -> Task | None:
         handlers = worker.handlers
         for level in worker.levels:
             waiting = self._waiting_handlers[level]
@@ -442,7 +457,7 @@ class Dispatcher:
                 waiting & handlers if len(waiting) > len(handlers) else
                 [h for h in waiting if h in handlers])
             best_queue = None
-            best_seq = None
+            best_seq = 0  # read only once best_queue is set
             for handler in candidates:
                 queue = self._queues[(level, handler)]
                 head = next(iter(queue.values()))

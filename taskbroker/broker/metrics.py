@@ -19,12 +19,12 @@ from bisect import bisect_left
 from collections import Counter
 
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.utils import floatToGoString
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
     HistogramMetricFamily,
 )
+from prometheus_client.utils import floatToGoString
 
 #: The most handler names labelled; the others are counted as OTHER.
 MOST_HANDLERS = 200

@@ -9,17 +9,29 @@ The retry policy (:class:`RetryPolicy`) is pure; :class:`Outcomes` writes
 to the store and hands requeued tasks to the backlog.
 """
 
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
 from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
+from taskbroker.broker.attempts import Attempt
 from taskbroker.broker.status import DELAYED
 from taskbroker.errors import TaskbrokerError
 from taskbroker.logs import TaskLog, cut, seconds
 from taskbroker.protocol import codec
 from taskbroker.protocol.codec import dumps
 
+if TYPE_CHECKING:
+    from random import Random
 
-def _end_details(task):
+    from taskbroker.broker.core import Broker
+    from taskbroker.config import BrokerConfig
+    from taskbroker.store import TaskRow
+
+
+def _end_details(task: Mapping[str, Any]) -> str:
     return (f"{task['handler']}, priority {task['priority']}, worker "
             f"{task['worker']}, attempt {task['attempt']}, ran "
             f"{seconds(task['ran'])}"
@@ -41,24 +53,24 @@ class RetryPolicy:
     :param rng: a ``random.Random`` for the jitter.
     """
 
-    def __init__(self, config, rng):
+    def __init__(self, config: "BrokerConfig", rng: "Random") -> None:
         self._config = config
         self._random = rng
 
-    def max_attempts(self, row):
+    def max_attempts(self, row: "TaskRow") -> int:
         """
         The attempts ``row`` may use (the broker's default if NULL).
         """
         return row.max_attempts or self._config.max_attempts
 
-    def backoff(self, attempt):
+    def backoff(self, attempt: int) -> float:
         """
         The delay before attempt ``attempt + 1``, after attempt ``attempt``
         failed: exponential, with "equal jitter" (half fixed, half random),
         so that tasks failing together do not all come back together.
         """
-        delay = min(self._config.retry_max_delay,
-                    self._config.retry_delay * 2 ** (attempt - 1))
+        delay: float = min(self._config.retry_max_delay,
+                           self._config.retry_delay * 2 ** (attempt - 1))
         return delay / 2 + self._random.uniform(0, delay / 2)
 
 
@@ -74,13 +86,13 @@ class Outcomes:
 
     log = Logger()
 
-    def __init__(self, broker, policy):
+    def __init__(self, broker: "Broker", policy: RetryPolicy) -> None:
         self._broker = broker
         self.policy = policy
         # task id -> list of Deferreds from when_final
-        self._waiters = {}
+        self._waiters: dict[int, list[defer.Deferred[TaskRow | None]]] = {}
         # task id -> reports being written (see reporting)
-        self._reporting = {}
+        self._reporting: dict[int, int] = {}
         self.end_log = TaskLog(
             self.log, broker.clock, "ended",
             lambda t: f"task {t['id']} {t['outcome']}: {_end_details(t)}",
@@ -88,7 +100,8 @@ class Outcomes:
 
     # -- reports -----------------------------------------------------------
 
-    def report(self, attempt, state, body):
+    def report(self, attempt: Attempt, state: str,
+               body: Mapping[str, Any]) -> defer.Deferred[Any]:
         """
         Record what a worker reported of ``attempt`` (see
         :meth:`_report`); until the store has it, the task counts as
@@ -97,7 +110,7 @@ class Outcomes:
         task_id = attempt.task_id
         self._reporting[task_id] = self._reporting.get(task_id, 0) + 1
 
-        def reported(result):
+        def reported(result: object) -> object:
             left = self._reporting.pop(task_id) - 1
             if left:
                 self._reporting[task_id] = left
@@ -106,14 +119,14 @@ class Outcomes:
 
         return self._report(attempt, state, body).addBoth(reported)
 
-    def reporting(self, task_id):
+    def reporting(self, task_id: int) -> bool:
         """
         Whether a worker's report of the task is being written: a WAIT
         for it waits for that, without reading the task.
         """
         return task_id in self._reporting
 
-    def _watch_if_elsewhere(self, task_id):
+    def _watch_if_elsewhere(self, task_id: int) -> None:
         """
         On a shared store, a task waited for here that this broker did
         not end and no longer holds may end on another broker: be told.
@@ -124,7 +137,8 @@ class Outcomes:
                 and not broker.backlog.holds(task_id)):
             broker.requests.watch(task_id)
 
-    def _report(self, attempt, state, body):
+    def _report(self, attempt: Attempt, state: str,
+                body: Mapping[str, Any]) -> defer.Deferred[Any]:
         """
         Record what a worker reported of ``attempt``, which the caller has
         already taken out of the ledger.
@@ -149,8 +163,8 @@ class Outcomes:
         if len(result.encode("utf-8")) > codec.MAX_PAYLOAD_SIZE:
             error = (f"result exceeds the limit of {codec.MAX_PAYLOAD_SIZE} "
                      "bytes")
-            d = broker.store.finish(task_id, token, "failed", None, error,
-                                    None, now)
+            d: defer.Deferred[bool] = broker.store.finish(
+                task_id, token, "failed", None, error, None, now)
             return d.addCallback(self._finished, row, "failed", error=error)
         d = broker.store.finish(task_id, token, "succeeded", result,
                                 None, None, now)
@@ -162,7 +176,8 @@ class Outcomes:
             finished_at=now, result=result, error=None, traceback=None)
         return d.addCallback(self._finished, row, "succeeded", final)
 
-    def fail(self, attempt, error, traceback, permanent):
+    def fail(self, attempt: Attempt, error: str, traceback: str | None,
+             permanent: bool | None) -> defer.Deferred[Any]:
         """
         An attempt failed: retry after a backoff, or fail the task.
 
@@ -174,8 +189,8 @@ class Outcomes:
         max_attempts = self.policy.max_attempts(row)
         now = broker.clock.seconds()
         if permanent or used >= max_attempts:
-            d = broker.store.finish(task_id, token, "failed", None, error,
-                                    traceback, now)
+            d: defer.Deferred[bool] = broker.store.finish(
+                task_id, token, "failed", None, error, traceback, now)
             return d.addCallback(self._finished, row, "failed", error=error)
         delay = self.policy.backoff(used)
         run_at = now + delay
@@ -187,7 +202,7 @@ class Outcomes:
         d = broker.store.requeue(task_id, token, run_at=run_at, error=error,
                                  traceback=traceback, consumed=True)
 
-        def requeued(changed):
+        def requeued(changed: bool) -> None:
             if changed:
                 counts = broker.status.tasks
                 counts.move(row.priority, row.handler, "running", "queued")
@@ -198,7 +213,8 @@ class Outcomes:
 
         return d.addCallback(requeued)
 
-    def requeue(self, attempt, reason, consumed, trap=True):
+    def requeue(self, attempt: Attempt, reason: str, consumed: bool,
+                trap: bool = True) -> defer.Deferred[Any]:
         """
         Put an attempt's task back at the head of its queue, or fail it if
         the attempt counted and was its last.
@@ -220,15 +236,15 @@ class Outcomes:
                 "({attempt} of {max_attempts})", task_id=task_id,
                 reason=reason, attempt=used, max_attempts=max_attempts)
             error = f"{reason} during attempt {used} of {max_attempts}"
-            d = broker.store.finish(task_id, token, "failed", None, error,
-                                    None, now)
+            d: defer.Deferred[bool] = broker.store.finish(
+                task_id, token, "failed", None, error, None, now)
             d.addCallback(self._finished, row, "failed", error=error)
         else:
             self.log.info("task {task_id} requeued: {reason}",
                           task_id=task_id, reason=reason)
             d = broker.store.requeue(task_id, token, consumed=consumed)
 
-            def requeued(changed):
+            def requeued(changed: bool) -> None:
                 if changed:
                     broker.status.tasks.move(row.priority, row.handler,
                                              "running", "queued")
@@ -241,7 +257,7 @@ class Outcomes:
         if not trap:
             return d
 
-        def failed(reason):
+        def failed(reason: Failure) -> None:
             # Try again later: the attempt becomes an orphan, which the
             # sweep requeues when its deadline passes.
             broker.attempts.orphan(task_id, token, row,
@@ -250,7 +266,9 @@ class Outcomes:
 
         return d.addErrback(failed)
 
-    def _finished(self, changed, row, state, final=None, error=None):
+    def _finished(self, changed: bool, row: "TaskRow", state: str,
+                  final: "TaskRow | None" = None,
+                  error: str | None = None) -> bool:
         """
         The store has a task's end (``changed``: it was current).
         ``row`` is the task as its last dispatch found it.
@@ -274,7 +292,7 @@ class Outcomes:
 
     # -- waiting for a task ------------------------------------------------
 
-    def when_final(self, task_id):
+    def when_final(self, task_id: int) -> defer.Deferred["TaskRow | None"]:
         """
         Wait for a task to end.
 
@@ -284,30 +302,30 @@ class Outcomes:
             fails with :class:`BrokerStopping`.  Cancelling it stops the
             wait.
         """
-        def cancel(d):
+        def cancel(d: "defer.Deferred[TaskRow | None]") -> None:
             waiting = self._waiters.get(task_id)
             if waiting is not None and d in waiting:
                 waiting.remove(d)
                 if not waiting:
                     del self._waiters[task_id]
 
-        d = defer.Deferred(cancel)
+        d: defer.Deferred[TaskRow | None] = defer.Deferred(cancel)
         self._waiters.setdefault(task_id, []).append(d)
         return d
 
-    def waited(self):
+    def waited(self) -> list[int]:
         """
         :returns: the ids of the tasks someone waits for (a ``list``).
         """
         return list(self._waiters)
 
-    def is_waited(self, task_id):
+    def is_waited(self, task_id: int) -> bool:
         """
         Whether someone waits for the task.
         """
         return task_id in self._waiters
 
-    def notify(self, task_id, final=None):
+    def notify(self, task_id: int, final: "TaskRow | None" = None) -> None:
         """
         A task has ended: fire its waiters.
 
@@ -317,7 +335,7 @@ class Outcomes:
         for d in self._waiters.pop(task_id, ()):
             d.callback(final)
 
-    def stop(self):
+    def stop(self) -> None:
         """
         Fail every wait: the broker is stopping.
         """

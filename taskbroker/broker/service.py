@@ -38,6 +38,7 @@ from taskbroker.broker.bulk import RETENTION_INTERVAL
 from taskbroker.broker.core import Broker
 from taskbroker.broker.http import StatusSite, is_loopback, load_token
 from taskbroker.broker.keys import reachable_from_afar
+from taskbroker.broker.router import BAD_MESSAGE_LOG_INTERVAL, RateLimit
 from taskbroker.broker.schedules import SCHEDULE_INTERVAL
 from taskbroker.broker.status import RECOUNT_INTERVAL
 from taskbroker.config import DEFAULT_HTTP
@@ -45,7 +46,6 @@ from taskbroker.errors import ConfigError, StoreLost, one_line
 from taskbroker.protocol.codec import MAX_MESSAGE_SIZE
 from taskbroker.services import ServiceTree, StepService
 from taskbroker.store import describe_database
-from taskbroker.broker.router import BAD_MESSAGE_LOG_INTERVAL, RateLimit
 from taskbroker.transport.zap import (
     ZAP_ENDPOINT,
     HandshakeMonitor,

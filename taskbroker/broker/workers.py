@@ -11,7 +11,6 @@ attempt a worker announces is claimed only if no live session holds it.
 from twisted.logger import Logger
 
 import taskbroker
-
 from taskbroker.broker.router import BAD_MESSAGE_LOG_INTERVAL, RateLimit
 from taskbroker.broker.sessions import Session
 from taskbroker.protocol.codec import encode

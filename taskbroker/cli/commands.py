@@ -18,7 +18,6 @@ from taskbroker.errors import one_line
 from taskbroker.protocol.objects import TASK_KEYS
 from taskbroker.store import STATES
 
-
 EXIT_OK = 0
 EXIT_TASK_FAILED = 1
 EXIT_INTERNAL = 1

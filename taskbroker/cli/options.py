@@ -5,6 +5,7 @@ The ``taskbroker`` command line's options: the global ones, and one
 """
 
 import getopt
+from typing import Any
 
 from twisted.python import usage
 
@@ -77,7 +78,8 @@ class _CommandOptions(_Options):
     to put them.
     """
 
-    optParameters = [
+    # [long, short, default, help, coerce]: usage.Options' own layout.
+    optParameters: list[list[Any]] = [
         ["broker", None, None,
          "The broker's ZeroMQ endpoint, or a comma-separated failover list "
          "(overrides the global option)."],
@@ -92,7 +94,7 @@ class _CommandOptions(_Options):
     ]
 
     #: How many positional arguments the command takes, for the messages.
-    arguments = ()
+    arguments: tuple[str, ...] = ()
 
     def parseOptions(self, options=None):
         # usage.Options stops at the first argument (getopt.getopt); let

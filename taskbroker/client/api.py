@@ -30,7 +30,6 @@ the first answer to a request wins.
 """
 
 import random
-
 from uuid import uuid4
 
 from twisted.internet.defer import Deferred, ensureDeferred, fail, succeed

@@ -15,7 +15,19 @@ docs/protocol.rst for the specification.
 
 import json
 import re
+from collections.abc import Callable, Mapping, Sequence
 from numbers import Real
+from typing import Any, NoReturn, TypeAlias, TypeVar
+
+_T = TypeVar("_T")
+
+#: A field check: takes a decoded JSON value and returns it (possibly
+#: normalised), or raises ValueError with a reason.
+Check: TypeAlias = Callable[[Any], Any]
+#: A command's fields: name -> (check, required).
+Fields: TypeAlias = Mapping[str, tuple[Check, bool]]
+#: A table of commands: command -> its fields.
+Commands: TypeAlias = Mapping[bytes, Fields]
 
 from taskbroker.schedules import Cron
 from taskbroker.schedules import check_name as check_schedule_name
@@ -64,7 +76,8 @@ class ProtocolError(Exception):
         matched by the client.
     """
 
-    def __init__(self, code, message, req=None):
+    def __init__(self, code: str, message: str,
+                 req: str | None = None) -> None:
         Exception.__init__(self, message)
         self.code = code
         self.message = message
@@ -76,7 +89,7 @@ _dumps = json.JSONEncoder(
 ).encode
 
 
-def _reject_constant(name):
+def _reject_constant(name: str) -> NoReturn:
     # Python's decoder accepts NaN and Infinity, which are not JSON: a
     # value holding one could be received but never sent on.
     raise ValueError(f"{name} is not JSON")
@@ -88,7 +101,7 @@ _decode = json.JSONDecoder(parse_constant=_reject_constant).decode
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
-def loads(text):
+def loads(text: str) -> Any:
     """
     Decode JSON text; ``ValueError`` if it is not JSON, including NaN and
     infinities, nesting too deep to decode, and unpaired surrogates (which
@@ -111,7 +124,7 @@ def loads(text):
 _loads = loads
 
 
-def dumps(value):
+def dumps(value: Any) -> str:
     """
     Encode a JSON value compactly; ``ValueError``/``TypeError`` if it is
     not JSON (NaN and infinities are not) or if the text could not be sent
@@ -126,12 +139,13 @@ def dumps(value):
     return text
 
 
-def check_depth(value):
+def check_depth(value: _T) -> _T:
     """
     ``value``, or ``ValueError`` if it holds more than :data:`MAX_DEPTH`
     levels of arrays and objects (a cycle is as deep as it goes).
     """
-    level = [value] if isinstance(value, (dict, list, tuple)) else []
+    level: list[Any] = (
+        [value] if isinstance(value, (dict, list, tuple)) else [])
     depth = 0
     while level:
         depth += 1
@@ -144,7 +158,7 @@ def check_depth(value):
     return value
 
 
-def encode_value(value, what):
+def encode_value(value: Any, what: str) -> str:
     """
     The JSON text of a payload or result, checked against the limits that
     every peer applies.
@@ -168,7 +182,7 @@ def encode_value(value, what):
     return text
 
 
-def check_text(text, what):
+def check_text(text: object, what: str) -> str:
     """
     ``text``, if it is JSON that :func:`encode_value` could have made;
     else ``ValueError`` naming why (for payloads stored by other
@@ -190,7 +204,7 @@ def check_text(text, what):
     return text
 
 
-def encode(command, body):
+def encode(command: bytes, body: str | Mapping[str, Any]) -> list[bytes]:
     """
     The frames of a message (without any routing envelope).
 
@@ -207,7 +221,7 @@ def encode(command, body):
 # or raises ValueError with a reason.
 
 
-def _name(value):
+def _name(value: object) -> str:
     if not isinstance(value, str) or not (0 < len(value) <= MAX_NAME):
         raise ValueError(f"must be a string of 1 to {MAX_NAME} characters")
     if not value.isprintable():
@@ -215,15 +229,15 @@ def _name(value):
     return value
 
 
-def _optional(check):
-    def optional(value):
+def _optional(check: Callable[[Any], _T]) -> Callable[[Any], _T | None]:
+    def optional(value: Any) -> _T | None:
         return None if value is None else check(value)
 
     return optional
 
 
-def _int(low, high):
-    def check(value):
+def _int(low: int, high: int) -> Callable[[Any], int]:
+    def check(value: Any) -> int:
         if type(value) is not int or not (low <= value <= high):
             raise ValueError(f"must be an integer from {low} to {high}")
         return value
@@ -231,12 +245,13 @@ def _int(low, high):
     return check
 
 
-def _number(low, high):
-    def check(value):
+def _number(low: float, high: float) -> Check:
+    def check(value: Any) -> Any:
         if (
             isinstance(value, bool)
             or not isinstance(value, Real)
-            or not (low <= value <= high)
+            # numbers.Real is declared without comparisons.
+            or not (low <= value <= high)  # type: ignore[operator]
         ):
             raise ValueError(f"must be a number from {low} to {high}")
         return value
@@ -248,17 +263,17 @@ def _number(low, high):
 MAX_NAMES = 1000
 
 
-def _names(value):
+def _names(value: object) -> list[str]:
     if not isinstance(value, list) or len(value) > MAX_NAMES:
         raise ValueError(f"must be a list of at most {MAX_NAMES} names")
     return [_name(item) for item in value]
 
 
-def _any(value):
+def _any(value: _T) -> _T:
     return value
 
 
-def _string(value):
+def _string(value: object) -> str:
     if not isinstance(value, str) or len(value) > 1_000_000:
         raise ValueError("must be a string")
     return value
@@ -268,21 +283,21 @@ def _string(value):
 MAX_PROGRESS_MESSAGE = 200
 
 
-def _short_text(value):
+def _short_text(value: object) -> str:
     if not isinstance(value, str) or len(value) > MAX_PROGRESS_MESSAGE:
         raise ValueError(
             f"must be a string of at most {MAX_PROGRESS_MESSAGE} characters")
     return value
 
 
-def _boolean(value):
+def _boolean(value: object) -> bool:
     if not isinstance(value, bool):
         raise ValueError("must be true or false")
     return value
 
 
-def _choice(*choices):
-    def check(value):
+def _choice(*choices: str) -> Check:
+    def check(value: Any) -> Any:
         if value not in choices:
             raise ValueError("must be one of " + ", ".join(choices))
         return value
@@ -290,7 +305,7 @@ def _choice(*choices):
     return check
 
 
-def _request_id(value):
+def _request_id(value: object) -> str:
     if not isinstance(value, str) or not (0 < len(value) <= 64):
         raise ValueError("must be a string of 1 to 64 characters")
     return value
@@ -303,7 +318,7 @@ _TOKEN = _int(1, MAX_EXACT)
 MAX_SECONDS = 366 * 24 * 3600.0
 
 
-def _running(value):
+def _running(value: object) -> list[dict[str, int]]:
     if not isinstance(value, list) or len(value) > 100_000:
         raise ValueError("must be a list of {id, token} objects")
     result = []
@@ -316,7 +331,7 @@ def _running(value):
     return result
 
 
-def _new_task(value):
+def _new_task(value: object) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise ValueError("each task must be an object")
     checked = _check_fields(value, _NEW_TASK_FIELDS, "task")
@@ -324,13 +339,13 @@ def _new_task(value):
     return checked
 
 
-def _new_tasks(value):
+def _new_tasks(value: object) -> list[dict[str, Any]]:
     if not isinstance(value, list) or not (0 < len(value) <= MAX_BATCH):
         raise ValueError(f"must be a list of 1 to {MAX_BATCH} tasks")
     return [_new_task(item) for item in value]
 
 
-_NEW_TASK_FIELDS = {
+_NEW_TASK_FIELDS: Fields = {
     "handler": (_name, True),
     "payload": (check_depth, False),
     "priority": (_optional(_name), False),
@@ -340,7 +355,7 @@ _NEW_TASK_FIELDS = {
     "time_limit": (_optional(_number(0.001, MAX_SECONDS)), False),
 }
 
-_REQ = {"req": (_request_id, True)}
+_REQ: Fields = {"req": (_request_id, True)}
 
 
 def _cron(value):
@@ -366,7 +381,7 @@ check_name = _name
 check_task_id = _TASK_ID
 
 #: What a worker may send: command -> {field: (check, required)}.
-WORKER_COMMANDS = {
+WORKER_COMMANDS: Commands = {
     b"HELLO": {
         "name": (_name, True),
         "slots": (_int(1, 10_000), True),
@@ -399,7 +414,7 @@ WORKER_COMMANDS = {
 }
 
 #: What a client may send.
-CLIENT_COMMANDS = {
+CLIENT_COMMANDS: Commands = {
     b"SUBMIT": {
         **_REQ,
         "tasks": (_new_tasks, True),
@@ -463,7 +478,7 @@ CLIENT_COMMANDS = {
 }
 
 #: What the broker sends to a worker.
-BROKER_TO_WORKER_COMMANDS = {
+BROKER_TO_WORKER_COMMANDS: Commands = {
     b"WELCOME": {
         "broker": (_string, True),
         "priorities": (_names, True),
@@ -498,7 +513,7 @@ BROKER_TO_WORKER_COMMANDS = {
 }
 
 #: What the broker sends to a client.
-BROKER_TO_CLIENT_COMMANDS = {
+BROKER_TO_CLIENT_COMMANDS: Commands = {
     b"REPLY": {"req": (_request_id, True)},
     b"ERROR": {
         "req": (_optional(_request_id), False),
@@ -508,10 +523,10 @@ BROKER_TO_CLIENT_COMMANDS = {
 }
 
 #: Everything the broker accepts on its ROUTER socket.
-BROKER_INBOUND = {**WORKER_COMMANDS, **CLIENT_COMMANDS}
+BROKER_INBOUND: Commands = {**WORKER_COMMANDS, **CLIENT_COMMANDS}
 
 
-def _readable_req(body):
+def _readable_req(body: Mapping[str, Any]) -> str | None:
     """
     The body's ``req`` if it is a valid request id, else ``None``: an
     invalid one could not be sent back in an ``ERROR``.
@@ -525,7 +540,7 @@ def _readable_req(body):
 _LEADING_REQ = re.compile(rb'\A\{"req":"([\x21\x23-\x5b\x5d-\x7e]{1,64})"')
 
 
-def peek_req(body):
+def peek_req(body: bytes) -> str | None:
     """
     The request id at the start of an undecoded body, as taskbroker's
     clients write it, or ``None``: for refusing a request without reading
@@ -535,8 +550,9 @@ def peek_req(body):
     return match.group(1).decode("ascii") if match else None
 
 
-def _check_fields(body, fields, where):
-    checked = {}
+def _check_fields(body: Mapping[str, Any], fields: Fields,
+                  where: str) -> dict[str, Any]:
+    checked: dict[str, Any] = {}
     for key, (check, required) in fields.items():
         if key in body:
             try:
@@ -560,7 +576,9 @@ def _check_fields(body, fields, where):
     return checked
 
 
-def decode(frames, commands, max_size=MAX_MESSAGE_SIZE, strict=False):
+def decode(frames: Sequence[bytes], commands: Commands,
+           max_size: int = MAX_MESSAGE_SIZE,
+           strict: bool = False) -> tuple[bytes, dict[str, Any]]:
     """
     Validate and decode a message.
 

@@ -8,7 +8,7 @@ some.
 """
 
 import math
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from taskbroker.protocol.codec import loads
 
@@ -29,7 +29,7 @@ def iso_time(unix_time):
     if unix_time is None:
         return None
     try:
-        return datetime.fromtimestamp(unix_time, timezone.utc).isoformat(
+        return datetime.fromtimestamp(unix_time, UTC).isoformat(
             timespec="microseconds")
     except (TypeError, ValueError, OverflowError, OSError):
         return str(_shown(unix_time))

@@ -5,7 +5,7 @@ backend from a database URL.
 """
 
 from dataclasses import dataclass
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 from taskbroker.errors import ConfigError
 
@@ -39,12 +39,12 @@ class NewTask:
     priority: str
     max_attempts: int
     created_at: float
-    run_at: Optional[float] = None
-    unique_key: Optional[str] = None
-    request_id: Optional[str] = None
-    time_limit: Optional[float] = None
-    worker: Optional[str] = None
-    submitter: Optional[str] = None
+    run_at: float | None = None
+    unique_key: str | None = None
+    request_id: str | None = None
+    time_limit: float | None = None
+    worker: str | None = None
+    submitter: str | None = None
 
 
 def text_size(row):
@@ -104,26 +104,26 @@ class TaskRow(NamedTuple):
     id: int
     handler: str
     payload: str
-    priority: Optional[str]
+    priority: str | None
     state: str
     attempts: int
-    max_attempts: Optional[int]
-    worker: Optional[str]
+    max_attempts: int | None
+    worker: str | None
     created_at: float
-    started_at: Optional[float]
-    finished_at: Optional[float]
-    result: Optional[str]
-    error: Optional[str]
-    run_at: Optional[float] = None
-    unique_key: Optional[str] = None
-    request_id: Optional[str] = None
+    started_at: float | None
+    finished_at: float | None
+    result: str | None
+    error: str | None
+    run_at: float | None = None
+    unique_key: str | None = None
+    request_id: str | None = None
     token: int = 0
-    time_limit: Optional[float] = None
-    traceback: Optional[str] = None
-    submitter: Optional[str] = None
-    progress: Optional[float] = None
-    progress_message: Optional[str] = None
-    progress_at: Optional[float] = None
+    time_limit: float | None = None
+    traceback: str | None = None
+    submitter: str | None = None
+    progress: float | None = None
+    progress_message: str | None = None
+    progress_at: float | None = None
 
 
 class ScheduleRow(NamedTuple):

@@ -8,6 +8,8 @@ task; a failed transaction fails its writes, and the store then tries an
 empty write now and then until one commits.
 """
 
+from types import ModuleType
+
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -43,7 +45,8 @@ class BatchedStore:
     ``_close()`` as ``Deferred`` objects.
     """
 
-    _sql = None
+    # The module of the backend's SQL (a subclass sets it).
+    _sql: ModuleType | None = None
     _pipeline_depth = PIPELINE_DEPTH
 
     def _init_batches(self):

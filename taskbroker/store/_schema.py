@@ -82,7 +82,7 @@ class _Dialect:
     param: str = "?"
     # Run first in the transaction, so that one process at a time checks
     # and upgrades a database that several share; or None.
-    lock: str = None
+    lock: str | None = None
 
 
 _DIALECTS = {

@@ -16,7 +16,11 @@ from zope.interface import implementer
 from taskbroker.errors import StoreError, WriteRefused
 from taskbroker.interfaces import IQueueReads, ITaskStore
 from taskbroker.store import (
-    FINAL_STATES, LIVE_STATES, Submitted, TaskRow, check_request_ids,
+    FINAL_STATES,
+    LIVE_STATES,
+    Submitted,
+    TaskRow,
+    check_request_ids,
     up_to_size,
 )
 from taskbroker.store.claims import OwnerClaims

@@ -21,8 +21,8 @@ turn, which is as long as any message waits.
 import zmq
 from twisted.internet import task
 from twisted.logger import Logger
-from zmq.utils import monitor, z85
 from txzmq import ZmqEndpoint, ZmqEndpointType
+from zmq.utils import monitor, z85
 
 from taskbroker.transport.zmq import _Connection
 

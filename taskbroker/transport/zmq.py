@@ -28,7 +28,7 @@ reactor and clock.
 """
 
 from contextlib import contextmanager
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import zmq
 import zmq.backend
@@ -73,7 +73,7 @@ class Sender(NamedTuple):
     """
 
     identity: bytes
-    key: Optional[bytes] = None
+    key: bytes | None = None
 
 
 class ZmqFactoryService(Service):

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from twisted.internet import defer
 from twisted.internet.error import ProcessExitedAlready
 from twisted.internet.protocol import ProcessProtocol
-from twisted.logger import Logger, LogLevel, InvalidLogLevelError
+from twisted.logger import InvalidLogLevelError, Logger, LogLevel
 
 from taskbroker.protocol.codec import loads
 from taskbroker.worker._child import frame

@@ -141,7 +141,7 @@ def load_handlers(paths=()):
     """
     add_handler_paths(paths)
     folders = {os.path.abspath(p) for p in taskbroker.plugins.__path__}
-    for stem, files in _module_files().items():
+    for files in _module_files().values():
         for hidden in files[1:]:
             log.warn(
                 "handler module {hidden} is ignored: its name is already "

@@ -40,7 +40,6 @@ from twisted.logger import Logger
 from twisted.python.threadable import isInIOThread
 
 import taskbroker
-
 from taskbroker.errors import one_line
 from taskbroker.failover import EndpointRing, StoreWatch, start_position
 from taskbroker.logs import TaskLog, cut, seconds
@@ -49,11 +48,11 @@ from taskbroker.protocol.codec import ProtocolError, encode, encode_value
 from taskbroker.services import ServiceTree
 from taskbroker.transport.options import curve_client_options, dealer_options
 from taskbroker.transport.zmq import DealerSocket, ZmqFactoryService
+from taskbroker.wording import counted
 from taskbroker.worker.children import ChildPool, Outcome
 from taskbroker.worker.progress import Throttle
 from taskbroker.worker.runner import run_handler
 from taskbroker.worker.task import RunningTask
-from taskbroker.wording import counted
 
 #: Seconds before the first HELLO is repeated when no WELCOME comes.
 HELLO_FIRST_RETRY = 0.05

@@ -49,7 +49,7 @@ class Options(DaemonOptions):
                     "handlers_path"]
         except ConfigError as e:
             sys.stderr.write(f"twistd {self.command}: {e}\n")
-            raise SystemExit(2)
+            raise SystemExit(2) from None
         raise SystemExit(list_handlers(paths, sys.stdout))
 
     @staticmethod

@@ -81,7 +81,7 @@ def test_the_dashboard_follows_the_tasks(cluster, browser, tmp_path):
     from selenium.webdriver.common.by import By
 
     broker = cluster.start_broker()
-    cluster.start_worker(name="w1", *("--concurrency", "2"))
+    cluster.start_worker("--concurrency", "2", name="w1")
     base, token = site(broker)
     release = tmp_path / "release"
     failing = cluster.cli("submit", "fail", "--max-attempts", "1").stdout

@@ -8,8 +8,12 @@ from datetime import datetime
 
 from taskbroker.client.blocking import BlockingClient
 from tests.timeline import (
-    Capacity, idle_while_waiting, overcommitted, priority_inversions,
-    runs_from_tasks)
+    Capacity,
+    idle_while_waiting,
+    overcommitted,
+    priority_inversions,
+    runs_from_tasks,
+)
 
 LEVELS = ("high", "normal", "low")
 #: Allowed dispatch latency when judging timelines (seconds): generous,

@@ -65,7 +65,7 @@ def check_promises(client, tasks, record, presumed_dead=()):
         spans = sorted(
             (r["start"]["time"], r.get("end", {}).get("time"), r["start"]["pid"])
             for r in runs.values())
-        for (start_a, end_a, pid_a), (start_b, _, _) in zip(spans, spans[1:]):
+        for (_, end_a, pid_a), (start_b, _, _) in zip(spans, spans[1:]):
             assert end_a is not None and end_a <= start_b or pid_a in presumed_dead, (
                 task["id"], spans)
     return done
@@ -139,7 +139,7 @@ def test_frozen_worker_is_replaced_and_told_to_stop(cluster, tmp_path):
         while client.get(task["id"])["worker"] != other.name.split()[-1]:
             client.wait(task["id"], timeout=0.1)
         frozen.signal(signal.SIGCONT)
-        frozen.wait_for(r"stopping task %d" % task["id"], start=mark)
+        frozen.wait_for(rf"stopping task {task['id']}", start=mark)
         # While frozen it was presumed dead, so its attempt may overlap
         # the replacement's; once thawed it was stopped before its end.
         done = check_promises(client, [task], record, presumed_dead={frozen.pid})
@@ -157,7 +157,7 @@ def test_graceful_stop_hands_back_unfinished_work(cluster, tmp_path):
         task, _ = client.submit("record", {"seconds": 5})
         running_on(client, task["id"])
         w0.stop()
-        w0.wait_for("handing back task %d" % task["id"])
+        w0.wait_for(f"handing back task {task['id']}")
         row = client.get(task["id"])
         assert (row["state"], row["attempts"]) == ("queued", 0)
         # A replacement worker picks it up; the handed-back attempt did
@@ -204,7 +204,7 @@ def test_cancel_a_running_task(cluster, tmp_path):
         mark = w0.mark()
         result = cluster.cli("cancel", str(task["id"]))
         assert result.returncode == 0, result.stderr
-        w0.wait_for("stopping task %d" % task["id"], start=mark)
+        w0.wait_for(f"stopping task {task['id']}", start=mark)
         assert client.get(task["id"])["state"] == "cancelled"
         after, _ = client.submit("echo", 1)
         assert client.wait(after["id"], timeout=30)["state"] == "succeeded"

@@ -1,6 +1,6 @@
 """
 The wheel ships our plugin drop-in beside Twisted's and nothing else in
-Twisted's tree, plus the schema files.
+Twisted's tree, plus the schema files and the license.
 """
 
 import os
@@ -27,6 +27,11 @@ def test_wheel_contents(tmp_path):
         assert f"taskbroker/broker/dashboard/{name}" in names
     assert "taskbroker/plugins/taskbroker_builtin_handlers.py" in names
     assert not any(n.startswith("tests/") for n in names)
+    version = wheel.name.split("-")[1]
+    dist_info = f"taskbroker-{version}.dist-info"
+    assert f"{dist_info}/licenses/LICENSE" in names
+    metadata = zipfile.ZipFile(wheel).read(f"{dist_info}/METADATA").decode()
+    assert "License-Expression: MIT" in metadata.splitlines()
 
 
 def test_twistd_lists_both_daemons():

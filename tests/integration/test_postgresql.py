@@ -136,7 +136,7 @@ def test_a_paused_broker_past_its_lease_starts_over(
         # wa misses a's heartbeats and moves to b with its attempt, which
         # b adopts once a's lease lapsed: the task is not run again.
         wa.wait_for(r"leaving broker")
-        b.wait_for(r"adopted task %d" % task["id"], start=mark, timeout=30)
+        b.wait_for(rf"adopted task {task['id']}", start=mark, timeout=30)
         mark = a.mark()
     finally:
         a.signal(signal.SIGCONT)
@@ -240,7 +240,7 @@ def test_a_broker_cut_off_from_the_database_but_not_its_workers(
         # a's heartbeats tell wa that a cannot write; wa moves to b with
         # its attempt, which b adopts once a's lease lapsed.
         wa.wait_for(r"leaving broker")
-        b.wait_for(r"adopted task %d" % task["id"], start=mark, timeout=30)
+        b.wait_for(rf"adopted task {task['id']}", start=mark, timeout=30)
         proxy.restore()
         a.wait_for(r"claims lapsed", start=a_mark, timeout=30)
         with BlockingClient(b_endpoint) as client:

@@ -1178,7 +1178,7 @@ def test_list_newest_first_by_priority_and_echoes_its_order(broker, peers):
 
 
 def test_a_worker_with_one_slot_is_logged_as_such(broker, peers):
-    from twisted.logger import globalLogPublisher, formatEvent
+    from twisted.logger import formatEvent, globalLogPublisher
 
     events = []
     globalLogPublisher.addObserver(events.append)

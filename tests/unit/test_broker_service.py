@@ -98,7 +98,8 @@ def test_a_broker_whose_zap_handler_cannot_bind_never_listens(
     import zmq
 
     from taskbroker import curve
-    from taskbroker.broker import keys, service as service_module
+    from taskbroker.broker import keys
+    from taskbroker.broker import service as service_module
 
     def taken(*args):
         raise zmq.ZMQError(zmq.EADDRINUSE)

@@ -25,8 +25,8 @@ from twisted.logger import Logger, LogLevel
 from taskbroker.errors import PermanentFailure
 from taskbroker.interfaces import ITask
 from taskbroker.worker._child import WallClock
-from taskbroker.worker.task import RunningTask
 from taskbroker.worker.children import ChildPool, Outcome
+from taskbroker.worker.task import RunningTask
 from tests import processes
 
 #: Seconds any one wait may take before the test fails instead of hanging.

@@ -30,7 +30,6 @@ from taskbroker.client.errors import (
     TaskNotFound,
 )
 from taskbroker.protocol import codec
-from taskbroker.transport.zmq import ZmqFactoryService
 from taskbroker.testing.fakebroker import (
     FakeBroker,
     error,
@@ -40,6 +39,7 @@ from taskbroker.testing.fakebroker import (
     sequence,
     submitted,
 )
+from taskbroker.transport.zmq import ZmqFactoryService
 
 
 @pytest.fixture

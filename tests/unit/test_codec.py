@@ -144,7 +144,7 @@ def test_encode_accepts_json_text_as_is():
 
 def test_encode_is_compact_utf8():
     assert encode(b"GET", {"req": "é", "id": 1})[2] == (
-        '{"req":"é","id":1}'.encode("utf-8"))
+        '{"req":"é","id":1}'.encode())
 
 
 def test_submit_task_payload_defaults_to_null():
@@ -368,7 +368,7 @@ def test_unencodable_string_is_not_dumped():
         codec.dumps({"path": "\udcff"})
 
 
-def nested(depth):
+def nested_lists(depth):
     value = []
     for _ in range(depth):
         value = [value]
@@ -377,7 +377,7 @@ def nested(depth):
 
 def test_value_nested_too_deeply_is_not_dumped():
     with pytest.raises(ValueError):
-        codec.dumps(nested(100_000))
+        codec.dumps(nested_lists(100_000))
 
 
 def nested(depth):

@@ -15,9 +15,13 @@ from twisted.internet.task import Clock
 from twisted.logger import LogLevel, capturedLogs, formatEvent
 
 import taskbroker.plugins
-from taskbroker.plugins.taskbroker_builtin_handlers import MAX_SLEEP, Echo, Sleep
-from taskbroker.worker.handlers import load_handlers
+from taskbroker.plugins.taskbroker_builtin_handlers import (
+    MAX_SLEEP,
+    Echo,
+    Sleep,
+)
 from taskbroker.testing import FakeTask
+from taskbroker.worker.handlers import load_handlers
 from taskbroker.worker.task import RunningTask
 
 _counter = itertools.count()

@@ -17,7 +17,12 @@ from taskbroker.errors import StoreError
 from taskbroker.store import TaskRow
 from taskbroker.testing import result_of
 
-from .test_broker import hello, send, submit, broker  # noqa: F401
+from .test_broker import hello, send, started_broker, submit
+
+
+@pytest.fixture
+def broker(store, clock, peers):
+    return started_broker(store, clock, peers)
 
 
 def test_backoff_doubles_with_equal_jitter_up_to_the_maximum():

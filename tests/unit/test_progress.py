@@ -7,9 +7,8 @@ Tests for handlers' progress reports: their checks and thinning out
 import math
 
 import pytest
-from twisted.internet.task import Clock
-
 from twisted.internet import defer
+from twisted.internet.task import Clock
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 

@@ -16,8 +16,8 @@ from hypothesis import strategies as st
 from taskbroker.broker import validation
 from taskbroker.errors import StoreError
 from taskbroker.protocol import codec
-from tests.postgres import connect, new_schema
 from taskbroker.store import TaskRow, _schema, _sqlite_sql
+from tests.postgres import connect, new_schema
 
 
 def test_split_sqlite():

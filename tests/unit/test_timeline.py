@@ -4,7 +4,12 @@ round-robin and prefetching timelines, and priority inversions.
 """
 
 from tests.timeline import (
-    Capacity, Run, idle_while_waiting, overcommitted, priority_inversions)
+    Capacity,
+    Run,
+    idle_while_waiting,
+    overcommitted,
+    priority_inversions,
+)
 
 ALL = frozenset({0, 1, 2})
 ECHO = frozenset({"echo"})

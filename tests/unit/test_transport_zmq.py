@@ -19,6 +19,7 @@ from twisted.logger import capturedLogs
 from zmq.utils.monitor import recv_monitor_message
 
 from taskbroker.transport import zmq as transport
+from taskbroker.transport.options import dealer_options
 from taskbroker.transport.zmq import (
     READ_BATCH,
     DealerSocket,
@@ -26,7 +27,6 @@ from taskbroker.transport.zmq import (
     Sender,
     ZmqFactoryService,
 )
-from taskbroker.transport.options import dealer_options
 
 LOOPBACK = "tcp://127.0.0.1:*"
 _inproc = itertools.count()

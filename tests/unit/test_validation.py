@@ -4,7 +4,11 @@ Tests for taskbroker.broker.validation: whether a stored row can run.
 
 import pytest
 
-from taskbroker.broker.validation import invalid_queue, invalid_row, with_defaults
+from taskbroker.broker.validation import (
+    invalid_queue,
+    invalid_row,
+    with_defaults,
+)
 from taskbroker.protocol import codec
 from taskbroker.store import TaskRow
 

@@ -581,7 +581,7 @@ def test_a_worker_starts_on_the_broker_its_name_points_to(clock, handler):
     for name in ("w", "alpha", "worker-12", "x"):
         sockets = []
 
-        def connect(endpoint, on_message):
+        def connect(endpoint, on_message, sockets=sockets):
             sockets.append(FakeSocket(on_message, endpoint))
             return sockets[-1]
 
