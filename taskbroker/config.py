@@ -442,7 +442,7 @@ class BrokerConfig:
         "quick", choice("quick", "none"),
         "Once listening, check the database for damage in the background "
         "(PRAGMA quick_check) and stop if it is damaged; none to skip.")
-    keep_finished: Optional[float] = setting(
+    keep_finished: float | None = setting(
         None, kept_duration,
         "How long finished tasks are kept: seconds or a number with s, m, "
         "h or d (such as 7d), or none for ever; older ones are deleted in "

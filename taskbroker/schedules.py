@@ -8,7 +8,7 @@ what it sends with the same code the broker runs.
 
 import math
 import re
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 #: A schedule's name: it becomes part of its tasks' unique keys
@@ -24,7 +24,7 @@ _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _DURATION = re.compile(r"\A([0-9]+(?:\.[0-9]+)?)([smhd]?)\Z")
 
 
-def check_name(name):
+def check_name(name: object) -> str:
     """
     :returns: ``name`` if it can name a schedule.
     :raises ValueError: with the rule it breaks.
@@ -36,7 +36,8 @@ def check_name(name):
     return name
 
 
-def parse_duration(text, allow_none=False, least=0.0):
+def parse_duration(text: str, allow_none: bool = False,
+                   least: float = 0.0) -> float | None:
     """
     A duration as users write it: seconds, or a number with ``s``, ``m``,
     ``h`` or ``d``, such as ``90``, ``15m`` or ``7d``.
@@ -62,7 +63,7 @@ def parse_duration(text, allow_none=False, least=0.0):
     return seconds
 
 
-def format_duration(seconds):
+def format_duration(seconds: float | None) -> str:
     """
     ``seconds`` as :func:`parse_duration` reads it, in the largest unit
     that divides it (``604800`` -> ``"7d"``); ``None`` -> ``"none"``.
@@ -77,7 +78,7 @@ def format_duration(seconds):
     return f"{seconds:g}s"
 
 
-def zone(name):
+def zone(name: object) -> ZoneInfo:
     """
     :returns: the :class:`zoneinfo.ZoneInfo` that ``name`` names.
     :raises ValueError: if there is none of that name.
@@ -123,7 +124,7 @@ class Cron:
     :raises ValueError: naming the field that is wrong.
     """
 
-    def __init__(self, expression):
+    def __init__(self, expression: object) -> None:
         if not isinstance(expression, str) or len(expression) > 200:
             raise ValueError("a cron expression is five fields: "
                              "MIN HOUR DOM MON DOW")
@@ -141,10 +142,10 @@ class Cron:
         self._any_day = fields[2] == "*" or fields[2].startswith("*/")
         self._any_weekday = fields[4] == "*" or fields[4].startswith("*/")
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"Cron({self.expression!r})"
 
-    def day_matches(self, day):
+    def day_matches(self, day: date) -> bool:
         """
         Whether the date ``day`` is one on which the expression fires.
         """
@@ -155,7 +156,7 @@ class Cron:
             return in_month and in_week
         return in_month or in_week
 
-    def next_wall_time(self, start):
+    def next_wall_time(self, start: datetime) -> datetime:
         """
         The first wall time at or after ``start`` (a naive ``datetime``,
         whole minutes) that the expression names.
@@ -181,20 +182,22 @@ class Cron:
             f"cron expression {self.expression!r} never comes due")
 
 
-def _first_of_next_month(moment):
+def _first_of_next_month(moment: datetime) -> datetime:
     if moment.month == 12:
         return datetime(moment.year + 1, 1, 1)
     return datetime(moment.year, moment.month + 1, 1)
 
 
-def _parse_field(text, what, low, high, names):
-    values = set()
+def _parse_field(text: str, what: str, low: int, high: int,
+                 names: list[str] | None) -> frozenset[int]:
+    values: set[int] = set()
     for part in text.lower().split(","):
         values.update(_parse_part(part, what, low, high, names))
     return frozenset(values)
 
 
-def _parse_part(part, what, low, high, names):
+def _parse_part(part: str, what: str, low: int, high: int,
+                names: list[str] | None) -> range:
     base, _, step_text = part.partition("/")
     step = 1
     if step_text:
@@ -213,7 +216,8 @@ def _parse_part(part, what, low, high, names):
     return range(first, last + 1, step)
 
 
-def _value(text, what, low, high, names):
+def _value(text: str, what: str, low: int, high: int,
+           names: list[str] | None) -> int:
     if names is not None and text in names:
         return names.index(text) + (low if what == "month" else 0)
     if not text.isdigit() or not low <= int(text) <= high:
@@ -225,8 +229,9 @@ def _value(text, what, low, high, names):
 # -- ticks -----------------------------------------------------------------
 
 
-def next_tick(after, every=None, cron=None, timezone_name="UTC",
-              previous=None):
+def next_tick(after: float, every: float | None = None,
+              cron: "str | Cron | None" = None, timezone_name: str = "UTC",
+              previous: float | None = None) -> float:
     """
     A schedule's next tick after the Unix time ``after``: the first time
     later than it at which its next task is due.
@@ -269,7 +274,7 @@ def next_tick(after, every=None, cron=None, timezone_name="UTC",
                      "comes due")
 
 
-def _instant(wall, tz):
+def _instant(wall: datetime, tz: ZoneInfo) -> float:
     """
     The Unix time at which clocks in ``tz`` first show ``wall``, or, for a
     wall time they skip, the end of the gap.
@@ -293,20 +298,20 @@ def _instant(wall, tz):
     return float(high)
 
 
-def _offset(unix_time, tz):
+def _offset(unix_time: float, tz: ZoneInfo) -> timedelta | None:
     return datetime.fromtimestamp(unix_time, tz).utcoffset()
 
 
-def tick_label(unix_time):
+def tick_label(unix_time: float) -> str:
     """
     A tick as its tasks' unique keys name it: ISO 8601 UTC with an
     explicit ``+00:00``, as task objects show times.
     """
-    return datetime.fromtimestamp(unix_time, timezone.utc).isoformat(
+    return datetime.fromtimestamp(unix_time, UTC).isoformat(
         timespec="microseconds")
 
 
-def unique_key(name, tick):
+def unique_key(name: str, tick: float) -> str:
     """
     The ``unique_key`` of the task a schedule enqueues for a tick.
     """

@@ -280,7 +280,7 @@ class _OneOrManyOptions(_CommandOptions):
     """
 
     #: The states --state takes, the first the default.
-    many_states = ()
+    many_states: tuple[str, ...] = ()
     arguments = ("ID",)
 
     def parseArgs(self, *args):

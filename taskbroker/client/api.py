@@ -36,8 +36,8 @@ from twisted.internet.defer import Deferred, ensureDeferred, fail, succeed
 from twisted.logger import Logger
 
 from taskbroker.client import (
-    HousekeepingMethods,
     CURVE_NO_ANSWER,
+    HousekeepingMethods,
     Submission,
     cancel_call,
     encode_request,

@@ -43,8 +43,8 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from taskbroker.client import (
-    HousekeepingMethods,
     CURVE_NO_ANSWER,
+    HousekeepingMethods,
     Submission,
     cancel_call,
     encode_request,

@@ -19,6 +19,9 @@ from collections.abc import Callable, Mapping, Sequence
 from numbers import Real
 from typing import Any, NoReturn, TypeAlias, TypeVar
 
+from taskbroker.schedules import Cron
+from taskbroker.schedules import check_name as check_schedule_name
+
 _T = TypeVar("_T")
 
 #: A field check: takes a decoded JSON value and returns it (possibly
@@ -28,9 +31,6 @@ Check: TypeAlias = Callable[[Any], Any]
 Fields: TypeAlias = Mapping[str, tuple[Check, bool]]
 #: A table of commands: command -> its fields.
 Commands: TypeAlias = Mapping[bytes, Fields]
-
-from taskbroker.schedules import Cron
-from taskbroker.schedules import check_name as check_schedule_name
 
 SIGNATURE = b"TB1"
 
@@ -358,18 +358,18 @@ _NEW_TASK_FIELDS: Fields = {
 _REQ: Fields = {"req": (_request_id, True)}
 
 
-def _cron(value):
+def _cron(value: Any) -> str:
     return Cron(value).expression
 
 
-def _final_state(value):
+def _final_state(value: Any) -> Any:
     return _choice("succeeded", "failed", "cancelled")(value)
 
 
-_SCHEDULE_NAME = {"name": (check_schedule_name, True)}
+_SCHEDULE_NAME: Fields = {"name": (check_schedule_name, True)}
 #: Where a bulk request (CANCEL_MANY, RETRY_MANY) starts and what it
 #: acts on; with "count", it only counts.
-_BULK = {
+_BULK: Fields = {
     "handler": (_optional(_name), False),
     "after": (_optional(_int(0, MAX_EXACT)), False),
     "count": (_optional(_boolean), False),

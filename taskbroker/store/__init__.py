@@ -143,19 +143,19 @@ class ScheduleRow(NamedTuple):
     name: str
     handler: str
     payload: str
-    priority: Optional[str]
-    max_attempts: Optional[int]
-    time_limit: Optional[float]
-    every: Optional[float]
-    cron: Optional[str]
+    priority: str | None
+    max_attempts: int | None
+    time_limit: float | None
+    every: float | None
+    cron: str | None
     timezone: str
     skip_if_running: bool
     paused: bool
     next_tick: float
-    last_tick: Optional[float]
-    last_task_id: Optional[int]
+    last_tick: float | None
+    last_task_id: int | None
     created_at: float
-    submitter: Optional[str]
+    submitter: str | None
 
 
 class Submitted(NamedTuple):

@@ -4,7 +4,7 @@ driven as tests/unit/test_broker drives the broker: a Clock, the
 in-memory stores, and the requests as a client sends them.
 """
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 from twisted.logger import capturedLogs, formatEvent
@@ -19,7 +19,7 @@ from tests.unit.test_broker import hello, send, started_broker
 from tests.unit.test_ownership import ADMIN, ALICE, peer_keys
 
 # 2026-12-05 01:00:00 UTC, a Saturday.
-START = datetime(2026, 12, 5, 1, 0, tzinfo=timezone.utc).timestamp()
+START = datetime(2026, 12, 5, 1, 0, tzinfo=UTC).timestamp()
 
 
 @pytest.fixture

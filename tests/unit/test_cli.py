@@ -985,6 +985,11 @@ def test_wait_timeout_is_the_whole_wait_not_each_answers(broker):
 
 
 class Terminal(io.StringIO):
+    """
+    A stream that is a terminal (standard input holds the user's
+    answers).
+    """
+
     def isatty(self):
         return True
 
@@ -1072,15 +1077,6 @@ def test_without_a_terminal_there_is_no_bar(broker):
 
 
 # -- schedules, purge, and many tasks at once -------------------------------
-
-
-class Terminal(io.StringIO):
-    """
-    Standard input that is a terminal, with the user's answers.
-    """
-
-    def isatty(self):
-        return True
 
 
 def run_on_terminal(broker, *argv, answer):

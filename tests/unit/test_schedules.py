@@ -3,7 +3,7 @@ Tests for taskbroker.schedules: cron expressions, ticks in a time zone's
 wall time across changes of clocks, intervals, and durations.
 """
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -11,8 +11,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from taskbroker.schedules import (
-    Cron, check_name, format_duration, next_tick, parse_duration,
-    tick_label, unique_key,
+    Cron,
+    check_name,
+    format_duration,
+    next_tick,
+    parse_duration,
+    tick_label,
+    unique_key,
 )
 
 NEW_YORK = "America/New_York"
@@ -104,7 +109,7 @@ def test_a_repeated_wall_time_comes_due_once():
 
 
 def test_utc_by_default():
-    start = datetime(2026, 12, 31, 23, 59, 30, tzinfo=timezone.utc)
+    start = datetime(2026, 12, 31, 23, 59, 30, tzinfo=UTC)
     assert tick_label(next_tick(start.timestamp(), cron="@yearly")) == \
         "2027-01-01T00:00:00.000000+00:00"
 

@@ -17,7 +17,9 @@ from taskbroker.store.postgresql import PostgresStore
 from taskbroker.store.sqlite import SQLiteStore
 from taskbroker.testing import MemoryStore, SharedMemoryDatabase
 from taskbroker.testing.store_contract import (
-    HousekeepingContract, QueueReadsContract, StoreContract,
+    HousekeepingContract,
+    QueueReadsContract,
+    StoreContract,
 )
 from tests.postgres import connect
 
