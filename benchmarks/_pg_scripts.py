@@ -12,8 +12,9 @@ from twisted.internet import defer, reactor
 from taskbroker.store.postgresql import PostgresStore
 
 #: The server the scripts measure on.
-BASE = os.environ.get("TASKBROKER_BENCH_POSTGRES",
-                      "postgresql://postgres@127.0.0.1:5432/test")
+BASE = os.environ.get(
+    "TASKBROKER_BENCH_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test"
+)
 
 
 def schema_url(schema):

@@ -72,8 +72,14 @@ class Process(_daemons.Daemon):
     def __init__(self, name, argv, folder, env=None):
         try:
             _daemons.Daemon.__init__(
-                self, name, argv, folder, env=child_env() if env is None else env,
-                log_path=os.path.join(folder, f"{name}.log"), new_session=True)
+                self,
+                name,
+                argv,
+                folder,
+                env=child_env() if env is None else env,
+                log_path=os.path.join(folder, f"{name}.log"),
+                new_session=True,
+            )
         except DaemonError as e:
             raise BenchError(str(e)) from None
 
@@ -98,8 +104,13 @@ class Process(_daemons.Daemon):
         """
         try:
             return _daemons.Daemon.wait_for(
-                self, pattern, timeout, start=self.after_match, what=what,
-                watched=watched)
+                self,
+                pattern,
+                timeout,
+                start=self.after_match,
+                what=what,
+                watched=watched,
+            )
         except DaemonError as e:
             raise BenchError(str(e)) from None
 
@@ -167,7 +178,9 @@ def cpu_seconds(pid):
         with open(f"/proc/{pid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
     except OSError:
-        raise BenchError(f"cannot read /proc/{pid}/stat (process gone?)") from None
+        raise BenchError(
+            f"cannot read /proc/{pid}/stat (process gone?)"
+        ) from None
     # After the command name: state is field 3, utime 14, stime 15.
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
@@ -180,7 +193,9 @@ def memory_kib(pid, key):
         with open(f"/proc/{pid}/status") as f:
             text = f.read()
     except OSError:
-        raise BenchError(f"cannot read /proc/{pid}/status (process gone?)") from None
+        raise BenchError(
+            f"cannot read /proc/{pid}/status (process gone?)"
+        ) from None
     match = re.search(rf"^{key}:\s+(\d+) kB", text, re.M)
     return int(match.group(1)) if match else None
 
@@ -195,8 +210,12 @@ def read_only(path):
     """
     try:
         connection = sqlite3.connect(
-            f"file:{path}?mode=ro", uri=True, timeout=30,
-            isolation_level=None, check_same_thread=False)
+            f"file:{path}?mode=ro",
+            uri=True,
+            timeout=30,
+            isolation_level=None,
+            check_same_thread=False,
+        )
         connection.execute("PRAGMA busy_timeout = 30000")
     except sqlite3.Error as e:
         raise BenchError(f"cannot read the database {path}: {e}") from None
@@ -220,17 +239,21 @@ def wait_done(path, expected, watched, timeout, poll=0.05):
         while True:
             # Two range scans of the (state, id) index: cheap however
             # many tasks are queued.
-            done = db.execute("SELECT COUNT(*) FROM tasks "
-                              "WHERE state = 'succeeded'").fetchone()[0]
-            bad = db.execute("SELECT COUNT(*) FROM tasks "
-                             "WHERE state IN ('failed', 'cancelled')"
-                             ).fetchone()[0]
+            done = db.execute(
+                "SELECT COUNT(*) FROM tasks WHERE state = 'succeeded'"
+            ).fetchone()[0]
+            bad = db.execute(
+                "SELECT COUNT(*) FROM tasks "
+                "WHERE state IN ('failed', 'cancelled')"
+            ).fetchone()[0]
             if bad:
                 error = db.execute(
                     "SELECT error FROM tasks WHERE state IN "
-                    "('failed', 'cancelled') LIMIT 1").fetchone()[0]
-                raise BenchError(f"{bad} task(s) failed or were cancelled, "
-                                 f"e.g.: {error}")
+                    "('failed', 'cancelled') LIMIT 1"
+                ).fetchone()[0]
+                raise BenchError(
+                    f"{bad} task(s) failed or were cancelled, e.g.: {error}"
+                )
             if done >= expected:
                 return db.execute(
                     "SELECT MIN(created_at), MIN(started_at), "
@@ -244,14 +267,14 @@ def wait_done(path, expected, watched, timeout, poll=0.05):
             elif now - progressed > STALL:
                 raise BenchError(
                     f"stalled: {done} of {expected} tasks succeeded, none in "
-                    f"the last {STALL:g} s")
+                    f"the last {STALL:g} s"
+                )
             if now > deadline:
                 raise BenchError(
                     f"only {done} of {expected} tasks succeeded within "
-                    f"{timeout:g} s")
+                    f"{timeout:g} s"
+                )
             time.sleep(poll)
-
-
 
 
 # -- statistics ----------------------------------------------------------
@@ -311,7 +334,10 @@ def _git(*args):
     try:
         out = subprocess.run(
             ["git", "--no-optional-locks", "-C", ROOT, *args],
-            capture_output=True, text=True, timeout=10)
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() if out.returncode == 0 else None
@@ -324,10 +350,12 @@ def _commit():
     commit = _git("rev-parse", "--short", "HEAD")
     if commit is None:
         return None
-    changed = _git("status", "--porcelain", "--untracked-files=no", "--",
-                   "taskbroker")
-    return commit + (" + uncommitted changes in taskbroker/" if changed
-                     else "")
+    changed = _git(
+        "status", "--porcelain", "--untracked-files=no", "--", "taskbroker"
+    )
+    return commit + (
+        " + uncommitted changes in taskbroker/" if changed else ""
+    )
 
 
 def machine():
@@ -335,8 +363,10 @@ def machine():
     What the numbers depend on: the processor, the cores, the software.
     """
     import zmq
+
     try:
         from importlib.metadata import version
+
         taskbroker_version = version("taskbroker")
     except Exception:
         taskbroker_version = "unknown"
@@ -351,7 +381,7 @@ def machine():
         "memory_gib": _memory_gib(),
         "kernel": f"{platform.system()} {platform.release()}",
         "python": f"{platform.python_implementation()} "
-                  f"{platform.python_version()}",
+        f"{platform.python_version()}",
         "sqlite": sqlite3.sqlite_version,
         "libzmq": zmq.zmq_version(),
         "pyzmq": zmq.__version__,
@@ -366,6 +396,7 @@ def daemon_defaults():
     The broker's and the worker's built-in settings, as their option
     tables declare them (so a changed default shows up here by itself).
     """
+
     def table(settings):
         values = {}
         for setting in settings:

@@ -25,8 +25,7 @@ import tempfile
 import threading
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(
-    __file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from twisted.internet import defer, reactor  # noqa: E402
 
@@ -45,8 +44,9 @@ class Harness:
     """
 
     def __init__(self, store):
-        self.broker = Broker(BrokerConfig(), store, reactor, self.send,
-                             monotonic=time.monotonic)
+        self.broker = Broker(
+            BrokerConfig(), store, reactor, self.send, monotonic=time.monotonic
+        )
         self.acked = 0
         self.on_ack = None
         self.on_task = None
@@ -58,10 +58,21 @@ class Harness:
             body = json.loads(frames[2])
             if self.on_task:
                 self.on_task()
-            reactor.callLater(0, self.broker.handle, Sender(identity), codec.encode(
-                b"RESULT", {"id": body["id"], "token": body["token"],
-                            "state": "succeeded", "result": body["payload"],
-                            "ready": True}))
+            reactor.callLater(
+                0,
+                self.broker.handle,
+                Sender(identity),
+                codec.encode(
+                    b"RESULT",
+                    {
+                        "id": body["id"],
+                        "token": body["token"],
+                        "state": "succeeded",
+                        "result": body["payload"],
+                        "ready": True,
+                    },
+                ),
+            )
         elif command == b"ACK":
             self.acked += 1
             if self.on_ack:
@@ -72,16 +83,32 @@ class Harness:
 
     def start_workers(self):
         for identity in WORKERS:
-            self.broker.handle(Sender(identity), codec.encode(b"HELLO", {
-                "name": identity.decode().split("/")[0],
-                "handlers": ["echo"], "slots": 1, "heartbeat": 1.0}))
+            self.broker.handle(
+                Sender(identity),
+                codec.encode(
+                    b"HELLO",
+                    {
+                        "name": identity.decode().split("/")[0],
+                        "handlers": ["echo"],
+                        "slots": 1,
+                        "heartbeat": 1.0,
+                    },
+                ),
+            )
             self.broker.handle(Sender(identity), codec.encode(b"READY", {}))
 
 
 def submit(broker, payloads):
-    broker.handle(Sender(b"client"), codec.encode(b"SUBMIT", {
-        "req": "r", "tasks": [{"handler": "echo", "payload": p}
-                              for p in payloads]}))
+    broker.handle(
+        Sender(b"client"),
+        codec.encode(
+            b"SUBMIT",
+            {
+                "req": "r",
+                "tasks": [{"handler": "echo", "payload": p} for p in payloads],
+            },
+        ),
+    )
 
 
 async def throughput(harness, n):
@@ -100,9 +127,11 @@ async def one_at_a_time(harness, n):
         done = defer.Deferred()
         t0 = time.perf_counter()
         harness.on_reply = lambda t0=t0: marks["reply"].append(
-            time.perf_counter() - t0)
+            time.perf_counter() - t0
+        )
         harness.on_task = lambda t0=t0: marks["task"].append(
-            time.perf_counter() - t0)
+            time.perf_counter() - t0
+        )
 
         def acked(done=done, t0=t0):
             marks["ack"].append(time.perf_counter() - t0)
@@ -130,8 +159,9 @@ def thread_cpu():
         with open(task + "/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
         name = names.get(int(os.path.basename(task)), "other")
-        cpu[name] = cpu.get(name, 0) + (
-            int(fields[11]) + int(fields[12])) / ticks
+        cpu[name] = (
+            cpu.get(name, 0) + (int(fields[11]) + int(fields[12])) / ticks
+        )
     return cpu
 
 
@@ -151,8 +181,10 @@ async def run(folder, tasks, latency_tasks):
         harness.broker.stop()
     finally:
         await store.close()
-    cpu = {name: 100.0 * (after.get(name, 0) - before.get(name, 0)) / elapsed
-           for name in after}
+    cpu = {
+        name: 100.0 * (after.get(name, 0) - before.get(name, 0)) / elapsed
+        for name in after
+    }
     return rate, marks, cpu
 
 
@@ -167,30 +199,43 @@ def main():
     async def all_runs():
         for i in range(args.runs):
             with tempfile.TemporaryDirectory() as folder:
-                rate, marks, cpu = await run(folder, args.tasks,
-                                             args.latency_tasks)
+                rate, marks, cpu = await run(
+                    folder, args.tasks, args.latency_tasks
+                )
             results.append(rate)
             times = "  ".join(
                 f"{name} p50 {1e3 * percentile(v, 50):.2f} / "
                 f"p99 {1e3 * percentile(v, 99):.2f} ms"
-                for name, v in marks.items())
-            threads = ", ".join(f"{name} {value:.0f} %"
-                                for name, value in sorted(cpu.items())
-                                if value >= 1)
-            print(f"run {i + 1}: {rate:,.0f} tasks/s (threads: {threads}); "
-                  f"one at a time, SUBMIT -> {times}", flush=True)
+                for name, v in marks.items()
+            )
+            threads = ", ".join(
+                f"{name} {value:.0f} %"
+                for name, value in sorted(cpu.items())
+                if value >= 1
+            )
+            print(
+                f"run {i + 1}: {rate:,.0f} tasks/s (threads: {threads}); "
+                f"one at a time, SUBMIT -> {times}",
+                flush=True,
+            )
 
     def finished(result):
         reactor.stop()
         return result
 
     reactor.callWhenRunning(
-        lambda: defer.ensureDeferred(all_runs()).addBoth(finished)
-        .addErrback(lambda f: print(f.getTraceback(), file=sys.stderr)))
+        lambda: (
+            defer.ensureDeferred(all_runs())
+            .addBoth(finished)
+            .addErrback(lambda f: print(f.getTraceback(), file=sys.stderr))
+        )
+    )
     reactor.run()
     if results:
-        print(f"median of {len(results)}: "
-              f"{statistics.median(results):,.0f} tasks/s")
+        print(
+            f"median of {len(results)}: "
+            f"{statistics.median(results):,.0f} tasks/s"
+        )
 
 
 if __name__ == "__main__":

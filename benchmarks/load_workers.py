@@ -79,8 +79,9 @@ def main():
     for i in range(count):
         name = f"{args.name}-{i}"
         sock = context.socket(zmq.DEALER)
-        sock.setsockopt(zmq.IDENTITY,
-                        f"{name}/{uuid.uuid4().hex[:8]}".encode())
+        sock.setsockopt(
+            zmq.IDENTITY, f"{name}/{uuid.uuid4().hex[:8]}".encode()
+        )
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDHWM, 10_000)
         sock.setsockopt(zmq.RCVHWM, 10_000)
@@ -89,10 +90,18 @@ def main():
         fd = sock.getsockopt(zmq.FD)
         by_fd[fd] = i
         epoll.register(fd, select.EPOLLIN)
-        hello.append(DUMPS({
-            "name": name, "slots": 1, "priorities": None,
-            "handlers": ["echo"], "running": [],
-            "heartbeat": args.heartbeat}).encode("utf-8"))
+        hello.append(
+            DUMPS(
+                {
+                    "name": name,
+                    "slots": 1,
+                    "priorities": None,
+                    "handlers": ["echo"],
+                    "running": [],
+                    "heartbeat": args.heartbeat,
+                }
+            ).encode("utf-8")
+        )
 
     # Per connection: the broker instance that welcomed it (None while not
     # welcomed), when HELLO was last sent, and results not yet ACKed.
@@ -103,9 +112,18 @@ def main():
     broker_beat = [args.heartbeat] * count
     beat_due = [0.0] * count
     unacked = [dict() for _ in range(count)]
-    counters = {"hellos": 0, "welcomes": 0, "tasks": 0, "acks": 0,
-                "rehellos": 0, "heartbeats_in": 0, "heartbeats_out": 0,
-                "errors": 0, "cancels": 0, "bad": 0}
+    counters = {
+        "hellos": 0,
+        "welcomes": 0,
+        "tasks": 0,
+        "acks": 0,
+        "rehellos": 0,
+        "heartbeats_in": 0,
+        "heartbeats_out": 0,
+        "errors": 0,
+        "cancels": 0,
+        "bad": 0,
+    }
     empty = b"{}"
     # What taskworker sends: the tasks it runs, none here, since each task
     # is answered as soon as it arrives.
@@ -147,14 +165,19 @@ def main():
                 body = json.loads(frames[2])
                 counters["tasks"] += 1
                 result = {
-                    "id": body["id"], "token": body["token"],
-                    "state": "succeeded", "result": body.get("payload"),
-                    "error": None, "traceback": None, "permanent": False,
+                    "id": body["id"],
+                    "token": body["token"],
+                    "state": "succeeded",
+                    "result": body.get("payload"),
+                    "error": None,
+                    "traceback": None,
+                    "permanent": False,
                 }
                 # Kept until ACKed; a resent result carries no credit.
                 # The first one asks for the next task.
-                unacked[i][(body["id"], body["token"])] = DUMPS(
-                    result).encode("utf-8")
+                unacked[i][(body["id"], body["token"])] = DUMPS(result).encode(
+                    "utf-8"
+                )
                 result["ready"] = True
                 send(i, b"RESULT", DUMPS(result).encode("utf-8"))
             elif command == b"ACK":
@@ -175,8 +198,11 @@ def main():
                     # unless one went within a tenth of the shorter
                     # interval, as taskworker does.
                     due_in = beat_due[i] - now
-                    if (due_in < broker_beat[i] and args.heartbeat - due_in
-                            >= min(args.heartbeat, broker_beat[i]) / 10):
+                    if (
+                        due_in < broker_beat[i]
+                        and args.heartbeat - due_in
+                        >= min(args.heartbeat, broker_beat[i]) / 10
+                    ):
                         heartbeat(i, now)
             elif command == b"WELCOME":
                 body = json.loads(frames[2])
@@ -199,8 +225,11 @@ def main():
             elif command == b"ERROR":
                 counters["errors"] += 1
                 body = json.loads(frames[2])
-                print(f"error from the broker to connection {i}: "
-                      f"{body.get('message')}", flush=True)
+                print(
+                    f"error from the broker to connection {i}: "
+                    f"{body.get('message')}",
+                    flush=True,
+                )
             else:
                 counters["bad"] += 1
 
@@ -231,8 +260,10 @@ def main():
             if now - last_retry_scan > 0.5:
                 last_retry_scan = now
                 for i in range(count):
-                    if (instance[i] is None
-                            and now - hello_sent[i] > args.hello_retry):
+                    if (
+                        instance[i] is None
+                        and now - hello_sent[i] > args.hello_retry
+                    ):
                         say_hello(i, now)
             while touched:
                 pending = list(touched)
@@ -241,8 +272,10 @@ def main():
                     drain(i)
             if not announced and state["welcomed"] >= count:
                 announced = True
-                print(f"ready {count} after "
-                      f"{time.monotonic() - started:.2f} s", flush=True)
+                print(
+                    f"ready {count} after {time.monotonic() - started:.2f} s",
+                    flush=True,
+                )
             # Wake at least every 10 ms, for the heartbeats due by then.
             for fd, _ in epoll.poll(0.01):
                 drain(by_fd[fd])

@@ -59,8 +59,9 @@ def _json(text, source):
     try:
         return json.loads(text)
     except ValueError:
-        raise BenchError(f"{source} printed an unreadable result: "
-                         f"{text[:100]!r}") from None
+        raise BenchError(
+            f"{source} printed an unreadable result: {text[:100]!r}"
+        ) from None
 
 
 def _client(endpoint, timeout=60.0, **keys):
@@ -69,6 +70,7 @@ def _client(endpoint, timeout=60.0, **keys):
         broker with CURVE.
     """
     from taskbroker.client.blocking import BlockingClient
+
     return BlockingClient(endpoint, timeout=timeout, **keys)
 
 
@@ -82,8 +84,15 @@ class _Daemons:
         self.folder = folder
         self.started = []
 
-    def broker(self, db=None, listen="tcp://127.0.0.1:*", timeout=START_TIMEOUT,
-               name="broker", extra=(), database=None):
+    def broker(
+        self,
+        db=None,
+        listen="tcp://127.0.0.1:*",
+        timeout=START_TIMEOUT,
+        name="broker",
+        extra=(),
+        database=None,
+    ):
         """
         :param db: the SQLite file (default: ``taskbroker.sqlite`` in the
             run's folder), unless ``database`` gives another URL (a
@@ -92,14 +101,26 @@ class _Daemons:
         if database is None:
             db = db or os.path.join(self.folder, "taskbroker.sqlite")
             database = "sqlite:///" + db
-        process = self.ctx.procs.start(name, [
-            TWISTD, "--pidfile=", "-n", "taskbroker",
-            "--listen", listen, "--database", database, *extra,
-        ], self.folder)
+        process = self.ctx.procs.start(
+            name,
+            [
+                TWISTD,
+                "--pidfile=",
+                "-n",
+                "taskbroker",
+                "--listen",
+                listen,
+                "--database",
+                database,
+                *extra,
+            ],
+            self.folder,
+        )
         self.started.append(process)
         process.server = True
-        match = process.wait_for(r"listening on (\S+),", timeout,
-                                 "the broker listening")
+        match = process.wait_for(
+            r"listening on (\S+),", timeout, "the broker listening"
+        )
         process.endpoint = match.group(1)
         process.db = db
         return process
@@ -107,16 +128,30 @@ class _Daemons:
     def workers(self, endpoint, names, extra=(), wait=True):
         processes = []
         for name in names:
-            process = self.ctx.procs.start(name, [
-                TWISTD, "--pidfile=", "-n", "taskworker",
-                "--broker", endpoint, "--name", name, *extra,
-            ], self.folder)
+            process = self.ctx.procs.start(
+                name,
+                [
+                    TWISTD,
+                    "--pidfile=",
+                    "-n",
+                    "taskworker",
+                    "--broker",
+                    endpoint,
+                    "--name",
+                    name,
+                    *extra,
+                ],
+                self.folder,
+            )
             self.started.append(process)
             processes.append(process)
         if wait:
             for process in processes:
-                process.wait_for(r"welcomed by broker", START_TIMEOUT,
-                                 "a WELCOME from the broker")
+                process.wait_for(
+                    r"welcomed by broker",
+                    START_TIMEOUT,
+                    "a WELCOME from the broker",
+                )
         return processes
 
     def process(self, name, argv, env=None, server=False):
@@ -133,7 +168,9 @@ class _Daemons:
         """
         chosen = list(processes) or list(reversed(self.started))
         for servers in (False, True):
-            layer = [p for p in chosen if getattr(p, "server", False) == servers]
+            layer = [
+                p for p in chosen if getattr(p, "server", False) == servers
+            ]
             if layer:
                 self.ctx.procs.stop(*layer, timeout=timeout)
         for process in chosen:
@@ -150,6 +187,7 @@ class _Daemons:
 def _client_errors():
     try:
         from taskbroker.client.errors import ClientError
+
         return ClientError
     except ImportError:
         return ()
@@ -160,6 +198,7 @@ def _guard(run):
     Turn the client's errors (no answer, a refusal) into one-line
     :class:`BenchError` s.
     """
+
     def guarded(ctx):
         try:
             return run(ctx)
@@ -167,6 +206,7 @@ def _guard(run):
             raise BenchError(f"{type(e).__name__}: {e}") from None
         except sqlite3.Error as e:
             raise BenchError(f"database: {e}") from None
+
     guarded.__name__ = run.__name__
     guarded.__doc__ = run.__doc__
     return guarded
@@ -190,14 +230,19 @@ def _bulk_throughput(ctx, n, details, extra=(), curve=None):
     :param curve: a :class:`_CurveKeys`, for CURVE everywhere.
     """
     out = {}
-    label = "throughput-bulk" + "".join(extra).replace("-", "") + (
-        "-curve" if curve else "")
+    label = (
+        "throughput-bulk"
+        + "".join(extra).replace("-", "")
+        + ("-curve" if curve else "")
+    )
     with _Daemons(ctx, ctx.folder(label)) as daemons:
         broker = daemons.broker(extra=extra + (curve.broker if curve else ()))
-        workers = daemons.workers(broker.endpoint, ["w1", "w2"],
-                                  extra=curve.worker if curve else ())
-        with _client(broker.endpoint,
-                     **(curve.client if curve else {})) as client:
+        workers = daemons.workers(
+            broker.endpoint, ["w1", "w2"], extra=curve.worker if curve else ()
+        )
+        with _client(
+            broker.endpoint, **(curve.client if curve else {})
+        ) as client:
             specs = [{"handler": "echo", "payload": i} for i in range(n)]
             cpu = [cpu_seconds(p.pid) for p in (broker, *workers)]
             began = time.time()
@@ -206,13 +251,15 @@ def _bulk_throughput(ctx, n, details, extra=(), curve=None):
             client.wait(submitted[-1]["id"], timeout=DRAIN_TIMEOUT)
         _, _, last = wait_done(broker.db, n, daemons.started, DRAIN_TIMEOUT)
         elapsed = time.time() - began
-        used = [cpu_seconds(p.pid) - c
-                for p, c in zip((broker, *workers), cpu)]
+        used = [
+            cpu_seconds(p.pid) - c for p, c in zip((broker, *workers), cpu)
+        ]
         out["tb.throughput.bulk"] = n / (last - began)
         # Who is busy: a process near 100 % of a core is the bottleneck.
         out["tb.throughput.broker_cpu"] = 100.0 * used[0] / elapsed
-        out["tb.throughput.worker_cpu"] = 100.0 * sum(used[1:]) / len(
-            used[1:]) / elapsed
+        out["tb.throughput.worker_cpu"] = (
+            100.0 * sum(used[1:]) / len(used[1:]) / elapsed
+        )
     return out
 
 
@@ -233,17 +280,22 @@ def run_throughput(ctx):
         daemons.workers(broker.endpoint, ["w1", "w2"])
         # The documented way for other programs to enqueue work: priority
         # and max_attempts left NULL, for the broker's defaults.
-        with closing(sqlite3.connect(broker.db, timeout=30,
-                                     isolation_level=None)) as db:
+        with closing(
+            sqlite3.connect(broker.db, timeout=30, isolation_level=None)
+        ) as db:
             began = time.time()
             db.execute("BEGIN IMMEDIATE")
             db.executemany(
                 "INSERT INTO tasks (handler, payload, priority) "
-                "VALUES ('echo', ?, NULL)", ((str(i),) for i in range(n)))
+                "VALUES ('echo', ?, NULL)",
+                ((str(i),) for i in range(n)),
+            )
             db.execute("COMMIT")
             committed = time.time()
         details["sql_insert_seconds"] = committed - began
-        _, first, last = wait_done(broker.db, n, daemons.started, DRAIN_TIMEOUT)
+        _, first, last = wait_done(
+            broker.db, n, daemons.started, DRAIN_TIMEOUT
+        )
         out["tb.throughput.sql"] = n / (last - began)
         out["tb.throughput.sql_pickup"] = _ms(first - committed)
     out["details"] = details
@@ -270,13 +322,18 @@ def _one_at_a_time(ctx, n, curve=None):
     (a :class:`_CurveKeys`) is given.
     """
     dispatch, finished, wall = [], [], []
-    with _Daemons(ctx, ctx.folder("latency" + ("-curve" if curve else ""))
-                  ) as daemons:
+    with _Daemons(
+        ctx, ctx.folder("latency" + ("-curve" if curve else ""))
+    ) as daemons:
         broker = daemons.broker(extra=curve.broker if curve else ())
-        daemons.workers(broker.endpoint, ["w1", "w2"],
-                        extra=STAMP + (curve.worker if curve else ()))
-        with _client(broker.endpoint, timeout=30,
-                     **(curve.client if curve else {})) as client:
+        daemons.workers(
+            broker.endpoint,
+            ["w1", "w2"],
+            extra=STAMP + (curve.worker if curve else ()),
+        )
+        with _client(
+            broker.endpoint, timeout=30, **(curve.client if curve else {})
+        ) as client:
             for i in range(ctx.params.warmup):
                 task, _ = client.submit("stamp", i)
                 client.wait(task["id"], timeout=30)
@@ -287,8 +344,10 @@ def _one_at_a_time(ctx, n, curve=None):
                 done = client.wait(task["id"], timeout=30)
                 t1 = time.perf_counter()
                 if done["state"] != "succeeded":
-                    raise BenchError(f"task {task['id']} is {done['state']} "
-                                     f"after 30 s: {done.get('error')}")
+                    raise BenchError(
+                        f"task {task['id']} is {done['state']} "
+                        f"after 30 s: {done.get('error')}"
+                    )
                 created = _seconds(done["created_at"])
                 dispatch.append(done["result"] - submitted)
                 finished.append(_seconds(done["finished_at"]) - created)
@@ -319,18 +378,28 @@ def run_priority(ctx):
     with _Daemons(ctx, ctx.folder("priority")) as daemons:
         broker = daemons.broker()
         general = daemons.workers(broker.endpoint, ["w1", "w2"])
-        reserved = daemons.workers(broker.endpoint, ["reserved"],
-                                   extra=("--priorities", "high", *STAMP))
+        reserved = daemons.workers(
+            broker.endpoint,
+            ["reserved"],
+            extra=("--priorities", "high", *STAMP),
+        )
         with _client(broker.endpoint) as client:
-            sleepers = [client.submit("sleep", {"seconds": 3600})[0]["id"]
-                        for _ in general]
+            sleepers = [
+                client.submit("sleep", {"seconds": 3600})[0]["id"]
+                for _ in general
+            ]
             deadline = time.monotonic() + 30
             while any(client.get(i)["state"] != "running" for i in sleepers):
                 if time.monotonic() > deadline:
                     raise BenchError("the sleep tasks did not start in 30 s")
                 time.sleep(0.05)
-            _bulk(client, [{"handler": "echo", "payload": i,
-                            "priority": "low"} for i in range(low)])
+            _bulk(
+                client,
+                [
+                    {"handler": "echo", "payload": i, "priority": "low"}
+                    for i in range(low)
+                ],
+            )
             stats = client.stats()
             details["low_waiting"] = stats.get("waiting", {}).get("echo")
             for i in range(ctx.params.warmup):
@@ -343,12 +412,15 @@ def run_priority(ctx):
                 done = client.wait(task["id"], timeout=30)
                 wall.append(time.perf_counter() - t0)
                 if done["state"] != "succeeded":
-                    raise BenchError(f"high task {task['id']} is "
-                                     f"{done['state']} after 30 s")
+                    raise BenchError(
+                        f"high task {task['id']} is {done['state']} after 30 s"
+                    )
                 if done["worker"] != "reserved":
-                    raise BenchError(f"high task {task['id']} ran on "
-                                     f"{done['worker']}, not the reserved "
-                                     "worker")
+                    raise BenchError(
+                        f"high task {task['id']} ran on "
+                        f"{done['worker']}, not the reserved "
+                        "worker"
+                    )
                 # Until the handler ran on the worker, by the client's
                 # clock: the SUBMIT's trip to the broker included.
                 waits.append(done["result"] - submitted)
@@ -373,26 +445,48 @@ def run_priority(ctx):
 
 def _many_rate(ctx, daemons, connections, n, idle_seconds):
     broker = daemons.broker()
-    load = daemons.process(f"load-{connections}", [
-        PYTHON, LOAD_WORKERS, "--broker", broker.endpoint,
-        "--connections", str(connections), "--name", f"load{connections}"])
-    load.wait_for(rf"ready {connections}\b", 120,
-                  f"{connections} connections welcomed", watched=[broker])
+    load = daemons.process(
+        f"load-{connections}",
+        [
+            PYTHON,
+            LOAD_WORKERS,
+            "--broker",
+            broker.endpoint,
+            "--connections",
+            str(connections),
+            "--name",
+            f"load{connections}",
+        ],
+    )
+    load.wait_for(
+        rf"ready {connections}\b",
+        120,
+        f"{connections} connections welcomed",
+        watched=[broker],
+    )
     out = {}
     with _client(broker.endpoint) as client:
         stats = client.stats()
         if stats["workers"] != connections:
-            raise BenchError(f"the broker counts {stats['workers']} workers, "
-                             f"not {connections}")
+            raise BenchError(
+                f"the broker counts {stats['workers']} workers, "
+                f"not {connections}"
+            )
         if idle_seconds:
             # Let the burst of connections settle (log lines, first
             # heartbeats) before measuring.
             time.sleep(2.0)
-            b0, l0, t0 = cpu_seconds(broker.pid), cpu_seconds(load.pid), \
-                time.monotonic()
+            b0, l0, t0 = (
+                cpu_seconds(broker.pid),
+                cpu_seconds(load.pid),
+                time.monotonic(),
+            )
             time.sleep(idle_seconds)
-            b1, l1, t1 = cpu_seconds(broker.pid), cpu_seconds(load.pid), \
-                time.monotonic()
+            b1, l1, t1 = (
+                cpu_seconds(broker.pid),
+                cpu_seconds(load.pid),
+                time.monotonic(),
+            )
             out["idle_cpu"] = 100.0 * (b1 - b0) / (t1 - t0)
             out["load_idle_cpu"] = 100.0 * (l1 - l0) / (t1 - t0)
         specs = [{"handler": "echo", "payload": i} for i in range(n)]
@@ -402,8 +496,9 @@ def _many_rate(ctx, daemons, connections, n, idle_seconds):
         client.wait(submitted[-1]["id"], timeout=DRAIN_TIMEOUT)
         _, _, last = wait_done(broker.db, n, daemons.started, DRAIN_TIMEOUT)
         out["rate"] = n / (last - began)
-        out["load_busy_cpu"] = 100.0 * (cpu_seconds(load.pid) - l0) / (
-            time.time() - began)
+        out["load_busy_cpu"] = (
+            100.0 * (cpu_seconds(load.pid) - l0) / (time.time() - began)
+        )
         stats = client.stats()
     out["counters"] = stats.get("counters", {})
     out["workers_after"] = stats.get("workers")
@@ -425,18 +520,21 @@ def run_many_workers(ctx):
     """
     p = ctx.params
     with _Daemons(ctx, ctx.folder("many-workers")) as daemons:
-        many = _many_rate(ctx, daemons, p.many_connections, p.many_tasks,
-                          p.idle_seconds)
+        many = _many_rate(
+            ctx, daemons, p.many_connections, p.many_tasks, p.idle_seconds
+        )
     with _Daemons(ctx, ctx.folder("few-workers")) as daemons:
         few = _many_rate(ctx, daemons, 10, p.many_tasks, 0)
     for label, result in (("many", many), ("few", few)):
         counters = result["counters"]
         if counters.get("lost_workers") or result["workers_after"] != (
-                p.many_connections if label == "many" else 10):
+            p.many_connections if label == "many" else 10
+        ):
             raise BenchError(
                 f"the broker lost workers during the {label}-connection run "
                 f"(lost_workers={counters.get('lost_workers')}, workers "
-                f"left {result['workers_after']})")
+                f"left {result['workers_after']})"
+            )
     return {
         "tb.many.idle_cpu": many["idle_cpu"],
         "tb.many.load_idle_cpu": many["load_idle_cpu"],
@@ -463,8 +561,9 @@ def deep_template(ctx):
     with _Daemons(ctx, folder) as daemons:
         daemons.broker(db=os.path.join(folder, "template.sqlite"))
     path = os.path.join(folder, "template.sqlite")
-    with closing(sqlite3.connect(path, timeout=30,
-                                 isolation_level=None)) as db:
+    with closing(
+        sqlite3.connect(path, timeout=30, isolation_level=None)
+    ) as db:
         began = time.time()
         db.execute("BEGIN IMMEDIATE")
         # Every column the broker would otherwise fill is given, so that
@@ -474,11 +573,13 @@ def deep_template(ctx):
         db.executemany(
             "INSERT INTO tasks (handler, payload, priority, max_attempts) "
             "VALUES ('echo', ?, 'normal', 3)",
-            ((str(i),) for i in range(rows)))
+            ((str(i),) for i in range(rows)),
+        )
         db.execute("COMMIT")
         ctx.notes.append(
             f"deep queue: {rows:,} rows inserted in one transaction in "
-            f"{time.time() - began:.1f} s (once; each run copies the file)")
+            f"{time.time() - began:.1f} s (once; each run copies the file)"
+        )
         db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     ctx._deep_template = path
     return path
@@ -487,14 +588,17 @@ def deep_template(ctx):
 def _nth_finished(db, n):
     row = db.execute(
         "SELECT finished_at FROM tasks WHERE state = 'succeeded' "
-        "ORDER BY finished_at LIMIT 1 OFFSET ?", (n - 1,)).fetchone()
+        "ORDER BY finished_at LIMIT 1 OFFSET ?",
+        (n - 1,),
+    ).fetchone()
     return row[0]
 
 
 def _first_started(db):
     return db.execute(
         "SELECT MIN(started_at) FROM tasks "
-        "WHERE state IN ('running', 'succeeded')").fetchone()[0]
+        "WHERE state IN ('running', 'succeeded')"
+    ).fetchone()[0]
 
 
 @_guard
@@ -517,8 +621,9 @@ def run_deep_queue(ctx):
         # here (--listen tcp://127.0.0.1:* would name it only then).
         listen = f"tcp://127.0.0.1:{free_port()}"
         began = time.time()
-        broker = daemons.broker(db=db_path, listen=listen,
-                                timeout=DRAIN_TIMEOUT)
+        broker = daemons.broker(
+            db=db_path, listen=listen, timeout=DRAIN_TIMEOUT
+        )
         out["tb.deep.listen"] = time.time() - began
         details["rss_at_listen_mb"] = memory_kib(broker.pid, "VmRSS") / 1024
         workers_began = time.time()
@@ -538,12 +643,16 @@ def run_deep_queue(ctx):
                 for process in daemons.started:
                     process.check()
                 if time.monotonic() > deadline:
-                    raise BenchError(f"the first {drain} tasks did not finish "
-                                     f"within {DRAIN_TIMEOUT:g} s")
+                    raise BenchError(
+                        f"the first {drain} tasks did not finish "
+                        f"within {DRAIN_TIMEOUT:g} s"
+                    )
                 time.sleep(0.05)
             nth = _nth_finished(db, drain)
-            bad = db.execute("SELECT COUNT(*) FROM tasks WHERE state IN "
-                             "('failed', 'cancelled')").fetchone()[0]
+            bad = db.execute(
+                "SELECT COUNT(*) FROM tasks WHERE state IN "
+                "('failed', 'cancelled')"
+            ).fetchone()[0]
             if bad:
                 raise BenchError(f"{bad} deep-queue task(s) failed")
         out["tb.deep.first_dispatch"] = first - began
@@ -559,8 +668,10 @@ def run_deep_queue(ctx):
         broker = daemons.broker()
         daemons.workers(broker.endpoint, ["w1", "w2"])
         with _client(broker.endpoint) as client:
-            submitted = _bulk(client, [{"handler": "echo", "payload": i}
-                                       for i in range(drain)])
+            submitted = _bulk(
+                client,
+                [{"handler": "echo", "payload": i} for i in range(drain)],
+            )
             client.wait(submitted[-1]["id"], timeout=DRAIN_TIMEOUT)
         wait_done(broker.db, drain, daemons.started, DRAIN_TIMEOUT)
         with closing(read_only(broker.db)) as db:
@@ -580,7 +691,8 @@ SITE_REQUESTS = 50
 
 def _site_request(url, token):
     request = urllib.request.Request(
-        url, headers={"Authorization": f"Bearer {token}"})
+        url, headers={"Authorization": f"Bearer {token}"}
+    )
     with urllib.request.urlopen(request, timeout=60) as response:
         return response.read()
 
@@ -605,20 +717,37 @@ def run_status_site(ctx):
     with _Daemons(ctx, folder) as daemons:
         # A free port for the site: a broker of the user's may hold 8642.
         broker = daemons.broker(
-            db=db_path, timeout=DRAIN_TIMEOUT,
-            extra=("--http", "tcp:0:interface=127.0.0.1"))
+            db=db_path,
+            timeout=DRAIN_TIMEOUT,
+            extra=("--http", "tcp:0:interface=127.0.0.1"),
+        )
         # Logged before the line that daemons.broker() waited for.
-        site = re.search(r"status site at (\S+)\?token=(\S+)",
-                         broker.output(200))
+        site = re.search(
+            r"status site at (\S+)\?token=(\S+)", broker.output(200)
+        )
         if site is None:
             raise BenchError("the broker logged no status site URL")
         base, token = site.group(1), site.group(2)
         connections = p.many_connections
-        load = daemons.process(f"load-{connections}", [
-            PYTHON, LOAD_WORKERS, "--broker", broker.endpoint,
-            "--connections", str(connections), "--name", "site"])
-        load.wait_for(rf"ready {connections}\b", 120,
-                      f"{connections} connections welcomed", watched=[broker])
+        load = daemons.process(
+            f"load-{connections}",
+            [
+                PYTHON,
+                LOAD_WORKERS,
+                "--broker",
+                broker.endpoint,
+                "--connections",
+                str(connections),
+                "--name",
+                "site",
+            ],
+        )
+        load.wait_for(
+            rf"ready {connections}\b",
+            120,
+            f"{connections} connections welcomed",
+            watched=[broker],
+        )
         # The first answer waits for the first count of the table.
         _site_request(base + "api/overview", token)
         time.sleep(2.0)
@@ -626,8 +755,10 @@ def run_status_site(ctx):
         time.sleep(3.0)
         idle = (cpu_seconds(broker.pid) - c0) / (time.monotonic() - t0)
         out["site.idle_cpu"] = 100.0 * idle
-        for name, path in (("overview", "api/overview"),
-                           ("metrics", "metrics")):
+        for name, path in (
+            ("overview", "api/overview"),
+            ("metrics", "metrics"),
+        ):
             sizes, walls = [], []
             c0, t0 = cpu_seconds(broker.pid), time.monotonic()
             for _ in range(SITE_REQUESTS):
@@ -639,13 +770,19 @@ def run_status_site(ctx):
             out[f"site.{name}_kib"] = round(max(sizes) / 1024, 1)
             out[f"site.{name}_ms"] = 1000 * statistics.median(walls)
             out[f"site.{name}_cpu_ms"] = max(
-                0.0, 1000 * (spent - idle * elapsed) / SITE_REQUESTS)
+                0.0, 1000 * (spent - idle * elapsed) / SITE_REQUESTS
+            )
         stats = json.loads(_site_request(base + "api/stats", token))["stats"]
         if stats["workers"] != connections:
-            raise BenchError(f"the broker counts {stats['workers']} workers, "
-                             f"not {connections}")
-        out["site.tasks"] = sum(n for by_level in stats["tasks"].values()
-                                for n in by_level.values())
+            raise BenchError(
+                f"the broker counts {stats['workers']} workers, "
+                f"not {connections}"
+            )
+        out["site.tasks"] = sum(
+            n
+            for by_level in stats["tasks"].values()
+            for n in by_level.values()
+        )
         daemons.stop()
     return out
 
@@ -662,17 +799,30 @@ def run_worker_alone(ctx):
     """
     n = ctx.params.alone
     with _Daemons(ctx, ctx.folder("worker-alone")) as daemons:
-        stub = daemons.process("stub-broker", [
-            PYTHON, STUB_BROKER, "--tasks", str(n)], server=True)
-        endpoint = stub.wait_for(r"listening on (\S+)", START_TIMEOUT,
-                                 "the stub listening").group(1)
-        worker, = daemons.workers(endpoint, ["alone"],
-                                  extra=("--concurrency", "1"), wait=False)
-        stub.wait_for(r"warmed up", START_TIMEOUT, "the first tasks done",
-                      watched=[worker])
+        stub = daemons.process(
+            "stub-broker",
+            [PYTHON, STUB_BROKER, "--tasks", str(n)],
+            server=True,
+        )
+        endpoint = stub.wait_for(
+            r"listening on (\S+)", START_TIMEOUT, "the stub listening"
+        ).group(1)
+        (worker,) = daemons.workers(
+            endpoint, ["alone"], extra=("--concurrency", "1"), wait=False
+        )
+        stub.wait_for(
+            r"warmed up",
+            START_TIMEOUT,
+            "the first tasks done",
+            watched=[worker],
+        )
         cpu = cpu_seconds(worker.pid), cpu_seconds(stub.pid)
-        match = stub.wait_for(r"(?m)^result (\{.*\})$", 60 + n / 500,
-                              f"{n} results", watched=[worker])
+        match = stub.wait_for(
+            r"(?m)^result (\{.*\})$",
+            60 + n / 500,
+            f"{n} results",
+            watched=[worker],
+        )
         used = cpu_seconds(worker.pid) - cpu[0], cpu_seconds(stub.pid) - cpu[1]
     result = _json(match.group(1), "the stub broker")
     if result["failed"]:
@@ -709,22 +859,51 @@ def run_floor(ctx):
     """
     p = ctx.params
     with _Daemons(ctx, ctx.folder("floor")) as daemons:
-        broker = daemons.process("floor-broker", [
-            PYTHON, os.path.join(FLOOR, "broker.py")], server=True)
-        match = broker.wait_for(r"frontend (\S+) backend (\S+)",
-                                START_TIMEOUT, "the floor broker's endpoints")
+        broker = daemons.process(
+            "floor-broker",
+            [PYTHON, os.path.join(FLOOR, "broker.py")],
+            server=True,
+        )
+        match = broker.wait_for(
+            r"frontend (\S+) backend (\S+)",
+            START_TIMEOUT,
+            "the floor broker's endpoints",
+        )
         frontend, backend = match.groups()
-        workers = [daemons.process(f"floor-worker{i}", [
-            PYTHON, os.path.join(FLOOR, "worker.py"), "--backend", backend])
-            for i in (1, 2)]
+        workers = [
+            daemons.process(
+                f"floor-worker{i}",
+                [
+                    PYTHON,
+                    os.path.join(FLOOR, "worker.py"),
+                    "--backend",
+                    backend,
+                ],
+            )
+            for i in (1, 2)
+        ]
         broker.wait_for(r"workers 2\b", START_TIMEOUT, "2 floor workers")
-        client = daemons.process("floor-client", [
-            PYTHON, os.path.join(FLOOR, "client.py"), "--frontend", frontend,
-            "--tasks", str(p.floor), "--latency", str(p.latency),
-            "--warmup", str(p.warmup)])
-        match = client.wait_for(r"(?m)^result (\{.*\})$", DRAIN_TIMEOUT,
-                                "the floor client's result",
-                                watched=[broker, *workers])
+        client = daemons.process(
+            "floor-client",
+            [
+                PYTHON,
+                os.path.join(FLOOR, "client.py"),
+                "--frontend",
+                frontend,
+                "--tasks",
+                str(p.floor),
+                "--latency",
+                str(p.latency),
+                "--warmup",
+                str(p.warmup),
+            ],
+        )
+        match = client.wait_for(
+            r"(?m)^result (\{.*\})$",
+            DRAIN_TIMEOUT,
+            "the floor client's result",
+            watched=[broker, *workers],
+        )
     result = _json(match.group(1), "the floor client")
     out = {"floor.throughput": result["throughput"]}
     out.update(_latency_keys("floor", result))
@@ -739,18 +918,37 @@ def _compare(ctx, system, workers, driver, tasks):
     if setup is not None:
         raise Skip(setup)
     tag = f"tbbench-{system}-{os.getpid()}-{int(time.time() * 1000)}"
-    env = dict(ctx.compare_env(), BENCH_QUEUE=tag, BENCH_REDIS=ctx.params.redis,
-               PYTHONPATH=COMPARE)
+    env = dict(
+        ctx.compare_env(),
+        BENCH_QUEUE=tag,
+        BENCH_REDIS=ctx.params.redis,
+        PYTHONPATH=COMPARE,
+    )
     with _Daemons(ctx, ctx.folder(system)) as daemons:
-        started = [daemons.process(f"{system}-worker{i + 1}", argv, env=env)
-                   for i, argv in enumerate(workers(tag))]
-        client = daemons.process(f"{system}-driver", [
-            ctx.compare_python, os.path.join(COMPARE, driver),
-            "--tasks", str(tasks), "--latency", str(ctx.params.latency),
-            "--warmup", str(ctx.params.warmup)], env=env)
-        match = client.wait_for(r"(?m)^(result|error:) (.*)$", DRAIN_TIMEOUT,
-                                f"the {system} driver's result",
-                                watched=started)
+        started = [
+            daemons.process(f"{system}-worker{i + 1}", argv, env=env)
+            for i, argv in enumerate(workers(tag))
+        ]
+        client = daemons.process(
+            f"{system}-driver",
+            [
+                ctx.compare_python,
+                os.path.join(COMPARE, driver),
+                "--tasks",
+                str(tasks),
+                "--latency",
+                str(ctx.params.latency),
+                "--warmup",
+                str(ctx.params.warmup),
+            ],
+            env=env,
+        )
+        match = client.wait_for(
+            r"(?m)^(result|error:) (.*)$",
+            DRAIN_TIMEOUT,
+            f"the {system} driver's result",
+            watched=started,
+        )
         if match.group(1) == "error:":
             raise BenchError(f"{system}: {match.group(2)}")
         client.wait_exit(60)
@@ -768,11 +966,30 @@ def run_celery(ctx):
     2 prefork processes, a no-op task.
     """
     celery = os.path.join(os.path.dirname(ctx.compare_python), "celery")
-    return _compare(ctx, "celery", lambda tag: [[
-        celery, "-A", "celery_tasks", "worker", "--loglevel", "WARNING",
-        "--pool", "prefork", "--concurrency", "2",
-        "--hostname", f"{tag}@%h", "--queues", tag]],
-        "celery_driver.py", ctx.params.compare)
+    return _compare(
+        ctx,
+        "celery",
+        lambda tag: [
+            [
+                celery,
+                "-A",
+                "celery_tasks",
+                "worker",
+                "--loglevel",
+                "WARNING",
+                "--pool",
+                "prefork",
+                "--concurrency",
+                "2",
+                "--hostname",
+                f"{tag}@%h",
+                "--queues",
+                tag,
+            ]
+        ],
+        "celery_driver.py",
+        ctx.params.compare,
+    )
 
 
 @_guard
@@ -782,12 +999,30 @@ def run_rq(ctx):
     process, as taskbroker's echo does), a no-op job.
     """
     rq = os.path.join(os.path.dirname(ctx.compare_python), "rq")
-    return _compare(ctx, "rq", lambda tag: [[
-        rq, "worker", "--worker-class", "rq.worker.SimpleWorker",
-        "--url", ctx.params.redis, "--path", COMPARE,
-        "--logging_level", "WARNING", "--name", f"{tag}-w{i}", tag]
-        for i in (1, 2)],
-        "rq_driver.py", ctx.params.compare)
+    return _compare(
+        ctx,
+        "rq",
+        lambda tag: [
+            [
+                rq,
+                "worker",
+                "--worker-class",
+                "rq.worker.SimpleWorker",
+                "--url",
+                ctx.params.redis,
+                "--path",
+                COMPARE,
+                "--logging_level",
+                "WARNING",
+                "--name",
+                f"{tag}-w{i}",
+                tag,
+            ]
+            for i in (1, 2)
+        ],
+        "rq_driver.py",
+        ctx.params.compare,
+    )
 
 
 # -- 11. CURVE -------------------------------------------------------------
@@ -806,18 +1041,28 @@ class _CurveKeys:
             curve.keygen(folder, name)
         for role, name in (("workers", "worker"), ("clients", "client")):
             os.mkdir(os.path.join(folder, role))
-            shutil.copy(os.path.join(folder, name + ".key"),
-                        os.path.join(folder, role))
+            shutil.copy(
+                os.path.join(folder, name + ".key"), os.path.join(folder, role)
+            )
         server = os.path.join(folder, "broker.key")
         self.broker = (
-            "--curve-secret-key", os.path.join(folder, "broker.key_secret"),
-            "--authorized-workers", os.path.join(folder, "workers"),
-            "--authorized-clients", os.path.join(folder, "clients"))
-        self.worker = ("--curve-server-key", server, "--curve-secret-key",
-                       os.path.join(folder, "worker.key_secret"))
+            "--curve-secret-key",
+            os.path.join(folder, "broker.key_secret"),
+            "--authorized-workers",
+            os.path.join(folder, "workers"),
+            "--authorized-clients",
+            os.path.join(folder, "clients"),
+        )
+        self.worker = (
+            "--curve-server-key",
+            server,
+            "--curve-secret-key",
+            os.path.join(folder, "worker.key_secret"),
+        )
         self.client = {
             "curve_server_key": server,
-            "curve_secret_key": os.path.join(folder, "client.key_secret")}
+            "curve_secret_key": os.path.join(folder, "client.key_secret"),
+        }
 
 
 @_guard
@@ -836,5 +1081,6 @@ def run_curve(ctx):
         latency = _one_at_a_time(ctx, ctx.params.latency, curve)
         for q in (50, 99):
             out[f"curve.{label}.result_p{q}"] = latency[
-                f"tb.latency.result_p{q}"]
+                f"tb.latency.result_p{q}"
+            ]
     return out

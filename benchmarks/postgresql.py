@@ -42,8 +42,10 @@ def _psycopg():
     try:
         import psycopg
     except ImportError:
-        raise Skip("psycopg is not installed in the suite's virtualenv "
-                   "(pip install 'taskbroker[postgresql]')") from None
+        raise Skip(
+            "psycopg is not installed in the suite's virtualenv "
+            "(pip install 'taskbroker[postgresql]')"
+        ) from None
     return psycopg
 
 
@@ -54,21 +56,25 @@ def server_problem(url):
     """
     psycopg = _psycopg()
     try:
-        with closing(psycopg.connect(url, connect_timeout=5,
-                                     autocommit=True)) as db:
+        with closing(
+            psycopg.connect(url, connect_timeout=5, autocommit=True)
+        ) as db:
             db.execute("SELECT 1")
     except psycopg.Error as e:
         first = str(e).strip().splitlines()
-        return (f"PostgreSQL does not answer at {_address(url)} "
-                f"({first[0] if first else type(e).__name__})")
+        return (
+            f"PostgreSQL does not answer at {_address(url)} "
+            f"({first[0] if first else type(e).__name__})"
+        )
     return None
 
 
 def server_version(url):
     psycopg = _psycopg()
     try:
-        with closing(psycopg.connect(url, connect_timeout=5,
-                                     autocommit=True)) as db:
+        with closing(
+            psycopg.connect(url, connect_timeout=5, autocommit=True)
+        ) as db:
             return db.execute("SHOW server_version").fetchone()[0]
     except psycopg.Error:
         return "unknown"
@@ -77,7 +83,8 @@ def server_version(url):
 def _address(url):
     parts = urlsplit(url)
     return f"{parts.hostname or 'localhost'}:{parts.port or 5432}" + (
-        parts.path or "")
+        parts.path or ""
+    )
 
 
 def with_search_path(url, schema):
@@ -87,8 +94,7 @@ def with_search_path(url, schema):
     parts = urlsplit(url)
     query = [(k, v) for k, v in parse_qsl(parts.query) if k != "options"]
     query.append(("options", f"-csearch_path={schema}"))
-    return urlunsplit(parts._replace(
-        query=urlencode(query, quote_via=quote)))
+    return urlunsplit(parts._replace(query=urlencode(query, quote_via=quote)))
 
 
 class Schema:
@@ -100,15 +106,18 @@ class Schema:
     def __init__(self, ctx, label):
         self.ctx = ctx
         self.base = ctx.params.postgres
-        self.name = (f"tbbench_{label.replace('-', '_')}_{os.getpid()}_"
-                     f"{int(time.time() * 1000)}")
+        self.name = (
+            f"tbbench_{label.replace('-', '_')}_{os.getpid()}_"
+            f"{int(time.time() * 1000)}"
+        )
         self.url = with_search_path(self.base, self.name)
 
     def connect(self):
         psycopg = _psycopg()
         try:
-            return psycopg.connect(self.url, autocommit=True,
-                                   connect_timeout=10)
+            return psycopg.connect(
+                self.url, autocommit=True, connect_timeout=10
+            )
         except psycopg.Error as e:
             raise BenchError(f"PostgreSQL: {e}") from None
 
@@ -119,12 +128,14 @@ class Schema:
     def drop(self):
         psycopg = _psycopg()
         try:
-            with closing(psycopg.connect(self.base, autocommit=True,
-                                         connect_timeout=10)) as db:
+            with closing(
+                psycopg.connect(self.base, autocommit=True, connect_timeout=10)
+            ) as db:
                 db.execute(f'DROP SCHEMA IF EXISTS "{self.name}" CASCADE')
         except psycopg.Error as e:
-            self.ctx.notes.append(f"could not drop the schema {self.name}: "
-                                  f"{str(e).strip()}")
+            self.ctx.notes.append(
+                f"could not drop the schema {self.name}: {str(e).strip()}"
+            )
 
 
 @contextmanager
@@ -166,13 +177,16 @@ def wait_done_pg(schema, expected, watched, timeout, poll=0.05):
             done, bad = db.execute(
                 "SELECT count(*) FILTER (WHERE state = 'succeeded'), "
                 "count(*) FILTER (WHERE state IN ('failed', 'cancelled')) "
-                "FROM tasks").fetchone()
+                "FROM tasks"
+            ).fetchone()
             if bad:
                 error = db.execute(
                     "SELECT error FROM tasks WHERE state IN "
-                    "('failed', 'cancelled') LIMIT 1").fetchone()[0]
-                raise BenchError(f"{bad} task(s) failed or were cancelled, "
-                                 f"e.g.: {error}")
+                    "('failed', 'cancelled') LIMIT 1"
+                ).fetchone()[0]
+                raise BenchError(
+                    f"{bad} task(s) failed or were cancelled, e.g.: {error}"
+                )
             if done >= expected:
                 return db.execute(
                     "SELECT min(created_at), min(started_at), "
@@ -186,11 +200,13 @@ def wait_done_pg(schema, expected, watched, timeout, poll=0.05):
             elif now - progressed > STALL:
                 raise BenchError(
                     f"stalled: {done} of {expected} tasks succeeded, none in "
-                    f"the last {STALL:g} s")
+                    f"the last {STALL:g} s"
+                )
             if now > deadline:
                 raise BenchError(
                     f"only {done} of {expected} tasks succeeded within "
-                    f"{timeout:g} s")
+                    f"{timeout:g} s"
+                )
             time.sleep(poll)
 
 
@@ -199,8 +215,10 @@ def _brokers(daemons, schema, count):
     Start ``count`` brokers on one schema, one after the other (the first
     creates the tables).
     """
-    return [daemons.broker(database=schema.url, name=f"broker{i + 1}")
-            for i in range(count)]
+    return [
+        daemons.broker(database=schema.url, name=f"broker{i + 1}")
+        for i in range(count)
+    ]
 
 
 def _failover(brokers, first):
@@ -218,8 +236,9 @@ def _spread_workers(daemons, brokers, names, extra=()):
     """
     workers = []
     for i, name in enumerate(names):
-        workers += daemons.workers(_failover(brokers, i % len(brokers)),
-                                   [name], extra=extra)
+        workers += daemons.workers(
+            _failover(brokers, i % len(brokers)), [name], extra=extra
+        )
     return workers
 
 
@@ -231,19 +250,20 @@ def _submit_spread(brokers, specs):
 
     :returns: the ids of the last task each client submitted.
     """
-    chunks = [specs[k:k + 1000] for k in range(0, len(specs), 1000)]
+    chunks = [specs[k : k + 1000] for k in range(0, len(specs), 1000)]
     lasts, errors = [None] * len(brokers), []
 
     def submit(index):
         try:
             with _client(brokers[index].endpoint) as client:
-                for chunk in chunks[index::len(brokers)]:
+                for chunk in chunks[index :: len(brokers)]:
                     lasts[index] = _bulk(client, chunk)[-1]["id"]
         except BaseException as e:
             errors.append(e)
 
-    threads = [threading.Thread(target=submit, args=(i,))
-               for i in range(len(brokers))]
+    threads = [
+        threading.Thread(target=submit, args=(i,)) for i in range(len(brokers))
+    ]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -270,17 +290,24 @@ def _pg_throughput(ctx, n, count):
             with _client(brokers[0].endpoint) as client:
                 for task_id in lasts:
                     client.wait(task_id, timeout=DRAIN_TIMEOUT)
-            _, _, last = wait_done_pg(schema, n, daemons.started,
-                                      DRAIN_TIMEOUT)
+            _, _, last = wait_done_pg(
+                schema, n, daemons.started, DRAIN_TIMEOUT
+            )
             elapsed = time.time() - began
             used = [cpu_seconds(p.pid) - c for p, c in zip(watched, cpu)]
             with closing(schema.connect()) as db:
-                per_broker = [row[0] for row in db.execute(
-                    "SELECT count(*) FROM tasks GROUP BY worker ORDER BY 1")]
+                per_broker = [
+                    row[0]
+                    for row in db.execute(
+                        "SELECT count(*) FROM tasks GROUP BY worker ORDER BY 1"
+                    )
+                ]
     return {
         "rate": n / (last - began),
         "broker_cpu": 100.0 * sum(used[:count]) / elapsed,
-        "worker_cpu": 100.0 * sum(used[count:]) / (len(used) - count)
+        "worker_cpu": 100.0
+        * sum(used[count:])
+        / (len(used) - count)
         / elapsed,
         "submit_seconds": submitted,
         "tasks_per_worker": per_broker,
@@ -302,10 +329,13 @@ def run_pg_throughput(ctx):
         out[f"pg.throughput.b{count}"] = result["rate"]
         out[f"pg.throughput.b{count}_broker_cpu"] = result["broker_cpu"]
         out[f"pg.throughput.b{count}_worker_cpu"] = result["worker_cpu"]
-        details[f"b{count}"] = {k: result[k] for k in (
-            "submit_seconds", "tasks_per_worker")}
-    if not ("throughput" in ctx.chosen
-            and ctx.params.throughput == ctx.params.pg_throughput):
+        details[f"b{count}"] = {
+            k: result[k] for k in ("submit_seconds", "tasks_per_worker")
+        }
+    if not (
+        "throughput" in ctx.chosen
+        and ctx.params.throughput == ctx.params.pg_throughput
+    ):
         sqlite = _bulk_throughput(ctx, n, details)
         out["pg.throughput.sqlite"] = sqlite["tb.throughput.bulk"]
     out["details"] = details
@@ -323,6 +353,7 @@ def one_at_a_time(client, n, warmup, priority=None, worker=None):
     :returns: ``(submit->start, submit->result)`` lists of seconds, the
         start by the handler's clock, the result by the client's.
     """
+
     def one(i):
         submitted = time.time()
         t0 = time.perf_counter()
@@ -330,11 +361,14 @@ def one_at_a_time(client, n, warmup, priority=None, worker=None):
         done = client.wait(task["id"], timeout=30)
         t1 = time.perf_counter()
         if done["state"] != "succeeded":
-            raise BenchError(f"task {task['id']} is {done['state']} after "
-                             f"30 s: {done.get('error')}")
+            raise BenchError(
+                f"task {task['id']} is {done['state']} after "
+                f"30 s: {done.get('error')}"
+            )
         if worker is not None and done["worker"] != worker:
-            raise BenchError(f"task {task['id']} ran on {done['worker']}, "
-                             f"not on {worker}")
+            raise BenchError(
+                f"task {task['id']} ran on {done['worker']}, not on {worker}"
+            )
         return done["result"] - submitted, t1 - t0
 
     for i in range(warmup):
@@ -353,8 +387,9 @@ def _pg_latency(ctx, count):
             brokers = _brokers(daemons, schema, count)
             _spread_workers(daemons, brokers, ["w1", "w2"], extra=STAMP)
             with _client(brokers[0].endpoint, timeout=30) as client:
-                return one_at_a_time(client, ctx.params.latency,
-                                     ctx.params.warmup)
+                return one_at_a_time(
+                    client, ctx.params.latency, ctx.params.warmup
+                )
 
 
 @_guard
@@ -368,19 +403,22 @@ def run_pg_latency(ctx):
     out = {}
     for count in (1, 2):
         start, result = _pg_latency(ctx, count)
-        out.update({
-            f"pg.latency.b{count}.start_p50": _ms(percentile(start, 50)),
-            f"pg.latency.b{count}.start_p99": _ms(percentile(start, 99)),
-            f"pg.latency.b{count}.result_p50": _ms(percentile(result, 50)),
-            f"pg.latency.b{count}.result_p99": _ms(percentile(result, 99)),
-        })
+        out.update(
+            {
+                f"pg.latency.b{count}.start_p50": _ms(percentile(start, 50)),
+                f"pg.latency.b{count}.start_p99": _ms(percentile(start, 99)),
+                f"pg.latency.b{count}.result_p50": _ms(percentile(result, 50)),
+                f"pg.latency.b{count}.result_p99": _ms(percentile(result, 99)),
+            }
+        )
     if "latency" not in ctx.chosen:
         with _Daemons(ctx, ctx.folder("pg-latency-sqlite")) as daemons:
             broker = daemons.broker()
             daemons.workers(broker.endpoint, ["w1", "w2"], extra=STAMP)
             with _client(broker.endpoint, timeout=30) as client:
-                _, result = one_at_a_time(client, ctx.params.latency,
-                                          ctx.params.warmup)
+                _, result = one_at_a_time(
+                    client, ctx.params.latency, ctx.params.warmup
+                )
         out["pg.latency.sqlite_result_p50"] = _ms(percentile(result, 50))
     return out
 
@@ -400,36 +438,51 @@ def run_pg_priority(ctx):
     details = {}
     with fresh_schema(ctx, "priority") as schema:
         with _Daemons(ctx, ctx.folder("pg-priority")) as daemons:
-            broker, = _brokers(daemons, schema, 1)
+            (broker,) = _brokers(daemons, schema, 1)
             general = daemons.workers(broker.endpoint, ["w1", "w2"])
-            reserved = daemons.workers(broker.endpoint, ["reserved"],
-                                       extra=("--priorities", "high", *STAMP))
+            reserved = daemons.workers(
+                broker.endpoint,
+                ["reserved"],
+                extra=("--priorities", "high", *STAMP),
+            )
             with _client(broker.endpoint) as client:
-                sleepers = [client.submit("sleep", {"seconds": 3600})[0]["id"]
-                            for _ in general]
+                sleepers = [
+                    client.submit("sleep", {"seconds": 3600})[0]["id"]
+                    for _ in general
+                ]
                 deadline = time.monotonic() + 30
-                while any(client.get(i)["state"] != "running"
-                          for i in sleepers):
+                while any(
+                    client.get(i)["state"] != "running" for i in sleepers
+                ):
                     if time.monotonic() > deadline:
-                        raise BenchError("the sleep tasks did not start in "
-                                         "30 s")
+                        raise BenchError(
+                            "the sleep tasks did not start in 30 s"
+                        )
                     time.sleep(0.05)
                 with closing(schema.connect()) as db:
                     began = time.time()
                     db.execute(
                         "INSERT INTO tasks (handler, payload, priority) "
                         "SELECT 'echo', to_json(i), 'low' "
-                        "FROM generate_series(1, %s) AS i", (low,))
+                        "FROM generate_series(1, %s) AS i",
+                        (low,),
+                    )
                     details["insert_seconds"] = time.time() - began
                     depth = db.execute(
                         "SELECT count(*) FROM tasks WHERE state = 'queued' "
-                        "AND priority = 'low'").fetchone()[0]
+                        "AND priority = 'low'"
+                    ).fetchone()[0]
                     waits, wall = one_at_a_time(
-                        client, high, ctx.params.warmup, priority="high",
-                        worker="reserved")
+                        client,
+                        high,
+                        ctx.params.warmup,
+                        priority="high",
+                        worker="reserved",
+                    )
                     details["low_queued_after"] = db.execute(
                         "SELECT count(*) FROM tasks WHERE state = 'queued' "
-                        "AND priority = 'low'").fetchone()[0]
+                        "AND priority = 'low'"
+                    ).fetchone()[0]
                 for i in sleepers:
                     client.cancel(i)
             daemons.stop(*general, *reserved)
@@ -456,29 +509,61 @@ def _compare_pg(ctx, system, worker_script, driver):
         raise Skip(setup)
     with fresh_schema(ctx, system) as schema:
         tag = schema.name
-        env = dict(ctx.compare_env(), BENCH_QUEUE="bench", BENCH_SCHEMA=tag,
-                   BENCH_POSTGRES=schema.url, PYTHONPATH=COMPARE)
+        env = dict(
+            ctx.compare_env(),
+            BENCH_QUEUE="bench",
+            BENCH_SCHEMA=tag,
+            BENCH_POSTGRES=schema.url,
+            PYTHONPATH=COMPARE,
+        )
         python = ctx.compare_python
         with _Daemons(ctx, ctx.folder(system)) as daemons:
-            install = daemons.process(f"{system}-install", [
-                python, os.path.join(COMPARE, driver), "--install"], env=env)
+            install = daemons.process(
+                f"{system}-install",
+                [python, os.path.join(COMPARE, driver), "--install"],
+                env=env,
+            )
             if install.wait_exit(120) != 0:
-                raise BenchError(f"{system}: installing its schema failed "
-                                 f"(see {install.log_path})")
-            workers = [daemons.process(f"{system}-worker{i}", [
-                python, os.path.join(COMPARE, worker_script),
-                "--name", f"w{i}"], env=env, server=True) for i in (1, 2)]
+                raise BenchError(
+                    f"{system}: installing its schema failed "
+                    f"(see {install.log_path})"
+                )
+            workers = [
+                daemons.process(
+                    f"{system}-worker{i}",
+                    [
+                        python,
+                        os.path.join(COMPARE, worker_script),
+                        "--name",
+                        f"w{i}",
+                    ],
+                    env=env,
+                    server=True,
+                )
+                for i in (1, 2)
+            ]
             for worker in workers:
                 worker.wait_for(r"ready", 60, f"the {system} worker ready")
-            client = daemons.process(f"{system}-driver", [
-                python, os.path.join(COMPARE, driver),
-                "--tasks", str(ctx.params.pg_compare),
-                "--latency", str(ctx.params.latency),
-                "--warmup", str(ctx.params.warmup)], env=env)
-            match = client.wait_for(r"(?m)^(result|error:) (.*)$",
-                                    DRAIN_TIMEOUT,
-                                    f"the {system} driver's result",
-                                    watched=workers)
+            client = daemons.process(
+                f"{system}-driver",
+                [
+                    python,
+                    os.path.join(COMPARE, driver),
+                    "--tasks",
+                    str(ctx.params.pg_compare),
+                    "--latency",
+                    str(ctx.params.latency),
+                    "--warmup",
+                    str(ctx.params.warmup),
+                ],
+                env=env,
+            )
+            match = client.wait_for(
+                r"(?m)^(result|error:) (.*)$",
+                DRAIN_TIMEOUT,
+                f"the {system} driver's result",
+                watched=workers,
+            )
             if match.group(1) == "error:":
                 raise BenchError(f"{system}: {match.group(2)}")
             client.wait_exit(60)
@@ -488,8 +573,10 @@ def _compare_pg(ctx, system, worker_script, driver):
         f"{system}.pg.throughput": result["throughput"],
         f"{system}.pg.latency.result_p50": _ms(percentile(wall, 50)),
         f"{system}.pg.latency.result_p99": _ms(percentile(wall, 99)),
-        "details": {"submit_seconds": result.get("submit_seconds"),
-                    "jobs_per_worker": result.get("jobs_per_worker")},
+        "details": {
+            "submit_seconds": result.get("submit_seconds"),
+            "jobs_per_worker": result.get("jobs_per_worker"),
+        },
     }
 
 
@@ -499,8 +586,12 @@ def run_procrastinate(ctx):
     procrastinate: 2 worker processes with ``concurrency=1``, a no-op
     task, jobs deferred in bulk (``batch_defer_async``).
     """
-    return _compare_pg(ctx, "procrastinate", "procrastinate_worker.py",
-                       "procrastinate_driver.py")
+    return _compare_pg(
+        ctx,
+        "procrastinate",
+        "procrastinate_worker.py",
+        "procrastinate_driver.py",
+    )
 
 
 @_guard
@@ -509,10 +600,18 @@ def run_pgqueuer(ctx):
     pgqueuer: 2 worker processes claiming one job at a time
     (``batch_size=1``), a no-op entrypoint, jobs enqueued in bulk.
     """
-    return _compare_pg(ctx, "pgqueuer", "pgqueuer_worker.py",
-                       "pgqueuer_driver.py")
+    return _compare_pg(
+        ctx, "pgqueuer", "pgqueuer_worker.py", "pgqueuer_driver.py"
+    )
 
 
-__all__ = ["run_pg_throughput", "run_pg_latency", "run_pg_priority",
-           "run_procrastinate", "run_pgqueuer", "server_problem",
-           "server_version", "wait_done_pg"]
+__all__ = [
+    "run_pg_throughput",
+    "run_pg_latency",
+    "run_pg_priority",
+    "run_procrastinate",
+    "run_pgqueuer",
+    "server_problem",
+    "server_version",
+    "wait_done_pg",
+]

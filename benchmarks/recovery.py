@@ -47,13 +47,33 @@ def one_run(heartbeat):
     hb = ["--heartbeat", str(heartbeat)]
     with tempfile.TemporaryDirectory() as folder:
         broker, match = start(
-            "taskbroker", ["--listen", "tcp://127.0.0.1:*", *hb],
-            folder, r"listening on (\S+),", "broker")
+            "taskbroker",
+            ["--listen", "tcp://127.0.0.1:*", *hb],
+            folder,
+            r"listening on (\S+),",
+            "broker",
+        )
         endpoint = match.group(1)
-        workers = {f"w{i}": start(
-            "taskworker", ["--broker", endpoint, "--name", f"w{i}", "--grace",
-                           "0", "--concurrency", "2", *hb],
-            folder, r"welcomed by broker", f"w{i}")[0] for i in range(3)}
+        workers = {
+            f"w{i}": start(
+                "taskworker",
+                [
+                    "--broker",
+                    endpoint,
+                    "--name",
+                    f"w{i}",
+                    "--grace",
+                    "0",
+                    "--concurrency",
+                    "2",
+                    *hb,
+                ],
+                folder,
+                r"welcomed by broker",
+                f"w{i}",
+            )[0]
+            for i in range(3)
+        }
         try:
             with BlockingClient(endpoint, timeout=10) as client:
                 task, _ = client.submit("sleep", {"seconds": 60})
@@ -62,7 +82,10 @@ def one_run(heartbeat):
                 workers[victim].signal(signal.SIGKILL)
                 while True:
                     again = client.wait(task["id"], timeout=0.02)
-                    if again["worker"] != victim and again["state"] == "running":
+                    if (
+                        again["worker"] != victim
+                        and again["state"] == "running"
+                    ):
                         break
                 worker_recovery = seconds(again["started_at"]) - killed
                 frozen = again["worker"]
@@ -70,15 +93,23 @@ def one_run(heartbeat):
                 workers[frozen].signal(signal.SIGSTOP)
                 while True:
                     third = client.wait(task["id"], timeout=0.02)
-                    if third["worker"] != frozen and third["state"] == "running":
+                    if (
+                        third["worker"] != frozen
+                        and third["state"] == "running"
+                    ):
                         break
                 freeze_recovery = seconds(third["started_at"]) - stopped
                 workers[frozen].signal(signal.SIGKILL)
             broker.signal(signal.SIGKILL)
             broker.wait_exit()
             killed = time.time()
-            broker, _ = start("taskbroker", ["--listen", endpoint, *hb],
-                              folder, r"listening on", "broker")
+            broker, _ = start(
+                "taskbroker",
+                ["--listen", endpoint, *hb],
+                folder,
+                r"listening on",
+                "broker",
+            )
             with BlockingClient(endpoint, timeout=10) as client:
                 task, _ = client.submit("echo", 1)
                 done = client.wait(task["id"], timeout=60)
@@ -94,13 +125,19 @@ def main():
     parser.add_argument("--heartbeat", type=float, default=1.0)
     args = parser.parse_args()
     results = [one_run(args.heartbeat) for _ in range(args.runs)]
-    for name, values in zip(("worker SIGKILL -> task restarted elsewhere",
-                             "worker SIGSTOP -> task restarted elsewhere",
-                             "broker SIGKILL -> dispatch resumed"),
-                            zip(*results)):
-        print(f"{name}: median {statistics.median(values):.2f} s "
-              f"(runs: {', '.join(f'{v:.2f}' for v in values)}; heartbeat "
-              f"{args.heartbeat:g} s x 3 misses)")
+    for name, values in zip(
+        (
+            "worker SIGKILL -> task restarted elsewhere",
+            "worker SIGSTOP -> task restarted elsewhere",
+            "broker SIGKILL -> dispatch resumed",
+        ),
+        zip(*results),
+    ):
+        print(
+            f"{name}: median {statistics.median(values):.2f} s "
+            f"(runs: {', '.join(f'{v:.2f}' for v in values)}; heartbeat "
+            f"{args.heartbeat:g} s x 3 misses)"
+        )
 
 
 if __name__ == "__main__":

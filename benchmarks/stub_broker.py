@@ -57,10 +57,14 @@ def main():
     endpoint = router.getsockopt(zmq.LAST_ENDPOINT).decode("ascii")
     print(f"listening on {endpoint}", flush=True)
 
-    welcome = DUMPS({"broker": instance,
-                     "priorities": ["high", "normal", "low"],
-                     "heartbeat": args.heartbeat,
-                     "time_limit": None}).encode("utf-8")
+    welcome = DUMPS(
+        {
+            "broker": instance,
+            "priorities": ["high", "normal", "low"],
+            "heartbeat": args.heartbeat,
+            "time_limit": None,
+        }
+    ).encode("utf-8")
     heartbeat = DUMPS({"broker": instance}).encode("utf-8")
     peers = set()
     sent = received = 0
@@ -70,8 +74,14 @@ def main():
     first_sent = None
     reported = False
     next_beat = time.monotonic() + args.heartbeat
-    counters = {"hellos": 0, "readies": 0, "results": 0, "failed": 0,
-                "heartbeats": 0, "other": 0}
+    counters = {
+        "hellos": 0,
+        "readies": 0,
+        "results": 0,
+        "failed": 0,
+        "heartbeats": 0,
+        "other": 0,
+    }
 
     def give(peer):
         nonlocal sent, first_sent
@@ -80,10 +90,18 @@ def main():
         sent += 1
         if first_sent is None:
             first_sent = time.perf_counter()
-        router.send_multipart([peer, SIGNATURE, b"TASK", (
-            b'{"id":%d,"handler":"echo","payload":%d,"priority":"normal",'
-            b'"attempt":1,"max_attempts":3,"token":1,"time_limit":null}'
-            % (sent, sent))])
+        router.send_multipart(
+            [
+                peer,
+                SIGNATURE,
+                b"TASK",
+                (
+                    b'{"id":%d,"handler":"echo","payload":%d,"priority":"normal",'
+                    b'"attempt":1,"max_attempts":3,"token":1,"time_limit":null}'
+                    % (sent, sent)
+                ),
+            ]
+        )
 
     # Blocking reads with a time-out (for heartbeats, and so that SIGTERM
     # is seen even when a ZeroMQ thread received it): one call per
@@ -123,8 +141,15 @@ def main():
                 counters["results"] += 1
                 if result.get("state") != "succeeded":
                     counters["failed"] += 1
-                send([peer, SIGNATURE, b"ACK", b'{"id":%d,"token":%d}' % (
-                    result["id"], result["token"])])
+                send(
+                    [
+                        peer,
+                        SIGNATURE,
+                        b"ACK",
+                        b'{"id":%d,"token":%d}'
+                        % (result["id"], result["token"]),
+                    ]
+                )
                 received += 1
                 if received == warmup:
                     marked = time.perf_counter()
@@ -133,10 +158,20 @@ def main():
                     reported = True
                     ended = time.perf_counter()
                     measured = args.tasks - warmup
-                    print("result " + json.dumps(dict(
-                        counters, tasks=received, warmup=warmup,
-                        seconds=ended - marked, rate=measured / (ended - marked),
-                        rate_all=received / (ended - first_sent))), flush=True)
+                    print(
+                        "result "
+                        + json.dumps(
+                            dict(
+                                counters,
+                                tasks=received,
+                                warmup=warmup,
+                                seconds=ended - marked,
+                                rate=measured / (ended - marked),
+                                rate_all=received / (ended - first_sent),
+                            )
+                        ),
+                        flush=True,
+                    )
             elif command == b"READY":
                 counters["readies"] += 1
                 give(peer)

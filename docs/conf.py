@@ -12,7 +12,9 @@ import sys
 from urllib.parse import urlsplit
 
 # The documented package is the one in this checkout, installed or not.
-sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
+sys.path.insert(
+    0, os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+)
 
 import taskbroker  # noqa: E402
 
@@ -34,7 +36,9 @@ pygments_style = "sphinx"
 
 html_theme = "alabaster"
 html_static_path = []
-html_theme_options = {"description": "Durable, priority-aware task distribution"}
+html_theme_options = {
+    "description": "Durable, priority-aware task distribution"
+}
 
 autodoc_member_order = "bysource"
 autodoc_default_options = {"members": True, "show-inheritance": True}
@@ -51,7 +55,8 @@ def _reachable(url, timeout=3.0):
     parts = urlsplit(url)
     try:
         socket.create_connection(
-            (parts.hostname, parts.port or 443), timeout=timeout).close()
+            (parts.hostname, parts.port or 443), timeout=timeout
+        ).close()
     except OSError:
         return False
     return True
@@ -69,6 +74,8 @@ for _name, _url in _INVENTORIES.items():
     if _reachable(_url):
         intersphinx_mapping[_name] = (_url, None)
     else:
-        print(f"intersphinx: {_url} is unreachable; building without links "
-              f"to the {_name} documentation")
+        print(
+            f"intersphinx: {_url} is unreachable; building without links "
+            f"to the {_name} documentation"
+        )
 intersphinx_timeout = 10

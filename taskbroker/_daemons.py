@@ -42,8 +42,11 @@ def clean_environment(extra=None):
     ``TASKWORKER_*`` variable, so that daemons run with their built-in
     defaults, and with unbuffered Python output.
     """
-    env = {key: value for key, value in os.environ.items()
-           if not key.startswith(("TASKBROKER_", "TASKWORKER_"))}
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith(("TASKBROKER_", "TASKWORKER_"))
+    }
     env["PYTHONUNBUFFERED"] = "1"
     env.update(extra or {})
     return env
@@ -72,8 +75,9 @@ class Daemon:
     :raises DaemonError: if it cannot be started.
     """
 
-    def __init__(self, name, argv, cwd, env=None, log_path=None,
-                 new_session=False):
+    def __init__(
+        self, name, argv, cwd, env=None, log_path=None, new_session=False
+    ):
         self.name = name
         self.argv = argv
         self.log_path = log_path
@@ -84,16 +88,23 @@ class Daemon:
         self._changed = threading.Condition()
         try:
             self.process = subprocess.Popen(
-                argv, cwd=cwd, env=clean_environment() if env is None else env,
-                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT, start_new_session=new_session)
+                argv,
+                cwd=cwd,
+                env=clean_environment() if env is None else env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                start_new_session=new_session,
+            )
         except OSError as e:
-            raise DaemonError(f"cannot start {name} ({argv[0]}): "
-                              f"{e.strerror}") from None
+            raise DaemonError(
+                f"cannot start {name} ({argv[0]}): {e.strerror}"
+            ) from None
         self.pid = self.process.pid
         self._log = open(log_path, "ab") if log_path is not None else None
-        self._reader = threading.Thread(target=self._read, daemon=True,
-                                        name=f"output of {name}")
+        self._reader = threading.Thread(
+            target=self._read, daemon=True, name=f"output of {name}"
+        )
         self._reader.start()
 
     def __repr__(self):
@@ -107,7 +118,8 @@ class Daemon:
                     self._log.flush()
                 with self._changed:
                     self.lines.append(
-                        raw.decode("utf-8", "replace").rstrip("\r\n"))
+                        raw.decode("utf-8", "replace").rstrip("\r\n")
+                    )
                     self._changed.notify_all()
         finally:
             self.process.wait()
@@ -116,8 +128,7 @@ class Daemon:
             with self._changed:
                 self._changed.notify_all()
 
-    def wait_for(self, pattern, timeout=WAIT, start=0, what=None,
-                 watched=()):
+    def wait_for(self, pattern, timeout=WAIT, start=0, what=None, watched=()):
         """
         Wait until a line matching ``pattern`` (a regex) appears.
 
@@ -146,7 +157,8 @@ class Daemon:
                         f"{self.name} exited with status "
                         f"{self.process.returncode} before it said "
                         f"{what or pattern!r}: {self.last_line()}",
-                        self.output())
+                        self.output(),
+                    )
                 for other in watched:
                     other.check()
                 left = deadline - time.monotonic()
@@ -154,7 +166,8 @@ class Daemon:
                     raise DaemonError(
                         f"{self.name} did not say {what or pattern!r} within "
                         f"{timeout:g} s (last output: {self.last_line()})",
-                        self.output())
+                        self.output(),
+                    )
                 # Watched processes are looked at every second.
                 self._changed.wait(min(left, 1.0) if watched else left)
 
@@ -192,8 +205,10 @@ class Daemon:
         """
         code = self.process.poll()
         if code is not None:
-            raise DaemonError(f"{self.name} exited with status {code}: "
-                              f"{self.last_line()}", self.output())
+            raise DaemonError(
+                f"{self.name} exited with status {code}: {self.last_line()}",
+                self.output(),
+            )
 
     def wait_exit(self, timeout=WAIT):
         """
@@ -207,7 +222,9 @@ class Daemon:
         except subprocess.TimeoutExpired:
             raise DaemonError(
                 f"{self.name} did not exit within {timeout:g} s (last "
-                f"output: {self.last_line()})", self.output()) from None
+                f"output: {self.last_line()})",
+                self.output(),
+            ) from None
         self._reader.join(timeout)
         return code
 

@@ -49,14 +49,19 @@ class DaemonOptions(usage.Options):
         cls.optFlags = []
         for setting in cls.settings:
             if setting.repeatable:
-                setattr(cls, "opt_" + setting.field,
-                        _repeatable(setting.field, _help(setting)))
+                setattr(
+                    cls,
+                    "opt_" + setting.field,
+                    _repeatable(setting.field, _help(setting)),
+                )
             elif setting.flag:
                 cls.optFlags.append(
-                    [setting.option, setting.short, _help(setting)])
+                    [setting.option, setting.short, _help(setting)]
+                )
             else:
                 cls.optParameters.append(
-                    [setting.option, setting.short, None, _help(setting)])
+                    [setting.option, setting.short, None, _help(setting)]
+                )
 
     def __init__(self):
         usage.Options.__init__(self)
@@ -88,9 +93,14 @@ class DaemonOptions(usage.Options):
         given = {s.field: self._given(s) for s in self.settings}
         try:
             for warning in check_environment(
-                    self.prefix, KNOWN_VARIABLES[self.prefix],
-                    RESERVED_PREFIXES[self.prefix], os.environ):
-                sys.stderr.write(f"twistd {self.command}: warning: {warning}\n")
+                self.prefix,
+                KNOWN_VARIABLES[self.prefix],
+                RESERVED_PREFIXES[self.prefix],
+                os.environ,
+            ):
+                sys.stderr.write(
+                    f"twistd {self.command}: warning: {warning}\n"
+                )
             self.config = self.build_config(given, os.environ)
             self.curve = self.load_curve(self.config)
         except ConfigError as e:
@@ -132,6 +142,7 @@ def exit_with(reactor, code):
     after twistd has cleaned up (pidfile, logs) and can still set the
     status.
     """
+
     def _exit():
         sys.stdout.flush()
         sys.stderr.flush()

@@ -94,15 +94,16 @@ endpoint_list.coerceDoc = "Comma-separated ZeroMQ endpoints, none twice."  # typ
 
 def name(text):
     if not (0 < len(text) <= MAX_NAME) or not text.isprintable():
-        raise ValueError(
-            f"expected 1 to {MAX_NAME} printable characters")
+        raise ValueError(f"expected 1 to {MAX_NAME} printable characters")
     return text
 
 
 def level_list(text):
     levels = tuple(part.strip() for part in text.split(","))
     if not levels or any(not level for level in levels):
-        raise ValueError("expected comma-separated level names, e.g. high,normal,low")
+        raise ValueError(
+            "expected comma-separated level names, e.g. high,normal,low"
+        )
     for level in levels:
         name(level)
     if len(set(levels)) != len(levels):
@@ -164,7 +165,8 @@ def http_endpoint(text):
     except (ValueError, TypeError, KeyError) as e:
         raise ValueError(
             f"not a server endpoint description ({one_line(e)}); e.g. "
-            f"{DEFAULT_HTTP}") from None
+            f"{DEFAULT_HTTP}"
+        ) from None
     return text
 
 
@@ -212,13 +214,21 @@ class Setting:
         if self.own_variable is not None:
             if not self.own_variable.startswith(prefix):
                 raise ValueError(
-                    f"{self.own_variable} does not start with {prefix}")
+                    f"{self.own_variable} does not start with {prefix}"
+                )
             return self.own_variable
         return prefix + self.field.upper()
 
 
-def setting(default, coerce, help, short=None, repeatable=False,
-            flag=False, variable=None):
+def setting(
+    default,
+    coerce,
+    help,
+    short=None,
+    repeatable=False,
+    flag=False,
+    variable=None,
+):
     """
     Declare a config dataclass field as a setting.
 
@@ -236,8 +246,12 @@ def setting(default, coerce, help, short=None, repeatable=False,
         prefix, so that misspellings of it are still caught
         (:func:`check_environment`).
     """
-    return field(default=default, metadata={"setting": (
-        coerce, help, short, repeatable, flag, variable)})
+    return field(
+        default=default,
+        metadata={
+            "setting": (coerce, help, short, repeatable, flag, variable)
+        },
+    )
 
 
 def settings_of(cls):
@@ -247,10 +261,19 @@ def settings_of(cls):
     """
     result = []
     for f in fields(cls):
-        coerce, help, short, repeatable, flag, variable = f.metadata[
-            "setting"]
-        result.append(Setting(f.name.replace("_", "-"), coerce, f.default,
-                              help, short, repeatable, flag, variable))
+        coerce, help, short, repeatable, flag, variable = f.metadata["setting"]
+        result.append(
+            Setting(
+                f.name.replace("_", "-"),
+                coerce,
+                f.default,
+                help,
+                short,
+                repeatable,
+                flag,
+                variable,
+            )
+        )
     return tuple(result)
 
 
@@ -299,7 +322,6 @@ def _environment(environ):
     return os.environ if environ is None else environ
 
 
-
 def check_environment(prefix, known, reserved, environ):
     """
     Look for misspelt variables among those with ``prefix``: a variable
@@ -314,14 +336,21 @@ def check_environment(prefix, known, reserved, environ):
     """
     warnings = []
     for name in sorted(environ):
-        if not name.startswith(prefix) or name in known or name.startswith(
-                tuple(reserved)):
+        if (
+            not name.startswith(prefix)
+            or name in known
+            or name.startswith(tuple(reserved))
+        ):
             continue
-        close = [k for k in sorted(known)
-                 if edit_distance(name[len(prefix):], k[len(prefix):]) <= 2]
+        close = [
+            k
+            for k in sorted(known)
+            if edit_distance(name[len(prefix) :], k[len(prefix) :]) <= 2
+        ]
         if close:
             raise ConfigError(
-                f"{name}: unknown variable; did you mean {close[0]}?")
+                f"{name}: unknown variable; did you mean {close[0]}?"
+            )
         warnings.append(f"{name}: unknown variable, ignored")
     return warnings
 
@@ -342,149 +371,210 @@ class BrokerConfig:
     """
 
     listen: str = setting(
-        DEFAULT_ENDPOINT, endpoint,
+        DEFAULT_ENDPOINT,
+        endpoint,
         "ZeroMQ endpoint to bind for workers and clients. Anyone who can "
         "reach it can submit and run tasks: keep it on loopback or a "
-        "trusted network.")
+        "trusted network.",
+    )
     curve_secret_key: str | None = setting(
-        None, file_path,
+        None,
+        file_path,
         "The broker's CURVE secret key file (from 'taskbroker keygen'): "
         "links are encrypted, and only keys of --authorized-workers and "
         "--authorized-clients get in (default: no CURVE, plain links; see "
-        "docs/security.rst).")
+        "docs/security.rst).",
+    )
     authorized_workers: str | None = setting(
-        None, directory,
+        None,
+        directory,
         "With --curve-secret-key: a folder of public key files (NAME.key) "
-        "of the workers that may register (default: none).")
+        "of the workers that may register (default: none).",
+    )
     authorized_clients: str | None = setting(
-        None, directory,
+        None,
+        directory,
         "With --curve-secret-key: a folder of public key files (NAME.key) "
         "of the clients that may submit tasks, and read, cancel and retry "
-        "the tasks they submitted (default: none).")
+        "the tasks they submitted (default: none).",
+    )
     admin_clients: str | None = setting(
-        None, directory,
+        None,
+        directory,
         "With --curve-secret-key: a folder of public key files of the "
         "clients that may do so with every task, and list the workers "
-        "(default: none).")
+        "(default: none).",
+    )
     allow_any_key: bool = setting(
-        False, boolean,
+        False,
+        boolean,
         "With --curve-secret-key and no authorized folders: encrypt, but "
-        "let any key in, as worker and as client.", flag=True)
+        "let any key in, as worker and as client.",
+        flag=True,
+    )
     require_curve: bool = setting(
-        False, boolean,
+        False,
+        boolean,
         "Refuse to start without --curve-secret-key (without it, a broker "
-        "listening beyond loopback only warns).", flag=True)
+        "listening beyond loopback only warns).",
+        flag=True,
+    )
     http: str | None = setting(
-        DEFAULT_HTTP, http_endpoint,
+        DEFAULT_HTTP,
+        http_endpoint,
         "Where the HTTP status site listens: a Twisted server endpoint "
         "description, or none. If the default port is taken (another "
-        "broker on this host), the broker only warns.")
+        "broker on this host), the broker only warns.",
+    )
     http_token_file: str | None = setting(
-        None, file_path,
+        None,
+        file_path,
         "A file whose first line is the status site's token (default: a "
-        "new random one at each start, shown in the URL the broker logs).")
+        "new random one at each start, shown in the URL the broker logs).",
+    )
     database: str = setting(
-        "sqlite:///taskbroker.sqlite", database_url,
+        "sqlite:///taskbroker.sqlite",
+        database_url,
         "Database URL: sqlite:///relative.db, sqlite:////abs/path.db, or "
         "a PostgreSQL URI (postgresql://user@host/dbname; leave the "
         "password to ~/.pgpass or PGPASSWORD), which several brokers may "
-        "share.")
+        "share.",
+    )
     priorities: tuple = setting(
-        ("high", "normal", "low"), level_list,
-        "Priority levels, comma-separated, most urgent first.")
+        ("high", "normal", "low"),
+        level_list,
+        "Priority levels, comma-separated, most urgent first.",
+    )
     default_priority: str | None = setting(
-        None, name,
+        None,
+        name,
         "Level of a task that names none (default: normal if it is a "
-        "level, else the least urgent).")
+        "level, else the least urgent).",
+    )
     poll_interval: float = setting(
-        1.0, positive_number,
-        "Seconds between looks for tasks inserted by other programs.")
+        1.0,
+        positive_number,
+        "Seconds between looks for tasks inserted by other programs.",
+    )
     max_attempts: int = setting(
-        3, positive_int, "Attempts a task may use unless it says otherwise.")
+        3, positive_int, "Attempts a task may use unless it says otherwise."
+    )
     retry_delay: float = setting(
-        1.0, positive_number,
+        1.0,
+        positive_number,
         "Seconds before a failed task's first retry; each later retry "
-        "waits twice as long, with random jitter.")
+        "waits twice as long, with random jitter.",
+    )
     retry_max_delay: float = setting(
-        300.0, positive_number, "The longest wait before a retry (seconds).")
+        300.0, positive_number, "The longest wait before a retry (seconds)."
+    )
     time_limit: float | None = setting(
-        None, optional_positive_number,
+        None,
+        optional_positive_number,
         "Seconds an attempt may run unless the task or its handler says "
-        "otherwise (default: no limit).")
+        "otherwise (default: no limit).",
+    )
     heartbeat: float = setting(
-        1.0, positive_number, "Seconds between heartbeats to each worker.")
+        1.0, positive_number, "Seconds between heartbeats to each worker."
+    )
     heartbeat_misses: int = setting(
-        3, positive_int,
+        3,
+        positive_int,
         "A worker is lost after this many of its heartbeat intervals pass "
-        "in silence.")
+        "in silence.",
+    )
     max_worker_heartbeat: float = setting(
-        10.0, positive_number,
+        10.0,
+        positive_number,
         "The longest heartbeat interval a worker may announce (seconds; the "
         "shortest is 0.1): a silent connection releases its worker's name "
-        "and tasks within this interval times the misses allowed.")
+        "and tasks within this interval times the misses allowed.",
+    )
     sqlite_synchronous: str = setting(
-        "normal", choice("normal", "full"),
+        "normal",
+        choice("normal", "full"),
         "SQLite durability: normal survives any process crash; full also "
-        "survives power loss, at a cost per commit.")
+        "survives power loss, at a cost per commit.",
+    )
     lease: float = setting(
-        5.0, positive_number,
+        5.0,
+        positive_number,
         "On a shared (PostgreSQL) database: seconds a broker's claims last "
         "unless renewed; it renews them every second. When a broker's "
         "lease runs out the others take its queued tasks at once, and its "
-        "running ones after its workers' allowance.")
+        "running ones after its workers' allowance.",
+    )
     create_database: bool = setting(
-        False, boolean,
+        False,
+        boolean,
         "Create the database even though its lock file shows that one was "
         "there (it was deleted or moved): without this the broker refuses "
         "to start on an empty database in its place. A new folder needs "
-        "no flag.", flag=True)
+        "no flag.",
+        flag=True,
+    )
     check_database: str = setting(
-        "quick", choice("quick", "none"),
+        "quick",
+        choice("quick", "none"),
         "Once listening, check the database for damage in the background "
-        "(PRAGMA quick_check) and stop if it is damaged; none to skip.")
+        "(PRAGMA quick_check) and stop if it is damaged; none to skip.",
+    )
     keep_finished: float | None = setting(
-        None, kept_duration,
+        None,
+        kept_duration,
         "How long finished tasks are kept: seconds or a number with s, m, "
         "h or d (such as 7d), or none for ever; older ones are deleted in "
         "small batches (default: the database's, 7d for a database created "
-        "by this version and none for one it upgraded).")
+        "by this version and none for one it upgraded).",
+    )
 
     def __post_init__(self):
         levels = self.priorities
-        folders = (self.authorized_workers or self.authorized_clients
-                   or self.admin_clients)
+        folders = (
+            self.authorized_workers
+            or self.authorized_clients
+            or self.admin_clients
+        )
         if self.curve_secret_key is None:
             if self.require_curve:
                 raise ConfigError(
                     "--require-curve: give --curve-secret-key (and the "
-                    "authorized keys; see docs/security.rst)")
+                    "authorized keys; see docs/security.rst)"
+                )
             if folders or self.allow_any_key:
                 raise ConfigError(
                     "--authorized-workers, --authorized-clients, "
                     "--admin-clients and --allow-any-key need "
-                    "--curve-secret-key")
+                    "--curve-secret-key"
+                )
         elif not folders and not self.allow_any_key:
             raise ConfigError(
                 "--curve-secret-key: give --authorized-workers and "
                 "--authorized-clients (folders of public keys), or "
-                "--allow-any-key to encrypt without checking keys")
+                "--allow-any-key to encrypt without checking keys"
+            )
         elif folders and self.allow_any_key:
             raise ConfigError(
                 "--allow-any-key lets every key in: drop it, or drop "
                 "--authorized-workers, --authorized-clients and "
-                "--admin-clients")
+                "--admin-clients"
+            )
         if self.lease < 1.5:
             raise ConfigError(
                 f"--lease: {self.lease:g} s is too short to renew every "
-                "second (at least 1.5)")
+                "second (at least 1.5)"
+            )
         if self.default_priority is None:
             object.__setattr__(
-                self, "default_priority",
-                "normal" if "normal" in levels else levels[-1])
+                self,
+                "default_priority",
+                "normal" if "normal" in levels else levels[-1],
+            )
         elif self.default_priority not in levels:
             raise ConfigError(
                 f"--default-priority: {self.default_priority!r} is not one of "
-                "the levels " + ",".join(levels))
+                "the levels " + ",".join(levels)
+            )
 
 
 BROKER_SETTINGS = settings_of(BrokerConfig)
@@ -497,18 +587,24 @@ def broker_config(given, environ=None):
 
     :raises ConfigError: with a one-line reason.
     """
-    values = resolve(BROKER_SETTINGS, "TASKBROKER_", given,
-                     _environment(environ))
+    values = resolve(
+        BROKER_SETTINGS, "TASKBROKER_", given, _environment(environ)
+    )
     default_priority = values["default_priority"]
-    if default_priority is not None and default_priority not in values[
-            "priorities"]:
+    if (
+        default_priority is not None
+        and default_priority not in values["priorities"]
+    ):
         # Checked here as well as in BrokerConfig, to name where it came from.
-        source = ("--default-priority"
-                  if given.get("default_priority") is not None
-                  else "TASKBROKER_DEFAULT_PRIORITY")
+        source = (
+            "--default-priority"
+            if given.get("default_priority") is not None
+            else "TASKBROKER_DEFAULT_PRIORITY"
+        )
         raise ConfigError(
             f"{source}: {default_priority!r} is not one of the levels "
-            + ",".join(values["priorities"]))
+            + ",".join(values["priorities"])
+        )
     return BrokerConfig(**values)
 
 
@@ -543,11 +639,15 @@ def check_curve_pair(server, secret, server_name, secret_name, peer):
     """
     if (server is None) == (secret is None):
         return
-    given, missing = ((server_name, secret_name) if secret is None
-                      else (secret_name, server_name))
+    given, missing = (
+        (server_name, secret_name)
+        if secret is None
+        else (secret_name, server_name)
+    )
     raise ConfigError(
         f"{given} without {missing}: give both (the broker's public key "
-        f"file and this {peer}'s NAME.key_secret file) or neither")
+        f"file and this {peer}'s NAME.key_secret file) or neither"
+    )
 
 
 def default_worker_name():
@@ -562,61 +662,86 @@ class WorkerConfig:
     """
 
     broker: tuple = setting(
-        (DEFAULT_ENDPOINT,), endpoint_list,
+        (DEFAULT_ENDPOINT,),
+        endpoint_list,
         "ZeroMQ endpoint of the broker, or a failover list of brokers "
         "sharing one database, comma-separated: the worker uses one at a "
         "time, starting where its name points, and moves to the next when "
-        "it loses its broker.")
+        "it loses its broker.",
+    )
     curve_server_key: str | None = setting(
-        None, file_path,
+        None,
+        file_path,
         "With --curve-secret-key: the broker's CURVE public key file "
         "(NAME.key, from 'taskbroker keygen'). Links are encrypted, and "
         "the worker talks only to a broker that holds its secret key; "
         "every broker of a failover list must hold the same one (default: "
-        "no CURVE, plain links).")
+        "no CURVE, plain links).",
+    )
     curve_secret_key: str | None = setting(
-        None, file_path,
+        None,
+        file_path,
         "With --curve-server-key: this worker's own key pair, the "
         "NAME.key_secret file from 'taskbroker keygen', readable by its "
         "owner only; the broker must have NAME.key in its "
-        "--authorized-workers (default: none).")
+        "--authorized-workers (default: none).",
+    )
     priorities: tuple | None = setting(
-        None, level_list,
+        None,
+        level_list,
         "Levels to serve, comma-separated (default: all the broker has). "
         "A worker serving only the most urgent level is capacity reserved "
-        "for it.")
+        "for it.",
+    )
     concurrency: int = setting(
-        1, positive_int, "How many tasks to run at once (slots).")
+        1, positive_int, "How many tasks to run at once (slots)."
+    )
     handlers_path: tuple = setting(
-        (), directory_list,
+        (),
+        directory_list,
         "A folder of handler modules; repeatable (environment: folders "
-        "separated by ':').", repeatable=True)
+        "separated by ':').",
+        repeatable=True,
+    )
     name: str | None = setting(
-        None, name,
-        "Worker name, unique among live workers (default: HOSTNAME-PID).")
+        None,
+        name,
+        "Worker name, unique among live workers (default: HOSTNAME-PID).",
+    )
     heartbeat: float = setting(
-        1.0, positive_number, "Seconds between heartbeats to the broker.")
+        1.0, positive_number, "Seconds between heartbeats to the broker."
+    )
     heartbeat_misses: int = setting(
-        3, positive_int,
+        3,
+        positive_int,
         "The broker is presumed lost after this many of its heartbeat "
-        "intervals pass in silence.")
+        "intervals pass in silence.",
+    )
     grace: float = setting(
-        30.0, non_negative_number,
+        30.0,
+        non_negative_number,
         "At shutdown, seconds to let running tasks finish before they are "
-        "stopped and handed back to the broker.")
+        "stopped and handed back to the broker.",
+    )
     failover_after: float = setting(
-        10.0, positive_number,
+        10.0,
+        positive_number,
         "With several brokers in --broker: seconds the broker may report "
         "that it cannot use its database before the worker moves to the "
-        "next one.")
+        "next one.",
+    )
 
     def __post_init__(self):
         if self.name is None:
             object.__setattr__(self, "name", default_worker_name())
         _normalise_broker(self)
-        check_curve_pair(self.curve_server_key, self.curve_secret_key,
-                         "--curve-server-key", "--curve-secret-key",
-                         "worker")
+        check_curve_pair(
+            self.curve_server_key,
+            self.curve_secret_key,
+            "--curve-server-key",
+            "--curve-secret-key",
+            "worker",
+        )
 
 
 WORKER_SETTINGS = settings_of(WorkerConfig)
@@ -629,8 +754,9 @@ def worker_config(given, environ=None):
 
     :raises ConfigError: with a one-line reason.
     """
-    return WorkerConfig(**resolve(WORKER_SETTINGS, "TASKWORKER_", given,
-                                  _environment(environ)))
+    return WorkerConfig(
+        **resolve(WORKER_SETTINGS, "TASKWORKER_", given, _environment(environ))
+    )
 
 
 # -- the command line ------------------------------------------------------------
@@ -651,35 +777,47 @@ class ClientConfig:
     """
 
     broker: tuple = setting(
-        (DEFAULT_ENDPOINT,), endpoint_list,
+        (DEFAULT_ENDPOINT,),
+        endpoint_list,
         "The broker's ZeroMQ endpoint, or a failover list of brokers, "
         "comma-separated: a request that gets no answer goes to the next.",
-        short="b")
+        short="b",
+    )
     timeout: float = setting(
-        5.0, positive_number,
+        5.0,
+        positive_number,
         "Seconds to wait for each answer; every command tries three times "
         "(and each broker of a list at least once).",
-        short="t")
+        short="t",
+    )
     curve_server_key: str | None = setting(
-        None, file_path,
+        None,
+        file_path,
         "With --curve-secret-key: the broker's CURVE public key file "
         "(NAME.key, from 'taskbroker keygen'); requests are encrypted and "
         "go only to a broker that holds its secret key (default: no "
         "CURVE).",
-        variable="TASKBROKER_CLIENT_CURVE_SERVER_KEY")
+        variable="TASKBROKER_CLIENT_CURVE_SERVER_KEY",
+    )
     curve_secret_key: str | None = setting(
-        None, file_path,
+        None,
+        file_path,
         "With --curve-server-key: this client's own key pair, the "
         "NAME.key_secret file from 'taskbroker keygen', readable by its "
         "owner only; the broker must have NAME.key in its "
         "--authorized-clients (default: none).",
-        variable="TASKBROKER_CLIENT_CURVE_SECRET_KEY")
+        variable="TASKBROKER_CLIENT_CURVE_SECRET_KEY",
+    )
 
     def __post_init__(self):
         _normalise_broker(self)
-        check_curve_pair(self.curve_server_key, self.curve_secret_key,
-                         "--curve-server-key", "--curve-secret-key",
-                         "client")
+        check_curve_pair(
+            self.curve_server_key,
+            self.curve_secret_key,
+            "--curve-server-key",
+            "--curve-secret-key",
+            "client",
+        )
 
 
 CLIENT_SETTINGS = settings_of(ClientConfig)
@@ -692,8 +830,9 @@ def client_config(given, environ=None):
 
     :raises ConfigError: with a one-line reason.
     """
-    return ClientConfig(**resolve(CLIENT_SETTINGS, "TASKBROKER_", given,
-                                  _environment(environ)))
+    return ClientConfig(
+        **resolve(CLIENT_SETTINGS, "TASKBROKER_", given, _environment(environ))
+    )
 
 
 #: Every variable something of ours reads, by prefix (the broker's and
@@ -701,9 +840,11 @@ def client_config(given, environ=None):
 #: elsewhere (the tests).
 KNOWN_VARIABLES = {
     "TASKBROKER_": frozenset(
-        s.variable("TASKBROKER_") for s in BROKER_SETTINGS + CLIENT_SETTINGS),
+        s.variable("TASKBROKER_") for s in BROKER_SETTINGS + CLIENT_SETTINGS
+    ),
     "TASKWORKER_": frozenset(
-        s.variable("TASKWORKER_") for s in WORKER_SETTINGS),
+        s.variable("TASKWORKER_") for s in WORKER_SETTINGS
+    ),
 }
 RESERVED_PREFIXES = {
     "TASKBROKER_": ("TASKBROKER_TEST_",),

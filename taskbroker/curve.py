@@ -48,9 +48,11 @@ def check_support():
     if version < MIN_LIBZMQ or not zmq.has("curve"):
         raise ConfigError(
             "CURVE needs libzmq >= "
-            + ".".join(map(str, MIN_LIBZMQ)) + " built with CURVE; this "
+            + ".".join(map(str, MIN_LIBZMQ))
+            + " built with CURVE; this "
             f"one is {zmq.zmq_version()}"
-            + ("" if zmq.has("curve") else " without CURVE"))
+            + ("" if zmq.has("curve") else " without CURVE")
+        )
 
 
 def keygen(folder, name):
@@ -66,30 +68,47 @@ def keygen(folder, name):
     if not _NAME.match(name):
         raise ConfigError(
             f"--name: {name!r} is not a key name (1 to 100 letters, digits, "
-            "'.', '_' or '-', starting with a letter or digit)")
+            "'.', '_' or '-', starting with a letter or digit)"
+        )
     public_path = os.path.join(folder, name + PUBLIC_SUFFIX)
     secret_path = os.path.join(folder, name + SECRET_SUFFIX)
     for path in (public_path, secret_path):
         if os.path.lexists(path):
-            raise ConfigError(f"{path}: exists; a key is never overwritten "
-                              "(remove it first to replace it)")
+            raise ConfigError(
+                f"{path}: exists; a key is never overwritten "
+                "(remove it first to replace it)"
+            )
     try:
         os.makedirs(folder, exist_ok=True)
     except OSError as e:
-        raise ConfigError(f"{folder}: cannot make the folder: "
-                          f"{e.strerror}") from None
+        raise ConfigError(
+            f"{folder}: cannot make the folder: {e.strerror}"
+        ) from None
     public, secret = zmq.curve_keypair()
     now = datetime.datetime.now().isoformat(timespec="seconds")
     # The secret first: a public file alone, left by a failure, is
     # harmless.
-    _write_new(secret_path, 0o600, _BANNER.format(
-        now=now, what="**Secret**",
-        advice="DO NOT PROVIDE THIS FILE TO OTHER USERS nor change its "
-               "permissions.") + _curve_section(public, secret))
-    _write_new(public_path, 0o644, _BANNER.format(
-        now=now, what="Public",
-        advice="Give this file to the peers that must admit this key.")
-        + _curve_section(public))
+    _write_new(
+        secret_path,
+        0o600,
+        _BANNER.format(
+            now=now,
+            what="**Secret**",
+            advice="DO NOT PROVIDE THIS FILE TO OTHER USERS nor change its "
+            "permissions.",
+        )
+        + _curve_section(public, secret),
+    )
+    _write_new(
+        public_path,
+        0o644,
+        _BANNER.format(
+            now=now,
+            what="Public",
+            advice="Give this file to the peers that must admit this key.",
+        )
+        + _curve_section(public),
+    )
     return public_path, secret_path
 
 
@@ -104,8 +123,10 @@ def _write_new(path, mode, text):
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     except FileExistsError:
-        raise ConfigError(f"{path}: exists; a key is never overwritten "
-                          "(remove it first to replace it)") from None
+        raise ConfigError(
+            f"{path}: exists; a key is never overwritten "
+            "(remove it first to replace it)"
+        ) from None
     except OSError as e:
         raise ConfigError(f"{path}: cannot write: {e.strerror}") from None
     with os.fdopen(fd, "w", encoding="ascii") as f:
@@ -134,14 +155,18 @@ def load_secret(path, option):
     if secret is None:
         raise ConfigError(
             f"{option}: {path}: no secret key in it (a public "
-            f"{PUBLIC_SUFFIX} file? the secret one ends in {SECRET_SUFFIX})")
+            f"{PUBLIC_SUFFIX} file? the secret one ends in {SECRET_SUFFIX})"
+        )
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
         raise ConfigError(
             f"{option}: {path}: a secret key readable by others (mode "
-            f"{stat.S_IMODE(mode):o}) is refused; chmod 600 {path}")
+            f"{stat.S_IMODE(mode):o}) is refused; chmod 600 {path}"
+        )
     if zmq.curve_public(secret) != public:
-        raise ConfigError(f"{option}: {path}: its public and secret keys "
-                          "do not belong together")
+        raise ConfigError(
+            f"{option}: {path}: its public and secret keys "
+            "do not belong together"
+        )
     return public, secret
 
 
@@ -165,14 +190,20 @@ def _read(path, option):
         raise ConfigError(f"{option}: {path}: {reason}") from None
     for key in (public, secret):
         if key is not None and not _Z85_KEY.match(key):
-            raise ConfigError(f"{option}: {path}: not a CURVE key file "
-                              "(a key is 40 characters of Z85)")
+            raise ConfigError(
+                f"{option}: {path}: not a CURVE key file "
+                "(a key is 40 characters of Z85)"
+            )
     return public, secret
 
 
-def load_peer_keys(server_path, secret_path, peer,
-                   server_option="--curve-server-key",
-                   secret_option="--curve-secret-key"):
+def load_peer_keys(
+    server_path,
+    secret_path,
+    peer,
+    server_option="--curve-server-key",
+    secret_option="--curve-secret-key",
+):
     """
     The keys of a worker or a client: the broker's public key, and its own
     key pair.
@@ -192,8 +223,9 @@ def load_peer_keys(server_path, secret_path, peer,
         or a secret file as the broker's key (the broker's secret belongs
         on the broker's hosts only).
     """
-    check_curve_pair(server_path, secret_path, server_option, secret_option,
-                     peer)
+    check_curve_pair(
+        server_path, secret_path, server_option, secret_option, peer
+    )
     if server_path is None:
         return None
     check_support()
@@ -203,7 +235,8 @@ def load_peer_keys(server_path, secret_path, peer,
         raise ConfigError(
             f"{server_option}: {server_path}: holds a secret key; give the "
             f"broker's public {PUBLIC_SUFFIX} file, and keep its secret on "
-            "the broker")
+            "the broker"
+        )
     return server, public, secret
 
 
@@ -228,7 +261,7 @@ def load_folder(folder, option):
         try:
             key = load_public(os.path.join(folder, name), option)
         except ConfigError as e:
-            problems[name[:-len(PUBLIC_SUFFIX)]] = str(e)
+            problems[name[: -len(PUBLIC_SUFFIX)]] = str(e)
             continue
-        keys[key] = name[:-len(PUBLIC_SUFFIX)]
+        keys[key] = name[: -len(PUBLIC_SUFFIX)]
     return keys, problems

@@ -34,7 +34,8 @@ def endpoint(text):
     match = _ENDPOINT.match(text)
     if not match:
         raise ValueError(
-            "expected a ZeroMQ endpoint such as tcp://127.0.0.1:5555")
+            "expected a ZeroMQ endpoint such as tcp://127.0.0.1:5555"
+        )
     # libzmq takes a TCP port modulo 65536 (":70000" binds 4464).
     port = match.group(2)
     if port is not None and port != "*" and int(port) > 65535:
@@ -71,7 +72,8 @@ def parse_endpoints(value):
     else:
         raise ValueError(
             "expected endpoints as a comma-separated string or a list of "
-            f"strings, not {type(value).__name__}")
+            f"strings, not {type(value).__name__}"
+        )
     if not items:
         raise ValueError("expected at least one endpoint")
     seen = set()

@@ -46,8 +46,10 @@ class FunctionHandler:
         return self.function(task)
 
     def __repr__(self):
-        return (f"<handler {self.name!r}: "
-                f"{self.function.__module__}.{self.function.__qualname__}>")
+        return (
+            f"<handler {self.name!r}: "
+            f"{self.function.__module__}.{self.function.__qualname__}>"
+        )
 
 
 def handler(name, blocking=False, time_limit=None):
@@ -72,15 +74,20 @@ def handler(name, blocking=False, time_limit=None):
     if not isinstance(blocking, bool):
         raise ValueError(f"blocking must be True or False, not {blocking!r}")
     if time_limit is not None and (
-            isinstance(time_limit, bool) or not isinstance(time_limit, Real)
-            or not 0.001 <= time_limit <= MAX_SECONDS):
-        raise ValueError(f"time_limit must be a number of seconds from 0.001 "
-                         f"to {MAX_SECONDS:g}, or None, not {time_limit!r}")
+        isinstance(time_limit, bool)
+        or not isinstance(time_limit, Real)
+        or not 0.001 <= time_limit <= MAX_SECONDS
+    ):
+        raise ValueError(
+            f"time_limit must be a number of seconds from 0.001 "
+            f"to {MAX_SECONDS:g}, or None, not {time_limit!r}"
+        )
 
     def wrap(function):
         if not callable(function):
-            raise TypeError(f"@handler({name!r}) decorates a function, not "
-                            f"{function!r}")
+            raise TypeError(
+                f"@handler({name!r}) decorates a function, not {function!r}"
+            )
         return FunctionHandler(name, function, blocking, time_limit)
 
     return wrap

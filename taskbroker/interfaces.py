@@ -139,7 +139,8 @@ class ITaskStore(Interface):
         "``None`` while writes work; after a write transaction failed, and "
         "until one commits again, why it failed (``str``, one line).  A "
         "store that fails writes tries an empty write now and then, so that "
-        "this clears by itself when the trouble passes.")
+        "this clears by itself when the trouble passes."
+    )
 
     def when_lost():
         """
@@ -190,8 +191,9 @@ class ITaskStore(Interface):
             ``ValueError`` if the tasks do not share one ``request_id``.
         """
 
-    def dispatch(task_id, token, worker, started_at, priority=None,
-                 max_attempts=None):
+    def dispatch(
+        task_id, token, worker, started_at, priority=None, max_attempts=None
+    ):
         """
         Record that a queued task went to ``worker``: it becomes
         ``running`` with the new ``token``, one more attempt used
@@ -237,8 +239,9 @@ class ITaskStore(Interface):
             ``ValueError`` for any other ``state``.
         """
 
-    def requeue(task_id, token, run_at=None, error=None, traceback=None,
-                consumed=True):
+    def requeue(
+        task_id, token, run_at=None, error=None, traceback=None, consumed=True
+    ):
         """
         Put a running task back in ``queued`` state, to run again.  The
         task keeps its ``token``, ``worker`` and ``started_at`` until the
@@ -312,8 +315,17 @@ class ITaskStore(Interface):
             :class:`taskbroker.store.TaskRow`, or ``None``.
         """
 
-    def list(state, handler, after_id, limit, max_bytes=None, submitter=None,
-             priority=None, before_id=None, newest_first=False):
+    def list(
+        state,
+        handler,
+        after_id,
+        limit,
+        max_bytes=None,
+        submitter=None,
+        priority=None,
+        before_id=None,
+        newest_first=False,
+    ):
         """
         Tasks ordered by id, optionally filtered.
 
@@ -343,7 +355,6 @@ class ITaskStore(Interface):
             priority, handler, delayed)`` to a count of tasks, where
             ``delayed`` is a ``bool`` (always false unless ``queued``).
         """
-
 
     def add_schedule(row, replace=False):
         """
@@ -403,8 +414,13 @@ class ITaskStore(Interface):
             removed).
         """
 
-    def purge(finished_before, states=FINAL_STATES, handler=None,
-              submitter=None, limit=500):
+    def purge(
+        finished_before,
+        states=FINAL_STATES,
+        handler=None,
+        submitter=None,
+        limit=500,
+    ):
         """
         Delete at most ``limit`` finished tasks, those that finished
         earliest first: a small batch, so that the transaction holds its
@@ -521,10 +537,12 @@ class IClaimSource(Interface):
         "``bool``: ``False`` for a single owner, which claims ahead (the "
         "broker holds a window of each queue); ``True`` for a store shared "
         "by several brokers, which claims only for idle credits, "
-        "dispatching what it claims at once (:meth:`dispatch_for`).")
+        "dispatching what it claims at once (:meth:`dispatch_for`)."
+    )
     lease = Attribute(
         "Seconds a broker's claims last unless renewed (:meth:`renew`), or "
-        "``None`` if they never lapse.")
+        "``None`` if they never lapse."
+    )
 
     def start(now, on_change, on_finished=None):
         """
@@ -581,8 +599,7 @@ class IClaimSource(Interface):
             :class:`taskbroker.store.TaskRow`.
         """
 
-    def dispatch_for(levels, handlers, workers, now, priority,
-                     max_attempts):
+    def dispatch_for(levels, handlers, workers, now, priority, max_attempts):
         """
         For a shared store: claim up to ``len(workers)`` tasks as
         :meth:`claim_for` does and dispatch them (as

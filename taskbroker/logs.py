@@ -46,9 +46,14 @@ class TaskLog:
         e.g. ``7 to w1 (...)``; the line starts ``tasks <kind>:``.
     """
 
-    def __init__(self, log: Logger, clock: "IReactorTime", kind: str,
-                 one: Callable[[dict[str, Any]], str],
-                 many: Callable[[dict[str, Any]], str]) -> None:
+    def __init__(
+        self,
+        log: Logger,
+        clock: "IReactorTime",
+        kind: str,
+        one: Callable[[dict[str, Any]], str],
+        many: Callable[[dict[str, Any]], str],
+    ) -> None:
         self._log = log
         self._clock = clock
         self._kind = kind
@@ -76,16 +81,16 @@ class TaskLog:
             self._call = None
         records, self._records = self._records, []
         for start in range(0, len(records), MOST_PER_EVENT):
-            chunk = records[start:start + MOST_PER_EVENT]
+            chunk = records[start : start + MOST_PER_EVENT]
             if len(chunk) == 1:
                 text = self._one(chunk[0])
             else:
-                text = (f"tasks {self._kind}: "
-                        + "; ".join(map(self._many, chunk)))
+                text = f"tasks {self._kind}: " + "; ".join(
+                    map(self._many, chunk)
+                )
             # The text is made here, with plain string operations: the
             # format that twisted parses for each event is one field.
-            self._log.info("{text}", text=text, event=self._kind,
-                           tasks=chunk)
+            self._log.info("{text}", text=text, event=self._kind, tasks=chunk)
 
 
 def cut(text: object, most: int = 200) -> str | None:
@@ -96,7 +101,7 @@ def cut(text: object, most: int = 200) -> str | None:
     if text is None:
         return None
     line = one_line(text)
-    return line if len(line) <= most else line[:most - 1] + "\u2026"
+    return line if len(line) <= most else line[: most - 1] + "\u2026"
 
 
 def seconds(value: object) -> str:
@@ -126,5 +131,6 @@ def json_file():
     ``$JSON_LOG_FILE`` (default ``twistd.json``).
     """
     path = os.environ.get("JSON_LOG_FILE", "twistd.json")
-    return jsonFileLogObserver(open(path, "a", encoding="utf-8"),
-                               recordSeparator="")
+    return jsonFileLogObserver(
+        open(path, "a", encoding="utf-8"), recordSeparator=""
+    )

@@ -32,12 +32,14 @@ def check_name(name: object) -> str:
     if not isinstance(name, str) or not NAME.match(name):
         raise ValueError(
             "a schedule's name is 1 to 100 letters, digits, '.', '_' or "
-            "'-', starting with a letter or digit")
+            "'-', starting with a letter or digit"
+        )
     return name
 
 
-def parse_duration(text: str, allow_none: bool = False,
-                   least: float = 0.0) -> float | None:
+def parse_duration(
+    text: str, allow_none: bool = False, least: float = 0.0
+) -> float | None:
     """
     A duration as users write it: seconds, or a number with ``s``, ``m``,
     ``h`` or ``d``, such as ``90``, ``15m`` or ``7d``.
@@ -55,11 +57,13 @@ def parse_duration(text: str, allow_none: bool = False,
     if match is None:
         raise ValueError(
             "expected seconds or a number with s, m, h or d (such as 90, "
-            "15m or 7d)" + (", or none" if allow_none else ""))
+            "15m or 7d)" + (", or none" if allow_none else "")
+        )
     seconds = float(match.group(1)) * _UNITS[match.group(2) or "s"]
     if not least <= seconds <= 100 * 366 * 86400:
-        raise ValueError(f"must be at least {format_duration(least)} and "
-                         "at most 100 years")
+        raise ValueError(
+            f"must be at least {format_duration(least)} and at most 100 years"
+        )
     return seconds
 
 
@@ -84,13 +88,16 @@ def zone(name: object) -> ZoneInfo:
     :raises ValueError: if there is none of that name.
     """
     if not isinstance(name, str) or not name or len(name) > 100:
-        raise ValueError("a time zone is an IANA name such as "
-                         "Europe/Paris or UTC")
+        raise ValueError(
+            "a time zone is an IANA name such as Europe/Paris or UTC"
+        )
     try:
         return ZoneInfo(name)
     except (ZoneInfoNotFoundError, ValueError):
-        raise ValueError(f"unknown time zone {name!r} (an IANA name such "
-                         "as Europe/Paris or UTC)") from None
+        raise ValueError(
+            f"unknown time zone {name!r} (an IANA name such "
+            "as Europe/Paris or UTC)"
+        ) from None
 
 
 # -- cron ------------------------------------------------------------------
@@ -98,9 +105,13 @@ def zone(name: object) -> ZoneInfo:
 _MONTHS = "jan feb mar apr may jun jul aug sep oct nov dec".split()
 _DAYS = "sun mon tue wed thu fri sat".split()
 _ALIASES = {
-    "@yearly": "0 0 1 1 *", "@annually": "0 0 1 1 *",
-    "@monthly": "0 0 1 * *", "@weekly": "0 0 * * 0",
-    "@daily": "0 0 * * *", "@midnight": "0 0 * * *", "@hourly": "0 * * * *",
+    "@yearly": "0 0 1 1 *",
+    "@annually": "0 0 1 1 *",
+    "@monthly": "0 0 1 * *",
+    "@weekly": "0 0 * * 0",
+    "@daily": "0 0 * * *",
+    "@midnight": "0 0 * * *",
+    "@hourly": "0 * * * *",
 }
 # (name, lowest, highest, names for lowest and up)
 _FIELDS = (
@@ -126,18 +137,19 @@ class Cron:
 
     def __init__(self, expression: object) -> None:
         if not isinstance(expression, str) or len(expression) > 200:
-            raise ValueError("a cron expression is five fields: "
-                             "MIN HOUR DOM MON DOW")
+            raise ValueError(
+                "a cron expression is five fields: MIN HOUR DOM MON DOW"
+            )
         self.expression = " ".join(expression.split())
-        fields = _ALIASES.get(self.expression.lower(),
-                              self.expression).split()
+        fields = _ALIASES.get(self.expression.lower(), self.expression).split()
         if len(fields) != 5:
             raise ValueError(
                 f"cron expression {self.expression!r} has {len(fields)} "
-                "fields, not five (MIN HOUR DOM MON DOW)")
-        (self.minutes, self.hours, self.days, self.months,
-         weekdays) = [_parse_field(text, *spec)
-                      for text, spec in zip(fields, _FIELDS)]
+                "fields, not five (MIN HOUR DOM MON DOW)"
+            )
+        (self.minutes, self.hours, self.days, self.months, weekdays) = [
+            _parse_field(text, *spec) for text, spec in zip(fields, _FIELDS)
+        ]
         self.weekdays = frozenset(day % 7 for day in weekdays)
         self._any_day = fields[2] == "*" or fields[2].startswith("*/")
         self._any_weekday = fields[4] == "*" or fields[4].startswith("*/")
@@ -170,8 +182,9 @@ class Cron:
             if moment.month not in self.months:
                 moment = _first_of_next_month(moment)
             elif not self.day_matches(moment):
-                moment = datetime(moment.year, moment.month,
-                                  moment.day) + timedelta(days=1)
+                moment = datetime(
+                    moment.year, moment.month, moment.day
+                ) + timedelta(days=1)
             elif moment.hour not in self.hours:
                 moment = moment.replace(minute=0) + timedelta(hours=1)
             elif moment.minute not in self.minutes:
@@ -179,7 +192,8 @@ class Cron:
             else:
                 return moment
         raise ValueError(
-            f"cron expression {self.expression!r} never comes due")
+            f"cron expression {self.expression!r} never comes due"
+        )
 
 
 def _first_of_next_month(moment: datetime) -> datetime:
@@ -188,16 +202,18 @@ def _first_of_next_month(moment: datetime) -> datetime:
     return datetime(moment.year, moment.month + 1, 1)
 
 
-def _parse_field(text: str, what: str, low: int, high: int,
-                 names: list[str] | None) -> frozenset[int]:
+def _parse_field(
+    text: str, what: str, low: int, high: int, names: list[str] | None
+) -> frozenset[int]:
     values: set[int] = set()
     for part in text.lower().split(","):
         values.update(_parse_part(part, what, low, high, names))
     return frozenset(values)
 
 
-def _parse_part(part: str, what: str, low: int, high: int,
-                names: list[str] | None) -> range:
+def _parse_part(
+    part: str, what: str, low: int, high: int, names: list[str] | None
+) -> range:
     base, _, step_text = part.partition("/")
     step = 1
     if step_text:
@@ -209,29 +225,39 @@ def _parse_part(part: str, what: str, low: int, high: int,
     else:
         first_text, dash, last_text = base.partition("-")
         first = _value(first_text, what, low, high, names)
-        last = _value(last_text, what, low, high, names) if dash else (
-            high if step_text else first)
+        last = (
+            _value(last_text, what, low, high, names)
+            if dash
+            else (high if step_text else first)
+        )
         if last < first:
             raise ValueError(f"cron {what}: range {base!r} runs backwards")
     return range(first, last + 1, step)
 
 
-def _value(text: str, what: str, low: int, high: int,
-           names: list[str] | None) -> int:
+def _value(
+    text: str, what: str, low: int, high: int, names: list[str] | None
+) -> int:
     if names is not None and text in names:
         return names.index(text) + (low if what == "month" else 0)
     if not text.isdigit() or not low <= int(text) <= high:
-        raise ValueError(f"cron {what}: {text!r} is not a number from "
-                         f"{low} to {high}" + (" or a name" if names else ""))
+        raise ValueError(
+            f"cron {what}: {text!r} is not a number from "
+            f"{low} to {high}" + (" or a name" if names else "")
+        )
     return int(text)
 
 
 # -- ticks -----------------------------------------------------------------
 
 
-def next_tick(after: float, every: float | None = None,
-              cron: "str | Cron | None" = None, timezone_name: str = "UTC",
-              previous: float | None = None) -> float:
+def next_tick(
+    after: float,
+    every: float | None = None,
+    cron: "str | Cron | None" = None,
+    timezone_name: str = "UTC",
+    previous: float | None = None,
+) -> float:
     """
     A schedule's next tick after the Unix time ``after``: the first time
     later than it at which its next task is due.
@@ -260,7 +286,8 @@ def next_tick(after: float, every: float | None = None,
     tz = zone(timezone_name)
     expression = cron if isinstance(cron, Cron) else Cron(cron)
     wall = datetime.fromtimestamp(after, tz).replace(
-        tzinfo=None, second=0, microsecond=0) + timedelta(minutes=1)
+        tzinfo=None, second=0, microsecond=0
+    ) + timedelta(minutes=1)
     # Each candidate is checked against the instant (not the wall time),
     # so a repeated hour's second pass and a gap's several wall times map
     # to instants already past and are passed over.
@@ -270,8 +297,9 @@ def next_tick(after: float, every: float | None = None,
         if instant > after:
             return instant
         wall += timedelta(minutes=1)
-    raise ValueError(f"cron expression {expression.expression!r} never "
-                     "comes due")
+    raise ValueError(
+        f"cron expression {expression.expression!r} never comes due"
+    )
 
 
 def _instant(wall: datetime, tz: ZoneInfo) -> float:
@@ -308,7 +336,8 @@ def tick_label(unix_time: float) -> str:
     explicit ``+00:00``, as task objects show times.
     """
     return datetime.fromtimestamp(unix_time, UTC).isoformat(
-        timespec="microseconds")
+        timespec="microseconds"
+    )
 
 
 def unique_key(name: str, tick: float) -> str:

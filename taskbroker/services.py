@@ -117,8 +117,9 @@ class ServiceTree(MultiService):
         message = one_line(error)
         if not isinstance(error, EXPECTED_START_ERRORS):
             self.log.failure("{child} failed to start", child=child.name)
-        self.log.critical("{name} cannot start: {message}",
-                          name=self.name, message=message)
+        self.log.critical(
+            "{name} cannot start: {message}", name=self.name, message=message
+        )
         # The failed child may have half-started; it must tolerate a stop.
         self._started.append(child)
         stopping = not self.running  # a stop was asked for meanwhile
@@ -139,8 +140,11 @@ class ServiceTree(MultiService):
         """
         if not self.running:
             return defer.succeed(None)
-        self.log.critical("{name} stopping: {message}", name=self.name,
-                          message=one_line(message))
+        self.log.critical(
+            "{name} stopping: {message}",
+            name=self.name,
+            message=one_line(message),
+        )
         d = self.stopService()
         if self.on_fatal is not None:
             d.addCallback(lambda _: self.on_fatal(one_line(message)))
@@ -164,7 +168,9 @@ class ServiceTree(MultiService):
             try:
                 yield self._starting
             except Exception:
-                self.log.failure("{name} failed while starting", name=self.name)
+                self.log.failure(
+                    "{name} failed while starting", name=self.name
+                )
         yield self._stop_started()
         self.log.info("{name} stopped", name=self.name)
 
@@ -176,4 +182,3 @@ class ServiceTree(MultiService):
                 yield child.stopService()
             except Exception:
                 self.log.failure("{child} failed to stop", child=child.name)
-

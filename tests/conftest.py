@@ -30,7 +30,8 @@ def pytest_terminal_summary(terminalreporter):
     if _left_out:
         terminalreporter.write_line(
             f"{len(_left_out)} PostgreSQL tests left out: set {ENVIRONMENT}="
-            "postgresql://USER@HOST:PORT/DB to run them (docs/testing.rst)")
+            "postgresql://USER@HOST:PORT/DB to run them (docs/testing.rst)"
+        )
 
 
 @pytest.fixture

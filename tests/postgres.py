@@ -25,8 +25,10 @@ def server_url():
     url = os.environ.get(ENVIRONMENT)
     if url:
         return url
-    reason = (f"PostgreSQL tests need {ENVIRONMENT}=postgresql://... "
-              "(see docs/testing.rst)")
+    reason = (
+        f"PostgreSQL tests need {ENVIRONMENT}=postgresql://... "
+        "(see docs/testing.rst)"
+    )
     if os.environ.get("CI") == "true":
         pytest.fail(reason + "; under CI they must run", pytrace=False)
     pytest.skip(reason)

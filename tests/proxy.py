@@ -32,8 +32,9 @@ class Proxy:
         self._severed = False
         self._closed = False
         self.connections = 0
-        threading.Thread(target=self._accept, daemon=True,
-                         name="test-proxy").start()
+        threading.Thread(
+            target=self._accept, daemon=True, name="test-proxy"
+        ).start()
 
     def __enter__(self):
         return self
@@ -78,8 +79,12 @@ class Proxy:
                 self._open += [client, server]
                 self.connections += 1
             for a, b in ((client, server), (server, client)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True,
-                                 name="test-proxy-pump").start()
+                threading.Thread(
+                    target=self._pump,
+                    args=(a, b),
+                    daemon=True,
+                    name="test-proxy-pump",
+                ).start()
 
     def _pump(self, source, sink):
         _pump(source, sink, self.recorded, self._lock)

@@ -53,9 +53,15 @@ def runs_from_tasks(tasks, levels):
     """
     index = {name: i for i, name in enumerate(levels)}
     return [
-        Run(t["id"], index[t["priority"]], t["handler"],
-            _seconds(t["created_at"]), _seconds(t["started_at"]),
-            _seconds(t["finished_at"]), t["worker"])
+        Run(
+            t["id"],
+            index[t["priority"]],
+            t["handler"],
+            _seconds(t["created_at"]),
+            _seconds(t["started_at"]),
+            _seconds(t["finished_at"]),
+            t["worker"],
+        )
         for t in tasks
     ]
 
@@ -119,19 +125,25 @@ def idle_while_waiting(runs, workers, tolerance):
         able to run it, had a free slot.
     """
     end = max((r.finished for r in runs), default=0)
-    free = {name: _free_intervals(runs, name, cap, end)
-            for name, cap in workers.items()}
+    free = {
+        name: _free_intervals(runs, name, cap, end)
+        for name, cap in workers.items()
+    }
     violations = []
     for run in runs:
         wait_from, wait_to = run.created + tolerance, run.started - tolerance
         if wait_to <= wait_from:
             continue
         for name, capacity in workers.items():
-            if run.level not in capacity.levels or run.handler not in capacity.handlers:
+            if (
+                run.level not in capacity.levels
+                or run.handler not in capacity.handlers
+            ):
                 continue
             overlap = sum(
                 max(0.0, min(b, wait_to) - max(a, wait_from))
-                for a, b in free[name])
+                for a, b in free[name]
+            )
             if overlap > tolerance:
                 violations.append((run.id, name, overlap))
     return violations
@@ -148,10 +160,12 @@ def priority_inversions(runs, workers, tolerance):
     for run in runs:
         capacity = workers[run.worker]
         for other in runs:
-            if (other.level < run.level
-                    and other.level in capacity.levels
-                    and other.handler in capacity.handlers
-                    and other.created + tolerance < run.started
-                    and other.started > run.started + tolerance):
+            if (
+                other.level < run.level
+                and other.level in capacity.levels
+                and other.handler in capacity.handlers
+                and other.created + tolerance < run.started
+                and other.started > run.started + tolerance
+            ):
                 violations.append((run.id, other.id))
     return violations

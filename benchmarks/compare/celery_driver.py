@@ -33,8 +33,10 @@ def main():
     deadline = time.monotonic() + 60
     while len(app.control.ping(timeout=0.5) or ()) < args.workers:
         if time.monotonic() > deadline:
-            print("error: the Celery workers did not answer a ping in 60 s",
-                  flush=True)
+            print(
+                "error: the Celery workers did not answer a ping in 60 s",
+                flush=True,
+            )
             return 1
     for i in range(args.warmup):
         noop.apply_async((i,), task_id=f"{tag}-warm-{i}").get(timeout=30)
@@ -44,9 +46,10 @@ def main():
         ids = [f"{tag}-t-{i}" for i in range(args.tasks)]
         began = time.time()
         with app.producer_or_acquire() as producer:
-            results = [noop.apply_async((i,), task_id=ids[i],
-                                        producer=producer)
-                       for i in range(args.tasks)]
+            results = [
+                noop.apply_async((i,), task_id=ids[i], producer=producer)
+                for i in range(args.tasks)
+            ]
         sent = time.time()
         results[-1].get(timeout=600)
         finished = []
@@ -56,7 +59,8 @@ def main():
             metas = []
             for k in range(0, len(pending), 1000):
                 metas += store.mget(
-                    [f"celery-task-meta-{i}" for i in pending[k:k + 1000]])
+                    [f"celery-task-meta-{i}" for i in pending[k : k + 1000]]
+                )
             left = []
             for task_id, meta in zip(pending, metas):
                 if meta is None:
@@ -64,16 +68,18 @@ def main():
                     continue
                 meta = json.loads(meta)
                 if meta["status"] != "SUCCESS":
-                    print(f"error: task {task_id} is {meta['status']}",
-                          flush=True)
+                    print(
+                        f"error: task {task_id} is {meta['status']}",
+                        flush=True,
+                    )
                     return 1
                 finished.append(
-                    datetime.fromisoformat(meta["date_done"]).timestamp())
+                    datetime.fromisoformat(meta["date_done"]).timestamp()
+                )
             pending = left
             if pending:
                 if time.monotonic() > wait_until:
-                    print(f"error: {len(pending)} results missing",
-                          flush=True)
+                    print(f"error: {len(pending)} results missing", flush=True)
                     return 1
                 time.sleep(0.1)
         out["throughput"] = args.tasks / (max(finished) - began)

@@ -12,8 +12,11 @@ import time
 
 from celery import Celery
 
-app = Celery("bench", broker=os.environ["BENCH_REDIS"],
-             backend=os.environ["BENCH_REDIS"])
+app = Celery(
+    "bench",
+    broker=os.environ["BENCH_REDIS"],
+    backend=os.environ["BENCH_REDIS"],
+)
 app.conf.update(
     worker_prefetch_multiplier=1,
     task_acks_late=True,

@@ -27,8 +27,11 @@ CHANNEL = os.environ.get("BENCH_SCHEMA", "")
 
 def arguments(description):
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--install", action="store_true",
-                        help="install the queue's schema and exit")
+    parser.add_argument(
+        "--install",
+        action="store_true",
+        help="install the queue's schema and exit",
+    )
     parser.add_argument("--tasks", type=int, default=20_000)
     parser.add_argument("--latency", type=int, default=1000)
     parser.add_argument("--warmup", type=int, default=20)

@@ -35,7 +35,9 @@ async def run(args):
     async def logged(job_id):
         cur = await db.execute(
             "SELECT status::text FROM pgqueuer_log WHERE job_id = %s "
-            "AND status::text NOT IN ('queued', 'picked')", (job_id,))
+            "AND status::text NOT IN ('queued', 'picked')",
+            (job_id,),
+        )
         row = await cur.fetchone()
         if row and row[0] != "successful":
             raise RuntimeError(f"job {job_id} is {row[0]}")
@@ -47,17 +49,23 @@ async def run(args):
     out = {}
     for i in range(args.warmup):
         job_id = await enqueue(i)
-        await pg_common.wait_until(lambda job_id=job_id: logged(job_id), 60,
-                                   "a warm-up job", poll=0.01)
+        await pg_common.wait_until(
+            lambda job_id=job_id: logged(job_id),
+            60,
+            "a warm-up job",
+            poll=0.01,
+        )
 
     if args.tasks:
         began = time.time()
         ids = []
         for k in range(0, args.tasks, 1000):
             chunk = range(k, min(k + 1000, args.tasks))
-            ids += await queries.enqueue([tag] * len(chunk),
-                                         [str(i).encode() for i in chunk],
-                                         [0] * len(chunk))
+            ids += await queries.enqueue(
+                [tag] * len(chunk),
+                [str(i).encode() for i in chunk],
+                [0] * len(chunk),
+            )
         out["submit_seconds"] = time.time() - began
 
         async def all_done():
@@ -65,29 +73,35 @@ async def run(args):
                 "SELECT count(*) FILTER (WHERE status = 'successful'), "
                 "count(*) FILTER (WHERE status::text NOT IN "
                 "('queued', 'picked', 'successful')) FROM pgqueuer_log "
-                "WHERE job_id BETWEEN %s AND %s", (min(ids), max(ids)))
+                "WHERE job_id BETWEEN %s AND %s",
+                (min(ids), max(ids)),
+            )
             done, bad = await cur.fetchone()
             if bad:
                 raise RuntimeError(f"{bad} jobs did not succeed")
             return done >= len(ids)
 
-        await pg_common.wait_until(lambda: logged(ids[-1]), 600,
-                                   "the last job")
+        await pg_common.wait_until(
+            lambda: logged(ids[-1]), 600, "the last job"
+        )
         await pg_common.wait_until(all_done, 120, "every job succeeding")
         cur = await db.execute(
             "SELECT extract(epoch FROM max(created)) FROM pgqueuer_log "
             "WHERE status = 'successful' AND job_id BETWEEN %s AND %s",
-            (min(ids), max(ids)))
+            (min(ids), max(ids)),
+        )
         last = float((await cur.fetchone())[0])
         out["throughput"] = args.tasks / (last - began)
 
-    await pg_common.notify_on(db, "pgqueuer_log",
-                              "NEW.status = 'successful'", "job_id")
+    await pg_common.notify_on(
+        db, "pgqueuer_log", "NEW.status = 'successful'", "job_id"
+    )
     listener = pg_common.Listener(await pg_common.connect())
     await listener.start()
     await pg_common.one_at_a_time(enqueue, listener, args.warmup)
     out["submit_to_result"] = await pg_common.one_at_a_time(
-        enqueue, listener, args.latency, start=args.warmup)
+        enqueue, listener, args.latency, start=args.warmup
+    )
     listener.stop()
     pg_common.report(out)
     return 0

@@ -27,7 +27,8 @@ async def main():
     # and never finished in our trials); the schema through search_path.
     connection = await asyncpg.connect(
         os.environ["BENCH_POSTGRES"].split("?")[0],
-        server_settings={"search_path": os.environ["BENCH_SCHEMA"]})
+        server_settings={"search_path": os.environ["BENCH_SCHEMA"]},
+    )
     qm = QueueManager(Queries(AsyncpgDriver(connection)))
 
     @qm.entrypoint(QUEUE)

@@ -31,7 +31,8 @@ async def run(args):
 
     async def finished(job_id):
         cur = await db.execute(
-            "SELECT status FROM procrastinate_jobs WHERE id = %s", (job_id,))
+            "SELECT status FROM procrastinate_jobs WHERE id = %s", (job_id,)
+        )
         status = (await cur.fetchone())[0]
         if status in ("failed", "aborted", "cancelled"):
             raise RuntimeError(f"job {job_id} is {status}")
@@ -42,25 +43,33 @@ async def run(args):
         await pg_common.wait_until(registered, 60, "2 workers registering")
         for i in range(args.warmup):
             job_id = await noop.defer_async(i=i)
-            await pg_common.wait_until(lambda job_id=job_id: finished(job_id), 30,
-                                       "a warm-up job", poll=0.01)
+            await pg_common.wait_until(
+                lambda job_id=job_id: finished(job_id),
+                30,
+                "a warm-up job",
+                poll=0.01,
+            )
 
         if args.tasks:
             began = time.time()
             ids = []
             for k in range(0, args.tasks, 1000):
                 ids += await noop.batch_defer_async(
-                    *({"i": i} for i in range(k, min(k + 1000, args.tasks))))
+                    *({"i": i} for i in range(k, min(k + 1000, args.tasks)))
+                )
             out["submit_seconds"] = time.time() - began
-            await pg_common.wait_until(lambda: finished(ids[-1]), 600,
-                                       "the last job")
+            await pg_common.wait_until(
+                lambda: finished(ids[-1]), 600, "the last job"
+            )
 
             async def all_done():
                 cur = await db.execute(
                     "SELECT count(*) FILTER (WHERE status = 'succeeded'), "
                     "count(*) FILTER (WHERE status NOT IN "
                     "('todo', 'doing', 'succeeded')) FROM procrastinate_jobs "
-                    "WHERE id BETWEEN %s AND %s", (min(ids), max(ids)))
+                    "WHERE id BETWEEN %s AND %s",
+                    (min(ids), max(ids)),
+                )
                 done, bad = await cur.fetchone()
                 if bad:
                     raise RuntimeError(f"{bad} jobs failed")
@@ -70,12 +79,14 @@ async def run(args):
             cur = await db.execute(
                 "SELECT extract(epoch FROM max(at)) FROM procrastinate_events "
                 "WHERE type = 'succeeded' AND job_id BETWEEN %s AND %s",
-                (min(ids), max(ids)))
+                (min(ids), max(ids)),
+            )
             last = float((await cur.fetchone())[0])
             out["throughput"] = args.tasks / (last - began)
 
-        await pg_common.notify_on(db, "procrastinate_jobs",
-                                  "NEW.status = 'succeeded'", "id")
+        await pg_common.notify_on(
+            db, "procrastinate_jobs", "NEW.status = 'succeeded'", "id"
+        )
         listener = pg_common.Listener(await pg_common.connect())
         await listener.start()
 
@@ -84,7 +95,8 @@ async def run(args):
 
         await pg_common.one_at_a_time(defer, listener, args.warmup)
         out["submit_to_result"] = await pg_common.one_at_a_time(
-            defer, listener, args.latency, start=args.warmup)
+            defer, listener, args.latency, start=args.warmup
+        )
         listener.stop()
     pg_common.report(out)
     return 0

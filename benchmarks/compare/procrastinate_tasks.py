@@ -13,8 +13,11 @@ import procrastinate
 
 QUEUE = os.environ["BENCH_QUEUE"]
 
-app = procrastinate.App(connector=procrastinate.PsycopgConnector(
-    conninfo=os.environ["BENCH_POSTGRES"]))
+app = procrastinate.App(
+    connector=procrastinate.PsycopgConnector(
+        conninfo=os.environ["BENCH_POSTGRES"]
+    )
+)
 
 
 @app.task(name="bench.noop", queue=QUEUE)

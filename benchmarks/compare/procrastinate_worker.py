@@ -16,8 +16,9 @@ async def main():
     args = parser.parse_args()
     async with app.open_async():
         print("ready", flush=True)
-        await app.run_worker_async(queues=[QUEUE], concurrency=1,
-                                   name=args.name)
+        await app.run_worker_async(
+            queues=[QUEUE], concurrency=1, name=args.name
+        )
 
 
 if __name__ == "__main__":

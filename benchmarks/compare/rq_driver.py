@@ -36,8 +36,7 @@ def main():
     deadline = time.monotonic() + 60
     while len(Worker.all(queue=queue)) < args.workers:
         if time.monotonic() > deadline:
-            print("error: the RQ workers did not register in 60 s",
-                  flush=True)
+            print("error: the RQ workers did not register in 60 s", flush=True)
             return 1
         time.sleep(0.05)
     for i in range(args.warmup):
@@ -51,18 +50,24 @@ def main():
         ids = [f"{tag}-t-{i}" for i in range(args.tasks)]
         began = time.time()
         for k in range(0, args.tasks, 1000):
-            queue.enqueue_many([
-                Queue.prepare_data(noop, (i,), job_id=ids[i])
-                for i in range(k, min(k + 1000, args.tasks))])
+            queue.enqueue_many(
+                [
+                    Queue.prepare_data(noop, (i,), job_id=ids[i])
+                    for i in range(k, min(k + 1000, args.tasks))
+                ]
+            )
         sent = time.time()
         # Wait for the last job cheaply (one key), then read them all.
         last = Job.fetch(ids[-1], connection=connection)
         wait_until = time.monotonic() + 600
-        while last.get_status(refresh=True) not in (JobStatus.FINISHED,
-                                                    JobStatus.FAILED):
+        while last.get_status(refresh=True) not in (
+            JobStatus.FINISHED,
+            JobStatus.FAILED,
+        ):
             if time.monotonic() > wait_until:
-                print("error: the last job did not finish in 600 s",
-                      flush=True)
+                print(
+                    "error: the last job did not finish in 600 s", flush=True
+                )
                 return 1
             time.sleep(0.02)
         ended = []
@@ -71,13 +76,15 @@ def main():
         while pending:
             left = []
             for k in range(0, len(pending), 1000):
-                chunk = pending[k:k + 1000]
+                chunk = pending[k : k + 1000]
                 for job_id, job in zip(
-                        chunk, Job.fetch_many(chunk, connection=connection)):
+                    chunk, Job.fetch_many(chunk, connection=connection)
+                ):
                     status = job.get_status(refresh=False) if job else None
                     if status == JobStatus.FINISHED and job.ended_at:
-                        ended.append(job.ended_at.replace(
-                            tzinfo=UTC).timestamp())
+                        ended.append(
+                            job.ended_at.replace(tzinfo=UTC).timestamp()
+                        )
                     elif status == JobStatus.FAILED:
                         print(f"error: job {job_id} failed", flush=True)
                         return 1
@@ -86,8 +93,7 @@ def main():
             pending = left
             if pending:
                 if time.monotonic() > wait_until:
-                    print(f"error: {len(pending)} jobs unfinished",
-                          flush=True)
+                    print(f"error: {len(pending)} jobs unfinished", flush=True)
                     return 1
                 time.sleep(0.1)
         out["throughput"] = args.tasks / (max(ended) - began)

@@ -76,7 +76,8 @@ def main():
             while tasks and workers:
                 client, request = tasks.popleft()
                 backend.send_multipart(
-                    [workers.popleft(), b"", client, b"", request])
+                    [workers.popleft(), b"", client, b"", request]
+                )
     except Stop:
         pass
     frontend.close()

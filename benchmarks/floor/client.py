@@ -51,8 +51,9 @@ def main():
             seen.add(json.loads(sock.recv())["id"])
         ended = time.time()
         if len(seen) != args.tasks:
-            print(f"error: {args.tasks - len(seen)} results missing",
-                  flush=True)
+            print(
+                f"error: {args.tasks - len(seen)} results missing", flush=True
+            )
             return 1
         out["throughput"] = args.tasks / (ended - began)
         out["throughput_seconds"] = ended - began

@@ -47,8 +47,13 @@ def main():
                 continue
             started = time.time()
             task = json.loads(request)
-            reply = dumps({"id": task["id"], "result": task["payload"],
-                           "started": started})
+            reply = dumps(
+                {
+                    "id": task["id"],
+                    "result": task["payload"],
+                    "started": started,
+                }
+            )
             sock.send_multipart([client, empty, reply.encode("utf-8")])
     except Stop:
         pass

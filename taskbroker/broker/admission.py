@@ -14,8 +14,7 @@ from taskbroker.protocol.codec import MAX_LIST_BYTES, MAX_MESSAGE_SIZE
 #: The client requests that take work (a database read or write) and so
 #: count against the bounds.  STATS and WORKERS are answered from memory,
 #: so that a broker under a flood can still be looked at.
-COUNTED = frozenset((b"SUBMIT", b"GET", b"WAIT", b"LIST", b"CANCEL",
-                     b"RETRY"))
+COUNTED = frozenset((b"SUBMIT", b"GET", b"WAIT", b"LIST", b"CANCEL", b"RETRY"))
 #: The most counted requests being worked on at once.
 MAX_PENDING = 1000
 #: The most bytes the counted requests being worked on may cost at once:
@@ -43,8 +42,12 @@ class Admission:
     Counts the requests in progress against the bounds.
     """
 
-    def __init__(self, max_pending=MAX_PENDING,
-                 max_pending_bytes=MAX_PENDING_BYTES, max_waits=MAX_WAITS):
+    def __init__(
+        self,
+        max_pending=MAX_PENDING,
+        max_pending_bytes=MAX_PENDING_BYTES,
+        max_waits=MAX_WAITS,
+    ):
         self.max_pending = max_pending
         self.max_pending_bytes = max_pending_bytes
         self.max_waits = max_waits
@@ -60,8 +63,10 @@ class Admission:
         :returns: whether it was taken on; if so, :meth:`release` it when
             it has been answered.
         """
-        if (self.pending >= self.max_pending
-                or self.pending_bytes + size > self.max_pending_bytes):
+        if (
+            self.pending >= self.max_pending
+            or self.pending_bytes + size > self.max_pending_bytes
+        ):
             return False
         self.pending += 1
         self.pending_bytes += size

@@ -42,11 +42,19 @@ class Attempt:
         :class:`taskbroker.broker.progress.ProgressRecords`.
     """
 
-    __slots__ = ("task_id", "token", "row", "session", "progress",
-                 "progress_written", "progress_timer")
+    __slots__ = (
+        "task_id",
+        "token",
+        "row",
+        "session",
+        "progress",
+        "progress_written",
+        "progress_timer",
+    )
 
-    def __init__(self, task_id: int, token: int, row: "TaskRow",
-                 session: bytes | None) -> None:
+    def __init__(
+        self, task_id: int, token: int, row: "TaskRow", session: bytes | None
+    ) -> None:
         self.task_id = task_id
         self.token = token
         self.row = row
@@ -56,8 +64,10 @@ class Attempt:
         self.progress_timer: IDelayedCall | None = None
 
     def __repr__(self) -> str:
-        return (f"Attempt({self.task_id!r}, token={self.token!r}, "
-                f"session={self.session!r})")
+        return (
+            f"Attempt({self.task_id!r}, token={self.token!r}, "
+            f"session={self.session!r})"
+        )
 
 
 class Attempts:
@@ -93,20 +103,23 @@ class Attempts:
             return attempt
         return None
 
-    def start(self, task_id: int, token: int, row: "TaskRow",
-              session: bytes) -> Attempt:
+    def start(
+        self, task_id: int, token: int, row: "TaskRow", session: bytes
+    ) -> Attempt:
         """
         Record a dispatch to ``session``; it replaces any earlier attempt.
 
         :returns: the new :class:`Attempt`.
         """
-        attempt = self._current[task_id] = Attempt(task_id, token, row,
-                                                   session)
+        attempt = self._current[task_id] = Attempt(
+            task_id, token, row, session
+        )
         self._deadlines.pop(task_id, None)
         return attempt
 
-    def orphan(self, task_id: int, token: int, row: "TaskRow",
-               deadline: float) -> None:
+    def orphan(
+        self, task_id: int, token: int, row: "TaskRow", deadline: float
+    ) -> None:
         """
         Record an attempt that no live session holds, to be requeued at
         ``deadline`` unless a worker claims or reports it first.
@@ -128,8 +141,13 @@ class Attempts:
         self._deadlines.pop(task_id, None)
         return attempt
 
-    def claim(self, task_id: int, token: int, session: bytes,
-              is_live: Callable[[bytes], bool]) -> Claimed:
+    def claim(
+        self,
+        task_id: int,
+        token: int,
+        session: bytes,
+        is_live: Callable[[bytes], bool],
+    ) -> Claimed:
         """
         A worker that reconnected says it runs ``task_id`` under ``token``.
 
@@ -142,15 +160,19 @@ class Attempts:
         attempt = self.current(task_id, token)
         if attempt is None:
             return "stale"
-        if attempt.session is not None and attempt.session != session \
-                and is_live(attempt.session):
+        if (
+            attempt.session is not None
+            and attempt.session != session
+            and is_live(attempt.session)
+        ):
             return "held"
         attempt.session = session
         self._deadlines.pop(task_id, None)
         return "claimed"
 
-    def expired(self, now: float,
-                is_live: Callable[[bytes], bool]) -> list[Attempt]:
+    def expired(
+        self, now: float, is_live: Callable[[bytes], bool]
+    ) -> list[Attempt]:
         """
         Take the orphans whose deadline has passed and that no live session
         claimed meanwhile.
@@ -158,14 +180,18 @@ class Attempts:
         :returns: a ``list`` of the :class:`Attempt` objects taken, to be
             requeued.
         """
-        due = [task_id for task_id, deadline in self._deadlines.items()
-               if deadline <= now]
+        due = [
+            task_id
+            for task_id, deadline in self._deadlines.items()
+            if deadline <= now
+        ]
         taken = []
         for task_id in due:
             del self._deadlines[task_id]
             attempt = self._current.get(task_id)
-            if attempt is not None and (attempt.session is None
-                                        or not is_live(attempt.session)):
+            if attempt is not None and (
+                attempt.session is None or not is_live(attempt.session)
+            ):
                 del self._current[task_id]
                 taken.append(attempt)
         return taken

@@ -122,18 +122,23 @@ class Backlog:
             if reason is not None:
                 self.log.warn(
                     "rejected the queued tasks of handler {handler!r} and "
-                    "priority {priority!r}: {reason}", handler=handler,
-                    priority=priority, reason=reason)
-                rejected.append(broker.store.reject_group(
-                    handler, priority, reason, now))
+                    "priority {priority!r}: {reason}",
+                    handler=handler,
+                    priority=priority,
+                    reason=reason,
+                )
+                rejected.append(
+                    broker.store.reject_group(handler, priority, reason, now)
+                )
                 continue
             level = broker.level_of(priority or broker.config.default_priority)
             # Truncated at the start: the first load reads its oldest tasks.
             self._windows.leave((level, handler), 0)
         yield defer.gatherResults(rejected, consumeErrors=True)
         loads = [self._refill(key) for key in self._windows.truncated()]
-        yield defer.gatherResults([d for d in loads if d is not None],
-                                  consumeErrors=True)
+        yield defer.gatherResults(
+            [d for d in loads if d is not None], consumeErrors=True
+        )
         yield self._load_delayed()
 
     def stop(self):
@@ -187,7 +192,9 @@ class Backlog:
                 self._delay(row)
             return
         key = (broker.level_of(row.priority), row.handler)
-        if self._windows.hold(key, row.id - 1, broker.dispatcher.waiting(*key)):
+        if self._windows.hold(
+            key, row.id - 1, broker.dispatcher.waiting(*key)
+        ):
             self.enqueue(row)
         else:
             self._refill(key)
@@ -207,9 +214,11 @@ class Backlog:
                 self._give_back(row.id)
             return
         assignment = broker.dispatcher.add_task(
-            Task(row.id, broker.level_of(row.priority), row.handler,
-                 held(row)),
-            front=front)
+            Task(
+                row.id, broker.level_of(row.priority), row.handler, held(row)
+            ),
+            front=front,
+        )
         if assignment is not None:
             broker.dispatch(assignment)
         elif self._shared:
@@ -233,7 +242,10 @@ class Backlog:
             broker.requests.watch(task_id)
 
     def _delays(self, row):
-        return row.run_at is not None and row.run_at > self._broker.clock.seconds()
+        return (
+            row.run_at is not None
+            and row.run_at > self._broker.clock.seconds()
+        )
 
     def withdraw(self, task_id):
         """
@@ -264,13 +276,17 @@ class Backlog:
         broker = self._broker
         reason = invalid_row(row, broker.levels)
         if reason is not None:
-            self.log.warn("rejected task {task_id}: {reason}",
-                          task_id=row.id, reason=reason)
+            self.log.warn(
+                "rejected task {task_id}: {reason}",
+                task_id=row.id,
+                reason=reason,
+            )
             d = broker.store.reject(row.id, reason, broker.clock.seconds())
 
             def rejected(_):
-                broker.status.tasks.move(row.priority, row.handler, "queued",
-                                         "failed")
+                broker.status.tasks.move(
+                    row.priority, row.handler, "queued", "failed"
+                )
                 broker.outcomes.notify(row.id)
 
             d.addCallback(rejected)
@@ -307,10 +323,12 @@ class Backlog:
         after_id, limit = load
         level, handler = key
         name = broker.levels[level]
-        priorities = ((name, None) if name == broker.config.default_priority
-                      else (name,))
-        d = broker.claims.claim_queue(handler, priorities, after_id, limit,
-                                      broker.clock.seconds())
+        priorities = (
+            (name, None) if name == broker.config.default_priority else (name,)
+        )
+        d = broker.claims.claim_queue(
+            handler, priorities, after_id, limit, broker.clock.seconds()
+        )
 
         def loaded(rows):
             # Held before the window is told, so that dispatches on the way
@@ -320,8 +338,11 @@ class Backlog:
                     for row in rows:
                         self._take_loaded(row)
             finally:
-                self._windows.loaded(key, rows[-1].id if rows else after_id,
-                                     exhausted=len(rows) < limit)
+                self._windows.loaded(
+                    key,
+                    rows[-1].id if rows else after_id,
+                    exhausted=len(rows) < limit,
+                )
             return self._refill(key)
 
         def failed(reason):
@@ -329,7 +350,8 @@ class Backlog:
             broker.trouble(reason, "reading queued tasks")
 
         return d.addCallbacks(loaded, failed).addErrback(
-            broker.trouble, "loading queued tasks")
+            broker.trouble, "loading queued tasks"
+        )
 
     def _load_delayed(self):
         """
@@ -341,9 +363,15 @@ class Backlog:
         broker = self._broker
         cursor = self._delayed_window.cursor(DELAYED_KEY)
         soon = cursor is not None and cursor[0] <= (
-            broker.clock.seconds() + 2 * broker.config.poll_interval + 1.0)
-        load = None if self.stopped else self._delayed_window.start(
-            DELAYED_KEY, len(self.delayed), soon)
+            broker.clock.seconds() + 2 * broker.config.poll_interval + 1.0
+        )
+        load = (
+            None
+            if self.stopped
+            else self._delayed_window.start(
+                DELAYED_KEY, len(self.delayed), soon
+            )
+        )
         if load is None:
             return defer.succeed(None)
         after, limit = load
@@ -361,14 +389,16 @@ class Backlog:
                 self._delayed_window.loaded(
                     DELAYED_KEY,
                     (rows[-1].run_at, rows[-1].id) if rows else after,
-                    exhausted=len(rows) < limit)
+                    exhausted=len(rows) < limit,
+                )
 
         def failed(reason):
             self._delayed_window.failed(DELAYED_KEY)
             broker.trouble(reason, "reading delayed tasks")
 
         return d.addCallbacks(loaded, failed).addErrback(
-            broker.trouble, "loading delayed tasks")
+            broker.trouble, "loading delayed tasks"
+        )
 
     def _take_loaded(self, row, hold=None):
         """
@@ -425,7 +455,9 @@ class Backlog:
         self._load_delayed()
 
     def _came_due(self, row):
-        self._broker.status.tasks.move(row.priority, row.handler, DELAYED, None)
+        self._broker.status.tasks.move(
+            row.priority, row.handler, DELAYED, None
+        )
         if self._shared:
             self._broker.feeder.wake()
         else:
@@ -454,9 +486,12 @@ class Backlog:
             self._polling = False
             self._broker.feeder.wake()
             if self._broker.clock.seconds() >= self._next_sweep:
-                self._next_sweep = self._broker.clock.seconds() + SWEEP_INTERVAL
+                self._next_sweep = (
+                    self._broker.clock.seconds() + SWEEP_INTERVAL
+                )
                 self._sweep_unrunnable().addErrback(
-                    self._broker.trouble, "failing tasks no broker can run")
+                    self._broker.trouble, "failing tasks no broker can run"
+                )
             return self._load_delayed()
         d = self._poll()
         d.addBoth(done)
@@ -479,13 +514,18 @@ class Backlog:
             reason = invalid_queue(handler, priority, broker.levels)
             if reason is None:
                 continue
-            count = yield broker.store.reject_group(handler, priority, reason,
-                                                    now)
+            count = yield broker.store.reject_group(
+                handler, priority, reason, now
+            )
             if count:
                 self.log.warn(
                     "failed {count} queued tasks of handler {handler!r} and "
-                    "priority {priority!r}: {reason}", count=count,
-                    handler=handler, priority=priority, reason=reason)
+                    "priority {priority!r}: {reason}",
+                    count=count,
+                    handler=handler,
+                    priority=priority,
+                    reason=reason,
+                )
 
     @defer.inlineCallbacks
     def _poll(self):
@@ -501,16 +541,21 @@ class Backlog:
                     continue
                 # New to the broker: inserted by SQL since the last poll.
                 broker.status.tasks.add(
-                    "queued", row.priority, row.handler,
+                    "queued",
+                    row.priority,
+                    row.handler,
                     delayed=isinstance(row.run_at, (int, float))
-                    and row.run_at > now)
+                    and row.run_at > now,
+                )
                 row = self.checked(row, rejected)
                 if row is not None:
                     found.append(row)
             # If failing the invalid rows fails, the poll is not confirmed
             # and the next one reads them again.
             yield defer.gatherResults(rejected, consumeErrors=True)
-            for row in sorted(found, key=lambda r: broker.level_of(r.priority)):
+            for row in sorted(
+                found, key=lambda r: broker.level_of(r.priority)
+            ):
                 if not self._held(row.id):
                     self.admit(row)
             broker.claims.polled(cursor)

@@ -48,8 +48,14 @@ class Bulk:
     # -- deleting ------------------------------------------------------------
 
     @defer.inlineCallbacks
-    def purge(self, finished_before, states=FINAL_STATES, handler=None,
-              submitter=None, batches=None):
+    def purge(
+        self,
+        finished_before,
+        states=FINAL_STATES,
+        handler=None,
+        submitter=None,
+        batches=None,
+    ):
         """
         Delete finished tasks, a batch per transaction, until none is left
         or ``batches`` ran.
@@ -59,10 +65,12 @@ class Bulk:
         """
         broker = self._broker
         deleted, more, done = 0, True, 0
-        while more and not broker.stopped and (batches is None
-                                               or done < batches):
+        while (
+            more and not broker.stopped and (batches is None or done < batches)
+        ):
             rows = yield broker.store.purge(
-                finished_before, states, handler, submitter, PURGE_BATCH)
+                finished_before, states, handler, submitter, PURGE_BATCH
+            )
             done += 1
             deleted += len(rows)
             more = len(rows) == PURGE_BATCH
@@ -82,29 +90,36 @@ class Bulk:
         broker = self._broker
         configured = broker.config.keep_finished
         if configured is not None:
-            self.keep_finished = None if configured == float("inf") \
-                else configured
+            self.keep_finished = (
+                None if configured == float("inf") else configured
+            )
             source = "--keep-finished"
         else:
             text = yield broker.store.setting("default_keep_finished")
             try:
-                self.keep_finished = parse_duration(text or "none",
-                                                    allow_none=True)
+                self.keep_finished = parse_duration(
+                    text or "none", allow_none=True
+                )
             except ValueError:
-                self.log.warn("the database's default_keep_finished "
-                              "{text!r} is not a duration: finished tasks "
-                              "are kept", text=text)
+                self.log.warn(
+                    "the database's default_keep_finished "
+                    "{text!r} is not a duration: finished tasks "
+                    "are kept",
+                    text=text,
+                )
                 self.keep_finished = None
-            source = ("the database's default; --keep-finished changes "
-                      "it")
+            source = "the database's default; --keep-finished changes it"
         if self.keep_finished is None:
-            self.log.info("finished tasks are kept for ever ({source})",
-                          source=source)
+            self.log.info(
+                "finished tasks are kept for ever ({source})", source=source
+            )
         else:
             self.log.info(
                 "finished tasks are deleted {duration} after they finish "
-                "({source})", duration=format_duration(self.keep_finished),
-                source=source)
+                "({source})",
+                duration=format_duration(self.keep_finished),
+                source=source,
+            )
 
     @defer.inlineCallbacks
     def retain(self):
@@ -119,7 +134,9 @@ class Bulk:
         if deleted:
             self.log.info(
                 "deleted {count} tasks that finished over {duration} ago",
-                count=deleted, duration=format_duration(self.keep_finished))
+                count=deleted,
+                duration=format_duration(self.keep_finished),
+            )
 
     # -- requests ------------------------------------------------------------
 
@@ -131,16 +148,19 @@ class Bulk:
         return d.addErrback(requests.failed, doing, identity, req)
 
     def on_PURGE(self, identity, body, key=None):
-        return self._answer(self.purge_request, identity, body, key,
-                            "purging tasks")
+        return self._answer(
+            self.purge_request, identity, body, key, "purging tasks"
+        )
 
     def on_CANCEL_MANY(self, identity, body, key=None):
-        return self._answer(self.cancel_many, identity, body, key,
-                            "cancelling tasks")
+        return self._answer(
+            self.cancel_many, identity, body, key, "cancelling tasks"
+        )
 
     def on_RETRY_MANY(self, identity, body, key=None):
-        return self._answer(self.retry_many, identity, body, key,
-                            "retrying tasks")
+        return self._answer(
+            self.retry_many, identity, body, key, "retrying tasks"
+        )
 
     def purge_request(self, body, key):
         """
@@ -152,10 +172,14 @@ class Bulk:
         state = body.get("state")
         d = self.purge(
             self._broker.clock.seconds() - body["older_than"],
-            (state,) if state else FINAL_STATES, body.get("handler"),
-            self._broker.requests.scope(key), PURGE_BATCHES_PER_REQUEST)
+            (state,) if state else FINAL_STATES,
+            body.get("handler"),
+            self._broker.requests.scope(key),
+            PURGE_BATCHES_PER_REQUEST,
+        )
         return d.addCallback(
-            lambda done: {"deleted": done[0], "more": done[1]})
+            lambda done: {"deleted": done[0], "more": done[1]}
+        )
 
     def cancel_many(self, body, key):
         """
@@ -163,17 +187,26 @@ class Bulk:
         a handler if it names one, from id ``after`` on; or, with
         ``count``, only count them.
         """
-        return self._many(body, key, body.get("state") or "queued",
-                          self._broker.requests.cancel_task,
-                          "cancelled")
+        return self._many(
+            body,
+            key,
+            body.get("state") or "queued",
+            self._broker.requests.cancel_task,
+            "cancelled",
+        )
 
     def retry_many(self, body, key):
         """
         Carry out a RETRY_MANY: queue the failed (or cancelled) tasks
         again, as RETRY does each.
         """
-        return self._many(body, key, body.get("state") or "failed",
-                          self._broker.requests.retry_task, "retried")
+        return self._many(
+            body,
+            key,
+            body.get("state") or "failed",
+            self._broker.requests.retry_task,
+            "retried",
+        )
 
     @defer.inlineCallbacks
     def _many(self, body, key, state, act, done_key):
@@ -188,16 +221,20 @@ class Bulk:
         more = True
         while more and acted + failed < BULK_LIMIT and not broker.stopped:
             rows = yield broker.store.list(
-                state, handler, after, min(BULK_PAGE,
-                                           BULK_LIMIT - acted - failed),
-                submitter=scope)
+                state,
+                handler,
+                after,
+                min(BULK_PAGE, BULK_LIMIT - acted - failed),
+                submitter=scope,
+            )
             more = len(rows) == min(BULK_PAGE, BULK_LIMIT - acted - failed)
             if not rows:
                 break
             after = rows[-1].id
             results = yield defer.DeferredList(
                 [defer.maybeDeferred(act, row.id) for row in rows],
-                consumeErrors=True)
+                consumeErrors=True,
+            )
             for ok, value in results:
                 if ok:
                     acted += 1
@@ -207,7 +244,11 @@ class Bulk:
                     # The store's trouble fails the whole request.
                     value.raiseException()
         if acted:
-            self.log.info("{count} tasks {what} in bulk", count=acted,
-                          what=done_key)
-        return {done_key: acted, "refused": failed,
-                "next": after if more else None}
+            self.log.info(
+                "{count} tasks {what} in bulk", count=acted, what=done_key
+            )
+        return {
+            done_key: acted,
+            "refused": failed,
+            "next": after if more else None,
+        }

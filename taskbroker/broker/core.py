@@ -71,9 +71,11 @@ RECONCILE_INTERVAL = 10.0
 
 
 def _dispatch_details(task):
-    return (f"{task['handler']}, priority {task['priority']}, attempt "
-            f"{task['attempt']} of {task['max_attempts']}, "
-            f"{seconds(task['waited'])} after it was created")
+    return (
+        f"{task['handler']}, priority {task['priority']}, attempt "
+        f"{task['attempt']} of {task['max_attempts']}, "
+        f"{seconds(task['waited'])} after it was created"
+    )
 
 
 class Broker:
@@ -94,16 +96,26 @@ class Broker:
 
     log = Logger()
 
-    def __init__(self, config, store, clock, send, instance_id=None,
-                 monotonic=None, rng=None, claims=None):
+    def __init__(
+        self,
+        config,
+        store,
+        clock,
+        send,
+        instance_id=None,
+        monotonic=None,
+        rng=None,
+        claims=None,
+    ):
         self.config = config
         self.store = store
         self.clock = clock
         self.send = send
         self.monotonic = monotonic or clock.seconds
         self.instance_id = instance_id or uuid.uuid4().hex[:12]
-        self.claims = (store.claims(self.instance_id) if claims is None
-                       else claims)
+        self.claims = (
+            store.claims(self.instance_id) if claims is None else claims
+        )
         self.levels = tuple(config.priorities)
         self._level_index = {name: i for i, name in enumerate(self.levels)}
         self.status = Status(self)
@@ -115,16 +127,22 @@ class Broker:
         self.dispatcher = Dispatcher(len(self.levels))
         self.sessions = Sessions()
         self.attempts = Attempts()
-        self.outcomes = Outcomes(self, RetryPolicy(config,
-                                                   rng or random.Random()))
+        self.outcomes = Outcomes(
+            self, RetryPolicy(config, rng or random.Random())
+        )
         self.backlog = Backlog(self)
         self.progress = ProgressRecords(self)
         self.metrics = Metrics(self)
         self.dispatch_log = TaskLog(
-            self.log, clock, "dispatched",
-            lambda t: f"task {t['id']} dispatched to {t['worker']}: "
-                      f"{_dispatch_details(t)}",
-            lambda t: f"{t['id']} to {t['worker']} ({_dispatch_details(t)})")
+            self.log,
+            clock,
+            "dispatched",
+            lambda t: (
+                f"task {t['id']} dispatched to {t['worker']}: "
+                f"{_dispatch_details(t)}"
+            ),
+            lambda t: f"{t['id']} to {t['worker']} ({_dispatch_details(t)})",
+        )
         self.feeder = Feeder(self)
         self.workers = Workers(self)
         self.admission = Admission()
@@ -179,21 +197,34 @@ class Broker:
         """
         deadline = self.monotonic() + self._reclaim_window()
         now = self.clock.seconds()
-        running = yield self.claims.start(now, self.feeder.wake,
-                                          self._finished_elsewhere)
+        running = yield self.claims.start(
+            now, self.feeder.wake, self._finished_elsewhere
+        )
         failed = []
         for row in running:
             reason = invalid_row(row, self.levels)
             if reason is not None:
-                self.log.warn("failed running task {task_id}: {reason}",
-                              task_id=row.id, reason=reason)
-                failed.append(self.store.finish(
-                    row.id, row.token, "failed", None, reason, None, now))
+                self.log.warn(
+                    "failed running task {task_id}: {reason}",
+                    task_id=row.id,
+                    reason=reason,
+                )
+                failed.append(
+                    self.store.finish(
+                        row.id, row.token, "failed", None, reason, None, now
+                    )
+                )
                 continue
             # Rows in memory are as they were before their dispatch (the
             # store's requeue never takes attempts below 0 either).
-            self.attempts.orphan(row.id, row.token, self.backlog.with_defaults(
-                row._replace(attempts=max(row.attempts - 1, 0))), deadline)
+            self.attempts.orphan(
+                row.id,
+                row.token,
+                self.backlog.with_defaults(
+                    row._replace(attempts=max(row.attempts - 1, 0))
+                ),
+                deadline,
+            )
         # As for the queues failed whole at start: if failing them fails,
         # the broker does not start, and the next start tries again.
         yield defer.gatherResults(failed, consumeErrors=True)
@@ -262,8 +293,11 @@ class Broker:
             self.feeder.start_over(lost)
         freed = yield self.claims.reclaim(now, self._reclaim_window())
         if freed:
-            self.log.info("took back {count} tasks from brokers that "
-                          "stopped renewing their claims", count=freed)
+            self.log.info(
+                "took back {count} tasks from brokers that "
+                "stopped renewing their claims",
+                count=freed,
+            )
             self.feeder.wake()
         if now >= self._next_reconcile:
             self._next_reconcile = now + RECONCILE_INTERVAL
@@ -278,17 +312,22 @@ class Broker:
         claim on its way back from the store is not taken for one.
         """
         holding = yield self.claims.holding()
-        stray = {task_id for task_id in holding
-                 if task_id not in self.attempts
-                 and not self.backlog.holds(task_id)}
+        stray = {
+            task_id
+            for task_id in holding
+            if task_id not in self.attempts and not self.backlog.holds(task_id)
+        }
         suspects, self._stray = self._stray, stray
         confirmed = stray & suspects
         if confirmed:
             count = yield self.claims.let_go(confirmed)
             if count:
-                self.log.warn("let go of {count} tasks the database said "
-                              "this broker held and it did not (a commit "
-                              "whose answer was lost)", count=count)
+                self.log.warn(
+                    "let go of {count} tasks the database said "
+                    "this broker held and it did not (a commit "
+                    "whose answer was lost)",
+                    count=count,
+                )
 
     # -- dispatch ------------------------------------------------------------
 
@@ -307,8 +346,14 @@ class Broker:
         row = row._replace(worker=session.name, started_at=now)
         self.attempts.start(row.id, token, row, identity)
         session.running[row.id] = token
-        d = self.store.dispatch(row.id, token, session.name, now, row.priority,
-                                row.max_attempts or self.config.max_attempts)
+        d = self.store.dispatch(
+            row.id,
+            token,
+            session.name,
+            now,
+            row.priority,
+            row.max_attempts or self.config.max_attempts,
+        )
 
         def committed(ok):
             self._store_backoff = 0.0
@@ -318,8 +363,9 @@ class Broker:
                 # Changed behind our back (by SQL): forget it, free the slot.
                 self._undispatch(row.id, identity, token)
                 return
-            self.status.tasks.move(row.priority, row.handler, "queued",
-                                   "running")
+            self.status.tasks.move(
+                row.priority, row.handler, "queued", "running"
+            )
             if self.attempts.current(row.id, token) is None:
                 # Its worker went away while the dispatch committed, and
                 # the requeue issued then may have run first (on another
@@ -328,7 +374,8 @@ class Broker:
                 self.outcomes.requeue(
                     Attempt(row.id, token, row, None),
                     "its worker went away before it got the task",
-                    consumed=False)
+                    consumed=False,
+                )
                 return
             if row.payload is None:
                 return self._send_large_task(identity, row, token)
@@ -344,14 +391,18 @@ class Broker:
             self.dispatcher.paused = True
             self.attempts.end(row.id, token)
             current = self.sessions.get(identity)
-            if current is not None and current.running.pop(row.id, None) is not None:
+            if (
+                current is not None
+                and current.running.pop(row.id, None) is not None
+            ):
                 self.dispatcher.task_done(identity)
                 self.dispatcher.credit(identity)
             self.backlog.enqueue(row, front=True)
             self.trouble(reason, "dispatching a task", pause=True)
 
         d.addCallbacks(committed, failed).addErrback(
-            self.trouble, "sending a task")
+            self.trouble, "sending a task"
+        )
         self.backlog.dispatched((assignment.task.level, row.handler))
 
     def claimed(self, session, row):
@@ -362,8 +413,9 @@ class Broker:
         """
         token = row.token
         # As it was before the dispatch, as dispatch() remembers it.
-        before = row._replace(state="queued", attempts=row.attempts - 1,
-                              token=token - 1)
+        before = row._replace(
+            state="queued", attempts=row.attempts - 1, token=token - 1
+        )
         if self.stopped:
             return  # running in the store: the next broker reclaims it
         if not self.sessions.is_current(session):
@@ -372,7 +424,8 @@ class Broker:
             self.outcomes.requeue(
                 Attempt(row.id, token, before, None),
                 f"worker {session.name} went away before it got the task",
-                consumed=False)
+                consumed=False,
+            )
             return
         self.attempts.start(row.id, token, before, session.identity)
         session.running[row.id] = token
@@ -388,17 +441,25 @@ class Broker:
             # Another broker runs it now: a WAIT here must hear of its end.
             self.requests.watch(attempt.task_id)
         self.attempts.end(attempt.task_id, attempt.token)
-        session = (self.sessions.get(attempt.session)
-                   if attempt.session is not None else None)
+        session = (
+            self.sessions.get(attempt.session)
+            if attempt.session is not None
+            else None
+        )
         if session is None:
             return
         if session.running.get(attempt.task_id) == attempt.token:
             del session.running[attempt.task_id]
             session.sent_at.pop(attempt.task_id, None)
             self.dispatcher.task_done(session.identity)
-        self.log.info("task {task_id} token {token}: {reason}; telling "
-                      "{worker} to stop it", task_id=attempt.task_id,
-                      token=attempt.token, reason=reason, worker=session.name)
+        self.log.info(
+            "task {task_id} token {token}: {reason}; telling "
+            "{worker} to stop it",
+            task_id=attempt.task_id,
+            token=attempt.token,
+            reason=reason,
+            worker=session.name,
+        )
         self.workers.cancel(session.identity, attempt.task_id, attempt.token)
 
     def _send_task(self, identity, row, token):
@@ -413,17 +474,34 @@ class Broker:
         max_attempts = row.max_attempts or self.config.max_attempts
         waited = row.started_at - row.created_at
         self.dispatch_log.add(
-            id=row.id, handler=row.handler, priority=row.priority,
-            worker=row.worker, attempt=row.attempts + 1,
-            max_attempts=max_attempts, token=token, waited=waited)
+            id=row.id,
+            handler=row.handler,
+            priority=row.priority,
+            worker=row.worker,
+            attempt=row.attempts + 1,
+            max_attempts=max_attempts,
+            token=token,
+            waited=waited,
+        )
         self.metrics.dispatched(row.priority, row.handler, waited)
         body = (
             '{"id":%d,"handler":%s,"payload":%s,"priority":%s,'
-            '"attempt":%d,"max_attempts":%d,"token":%d,"time_limit":%s}' % (
-                row.id, dumps(row.handler), row.payload,
-                dumps(row.priority), row.attempts + 1, max_attempts, token,
-                dumps(row.time_limit)))
-        if not self.send(identity, encode(b"TASK", body)) and session is not None:
+            '"attempt":%d,"max_attempts":%d,"token":%d,"time_limit":%s}'
+            % (
+                row.id,
+                dumps(row.handler),
+                row.payload,
+                dumps(row.priority),
+                row.attempts + 1,
+                max_attempts,
+                token,
+                dumps(row.time_limit),
+            )
+        )
+        if (
+            not self.send(identity, encode(b"TASK", body))
+            and session is not None
+        ):
             self.log.warn("worker {name} is unreachable", name=session.name)
             self.workers.forget(session)
 
@@ -440,8 +518,9 @@ class Broker:
 
         def read(stored):
             if stored is not None and self.sessions.get(identity) is not None:
-                self._send_task(identity, row._replace(
-                    payload=stored.payload), token)
+                self._send_task(
+                    identity, row._replace(payload=stored.payload), token
+                )
 
         return self.store.get(row.id).addCallback(read)
 
@@ -466,31 +545,41 @@ class Broker:
         worker's credit goes to the next task, and dispatch goes on.
         """
         error = one_line(reason.value)
-        self.log.warn("task {task_id} failed: the database refused its "
-                      "dispatch: {error}", task_id=row.id, error=error)
+        self.log.warn(
+            "task {task_id} failed: the database refused its "
+            "dispatch: {error}",
+            task_id=row.id,
+            error=error,
+        )
         self._undispatch(row.id, identity, token)
         self.feeder.feed()  # a shared store's broker claims for the credit
         d = self.store.reject(row.id, error, self.clock.seconds())
 
         def rejected(_):
-            self.status.tasks.move(row.priority, row.handler, "queued",
-                                   "failed")
+            self.status.tasks.move(
+                row.priority, row.handler, "queued", "failed"
+            )
             self.outcomes.notify(row.id)
 
-        d.addCallback(rejected).addErrback(self.trouble,
-                                            "failing a refused task")
+        d.addCallback(rejected).addErrback(
+            self.trouble, "failing a refused task"
+        )
 
     def _undispatch(self, task_id, identity, token):
         self.attempts.end(task_id, token)
         session = self.sessions.get(identity)
-        if session is not None and session.running.pop(task_id, None) is not None:
+        if (
+            session is not None
+            and session.running.pop(task_id, None) is not None
+        ):
             # The worker's credit was spent on nothing: give it back.
             self.give_back(session)
 
     # -- trouble -------------------------------------------------------------
 
-    def trouble(self, reason: Failure, doing: str,
-                pause: bool = False) -> None:
+    def trouble(
+        self, reason: Failure, doing: str, pause: bool = False
+    ) -> None:
         """
         An errback for work that failed.  The store's errors are logged as
         database trouble and, for dispatch, pause it until a backoff has
@@ -500,35 +589,47 @@ class Broker:
         with its traceback.
         """
         if reason.check(WriteRefused):
-            self.log.warn("the database refused a write while {doing}: "
-                          "{error}", doing=doing,
-                          error=one_line(reason.value))
+            self.log.warn(
+                "the database refused a write while {doing}: {error}",
+                doing=doing,
+                error=one_line(reason.value),
+            )
             return
         if reason.check(StoreError):
             self.counters["store_errors"] += 1
             kind, error = "database", one_line(reason.value)
         else:
             self.counters["internal_errors"] += 1
-            self.log.failure("internal error while {doing}", reason,
-                             doing=doing)
+            self.log.failure(
+                "internal error while {doing}", reason, doing=doing
+            )
             kind, error = "internal", one_line(reason.value)
         if not pause:
             if kind == "database":
-                self.log.error("database error while {doing}: {error}",
-                               doing=doing, error=error)
+                self.log.error(
+                    "database error while {doing}: {error}",
+                    doing=doing,
+                    error=error,
+                )
             return
         self.dispatcher.paused = True
         if self._resume_call is not None and self._resume_call.active():
             return
         self._store_backoff = min(
             MAX_STORE_BACKOFF,
-            max(FIRST_STORE_BACKOFF, self._store_backoff * 2))
+            max(FIRST_STORE_BACKOFF, self._store_backoff * 2),
+        )
         self.log.error(
             "{kind} error while {doing}: {error}; dispatch paused, "
-            "trying again in {delay:.1f}s", kind=kind, doing=doing,
-            error=error, delay=self._store_backoff)
+            "trying again in {delay:.1f}s",
+            kind=kind,
+            doing=doing,
+            error=error,
+            delay=self._store_backoff,
+        )
         self._resume_call = self.clock.callLater(
-            self._store_backoff, self._resume)
+            self._store_backoff, self._resume
+        )
 
     def _resume(self):
         self._resume_call = None

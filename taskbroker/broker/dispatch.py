@@ -44,8 +44,7 @@ class _Class:
     rank: tuple[int, int]
     members: int = 0
     # credit seq -> the worker whose credit it is
-    ready: OrderedDict[int, "WorkerSlots"] = field(
-        default_factory=OrderedDict)
+    ready: OrderedDict[int, "WorkerSlots"] = field(default_factory=OrderedDict)
 
 
 @dataclass(eq=False)
@@ -83,8 +82,9 @@ class Task:
 
     __slots__ = ("id", "level", "handler", "data", "seq")
 
-    def __init__(self, id: Hashable, level: int, handler: str,
-                 data: Any = None) -> None:
+    def __init__(
+        self, id: Hashable, level: int, handler: str, data: Any = None
+    ) -> None:
         self.id = id
         self.level = level
         self.handler = handler
@@ -125,15 +125,13 @@ class Dispatcher:
         # (level, handler) -> OrderedDict(task_id -> task), FIFO.
         self._queues: dict[tuple[int, str], OrderedDict[Hashable, Task]] = {}
         # level -> set of handlers whose queue at that level is non-empty.
-        self._waiting_handlers: list[set[str]] = [
-            set() for _ in range(levels)]
+        self._waiting_handlers: list[set[str]] = [set() for _ in range(levels)]
         # task_id -> (level, handler)
         self._where: dict[Hashable, tuple[int, str]] = {}
         self._seq = count()
         # Tasks put back at the front are older than any other.
         self._front_seq = count(-1, -1)
-        self._classes: dict[tuple[frozenset[int], frozenset[str]],
-                            _Class] = {}
+        self._classes: dict[tuple[frozenset[int], frozenset[str]], _Class] = {}
         # (level, handler) -> classes able to run such tasks, best first.
         self._able: dict[tuple[int, str], list[_Class]] = {}
         self._workers: dict[Hashable, WorkerSlots] = {}
@@ -172,8 +170,9 @@ class Dispatcher:
         """
         :returns: the names of the handlers live workers have.
         """
-        return [name for name, count in self._handler_workers.items()
-                if count > 0]
+        return [
+            name for name, count in self._handler_workers.items() if count > 0
+        ]
 
     def worker(self, key: Hashable) -> WorkerSlots | None:
         """
@@ -199,13 +198,17 @@ class Dispatcher:
             numbers and handler names (``frozenset`` each) the class's
             workers serve, and how many of their credits wait.
         """
-        return [(klass.levels, klass.handlers, len(klass.ready))
-                for klass in sorted(self._classes.values(),
-                                    key=lambda klass: klass.rank)
-                if klass.ready]
+        return [
+            (klass.levels, klass.handlers, len(klass.ready))
+            for klass in sorted(
+                self._classes.values(), key=lambda klass: klass.rank
+            )
+            if klass.ready
+        ]
 
-    def take_credits(self, levels: frozenset[int],
-                     handlers: frozenset[str]) -> list[WorkerSlots]:
+    def take_credits(
+        self, levels: frozenset[int], handlers: frozenset[str]
+    ) -> list[WorkerSlots]:
         """
         Take every ready credit of one capability class (as
         :meth:`hungry` names it) for tasks not in the dispatcher yet: a
@@ -241,8 +244,7 @@ class Dispatcher:
 
     # -- tasks -----------------------------------------------------------
 
-    def add_task(self, task: Task,
-                 front: bool = False) -> Assignment | None:
+    def add_task(self, task: Task, front: bool = False) -> Assignment | None:
         """
         A task is waiting.
 
@@ -251,7 +253,11 @@ class Dispatcher:
         :returns: an :class:`Assignment` if a ready worker takes it now,
             else ``None`` (it waits).
         """
-        worker = None if self.paused else self._take_credit(task.level, task.handler)
+        worker = (
+            None
+            if self.paused
+            else self._take_credit(task.level, task.handler)
+        )
         if worker is not None:
             worker.busy += 1
             return Assignment(task, worker)
@@ -299,9 +305,14 @@ class Dispatcher:
 
     # -- workers ---------------------------------------------------------
 
-    def add_worker(self, key: Hashable, levels: Iterable[int],
-                   handlers: Iterable[str], slots: int,
-                   busy: int = 0) -> WorkerSlots:
+    def add_worker(
+        self,
+        key: Hashable,
+        levels: Iterable[int],
+        handlers: Iterable[str],
+        slots: int,
+        busy: int = 0,
+    ) -> WorkerSlots:
         """
         A worker announced itself.
 
@@ -325,7 +336,8 @@ class Dispatcher:
         self._workers[key] = worker
         for handler in handlers:
             self._handler_workers[handler] = (
-                self._handler_workers.get(handler, 0) + 1)
+                self._handler_workers.get(handler, 0) + 1
+            )
         return worker
 
     def remove_worker(self, key: Hashable) -> WorkerSlots | None:
@@ -408,8 +420,9 @@ class Dispatcher:
 
     # -- internals -------------------------------------------------------
 
-    def _new_class(self, levels: frozenset[int],
-                   handlers: frozenset[str]) -> _Class:
+    def _new_class(
+        self, levels: frozenset[int], handlers: frozenset[str]
+    ) -> _Class:
         rank = (-min(levels, default=self.levels), len(levels))
         klass = _Class(levels, handlers, rank)
         self._classes[(levels, handlers)] = klass
@@ -436,7 +449,9 @@ class Dispatcher:
                 continue
             if best is not None and klass.rank != best.rank:
                 break
-            if best is None or next(iter(klass.ready)) < next(iter(best.ready)):
+            if best is None or next(iter(klass.ready)) < next(
+                iter(best.ready)
+            ):
                 best = klass
         if best is None:
             return None
@@ -454,8 +469,10 @@ class Dispatcher:
             if not waiting:
                 continue
             candidates = (
-                waiting & handlers if len(waiting) > len(handlers) else
-                [h for h in waiting if h in handlers])
+                waiting & handlers
+                if len(waiting) > len(handlers)
+                else [h for h in waiting if h in handlers]
+            )
             best_queue = None
             best_seq = 0  # read only once best_queue is set
             for handler in candidates:

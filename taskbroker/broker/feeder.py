@@ -51,7 +51,11 @@ class Feeder:
         that frees up finds the store empty without asking it).
         """
         broker = self._broker
-        if not broker.claims.shared or broker.stopped or broker.dispatcher.paused:
+        if (
+            not broker.claims.shared
+            or broker.stopped
+            or broker.dispatcher.paused
+        ):
             return
         for levels, handlers, _ in broker.dispatcher.hungry():
             if (levels, handlers) in self._starved:
@@ -84,9 +88,13 @@ class Feeder:
         sessions = [broker.sessions.get(slot.key) for slot in slots]
         wakes = self._wakes
         d = broker.claims.dispatch_for(
-            self._names(levels), sorted(handlers), [session.name for session in sessions],
-            broker.clock.seconds(), broker.config.default_priority,
-            broker.config.max_attempts)
+            self._names(levels),
+            sorted(handlers),
+            [session.name for session in sessions],
+            broker.clock.seconds(),
+            broker.config.default_priority,
+            broker.config.max_attempts,
+        )
 
         def dispatched(rows):
             for session, row in zip(sessions, rows):
@@ -121,7 +129,8 @@ class Feeder:
             return reason
 
         d.addCallbacks(dispatched, failed).addErrback(
-            broker.trouble, "claiming tasks", pause=True)
+            broker.trouble, "claiming tasks", pause=True
+        )
 
     def _claim_for(self, levels, handlers, credits):
         """
@@ -129,8 +138,12 @@ class Feeder:
         join the dispatcher, which gives them to the credits one by one.
         """
         broker = self._broker
-        d = broker.claims.claim_for(self._names(levels), sorted(handlers),
-                                    credits, broker.clock.seconds())
+        d = broker.claims.claim_for(
+            self._names(levels),
+            sorted(handlers),
+            credits,
+            broker.clock.seconds(),
+        )
 
         def claimed(rows):
             for row in rows:
@@ -142,8 +155,9 @@ class Feeder:
                 if row is not None:
                     broker.backlog.enqueue(row)
 
-        d.addCallback(claimed).addErrback(broker.trouble, "claiming tasks",
-                                          pause=True)
+        d.addCallback(claimed).addErrback(
+            broker.trouble, "claiming tasks", pause=True
+        )
 
     def _forget_copies(self, task_id):
         """
@@ -177,23 +191,34 @@ class Feeder:
         self._forget_copies(row.id)
         reason = invalid_row(row, broker.levels)
         if reason is None:
-            broker.status.tasks.move(row.priority, row.handler, "queued",
-                                     "running")
+            broker.status.tasks.move(
+                row.priority, row.handler, "queued", "running"
+            )
             broker.claimed(session, row)
             return
-        self.log.warn("rejected task {task_id}: {reason}", task_id=row.id,
-                      reason=reason)
-        d = broker.store.finish(row.id, row.token, "failed", None, reason,
-                                None, broker.clock.seconds())
+        self.log.warn(
+            "rejected task {task_id}: {reason}", task_id=row.id, reason=reason
+        )
+        d = broker.store.finish(
+            row.id,
+            row.token,
+            "failed",
+            None,
+            reason,
+            None,
+            broker.clock.seconds(),
+        )
 
         def failed(changed):
             if changed:
-                broker.status.tasks.move(row.priority, row.handler,
-                                         "queued", "failed")
+                broker.status.tasks.move(
+                    row.priority, row.handler, "queued", "failed"
+                )
                 broker.outcomes.notify(row.id)
 
-        d.addCallback(failed).addErrback(broker.trouble,
-                                         "failing an invalid task")
+        d.addCallback(failed).addErrback(
+            broker.trouble, "failing an invalid task"
+        )
         broker.give_back(session)
         self.feed()
 
@@ -216,7 +241,10 @@ class Feeder:
             if attempt is not None:
                 broker.stop_attempt(attempt, "taken over by another broker")
                 stopped += 1
-        self.log.warn("claims lapsed: dropped {count} held tasks, stopped "
-                      "{stopped} taken over; claiming afresh",
-                      count=len(dropped), stopped=stopped)
+        self.log.warn(
+            "claims lapsed: dropped {count} held tasks, stopped "
+            "{stopped} taken over; claiming afresh",
+            count=len(dropped),
+            stopped=stopped,
+        )
         self.wake()

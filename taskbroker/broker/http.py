@@ -91,11 +91,14 @@ def load_token(path):
         with open(path, encoding="utf-8") as f:
             token = f.readline().strip()
     except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"--http-token-file: cannot read {path}: "
-                          f"{one_line(e)}") from None
+        raise ConfigError(
+            f"--http-token-file: cannot read {path}: {one_line(e)}"
+        ) from None
     if len(token) < 16:
-        raise ConfigError(f"--http-token-file: {path} must hold a token of "
-                          "at least 16 characters on its first line")
+        raise ConfigError(
+            f"--http-token-file: {path} must hold a token of "
+            "at least 16 characters on its first line"
+        )
     return token
 
 
@@ -160,7 +163,8 @@ class StatusSite(resource.Resource):
         if parts == ["api", "stats"]:
             status = self._broker.status
             return status.counted().addCallback(
-                lambda _: {"stats": status.stats()})
+                lambda _: {"stats": status.stats()}
+            )
         if parts == ["api", "workers"]:
             return {"workers": self._broker.status.workers()}
         if parts == ["api", "tasks"]:
@@ -178,8 +182,9 @@ class StatusSite(resource.Resource):
             name = urlsplit("//" + host).hostname or ""
             elsewhere = origin is not None and urlsplit(origin).netloc != host
         except ValueError:  # e.g. "[::1": not a host at all
-            raise HTTPError(400, "the Host or Origin header is not a "
-                            "host") from None
+            raise HTTPError(
+                400, "the Host or Origin header is not a host"
+            ) from None
         if self.loopback and name not in LOOPBACK_NAMES:
             raise HTTPError(403, "this site answers to localhost only")
         if elsewhere:
@@ -195,27 +200,42 @@ class StatusSite(resource.Resource):
         status = broker.status
         running = status.running()
         d = status.counted().addCallback(
-            lambda _: broker.store.list("failed", None, 0, RECENT_FAILURES,
-                                        codec.MAX_LIST_BYTES,
-                                        newest_first=True))
+            lambda _: broker.store.list(
+                "failed",
+                None,
+                0,
+                RECENT_FAILURES,
+                codec.MAX_LIST_BYTES,
+                newest_first=True,
+            )
+        )
 
         def answer(failed):
             # What the dashboard shows of each worker, and no more: a
             # refresh stays small with a thousand of them.
-            workers = [{
-                "name": worker["name"], "priorities": worker["priorities"],
-                "slots": worker["slots"], "busy": worker["busy"],
-                "running": running.get(worker["name"], []),
-            } for worker in status.workers()]
+            workers = [
+                {
+                    "name": worker["name"],
+                    "priorities": worker["priorities"],
+                    "slots": worker["slots"],
+                    "busy": worker["busy"],
+                    "running": running.get(worker["name"], []),
+                }
+                for worker in status.workers()
+            ]
             return {
                 "stats": status.stats(),
                 "workers": workers,
-                "failures": [{
-                    "id": row.id, "handler": row.handler,
-                    "priority": row.priority,
-                    "error": cut(row.error, 300),
-                    "finished_at": iso_time(row.finished_at),
-                } for row in failed],
+                "failures": [
+                    {
+                        "id": row.id,
+                        "handler": row.handler,
+                        "priority": row.priority,
+                        "error": cut(row.error, 300),
+                        "finished_at": iso_time(row.finished_at),
+                    }
+                    for row in failed
+                ],
             }
 
         return d.addCallback(answer)
@@ -228,15 +248,21 @@ class StatusSite(resource.Resource):
             answered = []
             d = requests.submit(body, SITE, answered.append)
             return d.addCallback(lambda _: answered[0])
-        if (len(parts) == 4 and parts[:2] == ["api", "tasks"]
-                and parts[3] in ("cancel", "retry")):
+        if (
+            len(parts) == 4
+            and parts[:2] == ["api", "tasks"]
+            and parts[3] in ("cancel", "retry")
+        ):
             task_id = _task_id(parts[2])
             act = requests.cancel if parts[3] == "cancel" else requests.retry
             return act(task_id, SITE)
         if parts == ["api", "schedules"]:
             return schedules.add(self._body(request, b"SCHEDULE_ADD"), SITE)
-        if (len(parts) == 4 and parts[:2] == ["api", "schedules"]
-                and parts[3] in ("pause", "resume", "remove")):
+        if (
+            len(parts) == 4
+            and parts[:2] == ["api", "schedules"]
+            and parts[3] in ("pause", "resume", "remove")
+        ):
             try:
                 body = {"name": check_schedule_name(parts[2])}
             except ValueError as e:
@@ -251,37 +277,48 @@ class StatusSite(resource.Resource):
         """
         data = request.content.read(codec.MAX_MESSAGE_SIZE + 1)
         if len(data) > codec.MAX_MESSAGE_SIZE:
-            raise HTTPError(413, "the request exceeds the limit of "
-                            f"{codec.MAX_MESSAGE_SIZE} bytes")
+            raise HTTPError(
+                413,
+                "the request exceeds the limit of "
+                f"{codec.MAX_MESSAGE_SIZE} bytes",
+            )
         try:
             body = codec.loads(data.decode("utf-8"))
         except (UnicodeDecodeError, ValueError) as e:
-            raise HTTPError(400, f"the body is not JSON: {one_line(e)}") \
-                from None
+            raise HTTPError(
+                400, f"the body is not JSON: {one_line(e)}"
+            ) from None
         if not isinstance(body, dict):
-            raise HTTPError(400, "the body must be a JSON object (see "
-                            "docs/http.rst)")
+            raise HTTPError(
+                400, "the body must be a JSON object (see docs/http.rst)"
+            )
         try:
             _, checked = codec.decode(
                 codec.encode(command, dict(body, req="http")),
-                codec.CLIENT_COMMANDS)
+                codec.CLIENT_COMMANDS,
+            )
         except codec.ProtocolError as e:
-            raise HTTPError(STATUS_OF_CODE.get(e.code, 400),
-                            e.message) from None
+            raise HTTPError(
+                STATUS_OF_CODE.get(e.code, 400), e.message
+            ) from None
         return checked
 
     def _check_token(self, request, in_query=True):
         given = None
         header = request.getHeader("authorization") or ""
         if header.startswith("Bearer "):
-            given = header[len("Bearer "):].strip()
+            given = header[len("Bearer ") :].strip()
         elif in_query:
             given = _arg(request, "token")
         if given is None or not hmac.compare_digest(
-                given.encode("utf-8"), self._token.encode("utf-8")):
-            raise HTTPError(401, "a token is needed (Authorization: Bearer "
-                            "TOKEN, or ?token=TOKEN; the broker's log "
-                            "shows the site's URL with it)")
+            given.encode("utf-8"), self._token.encode("utf-8")
+        ):
+            raise HTTPError(
+                401,
+                "a token is needed (Authorization: Bearer "
+                "TOKEN, or ?token=TOKEN; the broker's log "
+                "shows the site's URL with it)",
+            )
 
     def _tasks(self, request):
         state = _arg(request, "state")
@@ -296,14 +333,20 @@ class StatusSite(resource.Resource):
                 except ValueError as e:
                     raise HTTPError(400, f"{name} {e}") from None
         # A LIST, newest first, paged by 'before'.
-        d = self._broker.requests.list_tasks({
-            "state": state, "handler": filters.get("handler"),
-            "priority": filters.get("priority"), "order": "newest",
-            "before": _number(request, "cursor", None, 1, codec.MAX_EXACT),
-            "limit": _number(request, "limit", 100, 1, MOST_PER_PAGE),
-        }, SITE)
+        d = self._broker.requests.list_tasks(
+            {
+                "state": state,
+                "handler": filters.get("handler"),
+                "priority": filters.get("priority"),
+                "order": "newest",
+                "before": _number(request, "cursor", None, 1, codec.MAX_EXACT),
+                "limit": _number(request, "limit", 100, 1, MOST_PER_PAGE),
+            },
+            SITE,
+        )
         return d.addCallback(
-            lambda answer: {"tasks": answer["tasks"], "next": answer["next"]})
+            lambda answer: {"tasks": answer["tasks"], "next": answer["next"]}
+        )
 
     def _task(self, text):
         return self._broker.requests.get(_task_id(text), SITE)
@@ -315,8 +358,10 @@ class StatusSite(resource.Resource):
             data, kind = body.data, CONTENT_TYPE_LATEST.encode("ascii")
         elif isinstance(body, _File):
             data, kind = body.data, DASHBOARD[body.name]
-            request.setHeader(b"content-security-policy",
-                              b"default-src 'self'; frame-ancestors 'none'")
+            request.setHeader(
+                b"content-security-policy",
+                b"default-src 'self'; frame-ancestors 'none'",
+            )
             request.setHeader(b"x-frame-options", b"DENY")
         else:
             data = json.dumps(body, separators=(",", ":")).encode("utf-8")
@@ -335,22 +380,44 @@ class StatusSite(resource.Resource):
             return
         if reason.check(Refused):
             refused = reason.value
-            self._send({"error": refused.message, "code": refused.code},
-                       request, STATUS_OF_CODE.get(refused.code, 400), gone)
+            self._send(
+                {"error": refused.message, "code": refused.code},
+                request,
+                STATUS_OF_CODE.get(refused.code, 400),
+                gone,
+            )
             return
         self._broker.trouble(reason, "answering an HTTP request")
         if reason.check(WriteRefused):
-            self._send({"error": "the database refused it: "
-                        f"{one_line(reason.value)}", "code": "refused"},
-                       request, 422, gone)
+            self._send(
+                {
+                    "error": "the database refused it: "
+                    f"{one_line(reason.value)}",
+                    "code": "refused",
+                },
+                request,
+                422,
+                gone,
+            )
             return
         if reason.check(StoreError):
-            self._send({"error": "the database cannot be used right now; "
-                        "try again", "code": "unavailable"}, request, 503,
-                       gone)
+            self._send(
+                {
+                    "error": "the database cannot be used right now; "
+                    "try again",
+                    "code": "unavailable",
+                },
+                request,
+                503,
+                gone,
+            )
             return
-        self._send({"error": "internal error; see the broker's log"},
-                   request, 500, gone)
+        self._send(
+            {"error": "internal error; see the broker's log"},
+            request,
+            500,
+            gone,
+        )
 
 
 class _File:
@@ -360,8 +427,9 @@ class _File:
 
     def __init__(self, name):
         self.name = name
-        self.data = (files("taskbroker.broker") / "dashboard" / name
-                     ).read_bytes()
+        self.data = (
+            files("taskbroker.broker") / "dashboard" / name
+        ).read_bytes()
 
 
 class _Text:
@@ -399,6 +467,7 @@ def _number(request, name, default, low, high):
     except ValueError:
         value = None
     if value is None or not low <= value <= high:
-        raise HTTPError(400, f"{name} must be a whole number from {low} to "
-                        f"{high}")
+        raise HTTPError(
+            400, f"{name} must be a whole number from {low} to {high}"
+        )
     return value

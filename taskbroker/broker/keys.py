@@ -44,8 +44,11 @@ def load(config):
     keypair = curve.load_secret(config.curve_secret_key, SECRET_OPTION)
     if config.allow_any_key:
         return keypair, None
-    return keypair, PeerKeys(config.authorized_workers,
-                             config.authorized_clients, config.admin_clients)
+    return keypair, PeerKeys(
+        config.authorized_workers,
+        config.authorized_clients,
+        config.admin_clients,
+    )
 
 
 class PeerKeys:
@@ -62,8 +65,11 @@ class PeerKeys:
     """
 
     def __init__(self, workers, clients, admins=None):
-        self._folders = ((workers, WORKERS_OPTION), (clients, CLIENTS_OPTION),
-                         (admins, ADMINS_OPTION))
+        self._folders = (
+            (workers, WORKERS_OPTION),
+            (clients, CLIENTS_OPTION),
+            (admins, ADMINS_OPTION),
+        )
         self.workers = {}
         self.clients = {}
         self.admins = {}
@@ -86,8 +92,9 @@ class PeerKeys:
             # A file that cannot be read now (caught while being
             # rewritten, say) keeps the key it had: its peer is not
             # refused for it.
-            keys.update((key, name) for key, name in before.items()
-                        if name in bad)
+            keys.update(
+                (key, name) for key, name in before.items() if name in bad
+            )
             read.append(keys)
             problems += bad.values()
         self.workers, self.clients, self.admins = read
@@ -104,8 +111,13 @@ class PeerKeys:
             added = sorted(new[key] for key in new.keys() - old.keys())
             removed = sorted(old[key] for key in old.keys() - new.keys())
             if added or removed:
-                parts.append(" ".join([role] + ["+" + n for n in added]
-                                      + ["-" + n for n in removed]))
+                parts.append(
+                    " ".join(
+                        [role]
+                        + ["+" + n for n in added]
+                        + ["-" + n for n in removed]
+                    )
+                )
         return "; ".join(parts)
 
     def snapshot(self):
@@ -133,8 +145,11 @@ class PeerKeys:
         """
         How logs name a key: its file's name, and the key.
         """
-        name = (self.workers.get(key) or self.clients.get(key)
-                or self.admins.get(key))
+        name = (
+            self.workers.get(key)
+            or self.clients.get(key)
+            or self.admins.get(key)
+        )
         shown = key.decode("ascii", "replace") if key else "none"
         return f"{name} ({shown})" if name else f"unknown key {shown}"
 
@@ -147,7 +162,7 @@ def reachable_from_afar(endpoint):
     """
     if not endpoint.startswith("tcp://"):
         return False  # ipc:// and inproc:// stay on the host
-    host = endpoint[len("tcp://"):].rsplit(":", 1)[0]
+    host = endpoint[len("tcp://") :].rsplit(":", 1)[0]
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
     if host in ("localhost", "lo"):

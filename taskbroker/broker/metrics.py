@@ -32,10 +32,43 @@ OTHER = "_other"
 
 #: Histogram buckets (seconds): tasks wait from milliseconds to an hour,
 #: and run from milliseconds to twenty minutes and more.
-WAIT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1,
-                2.5, 5, 10, 30, 60, 300, 900, 3600)
-RUN_BUCKETS = (0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 120, 300, 600,
-               1200, 3600)
+WAIT_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1,
+    2.5,
+    5,
+    10,
+    30,
+    60,
+    300,
+    900,
+    3600,
+)
+RUN_BUCKETS = (
+    0.005,
+    0.01,
+    0.05,
+    0.1,
+    0.5,
+    1,
+    5,
+    10,
+    30,
+    60,
+    120,
+    300,
+    600,
+    1200,
+    3600,
+)
 
 OUTCOMES = ("succeeded", "failed", "cancelled")
 
@@ -60,8 +93,9 @@ class _Histogram:
         self.sums[labels] += value
 
     def family(self, name, help, label_of):
-        family = HistogramMetricFamily(name, help,
-                                       labels=("priority", "handler"))
+        family = HistogramMetricFamily(
+            name, help, labels=("priority", "handler")
+        )
         merged, sums = {}, Counter()
         for (level, handler), counts in self.counts.items():
             labels = (level, label_of(handler))
@@ -141,8 +175,9 @@ class Metrics:
         collector interface).
         """
         broker = self._broker
-        served = set(sorted(broker.dispatcher.served_handlers())[
-            :MOST_HANDLERS])
+        served = set(
+            sorted(broker.dispatcher.served_handlers())[:MOST_HANDLERS]
+        )
 
         def label_of(handler):
             return handler if handler in served else OTHER
@@ -152,19 +187,29 @@ class Metrics:
             if state in by_state and n > 0:
                 by_state[state][(level, label_of(handler))] += n
         for name, state, help in (
-                ("taskbroker_queue_depth", "queued",
-                 "Queued tasks (the whole table, delayed ones included)."),
-                ("taskbroker_tasks_running", "running",
-                 "Running tasks (the whole table).")):
-            family = GaugeMetricFamily(name, help,
-                                       labels=("priority", "handler"))
+            (
+                "taskbroker_queue_depth",
+                "queued",
+                "Queued tasks (the whole table, delayed ones included).",
+            ),
+            (
+                "taskbroker_tasks_running",
+                "running",
+                "Running tasks (the whole table).",
+            ),
+        ):
+            family = GaugeMetricFamily(
+                name, help, labels=("priority", "handler")
+            )
             for labels, n in sorted(by_state[state].items()):
                 family.add_metric(labels, n)
             yield family
 
         finished = CounterMetricFamily(
-            "taskbroker_tasks_finished", "Tasks this broker ended.",
-            labels=("priority", "handler", "outcome"))
+            "taskbroker_tasks_finished",
+            "Tasks this broker ended.",
+            labels=("priority", "handler", "outcome"),
+        )
         merged = Counter()
         for (level, handler, outcome), n in self._finished.items():
             merged[(level, label_of(handler), outcome)] += n
@@ -174,17 +219,24 @@ class Metrics:
         yield self._wait.family(
             "taskbroker_task_wait_seconds",
             "From a task's creation to this broker's dispatch of it.",
-            label_of)
+            label_of,
+        )
         yield self._run.family(
             "taskbroker_task_run_seconds",
-            "How long the attempts this broker ended ran.", label_of)
+            "How long the attempts this broker ended ran.",
+            label_of,
+        )
 
-        yield GaugeMetricFamily("taskbroker_workers",
-                                "Workers connected to this broker.",
-                                value=len(broker.sessions))
-        slots = GaugeMetricFamily("taskbroker_worker_slots",
-                                  "The slots of this broker's workers.",
-                                  labels=("state",))
+        yield GaugeMetricFamily(
+            "taskbroker_workers",
+            "Workers connected to this broker.",
+            value=len(broker.sessions),
+        )
+        slots = GaugeMetricFamily(
+            "taskbroker_worker_slots",
+            "The slots of this broker's workers.",
+            labels=("state",),
+        )
         total = broker.sessions.total_slots()
         free = broker.dispatcher.free_credits()
         slots.add_metric(("busy",), max(0, total - free))
@@ -193,8 +245,10 @@ class Metrics:
         yield CounterMetricFamily(
             "taskbroker_tasks_deleted",
             "Finished tasks this broker deleted (retention and purges).",
-            value=self._purged)
+            value=self._purged,
+        )
         yield CounterMetricFamily(
             "taskbroker_bad_messages",
             "Messages this broker could not read (protocol errors).",
-            value=broker.counters["protocol_errors"])
+            value=broker.counters["protocol_errors"],
+        )

@@ -32,10 +32,12 @@ if TYPE_CHECKING:
 
 
 def _end_details(task: Mapping[str, Any]) -> str:
-    return (f"{task['handler']}, priority {task['priority']}, worker "
-            f"{task['worker']}, attempt {task['attempt']}, ran "
-            f"{seconds(task['ran'])}"
-            + ("" if task["error"] is None else f": {task['error']}"))
+    return (
+        f"{task['handler']}, priority {task['priority']}, worker "
+        f"{task['worker']}, attempt {task['attempt']}, ran "
+        f"{seconds(task['ran'])}"
+        + ("" if task["error"] is None else f": {task['error']}")
+    )
 
 
 class BrokerStopping(TaskbrokerError):
@@ -69,8 +71,10 @@ class RetryPolicy:
         failed: exponential, with "equal jitter" (half fixed, half random),
         so that tasks failing together do not all come back together.
         """
-        delay: float = min(self._config.retry_max_delay,
-                           self._config.retry_delay * 2 ** (attempt - 1))
+        delay: float = min(
+            self._config.retry_max_delay,
+            self._config.retry_delay * 2 ** (attempt - 1),
+        )
         return delay / 2 + self._random.uniform(0, delay / 2)
 
 
@@ -94,14 +98,18 @@ class Outcomes:
         # task id -> reports being written (see reporting)
         self._reporting: dict[int, int] = {}
         self.end_log = TaskLog(
-            self.log, broker.clock, "ended",
+            self.log,
+            broker.clock,
+            "ended",
             lambda t: f"task {t['id']} {t['outcome']}: {_end_details(t)}",
-            lambda t: f"{t['id']} {t['outcome']} ({_end_details(t)})")
+            lambda t: f"{t['id']} {t['outcome']} ({_end_details(t)})",
+        )
 
     # -- reports -----------------------------------------------------------
 
-    def report(self, attempt: Attempt, state: str,
-               body: Mapping[str, Any]) -> defer.Deferred[Any]:
+    def report(
+        self, attempt: Attempt, state: str, body: Mapping[str, Any]
+    ) -> defer.Deferred[Any]:
         """
         Record what a worker reported of ``attempt`` (see
         :meth:`_report`); until the store has it, the task counts as
@@ -132,13 +140,17 @@ class Outcomes:
         not end and no longer holds may end on another broker: be told.
         """
         broker = self._broker
-        if (broker.claims.shared and self.is_waited(task_id)
-                and task_id not in broker.attempts
-                and not broker.backlog.holds(task_id)):
+        if (
+            broker.claims.shared
+            and self.is_waited(task_id)
+            and task_id not in broker.attempts
+            and not broker.backlog.holds(task_id)
+        ):
             broker.requests.watch(task_id)
 
-    def _report(self, attempt: Attempt, state: str,
-                body: Mapping[str, Any]) -> defer.Deferred[Any]:
+    def _report(
+        self, attempt: Attempt, state: str, body: Mapping[str, Any]
+    ) -> defer.Deferred[Any]:
         """
         Record what a worker reported of ``attempt``, which the caller has
         already taken out of the ledger.
@@ -152,32 +164,58 @@ class Outcomes:
         broker = self._broker
         task_id, token, row = attempt.task_id, attempt.token, attempt.row
         if state == "released":
-            return self.requeue(attempt, "handed back by its worker",
-                                consumed=False, trap=False)
+            return self.requeue(
+                attempt,
+                "handed back by its worker",
+                consumed=False,
+                trap=False,
+            )
         if state != "succeeded":
-            return self.fail(attempt, body.get("error") or "failed",
-                             body.get("traceback"), body.get("permanent"))
+            return self.fail(
+                attempt,
+                body.get("error") or "failed",
+                body.get("traceback"),
+                body.get("permanent"),
+            )
         now = broker.clock.seconds()
         # It was decoded from JSON, so it encodes again.
         result = dumps(body.get("result"))
         if len(result.encode("utf-8")) > codec.MAX_PAYLOAD_SIZE:
-            error = (f"result exceeds the limit of {codec.MAX_PAYLOAD_SIZE} "
-                     "bytes")
+            error = (
+                f"result exceeds the limit of {codec.MAX_PAYLOAD_SIZE} bytes"
+            )
             d: defer.Deferred[bool] = broker.store.finish(
-                task_id, token, "failed", None, error, None, now)
+                task_id, token, "failed", None, error, None, now
+            )
             return d.addCallback(self._finished, row, "failed", error=error)
-        d = broker.store.finish(task_id, token, "succeeded", result,
-                                None, None, now)
+        d = broker.store.finish(
+            task_id, token, "succeeded", result, None, None, now
+        )
         # The row as the store now has it, so that waiting clients are
         # answered without reading it back (unless the broker did not
         # hold its payload).
-        final = None if row.payload is None else row._replace(
-            state="succeeded", attempts=row.attempts + 1, token=token,
-            finished_at=now, result=result, error=None, traceback=None)
+        final = (
+            None
+            if row.payload is None
+            else row._replace(
+                state="succeeded",
+                attempts=row.attempts + 1,
+                token=token,
+                finished_at=now,
+                result=result,
+                error=None,
+                traceback=None,
+            )
+        )
         return d.addCallback(self._finished, row, "succeeded", final)
 
-    def fail(self, attempt: Attempt, error: str, traceback: str | None,
-             permanent: bool | None) -> defer.Deferred[Any]:
+    def fail(
+        self,
+        attempt: Attempt,
+        error: str,
+        traceback: str | None,
+        permanent: bool | None,
+    ) -> defer.Deferred[Any]:
         """
         An attempt failed: retry after a backoff, or fail the task.
 
@@ -190,31 +228,51 @@ class Outcomes:
         now = broker.clock.seconds()
         if permanent or used >= max_attempts:
             d: defer.Deferred[bool] = broker.store.finish(
-                task_id, token, "failed", None, error, traceback, now)
+                task_id, token, "failed", None, error, traceback, now
+            )
             return d.addCallback(self._finished, row, "failed", error=error)
         delay = self.policy.backoff(used)
         run_at = now + delay
         broker.counters["retried"] += 1
         self.log.info(
             "task {task_id} attempt {attempt} of {max_attempts} failed "
-            "({error}); retrying in {delay:.1f}s", task_id=task_id,
-            attempt=used, max_attempts=max_attempts, error=error, delay=delay)
-        d = broker.store.requeue(task_id, token, run_at=run_at, error=error,
-                                 traceback=traceback, consumed=True)
+            "({error}); retrying in {delay:.1f}s",
+            task_id=task_id,
+            attempt=used,
+            max_attempts=max_attempts,
+            error=error,
+            delay=delay,
+        )
+        d = broker.store.requeue(
+            task_id,
+            token,
+            run_at=run_at,
+            error=error,
+            traceback=traceback,
+            consumed=True,
+        )
 
         def requeued(changed: bool) -> None:
             if changed:
                 counts = broker.status.tasks
                 counts.move(row.priority, row.handler, "running", "queued")
                 counts.move(row.priority, row.handler, None, DELAYED)
-                broker.backlog.enqueue(row._replace(
-                    state="queued", attempts=used, token=token,
-                    run_at=run_at, error=error, traceback=traceback))
+                broker.backlog.enqueue(
+                    row._replace(
+                        state="queued",
+                        attempts=used,
+                        token=token,
+                        run_at=run_at,
+                        error=error,
+                        traceback=traceback,
+                    )
+                )
 
         return d.addCallback(requeued)
 
-    def requeue(self, attempt: Attempt, reason: str, consumed: bool,
-                trap: bool = True) -> defer.Deferred[Any]:
+    def requeue(
+        self, attempt: Attempt, reason: str, consumed: bool, trap: bool = True
+    ) -> defer.Deferred[Any]:
         """
         Put an attempt's task back at the head of its queue, or fail it if
         the attempt counted and was its last.
@@ -233,25 +291,39 @@ class Outcomes:
         if consumed and used >= max_attempts:
             self.log.warn(
                 "task {task_id} failed: {reason} during its last attempt "
-                "({attempt} of {max_attempts})", task_id=task_id,
-                reason=reason, attempt=used, max_attempts=max_attempts)
+                "({attempt} of {max_attempts})",
+                task_id=task_id,
+                reason=reason,
+                attempt=used,
+                max_attempts=max_attempts,
+            )
             error = f"{reason} during attempt {used} of {max_attempts}"
             d: defer.Deferred[bool] = broker.store.finish(
-                task_id, token, "failed", None, error, None, now)
+                task_id, token, "failed", None, error, None, now
+            )
             d.addCallback(self._finished, row, "failed", error=error)
         else:
-            self.log.info("task {task_id} requeued: {reason}",
-                          task_id=task_id, reason=reason)
+            self.log.info(
+                "task {task_id} requeued: {reason}",
+                task_id=task_id,
+                reason=reason,
+            )
             d = broker.store.requeue(task_id, token, consumed=consumed)
 
             def requeued(changed: bool) -> None:
                 if changed:
-                    broker.status.tasks.move(row.priority, row.handler,
-                                             "running", "queued")
-                    broker.backlog.enqueue(row._replace(
-                        state="queued", token=token, run_at=None,
-                        attempts=used if consumed else row.attempts),
-                        front=True)
+                    broker.status.tasks.move(
+                        row.priority, row.handler, "running", "queued"
+                    )
+                    broker.backlog.enqueue(
+                        row._replace(
+                            state="queued",
+                            token=token,
+                            run_at=None,
+                            attempts=used if consumed else row.attempts,
+                        ),
+                        front=True,
+                    )
 
             d.addCallback(requeued)
         if not trap:
@@ -260,33 +332,52 @@ class Outcomes:
         def failed(reason: Failure) -> None:
             # Try again later: the attempt becomes an orphan, which the
             # sweep requeues when its deadline passes.
-            broker.attempts.orphan(task_id, token, row,
-                                   broker.monotonic() + broker.allowance())
+            broker.attempts.orphan(
+                task_id, token, row, broker.monotonic() + broker.allowance()
+            )
             broker.trouble(reason, "requeueing a task")
 
         return d.addErrback(failed)
 
-    def _finished(self, changed: bool, row: "TaskRow", state: str,
-                  final: "TaskRow | None" = None,
-                  error: str | None = None) -> bool:
+    def _finished(
+        self,
+        changed: bool,
+        row: "TaskRow",
+        state: str,
+        final: "TaskRow | None" = None,
+        error: str | None = None,
+    ) -> bool:
         """
         The store has a task's end (``changed``: it was current).
         ``row`` is the task as its last dispatch found it.
         """
         if changed:
             broker = self._broker
-            broker.status.tasks.move(row.priority, row.handler, "running",
-                                     state)
+            broker.status.tasks.move(
+                row.priority, row.handler, "running", state
+            )
             started = row.started_at
-            ran = (broker.clock.seconds() - started
-                   if isinstance(started, (int, float)) else None)
+            ran = (
+                broker.clock.seconds() - started
+                if isinstance(started, (int, float))
+                else None
+            )
             self.end_log.add(
-                id=row.id, handler=row.handler, priority=row.priority,
-                worker=row.worker, attempt=row.attempts + 1, outcome=state,
-                ran=ran, error=cut(error))
+                id=row.id,
+                handler=row.handler,
+                priority=row.priority,
+                worker=row.worker,
+                attempt=row.attempts + 1,
+                outcome=state,
+                ran=ran,
+                error=cut(error),
+            )
             broker.metrics.ended(
-                row.priority or broker.config.default_priority, row.handler,
-                state, ran)
+                row.priority or broker.config.default_priority,
+                row.handler,
+                state,
+                ran,
+            )
             self.notify(row.id, final)
         return changed
 
@@ -302,6 +393,7 @@ class Outcomes:
             fails with :class:`BrokerStopping`.  Cancelling it stops the
             wait.
         """
+
         def cancel(d: "defer.Deferred[TaskRow | None]") -> None:
             waiting = self._waiters.get(task_id)
             if waiting is not None and d in waiting:

@@ -36,13 +36,16 @@ class ProgressRecords:
             self._write(attempt)
         else:
             attempt.progress_timer = broker.clock.callLater(
-                last + WRITE_INTERVAL - now, self._due, attempt)
+                last + WRITE_INTERVAL - now, self._due, attempt
+            )
 
     def _due(self, attempt):
         attempt.progress_timer = None
         broker = self._broker
-        if not broker.stopped and broker.attempts.get(attempt.task_id) is \
-                attempt:
+        if (
+            not broker.stopped
+            and broker.attempts.get(attempt.task_id) is attempt
+        ):
             self._write(attempt)
 
     def _write(self, attempt):
@@ -50,5 +53,9 @@ class ProgressRecords:
         attempt.progress_written = broker.monotonic()
         fraction, message, at = attempt.progress
         broker.store.progress(
-            attempt.task_id, attempt.token, fraction, message, at,
+            attempt.task_id,
+            attempt.token,
+            fraction,
+            message,
+            at,
         ).addErrback(broker.trouble, "recording a task's progress")

@@ -88,8 +88,10 @@ class Requests:
         self._broker.send(identity, encode(b"REPLY", body))
 
     def error(self, identity, req, code, message):
-        self._broker.send(identity, encode(
-            b"ERROR", {"req": req, "code": code, "message": message}))
+        self._broker.send(
+            identity,
+            encode(b"ERROR", {"req": req, "code": code, "message": message}),
+        )
 
     def failed(self, reason, doing, identity, req):
         """
@@ -104,14 +106,26 @@ class Requests:
             return
         self._broker.trouble(reason, doing)
         if reason.check(WriteRefused):
-            self.error(identity, req, "refused",
-                       f"the database refused it: {one_line(reason.value)}")
+            self.error(
+                identity,
+                req,
+                "refused",
+                f"the database refused it: {one_line(reason.value)}",
+            )
         elif reason.check(StoreError):
-            self.error(identity, req, "unavailable",
-                       "the database cannot be used right now; try again")
+            self.error(
+                identity,
+                req,
+                "unavailable",
+                "the database cannot be used right now; try again",
+            )
         else:
-            self.error(identity, req, "internal",
-                       f"internal error while {doing}; see the broker's log")
+            self.error(
+                identity,
+                req,
+                "internal",
+                f"internal error while {doing}; see the broker's log",
+            )
 
     def _answered(self, d, doing, identity, req):
         # Every chain ends here, so that an exception anywhere in it is
@@ -153,14 +167,16 @@ class Requests:
             ``not_found`` (see :meth:`_found`).
         """
         return self._broker.store.get(task_id).addCallback(
-            self._found, task_id, scope)
+            self._found, task_id, scope
+        )
 
     # -- submit ------------------------------------------------------------
 
     def on_SUBMIT(self, identity, body, key=None):
         req = body["req"]
-        d = self.submit(body, key,
-                        lambda answer: self.reply(identity, req, answer))
+        d = self.submit(
+            body, key, lambda answer: self.reply(identity, req, answer)
+        )
         return self._answered(d, "submitting tasks", identity, req)
 
     def submit(self, body, key, answer):
@@ -186,11 +202,14 @@ class Requests:
             # What it inserted is this broker's claim (a shared store's
             # broker then lets go of what it does not run at once).
             broker.claims.inserted(
-                [row.id for row, created in results if created])
+                [row.id for row, created in results if created]
+            )
             # Tasks that were not inserted (a resent request, a unique key
             # taken) give back their credits; inserted ones are running.
             for i, session in claims.items():
-                row, created = results[i] if i < len(results) else (None, False)
+                row, created = (
+                    results[i] if i < len(results) else (None, False)
+                )
                 if created:
                     broker.claimed(session, row)
                 else:
@@ -199,32 +218,52 @@ class Requests:
             for row, created in results:
                 if created:
                     broker.status.tasks.add(
-                        row.state, row.priority, row.handler,
-                        delayed=row.run_at is not None and row.run_at > now)
-            unserved = sorted({task.handler for task in new
-                               if not broker.dispatcher.served(task.handler)})
+                        row.state,
+                        row.priority,
+                        row.handler,
+                        delayed=row.run_at is not None and row.run_at > now,
+                    )
+            unserved = sorted(
+                {
+                    task.handler
+                    for task in new
+                    if not broker.dispatcher.served(task.handler)
+                }
+            )
             request_id = body.get("request_id")
             # A resent request is answered with what the first one made.
             replayed = request_id is not None and all(
                 not created and row.request_id == request_id
-                for row, created in results)
-            answer({
-                # Another key's task (one that holds a unique key asked
-                # for) is shown by its id alone.
-                "tasks": [task_object(row) if created or scope is None
-                          or row.submitter == scope else {"id": row.id}
-                          for row, created in results],
-                "replayed": replayed,
-                "existing": [] if replayed else [
-                    row.id for row, created in results if not created],
-                "unserved": unserved,
-                "suggestions": self._suggestions(unserved),
-            })
+                for row, created in results
+            )
+            answer(
+                {
+                    # Another key's task (one that holds a unique key asked
+                    # for) is shown by its id alone.
+                    "tasks": [
+                        task_object(row)
+                        if created or scope is None or row.submitter == scope
+                        else {"id": row.id}
+                        for row, created in results
+                    ],
+                    "replayed": replayed,
+                    "existing": []
+                    if replayed
+                    else [row.id for row, created in results if not created],
+                    "unserved": unserved,
+                    "suggestions": self._suggestions(unserved),
+                }
+            )
             # Most urgent first, so that a batch's urgent tasks get first
             # pick of the free workers.
-            fresh = [row for row, created in results
-                     if created and row.state == "queued"]
-            for row in sorted(fresh, key=lambda r: broker.level_of(r.priority)):
+            fresh = [
+                row
+                for row, created in results
+                if created and row.state == "queued"
+            ]
+            for row in sorted(
+                fresh, key=lambda r: broker.level_of(r.priority)
+            ):
                 broker.backlog.admit(row)
 
         def not_committed(reason):
@@ -243,8 +282,9 @@ class Requests:
             return {}
         served = self._broker.dispatcher.served_handlers()
         meant = {name: nearest(name, served) for name in unserved}
-        return {name: other for name, other in meant.items()
-                if other is not None}
+        return {
+            name: other for name, other in meant.items() if other is not None
+        }
 
     def _new_tasks(self, body, key):
         """
@@ -262,20 +302,32 @@ class Requests:
             priority = spec.get("priority") or broker.config.default_priority
             if priority not in broker.levels:
                 raise Refused(
-                    "unknown_priority", f"unknown priority level {priority!r} "
-                    "(levels: " + ",".join(broker.levels) + ")")
+                    "unknown_priority",
+                    f"unknown priority level {priority!r} "
+                    "(levels: " + ",".join(broker.levels) + ")",
+                )
             payload = dumps(spec["payload"])
             if len(payload.encode("utf-8")) > codec.MAX_PAYLOAD_SIZE:
-                raise Refused("too_large", "payload exceeds the limit of "
-                               f"{codec.MAX_PAYLOAD_SIZE} bytes")
+                raise Refused(
+                    "too_large",
+                    "payload exceeds the limit of "
+                    f"{codec.MAX_PAYLOAD_SIZE} bytes",
+                )
             delay = spec.get("delay")
-            new.append(NewTask(
-                spec["handler"], payload, priority,
-                spec.get("max_attempts") or broker.config.max_attempts, now,
-                run_at=now + delay if delay else None,
-                unique_key=spec.get("unique_key"),
-                request_id=body.get("request_id"),
-                time_limit=spec.get("time_limit"), submitter=submitter))
+            new.append(
+                NewTask(
+                    spec["handler"],
+                    payload,
+                    priority,
+                    spec.get("max_attempts") or broker.config.max_attempts,
+                    now,
+                    run_at=now + delay if delay else None,
+                    unique_key=spec.get("unique_key"),
+                    request_id=body.get("request_id"),
+                    time_limit=spec.get("time_limit"),
+                    submitter=submitter,
+                )
+            )
         return new
 
     def _claim_workers(self, new):
@@ -289,8 +341,9 @@ class Requests:
         """
         broker = self._broker
         claims = {}
-        for i in sorted(range(len(new)),
-                        key=lambda i: broker.level_of(new[i].priority)):
+        for i in sorted(
+            range(len(new)), key=lambda i: broker.level_of(new[i].priority)
+        ):
             task = new[i]
             key = (broker.level_of(task.priority), task.handler)
             if task.run_at is not None or broker.backlog.is_truncated(key):
@@ -318,7 +371,8 @@ class Requests:
             with :class:`Refused` (``not_found``) or the store's error.
         """
         return self._read(task_id, self.scope(key)).addCallback(
-            lambda row: {"task": task_object(row)})
+            lambda row: {"task": task_object(row)}
+        )
 
     def on_WAIT(self, identity, body, key=None):
         req, task_id = body["req"], body["id"]
@@ -348,14 +402,21 @@ class Requests:
             # Only a running task's row is at hand to tell whose it is.
             attempt = broker.attempts.get(task_id)
             return attempt is not None and attempt.row.submitter == scope
-        return (task_id in broker.attempts or broker.backlog.holds(task_id)
-                or broker.outcomes.reporting(task_id))
+        return (
+            task_id in broker.attempts
+            or broker.backlog.holds(task_id)
+            or broker.outcomes.reporting(task_id)
+        )
 
     def _wait(self, identity, req, task_id, timeout, key):
         broker = self._broker
         if not broker.admission.hold_wait():
-            self.error(identity, req, "busy", "the broker holds too many "
-                       "WAITs open; try again shortly")
+            self.error(
+                identity,
+                req,
+                "busy",
+                "the broker holds too many WAITs open; try again shortly",
+            )
             return
         d = broker.outcomes.when_final(task_id)
         timer = broker.clock.callLater(timeout, d.cancel)
@@ -384,8 +445,11 @@ class Requests:
 
         d.addCallbacks(ended, timed_out).addErrback(stopping).addBoth(held)
         self._answered(d, "waiting for a task", identity, req)
-        if broker.claims.shared and task_id not in broker.attempts \
-                and not broker.outcomes.reporting(task_id):
+        if (
+            broker.claims.shared
+            and task_id not in broker.attempts
+            and not broker.outcomes.reporting(task_id)
+        ):
             self.watch(task_id)
 
     def watch(self, task_id):
@@ -404,7 +468,8 @@ class Requests:
                 broker.outcomes.notify(task_id, row)
 
         broker.claims.watch(task_id).addCallback(read_again).addErrback(
-            broker.trouble, "watching a task")
+            broker.trouble, "watching a task"
+        )
 
     def on_LIST(self, identity, body, key=None):
         req = body["req"]
@@ -424,14 +489,22 @@ class Requests:
         # Oldest first unless asked: what clients from before 'order' mean.
         order = body.get("order") or "oldest"
         d = self._broker.store.list(
-            body.get("state"), body.get("handler"), body.get("after") or 0,
-            limit + 1, MAX_LIST_BYTES, submitter=self.scope(key),
-            priority=body.get("priority"), before_id=body.get("before"),
-            newest_first=order == "newest")
+            body.get("state"),
+            body.get("handler"),
+            body.get("after") or 0,
+            limit + 1,
+            MAX_LIST_BYTES,
+            submitter=self.scope(key),
+            priority=body.get("priority"),
+            before_id=body.get("before"),
+            newest_first=order == "newest",
+        )
 
         def listed(rows):
-            more = (len(rows) > limit
-                    or sum(map(text_size, rows)) >= MAX_LIST_BYTES)
+            more = (
+                len(rows) > limit
+                or sum(map(text_size, rows)) >= MAX_LIST_BYTES
+            )
             rows = rows[:limit]
             return {
                 "tasks": [task_object(row) for row in rows],
@@ -464,7 +537,8 @@ class Requests:
         if scope is None:
             return self.cancel_task(task_id)
         return self._read(task_id, scope).addCallback(
-            lambda _: self.cancel_task(task_id))
+            lambda _: self.cancel_task(task_id)
+        )
 
     def cancel_task(self, task_id):
         """
@@ -483,25 +557,37 @@ class Requests:
                 raise Refused(
                     "not_cancellable",
                     f"task {task_id} is {row.state}; only queued and running "
-                    "tasks can be cancelled")
+                    "tasks can be cancelled",
+                )
             attempt = broker.attempts.end(task_id)
             counts = broker.status.tasks
-            counts.move(row.priority, row.handler,
-                        "queued" if attempt is None else "running", "cancelled")
-            if (attempt is None and isinstance(row.run_at, (int, float))
-                    and row.run_at > broker.clock.seconds()):
+            counts.move(
+                row.priority,
+                row.handler,
+                "queued" if attempt is None else "running",
+                "cancelled",
+            )
+            if (
+                attempt is None
+                and isinstance(row.run_at, (int, float))
+                and row.run_at > broker.clock.seconds()
+            ):
                 counts.move(row.priority, row.handler, DELAYED, None)
-            holder = (broker.sessions.get(attempt.session)
-                      if attempt is not None and attempt.session is not None
-                      else None)
+            holder = (
+                broker.sessions.get(attempt.session)
+                if attempt is not None and attempt.session is not None
+                else None
+            )
             if holder is not None:
                 if holder.running.pop(task_id, None) is not None:
                     broker.dispatcher.task_done(holder.identity)
                 broker.workers.cancel(holder.identity, task_id, attempt.token)
             self.log.info("task {task_id} cancelled", task_id=task_id)
             broker.metrics.ended(
-                row.priority or broker.config.default_priority, row.handler,
-                "cancelled")
+                row.priority or broker.config.default_priority,
+                row.handler,
+                "cancelled",
+            )
             broker.outcomes.notify(task_id)
             return {"task": task_object(row)}
 
@@ -543,23 +629,28 @@ class Requests:
             return {"task": task_object(row)}
         if row.state not in ("failed", "cancelled"):
             raise Refused(
-                "not_retryable", f"task {task_id} is {row.state}; only "
-                "failed and cancelled tasks can be retried")
+                "not_retryable",
+                f"task {task_id} is {row.state}; only "
+                "failed and cancelled tasks can be retried",
+            )
         previous = row.state
         row = yield broker.store.retry(task_id)
         if row.state != "queued":
             raise Refused(
                 "not_retryable",
                 f"task {task_id} cannot be retried: another live task "
-                f"holds its unique key {row.unique_key!r}")
+                f"holds its unique key {row.unique_key!r}",
+            )
         broker.status.tasks.move(row.priority, row.handler, previous, "queued")
         reason = invalid_row(row, broker.levels)
         if reason is not None:
             yield broker.store.reject(task_id, reason, broker.clock.seconds())
-            broker.status.tasks.move(row.priority, row.handler, "queued",
-                                     "failed")
-            raise Refused("not_retryable",
-                          f"task {task_id} cannot run: {reason}")
+            broker.status.tasks.move(
+                row.priority, row.handler, "queued", "failed"
+            )
+            raise Refused(
+                "not_retryable", f"task {task_id} cannot run: {reason}"
+            )
         broker.claims.inserted((task_id,))
         # Queued again in the store: an attempt or a held copy this broker
         # still has (ended behind its back, by another broker) is stale.
@@ -576,12 +667,16 @@ class Requests:
     def on_WORKERS(self, identity, body, key=None):
         # Names hosts, keys and the tasks each worker runs: an admin's.
         if self.scope(key) is not None:
-            self.error(identity, body["req"], "forbidden",
-                       "listing the workers needs an admin key "
-                       "(--admin-clients)")
+            self.error(
+                identity,
+                body["req"],
+                "forbidden",
+                "listing the workers needs an admin key (--admin-clients)",
+            )
             return
-        self.reply(identity, body["req"],
-                   {"workers": self._broker.status.workers()})
+        self.reply(
+            identity, body["req"], {"workers": self._broker.status.workers()}
+        )
 
     def on_STATS(self, identity, body, key=None):
         # Counts only, no task's content: any client may see them.
@@ -590,6 +685,7 @@ class Requests:
         status = self._broker.status
         req = body["req"]
         d = status.counted()
-        d.addCallback(lambda _: self.reply(identity, req,
-                                           {"stats": status.stats()}))
+        d.addCallback(
+            lambda _: self.reply(identity, req, {"stats": status.stats()})
+        )
         return self._answered(d, "counting tasks", identity, req)

@@ -16,8 +16,9 @@ from taskbroker.protocol.codec import CLIENT_COMMANDS, ProtocolError, encode
 BAD_MESSAGE_LOG_INTERVAL = 10.0
 
 #: The commands workers send; every other valid command is a client's.
-WORKER_COMMANDS = frozenset((b"HELLO", b"READY", b"HEARTBEAT", b"RESULT",
-                             b"BYE", b"PROGRESS"))
+WORKER_COMMANDS = frozenset(
+    (b"HELLO", b"READY", b"HEARTBEAT", b"RESULT", b"BYE", b"PROGRESS")
+)
 
 # An idle worker's heartbeat, byte for byte as taskbroker's workers send it.
 _IDLE_HEARTBEAT = encode(b"HEARTBEAT", {"running": []})
@@ -64,21 +65,25 @@ class Router:
 
     def __init__(self, broker):
         self._broker = broker
-        self.bad_messages = RateLimit(BAD_MESSAGE_LOG_INTERVAL,
-                                      broker.monotonic)
+        self.bad_messages = RateLimit(
+            BAD_MESSAGE_LOG_INTERVAL, broker.monotonic
+        )
         self.busy_logs = RateLimit(BAD_MESSAGE_LOG_INTERVAL, broker.monotonic)
         self.refusals = RateLimit(BAD_MESSAGE_LOG_INTERVAL, broker.monotonic)
         self._worker_handlers = {
             command: getattr(broker.workers, "on_" + command.decode())
-            for command in WORKER_COMMANDS}
+            for command in WORKER_COMMANDS
+        }
         # Each client command is handled by the first of these that has
         # an on_COMMAND.
         self._client_handlers = {
             command: next(
                 getattr(owner, "on_" + command.decode())
                 for owner in (broker.requests, broker.schedules, broker.bulk)
-                if hasattr(owner, "on_" + command.decode()))
-            for command in CLIENT_COMMANDS}
+                if hasattr(owner, "on_" + command.decode())
+            )
+            for command in CLIENT_COMMANDS
+        }
 
     def handle(self, sender, frames):
         """
@@ -91,8 +96,9 @@ class Router:
         if broker.stopped:
             return
         identity = sender.identity
-        if broker.peer_keys is not None and not self._authorized(sender,
-                                                                 frames):
+        if broker.peer_keys is not None and not self._authorized(
+            sender, frames
+        ):
             return
         session = broker.sessions.get(identity)
         if session is not None:
@@ -141,9 +147,12 @@ class Router:
             self.log.warn(
                 "refused {command} from {key}: not an authorized {role} key "
                 "(further refusals of this key are counted, not logged, for "
-                "{interval:.0f}s)", command=command.decode("ascii", "replace"),
-                key=keys.name(sender.key), role=role,
-                interval=BAD_MESSAGE_LOG_INTERVAL)
+                "{interval:.0f}s)",
+                command=command.decode("ascii", "replace"),
+                key=keys.name(sender.key),
+                role=role,
+                interval=BAD_MESSAGE_LOG_INTERVAL,
+            )
         message = f"this key may not act as a {role} on this broker"
         if as_worker:
             session = broker.sessions.get(sender.identity)
@@ -151,8 +160,12 @@ class Router:
                 broker.workers.forget(session)
             broker.workers.refuse(sender.identity, "forbidden", message)
         elif len(frames) == 3:
-            broker.requests.error(sender.identity, codec.peek_req(frames[2]),
-                                  "forbidden", message)
+            broker.requests.error(
+                sender.identity,
+                codec.peek_req(frames[2]),
+                "forbidden",
+                message,
+            )
         return False
 
     def _release(self, result, size):
@@ -167,14 +180,18 @@ class Router:
                 "refused requests from {peer}: the broker is busy ("
                 "{pending} requests, {size} bytes in progress; further "
                 "refusals to this peer are counted, not logged, for "
-                "{interval:.0f}s)", peer=broker.describe_peer(identity),
+                "{interval:.0f}s)",
+                peer=broker.describe_peer(identity),
                 pending=broker.admission.pending,
                 size=broker.admission.pending_bytes,
-                interval=BAD_MESSAGE_LOG_INTERVAL)
+                interval=BAD_MESSAGE_LOG_INTERVAL,
+            )
         broker.requests.error(
-            identity, codec.peek_req(frames[2]), "busy",
-            "the broker has too many requests in progress; try again "
-            "shortly")
+            identity,
+            codec.peek_req(frames[2]),
+            "busy",
+            "the broker has too many requests in progress; try again shortly",
+        )
 
     def _handle(self, sender, session, frames):
         """
@@ -201,12 +218,17 @@ class Router:
             broker.counters["internal_errors"] += 1
             self.log.failure(
                 "internal error while handling {command} from {peer}",
-                command=command.decode(), peer=broker.describe_peer(identity))
+                command=command.decode(),
+                peer=broker.describe_peer(identity),
+            )
             if worker_handler is None:
                 broker.requests.error(
-                    identity, body.get("req"), "internal",
+                    identity,
+                    body.get("req"),
+                    "internal",
                     f"internal error while handling {command.decode()}; "
-                    "see the broker's log")
+                    "see the broker's log",
+                )
             return None
 
     def _bad(self, identity, session, error):
@@ -215,8 +237,11 @@ class Router:
             self.log.warn(
                 "bad message from {peer}: {reason} (further ones from "
                 "this peer are counted, not logged, for {interval:.0f}s)",
-                peer=self._broker.describe_peer(identity), reason=error.message,
-                interval=BAD_MESSAGE_LOG_INTERVAL)
+                peer=self._broker.describe_peer(identity),
+                reason=error.message,
+                interval=BAD_MESSAGE_LOG_INTERVAL,
+            )
         if session is None:
-            self._broker.requests.error(identity, error.req, error.code,
-                                        error.message)
+            self._broker.requests.error(
+                identity, error.req, error.code, error.message
+            )

@@ -53,8 +53,9 @@ class Schedules:
         :raises Refused: ``forbidden`` unless ``key`` may do anything.
         """
         if not is_admin(self._broker, key):
-            raise Refused("forbidden", f"{doing} needs an admin key "
-                                       "(--admin-clients)")
+            raise Refused(
+                "forbidden", f"{doing} needs an admin key (--admin-clients)"
+            )
 
     def _answer(self, call, identity, body, key, doing):
         requests = self._broker.requests
@@ -67,20 +68,24 @@ class Schedules:
         return self._answer(self.add, identity, body, key, "adding a schedule")
 
     def on_SCHEDULE_LIST(self, identity, body, key=None):
-        return self._answer(self.list, identity, body, key,
-                            "listing schedules")
+        return self._answer(
+            self.list, identity, body, key, "listing schedules"
+        )
 
     def on_SCHEDULE_REMOVE(self, identity, body, key=None):
-        return self._answer(self.remove, identity, body, key,
-                            "removing a schedule")
+        return self._answer(
+            self.remove, identity, body, key, "removing a schedule"
+        )
 
     def on_SCHEDULE_PAUSE(self, identity, body, key=None):
-        return self._answer(self.pause, identity, body, key,
-                            "pausing a schedule")
+        return self._answer(
+            self.pause, identity, body, key, "pausing a schedule"
+        )
 
     def on_SCHEDULE_RESUME(self, identity, body, key=None):
-        return self._answer(self.resume, identity, body, key,
-                            "resuming a schedule")
+        return self._answer(
+            self.resume, identity, body, key, "resuming a schedule"
+        )
 
     def add(self, body, key):
         """
@@ -96,17 +101,23 @@ class Schedules:
 
         def added(created):
             if not created:
-                raise Refused("exists", f"a schedule named {row.name!r} "
-                              "exists; remove it first, or replace it")
+                raise Refused(
+                    "exists",
+                    f"a schedule named {row.name!r} "
+                    "exists; remove it first, or replace it",
+                )
             self.log.info(
-                "schedule {name} added: {handler} {timing}, next at "
-                "{next}", name=row.name, handler=row.handler,
+                "schedule {name} added: {handler} {timing}, next at {next}",
+                name=row.name,
+                handler=row.handler,
                 timing=describe_timing(row),
-                next=schedule_object(row)["next_tick"])
+                next=schedule_object(row)["next_tick"],
+            )
             return {"schedule": schedule_object(row)}
 
         return store.add_schedule(row, bool(body.get("replace"))).addCallback(
-            added)
+            added
+        )
 
     def new_row(self, body, key):
         """
@@ -119,20 +130,29 @@ class Schedules:
         every, cron = body.get("every"), body.get("cron")
         timezone = body.get("timezone") or "UTC"
         if (every is None) == (cron is None):
-            raise Refused("bad_schedule",
-                          "a schedule has 'every' or 'cron', and not both")
+            raise Refused(
+                "bad_schedule",
+                "a schedule has 'every' or 'cron', and not both",
+            )
         if every is not None and body.get("timezone"):
-            raise Refused("bad_schedule", "'timezone' is for cron "
-                          "schedules; 'every' counts elapsed seconds")
+            raise Refused(
+                "bad_schedule",
+                "'timezone' is for cron "
+                "schedules; 'every' counts elapsed seconds",
+            )
         priority = body.get("priority")
         if priority is not None and priority not in broker.levels:
             raise Refused(
-                "unknown_priority", f"unknown priority level {priority!r} "
-                "(levels: " + ",".join(broker.levels) + ")")
+                "unknown_priority",
+                f"unknown priority level {priority!r} "
+                "(levels: " + ",".join(broker.levels) + ")",
+            )
         payload = dumps(body.get("payload"))
         if len(payload.encode("utf-8")) > codec.MAX_PAYLOAD_SIZE:
-            raise Refused("too_large", "payload exceeds the limit of "
-                          f"{codec.MAX_PAYLOAD_SIZE} bytes")
+            raise Refused(
+                "too_large",
+                f"payload exceeds the limit of {codec.MAX_PAYLOAD_SIZE} bytes",
+            )
         now = broker.clock.seconds()
         try:
             zone(timezone)
@@ -140,19 +160,29 @@ class Schedules:
         except ValueError as e:
             raise Refused("bad_schedule", one_line(e)) from None
         return ScheduleRow(
-            name=body["name"], handler=body["handler"], payload=payload,
-            priority=priority, max_attempts=body.get("max_attempts"),
-            time_limit=body.get("time_limit"), every=every, cron=cron,
+            name=body["name"],
+            handler=body["handler"],
+            payload=payload,
+            priority=priority,
+            max_attempts=body.get("max_attempts"),
+            time_limit=body.get("time_limit"),
+            every=every,
+            cron=cron,
             timezone=timezone,
-            skip_if_running=bool(body.get("skip_if_running")), paused=False,
-            next_tick=first, last_tick=None, last_task_id=None,
+            skip_if_running=bool(body.get("skip_if_running")),
+            paused=False,
+            next_tick=first,
+            last_tick=None,
+            last_task_id=None,
             created_at=now,
-            submitter=submitter_of(key))
+            submitter=submitter_of(key),
+        )
 
     def list(self, body, key):
         self._admin(key, "listing schedules")
         return self._broker.store.schedules().addCallback(
-            lambda rows: {"schedules": [schedule_object(row) for row in rows]})
+            lambda rows: {"schedules": [schedule_object(row) for row in rows]}
+        )
 
     def remove(self, body, key):
         self._admin(key, "removing a schedule")
@@ -182,9 +212,12 @@ class Schedules:
         if not rows:
             raise _no_schedule(name)
         try:
-            following = next_tick(self._broker.clock.seconds(),
-                                  rows[0].every, rows[0].cron,
-                                  rows[0].timezone)
+            following = next_tick(
+                self._broker.clock.seconds(),
+                rows[0].every,
+                rows[0].cron,
+                rows[0].timezone,
+            )
         except ValueError as e:
             raise Refused("bad_schedule", one_line(e)) from None
         answer = yield self._set_paused(name, False, following)
@@ -192,14 +225,18 @@ class Schedules:
 
     def _set_paused(self, name, paused, following):
         store = self._broker.store
-        d = store.pause_schedule(name, paused,
-                                 0.0 if following is None else following)
+        d = store.pause_schedule(
+            name, paused, 0.0 if following is None else following
+        )
 
         def done(row):
             if row is None:
                 raise _no_schedule(name)
-            self.log.info("schedule {name} {what}", name=name,
-                          what="paused" if paused else "resumed")
+            self.log.info(
+                "schedule {name} {what}",
+                name=name,
+                what="paused" if paused else "resumed",
+            )
             return {"schedule": schedule_object(row)}
 
         return d.addCallback(done)
@@ -226,25 +263,36 @@ class Schedules:
                 # A row another program broke, or a zone this host lacks:
                 # said now and then, and the others still run.
                 if self._warnings.allow(row.name):
-                    self.log.warn("schedule {name} cannot run: {reason}",
-                                  name=row.name, reason=one_line(e))
+                    self.log.warn(
+                        "schedule {name} cannot run: {reason}",
+                        name=row.name,
+                        reason=one_line(e),
+                    )
         yield defer.gatherResults(fired, consumeErrors=True)
 
     def _fire(self, row, now):
         broker = self._broker
         if row.priority is not None and row.priority not in broker.levels:
-            raise ValueError(f"its priority {row.priority!r} is not one of "
-                             "the levels " + ",".join(broker.levels))
-        following = next_tick(now, row.every, row.cron, row.timezone,
-                              previous=row.next_tick)
+            raise ValueError(
+                f"its priority {row.priority!r} is not one of "
+                "the levels " + ",".join(broker.levels)
+            )
+        following = next_tick(
+            now, row.every, row.cron, row.timezone, previous=row.next_tick
+        )
         task = NewTask(
-            handler=row.handler, payload=row.payload,
+            handler=row.handler,
+            payload=row.payload,
             priority=row.priority or broker.config.default_priority,
             max_attempts=row.max_attempts or broker.config.max_attempts,
-            created_at=now, unique_key=unique_key(row.name, row.next_tick),
-            time_limit=row.time_limit, submitter=row.submitter)
-        d = broker.store.fire_schedule(row.name, row.next_tick, following,
-                                       task, row.skip_if_running)
+            created_at=now,
+            unique_key=unique_key(row.name, row.next_tick),
+            time_limit=row.time_limit,
+            submitter=row.submitter,
+        )
+        d = broker.store.fire_schedule(
+            row.name, row.next_tick, following, task, row.skip_if_running
+        )
         d.addCallback(self._fired, row)
         return d
 
@@ -254,14 +302,19 @@ class Schedules:
         if state == "skipped":
             self.log.info(
                 "schedule {name}: skipped the tick of {tick}, its last task "
-                "{task_id} is still queued or running", name=schedule.name,
+                "{task_id} is still queued or running",
+                name=schedule.name,
                 tick=schedule_object(schedule)["next_tick"],
-                task_id=schedule.last_task_id)
+                task_id=schedule.last_task_id,
+            )
         if state != "enqueued":
             return
-        self.log.info("schedule {name}: task {task_id} for the tick of "
-                      "{tick}", name=schedule.name, task_id=row.id,
-                      tick=schedule_object(schedule)["next_tick"])
+        self.log.info(
+            "schedule {name}: task {task_id} for the tick of {tick}",
+            name=schedule.name,
+            task_id=row.id,
+            tick=schedule_object(schedule)["next_tick"],
+        )
         broker.claims.inserted((row.id,))
         broker.status.tasks.add(row.state, row.priority, row.handler)
         broker.backlog.admit(row)

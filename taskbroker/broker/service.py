@@ -73,8 +73,15 @@ class BrokerService(ServiceTree):
         while running, else ``None``.
     """
 
-    def __init__(self, config, store, reactor, on_fatal=None,
-                 monotonic=time.monotonic, curve=None):
+    def __init__(
+        self,
+        config,
+        store,
+        reactor,
+        on_fatal=None,
+        monotonic=time.monotonic,
+        curve=None,
+    ):
         ServiceTree.__init__(self, on_started=self._ready, on_fatal=on_fatal)
         self.setName("taskbroker")
         self.config = config
@@ -91,8 +98,9 @@ class BrokerService(ServiceTree):
         # What the last reload of the authorization folders said was
         # wrong, so that it is logged once, not at every reload.
         self._key_problems = set()
-        self.broker = Broker(config, store, reactor, self._send,
-                             monotonic=monotonic)
+        self.broker = Broker(
+            config, store, reactor, self._send, monotonic=monotonic
+        )
         self._zmq = ZmqFactoryService(reactor)
         self._zmq.setName("zmq")
         for child in (
@@ -111,13 +119,17 @@ class BrokerService(ServiceTree):
         ):
             child.setServiceParent(self)
         if curve is not None and curve[1] is not None:
-            self._timer("keys", KEYS_RELOAD_INTERVAL,
-                        self.reload_keys).setServiceParent(self)
+            self._timer(
+                "keys", KEYS_RELOAD_INTERVAL, self.reload_keys
+            ).setServiceParent(self)
         if self.broker.claims.lease is not None:
             # Renewed every second, or three times a lease if that is
             # shorter, so that one late renewal does not lose the claims.
-            self._timer("claims", min(1.0, self.broker.claims.lease / 3),
-                        self._keep_claims).setServiceParent(self)
+            self._timer(
+                "claims",
+                min(1.0, self.broker.claims.lease / 3),
+                self._keep_claims,
+            ).setServiceParent(self)
 
     def _timer(self, name, interval, call):
         timer = TimerService(interval, _guarded(call, name))
@@ -142,8 +154,10 @@ class BrokerService(ServiceTree):
         # check interrupted by a stop needs no word.
         if reason.check(StoreLost) or not self.running:
             return
-        log.warn("the database could not be checked: {error}",
-                 error=one_line(reason.value))
+        log.warn(
+            "the database could not be checked: {error}",
+            error=one_line(reason.value),
+        )
 
     def _bind(self):
         factory = self._zmq.get_factory()
@@ -161,16 +175,24 @@ class BrokerService(ServiceTree):
                 raise OSError(
                     "cannot serve CURVE authentication (ZAP handler at "
                     f"{ZAP_ENDPOINT}): {e}; without it any key would get "
-                    "in") from None
+                    "in"
+                ) from None
         try:
             self.socket = RouterSocket(
-                factory, self.config.listen, self.broker.handle,
-                MAX_MESSAGE_SIZE, curve=keypair)
+                factory,
+                self.config.listen,
+                self.broker.handle,
+                MAX_MESSAGE_SIZE,
+                curve=keypair,
+            )
         except Exception as e:
-            raise OSError(f"cannot listen on {self.config.listen}: {e}") from None
+            raise OSError(
+                f"cannot listen on {self.config.listen}: {e}"
+            ) from None
         if keypair is not None:
             self._handshakes = HandshakeMonitor(
-                factory, self.socket.zmq_socket, self._handshake_failed)
+                factory, self.socket.zmq_socket, self._handshake_failed
+            )
 
     def _listen_http(self):
         """
@@ -193,32 +215,45 @@ class BrokerService(ServiceTree):
             host = getattr(address, "host", None)
             site.loopback = host is None or is_loopback(host)
             site.open_reads = site.loopback and self._curve is None
-            shown = (socket.getfqdn() if host in ("0.0.0.0", "::")
-                     else host)
+            shown = socket.getfqdn() if host in ("0.0.0.0", "::") else host
             if host is None:
                 where = f"unix socket {address.name}"
             else:
-                where = "http://" + (f"[{shown}]" if ":" in shown
-                                     else shown) + f":{address.port}/"
+                where = (
+                    "http://"
+                    + (f"[{shown}]" if ":" in shown else shown)
+                    + f":{address.port}/"
+                )
             if self.config.http_token_file is None:
-                log.info("status site at {url}?token={token}", url=where,
-                         token=token)
+                log.info(
+                    "status site at {url}?token={token}",
+                    url=where,
+                    token=token,
+                )
             else:
-                log.info("status site at {url} (its token is in {path})",
-                         url=where, path=self.config.http_token_file)
+                log.info(
+                    "status site at {url} (its token is in {path})",
+                    url=where,
+                    path=self.config.http_token_file,
+                )
 
         def failed(reason):
             error = one_line(reason.value)
             if self.config.http != DEFAULT_HTTP:
-                raise OSError(f"cannot serve --http {self.config.http}: "
-                              f"{error}")
-            log.warn("no status site: cannot listen on {endpoint} "
-                     "({error}; another broker on this host?); give --http "
-                     "another endpoint, or none", endpoint=self.config.http,
-                     error=error)
+                raise OSError(
+                    f"cannot serve --http {self.config.http}: {error}"
+                )
+            log.warn(
+                "no status site: cannot listen on {endpoint} "
+                "({error}; another broker on this host?); give --http "
+                "another endpoint, or none",
+                endpoint=self.config.http,
+                error=error,
+            )
 
         return defer.maybeDeferred(endpoint.listen, Site(site)).addCallbacks(
-            listening, failed)
+            listening, failed
+        )
 
     def _stop_http(self):
         port, self.http_port = self.http_port, None
@@ -265,14 +300,19 @@ class BrokerService(ServiceTree):
         workers = self.broker.workers
         for session in list(self.broker.sessions):
             if session.key is not None and not keys.may_work(session.key):
-                log.warn("worker {name}: its key {key} ({key_name}) was "
-                         "removed; refusing it", name=session.name,
-                         key=session.key.decode("ascii"),
-                         key_name=named.get(session.key, "?"))
+                log.warn(
+                    "worker {name}: its key {key} ({key_name}) was "
+                    "removed; refusing it",
+                    name=session.name,
+                    key=session.key.decode("ascii"),
+                    key_name=named.get(session.key, "?"),
+                )
                 workers.forget(session)
-                workers.refuse(session.identity, "forbidden",
-                               "this key may not act as a worker on this "
-                               "broker")
+                workers.refuse(
+                    session.identity,
+                    "forbidden",
+                    "this key may not act as a worker on this broker",
+                )
 
     def _note_key_problems(self, problems):
         for problem in sorted(set(problems) - self._key_problems):
@@ -284,21 +324,28 @@ class BrokerService(ServiceTree):
         if self._refusals.allow(key):
             keys = self.broker.peer_keys
             shown = keys.name(key) if keys is not None else key
-            log.warn("refused a connection from {address}: {reason}, "
-                     "{key} (further refusals of this key are counted, not "
-                     "logged, for {interval:.0f}s)", address=address,
-                     reason=reason, key=shown,
-                     interval=BAD_MESSAGE_LOG_INTERVAL)
+            log.warn(
+                "refused a connection from {address}: {reason}, "
+                "{key} (further refusals of this key are counted, not "
+                "logged, for {interval:.0f}s)",
+                address=address,
+                reason=reason,
+                key=shown,
+                interval=BAD_MESSAGE_LOG_INTERVAL,
+            )
 
     def _handshake_failed(self, reason):
         # libzmq does not say from where: the event names the broker's
         # own endpoint.
         self.broker.counters["refused_keys"] += 1
         if self._refusals.allow(reason):
-            log.warn("refused a connection that failed the CURVE "
-                     "handshake: {reason} (further ones are counted, not "
-                     "logged, for {interval:.0f}s)", reason=reason,
-                     interval=BAD_MESSAGE_LOG_INTERVAL)
+            log.warn(
+                "refused a connection that failed the CURVE "
+                "handshake: {reason} (further ones are counted, not "
+                "logged, for {interval:.0f}s)",
+                reason=reason,
+                interval=BAD_MESSAGE_LOG_INTERVAL,
+            )
 
     def _close(self):
         if self._handshakes is not None:
@@ -319,13 +366,17 @@ class BrokerService(ServiceTree):
                 "it can submit and read every task, and register as a "
                 "worker to be sent them; give --curve-secret-key (see "
                 "docs/security.rst), bind a loopback address, or refuse "
-                "this with --require-curve", endpoint=self.socket.endpoint)
+                "this with --require-curve",
+                endpoint=self.socket.endpoint,
+            )
         log.info(
             "taskbroker ready: listening on {endpoint}, database {database}, "
             "levels {levels}, instance {instance}",
-            endpoint=self.socket.endpoint, database=describe_database(self.config.database),
+            endpoint=self.socket.endpoint,
+            database=describe_database(self.config.database),
             levels=",".join(self.config.priorities),
-            instance=self.broker.instance_id)
+            instance=self.broker.instance_id,
+        )
         self._check_database()
 
     def _sweep(self):
@@ -338,19 +389,23 @@ class BrokerService(ServiceTree):
         # Paused: a broker that cannot renew may lose its claims, and says
         # so once, not at every tick.
         return self.broker.keep_claims().addErrback(
-            self.broker.trouble, "renewing claims", pause=True)
+            self.broker.trouble, "renewing claims", pause=True
+        )
 
     def _schedule(self):
         return self.broker.schedules.tick().addErrback(
-            self.broker.trouble, "enqueueing periodic tasks")
+            self.broker.trouble, "enqueueing periodic tasks"
+        )
 
     def _retain(self):
         return self.broker.bulk.retain().addErrback(
-            self.broker.trouble, "deleting old finished tasks")
+            self.broker.trouble, "deleting old finished tasks"
+        )
 
     def _recount(self):
         return self.broker.status.recount().addErrback(
-            self.broker.trouble, "counting tasks")
+            self.broker.trouble, "counting tasks"
+        )
 
     def _send(self, identity, frames):
         if self.socket is None:
@@ -384,8 +439,11 @@ def _raise_descriptor_limit():
     import resource
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    wanted = MAX_DESCRIPTORS if hard == resource.RLIM_INFINITY else min(
-        hard, MAX_DESCRIPTORS)
+    wanted = (
+        MAX_DESCRIPTORS
+        if hard == resource.RLIM_INFINITY
+        else min(hard, MAX_DESCRIPTORS)
+    )
     raised_from = None
     if soft != resource.RLIM_INFINITY and soft < wanted:
         try:
@@ -395,12 +453,18 @@ def _raise_descriptor_limit():
         else:
             raised_from, soft = soft, wanted
     if soft != resource.RLIM_INFINITY and soft < LOW_DESCRIPTOR_LIMIT:
-        log.warn("file descriptors: at most {limit}, which caps the workers "
-                 "and clients that can connect; raise it (LimitNOFILE= in "
-                 "a systemd unit, ulimit -n in a shell)", limit=soft)
+        log.warn(
+            "file descriptors: at most {limit}, which caps the workers "
+            "and clients that can connect; raise it (LimitNOFILE= in "
+            "a systemd unit, ulimit -n in a shell)",
+            limit=soft,
+        )
     elif raised_from is not None:
-        log.info("file descriptors: at most {limit} (raised from "
-                 "{raised_from})", limit=soft, raised_from=raised_from)
+        log.info(
+            "file descriptors: at most {limit} (raised from {raised_from})",
+            limit=soft,
+            raised_from=raised_from,
+        )
     else:
         log.info("file descriptors: at most {limit}", limit=soft)
 
@@ -411,6 +475,7 @@ def _guarded(call, name):
     timer goes on: a ``TimerService`` whose call raises stops for good,
     and a broker whose sweeper stopped would lose every worker.
     """
+
     def tick():
         try:
             d = call()
@@ -418,8 +483,11 @@ def _guarded(call, name):
             log.failure("internal error in the {name}", name=name)
             return None
         if d is not None:
-            d.addErrback(lambda f: log.failure(
-                "internal error in the {name}", f, name=name))
+            d.addErrback(
+                lambda f: log.failure(
+                    "internal error in the {name}", f, name=name
+                )
+            )
         return d
 
     return tick

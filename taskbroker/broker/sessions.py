@@ -32,12 +32,34 @@ class Session:
     :ivar version: the taskbroker version its HELLO gave, or ``None``.
     """
 
-    __slots__ = ("identity", "name", "levels", "handlers", "slots",
-                 "heartbeat", "connected_since", "last_seen", "seen_at",
-                 "running", "sent_at", "adopting", "key", "version")
+    __slots__ = (
+        "identity",
+        "name",
+        "levels",
+        "handlers",
+        "slots",
+        "heartbeat",
+        "connected_since",
+        "last_seen",
+        "seen_at",
+        "running",
+        "sent_at",
+        "adopting",
+        "key",
+        "version",
+    )
 
-    def __init__(self, identity, name, levels, handlers, slots, heartbeat,
-                 now, monotonic_now):
+    def __init__(
+        self,
+        identity,
+        name,
+        levels,
+        handlers,
+        slots,
+        heartbeat,
+        now,
+        monotonic_now,
+    ):
         self.identity = identity
         self.name = name
         self.levels = levels
@@ -94,7 +116,9 @@ class Sessions:
         :returns: the live :class:`Session` named ``name``, or ``None``.
         """
         identity = self._by_name.get(name)
-        return self._by_identity.get(identity) if identity is not None else None
+        return (
+            self._by_identity.get(identity) if identity is not None else None
+        )
 
     def add(self, session):
         """
@@ -119,8 +143,11 @@ class Sessions:
         :returns: a ``list`` of the sessions silent for longer than
             ``misses`` of their heartbeat intervals.
         """
-        return [s for s in self._by_identity.values()
-                if now - s.seen_at > s.heartbeat * misses]
+        return [
+            s
+            for s in self._by_identity.values()
+            if now - s.seen_at > s.heartbeat * misses
+        ]
 
     def total_slots(self):
         return sum(s.slots for s in self._by_identity.values())

@@ -156,7 +156,8 @@ class Status:
             dropped_credits=broker.dispatcher.dropped_credits,
             unlogged_bad_messages=broker.router.bad_messages.suppressed,
             requests_in_progress=broker.admission.pending,
-            waits_held=broker.admission.waits)
+            waits_held=broker.admission.waits,
+        )
 
     def recount(self):
         """
@@ -183,7 +184,8 @@ class Status:
                     w.errback(reason)
 
             broker.store.counts(broker.clock.seconds()).addCallbacks(
-                counted, failed)
+                counted, failed
+            )
         return waiter
 
     def counted(self):
@@ -200,17 +202,20 @@ class Status:
         The WORKERS reply's ``workers`` list (see ``docs/protocol.rst``),
         by name.
         """
-        return [{
-            "name": s.name,
-            "priorities": list(s.levels),
-            "handlers": sorted(s.handlers),
-            "slots": s.slots,
-            "busy": len(s.running),
-            "connected_since": iso_time(s.connected_since),
-            "last_seen": iso_time(s.last_seen),
-            "key": None if s.key is None else s.key.decode("ascii"),
-            "version": s.version,
-        } for s in sorted(self._broker.sessions, key=lambda s: s.name)]
+        return [
+            {
+                "name": s.name,
+                "priorities": list(s.levels),
+                "handlers": sorted(s.handlers),
+                "slots": s.slots,
+                "busy": len(s.running),
+                "connected_since": iso_time(s.connected_since),
+                "last_seen": iso_time(s.last_seen),
+                "key": None if s.key is None else s.key.decode("ascii"),
+                "version": s.version,
+            }
+            for s in sorted(self._broker.sessions, key=lambda s: s.name)
+        ]
 
     def running(self):
         """
@@ -227,10 +232,15 @@ class Status:
                 if attempt is None:
                     continue
                 reported = attempt.progress or (None, None, None)
-                tasks.append({"id": task_id, "handler": attempt.row.handler,
-                              "priority": attempt.row.priority,
-                              "progress": reported[0],
-                              "message": reported[1]})
+                tasks.append(
+                    {
+                        "id": task_id,
+                        "handler": attempt.row.handler,
+                        "priority": attempt.row.priority,
+                        "progress": reported[0],
+                        "message": reported[1],
+                    }
+                )
             by_worker[session.name] = tasks
         return by_worker
 
@@ -250,14 +260,17 @@ class Status:
             "tasks": tasks,
             "waiting": waiting,
             "delayed": delayed,
-            "counts_age": (None if counted_at is None else
-                           round(max(0.0, broker.clock.seconds() - counted_at), 3)),
+            "counts_age": (
+                None
+                if counted_at is None
+                else round(max(0.0, broker.clock.seconds() - counted_at), 3)
+            ),
             "unserved": sorted(
-                h for h in waiting if not broker.dispatcher.served(h)),
+                h for h in waiting if not broker.dispatcher.served(h)
+            ),
             "workers": len(broker.sessions),
             "slots": broker.sessions.total_slots(),
             "free_slots": broker.dispatcher.free_credits(),
             "dispatch_paused": broker.dispatcher.paused,
             "counters": self.all_counters(),
         }
-

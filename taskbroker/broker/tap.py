@@ -21,7 +21,8 @@ class Options(DaemonOptions):
         "[options]\n\nKeep tasks in a database and hand each one to a worker "
         "that asked for work.\nEvery option can also be set with an "
         "environment variable TASKBROKER_<OPTION>\n(e.g. "
-        "TASKBROKER_DATABASE); the command line wins.")
+        "TASKBROKER_DATABASE); the command line wins."
+    )
     settings = BROKER_SETTINGS
     prefix = "TASKBROKER_"
     command = "taskbroker"
@@ -46,18 +47,27 @@ def makeService(options):
 
     config = options.config
     _report_crashes()
-    store = store_from_url(config.database, reactor,
-                           synchronous=config.sqlite_synchronous,
-                           create_database=config.create_database,
-                           levels=config.priorities,
-                           default_priority=config.default_priority,
-                           lease=config.lease)
-    service = BrokerService(config, store, reactor,
-                            on_fatal=lambda message: exit_with(reactor, 1),
-                            curve=options.curve)
+    store = store_from_url(
+        config.database,
+        reactor,
+        synchronous=config.sqlite_synchronous,
+        create_database=config.create_database,
+        levels=config.priorities,
+        default_priority=config.default_priority,
+        lease=config.lease,
+    )
+    service = BrokerService(
+        config,
+        store,
+        reactor,
+        on_fatal=lambda message: exit_with(reactor, 1),
+        curve=options.curve,
+    )
     # SIGHUP: read the authorization folders now.
-    signal.signal(signal.SIGHUP, lambda signum, frame: reactor.callFromThread(
-        service.reload_keys))
+    signal.signal(
+        signal.SIGHUP,
+        lambda signum, frame: reactor.callFromThread(service.reload_keys),
+    )
     return service
 
 

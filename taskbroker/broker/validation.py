@@ -24,13 +24,20 @@ def invalid_queue(handler, priority, levels):
     :returns: a one-line reason, or ``None`` if they can run.
     """
     if not isinstance(handler, str) or not (
-            0 < len(handler) <= codec.MAX_NAME and handler.isprintable()):
-        return (f"invalid handler name (1 to {codec.MAX_NAME} printable "
-                "characters)")
+        0 < len(handler) <= codec.MAX_NAME and handler.isprintable()
+    ):
+        return (
+            f"invalid handler name (1 to {codec.MAX_NAME} printable "
+            "characters)"
+        )
     if priority is not None and (
-            not isinstance(priority, str) or priority not in levels):
-        return (f"unknown priority level {priority!r} (levels: "
-                + ",".join(levels) + ")")
+        not isinstance(priority, str) or priority not in levels
+    ):
+        return (
+            f"unknown priority level {priority!r} (levels: "
+            + ",".join(levels)
+            + ")"
+        )
     return None
 
 
@@ -54,16 +61,21 @@ def invalid_row(row, levels):
         return reason
     room = 0 if row.state == "running" else 1
     for column, value, low, high in (
-            ("id", row.id, 1, codec.MAX_EXACT - 1),
-            ("token", row.token, 0, codec.MAX_EXACT - room),
-            ("attempts", row.attempts, 0, codec.MAX_ATTEMPT - room)):
+        ("id", row.id, 1, codec.MAX_EXACT - 1),
+        ("token", row.token, 0, codec.MAX_EXACT - room),
+        ("attempts", row.attempts, 0, codec.MAX_ATTEMPT - room),
+    ):
         if type(value) is not int or not low <= value <= high:
             return f"{column} must be a whole number from {low} to {high}"
-    for column, value in (("created_at", row.created_at),
-                          ("run_at", row.run_at)):
+    for column, value in (
+        ("created_at", row.created_at),
+        ("run_at", row.run_at),
+    ):
         if (value is not None or column == "created_at") and not _time(value):
-            return (f"{column} must be a Unix time in seconds from 0 to "
-                    f"{MAX_TIME:.0f}")
+            return (
+                f"{column} must be a Unix time in seconds from 0 to "
+                f"{MAX_TIME:.0f}"
+            )
     try:
         codec.check_text(row.payload, "payload")
     except ValueError as e:
@@ -82,8 +94,11 @@ _TASK = codec.BROKER_TO_WORKER_COMMANDS[b"TASK"]
 
 
 def _time(value):
-    return (not isinstance(value, bool) and isinstance(value, (int, float))
-            and 0 <= value <= MAX_TIME)
+    return (
+        not isinstance(value, bool)
+        and isinstance(value, (int, float))
+        and 0 <= value <= MAX_TIME
+    )
 
 
 def with_defaults(row, default_priority, default_max_attempts):
@@ -94,5 +109,6 @@ def with_defaults(row, default_priority, default_max_attempts):
     if row.priority is None or row.max_attempts is None:
         row = row._replace(
             priority=row.priority or default_priority,
-            max_attempts=row.max_attempts or default_max_attempts)
+            max_attempts=row.max_attempts or default_max_attempts,
+        )
     return row

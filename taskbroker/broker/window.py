@@ -102,8 +102,11 @@ class Windows:
         :returns: ``(after, limit)`` for the load, or ``None``: read up to
             ``limit`` tasks after the cursor ``after``.
         """
-        if (key not in self._cursors or key in self._loading
-                or waiting >= (self.size if soon else self.low)):
+        if (
+            key not in self._cursors
+            or key in self._loading
+            or waiting >= (self.size if soon else self.low)
+        ):
             return None
         self._loading[key] = None
         return self._cursors[key], self.size - waiting

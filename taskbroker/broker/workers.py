@@ -46,10 +46,15 @@ class Workers:
         # use its database, so that a worker with other brokers to go to
         # can leave one whose database has been failing for a while.
         self._heartbeat_bodies = {
-            failing: encode(b"HEARTBEAT", {
-                "broker": broker.instance_id,
-                "store": "failing" if failing else "ok"})
-            for failing in (False, True)}
+            failing: encode(
+                b"HEARTBEAT",
+                {
+                    "broker": broker.instance_id,
+                    "store": "failing" if failing else "ok",
+                },
+            )
+            for failing in (False, True)
+        }
         # task id -> times in a row it was sent and never received
         self._unreceived = {}
         # (identity, task id) -> a RESULT for an attempt being adopted; at
@@ -74,23 +79,35 @@ class Workers:
         unknown = [level for level in wanted if level not in broker.levels]
         if unknown or not wanted:
             self.refuse(
-                identity, "unknown_priority",
+                identity,
+                "unknown_priority",
                 "this broker has no priority level "
                 + ", ".join(map(repr, unknown))
-                + " (its levels: " + ",".join(broker.levels) + ")")
+                + " (its levels: "
+                + ",".join(broker.levels)
+                + ")",
+            )
             return
         holder = broker.sessions.holder_of(name)
         if holder is not None and holder.identity != identity:
             self.refuse(
-                identity, "name_taken",
+                identity,
+                "name_taken",
                 f"a live worker named {name!r} is already connected; "
-                "give each worker a unique --name")
+                "give each worker a unique --name",
+            )
             return
         previous = session
         session = Session(
-            identity, name, tuple(wanted), tuple(body["handlers"]),
-            body["slots"], body.get("heartbeat", 1.0),
-            broker.clock.seconds(), broker.monotonic())
+            identity,
+            name,
+            tuple(wanted),
+            tuple(body["handlers"]),
+            body["slots"],
+            body.get("heartbeat", 1.0),
+            broker.clock.seconds(),
+            broker.monotonic(),
+        )
         session.version = body.get("version")
         if previous is not None:
             # The same connection announcing again: what it was given is
@@ -108,43 +125,62 @@ class Workers:
         adopting = []
         for item in body.get("running", ()):
             task_id, token = item["id"], item["token"]
-            outcome = broker.attempts.claim(task_id, token, identity,
-                                            broker.sessions.__contains__)
+            outcome = broker.attempts.claim(
+                task_id, token, identity, broker.sessions.__contains__
+            )
             if outcome == "claimed":
                 session.running[task_id] = token
-            elif outcome == "stale" and broker.claims.shared \
-                    and task_id not in broker.attempts:
+            elif (
+                outcome == "stale"
+                and broker.claims.shared
+                and task_id not in broker.attempts
+            ):
                 adopting.append((task_id, token))
             elif outcome == "stale":
                 self._stop_stale(identity, task_id, token)
         broker.sessions.add(session)
         broker.dispatcher.add_worker(
-            identity, [broker.level_of(level) for level in wanted],
-            session.handlers, session.slots,
-            busy=len(session.running) + len(adopting))
+            identity,
+            [broker.level_of(level) for level in wanted],
+            session.handlers,
+            session.slots,
+            busy=len(session.running) + len(adopting),
+        )
         for task_id, token in adopting:
             session.adopting[task_id] = token
             self._adopt(session, task_id, token)
-        broker.send(identity, encode(b"WELCOME", {
-            "broker": broker.instance_id,
-            "priorities": list(broker.levels),
-            "heartbeat": broker.config.heartbeat,
-            "time_limit": broker.config.time_limit,
-            "progress": True,
-            "version": taskbroker.__version__,
-        }))
+        broker.send(
+            identity,
+            encode(
+                b"WELCOME",
+                {
+                    "broker": broker.instance_id,
+                    "priorities": list(broker.levels),
+                    "heartbeat": broker.config.heartbeat,
+                    "time_limit": broker.config.time_limit,
+                    "progress": True,
+                    "version": taskbroker.__version__,
+                },
+            ),
+        )
         theirs = body.get("version")
         if theirs != taskbroker.__version__:
             self.log.warn(
                 "worker {name} runs taskbroker {theirs}, this broker {ours}: "
-                "upgrade them together (docs/operations.rst, \"Upgrades\")",
-                name=name, theirs=theirs or "older than 0.1.0",
-                ours=taskbroker.__version__)
+                'upgrade them together (docs/operations.rst, "Upgrades")',
+                name=name,
+                theirs=theirs or "older than 0.1.0",
+                ours=taskbroker.__version__,
+            )
         self.log.info(
             "worker {name} connected: {slots_text}, levels {levels}, "
-            "handlers {handlers}", name=name, slots=session.slots,
+            "handlers {handlers}",
+            name=name,
+            slots=session.slots,
             slots_text=counted(session.slots, "slot"),
-            levels=",".join(wanted), handlers=",".join(session.handlers))
+            levels=",".join(wanted),
+            handlers=",".join(session.handlers),
+        )
 
     def _adopt(self, session, task_id, token):
         """
@@ -162,8 +198,9 @@ class Workers:
             if state == "held" and current and not broker.stopped:
                 # Its broker still holds its lease, and may come back:
                 # ask again until it lapses.
-                broker.clock.callLater(ADOPT_RETRY, self._adopt, session,
-                                       task_id, token)
+                broker.clock.callLater(
+                    ADOPT_RETRY, self._adopt, session, task_id, token
+                )
                 return
             session.adopting.pop(task_id, None)
             early = self._early.pop((identity, task_id), None)
@@ -173,20 +210,27 @@ class Workers:
                 return
             # Remembered as it was before its dispatch, as at start.
             before = broker.backlog.with_defaults(
-                row._replace(attempts=max(row.attempts - 1, 0)))
+                row._replace(attempts=max(row.attempts - 1, 0))
+            )
             if not current:
                 # Gone meanwhile: an orphan, requeued unless it comes back.
                 broker.attempts.orphan(
-                    task_id, token, before,
-                    broker.monotonic() + 2 * broker.allowance())
+                    task_id,
+                    token,
+                    before,
+                    broker.monotonic() + 2 * broker.allowance(),
+                )
                 return
             broker.attempts.start(task_id, token, before, identity)
             session.running[task_id] = token
             # Confirmed by the worker's next heartbeats, like a TASK sent.
             session.sent_at[task_id] = broker.monotonic()
-            self.log.info("adopted task {task_id} from a broker that went "
-                          "away: worker {name} runs it", task_id=task_id,
-                          name=session.name)
+            self.log.info(
+                "adopted task {task_id} from a broker that went "
+                "away: worker {name} runs it",
+                task_id=task_id,
+                name=session.name,
+            )
             if early is not None:
                 self.on_RESULT(identity, session, early)
 
@@ -198,7 +242,8 @@ class Workers:
             broker.trouble(reason, "adopting a running task")
 
         broker.claims.adopt(task_id, token).addCallbacks(
-            adopted, failed).addErrback(broker.trouble, "adopting a task")
+            adopted, failed
+        ).addErrback(broker.trouble, "adopting a task")
 
     def _not_adopted(self, session, task_id, token, early):
         """
@@ -223,13 +268,16 @@ class Workers:
         longest = self._broker.config.max_worker_heartbeat
         heartbeat = body.get("heartbeat", 1.0)
         if not MIN_WORKER_HEARTBEAT <= heartbeat <= longest:
-            return (f"heartbeat {heartbeat:g} s is not from "
-                    f"{MIN_WORKER_HEARTBEAT:g} to {longest:g} s (this "
-                    "broker's --max-worker-heartbeat)")
+            return (
+                f"heartbeat {heartbeat:g} s is not from "
+                f"{MIN_WORKER_HEARTBEAT:g} to {longest:g} s (this "
+                "broker's --max-worker-heartbeat)"
+            )
         running = len(body.get("running", ()))
         if running > body["slots"]:
-            return (f"{running} running tasks announced for "
-                    f"{body['slots']} slots")
+            return (
+                f"{running} running tasks announced for {body['slots']} slots"
+            )
         return None
 
     def on_READY(self, identity, session, body):
@@ -251,8 +299,10 @@ class Workers:
             # costs no more than a worker's slots.
             self._broker.counters["protocol_errors"] += 1
         elif "running" in body:
-            self._reconcile(session, {(item["id"], item["token"])
-                                      for item in body["running"]})
+            self._reconcile(
+                session,
+                {(item["id"], item["token"]) for item in body["running"]},
+            )
 
     def on_BYE(self, identity, session, body):
         if session is not None:
@@ -262,8 +312,10 @@ class Workers:
             self.forget(session, consumed=False)
 
     def on_RESULT(self, identity, session, body):
-        if session is not None and \
-                session.adopting.get(body["id"]) == body["token"]:
+        if (
+            session is not None
+            and session.adopting.get(body["id"]) == body["token"]
+        ):
             # Brought from another broker and not adopted yet: its result
             # (and the slot's request for work) waits for the store.
             self._early[(identity, body["id"])] = body
@@ -290,15 +342,24 @@ class Workers:
                     "ignored a result for task {task_id} token {token} from "
                     "{name}: not an attempt it holds (further ones from this "
                     "worker are counted, not logged, for {interval:.0f}s)",
-                    task_id=task_id, token=token, name=session.name,
-                    interval=BAD_MESSAGE_LOG_INTERVAL)
+                    task_id=task_id,
+                    token=token,
+                    name=session.name,
+                    interval=BAD_MESSAGE_LOG_INTERVAL,
+                )
             # Acknowledged: it will never be taken.
             self._ack(identity, task_id, token)
             return
         broker.attempts.end(task_id, token)
-        holder = (broker.sessions.get(attempt.session)
-                  if attempt.session is not None else None)
-        if holder is not None and holder.running.pop(task_id, None) is not None:
+        holder = (
+            broker.sessions.get(attempt.session)
+            if attempt.session is not None
+            else None
+        )
+        if (
+            holder is not None
+            and holder.running.pop(task_id, None) is not None
+        ):
             broker.dispatcher.task_done(holder.identity)
         state = body["state"]
         d = broker.outcomes.report(attempt, state, body)
@@ -312,12 +373,16 @@ class Workers:
             # allowance.  Until then the attempt is an orphan, requeued
             # only if nobody reports it for twice as long.
             broker.attempts.orphan(
-                task_id, token, attempt.row,
-                broker.monotonic() + 2 * broker.allowance())
+                task_id,
+                token,
+                attempt.row,
+                broker.monotonic() + 2 * broker.allowance(),
+            )
             broker.trouble(reason, "recording a result")
 
         d.addCallbacks(recorded, failed).addErrback(
-            broker.trouble, "acknowledging a result")
+            broker.trouble, "acknowledging a result"
+        )
 
     def on_PROGRESS(self, identity, session, body):
         # Only from the session that runs the current attempt; anything
@@ -325,8 +390,9 @@ class Workers:
         attempt = self._broker.attempts.current(body["id"], body["token"])
         if session is None or attempt is None or attempt.session != identity:
             return
-        self._broker.progress.report(attempt, body["fraction"],
-                                     body.get("message"))
+        self._broker.progress.report(
+            attempt, body["fraction"], body.get("message")
+        )
 
     def _holds(self, session, attempt):
         """
@@ -338,7 +404,10 @@ class Workers:
         """
         if attempt.session == session.identity:
             return True
-        if attempt.session is not None and attempt.session in self._broker.sessions:
+        if (
+            attempt.session is not None
+            and attempt.session in self._broker.sessions
+        ):
             return False
         return attempt.row.worker == session.name
 
@@ -349,31 +418,43 @@ class Workers:
         Ask a peer the broker does not know to announce itself.
         """
         broker = self._broker
-        broker.send(identity, encode(b"REHELLO", {"broker": broker.instance_id}))
+        broker.send(
+            identity, encode(b"REHELLO", {"broker": broker.instance_id})
+        )
 
     def _ack(self, identity, task_id, token):
-        self._broker.send(identity, encode(b"ACK", {"id": task_id, "token": token}))
+        self._broker.send(
+            identity, encode(b"ACK", {"id": task_id, "token": token})
+        )
 
     def refuse(self, identity, code, message):
         if self._logs.allow((identity, "refused")):
             self.log.warn("refused a worker: {message}", message=message)
-        self._broker.send(identity, encode(
-            b"ERROR", {"code": code, "message": message, "fatal": True}))
+        self._broker.send(
+            identity,
+            encode(
+                b"ERROR", {"code": code, "message": message, "fatal": True}
+            ),
+        )
 
     def _stop_stale(self, identity, task_id, token):
         if self._logs.allow((identity, "stale")):
             self.log.info(
                 "task {task_id} token {token} is no longer current; telling "
-                "{peer} to stop it", task_id=task_id, token=token,
-                peer=self._broker.describe_peer(identity))
+                "{peer} to stop it",
+                task_id=task_id,
+                token=token,
+                peer=self._broker.describe_peer(identity),
+            )
         self.cancel(identity, task_id, token)
 
     def cancel(self, identity, task_id, token):
         """
         Tell a worker to stop an attempt.
         """
-        self._broker.send(identity, encode(
-            b"CANCEL", {"id": task_id, "token": token}))
+        self._broker.send(
+            identity, encode(b"CANCEL", {"id": task_id, "token": token})
+        )
 
     # -- liveness ----------------------------------------------------------------
 
@@ -401,8 +482,10 @@ class Workers:
                 if attempt is not None:
                     self._never_received(session, attempt)
         for task_id, token in listed:
-            if (broker.attempts.current(task_id, token) is None
-                    and session.adopting.get(task_id) != token):
+            if (
+                broker.attempts.current(task_id, token) is None
+                and session.adopting.get(task_id) != token
+            ):
                 self._stop_stale(session.identity, task_id, token)
 
     def _never_received(self, session, attempt):
@@ -414,11 +497,14 @@ class Workers:
             self._unreceived[task_id] = times
             reason = f"worker {session.name} never received it"
         else:
-            reason = (f"workers never received it ({times} times in a "
-                      f"row, last {session.name})")
+            reason = (
+                f"workers never received it ({times} times in a "
+                f"row, last {session.name})"
+            )
         broker = self._broker
-        broker.outcomes.requeue(attempt, reason,
-                                consumed=times >= MAX_UNRECEIVED)
+        broker.outcomes.requeue(
+            attempt, reason, consumed=times >= MAX_UNRECEIVED
+        )
 
     def forget(self, session, consumed=True):
         """
@@ -432,8 +518,12 @@ class Workers:
             attempt = broker.attempts.end(task_id, token)
             if attempt is not None:
                 broker.outcomes.requeue(
-                    attempt, f"worker {session.name} was lost" if consumed
-                    else f"worker {session.name} left", consumed=consumed)
+                    attempt,
+                    f"worker {session.name} was lost"
+                    if consumed
+                    else f"worker {session.name} left",
+                    consumed=consumed,
+                )
 
     def sweep(self):
         """
@@ -442,22 +532,35 @@ class Workers:
         """
         broker = self._broker
         now = broker.monotonic()
-        silent = set(broker.sessions.silent(now, broker.config.heartbeat_misses))
+        silent = set(
+            broker.sessions.silent(now, broker.config.heartbeat_misses)
+        )
         heartbeat = self._heartbeat_bodies[
-            broker.store.write_error is not None]
+            broker.store.write_error is not None
+        ]
         for session in broker.sessions:
             if session in silent:
                 broker.counters["lost_workers"] += 1
                 self.log.warn(
                     "worker {name} lost: silent for {silence:.1f}s",
-                    name=session.name, silence=now - session.seen_at)
+                    name=session.name,
+                    silence=now - session.seen_at,
+                )
                 self.forget(session)
             elif not broker.send(session.identity, heartbeat):
-                self.log.warn("worker {name} is unreachable", name=session.name)
+                self.log.warn(
+                    "worker {name} is unreachable", name=session.name
+                )
                 self.forget(session)
-        for attempt in broker.attempts.expired(now, broker.sessions.__contains__):
+        for attempt in broker.attempts.expired(
+            now, broker.sessions.__contains__
+        ):
             self.log.info(
                 "task {task_id} token {token} was not claimed by any "
-                "worker in time", task_id=attempt.task_id, token=attempt.token)
-            broker.outcomes.requeue(attempt, "its worker was lost",
-                                    consumed=False)
+                "worker in time",
+                task_id=attempt.task_id,
+                token=attempt.token,
+            )
+            broker.outcomes.requeue(
+                attempt, "its worker was lost", consumed=False
+            )

@@ -44,8 +44,15 @@ from taskbroker.client.errors import (
 )
 from taskbroker.errors import ConfigError
 
-__all__ = ["main", "EXIT_OK", "EXIT_TASK_FAILED", "EXIT_INTERNAL",
-           "EXIT_USAGE", "EXIT_UNAVAILABLE", "EXIT_NOT_FOUND"]
+__all__ = [
+    "main",
+    "EXIT_OK",
+    "EXIT_TASK_FAILED",
+    "EXIT_INTERNAL",
+    "EXIT_USAGE",
+    "EXIT_UNAVAILABLE",
+    "EXIT_NOT_FOUND",
+]
 
 
 def _run(argv, output, stdin, environ):
@@ -64,18 +71,22 @@ def _run(argv, output, stdin, environ):
         config = options.client_config(environ)
         # Read here first, so that a bad file is named by its option
         # (the client names its keyword argument).
-        curve.load_peer_keys(config.curve_server_key,
-                             config.curve_secret_key, "client")
+        curve.load_peer_keys(
+            config.curve_server_key, config.curve_secret_key, "client"
+        )
         client = BlockingClient(
-            config.broker, config.timeout,
+            config.broker,
+            config.timeout,
             curve_server_key=config.curve_server_key,
-            curve_secret_key=config.curve_secret_key)
+            curve_secret_key=config.curve_secret_key,
+        )
     except (ConfigError, ValueError) as e:
         output.error(str(e))
         return EXIT_USAGE
     with client:
         return _COMMANDS[options.subCommand](
-            client, options.subOptions, output, stdin)
+            client, options.subOptions, output, stdin
+        )
 
 
 def _keygen(options, output):
@@ -84,8 +95,9 @@ def _keygen(options, output):
     except ConfigError as e:
         output.error(str(e))
         return EXIT_USAGE
-    output.line(f"public key: {public} (give it to the peers that admit "
-                "this key)")
+    output.line(
+        f"public key: {public} (give it to the peers that admit this key)"
+    )
     output.line(f"secret key: {secret} (keep it; readable by you only)")
     return EXIT_OK
 

@@ -48,9 +48,13 @@ class Bar:
         self._tasks = total_tasks
         # mininterval=0: it is drawn when told, once a second at most.
         self._bar = _Tqdm(
-            total=total_tasks if total_tasks > 1 else 100, file=stream,
-            leave=False, dynamic_ncols=True, mininterval=0,
-            bar_format="{desc}{percentage:3.0f}%|{bar}| {state}")
+            total=total_tasks if total_tasks > 1 else 100,
+            file=stream,
+            leave=False,
+            dynamic_ncols=True,
+            mininterval=0,
+            bar_format="{desc}{percentage:3.0f}%|{bar}| {state}",
+        )
 
     def task(self, task):
         """
@@ -60,7 +64,8 @@ class Bar:
         progress = task.get("progress") or {}
         fraction = progress.get("fraction")
         if task.get("state") != "running" or not isinstance(
-                fraction, (int, float)):
+            fraction, (int, float)
+        ):
             fraction = 0
         self._bar.n = round(100 * min(max(fraction, 0), 1), 1)
         self._bar.state = _state(task)

@@ -29,8 +29,13 @@ EXIT_NOT_FINISHED = 5
 # When the tasks of one 'wait' end differently: the code of the worst,
 # least worst first.  Knowing nothing (the broker could not be asked) is
 # worse than a wrong id, which is worse than a task still running.
-_EXIT_RANK = (EXIT_OK, EXIT_TASK_FAILED, EXIT_NOT_FINISHED, EXIT_NOT_FOUND,
-              EXIT_UNAVAILABLE)
+_EXIT_RANK = (
+    EXIT_OK,
+    EXIT_TASK_FAILED,
+    EXIT_NOT_FINISHED,
+    EXIT_NOT_FOUND,
+    EXIT_UNAVAILABLE,
+)
 
 # ERROR codes that are not the user's mistake get their own exit codes;
 # every other code (bad_request, unknown_priority, not_cancellable,
@@ -41,7 +46,6 @@ _EXIT_FOR_CODE = {
     "busy": EXIT_UNAVAILABLE,
     "internal": EXIT_UNAVAILABLE,
 }
-
 
 
 class _Output:
@@ -93,7 +97,8 @@ def _read_text(path, stdin):
             return f.read()
     except OSError as e:
         raise usage.UsageError(
-            f"cannot read {path}: {e.strerror or e}") from None
+            f"cannot read {path}: {e.strerror or e}"
+        ) from None
     except UnicodeDecodeError:
         raise usage.UsageError(f"cannot read {path}: not UTF-8 text") from None
 
@@ -123,7 +128,8 @@ def _read_specs(path, stdin):
             check_task_spec(spec)
         except InvalidRequest as e:
             raise usage.UsageError(
-                f"{name} line {number}: {e.message}") from None
+                f"{name} line {number}: {e.message}"
+            ) from None
         specs.append(spec)
     return specs
 
@@ -135,7 +141,8 @@ def _warn_unserved(output, result):
         output.warn(
             f"no connected worker has handler {handler!r}"
             + (f" (did you mean {meant!r}?)" if meant else "")
-            + "; the task is queued until one connects")
+            + "; the task is queued until one connects"
+        )
 
 
 def _task_ended_badly(output, task):
@@ -147,8 +154,9 @@ def _task_ended_badly(output, task):
         return EXIT_OK
     verb = "was cancelled" if task.get("state") == "cancelled" else "failed"
     reason = task.get("error")
-    output.error(f"task {task.get('id')} {verb}"
-                 + (f": {reason}" if reason else ""))
+    output.error(
+        f"task {task.get('id')} {verb}" + (f": {reason}" if reason else "")
+    )
     return EXIT_TASK_FAILED
 
 
@@ -172,8 +180,10 @@ def _note_existing(output, tasks, specs, existing):
     for task, spec in zip(tasks, specs):
         key = task.get("unique_key") or spec.get("unique_key")
         if key is not None and (task["id"] in existing or task["id"] in seen):
-            output.note(f"task {task['id']} with unique key {key!r} already "
-                        "exists; not submitted again")
+            output.note(
+                f"task {task['id']} with unique key {key!r} already "
+                "exists; not submitted again"
+            )
         seen.add(task["id"])
 
 
@@ -198,10 +208,14 @@ def _submit(client, options, output, stdin):
         return EXIT_OK
     spec = {"unique_key": options["unique-key"]}
     result = client.submit(
-        options["handler"], _payload(options, stdin),
-        priority=options["priority"], max_attempts=options["max-attempts"],
-        delay=options["delay"], unique_key=options["unique-key"],
-        time_limit=options["time-limit"])
+        options["handler"],
+        _payload(options, stdin),
+        priority=options["priority"],
+        max_attempts=options["max-attempts"],
+        delay=options["delay"],
+        unique_key=options["unique-key"],
+        time_limit=options["time-limit"],
+    )
     task = result[0]
     _note_existing(output, [task], [spec], result.existing)
     _warn_unserved(output, result)
@@ -213,8 +227,8 @@ def _submit(client, options, output, stdin):
         task = _wait_for(client, task["id"], None, bar)
     except KeyboardInterrupt:
         raise KeyboardInterrupt(
-            f"task {task['id']} goes on; see 'taskbroker status "
-            f"{task['id']}'") from None
+            f"task {task['id']} goes on; see 'taskbroker status {task['id']}'"
+        ) from None
     finally:
         if bar is not None:
             bar.close()
@@ -227,19 +241,24 @@ def _submit(client, options, output, stdin):
 
 def _wait(client, options, output, stdin):
     ids = options["ids"]
-    deadline = (None if options["wait"] is None
-                else time.monotonic() + options["wait"])
+    deadline = (
+        None if options["wait"] is None else time.monotonic() + options["wait"]
+    )
     bar = Bar(output.stderr, len(ids)) if shown_on(output.stderr) else None
     worst = EXIT_OK
     try:
         for done, task_id in enumerate(ids):
-            remaining = (None if deadline is None
-                         else max(0.0, deadline - time.monotonic()))
+            remaining = (
+                None
+                if deadline is None
+                else max(0.0, deadline - time.monotonic())
+            )
             try:
                 # One task's bar shows its progress; several's, how many
                 # have ended.
-                task = _wait_for(client, task_id, remaining,
-                                 bar if len(ids) == 1 else None)
+                task = _wait_for(
+                    client, task_id, remaining, bar if len(ids) == 1 else None
+                )
             except TaskNotFound as e:
                 task, missing = None, e.message
             if bar is not None:
@@ -254,7 +273,8 @@ def _wait(client, options, output, stdin):
                 bar.ended(done + 1)
     except KeyboardInterrupt:
         raise KeyboardInterrupt(
-            "the tasks go on; see 'taskbroker status ID'") from None
+            "the tasks go on; see 'taskbroker status ID'"
+        ) from None
     finally:
         if bar is not None:
             bar.close()
@@ -274,11 +294,15 @@ def _wait_for(client, task_id, timeout, bar):
     deadline = None if timeout is None else time.monotonic() + timeout
     look = 0.0  # the first look answers at once
     while True:
-        left = (None if deadline is None
-                else max(0.0, deadline - time.monotonic()))
+        left = (
+            None if deadline is None else max(0.0, deadline - time.monotonic())
+        )
         task = client.wait(task_id, look if left is None else min(look, left))
-        if task.get("state") not in _LIVE or left == 0.0 or (
-                left is not None and left <= look):
+        if (
+            task.get("state") not in _LIVE
+            or left == 0.0
+            or (left is not None and left <= look)
+        ):
             return task
         bar.task(task)
         look = LOOK_EVERY
@@ -324,11 +348,15 @@ def _time(value):
 
 
 def _table(output, headers, rows):
-    widths = [max(len(cell) for cell in column)
-              for column in zip(headers, *rows)]
+    widths = [
+        max(len(cell) for cell in column) for column in zip(headers, *rows)
+    ]
     for row in [headers, *rows]:
-        output.line("  ".join(
-            cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+        output.line(
+            "  ".join(
+                cell.ljust(width) for cell, width in zip(row, widths)
+            ).rstrip()
+        )
 
 
 def _status(client, options, output, stdin):
@@ -340,8 +368,9 @@ def _status(client, options, output, stdin):
     keys += [key for key in task if key not in TASK_KEYS]
     for key in keys:
         value = task[key]
-        if key == "traceback" or (key in ("run_at", "submitter", "progress")
-                                  and value is None):
+        if key == "traceback" or (
+            key in ("run_at", "submitter", "progress") and value is None
+        ):
             continue
         if key in ("payload", "result"):
             # JSON values: show them as JSON, so that "null" and the string
@@ -368,8 +397,12 @@ def _progress_text(progress, long=False):
     if not isinstance(progress, dict):
         return ""
     fraction = progress.get("fraction")
-    text = (f"{fraction:.0%}" if isinstance(fraction, (int, float))
-            and not isinstance(fraction, bool) else _text(fraction))
+    text = (
+        f"{fraction:.0%}"
+        if isinstance(fraction, (int, float))
+        and not isinstance(fraction, bool)
+        else _text(fraction)
+    )
     if long:
         if progress.get("message"):
             text += f" {_text(progress['message'])}"
@@ -379,27 +412,52 @@ def _progress_text(progress, long=False):
 
 
 def _list(client, options, output, stdin):
-    tasks = client.list(options["state"], options["handler"], options["limit"],
-                        priority=options["priority"], order=options["order"],
-                        after=options["after"] or 0, before=options["before"])
+    tasks = client.list(
+        options["state"],
+        options["handler"],
+        options["limit"],
+        priority=options["priority"],
+        order=options["order"],
+        after=options["after"] or 0,
+        before=options["before"],
+    )
     if options["json"]:
         output.json(tasks)
         return EXIT_OK
-    _table(output, ["ID", "HANDLER", "PRIORITY", "STATE", "PROGRESS",
-                    "ATTEMPTS", "WORKER", "CREATED"], [
-        [_text(task.get("id")), _text(task.get("handler")),
-         _text(task.get("priority")), _text(task.get("state")),
-         _progress_text(task.get("progress")),
-         f"{_text(task.get('attempts'))}/{_text(task.get('max_attempts'))}",
-         _text(task.get("worker")), _time(task.get("created_at"))]
-        for task in tasks])
+    _table(
+        output,
+        [
+            "ID",
+            "HANDLER",
+            "PRIORITY",
+            "STATE",
+            "PROGRESS",
+            "ATTEMPTS",
+            "WORKER",
+            "CREATED",
+        ],
+        [
+            [
+                _text(task.get("id")),
+                _text(task.get("handler")),
+                _text(task.get("priority")),
+                _text(task.get("state")),
+                _progress_text(task.get("progress")),
+                f"{_text(task.get('attempts'))}/{_text(task.get('max_attempts'))}",
+                _text(task.get("worker")),
+                _time(task.get("created_at")),
+            ]
+            for task in tasks
+        ],
+    )
     return EXIT_OK
 
 
 def _cancel(client, options, output, stdin):
     if options["state"] is not None:
-        return _many(client.cancel_many, "cancel", "cancelled", options,
-                     output, stdin)
+        return _many(
+            client.cancel_many, "cancel", "cancelled", options, output, stdin
+        )
     task = client.cancel(options["id"])
     if options["json"]:
         output.json(task)
@@ -410,16 +468,19 @@ def _cancel(client, options, output, stdin):
 
 def _retry(client, options, output, stdin):
     if options["state"] is not None:
-        return _many(client.retry_many, "retry", "queued again", options,
-                     output, stdin)
+        return _many(
+            client.retry_many, "retry", "queued again", options, output, stdin
+        )
     task = client.retry(options["id"])
     if options["json"]:
         output.json(task)
     else:
         # A task that was queued or running already is answered as it is.
-        output.line(f"queued task {task['id']} again"
-                    if task["state"] == "queued" and task["attempts"] == 0
-                    else f"task {task['id']} is already {task['state']}")
+        output.line(
+            f"queued task {task['id']} again"
+            if task["state"] == "queued" and task["attempts"] == 0
+            else f"task {task['id']} is already {task['state']}"
+        )
     return EXIT_OK
 
 
@@ -437,10 +498,12 @@ def _many(act, verb, done, options, output, stdin):
     if not options["yes"]:
         question = f"{verb} {count} {which}? [y/N] "
         if not _confirmed(question, output, stdin):
-            output.error(f"nothing done ({verb} needs a yes)"
-                         if _interactive(stdin) else
-                         f"{verb} {count} {which}: not on a terminal to "
-                         "ask; give --yes to go ahead")
+            output.error(
+                f"nothing done ({verb} needs a yes)"
+                if _interactive(stdin)
+                else f"{verb} {count} {which}: not on a terminal to "
+                "ask; give --yes to go ahead"
+            )
             return EXIT_USAGE
     acted, refused = act(state, handler)
     output.line(f"{done} {acted} {which}")
@@ -466,8 +529,9 @@ def _confirmed(question, output, stdin):
 
 
 def _purge(client, options, output, stdin):
-    deleted = client.purge(options["older-than"], options["state"],
-                           options["handler"])
+    deleted = client.purge(
+        options["older-than"], options["state"], options["handler"]
+    )
     output.line(f"deleted {deleted} tasks")
     return EXIT_OK
 
@@ -476,37 +540,59 @@ def _schedule(client, options, output, stdin):
     command, sub = options.subCommand, options.subOptions
     if command == "add":
         schedule = client.add_schedule(
-            sub["name"], sub["handler"], every=sub["every"], cron=sub["cron"],
-            payload=_payload(sub, stdin), priority=sub["priority"],
-            timezone=sub["timezone"], skip_if_running=sub["skip-if-running"],
-            max_attempts=sub["max-attempts"], time_limit=sub["time-limit"],
-            replace=sub["replace"])
+            sub["name"],
+            sub["handler"],
+            every=sub["every"],
+            cron=sub["cron"],
+            payload=_payload(sub, stdin),
+            priority=sub["priority"],
+            timezone=sub["timezone"],
+            skip_if_running=sub["skip-if-running"],
+            max_attempts=sub["max-attempts"],
+            time_limit=sub["time-limit"],
+            replace=sub["replace"],
+        )
         if sub["json"]:
             output.json(schedule)
         else:
-            output.line(f"schedule {schedule['name']} added: next at "
-                        f"{_time(schedule.get('next_tick'))} UTC")
+            output.line(
+                f"schedule {schedule['name']} added: next at "
+                f"{_time(schedule.get('next_tick'))} UTC"
+            )
     elif command == "list":
         schedules = client.schedules()
         if sub["json"]:
             output.json(schedules)
             return EXIT_OK
-        _table(output, ["NAME", "HANDLER", "WHEN", "NEXT (UTC)", "LAST TASK",
-                        "STATE"], [
-            [_text(s.get("name")), _text(s.get("handler")), _when(s),
-             _time(s.get("next_tick")), _text(s.get("last_task_id")),
-             "paused" if s.get("paused") else "active"]
-            for s in schedules])
+        _table(
+            output,
+            ["NAME", "HANDLER", "WHEN", "NEXT (UTC)", "LAST TASK", "STATE"],
+            [
+                [
+                    _text(s.get("name")),
+                    _text(s.get("handler")),
+                    _when(s),
+                    _time(s.get("next_tick")),
+                    _text(s.get("last_task_id")),
+                    "paused" if s.get("paused") else "active",
+                ]
+                for s in schedules
+            ],
+        )
     elif command == "remove":
         client.remove_schedule(sub["name"])
         output.line(f"schedule {sub['name']} removed")
     else:
         paused = command == "pause"
-        schedule = (client.pause_schedule if paused
-                    else client.resume_schedule)(sub["name"])
-        output.line(f"schedule {schedule['name']} paused" if paused else
-                    f"schedule {schedule['name']} resumed: next at "
-                    f"{_time(schedule.get('next_tick'))} UTC")
+        schedule = (
+            client.pause_schedule if paused else client.resume_schedule
+        )(sub["name"])
+        output.line(
+            f"schedule {schedule['name']} paused"
+            if paused
+            else f"schedule {schedule['name']} resumed: next at "
+            f"{_time(schedule.get('next_tick'))} UTC"
+        )
     return EXIT_OK
 
 
@@ -517,9 +603,11 @@ def _when(schedule):
     else:
         zone = schedule.get("timezone")
         when = _text(schedule.get("cron")) + (
-            "" if zone in (None, "UTC") else f" ({zone})")
-    return when + (", skip if running" if schedule.get("skip_if_running")
-                   else "")
+            "" if zone in (None, "UTC") else f" ({zone})"
+        )
+    return when + (
+        ", skip if running" if schedule.get("skip_if_running") else ""
+    )
 
 
 def _workers(client, options, output, stdin):
@@ -530,17 +618,35 @@ def _workers(client, options, output, stdin):
     # With CURVE, the start of each worker's key, enough to tell keys
     # apart (--json has them whole).
     keyed = any(worker.get("key") for worker in workers)
-    _table(output, ["NAME", "PRIORITIES", "HANDLERS", "SLOTS", "BUSY",
-                    "CONNECTED", "LAST SEEN"] + ["KEY"] * keyed, [
-        [_text(worker.get("name")),
-         # null priorities: the worker serves every level.
-         "*" if worker.get("priorities") is None
-         else _text(worker.get("priorities")),
-         _text(worker.get("handlers")), _text(worker.get("slots")),
-         _text(worker.get("busy")), _time(worker.get("connected_since")),
-         _time(worker.get("last_seen"))]
-        + [_text(worker.get("key"))[:12]] * keyed
-        for worker in workers])
+    _table(
+        output,
+        [
+            "NAME",
+            "PRIORITIES",
+            "HANDLERS",
+            "SLOTS",
+            "BUSY",
+            "CONNECTED",
+            "LAST SEEN",
+        ]
+        + ["KEY"] * keyed,
+        [
+            [
+                _text(worker.get("name")),
+                # null priorities: the worker serves every level.
+                "*"
+                if worker.get("priorities") is None
+                else _text(worker.get("priorities")),
+                _text(worker.get("handlers")),
+                _text(worker.get("slots")),
+                _text(worker.get("busy")),
+                _time(worker.get("connected_since")),
+                _time(worker.get("last_seen")),
+            ]
+            + [_text(worker.get("key"))[:12]] * keyed
+            for worker in workers
+        ],
+    )
     return EXIT_OK
 
 
@@ -551,11 +657,12 @@ def _health(client, options, output, stdin):
         output.line("accepting work")
         return EXIT_OK
     if accepting is False:
-        output.error("up but cannot write: "
-                     + _text(stats.get("write_error")))
+        output.error("up but cannot write: " + _text(stats.get("write_error")))
         return EXIT_UNAVAILABLE
-    output.error("the broker does not say whether it accepts work (is it "
-                 "an older version?)")
+    output.error(
+        "the broker does not say whether it accepts work (is it "
+        "an older version?)"
+    )
     return EXIT_INTERNAL
 
 
@@ -567,11 +674,15 @@ def _stats(client, options, output, stdin):
     if stats.get("accepting_work") is True:
         output.line("accepting work")
     elif stats.get("accepting_work") is False:
-        output.line("NOT accepting work, cannot write: "
-                    + _text(stats.get("write_error")))
-    output.line(f"workers: {_text(stats.get('workers'))}, slots: "
-                f"{_text(stats.get('slots'))}, free slots: "
-                f"{_text(stats.get('free_slots'))}")
+        output.line(
+            "NOT accepting work, cannot write: "
+            + _text(stats.get("write_error"))
+        )
+    output.line(
+        f"workers: {_text(stats.get('workers'))}, slots: "
+        f"{_text(stats.get('slots'))}, free slots: "
+        f"{_text(stats.get('free_slots'))}"
+    )
     counts = stats.get("tasks") or {}
     levels = list(stats.get("priorities") or [])
     for by_level in counts.values():
@@ -595,12 +706,16 @@ def _stats(client, options, output, stdin):
             output.line(f"  {handler}: {waiting[handler]}")
     unserved = stats.get("unserved") or []
     if unserved:
-        output.line("unserved handlers (queued, no connected worker): "
-                    + ", ".join(unserved))
+        output.line(
+            "unserved handlers (queued, no connected worker): "
+            + ", ".join(unserved)
+        )
     age = stats.get("counts_age")
     if isinstance(age, (int, float)):
-        output.line(f"(tasks recounted {age:.0f} s ago; changes made by "
-                    "SQL show at the next recount)")
+        output.line(
+            f"(tasks recounted {age:.0f} s ago; changes made by "
+            "SQL show at the next recount)"
+        )
     return EXIT_OK
 
 

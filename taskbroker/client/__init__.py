@@ -84,8 +84,15 @@ SUBMIT_CHUNK_BYTES = codec.MAX_PAYLOAD_SIZE
 # a large result may exceed it, and dropping it would look like a timeout.
 _NO_SIZE_LIMIT = sys.maxsize
 
-_SPEC_KEYS = ("handler", "payload", "priority", "max_attempts", "delay",
-              "unique_key", "time_limit")
+_SPEC_KEYS = (
+    "handler",
+    "payload",
+    "priority",
+    "max_attempts",
+    "delay",
+    "unique_key",
+    "time_limit",
+)
 
 # The check of a SUBMIT's task list, run on a task before it is encoded
 # when it cannot be (a NaN delay), for the message that names the field.
@@ -95,8 +102,10 @@ _SUBMIT_ONLY = {b"SUBMIT": codec.CLIENT_COMMANDS[b"SUBMIT"]}
 
 #: Added to the reason of a request that got no answer, with CURVE: a
 #: failed handshake is not reported to the socket's user.
-CURVE_NO_ANSWER = ("; with CURVE, a wrong server key or a key the broker "
-                   "does not admit gets no answer either")
+CURVE_NO_ANSWER = (
+    "; with CURVE, a wrong server key or a key the broker "
+    "does not admit gets no answer either"
+)
 
 
 def load_keys(curve_server_key, curve_secret_key):
@@ -112,17 +121,21 @@ def load_keys(curve_server_key, curve_secret_key):
         Z85 ``bytes`` each.
     :raises InvalidKeys: with one line naming the argument and the file.
     """
-    paths = [None if path is None else os.fspath(path)
-             for path in (curve_server_key, curve_secret_key)]
+    paths = [
+        None if path is None else os.fspath(path)
+        for path in (curve_server_key, curve_secret_key)
+    ]
     try:
-        return curve.load_peer_keys(*paths, "client", "curve_server_key",
-                                    "curve_secret_key")
+        return curve.load_peer_keys(
+            *paths, "client", "curve_server_key", "curve_secret_key"
+        )
     except ConfigError as e:
         raise InvalidKeys(str(e)) from None
 
 
-class Request(namedtuple("Request",
-                         "command fields idempotent extra_time writes")):
+class Request(
+    namedtuple("Request", "command fields idempotent extra_time writes")
+):
     """
     One request a call wants sent.
 
@@ -140,10 +153,12 @@ class Request(namedtuple("Request",
 
     __slots__ = ()
 
-    def __new__(cls, command, fields, idempotent=True, extra_time=0.0,
-                writes=False):
-        return super().__new__(cls, command, fields, idempotent, extra_time,
-                               writes)
+    def __new__(
+        cls, command, fields, idempotent=True, extra_time=0.0, writes=False
+    ):
+        return super().__new__(
+            cls, command, fields, idempotent, extra_time, writes
+        )
 
 
 class Reply(namedtuple("Reply", "req body error")):
@@ -187,8 +202,10 @@ class Submission(tuple):
         return self
 
     def __repr__(self):
-        return (f"Submission({self[0]!r}, {self[1]!r}, "
-                f"existing={sorted(self.existing)!r})")
+        return (
+            f"Submission({self[0]!r}, {self[1]!r}, "
+            f"existing={sorted(self.existing)!r})"
+        )
 
 
 def encode_request(req, request):
@@ -211,7 +228,8 @@ def encode_request(req, request):
         raise InvalidRequest(
             "too_large",
             f"request of {size} bytes exceeds the limit of "
-            f"{codec.MAX_MESSAGE_SIZE}")
+            f"{codec.MAX_MESSAGE_SIZE}",
+        )
     try:
         codec.decode(frames, codec.CLIENT_COMMANDS)
     except codec.ProtocolError as e:
@@ -229,11 +247,14 @@ def read_reply(frames):
         or ``ERROR``; clients discard such a message.
     """
     command, checked = codec.decode(
-        frames, codec.BROKER_TO_CLIENT_COMMANDS, max_size=_NO_SIZE_LIMIT)
+        frames, codec.BROKER_TO_CLIENT_COMMANDS, max_size=_NO_SIZE_LIMIT
+    )
     if command == b"ERROR":
         return Reply(
-            checked.get("req"), None,
-            error_for_code(checked["code"], one_line(checked["message"])))
+            checked.get("req"),
+            None,
+            error_for_code(checked["code"], one_line(checked["message"])),
+        )
     # The codec's table declares only ``req`` for REPLY and drops every
     # other field; the body is known to be a JSON object, so read it whole.
     return Reply(checked["req"], json.loads(frames[2]), None)
@@ -266,7 +287,8 @@ def _malformed(what):
     # incompatible version.  Code "protocol" is what the broker uses for
     # the same situation the other way round.
     return RequestFailed(
-        "protocol", f"malformed reply from the broker: {what}")
+        "protocol", f"malformed reply from the broker: {what}"
+    )
 
 
 def _task_of(body):
@@ -280,7 +302,8 @@ def _task_id(task_id):
     # bool is an int, and True would pass the codec's range check as 1.
     if type(task_id) is not int:
         raise InvalidRequest(
-            "bad_request", f"task id must be an integer, not {task_id!r}")
+            "bad_request", f"task id must be an integer, not {task_id!r}"
+        )
     return task_id
 
 
@@ -307,8 +330,12 @@ def check_task_spec(spec):
     if unknown:
         raise InvalidRequest(
             "bad_request",
-            "unknown field " + ", ".join(map(repr, unknown)) + " (expected "
-            + ", ".join(_SPEC_KEYS) + ")")
+            "unknown field "
+            + ", ".join(map(repr, unknown))
+            + " (expected "
+            + ", ".join(_SPEC_KEYS)
+            + ")",
+        )
     task = {key: spec.get(key) for key in _SPEC_KEYS}
     try:
         codec.check_depth(task["payload"])
@@ -318,12 +345,14 @@ def check_task_spec(spec):
         payload_size = len(codec.dumps(task["payload"]).encode("utf-8"))
     except (TypeError, ValueError) as e:
         raise InvalidRequest(
-            "bad_request", f"field 'payload' is not JSON: {e}") from None
+            "bad_request", f"field 'payload' is not JSON: {e}"
+        ) from None
     if payload_size > codec.MAX_PAYLOAD_SIZE:
         raise InvalidRequest(
             "too_large",
             f"payload of {payload_size} bytes exceeds the limit of "
-            f"{codec.MAX_PAYLOAD_SIZE}")
+            f"{codec.MAX_PAYLOAD_SIZE}",
+        )
     try:
         text = codec.dumps(task)
     except (TypeError, ValueError) as e:
@@ -333,15 +362,19 @@ def check_task_spec(spec):
             _CHECK_TASKS([task])
         except codec.ProtocolError as refused:
             raise InvalidRequest(
-                refused.code, refused.message.removeprefix("task: ")) from None
+                refused.code, refused.message.removeprefix("task: ")
+            ) from None
         raise InvalidRequest("bad_request", f"not JSON: {e}") from None
     try:
         codec.decode(
             codec.encode(b"SUBMIT", '{"req":"-","tasks":[' + text + "]}"),
-            _SUBMIT_ONLY, max_size=_NO_SIZE_LIMIT)
+            _SUBMIT_ONLY,
+            max_size=_NO_SIZE_LIMIT,
+        )
     except codec.ProtocolError as e:
         raise InvalidRequest(
-            e.code, e.message.removeprefix("task: ")) from None
+            e.code, e.message.removeprefix("task: ")
+        ) from None
     return task, len(text.encode("utf-8"))
 
 
@@ -359,11 +392,14 @@ def _chunks(specs):
             if len(specs) == 1:
                 raise
             raise InvalidRequest(
-                e.code, f"task {index}: {e.message}") from None
+                e.code, f"task {index}: {e.message}"
+            ) from None
         # One separating comma per task; the envelope is far below the slack
         # between SUBMIT_CHUNK_BYTES and the message limit.
-        if chunk and (len(chunk) == codec.MAX_BATCH
-                      or chunk_size + size + 1 > SUBMIT_CHUNK_BYTES):
+        if chunk and (
+            len(chunk) == codec.MAX_BATCH
+            or chunk_size + size + 1 > SUBMIT_CHUNK_BYTES
+        ):
             chunks.append(chunk)
             chunk, chunk_size = [], 0
         chunk.append(task)
@@ -399,29 +435,36 @@ def submit_call(specs):
     for chunk in chunks:
         try:
             body = yield Request(
-                b"SUBMIT", {"tasks": chunk, "request_id": uuid4().hex},
-                writes=True)
+                b"SUBMIT",
+                {"tasks": chunk, "request_id": uuid4().hex},
+                writes=True,
+            )
             got = body.get("tasks")
             if not isinstance(got, list) or not all(
-                    isinstance(task, dict) and "id" in task for task in got):
+                isinstance(task, dict) and "id" in task for task in got
+            ):
                 raise _malformed(f"expected {len(chunk)} task objects")
             if len(got) != len(chunk):
                 raise _malformed(
                     f"expected {len(chunk)} task objects, got {len(got)}; "
-                    "list the tasks to see which exist")
+                    "list the tasks to see which exist"
+                )
             names = body.get("unserved") or []
             if not isinstance(names, list) or not all(
-                    isinstance(name, str) for name in names):
+                isinstance(name, str) for name in names
+            ):
                 raise _malformed("'unserved' is not a list of names")
             # A broker older than 'existing' creates every task.
             old = body.get("existing") or []
             if not isinstance(old, list) or not all(
-                    type(task_id) is int for task_id in old):
+                type(task_id) is int for task_id in old
+            ):
                 raise _malformed("'existing' is not a list of task ids")
             # ... and one older than 'suggestions' suggests nothing.
             meant = body.get("suggestions") or {}
             if not isinstance(meant, dict) or not all(
-                    isinstance(name, str) for name in meant.values()):
+                isinstance(name, str) for name in meant.values()
+            ):
                 raise _malformed("'suggestions' is not an object of names")
         except ClientError as e:
             e.submitted = list(tasks)
@@ -470,7 +513,8 @@ def wait_call(task_id, timeout, clock):
         else:
             wait = max(0.0, min(WAIT_SLICE, deadline - clock()))
         body = yield Request(
-            b"WAIT", {"id": task_id, "timeout": wait}, extra_time=wait)
+            b"WAIT", {"id": task_id, "timeout": wait}, extra_time=wait
+        )
         task = _task_of(body)
         if task["state"] in FINAL_STATES:
             return task
@@ -478,8 +522,15 @@ def wait_call(task_id, timeout, clock):
             return task
 
 
-def list_call(state=None, handler=None, limit=100, priority=None,
-              order="oldest", after=0, before=None):
+def list_call(
+    state=None,
+    handler=None,
+    limit=100,
+    priority=None,
+    order="oldest",
+    after=0,
+    before=None,
+):
     """
     List tasks by id, following ``next`` from page to page.
 
@@ -499,31 +550,48 @@ def list_call(state=None, handler=None, limit=100, priority=None,
     if limit is not None and (type(limit) is not int or limit < 1):
         raise InvalidRequest("bad_request", "limit must be an integer >= 1")
     if order not in ("oldest", "newest"):
-        raise InvalidRequest("bad_request",
-                             f"order must be oldest or newest, not {order!r}")
+        raise InvalidRequest(
+            "bad_request", f"order must be oldest or newest, not {order!r}"
+        )
     tasks = []
     while limit is None or len(tasks) < limit:
-        page = codec.MAX_LIST if limit is None else min(
-            codec.MAX_LIST, limit - len(tasks))
-        body = yield Request(b"LIST", {
-            "state": state, "handler": handler, "priority": priority,
-            "order": order, "after": after, "before": before,
-            "limit": page})
+        page = (
+            codec.MAX_LIST
+            if limit is None
+            else min(codec.MAX_LIST, limit - len(tasks))
+        )
+        body = yield Request(
+            b"LIST",
+            {
+                "state": state,
+                "handler": handler,
+                "priority": priority,
+                "order": order,
+                "after": after,
+                "before": before,
+                "limit": page,
+            },
+        )
         if order == "newest" and body.get("order") != "newest":
             raise RequestFailed(
-                "protocol", "this broker cannot list newest first (it is "
-                "older than that); list oldest first")
+                "protocol",
+                "this broker cannot list newest first (it is "
+                "older than that); list oldest first",
+            )
         got, following = body.get("tasks"), body.get("next")
         if not isinstance(got, list) or not all(
-                isinstance(task, dict) for task in got):
+            isinstance(task, dict) for task in got
+        ):
             raise _malformed("no 'tasks' list")
         tasks.extend(got)
         if following is None:
             break
         # A 'next' that does not move on would page forever.
         if type(following) is not int or (
-                following <= after if order == "oldest"
-                else before is not None and following >= before):
+            following <= after
+            if order == "oldest"
+            else before is not None and following >= before
+        ):
             raise _malformed(f"'next' {following!r} does not move on")
         if order == "oldest":
             after = following
@@ -570,8 +638,13 @@ def retry_call(task_id):
             "not_retryable",
             f"task {task_id} is still {task['state']}: the broker did not "
             "queue it again"
-            + (f" (another queued or running task holds its unique key "
-               f"{key!r})" if key is not None else ""))
+            + (
+                f" (another queued or running task holds its unique key "
+                f"{key!r})"
+                if key is not None
+                else ""
+            ),
+        )
     return task
 
 
@@ -584,7 +657,8 @@ def workers_call():
     body = yield Request(b"WORKERS", {})
     workers = body.get("workers")
     if not isinstance(workers, list) or not all(
-            isinstance(worker, dict) for worker in workers):
+        isinstance(worker, dict) for worker in workers
+    ):
         raise _malformed("no 'workers' list")
     return workers
 
@@ -610,9 +684,19 @@ def _schedule_of(body):
     return schedule
 
 
-def schedule_add_call(name, handler, every=None, cron=None, payload=None,
-                      priority=None, timezone=None, skip_if_running=False,
-                      max_attempts=None, time_limit=None, replace=False):
+def schedule_add_call(
+    name,
+    handler,
+    every=None,
+    cron=None,
+    payload=None,
+    priority=None,
+    timezone=None,
+    skip_if_running=False,
+    max_attempts=None,
+    time_limit=None,
+    replace=False,
+):
     """
     Add a periodic task: ``handler`` with ``payload``, every ``every``
     seconds or at the times of the cron expression ``cron`` (``MIN HOUR
@@ -630,14 +714,27 @@ def schedule_add_call(name, handler, every=None, cron=None, payload=None,
         CURVE, for keys that are not an admin's).
     """
     if (every is None) == (cron is None):
-        raise InvalidRequest("bad_request",
-                             "give every (seconds) or cron, and not both")
-    body = yield Request(b"SCHEDULE_ADD", {
-        "name": name, "handler": handler, "every": every, "cron": cron,
-        "payload": payload, "priority": priority, "timezone": timezone,
-        "skip_if_running": bool(skip_if_running),
-        "max_attempts": max_attempts, "time_limit": time_limit,
-        "replace": bool(replace)}, idempotent=bool(replace), writes=True)
+        raise InvalidRequest(
+            "bad_request", "give every (seconds) or cron, and not both"
+        )
+    body = yield Request(
+        b"SCHEDULE_ADD",
+        {
+            "name": name,
+            "handler": handler,
+            "every": every,
+            "cron": cron,
+            "payload": payload,
+            "priority": priority,
+            "timezone": timezone,
+            "skip_if_running": bool(skip_if_running),
+            "max_attempts": max_attempts,
+            "time_limit": time_limit,
+            "replace": bool(replace),
+        },
+        idempotent=bool(replace),
+        writes=True,
+    )
     return _schedule_of(body)
 
 
@@ -648,7 +745,8 @@ def schedule_list_call():
     body = yield Request(b"SCHEDULE_LIST", {})
     schedules = body.get("schedules")
     if not isinstance(schedules, list) or not all(
-            isinstance(schedule, dict) for schedule in schedules):
+        isinstance(schedule, dict) for schedule in schedules
+    ):
         raise _malformed("no 'schedules' list")
     return schedules
 
@@ -659,8 +757,9 @@ def schedule_remove_call(name):
 
     :raises RequestFailed: code ``not_found``.
     """
-    yield Request(b"SCHEDULE_REMOVE", {"name": name}, idempotent=False,
-                  writes=True)
+    yield Request(
+        b"SCHEDULE_REMOVE", {"name": name}, idempotent=False, writes=True
+    )
 
 
 def schedule_pause_call(name, paused=True):
@@ -673,8 +772,10 @@ def schedule_pause_call(name, paused=True):
     :raises RequestFailed: code ``not_found``.
     """
     body = yield Request(
-        b"SCHEDULE_PAUSE" if paused else b"SCHEDULE_RESUME", {"name": name},
-        writes=True)
+        b"SCHEDULE_PAUSE" if paused else b"SCHEDULE_RESUME",
+        {"name": name},
+        writes=True,
+    )
     return _schedule_of(body)
 
 
@@ -692,9 +793,11 @@ def purge_call(older_than, state=None, handler=None):
     """
     deleted = 0
     while True:
-        body = yield Request(b"PURGE", {
-            "older_than": older_than, "state": state, "handler": handler},
-            writes=True)
+        body = yield Request(
+            b"PURGE",
+            {"older_than": older_than, "state": state, "handler": handler},
+            writes=True,
+        )
         count, more = body.get("deleted"), body.get("more")
         if type(count) is not int or not isinstance(more, bool):
             raise _malformed("no 'deleted' count")
@@ -705,18 +808,25 @@ def purge_call(older_than, state=None, handler=None):
 
 def _many_call(command, done_key, state, handler, count_only):
     if count_only:
-        body = yield Request(command, {"state": state, "handler": handler,
-                                       "count": True})
+        body = yield Request(
+            command, {"state": state, "handler": handler, "count": True}
+        )
         if type(body.get("count")) is not int:
             raise _malformed("no 'count'")
         return body["count"]
     done = refused = 0
     after = 0
     while True:
-        body = yield Request(command, {"state": state, "handler": handler,
-                                       "after": after}, writes=True)
-        acted, skipped, following = (body.get(done_key), body.get("refused"),
-                                     body.get("next"))
+        body = yield Request(
+            command,
+            {"state": state, "handler": handler, "after": after},
+            writes=True,
+        )
+        acted, skipped, following = (
+            body.get(done_key),
+            body.get("refused"),
+            body.get("next"),
+        )
         if type(acted) is not int or type(skipped) is not int:
             raise _malformed(f"no '{done_key}' count")
         done += acted
@@ -738,8 +848,11 @@ def cancel_many_call(state="queued", handler=None, count_only=False):
         cancelled); else ``(cancelled, refused)``: how many it cancelled,
         and how many it could not (they ended meanwhile).
     """
-    return (yield from _many_call(b"CANCEL_MANY", "cancelled", state,
-                                  handler, count_only))
+    return (
+        yield from _many_call(
+            b"CANCEL_MANY", "cancelled", state, handler, count_only
+        )
+    )
 
 
 def retry_many_call(state="failed", handler=None, count_only=False):
@@ -752,8 +865,11 @@ def retry_many_call(state="failed", handler=None, count_only=False):
     :returns: with ``count_only``, how many there are; else ``(retried,
         refused)`` (refused: another live task holds its unique key, say).
     """
-    return (yield from _many_call(b"RETRY_MANY", "retried", state, handler,
-                                  count_only))
+    return (
+        yield from _many_call(
+            b"RETRY_MANY", "retried", state, handler, count_only
+        )
+    )
 
 
 class HousekeepingMethods:
@@ -768,16 +884,38 @@ class HousekeepingMethods:
     def _run(self, call):
         raise NotImplementedError()
 
-    def add_schedule(self, name, handler, every=None, cron=None,
-                     payload=None, priority=None, timezone=None,
-                     skip_if_running=False, max_attempts=None,
-                     time_limit=None, replace=False):
+    def add_schedule(
+        self,
+        name,
+        handler,
+        every=None,
+        cron=None,
+        payload=None,
+        priority=None,
+        timezone=None,
+        skip_if_running=False,
+        max_attempts=None,
+        time_limit=None,
+        replace=False,
+    ):
         """
         Add a periodic task; see :func:`schedule_add_call`.
         """
-        return self._run(schedule_add_call(
-            name, handler, every, cron, payload, priority, timezone,
-            skip_if_running, max_attempts, time_limit, replace))
+        return self._run(
+            schedule_add_call(
+                name,
+                handler,
+                every,
+                cron,
+                payload,
+                priority,
+                timezone,
+                skip_if_running,
+                max_attempts,
+                time_limit,
+                replace,
+            )
+        )
 
     def schedules(self):
         """

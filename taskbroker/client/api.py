@@ -93,8 +93,16 @@ class BrokerClient(HousekeepingMethods):
 
     log = Logger()
 
-    def __init__(self, reactor, endpoint, timeout=5.0, zmq_factory=None,
-                 start=None, curve_server_key=None, curve_secret_key=None):
+    def __init__(
+        self,
+        reactor,
+        endpoint,
+        timeout=5.0,
+        zmq_factory=None,
+        start=None,
+        curve_server_key=None,
+        curve_secret_key=None,
+    ):
         """
         :param reactor: provides ``IReactorTime`` (for timeouts and waits)
             and, when ``zmq_factory`` is ``None``, the reactor the ZeroMQ
@@ -126,11 +134,14 @@ class BrokerClient(HousekeepingMethods):
         """
         if not timeout > 0:
             raise ValueError(
-                f"timeout must be a positive number, not {timeout!r}")
+                f"timeout must be a positive number, not {timeout!r}"
+            )
         endpoints = parse_endpoints(endpoint)
         self._curve = load_keys(curve_server_key, curve_secret_key)
-        self._ring = EndpointRing(endpoints, random.randrange(
-            len(endpoints)) if start is None else start)
+        self._ring = EndpointRing(
+            endpoints,
+            random.randrange(len(endpoints)) if start is None else start,
+        )
         self._reactor = reactor
         self.timeout = timeout
         #: req -> _Pending
@@ -166,9 +177,11 @@ class BrokerClient(HousekeepingMethods):
             if self._curve is not None:
                 options += curve_client_options(*self._curve)
             socket = self._sockets[endpoint] = DealerSocket(
-                self._zmq_factory, endpoint,
+                self._zmq_factory,
+                endpoint,
                 lambda frames: self._message_received(frames, endpoint),
-                options=options)
+                options=options,
+            )
         return socket
 
     def close(self):
@@ -185,8 +198,11 @@ class BrokerClient(HousekeepingMethods):
         pending, self._pending = self._pending, {}
         for entry in pending.values():
             entry.stop_timer()
-            entry.deferred.errback(BrokerUnavailable(
-                "the client was closed before the broker answered"))
+            entry.deferred.errback(
+                BrokerUnavailable(
+                    "the client was closed before the broker answered"
+                )
+            )
         for socket in self._sockets.values():
             socket.close()
         if self._factory_service is not None:
@@ -221,7 +237,8 @@ class BrokerClient(HousekeepingMethods):
         entry = self._pending[req]
         entry.tried.append(endpoint)
         entry.timer = self._reactor.callLater(
-            self.timeout + entry.request.extra_time, self._timed_out, req)
+            self.timeout + entry.request.extra_time, self._timed_out, req
+        )
         if not self._socket_for(endpoint).send(entry.frames):
             self._no_answer(req, "its queue is full")
 
@@ -235,8 +252,10 @@ class BrokerClient(HousekeepingMethods):
         if entry is None:
             return
         entry.timer = None
-        self._no_answer(req, f"no answer within "
-                        f"{self.timeout + entry.request.extra_time:g} s")
+        self._no_answer(
+            req,
+            f"no answer within {self.timeout + entry.request.extra_time:g} s",
+        )
 
     def _no_answer(self, req, why):
         """
@@ -255,16 +274,22 @@ class BrokerClient(HousekeepingMethods):
         if untried:
             self.log.warn(
                 "{command} to {left}: {why}; trying {endpoint}",
-                command=command, left=left, why=why, endpoint=untried[0])
+                command=command,
+                left=left,
+                why=why,
+                endpoint=untried[0],
+            )
             self._transmit(req, untried[0])
             return
         del self._pending[req]
         if why == "its queue is full":
             reason = f"cannot send to {left}: its queue is full"
         else:
-            reason = (f"no answer from {', '.join(entry.tried)} within "
-                      f"{self.timeout + entry.request.extra_time:g} s "
-                      f"to {command}")
+            reason = (
+                f"no answer from {', '.join(entry.tried)} within "
+                f"{self.timeout + entry.request.extra_time:g} s "
+                f"to {command}"
+            )
             if self._curve is not None:
                 reason += CURVE_NO_ANSWER
         if entry.request.writes:
@@ -284,7 +309,9 @@ class BrokerClient(HousekeepingMethods):
         except codec.ProtocolError as e:
             self.log.warn(
                 "ignored an invalid message from {endpoint}: {reason}",
-                endpoint=endpoint, reason=e.message)
+                endpoint=endpoint,
+                reason=e.message,
+            )
             return
         req = reply.req
         if req is None and len(self._pending) == 1:
@@ -296,7 +323,10 @@ class BrokerClient(HousekeepingMethods):
             self.log.info(
                 "discarded an answer to no outstanding request ({req}): "
                 "it came after the timeout, or was an ERROR without req "
-                "({error})", req=reply.req, error=reply.error)
+                "({error})",
+                req=reply.req,
+                error=reply.error,
+            )
             return
         entry.stop_timer()
         if reply.error is not None:
@@ -320,8 +350,16 @@ class BrokerClient(HousekeepingMethods):
         except StopIteration as stop:
             return stop.value
 
-    def submit(self, handler, payload=None, priority=None, max_attempts=None,
-               delay=None, unique_key=None, time_limit=None):
+    def submit(
+        self,
+        handler,
+        payload=None,
+        priority=None,
+        max_attempts=None,
+        delay=None,
+        unique_key=None,
+        time_limit=None,
+    ):
         """
         Submit one task.
 
@@ -345,13 +383,26 @@ class BrokerClient(HousekeepingMethods):
             (nothing sent), ``RequestFailed`` (e.g. ``unknown_priority``)
             or ``BrokerUnavailable`` (the task may exist).
         """
-        d = self._run(submit_call([{
-            "handler": handler, "payload": payload, "priority": priority,
-            "max_attempts": max_attempts, "delay": delay,
-            "unique_key": unique_key, "time_limit": time_limit}]))
+        d = self._run(
+            submit_call(
+                [
+                    {
+                        "handler": handler,
+                        "payload": payload,
+                        "priority": priority,
+                        "max_attempts": max_attempts,
+                        "delay": delay,
+                        "unique_key": unique_key,
+                        "time_limit": time_limit,
+                    }
+                ]
+            )
+        )
         return d.addCallback(
-            lambda result: Submission(result[0][0], result[1],
-                                      result.existing, result.suggestions))
+            lambda result: Submission(
+                result[0][0], result[1], result.existing, result.suggestions
+            )
+        )
 
     def submit_many(self, specs):
         """
@@ -370,8 +421,10 @@ class BrokerClient(HousekeepingMethods):
         """
         d = self._run(submit_call(specs))
         return d.addCallback(
-            lambda result: Submission(result[0], set(result[1]),
-                                      result.existing, result.suggestions))
+            lambda result: Submission(
+                result[0], set(result[1]), result.existing, result.suggestions
+            )
+        )
 
     def get(self, task_id):
         """
@@ -395,8 +448,16 @@ class BrokerClient(HousekeepingMethods):
         """
         return self._run(wait_call(task_id, timeout, self._reactor.seconds))
 
-    def list(self, state=None, handler=None, limit=100, priority=None,
-             order="oldest", after=0, before=None):
+    def list(
+        self,
+        state=None,
+        handler=None,
+        limit=100,
+        priority=None,
+        order="oldest",
+        after=0,
+        before=None,
+    ):
         """
         :param state: a state to filter on, or ``None``.
         :param handler: a handler name to filter on, or ``None``.
@@ -408,8 +469,9 @@ class BrokerClient(HousekeepingMethods):
         :returns: a ``Deferred`` firing with a ``list`` of task objects,
             in that order.
         """
-        return self._run(list_call(state, handler, limit, priority, order,
-                                   after, before))
+        return self._run(
+            list_call(state, handler, limit, priority, order, after, before)
+        )
 
     def cancel(self, task_id):
         """

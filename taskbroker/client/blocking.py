@@ -117,9 +117,17 @@ class BlockingClient(HousekeepingMethods):
         broker of a failover list).
     """
 
-    def __init__(self, endpoint, timeout=5.0, retries=2, context=None,
-                 clock=time.monotonic, start=None, curve_server_key=None,
-                 curve_secret_key=None):
+    def __init__(
+        self,
+        endpoint,
+        timeout=5.0,
+        retries=2,
+        context=None,
+        clock=time.monotonic,
+        start=None,
+        curve_server_key=None,
+        curve_secret_key=None,
+    ):
         """
         :param endpoint: ``str``, e.g. ``"tcp://127.0.0.1:5555"``; or a
             failover list of brokers sharing one database, as a
@@ -149,17 +157,24 @@ class BlockingClient(HousekeepingMethods):
             and a :class:`~taskbroker.errors.ConfigError`) one key file
             without the other, or one that cannot be used.
         """
-        if not (isinstance(timeout, (int, float)) and math.isfinite(timeout)
-                and timeout > 0):
+        if not (
+            isinstance(timeout, (int, float))
+            and math.isfinite(timeout)
+            and timeout > 0
+        ):
             raise ValueError(
-                f"timeout must be a positive number, not {timeout!r}")
+                f"timeout must be a positive number, not {timeout!r}"
+            )
         if type(retries) is not int or retries < 0:
             raise ValueError(
-                f"retries must be an integer >= 0, not {retries!r}")
+                f"retries must be an integer >= 0, not {retries!r}"
+            )
         endpoints = parse_endpoints(endpoint)
         self._curve = load_keys(curve_server_key, curve_secret_key)
-        self._ring = EndpointRing(endpoints, random.randrange(
-            len(endpoints)) if start is None else start)
+        self._ring = EndpointRing(
+            endpoints,
+            random.randrange(len(endpoints)) if start is None else start,
+        )
         self.timeout = float(timeout)
         self.retries = retries
         self._clock = clock
@@ -200,7 +215,8 @@ class BlockingClient(HousekeepingMethods):
         # libzmq's socket monitor tells a refused connection (nothing
         # listens) from a broker that is slow to answer.
         self._monitor = socket.get_monitor_socket(
-            zmq.EVENT_CONNECTED | zmq.EVENT_CONNECT_RETRIED)
+            zmq.EVENT_CONNECTED | zmq.EVENT_CONNECT_RETRIED
+        )
         self._opened_at = self._clock()
         self._connected = self._retried = False
         self._socket = socket
@@ -209,7 +225,8 @@ class BlockingClient(HousekeepingMethods):
         except zmq.ZMQError as e:
             self._discard_socket()
             raise ValueError(
-                f"invalid broker endpoint {self.endpoint!r}: {e}") from None
+                f"invalid broker endpoint {self.endpoint!r}: {e}"
+            ) from None
 
     def _discard_socket(self):
         if self._socket is not None:
@@ -233,8 +250,11 @@ class BlockingClient(HousekeepingMethods):
                 self._connected = True
             elif event["event"] == zmq.EVENT_CONNECT_RETRIED:
                 self._retried = True
-        return (self._retried and not self._connected
-                and self._clock() - self._opened_at >= REFUSED_AFTER)
+        return (
+            self._retried
+            and not self._connected
+            and self._clock() - self._opened_at >= REFUSED_AFTER
+        )
 
     def close(self):
         """
@@ -260,8 +280,9 @@ class BlockingClient(HousekeepingMethods):
             raise RuntimeError("the client is closed")
         req = uuid4().hex
         frames = encode_request(req, request)
-        attempts = (max(1 + self.retries, len(self._ring))
-                    if request.idempotent else 1)
+        attempts = (
+            max(1 + self.retries, len(self._ring)) if request.idempotent else 1
+        )
         tried, refused = [], []
         answer_time = self.timeout + request.extra_time
         ignored = []
@@ -292,9 +313,11 @@ class BlockingClient(HousekeepingMethods):
                         self._discard_socket()
                         self._ring.advance()
                         raise BrokerUnavailable(
-                            "nothing listens at " + ", ".join(refused)
+                            "nothing listens at "
+                            + ", ".join(refused)
                             + " (connection refused); is the broker "
-                            "running?")
+                            "running?"
+                        )
                 elif body is not None:
                     return body
             sent += 1
@@ -302,15 +325,19 @@ class BlockingClient(HousekeepingMethods):
             # The next try goes to the next broker of a failover list.
             self._ring.advance()
         command = request.command.decode("ascii")
-        reason = (f"no answer from {', '.join(tried)} within "
-                  f"{answer_time:g} s to {command}")
+        reason = (
+            f"no answer from {', '.join(tried)} within "
+            f"{answer_time:g} s to {command}"
+        )
         if attempts > 1:
             reason += f" ({attempts} attempts)"
         if self._curve is not None:
             reason += CURVE_NO_ANSWER
         if ignored:
-            reason += (f"; ignored {len(ignored)} invalid message(s), the "
-                       f"last: {ignored[-1]}")
+            reason += (
+                f"; ignored {len(ignored)} invalid message(s), the "
+                f"last: {ignored[-1]}"
+            )
         if request.writes:
             reason += f"; the {command} may or may not have taken effect"
         raise BrokerUnavailable(reason)
@@ -334,8 +361,10 @@ class BlockingClient(HousekeepingMethods):
                 return None
             if not self._connected:
                 # Look again when a refusal would count.
-                remaining = min(remaining, max(
-                    0.01, self._opened_at + REFUSED_AFTER - self._clock()))
+                remaining = min(
+                    remaining,
+                    max(0.01, self._opened_at + REFUSED_AFTER - self._clock()),
+                )
             ready = dict(poller.poll(math.ceil(remaining * 1000)))
             if self._socket not in ready:
                 continue
@@ -358,8 +387,16 @@ class BlockingClient(HousekeepingMethods):
     def _run(self, call):
         return run_call(call, self._send)
 
-    def submit(self, handler, payload=None, priority=None, max_attempts=None,
-               delay=None, unique_key=None, time_limit=None):
+    def submit(
+        self,
+        handler,
+        payload=None,
+        priority=None,
+        max_attempts=None,
+        delay=None,
+        unique_key=None,
+        time_limit=None,
+    ):
         """
         Submit one task.  The request is resent after a timeout; the broker
         recognises the copy and creates the task once.
@@ -386,13 +423,25 @@ class BlockingClient(HousekeepingMethods):
         :raises RequestFailed: the broker refused it, e.g. code
             ``unknown_priority``.
         """
-        result = self._run(submit_call([{
-            "handler": handler, "payload": payload, "priority": priority,
-            "max_attempts": max_attempts, "delay": delay,
-            "unique_key": unique_key, "time_limit": time_limit}]))
+        result = self._run(
+            submit_call(
+                [
+                    {
+                        "handler": handler,
+                        "payload": payload,
+                        "priority": priority,
+                        "max_attempts": max_attempts,
+                        "delay": delay,
+                        "unique_key": unique_key,
+                        "time_limit": time_limit,
+                    }
+                ]
+            )
+        )
         tasks, unserved = result
-        return Submission(tasks[0], unserved, result.existing,
-                          result.suggestions)
+        return Submission(
+            tasks[0], unserved, result.existing, result.suggestions
+        )
 
     def submit_many(self, specs):
         """
@@ -415,8 +464,9 @@ class BlockingClient(HousekeepingMethods):
         """
         result = self._run(submit_call(specs))
         tasks, unserved = result
-        return Submission(tasks, set(unserved), result.existing,
-                          result.suggestions)
+        return Submission(
+            tasks, set(unserved), result.existing, result.suggestions
+        )
 
     def get(self, task_id):
         """
@@ -441,8 +491,16 @@ class BlockingClient(HousekeepingMethods):
         """
         return self._run(wait_call(task_id, timeout, self._clock))
 
-    def list(self, state=None, handler=None, limit=100, priority=None,
-             order="oldest", after=0, before=None):
+    def list(
+        self,
+        state=None,
+        handler=None,
+        limit=100,
+        priority=None,
+        order="oldest",
+        after=0,
+        before=None,
+    ):
         """
         :param state: a state to filter on, or ``None``.
         :param handler: a handler name to filter on, or ``None``.
@@ -453,8 +511,9 @@ class BlockingClient(HousekeepingMethods):
         :param before: only tasks with a smaller id, or ``None``.
         :returns: a ``list`` of task objects in that order.
         """
-        return self._run(list_call(state, handler, limit, priority, order,
-                                   after, before))
+        return self._run(
+            list_call(state, handler, limit, priority, order, after, before)
+        )
 
     def cancel(self, task_id):
         """

@@ -41,11 +41,15 @@ class Sleep:
     def run(self, task):
         payload = task.payload
         seconds = payload.get("seconds") if isinstance(payload, dict) else None
-        if (isinstance(seconds, bool) or not isinstance(seconds, (int, float))
-                or not 0 <= seconds <= MAX_SLEEP):
+        if (
+            isinstance(seconds, bool)
+            or not isinstance(seconds, (int, float))
+            or not 0 <= seconds <= MAX_SLEEP
+        ):
             raise ValueError(
                 'sleep needs a payload {"seconds": N} with 0 <= N <= '
-                f"{MAX_SLEEP}")
+                f"{MAX_SLEEP}"
+            )
         clock = task.clock
         started = clock.seconds()
         return deferLater(clock, seconds, lambda: clock.seconds() - started)

@@ -76,8 +76,9 @@ class ProtocolError(Exception):
         matched by the client.
     """
 
-    def __init__(self, code: str, message: str,
-                 req: str | None = None) -> None:
+    def __init__(
+        self, code: str, message: str, req: str | None = None
+    ) -> None:
         Exception.__init__(self, message)
         self.code = code
         self.message = message
@@ -145,16 +146,19 @@ def check_depth(value: _T) -> _T:
     levels of arrays and objects (a cycle is as deep as it goes).
     """
     level: list[Any] = (
-        [value] if isinstance(value, (dict, list, tuple)) else [])
+        [value] if isinstance(value, (dict, list, tuple)) else []
+    )
     depth = 0
     while level:
         depth += 1
         if depth > MAX_DEPTH:
             raise ValueError(f"is nested deeper than {MAX_DEPTH} levels")
-        level = [child for item in level
-                 for child in (item.values() if isinstance(item, dict)
-                               else item)
-                 if isinstance(child, (dict, list, tuple))]
+        level = [
+            child
+            for item in level
+            for child in (item.values() if isinstance(item, dict) else item)
+            if isinstance(child, (dict, list, tuple))
+        ]
     return value
 
 
@@ -177,8 +181,9 @@ def encode_value(value: Any, what: str) -> str:
         raise ValueError(f"{what} is not JSON-serialisable: {e}") from None
     size = len(text.encode("utf-8"))
     if size > MAX_PAYLOAD_SIZE:
-        raise ValueError(f"{what} of {size} bytes exceeds the limit of "
-                         f"{MAX_PAYLOAD_SIZE}")
+        raise ValueError(
+            f"{what} of {size} bytes exceeds the limit of {MAX_PAYLOAD_SIZE}"
+        )
     return text
 
 
@@ -191,8 +196,9 @@ def check_text(text: object, what: str) -> str:
     if not isinstance(text, str):
         raise ValueError(f"{what} is not JSON text")
     if len(text.encode("utf-8", "surrogatepass")) > MAX_PAYLOAD_SIZE:
-        raise ValueError(f"{what} exceeds the limit of {MAX_PAYLOAD_SIZE} "
-                         "bytes")
+        raise ValueError(
+            f"{what} exceeds the limit of {MAX_PAYLOAD_SIZE} bytes"
+        )
     try:
         value = loads(text)
     except ValueError:
@@ -286,7 +292,8 @@ MAX_PROGRESS_MESSAGE = 200
 def _short_text(value: object) -> str:
     if not isinstance(value, str) or len(value) > MAX_PROGRESS_MESSAGE:
         raise ValueError(
-            f"must be a string of at most {MAX_PROGRESS_MESSAGE} characters")
+            f"must be a string of at most {MAX_PROGRESS_MESSAGE} characters"
+        )
     return value
 
 
@@ -326,7 +333,10 @@ def _running(value: object) -> list[dict[str, int]]:
         if not isinstance(item, dict):
             raise ValueError("must be a list of {id, token} objects")
         result.append(
-            {"id": _TASK_ID(item.get("id")), "token": _TOKEN(item.get("token"))}
+            {
+                "id": _TASK_ID(item.get("id")),
+                "token": _TOKEN(item.get("token")),
+            }
         )
     return result
 
@@ -428,8 +438,14 @@ CLIENT_COMMANDS: Commands = {
     },
     b"LIST": {
         **_REQ,
-        "state": (_optional(_choice(
-            "queued", "running", "succeeded", "failed", "cancelled")), False),
+        "state": (
+            _optional(
+                _choice(
+                    "queued", "running", "succeeded", "failed", "cancelled"
+                )
+            ),
+            False,
+        ),
         "handler": (_optional(_name), False),
         "priority": (_optional(_name), False),
         "order": (_optional(_choice("oldest", "newest")), False),
@@ -468,11 +484,13 @@ CLIENT_COMMANDS: Commands = {
         "handler": (_optional(_name), False),
     },
     b"CANCEL_MANY": {
-        **_REQ, **_BULK,
+        **_REQ,
+        **_BULK,
         "state": (_optional(_choice("queued", "running")), False),
     },
     b"RETRY_MANY": {
-        **_REQ, **_BULK,
+        **_REQ,
+        **_BULK,
         "state": (_optional(_choice("failed", "cancelled")), False),
     },
 }
@@ -550,8 +568,9 @@ def peek_req(body: bytes) -> str | None:
     return match.group(1).decode("ascii") if match else None
 
 
-def _check_fields(body: Mapping[str, Any], fields: Fields,
-                  where: str) -> dict[str, Any]:
+def _check_fields(
+    body: Mapping[str, Any], fields: Fields, where: str
+) -> dict[str, Any]:
     checked: dict[str, Any] = {}
     for key, (check, required) in fields.items():
         if key in body:
@@ -559,7 +578,8 @@ def _check_fields(body: Mapping[str, Any], fields: Fields,
                 checked[key] = check(body[key])
             except ValueError as e:
                 raise ProtocolError(
-                    "bad_request", f"{where}: field {key!r} {e}",
+                    "bad_request",
+                    f"{where}: field {key!r} {e}",
                     req=_readable_req(body),
                 ) from None
             except ProtocolError as e:
@@ -570,15 +590,19 @@ def _check_fields(body: Mapping[str, Any], fields: Fields,
                 raise
         elif required:
             raise ProtocolError(
-                "bad_request", f"{where}: missing field {key!r}",
+                "bad_request",
+                f"{where}: missing field {key!r}",
                 req=_readable_req(body),
             )
     return checked
 
 
-def decode(frames: Sequence[bytes], commands: Commands,
-           max_size: int = MAX_MESSAGE_SIZE,
-           strict: bool = False) -> tuple[bytes, dict[str, Any]]:
+def decode(
+    frames: Sequence[bytes],
+    commands: Commands,
+    max_size: int = MAX_MESSAGE_SIZE,
+    strict: bool = False,
+) -> tuple[bytes, dict[str, Any]]:
     """
     Validate and decode a message.
 
@@ -595,9 +619,11 @@ def decode(frames: Sequence[bytes], commands: Commands,
     if len(frames) != 3:
         if frames and frames[0] != SIGNATURE:
             raise ProtocolError(
-                "protocol", "not a taskbroker message (bad signature)")
+                "protocol", "not a taskbroker message (bad signature)"
+            )
         raise ProtocolError(
-            "protocol", f"expected 3 frames, got {len(frames)}")
+            "protocol", f"expected 3 frames, got {len(frames)}"
+        )
     signature, command, body = frames
     if signature != SIGNATURE:
         raise ProtocolError(
@@ -608,12 +634,13 @@ def decode(frames: Sequence[bytes], commands: Commands,
     size = len(signature) + len(command) + len(body)
     if size > max_size:
         raise ProtocolError(
-            "too_large", f"message of {size} bytes exceeds {max_size}")
+            "too_large", f"message of {size} bytes exceeds {max_size}"
+        )
     fields = commands.get(command)
     if fields is None:
         raise ProtocolError(
-            "unknown_command",
-            f"unknown command {bytes(command[:32])!r}")
+            "unknown_command", f"unknown command {bytes(command[:32])!r}"
+        )
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError:
@@ -622,7 +649,8 @@ def decode(frames: Sequence[bytes], commands: Commands,
         value = _loads(text)
     except ValueError as e:
         raise ProtocolError(
-            "bad_request", f"body is not valid JSON ({e})") from None
+            "bad_request", f"body is not valid JSON ({e})"
+        ) from None
     if not isinstance(value, dict):
         raise ProtocolError("bad_request", "body is not a JSON object")
     if strict:
@@ -635,4 +663,5 @@ def decode(frames: Sequence[bytes], commands: Commands,
                 req=_readable_req(value),
             )
     return command, _check_fields(
-        value, fields, command.decode("ascii", "replace"))
+        value, fields, command.decode("ascii", "replace")
+    )

@@ -13,10 +13,25 @@ from datetime import UTC, datetime
 from taskbroker.protocol.codec import loads
 
 TASK_KEYS = (
-    "id", "handler", "payload", "priority", "state", "attempts",
-    "max_attempts", "worker", "created_at", "started_at", "finished_at",
-    "result", "error", "traceback", "run_at", "unique_key", "time_limit",
-    "submitter", "progress",
+    "id",
+    "handler",
+    "payload",
+    "priority",
+    "state",
+    "attempts",
+    "max_attempts",
+    "worker",
+    "created_at",
+    "started_at",
+    "finished_at",
+    "result",
+    "error",
+    "traceback",
+    "run_at",
+    "unique_key",
+    "time_limit",
+    "submitter",
+    "progress",
 )
 
 
@@ -30,7 +45,8 @@ def iso_time(unix_time):
         return None
     try:
         return datetime.fromtimestamp(unix_time, UTC).isoformat(
-            timespec="microseconds")
+            timespec="microseconds"
+        )
     except (TypeError, ValueError, OverflowError, OSError):
         return str(_shown(unix_time))
 
@@ -95,15 +111,30 @@ def _progress(row):
     """
     if row.progress is None:
         return None
-    return {"fraction": _shown(row.progress),
-            "message": _shown(row.progress_message),
-            "at": iso_time(row.progress_at)}
+    return {
+        "fraction": _shown(row.progress),
+        "message": _shown(row.progress_message),
+        "at": iso_time(row.progress_at),
+    }
 
 
 SCHEDULE_KEYS = (
-    "name", "handler", "payload", "priority", "max_attempts", "time_limit",
-    "every", "cron", "timezone", "skip_if_running", "paused", "next_tick",
-    "last_tick", "last_task_id", "created_at", "submitter",
+    "name",
+    "handler",
+    "payload",
+    "priority",
+    "max_attempts",
+    "time_limit",
+    "every",
+    "cron",
+    "timezone",
+    "skip_if_running",
+    "paused",
+    "next_tick",
+    "last_tick",
+    "last_task_id",
+    "created_at",
+    "submitter",
 )
 
 

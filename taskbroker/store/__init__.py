@@ -52,9 +52,11 @@ def text_size(row):
     The characters of a row's large columns (payload, result, error and
     traceback): what a listing of it costs, roughly, in bytes.
     """
-    return sum(len(text) for text in (row.payload, row.result, row.error,
-                                      row.traceback)
-               if isinstance(text, (str, bytes)))
+    return sum(
+        len(text)
+        for text in (row.payload, row.result, row.error, row.traceback)
+        if isinstance(text, (str, bytes))
+    )
 
 
 def up_to_size(rows, max_bytes):
@@ -200,7 +202,7 @@ def parse_database_url(url):
     :raises ConfigError: for anything else, with a one-line reason.
     """
     if url.startswith("sqlite:///"):
-        path = url[len("sqlite:///"):]
+        path = url[len("sqlite:///") :]
         if not path:
             raise ConfigError(
                 "--database: sqlite URL names no file "
@@ -236,9 +238,15 @@ def describe_database(url):
     return url
 
 
-def store_from_url(url, reactor, synchronous="normal", create_database=False,
-                   levels=("high", "normal", "low"), default_priority="normal",
-                   lease=5.0):
+def store_from_url(
+    url,
+    reactor,
+    synchronous="normal",
+    create_database=False,
+    levels=("high", "normal", "low"),
+    default_priority="normal",
+    lease=5.0,
+):
     """
     Make the store a database URL names.
 
@@ -260,9 +268,15 @@ def store_from_url(url, reactor, synchronous="normal", create_database=False,
     if kind == "postgresql":
         from taskbroker.store.postgresql import PostgresStore
 
-        return PostgresStore(url, reactor, levels=levels,
-                             default_priority=default_priority, lease=lease)
+        return PostgresStore(
+            url,
+            reactor,
+            levels=levels,
+            default_priority=default_priority,
+            lease=lease,
+        )
     from taskbroker.store.sqlite import SQLiteStore
 
-    return SQLiteStore(path, reactor, synchronous=synchronous,
-                       create_database=create_database)
+    return SQLiteStore(
+        path, reactor, synchronous=synchronous, create_database=create_database
+    )

@@ -77,8 +77,9 @@ class BatchedStore:
 
     async def _open(self):
         if self._state not in ("new", "closed"):
-            raise StoreError(f"database {self._label} is already "
-                             f"{self._state}")
+            raise StoreError(
+                f"database {self._label} is already {self._state}"
+            )
         self._state = "opening"
         self._lost = None
         try:
@@ -144,8 +145,11 @@ class BatchedStore:
         return d
 
     def _schedule_flush(self):
-        if (self._pending and self._flush_call is None
-                and self._free_writer() is not None):
+        if (
+            self._pending
+            and self._flush_call is None
+            and self._free_writer() is not None
+        ):
             # callLater(0) rather than flushing now: every write issued in
             # this reactor turn joins the same transaction.
             self._flush_call = self._reactor.callLater(0, self._flush)
@@ -189,8 +193,9 @@ class BatchedStore:
         The writer with the fewest transactions under way, if it can take
         one more (``_pipeline_depth`` each), else ``None``.
         """
-        writer = min(self._writers(),
-                     key=lambda writer: self._in_flight.get(writer, 0))
+        writer = min(
+            self._writers(), key=lambda writer: self._in_flight.get(writer, 0)
+        )
         if self._in_flight.get(writer, 0) < self._pipeline_depth:
             return writer
         return None
@@ -200,8 +205,7 @@ class BatchedStore:
         if self.write_error is not None:
             self.write_error = None
             self._stop_probing()
-            log.info("writes to database {path} work again",
-                     path=self._label)
+            log.info("writes to database {path} work again", path=self._label)
         for (_, _, d), (ok, value) in zip(batch, outcomes):
             if ok:
                 d.callback(value)
@@ -213,9 +217,13 @@ class BatchedStore:
         self._flushing -= 1
         error = reason.value
         if not isinstance(error, StoreLost):
-            log.error("write transaction of {count} operations on {path} "
-                      "failed: {error}", count=len(batch), path=self._label,
-                      error=one_line(error))
+            log.error(
+                "write transaction of {count} operations on {path} "
+                "failed: {error}",
+                count=len(batch),
+                path=self._label,
+                error=one_line(error),
+            )
             wrapped = StoreError(
                 f"database {self._label}: transaction failed: "
                 f"{one_line(error)}"
@@ -238,7 +246,8 @@ class BatchedStore:
         """
         if self._probe_call is None and self._state == "open":
             self._probe_call = self._reactor.callLater(
-                WRITE_PROBE_INTERVAL, self._probe)
+                WRITE_PROBE_INTERVAL, self._probe
+            )
 
     def _probe(self):
         self._probe_call = None
@@ -290,7 +299,9 @@ class BatchedStore:
         return result
 
     def _not_open(self):
-        return StoreError(f"database {self._label} is not open ({self._state})")
+        return StoreError(
+            f"database {self._label} is not open ({self._state})"
+        )
 
     # ITaskStore
 
@@ -307,23 +318,39 @@ class BatchedStore:
             return defer.succeed([])
         return self._write(self._sql.submit, tasks)
 
-    def dispatch(self, task_id, token, worker, started_at, priority=None,
-                 max_attempts=None):
+    def dispatch(
+        self,
+        task_id,
+        token,
+        worker,
+        started_at,
+        priority=None,
+        max_attempts=None,
+    ):
         """
         See :meth:`taskbroker.interfaces.ITaskStore.dispatch`.
         """
-        return self._write(self._sql.dispatch, task_id, token, worker, started_at,
-                           priority, max_attempts)
+        return self._write(
+            self._sql.dispatch,
+            task_id,
+            token,
+            worker,
+            started_at,
+            priority,
+            max_attempts,
+        )
 
     def progress(self, task_id, token, fraction, message, at):
         """
         See :meth:`taskbroker.interfaces.ITaskStore.progress`.
         """
-        return self._write(self._sql.progress, task_id, token, fraction,
-                           message, at)
+        return self._write(
+            self._sql.progress, task_id, token, fraction, message, at
+        )
 
-    def finish(self, task_id, token, state, result, error, traceback,
-               finished_at):
+    def finish(
+        self, task_id, token, state, result, error, traceback, finished_at
+    ):
         """
         See :meth:`taskbroker.interfaces.ITaskStore.finish`.
 
@@ -332,16 +359,38 @@ class BatchedStore:
         """
         if state not in FINAL_STATES:
             return defer.fail(_bad_final_state(state))
-        return self._write(self._sql.finish, task_id, token, state, result, error,
-                           traceback, finished_at)
+        return self._write(
+            self._sql.finish,
+            task_id,
+            token,
+            state,
+            result,
+            error,
+            traceback,
+            finished_at,
+        )
 
-    def requeue(self, task_id, token, run_at=None, error=None, traceback=None,
-                consumed=True):
+    def requeue(
+        self,
+        task_id,
+        token,
+        run_at=None,
+        error=None,
+        traceback=None,
+        consumed=True,
+    ):
         """
         See :meth:`taskbroker.interfaces.ITaskStore.requeue`.
         """
-        return self._write(self._sql.requeue, task_id, token, run_at, error, traceback,
-                           bool(consumed))
+        return self._write(
+            self._sql.requeue,
+            task_id,
+            token,
+            run_at,
+            error,
+            traceback,
+            bool(consumed),
+        )
 
     def cancel(self, task_id, finished_at):
         """
@@ -365,8 +414,9 @@ class BatchedStore:
         """
         See :meth:`taskbroker.interfaces.ITaskStore.reject_group`.
         """
-        return self._write(self._sql.reject_group, handler, priority, error,
-                           finished_at)
+        return self._write(
+            self._sql.reject_group, handler, priority, error, finished_at
+        )
 
     def get(self, task_id):
         """
@@ -374,15 +424,33 @@ class BatchedStore:
         """
         return self._read(self._sql.get, task_id)
 
-    def list(self, state, handler, after_id, limit, max_bytes=None,
-             submitter=None, priority=None, before_id=None,
-             newest_first=False):
+    def list(
+        self,
+        state,
+        handler,
+        after_id,
+        limit,
+        max_bytes=None,
+        submitter=None,
+        priority=None,
+        before_id=None,
+        newest_first=False,
+    ):
         """
         See :meth:`taskbroker.interfaces.ITaskStore.list`.
         """
-        return self._read(self._sql.list_tasks, state, handler, after_id, limit,
-                          max_bytes, submitter, priority, before_id,
-                          newest_first)
+        return self._read(
+            self._sql.list_tasks,
+            state,
+            handler,
+            after_id,
+            limit,
+            max_bytes,
+            submitter,
+            priority,
+            before_id,
+            newest_first,
+        )
 
     def counts(self, now):
         """
@@ -404,8 +472,9 @@ class BatchedStore:
         """
         See :meth:`taskbroker.interfaces.ITaskStore.schedules`.
         """
-        return self._read(self._sql.schedules,
-                          None if names is None else list(names))
+        return self._read(
+            self._sql.schedules, None if names is None else list(names)
+        )
 
     def remove_schedule(self, name):
         """
@@ -429,23 +498,42 @@ class BatchedStore:
         """
         See :meth:`taskbroker.interfaces.ITaskStore.fire_schedule`.
         """
-        return self._write(self._sql.fire_schedule, name, tick, next_tick,
-                           task, skip_if_running)
+        return self._write(
+            self._sql.fire_schedule,
+            name,
+            tick,
+            next_tick,
+            task,
+            skip_if_running,
+        )
 
-    def purge(self, finished_before, states=FINAL_STATES, handler=None,
-              submitter=None, limit=500):
+    def purge(
+        self,
+        finished_before,
+        states=FINAL_STATES,
+        handler=None,
+        submitter=None,
+        limit=500,
+    ):
         """
         See :meth:`taskbroker.interfaces.ITaskStore.purge`.
         """
-        return self._write(self._sql.purge, finished_before, tuple(states),
-                           handler, submitter, limit)
+        return self._write(
+            self._sql.purge,
+            finished_before,
+            tuple(states),
+            handler,
+            submitter,
+            limit,
+        )
 
     def count(self, state, handler=None, submitter=None):
         """
         See :meth:`taskbroker.interfaces.ITaskStore.count`.
         """
-        return self._read(self._sql.count, state, handler, submitter,
-                          thread=self._counter)
+        return self._read(
+            self._sql.count, state, handler, submitter, thread=self._counter
+        )
 
     def setting(self, name):
         """

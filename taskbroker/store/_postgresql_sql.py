@@ -107,11 +107,15 @@ def _alone(connection, operation, args, owner, channels):
         outcome = _settled(operation(cursor, owner, *args))
     except _OPERATION_ERRORS as e:
         return [(False, _refusal(operation, e))]
-    if channels is not None and isinstance(outcome, Finished) \
-            and outcome.watched:
+    if (
+        channels is not None
+        and isinstance(outcome, Finished)
+        and outcome.watched
+    ):
         try:
-            cursor.execute("SELECT pg_notify(%s, %s)",
-                           (channels[1], str(args[0])))
+            cursor.execute(
+                "SELECT pg_notify(%s, %s)", (channels[1], str(args[0]))
+            )
         except psycopg.Error:
             pass  # the WAIT reads the task when its hold time is up
     return [(True, outcome)]
@@ -134,16 +138,20 @@ def _pipelined(connection, operations, owner, channels):
             connection.execute("COMMIT")
     except BaseException as e:
         # A failed pipeline leaves the session in its transaction.
-        if not connection.closed and \
-                connection.info.transaction_status != _IDLE:
+        if (
+            not connection.closed
+            and connection.info.transaction_status != _IDLE
+        ):
             connection.execute("ROLLBACK")
         if isinstance(e, (*_OPERATION_ERRORS, pg_errors.PipelineAborted)):
             # (Statements after a failed one are aborted: which operation
             # failed is found without the pipeline.)
             raise _IsolateOperations() from e
         raise
-    return [_read_after_commit(operation, outcome)
-            for (operation, _), outcome in zip(operations, pending)]
+    return [
+        _read_after_commit(operation, outcome)
+        for (operation, _), outcome in zip(operations, pending)
+    ]
 
 
 def _read_after_commit(operation, outcome):
@@ -154,8 +162,10 @@ def _read_after_commit(operation, outcome):
     try:
         return (True, _settled(outcome))
     except psycopg.Error as e:
-        error = StoreError(f"{operation.__name__} committed, but its "
-                           f"outcome could not be read: {one_line(e)}")
+        error = StoreError(
+            f"{operation.__name__} committed, but its "
+            f"outcome could not be read: {one_line(e)}"
+        )
         error.__cause__ = e
         return (False, error)
 
@@ -168,14 +178,16 @@ def _transaction(connection, operations, owner, channels, isolate):
             if not isolate:
                 try:
                     outcomes.append(
-                        (True, _settled(operation(cursor, owner, *args))))
+                        (True, _settled(operation(cursor, owner, *args)))
+                    )
                 except _OPERATION_ERRORS as e:
                     raise _IsolateOperations() from e
                 continue
             try:
                 with connection.transaction():
                     outcomes.append(
-                        (True, _settled(operation(cursor, owner, *args))))
+                        (True, _settled(operation(cursor, owner, *args)))
+                    )
             except _OPERATION_ERRORS as e:
                 outcomes.append((False, _refusal(operation, e)))
         _notify(connection.cursor(), operations, channels)
@@ -193,11 +205,9 @@ def _notify(cursor, operations, channels):
         return
     if any(operation in WAKING for operation, _ in operations):
         cursor.execute("SELECT pg_notify(%s, '')", (channels[0],))
-    ended = [args[0] for operation, args in operations
-             if operation in ENDING]
+    ended = [args[0] for operation, args in operations if operation in ENDING]
     if ended:
-        cursor.execute(_NOTIFY_WATCHED, (channels[1], MAX_IDS_PAYLOAD,
-                                         ended))
+        cursor.execute(_NOTIFY_WATCHED, (channels[1], MAX_IDS_PAYLOAD, ended))
 
 
 # Too many ids to name makes an empty payload: "some tasks ended".
@@ -217,7 +227,8 @@ def _refusal(operation, e):
     """
     refused = isinstance(e, (pg_errors.IntegrityError, pg_errors.DataError))
     error = (WriteRefused if refused else StoreError)(
-        f"{operation.__name__.lstrip('_')} failed: {one_line(e)}")
+        f"{operation.__name__.lstrip('_')} failed: {one_line(e)}"
+    )
     error.__cause__ = e
     return error
 
@@ -255,23 +266,31 @@ def submit(cursor, owner, tasks):
     if request_id is not None:
         # Two brokers given the same request (a client that failed over)
         # take turns here, so the second finds the tasks of the first.
-        cursor.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))",
-                       (_REQUEST_LOCK, request_id))
+        cursor.execute(
+            "SELECT pg_advisory_xact_lock(%s, hashtext(%s))",
+            (_REQUEST_LOCK, request_id),
+        )
     if any(task.unique_key is not None for task in tasks):
         earlier = _requested(cursor, request_id)
         if earlier:
             return earlier
-        return [_insert_keyed(cursor, owner, task) if task.unique_key
-                else _insert_one(cursor, owner, task) for task in tasks]
+        return [
+            _insert_keyed(cursor, owner, task)
+            if task.unique_key
+            else _insert_one(cursor, owner, task)
+            for task in tasks
+        ]
     # One statement for the whole request, read once the batch is sent
     # (in a pipelined batch, with no round trip of its own).  Unless the
     # request was carried out before: then it inserts nothing.
     inserting = connection.cursor()
     inserting.execute(
         _INSERT_MANY.format(rows=", ".join([_VALUES] * len(tasks)))
-        + ("" if request_id is None else _UNLESS_REQUESTED) + _RETURNING,
+        + ("" if request_id is None else _UNLESS_REQUESTED)
+        + _RETURNING,
         [value for task in tasks for value in _values(task, owner)]
-        + ([] if request_id is None else [request_id]))
+        + ([] if request_id is None else [request_id]),
+    )
 
     def read():
         # Ids are drawn in the order of the VALUES rows.
@@ -295,20 +314,33 @@ def _requested(cursor, request_id):
         return []
     rows = cursor.execute(
         f"SELECT {COLUMNS} FROM tasks WHERE request_id = %s ORDER BY id",
-        (request_id,)).fetchall()
+        (request_id,),
+    ).fetchall()
     return [Submitted(TaskRow(*row), False) for row in rows]
 
 
 def _values(task, owner):
     dispatched = task.worker is not None
-    return (task.handler, task.payload, task.priority, task.max_attempts,
-            task.created_at, task.run_at, task.unique_key, task.request_id,
-            task.time_limit, "running" if dispatched else "queued",
-            int(dispatched), int(dispatched), task.worker,
-            task.created_at if dispatched else None,
-            # Claimed only when dispatched at once; else any broker's idle
-            # credit may take it.
-            owner if dispatched else None, task.submitter)
+    return (
+        task.handler,
+        task.payload,
+        task.priority,
+        task.max_attempts,
+        task.created_at,
+        task.run_at,
+        task.unique_key,
+        task.request_id,
+        task.time_limit,
+        "running" if dispatched else "queued",
+        int(dispatched),
+        int(dispatched),
+        task.worker,
+        task.created_at if dispatched else None,
+        # Claimed only when dispatched at once; else any broker's idle
+        # credit may take it.
+        owner if dispatched else None,
+        task.submitter,
+    )
 
 
 def _insert_one(cursor, owner, task):
@@ -321,7 +353,8 @@ def _insert_keyed(cursor, owner, task):
     # for it to commit, then its task is the one.
     row = cursor.execute(
         _INSERT.replace(" RETURNING", _ON_KEY_CONFLICT + " RETURNING"),
-        _values(task, owner)).fetchone()
+        _values(task, owner),
+    ).fetchone()
     if row is None:
         live = live_with_key(cursor, task.unique_key)
         if live is not None:
@@ -339,7 +372,8 @@ _REQUEST_LOCK = 0x7462  # "tb"
 _INSERT_COLUMNS = (
     "handler, payload, priority, max_attempts, created_at, run_at, "
     "unique_key, request_id, time_limit, state, attempts, token, worker, "
-    "started_at, owner, submitter")
+    "started_at, owner, submitter"
+)
 _RETURNING = f" RETURNING {COLUMNS}"
 _INSERT = (
     f"INSERT INTO tasks ({_INSERT_COLUMNS}) VALUES "
@@ -349,14 +383,17 @@ _INSERT = (
 # casts give the VALUES the columns' types.
 _INSERT_MANY = (
     f"INSERT INTO tasks ({_INSERT_COLUMNS}) SELECT * FROM (VALUES {{rows}}) "
-    f"AS v({_INSERT_COLUMNS})")
+    f"AS v({_INSERT_COLUMNS})"
+)
 _VALUES = (
     "(%s::text, %s::json, %s::text, %s::integer, %s::double precision, "
     "%s::double precision, %s::text, %s::text, %s::double precision, "
     "%s::text, %s::integer, %s::bigint, %s::text, %s::double precision, "
-    "%s::text, %s::text)")
+    "%s::text, %s::text)"
+)
 _UNLESS_REQUESTED = (
-    " WHERE NOT EXISTS (SELECT 1 FROM tasks WHERE request_id = %s)")
+    " WHERE NOT EXISTS (SELECT 1 FROM tasks WHERE request_id = %s)"
+)
 _ON_KEY_CONFLICT = (
     " ON CONFLICT (unique_key) WHERE unique_key IS NOT NULL "
     "AND state IN ('queued', 'running') DO NOTHING"
@@ -366,12 +403,15 @@ _ON_KEY_CONFLICT = (
 def live_with_key(cursor, unique_key):
     row = cursor.execute(
         f"SELECT {COLUMNS} FROM tasks WHERE unique_key = %s "
-        "AND state IN ('queued', 'running')", (unique_key,)).fetchone()
+        "AND state IN ('queued', 'running')",
+        (unique_key,),
+    ).fetchone()
     return None if row is None else TaskRow(*row)
 
 
-def dispatch(cursor, owner, task_id, token, worker, started_at, priority,
-             max_attempts):
+def dispatch(
+    cursor, owner, task_id, token, worker, started_at, priority, max_attempts
+):
     cursor.execute(
         "UPDATE tasks SET state = 'running', token = %s, "
         "attempts = attempts + 1, worker = %s, started_at = %s, "
@@ -380,13 +420,23 @@ def dispatch(cursor, owner, task_id, token, worker, started_at, priority,
         "max_attempts = COALESCE(max_attempts, %s) "
         "WHERE id = %s AND state = 'queued' AND token = %s - 1 "
         "AND owner IS NOT DISTINCT FROM %s",
-        (token, clean(worker), started_at, priority, max_attempts, task_id,
-         token, owner))
+        (
+            token,
+            clean(worker),
+            started_at,
+            priority,
+            max_attempts,
+            task_id,
+            token,
+            owner,
+        ),
+    )
     return Later(lambda: cursor.rowcount == 1)
 
 
-def dispatch_for(cursor, owner, ranks, handlers, workers, now, priority,
-                 max_attempts):
+def dispatch_for(
+    cursor, owner, ranks, handlers, workers, now, priority, max_attempts
+):
     """
     Claim up to ``len(workers)`` due tasks as :func:`claim` does and
     dispatch them in the same statement, the n-th claimed to
@@ -398,10 +448,21 @@ def dispatch_for(cursor, owner, ranks, handlers, workers, now, priority,
         :class:`TaskRow` for each worker, or ``None`` where no task was
         left for it.
     """
-    cursor.execute(_DISPATCH_FOR, (
-        ranks, handlers, now, len(workers), len(workers),
-        [clean(name) for name in workers], owner, now, priority,
-        max_attempts))
+    cursor.execute(
+        _DISPATCH_FOR,
+        (
+            ranks,
+            handlers,
+            now,
+            len(workers),
+            len(workers),
+            [clean(name) for name in workers],
+            owner,
+            now,
+            priority,
+            max_attempts,
+        ),
+    )
 
     def read():
         dispatched = [None] * len(workers)
@@ -440,19 +501,30 @@ def progress(cursor, owner, task_id, token, fraction, message, at):
         "UPDATE tasks SET progress = %s, progress_message = %s, "
         "progress_at = %s WHERE id = %s AND token = %s AND state = 'running' "
         "AND owner IS NOT DISTINCT FROM %s",
-        (fraction, clean(message), at, task_id, token, owner))
+        (fraction, clean(message), at, task_id, token, owner),
+    )
     return Later(lambda: cursor.rowcount == 1)
 
 
-def finish(cursor, owner, task_id, token, state, result, error, traceback,
-           finished_at):
+def finish(
+    cursor, owner, task_id, token, state, result, error, traceback, finished_at
+):
     cursor.execute(
         "UPDATE tasks SET state = %s, result = %s, error = %s, "
         "traceback = %s, finished_at = %s "
         "WHERE id = %s AND token = %s AND state = 'running' "
         "AND owner IS NOT DISTINCT FROM %s RETURNING watched",
-        (state, clean(result), clean(error), clean(traceback), finished_at,
-         task_id, token, owner))
+        (
+            state,
+            clean(result),
+            clean(error),
+            clean(traceback),
+            finished_at,
+            task_id,
+            token,
+            owner,
+        ),
+    )
 
     def read():
         row = cursor.fetchone()
@@ -476,8 +548,7 @@ class Finished:
         return True
 
 
-def requeue(cursor, owner, task_id, token, run_at, error, traceback,
-            consumed):
+def requeue(cursor, owner, task_id, token, run_at, error, traceback, consumed):
     # The task stays this broker's claim: it holds it again at once, and
     # gives it back if no worker of its own takes it.
     cursor.execute(
@@ -486,8 +557,16 @@ def requeue(cursor, owner, task_id, token, run_at, error, traceback,
         "ELSE GREATEST(attempts - 1, 0) END "
         "WHERE id = %s AND token = %s AND state = 'running' "
         "AND owner IS NOT DISTINCT FROM %s",
-        (run_at, clean(error), clean(traceback), consumed, task_id, token,
-         owner))
+        (
+            run_at,
+            clean(error),
+            clean(traceback),
+            consumed,
+            task_id,
+            token,
+            owner,
+        ),
+    )
     return Later(lambda: cursor.rowcount == 1)
 
 
@@ -495,7 +574,8 @@ def cancel(cursor, owner, task_id, finished_at):
     cursor.execute(
         "UPDATE tasks SET state = 'cancelled', error = 'cancelled', "
         "finished_at = %s WHERE id = %s AND state IN ('queued', 'running')",
-        (finished_at, task_id))
+        (finished_at, task_id),
+    )
     return get_with(cursor, task_id)
 
 
@@ -508,7 +588,8 @@ def retry(cursor, owner, task_id):
         "AND NOT EXISTS (SELECT 1 FROM tasks AS live "
         "WHERE live.unique_key = tasks.unique_key "
         "AND live.state IN ('queued', 'running'))",
-        (owner, task_id))
+        (owner, task_id),
+    )
     return get_with(cursor, task_id)
 
 
@@ -516,7 +597,8 @@ def reject(cursor, owner, task_id, error, finished_at):
     cursor.execute(
         "UPDATE tasks SET state = 'failed', error = %s, finished_at = %s "
         "WHERE id = %s AND state = 'queued'",
-        (clean(error), finished_at, task_id))
+        (clean(error), finished_at, task_id),
+    )
 
 
 def reject_group(cursor, owner, handler, priority, error, finished_at):
@@ -524,7 +606,8 @@ def reject_group(cursor, owner, handler, priority, error, finished_at):
         "UPDATE tasks SET state = 'failed', error = %s, finished_at = %s "
         "WHERE state = 'queued' AND handler = %s "
         "AND priority IS NOT DISTINCT FROM %s",
-        (clean(error), finished_at, handler, priority))
+        (clean(error), finished_at, handler, priority),
+    )
     return Later(lambda: cursor.rowcount)
 
 
@@ -532,19 +615,23 @@ def release(cursor, owner, task_ids):
     cursor.execute(
         "UPDATE tasks SET owner = NULL "
         "WHERE id = ANY(%s) AND state = 'queued' AND owner = %s",
-        (list(task_ids), owner))
+        (list(task_ids), owner),
+    )
     return Later(lambda: cursor.rowcount)
 
 
 def watch(cursor, owner, task_id):
-    cursor.execute("UPDATE tasks SET watched = true WHERE id = %s "
-                   "AND state IN ('queued', 'running') AND NOT watched",
-                   (task_id,))
+    cursor.execute(
+        "UPDATE tasks SET watched = true WHERE id = %s "
+        "AND state IN ('queued', 'running') AND NOT watched",
+        (task_id,),
+    )
 
 
 def get_with(cursor, task_id):
     row = cursor.execute(
-        f"SELECT {COLUMNS} FROM tasks WHERE id = %s", (task_id,)).fetchone()
+        f"SELECT {COLUMNS} FROM tasks WHERE id = %s", (task_id,)
+    ).fetchone()
     return None if row is None else TaskRow(*row)
 
 
@@ -552,14 +639,27 @@ def get(connection, task_id):
     return get_with(connection.cursor(), task_id)
 
 
-def list_tasks(connection, state, handler, after_id, limit, max_bytes=None,
-               submitter=None, priority=None, before_id=None,
-               newest_first=False):
+def list_tasks(
+    connection,
+    state,
+    handler,
+    after_id,
+    limit,
+    max_bytes=None,
+    submitter=None,
+    priority=None,
+    before_id=None,
+    newest_first=False,
+):
     where = ["id > %s"]
     params = [after_id]
-    for column, value in (("id <", before_id), ("submitter =", submitter),
-                          ("state =", state), ("handler =", handler),
-                          ("priority =", priority)):
+    for column, value in (
+        ("id <", before_id),
+        ("submitter =", submitter),
+        ("state =", state),
+        ("handler =", handler),
+        ("priority =", priority),
+    ):
         if value is not None:
             where.append(f"{column} %s")
             params.append(value)
@@ -567,7 +667,9 @@ def list_tasks(connection, state, handler, after_id, limit, max_bytes=None,
     cursor = connection.cursor()
     cursor.execute(
         f"SELECT {COLUMNS} FROM tasks WHERE {' AND '.join(where)} "
-        f"ORDER BY id {'DESC' if newest_first else ''} LIMIT %s", params)
+        f"ORDER BY id {'DESC' if newest_first else ''} LIMIT %s",
+        params,
+    )
     return up_to_size(map(TaskRow._make, cursor), max_bytes)
 
 
@@ -576,15 +678,20 @@ def counts(connection, now):
     cursor.execute(
         "SELECT state, priority, handler, "
         "state = 'queued' AND run_at IS NOT NULL AND run_at > %s, count(*) "
-        "FROM tasks GROUP BY 1, 2, 3, 4", (now,))
-    return {(state, priority, handler, bool(delayed)): count
-            for state, priority, handler, delayed, count in cursor}
+        "FROM tasks GROUP BY 1, 2, 3, 4",
+        (now,),
+    )
+    return {
+        (state, priority, handler, bool(delayed)): count
+        for state, priority, handler, delayed, count in cursor
+    }
 
 
 def running(connection):
     cursor = connection.cursor()
     cursor.execute(
-        f"SELECT {COLUMNS} FROM tasks WHERE state = 'running' ORDER BY id")
+        f"SELECT {COLUMNS} FROM tasks WHERE state = 'running' ORDER BY id"
+    )
     return [TaskRow(*row) for row in cursor]
 
 
@@ -604,7 +711,8 @@ def queued_groups(connection):
         " (SELECT handler, priority FROM tasks"
         "  WHERE state = 'queued' AND (handler, priority) > (g.handler,"
         "  g.priority) ORDER BY handler, priority LIMIT 1) AS n"
-        ") SELECT handler, priority FROM g")
+        ") SELECT handler, priority FROM g"
+    )
     pairs = cursor.fetchall()
     # A row comparison with a NULL is NULL where the handler does not
     # decide it: the handlers with NULL priorities are found apart.
@@ -617,7 +725,8 @@ def queued_groups(connection):
         " (SELECT handler FROM tasks WHERE state = 'queued'"
         "  AND priority IS NULL AND handler > g.handler"
         "  ORDER BY handler LIMIT 1) AS n"
-        ") SELECT handler FROM g")
+        ") SELECT handler FROM g"
+    )
     pairs.extend((handler, None) for (handler,) in cursor)
     # (The first scan may find a NULL priority too, where the handler
     # alone decides the comparison.)
@@ -630,7 +739,8 @@ def delayed_window(connection, after, limit):
         f"SELECT {COLUMNS} FROM tasks "
         "WHERE state = 'queued' AND run_at IS NOT NULL "
         "AND (run_at, id) > (%s, %s) ORDER BY run_at, id LIMIT %s",
-        (*after, limit))
+        (*after, limit),
+    )
     return [TaskRow(*row) for row in cursor]
 
 
@@ -650,8 +760,9 @@ def claim(connection, owner, ranks, handlers, limit, now):
     The connection commits without waiting for the disk (see
     :data:`LAZY_COMMIT`).
     """
-    cursor = connection.execute(_CLAIM, (ranks, handlers, now, limit, limit,
-                                         owner))
+    cursor = connection.execute(
+        _CLAIM, (ranks, handlers, now, limit, limit, owner)
+    )
     return [TaskRow(*row[2:]) for row in sorted(cursor.fetchall())]
 
 
@@ -686,7 +797,8 @@ def _register(connection, owner, host, pid, lease):
         "VALUES (%s, %s, %s, now() + make_interval(secs => %s)) "
         "ON CONFLICT (id) DO UPDATE SET "
         "lease_expires = EXCLUDED.lease_expires",
-        (owner, host, pid, lease))
+        (owner, host, pid, lease),
+    )
 
 
 def unregister(connection, owner):
@@ -698,10 +810,14 @@ def unregister(connection, owner):
     with connection.transaction():
         connection.execute(
             "UPDATE tasks SET owner = NULL "
-            "WHERE owner = %s AND state = 'queued'", (owner,))
+            "WHERE owner = %s AND state = 'queued'",
+            (owner,),
+        )
         connection.execute(
             "UPDATE taskbroker_brokers SET lease_expires = now() "
-            "WHERE id = %s", (owner,))
+            "WHERE id = %s",
+            (owner,),
+        )
 
 
 def renew(connection, owner, host, pid, lease, held):
@@ -718,23 +834,30 @@ def renew(connection, owner, host, pid, lease, held):
         # first, so this waits until it is done and then sees all it took.
         row = connection.execute(
             "SELECT lease_expires > now() FROM taskbroker_brokers "
-            "WHERE id = %s FOR UPDATE", (owner,)).fetchone()
+            "WHERE id = %s FOR UPDATE",
+            (owner,),
+        ).fetchone()
         if row is None:
             _register(connection, owner, host, pid, lease)
         else:
             connection.execute(
                 "UPDATE taskbroker_brokers "
                 "SET lease_expires = now() + make_interval(secs => %s) "
-                "WHERE id = %s", (lease, owner))
+                "WHERE id = %s",
+                (lease, owner),
+            )
             if row[0]:
                 return None
         lost = connection.execute(
             "SELECT id FROM tasks WHERE id = ANY(%s) "
             "AND (state <> 'running' OR owner IS DISTINCT FROM %s)",
-            (sorted(held), owner)).fetchall()
+            (sorted(held), owner),
+        ).fetchall()
         connection.execute(
             "UPDATE tasks SET owner = NULL "
-            "WHERE owner = %s AND state = 'queued'", (owner,))
+            "WHERE owner = %s AND state = 'queued'",
+            (owner,),
+        )
     return {task_id for (task_id,) in lost}
 
 
@@ -753,13 +876,16 @@ def reap(connection, owner, grace, notify):
         lapsed = connection.execute(
             "SELECT id, lease_expires < now() - make_interval(secs => %s) "
             "FROM taskbroker_brokers WHERE lease_expires < now() AND id <> %s "
-            "FOR UPDATE SKIP LOCKED", (grace, owner)).fetchall()
+            "FOR UPDATE SKIP LOCKED",
+            (grace, owner),
+        ).fetchall()
         freed = 0
         for broker_id, past_grace in lapsed:
             freed += connection.execute(
                 "UPDATE tasks SET owner = NULL "
                 "WHERE owner = %s AND state = 'queued'",
-                (broker_id,)).rowcount
+                (broker_id,),
+            ).rowcount
             if not past_grace:
                 continue
             freed += connection.execute(
@@ -767,9 +893,11 @@ def reap(connection, owner, grace, notify):
                 "token = token + 1, attempts = GREATEST(attempts - 1, 0), "
                 "error = 'its broker went away' "
                 "WHERE owner = %s AND state = 'running'",
-                (broker_id,)).rowcount
+                (broker_id,),
+            ).rowcount
             connection.execute(
-                "DELETE FROM taskbroker_brokers WHERE id = %s", (broker_id,))
+                "DELETE FROM taskbroker_brokers WHERE id = %s", (broker_id,)
+            )
         if freed and notify is not None:
             connection.execute("SELECT pg_notify(%s, '')", (notify,))
     return freed
@@ -790,14 +918,16 @@ def adopt(connection, owner, task_id, token):
             "taskbroker_brokers AS b WHERE b.id = t.owner "
             "AND b.lease_expires > now()) FROM tasks AS t "
             "WHERE id = %s AND token = %s AND state = 'running' FOR UPDATE",
-            (task_id, token)).fetchone()
+            (task_id, token),
+        ).fetchone()
         if row is None:
             return ("stale", None)
         *columns, holder, live = row
         if live and holder != owner:
             return ("held", None)
-        connection.execute("UPDATE tasks SET owner = %s WHERE id = %s",
-                           (owner, task_id))
+        connection.execute(
+            "UPDATE tasks SET owner = %s WHERE id = %s", (owner, task_id)
+        )
     return ("adopted", TaskRow(*columns))
 
 
@@ -805,9 +935,13 @@ def holding(connection, owner):
     """
     The tasks the database says this broker holds: ``{id: state}``.
     """
-    return dict(connection.execute(
-        "SELECT id, state FROM tasks WHERE owner = %s "
-        "AND state IN ('queued', 'running')", (owner,)).fetchall())
+    return dict(
+        connection.execute(
+            "SELECT id, state FROM tasks WHERE owner = %s "
+            "AND state IN ('queued', 'running')",
+            (owner,),
+        ).fetchall()
+    )
 
 
 def let_go(connection, owner, task_ids, notify):
@@ -823,12 +957,14 @@ def let_go(connection, owner, task_ids, notify):
         count = connection.execute(
             "UPDATE tasks SET owner = NULL "
             "WHERE id = ANY(%s) AND owner = %s AND state = 'queued'",
-            ([*task_ids], owner)).rowcount
+            ([*task_ids], owner),
+        ).rowcount
         count += connection.execute(
             "UPDATE tasks SET state = 'queued', owner = NULL, "
             "token = token + 1, attempts = GREATEST(attempts - 1, 0) "
             "WHERE id = ANY(%s) AND owner = %s AND state = 'running'",
-            ([*task_ids], owner)).rowcount
+            ([*task_ids], owner),
+        ).rowcount
         if count and notify is not None:
             connection.execute("SELECT pg_notify(%s, '')", (notify,))
     return count
@@ -857,20 +993,27 @@ def due_schedules(connection, now, limit):
     return housekeeping.due_schedules(connection, "%s", now, limit)
 
 
-def fire_schedule(cursor, owner, name, tick, next_tick, task,
-                  skip_if_running):
+def fire_schedule(cursor, owner, name, tick, next_tick, task, skip_if_running):
     # (A task with a unique key is inserted at once, not Later.)
     def insert(cursor, task):
         return submit(cursor, owner, [task])[0]
 
-    return housekeeping.fire_schedule(cursor, "%s", insert, name, tick,
-                                      next_tick, task, skip_if_running)
+    return housekeeping.fire_schedule(
+        cursor, "%s", insert, name, tick, next_tick, task, skip_if_running
+    )
 
 
 def purge(cursor, owner, finished_before, states, handler, submitter, limit):
-    return housekeeping.purge(cursor, "%s", finished_before, states, handler,
-                              submitter, limit,
-                              skip_locked=" FOR UPDATE SKIP LOCKED")
+    return housekeeping.purge(
+        cursor,
+        "%s",
+        finished_before,
+        states,
+        handler,
+        submitter,
+        limit,
+        skip_locked=" FOR UPDATE SKIP LOCKED",
+    )
 
 
 def count(connection, state, handler, submitter):

@@ -26,8 +26,12 @@ from importlib.resources import files
 from taskbroker.errors import StoreError
 
 __all__ = [
-    "ensure_schema", "latest_version", "read_script", "rollback",
-    "schema_directory", "split_sqlite",
+    "ensure_schema",
+    "latest_version",
+    "read_script",
+    "rollback",
+    "schema_directory",
+    "split_sqlite",
 ]
 
 _SCHEMA_FILE = re.compile(r"\Av([0-9]+)\.sql\Z")
@@ -98,11 +102,11 @@ _DIALECTS = {
     "postgresql": _Dialect(
         begin="BEGIN",
         has_table="SELECT 1 FROM pg_tables "
-                  "WHERE schemaname = current_schema() AND tablename = %s",
+        "WHERE schemaname = current_schema() AND tablename = %s",
         split=lambda script: [script],
         param="%s",
         lock="SELECT pg_advisory_xact_lock(hashtext('taskbroker schema ' "
-             "|| current_schema()))",
+        "|| current_schema()))",
     ),
 }
 
@@ -138,8 +142,9 @@ def latest_version(directory):
     """
     versions = [
         int(match.group(1))
-        for match in (_SCHEMA_FILE.match(entry.name)
-                      for entry in directory.iterdir())
+        for match in (
+            _SCHEMA_FILE.match(entry.name) for entry in directory.iterdir()
+        )
         if match
     ]
     if not versions:
@@ -207,7 +212,9 @@ def ensure_schema(connection, dialect, directory=None):
             _run_script(cursor, dialect, directory, f"v{latest}.sql")
             cursor.execute(
                 "INSERT INTO taskbroker_schema (version) VALUES "
-                f"({spec.param})", (latest,))
+                f"({spec.param})",
+                (latest,),
+            )
         elif old > latest:
             raise StoreError(
                 f"database schema version {old} is newer than this "
@@ -221,7 +228,8 @@ def ensure_schema(connection, dialect, directory=None):
             if old != latest:
                 cursor.execute(
                     f"UPDATE taskbroker_schema SET version = {spec.param}",
-                    (latest,))
+                    (latest,),
+                )
         cursor.execute("COMMIT")
     except BaseException:
         rollback(cursor)

@@ -20,8 +20,13 @@ from twisted.logger import Logger
 from taskbroker.errors import StoreError, StoreLocked, StoreLost
 
 __all__ = [
-    "FileWatch", "check_may_create", "check_writable", "connect_existing",
-    "leave_lock", "lock", "lock_path",
+    "FileWatch",
+    "check_may_create",
+    "check_writable",
+    "connect_existing",
+    "leave_lock",
+    "lock",
+    "lock_path",
 ]
 
 log = Logger()
@@ -80,8 +85,9 @@ def _write_pid(fd, lock_file):
         os.write(fd, f"{os.getpid()}\n".encode("ascii"))
     except OSError:
         # The pid is only shown in the other broker's error message.
-        log.failure("could not write the pid into {lock_path}",
-                    lock_path=lock_file)
+        log.failure(
+            "could not write the pid into {lock_path}", lock_path=lock_file
+        )
 
 
 def leave_lock(path):
@@ -96,8 +102,11 @@ def leave_lock(path):
     except FileExistsError:
         return
     except OSError as e:
-        log.warn("could not put back the lock file {lock_path}: {error}",
-                 lock_path=lock_file, error=e.strerror)
+        log.warn(
+            "could not put back the lock file {lock_path}: {error}",
+            lock_path=lock_file,
+            error=e.strerror,
+        )
         return
     try:
         _write_pid(fd, lock_file)
@@ -203,7 +212,9 @@ class FileWatch:
         )
         self._all = self._often + tuple(
             ("file", path + suffix, _identity(os.stat(path + suffix)))
-            for suffix in SIDE_FILES if os.path.exists(path + suffix))
+            for suffix in SIDE_FILES
+            if os.path.exists(path + suffix)
+        )
 
     def check(self):
         """
@@ -236,7 +247,8 @@ def _check(files):
             raise StoreLost(
                 f"{what} {path} was replaced while the broker was using it "
                 f"(device {expected[0]} inode {expected[1]}, now device "
-                f"{found[0]} inode {found[1]})")
+                f"{found[0]} inode {found[1]})"
+            )
 
 
 def _identity(stat):

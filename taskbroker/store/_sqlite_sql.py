@@ -51,7 +51,8 @@ def ensure_schema(connection):
         raise StoreError(
             f"SQLite {sqlite3.sqlite_version} has no JSON functions, which "
             "the tasks table's constraints use; use a build that has them "
-            "(built in since SQLite 3.38)") from None
+            "(built in since SQLite 3.38)"
+        ) from None
     return _schema.ensure_schema(connection, "sqlite")
 
 
@@ -154,34 +155,51 @@ def submit(cursor, tasks):
             "unique_key, request_id, time_limit, state, attempts, token, "
             "worker, started_at, submitter) "
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (task.handler, task.payload, task.priority, task.max_attempts,
-             task.created_at, task.run_at, task.unique_key, task.request_id,
-             task.time_limit, "running" if dispatched else "queued",
-             int(dispatched), int(dispatched), task.worker, started_at,
-             task.submitter),
+            (
+                task.handler,
+                task.payload,
+                task.priority,
+                task.max_attempts,
+                task.created_at,
+                task.run_at,
+                task.unique_key,
+                task.request_id,
+                task.time_limit,
+                "running" if dispatched else "queued",
+                int(dispatched),
+                int(dispatched),
+                task.worker,
+                started_at,
+                task.submitter,
+            ),
         )
-        submitted.append(Submitted(TaskRow(
-            id=cursor.lastrowid,
-            handler=task.handler,
-            payload=task.payload,
-            priority=task.priority,
-            state="running" if dispatched else "queued",
-            attempts=int(dispatched),
-            max_attempts=task.max_attempts,
-            worker=task.worker,
-            created_at=task.created_at,
-            started_at=started_at,
-            finished_at=None,
-            result=None,
-            error=None,
-            run_at=task.run_at,
-            unique_key=task.unique_key,
-            request_id=task.request_id,
-            token=int(dispatched),
-            time_limit=task.time_limit,
-            traceback=None,
-            submitter=task.submitter,
-        ), True))
+        submitted.append(
+            Submitted(
+                TaskRow(
+                    id=cursor.lastrowid,
+                    handler=task.handler,
+                    payload=task.payload,
+                    priority=task.priority,
+                    state="running" if dispatched else "queued",
+                    attempts=int(dispatched),
+                    max_attempts=task.max_attempts,
+                    worker=task.worker,
+                    created_at=task.created_at,
+                    started_at=started_at,
+                    finished_at=None,
+                    result=None,
+                    error=None,
+                    run_at=task.run_at,
+                    unique_key=task.unique_key,
+                    request_id=task.request_id,
+                    token=int(dispatched),
+                    time_limit=task.time_limit,
+                    traceback=None,
+                    submitter=task.submitter,
+                ),
+                True,
+            )
+        )
     return submitted
 
 
@@ -196,8 +214,9 @@ def live_with_key(cursor, unique_key):
     return None if row is None else TaskRow(*row)
 
 
-def dispatch(cursor, task_id, token, worker, started_at, priority,
-              max_attempts):
+def dispatch(
+    cursor, task_id, token, worker, started_at, priority, max_attempts
+):
     cursor.execute(
         "UPDATE tasks SET state = 'running', token = ?, "
         "attempts = attempts + 1, worker = ?, started_at = ?, "
@@ -219,8 +238,9 @@ def progress(cursor, task_id, token, fraction, message, at):
     return cursor.rowcount == 1
 
 
-def finish(cursor, task_id, token, state, result, error, traceback,
-            finished_at):
+def finish(
+    cursor, task_id, token, state, result, error, traceback, finished_at
+):
     cursor.execute(
         "UPDATE tasks SET state = ?, result = ?, error = ?, traceback = ?, "
         "finished_at = ? WHERE id = ? AND token = ? AND state = 'running'",
@@ -294,14 +314,27 @@ def get(connection, task_id):
     return get_with(connection.cursor(), task_id)
 
 
-def list_tasks(connection, state, handler, after_id, limit, max_bytes=None,
-               submitter=None, priority=None, before_id=None,
-               newest_first=False):
+def list_tasks(
+    connection,
+    state,
+    handler,
+    after_id,
+    limit,
+    max_bytes=None,
+    submitter=None,
+    priority=None,
+    before_id=None,
+    newest_first=False,
+):
     where = ["id > ?"]
     params = [after_id]
-    for column, value in (("id <", before_id), ("submitter =", submitter),
-                          ("state =", state), ("handler =", handler),
-                          ("priority =", priority)):
+    for column, value in (
+        ("id <", before_id),
+        ("submitter =", submitter),
+        ("state =", state),
+        ("handler =", handler),
+        ("priority =", priority),
+    ):
         if value is not None:
             where.append(f"{column} ?")
             params.append(value)
@@ -309,25 +342,35 @@ def list_tasks(connection, state, handler, after_id, limit, max_bytes=None,
     cursor = connection.cursor()
     cursor.execute(
         f"SELECT {_COLUMNS} FROM tasks WHERE {' AND '.join(where)} "
-        f"ORDER BY id {'DESC' if newest_first else ''} LIMIT ?", params)
+        f"ORDER BY id {'DESC' if newest_first else ''} LIMIT ?",
+        params,
+    )
     return up_to_size(map(TaskRow._make, cursor), max_bytes)
-
 
 
 def scan_queued(connection, after_id, limit, known):
     cursor = connection.cursor()
-    ids = [row[0] for row in cursor.execute(
-        "SELECT id FROM tasks WHERE state = 'queued' AND id > ? "
-        "ORDER BY id LIMIT ?", (after_id, limit))]
+    ids = [
+        row[0]
+        for row in cursor.execute(
+            "SELECT id FROM tasks WHERE state = 'queued' AND id > ? "
+            "ORDER BY id LIMIT ?",
+            (after_id, limit),
+        )
+    ]
     wanted = [i for i in ids if i not in known]
     rows = []
     # Bounded IN lists: SQLite caps the number of parameters.
     for start in range(0, len(wanted), 500):
-        chunk = wanted[start:start + 500]
-        rows.extend(TaskRow(*row) for row in cursor.execute(
-            f"SELECT {_COLUMNS} FROM tasks WHERE id IN "
-            f"({','.join('?' * len(chunk))}) AND state = 'queued' ORDER BY id",
-            chunk))
+        chunk = wanted[start : start + 500]
+        rows.extend(
+            TaskRow(*row)
+            for row in cursor.execute(
+                f"SELECT {_COLUMNS} FROM tasks WHERE id IN "
+                f"({','.join('?' * len(chunk))}) AND state = 'queued' ORDER BY id",
+                chunk,
+            )
+        )
     return rows, (ids[-1] if ids else after_id)
 
 
@@ -341,27 +384,36 @@ def queued_groups(connection):
     # First: a row inserted during the scan has a higher id, and the
     # poller, which looks above this one, finds it.
     last_id = cursor.execute(
-        "SELECT MAX(id) FROM tasks WHERE state = 'queued'").fetchone()[0]
-    select = ("SELECT handler, priority FROM tasks "
-              "INDEXED BY tasks_queued_by_group WHERE state = 'queued' ")
+        "SELECT MAX(id) FROM tasks WHERE state = 'queued'"
+    ).fetchone()[0]
+    select = (
+        "SELECT handler, priority FROM tasks "
+        "INDEXED BY tasks_queued_by_group WHERE state = 'queued' "
+    )
     pairs = []
     row = cursor.execute(
-        select + "ORDER BY handler, priority LIMIT 1").fetchone()
+        select + "ORDER BY handler, priority LIMIT 1"
+    ).fetchone()
     while row is not None:
         pairs.append(row)
         handler, priority = row
         if priority is None:
             row = cursor.execute(
                 select + "AND handler = ? AND priority IS NOT NULL "
-                "ORDER BY priority LIMIT 1", (handler,)).fetchone()
+                "ORDER BY priority LIMIT 1",
+                (handler,),
+            ).fetchone()
         else:
             row = cursor.execute(
                 select + "AND handler = ? AND priority > ? "
-                "ORDER BY priority LIMIT 1", (handler, priority)).fetchone()
+                "ORDER BY priority LIMIT 1",
+                (handler, priority),
+            ).fetchone()
         if row is None:
             row = cursor.execute(
                 select + "AND handler > ? ORDER BY handler, priority LIMIT 1",
-                (handler,)).fetchone()
+                (handler,),
+            ).fetchone()
     return pairs, last_id or 0
 
 
@@ -372,16 +424,19 @@ def queued_window(connection, handler, priorities, after_id, limit, now):
     cursor = connection.cursor()
     rows = []
     for priority in priorities:
-        rows.extend(cursor.execute(
-            f"SELECT {_COLUMNS} FROM tasks INDEXED BY tasks_queued_by_group "
-            "WHERE state = 'queued' AND handler = ? AND priority IS ? "
-            "AND id > ? "
-            # A run_at that is no number is read too, for the broker to
-            # reject: it would never come due.
-            "AND (run_at IS NULL OR run_at <= ? "
-            "OR typeof(run_at) NOT IN ('integer', 'real')) "
-            "ORDER BY id LIMIT ?",
-            (handler, priority, after_id, now, limit)))
+        rows.extend(
+            cursor.execute(
+                f"SELECT {_COLUMNS} FROM tasks INDEXED BY tasks_queued_by_group "
+                "WHERE state = 'queued' AND handler = ? AND priority IS ? "
+                "AND id > ? "
+                # A run_at that is no number is read too, for the broker to
+                # reject: it would never come due.
+                "AND (run_at IS NULL OR run_at <= ? "
+                "OR typeof(run_at) NOT IN ('integer', 'real')) "
+                "ORDER BY id LIMIT ?",
+                (handler, priority, after_id, now, limit),
+            )
+        )
     if len(priorities) > 1:
         rows.sort()
     return [TaskRow(*row) for row in rows[:limit]]
@@ -396,7 +451,8 @@ def delayed_window(connection, after, limit):
         # become the cursor.
         "AND typeof(run_at) IN ('integer', 'real') "
         "AND (run_at, id) > (?, ?) ORDER BY run_at, id LIMIT ?",
-        (*after, limit))
+        (*after, limit),
+    )
     return [TaskRow(*row) for row in rows]
 
 
@@ -411,10 +467,13 @@ def counts(connection, now):
     rows = connection.cursor().execute(
         "SELECT state, priority, handler, "
         "state = 'queued' AND run_at IS NOT NULL AND run_at > ?, COUNT(*) "
-        "FROM tasks GROUP BY 1, 2, 3, 4", (now,)
+        "FROM tasks GROUP BY 1, 2, 3, 4",
+        (now,),
     )
-    return {(state, priority, handler, bool(delayed)): count
-            for state, priority, handler, delayed, count in rows}
+    return {
+        (state, priority, handler, bool(delayed)): count
+        for state, priority, handler, delayed, count in rows
+    }
 
 
 # Schedules, retention and settings (taskbroker.store._housekeeping_sql).
@@ -445,13 +504,15 @@ def _insert(cursor, task):
 
 
 def fire_schedule(cursor, name, tick, next_tick, task, skip_if_running):
-    return housekeeping.fire_schedule(cursor, "?", _insert, name, tick,
-                                      next_tick, task, skip_if_running)
+    return housekeeping.fire_schedule(
+        cursor, "?", _insert, name, tick, next_tick, task, skip_if_running
+    )
 
 
 def purge(cursor, finished_before, states, handler, submitter, limit):
-    return housekeeping.purge(cursor, "?", finished_before, states, handler,
-                              submitter, limit)
+    return housekeeping.purge(
+        cursor, "?", finished_before, states, handler, submitter, limit
+    )
 
 
 def count(connection, state, handler, submitter):

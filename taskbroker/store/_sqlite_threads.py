@@ -43,8 +43,9 @@ class ConnectionThread:
         self._reactor = reactor
         self._connect = connect
         self._queue = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._work, name=name,
-                                        daemon=True)
+        self._thread = threading.Thread(
+            target=self._work, name=name, daemon=True
+        )
         self._stopped = None
         self._connection = None
         self._interrupted = False
@@ -128,8 +129,9 @@ class ConnectionThread:
         try:
             connection.close()
         except BaseException:
-            call(log.failure, "error closing the database connection",
-                 Failure())
+            call(
+                log.failure, "error closing the database connection", Failure()
+            )
         call(self._stopped.callback, None)
 
 
@@ -174,8 +176,9 @@ class Checkpointer:
         self._busy_timeout_ms = busy_timeout_ms
         self._watch = watch
         self._on_lost = on_lost
-        self._threads = ThreadPool(minthreads=1, maxthreads=1,
-                                   name="taskbroker-checkpoint")
+        self._threads = ThreadPool(
+            minthreads=1, maxthreads=1, name="taskbroker-checkpoint"
+        )
         self._connection = None
         self._loop = None
         self._running = None
@@ -194,15 +197,19 @@ class Checkpointer:
         if reason.check(StoreLost):
             self._on_lost(reason.value)
         else:
-            log.error("WAL checkpoint of {path} failed: {error}",
-                      path=self._path, error=one_line(reason.value))
+            log.error(
+                "WAL checkpoint of {path} failed: {error}",
+                path=self._path,
+                error=one_line(reason.value),
+            )
 
     def run(self):
         """
         :returns: a ``Deferred`` firing with ``(busy, log, checkpointed)``.
         """
         d = threads.deferToThreadPool(
-            self._reactor, self._threads, self._checkpoint)
+            self._reactor, self._threads, self._checkpoint
+        )
         self._running = d
 
         def done(result):
@@ -217,11 +224,16 @@ class Checkpointer:
         self._watch()
         if self._connection is None:
             self._connection = connect_existing(
-                self._path, isolation_level=None, check_same_thread=False)
+                self._path, isolation_level=None, check_same_thread=False
+            )
             self._connection.execute(
-                f"PRAGMA busy_timeout = {self._busy_timeout_ms:d}")
-        return tuple(self._connection.execute(
-            "PRAGMA wal_checkpoint(PASSIVE)").fetchone())
+                f"PRAGMA busy_timeout = {self._busy_timeout_ms:d}"
+            )
+        return tuple(
+            self._connection.execute(
+                "PRAGMA wal_checkpoint(PASSIVE)"
+            ).fetchone()
+        )
 
     def _close_connection(self):
         if self._connection is not None:
@@ -238,7 +250,8 @@ class Checkpointer:
                 pass
         try:
             await threads.deferToThreadPool(
-                self._reactor, self._threads, self._close_connection)
+                self._reactor, self._threads, self._close_connection
+            )
         except Exception:
             log.failure("error closing the checkpoint connection")
         # Idle now, so joining its thread is quick.

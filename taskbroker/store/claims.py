@@ -50,14 +50,16 @@ class OwnerClaims:
         return pairs
 
     def claim_queue(self, handler, priorities, after_id, limit, now):
-        return self._store.queued_window(handler, priorities, after_id,
-                                         limit, now)
+        return self._store.queued_window(
+            handler, priorities, after_id, limit, now
+        )
 
     def claim_for(self, levels, handlers, limit, now):
         raise NotImplementedError("a single owner claims by queue")
 
-    def dispatch_for(self, levels, handlers, workers, now, priority,
-                     max_attempts):
+    def dispatch_for(
+        self, levels, handlers, workers, now, priority, max_attempts
+    ):
         raise NotImplementedError("a single owner claims by queue")
 
     def upcoming(self, after, limit):
@@ -66,7 +68,8 @@ class OwnerClaims:
     @defer.inlineCallbacks
     def poll(self, limit):
         rows, last_id = yield self._store.scan_queued(
-            self._watermark, limit, frozenset(self._inserted))
+            self._watermark, limit, frozenset(self._inserted)
+        )
         rows = [row for row in rows if row.id not in self._inserted]
         return rows, (last_id if last_id != self._watermark else None)
 

@@ -69,9 +69,17 @@ class MemoryStore:
         state = "open" if self._open else "closed"
         return f"<MemoryStore {len(self._rows)} tasks {state}>"
 
-    def insert_external(self, handler, payload="null", priority=None,
-                        max_attempts=None, run_at=None, unique_key=None,
-                        time_limit=None, submitter=None):
+    def insert_external(
+        self,
+        handler,
+        payload="null",
+        priority=None,
+        max_attempts=None,
+        run_at=None,
+        unique_key=None,
+        time_limit=None,
+        submitter=None,
+    ):
         """
         Add a row the way another program's ``INSERT INTO tasks (handler,
         payload, priority) VALUES (...)`` would: every other column takes
@@ -91,14 +99,31 @@ class MemoryStore:
             then.
         """
         return self._insert(
-            handler, payload, priority, max_attempts, self._clock.seconds(),
-            run_at=run_at, unique_key=unique_key, time_limit=time_limit,
+            handler,
+            payload,
+            priority,
+            max_attempts,
+            self._clock.seconds(),
+            run_at=run_at,
+            unique_key=unique_key,
+            time_limit=time_limit,
             submitter=submitter,
         )
 
-    def _insert(self, handler, payload, priority, max_attempts, created_at,
-                run_at=None, unique_key=None, request_id=None,
-                time_limit=None, worker=None, submitter=None):
+    def _insert(
+        self,
+        handler,
+        payload,
+        priority,
+        max_attempts,
+        created_at,
+        run_at=None,
+        unique_key=None,
+        request_id=None,
+        time_limit=None,
+        worker=None,
+        submitter=None,
+    ):
         dispatched = worker is not None
         row = TaskRow(
             id=self._last_id + 1,
@@ -145,8 +170,11 @@ class MemoryStore:
             raise sqlite3.IntegrityError(
                 "UNIQUE constraint failed: tasks.unique_key"
             )
-        if (old is not None and old.unique_key is not None
-                and old.state in LIVE_STATES):
+        if (
+            old is not None
+            and old.unique_key is not None
+            and old.state in LIVE_STATES
+        ):
             del self._live_keys[old.unique_key]
         if key is not None:
             self._live_keys[key] = new.id
@@ -210,26 +238,39 @@ class MemoryStore:
         for task in tasks:
             # The SQLite store refuses NULLs here through NOT NULL columns.
             if task.handler is None or task.payload is None:
-                return defer.fail(WriteRefused(
-                    "submit failed: handler and payload must not be None"
-                ))
+                return defer.fail(
+                    WriteRefused(
+                        "submit failed: handler and payload must not be None"
+                    )
+                )
         if request_id in self._by_request:
-            return defer.succeed([
-                Submitted(self._rows[task_id], False)
-                for task_id in self._by_request[request_id]
-            ])
+            return defer.succeed(
+                [
+                    Submitted(self._rows[task_id], False)
+                    for task_id in self._by_request[request_id]
+                ]
+            )
         submitted = []
         for task in tasks:
-            live = (None if task.unique_key is None
-                    else self._live_with_key(task.unique_key))
+            live = (
+                None
+                if task.unique_key is None
+                else self._live_with_key(task.unique_key)
+            )
             if live is not None:
                 submitted.append(Submitted(live, False))
                 continue
             row = self._insert(
-                task.handler, task.payload, task.priority, task.max_attempts,
-                task.created_at, run_at=task.run_at,
-                unique_key=task.unique_key, request_id=task.request_id,
-                time_limit=task.time_limit, worker=task.worker,
+                task.handler,
+                task.payload,
+                task.priority,
+                task.max_attempts,
+                task.created_at,
+                run_at=task.run_at,
+                unique_key=task.unique_key,
+                request_id=task.request_id,
+                time_limit=task.time_limit,
+                worker=task.worker,
                 submitter=task.submitter,
             )
             submitted.append(Submitted(row, True))
@@ -243,63 +284,100 @@ class MemoryStore:
         except sqlite3.IntegrityError as e:
             # What the SQLite store makes of a constraint that refused a
             # write.
-            return defer.fail(WriteRefused(
-                f"{function.__name__.lstrip('_')} failed: {e}"))
+            return defer.fail(
+                WriteRefused(f"{function.__name__.lstrip('_')} failed: {e}")
+            )
         except Exception as e:
             return defer.fail(e)
 
-    def dispatch(self, task_id, token, worker, started_at, priority=None,
-                 max_attempts=None):
+    def dispatch(
+        self,
+        task_id,
+        token,
+        worker,
+        started_at,
+        priority=None,
+        max_attempts=None,
+    ):
         """
         See :meth:`taskbroker.interfaces.ITaskStore.dispatch`.
         """
-        return self._run(self._dispatch, task_id, token, worker, started_at,
-                         priority, max_attempts)
+        return self._run(
+            self._dispatch,
+            task_id,
+            token,
+            worker,
+            started_at,
+            priority,
+            max_attempts,
+        )
 
-    def _dispatch(self, task_id, token, worker, started_at, priority,
-                  max_attempts):
+    def _dispatch(
+        self, task_id, token, worker, started_at, priority, max_attempts
+    ):
         self._check_open()
         row = self._rows.get(task_id)
         if row is None or row.state != "queued" or row.token + 1 != token:
             return False
         self._update(
-            row, state="running", token=token, attempts=row.attempts + 1,
-            worker=worker, started_at=started_at, finished_at=None,
-            progress=None, progress_message=None, progress_at=None,
+            row,
+            state="running",
+            token=token,
+            attempts=row.attempts + 1,
+            worker=worker,
+            started_at=started_at,
+            finished_at=None,
+            progress=None,
+            progress_message=None,
+            progress_at=None,
             priority=row.priority if row.priority is not None else priority,
-            max_attempts=(row.max_attempts if row.max_attempts is not None
-                          else max_attempts))
+            max_attempts=(
+                row.max_attempts
+                if row.max_attempts is not None
+                else max_attempts
+            ),
+        )
         return True
 
     def progress(self, task_id, token, fraction, message, at):
         """
         See :meth:`taskbroker.interfaces.ITaskStore.progress`.
         """
-        return self._run(self._progress, task_id, token, fraction, message,
-                         at)
+        return self._run(self._progress, task_id, token, fraction, message, at)
 
     def _progress(self, task_id, token, fraction, message, at):
         self._check_open()
         row = self._rows.get(task_id)
         if row is None or row.state != "running" or row.token != token:
             return False
-        self._update(row, progress=fraction, progress_message=message,
-                     progress_at=at)
+        self._update(
+            row, progress=fraction, progress_message=message, progress_at=at
+        )
         return True
 
-    def finish(self, task_id, token, state, result, error, traceback,
-               finished_at):
+    def finish(
+        self, task_id, token, state, result, error, traceback, finished_at
+    ):
         """
         See :meth:`taskbroker.interfaces.ITaskStore.finish`.
 
         :raises ValueError: (through the ``Deferred``) if ``state`` is not
             ``"succeeded"``, ``"failed"`` or ``"cancelled"``.
         """
-        return self._run(self._finish, task_id, token, state, result,
-                         error, traceback, finished_at)
+        return self._run(
+            self._finish,
+            task_id,
+            token,
+            state,
+            result,
+            error,
+            traceback,
+            finished_at,
+        )
 
-    def _finish(self, task_id, token, state, result, error, traceback,
-                finished_at):
+    def _finish(
+        self, task_id, token, state, result, error, traceback, finished_at
+    ):
         if state not in FINAL_STATES:
             raise ValueError(
                 "a finished task's state must be 'succeeded', 'failed' or "
@@ -309,17 +387,31 @@ class MemoryStore:
         row = self._running_with(task_id, token)
         if row is None:
             return False
-        self._update(row, state=state, result=result, error=error,
-                     traceback=traceback, finished_at=finished_at)
+        self._update(
+            row,
+            state=state,
+            result=result,
+            error=error,
+            traceback=traceback,
+            finished_at=finished_at,
+        )
         return True
 
-    def requeue(self, task_id, token, run_at=None, error=None, traceback=None,
-                consumed=True):
+    def requeue(
+        self,
+        task_id,
+        token,
+        run_at=None,
+        error=None,
+        traceback=None,
+        consumed=True,
+    ):
         """
         See :meth:`taskbroker.interfaces.ITaskStore.requeue`.
         """
-        return self._run(self._requeue, task_id, token, run_at, error,
-                         traceback, consumed)
+        return self._run(
+            self._requeue, task_id, token, run_at, error, traceback, consumed
+        )
 
     def _requeue(self, task_id, token, run_at, error, traceback, consumed):
         self._check_open()
@@ -327,8 +419,14 @@ class MemoryStore:
         if row is None:
             return False
         attempts = row.attempts if consumed else max(row.attempts - 1, 0)
-        self._update(row, state="queued", run_at=run_at, error=error,
-                     traceback=traceback, attempts=attempts)
+        self._update(
+            row,
+            state="queued",
+            run_at=run_at,
+            error=error,
+            traceback=traceback,
+            attempts=attempts,
+        )
         return True
 
     def _running_with(self, task_id, token):
@@ -351,8 +449,12 @@ class MemoryStore:
         self._check_open()
         row = self._rows.get(task_id)
         if row is not None and row.state in LIVE_STATES:
-            row = self._update(row, state="cancelled", error="cancelled",
-                               finished_at=finished_at)
+            row = self._update(
+                row,
+                state="cancelled",
+                error="cancelled",
+                finished_at=finished_at,
+            )
         return row
 
     def retry(self, task_id):
@@ -364,12 +466,24 @@ class MemoryStore:
     def _retry(self, task_id):
         self._check_open()
         row = self._rows.get(task_id)
-        if (row is not None and row.state in ("failed", "cancelled")
-                and (row.unique_key is None
-                     or self._live_with_key(row.unique_key) is None)):
-            row = self._update(row, state="queued", attempts=0, run_at=None,
-                               finished_at=None, result=None, error=None,
-                               traceback=None)
+        if (
+            row is not None
+            and row.state in ("failed", "cancelled")
+            and (
+                row.unique_key is None
+                or self._live_with_key(row.unique_key) is None
+            )
+        ):
+            row = self._update(
+                row,
+                state="queued",
+                attempts=0,
+                run_at=None,
+                finished_at=None,
+                result=None,
+                error=None,
+                traceback=None,
+            )
         return row
 
     def reject(self, task_id, error, finished_at):
@@ -382,16 +496,21 @@ class MemoryStore:
         self._check_open()
         row = self._rows.get(task_id)
         if row is not None and row.state == "queued":
-            self._update(row, state="failed", error=error,
-                         finished_at=finished_at)
+            self._update(
+                row, state="failed", error=error, finished_at=finished_at
+            )
 
     def reject_group(self, handler, priority, error, finished_at):
         """
         See :meth:`taskbroker.interfaces.ITaskStore.reject_group`.
         """
+
         def reject():
-            rows = [row for row in self._select("queued", handler, 0, None)
-                    if row.priority == priority]
+            rows = [
+                row
+                for row in self._select("queued", handler, 0, None)
+                if row.priority == priority
+            ]
             for row in rows:
                 self._reject(row.id, error, finished_at)
             return len(rows)
@@ -408,17 +527,31 @@ class MemoryStore:
         self._check_open()
         return self._rows.get(task_id)
 
-    def list(self, state, handler, after_id, limit, max_bytes=None,
-             submitter=None, priority=None, before_id=None,
-             newest_first=False):
+    def list(
+        self,
+        state,
+        handler,
+        after_id,
+        limit,
+        max_bytes=None,
+        submitter=None,
+        priority=None,
+        before_id=None,
+        newest_first=False,
+    ):
         """
         See :meth:`taskbroker.interfaces.ITaskStore.list`.
         """
+
         def listed():
-            rows = [row for row in self._select(state, handler, after_id,
-                                                None, submitter)
-                    if (priority is None or row.priority == priority)
-                    and (before_id is None or row.id < before_id)]
+            rows = [
+                row
+                for row in self._select(
+                    state, handler, after_id, None, submitter
+                )
+                if (priority is None or row.priority == priority)
+                and (before_id is None or row.id < before_id)
+            ]
             if newest_first:
                 rows.reverse()
             return up_to_size(rows[:limit], max_bytes)
@@ -429,10 +562,13 @@ class MemoryStore:
         """
         See :meth:`taskbroker.interfaces.IQueueReads.scan_queued`.
         """
+
         def scan():
             rows = self._select("queued", None, after_id, limit)
-            return ([row for row in rows if row.id not in known],
-                    rows[-1].id if rows else after_id)
+            return (
+                [row for row in rows if row.id not in known],
+                rows[-1].id if rows else after_id,
+            )
 
         return self._run(scan)
 
@@ -440,12 +576,15 @@ class MemoryStore:
         """
         See :meth:`taskbroker.interfaces.IQueueReads.queued_groups`.
         """
+
         def groups():
             queued = self._select("queued", None, 0, None)
             pairs = {(row.handler, row.priority) for row in queued}
             # SQLite's order: NULL first, then numbers, text, blobs.
-            return (sorted(pairs, key=lambda pair: (pair[0], _order(pair[1]))),
-                    queued[-1].id if queued else 0)
+            return (
+                sorted(pairs, key=lambda pair: (pair[0], _order(pair[1]))),
+                queued[-1].id if queued else 0,
+            )
 
         return self._run(groups)
 
@@ -453,13 +592,18 @@ class MemoryStore:
         """
         See :meth:`taskbroker.interfaces.IQueueReads.queued_window`.
         """
+
         def window():
-            rows = [row for row in self._select("queued", handler, after_id,
-                                                None)
-                    if row.priority in priorities
-                    and (row.run_at is None
-                         or not isinstance(row.run_at, (int, float))
-                         or row.run_at <= now)]
+            rows = [
+                row
+                for row in self._select("queued", handler, after_id, None)
+                if row.priority in priorities
+                and (
+                    row.run_at is None
+                    or not isinstance(row.run_at, (int, float))
+                    or row.run_at <= now
+                )
+            ]
             return rows[:limit]
 
         return self._run(window)
@@ -468,12 +612,17 @@ class MemoryStore:
         """
         See :meth:`taskbroker.interfaces.IQueueReads.delayed_window`.
         """
+
         def window():
             rows = sorted(
-                (row for row in self._select("queued", None, 0, None)
-                 if isinstance(row.run_at, (int, float))
-                 and (row.run_at, row.id) > tuple(after)),
-                key=lambda row: (row.run_at, row.id))
+                (
+                    row
+                    for row in self._select("queued", None, 0, None)
+                    if isinstance(row.run_at, (int, float))
+                    and (row.run_at, row.id) > tuple(after)
+                ),
+                key=lambda row: (row.run_at, row.id),
+            )
             return rows[:limit]
 
         return self._run(window)
@@ -490,10 +639,12 @@ class MemoryStore:
         for row in self._rows.values():
             if limit is not None and len(rows) >= limit:
                 break
-            if (row.id > after_id
-                    and (state is None or row.state == state)
-                    and (handler is None or row.handler == handler)
-                    and (submitter is None or row.submitter == submitter)):
+            if (
+                row.id > after_id
+                and (state is None or row.state == state)
+                and (handler is None or row.handler == handler)
+                and (submitter is None or row.submitter == submitter)
+            ):
                 rows.append(row)
         return rows
 
@@ -507,8 +658,11 @@ class MemoryStore:
         self._check_open()
         counts = {}
         for row in self._rows.values():
-            delayed = (row.state == "queued" and row.run_at is not None
-                       and row.run_at > now)
+            delayed = (
+                row.state == "queued"
+                and row.run_at is not None
+                and row.run_at > now
+            )
             key = (row.state, row.priority, row.handler, delayed)
             counts[key] = counts.get(key, 0) + 1
         return counts
@@ -519,11 +673,11 @@ class MemoryStore:
         """
         See :meth:`taskbroker.interfaces.ITaskStore.add_schedule`.
         """
+
         def add():
             if (row.every is None) == (row.cron is None):
                 # The schedules table's CHECK constraint "timing".
-                raise sqlite3.IntegrityError(
-                    "CHECK constraint failed: timing")
+                raise sqlite3.IntegrityError("CHECK constraint failed: timing")
             if row.name in self._schedules and not replace:
                 return False
             self._schedules[row.name] = row
@@ -535,21 +689,27 @@ class MemoryStore:
         """
         See :meth:`taskbroker.interfaces.ITaskStore.schedules`.
         """
-        return self._run_open(lambda: [
-            self._schedules[name] for name in sorted(self._schedules)
-            if names is None or name in names])
+        return self._run_open(
+            lambda: [
+                self._schedules[name]
+                for name in sorted(self._schedules)
+                if names is None or name in names
+            ]
+        )
 
     def remove_schedule(self, name):
         """
         See :meth:`taskbroker.interfaces.ITaskStore.remove_schedule`.
         """
         return self._run_open(
-            lambda: self._schedules.pop(name, None) is not None)
+            lambda: self._schedules.pop(name, None) is not None
+        )
 
     def pause_schedule(self, name, paused, next_tick):
         """
         See :meth:`taskbroker.interfaces.ITaskStore.pause_schedule`.
         """
+
         def pause():
             row = self._schedules.get(name)
             if row is None or row.paused == paused:
@@ -566,53 +726,81 @@ class MemoryStore:
         """
         See :meth:`taskbroker.interfaces.ITaskStore.due_schedules`.
         """
-        return self._run_open(lambda: sorted(
-            (row for row in self._schedules.values()
-             if not row.paused and row.next_tick <= now),
-            key=lambda row: row.next_tick)[:limit])
+        return self._run_open(
+            lambda: sorted(
+                (
+                    row
+                    for row in self._schedules.values()
+                    if not row.paused and row.next_tick <= now
+                ),
+                key=lambda row: row.next_tick,
+            )[:limit]
+        )
 
     def fire_schedule(self, name, tick, next_tick, task, skip_if_running):
         """
         See :meth:`taskbroker.interfaces.ITaskStore.fire_schedule`.
         """
+
         def fire():
             row = self._schedules.get(name)
             if row is None or row.paused or row.next_tick != tick:
                 return ("gone", None)
             row = self._schedules[name] = row._replace(
-                next_tick=next_tick, last_tick=tick)
+                next_tick=next_tick, last_tick=tick
+            )
             previous = self._rows.get(row.last_task_id)
-            if skip_if_running and previous is not None \
-                    and previous.state in LIVE_STATES:
+            if (
+                skip_if_running
+                and previous is not None
+                and previous.state in LIVE_STATES
+            ):
                 return ("skipped", None)
             live = self._live_with_key(task.unique_key)
             if live is not None:
                 created = live
             else:
                 created = self._insert(
-                    task.handler, task.payload, task.priority,
-                    task.max_attempts, task.created_at,
-                    unique_key=task.unique_key, time_limit=task.time_limit,
-                    submitter=task.submitter)
+                    task.handler,
+                    task.payload,
+                    task.priority,
+                    task.max_attempts,
+                    task.created_at,
+                    unique_key=task.unique_key,
+                    time_limit=task.time_limit,
+                    submitter=task.submitter,
+                )
             self._schedules[name] = row._replace(last_task_id=created.id)
             return ("existing" if live is not None else "enqueued", created)
 
         return self._run_open(fire)
 
-    def purge(self, finished_before, states=FINAL_STATES, handler=None,
-              submitter=None, limit=500):
+    def purge(
+        self,
+        finished_before,
+        states=FINAL_STATES,
+        handler=None,
+        submitter=None,
+        limit=500,
+    ):
         """
         See :meth:`taskbroker.interfaces.ITaskStore.purge`.
         """
+
         def purge():
             chosen = sorted(
-                (row for row in self._rows.values()
-                 if row.state in FINAL_STATES and row.state in states
-                 and row.finished_at is not None
-                 and row.finished_at < finished_before
-                 and (handler is None or row.handler == handler)
-                 and (submitter is None or row.submitter == submitter)),
-                key=lambda row: row.finished_at)[:limit]
+                (
+                    row
+                    for row in self._rows.values()
+                    if row.state in FINAL_STATES
+                    and row.state in states
+                    and row.finished_at is not None
+                    and row.finished_at < finished_before
+                    and (handler is None or row.handler == handler)
+                    and (submitter is None or row.submitter == submitter)
+                ),
+                key=lambda row: row.finished_at,
+            )[:limit]
             for row in chosen:
                 del self._rows[row.id]
             return [(row.priority, row.handler, row.state) for row in chosen]
@@ -623,11 +811,15 @@ class MemoryStore:
         """
         See :meth:`taskbroker.interfaces.ITaskStore.count`.
         """
-        return self._run_open(lambda: sum(
-            1 for row in self._rows.values()
-            if row.state == state
-            and (handler is None or row.handler == handler)
-            and (submitter is None or row.submitter == submitter)))
+        return self._run_open(
+            lambda: sum(
+                1
+                for row in self._rows.values()
+                if row.state == state
+                and (handler is None or row.handler == handler)
+                and (submitter is None or row.submitter == submitter)
+            )
+        )
 
     def setting(self, name):
         """

@@ -81,7 +81,8 @@ def _psycopg():
     except ImportError:
         raise ConfigError(
             "--database: PostgreSQL needs psycopg 3: "
-            "pip install 'taskbroker[postgresql]'") from None
+            "pip install 'taskbroker[postgresql]'"
+        ) from None
     return psycopg
 
 
@@ -95,8 +96,9 @@ def check_url(url):
     try:
         psycopg.conninfo.conninfo_to_dict(url)
     except psycopg.ProgrammingError as e:
-        raise ConfigError(f"--database: invalid PostgreSQL URI: "
-                          f"{one_line(e)}") from None
+        raise ConfigError(
+            f"--database: invalid PostgreSQL URI: {one_line(e)}"
+        ) from None
 
 
 def describe_url(url):
@@ -110,8 +112,10 @@ def describe_url(url):
     host = params.get("host") or "localhost"
     port = params.get("port")
     user = params.get("user")
-    return (f"postgresql://{user + '@' if user else ''}{host}"
-            f"{':' + str(port) if port else ''}/{params.get('dbname', '')}")
+    return (
+        f"postgresql://{user + '@' if user else ''}{host}"
+        f"{':' + str(port) if port else ''}/{params.get('dbname', '')}"
+    )
 
 
 class _Link:
@@ -139,19 +143,28 @@ class _Link:
 
     def get(self):
         connection = self._connection
-        if connection is not None and not connection.broken \
-                and not connection.closed:
+        if (
+            connection is not None
+            and not connection.broken
+            and not connection.closed
+        ):
             return connection
         self.close()
         psycopg = _psycopg()
         from psycopg.types.string import TextLoader
 
         given = psycopg.conninfo.conninfo_to_dict(self._url)
-        options = {name: value for name, value in CONNECTION_DEFAULTS.items()
-                   if name not in given}
+        options = {
+            name: value
+            for name, value in CONNECTION_DEFAULTS.items()
+            if name not in given
+        }
         connection = psycopg.connect(
-            self._url, autocommit=True,
-            application_name=self._application_name, **options)
+            self._url,
+            autocommit=True,
+            application_name=self._application_name,
+            **options,
+        )
         # Payloads are json: read them as the text that was written, not
         # decoded, as the store's interface wants.
         connection.adapters.register_loader("json", TextLoader)
@@ -178,6 +191,7 @@ def _on(function):
     and the call tried once more: a statement that failed that way never
     ran.
     """
+
     def call(link, *args):
         reused = link.connected
         try:
@@ -214,8 +228,14 @@ class PostgresStore(BatchedStore):
     # the next batch, or goes to another writer.
     _pipeline_depth = 1
 
-    def __init__(self, url, reactor, levels=("high", "normal", "low"),
-                 default_priority="normal", lease=DEFAULT_LEASE):
+    def __init__(
+        self,
+        url,
+        reactor,
+        levels=("high", "normal", "low"),
+        default_priority="normal",
+        lease=DEFAULT_LEASE,
+    ):
         self.url = url
         self.levels = tuple(levels)
         self.default_priority = default_priority
@@ -251,8 +271,10 @@ class PostgresStore(BatchedStore):
 
     def _connection_thread(self, role, setup=()):
         return ConnectionThread(
-            self._reactor, lambda: self._link(role, setup),
-            f"taskbroker-pg-{role}")
+            self._reactor,
+            lambda: self._link(role, setup),
+            f"taskbroker-pg-{role}",
+        )
 
     # Opening and closing
 
@@ -268,8 +290,9 @@ class PostgresStore(BatchedStore):
 
     async def _open_unguarded(self):
         psycopg = _psycopg()
-        self._writer_threads = [self._connection_thread("writer")
-                                for _ in range(WRITERS)]
+        self._writer_threads = [
+            self._connection_thread("writer") for _ in range(WRITERS)
+        ]
         self._thread = self._writer_threads[0]
         self._counter = self._connection_thread("reader")
         try:
@@ -285,21 +308,34 @@ class PostgresStore(BatchedStore):
                 ) from e
             raise
         if old is None:
-            log.info("created the taskbroker tables in {database} (schema "
-                     "{schema}) at version {version}", database=self._label,
-                     schema=self.schema, version=new)
+            log.info(
+                "created the taskbroker tables in {database} (schema "
+                "{schema}) at version {version}",
+                database=self._label,
+                schema=self.schema,
+                version=new,
+            )
         elif old != new:
-            log.info("upgraded database {database} from schema version "
-                     "{old} to {new}", database=self._label, old=old, new=new)
-        log.info("opened database {database} (schema {schema}, version "
-                 "{version})", database=self._label, schema=self.schema,
-                 version=new)
+            log.info(
+                "upgraded database {database} from schema version "
+                "{old} to {new}",
+                database=self._label,
+                old=old,
+                new=new,
+            )
+        log.info(
+            "opened database {database} (schema {schema}, version {version})",
+            database=self._label,
+            schema=self.schema,
+            version=new,
+        )
 
     def _prepare(self, link):
         connection = link.get()
         versions = _schema.ensure_schema(connection, "postgresql")
-        self.schema = connection.execute(
-            "SELECT current_schema()").fetchone()[0]
+        self.schema = connection.execute("SELECT current_schema()").fetchone()[
+            0
+        ]
         # Named after the schema, so that deployments in several schemas
         # of one database do not wake each other.
         self.channel = ("taskbroker_" + self.schema)[:63]
@@ -357,8 +393,9 @@ class PostgresStore(BatchedStore):
             # (Read by the listener, to tell this store's notifications.)
             self.writer_pids[threading.get_ident()] = link.pid
             try:
-                return sql.run_batch(connection, operations, self._owner,
-                                     channels)
+                return sql.run_batch(
+                    connection, operations, self._owner, channels
+                )
             except sql.pg_errors.DeadlockDetected:
                 # Two writers' batches waited for each other's rows (a
                 # cancel racing a result, say): the server rolled this
@@ -367,8 +404,9 @@ class PostgresStore(BatchedStore):
                     raise
 
     def _read(self, query, *args, thread=None):
-        return BatchedStore._read(self, _on(query), *args,
-                                  thread=thread or self._counter)
+        return BatchedStore._read(
+            self, _on(query), *args, thread=thread or self._counter
+        )
 
     def cannot_write(self, reason):
         """
@@ -392,31 +430,44 @@ class PostgresStore(BatchedStore):
     def _tracking(self, d, task_id, running):
         def changed(ok):
             if ok:
-                (self.running_ids.add if running
-                 else self.running_ids.discard)(task_id)
+                (
+                    self.running_ids.add
+                    if running
+                    else self.running_ids.discard
+                )(task_id)
             return bool(ok)
 
         return d.addCallback(changed)
 
     def submit(self, tasks):
         def inserted(submitted):
-            self.running_ids.update(row.id for row, created in submitted
-                                    if created and row.state == "running")
+            self.running_ids.update(
+                row.id
+                for row, created in submitted
+                if created and row.state == "running"
+            )
             return submitted
 
         return BatchedStore.submit(self, tasks).addCallback(inserted)
 
     def dispatch(self, task_id, *args, **kwargs):
-        return self._tracking(BatchedStore.dispatch(self, task_id, *args,
-                                                    **kwargs), task_id, True)
+        return self._tracking(
+            BatchedStore.dispatch(self, task_id, *args, **kwargs),
+            task_id,
+            True,
+        )
 
     def finish(self, task_id, *args):
-        return self._tracking(BatchedStore.finish(self, task_id, *args),
-                              task_id, False)
+        return self._tracking(
+            BatchedStore.finish(self, task_id, *args), task_id, False
+        )
 
     def requeue(self, task_id, *args, **kwargs):
-        return self._tracking(BatchedStore.requeue(self, task_id, *args,
-                                                   **kwargs), task_id, False)
+        return self._tracking(
+            BatchedStore.requeue(self, task_id, *args, **kwargs),
+            task_id,
+            False,
+        )
 
     def release(self, task_ids):
         """
@@ -435,14 +486,16 @@ def _record_levels(connection, levels, default):
     with connection.transaction():
         connection.execute(
             "SELECT pg_advisory_xact_lock(hashtext('taskbroker schema ' "
-            "|| current_schema()))")
+            "|| current_schema()))"
+        )
         rows = connection.execute(
             "SELECT name, is_default FROM taskbroker_levels ORDER BY rank"
         ).fetchall()
         if rows:
             names = tuple(name for name, _ in rows)
-            recorded = next((name for name, is_default in rows if is_default),
-                            None)
+            recorded = next(
+                (name for name, is_default in rows if is_default), None
+            )
             if names != levels or recorded != default:
                 raise StoreError(
                     "the database's priority levels are "
@@ -450,19 +503,25 @@ def _record_levels(connection, levels, default):
                     f"are {','.join(levels)} (default {default}): start "
                     "every broker with the same --priorities and "
                     "--default-priority (to change them, see 'Changing "
-                    "priority levels' in the docs)")
+                    "priority levels' in the docs)"
+                )
             return
         for rank, name in enumerate(levels):
             connection.execute(
                 "INSERT INTO taskbroker_levels (rank, name, is_default) "
-                "VALUES (%s, %s, %s)", (rank, name, name == default))
+                "VALUES (%s, %s, %s)",
+                (rank, name, name == default),
+            )
         connection.execute(
             "UPDATE tasks AS t SET rank = l.rank FROM taskbroker_levels AS l "
             "WHERE t.state = 'queued' AND l.name = COALESCE(t.priority, %s)",
-            (default,))
+            (default,),
+        )
         connection.execute(
             "UPDATE tasks SET rank = NULL WHERE state = 'queued' "
-            "AND COALESCE(priority, %s) <> ALL(%s)", (default, list(levels)))
+            "AND COALESCE(priority, %s) <> ALL(%s)",
+            (default, list(levels)),
+        )
 
 
 @implementer(IClaimSource)
@@ -493,7 +552,8 @@ class PostgresClaims:
 
     def start(self, now, on_change, on_finished=None):
         return defer.Deferred.fromCoroutine(
-            self._start(on_change, on_finished))
+            self._start(on_change, on_finished)
+        )
 
     async def _start(self, on_change, on_finished):
         store = self._store
@@ -504,10 +564,17 @@ class PostgresClaims:
         # not wait behind the commit of the result that freed it.
         self._claimer = store._connection_thread("claims", (sql.LAZY_COMMIT,))
         await self._claimer.start()
-        await store._run(self._leaser, sql.register, self._id,
-                         socket.gethostname(), os.getpid(), self.lease)
-        self._listener = _Listener(store, store._reactor, on_change,
-                                   on_finished)
+        await store._run(
+            self._leaser,
+            sql.register,
+            self._id,
+            socket.gethostname(),
+            os.getpid(),
+            self.lease,
+        )
+        self._listener = _Listener(
+            store, store._reactor, on_change, on_finished
+        )
         # Listening before the broker claims: a task inserted after this
         # wakes it.  (If the server refuses, the poll covers until the
         # listener is back.)
@@ -535,8 +602,10 @@ class PostgresClaims:
             try:
                 await leaser.run(_on(sql.unregister), self._id)
             except Exception as e:
-                log.warn("could not give back this broker's claims: "
-                         "{error}", error=one_line(e))
+                log.warn(
+                    "could not give back this broker's claims: {error}",
+                    error=one_line(e),
+                )
             await leaser.stop()
 
     def queues(self):
@@ -554,36 +623,60 @@ class PostgresClaims:
 
     def claim_for(self, levels, handlers, limit, now):
         store = self._store
-        ranks = sorted({store.levels.index(level) for level in levels
-                        if level in store.levels})
+        ranks = sorted(
+            {
+                store.levels.index(level)
+                for level in levels
+                if level in store.levels
+            }
+        )
         if not ranks or not handlers or limit <= 0:
             return defer.succeed([])
-        return store._run(self._claimer, sql.claim, self._id, ranks,
-                          sorted(handlers), limit, now)
+        return store._run(
+            self._claimer,
+            sql.claim,
+            self._id,
+            ranks,
+            sorted(handlers),
+            limit,
+            now,
+        )
 
-    def dispatch_for(self, levels, handlers, workers, now, priority,
-                     max_attempts):
+    def dispatch_for(
+        self, levels, handlers, workers, now, priority, max_attempts
+    ):
         store = self._store
-        ranks = sorted({store.levels.index(level) for level in levels
-                        if level in store.levels})
+        ranks = sorted(
+            {
+                store.levels.index(level)
+                for level in levels
+                if level in store.levels
+            }
+        )
         if not ranks or not handlers or not workers:
             return defer.succeed([None] * len(workers))
 
         def dispatched(rows):
-            store.running_ids.update(row.id for row in rows
-                                     if row is not None)
+            store.running_ids.update(row.id for row in rows if row is not None)
             return rows
 
         # With the group commit: a result and the dispatch its freed slot
         # asked for share one transaction.
-        return store._write(sql.dispatch_for, ranks, sorted(handlers),
-                            list(workers), now, priority,
-                            max_attempts).addCallback(dispatched)
+        return store._write(
+            sql.dispatch_for,
+            ranks,
+            sorted(handlers),
+            list(workers),
+            now,
+            priority,
+            max_attempts,
+        ).addCallback(dispatched)
 
     def upcoming(self, after, limit):
         store = self._store
-        return store._run(store._counter, sql.delayed_window, tuple(after),
-                          limit)
+        return store._run(
+            store._counter, sql.delayed_window, tuple(after), limit
+        )
 
     def inserted(self, task_ids):
         pass  # inserted with this broker as their owner
@@ -597,7 +690,8 @@ class PostgresClaims:
         self._to_release.update(task_ids)
         if self._to_release and self._release_call is None:
             self._release_call = self._store._reactor.callLater(
-                0, self._release)
+                0, self._release
+            )
 
     def _release(self):
         self._release_call = None
@@ -609,7 +703,8 @@ class PostgresClaims:
             self._to_release.update(task_ids)
             if self._release_call is None and self._leaser is not None:
                 self._release_call = self._store._reactor.callLater(
-                    RELEASE_RETRY, self._release)
+                    RELEASE_RETRY, self._release
+                )
 
         def released(_):
             # The brokers' notification of it is this broker's own, which
@@ -618,8 +713,8 @@ class PostgresClaims:
                 self._on_change()
 
         self._store.release(sorted(task_ids)).addCallbacks(
-            released, failed).addErrback(
-            lambda f: log.failure("giving back claimed tasks", f))
+            released, failed
+        ).addErrback(lambda f: log.failure("giving back claimed tasks", f))
 
     def renew(self, now):
         store = self._store
@@ -629,15 +724,21 @@ class PostgresClaims:
                 store.running_ids.difference_update(lost)
             return lost
 
-        return store._run(self._leaser, sql.renew, self._id,
-                          socket.gethostname(), os.getpid(), self.lease,
-                          set(store.running_ids)).addCallbacks(
-                              renewed, store.cannot_write)
+        return store._run(
+            self._leaser,
+            sql.renew,
+            self._id,
+            socket.gethostname(),
+            os.getpid(),
+            self.lease,
+            set(store.running_ids),
+        ).addCallbacks(renewed, store.cannot_write)
 
     def reclaim(self, now, grace):
         store = self._store
-        return store._run(self._leaser, sql.reap, self._id, grace,
-                          store.channel)
+        return store._run(
+            self._leaser, sql.reap, self._id, grace, store.channel
+        )
 
     def adopt(self, task_id, token):
         store = self._store
@@ -647,8 +748,9 @@ class PostgresClaims:
                 store.running_ids.add(task_id)
             return outcome
 
-        return store._run(store._thread, sql.adopt, self._id, task_id,
-                          token).addCallback(adopted)
+        return store._run(
+            store._thread, sql.adopt, self._id, task_id, token
+        ).addCallback(adopted)
 
     def watch(self, task_id):
         return self._store._write(sql.watch, task_id)
@@ -660,8 +762,9 @@ class PostgresClaims:
     def let_go(self, task_ids):
         store = self._store
         store.running_ids.difference_update(task_ids)
-        return store._run(self._leaser, sql.let_go, self._id,
-                          sorted(task_ids), store.channel)
+        return store._run(
+            self._leaser, sql.let_go, self._id, sorted(task_ids), store.channel
+        )
 
 
 class _Listener:
@@ -681,7 +784,8 @@ class _Listener:
         self._on_finished = on_finished
         self._stopping = threading.Event()
         self._thread = threading.Thread(
-            target=self._work, name="taskbroker-pg-listen", daemon=True)
+            target=self._work, name="taskbroker-pg-listen", daemon=True
+        )
         self._connection = None
         self._pending = False
         self._done = defer.Deferred()
@@ -729,8 +833,11 @@ class _Listener:
             try:
                 connection = link.get()
                 for channel in (store.channel, store.done_channel):
-                    connection.execute(pgsql.SQL("LISTEN {}").format(
-                        pgsql.Identifier(channel)))
+                    connection.execute(
+                        pgsql.SQL("LISTEN {}").format(
+                            pgsql.Identifier(channel)
+                        )
+                    )
                 if missed:
                     call(log.info, "listening for new tasks again")
                     call(self._notify)
@@ -751,9 +858,13 @@ class _Listener:
             except Exception as e:
                 call(self._listened)
                 if not missed and not self._stopping.is_set():
-                    call(log.warn, "lost the connection that listens for "
-                         "new tasks ({error}); the poll finds them until "
-                         "it is back", error=one_line(e))
+                    call(
+                        log.warn,
+                        "lost the connection that listens for "
+                        "new tasks ({error}); the poll finds them until "
+                        "it is back",
+                        error=one_line(e),
+                    )
                 missed = True
                 self._stopping.wait(wait)
                 wait = min(wait * 2, LISTEN_RETRY_MAX)

@@ -119,14 +119,19 @@ class SharedMemoryStore(MemoryStore):
 
     def cancel(self, task_id, finished_at):
         def ended(row):
-            self._unclaim(task_id, row is not None and row.state == "cancelled")
+            self._unclaim(
+                task_id, row is not None and row.state == "cancelled"
+            )
             return row
 
-        return MemoryStore.cancel(self, task_id, finished_at).addCallback(ended)
+        return MemoryStore.cancel(self, task_id, finished_at).addCallback(
+            ended
+        )
 
     def reject(self, task_id, error, finished_at):
-        return MemoryStore.reject(self, task_id, error, finished_at).addCallback(
-            _passing(lambda: self._unclaim(task_id)))
+        return MemoryStore.reject(
+            self, task_id, error, finished_at
+        ).addCallback(_passing(lambda: self._unclaim(task_id)))
 
 
 def _passing(call):
@@ -157,8 +162,11 @@ class SharedClaims:
         return f"<SharedClaims of {self._id!r}>"
 
     def _mine(self):
-        return [task_id for task_id, owner in self._db.claimed.items()
-                if owner == self._id]
+        return [
+            task_id
+            for task_id, owner in self._db.claimed.items()
+            if owner == self._id
+        ]
 
     def _claim(self, task_id):
         self._db.claimed[task_id] = self._id
@@ -181,15 +189,26 @@ class SharedClaims:
         # Queued claims go back at once; running ones stay until the
         # lease lapses, for the workers to finish and another broker to
         # take over.
-        self.release([task_id for task_id in self._mine()
-                      if db.store._rows[task_id].state == "queued"])
+        self.release(
+            [
+                task_id
+                for task_id in self._mine()
+                if db.store._rows[task_id].state == "queued"
+            ]
+        )
         return defer.succeed(None)
 
     def queues(self):
-        return defer.succeed(sorted(
-            {(row.handler, row.priority)
-             for row in self._db.store._rows.values()
-             if row.state == "queued"}, key=repr))
+        return defer.succeed(
+            sorted(
+                {
+                    (row.handler, row.priority)
+                    for row in self._db.store._rows.values()
+                    if row.state == "queued"
+                },
+                key=repr,
+            )
+        )
 
     def claim_queue(self, handler, priorities, after_id, limit, now):
         raise NotImplementedError("a shared store claims for credits")
@@ -211,11 +230,15 @@ class SharedClaims:
         handlers = set(handlers)
         candidates = []
         for row in db.store._rows.values():
-            if (row.state != "queued" or row.handler not in handlers
-                    or row.priority not in rank):
+            if (
+                row.state != "queued"
+                or row.handler not in handlers
+                or row.priority not in rank
+            ):
                 continue
             if row.run_at is not None and not (
-                    isinstance(row.run_at, (int, float)) and row.run_at <= now):
+                isinstance(row.run_at, (int, float)) and row.run_at <= now
+            ):
                 continue
             owner = db.claimed.get(row.id)
             if owner is not None and db.live(owner):
@@ -227,15 +250,17 @@ class SharedClaims:
             self._claim(row.id)
         return taken
 
-    def dispatch_for(self, levels, handlers, workers, now, priority,
-                     max_attempts):
+    def dispatch_for(
+        self, levels, handlers, workers, now, priority, max_attempts
+    ):
         store = self._db.store
         rows = self._claim_due(levels, handlers, len(workers), now)
         dispatched = [None] * len(workers)
         for i, (row, worker) in enumerate(zip(rows, workers)):
             outcome = []
-            store.dispatch(row.id, row.token + 1, worker, now, priority,
-                           max_attempts).addBoth(outcome.append)
+            store.dispatch(
+                row.id, row.token + 1, worker, now, priority, max_attempts
+            ).addBoth(outcome.append)
             if isinstance(outcome[0], Failure):
                 # One statement in a real store: all or nothing.
                 for done in rows[:i]:
@@ -313,8 +338,9 @@ class SharedClaims:
                     # A compare-and-set: the next dispatch gives it a new
                     # token, so a late result from the old worker is
                     # refused.
-                    yield MemoryStore.requeue(db.store, task_id, row.token,
-                                              consumed=False)
+                    yield MemoryStore.requeue(
+                        db.store, task_id, row.token, consumed=False
+                    )
                 freed += row.state in ("queued", "running")
         if freed:
             db.signal()
@@ -337,9 +363,13 @@ class SharedClaims:
 
     def holding(self):
         rows = self._db.store._rows
-        return defer.succeed({task_id: rows[task_id].state
-                              for task_id in self._mine()
-                              if rows[task_id].state in ("queued", "running")})
+        return defer.succeed(
+            {
+                task_id: rows[task_id].state
+                for task_id in self._mine()
+                if rows[task_id].state in ("queued", "running")
+            }
+        )
 
     @defer.inlineCallbacks
     def let_go(self, task_ids):
@@ -352,8 +382,9 @@ class SharedClaims:
             self._claimed.discard(task_id)
             del db.claimed[task_id]
             if row.state == "running":
-                yield MemoryStore.requeue(db.store, task_id, row.token,
-                                          consumed=False)
+                yield MemoryStore.requeue(
+                    db.store, task_id, row.token, consumed=False
+                )
             count += row.state in ("queued", "running")
         if count:
             db.signal()

@@ -40,6 +40,7 @@ _SYNCHRONOUS = {"normal": "NORMAL", "full": "FULL"}
 CHECK_REPORTS = 10
 CHECK_SHOWN = 3
 
+
 def _text(data):
     # Text that is not UTF-8 (another program's INSERT) would make the
     # whole query fail to read, and with it every other row; replaced, it
@@ -84,8 +85,14 @@ class SQLiteStore(BatchedStore):
         :attr:`taskbroker.interfaces.ITaskStore.write_error`.
     """
 
-    def __init__(self, path, reactor, synchronous="normal", busy_timeout=5.0,
-                 create_database=False):
+    def __init__(
+        self,
+        path,
+        reactor,
+        synchronous="normal",
+        busy_timeout=5.0,
+        create_database=False,
+    ):
         if synchronous not in _SYNCHRONOUS:
             raise ValueError(
                 f"synchronous must be 'normal' or 'full', not {synchronous!r}"
@@ -151,7 +158,8 @@ class SQLiteStore(BatchedStore):
             # One connection, one thread: writes reach SQLite in the order
             # they were issued, and never contend with each other.
             self._thread = ConnectionThread(
-                self._reactor, self._connect, "taskbroker-sqlite")
+                self._reactor, self._connect, "taskbroker-sqlite"
+            )
             await self._thread.start()
             old, new = await self._thread.run(self._prepare)
         except BaseException as e:
@@ -163,15 +171,26 @@ class SQLiteStore(BatchedStore):
                 ) from e
             raise
         if old is None:
-            log.info("created database {path} at schema version {version}",
-                     path=path, version=new)
+            log.info(
+                "created database {path} at schema version {version}",
+                path=path,
+                version=new,
+            )
         elif old != new:
-            log.info("upgraded database {path} from schema version {old} "
-                     "to {new}", path=path, old=old, new=new)
+            log.info(
+                "upgraded database {path} from schema version {old} to {new}",
+                path=path,
+                old=old,
+                new=new,
+            )
         await self._start_helpers(path)
-        log.info("opened database {path} (schema version {version}, "
-                 "synchronous {synchronous})", path=path, version=new,
-                 synchronous=self._synchronous)
+        log.info(
+            "opened database {path} (schema version {version}, "
+            "synchronous {synchronous})",
+            path=path,
+            version=new,
+            synchronous=self._synchronous,
+        )
 
     def _prepare(self, connection):
         """
@@ -193,18 +212,26 @@ class SQLiteStore(BatchedStore):
         if self._journal_mode != "wal":
             # WAL cannot be used on some file systems (network ones); the
             # store still works, but readers then block the broker's writes.
-            log.warn("database {path} uses journal mode {journal_mode} "
-                     "instead of WAL", path=path,
-                     journal_mode=self._journal_mode)
+            log.warn(
+                "database {path} uses journal mode {journal_mode} "
+                "instead of WAL",
+                path=path,
+                journal_mode=self._journal_mode,
+            )
             return
         self._checkpointer = Checkpointer(
-            path, self._reactor, self._busy_timeout_ms, self._watch.check_all,
-            self._lose)
+            path,
+            self._reactor,
+            self._busy_timeout_ms,
+            self._watch.check_all,
+            self._lose,
+        )
         self._checkpointer.start()
         # Counting a large table takes long: on a connection of its own,
         # WAL lets it read while the store's thread commits.
         self._counter = ConnectionThread(
-            self._reactor, self._connect_reader, "taskbroker-sqlite-count")
+            self._reactor, self._connect_reader, "taskbroker-sqlite-count"
+        )
         try:
             await self._counter.start()
         except BaseException:
@@ -242,7 +269,9 @@ class SQLiteStore(BatchedStore):
             connection.execute(
                 f"PRAGMA busy_timeout = {self._busy_timeout_ms:d}"
             )
-            (mode,) = connection.execute("PRAGMA journal_mode = WAL").fetchone()
+            (mode,) = connection.execute(
+                "PRAGMA journal_mode = WAL"
+            ).fetchone()
             # Checkpoints run on their own connection and thread (see
             # Checkpointer), not inside whichever commit crosses the WAL's
             # size threshold.
@@ -262,7 +291,8 @@ class SQLiteStore(BatchedStore):
         check; runs in its thread.
         """
         connection = files.connect_existing(
-            self._abspath, check_same_thread=False, isolation_level=None)
+            self._abspath, check_same_thread=False, isolation_level=None
+        )
         connection.text_factory = _text
         connection.execute(f"PRAGMA busy_timeout = {self._busy_timeout_ms:d}")
         connection.execute("PRAGMA query_only = 1")
@@ -349,7 +379,8 @@ class SQLiteStore(BatchedStore):
     async def _check(self):
         path = self._abspath
         checker = self._checker = ConnectionThread(
-            self._reactor, self._connect_reader, "taskbroker-sqlite-check")
+            self._reactor, self._connect_reader, "taskbroker-sqlite-check"
+        )
         started = self._reactor.seconds()
         log.info("checking database {path} (PRAGMA quick_check)", path=path)
         try:
@@ -358,7 +389,8 @@ class SQLiteStore(BatchedStore):
         except sqlite3.DatabaseError as e:
             if not _is_damage(e):
                 raise StoreError(
-                    f"could not check database {path}: {one_line(e)}") from e
+                    f"could not check database {path}: {one_line(e)}"
+                ) from e
             problems = [one_line(e)]
         finally:
             if self._checker is checker:
@@ -368,8 +400,11 @@ class SQLiteStore(BatchedStore):
             error = _damaged(path, problems)
             self._lose(error)
             raise error
-        log.info("database {path} passed its integrity check in {seconds:.2f} "
-                 "s", path=path, seconds=self._reactor.seconds() - started)
+        log.info(
+            "database {path} passed its integrity check in {seconds:.2f} s",
+            path=path,
+            seconds=self._reactor.seconds() - started,
+        )
 
     # Group commit (taskbroker.store._batches)
 
@@ -415,8 +450,9 @@ class SQLiteStore(BatchedStore):
         """
         See :meth:`taskbroker.interfaces.IQueueReads.queued_window`.
         """
-        return self._read(sql.queued_window, handler, tuple(priorities),
-                          after_id, limit, now)
+        return self._read(
+            sql.queued_window, handler, tuple(priorities), after_id, limit, now
+        )
 
     def delayed_window(self, after, limit):
         """
@@ -441,4 +477,5 @@ def _damaged(path, problems):
     return StoreLost(
         f"database {path} is damaged: PRAGMA quick_check found: {shown}"
         + (" (and more)" if len(problems) > CHECK_SHOWN else "")
-        + "; see 'Database faults' in the docs to recover it")
+        + "; see 'Database faults' in the docs to recover it"
+    )

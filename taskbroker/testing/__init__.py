@@ -27,8 +27,15 @@ from taskbroker.store.memory import MemoryStore
 from taskbroker.store.shared import SharedClaims, SharedMemoryDatabase
 from taskbroker.worker.progress import checked
 
-__all__ = ["FakeTask", "MemoryStore", "RecordingHandler", "SharedClaims",
-           "SharedMemoryDatabase", "result_of", "run_task"]
+__all__ = [
+    "FakeTask",
+    "MemoryStore",
+    "RecordingHandler",
+    "SharedClaims",
+    "SharedMemoryDatabase",
+    "result_of",
+    "run_task",
+]
 
 
 @implementer(ITask)

@@ -36,13 +36,23 @@ def make_task(task_id, **fields):
     :param fields: keys to override.
     """
     task = {
-        "id": task_id, "handler": "echo", "payload": None,
-        "priority": "normal", "state": "queued", "attempts": 0,
-        "max_attempts": 3, "worker": None,
+        "id": task_id,
+        "handler": "echo",
+        "payload": None,
+        "priority": "normal",
+        "state": "queued",
+        "attempts": 0,
+        "max_attempts": 3,
+        "worker": None,
         "created_at": "2026-11-28T04:11:03.123456+00:00",
-        "started_at": None, "finished_at": None, "result": None,
-        "error": None, "traceback": None, "run_at": None,
-        "unique_key": None, "time_limit": None,
+        "started_at": None,
+        "finished_at": None,
+        "result": None,
+        "error": None,
+        "traceback": None,
+        "run_at": None,
+        "unique_key": None,
+        "time_limit": None,
     }
     task.update(fields)
     return task
@@ -107,13 +117,19 @@ def submitted(unserved=(), first_id=1, live_keys=None):
                     existing.append(live[key]["id"])
                     continue
                 task = make_task(
-                    next(ids), handler=spec["handler"],
+                    next(ids),
+                    handler=spec["handler"],
                     payload=spec.get("payload"),
                     priority=spec.get("priority") or "normal",
                     max_attempts=spec.get("max_attempts") or 3,
-                    run_at=(None if not spec.get("delay")
-                            else "2026-11-28T05:00:00.000000+00:00"),
-                    unique_key=key, time_limit=spec.get("time_limit"))
+                    run_at=(
+                        None
+                        if not spec.get("delay")
+                        else "2026-11-28T05:00:00.000000+00:00"
+                    ),
+                    unique_key=key,
+                    time_limit=spec.get("time_limit"),
+                )
                 if key is not None:
                     live[key] = task
                 tasks.append(task)
@@ -176,7 +192,8 @@ class FakeBroker:
         # The sockets are handed to the thread before it starts; starting
         # a thread is the memory barrier ZeroMQ asks for.
         self._thread = threading.Thread(
-            target=self._serve, name="fakebroker", daemon=True)
+            target=self._serve, name="fakebroker", daemon=True
+        )
         self._thread.start()
 
     def __enter__(self):
@@ -212,7 +229,8 @@ class FakeBroker:
         """
         with self._condition:
             return self._condition.wait_for(
-                lambda: len(self.requests) >= count, timeout)
+                lambda: len(self.requests) >= count, timeout
+            )
 
     def _serve(self):
         poller = zmq.Poller()
@@ -250,7 +268,8 @@ class FakeBroker:
         if answers is None:
             return
         if not isinstance(answers, list) or (
-                answers and isinstance(answers[0], bytes)):
+            answers and isinstance(answers[0], bytes)
+        ):
             answers = [answers]
         for answer in answers:
             if isinstance(answer, tuple):

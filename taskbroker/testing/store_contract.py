@@ -53,16 +53,33 @@ from taskbroker.interfaces import IQueueReads, ITaskStore
 from taskbroker.schedules import unique_key
 from taskbroker.store import NewTask, ScheduleRow, Submitted, TaskRow
 
-__all__ = ["StoreContract", "QueueReadsContract", "HousekeepingContract", "new_task", "rows_of",
-           "submit_one", "all_rows"]
+__all__ = [
+    "StoreContract",
+    "QueueReadsContract",
+    "HousekeepingContract",
+    "new_task",
+    "rows_of",
+    "submit_one",
+    "all_rows",
+]
 
 
-def new_task(handler="echo", payload='{"n": 1}', priority="normal",
-             max_attempts=3, created_at=1000.25, **v2):
-    return NewTask(handler=handler, payload=payload, priority=priority,
-                   max_attempts=max_attempts, created_at=created_at, **v2)
-
-
+def new_task(
+    handler="echo",
+    payload='{"n": 1}',
+    priority="normal",
+    max_attempts=3,
+    created_at=1000.25,
+    **v2,
+):
+    return NewTask(
+        handler=handler,
+        payload=payload,
+        priority=priority,
+        max_attempts=max_attempts,
+        created_at=created_at,
+        **v2,
+    )
 
 
 def rows_of(submitted):
@@ -96,31 +113,74 @@ class StoreContract:
 
     @pytest_twisted.ensureDeferred
     async def test_submit_returns_rows_with_increasing_ids(self, store):
-        first = await store.submit([new_task(handler="a"), new_task(handler="b")])
-        second = await store.submit([new_task(handler="c", priority="high",
-                                              max_attempts=5, created_at=7.5)])
+        first = await store.submit(
+            [new_task(handler="a"), new_task(handler="b")]
+        )
+        second = await store.submit(
+            [
+                new_task(
+                    handler="c",
+                    priority="high",
+                    max_attempts=5,
+                    created_at=7.5,
+                )
+            ]
+        )
         assert all(isinstance(s, Submitted) for s in first + second)
         rows = rows_of(first + second)
         assert [row.handler for row in rows] == ["a", "b", "c"]
         ids = [row.id for row in rows]
         assert ids == sorted(ids) and len(set(ids)) == 3
-        assert second == [(TaskRow(
-            id=ids[2], handler="c", payload='{"n": 1}', priority="high",
-            state="queued", attempts=0, max_attempts=5, worker=None,
-            created_at=7.5, started_at=None, finished_at=None, result=None,
-            error=None, run_at=None, unique_key=None, request_id=None, token=0,
-            time_limit=None, traceback=None,
-        ), True)]
+        assert second == [
+            (
+                TaskRow(
+                    id=ids[2],
+                    handler="c",
+                    payload='{"n": 1}',
+                    priority="high",
+                    state="queued",
+                    attempts=0,
+                    max_attempts=5,
+                    worker=None,
+                    created_at=7.5,
+                    started_at=None,
+                    finished_at=None,
+                    result=None,
+                    error=None,
+                    run_at=None,
+                    unique_key=None,
+                    request_id=None,
+                    token=0,
+                    time_limit=None,
+                    traceback=None,
+                ),
+                True,
+            )
+        ]
         assert [await store.get(i) for i in ids] == rows
 
     @pytest_twisted.ensureDeferred
     async def test_submit_new_fields(self, store):
-        (submitted,) = await store.submit([new_task(
-            run_at=1500.5, unique_key="k", request_id="r", time_limit=30.0)])
+        (submitted,) = await store.submit(
+            [
+                new_task(
+                    run_at=1500.5,
+                    unique_key="k",
+                    request_id="r",
+                    time_limit=30.0,
+                )
+            ]
+        )
         row, created = submitted
         assert created is True
-        assert (row.run_at, row.unique_key, row.request_id, row.time_limit,
-                row.token, row.traceback) == (1500.5, "k", "r", 30.0, 0, None)
+        assert (
+            row.run_at,
+            row.unique_key,
+            row.request_id,
+            row.time_limit,
+            row.token,
+            row.traceback,
+        ) == (1500.5, "k", "r", 30.0, 0, None)
         assert await store.get(row.id) == row
         # Rows read back carry them too; run_at does not hide a task from
         # Still listed as queued: the broker decides when to run it.
@@ -134,27 +194,38 @@ class StoreContract:
 
     @pytest_twisted.ensureDeferred
     async def test_submit_same_request_again(self, store):
-        first = rows_of(await store.submit([
-            new_task(handler="a", request_id="req-1"),
-            new_task(handler="b", request_id="req-1"),
-        ]))
+        first = rows_of(
+            await store.submit(
+                [
+                    new_task(handler="a", request_id="req-1"),
+                    new_task(handler="b", request_id="req-1"),
+                ]
+            )
+        )
         await store.dispatch(first[0].id, 1, "w1", 2000.0)
         # The client lost the reply and sends the request again: it gets the
         # same tasks, as they are now, and nothing is inserted.
-        again = await store.submit([
-            new_task(handler="a", request_id="req-1"),
-            new_task(handler="b", request_id="req-1"),
-        ])
-        assert again == [(await store.get(first[0].id), False),
-                         (first[1], False)]
+        again = await store.submit(
+            [
+                new_task(handler="a", request_id="req-1"),
+                new_task(handler="b", request_id="req-1"),
+            ]
+        )
+        assert again == [
+            (await store.get(first[0].id), False),
+            (first[1], False),
+        ]
         assert again[0].row.state == "running"
         # Whatever the second copy holds: the request is what counts.
-        assert await store.submit([new_task(handler="zzz",
-                                            request_id="req-1")]) == again
+        assert (
+            await store.submit([new_task(handler="zzz", request_id="req-1")])
+            == again
+        )
         assert len(await all_rows(store)) == 2
         # Another request makes new tasks.
-        other = rows_of(await store.submit([
-            new_task(handler="a", request_id="req-2")]))
+        other = rows_of(
+            await store.submit([new_task(handler="a", request_id="req-2")])
+        )
         assert other[0].id > first[1].id
         assert other[0].request_id == "req-2"
         # So do tasks without a request_id, every time.
@@ -175,23 +246,28 @@ class StoreContract:
     async def test_submit_refuses_mixed_request_ids(self, store):
         for request_ids in (["a", "b"], ["a", None], [None, "a"]):
             with pytest.raises(ValueError, match="share one request_id"):
-                await store.submit([new_task(request_id=r) for r in request_ids])
+                await store.submit(
+                    [new_task(request_id=r) for r in request_ids]
+                )
         assert await all_rows(store) == []
 
     @pytest_twisted.ensureDeferred
     async def test_unique_key(self, store):
         first = await submit_one(store, handler="a", unique_key="k")
         # A second live task with the key is refused: the first is returned.
-        assert await store.submit([
-            new_task(handler="b", unique_key="k"),
-            new_task(handler="c", unique_key="other"),
-        ]) == [(first, False), ((await all_rows(store))[1], True)]
+        assert await store.submit(
+            [
+                new_task(handler="b", unique_key="k"),
+                new_task(handler="c", unique_key="other"),
+            ]
+        ) == [(first, False), ((await all_rows(store))[1], True)]
         assert [row.handler for row in await all_rows(store)] == ["a", "c"]
         # Running still holds the key.
         await store.dispatch(first.id, 1, "w1", 2000.0)
         running = await store.get(first.id)
         assert await store.submit([new_task(unique_key="k")]) == [
-            (running, False)]
+            (running, False)
+        ]
         # Once the task has finished, the key is free again.
         await store.finish(first.id, 1, "succeeded", "1", None, None, 2001.0)
         second = await submit_one(store, handler="d", unique_key="k")
@@ -200,14 +276,19 @@ class StoreContract:
 
     @pytest_twisted.ensureDeferred
     async def test_unique_key_twice_in_one_submit(self, store):
-        submitted = await store.submit([
-            new_task(handler="a", unique_key="k"),
-            new_task(handler="b", unique_key="k"),
-            new_task(handler="c"),
-        ])
+        submitted = await store.submit(
+            [
+                new_task(handler="a", unique_key="k"),
+                new_task(handler="b", unique_key="k"),
+                new_task(handler="c"),
+            ]
+        )
         first = submitted[0].row
         assert [(s.row.id, s.created) for s in submitted] == [
-            (first.id, True), (first.id, False), (submitted[2].row.id, True)]
+            (first.id, True),
+            (first.id, False),
+            (submitted[2].row.id, True),
+        ]
         assert len(await all_rows(store)) == 2
 
     @pytest_twisted.ensureDeferred
@@ -216,23 +297,28 @@ class StoreContract:
         await store.cancel(cancelled.id, 3000.0)
         failed = await submit_one(store, unique_key="k")
         await store.dispatch(failed.id, 1, "w1", 3001.0)
-        await store.finish(failed.id, 1, "failed", None, "boom", "Traceback",
-                           3002.0)
+        await store.finish(
+            failed.id, 1, "failed", None, "boom", "Traceback", 3002.0
+        )
         third = await submit_one(store, unique_key="k")
         assert len({cancelled.id, failed.id, third.id}) == 3
 
     @pytest_twisted.ensureDeferred
     async def test_request_id_checked_before_unique_key(self, store):
-        (row,) = rows_of(await store.submit([
-            new_task(unique_key="k", request_id="r")]))
+        (row,) = rows_of(
+            await store.submit([new_task(unique_key="k", request_id="r")])
+        )
         await store.cancel(row.id, 3000.0)
         # The request was seen: its (now cancelled) task comes back, even
         # though the key is free.
-        assert await store.submit([new_task(unique_key="k", request_id="r")]) \
-            == [(await store.get(row.id), False)]
+        assert await store.submit(
+            [new_task(unique_key="k", request_id="r")]
+        ) == [(await store.get(row.id), False)]
 
     @pytest_twisted.ensureDeferred
-    async def test_external_insert_with_live_key_refused(self, store, insert_sql):
+    async def test_external_insert_with_live_key_refused(
+        self, store, insert_sql
+    ):
         task = await submit_one(store, unique_key="k")
         # The database's own integrity error, naming the key's index.
         with pytest.raises(Exception, match="unique_key"):
@@ -243,7 +329,8 @@ class StoreContract:
         assert (await store.get(task_id)).unique_key == "k"
         # And a task submitted with the key now finds the inserted one.
         assert await store.submit([new_task(unique_key="k")]) == [
-            (await store.get(task_id), False)]
+            (await store.get(task_id), False)
+        ]
 
     @pytest_twisted.ensureDeferred
     async def test_get_unknown(self, store):
@@ -254,8 +341,13 @@ class StoreContract:
         task = await submit_one(store)
         assert await store.dispatch(task.id, 1, "w1", 2000.5) is True
         row = await store.get(task.id)
-        assert (row.state, row.token, row.attempts, row.worker,
-                row.started_at) == ("running", 1, 1, "w1", 2000.5)
+        assert (
+            row.state,
+            row.token,
+            row.attempts,
+            row.worker,
+            row.started_at,
+        ) == ("running", 1, 1, "w1", 2000.5)
         # Only a queued task can be dispatched.
         assert await store.dispatch(task.id, 2, "w2", 2001.0) is False
         assert await store.get(task.id) == row
@@ -277,23 +369,41 @@ class StoreContract:
         await store.retry(task.id)
         await store.dispatch(task.id, 2, "w2", 2002.0)
         row = await store.get(task.id)
-        assert (row.state, row.token, row.attempts, row.worker, row.started_at,
-                row.finished_at) == ("running", 2, 1, "w2", 2002.0, None)
+        assert (
+            row.state,
+            row.token,
+            row.attempts,
+            row.worker,
+            row.started_at,
+            row.finished_at,
+        ) == ("running", 2, 1, "w2", 2002.0, None)
 
     @pytest_twisted.ensureDeferred
     async def test_finish_succeeded(self, store):
         task = await submit_one(store)
         await store.dispatch(task.id, 1, "w1", 2000.0)
-        assert await store.finish(task.id, 1, "succeeded", '{"ok": true}', None,
-                                  None, 2010.5) is True
+        assert (
+            await store.finish(
+                task.id, 1, "succeeded", '{"ok": true}', None, None, 2010.5
+            )
+            is True
+        )
         row = await store.get(task.id)
-        assert (row.state, row.result, row.error, row.traceback,
-                row.finished_at) == (
-            "succeeded", '{"ok": true}', None, None, 2010.5)
+        assert (
+            row.state,
+            row.result,
+            row.error,
+            row.traceback,
+            row.finished_at,
+        ) == ("succeeded", '{"ok": true}', None, None, 2010.5)
         # A duplicate result (a worker resending after a reconnect) changes
         # nothing.
-        assert await store.finish(task.id, 1, "failed", None, "late", None,
-                                  2011.0) is False
+        assert (
+            await store.finish(
+                task.id, 1, "failed", None, "late", None, 2011.0
+            )
+            is False
+        )
         assert await store.get(task.id) == row
 
     @pytest_twisted.ensureDeferred
@@ -301,18 +411,43 @@ class StoreContract:
         rows = rows_of(await store.submit([new_task(), new_task()]))
         for row in rows:
             await store.dispatch(row.id, 1, "w1", 2000.0)
-        assert await store.finish(rows[0].id, 1, "failed", None, "boom",
-                                  "Traceback (most recent call last): ...",
-                                  2001.0) is True
-        assert await store.finish(rows[1].id, 1, "cancelled", None,
-                                  "cancelled", None, 2002.0) is True
+        assert (
+            await store.finish(
+                rows[0].id,
+                1,
+                "failed",
+                None,
+                "boom",
+                "Traceback (most recent call last): ...",
+                2001.0,
+            )
+            is True
+        )
+        assert (
+            await store.finish(
+                rows[1].id, 1, "cancelled", None, "cancelled", None, 2002.0
+            )
+            is True
+        )
         failed, cancelled = await all_rows(store)
-        assert (failed.state, failed.error, failed.traceback, failed.result,
-                failed.finished_at) == (
-            "failed", "boom", "Traceback (most recent call last): ...", None,
-            2001.0)
+        assert (
+            failed.state,
+            failed.error,
+            failed.traceback,
+            failed.result,
+            failed.finished_at,
+        ) == (
+            "failed",
+            "boom",
+            "Traceback (most recent call last): ...",
+            None,
+            2001.0,
+        )
         assert (cancelled.state, cancelled.error, cancelled.finished_at) == (
-            "cancelled", "cancelled", 2002.0)
+            "cancelled",
+            "cancelled",
+            2002.0,
+        )
 
     @pytest_twisted.ensureDeferred
     async def test_finish_needs_the_current_token(self, store):
@@ -321,24 +456,46 @@ class StoreContract:
         assert await store.requeue(task.id, 1) is True
         await store.dispatch(task.id, 2, "w2", 2005.0)
         # The first dispatch's worker reports late.
-        assert await store.finish(task.id, 1, "succeeded", "1", None, None,
-                                  2006.0) is False
-        assert await store.finish(task.id, 3, "succeeded", "1", None, None,
-                                  2006.0) is False
+        assert (
+            await store.finish(
+                task.id, 1, "succeeded", "1", None, None, 2006.0
+            )
+            is False
+        )
+        assert (
+            await store.finish(
+                task.id, 3, "succeeded", "1", None, None, 2006.0
+            )
+            is False
+        )
         assert (await store.get(task.id)).state == "running"
-        assert await store.finish(task.id, 2, "failed", None, "boom", None,
-                                  2007.0) is True
+        assert (
+            await store.finish(
+                task.id, 2, "failed", None, "boom", None, 2007.0
+            )
+            is True
+        )
         row = await store.get(task.id)
-        assert (row.state, row.token, row.attempts, row.worker, row.error,
-                row.result) == ("failed", 2, 2, "w2", "boom", None)
+        assert (
+            row.state,
+            row.token,
+            row.attempts,
+            row.worker,
+            row.error,
+            row.result,
+        ) == ("failed", 2, 2, "w2", "boom", None)
 
     @pytest_twisted.ensureDeferred
     async def test_finish_needs_running_task(self, store):
         task = await submit_one(store)
-        assert await store.finish(task.id, 0, "succeeded", "1", None, None,
-                                  1.0) is False
-        assert await store.finish(12345, 1, "succeeded", "1", None, None,
-                                  1.0) is False
+        assert (
+            await store.finish(task.id, 0, "succeeded", "1", None, None, 1.0)
+            is False
+        )
+        assert (
+            await store.finish(12345, 1, "succeeded", "1", None, None, 1.0)
+            is False
+        )
         assert (await store.get(task.id)).state == "queued"
 
     @pytest_twisted.ensureDeferred
@@ -360,9 +517,16 @@ class StoreContract:
         row = await store.get(task.id)
         # The worker and start time still describe the last attempt, which
         # counted.
-        assert (row.state, row.token, row.attempts, row.worker, row.started_at,
-                row.run_at, row.error, row.traceback) == (
-            "queued", 1, 1, "w1", 2000.0, None, None, None)
+        assert (
+            row.state,
+            row.token,
+            row.attempts,
+            row.worker,
+            row.started_at,
+            row.run_at,
+            row.error,
+            row.traceback,
+        ) == ("queued", 1, 1, "w1", 2000.0, None, None, None)
         assert await store.requeue(task.id, 1) is False
         assert await store.requeue(12345, 1) is False
 
@@ -370,20 +534,39 @@ class StoreContract:
     async def test_requeue_for_a_later_retry(self, store):
         task = await submit_one(store)
         await store.dispatch(task.id, 1, "w1", 2000.0)
-        assert await store.requeue(task.id, 1, run_at=2060.0, error="boom",
-                                   traceback="Traceback ...") is True
+        assert (
+            await store.requeue(
+                task.id,
+                1,
+                run_at=2060.0,
+                error="boom",
+                traceback="Traceback ...",
+            )
+            is True
+        )
         row = await store.get(task.id)
         # The failed attempt's error stays visible while the task waits.
-        assert (row.state, row.run_at, row.error, row.traceback, row.attempts,
-                row.token, row.worker) == (
-            "queued", 2060.0, "boom", "Traceback ...", 1, 1, "w1")
+        assert (
+            row.state,
+            row.run_at,
+            row.error,
+            row.traceback,
+            row.attempts,
+            row.token,
+            row.worker,
+        ) == ("queued", 2060.0, "boom", "Traceback ...", 1, 1, "w1")
         assert await store.list("queued", None, 0, 10) == [row]
         # The next attempt's outcome replaces them.
         await store.dispatch(task.id, 2, "w2", 2060.5)
         await store.requeue(task.id, 2, run_at=2200.0, error="again")
         row = await store.get(task.id)
-        assert (row.run_at, row.error, row.traceback, row.attempts,
-                row.token) == (2200.0, "again", None, 2, 2)
+        assert (
+            row.run_at,
+            row.error,
+            row.traceback,
+            row.attempts,
+            row.token,
+        ) == (2200.0, "again", None, 2, 2)
 
     @pytest_twisted.ensureDeferred
     async def test_requeue_not_consumed(self, store):
@@ -396,7 +579,11 @@ class StoreContract:
         assert await store.requeue(task.id, 2, consumed=False) is True
         row = await store.get(task.id)
         assert (row.state, row.attempts, row.token, row.worker) == (
-            "queued", 1, 2, "w2")
+            "queued",
+            1,
+            2,
+            "w2",
+        )
         assert await store.dispatch(task.id, 2, "w3", 2002.0) is False
         assert await store.dispatch(task.id, 3, "w3", 2002.0) is True
         row = await store.get(task.id)
@@ -409,23 +596,38 @@ class StoreContract:
         finished = await submit_one(store)
         await store.dispatch(running.id, 1, "w1", 2000.0)
         await store.dispatch(finished.id, 1, "w1", 2000.0)
-        await store.finish(finished.id, 1, "succeeded", "1", None, None, 2001.0)
+        await store.finish(
+            finished.id, 1, "succeeded", "1", None, None, 2001.0
+        )
 
         row = await store.cancel(queued.id, 3000.5)
         assert (row.id, row.state, row.error, row.finished_at) == (
-            queued.id, "cancelled", "cancelled", 3000.5)
+            queued.id,
+            "cancelled",
+            "cancelled",
+            3000.5,
+        )
         assert await store.get(queued.id) == row
         # Cancelling again reports the row as it is and changes nothing.
         assert await store.cancel(queued.id, 3001.0) == row
 
         row = await store.cancel(running.id, 3000.5)
-        assert (row.id, row.state, row.error, row.finished_at, row.token,
-                row.worker) == (
-            running.id, "cancelled", "cancelled", 3000.5, 1, "w1")
+        assert (
+            row.id,
+            row.state,
+            row.error,
+            row.finished_at,
+            row.token,
+            row.worker,
+        ) == (running.id, "cancelled", "cancelled", 3000.5, 1, "w1")
         assert await store.get(running.id) == row
         # The worker's late report changes nothing.
-        assert await store.finish(running.id, 1, "succeeded", "1", None, None,
-                                  3002.0) is False
+        assert (
+            await store.finish(
+                running.id, 1, "succeeded", "1", None, None, 3002.0
+            )
+            is False
+        )
         assert await store.requeue(running.id, 1) is False
         assert await store.get(running.id) == row
 
@@ -439,11 +641,16 @@ class StoreContract:
     async def test_cancel_keeps_the_last_traceback(self, store):
         task = await submit_one(store)
         await store.dispatch(task.id, 1, "w1", 2000.0)
-        await store.requeue(task.id, 1, run_at=2060.0, error="boom",
-                            traceback="Traceback ...")
+        await store.requeue(
+            task.id, 1, run_at=2060.0, error="boom", traceback="Traceback ..."
+        )
         row = await store.cancel(task.id, 2010.0)
         assert (row.state, row.error, row.traceback, row.run_at) == (
-            "cancelled", "cancelled", "Traceback ...", 2060.0)
+            "cancelled",
+            "cancelled",
+            "Traceback ...",
+            2060.0,
+        )
 
     @pytest_twisted.ensureDeferred
     async def test_retry_failed_task(self, store):
@@ -451,13 +658,21 @@ class StoreContract:
         await store.dispatch(task.id, 1, "w1", 2000.0)
         await store.requeue(task.id, 1, run_at=2060.0, error="boom")
         await store.dispatch(task.id, 2, "w1", 2060.0)
-        await store.finish(task.id, 2, "failed", None, "boom", "Traceback ...",
-                           2061.0)
+        await store.finish(
+            task.id, 2, "failed", None, "boom", "Traceback ...", 2061.0
+        )
 
         row = await store.retry(task.id)
-        assert (row.state, row.attempts, row.token, row.run_at, row.finished_at,
-                row.result, row.error, row.traceback) == (
-            "queued", 0, 2, None, None, None, None, None)
+        assert (
+            row.state,
+            row.attempts,
+            row.token,
+            row.run_at,
+            row.finished_at,
+            row.result,
+            row.error,
+            row.traceback,
+        ) == ("queued", 0, 2, None, None, None, None, None)
         assert await store.get(task.id) == row
         assert await store.list("queued", None, 0, 10) == [row]
         # Retrying a queued task changes nothing.
@@ -473,7 +688,11 @@ class StoreContract:
         task = await submit_one(store)
         await store.cancel(task.id, 3000.0)
         row = await store.retry(task.id)
-        assert (row.state, row.error, row.finished_at) == ("queued", None, None)
+        assert (row.state, row.error, row.finished_at) == (
+            "queued",
+            None,
+            None,
+        )
 
     @pytest_twisted.ensureDeferred
     async def test_retry_needs_failed_or_cancelled(self, store):
@@ -508,7 +727,11 @@ class StoreContract:
         given = await submit_one(store, priority="low", max_attempts=1)
         await store.dispatch(given.id, 1, "w", 1.0, "normal", 3)
         row = await store.get(given.id)
-        assert (row.priority, row.max_attempts, row.state) == ("low", 1, "running")
+        assert (row.priority, row.max_attempts, row.state) == (
+            "low",
+            1,
+            "running",
+        )
 
     @pytest_twisted.ensureDeferred
     async def test_reject_group(self, store, insert_sql):
@@ -517,12 +740,17 @@ class StoreContract:
         other = insert_sql("other", "{}", "urgent")
         running = await submit_one(store, priority="urgent")
         await store.dispatch(running.id, 1, "w1", 2000.0)
-        assert await store.reject_group("echo", "urgent", "no such level",
-                                        4000.0) == 3
+        assert (
+            await store.reject_group("echo", "urgent", "no such level", 4000.0)
+            == 3
+        )
         for task_id in odd:
             row = await store.get(task_id)
             assert (row.state, row.error, row.finished_at) == (
-                "failed", "no such level", 4000.0)
+                "failed",
+                "no such level",
+                4000.0,
+            )
         for task_id in (kept, other, running.id):
             assert (await store.get(task_id)).state in ("queued", "running")
         assert await store.reject_group("echo", None, "gone", 4001.0) == 1
@@ -534,7 +762,10 @@ class StoreContract:
         assert await store.reject(task_id, "unknown handler", 4000.0) is None
         row = await store.get(task_id)
         assert (row.state, row.error, row.finished_at) == (
-            "failed", "unknown handler", 4000.0)
+            "failed",
+            "unknown handler",
+            4000.0,
+        )
 
         running = await submit_one(store)
         await store.dispatch(running.id, 1, "w1", 2000.0)
@@ -545,36 +776,76 @@ class StoreContract:
     async def test_external_insert_gets_defaults(self, store, insert_sql):
         task_id = insert_sql("echo", '{"a":1}')
         row = await store.get(task_id)
-        assert (row.handler, row.payload, row.priority, row.state, row.attempts,
-                row.max_attempts, row.worker, row.started_at, row.finished_at,
-                row.result, row.error, row.run_at, row.unique_key,
-                row.request_id, row.token, row.time_limit, row.traceback) == (
-            "echo", '{"a":1}', None, "queued", 0, None, None, None, None, None,
-            None, None, None, None, 0, None, None)
+        assert (
+            row.handler,
+            row.payload,
+            row.priority,
+            row.state,
+            row.attempts,
+            row.max_attempts,
+            row.worker,
+            row.started_at,
+            row.finished_at,
+            row.result,
+            row.error,
+            row.run_at,
+            row.unique_key,
+            row.request_id,
+            row.token,
+            row.time_limit,
+            row.traceback,
+        ) == (
+            "echo",
+            '{"a":1}',
+            None,
+            "queued",
+            0,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            0,
+            None,
+            None,
+        )
         assert isinstance(row.created_at, float)
         assert await store.list("queued", None, 0, 10) == [row]
 
     @pytest_twisted.ensureDeferred
     async def test_external_insert_delayed_and_unique(self, store, insert_sql):
-        task_id = insert_sql("echo", "{}", run_at=5000.0,
-                                  unique_key="nightly", time_limit=60.0)
+        task_id = insert_sql(
+            "echo", "{}", run_at=5000.0, unique_key="nightly", time_limit=60.0
+        )
         row = await store.get(task_id)
         assert (row.run_at, row.unique_key, row.time_limit, row.token) == (
-            5000.0, "nightly", 60.0, 0)
+            5000.0,
+            "nightly",
+            60.0,
+            0,
+        )
         assert await store.list("queued", None, 0, 10) == [row]
 
     @pytest_twisted.ensureDeferred
     async def test_list_filters_and_pages(self, store):
         rows = []
         for handler in ("a", "b", "a", "b", "a"):
-            rows.extend(rows_of(await store.submit([new_task(handler=handler)])))
+            rows.extend(
+                rows_of(await store.submit([new_task(handler=handler)]))
+            )
         ids = [row.id for row in rows]
         await store.dispatch(ids[0], 1, "w", 1.0)
         await store.dispatch(ids[1], 1, "w", 1.0)
 
         async def listed(state=None, handler=None, after_id=0, limit=100):
-            return [row.id for row in
-                    await store.list(state, handler, after_id, limit)]
+            return [
+                row.id
+                for row in await store.list(state, handler, after_id, limit)
+            ]
 
         assert await listed() == ids
         assert await listed(handler="a") == [ids[0], ids[2], ids[4]]
@@ -594,30 +865,41 @@ class StoreContract:
     async def test_list_newest_first_by_priority_between_ids(self, store):
         rows = []
         for priority in ("high", "low", "high", "high", "low"):
-            rows.extend(rows_of(await store.submit(
-                [new_task(priority=priority)])))
+            rows.extend(
+                rows_of(await store.submit([new_task(priority=priority)]))
+            )
         ids = [row.id for row in rows]
 
         async def listed(after_id=0, limit=100, **kwargs):
-            return [row.id for row in await store.list(
-                None, None, after_id, limit, **kwargs)]
+            return [
+                row.id
+                for row in await store.list(
+                    None, None, after_id, limit, **kwargs
+                )
+            ]
 
         assert await listed(newest_first=True) == ids[::-1]
         assert await listed(newest_first=True, limit=2) == [ids[4], ids[3]]
         # Paging back: the next page is before the last id of this one.
-        assert await listed(newest_first=True, limit=2,
-                            before_id=ids[3]) == [ids[2], ids[1]]
+        assert await listed(newest_first=True, limit=2, before_id=ids[3]) == [
+            ids[2],
+            ids[1],
+        ]
         assert await listed(priority="high") == [ids[0], ids[2], ids[3]]
-        assert await listed(priority="high", newest_first=True,
-                            before_id=ids[3]) == [ids[2], ids[0]]
+        assert await listed(
+            priority="high", newest_first=True, before_id=ids[3]
+        ) == [ids[2], ids[0]]
         assert await listed(after_id=ids[0], before_id=ids[3]) == ids[1:3]
         assert await listed(priority="urgent") == []
 
     @pytest_twisted.ensureDeferred
     async def test_the_submitter_is_kept_and_filters_a_list(self, store):
         alice, bob = "a" * 40, "b" * 40
-        mine = rows_of(await store.submit([
-            new_task(submitter=alice), new_task(submitter=alice)]))
+        mine = rows_of(
+            await store.submit(
+                [new_task(submitter=alice), new_task(submitter=alice)]
+            )
+        )
         (theirs,) = rows_of(await store.submit([new_task(submitter=bob)]))
         (nobody,) = rows_of(await store.submit([new_task()]))
         assert [row.submitter for row in mine] == [alice, alice]
@@ -630,8 +912,12 @@ class StoreContract:
         assert (await store.get(mine[0].id)).submitter == alice
 
         async def listed(submitter, after_id=0, state=None):
-            return [row.id for row in await store.list(
-                state, None, after_id, 100, submitter=submitter)]
+            return [
+                row.id
+                for row in await store.list(
+                    state, None, after_id, 100, submitter=submitter
+                )
+            ]
 
         assert await listed(alice) == [row.id for row in mine]
         assert await listed(alice, after_id=mine[0].id) == [mine[1].id]
@@ -641,8 +927,7 @@ class StoreContract:
         assert len(await listed(None)) == 4
 
     @pytest_twisted.ensureDeferred
-    async def test_progress_is_kept_for_the_current_dispatch_only(
-            self, store):
+    async def test_progress_is_kept_for_the_current_dispatch_only(self, store):
         (row,) = rows_of(await store.submit([new_task()]))
         # Not running: nothing to report on.
         assert await store.progress(row.id, 0, 0.5, "x", 5.0) is False
@@ -651,7 +936,10 @@ class StoreContract:
         assert await store.progress(row.id, 1, 0.5, None, 6.5)
         got = await store.get(row.id)
         assert (got.progress, got.progress_message, got.progress_at) == (
-            0.5, None, 6.5)
+            0.5,
+            None,
+            6.5,
+        )
         # A report of an earlier dispatch changes nothing.
         assert await store.progress(row.id, 0, 0.9, "old", 7.0) is False
         assert await store.requeue(row.id, 1) is True
@@ -661,22 +949,31 @@ class StoreContract:
         assert await store.dispatch(row.id, 2, "w", 8.0)
         got = await store.get(row.id)
         assert (got.progress, got.progress_message, got.progress_at) == (
-            None, None, None)
+            None,
+            None,
+            None,
+        )
         assert await store.progress(row.id, 2, 1, "done", 9.0)
-        assert await store.finish(row.id, 2, "succeeded", "1", None, None,
-                                  10.0)
+        assert await store.finish(
+            row.id, 2, "succeeded", "1", None, None, 10.0
+        )
         assert await store.progress(row.id, 2, 0.1, "late", 11.0) is False
         assert (await store.get(row.id)).progress_message == "done"
 
     @pytest_twisted.ensureDeferred
     async def test_list_stops_at_a_size(self, store):
-        rows = rows_of(await store.submit([
-            new_task(payload='"' + "x" * 998 + '"') for _ in range(5)]))
+        rows = rows_of(
+            await store.submit(
+                [new_task(payload='"' + "x" * 998 + '"') for _ in range(5)]
+            )
+        )
         ids = [row.id for row in rows]
 
         async def listed(max_bytes):
-            return [row.id for row in
-                    await store.list(None, None, 0, 100, max_bytes)]
+            return [
+                row.id
+                for row in await store.list(None, None, 0, 100, max_bytes)
+            ]
 
         # The row that reaches the size is the last one read.
         assert await listed(2000) == ids[:2]
@@ -687,11 +984,17 @@ class StoreContract:
     @pytest_twisted.ensureDeferred
     async def test_counts(self, store, insert_sql):
         assert await store.counts(100.0) == {}
-        rows = rows_of(await store.submit([
-            new_task(priority="high"), new_task(priority="high"),
-            new_task(priority="low"), new_task(priority="low", run_at=150.0),
-            new_task(priority="low", run_at=50.0),
-        ]))
+        rows = rows_of(
+            await store.submit(
+                [
+                    new_task(priority="high"),
+                    new_task(priority="high"),
+                    new_task(priority="low"),
+                    new_task(priority="low", run_at=150.0),
+                    new_task(priority="low", run_at=50.0),
+                ]
+            )
+        )
         insert_sql("other", "{}")
         await store.dispatch(rows[0].id, 1, "w", 1.0)
         assert await store.counts(100.0) == {
@@ -735,8 +1038,12 @@ class StoreContract:
     async def test_bad_submit_inserts_nothing(self, store):
         # The first task is fine, the second is not: the call is all or
         # nothing, and its request can be sent again.
-        bad = store.submit([new_task(handler="fine", request_id="r"),
-                            new_task(handler=None, request_id="r")])
+        bad = store.submit(
+            [
+                new_task(handler="fine", request_id="r"),
+                new_task(handler=None, request_id="r"),
+            ]
+        )
         with pytest.raises(StoreError):
             await bad
         assert await all_rows(store) == []
@@ -771,14 +1078,27 @@ class StoreContract:
             await store.dispatch(1, 1, "w", 1.0)
 
 
-def schedule_row(name="nightly", every=60.0, cron=None, next_tick=1060.0,
-                 **changes):
+def schedule_row(
+    name="nightly", every=60.0, cron=None, next_tick=1060.0, **changes
+):
     row = ScheduleRow(
-        name=name, handler="echo", payload='{"n": 1}', priority=None,
-        max_attempts=None, time_limit=None, every=every, cron=cron,
-        timezone="UTC", skip_if_running=False, paused=False,
-        next_tick=next_tick, last_tick=None, last_task_id=None,
-        created_at=1000.0, submitter=None)
+        name=name,
+        handler="echo",
+        payload='{"n": 1}',
+        priority=None,
+        max_attempts=None,
+        time_limit=None,
+        every=every,
+        cron=cron,
+        timezone="UTC",
+        skip_if_running=False,
+        paused=False,
+        next_tick=next_tick,
+        last_tick=None,
+        last_task_id=None,
+        created_at=1000.0,
+        submitter=None,
+    )
     return row._replace(**changes)
 
 
@@ -797,15 +1117,34 @@ class HousekeepingContract:
     async def test_add_list_remove_schedules(self, store):
         assert await store.schedules() == []
         assert await store.add_schedule(schedule_row("b")) is True
-        assert await store.add_schedule(schedule_row(
-            "a", every=None, cron="0 3 * * *", timezone="Europe/Paris",
-            skip_if_running=True, priority="high", max_attempts=2,
-            time_limit=30.0, submitter="key")) is True
+        assert (
+            await store.add_schedule(
+                schedule_row(
+                    "a",
+                    every=None,
+                    cron="0 3 * * *",
+                    timezone="Europe/Paris",
+                    skip_if_running=True,
+                    priority="high",
+                    max_attempts=2,
+                    time_limit=30.0,
+                    submitter="key",
+                )
+            )
+            is True
+        )
         a, b = await store.schedules()
         assert a == schedule_row(
-            "a", every=None, cron="0 3 * * *", timezone="Europe/Paris",
-            skip_if_running=True, priority="high", max_attempts=2,
-            time_limit=30.0, submitter="key")
+            "a",
+            every=None,
+            cron="0 3 * * *",
+            timezone="Europe/Paris",
+            skip_if_running=True,
+            priority="high",
+            max_attempts=2,
+            time_limit=30.0,
+            submitter="key",
+        )
         assert b == schedule_row("b")
         assert await store.schedules(["b", "c"]) == [b]
         # A name is taken until the schedule is removed or replaced.
@@ -843,93 +1182,128 @@ class HousekeepingContract:
     async def test_due_schedules_earliest_first(self, store):
         for name, tick in (("c", 1300.0), ("a", 1200.0), ("b", 1100.0)):
             await store.add_schedule(schedule_row(name, next_tick=tick))
-        assert [row.name for row in await store.due_schedules(1250.0, 10)] \
-            == ["b", "a"]
-        assert [row.name for row in await store.due_schedules(1300.0, 1)] \
-            == ["b"]
+        assert [row.name for row in await store.due_schedules(1250.0, 10)] == [
+            "b",
+            "a",
+        ]
+        assert [row.name for row in await store.due_schedules(1300.0, 1)] == [
+            "b"
+        ]
 
     @pytest_twisted.ensureDeferred
     async def test_each_tick_is_fired_once(self, store):
         await store.add_schedule(schedule_row(next_tick=1060.0))
         task = schedule_task("nightly", 1060.0)
-        state, row = await store.fire_schedule("nightly", 1060.0, 1120.0,
-                                               task, False)
+        state, row = await store.fire_schedule(
+            "nightly", 1060.0, 1120.0, task, False
+        )
         assert state == "enqueued"
         assert (row.handler, row.payload, row.state, row.unique_key) == (
-            "echo", '{"n": 1}', "queued",
-            "schedule:nightly:1970-01-01T00:17:40.000000+00:00")
+            "echo",
+            '{"n": 1}',
+            "queued",
+            "schedule:nightly:1970-01-01T00:17:40.000000+00:00",
+        )
         assert await store.get(row.id) == row
         # The compare-and-set: the tick is no longer the schedule's.
-        assert await store.fire_schedule("nightly", 1060.0, 1120.0, task,
-                                         False) == ("gone", None)
+        assert await store.fire_schedule(
+            "nightly", 1060.0, 1120.0, task, False
+        ) == ("gone", None)
         (schedule,) = await store.schedules()
-        assert (schedule.next_tick, schedule.last_tick,
-                schedule.last_task_id) == (1120.0, 1060.0, row.id)
+        assert (
+            schedule.next_tick,
+            schedule.last_tick,
+            schedule.last_task_id,
+        ) == (1120.0, 1060.0, row.id)
         assert len(await all_rows(store)) == 1
         # Nor does a paused or removed schedule fire.
         await store.pause_schedule("nightly", True, 0.0)
         assert await store.fire_schedule(
-            "nightly", 1120.0, 1180.0, schedule_task("nightly", 1120.0),
-            False) == ("gone", None)
+            "nightly", 1120.0, 1180.0, schedule_task("nightly", 1120.0), False
+        ) == ("gone", None)
         assert await store.fire_schedule(
-            "other", 1120.0, 1180.0, schedule_task("other", 1120.0),
-            False) == ("gone", None)
+            "other", 1120.0, 1180.0, schedule_task("other", 1120.0), False
+        ) == ("gone", None)
 
     @pytest_twisted.ensureDeferred
     async def test_skip_if_running(self, store):
         await store.add_schedule(schedule_row(skip_if_running=True))
         _, first = await store.fire_schedule(
-            "nightly", 1060.0, 1120.0, schedule_task("nightly", 1060.0),
-            True)
+            "nightly", 1060.0, 1120.0, schedule_task("nightly", 1060.0), True
+        )
         # Its first task still queued: the next tick enqueues nothing, but
         # passes.
         assert await store.fire_schedule(
-            "nightly", 1120.0, 1180.0, schedule_task("nightly", 1120.0),
-            True) == ("skipped", None)
+            "nightly", 1120.0, 1180.0, schedule_task("nightly", 1120.0), True
+        ) == ("skipped", None)
         (schedule,) = await store.schedules()
-        assert (schedule.next_tick, schedule.last_task_id) == (1180.0,
-                                                                first.id)
+        assert (schedule.next_tick, schedule.last_task_id) == (
+            1180.0,
+            first.id,
+        )
         await store.cancel(first.id, 1150.0)
         state, second = await store.fire_schedule(
-            "nightly", 1180.0, 1240.0, schedule_task("nightly", 1180.0),
-            True)
+            "nightly", 1180.0, 1240.0, schedule_task("nightly", 1180.0), True
+        )
         assert state == "enqueued" and second.id != first.id
 
     @pytest_twisted.ensureDeferred
     async def test_purge_deletes_old_finished_tasks_oldest_first(self, store):
-        rows = rows_of(await store.submit([
-            new_task(handler=handler) for handler in "abcab"]))
-        ended = [(rows[0], 1500.0), (rows[1], 1100.0), (rows[2], 1200.0),
-                 (rows[3], 2500.0)]
+        rows = rows_of(
+            await store.submit(
+                [new_task(handler=handler) for handler in "abcab"]
+            )
+        )
+        ended = [
+            (rows[0], 1500.0),
+            (rows[1], 1100.0),
+            (rows[2], 1200.0),
+            (rows[3], 2500.0),
+        ]
         for row, at in ended:
             await store.cancel(row.id, at)
         # rows[4] stays queued.
         assert await store.purge(2000.0, limit=1) == [
-            ("normal", "b", "cancelled")]
+            ("normal", "b", "cancelled")
+        ]
         assert await store.purge(2000.0, handler="a") == [
-            ("normal", "a", "cancelled")]
+            ("normal", "a", "cancelled")
+        ]
         assert await store.purge(2000.0, states=("failed",)) == []
-        assert await store.purge(2000.0, states=("cancelled", "failed")) \
-            == [("normal", "c", "cancelled")]
+        assert await store.purge(2000.0, states=("cancelled", "failed")) == [
+            ("normal", "c", "cancelled")
+        ]
         assert await store.purge(2000.0) == []
         assert [row.id for row in await all_rows(store)] == [
-            rows[3].id, rows[4].id]
+            rows[3].id,
+            rows[4].id,
+        ]
 
     @pytest_twisted.ensureDeferred
     async def test_purge_of_a_clients_tasks(self, store):
-        mine, theirs = rows_of(await store.submit([
-            new_task(submitter="m" * 40), new_task(submitter="t" * 40)]))
+        mine, theirs = rows_of(
+            await store.submit(
+                [new_task(submitter="m" * 40), new_task(submitter="t" * 40)]
+            )
+        )
         for row in (mine, theirs):
             await store.cancel(row.id, 1100.0)
         assert await store.purge(2000.0, submitter="m" * 40) == [
-            ("normal", "echo", "cancelled")]
+            ("normal", "echo", "cancelled")
+        ]
         assert [row.id for row in await all_rows(store)] == [theirs.id]
 
     @pytest_twisted.ensureDeferred
     async def test_count(self, store):
-        rows = rows_of(await store.submit([
-            new_task(handler="a", submitter="m" * 40), new_task(handler="a"),
-            new_task(handler="b")]))
+        rows = rows_of(
+            await store.submit(
+                [
+                    new_task(handler="a", submitter="m" * 40),
+                    new_task(handler="a"),
+                    new_task(handler="b"),
+                ]
+            )
+        )
         await store.cancel(rows[2].id, 1100.0)
         assert await store.count("queued") == 2
         assert await store.count("queued", handler="a") == 2
@@ -964,7 +1338,9 @@ class QueueReadsContract:
         finished = await submit_one(store, handler="c")
         await store.cancel(finished.id, 1.0)
         assert await store.queued_groups() == (
-            [("a", "high"), ("a", "low"), ("b", None), ("b", "high")], last)
+            [("a", "high"), ("a", "low"), ("b", None), ("b", "high")],
+            last,
+        )
 
     @pytest_twisted.ensureDeferred
     async def test_queued_window(self, store, insert_sql):
@@ -977,17 +1353,33 @@ class QueueReadsContract:
         await store.dispatch(ids[3], 1, "w", 1.0)
 
         async def window(priorities, after_id=0, limit=100, now=20.0):
-            return [row.id for row in await store.queued_window(
-                "echo", priorities, after_id, limit, now)]
+            return [
+                row.id
+                for row in await store.queued_window(
+                    "echo", priorities, after_id, limit, now
+                )
+            ]
 
         # Oldest first, NULL matching None, running and undue tasks left out.
         assert await window(("normal", None)) == [
-            ids[0], ids[1], ids[4], ids[5], due]
+            ids[0],
+            ids[1],
+            ids[4],
+            ids[5],
+            due,
+        ]
         assert await window(("normal",)) == [ids[0], ids[5], due]
         assert await window(("normal", None), limit=2) == ids[:2]
         assert await window(("normal", None), after_id=ids[1], limit=2) == [
-            ids[4], ids[5]]
-        assert await window(("normal",), now=60.0) == [ids[0], ids[5], later, due]
+            ids[4],
+            ids[5],
+        ]
+        assert await window(("normal",), now=60.0) == [
+            ids[0],
+            ids[5],
+            later,
+            due,
+        ]
         assert await window(("high",)) == [ids[2]]
         assert other not in await window(("normal",))
         # A run_at that is no time is read at once, for the broker to reject
@@ -1004,12 +1396,15 @@ class QueueReadsContract:
         at = {}
         for run_at in (30.0, 10.0, 20.0, 10.0):
             at.setdefault(run_at, []).append(
-                insert_sql("echo", "{}", run_at=run_at))
+                insert_sql("echo", "{}", run_at=run_at)
+            )
         insert_sql("echo", "{}")
 
         async def window(after, limit=100):
-            return [(row.run_at, row.id) for row in
-                    await store.delayed_window(after, limit)]
+            return [
+                (row.run_at, row.id)
+                for row in await store.delayed_window(after, limit)
+            ]
 
         ten = [(10.0, i) for i in at[10.0]]
         everything = ten + [(20.0, at[20.0][0]), (30.0, at[30.0][0])]
@@ -1022,8 +1417,12 @@ class QueueReadsContract:
 
     @pytest_twisted.ensureDeferred
     async def test_scan_queued_leaves_out_known_tasks(self, store):
-        ids = [row.id for row in rows_of(
-            await store.submit([new_task() for _ in range(6)]))]
+        ids = [
+            row.id
+            for row in rows_of(
+                await store.submit([new_task() for _ in range(6)])
+            )
+        ]
         await store.dispatch(ids[5], 1, "w", 1.0)
         rows, last = await store.scan_queued(0, 100, frozenset(ids[:3]))
         assert [row.id for row in rows] == ids[3:5]
@@ -1044,8 +1443,12 @@ class QueueReadsContract:
         queued = await store.list("queued", None, 0, 100)
         assert [row.id for row in queued] == [ids[0], ids[2]]
         assert queued[0] == await store.get(ids[0])
-        assert [row.id for row in await store.list("queued", None, ids[0], 100)] == [ids[2]]
-        assert [row.id for row in await store.list("queued", None, 0, 1)] == [ids[0]]
+        assert [
+            row.id for row in await store.list("queued", None, ids[0], 100)
+        ] == [ids[2]]
+        assert [row.id for row in await store.list("queued", None, 0, 1)] == [
+            ids[0]
+        ]
         running = await store.running()
         assert [row.id for row in running] == [ids[1], ids[3]]
         assert [row.token for row in running] == [1, 1]

@@ -47,13 +47,22 @@ def answer(request, refusal):
     """
     request_id = request[1] if len(request) > 1 else b""
     if len(request) < 6 or request[0] != _VERSION:
-        return _reply(request_id, b"400", b"Bad request"), None, \
-            "a malformed request"
+        return (
+            _reply(request_id, b"400", b"Bad request"),
+            None,
+            "a malformed request",
+        )
     mechanism, credentials = request[5], request[6:]
-    if mechanism != b"CURVE" or len(credentials) != 1 \
-            or len(credentials[0]) != 32:
-        return _reply(request_id, b"400", b"CURVE only"), None, \
-            f"mechanism {mechanism.decode('ascii', 'replace')}"
+    if (
+        mechanism != b"CURVE"
+        or len(credentials) != 1
+        or len(credentials[0]) != 32
+    ):
+        return (
+            _reply(request_id, b"400", b"CURVE only"),
+            None,
+            f"mechanism {mechanism.decode('ascii', 'replace')}",
+        )
     key = z85.encode(credentials[0])
     reason = refusal(key)
     if reason is not None:
@@ -83,11 +92,11 @@ class ZapHandler:
     def __init__(self, factory, refusal, refused):
         self._refusal = refusal
         self._refused = refused
-        self._connection = _Connection(factory, zmq.REP, self._handle, [],
-                                       [])
+        self._connection = _Connection(factory, zmq.REP, self._handle, [], [])
         try:
             self._connection.addEndpoints(
-                [ZmqEndpoint(ZmqEndpointType.bind, ZAP_ENDPOINT)])
+                [ZmqEndpoint(ZmqEndpointType.bind, ZAP_ENDPOINT)]
+            )
         except Exception:
             self._connection.close()
             raise
@@ -95,8 +104,11 @@ class ZapHandler:
     def _handle(self, request):
         reply, key, reason = answer(request, self._refusal)
         if reason is not None:
-            address = request[3].decode("utf-8", "replace") \
-                if len(request) > 3 else "?"
+            address = (
+                request[3].decode("utf-8", "replace")
+                if len(request) > 3
+                else "?"
+            )
             self._refused(key, reason, address)
         # (A REP socket must answer each request before the next.)
         self._connection.send_frames(reply)
@@ -110,13 +122,12 @@ MONITOR_ENDPOINT = "inproc://taskbroker.handshakes"
 #: Seconds between reads of those reports.
 MONITOR_INTERVAL = 1.0
 
-_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
-           | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+_FAILED = (
+    zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+)
 _WHY = {
-    zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH:
-        "it does not use CURVE",
-    zmq.PROTOCOL_ERROR_ZMTP_CRYPTOGRAPHIC:
-        "its keys do not fit (it takes another key for the broker's?)",
+    zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH: "it does not use CURVE",
+    zmq.PROTOCOL_ERROR_ZMTP_CRYPTOGRAPHIC: "its keys do not fit (it takes another key for the broker's?)",
 }
 
 
@@ -126,8 +137,10 @@ def why_failed(event, value):
     """
     if event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL and value in _WHY:
         return _WHY[value]
-    return (f"error {value:#x} (a peer without CURVE, or one that takes "
-            "another key for the broker's?)")
+    return (
+        f"error {value:#x} (a peer without CURVE, or one that takes "
+        "another key for the broker's?)"
+    )
 
 
 class HandshakeMonitor:

@@ -109,8 +109,16 @@ class _Connection(ZmqConnection):
 
     log = Logger()
 
-    def __init__(self, factory, socket_type, on_message, options, endpoints,
-                 identity=None, keyed=False):
+    def __init__(
+        self,
+        factory,
+        socket_type,
+        on_message,
+        options,
+        endpoints,
+        identity=None,
+        keyed=False,
+    ):
         self.socketType = socket_type
         self._on_message = on_message
         # With keyed, on_message also gets the key the peer authenticated
@@ -148,8 +156,11 @@ class _Connection(ZmqConnection):
                     return
                 # A multipart message arrives whole: no Again from here.
                 message = [frame.bytes]
-                key = frame.get(_USER_ID).encode("ascii") \
-                    if self._keyed else None
+                key = (
+                    frame.get(_USER_ID).encode("ascii")
+                    if self._keyed
+                    else None
+                )
                 while frame.more:
                     frame = socket.recv(_NOBLOCK, copy=False)
                     message.append(frame.bytes)
@@ -161,7 +172,8 @@ class _Connection(ZmqConnection):
                 except Exception:
                     self.handler_errors += 1
                     self.log.failure(
-                        "error handling a message; message dropped")
+                        "error handling a message; message dropped"
+                    )
                 if self.factory is None:
                     return
         finally:
@@ -169,17 +181,23 @@ class _Connection(ZmqConnection):
         # More may be waiting; the descriptor will not signal again for
         # them, so come back after timers have had their turn.
         if self.read_scheduled is None:
-            self.read_scheduled = self.factory.reactor.callLater(0, self.doRead)
+            self.read_scheduled = self.factory.reactor.callLater(
+                0, self.doRead
+            )
 
     def _look_for_input(self):
         """
         After sends: libzmq may have consumed the descriptor's readable
         edge while it sent, so if messages are waiting, read them soon.
         """
-        if (self.read_scheduled is None and self.factory is not None
-                and self.socket.getsockopt(_EVENTS) & _POLLIN):
+        if (
+            self.read_scheduled is None
+            and self.factory is not None
+            and self.socket.getsockopt(_EVENTS) & _POLLIN
+        ):
             self.read_scheduled = self.factory.reactor.callLater(
-                0, self.doRead)
+                0, self.doRead
+            )
 
     @contextmanager
     def batch(self):
@@ -245,14 +263,16 @@ class RouterSocket:
         logged and counted, never propagated.
     """
 
-    def __init__(self, factory, endpoint, on_message, max_message_size,
-                 curve=None):
+    def __init__(
+        self, factory, endpoint, on_message, max_message_size, curve=None
+    ):
         """
         :param curve: ``(public, secret)``, the broker's CURVE keys (Z85):
             peers must then hold a key the context's ZAP handler admits
             (bind it first: see :mod:`taskbroker.transport.zap`), and
             each message's sender carries its key.
         """
+
         def deliver(message, key=None):
             if len(message) < 2:
                 return
@@ -312,8 +332,9 @@ class DealerSocket:
     A DEALER socket connected to one endpoint, under a chosen identity.
     """
 
-    def __init__(self, factory, endpoint, on_message, identity=None,
-                 options=None):
+    def __init__(
+        self, factory, endpoint, on_message, identity=None, options=None
+    ):
         """
         :param options: ``(option, value)`` pairs from
             :mod:`taskbroker.transport.options`; by default

@@ -86,13 +86,20 @@ def run_task(handlers, body, clock, report=None):
         :class:`~taskbroker.worker.task.RunningTask`).
     :returns: ``bytes``: the ``finished`` frame.
     """
-    answer = {"event": "finished", "id": body["id"], "state": "failed",
-              "result": None, "error": None, "traceback": None,
-              "permanent": False}
+    answer = {
+        "event": "finished",
+        "id": body["id"],
+        "state": "failed",
+        "result": None,
+        "error": None,
+        "traceback": None,
+        "permanent": False,
+    }
     handler = handlers.get(body["handler"])
     if handler is None:
         answer["error"] = _sendable(
-            f"no handler {body['handler']!r} in the handler process")
+            f"no handler {body['handler']!r} in the handler process"
+        )
         return frame(answer)
     try:
         value = handler.run(RunningTask(body, clock, report))
@@ -130,8 +137,9 @@ class Channel:
         self.tasks = queue.Queue()
 
     def start_reader(self):
-        threading.Thread(target=self._read, name="taskbroker-child-input",
-                         daemon=True).start()
+        threading.Thread(
+            target=self._read, name="taskbroker-child-input", daemon=True
+        ).start()
 
     def _read(self):
         try:
@@ -162,10 +170,19 @@ class Channel:
         """
         :returns: a function that sends one progress report of the task.
         """
+
         def send(fraction, message):
             try:
-                self.send(frame({"event": "progress", "id": task_id,
-                                 "fraction": fraction, "message": message}))
+                self.send(
+                    frame(
+                        {
+                            "event": "progress",
+                            "id": task_id,
+                            "fraction": fraction,
+                            "message": message,
+                        }
+                    )
+                )
             except OSError:
                 pass  # the worker is gone; the reader ends this process
 
@@ -175,13 +192,18 @@ class Channel:
         """
         A ``twisted.logger`` observer that sends events to the worker.
         """
-        text = eventAsText(event, includeTimestamp=False,
-                           includeSystem=False)
+        text = eventAsText(event, includeTimestamp=False, includeSystem=False)
         try:
-            self.send(frame({
-                "event": "log", "level": event["log_level"].name,
-                "namespace": event.get("log_namespace"),
-                "text": _sendable(text)}))
+            self.send(
+                frame(
+                    {
+                        "event": "log",
+                        "level": event["log_level"].name,
+                        "namespace": event.get("log_namespace"),
+                        "text": _sendable(text),
+                    }
+                )
+            )
         except OSError:
             pass  # the worker is gone; the reader ends this process
 
@@ -201,8 +223,11 @@ def die_with_parent(parent_pid):
 
         libc = ctypes.CDLL(None, use_errno=True)
         if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
-            print("prctl(PR_SET_PDEATHSIG) failed: errno",
-                  ctypes.get_errno(), file=sys.stderr)
+            print(
+                "prctl(PR_SET_PDEATHSIG) failed: errno",
+                ctypes.get_errno(),
+                file=sys.stderr,
+            )
     # The parent may have died before prctl: we were then adopted.
     if os.getppid() != parent_pid:
         os._exit(1)
@@ -252,8 +277,9 @@ def main(argv=None):
     channel.start_reader()
     # A crash (segfault) leaves a Python traceback in the worker's log.
     faulthandler.enable()
-    globalLogBeginner.beginLoggingTo([channel.log_observer],
-                                     redirectStandardIO=False)
+    globalLogBeginner.beginLoggingTo(
+        [channel.log_observer], redirectStandardIO=False
+    )
 
     # Imported late: handler modules may print or log while loading.
     from taskbroker.worker.handlers import load_handlers
@@ -263,8 +289,9 @@ def main(argv=None):
     while True:
         body = channel.tasks.get()
         channel.send(frame({"event": "started", "id": body["id"]}))
-        progress = Throttle(channel.progress_sender(body["id"]),
-                            time.monotonic, thread_timer)
+        progress = Throttle(
+            channel.progress_sender(body["id"]), time.monotonic, thread_timer
+        )
         try:
             answer = run_task(handlers, body, clock, progress)
         finally:

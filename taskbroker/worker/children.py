@@ -66,8 +66,15 @@ class _Run:
     A task given to the pool, waiting for a slot or running in ``child``.
     """
 
-    __slots__ = ("id", "data", "time_limit", "deferred", "child", "timer",
-                 "on_progress")
+    __slots__ = (
+        "id",
+        "data",
+        "time_limit",
+        "deferred",
+        "child",
+        "timer",
+        "on_progress",
+    )
 
     def __init__(self, task_id, data, time_limit, deferred, on_progress):
         self.id = task_id
@@ -158,7 +165,7 @@ class _HandlerProcess(ProcessProtocol):
             end = _LENGTH.size + length
             if len(self._frames) < end:
                 return
-            data = bytes(self._frames[_LENGTH.size:end])
+            data = bytes(self._frames[_LENGTH.size : end])
             del self._frames[:end]
             try:
                 message = loads(data.decode("utf-8"))
@@ -180,14 +187,18 @@ class _HandlerProcess(ProcessProtocol):
         # A handler should log through twisted.logger (those events come
         # as frames, with their levels); anything else on stdout or stderr
         # (print, stdlib logging, a crash dump) is unusual enough to warn.
-        self.pool.log.warn("handler process {pid} wrote: {line}", pid=self.pid,
-                           line=line.decode("utf-8", "replace").rstrip("\r"))
+        self.pool.log.warn(
+            "handler process {pid} wrote: {line}",
+            pid=self.pid,
+            line=line.decode("utf-8", "replace").rstrip("\r"),
+        )
 
     def processExited(self, reason):
         self.pool._exited(self, reason)
         # A program the handler started may hold the pipes open for ever.
         self._pipe_grace = self.pool._reactor.callLater(
-            PIPE_GRACE, self.transport.loseConnection)
+            PIPE_GRACE, self.transport.loseConnection
+        )
 
     def processEnded(self, reason):
         if self._pipe_grace is not None and self._pipe_grace.active():
@@ -229,8 +240,9 @@ class ChildPool:
     :param log: a :class:`twisted.logger.Logger`; by default this module's.
     """
 
-    def __init__(self, reactor, handler_paths, size, python=sys.executable,
-                 log=None):
+    def __init__(
+        self, reactor, handler_paths, size, python=sys.executable, log=None
+    ):
         if size < 1:
             raise ValueError("size must be at least 1")
         self._reactor = reactor
@@ -273,14 +285,22 @@ class ChildPool:
         """
         task_id = task_body["id"]
         if self._stopping:
-            return defer.succeed(Outcome(
-                "failed", None, "the handler processes are stopping"))
+            return defer.succeed(
+                Outcome("failed", None, "the handler processes are stopping")
+            )
         if task_id in self._runs:
-            return defer.succeed(Outcome(
-                "failed", None, f"task {task_id} is already running here"))
-        run = _Run(task_id, frame(task_body), time_limit,
-                   defer.Deferred(lambda d: self.cancel(task_id)),
-                   on_progress)
+            return defer.succeed(
+                Outcome(
+                    "failed", None, f"task {task_id} is already running here"
+                )
+            )
+        run = _Run(
+            task_id,
+            frame(task_body),
+            time_limit,
+            defer.Deferred(lambda d: self.cancel(task_id)),
+            on_progress,
+        )
         self._runs[task_id] = run
         self._waiting.append(run)
         self._dispatch()
@@ -321,8 +341,12 @@ class ChildPool:
                     self._kill(process)
             self._waiting.clear()
             for run in runs:
-                self._finish(run, Outcome(
-                    "cancelled", None, "the handler processes were stopped"))
+                self._finish(
+                    run,
+                    Outcome(
+                        "cancelled", None, "the handler processes were stopped"
+                    ),
+                )
         d = defer.gatherResults([p.when_ended() for p in self._processes])
         return d.addCallback(lambda _: None)
 
@@ -338,9 +362,14 @@ class ChildPool:
                     process = self._spawn()
                 except Exception as e:
                     self.log.failure("could not start a handler process")
-                    self._finish(run, Outcome(
-                        "failed", None,
-                        f"could not start a handler process: {e}"))
+                    self._finish(
+                        run,
+                        Outcome(
+                            "failed",
+                            None,
+                            f"could not start a handler process: {e}",
+                        ),
+                    )
                     continue
             run.child, process.run = process, run
             self._busy.add(process)
@@ -351,10 +380,18 @@ class ChildPool:
         # -P: no current folder on sys.path, where a stray json.py or
         # twisted/ could shadow what the handler process imports.
         self._reactor.spawnProcess(
-            process, self._python,
-            [self._python, "-P", "-m", "taskbroker.worker._child",
-             str(os.getpid()), *self._paths],
-            env=os.environ)
+            process,
+            self._python,
+            [
+                self._python,
+                "-P",
+                "-m",
+                "taskbroker.worker._child",
+                str(os.getpid()),
+                *self._paths,
+            ],
+            env=os.environ,
+        )
         self._processes.add(process)
         self.log.debug("started handler process {pid}", pid=process.pid)
         return process
@@ -387,22 +424,28 @@ class ChildPool:
                 level = LogLevel.levelWithName(message["level"])
             except InvalidLogLevelError:
                 level = LogLevel.warn
-            self.log.emit(level, "handler process {pid}: {text}",
-                          pid=process.pid, text=message["text"],
-                          child_namespace=message["namespace"])
+            self.log.emit(
+                level,
+                "handler process {pid}: {text}",
+                pid=process.pid,
+                text=message["text"],
+                child_namespace=message["namespace"],
+            )
             return
         if process.done:
             return
         run = process.run
-        if event == "progress" and (run is None
-                                    or message.get("id") != run.id):
+        if event == "progress" and (
+            run is None or message.get("id") != run.id
+        ):
             return  # sent as its task ended: too late to matter
         if run is None or message.get("id") != run.id:
             self._garbled(process, f"unexpected message {event!r}")
         elif event == "started":
             if run.time_limit is not None:
                 run.timer = self._reactor.callLater(
-                    run.time_limit, self._time_out, run)
+                    run.time_limit, self._time_out, run
+                )
         elif event == "progress":
             try:
                 report = checked(message["fraction"], message.get("message"))
@@ -415,26 +458,44 @@ class ChildPool:
             self._busy.discard(process)
             process.run = None
             self._idle.append(process)
-            self._finish(run, Outcome(
-                message["state"], message["result"], message["error"],
-                message["traceback"], message["permanent"]))
+            self._finish(
+                run,
+                Outcome(
+                    message["state"],
+                    message["result"],
+                    message["error"],
+                    message["traceback"],
+                    message["permanent"],
+                ),
+            )
         else:
             self._garbled(process, f"unexpected message {event!r}")
 
     def _time_out(self, run):
         run.timer = None
         self._kill(run.child)
-        self._finish(run, Outcome(
-            "failed", None, f"time limit of {run.time_limit:g} s exceeded"))
+        self._finish(
+            run,
+            Outcome(
+                "failed", None, f"time limit of {run.time_limit:g} s exceeded"
+            ),
+        )
 
     def _garbled(self, process, reason):
-        self.log.error("handler process {pid} broke the protocol: {reason}",
-                       pid=process.pid, reason=reason)
+        self.log.error(
+            "handler process {pid} broke the protocol: {reason}",
+            pid=process.pid,
+            reason=reason,
+        )
         run = process.run
         self._kill(process)
         if run is not None:
-            self._finish(run, Outcome(
-                "failed", None, "the handler process broke the protocol"))
+            self._finish(
+                run,
+                Outcome(
+                    "failed", None, "the handler process broke the protocol"
+                ),
+            )
 
     def _exited(self, process, reason):
         if process.done:
@@ -444,11 +505,15 @@ class ChildPool:
         process.done = True
         self._release(process)
         if run is not None:
-            self._finish(run, Outcome(
-                "failed", None, f"handler process died ({how})"))
+            self._finish(
+                run, Outcome("failed", None, f"handler process died ({how})")
+            )
         else:
-            self.log.warn("idle handler process {pid} ended ({how})",
-                          pid=process.pid, how=how)
+            self.log.warn(
+                "idle handler process {pid} ended ({how})",
+                pid=process.pid,
+                how=how,
+            )
 
     def _ended(self, process):
         self._processes.discard(process)

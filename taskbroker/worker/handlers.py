@@ -40,7 +40,9 @@ class _Captured:
 
     def msg(self, *message, **kw):
         # "Unable to write to plugin cache": harmless, plugins still load.
-        log.debug("twisted.plugin: {message}", message=" ".join(map(str, message)))
+        log.debug(
+            "twisted.plugin: {message}", message=" ".join(map(str, message))
+        )
 
 
 def add_handler_paths(paths):
@@ -68,7 +70,9 @@ def _module_files():
         for filename in names:
             stem, ext = os.path.splitext(filename)
             if ext == ".py" and stem != "__init__" and stem.isidentifier():
-                found.setdefault(stem, []).append(os.path.join(folder, filename))
+                found.setdefault(stem, []).append(
+                    os.path.join(folder, filename)
+                )
     return found
 
 
@@ -99,10 +103,12 @@ def _warn_classes_without_instances():
             continue
         values = list(vars(module).values())
         for value in values:
-            if (isinstance(value, type) and value.__module__ == name
-                    and ITaskHandler.implementedBy(value)
-                    and not any(isinstance(other, value)
-                                for other in values)):
+            if (
+                isinstance(value, type)
+                and value.__module__ == name
+                and ITaskHandler.implementedBy(value)
+                and not any(isinstance(other, value) for other in values)
+            ):
                 log.warn(
                     "handler module {path} defines the handler class "
                     "{cls} but no object of it, so it loads no handler "
@@ -110,7 +116,9 @@ def _warn_classes_without_instances():
                     "or write the handler as a function under "
                     "@taskbroker.handler(...)",
                     path=getattr(module, "__file__", name),
-                    cls=value.__name__, instance=value.__name__.lower())
+                    cls=value.__name__,
+                    instance=value.__name__.lower(),
+                )
 
 
 def origin(handler):
@@ -118,8 +126,10 @@ def origin(handler):
     Where a loaded handler comes from: its module's file (the package's
     built-in ones are named so).
     """
-    module_name = getattr(getattr(handler, "function", None), "__module__",
-                          None) or type(handler).__module__
+    module_name = (
+        getattr(getattr(handler, "function", None), "__module__", None)
+        or type(handler).__module__
+    )
     module = sys.modules.get(module_name)
     path = getattr(module, "__file__", None) or module_name
     builtin = os.path.dirname(os.path.abspath(taskbroker.plugins.__file__))
@@ -145,7 +155,10 @@ def load_handlers(paths=()):
         for hidden in files[1:]:
             log.warn(
                 "handler module {hidden} is ignored: its name is already "
-                "used by {used}; rename it", hidden=hidden, used=files[0])
+                "used by {used}; rename it",
+                hidden=hidden,
+                used=files[0],
+            )
 
     captured = _Captured()
     real_log = plugin.log
@@ -158,26 +171,36 @@ def load_handlers(paths=()):
         log.error(
             "could not load handler module {path}: {error}",
             path=_failed_file(exc_info, folders),
-            error=describe(exc_info[1]))
+            error=describe(exc_info[1]),
+        )
     _warn_classes_without_instances()
 
     handlers = {}
     for candidate in candidates:
-        where = getattr(candidate, "__module__", None) or type(candidate).__module__
+        where = (
+            getattr(candidate, "__module__", None)
+            or type(candidate).__module__
+        )
         try:
             verifyObject(ITaskHandler, candidate)
             if not isinstance(candidate.name, str) or not candidate.name:
                 raise Invalid("its name is not a non-empty string")
         except Invalid as e:
-            log.error("handler {handler!r} from {module} is invalid: {error}",
-                      handler=candidate, module=where, error=str(e).strip())
+            log.error(
+                "handler {handler!r} from {module} is invalid: {error}",
+                handler=candidate,
+                module=where,
+                error=str(e).strip(),
+            )
             continue
         if candidate.name in handlers:
             log.warn(
                 "handler name {name!r} is defined twice (in {first} and "
                 "{second}); using the one in {first}",
-                name=candidate.name, first=handlers[candidate.name][1],
-                second=where)
+                name=candidate.name,
+                first=handlers[candidate.name][1],
+                second=where,
+            )
             continue
         handlers[candidate.name] = (candidate, where)
     return {name: handler for name, (handler, _) in handlers.items()}

@@ -28,16 +28,23 @@ def checked(fraction, message):
     :raises ValueError: if ``fraction`` is not a number from 0 to 1.
     :raises TypeError: if ``message`` is neither ``None`` nor a string.
     """
-    if (isinstance(fraction, bool) or not isinstance(fraction, Real)
-            or not math.isfinite(fraction) or not 0 <= fraction <= 1):
+    if (
+        isinstance(fraction, bool)
+        or not isinstance(fraction, Real)
+        or not math.isfinite(fraction)
+        or not 0 <= fraction <= 1
+    ):
         raise ValueError(
-            f"progress must be a number from 0 to 1, not {fraction!r}")
+            f"progress must be a number from 0 to 1, not {fraction!r}"
+        )
     if message is not None:
         if not isinstance(message, str):
-            raise TypeError("a progress message must be a string or None, "
-                            f"not {type(message).__name__}")
+            raise TypeError(
+                "a progress message must be a string or None, "
+                f"not {type(message).__name__}"
+            )
         if len(message) > MAX_MESSAGE:
-            message = message[:MAX_MESSAGE - 1] + "\u2026"
+            message = message[: MAX_MESSAGE - 1] + "\u2026"
     return float(fraction), message
 
 
@@ -74,14 +81,16 @@ class Throttle:
                 return
             now = self._monotonic()
             if self._timer is None and (
-                    self._last is None or now - self._last >= self._interval):
+                self._last is None or now - self._last >= self._interval
+            ):
                 self._last = now
                 self._send(fraction, message)
                 return
             self._pending = (fraction, message)
             if self._timer is None:
                 self._timer = self._call_later(
-                    self._last + self._interval - now, self._flush)
+                    self._last + self._interval - now, self._flush
+                )
 
     def _flush(self):
         with self._lock:

@@ -49,16 +49,24 @@ def run_handler(handler, running_task, clock, time_limit=None):
             traceback = reason.getTraceback()
         except Exception:
             traceback = None
-        return Outcome("failed", None, describe(reason.value),
-                       traceback=traceback,
-                       permanent=bool(reason.check(PermanentFailure)))
+        return Outcome(
+            "failed",
+            None,
+            describe(reason.value),
+            traceback=traceback,
+            permanent=bool(reason.check(PermanentFailure)),
+        )
 
     handler_d = defer.maybeDeferred(handler.run, running_task)
     handler_d.addCallbacks(succeeded, failed).addCallback(settle)
     if time_limit is not None and not result.called:
+
         def expire():
-            settle(Outcome("failed", None,
-                           f"time limit of {time_limit:g} s exceeded"))
+            settle(
+                Outcome(
+                    "failed", None, f"time limit of {time_limit:g} s exceeded"
+                )
+            )
             handler_d.cancel()
 
         timer = clock.callLater(time_limit, expire)

@@ -77,10 +77,15 @@ def _result_body(task_id, token, outcome):
     The RESULT for an outcome, made to fit the protocol's limits: a
     result too large to carry fails the attempt instead.
     """
-    body = {"id": task_id, "token": token, "state": outcome.state,
-            "result": outcome.result, "error": _clip(outcome.error),
-            "traceback": _clip(outcome.traceback),
-            "permanent": outcome.permanent}
+    body = {
+        "id": task_id,
+        "token": token,
+        "state": outcome.state,
+        "result": outcome.result,
+        "error": _clip(outcome.error),
+        "traceback": _clip(outcome.traceback),
+        "permanent": outcome.permanent,
+    }
     if outcome.state == "succeeded":
         try:
             encode_value(outcome.result, "result")
@@ -125,9 +130,18 @@ class WorkerService(Service):
 
     log = Logger()
 
-    def __init__(self, config, handlers, reactor, on_fatal=None,
-                 connect=None, children=None, monotonic=None, zmq=None,
-                 curve=None):
+    def __init__(
+        self,
+        config,
+        handlers,
+        reactor,
+        on_fatal=None,
+        connect=None,
+        children=None,
+        monotonic=None,
+        zmq=None,
+        curve=None,
+    ):
         self.config = config
         self.handlers = handlers
         self.reactor = reactor
@@ -135,15 +149,17 @@ class WorkerService(Service):
         # The route carries 128 random bits, so that another peer cannot
         # guess it and take the worker's place; it is never shown (the
         # broker shows the name).
-        self.identity = (
-            config.name + "/" + secrets.token_hex(16)).encode("utf-8")
+        self.identity = (config.name + "/" + secrets.token_hex(16)).encode(
+            "utf-8"
+        )
         self._zmq = zmq
         self._curve = curve
         self._connect = connect or self._connect_dealer
         # One broker at a time, from the failover list, starting where the
         # name points.
-        self._ring = EndpointRing(config.broker, start_position(
-            config.name, len(config.broker)))
+        self._ring = EndpointRing(
+            config.broker, start_position(config.name, len(config.broker))
+        )
         self._store_watch = StoreWatch(config.failover_after)
         self._children = children
         self._monotonic = monotonic or reactor.seconds
@@ -160,13 +176,19 @@ class WorkerService(Service):
         # (task id, token) -> (monotonic time it started, handler name)
         self._started = {}
         self._start_log = TaskLog(
-            self.log, reactor, "started",
+            self.log,
+            reactor,
+            "started",
             lambda t: f"task {t['id']} started: {_start_details(t)}",
-            lambda t: f"{t['id']} ({_start_details(t)})")
+            lambda t: f"{t['id']} ({_start_details(t)})",
+        )
         self._end_log = TaskLog(
-            self.log, reactor, "ended",
+            self.log,
+            reactor,
+            "ended",
             lambda t: f"task {t['id']} {t['outcome']}: {_end_details(t)}",
-            lambda t: f"{t['id']} {t['outcome']} ({_end_details(t)})")
+            lambda t: f"{t['id']} {t['outcome']} ({_end_details(t)})",
+        )
         self._broker_heartbeat = None
         self._broker_seen = 0.0
         self._hello_retry = None
@@ -198,28 +220,37 @@ class WorkerService(Service):
             return
         Service.startService(self)
         if self._children is None and any(
-                h.blocking for h in self.handlers.values()):
+            h.blocking for h in self.handlers.values()
+        ):
             self._children = ChildPool(
-                self.reactor, self.config.handlers_path,
-                self.config.concurrency)
+                self.reactor,
+                self.config.handlers_path,
+                self.config.concurrency,
+            )
         self.socket = self._connect(self.endpoint, self._on_message)
         self._broker_seen = self._monotonic()
         self._announce()
         self._heartbeat = self.reactor.callLater(
-            self.config.heartbeat, self._beat)
+            self.config.heartbeat, self._beat
+        )
         self._checks = task.LoopingCall(self._check)
         self._checks.clock = self.reactor
         self._checks.start(self.config.heartbeat, now=False)
         self.log.info(
             "taskworker {name} started: broker {broker}, {slots_text}, "
             "levels {levels}, handlers {handlers}",
-            name=self.config.name, broker=self.endpoint + (
-                "" if len(self._ring) == 1 else
-                " (failover list " + ",".join(self._ring.endpoints) + ")"),
+            name=self.config.name,
+            broker=self.endpoint
+            + (
+                ""
+                if len(self._ring) == 1
+                else " (failover list " + ",".join(self._ring.endpoints) + ")"
+            ),
             slots=self.config.concurrency,
             slots_text=counted(self.config.concurrency, "slot"),
             levels=",".join(self.config.priorities or ("all",)),
-            handlers=",".join(sorted(self.handlers)) or "none")
+            handlers=",".join(sorted(self.handlers)) or "none",
+        )
 
     def _connect_dealer(self, endpoint, on_message):
         options = dealer_options(
@@ -228,11 +259,17 @@ class WorkerService(Service):
             # kept until acknowledged and credits are re-sent after
             # WELCOME: nothing needs queueing, and a stale queue would
             # replay a burst of old HELLOs and credits at the next broker.
-            immediate=True)
+            immediate=True,
+        )
         if self._curve is not None:
             options += curve_client_options(*self._curve)
-        return DealerSocket(self._zmq.get_factory(), endpoint, on_message,
-                            identity=self.identity, options=options)
+        return DealerSocket(
+            self._zmq.get_factory(),
+            endpoint,
+            on_message,
+            identity=self.identity,
+            options=options,
+        )
 
     # -- sending ---------------------------------------------------------
 
@@ -248,7 +285,8 @@ class WorkerService(Service):
         our misses allowance (our own heartbeat until it has announced).
         """
         return (self._broker_heartbeat or self.config.heartbeat) * (
-            self.config.heartbeat_misses)
+            self.config.heartbeat_misses
+        )
 
     def _announce(self):
         """
@@ -266,20 +304,29 @@ class WorkerService(Service):
             self._hello_retry.cancel()
         self._hello_retry = None
         # While stopping, announce only the busy slots: no new work.
-        self._send(b"HELLO", self._hello_body(
-            slots=len(self.tasks) if self._stopping is not None else None))
+        self._send(
+            b"HELLO",
+            self._hello_body(
+                slots=len(self.tasks) if self._stopping is not None else None
+            ),
+        )
         self._hello_retry = self.reactor.callLater(
-            self._hello_delay, self._hello_unanswered)
+            self._hello_delay, self._hello_unanswered
+        )
 
     def _hello_body(self, slots=None):
         return {
             "name": self.config.name,
             "slots": slots or self.config.concurrency,
-            "priorities": (list(self.config.priorities)
-                           if self.config.priorities else None),
+            "priorities": (
+                list(self.config.priorities)
+                if self.config.priorities
+                else None
+            ),
             "handlers": sorted(self.handlers),
-            "running": [{"id": i, "token": t}
-                        for i, (t, _) in self.tasks.items()],
+            "running": [
+                {"id": i, "token": t} for i, (t, _) in self.tasks.items()
+            ],
             "heartbeat": self.config.heartbeat,
             "version": taskbroker.__version__,
         }
@@ -301,11 +348,18 @@ class WorkerService(Service):
             self._heartbeat.reset(self.config.heartbeat)
         else:
             self._heartbeat = self.reactor.callLater(
-                self.config.heartbeat, self._beat)
+                self.config.heartbeat, self._beat
+            )
         # What we run, so the broker can find a TASK lost on the way.  Only
         # heartbeats carry it, so other messages never stand in for one.
-        self._send(b"HEARTBEAT", {"running": [
-            {"id": i, "token": t} for i, (t, _) in self.tasks.items()]})
+        self._send(
+            b"HEARTBEAT",
+            {
+                "running": [
+                    {"id": i, "token": t} for i, (t, _) in self.tasks.items()
+                ]
+            },
+        )
 
     def _check(self):
         """
@@ -320,19 +374,21 @@ class WorkerService(Service):
             # move is logged); with one, the wait is.
             if len(self._ring) > 1:
                 if silence > self._allowance:
-                    self._move("no answer to HELLO for {silence:.1f}s",
-                               silence=silence)
+                    self._move(
+                        "no answer to HELLO for {silence:.1f}s",
+                        silence=silence,
+                    )
             else:
                 self._warn_unwelcomed(now)
             return
         if silence > self._allowance:
             if len(self._ring) > 1:
-                self._move("broker silent for {silence:.1f}s",
-                           silence=silence)
+                self._move("broker silent for {silence:.1f}s", silence=silence)
             else:
                 self.log.warn(
                     "broker silent for {silence:.1f}s; announcing again",
-                    silence=silence)
+                    silence=silence,
+                )
                 self._announce()
             self._check_idle()
             return
@@ -352,12 +408,15 @@ class WorkerService(Service):
         if waited < self._unwelcomed_warning_at:
             return
         self._unwelcomed_warning_at = waited + min(
-            waited, UNWELCOMED_WARNING_MAX_INTERVAL)
+            waited, UNWELCOMED_WARNING_MAX_INTERVAL
+        )
         if self._curve is None:
             self.log.warn(
                 "not welcomed: no answer to HELLO from broker {endpoint} "
                 "for {waited:.1f}s; still trying",
-                endpoint=self.endpoint, waited=waited)
+                endpoint=self.endpoint,
+                waited=waited,
+            )
         else:
             # The handshake's failures are not reported to us: say what
             # they may be.
@@ -366,7 +425,9 @@ class WorkerService(Service):
                 "for {waited:.1f}s; still trying (with CURVE, check that "
                 "--curve-server-key is this broker's public key and that "
                 "it authorizes this worker's key)",
-                endpoint=self.endpoint, waited=waited)
+                endpoint=self.endpoint,
+                waited=waited,
+            )
 
     def _move(self, reason, **fields):
         """
@@ -382,7 +443,10 @@ class WorkerService(Service):
         previous, endpoint = self._ring.advance()
         self.log.warn(
             "leaving broker {previous} for {endpoint}: " + reason,
-            previous=previous, endpoint=endpoint, **fields)
+            previous=previous,
+            endpoint=endpoint,
+            **fields,
+        )
         self.socket.close()
         self.socket = self._connect(endpoint, self._on_message)
         self._store_watch.reset()
@@ -396,10 +460,12 @@ class WorkerService(Service):
     def _on_message(self, frames):
         try:
             command, body = codec.decode(
-                frames, codec.BROKER_TO_WORKER_COMMANDS)
+                frames, codec.BROKER_TO_WORKER_COMMANDS
+            )
         except ProtocolError as e:
-            self.log.warn("bad message from the broker: {reason}",
-                          reason=e.message)
+            self.log.warn(
+                "bad message from the broker: {reason}", reason=e.message
+            )
             self._unreadable_task(frames, e.message)
             return
         self._broker_seen = self._monotonic()
@@ -416,9 +482,18 @@ class WorkerService(Service):
             _, body = codec.decode(frames, _TASK_REFERENCE)
         except ProtocolError:
             return
-        self._start(body["id"], body["token"], lambda: defer.succeed(Outcome(
-            "failed", None, f"worker {self.config.name} could not read the "
-            f"task: {reason}")))
+        self._start(
+            body["id"],
+            body["token"],
+            lambda: defer.succeed(
+                Outcome(
+                    "failed",
+                    None,
+                    f"worker {self.config.name} could not read the "
+                    f"task: {reason}",
+                )
+            ),
+        )
 
     def _on_WELCOME(self, body):
         if self._hello_retry is not None and self._hello_retry.active():
@@ -432,13 +507,18 @@ class WorkerService(Service):
             self.log.warn(
                 "broker {endpoint} runs taskbroker {theirs}, this worker "
                 "{ours}: upgrade them together (docs/operations.rst, "
-                "\"Upgrades\")", endpoint=self.endpoint,
+                '"Upgrades")',
+                endpoint=self.endpoint,
                 theirs=theirs or "older than 0.1.0",
-                ours=taskbroker.__version__)
+                ours=taskbroker.__version__,
+            )
         self._broker_heartbeat = body["heartbeat"]
         self._store_watch.reset()
-        self.log.info("welcomed by broker {instance} at {endpoint}",
-                      instance=body["broker"], endpoint=self.endpoint)
+        self.log.info(
+            "welcomed by broker {instance} at {endpoint}",
+            instance=body["broker"],
+            endpoint=self.endpoint,
+        )
         # Results first, so the broker frees their slots before it counts
         # our credits.  A WELCOME always starts a fresh count of credits
         # at the broker; any it already had are dropped there.
@@ -454,8 +534,10 @@ class WorkerService(Service):
         if self.broker_instance is None:
             return
         if body["broker"] != self.broker_instance:
-            self.log.info("broker restarted (instance {instance}); "
-                          "announcing again", instance=body["broker"])
+            self.log.info(
+                "broker restarted (instance {instance}); announcing again",
+                instance=body["broker"],
+            )
             self._announce()
             return
         if self._store_failing(body.get("store") == "failing"):
@@ -471,8 +553,10 @@ class WorkerService(Service):
             return
         interval = self.config.heartbeat
         due_in = self._heartbeat.getTime() - self.reactor.seconds()
-        if (due_in < self._broker_heartbeat and interval - due_in
-                >= min(interval, self._broker_heartbeat) / 10):
+        if (
+            due_in < self._broker_heartbeat
+            and interval - due_in >= min(interval, self._broker_heartbeat) / 10
+        ):
             self._beat()
 
     def _store_failing(self, failing):
@@ -490,19 +574,28 @@ class WorkerService(Service):
             if failing and not was_failing:
                 self.log.warn(
                     "broker {endpoint} cannot write its database"
-                    + ("; leaving it if that lasts {after:g}s"
-                       if len(self._ring) > 1 else ""),
-                    endpoint=self.endpoint, after=self.config.failover_after)
+                    + (
+                        "; leaving it if that lasts {after:g}s"
+                        if len(self._ring) > 1
+                        else ""
+                    ),
+                    endpoint=self.endpoint,
+                    after=self.config.failover_after,
+                )
             elif was_failing and not failing:
-                self.log.info("broker {endpoint} can write its database "
-                              "again", endpoint=self.endpoint)
+                self.log.info(
+                    "broker {endpoint} can write its database again",
+                    endpoint=self.endpoint,
+                )
             return False
         if len(self._ring) == 1:
             return False
-        self._move("its database has been failing for {failing:.1f}s "
-                   "(--failover-after {after:g})",
-                   failing=watch.failing_for(now),
-                   after=self.config.failover_after)
+        self._move(
+            "its database has been failing for {failing:.1f}s "
+            "(--failover-after {after:g})",
+            failing=watch.failing_for(now),
+            after=self.config.failover_after,
+        )
         return True
 
     def _on_REHELLO(self, body):
@@ -513,8 +606,9 @@ class WorkerService(Service):
     def _on_ERROR(self, body):
         message = one_line(body["message"])
         if body.get("fatal"):
-            self.log.critical("taskworker refused by the broker: {message}",
-                              message=message)
+            self.log.critical(
+                "taskworker refused by the broker: {message}", message=message
+            )
             if self.on_fatal is not None:
                 self.on_fatal(message)
         else:
@@ -528,8 +622,11 @@ class WorkerService(Service):
         entry = self.tasks.get(body["id"])
         if entry is None or entry[0] != body["token"]:
             return
-        self.log.info("stopping task {task_id}: the broker cancelled it or "
-                      "gave it to another worker", task_id=body["id"])
+        self.log.info(
+            "stopping task {task_id}: the broker cancelled it or "
+            "gave it to another worker",
+            task_id=body["id"],
+        )
         # The broker has forgotten this attempt: no result goes back, and
         # the slot asks for new work once the handler has stopped.
         del self.tasks[body["id"]]
@@ -546,15 +643,19 @@ class WorkerService(Service):
         :param run: makes the ``Deferred`` of the attempt's ``Outcome``.
         """
         if task_id in self.tasks:
-            self.log.warn("task {task_id} is already running here; ignored",
-                          task_id=task_id)
+            self.log.warn(
+                "task {task_id} is already running here; ignored",
+                task_id=task_id,
+            )
             return
         if self._stopping is not None:
             # Sent before the broker heard we are stopping: hand it back.
-            self.log.info("task {task_id} handed back: shutting down",
-                          task_id=task_id)
-            self._send(b"RESULT", {"id": task_id, "token": token,
-                                   "state": "released"})
+            self.log.info(
+                "task {task_id} handed back: shutting down", task_id=task_id
+            )
+            self._send(
+                b"RESULT", {"id": task_id, "token": token, "state": "released"}
+            )
             return
         d = run()
         self.tasks[task_id] = (token, d)
@@ -562,25 +663,41 @@ class WorkerService(Service):
 
     def _run(self, body):
         handler = self.handlers.get(body["handler"])
-        self._started[(body["id"], body["token"])] = (self._monotonic(),
-                                                      body["handler"])
+        self._started[(body["id"], body["token"])] = (
+            self._monotonic(),
+            body["handler"],
+        )
         self._start_log.add(
-            id=body["id"], handler=body["handler"],
-            priority=body["priority"], attempt=body["attempt"],
-            max_attempts=body["max_attempts"], token=body["token"],
-            blocking=getattr(handler, "blocking", False))
+            id=body["id"],
+            handler=body["handler"],
+            priority=body["priority"],
+            attempt=body["attempt"],
+            max_attempts=body["max_attempts"],
+            token=body["token"],
+            blocking=getattr(handler, "blocking", False),
+        )
         if handler is None:
-            return defer.succeed(Outcome(
-                "failed", None,
-                f"no handler {body['handler']!r} on worker {self.config.name}"))
-        time_limit = (body.get("time_limit")
-                      or getattr(handler, "time_limit", None)
-                      or self._time_limit)
+            return defer.succeed(
+                Outcome(
+                    "failed",
+                    None,
+                    f"no handler {body['handler']!r} on worker {self.config.name}",
+                )
+            )
+        time_limit = (
+            body.get("time_limit")
+            or getattr(handler, "time_limit", None)
+            or self._time_limit
+        )
         report = self._progress_of(body["id"], body["token"])
         if handler.blocking:
             return self._children.run(body, time_limit, report)
-        return run_handler(handler, RunningTask(body, self.reactor, report),
-                           self.reactor, time_limit)
+        return run_handler(
+            handler,
+            RunningTask(body, self.reactor, report),
+            self.reactor,
+            time_limit,
+        )
 
     def _progress_of(self, task_id, token):
         """
@@ -589,17 +706,25 @@ class WorkerService(Service):
 
         :returns: a function of ``(fraction, message)``, for any thread.
         """
+
         def send(fraction, message):
             # (A handler may report before its run() returns, before the
             # attempt is in self.tasks; the throttle is dropped when the
             # attempt ends, and cancelled with it.)
             if self._broker_takes_progress:
-                self._send(b"PROGRESS", {"id": task_id, "token": token,
-                                         "fraction": fraction,
-                                         "message": message})
+                self._send(
+                    b"PROGRESS",
+                    {
+                        "id": task_id,
+                        "token": token,
+                        "fraction": fraction,
+                        "message": message,
+                    },
+                )
 
         throttle = self._throttles[(task_id, token)] = Throttle(
-            send, self._monotonic, self.reactor.callLater)
+            send, self._monotonic, self.reactor.callLater
+        )
 
         def report(fraction, message):
             if isInIOThread():
@@ -616,9 +741,13 @@ class WorkerService(Service):
         started = self._started.pop((task_id, token), None)
         if started is not None:
             self._end_log.add(
-                id=task_id, handler=started[1], outcome=outcome.state,
-                ran=self._monotonic() - started[0], token=token,
-                error=cut(outcome.error))
+                id=task_id,
+                handler=started[1],
+                outcome=outcome.state,
+                ran=self._monotonic() - started[0],
+                token=token,
+                error=cut(outcome.error),
+            )
         entry = self.tasks.get(task_id)
         if entry is None or entry[0] != token:
             # Cancelled or handed back: nothing to report.
@@ -645,8 +774,9 @@ class WorkerService(Service):
         Whether stopping must wait: for running tasks, and for
         acknowledgements while a broker is there to send them.
         """
-        return bool(self.tasks or (
-            self.unacked and self.broker_instance is not None))
+        return bool(
+            self.tasks or (self.unacked and self.broker_instance is not None)
+        )
 
     def _check_idle(self):
         if self._idle is not None and not self._waiting_on():
@@ -678,8 +808,10 @@ class WorkerService(Service):
             self.log.info(
                 "stopping: waiting up to {grace}s for {running} running "
                 "tasks and {unacked} unacknowledged results",
-                running=len(self.tasks), unacked=len(self.unacked),
-                grace=self.config.grace)
+                running=len(self.tasks),
+                unacked=len(self.unacked),
+                grace=self.config.grace,
+            )
             self._idle = defer.Deferred()
             self._idle.addTimeout(self.config.grace, self.reactor)
             try:
@@ -701,8 +833,9 @@ class WorkerService(Service):
         abandoned, self.tasks = self.tasks, {}
         for task_id, (token, d) in abandoned.items():
             self.log.info("handing back task {task_id}", task_id=task_id)
-            self._send(b"RESULT", {"id": task_id, "token": token,
-                                   "state": "released"})
+            self._send(
+                b"RESULT", {"id": task_id, "token": token, "state": "released"}
+            )
             d.cancel()
         self._send(b"BYE", {})
         self._start_log.flush()
@@ -714,20 +847,23 @@ class WorkerService(Service):
             self.socket = None
 
 
-
 def _start_details(task):
-    return (f"{task['handler']}, priority {task['priority']}, attempt "
-            f"{task['attempt']} of {task['max_attempts']}"
-            + (", in a handler process" if task["blocking"] else ""))
+    return (
+        f"{task['handler']}, priority {task['priority']}, attempt "
+        f"{task['attempt']} of {task['max_attempts']}"
+        + (", in a handler process" if task["blocking"] else "")
+    )
 
 
 def _end_details(task):
-    return (f"{task['handler']}, ran {seconds(task['ran'])}"
-            + ("" if task["error"] is None else f": {task['error']}"))
+    return f"{task['handler']}, ran {seconds(task['ran'])}" + (
+        "" if task["error"] is None else f": {task['error']}"
+    )
 
 
-def make_worker_service(config, handlers, reactor, on_fatal=None,
-                        monotonic=None, curve=None):
+def make_worker_service(
+    config, handlers, reactor, on_fatal=None, monotonic=None, curve=None
+):
     """
     The worker daemon as a tree of services (:mod:`taskbroker.services`):
     the ZeroMQ context, then the worker; at the end the worker hands back
@@ -744,8 +880,15 @@ def make_worker_service(config, handlers, reactor, on_fatal=None,
     zmq = ZmqFactoryService(reactor, linger=1000)
     zmq.setName("zmq")
     zmq.setServiceParent(tree)
-    worker = WorkerService(config, handlers, reactor, on_fatal=on_fatal,
-                           monotonic=monotonic, zmq=zmq, curve=curve)
+    worker = WorkerService(
+        config,
+        handlers,
+        reactor,
+        on_fatal=on_fatal,
+        monotonic=monotonic,
+        zmq=zmq,
+        curve=curve,
+    )
     worker.setName("worker")
     worker.setServiceParent(tree)
     return tree

@@ -22,7 +22,8 @@ class Options(DaemonOptions):
         "[options]\n\nRun tasks handed out by a taskbroker, one per free "
         "slot.\nEvery option can also be set with an environment variable "
         "TASKWORKER_<OPTION>\n(e.g. TASKWORKER_CONCURRENCY); the command "
-        "line wins.")
+        "line wins."
+    )
     settings = WORKER_SETTINGS
     prefix = "TASKWORKER_"
     command = "taskworker"
@@ -44,9 +45,12 @@ class Options(DaemonOptions):
         # An action: only the folders matter, from the command line or
         # the environment, as the worker would take them.
         try:
-            paths = resolve([self._listing], self.prefix, {
-                "handlers_path": self["handlers_path"]}, os.environ)[
-                    "handlers_path"]
+            paths = resolve(
+                [self._listing],
+                self.prefix,
+                {"handlers_path": self["handlers_path"]},
+                os.environ,
+            )["handlers_path"]
         except ConfigError as e:
             sys.stderr.write(f"twistd {self.command}: {e}\n")
             raise SystemExit(2) from None
@@ -57,8 +61,9 @@ class Options(DaemonOptions):
         # Imported here: the keys bring zmq, which --help does not need.
         from taskbroker import curve
 
-        return curve.load_peer_keys(config.curve_server_key,
-                                    config.curve_secret_key, "worker")
+        return curve.load_peer_keys(
+            config.curve_server_key, config.curve_secret_key, "worker"
+        )
 
 
 def list_handlers(paths, out):
@@ -78,16 +83,27 @@ def list_handlers(paths, out):
     for name in sorted(handlers):
         handler = handlers[name]
         limit = getattr(handler, "time_limit", None)
-        rows.append((name,
-                     "blocking" if handler.blocking else "in the reactor",
-                     "-" if limit is None else f"{limit:g} s",
-                     origin(handler)))
+        rows.append(
+            (
+                name,
+                "blocking" if handler.blocking else "in the reactor",
+                "-" if limit is None else f"{limit:g} s",
+                origin(handler),
+            )
+        )
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
     for row in rows:
-        out.write("  ".join(cell.ljust(width) for cell, width
-                            in zip(row, widths + [0])).rstrip() + "\n")
-    problems = [(e["log_level"], formatEvent(e)) for e in events
-                if e.get("log_level") in (LogLevel.warn, LogLevel.error)]
+        out.write(
+            "  ".join(
+                cell.ljust(width) for cell, width in zip(row, widths + [0])
+            ).rstrip()
+            + "\n"
+        )
+    problems = [
+        (e["log_level"], formatEvent(e))
+        for e in events
+        if e.get("log_level") in (LogLevel.warn, LogLevel.error)
+    ]
     for level, text in problems:
         out.write(f"{level.name}: {text}\n")
     return 1 if any(level == LogLevel.error for level, _ in problems) else 0
@@ -105,6 +121,11 @@ def makeService(options):
 
     config = options.config
     handlers = load_handlers(config.handlers_path)
-    return make_worker_service(config, handlers, reactor,
-                               on_fatal=lambda message: exit_with(reactor, 1),
-                               monotonic=time.monotonic, curve=options.curve)
+    return make_worker_service(
+        config,
+        handlers,
+        reactor,
+        on_fatal=lambda message: exit_with(reactor, 1),
+        monotonic=time.monotonic,
+        curve=options.curve,
+    )

@@ -23,8 +23,17 @@ class RunningTask:
         ``None`` to drop them.
     """
 
-    __slots__ = ("id", "handler", "payload", "priority", "attempt",
-                 "max_attempts", "token", "clock", "_report")
+    __slots__ = (
+        "id",
+        "handler",
+        "payload",
+        "priority",
+        "attempt",
+        "max_attempts",
+        "token",
+        "clock",
+        "_report",
+    )
 
     def __init__(self, body, clock, report=None):
         self.id = body["id"]

@@ -54,8 +54,14 @@ class Cluster:
         self.database = "sqlite:///tasks.sqlite"
         self.broker = None
 
-    def start_broker(self, *args, listen="tcp://127.0.0.1:*", wait=True,
-                     database=None, prefix=()):
+    def start_broker(
+        self,
+        *args,
+        listen="tcp://127.0.0.1:*",
+        wait=True,
+        database=None,
+        prefix=(),
+    ):
         """
         Start a broker; by default wait until it listens and remember its
         endpoint.
@@ -63,13 +69,23 @@ class Cluster:
         :param prefix: a command line to run it under, such as
             ``setpriv`` with its options.
         """
-        if not any(arg.startswith("--http") and arg != "--http-token-file"
-                   for arg in args):
+        if not any(
+            arg.startswith("--http") and arg != "--http-token-file"
+            for arg in args
+        ):
             # A port of its own: tests run side by side.
             args = ("--http", "tcp:0:interface=127.0.0.1", *args)
-        argv = [*prefix, *_daemons.twistd(
-            "taskbroker", "--listen", listen, "--database",
-            database or self.database, *args)]
+        argv = [
+            *prefix,
+            *_daemons.twistd(
+                "taskbroker",
+                "--listen",
+                listen,
+                "--database",
+                database or self.database,
+                *args,
+            ),
+        ]
         daemon = Daemon("broker", argv, self.folder)
         self.daemons.append(daemon)
         if wait:
@@ -78,8 +94,9 @@ class Cluster:
             self.broker = daemon
         return daemon
 
-    def start_worker(self, *args, name=None, wait=True, handlers=True,
-                     env=None):
+    def start_worker(
+        self, *args, name=None, wait=True, handlers=True, env=None
+    ):
         """
         Start a worker of the current broker; by default wait until the
         broker has welcomed it.
@@ -90,8 +107,9 @@ class Cluster:
         if handlers:
             argv += ["--handlers-path", HANDLERS]
         argv += list(args)
-        daemon = Daemon(f"worker {name}", argv, self.folder,
-                        clean_environment(env))
+        daemon = Daemon(
+            f"worker {name}", argv, self.folder, clean_environment(env)
+        )
         self.daemons.append(daemon)
         if wait:
             daemon.wait_for(r"welcomed by broker")
@@ -104,9 +122,14 @@ class Cluster:
         :returns: the ``CompletedProcess`` (text output).
         """
         return subprocess.run(
-            [CLI, "--broker", self.endpoint, *args], cwd=self.folder,
-            env=clean_environment(), capture_output=True, text=True,
-            timeout=timeout, input=input)
+            [CLI, "--broker", self.endpoint, *args],
+            cwd=self.folder,
+            env=clean_environment(),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            input=input,
+        )
 
     def stop_all(self):
         for daemon in reversed(self.daemons):

@@ -47,7 +47,8 @@ def submit(cluster, count, handler="echo", payload=None):
     """
     with BlockingClient(cluster.endpoint) as client:
         tasks, _ = client.submit_many(
-            [{"handler": handler, "payload": payload}] * count)
+            [{"handler": handler, "payload": payload}] * count
+        )
     return [task["id"] for task in tasks]
 
 
@@ -71,8 +72,11 @@ def submits_after_a_fault(cluster, count):
 
 
 def critical_lines(daemon):
-    return [line.split("#critical] ", 1)[1] for line in daemon.lines
-            if "#critical] " in line]
+    return [
+        line.split("#critical] ", 1)[1]
+        for line in daemon.lines
+        if "#critical] " in line
+    ]
 
 
 def exits_with_one_line(daemon):
@@ -98,24 +102,29 @@ def test_database_files_deleted_under_the_broker(cluster):
     assert submits_after_a_fault(cluster, 20) == []
     assert exits_with_one_line(cluster.broker) == (
         f"taskbroker stopping: database {path} was removed while the broker "
-        "was using it")
+        "was using it"
+    )
     # Before: a restart created an empty database without a word.
-    refused = cluster.start_broker(*HEARTBEAT, listen=cluster.endpoint,
-                                   wait=False)
+    refused = cluster.start_broker(
+        *HEARTBEAT, listen=cluster.endpoint, wait=False
+    )
     assert exits_with_one_line(refused) == (
         f"taskbroker cannot start: database {path} does not exist, but its "
         f"lock file {path}.lock does: the database was probably deleted or "
         "moved; put it back, or start the broker with --create-database to "
-        "begin with an empty one")
+        "begin with an empty one"
+    )
     assert not os.path.exists(path)
-    cluster.start_broker(*HEARTBEAT, "--create-database",
-                         listen=cluster.endpoint)
+    cluster.start_broker(
+        *HEARTBEAT, "--create-database", listen=cluster.endpoint
+    )
     still_serves(cluster)
 
 
 @pytest.mark.parametrize("fault", ["moved away", "replaced"])
 def test_a_database_moved_or_replaced_under_the_broker_loses_nothing(
-        cluster, fault):
+    cluster, fault
+):
     cluster.start_broker(*HEARTBEAT)
     cluster.start_worker(*HEARTBEAT, name="w1")
     # Still queued or running when the file goes.
@@ -131,8 +140,10 @@ def test_a_database_moved_or_replaced_under_the_broker_loses_nothing(
     assert submits_after_a_fault(cluster, 20) == []
     line = exits_with_one_line(cluster.broker)
     seen_as = {"moved away": "removed", "replaced": "replaced"}[fault]
-    assert line.startswith(f"taskbroker stopping: database {path} was "
-                           f"{seen_as} while the broker was using it")
+    assert line.startswith(
+        f"taskbroker stopping: database {path} was "
+        f"{seen_as} while the broker was using it"
+    )
     # Put back as it was, the database holds every acknowledged task.
     os.replace(path + (".moved" if fault == "moved away" else ".orig"), path)
     cluster.start_broker(*HEARTBEAT, listen=cluster.endpoint)
@@ -166,11 +177,18 @@ def other_user():
     if shutil.which("setpriv") is None:
         cannot("needs setpriv to run the broker as another user")
     nobody = pwd.getpwnam("nobody")
-    prefix = ("setpriv", f"--reuid={nobody.pw_uid}",
-              f"--regid={nobody.pw_gid}", "--clear-groups")
+    prefix = (
+        "setpriv",
+        f"--reuid={nobody.pw_uid}",
+        f"--regid={nobody.pw_gid}",
+        "--clear-groups",
+    )
     probe = subprocess.run(
         [*prefix, sys.executable, "-c", "import taskbroker.broker.tap"],
-        cwd="/", capture_output=True, text=True)
+        cwd="/",
+        capture_output=True,
+        text=True,
+    )
     if probe.returncode != 0:
         cannot("nobody cannot run this Python: " + probe.stderr[-200:])
     return prefix, nobody.pw_name, nobody.pw_uid, nobody.pw_gid
@@ -194,7 +212,8 @@ def open_cluster(other_user):
 
 
 def test_a_database_the_broker_cannot_write_is_refused_at_start(
-        open_cluster, other_user):
+    open_cluster, other_user
+):
     cluster, (prefix, user, _, _) = open_cluster, other_user
     cluster.start_broker(*HEARTBEAT, prefix=prefix)
     acknowledged = submit(cluster, 5)
@@ -206,7 +225,8 @@ def test_a_database_the_broker_cannot_write_is_refused_at_start(
     assert exits_with_one_line(refused) == (
         f"taskbroker cannot start: cannot write {path} as user {user}: "
         "permission denied; the broker must be able to write its database, "
-        "the folder it is in, and the -wal and -shm files next to it")
+        "the folder it is in, and the -wal and -shm files next to it"
+    )
     os.chmod(path, 0o644)
     cluster.start_broker(*HEARTBEAT, prefix=prefix)
     cluster.start_worker(*HEARTBEAT, name="w1")
@@ -214,7 +234,8 @@ def test_a_database_the_broker_cannot_write_is_refused_at_start(
 
 
 def test_an_shm_file_the_broker_cannot_write_is_refused_at_start(
-        open_cluster, other_user):
+    open_cluster, other_user
+):
     cluster, (prefix, user, uid, gid) = open_cluster, other_user
     if os.geteuid() != 0:
         cannot("needs root to give the -shm file to another user")
@@ -231,7 +252,8 @@ def test_an_shm_file_the_broker_cannot_write_is_refused_at_start(
     assert exits_with_one_line(refused) == (
         f"taskbroker cannot start: cannot write {shm} as user {user}: "
         "permission denied; the broker must be able to write its database, "
-        "the folder it is in, and the -wal and -shm files next to it")
+        "the folder it is in, and the -wal and -shm files next to it"
+    )
     os.chown(shm, uid, gid)
     cluster.start_broker(*HEARTBEAT, prefix=prefix)
     cluster.start_worker(*HEARTBEAT, name="w1")
@@ -275,14 +297,20 @@ def test_a_damaged_database_stops_the_broker_once_it_listens(cluster):
     # the broker listens, so as not to delay the first dispatch.
     broker = cluster.start_broker(*HEARTBEAT)
     line = exits_with_one_line(broker)
-    assert line.startswith(f"taskbroker stopping: database {path} is "
-                           "damaged: PRAGMA quick_check found: Page ")
+    assert line.startswith(
+        f"taskbroker stopping: database {path} is "
+        "damaged: PRAGMA quick_check found: Page "
+    )
     assert "btreeInitPage() returns error code 11" in line
     if shutil.which("sqlite3") is None:
         return  # the recovery the docs describe needs the sqlite3 program
     # Recovered as the docs say, the database holds every task.
-    subprocess.run(f"sqlite3 {path} .dump | sqlite3 {path}.recovered",
-                   shell=True, check=True, cwd=cluster.folder)
+    subprocess.run(
+        f"sqlite3 {path} .dump | sqlite3 {path}.recovered",
+        shell=True,
+        check=True,
+        cwd=cluster.folder,
+    )
     os.replace(path + ".recovered", path)
     for suffix in ("-wal", "-shm"):
         if os.path.exists(path + suffix):
@@ -312,7 +340,8 @@ def test_health_tells_accepting_work_from_up_but_cannot_write(cluster):
         assert (sick.returncode, sick.stdout) == (3, "")
         assert sick.stderr == (
             f"taskbroker: up but cannot write: database {path}: transaction "
-            "failed: database is locked\n")
+            "failed: database is locked\n"
+        )
         stats = cluster.cli("stats", "--json")
         assert '"accepting_work":false' in stats.stdout
         mark = cluster.broker.mark()

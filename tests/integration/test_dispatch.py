@@ -26,8 +26,10 @@ def capacities(client, levels=LEVELS):
     for w in client.workers():
         workers[w["name"]] = Capacity(
             frozenset(levels.index(p) for p in w["priorities"]),
-            frozenset(w["handlers"]), w["slots"],
-            datetime.fromisoformat(w["connected_since"]).timestamp())
+            frozenset(w["handlers"]),
+            w["slots"],
+            datetime.fromisoformat(w["connected_since"]).timestamp(),
+        )
     return workers
 
 
@@ -40,9 +42,14 @@ def test_mixed_batch_is_balanced_and_strictly_prioritised(cluster):
     cluster.start_worker(name="w1")
     cluster.start_worker(name="w2")
     rng = random.Random(7)
-    specs = [{"handler": "record",
-              "payload": {"seconds": rng.choice([0.05, 0.1, 0.3])},
-              "priority": rng.choice(LEVELS)} for _ in range(40)]
+    specs = [
+        {
+            "handler": "record",
+            "payload": {"seconds": rng.choice([0.05, 0.1, 0.3])},
+            "priority": rng.choice(LEVELS),
+        }
+        for _ in range(40)
+    ]
     with BlockingClient(cluster.endpoint) as client:
         workers = capacities(client)
         tasks, unserved = client.submit_many(specs)
@@ -67,11 +74,20 @@ def test_reserved_worker_serves_high_at_once(cluster):
     with BlockingClient(cluster.endpoint) as client:
         workers = capacities(client)
         low, _ = client.submit_many(
-            [{"handler": "record", "payload": {"seconds": 0.5},
-              "priority": "low"} for _ in range(6)])
+            [
+                {
+                    "handler": "record",
+                    "payload": {"seconds": 0.5},
+                    "priority": "low",
+                }
+                for _ in range(6)
+            ]
+        )
         highs = []
         for _ in range(4):
-            task, _ = client.submit("record", {"seconds": 0.05}, priority="high")
+            task, _ = client.submit(
+                "record", {"seconds": 0.05}, priority="high"
+            )
             highs.append(client.wait(task["id"], timeout=30))
         done = finish_all(client, low) + highs
 
@@ -81,7 +97,10 @@ def test_reserved_worker_serves_high_at_once(cluster):
         # worker was busy with low work.
         assert run.started - run.created < TOLERANCE
         assert run.worker == "reserved"
-    assert {r.worker for r in runs if r.level == 2} == {"general-1", "general-2"}
+    assert {r.worker for r in runs if r.level == 2} == {
+        "general-1",
+        "general-2",
+    }
     assert idle_while_waiting(runs, workers, TOLERANCE) == []
     assert overcommitted(runs, workers, TOLERANCE) == []
 

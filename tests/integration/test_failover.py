@@ -30,8 +30,11 @@ def two_brokers(cluster):
     """
     daemons, endpoints = [], []
     for name in ("a", "b"):
-        daemons.append(cluster.start_broker(
-            *HEARTBEAT, database=f"sqlite:///{name}.sqlite"))
+        daemons.append(
+            cluster.start_broker(
+                *HEARTBEAT, database=f"sqlite:///{name}.sqlite"
+            )
+        )
         endpoints.append(cluster.endpoint)
     cluster.endpoint = ",".join(endpoints)
     return daemons, endpoints
@@ -44,8 +47,7 @@ def run_echo(endpoint, value):
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL])
-def test_a_worker_moves_to_the_next_broker_when_its_own_stops(
-        cluster, signum):
+def test_a_worker_moves_to_the_next_broker_when_its_own_stops(cluster, signum):
     daemons, endpoints = two_brokers(cluster)
     name = "fleet-7"
     first = start_position(name, 2)
@@ -62,13 +64,17 @@ def test_a_worker_moves_to_the_next_broker_when_its_own_stops(
     daemons[first].wait_exit()
     moved = worker.wait_for(r"leaving broker (\S+) for (\S+): ", start=mark)
     assert moved.groups() == (endpoints[first], endpoints[second])
-    welcomed = worker.wait_for(r"welcomed by broker \S+ at (\S+)",
-                               start=worker.after_match)
+    welcomed = worker.wait_for(
+        r"welcomed by broker \S+ at (\S+)", start=worker.after_match
+    )
     assert welcomed.group(1) == endpoints[second]
 
     done = run_echo(endpoints[second], {"on": "second"})
     assert (done["state"], done["result"], done["worker"]) == (
-        "succeeded", {"on": "second"}, name)
+        "succeeded",
+        {"on": "second"},
+        name,
+    )
 
 
 def test_a_worker_leaves_a_broker_that_cannot_write_its_database(cluster):
@@ -76,10 +82,13 @@ def test_a_worker_leaves_a_broker_that_cannot_write_its_database(cluster):
     name = "fleet-3"
     first = start_position(name, 2)
     second = 1 - first
-    worker = cluster.start_worker(*HEARTBEAT, "--failover-after", "1",
-                                  name=name, wait=False)
-    assert worker.wait_for(r"welcomed by broker \S+ at (\S+)").group(1) == (
-        endpoints[first])
+    worker = cluster.start_worker(
+        *HEARTBEAT, "--failover-after", "1", name=name, wait=False
+    )
+    assert (
+        worker.wait_for(r"welcomed by broker \S+ at (\S+)").group(1)
+        == (endpoints[first])
+    )
     path = os.path.join(cluster.folder, "ab"[first] + ".sqlite")
     with closing(sqlite3.connect(path, isolation_level=None)) as other:
         # Another program holds the write lock for longer than the
@@ -91,13 +100,17 @@ def test_a_worker_leaves_a_broker_that_cannot_write_its_database(cluster):
                 client.submit("echo")
         assert refused.value.code == "unavailable"
         worker.wait_for(r"broker \S+ cannot write its database", start=mark)
-        moved = worker.wait_for(r"leaving broker (\S+) for (\S+): its "
-                                r"database has been failing", start=mark)
+        moved = worker.wait_for(
+            r"leaving broker (\S+) for (\S+): its "
+            r"database has been failing",
+            start=mark,
+        )
         other.execute("ROLLBACK")
     assert moved.groups() == (endpoints[first], endpoints[second])
     worker.wait_for(
         r"welcomed by broker \S+ at " + re.escape(endpoints[second]),
-        start=worker.after_match)
+        start=worker.after_match,
+    )
     done = run_echo(endpoints[second], "still served")
     assert (done["state"], done["worker"]) == ("succeeded", name)
 
@@ -110,8 +123,9 @@ def test_the_command_line_submits_through_the_broker_that_answers(cluster):
     # The command starts at a random broker of the list: run it a few
     # times, so that it starts at the stopped one too.
     for n in range(4):
-        result = cluster.cli("--timeout", "1", "submit", "echo",
-                             "--payload", str(n), "--wait")
+        result = cluster.cli(
+            "--timeout", "1", "submit", "echo", "--payload", str(n), "--wait"
+        )
         assert result.returncode == 0, result.stderr
     with BlockingClient(endpoints[1], timeout=10) as client:
         tasks = client.list(state="succeeded")
@@ -125,4 +139,5 @@ def test_a_bad_failover_list_is_one_line(cluster):
     assert worker.wait_exit() == 2
     assert worker.last_line() == (
         "twistd taskworker: --broker: endpoint 'tcp://127.0.0.1:1' is listed "
-        "twice (got 'tcp://127.0.0.1:1,tcp://127.0.0.1:1')")
+        "twice (got 'tcp://127.0.0.1:1,tcp://127.0.0.1:1')"
+    )

@@ -30,9 +30,14 @@ def start(cluster, tmp_path, workers=2, broker_args=(), worker_args=()):
     if cluster.broker is None:
         cluster.start_broker(*HEARTBEAT, *broker_args)
     started = [
-        cluster.start_worker(*HEARTBEAT, *worker_args, name=f"w{i}",
-                             env={"TASKBROKER_TEST_RECORD": str(record)})
-        for i in range(workers)]
+        cluster.start_worker(
+            *HEARTBEAT,
+            *worker_args,
+            name=f"w{i}",
+            env={"TASKBROKER_TEST_RECORD": str(record)},
+        )
+        for i in range(workers)
+    ]
     return record, started
 
 
@@ -63,11 +68,19 @@ def check_promises(client, tasks, record, presumed_dead=()):
         # Attempts on live workers never overlapped: each one after the
         # first started only after the one before ended or its worker died.
         spans = sorted(
-            (r["start"]["time"], r.get("end", {}).get("time"), r["start"]["pid"])
-            for r in runs.values())
+            (
+                r["start"]["time"],
+                r.get("end", {}).get("time"),
+                r["start"]["pid"],
+            )
+            for r in runs.values()
+        )
         for (_, end_a, pid_a), (start_b, _, _) in zip(spans, spans[1:]):
-            assert end_a is not None and end_a <= start_b or pid_a in presumed_dead, (
-                task["id"], spans)
+            assert (
+                end_a is not None
+                and end_a <= start_b
+                or pid_a in presumed_dead
+            ), (task["id"], spans)
     return done
 
 
@@ -84,19 +97,28 @@ def test_sigkill_a_worker_mid_task(cluster, tmp_path):
     with BlockingClient(cluster.endpoint) as client:
         tasks, _ = client.submit_many(
             [{"handler": "record", "payload": {"seconds": 1}}] * 2
-            + [{"handler": "record", "payload": {"seconds": 0.05}}] * 20)
+            + [{"handler": "record", "payload": {"seconds": 0.05}}] * 20
+        )
         victim_task = running_on(client, tasks[0]["id"])
         victim = w0 if victim_task["worker"] == "w0" else w1
         killed_at = time.time()
         victim.signal(signal.SIGKILL)
-        done = check_promises(client, tasks, record, presumed_dead={victim.pid})
-    restarted = [e for e in events(record)
-                 if e["task"] == tasks[0]["id"] and e["event"] == "start"
-                 and e["pid"] != victim.pid]
+        done = check_promises(
+            client, tasks, record, presumed_dead={victim.pid}
+        )
+    restarted = [
+        e
+        for e in events(record)
+        if e["task"] == tasks[0]["id"]
+        and e["event"] == "start"
+        and e["pid"] != victim.pid
+    ]
     assert restarted, "the killed worker's task never restarted"
     recovery = restarted[0]["time"] - killed_at
-    print(f"\nworker SIGKILL -> task restarted elsewhere: {recovery:.2f} s "
-          f"(heartbeat 0.2 s x 3 misses)")
+    print(
+        f"\nworker SIGKILL -> task restarted elsewhere: {recovery:.2f} s "
+        f"(heartbeat 0.2 s x 3 misses)"
+    )
     assert done[0]["attempts"] == 2
 
 
@@ -105,7 +127,8 @@ def test_sigkill_the_broker_and_restart_it(cluster, tmp_path):
     with BlockingClient(cluster.endpoint) as client:
         tasks, _ = client.submit_many(
             [{"handler": "record", "payload": {"seconds": 0.5}}] * 4
-            + [{"handler": "record", "payload": {"seconds": 0.02}}] * 30)
+            + [{"handler": "record", "payload": {"seconds": 0.02}}] * 30
+        )
         running_on(client, tasks[0]["id"])
     cluster.broker.signal(signal.SIGKILL)
     cluster.broker.wait_exit()
@@ -114,9 +137,11 @@ def test_sigkill_the_broker_and_restart_it(cluster, tmp_path):
     with BlockingClient(cluster.endpoint, timeout=10) as client:
         late, _ = client.submit("record", {"seconds": 0})
         resumed = client.wait(late["id"], timeout=60)
-        print(f"\nbroker SIGKILL -> a new task done after restart: "
-              f"{resumed_at(resumed) - killed_at:.2f} s (including the "
-              "broker's start)")
+        print(
+            f"\nbroker SIGKILL -> a new task done after restart: "
+            f"{resumed_at(resumed) - killed_at:.2f} s (including the "
+            "broker's start)"
+        )
         check_promises(client, tasks + [late], record)
 
 
@@ -142,17 +167,23 @@ def test_frozen_worker_is_replaced_and_told_to_stop(cluster, tmp_path):
         frozen.wait_for(rf"stopping task {task['id']}", start=mark)
         # While frozen it was presumed dead, so its attempt may overlap
         # the replacement's; once thawed it was stopped before its end.
-        done = check_promises(client, [task], record, presumed_dead={frozen.pid})
-    assert not [e for e in events(record)
-                if e["pid"] == frozen.pid and e["event"] == "end"]
+        done = check_promises(
+            client, [task], record, presumed_dead={frozen.pid}
+        )
+    assert not [
+        e
+        for e in events(record)
+        if e["pid"] == frozen.pid and e["event"] == "end"
+    ]
     assert done[0]["worker"] == other.name.split()[-1]
     assert done[0]["result"]["pid"] == other.pid
 
 
 def test_graceful_stop_hands_back_unfinished_work(cluster, tmp_path):
     cluster.start_broker(*HEARTBEAT)
-    record, (w0,) = start(cluster, tmp_path, workers=1,
-                          worker_args=("--grace", "0.5"))
+    record, (w0,) = start(
+        cluster, tmp_path, workers=1, worker_args=("--grace", "0.5")
+    )
     with BlockingClient(cluster.endpoint) as client:
         task, _ = client.submit("record", {"seconds": 5})
         running_on(client, task["id"])
@@ -168,15 +199,16 @@ def test_graceful_stop_hands_back_unfinished_work(cluster, tmp_path):
 
 
 def test_retries_then_success(cluster, tmp_path):
-    start(cluster, tmp_path, workers=1,
-          broker_args=("--retry-delay", "0.1"))
+    start(cluster, tmp_path, workers=1, broker_args=("--retry-delay", "0.1"))
     with BlockingClient(cluster.endpoint) as client:
         task, _ = client.submit("flaky", {"succeed_on": 3})
         done = client.wait(task["id"], timeout=30)
         assert (done["state"], done["attempts"], done["result"]) == (
-            "succeeded", 3, 3)
-        hopeless, _ = client.submit("flaky", {"succeed_on": 9},
-                                    max_attempts=2)
+            "succeeded",
+            3,
+            3,
+        )
+        hopeless, _ = client.submit("flaky", {"succeed_on": 9}, max_attempts=2)
         failed = client.wait(hopeless["id"], timeout=30)
     assert failed["state"] == "failed"
     assert failed["error"] == "RuntimeError: attempt 2 fails on purpose"
@@ -186,8 +218,9 @@ def test_retries_then_success(cluster, tmp_path):
 def test_time_limit_stops_a_blocking_handler(cluster, tmp_path):
     start(cluster, tmp_path, workers=1)
     with BlockingClient(cluster.endpoint) as client:
-        task, _ = client.submit("blocking-sleep", {"seconds": 600},
-                                max_attempts=1, time_limit=0.5)
+        task, _ = client.submit(
+            "blocking-sleep", {"seconds": 600}, max_attempts=1, time_limit=0.5
+        )
         done = client.wait(task["id"], timeout=30)
         assert done["state"] == "failed"
         assert done["error"] == "time limit of 0.5 s exceeded"
@@ -215,8 +248,10 @@ def test_handler_processes_die_with_their_worker(cluster, tmp_path):
     with BlockingClient(cluster.endpoint) as client:
         task, _ = client.submit("blocking-sleep", {"seconds": 600})
         running_on(client, task["id"])
-    children = [int(p) for p in open(f"/proc/{w0.pid}/task/{w0.pid}/children")
-                .read().split()]
+    children = [
+        int(p)
+        for p in open(f"/proc/{w0.pid}/task/{w0.pid}/children").read().split()
+    ]
     assert children
     w0.signal(signal.SIGKILL)
     w0.wait_exit()
@@ -245,7 +280,11 @@ def test_hostile_messages_do_not_hurt_the_broker(cluster, tmp_path):
             [codec.SIGNATURE, b"SUBMIT", b"{not json"],
             [codec.SIGNATURE, b"SUBMIT", b'{"req": "x", "tasks": "no"}'],
             [codec.SIGNATURE, b"SUBMIT", b"[" * 100_000],
-            [codec.SIGNATURE, b"RESULT", b'{"id": 99999, "token": 1, "state": "succeeded"}'],
+            [
+                codec.SIGNATURE,
+                b"RESULT",
+                b'{"id": 99999, "token": 1, "state": "succeeded"}',
+            ],
         ]
         for frames in junk:
             hostile.send_multipart(frames)
@@ -253,16 +292,21 @@ def test_hostile_messages_do_not_hurt_the_broker(cluster, tmp_path):
         while len(replies) < len(junk) - 1:  # the RESULT gets only REHELLO
             assert hostile.poll(5000), f"only {len(replies)} replies"
             replies.append(hostile.recv_multipart())
-        codes = [json.loads(r[2]).get("code") for r in replies if r[1] == b"ERROR"]
+        codes = [
+            json.loads(r[2]).get("code") for r in replies if r[1] == b"ERROR"
+        ]
         assert set(codes) >= {"protocol", "unknown_command", "bad_request"}
         # A flood of credits from a stranger, and an oversized message.
         for _ in range(5000):
             worker_like.send_multipart(codec.encode(b"READY", {}))
-        hostile.send_multipart([codec.SIGNATURE, b"SUBMIT",
-                                b"x" * (codec.MAX_MESSAGE_SIZE + 1)])
+        hostile.send_multipart(
+            [codec.SIGNATURE, b"SUBMIT", b"x" * (codec.MAX_MESSAGE_SIZE + 1)]
+        )
         with BlockingClient(cluster.endpoint) as client:
             task, _ = client.submit("echo", "still here")
-            assert client.wait(task["id"], timeout=30)["result"] == "still here"
+            assert (
+                client.wait(task["id"], timeout=30)["result"] == "still here"
+            )
             stats = client.stats()
         assert stats["counters"]["protocol_errors"] >= 9
     finally:

@@ -39,7 +39,8 @@ def still_serves(cluster, acknowledged=()):
         assert client.wait(task["id"], timeout=5)["result"] == "after"
     with sqlite3.connect(os.path.join(cluster.folder, "tasks.sqlite")) as db:
         [(ids, distinct)] = db.execute(
-            "SELECT count(*), count(DISTINCT id) FROM tasks").fetchall()
+            "SELECT count(*), count(DISTINCT id) FROM tasks"
+        ).fetchall()
     assert ids == distinct
     return done
 
@@ -53,20 +54,28 @@ def test_a_payload_nested_too_deeply_is_refused_at_submit(cluster):
     cluster.start_worker(*HEARTBEAT, name="w1")
     refused = cluster.cli("submit", "echo", "--payload", nested(973))
     assert refused.returncode == 2
-    assert refused.stderr == ("taskbroker: field 'payload' is nested deeper "
-                              "than 64 levels (bad_request)\n")
+    assert refused.stderr == (
+        "taskbroker: field 'payload' is nested deeper "
+        "than 64 levels (bad_request)\n"
+    )
     # A client that skips the client's own checks meets the broker's.
     context = zmq.Context()
     raw = context.socket(zmq.DEALER)
     raw.setsockopt(zmq.LINGER, 0)
     raw.connect(cluster.endpoint)
     try:
-        raw.send_multipart(codec.encode(b"SUBMIT", '{"req":"r","tasks":[{'
-                                        '"handler":"echo","payload":'
-                                        + nested(65) + "}]}"))
+        raw.send_multipart(
+            codec.encode(
+                b"SUBMIT",
+                '{"req":"r","tasks":[{'
+                '"handler":"echo","payload":' + nested(65) + "}]}",
+            )
+        )
         assert raw.poll(5000)
         command, body = raw.recv_multipart()[1:]
-        assert command == b"ERROR" and json.loads(body)["code"] == "bad_request"
+        assert (
+            command == b"ERROR" and json.loads(body)["code"] == "bad_request"
+        )
     finally:
         raw.close()
         context.term()
@@ -84,20 +93,31 @@ def test_rows_no_worker_could_read_fail_alone(cluster):
     # What the schema's CHECKs can say, the database refuses at insert
     # (more in test_poison_rows.py) ...
     with sqlite3.connect(database) as db:
-        for column, value in {"attempts": -5, "time_limit": 1e300,
-                              "run_at": 1e300, "max_attempts": 0}.items():
+        for column, value in {
+            "attempts": -5,
+            "time_limit": 1e300,
+            "run_at": 1e300,
+            "max_attempts": 0,
+        }.items():
             with pytest.raises(sqlite3.IntegrityError, match=column):
-                db.execute(f"INSERT INTO tasks (handler, {column}) "
-                           "VALUES ('echo', ?)", (value,))
+                db.execute(
+                    f"INSERT INTO tasks (handler, {column}) "
+                    "VALUES ('echo', ?)",
+                    (value,),
+                )
     # ... and what it cannot, the broker fails alone.
     with sqlite3.connect(database) as db:
-        ids = {column: db.execute(
-            "INSERT INTO tasks (handler, payload) VALUES (?, ?)",
-            (handler, payload)).lastrowid
+        ids = {
+            column: db.execute(
+                "INSERT INTO tasks (handler, payload) VALUES (?, ?)",
+                (handler, payload),
+            ).lastrowid
             for column, handler, payload in (
                 ("payload", "echo", nested(65)),
                 ("payload surrogate", "echo", '"\\ud800"'),
-                ("handler", "ec\nho", "null"))}
+                ("handler", "ec\nho", "null"),
+            )
+        }
     done = dict(zip(ids, still_serves(cluster, ids.values())))
     for column, task in done.items():
         assert task["state"] == "failed", task
@@ -120,22 +140,32 @@ def test_a_task_no_worker_ever_receives_ends_failed(cluster):
     sink.setsockopt(zmq.IDENTITY, b"sink/" + os.urandom(16).hex().encode())
     sink.connect(cluster.endpoint)
     try:
-        sink.send_multipart(codec.encode(b"HELLO", {
-            "name": "sink", "slots": 1, "handlers": ["echo"],
-            "heartbeat": 0.1}))
+        sink.send_multipart(
+            codec.encode(
+                b"HELLO",
+                {
+                    "name": "sink",
+                    "slots": 1,
+                    "handlers": ["echo"],
+                    "heartbeat": 0.1,
+                },
+            )
+        )
         with BlockingClient(cluster.endpoint) as client:
             task, _ = client.submit("echo", 1, max_attempts=1)
             received = 0
             while client.get(task["id"])["state"] != "failed":
                 sink.send_multipart(codec.encode(b"READY", {}))
-                sink.send_multipart(codec.encode(b"HEARTBEAT",
-                                                 {"running": []}))
+                sink.send_multipart(
+                    codec.encode(b"HEARTBEAT", {"running": []})
+                )
                 while sink.poll(100):
                     received += sink.recv_multipart()[1] == b"TASK"
             final = client.get(task["id"])
         assert received == 3
         assert final["error"].startswith(
-            "workers never received it (3 times in a row, last sink)")
+            "workers never received it (3 times in a row, last sink)"
+        )
     finally:
         sink.close()
         context.term()
@@ -161,8 +191,9 @@ def stats_time(cluster, timeout=5):
     """
     Seconds the broker takes to answer STATS (once, no resend).
     """
-    with BlockingClient(cluster.endpoint, timeout=timeout,
-                        retries=0) as client:
+    with BlockingClient(
+        cluster.endpoint, timeout=timeout, retries=0
+    ) as client:
         started = time.monotonic()
         client.stats()
         return time.monotonic() - started
@@ -207,9 +238,20 @@ def flood(cluster, peers, messages, frames, done):
         context.term()
 
 
-LARGEST_SUBMIT = codec.encode(b"SUBMIT", codec.dumps({
-    "req": "flood", "tasks": [{"handler": "echo",
-                               "payload": "x" * (codec.MAX_PAYLOAD_SIZE - 2)}]}))
+LARGEST_SUBMIT = codec.encode(
+    b"SUBMIT",
+    codec.dumps(
+        {
+            "req": "flood",
+            "tasks": [
+                {
+                    "handler": "echo",
+                    "payload": "x" * (codec.MAX_PAYLOAD_SIZE - 2),
+                }
+            ],
+        }
+    ),
+)
 
 
 def stored_ids(cluster):
@@ -225,15 +267,18 @@ def test_a_flood_of_the_largest_submits_is_bounded(cluster, peers, messages):
 
     def done(stats):
         # Every SUBMIT stored or refused.
-        outcomes[:] = [sum(sum(counts.values())
-                           for counts in stats["tasks"].values()),
-                       stats["counters"]["busy"]]
+        outcomes[:] = [
+            sum(sum(counts.values()) for counts in stats["tasks"].values()),
+            stats["counters"]["busy"],
+        ]
         return sum(outcomes) == peers * messages
 
     slowest = flood(cluster, peers, messages, LARGEST_SUBMIT, done)
-    print(f"{peers} peers x {messages} SUBMITs of 1 MiB: peak RSS "
-          f"{peak_rss_mb(broker):.0f} MB, slowest STATS {slowest:.3f} s, "
-          "{} stored and {} refused busy".format(*outcomes))
+    print(
+        f"{peers} peers x {messages} SUBMITs of 1 MiB: peak RSS "
+        f"{peak_rss_mb(broker):.0f} MB, slowest STATS {slowest:.3f} s, "
+        "{} stored and {} refused busy".format(*outcomes)
+    )
     assert peak_rss_mb(broker) < RSS_BOUND_MB
     assert slowest < 1.0
     done = still_serves(cluster, stored_ids(cluster))
@@ -243,32 +288,59 @@ def test_a_flood_of_the_largest_submits_is_bounded(cluster, peers, messages):
 def test_a_flood_of_lists_over_large_tasks_is_bounded(cluster):
     broker = cluster.start_broker(*HEARTBEAT)
     with BlockingClient(cluster.endpoint) as client:
-        client.submit_many([{"handler": "echo", "payload": "x" * (
-            codec.MAX_PAYLOAD_SIZE - 2)}] * 100)
-    slowest = flood(cluster, 10, 100, codec.encode(b"LIST", {
-        "req": "flood", "limit": 1000}), lambda stats: stats["counters"][
-            "requests_in_progress"] == 0)
-    print(f"10 peers x 100 LISTs over 100 tasks of 1 MiB: peak RSS "
-          f"{peak_rss_mb(broker):.0f} MB, slowest STATS {slowest:.3f} s")
+        client.submit_many(
+            [
+                {
+                    "handler": "echo",
+                    "payload": "x" * (codec.MAX_PAYLOAD_SIZE - 2),
+                }
+            ]
+            * 100
+        )
+    slowest = flood(
+        cluster,
+        10,
+        100,
+        codec.encode(b"LIST", {"req": "flood", "limit": 1000}),
+        lambda stats: stats["counters"]["requests_in_progress"] == 0,
+    )
+    print(
+        f"10 peers x 100 LISTs over 100 tasks of 1 MiB: peak RSS "
+        f"{peak_rss_mb(broker):.0f} MB, slowest STATS {slowest:.3f} s"
+    )
     assert peak_rss_mb(broker) < RSS_BOUND_MB
     assert slowest < 1.0
     cluster.start_worker(*HEARTBEAT, name="w1")
     still_serves(cluster, stored_ids(cluster))
 
 
-@pytest.mark.parametrize("limits, bound", [
-    ("1024:8192", 1.0),   # raised to the hard limit at start
-    ("1024:1024", 10.0),  # cannot be raised: handshakes end after 5 s
-])
+@pytest.mark.parametrize(
+    "limits, bound",
+    [
+        ("1024:8192", 1.0),  # raised to the hard limit at start
+        ("1024:1024", 10.0),  # cannot be raised: handshakes end after 5 s
+    ],
+)
 def test_a_flood_of_bare_connections_locks_nobody_out_for_long(
-        cluster, limits, bound):
-    argv = ["prlimit", f"--nofile={limits}", *_daemons.twistd(
-        "taskbroker", "--listen", "tcp://127.0.0.1:*", "--database",
-        cluster.database, *HEARTBEAT)]
+    cluster, limits, bound
+):
+    argv = [
+        "prlimit",
+        f"--nofile={limits}",
+        *_daemons.twistd(
+            "taskbroker",
+            "--listen",
+            "tcp://127.0.0.1:*",
+            "--database",
+            cluster.database,
+            *HEARTBEAT,
+        ),
+    ]
     broker = Daemon("broker", argv, cluster.folder)
     cluster.daemons.append(broker)
     cluster.endpoint = broker.wait_for(
-        r"taskbroker ready: listening on (\S+),").group(1)
+        r"taskbroker ready: listening on (\S+),"
+    ).group(1)
     broker.wait_for(r"file descriptors: at most")
     host, port = cluster.endpoint.removeprefix("tcp://").rsplit(":", 1)
     bare = []
@@ -279,8 +351,10 @@ def test_a_flood_of_bare_connections_locks_nobody_out_for_long(
             bare.append(connection)
         took = stats_time(cluster)
         descriptors = len(os.listdir(f"/proc/{broker.pid}/fd"))
-        print(f"--nofile={limits}: STATS answered in {took:.3f} s beside "
-              f"1,100 bare connections ({descriptors} descriptors open)")
+        print(
+            f"--nofile={limits}: STATS answered in {took:.3f} s beside "
+            f"1,100 bare connections ({descriptors} descriptors open)"
+        )
         assert took < bound
     finally:
         for connection in bare:
@@ -302,8 +376,10 @@ def test_forged_results_and_hand_backs_change_nothing(cluster):
     cluster.start_worker(*HEARTBEAT, name="w1")
     context = zmq.Context()
     strangers = []
-    for hello in (None, {"name": "w2", "slots": 1, "handlers": ["record"],
-                         "heartbeat": 0.2}):
+    for hello in (
+        None,
+        {"name": "w2", "slots": 1, "handlers": ["record"], "heartbeat": 0.2},
+    ):
         stranger = context.socket(zmq.DEALER)
         stranger.setsockopt(zmq.LINGER, 0)
         stranger.connect(cluster.endpoint)
@@ -320,9 +396,17 @@ def test_forged_results_and_hand_backs_change_nothing(cluster):
             for stranger in strangers:
                 for token in range(1, 5):
                     for state in ("succeeded", "released"):
-                        stranger.send_multipart(codec.encode(b"RESULT", {
-                            "id": task["id"], "token": token,
-                            "state": state, "result": "forged"}))
+                        stranger.send_multipart(
+                            codec.encode(
+                                b"RESULT",
+                                {
+                                    "id": task["id"],
+                                    "token": token,
+                                    "state": state,
+                                    "result": "forged",
+                                },
+                            )
+                        )
             answers = []
             for stranger in strangers:
                 while stranger.poll(500):

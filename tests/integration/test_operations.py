@@ -18,8 +18,9 @@ def test_command_line_end_to_end(cluster):
     cluster.start_broker()
     cluster.start_worker(name="w1")
 
-    submitted = cluster.cli("submit", "echo", "--payload", '{"n": 1}', "--wait",
-                            "--json")
+    submitted = cluster.cli(
+        "submit", "echo", "--payload", '{"n": 1}', "--wait", "--json"
+    )
     assert submitted.returncode == 0, submitted.stderr
     task = json.loads(submitted.stdout)
     assert task["state"] == "succeeded" and task["result"] == {"n": 1}
@@ -33,7 +34,9 @@ def test_command_line_end_to_end(cluster):
 
     unserved = cluster.cli("submit", "nobody-has-this")
     assert unserved.returncode == 0
-    assert "no connected worker has handler 'nobody-has-this'" in unserved.stderr
+    assert (
+        "no connected worker has handler 'nobody-has-this'" in unserved.stderr
+    )
     queued_id = int(unserved.stdout.strip())
 
     listed = cluster.cli("list", "--state", "queued", "--json")
@@ -56,7 +59,9 @@ def test_command_line_end_to_end(cluster):
 
     missing = cluster.cli("status", "999999")
     assert missing.returncode == 4
-    assert missing.stderr.count("\n") == 1 and "Traceback" not in missing.stderr
+    assert (
+        missing.stderr.count("\n") == 1 and "Traceback" not in missing.stderr
+    )
 
     bad_level = cluster.cli("submit", "echo", "--priority", "urgent")
     assert bad_level.returncode == 2
@@ -91,7 +96,7 @@ def test_rows_inserted_with_sql(cluster):
     insert = "INSERT INTO tasks (handler, payload, priority) VALUES (?, ?, ?)"
     with sqlite3.connect(database) as db:
         rows = [
-            ("echo", '{"ok": true}', None),      # default level
+            ("echo", '{"ok": true}', None),  # default level
             ("echo", '"high one"', "high"),
             ("echo", "1", "urgent"),
         ]
@@ -99,13 +104,17 @@ def test_rows_inserted_with_sql(cluster):
     # The schema's constraints refuse what is not JSON of at most 1 MiB.
     for payload in ("{not json", json.dumps("x" * (1024 * 1024 + 10))):
         with sqlite3.connect(database) as db:
-            with pytest.raises(sqlite3.IntegrityError,
-                               match="CHECK constraint failed: payload"):
+            with pytest.raises(
+                sqlite3.IntegrityError,
+                match="CHECK constraint failed: payload",
+            ):
                 db.execute(insert, ("echo", payload, None))
     with BlockingClient(cluster.endpoint) as client:
         done = [client.wait(i, timeout=30) for i in ids]
     assert [t["state"] for t in done] == ["succeeded", "succeeded", "failed"]
-    assert done[0]["priority"] == "normal" and done[0]["result"] == {"ok": True}
+    assert done[0]["priority"] == "normal" and done[0]["result"] == {
+        "ok": True
+    }
     assert done[0]["max_attempts"] == 3
     assert "unknown priority level 'urgent'" in done[2]["error"]
     # The broker survived all of it and still serves.
@@ -124,16 +133,22 @@ def test_queue_deeper_than_the_window_drains_once_in_order(cluster):
     database = os.path.join(cluster.folder, "tasks.sqlite")
     soon = time.time() + 4.0
     with sqlite3.connect(database) as db:
-        insert = ("INSERT INTO tasks (handler, payload, priority, run_at) "
-                  "VALUES (?, ?, ?, ?)")
-        db.executemany(insert, (("echo", str(i), "low", None)
-                                for i in range(2500)))
-        db.executemany(insert, (("echo", str(i), None, None)
-                                for i in range(1200)))
-        db.executemany(insert, (("echo", str(i), "urgent", None)
-                                for i in range(3)))
-        db.executemany(insert, (("echo", str(i), "high", soon)
-                                for i in range(5)))
+        insert = (
+            "INSERT INTO tasks (handler, payload, priority, run_at) "
+            "VALUES (?, ?, ?, ?)"
+        )
+        db.executemany(
+            insert, (("echo", str(i), "low", None) for i in range(2500))
+        )
+        db.executemany(
+            insert, (("echo", str(i), None, None) for i in range(1200))
+        )
+        db.executemany(
+            insert, (("echo", str(i), "urgent", None) for i in range(3))
+        )
+        db.executemany(
+            insert, (("echo", str(i), "high", soon) for i in range(5))
+        )
     cluster.start_broker()
     with BlockingClient(cluster.endpoint) as client:
         stats = client.stats()
@@ -143,9 +158,13 @@ def test_queue_deeper_than_the_window_drains_once_in_order(cluster):
         assert stats["tasks"]["failed"] == {"urgent": 3}
     with sqlite3.connect(database) as db:
         # The last of each queue: the low ones run last, in id order.
-        last = [i for (i,) in db.execute(
-            "SELECT MAX(id) FROM tasks WHERE priority = 'low' UNION ALL "
-            "SELECT id FROM tasks WHERE priority = 'high'")]
+        last = [
+            i
+            for (i,) in db.execute(
+                "SELECT MAX(id) FROM tasks WHERE priority = 'low' UNION ALL "
+                "SELECT id FROM tasks WHERE priority = 'high'"
+            )
+        ]
     cluster.start_worker(name="w1")
     cluster.start_worker(name="w2")
     with BlockingClient(cluster.endpoint) as client:
@@ -155,19 +174,25 @@ def test_queue_deeper_than_the_window_drains_once_in_order(cluster):
     with sqlite3.connect(database) as db:
         rows = db.execute(
             "SELECT priority, state, attempts, started_at, run_at FROM tasks "
-            "WHERE priority != 'urgent' ORDER BY started_at").fetchall()
+            "WHERE priority != 'urgent' ORDER BY started_at"
+        ).fetchall()
     assert len(rows) == 3705
-    assert {(priority, state, attempts)
-            for priority, state, attempts, _, _ in rows} == {
-        ("low", "succeeded", 1), ("normal", "succeeded", 1),
-        ("high", "succeeded", 1)}
+    assert {
+        (priority, state, attempts) for priority, state, attempts, _, _ in rows
+    } == {
+        ("low", "succeeded", 1),
+        ("normal", "succeeded", 1),
+        ("high", "succeeded", 1),
+    }
     # Each queue in order: the 1,200 normal ones, then the 2,500 low ones;
     # the delayed high ones ran as soon as they were due.
     order = [priority for priority, *_ in rows if priority != "high"]
     assert order == ["normal"] * 1200 + ["low"] * 2500
-    assert all(started >= run_at - 0.01
-               for priority, _, _, started, run_at in rows
-               if priority == "high")
+    assert all(
+        started >= run_at - 0.01
+        for priority, _, _, started, run_at in rows
+        if priority == "high"
+    )
 
 
 def test_clean_broker_restart_loses_nothing(cluster):
@@ -175,9 +200,11 @@ def test_clean_broker_restart_loses_nothing(cluster):
     worker = cluster.start_worker("--concurrency", "2", name="w1")
     with BlockingClient(cluster.endpoint) as client:
         long_ones, _ = client.submit_many(
-            [{"handler": "record", "payload": {"seconds": 2}}] * 2)
+            [{"handler": "record", "payload": {"seconds": 2}}] * 2
+        )
         queued, _ = client.submit_many(
-            [{"handler": "record", "payload": {"seconds": 0}}] * 5)
+            [{"handler": "record", "payload": {"seconds": 0}}] * 5
+        )
         for task in long_ones:
             while client.get(task["id"])["state"] != "running":
                 client.wait(task["id"], timeout=0.05)
@@ -242,11 +269,14 @@ def test_wait_for_tasks_already_submitted(cluster, tmp_path):
     worker = cluster.start_worker(name="w1")
     until = tmp_path / "release"
     ids = []
-    for handler, payload in (("echo", '"one"'), ("fail", "null"),
-                             ("progress", json.dumps(
-                                 {"steps": [], "until": str(until)}))):
-        run = cluster.cli("submit", handler, "--payload", payload,
-                          "--max-attempts", "1")
+    for handler, payload in (
+        ("echo", '"one"'),
+        ("fail", "null"),
+        ("progress", json.dumps({"steps": [], "until": str(until)})),
+    ):
+        run = cluster.cli(
+            "submit", handler, "--payload", payload, "--max-attempts", "1"
+        )
         assert run.returncode == 0, run.stderr
         ids.append(run.stdout.strip())
     # The third runs until released: not finished within the timeout.
@@ -255,7 +285,8 @@ def test_wait_for_tasks_already_submitted(cluster, tmp_path):
     assert waited.stdout == '"one"\n'
     assert waited.stderr.splitlines() == [
         f"taskbroker: task {ids[1]} failed: RuntimeError: failed on purpose",
-        f"taskbroker: task {ids[2]} is still running"]
+        f"taskbroker: task {ids[2]} is still running",
+    ]
     until.touch()
     waited = cluster.cli("wait", ids[0], ids[2])
     assert (waited.returncode, waited.stdout) == (0, '"one"\n"done"\n')
@@ -264,20 +295,27 @@ def test_wait_for_tasks_already_submitted(cluster, tmp_path):
     assert missing.returncode == 4
     assert "no task with id 999999" in missing.stderr
     # Both daemons told of each task's dispatch (or start) and end.
-    broker.wait_for(rf"task {ids[0]} dispatched to w1: echo, priority "
-                    r"normal, attempt 1 of 1, \d+\.\d{3}s after it was "
-                    "created")
-    broker.wait_for(rf"task {ids[1]} failed: fail, priority normal, worker "
-                    r"w1, attempt 1, ran \d+\.\d{3}s: RuntimeError: failed "
-                    "on purpose")
-    worker.wait_for(rf"task {ids[2]} started: progress, priority normal, "
-                    "attempt 1 of 1")
+    broker.wait_for(
+        rf"task {ids[0]} dispatched to w1: echo, priority "
+        r"normal, attempt 1 of 1, \d+\.\d{3}s after it was "
+        "created"
+    )
+    broker.wait_for(
+        rf"task {ids[1]} failed: fail, priority normal, worker "
+        r"w1, attempt 1, ran \d+\.\d{3}s: RuntimeError: failed "
+        "on purpose"
+    )
+    worker.wait_for(
+        rf"task {ids[2]} started: progress, priority normal, "
+        "attempt 1 of 1"
+    )
     worker.wait_for(rf"task {ids[2]} succeeded: progress, ran ")
 
 
 def test_a_function_under_handler_runs_in_a_real_worker(cluster):
     cluster.start_broker()
     cluster.start_worker(name="w1")
-    done = cluster.cli("submit", "decorated-sum", "--payload", "[1, 2, 3]",
-                       "--wait")
+    done = cluster.cli(
+        "submit", "decorated-sum", "--payload", "[1, 2, 3]", "--wait"
+    )
     assert (done.returncode, done.stdout) == (0, "6\n"), done.stderr

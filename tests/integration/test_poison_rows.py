@@ -43,7 +43,8 @@ def insert(path, **columns):
             return db.execute(
                 f"INSERT INTO tasks ({', '.join(columns)}) "
                 f"VALUES ({', '.join('?' for _ in columns)})",
-                tuple(columns.values())).lastrowid
+                tuple(columns.values()),
+            ).lastrowid
 
 
 def test_poison_rows_are_refused_at_insert(cluster):
@@ -61,8 +62,9 @@ def test_poison_rows_are_refused_at_insert(cluster):
 def test_a_version_3_database_with_poison_rows_is_upgraded(cluster):
     path = database(cluster)
     with closing(sqlite3.connect(path)) as db:
-        db.executescript(_schema.read_script(
-            _schema.schema_directory("sqlite"), "v3.sql"))
+        db.executescript(
+            _schema.read_script(_schema.schema_directory("sqlite"), "v3.sql")
+        )
         db.execute("INSERT INTO taskbroker_schema VALUES (3)")
         db.commit()
     good = insert(path, payload='"before"')
@@ -73,16 +75,20 @@ def test_a_version_3_database_with_poison_rows_is_upgraded(cluster):
 
     broker = cluster.start_broker(*HEARTBEAT, "--poll-interval", "0.1")
     latest = _schema.latest_version(_schema.schema_directory("sqlite"))
-    broker.wait_for(r"upgraded database \S+ from schema version 3 to "
-                    + str(latest))
+    broker.wait_for(
+        r"upgraded database \S+ from schema version 3 to " + str(latest)
+    )
     cluster.start_worker(*HEARTBEAT, name="w1")
     listed = cluster.cli("list", "--json")
     assert listed.returncode == 0, listed.stderr
     tasks = json.loads(listed.stdout)
     assert len(tasks) == 1 + len(POISON)
     # The row that was 2**63 - 1 has the next id now.
-    renumbered = [task["id"] for task in tasks
-                  if task["error"] and task["error"].startswith("id ")]
+    renumbered = [
+        task["id"]
+        for task in tasks
+        if task["error"] and task["error"].startswith("id ")
+    ]
     poison[renumbered[0]] = poison.pop(2**63 - 1)
     done = still_serves(cluster, [good, *poison])
     assert done[0]["state"] == "succeeded" and done[0]["result"] == "before"
@@ -103,7 +109,8 @@ def test_when_the_ids_run_out_a_submit_is_refused_alone(cluster):
     assert refused.returncode == 2
     assert refused.stderr == (
         "taskbroker: the database refused it: submit failed: CHECK "
-        "constraint failed: id (refused)\n")
+        "constraint failed: id (refused)\n"
+    )
     # Not database trouble: dispatch goes on, nothing is paused.
     stats = cluster.cli("stats", "--json")
     assert stats.returncode == 0, stats.stderr
@@ -118,8 +125,10 @@ def test_when_the_ids_run_out_a_submit_is_refused_alone(cluster):
     with closing(sqlite3.connect(path)) as db:
         with db:
             db.execute("DELETE FROM tasks WHERE id = ?", (last,))
-            db.execute("UPDATE sqlite_sequence SET seq = "
-                       "(SELECT coalesce(max(id), 0) FROM tasks) "
-                       "WHERE name = 'tasks'")
+            db.execute(
+                "UPDATE sqlite_sequence SET seq = "
+                "(SELECT coalesce(max(id), 0) FROM tasks) "
+                "WHERE name = 'tasks'"
+            )
     cluster.start_broker(*HEARTBEAT, listen=cluster.endpoint)
     still_serves(cluster)

@@ -55,8 +55,13 @@ def start_worker(cluster, endpoint, name, record, failover=(), args=()):
     first = start_position(name, len(endpoints))
     endpoints = endpoints[-first:] + endpoints[:-first] if first else endpoints
     cluster.endpoint = ",".join(endpoints)
-    return cluster.start_worker(*HEARTBEAT, *SLOTS, *args, name=name,
-                                env={"TASKBROKER_TEST_RECORD": str(record)})
+    return cluster.start_worker(
+        *HEARTBEAT,
+        *SLOTS,
+        *args,
+        name=name,
+        env={"TASKBROKER_TEST_RECORD": str(record)},
+    )
 
 
 def wait_until(condition, timeout=120, what="the condition"):
@@ -71,13 +76,17 @@ def wait_until(condition, timeout=120, what="the condition"):
 
 def states(url):
     with connect(url) as connection:
-        return dict(connection.execute(
-            "SELECT state, count(*) FROM tasks GROUP BY state").fetchall())
+        return dict(
+            connection.execute(
+                "SELECT state, count(*) FROM tasks GROUP BY state"
+            ).fetchall()
+        )
 
 
 @pytest.mark.parametrize("brokers", [2, 3])
 def test_brokers_share_the_work_and_run_each_task_once(
-        cluster, postgres_url, record, brokers):
+    cluster, postgres_url, record, brokers
+):
     started = start_brokers(cluster, postgres_url, brokers)
     for i in range(6):
         start_worker(cluster, started[i % brokers][1], f"w{i}", record)
@@ -89,25 +98,30 @@ def test_brokers_share_the_work_and_run_each_task_once(
         with BlockingClient(endpoint, timeout=30) as client:
             for start in range(0, count, 500):
                 tasks, _ = client.submit_many(
-                    [{"handler": "record"}] * min(500, count - start))
+                    [{"handler": "record"}] * min(500, count - start)
+                )
                 submitted.extend(tasks)
 
     share, extra = divmod(total - by_sql, brokers)
-    threads = [threading.Thread(target=submit,
-                                args=(endpoint, share + (i < extra)))
-               for i, (_, endpoint) in enumerate(started)]
+    threads = [
+        threading.Thread(target=submit, args=(endpoint, share + (i < extra)))
+        for i, (_, endpoint) in enumerate(started)
+    ]
     for thread in threads:
         thread.start()
     with connect(postgres_url) as connection:
         for _ in range(by_sql // 100):
             connection.execute(
                 "INSERT INTO tasks (handler, payload) "
-                "SELECT 'record', '{}' FROM generate_series(1, 100)")
+                "SELECT 'record', '{}' FROM generate_series(1, 100)"
+            )
     for thread in threads:
         thread.join()
     assert len(submitted) == total - by_sql
-    wait_until(lambda: states(postgres_url) == {"succeeded": total},
-               what=f"{total} tasks to succeed")
+    wait_until(
+        lambda: states(postgres_url) == {"succeeded": total},
+        what=f"{total} tasks to succeed",
+    )
     starts = [e for e in events(record) if e["event"] == "start"]
     by_task = {}
     for e in starts:
@@ -118,12 +132,14 @@ def test_brokers_share_the_work_and_run_each_task_once(
     # Every broker dispatched some of them.
     with connect(postgres_url) as connection:
         owners = connection.execute(
-            "SELECT count(DISTINCT owner) FROM tasks").fetchone()[0]
+            "SELECT count(DISTINCT owner) FROM tasks"
+        ).fetchone()[0]
     assert owners == brokers
 
 
 def test_a_paused_broker_past_its_lease_starts_over(
-        cluster, postgres_url, record):
+    cluster, postgres_url, record
+):
     (a, a_endpoint), (b, b_endpoint) = start_brokers(cluster, postgres_url, 2)
     wa = start_worker(cluster, a_endpoint, "wa", record, [b_endpoint])
     start_worker(cluster, b_endpoint, "wb", record, [a_endpoint])
@@ -153,28 +169,34 @@ def test_a_paused_broker_past_its_lease_starts_over(
 
 
 def test_a_killed_brokers_tasks_are_finished_by_the_others(
-        cluster, postgres_url, record):
+    cluster, postgres_url, record
+):
     started = start_brokers(cluster, postgres_url, 3)
     endpoints = [endpoint for _, endpoint in started]
     for i in range(6):
         home = endpoints[i % 3]
-        start_worker(cluster, home, f"w{i}", record,
-                     [e for e in endpoints if e != home])
+        start_worker(
+            cluster, home, f"w{i}", record, [e for e in endpoints if e != home]
+        )
     victim, victim_endpoint = started[0]
     with BlockingClient(victim_endpoint, timeout=10) as client:
         tasks, _ = client.submit_many(
             [{"handler": "record", "payload": {"seconds": 1}}] * 6
-            + [{"handler": "record", "payload": {"seconds": 0.01}}] * 300)
+            + [{"handler": "record", "payload": {"seconds": 0.01}}] * 300
+        )
         running_on(client, tasks[0]["id"])
     killed_at = time.time()
     victim.signal(signal.SIGKILL)
     victim.wait_exit()
     with BlockingClient(",".join(endpoints[1:]), timeout=10) as client:
         done = check_promises(client, tasks, record)
-    finished = max(datetime.fromisoformat(t["finished_at"]).timestamp()
-                   for t in done)
-    print(f"\nbroker SIGKILL -> all its tasks done by the others: "
-          f"{finished - killed_at:.2f} s (lease 2 s, heartbeat 0.2 s)")
+    finished = max(
+        datetime.fromisoformat(t["finished_at"]).timestamp() for t in done
+    )
+    print(
+        f"\nbroker SIGKILL -> all its tasks done by the others: "
+        f"{finished - killed_at:.2f} s (lease 2 s, heartbeat 0.2 s)"
+    )
     # Each task started once, but for attempts running when it died.
     starts = {}
     for e in events(record):
@@ -191,8 +213,7 @@ def proxied(url, proxy):
     parts = urlsplit(url)
     netloc = parts.netloc.rsplit("@", 1)
     user = netloc[0] + "@" if len(netloc) == 2 else ""
-    return parts._replace(
-        netloc=f"{user}127.0.0.1:{proxy.port}").geturl()
+    return parts._replace(netloc=f"{user}127.0.0.1:{proxy.port}").geturl()
 
 
 def server_of(url):
@@ -201,7 +222,8 @@ def server_of(url):
 
 
 def test_a_broker_cut_off_from_the_database_pauses_and_resumes(
-        cluster, postgres_url, record):
+    cluster, postgres_url, record
+):
     with Proxy(*server_of(postgres_url)) as proxy:
         url = proxied(postgres_url, proxy)
         broker = cluster.start_broker(*HEARTBEAT, *LEASE, database=url)
@@ -209,7 +231,8 @@ def test_a_broker_cut_off_from_the_database_pauses_and_resumes(
             start_worker(cluster, cluster.endpoint, f"w{i}", record)
         with BlockingClient(cluster.endpoint, timeout=10) as client:
             tasks, _ = client.submit_many(
-                [{"handler": "record", "payload": {"seconds": 0.05}}] * 60)
+                [{"handler": "record", "payload": {"seconds": 0.05}}] * 60
+            )
             mark = broker.mark()
             proxy.sever()
             broker.wait_for(r"dispatch paused", start=mark)
@@ -221,15 +244,23 @@ def test_a_broker_cut_off_from_the_database_pauses_and_resumes(
 
 
 def test_a_broker_cut_off_from_the_database_but_not_its_workers(
-        cluster, postgres_url, record):
+    cluster, postgres_url, record
+):
     with Proxy(*server_of(postgres_url)) as proxy:
-        a = cluster.start_broker(*HEARTBEAT, *LEASE,
-                                 database=proxied(postgres_url, proxy))
+        a = cluster.start_broker(
+            *HEARTBEAT, *LEASE, database=proxied(postgres_url, proxy)
+        )
         a_endpoint = cluster.endpoint
         b = cluster.start_broker(*HEARTBEAT, *LEASE, database=postgres_url)
         b_endpoint = cluster.endpoint
-        wa = start_worker(cluster, a_endpoint, "wa", record, [b_endpoint],
-                          args=("--failover-after", "1"))
+        wa = start_worker(
+            cluster,
+            a_endpoint,
+            "wa",
+            record,
+            [b_endpoint],
+            args=("--failover-after", "1"),
+        )
         start_worker(cluster, b_endpoint, "wb", record, [a_endpoint])
         with BlockingClient(a_endpoint) as client:
             task, _ = client.submit("record", {"seconds": 5})

@@ -39,8 +39,12 @@ def test_progress_shows_while_the_task_runs(cluster, tmp_path, handler):
     cluster.start_worker(name="w1")
     until = tmp_path / "release"
     steps = [[0.1, "starting"], [0.25, None], [0.5, "half way"]]
-    run = cluster.cli("submit", handler, "--payload", json.dumps(
-        {"steps": steps, "until": str(until)}))
+    run = cluster.cli(
+        "submit",
+        handler,
+        "--payload",
+        json.dumps({"steps": steps, "until": str(until)}),
+    )
     assert run.returncode == 0, run.stderr
     task_id = int(run.stdout)
     # The latest report wins, however close together they came.

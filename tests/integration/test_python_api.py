@@ -15,18 +15,21 @@ def test_twisted_client(cluster):
     cluster.start_worker(name="w1", wait=False)
     client = BrokerClient(reactor, cluster.endpoint, timeout=10)
     try:
-        task, unserved = yield client.submit("echo", {"hello": "world"},
-                                             priority="high")
+        task, unserved = yield client.submit(
+            "echo", {"hello": "world"}, priority="high"
+        )
         assert task["state"] == "queued" and task["priority"] == "high"
         done = yield client.wait(task["id"])
         assert done["state"] == "succeeded"
         assert done["result"] == {"hello": "world"}
 
         many, _ = yield client.submit_many(
-            [{"handler": "echo", "payload": i} for i in range(1500)])
+            [{"handler": "echo", "payload": i} for i in range(1500)]
+        )
         assert len(many) == 1500
         results = yield defer.gatherResults(
-            [client.wait(t["id"]) for t in many[-3:]])
+            [client.wait(t["id"]) for t in many[-3:]]
+        )
         assert [r["result"] for r in results] == [1497, 1498, 1499]
 
         listed = yield client.list(state="succeeded", limit=2000)

@@ -38,8 +38,11 @@ def keys(tmp_path):
     folder = tmp_path / "keys"
     for name in ("broker", "w1", "c1", "c2", "ops", "stranger"):
         curve.keygen(str(folder), name)
-    for role, names in (("workers", ("w1",)), ("clients", ("c1", "c2")),
-                        ("admins", ("ops",))):
+    for role, names in (
+        ("workers", ("w1",)),
+        ("clients", ("c1", "c2")),
+        ("admins", ("ops",)),
+    ):
         (tmp_path / role).mkdir()
         for name in names:
             os.link(folder / f"{name}.key", tmp_path / role / f"{name}.key")
@@ -48,10 +51,16 @@ def keys(tmp_path):
 
 def curve_broker(cluster, keys, *extra):
     return cluster.start_broker(
-        "--curve-secret-key", str(keys / "keys" / "broker.key_secret"),
-        "--authorized-workers", str(keys / "workers"),
-        "--authorized-clients", str(keys / "clients"),
-        "--admin-clients", str(keys / "admins"), *extra)
+        "--curve-secret-key",
+        str(keys / "keys" / "broker.key_secret"),
+        "--authorized-workers",
+        str(keys / "workers"),
+        "--authorized-clients",
+        str(keys / "clients"),
+        "--admin-clients",
+        str(keys / "admins"),
+        *extra,
+    )
 
 
 class Peer:
@@ -60,8 +69,15 @@ class Peer:
     without CURVE when ``name`` is ``None``).
     """
 
-    def __init__(self, cluster, keys, name, server="broker", endpoint=None,
-                 identity=None):
+    def __init__(
+        self,
+        cluster,
+        keys,
+        name,
+        server="broker",
+        endpoint=None,
+        identity=None,
+    ):
         self.context = zmq.Context()
         self.socket = self.context.socket(zmq.DEALER)
         self.socket.setsockopt(zmq.LINGER, 0)
@@ -69,9 +85,11 @@ class Peer:
             self.socket.setsockopt(zmq.ROUTING_ID, identity)
         if name is not None:
             public, secret = curve.load_secret(
-                str(keys / "keys" / f"{name}.key_secret"), "test")
+                str(keys / "keys" / f"{name}.key_secret"), "test"
+            )
             self.socket.curve_serverkey = curve.load_public(
-                str(keys / "keys" / f"{server}.key"), "test")
+                str(keys / "keys" / f"{server}.key"), "test"
+            )
             self.socket.curve_publickey = public
             self.socket.curve_secretkey = secret
         self.socket.connect(endpoint or cluster.endpoint)
@@ -105,8 +123,10 @@ def peers(cluster, keys):
 
 
 STATS = (b"STATS", {"req": "s"})
-HELLO = (b"HELLO", {"name": "intruder", "slots": 1, "handlers": ["echo"],
-                    "heartbeat": 1.0})
+HELLO = (
+    b"HELLO",
+    {"name": "intruder", "slots": 1, "handlers": ["echo"], "heartbeat": 1.0},
+)
 
 
 def test_an_authorized_client_is_answered(cluster, keys, peers):
@@ -116,13 +136,17 @@ def test_an_authorized_client_is_answered(cluster, keys, peers):
 
 
 def test_a_worker_key_may_not_ask_and_a_client_key_may_not_work(
-        cluster, keys, peers):
+    cluster, keys, peers
+):
     broker = curve_broker(cluster, keys)
     command, body = peers("w1").ask(*STATS)
     assert (command, body["code"]) == (b"ERROR", "forbidden")
     command, body = peers("c1").ask(*HELLO)
     assert (command, body["code"], body["fatal"]) == (
-        b"ERROR", "forbidden", True)
+        b"ERROR",
+        "forbidden",
+        True,
+    )
     broker.wait_for(r"refused STATS from w1 \(")
     broker.wait_for(r"refused HELLO from c1 \(")
 
@@ -131,13 +155,16 @@ def test_unknown_keys_and_plain_peers_get_nothing(cluster, keys, peers):
     broker = curve_broker(cluster, keys)
     assert peers("stranger").ask(*STATS, timeout=SILENCE_MS) is None
     stranger = curve.load_public(str(keys / "keys" / "stranger.key"), "t")
-    broker.wait_for("refused a connection from .*a key not authorized, "
-                    "unknown key " + _escaped(stranger))
+    broker.wait_for(
+        "refused a connection from .*a key not authorized, "
+        "unknown key " + _escaped(stranger)
+    )
     assert peers(None).ask(*STATS, timeout=SILENCE_MS) is None
     # A client that holds a good key but takes the wrong broker key for
     # the broker's gets nothing either.
-    assert peers("c1", server="stranger").ask(
-        *STATS, timeout=SILENCE_MS) is None
+    assert (
+        peers("c1", server="stranger").ask(*STATS, timeout=SILENCE_MS) is None
+    )
     # The broker still serves.
     assert peers("c1").ask(*STATS)[0] == b"REPLY"
 
@@ -151,19 +178,26 @@ def test_a_peer_without_curve_is_logged(cluster, keys, peers):
 
 def test_a_broker_with_curve_and_no_folders_refuses_to_start(cluster, keys):
     broker = cluster.start_broker(
-        "--curve-secret-key", str(keys / "keys" / "broker.key_secret"),
-        wait=False)
+        "--curve-secret-key",
+        str(keys / "keys" / "broker.key_secret"),
+        wait=False,
+    )
     assert broker.wait_exit() == 2
-    assert "give --authorized-workers and --authorized-clients" in \
-        broker.output()
+    assert (
+        "give --authorized-workers and --authorized-clients" in broker.output()
+    )
 
 
 def test_a_secret_key_readable_by_others_is_refused(cluster, keys):
     secret = keys / "keys" / "broker.key_secret"
     os.chmod(secret, 0o640)
     broker = cluster.start_broker(
-        "--curve-secret-key", str(secret),
-        "--authorized-clients", str(keys / "clients"), wait=False)
+        "--curve-secret-key",
+        str(secret),
+        "--authorized-clients",
+        str(keys / "clients"),
+        wait=False,
+    )
     assert broker.wait_exit() == 2
     assert f"chmod 600 {secret}" in broker.output()
 
@@ -173,31 +207,44 @@ def _escaped(key):
 
 
 def test_keygen_from_the_command_line(tmp_path):
-    run = subprocess.run([CLI, "keygen", str(tmp_path / "k"),
-                          "--name", "node1"], capture_output=True, text=True)
+    run = subprocess.run(
+        [CLI, "keygen", str(tmp_path / "k"), "--name", "node1"],
+        capture_output=True,
+        text=True,
+    )
     assert run.returncode == 0, run.stderr
-    assert oct(os.stat(tmp_path / "k" / "node1.key_secret").st_mode)[-3:] \
-        == "600"
-    again = subprocess.run([CLI, "keygen", str(tmp_path / "k"),
-                            "--name", "node1"], capture_output=True, text=True)
+    assert (
+        oct(os.stat(tmp_path / "k" / "node1.key_secret").st_mode)[-3:] == "600"
+    )
+    again = subprocess.run(
+        [CLI, "keygen", str(tmp_path / "k"), "--name", "node1"],
+        capture_output=True,
+        text=True,
+    )
     assert again.returncode == 2
-    assert again.stderr == (f"taskbroker: {tmp_path / 'k' / 'node1.key'}: "
-                            "exists; a key is never overwritten (remove it "
-                            "first to replace it)\n")
+    assert again.stderr == (
+        f"taskbroker: {tmp_path / 'k' / 'node1.key'}: "
+        "exists; a key is never overwritten (remove it "
+        "first to replace it)\n"
+    )
 
 
 # -- workers and the command line with their keys ----------------------------
 
 
 def key_options(keys, key, server="broker"):
-    return ["--curve-server-key", str(keys / "keys" / f"{server}.key"),
-            "--curve-secret-key", str(keys / "keys" / f"{key}.key_secret")]
+    return [
+        "--curve-server-key",
+        str(keys / "keys" / f"{server}.key"),
+        "--curve-secret-key",
+        str(keys / "keys" / f"{key}.key_secret"),
+    ]
 
 
-def curve_worker(cluster, keys, *extra, key="w1", server="broker",
-                 **kwargs):
-    return cluster.start_worker(*key_options(keys, key, server), *extra,
-                                **kwargs)
+def curve_worker(cluster, keys, *extra, key="w1", server="broker", **kwargs):
+    return cluster.start_worker(
+        *key_options(keys, key, server), *extra, **kwargs
+    )
 
 
 def curve_cli(cluster, keys, *args, key="c1", server="broker"):
@@ -207,22 +254,32 @@ def curve_cli(cluster, keys, *args, key="c1", server="broker"):
 def test_a_worker_and_the_command_with_keys_run_a_task(cluster, keys):
     curve_broker(cluster, keys)
     curve_worker(cluster, keys, name="w1")
-    run = curve_cli(cluster, keys, "submit", "echo", "--payload", '"x"',
-                    "--wait")
+    run = curve_cli(
+        cluster, keys, "submit", "echo", "--payload", '"x"', "--wait"
+    )
     assert (run.returncode, run.stdout, run.stderr) == (0, '"x"\n', "")
     # The keys may also come from the environment; the workers are an
     # admin's to see.
-    env = {"TASKBROKER_CLIENT_CURVE_SERVER_KEY":
-           str(keys / "keys" / "broker.key"),
-           "TASKBROKER_CLIENT_CURVE_SECRET_KEY":
-           str(keys / "keys" / "ops.key_secret")}
-    run = subprocess.run([CLI, "--broker", cluster.endpoint, "workers",
-                          "--json"], env=clean_environment(env),
-                         capture_output=True, text=True, timeout=60)
+    env = {
+        "TASKBROKER_CLIENT_CURVE_SERVER_KEY": str(
+            keys / "keys" / "broker.key"
+        ),
+        "TASKBROKER_CLIENT_CURVE_SECRET_KEY": str(
+            keys / "keys" / "ops.key_secret"
+        ),
+    }
+    run = subprocess.run(
+        [CLI, "--broker", cluster.endpoint, "workers", "--json"],
+        env=clean_environment(env),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert run.returncode == 0, run.stderr
     w1 = curve.load_public(str(keys / "keys" / "w1.key"), "t").decode()
     assert [(w["name"], w["key"]) for w in json.loads(run.stdout)] == [
-        ("w1", w1)]
+        ("w1", w1)
+    ]
 
 
 def test_a_worker_that_trusts_another_broker_key_gets_no_task(cluster, keys):
@@ -230,24 +287,35 @@ def test_a_worker_that_trusts_another_broker_key_gets_no_task(cluster, keys):
     # but the worker takes B1 for the broker's key.
     curve.keygen(str(keys / "keys"), "broker2")
     cluster.start_broker(
-        "--curve-secret-key", str(keys / "keys" / "broker2.key_secret"),
-        "--authorized-workers", str(keys / "workers"),
-        "--authorized-clients", str(keys / "clients"),
-        "--admin-clients", str(keys / "admins"))
+        "--curve-secret-key",
+        str(keys / "keys" / "broker2.key_secret"),
+        "--authorized-workers",
+        str(keys / "workers"),
+        "--authorized-clients",
+        str(keys / "clients"),
+        "--admin-clients",
+        str(keys / "admins"),
+    )
     submitted = curve_cli(cluster, keys, "submit", "echo", server="broker2")
     assert submitted.returncode == 0, submitted.stderr
     task_id = submitted.stdout.strip()
-    worker = curve_worker(cluster, keys, "--heartbeat", "0.2", name="w1",
-                          wait=False)
+    worker = curve_worker(
+        cluster, keys, "--heartbeat", "0.2", name="w1", wait=False
+    )
     # Told after an allowance (3 x 0.2 s), then after each doubling.
-    worker.wait_for(r"not welcomed: no answer to HELLO from broker "
-                    + re.escape(cluster.endpoint) + r" for .*curve-server-key")
+    worker.wait_for(
+        r"not welcomed: no answer to HELLO from broker "
+        + re.escape(cluster.endpoint)
+        + r" for .*curve-server-key"
+    )
     worker.wait_for(r"not welcomed: ", start=worker.after_match)
-    status = curve_cli(cluster, keys, "status", task_id, "--json",
-                       server="broker2")
+    status = curve_cli(
+        cluster, keys, "status", task_id, "--json", server="broker2"
+    )
     assert json.loads(status.stdout)["state"] == "queued"
-    workers = curve_cli(cluster, keys, "workers", "--json", key="ops",
-                        server="broker2")
+    workers = curve_cli(
+        cluster, keys, "workers", "--json", key="ops", server="broker2"
+    )
     assert json.loads(workers.stdout) == []
     assert "welcomed by broker" not in worker.output()
     assert worker.alive()
@@ -259,8 +327,10 @@ async def test_the_python_clients_with_keys(cluster, keys):
 
     curve_broker(cluster, keys)
     curve_worker(cluster, keys, name="w1")
-    paths = {"curve_server_key": keys / "keys" / "broker.key",
-             "curve_secret_key": keys / "keys" / "c1.key_secret"}
+    paths = {
+        "curve_server_key": keys / "keys" / "broker.key",
+        "curve_secret_key": keys / "keys" / "c1.key_secret",
+    }
     client = BrokerClient(reactor, cluster.endpoint, timeout=10, **paths)
     try:
         task, _ = await client.submit("echo", {"via": "twisted"})
@@ -275,12 +345,14 @@ async def test_the_python_clients_with_keys(cluster, keys):
 
 def test_the_command_with_a_wrong_server_key_finds_no_broker(cluster, keys):
     curve_broker(cluster, keys)
-    run = curve_cli(cluster, keys, "--timeout", "0.5", "stats",
-                    server="stranger")
+    run = curve_cli(
+        cluster, keys, "--timeout", "0.5", "stats", server="stranger"
+    )
     assert (run.returncode, run.stdout) == (3, "")
     [line] = run.stderr.splitlines()
-    assert line.startswith(f"taskbroker: no answer from {cluster.endpoint} "
-                           "within 0.5 s to STATS")
+    assert line.startswith(
+        f"taskbroker: no answer from {cluster.endpoint} within 0.5 s to STATS"
+    )
     assert "with CURVE, a wrong server key" in line
     # The right key gets an answer.
     assert curve_cli(cluster, keys, "stats").returncode == 0
@@ -288,12 +360,14 @@ def test_the_command_with_a_wrong_server_key_finds_no_broker(cluster, keys):
 
 def test_a_worker_with_a_client_key_is_refused(cluster, keys):
     broker = curve_broker(cluster, keys)
-    worker = curve_worker(cluster, keys, key="c1", name="intruder",
-                          wait=False)
+    worker = curve_worker(cluster, keys, key="c1", name="intruder", wait=False)
     # A fatal ERROR: the worker says why and exits 1.
     assert worker.wait_exit() == 1
-    assert re.search(r"taskworker refused by the broker: this key may not "
-                     r"act as a worker on this broker", worker.output())
+    assert re.search(
+        r"taskworker refused by the broker: this key may not "
+        r"act as a worker on this broker",
+        worker.output(),
+    )
     broker.wait_for(r"refused HELLO from c1 \(")
 
 
@@ -301,20 +375,25 @@ def test_a_worker_with_an_unusable_key_does_not_start(cluster, keys):
     curve_broker(cluster, keys)
     public = keys / "keys" / "w1.key"
     worker = cluster.start_worker(
-        "--curve-server-key", str(keys / "keys" / "broker.key"),
-        "--curve-secret-key", str(public), wait=False)
+        "--curve-server-key",
+        str(keys / "keys" / "broker.key"),
+        "--curve-secret-key",
+        str(public),
+        wait=False,
+    )
     assert worker.wait_exit() == 2
     assert worker.output() == (
         f"twistd taskworker: --curve-secret-key: {public}: no secret key in "
-        "it (a public .key file? the secret one ends in .key_secret)")
+        "it (a public .key file? the secret one ends in .key_secret)"
+    )
 
 
 def test_keys_added_and_removed_take_effect_without_a_restart(
-        cluster, keys, peers):
+    cluster, keys, peers
+):
     broker = curve_broker(cluster, keys)
     assert peers("stranger").ask(*STATS, timeout=SILENCE_MS) is None
-    os.link(keys / "keys" / "stranger.key",
-            keys / "clients" / "stranger.key")
+    os.link(keys / "keys" / "stranger.key", keys / "clients" / "stranger.key")
     broker.wait_for(r"authorized keys changed: clients \+stranger")
     late = peers("stranger")
     assert late.ask(*STATS)[0] == b"REPLY"
@@ -323,8 +402,7 @@ def test_keys_added_and_removed_take_effect_without_a_restart(
     # the timer does within 2 s, so this step cannot tell them apart).
     mark = broker.mark()
     broker.signal(signal.SIGHUP)
-    broker.wait_for(r"authorized keys changed: clients -stranger",
-                    start=mark)
+    broker.wait_for(r"authorized keys changed: clients -stranger", start=mark)
     # Still connected, but refused at its next message.
     command, body = late.ask(*STATS)
     assert (command, body["code"]) == (b"ERROR", "forbidden")
@@ -339,15 +417,23 @@ def test_payloads_cross_the_wire_only_encrypted(cluster, keys, with_curve):
         curve_broker(cluster, keys)
     else:
         cluster.start_broker()
-    host, port = cluster.endpoint[len("tcp://"):].rsplit(":", 1)
+    host, port = cluster.endpoint[len("tcp://") :].rsplit(":", 1)
     secret = "unmistakable-payload-4f9c2a"
     with Proxy(host, int(port), record=True) as relay:
-        peer = Peer(cluster, keys, "c1" if with_curve else None,
-                    endpoint=f"tcp://127.0.0.1:{relay.port}")
+        peer = Peer(
+            cluster,
+            keys,
+            "c1" if with_curve else None,
+            endpoint=f"tcp://127.0.0.1:{relay.port}",
+        )
         try:
-            command, body = peer.ask(b"SUBMIT", {
-                "req": "r", "tasks": [{"handler": "echo",
-                                       "payload": secret}]})
+            command, body = peer.ask(
+                b"SUBMIT",
+                {
+                    "req": "r",
+                    "tasks": [{"handler": "echo", "payload": secret}],
+                },
+            )
             assert command == b"REPLY"
             assert body["tasks"][0]["payload"] == secret
         finally:
@@ -368,21 +454,35 @@ def test_the_fleet_set_up_of_the_security_page(cluster, tmp_path):
     # docs/security.rst, "A fleet, step by step", with its paths under
     # tmp_path: four hosts' folders, and only public files copied.
     broker_host, worker_host, app_host, ops_home = (
-        tmp_path / "broker-host", tmp_path / "worker-host",
-        tmp_path / "app-host", tmp_path / "ops-home")
+        tmp_path / "broker-host",
+        tmp_path / "worker-host",
+        tmp_path / "app-host",
+        tmp_path / "ops-home",
+    )
     broker_keys, worker_keys, app_keys, ops_keys = (
-        broker_host / "keys", worker_host / "keys", app_host / "keys",
-        ops_home / ".taskbroker")
+        broker_host / "keys",
+        worker_host / "keys",
+        app_host / "keys",
+        ops_home / ".taskbroker",
+    )
 
     def run(*argv):
-        done = subprocess.run([str(arg) for arg in argv],
-                              capture_output=True, text=True, timeout=60)
+        done = subprocess.run(
+            [str(arg) for arg in argv],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert done.returncode == 0, done.stderr
         return done
 
     run(CLI, "keygen", broker_keys, "--name", "broker")
-    run("mkdir", broker_host / "workers", broker_host / "clients",
-        broker_host / "admins")
+    run(
+        "mkdir",
+        broker_host / "workers",
+        broker_host / "clients",
+        broker_host / "admins",
+    )
     run(CLI, "keygen", worker_keys, "--name", "worker-1")
     run(CLI, "keygen", app_keys, "--name", "reports")
     run(CLI, "keygen", ops_keys, "--name", "ops")
@@ -392,20 +492,34 @@ def test_the_fleet_set_up_of_the_security_page(cluster, tmp_path):
     for keys in (worker_keys, app_keys, ops_keys):
         run("cp", broker_keys / "broker.key", keys)
     cluster.start_broker(
-        "--curve-secret-key", str(broker_keys / "broker.key_secret"),
-        "--authorized-workers", str(broker_host / "workers"),
-        "--authorized-clients", str(broker_host / "clients"),
-        "--admin-clients", str(broker_host / "admins"))
+        "--curve-secret-key",
+        str(broker_keys / "broker.key_secret"),
+        "--authorized-workers",
+        str(broker_host / "workers"),
+        "--authorized-clients",
+        str(broker_host / "clients"),
+        "--admin-clients",
+        str(broker_host / "admins"),
+    )
     cluster.start_worker(
-        "--curve-server-key", str(worker_keys / "broker.key"),
-        "--curve-secret-key", str(worker_keys / "worker-1.key_secret"),
-        name="worker-1")
-    reports, ops = ([
-        "--curve-server-key", str(keys / "broker.key"),
-        "--curve-secret-key", str(keys / f"{name}.key_secret")]
-        for keys, name in ((app_keys, "reports"), (ops_keys, "ops")))
-    done = cluster.cli(*reports, "submit", "echo", "--payload", '"fleet"',
-                       "--wait")
+        "--curve-server-key",
+        str(worker_keys / "broker.key"),
+        "--curve-secret-key",
+        str(worker_keys / "worker-1.key_secret"),
+        name="worker-1",
+    )
+    reports, ops = (
+        [
+            "--curve-server-key",
+            str(keys / "broker.key"),
+            "--curve-secret-key",
+            str(keys / f"{name}.key_secret"),
+        ]
+        for keys, name in ((app_keys, "reports"), (ops_keys, "ops"))
+    )
+    done = cluster.cli(
+        *reports, "submit", "echo", "--payload", '"fleet"', "--wait"
+    )
     assert (done.returncode, done.stdout) == (0, '"fleet"\n'), done.stderr
     stats = cluster.cli(*ops, "stats")
     assert stats.returncode == 0 and "workers: 1" in stats.stdout, stats
@@ -414,8 +528,9 @@ def test_the_fleet_set_up_of_the_security_page(cluster, tmp_path):
     assert cluster.cli(*reports, "workers").returncode != 0
 
 
-def test_a_worker_whose_key_is_removed_is_refused_at_once(cluster, keys,
-                                                          peers):
+def test_a_worker_whose_key_is_removed_is_refused_at_once(
+    cluster, keys, peers
+):
     # Not at its next message: a worker that stays silent must get no
     # more tasks.
     broker = curve_broker(cluster, keys)
@@ -438,18 +553,31 @@ def test_each_client_key_sees_and_changes_only_its_own_tasks(cluster, keys):
         return curve_cli(cluster, keys, *args, key=key)
 
     def public(name):
-        return curve.load_public(str(keys / "keys" / f"{name}.key"),
-                                 "t").decode()
+        return curve.load_public(
+            str(keys / "keys" / f"{name}.key"), "t"
+        ).decode()
 
     # No worker: c1's task stays queued.
-    submitted = cli("c1", "submit", "echo", "--payload", '"c1 secret"',
-                    "--unique-key", "nightly", "--json")
+    submitted = cli(
+        "c1",
+        "submit",
+        "echo",
+        "--payload",
+        '"c1 secret"',
+        "--unique-key",
+        "nightly",
+        "--json",
+    )
     assert submitted.returncode == 0, submitted.stderr
     task = json.loads(submitted.stdout)
     assert task["submitter"] == public("c1")
     task_id = str(task["id"])
-    for args in (("status", task_id), ("status", task_id, "--json"),
-                 ("cancel", task_id), ("retry", task_id)):
+    for args in (
+        ("status", task_id),
+        ("status", task_id, "--json"),
+        ("cancel", task_id),
+        ("retry", task_id),
+    ):
         run = cli("c2", *args)
         assert run.returncode != 0 and run.stdout == "", (args, run)
         assert f"no task with id {task_id}" in run.stderr, (args, run)
@@ -492,28 +620,51 @@ def test_a_client_key_cannot_take_over_a_workers_route(cluster, keys, peers):
     # that a worker's identity ends in 128 random bits that nothing shows.
     broker = curve_broker(cluster, keys)
     worker = curve_worker(cluster, keys, name="w1")
-    ran = curve_cli(cluster, keys, "submit", "echo", "--payload", '"a"',
-                    "--wait")
+    ran = curve_cli(
+        cluster, keys, "submit", "echo", "--payload", '"a"', "--wait"
+    )
     assert ran.returncode == 0, ran.stderr
-    shown = "\n".join([
-        broker.output(), worker.output(),
-        curve_cli(cluster, keys, "workers", "--json", key="ops").stdout,
-        curve_cli(cluster, keys, "stats", "--json", key="ops").stdout,
-        curve_cli(cluster, keys, "list", "--json", key="ops").stdout])
+    shown = "\n".join(
+        [
+            broker.output(),
+            worker.output(),
+            curve_cli(cluster, keys, "workers", "--json", key="ops").stdout,
+            curve_cli(cluster, keys, "stats", "--json", key="ops").stdout,
+            curve_cli(cluster, keys, "list", "--json", key="ops").stdout,
+        ]
+    )
     assert '"name":"w1"' in shown
     assert not re.search(r"w1/[0-9a-f]{32}", shown), shown
     # A client that tries the identities it might guess takes no route.
     for guess in (b"w1", b"w1/", b"w1/" + b"0" * 32, b"w1/0"):
         assert peers("c1", identity=guess).ask(*STATS)[0] == b"REPLY"
-    ran = curve_cli(cluster, keys, "submit", "echo", "--payload", '"b"',
-                    "--wait", "--timeout", "20")
+    ran = curve_cli(
+        cluster,
+        keys,
+        "submit",
+        "echo",
+        "--payload",
+        '"b"',
+        "--wait",
+        "--timeout",
+        "20",
+    )
     assert (ran.returncode, ran.stdout) == (0, '"b"\n'), ran.stderr
     # Were an identity known, its route would be taken: a worker (w1's
     # key, another name) whose identity a client knows...
     known = peers("w1", identity=b"w9/known")
-    assert known.ask(b"HELLO", {"name": "w9", "slots": 1,
-                                "handlers": ["only-w9"],
-                                "heartbeat": 5.0})[0] == b"WELCOME"
+    assert (
+        known.ask(
+            b"HELLO",
+            {
+                "name": "w9",
+                "slots": 1,
+                "handlers": ["only-w9"],
+                "heartbeat": 5.0,
+            },
+        )[0]
+        == b"WELCOME"
+    )
     known.socket.send_multipart(codec.encode(b"READY", {}))
     thief = peers("c1", identity=b"w9/known")
     # Connected: the route is its (what comes first may be the broker's

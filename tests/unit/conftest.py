@@ -93,9 +93,12 @@ class Peers:
         Remove and return the messages sent (to ``identity``, of
         ``command``).
         """
-        taken = [m for m in self.sent
-                 if (identity is None or m[0] == identity)
-                 and (command is None or m[1] == command)]
+        taken = [
+            m
+            for m in self.sent
+            if (identity is None or m[0] == identity)
+            and (command is None or m[1] == command)
+        ]
         self.sent = [m for m in self.sent if m not in taken]
         return taken
 

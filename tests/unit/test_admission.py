@@ -28,4 +28,5 @@ def test_held_waits_are_bounded():
 def test_a_read_costs_the_reply_it_may_make():
     assert cost(b"GET", b"{}") == 2 + codec.MAX_MESSAGE_SIZE
     assert cost(b"LIST", b"{}") == (
-        2 + codec.MAX_LIST_BYTES + codec.MAX_MESSAGE_SIZE)
+        2 + codec.MAX_LIST_BYTES + codec.MAX_MESSAGE_SIZE
+    )

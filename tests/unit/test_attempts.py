@@ -18,7 +18,11 @@ def test_a_report_counts_only_for_the_current_token():
     assert 1 in attempts
     ended = attempts.end(1, 2)
     assert (ended.task_id, ended.token, ended.row, ended.session) == (
-        1, 2, "row", b"w1")
+        1,
+        2,
+        "row",
+        b"w1",
+    )
     assert 1 not in attempts and attempts.end(1, 2) is None
 
 

@@ -3,7 +3,6 @@ Tests for taskbroker.broker.core: the broker's message handling, driven
 with a MemoryStore and a Clock, and a list in place of the socket.
 """
 
-
 import pytest
 from twisted.internet import defer
 
@@ -61,9 +60,14 @@ def test_hello_is_welcomed(broker, peers):
     hello(broker)
     [(_, command, body)] = peers.take(b"w1/x")
     assert command == b"WELCOME"
-    assert body == {"broker": "b1", "priorities": ["high", "normal", "low"],
-                    "heartbeat": 1.0, "time_limit": None, "progress": True,
-                    "version": taskbroker.__version__}
+    assert body == {
+        "broker": "b1",
+        "priorities": ["high", "normal", "low"],
+        "heartbeat": 1.0,
+        "time_limit": None,
+        "progress": True,
+        "version": taskbroker.__version__,
+    }
 
 
 def test_unknown_level_is_refused(broker, peers):
@@ -90,33 +94,58 @@ def test_submit_is_answered_after_commit_then_dispatched(broker, peers, store):
     hello(broker)
     send(broker, b"w1/x", b"READY", {})
     [(_, _, sent)] = peers.take(b"w1/x", b"TASK")
-    assert sent == {"id": task["id"], "handler": "echo", "payload": {"a": 1},
-                    "priority": "normal", "attempt": 1, "max_attempts": 3,
-                    "token": 1, "time_limit": None}
+    assert sent == {
+        "id": task["id"],
+        "handler": "echo",
+        "payload": {"a": 1},
+        "priority": "normal",
+        "attempt": 1,
+        "max_attempts": 3,
+        "token": 1,
+        "time_limit": None,
+    }
     assert result_of(store.get(task["id"])).state == "running"
 
 
 def test_task_for_a_ready_worker_is_inserted_dispatched(broker, peers, store):
     hello(broker)
     send(broker, b"w1/x", b"READY", {})
-    submit(broker, {"handler": "echo", "payload": {"a": 1}},
-           {"handler": "echo", "payload": 2})
+    submit(
+        broker,
+        {"handler": "echo", "payload": {"a": 1}},
+        {"handler": "echo", "payload": 2},
+    )
     [(_, _, reply)] = peers.take(b"client", b"REPLY")
     first, second = reply["tasks"]
     # One commit: the first is inserted running, with its first dispatch.
     assert (first["state"], first["worker"], first["attempts"]) == (
-        "running", "w1", 1)
+        "running",
+        "w1",
+        1,
+    )
     assert second["state"] == "queued"
     [(_, _, sent)] = peers.take(b"w1/x", b"TASK")
     assert (sent["id"], sent["token"], sent["attempt"]) == (first["id"], 1, 1)
     row = result_of(store.get(first["id"]))
     assert (row.state, row.token, row.worker, row.started_at) == (
-        "running", 1, "w1", row.created_at)
-    send(broker, b"w1/x", b"RESULT", {"id": first["id"], "token": 1,
-                                       "state": "succeeded", "result": 1,
-                                       "ready": True})
-    assert peers.take(b"w1/x", b"ACK")[0][2] == {"id": first["id"],
-                                                 "token": 1}
+        "running",
+        1,
+        "w1",
+        row.created_at,
+    )
+    send(
+        broker,
+        b"w1/x",
+        b"RESULT",
+        {
+            "id": first["id"],
+            "token": 1,
+            "state": "succeeded",
+            "result": 1,
+            "ready": True,
+        },
+    )
+    assert peers.take(b"w1/x", b"ACK")[0][2] == {"id": first["id"], "token": 1}
     [(_, _, sent)] = peers.take(b"w1/x", b"TASK")
     assert sent["id"] == second["id"]
 
@@ -129,9 +158,18 @@ def test_a_claim_not_inserted_gives_its_credit_back(broker, peers, store):
     send(broker, b"w1/x", b"READY", {})
     [(_, _, sent)] = peers.take(b"w1/x", b"TASK")
     assert sent["id"] == existing
-    send(broker, b"w1/x", b"RESULT", {"id": existing, "token": 1,
-                                       "state": "succeeded", "result": 1,
-                                       "ready": True})
+    send(
+        broker,
+        b"w1/x",
+        b"RESULT",
+        {
+            "id": existing,
+            "token": 1,
+            "state": "succeeded",
+            "result": 1,
+            "ready": True,
+        },
+    )
     peers.take()
     # Running again meanwhile: the key is free, but hold it with a delay.
     submit(broker, {"handler": "echo", "unique_key": "k2", "delay": 60})
@@ -185,8 +223,12 @@ def test_result_is_recorded_and_acknowledged(broker, peers, store):
     send(broker, b"w1/x", b"READY", {})
     submit(broker, {"handler": "echo", "payload": 7})
     peers.take()
-    send(broker, b"w1/x", b"RESULT", {"id": 1, "token": 1,
-                                       "state": "succeeded", "result": 7})
+    send(
+        broker,
+        b"w1/x",
+        b"RESULT",
+        {"id": 1, "token": 1, "state": "succeeded", "result": 7},
+    )
     assert peers.take(b"w1/x", b"ACK")[0][2] == {"id": 1, "token": 1}
     row = result_of(store.get(1))
     assert (row.state, row.result) == ("succeeded", "7")
@@ -197,8 +239,12 @@ def test_stale_result_is_ignored_but_acknowledged(broker, peers, store):
     hello(broker)
     send(broker, b"w1/x", b"READY", {})
     submit(broker, {"handler": "echo"})
-    send(broker, b"w1/x", b"RESULT", {"id": 1, "token": 2,
-                                       "state": "succeeded", "result": 1})
+    send(
+        broker,
+        b"w1/x",
+        b"RESULT",
+        {"id": 1, "token": 2, "state": "succeeded", "result": 1},
+    )
     assert peers.take(b"w1/x", b"ACK")
     assert result_of(store.get(1)).state == "running"
     assert broker.counters["stale_results"] == 1
@@ -213,8 +259,11 @@ def test_unknown_peer_is_asked_to_announce(broker, peers):
 def test_lost_worker_task_is_requeued_at_the_front(broker, peers, clock):
     hello(broker)
     send(broker, b"w1/x", b"READY", {})
-    submit(broker, {"handler": "echo", "payload": 1},
-           {"handler": "echo", "payload": 2})
+    submit(
+        broker,
+        {"handler": "echo", "payload": 1},
+        {"handler": "echo", "payload": 2},
+    )
     peers.take()
     clock.advance(3.5)
     broker.sweep()
@@ -236,7 +285,8 @@ def test_heartbeats_keep_a_worker(broker, peers, clock):
 
 
 def test_heartbeats_say_whether_the_store_can_be_written(
-        broker, store, peers, clock):
+    broker, store, peers, clock
+):
     hello(broker)
     peers.take()
     broker.sweep()
@@ -256,8 +306,7 @@ def test_heartbeats_say_whether_the_store_can_be_written(
     assert body["store"] == "ok"
 
 
-def test_rows_inserted_by_sql_are_validated(owned_broker, owned_store,
-                                           peers):
+def test_rows_inserted_by_sql_are_validated(owned_broker, owned_store, peers):
     broker, store = owned_broker, owned_store
     good = store.insert_external("echo", '{"a": 1}').id
     bad_json = store.insert_external("echo", "{oops").id
@@ -269,11 +318,17 @@ def test_rows_inserted_by_sql_are_validated(owned_broker, owned_store,
     send(broker, b"w1/x", b"READY", {})
     [(_, _, task)] = peers.take(b"w1/x", b"TASK")
     assert (task["id"], task["priority"], task["max_attempts"]) == (
-        good, "normal", 3)
+        good,
+        "normal",
+        3,
+    )
     # The dispatch fills in the broker's defaults for what SQL left NULL.
     row = result_of(store.get(good))
     assert (row.priority, row.max_attempts, row.state) == (
-        "normal", 3, "running")
+        "normal",
+        3,
+        "running",
+    )
 
 
 def test_poll_does_not_adopt_a_submitted_task_twice(owned_broker, peers):
@@ -313,15 +368,18 @@ def test_wait_answers_when_the_task_ends(broker, peers, clock):
     send(broker, b"client", b"WAIT", {"req": "w", "id": 1, "timeout": 10})
     assert peers.take(b"client") == []
     send(broker, b"w1/x", b"READY", {})
-    send(broker, b"w1/x", b"RESULT", {"id": 1, "token": 1,
-                                       "state": "failed", "error": "boom"})
+    send(
+        broker,
+        b"w1/x",
+        b"RESULT",
+        {"id": 1, "token": 1, "state": "failed", "error": "boom"},
+    )
     [(_, _, reply)] = peers.take(b"client", b"REPLY")
     assert reply["task"]["state"] == "failed"
     assert reply["task"]["error"] == "boom"
 
 
-def test_a_wait_while_the_result_is_written_waits_for_it(broker, peers,
-                                                        store):
+def test_a_wait_while_the_result_is_written_waits_for_it(broker, peers, store):
     hello(broker)
     send(broker, b"w1/x", b"READY", {})
     submit(broker, {"handler": "echo"})
@@ -334,15 +392,20 @@ def test_a_wait_while_the_result_is_written_waits_for_it(broker, peers,
         return writing[-1][0]
 
     store.finish = held_finish
-    send(broker, b"w1/x", b"RESULT", {"id": 1, "token": 1,
-                                       "state": "succeeded", "result": 2})
+    send(
+        broker,
+        b"w1/x",
+        b"RESULT",
+        {"id": 1, "token": 1, "state": "succeeded", "result": 2},
+    )
     asked = []
     get = store.get
     store.get = lambda task_id: asked.append(task_id) or get(task_id)
     if broker.claims.shared:
         watch = broker.claims.watch
-        broker.claims.watch = lambda task_id: asked.append(task_id) or \
-            watch(task_id)
+        broker.claims.watch = lambda task_id: (
+            asked.append(task_id) or watch(task_id)
+        )
     send(broker, b"client", b"WAIT", {"req": "w", "id": 1, "timeout": 10})
     # Neither read nor watched: this broker is ending it.
     assert asked == []
@@ -350,7 +413,9 @@ def test_a_wait_while_the_result_is_written_waits_for_it(broker, peers,
     finish(*args).chainDeferred(d)
     [(_, _, reply)] = peers.take(b"client", b"REPLY")
     assert (reply["task"]["state"], reply["task"]["result"]) == (
-        "succeeded", 2)
+        "succeeded",
+        2,
+    )
 
 
 def test_wait_times_out_with_the_current_state(broker, peers, clock):
@@ -375,8 +440,12 @@ def test_cancel_a_queued_task(broker, peers):
     hello(broker)
     send(broker, b"w1/x", b"READY", {})
     submit(broker, {"handler": "echo"})
-    send(broker, b"w1/x", b"RESULT", {"id": 2, "token": 1,
-                                       "state": "succeeded", "result": 1})
+    send(
+        broker,
+        b"w1/x",
+        b"RESULT",
+        {"id": 2, "token": 1, "state": "succeeded", "result": 1},
+    )
     peers.take()
     send(broker, b"client", b"CANCEL", {"req": "c", "id": 2})
     assert peers.take(b"client")[0][2]["code"] == "not_cancellable"
@@ -385,7 +454,8 @@ def test_cancel_a_queued_task(broker, peers):
 
 
 def test_restarted_broker_lets_workers_reclaim_running_attempts(
-        owned_store, clock, peers):
+    owned_store, clock, peers
+):
     store = owned_store
     first = Broker(BrokerConfig(), store, clock, peers.send, instance_id="b1")
     result_of(first.load())
@@ -401,13 +471,18 @@ def test_restarted_broker_lets_workers_reclaim_running_attempts(
     send(second, b"w1/x", b"HEARTBEAT", {})
     second.sweep()
     assert result_of(store.get(1)).state == "running"
-    send(second, b"w1/x", b"RESULT", {"id": 1, "token": 1,
-                                       "state": "succeeded", "result": None})
+    send(
+        second,
+        b"w1/x",
+        b"RESULT",
+        {"id": 1, "token": 1, "state": "succeeded", "result": None},
+    )
     assert result_of(store.get(1)).state == "succeeded"
 
 
 def test_unclaimed_running_attempts_are_requeued_after_the_reclaim_window(
-        owned_store, clock, peers):
+    owned_store, clock, peers
+):
     store = owned_store
     first = Broker(BrokerConfig(), store, clock, peers.send, instance_id="b1")
     result_of(first.load())
@@ -434,8 +509,9 @@ def running_row(store, handler="echo"):
     A task a broker before this one dispatched (token 1), as the store
     has it.
     """
-    row = store.insert_external(handler, '"x"', priority="normal",
-                                max_attempts=3)
+    row = store.insert_external(
+        handler, '"x"', priority="normal", max_attempts=3
+    )
     assert result_of(store.dispatch(row.id, 1, "w1", 1.0))
     return result_of(store.get(row.id))
 
@@ -451,17 +527,21 @@ def break_row(store, row, **columns):
     return broken
 
 
-@pytest.mark.parametrize("column, value", [
-    ("token", "abc"),
-    ("token", 2**63 - 1),
-    ("attempts", "abc"),
-    ("created_at", "yesterday"),
-    ("id", 2**63 - 1),
-    ("payload", "[" * 65 + "]" * 65),
-    ("priority", "urgent"),
-])
-def test_a_broken_running_row_fails_alone_at_start(owned_store, clock, peers,
-                                                   column, value):
+@pytest.mark.parametrize(
+    "column, value",
+    [
+        ("token", "abc"),
+        ("token", 2**63 - 1),
+        ("attempts", "abc"),
+        ("created_at", "yesterday"),
+        ("id", 2**63 - 1),
+        ("payload", "[" * 65 + "]" * 65),
+        ("priority", "urgent"),
+    ],
+)
+def test_a_broken_running_row_fails_alone_at_start(
+    owned_store, clock, peers, column, value
+):
     store = owned_store
     good = running_row(store)
     bad = break_row(store, running_row(store), **{column: value})
@@ -478,8 +558,12 @@ def test_a_broken_running_row_fails_alone_at_start(owned_store, clock, peers,
     send(broker, b"w1/x", b"READY", {})
     [(_, _, task)] = peers.take(b"w1/x", b"TASK")
     assert task["id"] == queued.id and not broker.dispatcher.paused
-    send(broker, b"w1/x", b"RESULT", {"id": good.id, "token": 1,
-                                       "state": "succeeded", "result": 1})
+    send(
+        broker,
+        b"w1/x",
+        b"RESULT",
+        {"id": good.id, "token": 1, "state": "succeeded", "result": 1},
+    )
     assert result_of(store.get(good.id)).state == "succeeded"
 
 
@@ -487,8 +571,13 @@ def test_a_running_row_keeps_its_attempt_at_start(owned_store, clock, peers):
     # The highest token and attempt a message carries are a running row's
     # to hold; its next dispatch would go past them, and fails it then.
     store = owned_store
-    row = break_row(store, running_row(store), token=codec.MAX_EXACT,
-                    attempts=codec.MAX_ATTEMPT, priority=None)
+    row = break_row(
+        store,
+        running_row(store),
+        token=codec.MAX_EXACT,
+        attempts=codec.MAX_ATTEMPT,
+        priority=None,
+    )
     broker = Broker(BrokerConfig(), store, clock, peers.send, instance_id="b2")
     result_of(broker.load())
     assert broker.attempts.get(row.id).row.priority == "normal"
@@ -496,18 +585,21 @@ def test_a_running_row_keeps_its_attempt_at_start(owned_store, clock, peers):
     assert broker.attempts.get(row.id).session == b"w1/x"
 
 
-def test_a_submit_the_database_refuses_is_answered_refused(broker, peers,
-                                                          store):
+def test_a_submit_the_database_refuses_is_answered_refused(
+    broker, peers, store
+):
     real_submit = store.submit
-    store.submit = lambda tasks: defer.fail(WriteRefused(
-        "submit failed: CHECK constraint failed: id"))
+    store.submit = lambda tasks: defer.fail(
+        WriteRefused("submit failed: CHECK constraint failed: id")
+    )
     hello(broker)
     send(broker, b"w1/x", b"READY", {})
     submit(broker, {"handler": "echo"})
     [(_, command, body)] = peers.take(b"client")
     assert command == b"ERROR" and body["code"] == "refused"
-    assert body["message"] == ("the database refused it: submit failed: "
-                               "CHECK constraint failed: id")
+    assert body["message"] == (
+        "the database refused it: submit failed: CHECK constraint failed: id"
+    )
     # Not database trouble: nothing paused, the credit still free.
     assert broker.counters["store_errors"] == 0
     assert not broker.dispatcher.paused
@@ -517,7 +609,8 @@ def test_a_submit_the_database_refuses_is_answered_refused(broker, peers,
 
 
 def test_a_dispatch_the_database_refuses_fails_that_task_alone(
-        broker, peers, store, clock):
+    broker, peers, store, clock
+):
     submit(broker, {"handler": "echo"}, {"handler": "echo"})
     [(_, _, reply)] = peers.take(b"client", b"REPLY")
     refused, other = [task["id"] for task in reply["tasks"]]
@@ -525,8 +618,9 @@ def test_a_dispatch_the_database_refuses_fails_that_task_alone(
 
     def dispatch(task_id, token, *args):
         if task_id == refused:
-            return defer.fail(WriteRefused(
-                "dispatch failed: CHECK constraint failed: token"))
+            return defer.fail(
+                WriteRefused("dispatch failed: CHECK constraint failed: token")
+            )
         return real_dispatch(task_id, token, *args)
 
     store.dispatch = dispatch
@@ -539,7 +633,9 @@ def test_a_dispatch_the_database_refuses_fails_that_task_alone(
     assert broker.counters["store_errors"] == 0
     row = result_of(store.get(refused))
     assert (row.state, row.error) == (
-        "failed", "dispatch failed: CHECK constraint failed: token")
+        "failed",
+        "dispatch failed: CHECK constraint failed: token",
+    )
     assert refused not in broker.attempts and refused not in broker.dispatcher
 
 
@@ -564,8 +660,11 @@ def test_stats_and_workers(broker, peers):
 def test_a_batch_is_handed_out_most_urgent_first(broker, peers):
     hello(broker)
     send(broker, b"w1/x", b"READY", {})
-    submit(broker, {"handler": "echo", "priority": "low"},
-           {"handler": "echo", "priority": "high"})
+    submit(
+        broker,
+        {"handler": "echo", "priority": "low"},
+        {"handler": "echo", "priority": "high"},
+    )
     [(_, _, sent)] = peers.take(b"w1/x", b"TASK")
     assert sent["priority"] == "high"
 
@@ -599,18 +698,29 @@ def start_one(broker, peers, **spec):
 
 
 def fail(broker, sent, identity=b"w1/x", **fields):
-    body = {"id": sent["id"], "token": sent["token"], "state": "failed",
-            "error": "ValueError: boom", "traceback": "Traceback ..."}
+    body = {
+        "id": sent["id"],
+        "token": sent["token"],
+        "state": "failed",
+        "error": "ValueError: boom",
+        "traceback": "Traceback ...",
+    }
     body.update(fields)
     send(broker, identity, b"RESULT", body)
 
 
-def test_failed_attempt_is_retried_after_a_backoff(broker, peers, store, clock):
+def test_failed_attempt_is_retried_after_a_backoff(
+    broker, peers, store, clock
+):
     sent = start_one(broker, peers)
     fail(broker, sent)
     assert peers.take(b"w1/x", b"ACK")
     row = result_of(store.get(1))
-    assert (row.state, row.attempts, row.error) == ("queued", 1, "ValueError: boom")
+    assert (row.state, row.attempts, row.error) == (
+        "queued",
+        1,
+        "ValueError: boom",
+    )
     # First retry after retry_delay (1 s) with equal jitter: 0.5 to 1 s.
     assert 0.5 <= row.run_at - clock.seconds() <= 1.0
     send(broker, b"w1/x", b"READY", {})
@@ -631,7 +741,10 @@ def test_last_attempt_fails_the_task_with_its_traceback(broker, peers, store):
     fail(broker, sent)
     row = result_of(store.get(1))
     assert (row.state, row.error, row.traceback) == (
-        "failed", "ValueError: boom", "Traceback ...")
+        "failed",
+        "ValueError: boom",
+        "Traceback ...",
+    )
 
 
 def test_permanent_failure_is_not_retried(broker, peers, store):
@@ -642,8 +755,12 @@ def test_permanent_failure_is_not_retried(broker, peers, store):
 
 def test_released_attempt_is_requeued_without_counting(broker, peers, store):
     sent = start_one(broker, peers)
-    send(broker, b"w1/x", b"RESULT", {"id": 1, "token": sent["token"],
-                                       "state": "released"})
+    send(
+        broker,
+        b"w1/x",
+        b"RESULT",
+        {"id": 1, "token": sent["token"], "state": "released"},
+    )
     row = result_of(store.get(1))
     assert (row.state, row.attempts, row.token) == ("queued", 0, 1)
     send(broker, b"w1/x", b"READY", {})
@@ -659,7 +776,8 @@ def test_bye_hands_back_running_tasks_without_counting(broker, peers, store):
 
 
 def test_lost_worker_on_its_last_attempt_fails_the_task(
-        broker, peers, store, clock):
+    broker, peers, store, clock
+):
     start_one(broker, peers, max_attempts=1)
     clock.advance(3.5)
     broker.sweep()
@@ -683,7 +801,9 @@ def test_delayed_task_waits_for_its_time(broker, peers, clock):
 def test_cancel_a_delayed_task(broker, peers, clock):
     submit(broker, {"handler": "echo", "delay": 5})
     send(broker, b"client", b"CANCEL", {"req": "c", "id": 1})
-    assert peers.take(b"client", b"REPLY")[-1][2]["task"]["state"] == "cancelled"
+    assert (
+        peers.take(b"client", b"REPLY")[-1][2]["task"]["state"] == "cancelled"
+    )
     hello(broker)
     send(broker, b"w1/x", b"READY", {})
     clock.advance(10)
@@ -699,8 +819,12 @@ def test_cancel_a_running_task_tells_its_worker(broker, peers, store):
     assert cancel == {"id": 1, "token": sent["token"]}
     assert broker.dispatcher.worker(b"w1/x").busy == 0
     # Its late result is stale and changes nothing.
-    send(broker, b"w1/x", b"RESULT", {"id": 1, "token": sent["token"],
-                                       "state": "succeeded", "result": 1})
+    send(
+        broker,
+        b"w1/x",
+        b"RESULT",
+        {"id": 1, "token": sent["token"], "state": "succeeded", "result": 1},
+    )
     assert result_of(store.get(1)).state == "cancelled"
     assert broker.counters["stale_results"] == 1
 
@@ -718,19 +842,31 @@ def test_retry_a_failed_task(broker, peers, store):
     # A resent RETRY answers with the task, now running again.
     send(broker, b"client", b"RETRY", {"req": "r", "id": 1})
     assert peers.take(b"client")[0][2]["task"]["state"] == "running"
-    send(broker, b"w1/x", b"RESULT", {"id": 1, "token": 2,
-                                       "state": "succeeded", "result": 1})
+    send(
+        broker,
+        b"w1/x",
+        b"RESULT",
+        {"id": 1, "token": 2, "state": "succeeded", "result": 1},
+    )
     send(broker, b"client", b"RETRY", {"req": "r", "id": 1})
     assert peers.take(b"client", b"ERROR")[0][2]["code"] == "not_retryable"
 
 
 def test_resent_submit_with_the_same_request_id_is_not_duplicated(
-        owned_broker, peers):
+    owned_broker, peers
+):
     broker = owned_broker
     for _ in range(2):
-        send(broker, b"client", b"SUBMIT", {
-            "req": "a", "request_id": "r-1",
-            "tasks": [{"handler": "echo"}, {"handler": "echo"}]})
+        send(
+            broker,
+            b"client",
+            b"SUBMIT",
+            {
+                "req": "a",
+                "request_id": "r-1",
+                "tasks": [{"handler": "echo"}, {"handler": "echo"}],
+            },
+        )
     first, second = [body for _, _, body in peers.take(b"client")]
     assert [t["id"] for t in first["tasks"]] == [1, 2]
     assert [t["id"] for t in second["tasks"]] == [1, 2]
@@ -757,7 +893,9 @@ def test_stale_attempt_announced_by_a_worker_is_stopped(broker, peers, clock):
     assert cancel == {"id": 1, "token": sent["token"]}
 
 
-def test_store_failure_pauses_dispatch_then_resumes(broker, peers, store, clock):
+def test_store_failure_pauses_dispatch_then_resumes(
+    broker, peers, store, clock
+):
     hello(broker)
     submit(broker, {"handler": "echo"})
     peers.take()
@@ -801,8 +939,18 @@ def test_a_result_can_carry_the_slots_next_credit(broker, peers):
     send(broker, b"w1/x", b"READY", {})
     submit(broker, {"handler": "echo"}, {"handler": "echo"})
     peers.take()
-    send(broker, b"w1/x", b"RESULT", {"id": 1, "token": 1, "ready": True,
-                                       "state": "succeeded", "result": 1})
+    send(
+        broker,
+        b"w1/x",
+        b"RESULT",
+        {
+            "id": 1,
+            "token": 1,
+            "ready": True,
+            "state": "succeeded",
+            "result": 1,
+        },
+    )
     [(_, _, sent)] = peers.take(b"w1/x", b"TASK")
     assert sent["id"] == 2
 
@@ -821,7 +969,8 @@ def test_a_task_the_worker_never_got_is_requeued(broker, peers, store, clock):
 
 
 def test_a_task_no_worker_ever_receives_uses_its_attempts_and_fails(
-        broker, peers, store, clock):
+    broker, peers, store, clock
+):
     # A TASK that is lost every time must not circle for ever: every
     # third loss in a row counts as a failed attempt.
     start_one(broker, peers, max_attempts=2)
@@ -835,12 +984,15 @@ def test_a_task_no_worker_ever_receives_uses_its_attempts_and_fails(
             clock.advance(2)  # a retry waits for its backoff
             peers.take(b"w1/x", b"TASK")
     assert row.state == "failed"
-    assert row.error == ("workers never received it (3 times in a row, "
-                         "last w1) during attempt 2 of 2")
+    assert row.error == (
+        "workers never received it (3 times in a row, "
+        "last w1) during attempt 2 of 2"
+    )
 
 
 def test_a_task_received_in_between_starts_the_count_again(
-        broker, peers, store, clock):
+    broker, peers, store, clock
+):
     sent = start_one(broker, peers)
     for _ in range(2):
         clock.advance(2.5)
@@ -848,10 +1000,18 @@ def test_a_task_received_in_between_starts_the_count_again(
         send(broker, b"w1/x", b"READY", {})
         [(_, _, sent)] = peers.take(b"w1/x", b"TASK")
     clock.advance(0.5)
-    send(broker, b"w1/x", b"HEARTBEAT",
-         {"running": [{"id": 1, "token": sent["token"]}]})
-    send(broker, b"w1/x", b"RESULT", {"id": 1, "token": sent["token"],
-                                       "state": "released", "ready": True})
+    send(
+        broker,
+        b"w1/x",
+        b"HEARTBEAT",
+        {"running": [{"id": 1, "token": sent["token"]}]},
+    )
+    send(
+        broker,
+        b"w1/x",
+        b"RESULT",
+        {"id": 1, "token": sent["token"], "state": "released", "ready": True},
+    )
     [(_, _, sent)] = peers.take(b"w1/x", b"TASK")
     clock.advance(2.5)
     send(broker, b"w1/x", b"HEARTBEAT", {"running": []})
@@ -863,8 +1023,12 @@ def test_a_task_the_worker_has_is_left_alone(broker, peers, store, clock):
     sent = start_one(broker, peers)
     for _ in range(5):
         clock.advance(1)
-        send(broker, b"w1/x", b"HEARTBEAT",
-             {"running": [{"id": 1, "token": sent["token"]}]})
+        send(
+            broker,
+            b"w1/x",
+            b"HEARTBEAT",
+            {"running": [{"id": 1, "token": sent["token"]}]},
+        )
     assert result_of(store.get(1)).state == "running"
     assert peers.take(b"w1/x", b"CANCEL") == []
 
@@ -879,8 +1043,12 @@ def test_a_stale_attempt_in_a_heartbeat_is_stopped(broker, peers):
 def test_a_waiting_client_gets_the_row_as_committed(broker, peers, store):
     sent = start_one(broker, peers)
     send(broker, b"client", b"WAIT", {"req": "w", "id": 1, "timeout": 10})
-    send(broker, b"w1/x", b"RESULT", {"id": 1, "token": sent["token"],
-                                       "state": "succeeded", "result": [1]})
+    send(
+        broker,
+        b"w1/x",
+        b"RESULT",
+        {"id": 1, "token": sent["token"], "state": "succeeded", "result": [1]},
+    )
     [(_, _, reply)] = peers.take(b"client", b"REPLY")
     from taskbroker.protocol.objects import task_object
 
@@ -891,7 +1059,8 @@ def test_a_waiting_client_gets_the_row_as_committed(broker, peers, store):
 
 
 def test_a_result_from_a_peer_that_never_said_hello_records_nothing(
-        broker, peers, store):
+    broker, peers, store
+):
     hello(broker)
     send(broker, b"w1/x", b"READY", {})
     submit(broker, {"handler": "echo"})
@@ -899,25 +1068,42 @@ def test_a_result_from_a_peer_that_never_said_hello_records_nothing(
     peers.take()
     # Guessing small tokens, as a forger would.
     for token in (1, 2, 3):
-        send(broker, b"forger", b"RESULT", {
-            "id": sent["id"], "token": token, "state": "succeeded",
-            "result": "forged"})
+        send(
+            broker,
+            b"forger",
+            b"RESULT",
+            {
+                "id": sent["id"],
+                "token": token,
+                "state": "succeeded",
+                "result": "forged",
+            },
+        )
     assert [m[1] for m in peers.take(b"forger")] == [b"REHELLO"] * 3
     row = result_of(store.get(sent["id"]))
     assert (row.state, row.result) == ("running", None)
 
 
 @pytest.mark.parametrize("state", ["succeeded", "released"])
-def test_a_result_from_another_worker_is_not_taken(broker, peers, store,
-                                                   state):
+def test_a_result_from_another_worker_is_not_taken(
+    broker, peers, store, state
+):
     hello(broker)
     hello(broker, identity=b"w2/y", name="w2")
     send(broker, b"w1/x", b"READY", {})
     submit(broker, {"handler": "echo"})
     [(_, _, sent)] = peers.take(b"w1/x", b"TASK")
-    send(broker, b"w2/y", b"RESULT", {
-        "id": sent["id"], "token": sent["token"], "state": state,
-        "result": "forged"})
+    send(
+        broker,
+        b"w2/y",
+        b"RESULT",
+        {
+            "id": sent["id"],
+            "token": sent["token"],
+            "state": state,
+            "result": "forged",
+        },
+    )
     assert broker.counters["stale_results"] == 1
     row = result_of(store.get(sent["id"]))
     assert (row.state, row.token) == ("running", sent["token"])
@@ -925,34 +1111,60 @@ def test_a_result_from_another_worker_is_not_taken(broker, peers, store,
     send(broker, b"w2/y", b"READY", {})
     assert peers.take(b"w2/y", b"TASK") == []
     # The worker that holds it reports, and that counts.
-    send(broker, b"w1/x", b"RESULT", {
-        "id": sent["id"], "token": sent["token"], "state": "succeeded",
-        "result": "real"})
+    send(
+        broker,
+        b"w1/x",
+        b"RESULT",
+        {
+            "id": sent["id"],
+            "token": sent["token"],
+            "state": "succeeded",
+            "result": "real",
+        },
+    )
     assert result_of(store.get(sent["id"])).result == '"real"'
 
 
 def test_after_a_restart_the_worker_of_that_name_reports_its_attempt(
-        owned_store, clock, peers):
+    owned_store, clock, peers
+):
     first = started_broker(owned_store, clock, peers)
     hello(first)
     send(first, b"w1/x", b"READY", {})
     submit(first, {"handler": "echo"})
     [(_, _, sent)] = peers.take(b"w1/x", b"TASK")
     first.stop()
-    second = Broker(BrokerConfig(), owned_store, clock, peers.send,
-                    instance_id="b2")
+    second = Broker(
+        BrokerConfig(), owned_store, clock, peers.send, instance_id="b2"
+    )
     result_of(second.load())
     # Another worker cannot report it; w1, back on a new route, can,
     # even before it lists the task in a HELLO.
     hello(second, identity=b"w2/y", name="w2")
-    send(second, b"w2/y", b"RESULT", {
-        "id": sent["id"], "token": sent["token"], "state": "succeeded",
-        "result": "forged"})
+    send(
+        second,
+        b"w2/y",
+        b"RESULT",
+        {
+            "id": sent["id"],
+            "token": sent["token"],
+            "state": "succeeded",
+            "result": "forged",
+        },
+    )
     assert result_of(owned_store.get(sent["id"])).state == "running"
     hello(second, identity=b"w1/z", name="w1")
-    send(second, b"w1/z", b"RESULT", {
-        "id": sent["id"], "token": sent["token"], "state": "succeeded",
-        "result": "real"})
+    send(
+        second,
+        b"w1/z",
+        b"RESULT",
+        {
+            "id": sent["id"],
+            "token": sent["token"],
+            "state": "succeeded",
+            "result": "real",
+        },
+    )
     row = result_of(owned_store.get(sent["id"]))
     assert (row.state, row.result) == ("succeeded", '"real"')
 
@@ -965,7 +1177,9 @@ def test_a_heartbeat_outside_the_bounds_is_refused(broker, peers, heartbeat):
     hello(broker, heartbeat=heartbeat)
     [(_, command, body)] = peers.take(b"w1/x")
     assert command == b"ERROR" and body["code"] == "bad_request"
-    assert body["fatal"] is True and "--max-worker-heartbeat" in body["message"]
+    assert (
+        body["fatal"] is True and "--max-worker-heartbeat" in body["message"]
+    )
     assert broker.dispatcher.worker(b"w1/x") is None
     # The name is not held: a worker with a sound heartbeat takes it.
     hello(broker, identity=b"w1/y", heartbeat=10)
@@ -974,16 +1188,22 @@ def test_a_heartbeat_outside_the_bounds_is_refused(broker, peers, heartbeat):
 
 
 def test_the_longest_heartbeat_is_the_brokers_to_choose(store, clock, peers):
-    broker = Broker(BrokerConfig(max_worker_heartbeat=60.0), store, clock,
-                    peers.send, instance_id="b1")
+    broker = Broker(
+        BrokerConfig(max_worker_heartbeat=60.0),
+        store,
+        clock,
+        peers.send,
+        instance_id="b1",
+    )
     result_of(broker.load())
     hello(broker, heartbeat=60)
     assert peers.take(b"w1/x")[0][1] == b"WELCOME"
 
 
 def test_more_running_tasks_than_slots_is_refused(broker, peers):
-    hello(broker, slots=1, running=[{"id": 1, "token": 1},
-                                    {"id": 2, "token": 1}])
+    hello(
+        broker, slots=1, running=[{"id": 1, "token": 1}, {"id": 2, "token": 1}]
+    )
     [(_, command, body)] = peers.take(b"w1/x")
     assert (command, body["code"]) == (b"ERROR", "bad_request")
     assert "2 running tasks announced for 1 slots" in body["message"]
@@ -1036,7 +1256,8 @@ def test_requests_are_bounded_by_what_they_cost(broker, peers):
     # A SUBMIT costs its body and the reply it may make; a LIST, a page.
     assert cost(b"SUBMIT", b"x" * 10) == 10 + codec.MAX_MESSAGE_SIZE
     assert cost(b"LIST", b"x") == (
-        1 + codec.MAX_LIST_BYTES + codec.MAX_MESSAGE_SIZE)
+        1 + codec.MAX_LIST_BYTES + codec.MAX_MESSAGE_SIZE
+    )
     broker.admission.max_pending_bytes = codec.MAX_MESSAGE_SIZE + 100
     submit(broker, {"handler": "echo", "payload": "x" * 100})
     [(_, command, body)] = peers.take(b"client")
@@ -1054,8 +1275,12 @@ def test_waits_held_open_are_bounded(broker, peers):
     [(_, _, refused)] = peers.take(b"client")
     assert (refused["req"], refused["code"]) == ("w2", "busy")
     assert broker.admission.waits == 1
-    send(broker, b"w1/x", b"RESULT", {"id": 1, "token": 1,
-                                       "state": "succeeded", "result": 2})
+    send(
+        broker,
+        b"w1/x",
+        b"RESULT",
+        {"id": 1, "token": 1, "state": "succeeded", "result": 2},
+    )
     assert peers.take(b"client", b"REPLY")[0][2]["req"] == "w1"
     assert broker.admission.waits == 0 and broker.admission.pending == 0
 
@@ -1076,17 +1301,26 @@ def test_a_list_page_ends_at_a_size(broker, peers):
 
 
 def test_what_a_peer_repeats_at_will_is_logged_once_per_interval(
-        broker, peers, clock):
+    broker, peers, clock
+):
     from twisted.logger import capturedLogs
 
     hello(broker)
     with capturedLogs() as events:
         for _ in range(100):
             hello(broker, identity=b"w1/other")  # name taken
-            send(broker, b"w1/x", b"RESULT", {"id": 7, "token": 3,
-                                               "state": "failed"})
-            send(broker, b"w1/x", b"HEARTBEAT",
-                 {"running": [{"id": 9, "token": 4}]})
+            send(
+                broker,
+                b"w1/x",
+                b"RESULT",
+                {"id": 7, "token": 3, "state": "failed"},
+            )
+            send(
+                broker,
+                b"w1/x",
+                b"HEARTBEAT",
+                {"running": [{"id": 9, "token": 4}]},
+            )
     assert len(events) == 3
     assert len(peers.take(b"w1/other", b"ERROR")) == 100
     assert len(peers.take(b"w1/x", b"CANCEL")) == 100
@@ -1097,14 +1331,16 @@ def test_what_a_peer_repeats_at_will_is_logged_once_per_interval(
     assert len(events) == 1
 
 
-def test_a_large_payload_waits_in_the_store_not_in_memory(owned_broker,
-                                                          peers):
+def test_a_large_payload_waits_in_the_store_not_in_memory(owned_broker, peers):
     from taskbroker.broker.backlog import HELD_PAYLOAD
 
     broker = owned_broker
     large = "x" * HELD_PAYLOAD
-    submit(broker, {"handler": "echo", "payload": large},
-           {"handler": "echo", "payload": "small"})
+    submit(
+        broker,
+        {"handler": "echo", "payload": large},
+        {"handler": "echo", "payload": "small"},
+    )
     peers.take()
     held = {task_id: broker.backlog.withdraw(task_id) for task_id in (1, 2)}
     assert held[1].payload is None and held[2].payload == '"small"'
@@ -1123,14 +1359,19 @@ def test_a_large_payload_is_read_when_its_task_is_dispatched(broker, peers):
     send(broker, b"w1/x", b"READY", {})
     [(_, _, sent)] = peers.take(b"w1/x", b"TASK")
     assert sent["id"] == 1 and sent["payload"] == large
-    send(broker, b"w1/x", b"RESULT", {"id": 1, "token": 1,
-                                       "state": "succeeded", "result": 1})
+    send(
+        broker,
+        b"w1/x",
+        b"RESULT",
+        {"id": 1, "token": 1, "state": "succeeded", "result": 1},
+    )
     [(_, _, reply)] = peers.take(b"client", b"REPLY")
     assert reply["task"]["payload"] == large
 
 
-def test_a_worker_gone_while_its_dispatch_commits_gets_nothing(broker, peers,
-                                                               store):
+def test_a_worker_gone_while_its_dispatch_commits_gets_nothing(
+    broker, peers, store
+):
     # The requeue that its leaving issues may commit before the dispatch
     # (two writers): the task must still end up queued, and no TASK go out.
     submit(broker, {"handler": "echo"})
@@ -1161,13 +1402,21 @@ def test_list_newest_first_by_priority_and_echoes_its_order(broker, peers):
     for priority in ("high", "low", "high"):
         submit(broker, {"handler": "echo", "priority": priority})
     peers.take()
-    send(broker, b"client", b"LIST", {"req": "l", "order": "newest",
-                                      "priority": "high", "limit": 1})
+    send(
+        broker,
+        b"client",
+        b"LIST",
+        {"req": "l", "order": "newest", "priority": "high", "limit": 1},
+    )
     [(_, _, reply)] = peers.take(b"client")
     assert [t["id"] for t in reply["tasks"]] == [3]
     assert (reply["next"], reply["order"]) == (3, "newest")
-    send(broker, b"client", b"LIST", {"req": "l", "order": "newest",
-                                      "priority": "high", "before": 3})
+    send(
+        broker,
+        b"client",
+        b"LIST",
+        {"req": "l", "order": "newest", "priority": "high", "before": 3},
+    )
     [(_, _, reply)] = peers.take(b"client")
     assert ([t["id"] for t in reply["tasks"]], reply["next"]) == ([1], None)
     # A client from before 'order' gets what it always did.
@@ -1192,12 +1441,12 @@ def test_a_worker_with_one_slot_is_logged_as_such(broker, peers):
     assert "worker w2 connected: 4 slots, levels" in texts[1]
 
 
-def test_a_submit_for_an_unserved_handler_suggests_a_served_one(broker,
-                                                                peers):
+def test_a_submit_for_an_unserved_handler_suggests_a_served_one(broker, peers):
     hello(broker, handlers=["echo", "resize"])
     peers.take()
-    submit(broker, {"handler": "ecoh"}, {"handler": "report"},
-           {"handler": "echo"})
+    submit(
+        broker, {"handler": "ecoh"}, {"handler": "report"}, {"handler": "echo"}
+    )
     [(_, _, reply)] = peers.take(b"client")
     assert reply["unserved"] == ["ecoh", "report"]
     assert reply["suggestions"] == {"ecoh": "echo"}
@@ -1208,19 +1457,25 @@ def test_a_worker_of_another_version_is_logged(broker, peers):
 
     with capturedLogs() as events:
         hello(broker, version="0.0.9")
-        hello(broker, identity=b"w2/y", name="w2",
-              version=taskbroker.__version__)
+        hello(
+            broker, identity=b"w2/y", name="w2", version=taskbroker.__version__
+        )
         hello(broker, identity=b"w3/z", name="w3")  # older: says none
-    texts = [formatEvent(e) for e in events if "runs taskbroker" in
-             formatEvent(e)]
+    texts = [
+        formatEvent(e) for e in events if "runs taskbroker" in formatEvent(e)
+    ]
     assert texts == [
         f"worker w1 runs taskbroker 0.0.9, this broker "
         f"{taskbroker.__version__}: upgrade them together "
         '(docs/operations.rst, "Upgrades")',
         f"worker w3 runs taskbroker older than 0.1.0, this broker "
         f"{taskbroker.__version__}: upgrade them together "
-        '(docs/operations.rst, "Upgrades")']
+        '(docs/operations.rst, "Upgrades")',
+    ]
     send(broker, b"client", b"WORKERS", {"req": "w"})
     [(_, _, reply)] = peers.take(b"client", b"REPLY")
     assert [w["version"] for w in reply["workers"]] == [
-        "0.0.9", taskbroker.__version__, None]
+        "0.0.9",
+        taskbroker.__version__,
+        None,
+    ]

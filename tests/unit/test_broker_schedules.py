@@ -38,16 +38,20 @@ def ask(broker, peers, command, body, key=None):
     A client's request and its answer: ``(command, body)``.
     """
     identity = b"client"
-    broker.handle(Sender(identity, key),
-                  codec.encode(command, {"req": "r", **body}))
+    broker.handle(
+        Sender(identity, key), codec.encode(command, {"req": "r", **body})
+    )
     [(_, answer, reply)] = peers.take(identity)
     return answer, reply
 
 
 def add(broker, peers, **fields):
-    answer, reply = ask(broker, peers, b"SCHEDULE_ADD",
-                        {"name": "every-minute", "handler": "echo",
-                         "every": 60, **fields})
+    answer, reply = ask(
+        broker,
+        peers,
+        b"SCHEDULE_ADD",
+        {"name": "every-minute", "handler": "echo", "every": 60, **fields},
+    )
     assert answer == b"REPLY", reply
     return reply["schedule"]
 
@@ -60,17 +64,29 @@ def test_a_schedule_enqueues_each_tick_once(broker, peers, clock, store):
     schedule = add(broker, peers, payload={"n": 1}, priority="high")
     assert schedule["next_tick"] == "2026-12-05T01:01:00.000000+00:00"
     assert (schedule["every"], schedule["cron"], schedule["paused"]) == (
-        60, None, False)
+        60,
+        None,
+        False,
+    )
     result_of(broker.schedules.tick())
     assert tasks(store) == []
     clock.advance(60)
     result_of(broker.schedules.tick())
     result_of(broker.schedules.tick())
     [task] = tasks(store)
-    assert (task.handler, task.payload, task.priority, task.state,
-            task.unique_key) == (
-        "echo", '{"n":1}', "high", "queued",
-        "schedule:every-minute:2026-12-05T01:01:00.000000+00:00")
+    assert (
+        task.handler,
+        task.payload,
+        task.priority,
+        task.state,
+        task.unique_key,
+    ) == (
+        "echo",
+        '{"n":1}',
+        "high",
+        "queued",
+        "schedule:every-minute:2026-12-05T01:01:00.000000+00:00",
+    )
     # It is dispatched as any task is.
     hello(broker, priorities=["high"])
     send(broker, b"w1/x", b"READY", {})
@@ -79,12 +95,15 @@ def test_a_schedule_enqueues_each_tick_once(broker, peers, clock, store):
     _, listed = ask(broker, peers, b"SCHEDULE_LIST", {})
     [row] = listed["schedules"]
     assert (row["last_tick"], row["last_task_id"], row["next_tick"]) == (
-        "2026-12-05T01:01:00.000000+00:00", task.id,
-        "2026-12-05T01:02:00.000000+00:00")
+        "2026-12-05T01:01:00.000000+00:00",
+        task.id,
+        "2026-12-05T01:02:00.000000+00:00",
+    )
 
 
-def test_ticks_missed_while_down_are_enqueued_once(broker, peers, clock,
-                                                   store):
+def test_ticks_missed_while_down_are_enqueued_once(
+    broker, peers, clock, store
+):
     add(broker, peers)
     clock.advance(3600 + 30)  # sixty ticks passed
     result_of(broker.schedules.tick())
@@ -96,8 +115,13 @@ def test_ticks_missed_while_down_are_enqueued_once(broker, peers, clock,
 
 
 def test_cron_runs_in_its_time_zone(broker, peers, clock, store):
-    schedule = add(broker, peers, every=None, cron="30 9 * * mon-fri",
-                   timezone="Europe/Paris")
+    schedule = add(
+        broker,
+        peers,
+        every=None,
+        cron="30 9 * * mon-fri",
+        timezone="Europe/Paris",
+    )
     # Saturday: next Monday 09:30 in Paris is 08:30 UTC.
     assert schedule["next_tick"] == "2026-12-07T08:30:00.000000+00:00"
     assert schedule["timezone"] == "Europe/Paris"
@@ -106,8 +130,11 @@ def test_cron_runs_in_its_time_zone(broker, peers, clock, store):
 def test_two_brokers_on_one_database_enqueue_a_tick_once(clock, peers):
     database = SharedMemoryDatabase(clock)
     first, second = (
-        Broker(BrokerConfig(), database.store, clock, peers.send,
-               instance_id=name) for name in ("b1", "b2"))
+        Broker(
+            BrokerConfig(), database.store, clock, peers.send, instance_id=name
+        )
+        for name in ("b1", "b2")
+    )
     result_of(database.store.open())
     for broker in (first, second):
         result_of(broker.load())
@@ -117,8 +144,10 @@ def test_two_brokers_on_one_database_enqueue_a_tick_once(clock, peers):
         for broker in (second, first):
             result_of(broker.schedules.tick())
     assert [task.unique_key[-21:] for task in tasks(database.store)] == [
-        "01:01:00.000000+00:00", "01:02:00.000000+00:00",
-        "01:03:00.000000+00:00"]
+        "01:01:00.000000+00:00",
+        "01:02:00.000000+00:00",
+        "01:03:00.000000+00:00",
+    ]
 
 
 def test_skip_if_running(broker, peers, clock, store):
@@ -138,62 +167,86 @@ def test_skip_if_running(broker, peers, clock, store):
 
 def test_pause_and_resume(broker, peers, clock, store):
     add(broker, peers)
-    answer, reply = ask(broker, peers, b"SCHEDULE_PAUSE",
-                        {"name": "every-minute"})
+    answer, reply = ask(
+        broker, peers, b"SCHEDULE_PAUSE", {"name": "every-minute"}
+    )
     assert reply["schedule"]["paused"] is True
     clock.advance(600)
     result_of(broker.schedules.tick())
     assert tasks(store) == []
     # Resumed, it comes due at its next tick from now; the ticks missed
     # while paused are not made up.
-    answer, reply = ask(broker, peers, b"SCHEDULE_RESUME",
-                        {"name": "every-minute"})
+    answer, reply = ask(
+        broker, peers, b"SCHEDULE_RESUME", {"name": "every-minute"}
+    )
     assert reply["schedule"]["paused"] is False
-    assert reply["schedule"]["next_tick"] == \
-        "2026-12-05T01:11:00.000000+00:00"
+    assert reply["schedule"]["next_tick"] == "2026-12-05T01:11:00.000000+00:00"
     result_of(broker.schedules.tick())
     assert tasks(store) == []
 
 
 def test_remove(broker, peers, clock, store):
     add(broker, peers)
-    assert ask(broker, peers, b"SCHEDULE_REMOVE",
-               {"name": "every-minute"}) == (
-        b"REPLY", {"req": "r", "removed": "every-minute"})
+    assert ask(
+        broker, peers, b"SCHEDULE_REMOVE", {"name": "every-minute"}
+    ) == (b"REPLY", {"req": "r", "removed": "every-minute"})
     clock.advance(60)
     result_of(broker.schedules.tick())
     assert tasks(store) == []
-    for command in (b"SCHEDULE_REMOVE", b"SCHEDULE_PAUSE",
-                    b"SCHEDULE_RESUME"):
+    for command in (b"SCHEDULE_REMOVE", b"SCHEDULE_PAUSE", b"SCHEDULE_RESUME"):
         answer, reply = ask(broker, peers, command, {"name": "every-minute"})
         assert (answer, reply["code"]) == (b"ERROR", "not_found")
         assert reply["message"] == "no schedule named 'every-minute'"
 
 
-@pytest.mark.parametrize("fields, code, message", [
-    ({"cron": "0 3 * * *"}, "bad_schedule",
-     "a schedule has 'every' or 'cron', and not both"),
-    ({"every": None}, "bad_schedule",
-     "a schedule has 'every' or 'cron', and not both"),
-    ({"timezone": "Europe/Paris"}, "bad_schedule",
-     "'timezone' is for cron schedules; 'every' counts elapsed seconds"),
-    ({"every": None, "cron": "0 3 * * *", "timezone": "Mars/Olympus"},
-     "bad_schedule",
-     "unknown time zone 'Mars/Olympus' (an IANA name such as Europe/Paris "
-     "or UTC)"),
-    ({"every": None, "cron": "0 0 31 2 *"}, "bad_schedule",
-     "cron expression '0 0 31 2 *' never comes due"),
-    ({"priority": "urgent"}, "unknown_priority",
-     "unknown priority level 'urgent' (levels: high,normal,low)"),
-    ({"every": 0.5}, "bad_request", None),
-    ({"cron": "61 * * * *", "every": None}, "bad_request", None),
-    ({"name": "no spaces"}, "bad_request", None),
-])
-def test_bad_schedules_are_refused(broker, peers, store, fields, code,
-                                   message):
-    answer, reply = ask(broker, peers, b"SCHEDULE_ADD",
-                        {"name": "s", "handler": "echo", "every": 60,
-                         **fields})
+@pytest.mark.parametrize(
+    "fields, code, message",
+    [
+        (
+            {"cron": "0 3 * * *"},
+            "bad_schedule",
+            "a schedule has 'every' or 'cron', and not both",
+        ),
+        (
+            {"every": None},
+            "bad_schedule",
+            "a schedule has 'every' or 'cron', and not both",
+        ),
+        (
+            {"timezone": "Europe/Paris"},
+            "bad_schedule",
+            "'timezone' is for cron schedules; 'every' counts elapsed seconds",
+        ),
+        (
+            {"every": None, "cron": "0 3 * * *", "timezone": "Mars/Olympus"},
+            "bad_schedule",
+            "unknown time zone 'Mars/Olympus' (an IANA name such as Europe/Paris "
+            "or UTC)",
+        ),
+        (
+            {"every": None, "cron": "0 0 31 2 *"},
+            "bad_schedule",
+            "cron expression '0 0 31 2 *' never comes due",
+        ),
+        (
+            {"priority": "urgent"},
+            "unknown_priority",
+            "unknown priority level 'urgent' (levels: high,normal,low)",
+        ),
+        ({"every": 0.5}, "bad_request", None),
+        ({"cron": "61 * * * *", "every": None}, "bad_request", None),
+        ({"name": "no spaces"}, "bad_request", None),
+    ],
+)
+def test_bad_schedules_are_refused(
+    broker, peers, store, fields, code, message
+):
+    answer, reply = ask(
+        broker,
+        peers,
+        b"SCHEDULE_ADD",
+        {"name": "s", "handler": "echo", "every": 60, **fields},
+    )
     assert (answer, reply["code"]) == (b"ERROR", code)
     if message is not None:
         assert reply["message"] == message
@@ -202,9 +255,12 @@ def test_bad_schedules_are_refused(broker, peers, store, fields, code,
 
 def test_a_name_is_added_once_unless_replaced(broker, peers, store):
     add(broker, peers)
-    answer, reply = ask(broker, peers, b"SCHEDULE_ADD",
-                        {"name": "every-minute", "handler": "other",
-                         "every": 5})
+    answer, reply = ask(
+        broker,
+        peers,
+        b"SCHEDULE_ADD",
+        {"name": "every-minute", "handler": "other", "every": 5},
+    )
     assert (answer, reply["code"]) == (b"ERROR", "exists")
     add(broker, peers, handler="other", every=5, replace=True)
     [row] = result_of(store.schedules())
@@ -212,39 +268,66 @@ def test_a_name_is_added_once_unless_replaced(broker, peers, store):
 
 
 def test_a_broken_schedule_is_reported_and_the_others_run(
-        broker, peers, clock, store):
+    broker, peers, clock, store
+):
     add(broker, peers)
-    result_of(store.add_schedule(ScheduleRow(
-        name="broken", handler="echo", payload="null", priority=None,
-        max_attempts=None, time_limit=None, every=None, cron="not cron",
-        timezone="UTC", skip_if_running=False, paused=False,
-        next_tick=START, last_tick=None, last_task_id=None,
-        created_at=START, submitter=None)))
+    result_of(
+        store.add_schedule(
+            ScheduleRow(
+                name="broken",
+                handler="echo",
+                payload="null",
+                priority=None,
+                max_attempts=None,
+                time_limit=None,
+                every=None,
+                cron="not cron",
+                timezone="UTC",
+                skip_if_running=False,
+                paused=False,
+                next_tick=START,
+                last_tick=None,
+                last_task_id=None,
+                created_at=START,
+                submitter=None,
+            )
+        )
+    )
     clock.advance(60)
     with capturedLogs() as events:
         result_of(broker.schedules.tick())
         result_of(broker.schedules.tick())
     assert len(tasks(store)) == 1
-    warnings = [formatEvent(e) for e in events
-                if "schedule broken cannot run" in formatEvent(e)]
-    assert warnings == ["schedule broken cannot run: cron expression "
-                        "'not cron' has 2 fields, not five "
-                        "(MIN HOUR DOM MON DOW)"]
+    warnings = [
+        formatEvent(e)
+        for e in events
+        if "schedule broken cannot run" in formatEvent(e)
+    ]
+    assert warnings == [
+        "schedule broken cannot run: cron expression "
+        "'not cron' has 2 fields, not five "
+        "(MIN HOUR DOM MON DOW)"
+    ]
 
 
 def test_schedules_are_for_admin_keys(broker, peers):
     broker.peer_keys = peer_keys()
-    for command, body in ((b"SCHEDULE_ADD", {"name": "s", "handler": "echo",
-                                             "every": 60}),
-                          (b"SCHEDULE_LIST", {}),
-                          (b"SCHEDULE_REMOVE", {"name": "s"}),
-                          (b"SCHEDULE_PAUSE", {"name": "s"}),
-                          (b"SCHEDULE_RESUME", {"name": "s"})):
+    for command, body in (
+        (b"SCHEDULE_ADD", {"name": "s", "handler": "echo", "every": 60}),
+        (b"SCHEDULE_LIST", {}),
+        (b"SCHEDULE_REMOVE", {"name": "s"}),
+        (b"SCHEDULE_PAUSE", {"name": "s"}),
+        (b"SCHEDULE_RESUME", {"name": "s"}),
+    ):
         answer, reply = ask(broker, peers, command, body, key=ALICE)
         assert (answer, reply["code"]) == (b"ERROR", "forbidden")
-    answer, reply = ask(broker, peers, b"SCHEDULE_ADD",
-                        {"name": "s", "handler": "echo", "every": 60},
-                        key=ADMIN)
+    answer, reply = ask(
+        broker,
+        peers,
+        b"SCHEDULE_ADD",
+        {"name": "s", "handler": "echo", "every": 60},
+        key=ADMIN,
+    )
     assert answer == b"REPLY"
     assert reply["schedule"]["submitter"] == ADMIN.decode()
 
@@ -252,8 +335,12 @@ def test_schedules_are_for_admin_keys(broker, peers):
 def test_a_tick_two_brokers_saw_due_is_enqueued_by_one(clock, peers):
     database = SharedMemoryDatabase(clock)
     result_of(database.store.open())
-    brokers = [Broker(BrokerConfig(), database.store, clock, peers.send,
-                      instance_id=name) for name in ("b1", "b2")]
+    brokers = [
+        Broker(
+            BrokerConfig(), database.store, clock, peers.send, instance_id=name
+        )
+        for name in ("b1", "b2")
+    ]
     for broker in brokers:
         result_of(broker.load())
     add(brokers[0], peers)

@@ -32,7 +32,7 @@ from tests import processes
 #: Seconds any one wait may take before the test fails instead of hanging.
 PATIENCE = 10
 
-HANDLERS = '''
+HANDLERS = """
 import ctypes
 import os
 import subprocess
@@ -119,9 +119,9 @@ handlers = [Blocking(name) for name in (
     "segfault", "talk", "hold", "spawn")]
 for handler in handlers:
     globals()["handler_" + handler.name] = handler
-'''
+"""
 
-PARENT = '''
+PARENT = """
 import sys
 
 from twisted.internet import reactor
@@ -142,7 +142,7 @@ reactor.callWhenRunning(pool.run, {
     "id": 1, "handler": "hold", "payload": sys.argv[2], "priority": "normal",
     "attempt": 1, "max_attempts": 1})
 reactor.run()
-'''
+"""
 
 
 @pytest.fixture
@@ -196,8 +196,11 @@ class Recorder:
         return self.wait_for(lambda e: e.get("line") == text)
 
     def started_pids(self):
-        return [e["pid"] for e in self.events
-                if e["log_format"] == "started handler process {pid}"]
+        return [
+            e["pid"]
+            for e in self.events
+            if e["log_format"] == "started handler process {pid}"
+        ]
 
 
 def gone(pid):
@@ -234,8 +237,13 @@ async def make_pool(reactor, handler_folder, recorder):
     pools = []
 
     def make(size=1, paths=None, **kwargs):
-        pool = ChildPool(reactor, paths or [handler_folder], size,
-                         log=Logger(observer=recorder), **kwargs)
+        pool = ChildPool(
+            reactor,
+            paths or [handler_folder],
+            size,
+            log=Logger(observer=recorder),
+            **kwargs,
+        )
         pools.append(pool)
         return pool
 
@@ -252,8 +260,14 @@ def within(reactor, d, seconds=PATIENCE):
 
 
 def body(task_id, handler, payload=None):
-    return {"id": task_id, "handler": handler, "payload": payload,
-            "priority": "high", "attempt": 2, "max_attempts": 3}
+    return {
+        "id": task_id,
+        "handler": handler,
+        "payload": payload,
+        "priority": "high",
+        "attempt": 2,
+        "max_attempts": 3,
+    }
 
 
 # -- the handler process's parts, in this process ------------------------------
@@ -281,11 +295,16 @@ async def test_result_comes_back(reactor, make_pool):
     outcome = await within(reactor, pool.run(body(7, "fields", {"n": [1]})))
     assert outcome.state == "succeeded", outcome
     result = outcome.result
-    assert {k: result[k] for k in body(7, "fields")} == body(7, "fields", {"n": [1]})
+    assert {k: result[k] for k in body(7, "fields")} == body(
+        7, "fields", {"n": [1]}
+    )
     assert before <= result["time"] <= time.time()
     assert result["pid"] != os.getpid()
     assert (outcome.error, outcome.traceback, outcome.permanent) == (
-        None, None, False)
+        None,
+        None,
+        False,
+    )
 
 
 @pytest_twisted.ensureDeferred
@@ -301,8 +320,12 @@ async def test_process_is_reused(reactor, make_pool):
 async def test_handler_raises(reactor, make_pool, handler_folder):
     pool = make_pool()
     outcome = await within(reactor, pool.run(body(1, "fail", "x")))
-    assert (outcome.state, outcome.result, outcome.error, outcome.permanent) == (
-        "failed", None, "ValueError: bad input 'x'", False)
+    assert (
+        outcome.state,
+        outcome.result,
+        outcome.error,
+        outcome.permanent,
+    ) == ("failed", None, "ValueError: bad input 'x'", False)
     assert "tb_children_test_" in outcome.traceback
     assert outcome.traceback.rstrip().endswith("ValueError: bad input 'x'")
 
@@ -311,7 +334,10 @@ async def test_handler_raises(reactor, make_pool, handler_folder):
 async def test_permanent_failure(reactor, make_pool):
     outcome = await within(reactor, make_pool().run(body(1, "permanent")))
     assert (outcome.state, outcome.error, outcome.permanent) == (
-        "failed", "PermanentFailure: never again", True)
+        "failed",
+        "PermanentFailure: never again",
+        True,
+    )
 
 
 @pytest_twisted.ensureDeferred
@@ -320,7 +346,9 @@ async def test_result_not_json(reactor, make_pool):
     outcome = await within(reactor, pool.run(body(1, "not_json")))
     assert outcome.state == "failed"
     assert outcome.error.startswith("result is not JSON-serialisable: ")
-    assert (await within(reactor, pool.run(body(2, "fields")))).state == "succeeded"
+    assert (
+        await within(reactor, pool.run(body(2, "fields")))
+    ).state == "succeeded"
 
 
 @pytest_twisted.ensureDeferred
@@ -329,14 +357,17 @@ async def test_result_nested_too_deeply(reactor, make_pool):
     # not left to the parent's decoder.
     outcome = await within(reactor, make_pool().run(body(1, "too_deep")))
     assert (outcome.state, outcome.error) == (
-        "failed", "result is nested deeper than 64 levels")
+        "failed",
+        "result is nested deeper than 64 levels",
+    )
 
 
 @pytest_twisted.ensureDeferred
 async def test_missing_handler(reactor, make_pool):
     outcome = await within(reactor, make_pool().run(body(1, "nope")))
     assert outcome == Outcome(
-        "failed", None, "no handler 'nope' in the handler process")
+        "failed", None, "no handler 'nope' in the handler process"
+    )
 
 
 @pytest_twisted.ensureDeferred
@@ -349,17 +380,23 @@ async def test_process_cannot_start(reactor, make_pool, recorder):
 
 
 @pytest_twisted.ensureDeferred
-async def test_broken_handler_module(reactor, make_pool, recorder, tmp_path,
-                                     handler_folder):
+async def test_broken_handler_module(
+    reactor, make_pool, recorder, tmp_path, handler_folder
+):
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / f"tb_children_broken_{uuid.uuid4().hex[:8]}.py").write_text(
-        "raise ImportError('no such thing')\n")
+        "raise ImportError('no such thing')\n"
+    )
     pool = make_pool(paths=[handler_folder, str(broken)])
     outcome = await within(reactor, pool.run(body(1, "fields")))
     assert outcome.state == "succeeded"
-    event = await within(reactor, recorder.wait_for(
-        lambda e: "could not load handler module" in e.get("text", "")))
+    event = await within(
+        reactor,
+        recorder.wait_for(
+            lambda e: "could not load handler module" in e.get("text", "")
+        ),
+    )
     assert event["log_level"] == LogLevel.error
     assert event["pid"] == outcome.result["pid"]
     assert "ImportError: no such thing" in event["text"]
@@ -372,8 +409,9 @@ async def test_output_is_logged(reactor, make_pool, recorder):
     pid = pool.pids[0]
     printed = await within(reactor, recorder.line("hello from 5"))
     assert (printed["log_level"], printed["pid"]) == (LogLevel.warn, pid)
-    logged = await within(reactor, recorder.wait_for(
-        lambda e: e.get("text") == "trouble with 5"))
+    logged = await within(
+        reactor, recorder.wait_for(lambda e: e.get("text") == "trouble with 5")
+    )
     assert (logged["log_level"], logged["pid"]) == (LogLevel.error, pid)
     assert outcome.state == "succeeded"
 
@@ -386,7 +424,9 @@ async def test_time_limit(reactor, make_pool):
     pool = make_pool()
     before = (await within(reactor, pool.run(body(1, "fields")))).result["pid"]
     started = time.monotonic()
-    outcome = await within(reactor, pool.run(body(2, "nap", 30), time_limit=0.5))
+    outcome = await within(
+        reactor, pool.run(body(2, "nap", 30), time_limit=0.5)
+    )
     assert outcome == Outcome("failed", None, "time limit of 0.5 s exceeded")
     assert time.monotonic() - started < 5
     after = await within(reactor, pool.run(body(3, "fields"), time_limit=5))
@@ -410,8 +450,9 @@ async def test_cancel_running(reactor, make_pool, recorder, tmp_path):
 
 
 @pytest_twisted.ensureDeferred
-async def test_cancelling_the_deferred_cancels_the_task(reactor, make_pool,
-                                                         recorder, tmp_path):
+async def test_cancelling_the_deferred_cancels_the_task(
+    reactor, make_pool, recorder, tmp_path
+):
     pool = make_pool()
     d = pool.run(body(1, "hold", str(tmp_path / "never")))
     await within(reactor, recorder.line("started 1"))
@@ -420,12 +461,17 @@ async def test_cancelling_the_deferred_cancels_the_task(reactor, make_pool,
 
 
 @pytest_twisted.ensureDeferred
-async def test_cancel_stops_programs_the_handler_started(reactor, make_pool,
-                                                         recorder):
+async def test_cancel_stops_programs_the_handler_started(
+    reactor, make_pool, recorder
+):
     pool = make_pool()
     d = pool.run(body(1, "spawn"))
-    event = await within(reactor, recorder.wait_for(
-        lambda e: e.get("line", "").startswith("grandchild ")))
+    event = await within(
+        reactor,
+        recorder.wait_for(
+            lambda e: e.get("line", "").startswith("grandchild ")
+        ),
+    )
     program = int(event["line"].split()[1])
     try:
         pool.cancel(1)
@@ -436,21 +482,27 @@ async def test_cancel_stops_programs_the_handler_started(reactor, make_pool,
             os.kill(program, 9)
 
 
-@pytest.mark.parametrize("handler, how", [
-    ("exit3", "exit status 3"),
-    ("segfault", "signal 11"),
-])
+@pytest.mark.parametrize(
+    "handler, how",
+    [
+        ("exit3", "exit status 3"),
+        ("segfault", "signal 11"),
+    ],
+)
 @pytest_twisted.ensureDeferred
 async def test_handler_kills_its_process(reactor, make_pool, handler, how):
     pool = make_pool()
     outcome = await within(reactor, pool.run(body(1, handler)))
     assert outcome == Outcome("failed", None, f"handler process died ({how})")
-    assert (await within(reactor, pool.run(body(2, "fields")))).state == "succeeded"
+    assert (
+        await within(reactor, pool.run(body(2, "fields")))
+    ).state == "succeeded"
 
 
 @pytest_twisted.ensureDeferred
-async def test_end_of_input_ends_a_busy_process(reactor, make_pool, recorder,
-                                               tmp_path):
+async def test_end_of_input_ends_a_busy_process(
+    reactor, make_pool, recorder, tmp_path
+):
     pool = make_pool()
     d = pool.run(body(1, "hold", str(tmp_path / "never")))
     await within(reactor, recorder.line("started 1"))
@@ -496,8 +548,9 @@ async def test_size_limits_processes(reactor, make_pool, recorder, tmp_path):
 @pytest_twisted.ensureDeferred
 async def test_stop(reactor, make_pool, recorder, tmp_path):
     pool = make_pool(size=2)
-    running = [pool.run(body(i, "hold", str(tmp_path / "never")))
-               for i in (1, 2)]
+    running = [
+        pool.run(body(i, "hold", str(tmp_path / "never"))) for i in (1, 2)
+    ]
     waiting = pool.run(body(3, "fields"))
     await within(reactor, recorder.line("started 1"))
     await within(reactor, recorder.line("started 2"))
@@ -506,10 +559,13 @@ async def test_stop(reactor, make_pool, recorder, tmp_path):
     assert all(gone(pid) for pid in pids)
     for d in [*running, waiting]:
         assert d.result == Outcome(
-            "cancelled", None, "the handler processes were stopped")
+            "cancelled", None, "the handler processes were stopped"
+        )
     assert pool.pids == []
     later = await pool.run(body(4, "fields"))
-    assert later == Outcome("failed", None, "the handler processes are stopping")
+    assert later == Outcome(
+        "failed", None, "the handler processes are stopping"
+    )
     await within(reactor, pool.stop())
 
 
@@ -541,14 +597,17 @@ class _Parent(protocol.ProcessProtocol):
 
 
 @pytest_twisted.ensureDeferred
-async def test_handler_process_dies_with_its_parent(reactor, handler_folder,
-                                                    tmp_path):
+async def test_handler_process_dies_with_its_parent(
+    reactor, handler_folder, tmp_path
+):
     go = tmp_path / "go"
     parent = _Parent()
     reactor.spawnProcess(
-        parent, sys.executable,
+        parent,
+        sys.executable,
         [sys.executable, "-c", PARENT, handler_folder, str(go)],
-        env=os.environ)
+        env=os.environ,
+    )
     child = None
     try:
         child = int(await within(reactor, parent.first_line))
@@ -565,8 +624,9 @@ async def test_handler_process_dies_with_its_parent(reactor, handler_folder,
 
 
 @pytest_twisted.ensureDeferred
-async def test_sigterm_does_not_stop_a_running_task(reactor, make_pool,
-                                                     recorder, tmp_path):
+async def test_sigterm_does_not_stop_a_running_task(
+    reactor, make_pool, recorder, tmp_path
+):
     # A service manager signals the worker's whole control group; the
     # worker, not SIGTERM, decides when a task stops.
     pool = make_pool()

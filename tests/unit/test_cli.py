@@ -41,8 +41,9 @@ class Result:
 
 def run(*argv, stdin=""):
     stdout, stderr = io.StringIO(), io.StringIO()
-    code = cli.main(list(argv), stdout=stdout, stderr=stderr,
-                    stdin=io.StringIO(stdin))
+    code = cli.main(
+        list(argv), stdout=stdout, stderr=stderr, stdin=io.StringIO(stdin)
+    )
     return Result(code, stdout.getvalue(), stderr.getvalue())
 
 
@@ -50,58 +51,60 @@ def at(broker, *argv, **kwargs):
     """
     Run the command against ``broker``.
     """
-    return run("--broker", broker.endpoint, "--timeout", "2", *argv,
-               **kwargs)
+    return run("--broker", broker.endpoint, "--timeout", "2", *argv, **kwargs)
 
 
 # Usage errors: exit 2, one line, nothing sent.
 
 
-@pytest.mark.parametrize("argv", [
-    [],
-    ["frobnicate"],
-    ["--bogus", "stats"],
-    ["stats", "--bogus"],
-    ["--timeout", "0", "stats"],
-    ["--timeout", "-1", "stats"],
-    ["--timeout", "soon", "stats"],
-    ["--timeout", "nan", "stats"],
-    ["status"],
-    ["status", "abc"],
-    ["status", "0"],
-    ["status", "1", "2"],
-    ["cancel", "x"],
-    ["list", "--limit", "0"],
-    ["list", "--limit", "many"],
-    ["list", "extra"],
-    ["submit"],
-    ["submit", "a", "b"],
-    ["submit", "echo", "--payload", "{not json"],
-    ["submit", "echo", "--payload", "NaN"],
-    ["submit", "echo", "--payload", "@/nonexistent/payload.json"],
-    ["submit", "echo", "--max-attempts", "two"],
-    ["submit", "echo", "--max-attempts", "5000"],
-    ["submit", "--from", "/nonexistent/tasks.jsonl"],
-    ["submit", "--from", "-", "echo"],
-    ["submit", "--from", "-", "--wait"],
-    ["submit", "--from", "-", "--delay", "5"],
-    ["submit", "--from", "-", "--unique-key", "k"],
-    ["submit", "--from", "-", "--time-limit", "5"],
-    ["submit", "echo", "--delay", "-1"],
-    ["submit", "echo", "--delay", "soon"],
-    ["submit", "echo", "--delay", "inf"],
-    ["submit", "echo", "--delay", "nan"],
-    ["submit", "echo", "--delay", "1e12"],
-    ["submit", "echo", "--time-limit", "0"],
-    ["submit", "echo", "--time-limit", "-3"],
-    ["submit", "echo", "--unique-key", ""],
-    ["submit", "echo", "--unique-key", "a\tb"],
-    ["submit", "echo", "--unique-key", "k" * 201],
-    ["retry"],
-    ["retry", "x"],
-    ["retry", "1", "2"],
-    ["--broker", "not an endpoint", "stats"],
-])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [],
+        ["frobnicate"],
+        ["--bogus", "stats"],
+        ["stats", "--bogus"],
+        ["--timeout", "0", "stats"],
+        ["--timeout", "-1", "stats"],
+        ["--timeout", "soon", "stats"],
+        ["--timeout", "nan", "stats"],
+        ["status"],
+        ["status", "abc"],
+        ["status", "0"],
+        ["status", "1", "2"],
+        ["cancel", "x"],
+        ["list", "--limit", "0"],
+        ["list", "--limit", "many"],
+        ["list", "extra"],
+        ["submit"],
+        ["submit", "a", "b"],
+        ["submit", "echo", "--payload", "{not json"],
+        ["submit", "echo", "--payload", "NaN"],
+        ["submit", "echo", "--payload", "@/nonexistent/payload.json"],
+        ["submit", "echo", "--max-attempts", "two"],
+        ["submit", "echo", "--max-attempts", "5000"],
+        ["submit", "--from", "/nonexistent/tasks.jsonl"],
+        ["submit", "--from", "-", "echo"],
+        ["submit", "--from", "-", "--wait"],
+        ["submit", "--from", "-", "--delay", "5"],
+        ["submit", "--from", "-", "--unique-key", "k"],
+        ["submit", "--from", "-", "--time-limit", "5"],
+        ["submit", "echo", "--delay", "-1"],
+        ["submit", "echo", "--delay", "soon"],
+        ["submit", "echo", "--delay", "inf"],
+        ["submit", "echo", "--delay", "nan"],
+        ["submit", "echo", "--delay", "1e12"],
+        ["submit", "echo", "--time-limit", "0"],
+        ["submit", "echo", "--time-limit", "-3"],
+        ["submit", "echo", "--unique-key", ""],
+        ["submit", "echo", "--unique-key", "a\tb"],
+        ["submit", "echo", "--unique-key", "k" * 201],
+        ["retry"],
+        ["retry", "x"],
+        ["retry", "1", "2"],
+        ["--broker", "not an endpoint", "stats"],
+    ],
+)
 def test_usage_errors_exit_2(broker, argv):
     result = run("--broker", broker.endpoint, *argv)
     assert result.code == 2
@@ -135,8 +138,9 @@ def test_main_exits_with_the_code_without_argv(monkeypatch, capsys):
 
 
 def test_no_answer_exits_3(silent_endpoint):
-    result = run("--broker", silent_endpoint, "--timeout", "0.1",
-                 "submit", "echo")
+    result = run(
+        "--broker", silent_endpoint, "--timeout", "0.1", "submit", "echo"
+    )
     assert result.code == 3
     line = result.error_line()
     # A SUBMIT is resent too, and its outcome is unknown.
@@ -146,8 +150,7 @@ def test_no_answer_exits_3(silent_endpoint):
 
 
 def test_retry_unanswered_exits_3(silent_endpoint):
-    result = run("--broker", silent_endpoint, "--timeout", "0.1",
-                 "retry", "4")
+    result = run("--broker", silent_endpoint, "--timeout", "0.1", "retry", "4")
     assert result.code == 3
     line = result.error_line()
     assert "3 attempts" in line
@@ -155,39 +158,59 @@ def test_retry_unanswered_exits_3(silent_endpoint):
 
 
 def test_read_only_commands_retry_then_exit_3(silent_endpoint):
-    result = run("--broker", silent_endpoint, "status", "1",
-                 "--timeout", "0.1")
+    result = run(
+        "--broker", silent_endpoint, "status", "1", "--timeout", "0.1"
+    )
     assert result.code == 3
     assert "3 attempts" in result.error_line()
 
 
 def test_a_failover_list_submits_through_the_broker_that_answers(
-        broker, silent_endpoint):
+    broker, silent_endpoint
+):
     broker.handlers["SUBMIT"] = submitted(first_id=12)
     # Whichever broker the command starts with, the task is submitted.
-    for endpoints in ((silent_endpoint, broker.endpoint),
-                      (broker.endpoint, silent_endpoint)):
-        result = run("--broker", ",".join(endpoints), "--timeout", "0.2",
-                     "submit", "echo")
+    for endpoints in (
+        (silent_endpoint, broker.endpoint),
+        (broker.endpoint, silent_endpoint),
+    ):
+        result = run(
+            "--broker",
+            ",".join(endpoints),
+            "--timeout",
+            "0.2",
+            "submit",
+            "echo",
+        )
         assert result.code == 0, result.stderr
         assert result.stderr == ""
     assert [body["tasks"][0]["handler"] for _, body in broker.requests] == [
-        "echo", "echo"]
+        "echo",
+        "echo",
+    ]
 
 
 def test_a_failover_list_of_silent_brokers_names_them(silent_endpoint):
-    result = run("--broker", f"{silent_endpoint},tcp://127.0.0.1:1",
-                 "--timeout", "0.1", "stats")
+    result = run(
+        "--broker",
+        f"{silent_endpoint},tcp://127.0.0.1:1",
+        "--timeout",
+        "0.1",
+        "stats",
+    )
     assert result.code == 3
     line = result.error_line()
     assert silent_endpoint in line and "tcp://127.0.0.1:1" in line
 
 
-@pytest.mark.parametrize("value, words", [
-    ("tcp://127.0.0.1:1,localhost:2", "endpoint 'localhost:2'"),
-    ("tcp://127.0.0.1:1,tcp://127.0.0.1:1", "listed twice"),
-    ("tcp://127.0.0.1:1,,tcp://127.0.0.1:2", "empty"),
-])
+@pytest.mark.parametrize(
+    "value, words",
+    [
+        ("tcp://127.0.0.1:1,localhost:2", "endpoint 'localhost:2'"),
+        ("tcp://127.0.0.1:1,tcp://127.0.0.1:1", "listed twice"),
+        ("tcp://127.0.0.1:1,,tcp://127.0.0.1:2", "empty"),
+    ],
+)
 def test_a_bad_failover_list_is_a_usage_error(value, words, monkeypatch):
     result = run("--broker", value, "stats")
     assert result.code == 2
@@ -223,22 +246,25 @@ def test_endpoint_from_environment(broker, monkeypatch):
 # Exit 4 and the broker's refusals.
 
 
-@pytest.mark.parametrize("command", [["status", "7"], ["cancel", "7"],
-                                     ["retry", "7"]])
+@pytest.mark.parametrize(
+    "command", [["status", "7"], ["cancel", "7"], ["retry", "7"]]
+)
 def test_not_found_exits_4(broker, command):
-    broker.handlers["GET"] = broker.handlers["CANCEL"] = (
-        broker.handlers["RETRY"]) = (
-        lambda body: error("not_found", f"no task {body['id']}"))
+    broker.handlers["GET"] = broker.handlers["CANCEL"] = broker.handlers[
+        "RETRY"
+    ] = lambda body: error("not_found", f"no task {body['id']}")
     result = at(broker, *command)
     assert result.code == 4
     assert result.error_line() == "taskbroker: no task 7"
 
 
-@pytest.mark.parametrize("code", ["bad_request", "unknown_priority",
-                                  "not_cancellable"])
+@pytest.mark.parametrize(
+    "code", ["bad_request", "unknown_priority", "not_cancellable"]
+)
 def test_refusals_exit_2(broker, code):
     broker.handlers["SUBMIT"] = lambda body: error(
-        code, "refused\nfor a reason")
+        code, "refused\nfor a reason"
+    )
     result = at(broker, "submit", "echo", "--priority", "urgent")
     assert result.code == 2
     assert result.error_line() == f"taskbroker: refused for a reason ({code})"
@@ -252,8 +278,10 @@ def test_internal_error_is_one_line(broker, monkeypatch):
     monkeypatch.setattr(cli, "BlockingClient", Exploding)
     result = at(broker, "stats")
     assert result.code == 1
-    assert result.error_line() == \
-        "taskbroker: internal error: RuntimeError: boom second line"
+    assert (
+        result.error_line()
+        == "taskbroker: internal error: RuntimeError: boom second line"
+    )
 
 
 # submit.
@@ -261,27 +289,56 @@ def test_internal_error_is_one_line(broker, monkeypatch):
 
 def test_submit_prints_the_id(broker):
     broker.handlers["SUBMIT"] = submitted(first_id=42)
-    result = at(broker, "submit", "echo", "--payload", '{"n": 1}',
-                "--priority", "high", "--max-attempts", "2")
+    result = at(
+        broker,
+        "submit",
+        "echo",
+        "--payload",
+        '{"n": 1}',
+        "--priority",
+        "high",
+        "--max-attempts",
+        "2",
+    )
     assert (result.code, result.stdout, result.stderr) == (0, "42\n", "")
     [(_, body)] = broker.requests
-    assert body["tasks"] == [{"handler": "echo", "payload": {"n": 1},
-                              "priority": "high", "max_attempts": 2,
-                              "delay": None, "unique_key": None,
-                              "time_limit": None}]
+    assert body["tasks"] == [
+        {
+            "handler": "echo",
+            "payload": {"n": 1},
+            "priority": "high",
+            "max_attempts": 2,
+            "delay": None,
+            "unique_key": None,
+            "time_limit": None,
+        }
+    ]
     assert len(body["request_id"]) == 32
 
 
 def test_submit_delay_unique_key_and_time_limit(broker):
     broker.handlers["SUBMIT"] = submitted(first_id=3)
-    result = at(broker, "submit", "echo", "--delay", "0", "--unique-key",
-                "report-2026-11", "--time-limit", "90.5", "--json")
+    result = at(
+        broker,
+        "submit",
+        "echo",
+        "--delay",
+        "0",
+        "--unique-key",
+        "report-2026-11",
+        "--time-limit",
+        "90.5",
+        "--json",
+    )
     assert result.code == 0 and result.stderr == ""
     assert json.loads(result.stdout)["unique_key"] == "report-2026-11"
     [(_, body)] = broker.requests
     [task] = body["tasks"]
-    assert (task["delay"], task["unique_key"], task["time_limit"]) == \
-        (0, "report-2026-11", 90.5)
+    assert (task["delay"], task["unique_key"], task["time_limit"]) == (
+        0,
+        "report-2026-11",
+        90.5,
+    )
     result = at(broker, "submit", "echo", "--delay", "3600")
     assert result.code == 0 and result.stdout == "4\n"
     assert broker.requests[1][1]["tasks"][0]["delay"] == 3600
@@ -295,7 +352,8 @@ def test_submit_existing_unique_key_prints_its_id_and_a_note(broker):
     assert result.stdout == "5\n"
     assert result.stderr == (
         "taskbroker: note: task 5 with unique key 'nightly' already exists; "
-        "not submitted again\n")
+        "not submitted again\n"
+    )
     # A key no live task holds: a new task, no note.
     result = at(broker, "submit", "echo", "--unique-key", "weekly")
     assert (result.code, result.stdout, result.stderr) == (0, "10\n", "")
@@ -305,7 +363,8 @@ def test_submit_wait_on_an_existing_task_waits_for_it(broker):
     live = {"k": make_task(5, unique_key="k", state="running")}
     broker.handlers["SUBMIT"] = submitted(first_id=10, live_keys=live)
     broker.handlers["WAIT"] = lambda body: reply(
-        task=make_task(body["id"], state="succeeded", result="done"))
+        task=make_task(body["id"], state="succeeded", result="done")
+    )
     result = at(broker, "submit", "echo", "--unique-key", "k", "--wait")
     assert result.code == 0
     assert json.loads(result.stdout) == "done"
@@ -315,8 +374,9 @@ def test_submit_wait_on_an_existing_task_waits_for_it(broker):
 
 def test_submit_resent_after_a_lost_reply_creates_one_task(broker):
     broker.handlers["SUBMIT"] = lose_replies(submitted(first_id=7))
-    result = run("--broker", broker.endpoint, "--timeout", "0.3",
-                 "submit", "echo")
+    result = run(
+        "--broker", broker.endpoint, "--timeout", "0.3", "submit", "echo"
+    )
     # The broker answers the copy as 'existing', but it is this command's
     # own task: no note.
     assert (result.code, result.stdout, result.stderr) == (0, "7\n", "")
@@ -339,8 +399,9 @@ def test_submit_payload_from_file(broker, tmp_path):
     assert result.code == 0
     task = json.loads(result.stdout)
     assert task["payload"] == {"big": ["payload", 1]}
-    assert broker.requests[0][1]["tasks"][0]["payload"] == \
-        {"big": ["payload", 1]}
+    assert broker.requests[0][1]["tasks"][0]["payload"] == {
+        "big": ["payload", 1]
+    }
 
 
 def test_submit_payload_from_stdin(broker):
@@ -360,7 +421,8 @@ def test_submit_suggests_the_handler_meant(broker):
     assert result.code == 0
     assert result.stderr == (
         "taskbroker: warning: no connected worker has handler 'ecoh' (did "
-        "you mean 'echo'?); the task is queued until one connects\n")
+        "you mean 'echo'?); the task is queued until one connects\n"
+    )
 
 
 def test_submit_warns_about_unserved_handlers(broker):
@@ -369,7 +431,8 @@ def test_submit_warns_about_unserved_handlers(broker):
     assert result.code == 0 and result.stdout == "1\n"
     assert result.stderr == (
         "taskbroker: warning: no connected worker has handler 'echo'; "
-        "the task is queued until one connects\n")
+        "the task is queued until one connects\n"
+    )
 
 
 def test_submit_wait_loops_until_final(broker):
@@ -377,7 +440,8 @@ def test_submit_wait_loops_until_final(broker):
     broker.handlers["WAIT"] = sequence(
         reply(task=make_task(5, state="queued")),
         reply(task=make_task(5, state="running")),
-        reply(task=make_task(5, state="succeeded", result={"ok": True})))
+        reply(task=make_task(5, state="succeeded", result={"ok": True})),
+    )
     result = at(broker, "submit", "echo", "--wait")
     assert result.code == 0
     assert json.loads(result.stdout) == {"ok": True}
@@ -388,21 +452,32 @@ def test_submit_wait_loops_until_final(broker):
 def test_submit_wait_json_prints_the_final_task(broker):
     broker.handlers["SUBMIT"] = submitted(first_id=5)
     broker.handlers["WAIT"] = lambda body: reply(
-        task=make_task(5, state="succeeded", result=3))
+        task=make_task(5, state="succeeded", result=3)
+    )
     result = at(broker, "submit", "echo", "--wait", "--json")
     assert result.code == 0
     assert json.loads(result.stdout)["state"] == "succeeded"
 
 
-@pytest.mark.parametrize("state, text", [
-    ("failed", "taskbroker: task 5 failed: ValueError: bad input"),
-    ("cancelled", "taskbroker: task 5 was cancelled: ValueError: bad input"),
-])
+@pytest.mark.parametrize(
+    "state, text",
+    [
+        ("failed", "taskbroker: task 5 failed: ValueError: bad input"),
+        (
+            "cancelled",
+            "taskbroker: task 5 was cancelled: ValueError: bad input",
+        ),
+    ],
+)
 def test_submit_wait_exits_1_when_the_task_did_not_succeed(
-        broker, state, text):
+    broker, state, text
+):
     broker.handlers["SUBMIT"] = submitted(first_id=5)
-    broker.handlers["WAIT"] = lambda body: reply(task=make_task(
-        5, state=state, error="ValueError: bad input\n  (details)"))
+    broker.handlers["WAIT"] = lambda body: reply(
+        task=make_task(
+            5, state=state, error="ValueError: bad input\n  (details)"
+        )
+    )
     result = at(broker, "submit", "echo", "--wait")
     assert result.code == 1
     assert result.error_line() == text + " (details)"
@@ -415,7 +490,8 @@ def test_submit_from_jsonl(broker, tmp_path):
         '{"handler": "echo", "payload": 1}\n'
         "\n"
         '{"handler": "resize", "priority": "low", "max_attempts": 2}\n',
-        encoding="utf-8")
+        encoding="utf-8",
+    )
     broker.handlers["SUBMIT"] = submitted(first_id=10, unserved=["resize"])
     result = at(broker, "submit", "--from", str(path))
     assert result.code == 0
@@ -429,12 +505,15 @@ def test_submit_from_jsonl(broker, tmp_path):
 def test_submit_from_jsonl_new_keys_and_notes(broker):
     live = {"k1": make_task(4, unique_key="k1")}
     broker.handlers["SUBMIT"] = submitted(first_id=10, live_keys=live)
-    lines = "".join(json.dumps(spec) + "\n" for spec in [
-        {"handler": "echo", "delay": 5, "time_limit": 1},
-        {"handler": "echo", "unique_key": "k1"},
-        {"handler": "echo", "unique_key": "k2"},
-        {"handler": "echo", "unique_key": "k2"},
-    ])
+    lines = "".join(
+        json.dumps(spec) + "\n"
+        for spec in [
+            {"handler": "echo", "delay": 5, "time_limit": 1},
+            {"handler": "echo", "unique_key": "k1"},
+            {"handler": "echo", "unique_key": "k2"},
+            {"handler": "echo", "unique_key": "k2"},
+        ]
+    )
     result = at(broker, "submit", "--from", "-", stdin=lines)
     assert result.code == 0
     assert result.stdout == "10\n4\n11\n11\n"
@@ -451,24 +530,28 @@ def test_submit_from_jsonl_new_keys_and_notes(broker):
 
 def test_submit_from_stdin_json(broker):
     broker.handlers["SUBMIT"] = submitted()
-    lines = "".join(json.dumps({"handler": "echo", "payload": n}) + "\n"
-                    for n in range(3))
+    lines = "".join(
+        json.dumps({"handler": "echo", "payload": n}) + "\n" for n in range(3)
+    )
     result = at(broker, "submit", "--from", "-", "--json", stdin=lines)
     assert result.code == 0
     tasks = [json.loads(line) for line in result.stdout.splitlines()]
     assert [t["payload"] for t in tasks] == [0, 1, 2]
 
 
-@pytest.mark.parametrize("line, reason", [
-    ("{not json", "not valid JSON"),
-    ("[1, 2]", "object"),
-    ('{"payload": 1}', "handler"),
-    ('{"handler": "echo", "max_attempts": "3"}', "max_attempts"),
-    ('{"handler": "echo", "priorty": "high"}', "priorty"),
-    ('{"handler": "echo", "delay": -1}', "delay"),
-    ('{"handler": "echo", "time_limit": 0}', "time_limit"),
-    ('{"handler": "echo", "unique_key": ""}', "unique_key"),
-])
+@pytest.mark.parametrize(
+    "line, reason",
+    [
+        ("{not json", "not valid JSON"),
+        ("[1, 2]", "object"),
+        ('{"payload": 1}', "handler"),
+        ('{"handler": "echo", "max_attempts": "3"}', "max_attempts"),
+        ('{"handler": "echo", "priorty": "high"}', "priorty"),
+        ('{"handler": "echo", "delay": -1}', "delay"),
+        ('{"handler": "echo", "time_limit": 0}', "time_limit"),
+        ('{"handler": "echo", "unique_key": ""}', "unique_key"),
+    ],
+)
 def test_submit_from_bad_line_submits_nothing(broker, tmp_path, line, reason):
     path = tmp_path / "tasks.jsonl"
     path.write_text('{"handler": "echo"}\n' + line + "\n", encoding="utf-8")
@@ -490,8 +573,9 @@ def test_submit_from_empty_input_does_nothing(broker):
 
 
 def test_status_human_and_json(broker):
-    task = make_task(3, state="running", worker="w1", payload={"a": None},
-                     attempts=1)
+    task = make_task(
+        3, state="running", worker="w1", payload={"a": None}, attempts=1
+    )
     broker.handlers["GET"] = lambda body: reply(task=task)
     result = at(broker, "status", "3")
     assert result.code == 0
@@ -502,34 +586,46 @@ def test_status_human_and_json(broker):
     assert "started_at: -" in lines
     assert "unique_key: -" in lines and "time_limit: -" in lines
     # Shown only when set.
-    assert not any(line.startswith(("run_at", "traceback"))
-                   for line in lines)
+    assert not any(line.startswith(("run_at", "traceback")) for line in lines)
     result = at(broker, "status", "3", "--json")
     assert json.loads(result.stdout) == task
 
 
 def test_status_shows_the_handlers_progress(broker):
-    task = make_task(3, state="running", progress={
-        "fraction": 0.25, "message": "resizing 3 of 12",
-        "at": "2026-11-28T04:12:00.000000+00:00"})
+    task = make_task(
+        3,
+        state="running",
+        progress={
+            "fraction": 0.25,
+            "message": "resizing 3 of 12",
+            "at": "2026-11-28T04:12:00.000000+00:00",
+        },
+    )
     broker.handlers["GET"] = lambda body: reply(task=task)
     lines = at(broker, "status", "3").stdout.splitlines()
-    assert ("progress: 25% resizing 3 of 12 (at 2026-11-28 04:12:00)"
-            in lines)
+    assert "progress: 25% resizing 3 of 12 (at 2026-11-28 04:12:00)" in lines
     task["progress"] = None
     lines = at(broker, "status", "3").stdout.splitlines()
     assert not any(line.startswith("progress") for line in lines)
 
 
 def test_status_shows_run_at_and_the_traceback_last(broker):
-    traceback = ('Traceback (most recent call last):\n'
-                 '  File "handlers.py", line 3, in resize\n'
-                 '    raise ValueError("bad input")\n'
-                 'ValueError: bad input\n')
-    task = make_task(3, state="failed", error="ValueError: bad input",
-                     traceback=traceback, unique_key="k", time_limit=30,
-                     run_at="2026-11-28T05:00:00.000000+00:00",
-                     extra="from a newer broker")
+    traceback = (
+        "Traceback (most recent call last):\n"
+        '  File "handlers.py", line 3, in resize\n'
+        '    raise ValueError("bad input")\n'
+        "ValueError: bad input\n"
+    )
+    task = make_task(
+        3,
+        state="failed",
+        error="ValueError: bad input",
+        traceback=traceback,
+        unique_key="k",
+        time_limit=30,
+        run_at="2026-11-28T05:00:00.000000+00:00",
+        extra="from a newer broker",
+    )
     broker.handlers["GET"] = lambda body: reply(task=task)
     result = at(broker, "status", "3")
     assert result.code == 0 and result.stderr == ""
@@ -545,24 +641,33 @@ def test_status_shows_run_at_and_the_traceback_last(broker):
         "    ValueError: bad input",
     ]
     assert lines.index("extra: from a newer broker") < lines.index(
-        "traceback:")
+        "traceback:"
+    )
 
 
 def test_list_json_is_an_array_newest_first(broker):
     broker.handlers["LIST"] = lambda body: reply(
-        tasks=[make_task(2), make_task(1)], next=None, order="newest")
-    result = at(broker, "list", "--state", "queued", "--handler", "echo",
-                "--json")
+        tasks=[make_task(2), make_task(1)], next=None, order="newest"
+    )
+    result = at(
+        broker, "list", "--state", "queued", "--handler", "echo", "--json"
+    )
     assert result.code == 0
     assert [t["id"] for t in json.loads(result.stdout)] == [2, 1]
     [(_, body)] = broker.requests
-    assert (body["state"], body["handler"], body["limit"], body["order"]) \
-        == ("queued", "echo", 100, "newest")
+    assert (body["state"], body["handler"], body["limit"], body["order"]) == (
+        "queued",
+        "echo",
+        100,
+        "newest",
+    )
 
 
 def test_list_pages_with_the_cursor_of_its_order(broker):
-    pages = {None: ([make_task(9), make_task(8)], 8),
-             8: ([make_task(5)], None)}
+    pages = {
+        None: ([make_task(9), make_task(8)], 8),
+        8: ([make_task(5)], None),
+    }
 
     def newest(body):
         tasks, following = pages[body["before"]]
@@ -576,7 +681,9 @@ def test_list_pages_with_the_cursor_of_its_order(broker):
     broker.requests.clear()
     broker.handlers["LIST"] = lambda body: reply(
         tasks=[make_task(body["after"] + 1)],
-        next=None if body["after"] else body["after"] + 1, order="oldest")
+        next=None if body["after"] else body["after"] + 1,
+        order="oldest",
+    )
     result = at(broker, "list", "--order", "oldest", "--json")
     assert [t["id"] for t in json.loads(result.stdout)] == [1, 2]
     assert [body["after"] for _, body in broker.requests] == [0, 1]
@@ -584,13 +691,15 @@ def test_list_pages_with_the_cursor_of_its_order(broker):
 
 def test_list_newest_first_needs_a_broker_that_can(broker):
     # A broker older than 'order' ignores it and lists oldest first.
-    broker.handlers["LIST"] = lambda body: reply(tasks=[make_task(1)],
-                                                 next=None)
+    broker.handlers["LIST"] = lambda body: reply(
+        tasks=[make_task(1)], next=None
+    )
     result = at(broker, "list")
     assert result.code == 2
     assert "cannot list newest first" in result.error_line()
-    broker.handlers["LIST"] = lambda body: reply(tasks=[make_task(1)],
-                                                 next=None)
+    broker.handlers["LIST"] = lambda body: reply(
+        tasks=[make_task(1)], next=None
+    )
     assert at(broker, "list", "--order", "oldest").code == 0
 
 
@@ -602,18 +711,45 @@ def test_list_refuses_a_bad_order_or_cursor(broker):
 
 def test_list_human_table(broker):
     broker.handlers["LIST"] = lambda body: reply(
-        tasks=[make_task(1, worker="w1"),
-               make_task(12, handler="resize", state="running", progress={
-                   "fraction": 0.425, "message": "page 17 of 40",
-                   "at": "2026-11-28T04:12:00.000000+00:00"})],
-        next=None, order="newest")
+        tasks=[
+            make_task(1, worker="w1"),
+            make_task(
+                12,
+                handler="resize",
+                state="running",
+                progress={
+                    "fraction": 0.425,
+                    "message": "page 17 of 40",
+                    "at": "2026-11-28T04:12:00.000000+00:00",
+                },
+            ),
+        ],
+        next=None,
+        order="newest",
+    )
     result = at(broker, "list", "--limit", "5")
     assert result.code == 0
     header, first, second = result.stdout.splitlines()
-    assert header.split() == ["ID", "HANDLER", "PRIORITY", "STATE",
-                              "PROGRESS", "ATTEMPTS", "WORKER", "CREATED"]
-    assert first.split() == ["1", "echo", "normal", "queued", "0/3", "w1",
-                             "2026-11-28", "04:11:03"]
+    assert header.split() == [
+        "ID",
+        "HANDLER",
+        "PRIORITY",
+        "STATE",
+        "PROGRESS",
+        "ATTEMPTS",
+        "WORKER",
+        "CREATED",
+    ]
+    assert first.split() == [
+        "1",
+        "echo",
+        "normal",
+        "queued",
+        "0/3",
+        "w1",
+        "2026-11-28",
+        "04:11:03",
+    ]
     assert second.split()[:5] == ["12", "resize", "normal", "running", "42%"]
     assert broker.requests[0][1]["limit"] == 5
 
@@ -627,17 +763,26 @@ def test_list_bad_state_is_refused_locally(broker):
 
 def test_cancel(broker):
     broker.handlers["CANCEL"] = lambda body: reply(
-        task=make_task(body["id"], state="cancelled"))
+        task=make_task(body["id"], state="cancelled")
+    )
     result = at(broker, "cancel", "8")
     assert (result.code, result.stdout) == (0, "cancelled task 8\n")
     assert broker.commands() == ["CANCEL"]
 
 
 def test_cancel_is_resent_after_a_lost_reply(broker):
-    broker.handlers["CANCEL"] = lose_replies(lambda body: reply(
-        task=make_task(body["id"], state="cancelled")))
-    result = run("--broker", broker.endpoint, "--timeout", "0.3",
-                 "cancel", "8", "--json")
+    broker.handlers["CANCEL"] = lose_replies(
+        lambda body: reply(task=make_task(body["id"], state="cancelled"))
+    )
+    result = run(
+        "--broker",
+        broker.endpoint,
+        "--timeout",
+        "0.3",
+        "cancel",
+        "8",
+        "--json",
+    )
     assert result.code == 0
     assert json.loads(result.stdout)["state"] == "cancelled"
     assert broker.commands() == ["CANCEL", "CANCEL"]
@@ -645,21 +790,27 @@ def test_cancel_is_resent_after_a_lost_reply(broker):
 
 def test_cancel_finished_task_exits_2(broker):
     broker.handlers["CANCEL"] = lambda body: error(
-        "not_cancellable", "task 8 is succeeded; only queued and running "
-        "tasks can be cancelled")
+        "not_cancellable",
+        "task 8 is succeeded; only queued and running tasks can be cancelled",
+    )
     result = at(broker, "cancel", "8")
     assert result.code == 2
     assert result.error_line() == (
         "taskbroker: task 8 is succeeded; only queued and running tasks can "
-        "be cancelled (not_cancellable)")
+        "be cancelled (not_cancellable)"
+    )
 
 
 def test_retry(broker):
     broker.handlers["RETRY"] = lambda body: reply(
-        task=make_task(body["id"], state="queued"))
+        task=make_task(body["id"], state="queued")
+    )
     result = at(broker, "retry", "6")
     assert (result.code, result.stdout, result.stderr) == (
-        0, "queued task 6 again\n", "")
+        0,
+        "queued task 6 again\n",
+        "",
+    )
     result = at(broker, "retry", "6", "--json")
     assert json.loads(result.stdout)["state"] == "queued"
     assert broker.commands() == ["RETRY", "RETRY"]
@@ -668,42 +819,56 @@ def test_retry(broker):
 
 def test_retry_not_retryable_exits_2(broker):
     broker.handlers["RETRY"] = lambda body: error(
-        "not_retryable", "task 6 is running; only failed and cancelled "
-        "tasks can be retried")
+        "not_retryable",
+        "task 6 is running; only failed and cancelled tasks can be retried",
+    )
     result = at(broker, "retry", "6")
     assert result.code == 2
     assert result.error_line() == (
         "taskbroker: task 6 is running; only failed and cancelled tasks can "
-        "be retried (not_retryable)")
+        "be retried (not_retryable)"
+    )
     assert result.stdout == ""
 
 
 def test_retry_left_failed_by_a_taken_unique_key_exits_2(broker):
     broker.handlers["RETRY"] = lambda body: reply(
-        task=make_task(body["id"], state="failed", unique_key="k"))
+        task=make_task(body["id"], state="failed", unique_key="k")
+    )
     result = at(broker, "retry", "6")
     assert result.code == 2
     line = result.error_line()
     assert "not_retryable" in line and "'k'" in line
 
 
-WORKER = {"name": "build-7", "priorities": ["high", "normal"],
-          "handlers": ["echo", "resize"], "slots": 4, "busy": 1,
-          "connected_since": "2026-11-28T04:00:00.000000+00:00",
-          "last_seen": "2026-11-28T04:11:00.000000+00:00"}
+WORKER = {
+    "name": "build-7",
+    "priorities": ["high", "normal"],
+    "handlers": ["echo", "resize"],
+    "slots": 4,
+    "busy": 1,
+    "connected_since": "2026-11-28T04:00:00.000000+00:00",
+    "last_seen": "2026-11-28T04:11:00.000000+00:00",
+}
 
 
 def test_workers_json_and_table(broker):
     broker.handlers["WORKERS"] = lambda body: reply(
-        workers=[WORKER, {**WORKER, "name": "any", "priorities": None}])
+        workers=[WORKER, {**WORKER, "name": "any", "priorities": None}]
+    )
     result = at(broker, "workers", "--json")
     assert json.loads(result.stdout)[0] == WORKER
     result = at(broker, "workers")
     assert result.code == 0
     header, first, second = result.stdout.splitlines()
     assert header.split()[:3] == ["NAME", "PRIORITIES", "HANDLERS"]
-    assert first.split()[:5] == ["build-7", "high,normal", "echo,resize",
-                                 "4", "1"]
+    assert first.split()[:5] == [
+        "build-7",
+        "high,normal",
+        "echo,resize",
+        "4",
+        "1",
+    ]
     assert second.split()[1] == "*"
     assert "KEY" not in header  # no CURVE
 
@@ -711,7 +876,8 @@ def test_workers_json_and_table(broker):
 def test_workers_table_shows_the_start_of_each_key(broker):
     key = "rq:rM>}U?@Lns47E1%kR.o@n%FcmmsL/@{H8]yf7"
     broker.handlers["WORKERS"] = lambda body: reply(
-        workers=[{**WORKER, "key": key}])
+        workers=[{**WORKER, "key": key}]
+    )
     header, row = at(broker, "workers").stdout.splitlines()
     assert header.split()[-1] == "KEY"
     assert row.split()[-1] == key[:12]
@@ -722,7 +888,9 @@ STATS = {
     "tasks": {"queued": {"high": 2, "normal": 3}, "failed": {"normal": 1}},
     "waiting": {"echo": 4, "resize": 1},
     "unserved": ["resize"],
-    "workers": 2, "slots": 8, "free_slots": 3,
+    "workers": 2,
+    "slots": 8,
+    "free_slots": 3,
 }
 
 
@@ -739,40 +907,57 @@ def test_stats_json_and_summary(broker):
     assert "  echo: 4" in lines
     assert lines[-1].endswith(": resize")
     broker.handlers["STATS"] = lambda body: reply(
-        stats=dict(STATS, counts_age=42.4))
+        stats=dict(STATS, counts_age=42.4)
+    )
     lines = at(broker, "stats").stdout.splitlines()
     assert lines[-1].startswith("(tasks recounted 42 s ago;")
 
 
 def test_stats_say_first_whether_the_broker_accepts_work(broker):
-    broker.handlers["STATS"] = lambda body: reply(stats=dict(
-        STATS, accepting_work=False, write_error="database x: disk I/O error"))
+    broker.handlers["STATS"] = lambda body: reply(
+        stats=dict(
+            STATS,
+            accepting_work=False,
+            write_error="database x: disk I/O error",
+        )
+    )
     lines = at(broker, "stats").stdout.splitlines()
-    assert lines[0] == ("NOT accepting work, cannot write: database x: "
-                        "disk I/O error")
-    broker.handlers["STATS"] = lambda body: reply(stats=dict(
-        STATS, accepting_work=True, write_error=None))
+    assert lines[0] == (
+        "NOT accepting work, cannot write: database x: disk I/O error"
+    )
+    broker.handlers["STATS"] = lambda body: reply(
+        stats=dict(STATS, accepting_work=True, write_error=None)
+    )
     assert at(broker, "stats").stdout.splitlines()[0] == "accepting work"
 
 
 def test_health_exits_0_when_the_broker_accepts_work(broker):
-    broker.handlers["STATS"] = lambda body: reply(stats=dict(
-        STATS, accepting_work=True, write_error=None))
+    broker.handlers["STATS"] = lambda body: reply(
+        stats=dict(STATS, accepting_work=True, write_error=None)
+    )
     result = at(broker, "health")
     assert (result.code, result.stdout, result.stderr) == (
-        0, "accepting work\n", "")
+        0,
+        "accepting work\n",
+        "",
+    )
 
 
 def test_health_exits_3_with_one_line_when_the_broker_cannot_write(broker):
-    broker.handlers["STATS"] = lambda body: reply(stats=dict(
-        STATS, accepting_work=False,
-        write_error="database /srv/tasks.sqlite: transaction failed: "
-                    "database is locked"))
+    broker.handlers["STATS"] = lambda body: reply(
+        stats=dict(
+            STATS,
+            accepting_work=False,
+            write_error="database /srv/tasks.sqlite: transaction failed: "
+            "database is locked",
+        )
+    )
     result = at(broker, "health")
     assert result.code == 3 and result.stdout == ""
     assert result.error_line() == (
         "taskbroker: up but cannot write: database /srv/tasks.sqlite: "
-        "transaction failed: database is locked")
+        "transaction failed: database is locked"
+    )
 
 
 def test_health_of_a_broker_that_does_not_say_is_not_ok(broker):
@@ -790,21 +975,24 @@ def test_health_of_an_unreachable_broker_exits_3(silent_endpoint):
 
 def test_global_options_after_the_command(broker):
     broker.handlers["STATS"] = lambda body: reply(stats=STATS)
-    result = run("stats", "--json", "--broker", broker.endpoint,
-                 "--timeout", "1")
+    result = run(
+        "stats", "--json", "--broker", broker.endpoint, "--timeout", "1"
+    )
     assert result.code == 0
 
 
 def test_retry_of_a_running_task_says_so(broker):
     broker.handlers["RETRY"] = lambda body: reply(
-        task=make_task(body["id"], state="running", attempts=1))
+        task=make_task(body["id"], state="running", attempts=1)
+    )
     result = run("--broker", broker.endpoint, "retry", "7")
     assert result.code == 0
     assert result.stdout.strip() == "task 7 is already running"
 
 
 def test_the_environment_gives_the_broker_and_the_timeout(
-        broker, silent_endpoint, monkeypatch):
+    broker, silent_endpoint, monkeypatch
+):
     broker.handlers["STATS"] = lambda body: reply(stats=STATS)
     monkeypatch.setenv("TASKBROKER_BROKER", broker.endpoint)
     assert run("stats", "--json").code == 0
@@ -816,7 +1004,8 @@ def test_the_environment_gives_the_broker_and_the_timeout(
     result = run("stats")
     assert result.code == 2
     assert result.error_line() == (
-        "taskbroker: TASKBROKER_TIMEOUT: expected a number (got 'soon')")
+        "taskbroker: TASKBROKER_TIMEOUT: expected a number (got 'soon')"
+    )
 
 
 # CURVE keys.
@@ -839,7 +1028,8 @@ class _SpyClient:
 
 
 def test_curve_keys_reach_the_client_from_anywhere(
-        silent_endpoint, curve_keys, monkeypatch):
+    silent_endpoint, curve_keys, monkeypatch
+):
     spy = _SpyClient(monkeypatch)
     server, secret = curve_keys("broker.key"), curve_keys("c1.key_secret")
     keys = {"curve_server_key": server, "curve_secret_key": secret}
@@ -850,49 +1040,74 @@ def test_curve_keys_reach_the_client_from_anywhere(
         # No answer: with CURVE, the reason may be a key.
         assert result.error_line().endswith(
             "; with CURVE, a wrong server key or a key the broker does not "
-            "admit gets no answer either")
+            "admit gets no answer either"
+        )
     monkeypatch.setenv("TASKBROKER_CLIENT_CURVE_SERVER_KEY", server)
     monkeypatch.setenv("TASKBROKER_CLIENT_CURVE_SECRET_KEY", secret)
-    assert run("--broker", silent_endpoint, "--timeout", "0.05",
-               "stats").code == 3
+    assert (
+        run("--broker", silent_endpoint, "--timeout", "0.05", "stats").code
+        == 3
+    )
     assert spy.kwargs == [keys] * 3
 
 
 def test_the_command_never_reads_the_brokers_secret_key(
-        broker, curve_keys, monkeypatch):
+    broker, curve_keys, monkeypatch
+):
     # TASKBROKER_CURVE_SECRET_KEY is the broker's: a command that read it
     # would pose as the broker.
     spy = _SpyClient(monkeypatch)
-    monkeypatch.setenv("TASKBROKER_CURVE_SECRET_KEY",
-                       curve_keys("broker.key_secret"))
+    monkeypatch.setenv(
+        "TASKBROKER_CURVE_SECRET_KEY", curve_keys("broker.key_secret")
+    )
     broker.handlers["STATS"] = lambda body: reply(stats=STATS)
     assert at(broker, "stats").code == 0
-    assert spy.kwargs == [{"curve_server_key": None,
-                           "curve_secret_key": None}]
+    assert spy.kwargs == [{"curve_server_key": None, "curve_secret_key": None}]
 
 
-@pytest.mark.parametrize("given, expected", [
-    ({"--curve-server-key": "broker.key"},
-     "--curve-server-key without --curve-secret-key: give both (the "
-     "broker's public key file and this client's NAME.key_secret file) or "
-     "neither"),
-    ({"TASKBROKER_CLIENT_CURVE_SECRET_KEY": "c1.key_secret"},
-     "--curve-secret-key without --curve-server-key: give both (the "
-     "broker's public key file and this client's NAME.key_secret file) or "
-     "neither"),
-    ({"--curve-server-key": "broker.key", "--curve-secret-key": "c1.key"},
-     "--curve-secret-key: {c1.key}: no secret key in it (a public .key "
-     "file? the secret one ends in .key_secret)"),
-    ({"--curve-server-key": "nothing.key",
-      "--curve-secret-key": "c1.key_secret"},
-     "--curve-server-key: {nothing.key}: No such file or directory"),
-    ({"--curve-server-key": "broker.key_secret",
-      "--curve-secret-key": "c1.key_secret"},
-     "--curve-server-key: {broker.key_secret}: holds a secret key; give the "
-     "broker's public .key file, and keep its secret on the broker"),
-])
+@pytest.mark.parametrize(
+    "given, expected",
+    [
+        (
+            {"--curve-server-key": "broker.key"},
+            "--curve-server-key without --curve-secret-key: give both (the "
+            "broker's public key file and this client's NAME.key_secret file) or "
+            "neither",
+        ),
+        (
+            {"TASKBROKER_CLIENT_CURVE_SECRET_KEY": "c1.key_secret"},
+            "--curve-secret-key without --curve-server-key: give both (the "
+            "broker's public key file and this client's NAME.key_secret file) or "
+            "neither",
+        ),
+        (
+            {
+                "--curve-server-key": "broker.key",
+                "--curve-secret-key": "c1.key",
+            },
+            "--curve-secret-key: {c1.key}: no secret key in it (a public .key "
+            "file? the secret one ends in .key_secret)",
+        ),
+        (
+            {
+                "--curve-server-key": "nothing.key",
+                "--curve-secret-key": "c1.key_secret",
+            },
+            "--curve-server-key: {nothing.key}: No such file or directory",
+        ),
+        (
+            {
+                "--curve-server-key": "broker.key_secret",
+                "--curve-secret-key": "c1.key_secret",
+            },
+            "--curve-server-key: {broker.key_secret}: holds a secret key; give the "
+            "broker's public .key file, and keep its secret on the broker",
+        ),
+    ],
+)
 def test_unusable_curve_keys_exit_2_in_one_line(
-        broker, curve_keys, monkeypatch, given, expected):
+    broker, curve_keys, monkeypatch, given, expected
+):
     argv = []
     for name, file in given.items():
         if name.startswith("--"):
@@ -918,13 +1133,19 @@ def waits(outcomes):
     A WAIT handler: each task id's final (or current) state from
     ``outcomes``; an id not in it does not exist.
     """
+
     def handle(body):
         state = outcomes.get(body["id"])
         if state is None:
             return error("not_found", f"no task with id {body['id']}")
-        return reply(task=make_task(
-            body["id"], state=state, error=None if state == "succeeded"
-            else "boom", result=body["id"] * 10))
+        return reply(
+            task=make_task(
+                body["id"],
+                state=state,
+                error=None if state == "succeeded" else "boom",
+                result=body["id"] * 10,
+            )
+        )
 
     return handle
 
@@ -938,14 +1159,17 @@ def test_wait_for_tasks_that_exist(broker):
     assert json.loads(result.stdout)["state"] == "succeeded"
 
 
-@pytest.mark.parametrize("outcomes, code", [
-    ({1: "succeeded", 2: "failed"}, 1),
-    ({1: "cancelled", 2: "succeeded"}, 1),
-    ({1: "running", 2: "failed"}, 5),
-    ({1: "failed", 2: "running"}, 5),
-    ({1: "running"}, 4),           # task 2 does not exist
-    ({2: "succeeded"}, 4),
-])
+@pytest.mark.parametrize(
+    "outcomes, code",
+    [
+        ({1: "succeeded", 2: "failed"}, 1),
+        ({1: "cancelled", 2: "succeeded"}, 1),
+        ({1: "running", 2: "failed"}, 5),
+        ({1: "failed", 2: "running"}, 5),
+        ({1: "running"}, 4),  # task 2 does not exist
+        ({2: "succeeded"}, 4),
+    ],
+)
 def test_wait_exits_with_the_worst_outcome(broker, outcomes, code):
     broker.handlers["WAIT"] = waits(outcomes)
     result = at(broker, "wait", "1", "2", "--timeout", "0")
@@ -960,7 +1184,8 @@ def test_wait_says_which_tasks_did_not_end(broker):
     assert result.stderr.splitlines() == [
         "taskbroker: task 1 is still running",
         "taskbroker: no task with id 2",
-        "taskbroker: task 3 failed: boom"]
+        "taskbroker: task 3 failed: boom",
+    ]
     # A zero timeout asks once and does not hold.
     assert all(body["timeout"] == 0 for _, body in broker.requests)
 
@@ -996,8 +1221,12 @@ class Terminal(io.StringIO):
 
 def on_terminal(broker, *argv):
     stdout, stderr = io.StringIO(), Terminal()
-    code = cli.main(["--broker", broker.endpoint, "--timeout", "2", *argv],
-                    stdout=stdout, stderr=stderr, stdin=io.StringIO())
+    code = cli.main(
+        ["--broker", broker.endpoint, "--timeout", "2", *argv],
+        stdout=stdout,
+        stderr=stderr,
+        stdin=io.StringIO(),
+    )
     return Result(code, stdout.getvalue(), stderr.getvalue())
 
 
@@ -1020,27 +1249,57 @@ def held(*answers):
 def test_wait_on_a_terminal_shows_the_tasks_progress(broker, monkeypatch):
     monkeypatch.setattr(commands, "LOOK_EVERY", 0.05)
     broker.handlers["WAIT"] = held(
-        reply(task=make_task(5, state="running", attempts=1, progress={
-            "fraction": 0.25, "message": "step 1 of 4", "at": None})),
-        reply(task=make_task(5, state="running", attempts=1, progress={
-            "fraction": 0.5, "message": "half way", "at": None})),
-        reply(task=make_task(5, state="succeeded", result="done")))
+        reply(
+            task=make_task(
+                5,
+                state="running",
+                attempts=1,
+                progress={
+                    "fraction": 0.25,
+                    "message": "step 1 of 4",
+                    "at": None,
+                },
+            )
+        ),
+        reply(
+            task=make_task(
+                5,
+                state="running",
+                attempts=1,
+                progress={"fraction": 0.5, "message": "half way", "at": None},
+            )
+        ),
+        reply(task=make_task(5, state="succeeded", result="done")),
+    )
     result = on_terminal(broker, "wait", "5")
     assert (result.code, result.stdout) == (0, '"done"\n')
-    for shown in ("task 5", " 25%", "attempt 1 of 3: step 1 of 4", " 50%",
-                  "half way"):
+    for shown in (
+        "task 5",
+        " 25%",
+        "attempt 1 of 3: step 1 of 4",
+        " 50%",
+        "half way",
+    ):
         assert shown in result.stderr, shown
     # A first look at once, then one a LOOK_EVERY.
     assert [body["timeout"] for _, body in broker.requests] == pytest.approx(
-        [0, 0.05, 0.05], abs=0.01)
+        [0, 0.05, 0.05], abs=0.01
+    )
 
 
 def test_a_task_waiting_for_its_retry_says_when(broker, monkeypatch):
     monkeypatch.setattr(commands, "LOOK_EVERY", 0.05)
     broker.handlers["WAIT"] = held(
-        reply(task=make_task(5, state="queued", attempts=1,
-                             run_at="2999-01-01T00:00:00.000000+00:00")),
-        reply(task=make_task(5, state="failed", error="boom")))
+        reply(
+            task=make_task(
+                5,
+                state="queued",
+                attempts=1,
+                run_at="2999-01-01T00:00:00.000000+00:00",
+            )
+        ),
+        reply(task=make_task(5, state="failed", error="boom")),
+    )
     result = on_terminal(broker, "wait", "5")
     assert result.code == 1
     assert "attempt 2 of 3, retry in " in result.stderr
@@ -1051,9 +1310,16 @@ def test_submit_wait_on_a_terminal_shows_the_bar_too(broker, monkeypatch):
     monkeypatch.setattr(commands, "LOOK_EVERY", 0.05)
     broker.handlers["SUBMIT"] = submitted(first_id=5)
     broker.handlers["WAIT"] = held(
-        reply(task=make_task(5, state="running", attempts=1, progress={
-            "fraction": 0.75, "message": None, "at": None})),
-        reply(task=make_task(5, state="succeeded", result=1)))
+        reply(
+            task=make_task(
+                5,
+                state="running",
+                attempts=1,
+                progress={"fraction": 0.75, "message": None, "at": None},
+            )
+        ),
+        reply(task=make_task(5, state="succeeded", result=1)),
+    )
     result = on_terminal(broker, "submit", "echo", "--wait")
     assert (result.code, result.stdout) == (0, "1\n")
     assert " 75%" in result.stderr
@@ -1069,7 +1335,8 @@ def test_waiting_for_several_counts_those_ended(broker):
 def test_without_a_terminal_there_is_no_bar(broker):
     broker.handlers["WAIT"] = sequence(
         reply(task=make_task(5, state="running", attempts=1)),
-        reply(task=make_task(5, state="succeeded", result=1)))
+        reply(task=make_task(5, state="succeeded", result=1)),
+    )
     result = at(broker, "wait", "5")
     assert (result.code, result.stdout, result.stderr) == (0, "1\n", "")
     # Held as long as one WAIT may be, not looked at every second.
@@ -1081,48 +1348,106 @@ def test_without_a_terminal_there_is_no_bar(broker):
 
 def run_on_terminal(broker, *argv, answer):
     stdout, stderr = io.StringIO(), io.StringIO()
-    code = cli.main(["--broker", broker.endpoint, "--timeout", "2", *argv],
-                    stdout=stdout, stderr=stderr, stdin=Terminal(answer))
+    code = cli.main(
+        ["--broker", broker.endpoint, "--timeout", "2", *argv],
+        stdout=stdout,
+        stderr=stderr,
+        stdin=Terminal(answer),
+    )
     return Result(code, stdout.getvalue(), stderr.getvalue())
 
 
-SCHEDULE = {"name": "nightly", "handler": "report", "every": None,
-            "cron": "0 3 * * *", "timezone": "Europe/Paris",
-            "skip_if_running": True, "paused": False,
-            "next_tick": "2026-12-06T02:00:00.000000+00:00",
-            "last_tick": None, "last_task_id": None}
+SCHEDULE = {
+    "name": "nightly",
+    "handler": "report",
+    "every": None,
+    "cron": "0 3 * * *",
+    "timezone": "Europe/Paris",
+    "skip_if_running": True,
+    "paused": False,
+    "next_tick": "2026-12-06T02:00:00.000000+00:00",
+    "last_tick": None,
+    "last_task_id": None,
+}
 
 
 def test_schedule_add(broker):
     broker.handlers["SCHEDULE_ADD"] = lambda body: reply(schedule=SCHEDULE)
-    result = at(broker, "schedule", "add", "nightly", "--cron", "0 3 * * *",
-                "report", "--timezone", "Europe/Paris", "--skip-if-running",
-                "--payload", '{"full": true}', "--priority", "low")
+    result = at(
+        broker,
+        "schedule",
+        "add",
+        "nightly",
+        "--cron",
+        "0 3 * * *",
+        "report",
+        "--timezone",
+        "Europe/Paris",
+        "--skip-if-running",
+        "--payload",
+        '{"full": true}',
+        "--priority",
+        "low",
+    )
     assert (result.code, result.stdout, result.stderr) == (
-        0, "schedule nightly added: next at 2026-12-06 02:00:00 UTC\n", "")
+        0,
+        "schedule nightly added: next at 2026-12-06 02:00:00 UTC\n",
+        "",
+    )
     [(_, body)] = broker.requests
-    assert {key: body[key] for key in (
-        "name", "handler", "cron", "every", "timezone", "skip_if_running",
-        "payload", "priority", "replace")} == {
-        "name": "nightly", "handler": "report", "cron": "0 3 * * *",
-        "every": None, "timezone": "Europe/Paris", "skip_if_running": True,
-        "payload": {"full": True}, "priority": "low", "replace": False}
+    assert {
+        key: body[key]
+        for key in (
+            "name",
+            "handler",
+            "cron",
+            "every",
+            "timezone",
+            "skip_if_running",
+            "payload",
+            "priority",
+            "replace",
+        )
+    } == {
+        "name": "nightly",
+        "handler": "report",
+        "cron": "0 3 * * *",
+        "every": None,
+        "timezone": "Europe/Paris",
+        "skip_if_running": True,
+        "payload": {"full": True},
+        "priority": "low",
+        "replace": False,
+    }
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["nightly", "report"], "schedule add: give --every SECONDS or --cron "
-                            "EXPRESSION"),
-    (["nightly", "report", "--every", "5", "--cron", "@daily"],
-     "schedule add: give --every SECONDS or --cron EXPRESSION"),
-    (["nightly", "report", "--every", "0.5"],
-     "--every: seconds from 1 to 31622400, not '0.5'"),
-    (["nightly", "report", "--every", "60", "--timezone", "UTC"],
-     "schedule add: --timezone goes with --cron"),
-    (["nightly", "--every", "60"], "add: expected NAME HANDLER, got 1"),
-    (["a b", "report", "--every", "60"], "a schedule's name is 1 to 100"),
-    (["n", "report", "--cron", "* * *"],
-     "cron expression '* * *' has 3 fields, not five"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (
+            ["nightly", "report"],
+            "schedule add: give --every SECONDS or --cron EXPRESSION",
+        ),
+        (
+            ["nightly", "report", "--every", "5", "--cron", "@daily"],
+            "schedule add: give --every SECONDS or --cron EXPRESSION",
+        ),
+        (
+            ["nightly", "report", "--every", "0.5"],
+            "--every: seconds from 1 to 31622400, not '0.5'",
+        ),
+        (
+            ["nightly", "report", "--every", "60", "--timezone", "UTC"],
+            "schedule add: --timezone goes with --cron",
+        ),
+        (["nightly", "--every", "60"], "add: expected NAME HANDLER, got 1"),
+        (["a b", "report", "--every", "60"], "a schedule's name is 1 to 100"),
+        (
+            ["n", "report", "--cron", "* * *"],
+            "cron expression '* * *' has 3 fields, not five",
+        ),
+    ],
+)
 def test_schedule_add_checks_before_sending(broker, argv, message):
     result = at(broker, "schedule", "add", *argv)
     assert result.code == 2
@@ -1131,11 +1456,19 @@ def test_schedule_add_checks_before_sending(broker, argv, message):
 
 
 def test_schedule_list(broker):
-    every = dict(SCHEDULE, name="often", every=30, cron=None,
-                 timezone="UTC", skip_if_running=False, paused=True,
-                 last_task_id=12)
+    every = dict(
+        SCHEDULE,
+        name="often",
+        every=30,
+        cron=None,
+        timezone="UTC",
+        skip_if_running=False,
+        paused=True,
+        last_task_id=12,
+    )
     broker.handlers["SCHEDULE_LIST"] = lambda body: reply(
-        schedules=[SCHEDULE, every])
+        schedules=[SCHEDULE, every]
+    )
     result = at(broker, "schedule", "list")
     assert result.stdout.splitlines() == [
         "NAME     HANDLER  WHEN                                       "
@@ -1143,53 +1476,74 @@ def test_schedule_list(broker):
         "nightly  report   0 3 * * * (Europe/Paris), skip if running  "
         "2026-12-06 02:00:00  -          active",
         "often    report   every 30s                                  "
-        "2026-12-06 02:00:00  12         paused"]
+        "2026-12-06 02:00:00  12         paused",
+    ]
     assert json.loads(at(broker, "schedule", "list", "--json").stdout) == [
-        SCHEDULE, every]
+        SCHEDULE,
+        every,
+    ]
 
 
 def test_schedule_pause_resume_remove(broker):
     broker.handlers["SCHEDULE_PAUSE"] = lambda body: reply(
-        schedule=dict(SCHEDULE, paused=True))
-    broker.handlers["SCHEDULE_RESUME"] = lambda body: reply(
-        schedule=SCHEDULE)
+        schedule=dict(SCHEDULE, paused=True)
+    )
+    broker.handlers["SCHEDULE_RESUME"] = lambda body: reply(schedule=SCHEDULE)
     broker.handlers["SCHEDULE_REMOVE"] = sequence(
         reply(removed="nightly"),
-        error("not_found", "no schedule named 'nightly'"))
-    assert at(broker, "schedule", "pause", "nightly").stdout == \
-        "schedule nightly paused\n"
-    assert at(broker, "schedule", "resume", "nightly").stdout == \
-        "schedule nightly resumed: next at 2026-12-06 02:00:00 UTC\n"
-    assert at(broker, "schedule", "remove", "nightly").stdout == \
-        "schedule nightly removed\n"
+        error("not_found", "no schedule named 'nightly'"),
+    )
+    assert (
+        at(broker, "schedule", "pause", "nightly").stdout
+        == "schedule nightly paused\n"
+    )
+    assert (
+        at(broker, "schedule", "resume", "nightly").stdout
+        == "schedule nightly resumed: next at 2026-12-06 02:00:00 UTC\n"
+    )
+    assert (
+        at(broker, "schedule", "remove", "nightly").stdout
+        == "schedule nightly removed\n"
+    )
     result = at(broker, "schedule", "remove", "nightly")
     assert (result.code, result.error_line()) == (
-        4, "taskbroker: no schedule named 'nightly'")
+        4,
+        "taskbroker: no schedule named 'nightly'",
+    )
 
 
 def test_schedule_needs_a_command(broker):
     result = at(broker, "schedule")
     assert result.code == 2
-    assert "schedule: give add, list, remove, pause or resume" in \
-        result.error_line()
+    assert (
+        "schedule: give add, list, remove, pause or resume"
+        in result.error_line()
+    )
 
 
 def test_purge_asks_until_all_are_deleted(broker):
-    broker.handlers["PURGE"] = sequence(reply(deleted=10000, more=True),
-                                        reply(deleted=12, more=False))
+    broker.handlers["PURGE"] = sequence(
+        reply(deleted=10000, more=True), reply(deleted=12, more=False)
+    )
     result = at(broker, "purge", "--older-than", "30d", "--state", "failed")
     assert (result.code, result.stdout) == (0, "deleted 10012 tasks\n")
     bodies = [body for _, body in broker.requests]
     assert [(b["older_than"], b["state"], b["handler"]) for b in bodies] == [
-        (30 * 86400.0, "failed", None)] * 2
+        (30 * 86400.0, "failed", None)
+    ] * 2
 
 
-@pytest.mark.parametrize("argv, message", [
-    ([], "purge: --older-than DURATION is required"),
-    (["--older-than", "7w"], "--older-than: expected seconds or a number"),
-    (["--older-than", "1d", "--state", "queued"],
-     "purge: --state must be succeeded, failed or cancelled"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        ([], "purge: --older-than DURATION is required"),
+        (["--older-than", "7w"], "--older-than: expected seconds or a number"),
+        (
+            ["--older-than", "1d", "--state", "queued"],
+            "purge: --state must be succeeded, failed or cancelled",
+        ),
+    ],
+)
 def test_purge_usage(broker, argv, message):
     result = at(broker, "purge", *argv)
     assert result.code == 2 and message in result.error_line()
@@ -1217,27 +1571,38 @@ def test_bulk_cancel_needs_yes_without_a_terminal(broker):
     assert result.code == 2
     assert result.error_line() == (
         "taskbroker: cancel 3 queued tasks of handler echo: not on a "
-        "terminal to ask; give --yes to go ahead")
+        "terminal to ask; give --yes to go ahead"
+    )
     assert broker.commands() == ["CANCEL_MANY"]  # the count alone
-    result = at(broker, "cancel", "--state", "queued", "--handler", "echo",
-                "--yes")
+    result = at(
+        broker, "cancel", "--state", "queued", "--handler", "echo", "--yes"
+    )
     assert (result.code, result.stdout) == (
-        0, "cancelled 3 queued tasks of handler echo\n")
+        0,
+        "cancelled 3 queued tasks of handler echo\n",
+    )
 
 
 def test_bulk_cancel_asks_on_a_terminal(broker):
-    broker.handlers["CANCEL_MANY"] = many("cancelled",
-                                          [(1000, 1000), (5, None)])
-    result = run_on_terminal(broker, "cancel", "--state", "queued",
-                             answer="n\n")
+    broker.handlers["CANCEL_MANY"] = many(
+        "cancelled", [(1000, 1000), (5, None)]
+    )
+    result = run_on_terminal(
+        broker, "cancel", "--state", "queued", answer="n\n"
+    )
     assert (result.code, result.stdout) == (2, "")
     assert result.stderr.startswith(
-        "taskbroker: cancel 1005 queued tasks? [y/N] ")
-    result = run_on_terminal(broker, "cancel", "--state", "queued",
-                             answer="y\n")
+        "taskbroker: cancel 1005 queued tasks? [y/N] "
+    )
+    result = run_on_terminal(
+        broker, "cancel", "--state", "queued", answer="y\n"
+    )
     assert (result.code, result.stdout) == (0, "cancelled 1005 queued tasks\n")
-    afters = [body.get("after") for command, body in broker.requests
-              if not body.get("count")]
+    afters = [
+        body.get("after")
+        for command, body in broker.requests
+        if not body.get("count")
+    ]
     assert afters == [0, 1000]
 
 
@@ -1246,19 +1611,30 @@ def test_bulk_retry(broker):
     result = at(broker, "retry", "--state", "failed", "--yes")
     assert (result.code, result.stdout) == (0, "queued again 2 failed tasks\n")
     broker.handlers["RETRY_MANY"] = lambda body: reply(count=0)
-    assert at(broker, "retry", "--state", "failed").stdout == \
-        "no failed tasks\n"
+    assert (
+        at(broker, "retry", "--state", "failed").stdout == "no failed tasks\n"
+    )
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["cancel", "1", "--state", "queued"], "cancel: give ID or --state"),
-    (["cancel", "--state", "failed"], "cancel: --state must be queued or "
-                                      "running"),
-    (["retry", "--state", "queued"], "retry: --state must be failed or "
-                                     "cancelled"),
-    (["cancel", "1", "--yes"], "cancel: --handler and --yes go with --state"),
-    (["cancel"], "cancel: expected ID, or --state STATE for many tasks"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["cancel", "1", "--state", "queued"], "cancel: give ID or --state"),
+        (
+            ["cancel", "--state", "failed"],
+            "cancel: --state must be queued or running",
+        ),
+        (
+            ["retry", "--state", "queued"],
+            "retry: --state must be failed or cancelled",
+        ),
+        (
+            ["cancel", "1", "--yes"],
+            "cancel: --handler and --yes go with --state",
+        ),
+        (["cancel"], "cancel: expected ID, or --state STATE for many tasks"),
+    ],
+)
 def test_bulk_usage(broker, argv, message):
     result = at(broker, *argv)
     assert result.code == 2 and message in result.error_line()

@@ -51,7 +51,7 @@ def test_credit_takes_most_urgent_level_first_then_fifo():
 def test_only_tasks_the_worker_can_run():
     d = Dispatcher(3)
     d.add_worker("w", [NORMAL], ["echo"], slots=2)
-    d.add_task(task(1, HIGH, "echo"))      # level not served
+    d.add_task(task(1, HIGH, "echo"))  # level not served
     d.add_task(task(2, NORMAL, "resize"))  # handler missing
     assert d.credit("w") is None
     assert d.worker("w").credits == 1
@@ -258,7 +258,9 @@ def test_invariants_under_random_events(sequence):
         for w in d.workers():
             if w.credits:
                 for t in waiting.values():
-                    assert not (t.level in w.levels and t.handler in w.handlers)
+                    assert not (
+                        t.level in w.levels and t.handler in w.handlers
+                    )
             assert w.busy + w.credits <= w.slots
         assert len(d) == len(waiting)
 

@@ -15,8 +15,11 @@ from taskbroker.failover import (
     start_position,
 )
 
-A, B, C = ("tcp://127.0.0.1:5001", "tcp://127.0.0.1:5002",
-           "tcp://127.0.0.1:5003")
+A, B, C = (
+    "tcp://127.0.0.1:5001",
+    "tcp://127.0.0.1:5002",
+    "tcp://127.0.0.1:5003",
+)
 
 
 def test_a_single_endpoint_is_a_list_of_one():
@@ -28,22 +31,27 @@ def test_a_comma_separated_string_or_a_list():
     assert parse_endpoints(f"{A},{B}, {C}") == (A, B, C)
     assert parse_endpoints([C, A]) == (C, A)
     assert parse_endpoints((A, "ipc:///tmp/b.sock")) == (
-        A, "ipc:///tmp/b.sock")
+        A,
+        "ipc:///tmp/b.sock",
+    )
 
 
-@pytest.mark.parametrize("value, words", [
-    (f"{A},localhost:5", "endpoint 'localhost:5': expected a ZeroMQ"),
-    (f"{A},tcp://127.0.0.1:*", "endpoint 'tcp://127.0.0.1:*': name the"),
-    (f"{A},tcp://h:70000", "endpoint 'tcp://h:70000': the port"),
-    (f"{A},{B},{A}", f"endpoint '{A}' is listed twice"),
-    (f"{A},,{B}", "empty"),
-    (f"{A},", "empty"),
-    ([A, 5], "endpoint 5 is not a string"),
-    ([], "at least one"),
-    (5, "not int"),
-    ("localhost:5", "expected a ZeroMQ endpoint"),
-    ("", "expected a ZeroMQ endpoint"),
-])
+@pytest.mark.parametrize(
+    "value, words",
+    [
+        (f"{A},localhost:5", "endpoint 'localhost:5': expected a ZeroMQ"),
+        (f"{A},tcp://127.0.0.1:*", "endpoint 'tcp://127.0.0.1:*': name the"),
+        (f"{A},tcp://h:70000", "endpoint 'tcp://h:70000': the port"),
+        (f"{A},{B},{A}", f"endpoint '{A}' is listed twice"),
+        (f"{A},,{B}", "empty"),
+        (f"{A},", "empty"),
+        ([A, 5], "endpoint 5 is not a string"),
+        ([], "at least one"),
+        (5, "not int"),
+        ("localhost:5", "expected a ZeroMQ endpoint"),
+        ("", "expected a ZeroMQ endpoint"),
+    ],
+)
 def test_bad_lists_are_refused_in_one_line_naming_the_culprit(value, words):
     with pytest.raises(ValueError) as info:
         parse_endpoints(value)
@@ -55,7 +63,8 @@ def test_a_single_bad_endpoint_reads_as_before():
     with pytest.raises(ValueError) as info:
         parse_endpoints("localhost:5555")
     assert str(info.value) == (
-        "expected a ZeroMQ endpoint such as tcp://127.0.0.1:5555")
+        "expected a ZeroMQ endpoint such as tcp://127.0.0.1:5555"
+    )
 
 
 def test_the_start_position_is_a_stable_hash_of_the_name():
@@ -63,7 +72,8 @@ def test_the_start_position_is_a_stable_hash_of_the_name():
     assert start_position("w1", 1) == 0
     # Stable across calls (and processes: crc32 is not salted).
     assert {start_position("worker-7", 4) for _ in range(5)} == {
-        start_position("worker-7", 4)}
+        start_position("worker-7", 4)
+    }
 
 
 def test_a_fleet_spreads_over_the_list():

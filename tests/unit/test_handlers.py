@@ -26,7 +26,7 @@ from taskbroker.worker.task import RunningTask
 
 _counter = itertools.count()
 
-HANDLER = '''
+HANDLER = """
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 from taskbroker.interfaces import ITaskHandler
@@ -40,9 +40,9 @@ class Handler:
         return {result!r}
 
 handler = Handler()
-'''
+"""
 
-NO_RUN = '''
+NO_RUN = """
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 from taskbroker.interfaces import ITaskHandler
@@ -53,7 +53,7 @@ class Broken:
     blocking = False
 
 broken = Broken()
-'''
+"""
 
 
 @contextmanager
@@ -63,14 +63,18 @@ def restored_plugin_package():
     ``taskbroker.plugins.__path__`` and modules cached in ``sys.modules``.
     """
     saved_path = list(taskbroker.plugins.__path__)
-    saved_modules = {name for name in sys.modules
-                     if name.startswith("taskbroker.plugins.")}
+    saved_modules = {
+        name for name in sys.modules if name.startswith("taskbroker.plugins.")
+    }
     try:
         yield
     finally:
         taskbroker.plugins.__path__[:] = saved_path
         for name in list(sys.modules):
-            if name.startswith("taskbroker.plugins.") and name not in saved_modules:
+            if (
+                name.startswith("taskbroker.plugins.")
+                and name not in saved_modules
+            ):
                 del sys.modules[name]
 
 
@@ -107,13 +111,23 @@ def load(*folders):
 
 
 def events_at(events, level):
-    return [e for e in events if e.get("log_level") == level
-            and e.get("log_namespace") == "taskbroker.worker.handlers"]
+    return [
+        e
+        for e in events
+        if e.get("log_level") == level
+        and e.get("log_namespace") == "taskbroker.worker.handlers"
+    ]
 
 
 def run(handler, payload=None, clock=None):
-    body = {"id": 1, "handler": handler.name, "payload": payload,
-            "priority": "normal", "attempt": 1, "max_attempts": 3}
+    body = {
+        "id": 1,
+        "handler": handler.name,
+        "payload": payload,
+        "priority": "normal",
+        "attempt": 1,
+        "max_attempts": 3,
+    }
     return handler.run(RunningTask(body, clock or Clock()))
 
 
@@ -131,7 +145,9 @@ def test_builtins_are_loaded(plugin_package):
 
 def test_handlers_from_a_folder(plugin_package, tmp_path):
     name = unique("greet")
-    good = folder(tmp_path, "good", {f"{unique('mod')}.py": handler_module(name)})
+    good = folder(
+        tmp_path, "good", {f"{unique('mod')}.py": handler_module(name)}
+    )
     handlers, events = load(good)
     assert run(handlers[name]) == f"{name} ran"
     assert {"echo", "sleep"} <= set(handlers)
@@ -139,7 +155,9 @@ def test_handlers_from_a_folder(plugin_package, tmp_path):
     assert str(good) in taskbroker.plugins.__path__
 
 
-def test_relative_folder_is_made_absolute(plugin_package, tmp_path, monkeypatch):
+def test_relative_folder_is_made_absolute(
+    plugin_package, tmp_path, monkeypatch
+):
     name = unique("rel")
     folder(tmp_path, "rel", {f"{unique('mod')}.py": handler_module(name)})
     monkeypatch.chdir(tmp_path)
@@ -150,44 +168,63 @@ def test_relative_folder_is_made_absolute(plugin_package, tmp_path, monkeypatch)
 
 
 def test_broken_modules_are_reported_by_path_and_the_rest_load(
-        plugin_package, tmp_path):
+    plugin_package, tmp_path
+):
     name = unique("good")
     raising, syntax = unique("raising"), unique("syntax")
-    path = folder(tmp_path, "mixed", {
-        f"{unique('good')}.py": handler_module(name),
-        f"{raising}.py": 'raise RuntimeError("boom")\n',
-        f"{syntax}.py": "def broken(:\n",
-    })
+    path = folder(
+        tmp_path,
+        "mixed",
+        {
+            f"{unique('good')}.py": handler_module(name),
+            f"{raising}.py": 'raise RuntimeError("boom")\n',
+            f"{syntax}.py": "def broken(:\n",
+        },
+    )
     handlers, events = load(path)
     assert name in handlers and "echo" in handlers
     errors = events_at(events, LogLevel.error)
     by_path = {e["path"]: e for e in errors}
-    assert set(by_path) == {str(path / f"{raising}.py"), str(path / f"{syntax}.py")}
-    assert "RuntimeError: boom" in by_path[str(path / f"{raising}.py")]["error"]
+    assert set(by_path) == {
+        str(path / f"{raising}.py"),
+        str(path / f"{syntax}.py"),
+    }
+    assert (
+        "RuntimeError: boom" in by_path[str(path / f"{raising}.py")]["error"]
+    )
     assert "SyntaxError" in by_path[str(path / f"{syntax}.py")]["error"]
     for event in errors:
         assert "\n" not in event["error"]
 
 
 def test_broken_module_is_reported_again_on_the_next_load(
-        plugin_package, tmp_path):
+    plugin_package, tmp_path
+):
     # The dropin.cache written by the first load must not hide it.
     raising = unique("raising")
     path = folder(tmp_path, "again", {f"{raising}.py": "1 / 0\n"})
     load(path)
     _, events = load(path)
     assert [e["path"] for e in events_at(events, LogLevel.error)] == [
-        str(path / f"{raising}.py")]
+        str(path / f"{raising}.py")
+    ]
 
 
 def test_duplicate_handler_name_warns_and_keeps_the_first(
-        plugin_package, tmp_path):
+    plugin_package, tmp_path
+):
     name = unique("twice")
     first_module, second_module = unique("first"), unique("second")
-    first = folder(tmp_path, "first", {
-        f"{first_module}.py": handler_module(name, "from first")})
-    second = folder(tmp_path, "second", {
-        f"{second_module}.py": handler_module(name, "from second")})
+    first = folder(
+        tmp_path,
+        "first",
+        {f"{first_module}.py": handler_module(name, "from first")},
+    )
+    second = folder(
+        tmp_path,
+        "second",
+        {f"{second_module}.py": handler_module(name, "from second")},
+    )
     handlers, events = load(first, second)
     assert run(handlers[name]) == "from first"
     [warning] = events_at(events, LogLevel.warn)
@@ -219,9 +256,14 @@ def test_module_hidden_by_another_folder_warns(plugin_package, tmp_path):
     assert warning["used"] == str(a / f"{module}.py")
 
 
-def test_module_hiding_the_builtin_module_is_reported(plugin_package, tmp_path):
-    path = folder(tmp_path, "clash", {
-        "taskbroker_builtin_handlers.py": handler_module(unique("x"))})
+def test_module_hiding_the_builtin_module_is_reported(
+    plugin_package, tmp_path
+):
+    path = folder(
+        tmp_path,
+        "clash",
+        {"taskbroker_builtin_handlers.py": handler_module(unique("x"))},
+    )
     handlers, events = load(path)
     assert "echo" in handlers
     [warning] = events_at(events, LogLevel.warn)
@@ -231,10 +273,14 @@ def test_module_hiding_the_builtin_module_is_reported(plugin_package, tmp_path):
 def test_handler_without_run_is_skipped(plugin_package, tmp_path):
     broken, good = unique("norun"), unique("good")
     module = unique("mod")
-    path = folder(tmp_path, "norun", {
-        f"{module}.py": NO_RUN.format(name=broken),
-        f"{unique('ok')}.py": handler_module(good),
-    })
+    path = folder(
+        tmp_path,
+        "norun",
+        {
+            f"{module}.py": NO_RUN.format(name=broken),
+            f"{unique('ok')}.py": handler_module(good),
+        },
+    )
     handlers, events = load(path)
     assert broken not in handlers and good in handlers
     [error] = events_at(events, LogLevel.error)
@@ -243,8 +289,9 @@ def test_handler_without_run_is_skipped(plugin_package, tmp_path):
 
 
 def test_handler_with_empty_name_is_skipped(plugin_package, tmp_path):
-    path = folder(tmp_path, "noname", {
-        f"{unique('mod')}.py": handler_module("")})
+    path = folder(
+        tmp_path, "noname", {f"{unique('mod')}.py": handler_module("")}
+    )
     handlers, events = load(path)
     assert "" not in handlers
     [error] = events_at(events, LogLevel.error)
@@ -254,7 +301,9 @@ def test_handler_with_empty_name_is_skipped(plugin_package, tmp_path):
 def test_fixture_restores_the_plugin_package(tmp_path):
     before = list(taskbroker.plugins.__path__)
     module = unique("restored")
-    path = folder(tmp_path, "restore", {f"{module}.py": handler_module(module)})
+    path = folder(
+        tmp_path, "restore", {f"{module}.py": handler_module(module)}
+    )
     with restored_plugin_package():
         assert module in load(path)[0]
         assert f"taskbroker.plugins.{module}" in sys.modules
@@ -290,10 +339,19 @@ def test_sleep_zero():
     assert results == [0]
 
 
-@pytest.mark.parametrize("payload", [
-    {"seconds": -1}, "x", None, {}, {"seconds": True}, {"seconds": "1"},
-    {"seconds": MAX_SLEEP + 1}, [1],
-])
+@pytest.mark.parametrize(
+    "payload",
+    [
+        {"seconds": -1},
+        "x",
+        None,
+        {},
+        {"seconds": True},
+        {"seconds": "1"},
+        {"seconds": MAX_SLEEP + 1},
+        [1],
+    ],
+)
 def test_sleep_rejects_bad_payloads(payload):
     clock = Clock()
     with pytest.raises(ValueError, match="seconds"):
@@ -318,7 +376,7 @@ def checksum(task):
     return sum(task.payload)
 '''
 
-CLASS_ONLY = '''
+CLASS_ONLY = """
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 from taskbroker.interfaces import ITaskHandler
@@ -330,14 +388,21 @@ class Forgotten:
 
     def run(self, task):
         return None
-'''
+"""
 
 
 def test_a_function_under_handler_is_a_handler(plugin_package, tmp_path):
     name, blocking_name = unique("greet"), unique("checksum")
     module = unique("decorated")
-    path = folder(tmp_path, "decorated", {f"{module}.py": DECORATED.format(
-        name=name, blocking_name=blocking_name)})
+    path = folder(
+        tmp_path,
+        "decorated",
+        {
+            f"{module}.py": DECORATED.format(
+                name=name, blocking_name=blocking_name
+            )
+        },
+    )
     handlers, events = load(path)
     assert events_at(events, LogLevel.warn) == []
     greet, checksum = handlers[name], handlers[blocking_name]
@@ -351,13 +416,16 @@ def test_a_function_under_handler_is_a_handler(plugin_package, tmp_path):
     assert greet.__doc__ == "Greets." and name in repr(greet)
 
 
-@pytest.mark.parametrize("arguments, error", [
-    (("",), "handler name '' must be a string of 1 to 200 characters"),
-    (("a\nb",), "must not contain control characters"),
-    (("ok", "yes"), "blocking must be True or False"),
-    (("ok", False, 0), "time_limit must be a number of seconds"),
-    (("ok", False, "600"), "time_limit must be a number of seconds"),
-])
+@pytest.mark.parametrize(
+    "arguments, error",
+    [
+        (("",), "handler name '' must be a string of 1 to 200 characters"),
+        (("a\nb",), "must not contain control characters"),
+        (("ok", "yes"), "blocking must be True or False"),
+        (("ok", False, 0), "time_limit must be a number of seconds"),
+        (("ok", False, "600"), "time_limit must be a number of seconds"),
+    ],
+)
 def test_a_handler_no_worker_could_use_is_refused_at_import(arguments, error):
     from taskbroker import handler
 
@@ -366,16 +434,23 @@ def test_a_handler_no_worker_could_use_is_refused_at_import(arguments, error):
 
 
 def test_a_module_with_a_handler_class_and_no_object_is_named(
-        plugin_package, tmp_path):
+    plugin_package, tmp_path
+):
     name = unique("forgotten")
     module = unique("classonly")
-    path = folder(tmp_path, "classonly", {
-        f"{module}.py": CLASS_ONLY.format(name=name)})
+    path = folder(
+        tmp_path, "classonly", {f"{module}.py": CLASS_ONLY.format(name=name)}
+    )
     handlers, events = load(path)
     assert name not in handlers
-    [warning] = [e for e in events_at(events, LogLevel.warn)
-                 if "Forgotten" in str(e.get("cls"))]
+    [warning] = [
+        e
+        for e in events_at(events, LogLevel.warn)
+        if "Forgotten" in str(e.get("cls"))
+    ]
     text = formatEvent(warning)
-    assert f"{module}.py defines the handler class Forgotten but no object "\
+    assert (
+        f"{module}.py defines the handler class Forgotten but no object "
         "of it" in text
+    )
     assert "add 'forgotten = Forgotten()' at module level" in text

@@ -29,9 +29,17 @@ def test_builtin_names():
 
 
 def test_running_task_provides_ITask():
-    task = RunningTask({"id": 1, "handler": "echo", "payload": None,
-                        "priority": "normal", "attempt": 1,
-                        "max_attempts": 3}, Clock())
+    task = RunningTask(
+        {
+            "id": 1,
+            "handler": "echo",
+            "payload": None,
+            "priority": "normal",
+            "attempt": 1,
+            "max_attempts": 3,
+        },
+        Clock(),
+    )
     assert verifyObject(ITask, task)
 
 
@@ -56,8 +64,10 @@ def test_stores_provide_their_interfaces_and_a_claim_source(tmp_path):
     from taskbroker.store.sqlite import SQLiteStore
     from taskbroker.testing import MemoryStore
 
-    for store in (MemoryStore(), SQLiteStore(str(tmp_path / "t.sqlite"),
-                                             Clock())):
+    for store in (
+        MemoryStore(),
+        SQLiteStore(str(tmp_path / "t.sqlite"), Clock()),
+    ):
         assert verifyObject(ITaskStore, store)
         assert verifyObject(IQueueReads, store)
         claims = store.claims("b1")

@@ -23,9 +23,13 @@ def texts(events, kind):
 
 
 def task_log(clock):
-    return TaskLog(Logger(), clock, "dispatched",
-                   lambda t: f"task {t['id']} to {t['worker']}",
-                   lambda t: f"{t['id']} to {t['worker']}")
+    return TaskLog(
+        Logger(),
+        clock,
+        "dispatched",
+        lambda t: f"task {t['id']} to {t['worker']}",
+        lambda t: f"{t['id']} to {t['worker']}",
+    )
 
 
 def test_a_task_alone_is_one_line_of_its_own():
@@ -49,9 +53,13 @@ def test_tasks_close_together_share_a_line():
             log.add(id=n, worker="w")
         clock.advance(GATHER)
     assert [len(e["tasks"]) for e in events] == [
-        MOST_PER_EVENT, MOST_PER_EVENT, 1]
+        MOST_PER_EVENT,
+        MOST_PER_EVENT,
+        1,
+    ]
     assert formatEvent(events[0]).startswith(
-        "tasks dispatched: 0 to w; 1 to w; 2 to w")
+        "tasks dispatched: 0 to w; 1 to w; 2 to w"
+    )
     assert formatEvent(events[2]) == f"task {2 * MOST_PER_EVENT} to w"
 
 
@@ -84,24 +92,51 @@ def test_the_broker_logs_each_dispatch_and_end():
         hello(broker)
         send(broker, b"w1/x", b"READY", {})
         clock.advance(2)
-        send(broker, b"client", b"SUBMIT", {"req": "r", "tasks": [
-            {"handler": "echo", "priority": "high", "max_attempts": 1}]})
+        send(
+            broker,
+            b"client",
+            b"SUBMIT",
+            {
+                "req": "r",
+                "tasks": [
+                    {"handler": "echo", "priority": "high", "max_attempts": 1}
+                ],
+            },
+        )
         clock.advance(1.5)
-        send(broker, b"w1/x", b"RESULT", {"id": 1, "token": 1,
-                                           "state": "failed",
-                                           "error": "boom\n  at line 3"})
+        send(
+            broker,
+            b"w1/x",
+            b"RESULT",
+            {
+                "id": 1,
+                "token": 1,
+                "state": "failed",
+                "error": "boom\n  at line 3",
+            },
+        )
         clock.advance(GATHER)
     assert texts(events, "dispatched") == [
         "task 1 dispatched to w1: echo, priority high, attempt 1 of 1, "
-        "0.000s after it was created"]
+        "0.000s after it was created"
+    ]
     assert texts(events, "ended") == [
         "task 1 failed: echo, priority high, worker w1, attempt 1, ran "
-        "1.500s: boom at line 3"]
+        "1.500s: boom at line 3"
+    ]
     [ended] = [e for e in events if e.get("event") == "ended"]
-    assert ended["tasks"] == [{
-        "id": 1, "handler": "echo", "priority": "high", "worker": "w1",
-        "attempt": 1, "outcome": "failed", "ran": 1.5,
-        "error": "boom at line 3"}]
+    assert ended["tasks"] == [
+        {
+            "id": 1,
+            "handler": "echo",
+            "priority": "high",
+            "worker": "w1",
+            "attempt": 1,
+            "outcome": "failed",
+            "ran": 1.5,
+            "error": "boom at line 3",
+        }
+    ]
 
 
 def test_the_worker_logs_each_start_and_end():
@@ -112,23 +147,32 @@ def test_the_worker_logs_each_start_and_end():
         handler.tasks[4][1].callback("done")
         clock.advance(GATHER)
     assert texts(events, "started") == [
-        "task 4 started: reporting, priority normal, attempt 1 of 3"]
+        "task 4 started: reporting, priority normal, attempt 1 of 3"
+    ]
     assert texts(events, "ended") == [
-        "task 4 succeeded: reporting, ran 2.250s"]
+        "task 4 succeeded: reporting, ran 2.250s"
+    ]
 
 
 def test_the_json_observers_write_one_event_a_line(tmp_path, monkeypatch):
     path = tmp_path / "broker.json"
     monkeypatch.setenv("JSON_LOG_FILE", str(path))
     observer = logs.json_file()
-    event = {"log_format": "{text}", "text": "task 1 to w1",
-             "tasks": [{"id": 1, "worker": "w1"}], "event": "dispatched",
-             "log_time": 1.0, "log_namespace": "test"}
+    event = {
+        "log_format": "{text}",
+        "text": "task 1 to w1",
+        "tasks": [{"id": 1, "worker": "w1"}],
+        "event": "dispatched",
+        "log_time": 1.0,
+        "log_namespace": "test",
+    }
     observer(event)
     observer(dict(event, text="task 2 to w1"))
     lines = path.read_text().splitlines()
     assert [json.loads(line)["text"] for line in lines] == [
-        "task 1 to w1", "task 2 to w1"]
+        "task 1 to w1",
+        "task 2 to w1",
+    ]
     assert json.loads(lines[0])["tasks"] == [{"id": 1, "worker": "w1"}]
     stdout = io.StringIO()
     monkeypatch.setattr("sys.stdout", stdout)

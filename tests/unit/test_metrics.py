@@ -14,9 +14,11 @@ from tests.unit.test_broker import started_broker
 
 def samples(broker):
     text = broker.metrics.render().decode("utf-8")
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text)
-            for s in family.samples}
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
 
 
 def a_broker():
@@ -34,17 +36,39 @@ def test_waits_and_runs_fall_in_their_buckets():
     got = samples(broker)
 
     def wait_bucket(le):
-        return got[("taskbroker_task_wait_seconds_bucket", (
-            ("handler", OTHER), ("le", le), ("priority", "high")))]
+        return got[
+            (
+                "taskbroker_task_wait_seconds_bucket",
+                (("handler", OTHER), ("le", le), ("priority", "high")),
+            )
+        ]
 
     # No worker serves echo here: its figures are under _other.
-    assert [wait_bucket(le) for le in ("0.001", "0.005", "5.0", "10.0",
-                                       "+Inf")] == [1, 2, 2, 3, 3]
-    assert got[("taskbroker_task_wait_seconds_sum", (
-        ("handler", OTHER), ("priority", "high")))] == 7.0035
-    assert got[("taskbroker_tasks_finished_total", (
-        ("handler", OTHER), ("outcome", "succeeded"),
-        ("priority", "high")))] == 1
+    assert [
+        wait_bucket(le) for le in ("0.001", "0.005", "5.0", "10.0", "+Inf")
+    ] == [1, 2, 2, 3, 3]
+    assert (
+        got[
+            (
+                "taskbroker_task_wait_seconds_sum",
+                (("handler", OTHER), ("priority", "high")),
+            )
+        ]
+        == 7.0035
+    )
+    assert (
+        got[
+            (
+                "taskbroker_tasks_finished_total",
+                (
+                    ("handler", OTHER),
+                    ("outcome", "succeeded"),
+                    ("priority", "high"),
+                ),
+            )
+        ]
+        == 1
+    )
 
 
 def test_at_most_so_many_handler_names_are_kept():
@@ -52,6 +76,9 @@ def test_at_most_so_many_handler_names_are_kept():
     for n in range(MOST_HANDLERS + 50):
         broker.metrics.ended("normal", f"h{n}", "failed")
     assert len(broker.metrics._seen) == MOST_HANDLERS
-    total = sum(value for (name, _), value in samples(broker).items()
-                if name == "taskbroker_tasks_finished_total")
+    total = sum(
+        value
+        for (name, _), value in samples(broker).items()
+        if name == "taskbroker_tasks_finished_total"
+    )
     assert total == MOST_HANDLERS + 50

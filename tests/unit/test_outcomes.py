@@ -26,8 +26,9 @@ def broker(store, clock, peers):
 
 
 def test_backoff_doubles_with_equal_jitter_up_to_the_maximum():
-    policy = RetryPolicy(BrokerConfig(retry_delay=2.0, retry_max_delay=10.0),
-                         random.Random(1))
+    policy = RetryPolicy(
+        BrokerConfig(retry_delay=2.0, retry_max_delay=10.0), random.Random(1)
+    )
     for attempt, full in ((1, 2.0), (2, 4.0), (3, 8.0), (4, 10.0), (9, 10.0)):
         delays = [policy.backoff(attempt) for _ in range(50)]
         assert all(full / 2 <= d <= full for d in delays)
@@ -36,8 +37,21 @@ def test_backoff_doubles_with_equal_jitter_up_to_the_maximum():
 
 def test_max_attempts_falls_back_to_the_broker_default():
     policy = RetryPolicy(BrokerConfig(max_attempts=3), random.Random())
-    base = TaskRow(1, "echo", "null", None, "queued", 0, None, None, 0.0,
-                   None, None, None, None)
+    base = TaskRow(
+        1,
+        "echo",
+        "null",
+        None,
+        "queued",
+        0,
+        None,
+        None,
+        0.0,
+        None,
+        None,
+        None,
+        None,
+    )
     assert policy.max_attempts(base) == 3
     assert policy.max_attempts(base._replace(max_attempts=7)) == 7
 
@@ -72,7 +86,8 @@ def _error(peers_, identity=b"client"):
 
 
 def test_a_bug_in_a_request_is_an_internal_error_with_a_traceback(
-        broker, peers, store):
+    broker, peers, store
+):
     def broken(task_id):
         raise TypeError("a bug")
 
@@ -97,7 +112,8 @@ def test_a_bug_in_a_callback_is_an_internal_error(broker, peers, store):
 
 
 def test_a_database_error_is_unavailable_without_a_traceback(
-        broker, peers, store):
+    broker, peers, store
+):
     store.get = lambda task_id: defer.fail(StoreError("disk I/O error"))
     with capturedLogs() as events:
         send(broker, b"client", b"GET", {"req": "g", "id": 1})
@@ -108,7 +124,8 @@ def test_a_database_error_is_unavailable_without_a_traceback(
 
 
 def test_a_failed_submit_is_answered_and_gives_its_claims_back(
-        broker, peers, store):
+    broker, peers, store
+):
     hello(broker)
     send(broker, b"w1/x", b"READY", {})
     store.submit = lambda tasks: defer.fail(RuntimeError("a bug"))
@@ -119,9 +136,11 @@ def test_a_failed_submit_is_answered_and_gives_its_claims_back(
 
 
 def test_a_bug_in_a_worker_command_is_logged_and_the_broker_goes_on(
-        broker, peers, store):
+    broker, peers, store
+):
     hello(broker)
     peers.take()
+
     def broken(identity, session, body):
         raise KeyError("a bug")
 

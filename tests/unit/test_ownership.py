@@ -52,8 +52,9 @@ def ask(broker, peers, key, command, body):
 
 
 def submit(broker, peers, key, **spec):
-    answer, reply = ask(broker, peers, key, b"SUBMIT",
-                        {"tasks": [{"handler": "echo", **spec}]})
+    answer, reply = ask(
+        broker, peers, key, b"SUBMIT", {"tasks": [{"handler": "echo", **spec}]}
+    )
     assert answer == b"REPLY", reply
     return reply
 
@@ -73,11 +74,13 @@ def test_a_client_key_sees_and_changes_only_its_own_tasks(broker, peers):
     [mine] = submit(broker, peers, ALICE)["tasks"]
     [theirs] = submit(broker, peers, BOB)["tasks"]
     task_id = mine["id"]
-    for command, body in ((b"GET", {"id": task_id}),
-                          (b"WAIT", {"id": task_id, "timeout": 0}),
-                          (b"WAIT", {"id": task_id, "timeout": 5}),
-                          (b"CANCEL", {"id": task_id}),
-                          (b"RETRY", {"id": task_id})):
+    for command, body in (
+        (b"GET", {"id": task_id}),
+        (b"WAIT", {"id": task_id, "timeout": 0}),
+        (b"WAIT", {"id": task_id, "timeout": 5}),
+        (b"CANCEL", {"id": task_id}),
+        (b"RETRY", {"id": task_id}),
+    ):
         answer = ask(broker, peers, BOB, command, body)
         assert not_found(answer), (command, answer)
         # Answered as a task that does not exist: nothing tells them apart.
@@ -118,21 +121,26 @@ def test_tasks_without_a_submitter_are_the_admins(broker, peers, store):
 
 
 def test_a_submit_meeting_another_keys_unique_key_learns_only_the_id(
-        broker, peers):
-    [first] = submit(broker, peers, ALICE, unique_key="nightly",
-                     payload={"secret": 1})["tasks"]
+    broker, peers
+):
+    [first] = submit(
+        broker, peers, ALICE, unique_key="nightly", payload={"secret": 1}
+    )["tasks"]
     reply = submit(broker, peers, BOB, unique_key="nightly")
     assert reply["tasks"] == [{"id": first["id"]}]
     assert reply["existing"] == [first["id"]]
     # The key's own task, and an admin's view, are whole.
     assert submit(broker, peers, ALICE, unique_key="nightly")["tasks"] == [
-        first]
+        first
+    ]
     assert submit(broker, peers, ADMIN, unique_key="nightly")["tasks"] == [
-        first]
+        first
+    ]
 
 
 def test_the_workers_are_for_admins_and_the_counts_for_every_client(
-        broker, peers):
+    broker, peers
+):
     command, body = ask(broker, peers, ALICE, b"WORKERS", {})
     assert (command, body["code"]) == (b"ERROR", "forbidden")
     command, body = ask(broker, peers, ALICE, b"STATS", {})
@@ -140,19 +148,32 @@ def test_the_workers_are_for_admins_and_the_counts_for_every_client(
 
 
 def test_a_wait_for_a_running_task_of_ones_own_is_held(broker, peers):
-    broker.handle(Sender(b"w1/x", WORKER), codec.encode(b"HELLO", {
-        "name": "w1", "slots": 1, "handlers": ["echo"], "heartbeat": 1.0}))
+    broker.handle(
+        Sender(b"w1/x", WORKER),
+        codec.encode(
+            b"HELLO",
+            {"name": "w1", "slots": 1, "handlers": ["echo"], "heartbeat": 1.0},
+        ),
+    )
     broker.handle(Sender(b"w1/x", WORKER), codec.encode(b"READY", {}))
     task_id = submit(broker, peers, ALICE)["tasks"][0]["id"]
     assert task_id in broker.attempts
-    assert not_found(ask(broker, peers, BOB, b"WAIT",
-                         {"id": task_id, "timeout": 5}))
+    assert not_found(
+        ask(broker, peers, BOB, b"WAIT", {"id": task_id, "timeout": 5})
+    )
     identity = b"client-a"
-    broker.handle(Sender(identity, ALICE), codec.encode(
-        b"WAIT", {"req": "w", "id": task_id, "timeout": 5}))
+    broker.handle(
+        Sender(identity, ALICE),
+        codec.encode(b"WAIT", {"req": "w", "id": task_id, "timeout": 5}),
+    )
     assert peers.take(identity) == []
-    broker.handle(Sender(b"w1/x", WORKER), codec.encode(b"RESULT", {
-        "id": task_id, "token": 1, "state": "succeeded", "result": 3}))
+    broker.handle(
+        Sender(b"w1/x", WORKER),
+        codec.encode(
+            b"RESULT",
+            {"id": task_id, "token": 1, "state": "succeeded", "result": 3},
+        ),
+    )
     [(_, command, reply)] = peers.take(identity)
     assert reply["task"]["result"] == 3
 

@@ -31,11 +31,13 @@ def test_a_fraction_from_0_to_1_is_taken(fraction):
     assert checked(fraction, "m") == (float(fraction), "m")
 
 
-@pytest.mark.parametrize("fraction", [-0.01, 1.01, math.nan, math.inf, True,
-                                      "0.5", None])
+@pytest.mark.parametrize(
+    "fraction", [-0.01, 1.01, math.nan, math.inf, True, "0.5", None]
+)
 def test_anything_else_is_refused(fraction):
-    with pytest.raises(ValueError, match="progress must be a number from 0 "
-                       "to 1"):
+    with pytest.raises(
+        ValueError, match="progress must be a number from 0 to 1"
+    ):
         checked(fraction, None)
 
 
@@ -49,17 +51,33 @@ def test_a_message_is_a_string_cut_to_200_characters():
 
 def test_a_task_reports_through_its_report_function():
     reports = []
-    task = RunningTask({"id": 1, "handler": "h", "priority": "normal",
-                        "attempt": 1, "max_attempts": 3}, Clock(),
-                       lambda *report: reports.append(report))
+    task = RunningTask(
+        {
+            "id": 1,
+            "handler": "h",
+            "priority": "normal",
+            "attempt": 1,
+            "max_attempts": 3,
+        },
+        Clock(),
+        lambda *report: reports.append(report),
+    )
     task.progress(0.25)
     task.progress(1, "done")
     assert reports == [(0.25, None), (1.0, "done")]
     with pytest.raises(ValueError):
         task.progress(2)
     # Without one (a task built by hand), reports are checked and dropped.
-    RunningTask({"id": 1, "handler": "h", "priority": "normal",
-                 "attempt": 1, "max_attempts": 3}, Clock()).progress(0.5)
+    RunningTask(
+        {
+            "id": 1,
+            "handler": "h",
+            "priority": "normal",
+            "attempt": 1,
+            "max_attempts": 3,
+        },
+        Clock(),
+    ).progress(0.5)
 
 
 def test_a_fake_task_records_its_reports():
@@ -71,8 +89,11 @@ def test_a_fake_task_records_its_reports():
 def throttled():
     clock = Clock()
     sent = []
-    throttle = Throttle(lambda *report: sent.append((clock.seconds(), report)),
-                        clock.seconds, clock.callLater)
+    throttle = Throttle(
+        lambda *report: sent.append((clock.seconds(), report)),
+        clock.seconds,
+        clock.callLater,
+    )
     return clock, sent, throttle
 
 
@@ -124,15 +145,29 @@ def running(clock_and_store):
     broker = started_broker(store, clock, peers)
     hello(broker)
     send(broker, b"w1/x", b"READY", {})
-    send(broker, b"client", b"SUBMIT",
-         {"req": "r", "tasks": [{"handler": "echo"}]})
+    send(
+        broker,
+        b"client",
+        b"SUBMIT",
+        {"req": "r", "tasks": [{"handler": "echo"}]},
+    )
     assert 1 in broker.attempts
     return broker, store, clock
 
 
 def progress(broker, fraction, message=None, identity=b"w1/x", token=1):
-    broker.handle(Sender(identity), codec.encode(b"PROGRESS", {
-        "id": 1, "token": token, "fraction": fraction, "message": message}))
+    broker.handle(
+        Sender(identity),
+        codec.encode(
+            b"PROGRESS",
+            {
+                "id": 1,
+                "token": token,
+                "fraction": fraction,
+                "message": message,
+            },
+        ),
+    )
 
 
 def stored(store):
@@ -167,8 +202,12 @@ def test_what_is_unwritten_when_the_attempt_ends_is_dropped(running):
     broker, store, clock = running
     progress(broker, 0.1)
     progress(broker, 0.9, "late")
-    send(broker, b"w1/x", b"RESULT", {"id": 1, "token": 1,
-                                       "state": "succeeded", "result": 1})
+    send(
+        broker,
+        b"w1/x",
+        b"RESULT",
+        {"id": 1, "token": 1, "state": "succeeded", "result": 1},
+    )
     clock.advance(WRITE_INTERVAL)
     assert stored(store)[:2] == (0.1, None)
     assert store.get(1).result.state == "succeeded"
@@ -199,9 +238,13 @@ def progress_worker(clock, takes_progress):
     handler = Reporting()
     sockets = []
     worker = WorkerService(
-        WorkerConfig(name="w"), {"reporting": handler}, clock,
-        connect=lambda endpoint, on_message: sockets.append(
-            FakeSocket(on_message, endpoint)) or sockets[-1])
+        WorkerConfig(name="w"),
+        {"reporting": handler},
+        clock,
+        connect=lambda endpoint, on_message: (
+            sockets.append(FakeSocket(on_message, endpoint)) or sockets[-1]
+        ),
+    )
     worker.startService()
     welcome = {"broker": "b1", "priorities": ["normal"], "heartbeat": 1.0}
     if takes_progress:
@@ -218,16 +261,20 @@ def test_a_worker_forwards_the_reports_of_a_running_task():
     worker, handler, socket = progress_worker(clock, takes_progress=True)
     running, finish = handler.tasks[4]
     # Reported as its run() began: sent at once.
-    assert socket.take(b"PROGRESS") == [(b"PROGRESS", {
-        "id": 4, "token": 6, "fraction": 0, "message": "starting"})]
+    assert socket.take(b"PROGRESS") == [
+        (
+            b"PROGRESS",
+            {"id": 4, "token": 6, "fraction": 0, "message": "starting"},
+        )
+    ]
     clock.advance(INTERVAL)
     running.progress(0.1, "a")
     running.progress(0.2, "b")
-    assert socket.take(b"PROGRESS") == [(b"PROGRESS", {
-        "id": 4, "token": 6, "fraction": 0.1, "message": "a"})]
+    assert socket.take(b"PROGRESS") == [
+        (b"PROGRESS", {"id": 4, "token": 6, "fraction": 0.1, "message": "a"})
+    ]
     clock.advance(INTERVAL)
-    assert [body["fraction"] for _, body in socket.take(b"PROGRESS")] == [
-        0.2]
+    assert [body["fraction"] for _, body in socket.take(b"PROGRESS")] == [0.2]
     # The result ends them: a report still pending is dropped.
     running.progress(0.9, None)
     finish.callback("done")

@@ -19,8 +19,16 @@ from taskbroker.worker.children import Outcome
 from taskbroker.worker.runner import run_handler
 from taskbroker.worker.task import RunningTask
 
-BODY = {"id": 12, "handler": "h", "payload": {"n": 1}, "priority": "high",
-        "attempt": 2, "max_attempts": 5, "token": 31, "time_limit": 0.5}
+BODY = {
+    "id": 12,
+    "handler": "h",
+    "payload": {"n": 1},
+    "priority": "high",
+    "attempt": 2,
+    "max_attempts": 5,
+    "token": 31,
+    "time_limit": 0.5,
+}
 
 
 class Handler:
@@ -36,8 +44,9 @@ class Handler:
 
 
 def run_now(function):
-    return result_of(run_handler(
-        Handler(function), RunningTask(BODY, Clock()), Clock()))
+    return result_of(
+        run_handler(Handler(function), RunningTask(BODY, Clock()), Clock())
+    )
 
 
 def pending():
@@ -82,9 +91,15 @@ class NoSuchCustomer(PermanentFailure):
 def test_running_task_fields():
     clock = Clock()
     task = RunningTask(BODY, clock)
-    assert (task.id, task.handler, task.payload, task.priority, task.attempt,
-            task.max_attempts, task.clock) == (
-        12, "h", {"n": 1}, "high", 2, 5, clock)
+    assert (
+        task.id,
+        task.handler,
+        task.payload,
+        task.priority,
+        task.attempt,
+        task.max_attempts,
+        task.clock,
+    ) == (12, "h", {"n": 1}, "high", 2, 5, clock)
     assert repr(task) == "<task 12 h attempt 2>"
 
 
@@ -115,12 +130,14 @@ def test_success_has_no_traceback_and_is_not_permanent():
 
 def test_handler_sees_the_task():
     assert run_now(lambda task: [task.id, task.payload, task.attempt]) == (
-        Outcome("succeeded", [12, {"n": 1}, 2], None))
+        Outcome("succeeded", [12, {"n": 1}, 2], None)
+    )
 
 
 def test_runs_in_the_calling_thread():
     assert run_now(lambda task: threadable.isInIOThread()) == (
-        Outcome("succeeded", threadable.isInIOThread(), None))
+        Outcome("succeeded", threadable.isInIOThread(), None)
+    )
 
 
 def test_a_handler_marked_blocking_still_runs_here():
@@ -128,7 +145,8 @@ def test_a_handler_marked_blocking_still_runs_here():
     handler = Handler(lambda task: "here")
     handler.blocking = True
     assert result_of(start(handler, Clock())) == Outcome(
-        "succeeded", "here", None)
+        "succeeded", "here", None
+    )
 
 
 def test_raising_fails_with_one_line():
@@ -136,7 +154,11 @@ def test_raising_fails_with_one_line():
         raise ValueError("bad\n  payload")
 
     assert failed(run_now(run)) == (
-        "failed", None, "ValueError: bad payload", False)
+        "failed",
+        None,
+        "ValueError: bad payload",
+        False,
+    )
 
 
 def test_raising_without_message():
@@ -166,11 +188,16 @@ def test_permanent_failure():
 
     outcome = run_now(run)
     assert failed(outcome) == (
-        "failed", None, "PermanentFailure: no such customer", True)
+        "failed",
+        None,
+        "PermanentFailure: no such customer",
+        True,
+    )
     assert outcome.traceback.startswith("Traceback")
     assert 'raise PermanentFailure("no such customer")' in outcome.traceback
     assert outcome.traceback.rstrip().endswith(
-        "PermanentFailure: no such customer")
+        "PermanentFailure: no such customer"
+    )
 
 
 def test_subclass_of_permanent_failure_is_permanent():
@@ -191,11 +218,18 @@ def test_permanent_failure_of_a_deferred():
     assert "PermanentFailure: gone" in outcome.traceback
 
 
-@pytest.mark.parametrize("value", [
-    object(), float("nan"), {"x": float("inf")}, {1, 2}, b"bytes",
-    # surrogateescape (os.fsdecode) makes such strings; UTF-8 cannot carry them.
-    "\udcff",
-])
+@pytest.mark.parametrize(
+    "value",
+    [
+        object(),
+        float("nan"),
+        {"x": float("inf")},
+        {1, 2},
+        b"bytes",
+        # surrogateescape (os.fsdecode) makes such strings; UTF-8 cannot carry them.
+        "\udcff",
+    ],
+)
 def test_non_json_result_fails(value):
     outcome = run_now(lambda task: value)
     assert (outcome.state, outcome.result) == ("failed", None)
@@ -288,7 +322,8 @@ def test_time_limit_expires():
     assert cancelled == []
     clock.advance(0.1)
     assert result_of(outcome) == Outcome(
-        "failed", None, "time limit of 0.5 s exceeded")
+        "failed", None, "time limit of 0.5 s exceeded"
+    )
     # The handler was told to stop; its CancelledError went nowhere.
     assert cancelled == [d]
     assert not isinstance(d.result, Failure)
@@ -303,13 +338,21 @@ def test_result_after_the_time_limit_changes_nothing():
     clock.advance(1)
     d.callback("too late")
     assert result_of(outcome) == Outcome(
-        "failed", None, "time limit of 0.5 s exceeded")
+        "failed", None, "time limit of 0.5 s exceeded"
+    )
 
 
-@pytest.mark.parametrize("limit, text", [
-    (0.001, "0.001"), (0.5, "0.5"), (2, "2"), (2.0, "2"), (1.25, "1.25"),
-    (3600, "3600"),
-])
+@pytest.mark.parametrize(
+    "limit, text",
+    [
+        (0.001, "0.001"),
+        (0.5, "0.5"),
+        (2, "2"),
+        (2.0, "2"),
+        (1.25, "1.25"),
+        (3600, "3600"),
+    ],
+)
 def test_time_limit_error_names_the_limit(limit, text):
     clock = Clock()
     handler, _, _ = pending()
@@ -348,7 +391,11 @@ def test_handler_failing_before_the_limit_cancels_the_timer():
     outcome = start(handler, clock, time_limit=0.5)
     d.errback(PermanentFailure("no"))
     assert failed(result_of(outcome)) == (
-        "failed", None, "PermanentFailure: no", True)
+        "failed",
+        None,
+        "PermanentFailure: no",
+        True,
+    )
     assert clock.getDelayedCalls() == []
 
 
@@ -416,5 +463,6 @@ def test_cancelling_after_the_time_limit_changes_nothing():
     clock.advance(0.5)
     outcome.cancel()
     assert result_of(outcome) == Outcome(
-        "failed", None, "time limit of 0.5 s exceeded")
+        "failed", None, "time limit of 0.5 s exceeded"
+    )
     assert cancelled == [d]

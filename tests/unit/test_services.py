@@ -29,6 +29,7 @@ class Recorder:
                     raise fail
                 d = self.pending[(what, name)] = defer.Deferred()
                 return d
+
             return run
 
         return StepService(name, step("start"), step("stop"))
@@ -48,8 +49,9 @@ def tree_of(recorder, *names, **kwargs):
 def test_each_child_starts_after_the_previous_one_has_started():
     r = Recorder()
     started = []
-    tree = tree_of(r, "store", "socket", "timer",
-                   on_started=lambda: started.append(True))
+    tree = tree_of(
+        r, "store", "socket", "timer", on_started=lambda: started.append(True)
+    )
     d = tree.startService()
     assert r.events == [("start", "store")]
     r.finish("start", "store")
@@ -112,8 +114,11 @@ def test_an_unexpected_start_error_is_logged_with_its_traceback():
     with capturedLogs() as events:
         tree.startService()
         r.finish("stop", "broken")
-    assert any(e.get("log_failure") is not None
-               and e["log_failure"].check(ZeroDivisionError) for e in events)
+    assert any(
+        e.get("log_failure") is not None
+        and e["log_failure"].check(ZeroDivisionError)
+        for e in events
+    )
 
 
 def test_a_stop_during_the_start_waits_for_it_and_undoes_it():
@@ -157,7 +162,9 @@ def test_a_running_tree_that_fails_stops_in_reverse_and_reports_one_line():
     assert result_of(d) is None
     [line] = [e for e in events if e["log_level"].name == "critical"]
     assert line["log_format"] == "{name} stopping: {message}"
-    assert (line["name"], line["message"]) == ("daemon",
-                                               "database gone for good")
+    assert (line["name"], line["message"]) == (
+        "daemon",
+        "database gone for good",
+    )
     # A stop asked for later (twistd's, at exit) is the same stop.
     assert tree.stopService().called

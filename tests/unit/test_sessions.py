@@ -6,8 +6,16 @@ from taskbroker.broker.sessions import Session, Sessions
 
 
 def session(identity=b"r1", name="w1", heartbeat=1.0, seen=0.0, slots=2):
-    return Session(identity, name, ("normal",), ("echo",), slots, heartbeat,
-                   now=1000.0, monotonic_now=seen)
+    return Session(
+        identity,
+        name,
+        ("normal",),
+        ("echo",),
+        slots,
+        heartbeat,
+        now=1000.0,
+        monotonic_now=seen,
+    )
 
 
 def test_sessions_are_found_by_route_and_by_name():

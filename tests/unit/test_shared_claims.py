@@ -37,44 +37,80 @@ class Fleet:
 
     def broker(self, name):
         def send(identity, frames):
-            self.sent.append((name, identity, frames[1], json.loads(frames[2])))
+            self.sent.append(
+                (name, identity, frames[1], json.loads(frames[2]))
+            )
             return True
 
-        broker = Broker(BrokerConfig(), self.db.store, self.clock, send,
-                        instance_id=name)
+        broker = Broker(
+            BrokerConfig(), self.db.store, self.clock, send, instance_id=name
+        )
         result_of(broker.load())
         self.brokers[name] = broker
         return broker
 
     def send(self, broker, identity, command, body):
-        self.brokers[broker].handle(Sender(identity),
-                                    codec.encode(command, body))
+        self.brokers[broker].handle(
+            Sender(identity), codec.encode(command, body)
+        )
 
     def worker(self, broker, name, slots=1):
-        self.send(broker, name.encode(), b"HELLO", {
-            "name": name, "slots": slots, "handlers": ["echo"],
-            "heartbeat": 1.0})
+        self.send(
+            broker,
+            name.encode(),
+            b"HELLO",
+            {
+                "name": name,
+                "slots": slots,
+                "handlers": ["echo"],
+                "heartbeat": 1.0,
+            },
+        )
         for _ in range(slots):
             self.send(broker, name.encode(), b"READY", {})
 
     def submit(self, broker, priority="normal", handler="echo"):
-        self.send(broker, b"client", b"SUBMIT", {
-            "req": "r", "tasks": [{"handler": handler, "priority": priority}]})
+        self.send(
+            broker,
+            b"client",
+            b"SUBMIT",
+            {
+                "req": "r",
+                "tasks": [{"handler": handler, "priority": priority}],
+            },
+        )
 
     def tasks(self, worker=None):
         """
         Take the TASKs sent (to ``worker``): ``[(broker, worker, body)]``.
         """
-        taken = [(b, w.decode(), body) for b, w, command, body in self.sent
-                 if command == b"TASK" and (worker is None or w == worker.encode())]
-        self.sent = [m for m in self.sent if not (
-            m[2] == b"TASK" and (worker is None or m[1] == worker.encode()))]
+        taken = [
+            (b, w.decode(), body)
+            for b, w, command, body in self.sent
+            if command == b"TASK" and (worker is None or w == worker.encode())
+        ]
+        self.sent = [
+            m
+            for m in self.sent
+            if not (
+                m[2] == b"TASK" and (worker is None or m[1] == worker.encode())
+            )
+        ]
         return taken
 
     def finish(self, broker, worker, task, state="succeeded", ready=True):
-        self.send(broker, worker.encode(), b"RESULT", {
-            "id": task["id"], "token": task["token"], "state": state,
-            "result": worker, "ready": ready})
+        self.send(
+            broker,
+            worker.encode(),
+            b"RESULT",
+            {
+                "id": task["id"],
+                "token": task["token"],
+                "state": state,
+                "result": worker,
+                "ready": ready,
+            },
+        )
 
     def settle(self):
         # Wake-ups arrive after the transaction that sent them.
@@ -120,8 +156,10 @@ def test_a_credit_asks_the_store_again_only_after_a_wake_up():
     b = fleet.broker("b")
     calls = []
     dispatch_for = b.claims.dispatch_for
-    b.claims.dispatch_for = lambda *args: (calls.append(args),
-                                           dispatch_for(*args))[1]
+    b.claims.dispatch_for = lambda *args: (
+        calls.append(args),
+        dispatch_for(*args),
+    )[1]
     fleet.worker("b", "w1")
     fleet.worker("b", "w2")  # (w1's claim found the store empty)
     assert len(calls) == 1
@@ -180,9 +218,13 @@ def test_a_worker_brings_its_attempt_from_a_lapsed_broker():
     [(_, _, first)] = fleet.tasks("w1")
     # w1 lost a and moved to b with its attempt.  While a still holds its
     # lease (it may come back), b neither takes the attempt nor stops it.
-    hello = {"name": "w1", "slots": 1, "handlers": ["echo"],
-             "heartbeat": 1.0,
-             "running": [{"id": first["id"], "token": first["token"]}]}
+    hello = {
+        "name": "w1",
+        "slots": 1,
+        "handlers": ["echo"],
+        "heartbeat": 1.0,
+        "running": [{"id": first["id"], "token": first["token"]}],
+    }
     fleet.send("b", b"w1", b"HELLO", hello)
     fleet.settle()
     assert [c for _, _, c, _ in fleet.sent if c == b"CANCEL"] == []
@@ -211,9 +253,18 @@ def test_a_worker_is_told_to_stop_an_attempt_that_is_not_current():
     fleet.worker("a", "w1")
     fleet.submit("a")
     [(_, _, first)] = fleet.tasks("w1")
-    fleet.send("b", b"w1", b"HELLO", {
-        "name": "w1", "slots": 1, "handlers": ["echo"], "heartbeat": 1.0,
-        "running": [{"id": first["id"], "token": first["token"] + 5}]})
+    fleet.send(
+        "b",
+        b"w1",
+        b"HELLO",
+        {
+            "name": "w1",
+            "slots": 1,
+            "handlers": ["echo"],
+            "heartbeat": 1.0,
+            "running": [{"id": first["id"], "token": first["token"] + 5}],
+        },
+    )
     fleet.settle()
     [cancel] = [body for _, _, c, body in fleet.sent if c == b"CANCEL"]
     assert cancel["id"] == first["id"]
@@ -274,8 +325,9 @@ def test_a_stopping_broker_gives_its_queued_claims_back():
     fleet.db.store.insert_external("echo")
     # Claimed before any broker has a worker for it (as a queued task
     # coming back to a broker is).
-    [claimed] = result_of(claims.claim_for(["normal", None], ["echo"], 1,
-                                           fleet.clock.seconds()))
+    [claimed] = result_of(
+        claims.claim_for(["normal", None], ["echo"], 1, fleet.clock.seconds())
+    )
     fleet.worker("b", "w2")
     assert fleet.tasks() == []  # a holds its claim
     result_of(claims.stop())
@@ -284,11 +336,25 @@ def test_a_stopping_broker_gives_its_queued_claims_back():
     assert broker == "b"
 
 
-STEPS = st.lists(st.tuples(
-    st.sampled_from(["submit", "sql", "ready", "finish", "fail", "lapse",
-                     "renew", "tick"]),
-    st.sampled_from(["a", "b"]),
-    st.sampled_from(["high", "normal", "low"])), max_size=50)
+STEPS = st.lists(
+    st.tuples(
+        st.sampled_from(
+            [
+                "submit",
+                "sql",
+                "ready",
+                "finish",
+                "fail",
+                "lapse",
+                "renew",
+                "tick",
+            ]
+        ),
+        st.sampled_from(["a", "b"]),
+        st.sampled_from(["high", "normal", "low"]),
+    ),
+    max_size=50,
+)
 
 
 @settings(max_examples=80, deadline=None)
@@ -314,6 +380,7 @@ def test_no_task_runs_twice_on_live_workers_and_every_task_ends(steps):
             assert sent[(body["id"], body["token"])] == 1, body
             # A task given out again is no longer running where it was.
             running[body["id"]] = (broker, worker_name, body)
+
     for n, (action, name, priority) in enumerate(steps):
         worker = workers[name]
         if action == "submit":
@@ -324,8 +391,12 @@ def test_no_task_runs_twice_on_live_workers_and_every_task_ends(steps):
             mine = [t for t, (b, _, _) in running.items() if b == name]
             if mine:
                 _, _, body = running.pop(mine[0])
-                fleet.finish(name, worker, body,
-                             "succeeded" if action == "finish" else "failed")
+                fleet.finish(
+                    name,
+                    worker,
+                    body,
+                    "succeeded" if action == "finish" else "failed",
+                )
         elif action == "lapse":
             fleet.clock.advance(11)  # everyone misses a renewal
         elif action == "renew":
@@ -366,13 +437,15 @@ def test_a_lapsed_broker_keeps_what_nobody_took_and_stops_what_was_taken():
     fleet.clock.advance(11)
     result_of(b.claims.renew(fleet.clock.seconds()))
     fleet.db.claimed[taken["id"]] = "b"
-    result_of(fleet.db.store.requeue(taken["id"], taken["token"],
-                                     consumed=False))
+    result_of(
+        fleet.db.store.requeue(taken["id"], taken["token"], consumed=False)
+    )
     fleet.sent.clear()
     result_of(a.keep_claims())
     # Its worker is told to stop the task taken over, and only that one.
-    cancels = [body for _, _, command, body in fleet.sent
-               if command == b"CANCEL"]
+    cancels = [
+        body for _, _, command, body in fleet.sent if command == b"CANCEL"
+    ]
     assert cancels == [{"id": taken["id"], "token": taken["token"]}]
     assert fleet.db.claimed[kept["id"]] == "a"
     # If a now dies, b takes back what a kept, once a's lease lapses and
@@ -393,8 +466,12 @@ def test_retry_of_a_task_this_broker_still_holds_runs_it():
     fleet = Fleet()
     a = fleet.broker("a")
     fleet.broker("b")
-    fleet.send("a", b"client", b"SUBMIT", {
-        "req": "r", "tasks": [{"handler": "echo", "delay": 100}]})
+    fleet.send(
+        "a",
+        b"client",
+        b"SUBMIT",
+        {"req": "r", "tasks": [{"handler": "echo", "delay": 100}]},
+    )
     fleet.settle()
     assert 1 in a.backlog.delayed
     # Another broker cancels it, then a retries it.
@@ -419,16 +496,18 @@ def test_a_retry_stops_an_attempt_that_still_runs_here():
     fleet.sent.clear()
     fleet.send("a", b"client", b"RETRY", {"req": "t", "id": first["id"]})
     fleet.settle()
-    cancels = [body for _, w, command, body in fleet.sent
-               if command == b"CANCEL" and w == b"w1"]
+    cancels = [
+        body
+        for _, w, command, body in fleet.sent
+        if command == b"CANCEL" and w == b"w1"
+    ]
     assert cancels == [{"id": first["id"], "token": first["token"]}]
     # Its slot is free again (the worker asks for work once it stopped
     # the task), and the task runs once more, on a new token.
     fleet.send("a", b"w1", b"READY", {})
     fleet.settle()
     [(_, _, second)] = fleet.tasks("w1")
-    assert (second["id"], second["token"]) == (first["id"],
-                                               first["token"] + 1)
+    assert (second["id"], second["token"]) == (first["id"], first["token"] + 1)
 
 
 def test_claiming_does_not_spin_on_a_task_with_a_stale_attempt():
@@ -440,12 +519,14 @@ def test_claiming_does_not_spin_on_a_task_with_a_stale_attempt():
     [(_, _, first)] = fleet.tasks("w1")
     calls = []
     claim_for = a.claims.claim_for
-    a.claims.claim_for = lambda *args: (calls.append(args),
-                                        claim_for(*args))[1]
+    a.claims.claim_for = lambda *args: (calls.append(args), claim_for(*args))[
+        1
+    ]
     # The store puts it back behind a's back (as a reclaim would).
     del fleet.db.claimed[first["id"]]
-    result_of(fleet.db.store.requeue(first["id"], first["token"],
-                                     consumed=False))
+    result_of(
+        fleet.db.store.requeue(first["id"], first["token"], consumed=False)
+    )
     for _ in range(5):
         fleet.settle()
     assert len(calls) <= 3
@@ -460,9 +541,18 @@ def test_a_result_sent_while_its_attempt_is_adopted_counts():
     fleet.worker("a", "w1")
     fleet.submit("a")
     [(_, _, first)] = fleet.tasks("w1")
-    fleet.send("b", b"w1", b"HELLO", {
-        "name": "w1", "slots": 1, "handlers": ["echo"], "heartbeat": 1.0,
-        "running": [{"id": first["id"], "token": first["token"]}]})
+    fleet.send(
+        "b",
+        b"w1",
+        b"HELLO",
+        {
+            "name": "w1",
+            "slots": 1,
+            "handlers": ["echo"],
+            "heartbeat": 1.0,
+            "running": [{"id": first["id"], "token": first["token"]}],
+        },
+    )
     # The attempt ends before a's lease lapses: its result waits.
     fleet.finish("b", "w1", first)
     assert [c for _, _, c, _ in fleet.sent if c == b"ACK"] == []
@@ -486,15 +576,22 @@ def test_a_wait_is_answered_when_another_broker_ends_the_task():
     fleet.worker("a", "w1")
     fleet.submit("a")
     [(_, _, task)] = fleet.tasks("w1")
-    fleet.send("b", b"client", b"WAIT", {"req": "w", "id": task["id"],
-                                         "timeout": 60})
+    fleet.send(
+        "b", b"client", b"WAIT", {"req": "w", "id": task["id"], "timeout": 60}
+    )
     fleet.settle()
-    assert [body for broker, _, c, body in fleet.sent
-            if c == b"REPLY" and broker == "b"] == []
+    assert [
+        body
+        for broker, _, c, body in fleet.sent
+        if c == b"REPLY" and broker == "b"
+    ] == []
     fleet.finish("a", "w1", task)
     fleet.settle()
-    [reply] = [body for broker, _, c, body in fleet.sent
-               if c == b"REPLY" and broker == "b" and body.get("req") == "w"]
+    [reply] = [
+        body
+        for broker, _, c, body in fleet.sent
+        if c == b"REPLY" and broker == "b" and body.get("req") == "w"
+    ]
     assert reply["task"]["state"] == "succeeded"
 
 
@@ -507,10 +604,14 @@ def test_tasks_no_broker_can_run_are_failed_by_the_sweeper():
     with capturedLogs() as events:
         result_of(a.poll())
         fleet.settle()
-    assert sum("failed {count} queued tasks" in e["log_format"]
-               for e in events) == 2
-    rows = {i: result_of(fleet.db.store.get(i)) for i in (bad_level, bad_name,
-                                                          good)}
+    assert (
+        sum("failed {count} queued tasks" in e["log_format"] for e in events)
+        == 2
+    )
+    rows = {
+        i: result_of(fleet.db.store.get(i))
+        for i in (bad_level, bad_name, good)
+    }
     assert "unknown priority level 'urgent'" in rows[bad_level].error
     assert "invalid handler name" in rows[bad_name].error
     # A handler no connected worker has waits for one.
@@ -527,11 +628,15 @@ def test_a_wait_hears_of_a_task_its_broker_gave_back_to_another():
     fleet.settle()
     [(broker, _, task)] = fleet.tasks()
     assert broker == "b"
-    fleet.send("a", b"client", b"WAIT", {"req": "w", "id": task["id"],
-                                         "timeout": 60})
+    fleet.send(
+        "a", b"client", b"WAIT", {"req": "w", "id": task["id"], "timeout": 60}
+    )
     fleet.finish("b", "w2", task)
     fleet.settle()
-    [reply] = [body for name, _, c, body in fleet.sent
-               if c == b"REPLY" and name == "a" and body.get("req") == "w"]
+    [reply] = [
+        body
+        for name, _, c, body in fleet.sent
+        if c == b"REPLY" and name == "a" and body.get("req") == "w"
+    ]
     assert reply["task"]["state"] == "succeeded"
     assert not a.outcomes.is_waited(task["id"])

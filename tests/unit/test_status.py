@@ -22,13 +22,20 @@ def fresh_counts(broker):
 
 def test_a_summary_separates_due_and_delayed_tasks():
     counts = TaskCounts("normal")
-    counts.seed({("queued", None, "echo", False): 2,
-                 ("queued", "high", "echo", True): 1,
-                 ("succeeded", "low", "other", False): 4}, now=10.0)
+    counts.seed(
+        {
+            ("queued", None, "echo", False): 2,
+            ("queued", "high", "echo", True): 1,
+            ("succeeded", "low", "other", False): 4,
+        },
+        now=10.0,
+    )
     assert counts.counted_at == 10.0
     assert counts.summary() == (
         {"queued": {"normal": 2, "high": 1}, "succeeded": {"low": 4}},
-        {"echo": 2}, 1)
+        {"echo": 2},
+        1,
+    )
     counts.move("high", "echo", DELAYED, None)
     assert counts.summary()[1:] == ({"echo": 3}, 0)
     counts.move(None, "echo", "queued", "running", n=3)
@@ -66,15 +73,30 @@ def test_stats_say_whether_the_broker_accepts_work():
     assert (stats()["accepting_work"], stats()["write_error"]) == (True, None)
     store.write_error = "database x: transaction failed: disk I/O error"
     assert (stats()["accepting_work"], stats()["write_error"]) == (
-        False, "database x: transaction failed: disk I/O error")
+        False,
+        "database x: transaction failed: disk I/O error",
+    )
 
 
 ACTIONS = st.tuples(
-    st.sampled_from(["submit", "later", "sql", "bad-sql", "run", "fail",
-                     "cancel-queued", "cancel-running", "retry", "tick",
-                     "lose"]),
+    st.sampled_from(
+        [
+            "submit",
+            "later",
+            "sql",
+            "bad-sql",
+            "run",
+            "fail",
+            "cancel-queued",
+            "cancel-running",
+            "retry",
+            "tick",
+            "lose",
+        ]
+    ),
     st.sampled_from(["high", "normal", "low"]),
-    st.sampled_from(["echo", "other"]))
+    st.sampled_from(["echo", "other"]),
+)
 
 
 @settings(max_examples=80, deadline=None)
@@ -97,21 +119,46 @@ def test_counts_kept_by_the_broker_match_a_recount(steps):
         running.extend(peers.tasks())
         if running and state is not None:
             task = running.pop(0)
-            broker.handle(Sender(identity), codec.encode(b"RESULT", {
-                "id": task["id"], "token": task["token"], "state": state,
-                "result": None, "error": "boom"}))
+            broker.handle(
+                Sender(identity),
+                codec.encode(
+                    b"RESULT",
+                    {
+                        "id": task["id"],
+                        "token": task["token"],
+                        "state": state,
+                        "result": None,
+                        "error": "boom",
+                    },
+                ),
+            )
 
     for n, (action, priority, handler) in enumerate(steps):
         client = Sender(b"client")
         if action in ("submit", "later"):
-            broker.handle(client, codec.encode(b"SUBMIT", {
-                "req": str(n), "tasks": [{
-                    "handler": handler, "payload": n, "priority": priority,
-                    "delay": 2.0 if action == "later" else None}]}))
+            broker.handle(
+                client,
+                codec.encode(
+                    b"SUBMIT",
+                    {
+                        "req": str(n),
+                        "tasks": [
+                            {
+                                "handler": handler,
+                                "payload": n,
+                                "priority": priority,
+                                "delay": 2.0 if action == "later" else None,
+                            }
+                        ],
+                    },
+                ),
+            )
         elif action in ("sql", "bad-sql"):
             store.insert_external(
-                handler, "{" if action == "bad-sql" else str(n),
-                priority=priority)
+                handler,
+                "{" if action == "bad-sql" else str(n),
+                priority=priority,
+            )
             result_of(broker.poll())
         elif action == "run":
             run("succeeded")
@@ -120,20 +167,29 @@ def test_counts_kept_by_the_broker_match_a_recount(steps):
         elif action == "cancel-queued":
             queued = result_of(store.list("queued", None, 0, 1))
             if queued:
-                broker.handle(client, codec.encode(b"CANCEL", {
-                    "req": str(n), "id": queued[0].id}))
+                broker.handle(
+                    client,
+                    codec.encode(
+                        b"CANCEL", {"req": str(n), "id": queued[0].id}
+                    ),
+                )
         elif action == "cancel-running":
             run(None)
             if running:
                 task = running.pop(0)
-                broker.handle(client, codec.encode(b"CANCEL", {
-                    "req": str(n), "id": task["id"]}))
+                broker.handle(
+                    client,
+                    codec.encode(b"CANCEL", {"req": str(n), "id": task["id"]}),
+                )
         elif action == "retry":
             ended = result_of(store.list("failed", None, 0, 1)) or result_of(
-                store.list("cancelled", None, 0, 1))
+                store.list("cancelled", None, 0, 1)
+            )
             if ended:
-                broker.handle(client, codec.encode(b"RETRY", {
-                    "req": str(n), "id": ended[0].id}))
+                broker.handle(
+                    client,
+                    codec.encode(b"RETRY", {"req": str(n), "id": ended[0].id}),
+                )
         elif action == "tick":
             clock.advance(1.5)
         else:
@@ -145,4 +201,6 @@ def test_counts_kept_by_the_broker_match_a_recount(steps):
             peers.tasks()
             identity = worker(broker)
         assert broker.status.tasks.summary() == fresh_counts(broker), (
-            n, action)
+            n,
+            action,
+        )

@@ -42,8 +42,9 @@ class _OpenStore:
             await store.close()
 
 
-class TestMemoryStore(_OpenStore, StoreContract, QueueReadsContract,
-                      HousekeepingContract):
+class TestMemoryStore(
+    _OpenStore, StoreContract, QueueReadsContract, HousekeepingContract
+):
     @pytest.fixture
     def new_store(self):
         return MemoryStore
@@ -51,8 +52,9 @@ class TestMemoryStore(_OpenStore, StoreContract, QueueReadsContract,
     @pytest.fixture
     def insert_sql(self, store):
         def insert(handler, payload, priority=None, **columns):
-            return store.insert_external(handler, payload, priority,
-                                         **columns).id
+            return store.insert_external(
+                handler, payload, priority, **columns
+            ).id
 
         return insert
 
@@ -63,8 +65,9 @@ class TestSharedMemoryStore(TestMemoryStore):
         return lambda: SharedMemoryDatabase(Clock()).store
 
 
-class TestSQLiteStore(_OpenStore, StoreContract, QueueReadsContract,
-                      HousekeepingContract):
+class TestSQLiteStore(
+    _OpenStore, StoreContract, QueueReadsContract, HousekeepingContract
+):
     @pytest.fixture
     def new_store(self, reactor, tmp_path):
         path = str(tmp_path / "tasks.db")
@@ -79,7 +82,8 @@ class TestSQLiteStore(_OpenStore, StoreContract, QueueReadsContract,
                     cursor = connection.execute(
                         f"INSERT INTO tasks ({', '.join(names)}) "
                         f"VALUES ({', '.join('?' for _ in names)})",
-                        (handler, payload, priority, *columns.values()))
+                        (handler, payload, priority, *columns.values()),
+                    )
                 return cursor.lastrowid
 
         return insert
@@ -98,7 +102,7 @@ class TestPostgresStore(_OpenStore, StoreContract, HousekeepingContract):
                 return connection.execute(
                     f"INSERT INTO tasks ({', '.join(names)}) "
                     f"VALUES ({', '.join('%s' for _ in names)}) RETURNING id",
-                    (handler, payload, priority, *columns.values())
+                    (handler, payload, priority, *columns.values()),
                 ).fetchone()[0]
 
         return insert
@@ -106,10 +110,32 @@ class TestPostgresStore(_OpenStore, StoreContract, HousekeepingContract):
 
 def test_row_types_keep_v1_constructions():
     task = NewTask("echo", "{}", "normal", 3, 1.0)
-    assert (task.run_at, task.unique_key, task.request_id,
-            task.time_limit) == (None, None, None, None)
-    row = TaskRow(1, "echo", "{}", "normal", "queued", 0, 3, None, 1.0,
-                  None, None, None, None)
-    assert (row.run_at, row.unique_key, row.request_id, row.token,
-            row.time_limit, row.traceback) == (None, None, None, 0, None,
-                                               None)
+    assert (
+        task.run_at,
+        task.unique_key,
+        task.request_id,
+        task.time_limit,
+    ) == (None, None, None, None)
+    row = TaskRow(
+        1,
+        "echo",
+        "{}",
+        "normal",
+        "queued",
+        0,
+        3,
+        None,
+        1.0,
+        None,
+        None,
+        None,
+        None,
+    )
+    assert (
+        row.run_at,
+        row.unique_key,
+        row.request_id,
+        row.token,
+        row.time_limit,
+        row.traceback,
+    ) == (None, None, None, 0, None, None)

@@ -87,9 +87,10 @@ async def test_sql_insert_by_another_program(sqlite_store, db_path):
                 )
     after = time.time()
     rows = await sqlite_store.list("queued", None, 0, 10)
-    assert [(row.handler, row.payload, row.priority, row.state,
-             row.attempts) for row in rows] == [
-        ("echo", '{"a":1}', None, "queued", 0)] * 3
+    assert [
+        (row.handler, row.payload, row.priority, row.state, row.attempts)
+        for row in rows
+    ] == [("echo", '{"a":1}', None, "queued", 0)] * 3
     for row in rows:
         assert before - 0.01 <= row.created_at <= after + 0.01
     # Milliseconds, not whole seconds: with three rows, all landing on a
@@ -98,11 +99,16 @@ async def test_sql_insert_by_another_program(sqlite_store, db_path):
 
 
 @pytest_twisted.ensureDeferred
-async def test_text_that_is_not_utf8_does_not_stop_reads(sqlite_store, db_path):
+async def test_text_that_is_not_utf8_does_not_stop_reads(
+    sqlite_store, db_path
+):
     # sqlite3 would refuse to read the whole result; the one row is read
     # with replacement characters, for the broker to fail it alone.
-    execute(db_path, "INSERT INTO tasks (handler, payload) "
-            "VALUES (CAST(X'ff6563686f' AS TEXT), '1')")
+    execute(
+        db_path,
+        "INSERT INTO tasks (handler, payload) "
+        "VALUES (CAST(X'ff6563686f' AS TEXT), '1')",
+    )
     execute(db_path, "INSERT INTO tasks (handler) VALUES ('echo')")
     rows = await sqlite_store.list("queued", None, 0, 10)
     assert [row.handler for row in rows] == ["\ufffdecho", "echo"]
@@ -120,32 +126,42 @@ async def test_sql_insert_delayed_and_unique(sqlite_store, db_path):
     execute(db_path, insert)
     (row,) = await sqlite_store.list("queued", None, 0, 10)
     assert (row.handler, row.unique_key, row.token) == (
-        "report", "daily-report", 0)
+        "report",
+        "daily-report",
+        0,
+    )
     assert before + 3600 - 0.01 <= row.run_at <= time.time() + 3600 + 0.01
     # An integer run_at is stored as a number of the column's type.
     execute(db_path, "INSERT INTO tasks (handler, run_at) VALUES ('a', 7)")
-    assert query(db_path, "SELECT typeof(run_at) FROM tasks "
-                 "WHERE handler = 'a'") == [("real",)]
+    assert query(
+        db_path, "SELECT typeof(run_at) FROM tasks WHERE handler = 'a'"
+    ) == [("real",)]
 
     # A second live task with the key: the other program's INSERT fails.
-    with pytest.raises(sqlite3.IntegrityError,
-                       match="UNIQUE constraint failed: tasks.unique_key"):
+    with pytest.raises(
+        sqlite3.IntegrityError,
+        match="UNIQUE constraint failed: tasks.unique_key",
+    ):
         execute(db_path, insert)
     # INSERT OR IGNORE skips it quietly.
     with closing(sqlite3.connect(db_path)) as connection:
         with connection:
             cursor = connection.execute(
-                insert.replace("INSERT", "INSERT OR IGNORE", 1))
+                insert.replace("INSERT", "INSERT OR IGNORE", 1)
+            )
         assert cursor.rowcount == 0
     assert len(await sqlite_store.list(None, None, 0, 10)) == 2
 
     # Once the task has ended, the key can be used again.
     assert await sqlite_store.dispatch(row.id, 1, "w1", 1.0) is True
-    assert await sqlite_store.finish(row.id, 1, "succeeded", "1", None, None,
-                                     2.0) is True
+    assert (
+        await sqlite_store.finish(row.id, 1, "succeeded", "1", None, None, 2.0)
+        is True
+    )
     execute(db_path, insert)
-    assert [r.unique_key for r in await sqlite_store.list("queued", None, 0, 10)] == [
-        None, "daily-report"]
+    assert [
+        r.unique_key for r in await sqlite_store.list("queued", None, 0, 10)
+    ] == [None, "daily-report"]
 
 
 @pytest_twisted.ensureDeferred
@@ -154,8 +170,10 @@ async def test_second_store_is_locked_out(sqlite_store, reactor, db_path):
     with pytest.raises(StoreLocked) as caught:
         await other.open()
     message = str(caught.value)
-    assert message == (f"database {os.path.abspath(db_path)} is in use by "
-                       f"another broker (pid {os.getpid()})")
+    assert message == (
+        f"database {os.path.abspath(db_path)} is in use by "
+        f"another broker (pid {os.getpid()})"
+    )
     await other.close()
     await sqlite_store.close()
     await other.open()
@@ -186,9 +204,12 @@ class _LineReader(protocol.ProcessProtocol):
     def processEnded(self, reason):
         if self.line is not None:
             d, self.line = self.line, None
-            d.errback(AssertionError(
-                "the child exited before its first line: "
-                + self._err.decode(errors="replace")))
+            d.errback(
+                AssertionError(
+                    "the child exited before its first line: "
+                    + self._err.decode(errors="replace")
+                )
+            )
         # The reason itself, not the Failure, which would fail the Deferred.
         self.ended.callback(reason.value)
 
@@ -213,10 +234,14 @@ async def test_lock_released_when_owner_is_killed(reactor, db_path):
     root = os.path.dirname(os.path.dirname(taskbroker.__file__))
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(
-        filter(None, [root, env.get("PYTHONPATH")]))
+        filter(None, [root, env.get("PYTHONPATH")])
+    )
     child = reactor.spawnProcess(
-        reader, sys.executable, [sys.executable, "-c", _HOLD_LOCK, db_path],
-        env=env)
+        reader,
+        sys.executable,
+        [sys.executable, "-c", _HOLD_LOCK, db_path],
+        env=env,
+    )
     try:
         line = reader.line
         line.addTimeout(30, reactor)
@@ -240,49 +265,80 @@ async def test_lock_released_when_owner_is_killed(reactor, db_path):
 @pytest_twisted.ensureDeferred
 async def test_schema_version_recorded(sqlite_store, db_path):
     assert query(db_path, "SELECT version FROM taskbroker_schema") == [
-        (LATEST,)]
-    indexes = {name for (name,) in query(
-        db_path, "SELECT name FROM sqlite_master WHERE type = 'index' "
-        "AND tbl_name = 'tasks' AND sql IS NOT NULL")}
-    assert indexes == {"tasks_queued_by_group", "tasks_queued_by_run_at",
-                       "tasks_by_state_id",
-                       "tasks_by_handler_id", "tasks_live_unique_key",
-                       "tasks_by_request_id", "tasks_by_submitter_id",
-                       "tasks_finished_by_time"}
+        (LATEST,)
+    ]
+    indexes = {
+        name
+        for (name,) in query(
+            db_path,
+            "SELECT name FROM sqlite_master WHERE type = 'index' "
+            "AND tbl_name = 'tasks' AND sql IS NOT NULL",
+        )
+    }
+    assert indexes == {
+        "tasks_queued_by_group",
+        "tasks_queued_by_run_at",
+        "tasks_by_state_id",
+        "tasks_by_handler_id",
+        "tasks_live_unique_key",
+        "tasks_by_request_id",
+        "tasks_by_submitter_id",
+        "tasks_finished_by_time",
+    }
     assert query(db_path, "PRAGMA journal_mode") == [("wal",)]
 
 
-@pytest.mark.parametrize("where", [
-    "state = 'queued' AND id > ?",
-    "id > ? AND state = ?",
-    "id > ? AND handler = ?",
-    "request_id = ?",
-])
+@pytest.mark.parametrize(
+    "where",
+    [
+        "state = 'queued' AND id > ?",
+        "id > ? AND state = ?",
+        "id > ? AND handler = ?",
+        "request_id = ?",
+    ],
+)
 @pytest_twisted.ensureDeferred
 async def test_reads_use_an_index(sqlite_store, db_path, where):
-    params = (0, "x")[:where.count("?")]
-    plan = " ".join(detail for *_, detail in query(
-        db_path, f"EXPLAIN QUERY PLAN SELECT * FROM tasks WHERE {where} "
-        "ORDER BY id LIMIT 10", *params))
+    params = (0, "x")[: where.count("?")]
+    plan = " ".join(
+        detail
+        for *_, detail in query(
+            db_path,
+            f"EXPLAIN QUERY PLAN SELECT * FROM tasks WHERE {where} "
+            "ORDER BY id LIMIT 10",
+            *params,
+        )
+    )
     # An index range, already in id order: no full scan and no sort, however
     # many finished tasks the table holds.
     assert "SEARCH tasks USING" in plan and "INDEX" in plan
     assert "TEMP B-TREE" not in plan
 
 
-@pytest.mark.parametrize("where, index", [
-    # What submit looks for: a request sent again, a live task with a key
-    # (the state condition as the partial index has it).
-    ("request_id = ? ORDER BY id", "tasks_by_request_id"),
-    ("unique_key = ? AND state IN ('queued', 'running')",
-     "tasks_live_unique_key"),
-])
+@pytest.mark.parametrize(
+    "where, index",
+    [
+        # What submit looks for: a request sent again, a live task with a key
+        # (the state condition as the partial index has it).
+        ("request_id = ? ORDER BY id", "tasks_by_request_id"),
+        (
+            "unique_key = ? AND state IN ('queued', 'running')",
+            "tasks_live_unique_key",
+        ),
+    ],
+)
 @pytest_twisted.ensureDeferred
-async def test_submit_lookups_use_their_index(sqlite_store, db_path, where,
-                                              index):
-    plan = " ".join(detail for *_, detail in query(
-        db_path, f"EXPLAIN QUERY PLAN SELECT * FROM tasks WHERE {where}",
-        "x"))
+async def test_submit_lookups_use_their_index(
+    sqlite_store, db_path, where, index
+):
+    plan = " ".join(
+        detail
+        for *_, detail in query(
+            db_path,
+            f"EXPLAIN QUERY PLAN SELECT * FROM tasks WHERE {where}",
+            "x",
+        )
+    )
     assert f"SEARCH tasks USING INDEX {index} " in plan
     assert "TEMP B-TREE" not in plan
 
@@ -295,8 +351,10 @@ async def test_newer_schema_refused(reactor, db_path):
     execute(db_path, "UPDATE taskbroker_schema SET version = 99")
     with pytest.raises(StoreError) as caught:
         await store.open()
-    assert "database schema version 99 is newer than this taskbroker " \
+    assert (
+        "database schema version 99 is newer than this taskbroker "
         f"supports ({LATEST})" in str(caught.value)
+    )
     assert not isinstance(caught.value, StoreLocked)
     # The failed open let go of the lock and the pool.
     execute(db_path, f"UPDATE taskbroker_schema SET version = {LATEST}")
@@ -309,12 +367,14 @@ def create_old_database(path, version):
     Create a database as the taskbroker of that schema version did, with
     ``v<version>.sql``.
     """
-    script = _schema.read_script(_schema.schema_directory("sqlite"),
-                                 f"v{version}.sql")
+    script = _schema.read_script(
+        _schema.schema_directory("sqlite"), f"v{version}.sql"
+    )
     with closing(sqlite3.connect(path)) as connection:
         connection.executescript(script)
         connection.execute(
-            "INSERT INTO taskbroker_schema VALUES (?)", (version,))
+            "INSERT INTO taskbroker_schema VALUES (?)", (version,)
+        )
         connection.commit()
 
 
@@ -333,25 +393,30 @@ def describe_schema(path):
     with closing(sqlite3.connect(path)) as connection:
         tables = {}
         for table, sql in connection.execute(
-                "SELECT name, sql FROM sqlite_master WHERE type = 'table' "
-                "AND name NOT LIKE 'sqlite_%' ORDER BY name"):
+            "SELECT name, sql FROM sqlite_master WHERE type = 'table' "
+            "AND name NOT LIKE 'sqlite_%' ORDER BY name"
+        ):
             # A table rebuilt under another name and renamed is quoted.
-            sql = sql.replace(f'CREATE TABLE "{table}"',
-                              f"CREATE TABLE {table}", 1)
+            sql = sql.replace(
+                f'CREATE TABLE "{table}"', f"CREATE TABLE {table}", 1
+            )
             # ALTER TABLE ADD COLUMN splices the column into the text as
             # ", <definition>" before the closing parenthesis.
             tables[table] = (
                 connection.execute(f"PRAGMA table_xinfo({table})").fetchall(),
-                re.sub(r" ?([,)]) ?", r"\1 ", " ".join(
-                    re.sub(r"--[^\n]*", "", sql).split())).strip(),
+                re.sub(
+                    r" ?([,)]) ?",
+                    r"\1 ",
+                    " ".join(re.sub(r"--[^\n]*", "", sql).split()),
+                ).strip(),
             )
         indexes = {}
         for name, sql in connection.execute(
-                "SELECT name, sql FROM sqlite_master WHERE type = 'index' "
-                "ORDER BY name"):
+            "SELECT name, sql FROM sqlite_master WHERE type = 'index' "
+            "ORDER BY name"
+        ):
             indexes[name] = (
-                connection.execute(
-                    f"PRAGMA index_xinfo({name})").fetchall(),
+                connection.execute(f"PRAGMA index_xinfo({name})").fetchall(),
                 None if sql is None else " ".join(sql.split()),
             )
     return tables, indexes
@@ -363,35 +428,59 @@ async def test_upgrade_from_v1(reactor, db_path):
     # What a version 1 database holds: a row inserted by another program,
     # one a version 1 broker dispatched twice (its attempt number was the
     # fencing token then), and one that failed.
-    execute(db_path, "INSERT INTO tasks (handler, payload, priority) "
-            """VALUES ('echo', '{"a":1}', NULL)""")
-    execute(db_path, "INSERT INTO tasks (handler, priority, state, "
-            "attempts, max_attempts, worker, started_at) "
-            "VALUES ('echo', 'high', 'running', 2, 3, 'w1', 5.0)")
-    execute(db_path, "INSERT INTO tasks (handler, state, attempts, error, "
-            "finished_at) VALUES ('echo', 'failed', 1, 'boom', 6.0)")
+    execute(
+        db_path,
+        "INSERT INTO tasks (handler, payload, priority) "
+        """VALUES ('echo', '{"a":1}', NULL)""",
+    )
+    execute(
+        db_path,
+        "INSERT INTO tasks (handler, priority, state, "
+        "attempts, max_attempts, worker, started_at) "
+        "VALUES ('echo', 'high', 'running', 2, 3, 'w1', 5.0)",
+    )
+    execute(
+        db_path,
+        "INSERT INTO tasks (handler, state, attempts, error, "
+        "finished_at) VALUES ('echo', 'failed', 1, 'boom', 6.0)",
+    )
     before = query(db_path, "SELECT * FROM tasks ORDER BY id")
 
     store = SQLiteStore(db_path, reactor)
     await store.open()
     try:
         assert query(db_path, "SELECT version FROM taskbroker_schema") == [
-            (LATEST,)]
+            (LATEST,)
+        ]
         # The old columns are untouched, the new ones come after them.
-        assert [row[:13] for row in query(
-            db_path, "SELECT * FROM tasks ORDER BY id")] == before
+        assert [
+            row[:13]
+            for row in query(db_path, "SELECT * FROM tasks ORDER BY id")
+        ] == before
         external, running, failed = await store.list(None, None, 0, 10)
-        assert (external.handler, external.payload, external.state,
-                external.attempts) == ("echo", '{"a":1}', "queued", 0)
+        assert (
+            external.handler,
+            external.payload,
+            external.state,
+            external.attempts,
+        ) == ("echo", '{"a":1}', "queued", 0)
         for row in (external, running, failed):
-            assert (row.run_at, row.unique_key, row.request_id,
-                    row.time_limit, row.traceback, row.submitter,
-                    row.progress) == (None,) * 7
+            assert (
+                row.run_at,
+                row.unique_key,
+                row.request_id,
+                row.time_limit,
+                row.traceback,
+                row.submitter,
+                row.progress,
+            ) == (None,) * 7
         # The tokens go on from the attempt numbers.
-        assert [row.token for row in (external, running, failed)] == [
-            0, 2, 1]
+        assert [row.token for row in (external, running, failed)] == [0, 2, 1]
         assert (running.state, running.attempts, running.worker) == (
-            "running", 2, "w1")
+            "running",
+            2,
+            "w1",
+        )
         assert failed.error == "boom"
 
         # The broker restarts with it: the running task gets its attempt
@@ -401,9 +490,10 @@ async def test_upgrade_from_v1(reactor, db_path):
         row = await store.get(running.id)
         assert (row.attempts, row.token) == (2, 3)
         assert (await store.retry(failed.id)).state == "queued"
-        (row, created), = await store.submit([new_task(unique_key="k")])
-        assert created and await store.submit(
-            [new_task(unique_key="k")]) == [(row, False)]
+        ((row, created),) = await store.submit([new_task(unique_key="k")])
+        assert created and await store.submit([new_task(unique_key="k")]) == [
+            (row, False)
+        ]
     finally:
         await store.close()
     # A second open finds it current.
@@ -428,40 +518,60 @@ async def test_upgraded_schema_is_the_new_schema(reactor, tmp_path, version):
     assert "tasks_finished_by_time" in indexes
     # An upgraded database keeps its history unless told otherwise; a new
     # one keeps a week of it.
-    assert [query(path, "SELECT name, value FROM taskbroker_settings")
-            for path in (upgraded, fresh)] == [
-        [("default_keep_finished", "none")], [("default_keep_finished", "7d")]]
+    assert [
+        query(path, "SELECT name, value FROM taskbroker_settings")
+        for path in (upgraded, fresh)
+    ] == [
+        [("default_keep_finished", "none")],
+        [("default_keep_finished", "7d")],
+    ]
     columns, definition = tables["tasks"]
     assert [column[1] for column in columns][-10:] == [
-        "run_at", "unique_key", "request_id", "token", "time_limit",
-        "traceback", "submitter", "progress", "progress_message",
-        "progress_at"]
+        "run_at",
+        "unique_key",
+        "request_id",
+        "token",
+        "time_limit",
+        "traceback",
+        "submitter",
+        "progress",
+        "progress_message",
+        "progress_at",
+    ]
     assert "CONSTRAINT token CHECK (typeof(token) = 'integer'" in definition
     # The partial unique index, with its condition.
     assert indexes["tasks_live_unique_key"][1].endswith(
-        "WHERE unique_key IS NOT NULL AND state IN ('queued', 'running')")
+        "WHERE unique_key IS NOT NULL AND state IN ('queued', 'running')"
+    )
 
 
 @pytest_twisted.ensureDeferred
 async def test_upgrade_to_v5_keeps_every_row_and_adds_the_submitter(
-        reactor, db_path):
+    reactor, db_path
+):
     create_old_database(db_path, 4)
-    ids = [insert_row(db_path, payload='{"a": 1}'),
-           insert_row(db_path, state="failed", error="boom", attempts=3)]
+    ids = [
+        insert_row(db_path, payload='{"a": 1}'),
+        insert_row(db_path, state="failed", error="boom", attempts=3),
+    ]
     before = query(db_path, "SELECT * FROM tasks ORDER BY id")
     store = SQLiteStore(db_path, reactor)
     await store.open()
     try:
         assert query(db_path, "SELECT * FROM tasks ORDER BY id") == [
-            row + (None,) * 4 for row in before]
+            row + (None,) * 4 for row in before
+        ]
         key = "k" * 40
         (mine,) = rows_of(await store.submit([new_task(submitter=key)]))
         assert mine.submitter == key and mine.id == ids[-1] + 1
         assert await store.get(mine.id) == mine
-        assert [row.id for row in await store.list(
-            None, None, 0, 10, submitter=key)] == [mine.id]
-        with pytest.raises(sqlite3.IntegrityError,
-                           match="CHECK constraint failed: submitter"):
+        assert [
+            row.id
+            for row in await store.list(None, None, 0, 10, submitter=key)
+        ] == [mine.id]
+        with pytest.raises(
+            sqlite3.IntegrityError, match="CHECK constraint failed: submitter"
+        ):
             insert_row(db_path, submitter="too short")
     finally:
         await store.close()
@@ -471,12 +581,18 @@ async def test_upgrade_to_v5_keeps_every_row_and_adds_the_submitter(
 #: inserted them before it: (the columns, the schema version that has
 #: them, the column the upgrade names).
 BROKEN_ROWS = [
-    ({"attempts": "abc", "state": "running", "started_at": 5.0},
-     1, "attempts"),
+    (
+        {"attempts": "abc", "state": "running", "started_at": 5.0},
+        1,
+        "attempts",
+    ),
     ({"created_at": "yesterday"}, 1, "created_at"),
     ({"payload": "{", "state": "succeeded", "result": "1"}, 1, "payload"),
-    ({"max_attempts": 0, "state": "failed", "error": "boom"},
-     1, "max_attempts"),
+    (
+        {"max_attempts": 0, "state": "failed", "error": "boom"},
+        1,
+        "max_attempts",
+    ),
     ({"handler": "h" * 201}, 1, "handler"),
     ({"token": "abc"}, 2, "token"),
     ({"token": 2**63 - 1, "state": "running"}, 2, "token"),
@@ -496,38 +612,49 @@ def insert_row(path, **columns):
             return connection.execute(
                 f"INSERT INTO tasks ({', '.join(columns)}) "
                 f"VALUES ({', '.join('?' for _ in columns)})",
-                tuple(columns.values())).lastrowid
+                tuple(columns.values()),
+            ).lastrowid
 
 
 @pytest.mark.parametrize("version", [1, 2, 3])
 @pytest_twisted.ensureDeferred
 async def test_upgrade_repairs_the_rows_that_break_the_constraints(
-        reactor, db_path, version):
+    reactor, db_path, version
+):
     create_old_database(db_path, version)
-    good = [insert_row(db_path, payload='{"a": 1}'),
-            insert_row(db_path, state="succeeded", result='"ok"')]
-    broken = [(insert_row(db_path, **columns), columns, column)
-              for columns, since, column in BROKEN_ROWS if since <= version]
+    good = [
+        insert_row(db_path, payload='{"a": 1}'),
+        insert_row(db_path, state="succeeded", result='"ok"'),
+    ]
+    broken = [
+        (insert_row(db_path, **columns), columns, column)
+        for columns, since, column in BROKEN_ROWS
+        if since <= version
+    ]
     count = len(good) + len(broken)
     upgraded_at = time.time()
     store = SQLiteStore(db_path, reactor)
     await store.open()
     try:
         assert query(db_path, "SELECT version FROM taskbroker_schema") == [
-            (LATEST,)]
+            (LATEST,)
+        ]
         rows = await store.list(None, None, 0, 100)
         assert len(rows) == count
         # The good rows as they were.
         assert [(row.id, row.state, row.error) for row in rows[:2]] == [
-            (good[0], "queued", None), (good[1], "succeeded", None)]
+            (good[0], "queued", None),
+            (good[1], "succeeded", None),
+        ]
         # Broken ids come last, with new ids after the highest, in the
         # order of the old ones.
         by_id = {row.id: row for row in rows}
         last = max(i for i, _, _ in broken if 0 < i < 2**53)
         renumbered = [i for i, _, _ in broken if not 0 < i < 2**53]
         new_ids = dict(zip(sorted(renumbered), range(last + 1, count + 1)))
-        assert sorted(by_id) == sorted(good + [new_ids.get(i, i)
-                                               for i, _, _ in broken])
+        assert sorted(by_id) == sorted(
+            good + [new_ids.get(i, i) for i, _, _ in broken]
+        )
         for old_id, columns, column in broken:
             row = by_id[new_ids.get(old_id, old_id)]
             state = columns.get("state", "queued")
@@ -541,8 +668,9 @@ async def test_upgrade_repairs_the_rows_that_break_the_constraints(
             if state in ("queued", "running"):
                 assert upgraded_at - 1 <= row.finished_at <= time.time() + 1
         # What each broken value became.
-        replaced = {column: by_id[new_ids.get(i, i)]
-                    for i, _, column in broken}
+        replaced = {
+            column: by_id[new_ids.get(i, i)] for i, _, column in broken
+        }
         assert replaced["attempts"].attempts == 0
         assert replaced["created_at"].created_at == 0
         assert replaced["payload"].payload == '"{"'  # its text, kept
@@ -552,12 +680,15 @@ async def test_upgrade_repairs_the_rows_that_break_the_constraints(
             assert replaced["token"].token == 0
             assert replaced["run_at"].run_at is None
             assert replaced["time_limit"].time_limit is None
-        assert "id 9223372036854775807 is not from 1 to 9007199254740990" \
+        assert (
+            "id 9223372036854775807 is not from 1 to 9007199254740990"
             in by_id[new_ids[2**63 - 1]].error
+        )
 
         # The constraints are in force, and the ids go on.
-        with pytest.raises(sqlite3.IntegrityError,
-                           match="CHECK constraint failed: token"):
+        with pytest.raises(
+            sqlite3.IntegrityError, match="CHECK constraint failed: token"
+        ):
             insert_row(db_path, token="abc")
         (row,) = rows_of(await store.submit([new_task()]))
         assert row.id == count + 1
@@ -578,20 +709,23 @@ async def test_upgrade_keeps_the_id_sequence(reactor, db_path):
         (row,) = rows_of(await store.submit([new_task()]))
         assert row.id == 6
         assert query(db_path, "SELECT name, seq FROM sqlite_sequence") == [
-            ("tasks", 6)]
+            ("tasks", 6)
+        ]
     finally:
         await store.close()
 
 
 @pytest_twisted.ensureDeferred
 async def test_an_id_at_the_top_is_refused_and_submits_go_on(
-        sqlite_store, db_path):
+    sqlite_store, db_path
+):
     # Version 3 took it, and AUTOINCREMENT had nowhere to go after it: every
     # insert failed from then on.
     first = insert_row(db_path)
     for top in (2**63 - 1, 2**53 - 1):
-        with pytest.raises(sqlite3.IntegrityError,
-                           match="CHECK constraint failed: id"):
+        with pytest.raises(
+            sqlite3.IntegrityError, match="CHECK constraint failed: id"
+        ):
             insert_row(db_path, id=top)
     assert query(db_path, "SELECT seq FROM sqlite_sequence") == [(first,)]
     (row,) = rows_of(await sqlite_store.submit([new_task()]))
@@ -603,23 +737,25 @@ async def test_an_id_at_the_top_is_refused_and_submits_go_on(
 async def test_upgrade_refuses_to_drop_a_trigger(reactor, db_path):
     create_old_database(db_path, 3)
     insert_row(db_path)
-    execute(db_path, "CREATE TRIGGER audit AFTER INSERT ON tasks "
-            "BEGIN SELECT 1; END")
+    execute(
+        db_path,
+        "CREATE TRIGGER audit AFTER INSERT ON tasks BEGIN SELECT 1; END",
+    )
     before = describe_schema(db_path)
     store = SQLiteStore(db_path, reactor)
     with pytest.raises(StoreError, match="would drop the triggers on it"):
         await store.open()
     assert describe_schema(db_path) == before
-    assert query(db_path, "SELECT name FROM sqlite_master "
-                 "WHERE type = 'trigger'") == [("audit",)]
+    assert query(
+        db_path, "SELECT name FROM sqlite_master WHERE type = 'trigger'"
+    ) == [("audit",)]
     execute(db_path, "DROP TRIGGER audit")
     await store.open()
     await store.close()
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_refused_write_fails_alone_in_its_group(sqlite_store,
-                                                        db_path):
+async def test_a_refused_write_fails_alone_in_its_group(sqlite_store, db_path):
     # A queued task with the highest token a message carries: its next
     # dispatch would take it past, which the token's CHECK refuses.
     top = insert_row(db_path, token=codec.MAX_EXACT)
@@ -636,15 +772,18 @@ async def test_a_refused_write_fails_alone_in_its_group(sqlite_store,
     assert (ok1, ok2, ok3, ok4) == (True, False, False, True)
     assert payload.check(WriteRefused)
     assert str(payload.value) == (
-        "submit failed: CHECK constraint failed: payload")
+        "submit failed: CHECK constraint failed: payload"
+    )
     assert token.check(WriteRefused)
     assert str(token.value) == (
-        "dispatch failed: CHECK constraint failed: token")
+        "dispatch failed: CHECK constraint failed: token"
+    )
     rows = await sqlite_store.list(None, None, 0, 10)
     assert [(row.id, row.payload, row.state, row.token) for row in rows] == [
         (top, "null", "queued", codec.MAX_EXACT),
         (first.row.id, '"fine"', "queued", 0),
-        (last.row.id, '"also fine"', "queued", 0)]
+        (last.row.id, '"also fine"', "queued", 0),
+    ]
 
 
 @pytest_twisted.ensureDeferred
@@ -710,7 +849,8 @@ async def test_checkpoints_run_apart_from_commits(sqlite_store, db_path):
     # SQLite's own checkpoints (inside commits) are off; the store's
     # checkpointer copies the WAL into the database on its own connection.
     autocheckpoint = await sqlite_store._thread.run(
-        lambda c: c.execute("PRAGMA wal_autocheckpoint").fetchone()[0])
+        lambda c: c.execute("PRAGMA wal_autocheckpoint").fetchone()[0]
+    )
     assert autocheckpoint == 0
     await sqlite_store.submit([new_task() for _ in range(200)])
     busy, frames, copied = await sqlite_store.checkpoint()
@@ -722,15 +862,17 @@ async def test_checkpoints_run_apart_from_commits(sqlite_store, db_path):
 @pytest_twisted.ensureDeferred
 async def test_group_commit(sqlite_store):
     before = sqlite_store.transactions
-    submitted = [sqlite_store.submit([new_task(payload=str(i))])
-                 for i in range(100)]
+    submitted = [
+        sqlite_store.submit([new_task(payload=str(i))]) for i in range(100)
+    ]
     results = await defer.gatherResults(submitted)
     assert sqlite_store.transactions - before <= 2
     ids = [rows[0].row.id for rows in results]
     assert ids == sorted(set(ids))
     listed = await sqlite_store.list(None, None, 0, 1000)
     assert [(row.id, row.payload) for row in listed] == [
-        (rows[0].row.id, str(i)) for i, rows in enumerate(results)]
+        (rows[0].row.id, str(i)) for i, rows in enumerate(results)
+    ]
 
 
 @pytest_twisted.ensureDeferred
@@ -740,8 +882,12 @@ async def test_writes_during_a_flush_go_in_the_next(sqlite_store, reactor):
     later = []
     # Runs just after the first flush was handed to the pool thread, in the
     # same timer pass, so that flush cannot have finished yet.
-    reactor.callLater(0, lambda: later.extend(
-        sqlite_store.submit([new_task(payload=str(i))]) for i in range(10)))
+    reactor.callLater(
+        0,
+        lambda: later.extend(
+            sqlite_store.submit([new_task(payload=str(i))]) for i in range(10)
+        ),
+    )
     await first
     await defer.gatherResults(later)
     assert len(later) == 10
@@ -759,10 +905,12 @@ async def test_failed_transaction_fails_every_write(reactor, db_path):
             # Another program holds the write lock longer than the store
             # waits for it.
             other.execute("BEGIN IMMEDIATE")
-            writes = [store.submit([new_task()]),
-                      store.dispatch(task.id, 1, "w", 1.0),
-                      store.cancel(task.id, 2.0),
-                      store.retry(task.id)]
+            writes = [
+                store.submit([new_task()]),
+                store.dispatch(task.id, 1, "w", 1.0),
+                store.cancel(task.id, 2.0),
+                store.retry(task.id),
+            ]
             outcomes = await defer.DeferredList(writes, consumeErrors=True)
             other.execute("ROLLBACK")
         for ok, failure in outcomes:
@@ -787,7 +935,8 @@ async def test_close_waits_for_pending_writes(reactor, db_path):
     await closed
     await also_closed
     assert query(db_path, "SELECT id, handler FROM tasks") == [
-        (row.id, "late")]
+        (row.id, "late")
+    ]
     # Closing the last connection checkpointed the WAL into the file.
     assert not os.path.exists(db_path + "-wal")
 
@@ -796,11 +945,20 @@ async def test_close_waits_for_pending_writes(reactor, db_path):
 async def test_data_survives_reopen(reactor, db_path):
     store = SQLiteStore(db_path, reactor)
     await store.open()
-    rows = rows_of(await store.submit([
-        new_task(handler="a", request_id="r"),
-        new_task(handler="b", run_at=9.5, unique_key="k", request_id="r",
-                 time_limit=2.5),
-    ]))
+    rows = rows_of(
+        await store.submit(
+            [
+                new_task(handler="a", request_id="r"),
+                new_task(
+                    handler="b",
+                    run_at=9.5,
+                    unique_key="k",
+                    request_id="r",
+                    time_limit=2.5,
+                ),
+            ]
+        )
+    )
     await store.dispatch(rows[0].id, 1, "w1", 5.0)
     await store.close()
 
@@ -812,7 +970,9 @@ async def test_data_survives_reopen(reactor, db_path):
         (third,) = rows_of(await again.submit([new_task(handler="c")]))
         assert third.id > rows[1].id
         assert await again.submit([new_task(request_id="r")]) == [
-            (await again.get(rows[0].id), False), (rows[1], False)]
+            (await again.get(rows[0].id), False),
+            (rows[1], False),
+        ]
     finally:
         await again.close()
 
@@ -824,15 +984,15 @@ async def test_synchronous_full(reactor, db_path):
     try:
         (row,) = rows_of(await store.submit([new_task()]))
         assert await store.dispatch(row.id, 1, "w", 1.0) is True
-        assert await store.finish(row.id, 1, "succeeded", "1", None, None,
-                                  2.0)
+        assert await store.finish(row.id, 1, "succeeded", "1", None, None, 2.0)
     finally:
         await store.close()
 
 
 @pytest_twisted.ensureDeferred
 async def test_counting_does_not_wait_for_the_store_thread(
-        sqlite_store, reactor):
+    sqlite_store, reactor
+):
     # A count of a large table takes long: it must not hold up commits,
     # nor wait for them.  Here the store's thread is held busy.
     import threading
@@ -851,8 +1011,10 @@ async def test_counting_does_not_wait_for_the_store_thread(
 async def submit_one_sql(store):
     with closing(sqlite3.connect(store.path)) as connection:
         with connection:
-            connection.execute("INSERT INTO tasks (handler, priority) "
-                               "VALUES ('echo', 'normal')")
+            connection.execute(
+                "INSERT INTO tasks (handler, priority) "
+                "VALUES ('echo', 'normal')"
+            )
 
 
 @pytest_twisted.ensureDeferred
@@ -871,7 +1033,8 @@ async def test_a_connection_thread_whose_connect_fails_at_once_stops(reactor):
 
 @pytest_twisted.ensureDeferred
 async def test_running_rows_no_broker_could_run_fail_alone_at_start(
-        reactor, db_path):
+    reactor, db_path
+):
     # A version 3 database, with running rows another program broke (the
     # upgrade fails those), and running rows that schema 4's constraints
     # take but that no broker could run again (the broker fails those).
@@ -879,16 +1042,28 @@ async def test_running_rows_no_broker_could_run_fail_alone_at_start(
     from taskbroker.config import BrokerConfig
 
     create_old_database(db_path, 3)
-    running = {"state": "running", "attempts": 1, "token": 1,
-               "priority": "normal", "worker": "w1", "started_at": 5.0}
+    running = {
+        "state": "running",
+        "attempts": 1,
+        "token": 1,
+        "priority": "normal",
+        "worker": "w1",
+        "started_at": 5.0,
+    }
     good = insert_row(db_path, **running)
-    broken = {column: insert_row(db_path, **{**running, column: value})
-              for column, value in (("token", "abc"), ("attempts", "abc"),
-                                    ("created_at", "yesterday"))}
+    broken = {
+        column: insert_row(db_path, **{**running, column: value})
+        for column, value in (
+            ("token", "abc"),
+            ("attempts", "abc"),
+            ("created_at", "yesterday"),
+        )
+    }
     unrunnable = {
         "priority": insert_row(db_path, **{**running, "priority": "urgent"}),
-        "payload": insert_row(db_path, **{**running,
-                                          "payload": "[" * 65 + "]" * 65}),
+        "payload": insert_row(
+            db_path, **{**running, "payload": "[" * 65 + "]" * 65}
+        ),
         "handler": insert_row(db_path, **{**running, "handler": "a\nb"}),
     }
     store = SQLiteStore(db_path, reactor)
@@ -902,7 +1077,8 @@ async def test_running_rows_no_broker_could_run_fail_alone_at_start(
             assert task_id not in broker.attempts
         for task_id in broken.values():
             assert (await store.get(task_id)).error.endswith(
-                "(found by the upgrade to schema 4)")
+                "(found by the upgrade to schema 4)"
+            )
         # The good attempt waits for its worker to claim it.
         assert broker.attempts.get(good).token == 1
         assert (await store.get(good)).state == "running"

@@ -79,7 +79,8 @@ def remove(path, *suffixes):
 
 @pytest_twisted.ensureDeferred
 async def test_a_lost_database_is_not_replaced_by_an_empty_one(
-        reactor, db_path):
+    reactor, db_path
+):
     first = SQLiteStore(db_path, reactor)
     await first.open()
     await first.close()
@@ -90,7 +91,8 @@ async def test_a_lost_database_is_not_replaced_by_an_empty_one(
         f"database {db_path} does not exist, but its lock file "
         f"{db_path}.lock does: the database was probably deleted or moved; "
         "put it back, or start the broker with --create-database to begin "
-        "with an empty one")
+        "with an empty one"
+    )
     assert not os.path.exists(db_path)
     # When told to, it creates one.
     again = SQLiteStore(db_path, reactor, create_database=True)
@@ -111,7 +113,8 @@ async def test_a_new_folder_gets_a_new_database(reactor, db_path):
 
 @pytest_twisted.ensureDeferred
 async def test_a_database_that_cannot_be_written_is_refused_at_open(
-        reactor, db_path):
+    reactor, db_path
+):
     first = SQLiteStore(db_path, reactor)
     await first.open()
     await first.close()
@@ -123,20 +126,25 @@ async def test_a_database_that_cannot_be_written_is_refused_at_open(
             await SQLiteStore(db_path, reactor, busy_timeout=0.05).open()
         other.execute("ROLLBACK")
     assert str(caught.value) == (
-        f"cannot use database {db_path}: database is locked")
+        f"cannot use database {db_path}: database is locked"
+    )
 
 
 # Files removed or replaced under an open store
 
 
-@pytest.mark.parametrize("removed, what", [
-    (("", "-wal", "-shm"), "database {path} was removed"),
-    (("", "-wal", "-shm", ".lock"), "database {path} was removed"),
-    ((".lock",), "lock file {path}.lock was removed"),
-])
+@pytest.mark.parametrize(
+    "removed, what",
+    [
+        (("", "-wal", "-shm"), "database {path} was removed"),
+        (("", "-wal", "-shm", ".lock"), "database {path} was removed"),
+        ((".lock",), "lock file {path}.lock was removed"),
+    ],
+)
 @pytest_twisted.ensureDeferred
 async def test_writes_after_a_removal_are_not_acknowledged(
-        reactor, db_path, removed, what):
+    reactor, db_path, removed, what
+):
     store = SQLiteStore(db_path, reactor)
     await store.open()
     lost = store.when_lost()
@@ -174,23 +182,30 @@ async def test_a_replaced_database_is_lost(store, db_path, tmp_path):
     assert str(caught.value) == (
         f"database {db_path} was replaced while the broker was using it "
         f"(device {before.st_dev} inode {before.st_ino}, now device "
-        f"{after.st_dev} inode {after.st_ino})")
+        f"{after.st_dev} inode {after.st_ino})"
+    )
 
 
-@pytest.mark.parametrize("removed, what", [
-    (("", "-wal", "-shm"), "database {path}"),
-    (("-wal",), "file {path}-wal"),
-    (("-shm",), "file {path}-shm"),
-])
+@pytest.mark.parametrize(
+    "removed, what",
+    [
+        (("", "-wal", "-shm"), "database {path}"),
+        (("-wal",), "file {path}-wal"),
+        (("-shm",), "file {path}-shm"),
+    ],
+)
 @pytest_twisted.ensureDeferred
 async def test_an_idle_store_notices_a_removal_by_itself(
-        store, db_path, reactor, removed, what):
+    store, db_path, reactor, removed, what
+):
     remove(db_path, *removed)
     # No write: the checkpointer looks every second, at the -wal and -shm
     # files too.
     message = await store.when_lost().addTimeout(WAIT, reactor)
-    assert message == (what.format(path=db_path)
-                       + " was removed while the broker was using it")
+    assert message == (
+        what.format(path=db_path)
+        + " was removed while the broker was using it"
+    )
     # Its connections never create a new file in place of the old one.
     assert os.path.exists(db_path) == ("" not in removed)
 
@@ -206,8 +221,9 @@ def test_the_watch_costs_one_stat_per_file(tmp_path, monkeypatch):
         watch = FileWatch(path, fd)
         looked_at = []
         real_stat = os.stat
-        monkeypatch.setattr(os, "stat", lambda name: looked_at.append(name)
-                            or real_stat(name))
+        monkeypatch.setattr(
+            os, "stat", lambda name: looked_at.append(name) or real_stat(name)
+        )
         watch.check()
         assert looked_at == [path, path + ".lock"]
     finally:
@@ -219,8 +235,12 @@ def test_the_watch_costs_one_stat_per_file(tmp_path, monkeypatch):
 
 async def fill(store, tasks=2000):
     for start in range(0, tasks, 500):
-        await store.submit([new_task(payload=f'"{i:0>200}"')
-                            for i in range(start, start + 500)])
+        await store.submit(
+            [
+                new_task(payload=f'"{i:0>200}"')
+                for i in range(start, start + 500)
+            ]
+        )
 
 
 @pytest_twisted.ensureDeferred
@@ -245,9 +265,11 @@ async def test_check_finds_damage_in_the_middle_of_the_file(reactor, db_path):
             await store.check()
         message = str(caught.value)
         assert message.startswith(
-            f"database {db_path} is damaged: PRAGMA quick_check found: Page ")
+            f"database {db_path} is damaged: PRAGMA quick_check found: Page "
+        )
         assert message.endswith(
-            "; see 'Database faults' in the docs to recover it")
+            "; see 'Database faults' in the docs to recover it"
+        )
         assert any(f"Page {page}:" in message for page in pages)
         assert "\n" not in message
         assert await lost == message
@@ -271,15 +293,21 @@ async def test_interrupt_stops_a_long_statement_and_every_later_one(reactor):
     def connect():
         connection = sqlite3.connect(":memory:", check_same_thread=False)
         # Called by the statement itself, so it runs when this is heard.
-        connection.create_function("running", 0, lambda: reactor.callFromThread(
-            running.callback, None) or 1)
+        connection.create_function(
+            "running",
+            0,
+            lambda: reactor.callFromThread(running.callback, None) or 1,
+        )
         return connection
 
     thread = ConnectionThread(reactor, connect, "test-interrupt")
     await thread.start()
-    endless = thread.run(lambda connection: connection.execute(
-        "WITH RECURSIVE n(i) AS (SELECT running() UNION ALL "
-        "SELECT i + 1 FROM n) SELECT count(*) FROM n").fetchone())
+    endless = thread.run(
+        lambda connection: connection.execute(
+            "WITH RECURSIVE n(i) AS (SELECT running() UNION ALL "
+            "SELECT i + 1 FROM n) SELECT count(*) FROM n"
+        ).fetchone()
+    )
     later = thread.run(lambda connection: 1)
     await running.addTimeout(WAIT, reactor)
     thread.interrupt()
@@ -295,7 +323,8 @@ async def test_interrupt_stops_a_long_statement_and_every_later_one(reactor):
 
 @pytest_twisted.ensureDeferred
 async def test_write_error_lasts_until_a_write_commits_again(
-        reactor, db_path, monkeypatch):
+    reactor, db_path, monkeypatch
+):
     monkeypatch.setattr(batches_module, "WRITE_PROBE_INTERVAL", 0.05)
     store = SQLiteStore(db_path, reactor, busy_timeout=0.05)
     await store.open()
@@ -308,7 +337,8 @@ async def test_write_error_lasts_until_a_write_commits_again(
             with pytest.raises(StoreError):
                 await store.submit([new_task()])
             assert store.write_error == (
-                f"database {db_path}: transaction failed: database is locked")
+                f"database {db_path}: transaction failed: database is locked"
+            )
             # Nothing else writes: the store's own empty writes find out.
             with first_logged("writes to database {path} work again") as again:
                 other.execute("ROLLBACK")

@@ -20,7 +20,9 @@ from taskbroker.config import (
 )
 from taskbroker.worker import tap as worker_tap
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+)
 TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
 
 
@@ -39,14 +41,28 @@ def clean_environment(monkeypatch):
 
 
 def test_broker_options_build_config():
-    options = parse(broker_tap, [
-        "--listen", "tcp://127.0.0.1:*", "--database=sqlite:///x.db",
-        "--priorities", "a,b", "--max-attempts", "5",
-        "--sqlite-synchronous", "full"])
+    options = parse(
+        broker_tap,
+        [
+            "--listen",
+            "tcp://127.0.0.1:*",
+            "--database=sqlite:///x.db",
+            "--priorities",
+            "a,b",
+            "--max-attempts",
+            "5",
+            "--sqlite-synchronous",
+            "full",
+        ],
+    )
     assert options.config == BrokerConfig(
-        listen="tcp://127.0.0.1:*", database="sqlite:///x.db",
-        priorities=("a", "b"), default_priority="b", max_attempts=5,
-        sqlite_synchronous="full")
+        listen="tcp://127.0.0.1:*",
+        database="sqlite:///x.db",
+        priorities=("a", "b"),
+        default_priority="b",
+        max_attempts=5,
+        sqlite_synchronous="full",
+    )
 
 
 def test_broker_options_defaults_and_environment(monkeypatch):
@@ -60,15 +76,30 @@ def test_broker_options_defaults_and_environment(monkeypatch):
 def test_worker_options_build_config(tmp_path):
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
-    options = parse(worker_tap, [
-        "--broker", "tcp://127.0.0.1:6000", "--concurrency", "3",
-        "--name", "w1", "--priorities", "high",
-        "--handlers-path", str(tmp_path / "a"),
-        "--handlers-path", str(tmp_path / "b")])
+    options = parse(
+        worker_tap,
+        [
+            "--broker",
+            "tcp://127.0.0.1:6000",
+            "--concurrency",
+            "3",
+            "--name",
+            "w1",
+            "--priorities",
+            "high",
+            "--handlers-path",
+            str(tmp_path / "a"),
+            "--handlers-path",
+            str(tmp_path / "b"),
+        ],
+    )
     assert options.config == WorkerConfig(
-        broker="tcp://127.0.0.1:6000", concurrency=3, name="w1",
+        broker="tcp://127.0.0.1:6000",
+        concurrency=3,
+        name="w1",
         priorities=("high",),
-        handlers_path=(str(tmp_path / "a"), str(tmp_path / "b")))
+        handlers_path=(str(tmp_path / "a"), str(tmp_path / "b")),
+    )
 
 
 def test_worker_handlers_path_from_environment(tmp_path, monkeypatch):
@@ -77,13 +108,24 @@ def test_worker_handlers_path_from_environment(tmp_path, monkeypatch):
     assert parse(worker_tap, []).config.handlers_path == (str(tmp_path / "a"),)
 
 
-@pytest.mark.parametrize("module, argv, option", [
-    (worker_tap, ["--concurrency", "zero"], "--concurrency"),
-    (worker_tap, ["--handlers-path", "/nonexistent/dir"], "--handlers-path"),
-    (broker_tap, ["--database", "postgresql://db/tasks?bogus=1"], "--database"),
-    (broker_tap, ["--default-priority", "urgent"], "--default-priority"),
-    (broker_tap, ["--listen", "localhost"], "--listen"),
-])
+@pytest.mark.parametrize(
+    "module, argv, option",
+    [
+        (worker_tap, ["--concurrency", "zero"], "--concurrency"),
+        (
+            worker_tap,
+            ["--handlers-path", "/nonexistent/dir"],
+            "--handlers-path",
+        ),
+        (
+            broker_tap,
+            ["--database", "postgresql://db/tasks?bogus=1"],
+            "--database",
+        ),
+        (broker_tap, ["--default-priority", "urgent"], "--default-priority"),
+        (broker_tap, ["--listen", "localhost"], "--listen"),
+    ],
+)
 def test_invalid_value_exits_2_with_one_line(module, argv, option, capsys):
     with pytest.raises(SystemExit) as info:
         parse(module, argv)
@@ -102,7 +144,8 @@ def test_invalid_environment_value_names_the_variable(monkeypatch, capsys):
         parse(worker_tap, [])
     assert capsys.readouterr().err == (
         "twistd taskworker: TASKWORKER_CONCURRENCY: must be at least 1 "
-        "(got '-1')\n")
+        "(got '-1')\n"
+    )
 
 
 def test_unknown_option_is_a_usage_error():
@@ -110,8 +153,10 @@ def test_unknown_option_is_a_usage_error():
         parse(broker_tap, ["--no-such-option"])
 
 
-@pytest.mark.parametrize("module, settings", [
-    (broker_tap, BROKER_SETTINGS), (worker_tap, WORKER_SETTINGS)])
+@pytest.mark.parametrize(
+    "module, settings",
+    [(broker_tap, BROKER_SETTINGS), (worker_tap, WORKER_SETTINGS)],
+)
 def test_help_mentions_every_option_and_its_default(module, settings):
     text = " ".join(str(module.Options()).split())
     for setting in settings:
@@ -143,13 +188,15 @@ def test_a_flag_is_off_unless_given_or_set_in_the_environment(monkeypatch):
 
 
 def test_a_flag_set_to_nonsense_in_the_environment_is_refused(
-        monkeypatch, capsys):
+    monkeypatch, capsys
+):
     monkeypatch.setenv("TASKBROKER_CREATE_DATABASE", "maybe")
     with pytest.raises(SystemExit):
         parse(broker_tap, [])
     assert capsys.readouterr().err == (
         "twistd taskbroker: TASKBROKER_CREATE_DATABASE: expected yes or no "
-        "(also 1, true, on; 0, false, off) (got 'maybe')\n")
+        "(also 1, true, on; 0, false, off) (got 'maybe')\n"
+    )
 
 
 def test_help_mentions_the_environment():
@@ -159,8 +206,15 @@ def test_help_mentions_the_environment():
 
 def test_broker_make_service_does_not_start(tmp_path):
     database = tmp_path / "tasks.sqlite"
-    options = parse(broker_tap, ["--listen", "tcp://127.0.0.1:*",
-                                 "--database", f"sqlite:///{database}"])
+    options = parse(
+        broker_tap,
+        [
+            "--listen",
+            "tcp://127.0.0.1:*",
+            "--database",
+            f"sqlite:///{database}",
+        ],
+    )
     service = broker_tap.makeService(options)
     assert IService.providedBy(service)
     assert service.config is options.config
@@ -168,8 +222,9 @@ def test_broker_make_service_does_not_start(tmp_path):
     assert service.socket is None
     # Nothing was opened: no database file, no listening socket.
     assert not database.exists()
-    assert not os.path.exists(os.path.join(os.path.dirname(database),
-                                           "tasks.sqlite-wal"))
+    assert not os.path.exists(
+        os.path.join(os.path.dirname(database), "tasks.sqlite-wal")
+    )
 
 
 def test_plugin_file_imports_only_service_maker():
@@ -188,17 +243,24 @@ def test_plugin_file_imports_only_service_maker():
 
 
 def run(argv):
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("TASKBROKER_", "TASKWORKER_"))}
-    return subprocess.run(argv, capture_output=True, text=True, timeout=60,
-                          cwd=ROOT, env=env)
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("TASKBROKER_", "TASKWORKER_"))
+    }
+    return subprocess.run(
+        argv, capture_output=True, text=True, timeout=60, cwd=ROOT, env=env
+    )
 
 
 def test_twistd_lists_both_daemons():
     result = run([TWISTD, "--help"])
     assert result.returncode == 0, result.stderr
-    commands = [line.split()[0] for line in result.stdout.splitlines()
-                if line.startswith("    ") and line.split()]
+    commands = [
+        line.split()[0]
+        for line in result.stdout.splitlines()
+        if line.startswith("    ") and line.split()
+    ]
     assert "taskbroker" in commands and "taskworker" in commands
     assert "Traceback" not in result.stderr
 
@@ -211,8 +273,9 @@ def test_twistd_taskbroker_help():
 
 
 def test_twistd_invalid_value_prints_one_line():
-    result = run([TWISTD, "-n", "--pidfile=", "taskworker",
-                  "--concurrency", "zero"])
+    result = run(
+        [TWISTD, "-n", "--pidfile=", "taskworker", "--concurrency", "zero"]
+    )
     assert result.returncode != 0
     output = (result.stdout + result.stderr).strip()
     assert "Traceback" not in output
@@ -223,19 +286,34 @@ def test_twistd_invalid_value_prints_one_line():
 # -- the environment: typos stop a daemon, other strangers are noted ----------
 
 
-@pytest.mark.parametrize("module, variable, known", [
-    (broker_tap, "TASKBROKER_DATBASE", "TASKBROKER_DATABASE"),
-    (broker_tap, "TASKBROKER_HEARTBEATS", "TASKBROKER_HEARTBEAT"),
-    (broker_tap, "TASKBROKER_POLL_INTERVALL", "TASKBROKER_POLL_INTERVAL"),
-    (worker_tap, "TASKWORKER_CONCURENCY", "TASKWORKER_CONCURRENCY"),
-    (worker_tap, "TASKWORKER_NAMES", "TASKWORKER_NAME"),
-    (worker_tap, "TASKWORKER_CURVE_SERVER_KY", "TASKWORKER_CURVE_SERVER_KEY"),
-    (broker_tap, "TASKBROKER_CLIENT_CURVE_SECRT_KEY",
-     "TASKBROKER_CLIENT_CURVE_SECRET_KEY"),
-    (broker_tap, "TASKBROKER_CURVE_SECRET_KY", "TASKBROKER_CURVE_SECRET_KEY"),
-])
+@pytest.mark.parametrize(
+    "module, variable, known",
+    [
+        (broker_tap, "TASKBROKER_DATBASE", "TASKBROKER_DATABASE"),
+        (broker_tap, "TASKBROKER_HEARTBEATS", "TASKBROKER_HEARTBEAT"),
+        (broker_tap, "TASKBROKER_POLL_INTERVALL", "TASKBROKER_POLL_INTERVAL"),
+        (worker_tap, "TASKWORKER_CONCURENCY", "TASKWORKER_CONCURRENCY"),
+        (worker_tap, "TASKWORKER_NAMES", "TASKWORKER_NAME"),
+        (
+            worker_tap,
+            "TASKWORKER_CURVE_SERVER_KY",
+            "TASKWORKER_CURVE_SERVER_KEY",
+        ),
+        (
+            broker_tap,
+            "TASKBROKER_CLIENT_CURVE_SECRT_KEY",
+            "TASKBROKER_CLIENT_CURVE_SECRET_KEY",
+        ),
+        (
+            broker_tap,
+            "TASKBROKER_CURVE_SECRET_KY",
+            "TASKBROKER_CURVE_SECRET_KEY",
+        ),
+    ],
+)
 def test_a_misspelt_variable_stops_the_daemon(
-        monkeypatch, capsys, module, variable, known):
+    monkeypatch, capsys, module, variable, known
+):
     monkeypatch.setenv(variable, "1")
     with pytest.raises(SystemExit) as caught:
         parse(module, [])
@@ -243,7 +321,8 @@ def test_a_misspelt_variable_stops_the_daemon(
     command = "taskbroker" if module is broker_tap else "taskworker"
     assert capsys.readouterr().err == (
         f"twistd {command}: {variable}: unknown variable; did you mean "
-        f"{known}?\n")
+        f"{known}?\n"
+    )
 
 
 def test_an_unknown_variable_is_a_warning(monkeypatch, capsys):
@@ -252,17 +331,22 @@ def test_an_unknown_variable_is_a_warning(monkeypatch, capsys):
     assert options.config == BrokerConfig()
     assert capsys.readouterr().err == (
         "twistd taskbroker: warning: TASKBROKER_SOMETHING_ELSE_ENTIRELY: "
-        "unknown variable, ignored\n")
+        "unknown variable, ignored\n"
+    )
 
 
 def test_the_command_lines_and_the_tests_variables_are_known(
-        monkeypatch, capsys):
-    for variable in ("TASKBROKER_BROKER", "TASKBROKER_TIMEOUT",
-                     "TASKBROKER_CLIENT_CURVE_SERVER_KEY",
-                     "TASKBROKER_CLIENT_CURVE_SECRET_KEY",
-                     "TASKBROKER_TEST_POSTGRES",
-                     # The other daemon's variables are its own business.
-                     "TASKWORKER_CONCURRENCY"):
+    monkeypatch, capsys
+):
+    for variable in (
+        "TASKBROKER_BROKER",
+        "TASKBROKER_TIMEOUT",
+        "TASKBROKER_CLIENT_CURVE_SERVER_KEY",
+        "TASKBROKER_CLIENT_CURVE_SECRET_KEY",
+        "TASKBROKER_TEST_POSTGRES",
+        # The other daemon's variables are its own business.
+        "TASKWORKER_CONCURRENCY",
+    ):
         monkeypatch.setenv(variable, "1")
     # The broker reads none of them.
     assert parse(broker_tap, []).config == BrokerConfig()
@@ -293,30 +377,54 @@ def test_the_worker_reads_its_curve_keys(curve_keys):
     from taskbroker import curve
 
     assert parse(worker_tap, []).curve is None
-    options = parse(worker_tap, [
-        "--curve-server-key", curve_keys("broker.key"),
-        "--curve-secret-key", curve_keys("w1.key_secret")])
+    options = parse(
+        worker_tap,
+        [
+            "--curve-server-key",
+            curve_keys("broker.key"),
+            "--curve-secret-key",
+            curve_keys("w1.key_secret"),
+        ],
+    )
     assert options.curve == (
         curve.load_public(curve_keys("broker.key"), "t"),
-        *curve.load_secret(curve_keys("w1.key_secret"), "t"))
+        *curve.load_secret(curve_keys("w1.key_secret"), "t"),
+    )
 
 
 def test_the_worker_reads_its_curve_keys_from_the_environment(
-        curve_keys, monkeypatch):
+    curve_keys, monkeypatch
+):
     monkeypatch.setenv("TASKWORKER_CURVE_SERVER_KEY", curve_keys("broker.key"))
-    monkeypatch.setenv("TASKWORKER_CURVE_SECRET_KEY",
-                       curve_keys("w1.key_secret"))
+    monkeypatch.setenv(
+        "TASKWORKER_CURVE_SECRET_KEY", curve_keys("w1.key_secret")
+    )
     assert parse(worker_tap, []).curve is not None
 
 
-@pytest.mark.parametrize("server, secret, expected", [
-    ("broker.key", None, "--curve-server-key without --curve-secret-key: "),
-    ("broker.key", "w1.key", "--curve-secret-key: {w1.key}: no secret key"),
-    ("nothing.key", "w1.key_secret",
-     "--curve-server-key: {nothing.key}: No such file or directory"),
-])
+@pytest.mark.parametrize(
+    "server, secret, expected",
+    [
+        (
+            "broker.key",
+            None,
+            "--curve-server-key without --curve-secret-key: ",
+        ),
+        (
+            "broker.key",
+            "w1.key",
+            "--curve-secret-key: {w1.key}: no secret key",
+        ),
+        (
+            "nothing.key",
+            "w1.key_secret",
+            "--curve-server-key: {nothing.key}: No such file or directory",
+        ),
+    ],
+)
 def test_unusable_curve_keys_stop_the_worker_in_one_line(
-        curve_keys, capsys, server, secret, expected):
+    curve_keys, capsys, server, secret, expected
+):
     argv = ["--curve-server-key", curve_keys(server)]
     if secret is not None:
         argv += ["--curve-secret-key", curve_keys(secret)]
@@ -335,8 +443,10 @@ def test_options_are_declared_once_on_the_config_fields():
 
     from taskbroker.config import WorkerConfig
 
-    for settings, cls in ((BROKER_SETTINGS, BrokerConfig),
-                          (WORKER_SETTINGS, WorkerConfig)):
+    for settings, cls in (
+        (BROKER_SETTINGS, BrokerConfig),
+        (WORKER_SETTINGS, WorkerConfig),
+    ):
         assert [s.field for s in settings] == [f.name for f in fields(cls)]
     # A default computed from the others is the same built or parsed.
     assert WorkerConfig().name == parse(worker_tap, []).config.name
@@ -349,12 +459,14 @@ def test_sighup_makes_the_broker_read_its_key_folders(monkeypatch, tmp_path):
     from twisted.internet import reactor
 
     called = []
-    monkeypatch.setattr(reactor, "callFromThread",
-                        lambda f, *args: called.append(f))
+    monkeypatch.setattr(
+        reactor, "callFromThread", lambda f, *args: called.append(f)
+    )
     before = signal.getsignal(signal.SIGHUP)
     try:
-        service = broker_tap.makeService(parse(broker_tap, [
-            "--database", f"sqlite:///{tmp_path}/t.sqlite"]))
+        service = broker_tap.makeService(
+            parse(broker_tap, ["--database", f"sqlite:///{tmp_path}/t.sqlite"])
+        )
         signal.getsignal(signal.SIGHUP)(signal.SIGHUP, None)
     finally:
         signal.signal(signal.SIGHUP, before)

@@ -3,7 +3,6 @@
 Tests for the public test helpers of taskbroker.testing.
 """
 
-
 import pytest
 from twisted.internet import defer
 from twisted.internet.task import Clock
@@ -17,7 +16,10 @@ def test_memory_store_external_insert_reads_clock():
     store = MemoryStore(clock)
     row = store.insert_external("echo", '{"a":1}')
     assert (row.created_at, row.priority, row.max_attempts) == (
-        123.5, None, None)
+        123.5,
+        None,
+        None,
+    )
     result_of(store.open())
     assert result_of(store.list("queued", None, 0, 10)) == [row]
 

@@ -61,8 +61,10 @@ def test_worker_that_cannot_run_a_task_may_idle():
         Run(1, 0, "echo", 0.0, 0.0, 1.0, "a"),
         Run(2, 0, "echo", 0.0, 1.0, 2.0, "a"),
     ]
-    workers = {"a": Capacity(ALL, ECHO, 1, 0.0),
-               "low": Capacity(frozenset({2}), ECHO, 1, 0.0)}
+    workers = {
+        "a": Capacity(ALL, ECHO, 1, 0.0),
+        "low": Capacity(frozenset({2}), ECHO, 1, 0.0),
+    }
     assert idle_while_waiting(runs, workers, TOL) == []
 
 

@@ -44,10 +44,14 @@ def transport_leftovers():
     reactor.
     """
     r = reactor()
-    readers = [x for x in r.getReaders() if isinstance(x, transport._Connection)]
-    calls = [c for c in r.getDelayedCalls()
-             if isinstance(getattr(c.func, "__self__", None),
-                           transport._Connection)]
+    readers = [
+        x for x in r.getReaders() if isinstance(x, transport._Connection)
+    ]
+    calls = [
+        c
+        for c in r.getDelayedCalls()
+        if isinstance(getattr(c.func, "__self__", None), transport._Connection)
+    ]
     return readers + calls
 
 
@@ -123,7 +127,9 @@ def test_dealer_and_router_exchange_messages(factory):
         [(sender, frames)] = yield at_router.wait_for(1)
         assert sender == Sender(b"w1/abc", key=None)
         assert (sender.identity, frames) == (
-            b"w1/abc", [b"TB1", b"HELLO", b"{}"])
+            b"w1/abc",
+            [b"TB1", b"HELLO", b"{}"],
+        )
 
         assert r.send(b"w1/abc", [b"TB1", b"WELCOME", b"{}"]) is True
         [(frames,)] = yield at_dealer.wait_for(1)
@@ -164,8 +170,10 @@ def test_failing_handler_is_counted_and_socket_keeps_reading(factory):
             dealer.send([b"good", b"1"])
             dealer.send([b"good", b"2"])
             calls = yield at_router.wait_for(2)
-        assert calls == [(Sender(b"d"), [b"good", b"1"]),
-                         (Sender(b"d"), [b"good", b"2"])]
+        assert calls == [
+            (Sender(b"d"), [b"good", b"1"]),
+            (Sender(b"d"), [b"good", b"2"]),
+        ]
         assert r.handler_errors == 1
         assert dealer.handler_errors == 0
         failures = [e for e in events if "log_failure" in e]
@@ -186,7 +194,9 @@ def test_flood_is_read_in_batches_and_timers_still_run(factory):
 
     def on_message(sender, frames):
         if not at_router.calls:
-            reactor().callLater(0, lambda: timer_saw.append(len(at_router.calls)))
+            reactor().callLater(
+                0, lambda: timer_saw.append(len(at_router.calls))
+            )
 
     at_router = Collector()
     r = router(factory, lambda *a: (on_message(*a), at_router(*a)), endpoint)
@@ -195,7 +205,9 @@ def test_flood_is_read_in_batches_and_timers_still_run(factory):
         for i in range(total):
             assert dealer.send([b"%d" % i])
         calls = yield at_router.wait_for(total)
-        assert [frames for _, frames in calls] == [[b"%d" % i] for i in range(total)]
+        assert [frames for _, frames in calls] == [
+            [b"%d" % i] for i in range(total)
+        ]
         # The timer, scheduled on the first message, ran before the last.
         assert len(timer_saw) == 1
         assert 0 < timer_saw[0] < total
@@ -216,8 +228,9 @@ def test_a_batch_of_sends_looks_for_input_once(factory, monkeypatch):
         yield task.deferLater(reactor(), 0, lambda: None)
         looks = []
         look = r._connection._look_for_input
-        monkeypatch.setattr(r._connection, "_look_for_input",
-                            lambda: (looks.append(1), look()))
+        monkeypatch.setattr(
+            r._connection, "_look_for_input", lambda: (looks.append(1), look())
+        )
         r.send(b"w1/abc", [b"alone"])
         assert len(looks) == 1
         with r.batch():
@@ -227,7 +240,8 @@ def test_a_batch_of_sends_looks_for_input_once(factory, monkeypatch):
         assert len(looks) == 2
         calls = yield at_dealer.wait_for(101)
         assert [frames for (frames,) in calls] == [[b"alone"]] + [
-            [b"%d" % i] for i in range(100)]
+            [b"%d" % i] for i in range(100)
+        ]
         # Input that arrives afterwards is read as ever.
         dealer.send([b"after"])
         calls = yield at_router.wait_for(2)
@@ -252,7 +266,9 @@ def test_oversized_message_is_dropped_but_new_peers_work(factory):
         assert monitor.poll(10_000), "the oversized sender was not dropped"
         assert recv_monitor_message(monitor)["event"] == zmq.EVENT_DISCONNECTED
 
-        small = DealerSocket(factory, r.endpoint, Collector(), identity=b"small")
+        small = DealerSocket(
+            factory, r.endpoint, Collector(), identity=b"small"
+        )
         assert small.send([b"y" * 1000])
         calls = yield at_router.wait_for(1)
         assert calls == [(Sender(b"small"), [b"y" * 1000])]
@@ -300,8 +316,9 @@ def test_immediate_dealer_refuses_sends_without_a_connection(factory):
     endpoint = r.endpoint
     r.close()
     queued = DealerSocket(factory, endpoint, Collector())
-    refused = DealerSocket(factory, endpoint, Collector(),
-                           options=dealer_options(immediate=True))
+    refused = DealerSocket(
+        factory, endpoint, Collector(), options=dealer_options(immediate=True)
+    )
     try:
         assert queued.send([b"TB1", b"READY", b"{}"]) is True
         assert refused.send([b"TB1", b"READY", b"{}"]) is False
@@ -319,12 +336,16 @@ def test_every_client_socket_takes_its_options_from_one_place(factory):
 
     expected = dict(client_options())
     blocking = BlockingClient("tcp://127.0.0.1:1")
-    twisted_client = BrokerClient(global_reactor, "tcp://127.0.0.1:1",
-                                  zmq_factory=factory)
+    twisted_client = BrokerClient(
+        global_reactor, "tcp://127.0.0.1:1", zmq_factory=factory
+    )
     try:
-        for socket in (blocking._socket,
-                       twisted_client._socket_for(
-                           twisted_client.endpoint)._connection.socket):
+        for socket in (
+            blocking._socket,
+            twisted_client._socket_for(
+                twisted_client.endpoint
+            )._connection.socket,
+        ):
             for option, value in expected.items():
                 assert socket.getsockopt(option) == value, option
     finally:
@@ -332,8 +353,9 @@ def test_every_client_socket_takes_its_options_from_one_place(factory):
         twisted_client.close()
 
 
-def test_every_client_socket_with_keys_speaks_curve(factory, zmq_service,
-                                                   curve_keys):
+def test_every_client_socket_with_keys_speaks_curve(
+    factory, zmq_service, curve_keys
+):
     from twisted.internet import reactor as global_reactor
 
     from taskbroker import curve
@@ -343,23 +365,37 @@ def test_every_client_socket_with_keys_speaks_curve(factory, zmq_service,
     from taskbroker.worker.service import WorkerService
 
     server = curve_keys("broker.key")
-    blocking = BlockingClient("tcp://127.0.0.1:1", curve_server_key=server,
-                              curve_secret_key=curve_keys("c1.key_secret"))
-    twisted_client = BrokerClient(
-        global_reactor, "tcp://127.0.0.1:1", zmq_factory=factory,
+    blocking = BlockingClient(
+        "tcp://127.0.0.1:1",
         curve_server_key=server,
-        curve_secret_key=curve_keys("c1.key_secret"))
+        curve_secret_key=curve_keys("c1.key_secret"),
+    )
+    twisted_client = BrokerClient(
+        global_reactor,
+        "tcp://127.0.0.1:1",
+        zmq_factory=factory,
+        curve_server_key=server,
+        curve_secret_key=curve_keys("c1.key_secret"),
+    )
     worker = WorkerService(
-        WorkerConfig(), {}, global_reactor, zmq=zmq_service,
-        curve=curve.load_peer_keys(server, curve_keys("w1.key_secret"),
-                                   "worker"))
+        WorkerConfig(),
+        {},
+        global_reactor,
+        zmq=zmq_service,
+        curve=curve.load_peer_keys(
+            server, curve_keys("w1.key_secret"), "worker"
+        ),
+    )
     dealer = worker._connect_dealer("tcp://127.0.0.1:1", lambda frames: None)
     plain = BlockingClient("tcp://127.0.0.1:1")
     try:
-        for socket in (blocking._socket,
-                       twisted_client._socket_for(
-                           twisted_client.endpoint)._connection.socket,
-                       dealer._connection.socket):
+        for socket in (
+            blocking._socket,
+            twisted_client._socket_for(
+                twisted_client.endpoint
+            )._connection.socket,
+            dealer._connection.socket,
+        ):
             # libzmq reads the keys back only into buffers of its sizes.
             assert socket.getsockopt(zmq.MECHANISM) == zmq.CURVE
             assert socket.getsockopt(zmq.CURVE_SERVER) == 0
@@ -370,12 +406,16 @@ def test_every_client_socket_with_keys_speaks_curve(factory, zmq_service,
 
 
 def test_a_connection_that_never_finishes_its_handshake_is_dropped_soon(
-        factory):
+    factory,
+):
     from taskbroker.transport.options import HANDSHAKE_IVL_MS
 
     r = router(factory, Collector())
     try:
-        assert r._connection.socket.getsockopt(zmq.HANDSHAKE_IVL) == (
-            HANDSHAKE_IVL_MS) <= 10_000
+        assert (
+            r._connection.socket.getsockopt(zmq.HANDSHAKE_IVL)
+            == (HANDSHAKE_IVL_MS)
+            <= 10_000
+        )
     finally:
         r.close()

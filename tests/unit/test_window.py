@@ -107,17 +107,28 @@ def open_store():
 
 
 def start_broker(store, clock, peers, **config):
-    broker = Broker(BrokerConfig(**config), store, clock, peers.send,
-                    instance_id="b1")
+    broker = Broker(
+        BrokerConfig(**config), store, clock, peers.send, instance_id="b1"
+    )
     result_of(broker.load())
     return broker
 
 
 def worker(broker, name="w1", **fields):
     identity = f"{name}/x".encode()
-    broker.handle(Sender(identity), codec.encode(b"HELLO", {
-        "name": name, "handlers": ["echo", "other"], "slots": 1,
-        "heartbeat": 1.0, **fields}))
+    broker.handle(
+        Sender(identity),
+        codec.encode(
+            b"HELLO",
+            {
+                "name": name,
+                "handlers": ["echo", "other"],
+                "slots": 1,
+                "heartbeat": 1.0,
+                **fields,
+            },
+        ),
+    )
     return identity
 
 
@@ -134,9 +145,19 @@ def run_all(broker, peers, identity, limit=1000):
             return ran
         [task] = tasks
         ran.append(task["id"])
-        broker.handle(Sender(identity), codec.encode(b"RESULT", {
-            "id": task["id"], "token": task["token"], "state": "succeeded",
-            "result": None, "ready": True}))
+        broker.handle(
+            Sender(identity),
+            codec.encode(
+                b"RESULT",
+                {
+                    "id": task["id"],
+                    "token": task["token"],
+                    "state": "succeeded",
+                    "result": None,
+                    "ready": True,
+                },
+            ),
+        )
     raise AssertionError("still running")
 
 
@@ -161,8 +182,13 @@ def test_submitted_tasks_beyond_the_window_wait_in_the_store(small_windows):
     peers = Peers()
     broker = start_broker(store, clock, peers)
     for i in range(10):
-        broker.handle(Sender(b"client"), codec.encode(b"SUBMIT", {
-            "req": str(i), "tasks": [{"handler": "echo", "payload": i}]}))
+        broker.handle(
+            Sender(b"client"),
+            codec.encode(
+                b"SUBMIT",
+                {"req": str(i), "tasks": [{"handler": "echo", "payload": i}]},
+            ),
+        )
     assert len(broker.dispatcher) == 4
     assert run_all(broker, peers, worker(broker)) == list(range(1, 11))
 
@@ -179,10 +205,13 @@ def test_a_high_task_found_behind_a_deep_low_queue_runs_first(small_windows):
 
 
 def test_invalid_queues_are_failed_at_start_without_reading_them(
-        small_windows):
+    small_windows,
+):
     clock, store = open_store()
-    bad = [store.insert_external("echo", "1", priority="urgent").id
-           for _ in range(10)]
+    bad = [
+        store.insert_external("echo", "1", priority="urgent").id
+        for _ in range(10)
+    ]
     good = store.insert_external("echo", "1").id
     peers = Peers()
     broker = start_broker(store, clock, peers)
@@ -195,8 +224,10 @@ def test_invalid_queues_are_failed_at_start_without_reading_them(
 def test_delayed_tasks_beyond_their_window_come_in_time(small_windows):
     clock, store = open_store()
     clock.advance(1000)
-    ids = [store.insert_external("echo", str(i), run_at=1000.0 + 10 * i).id
-           for i in reversed(range(12))][::-1]
+    ids = [
+        store.insert_external("echo", str(i), run_at=1000.0 + 10 * i).id
+        for i in reversed(range(12))
+    ][::-1]
     peers = Peers()
     broker = start_broker(store, clock, peers)
     # The first is due now: it waits for a worker, the next three for
@@ -209,19 +240,35 @@ def test_delayed_tasks_beyond_their_window_come_in_time(small_windows):
         [task] = peers.tasks()
         assert clock.seconds() == 1000.0 + 10 * step
         ran.append(task["id"])
-        broker.handle(Sender(identity), codec.encode(b"RESULT", {
-            "id": task["id"], "token": task["token"], "state": "succeeded",
-            "result": None, "ready": True}))
+        broker.handle(
+            Sender(identity),
+            codec.encode(
+                b"RESULT",
+                {
+                    "id": task["id"],
+                    "token": task["token"],
+                    "state": "succeeded",
+                    "result": None,
+                    "ready": True,
+                },
+            ),
+        )
         assert held(broker) <= 4
         clock.advance(10)
     assert ran == ids
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.lists(st.tuples(
-    st.sampled_from(["sql", "submit", "run", "poll", "cancel"]),
-    st.sampled_from(["high", "normal", "low", None]),
-    st.sampled_from(["echo", "other"])), max_size=60))
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["sql", "submit", "run", "poll", "cancel"]),
+            st.sampled_from(["high", "normal", "low", None]),
+            st.sampled_from(["echo", "other"]),
+        ),
+        max_size=60,
+    )
+)
 def test_every_queued_task_runs_once_however_the_window_moves(steps):
     """
     Whatever mix of SQL inserts, submissions, polls, cancels and work, the
@@ -242,24 +289,49 @@ def test_every_queued_task_runs_once_however_the_window_moves(steps):
             if action == "sql":
                 store.insert_external(handler, str(n), priority=priority)
             elif action == "submit":
-                broker.handle(Sender(b"client"), codec.encode(b"SUBMIT", {
-                    "req": str(n), "tasks": [{
-                        "handler": handler, "payload": n,
-                        "priority": priority or "normal"}]}))
+                broker.handle(
+                    Sender(b"client"),
+                    codec.encode(
+                        b"SUBMIT",
+                        {
+                            "req": str(n),
+                            "tasks": [
+                                {
+                                    "handler": handler,
+                                    "payload": n,
+                                    "priority": priority or "normal",
+                                }
+                            ],
+                        },
+                    ),
+                )
             elif action == "poll":
                 result_of(broker.poll())
             elif action == "cancel":
                 queued = result_of(store.list("queued", None, 0, 1))
                 if queued:
-                    broker.handle(Sender(b"client"), codec.encode(b"CANCEL", {
-                        "req": str(n), "id": queued[0].id}))
+                    broker.handle(
+                        Sender(b"client"),
+                        codec.encode(
+                            b"CANCEL", {"req": str(n), "id": queued[0].id}
+                        ),
+                    )
             else:
                 broker.handle(Sender(identity), codec.encode(b"READY", {}))
                 for task in peers.tasks():
                     ran.append(task["id"])
-                    broker.handle(Sender(identity), codec.encode(b"RESULT", {
-                        "id": task["id"], "token": task["token"],
-                        "state": "succeeded", "result": None}))
+                    broker.handle(
+                        Sender(identity),
+                        codec.encode(
+                            b"RESULT",
+                            {
+                                "id": task["id"],
+                                "token": task["token"],
+                                "state": "succeeded",
+                                "result": None,
+                            },
+                        ),
+                    )
             # Three levels x two handlers, a window each, plus what one
             # step can add before the window is checked.
             assert len(broker.dispatcher) <= 6 * (3 + 1) + 1
@@ -267,8 +339,9 @@ def test_every_queued_task_runs_once_however_the_window_moves(steps):
         ran.extend(run_all(broker, peers, identity))
         queued = result_of(store.list("queued", None, 0, 1000))
         assert queued == []
-        succeeded = [row.id for row in result_of(
-            store.list("succeeded", None, 0, 1000))]
+        succeeded = [
+            row.id for row in result_of(store.list("succeeded", None, 0, 1000))
+        ]
         assert sorted(ran) == sorted(succeeded)
         assert len(ran) == len(set(ran))
     finally:
@@ -276,16 +349,27 @@ def test_every_queued_task_runs_once_however_the_window_moves(steps):
 
 
 def test_a_short_delay_is_not_held_back_by_a_full_delayed_window(
-        small_windows):
+    small_windows,
+):
     clock, store = open_store()
     peers = Peers()
     broker = start_broker(store, clock, peers)
     for i in range(6):
-        broker.handle(Sender(b"client"), codec.encode(b"SUBMIT", {
-            "req": str(i), "tasks": [{"handler": "echo", "delay": 3600}]}))
+        broker.handle(
+            Sender(b"client"),
+            codec.encode(
+                b"SUBMIT",
+                {"req": str(i), "tasks": [{"handler": "echo", "delay": 3600}]},
+            ),
+        )
     assert len(broker.backlog.delayed) == 4
-    broker.handle(Sender(b"client"), codec.encode(b"SUBMIT", {
-        "req": "soon", "tasks": [{"handler": "echo", "delay": 1}]}))
+    broker.handle(
+        Sender(b"client"),
+        codec.encode(
+            b"SUBMIT",
+            {"req": "soon", "tasks": [{"handler": "echo", "delay": 1}]},
+        ),
+    )
     soon = 7
     assert soon in broker.backlog.delayed and len(broker.backlog.delayed) == 4
     identity = worker(broker)
@@ -295,23 +379,44 @@ def test_a_short_delay_is_not_held_back_by_a_full_delayed_window(
     assert task["id"] == soon
     # The ones pushed back to the store come in time too.
     ran = [task["id"]]
-    broker.handle(Sender(identity), codec.encode(b"RESULT", {
-        "id": soon, "token": task["token"], "state": "succeeded",
-        "result": None, "ready": True}))
+    broker.handle(
+        Sender(identity),
+        codec.encode(
+            b"RESULT",
+            {
+                "id": soon,
+                "token": task["token"],
+                "state": "succeeded",
+                "result": None,
+                "ready": True,
+            },
+        ),
+    )
     for _ in range(60):
         clock.advance(100)
         result_of(broker.poll())
         for task in peers.tasks():
             ran.append(task["id"])
-            broker.handle(Sender(identity), codec.encode(b"RESULT", {
-                "id": task["id"], "token": task["token"],
-                "state": "succeeded", "result": None, "ready": True}))
+            broker.handle(
+                Sender(identity),
+                codec.encode(
+                    b"RESULT",
+                    {
+                        "id": task["id"],
+                        "token": task["token"],
+                        "state": "succeeded",
+                        "result": None,
+                        "ready": True,
+                    },
+                ),
+            )
         assert held(broker) <= 4 + 1
     assert sorted(ran) == list(range(1, 8))
 
 
 def test_due_rows_from_the_delayed_window_keep_to_their_queue_window(
-        small_windows):
+    small_windows,
+):
     clock, store = open_store()
     clock.advance(1000)
     for i in range(30):
@@ -330,10 +435,12 @@ def test_retry_of_a_sql_row_with_null_priority(small_windows):
     task_id = store.insert_external("echo", "1").id
     peers = Peers()
     broker = start_broker(store, clock, peers)
-    broker.handle(Sender(b"client"), codec.encode(b"CANCEL", {"req": "c",
-                                                      "id": task_id}))
-    broker.handle(Sender(b"client"), codec.encode(b"RETRY", {"req": "r",
-                                                     "id": task_id}))
+    broker.handle(
+        Sender(b"client"), codec.encode(b"CANCEL", {"req": "c", "id": task_id})
+    )
+    broker.handle(
+        Sender(b"client"), codec.encode(b"RETRY", {"req": "r", "id": task_id})
+    )
     assert run_all(broker, peers, worker(broker)) == [task_id]
 
 

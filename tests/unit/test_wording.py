@@ -7,7 +7,10 @@ from taskbroker.wording import counted, edit_distance, nearest
 
 def test_counted():
     assert [counted(n, "slot") for n in (0, 1, 2)] == [
-        "0 slots", "1 slot", "2 slots"]
+        "0 slots",
+        "1 slot",
+        "2 slots",
+    ]
 
 
 def test_edit_distance():

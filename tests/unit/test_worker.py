@@ -80,9 +80,12 @@ def worker(clock, handler):
         sockets.append(FakeSocket(on_message, endpoint))
         return sockets[-1]
 
-    w = WorkerService(WorkerConfig(name="w", concurrency=2),
-                      {"manual": handler, "echo": _Echo()}, clock,
-                      connect=connect)
+    w = WorkerService(
+        WorkerConfig(name="w", concurrency=2),
+        {"manual": handler, "echo": _Echo()},
+        clock,
+        connect=connect,
+    )
     w.refused = []
     w.on_fatal = w.refused.append
     w.startService()
@@ -103,16 +106,34 @@ class _Echo:
 
 
 def welcome(worker, instance="b1"):
-    worker.fake.deliver(b"WELCOME", {"broker": instance,
-                                     "priorities": ["high", "normal", "low"],
-                                     "heartbeat": 1.0})
+    worker.fake.deliver(
+        b"WELCOME",
+        {
+            "broker": instance,
+            "priorities": ["high", "normal", "low"],
+            "heartbeat": 1.0,
+        },
+    )
 
 
-def task(task_id, handler="manual", attempt=1, payload=None, token=None,
-         time_limit=None):
-    return {"id": task_id, "handler": handler, "payload": payload,
-            "priority": "normal", "attempt": attempt, "max_attempts": 3,
-            "token": token or attempt, "time_limit": time_limit}
+def task(
+    task_id,
+    handler="manual",
+    attempt=1,
+    payload=None,
+    token=None,
+    time_limit=None,
+):
+    return {
+        "id": task_id,
+        "handler": handler,
+        "payload": payload,
+        "priority": "normal",
+        "attempt": attempt,
+        "max_attempts": 3,
+        "token": token or attempt,
+        "time_limit": time_limit,
+    }
 
 
 def test_announces_until_welcomed_then_sends_a_credit_per_slot(worker, clock):
@@ -140,9 +161,16 @@ def test_result_is_kept_until_acknowledged(worker, handler):
     [(_, result)] = worker.fake.take(b"RESULT")
     # The slot is free at once, before the broker acknowledges: its
     # credit rides with the result.
-    assert result == {"id": 7, "token": 1, "state": "succeeded",
-                      "result": {"ok": 1}, "error": None, "traceback": None,
-                      "permanent": False, "ready": True}
+    assert result == {
+        "id": 7,
+        "token": 1,
+        "state": "succeeded",
+        "result": {"ok": 1},
+        "error": None,
+        "traceback": None,
+        "permanent": False,
+        "ready": True,
+    }
     assert worker.fake.take(b"READY") == []
     # Re-welcomed (say the broker restarted): the result goes again, without
     # a credit (WELCOME is followed by one READY per free slot).
@@ -170,7 +198,8 @@ def test_restarted_broker_is_noticed_from_its_heartbeat(worker, handler):
 
 
 def test_answers_the_brokers_heartbeat_when_its_own_is_due_first(
-        worker, clock):
+    worker, clock
+):
     worker.fake.deliver(b"HEARTBEAT", {"broker": "b1"})
     assert worker.fake.take(b"HEARTBEAT") == []  # not welcomed yet
     welcome(worker)
@@ -186,8 +215,7 @@ def test_answers_the_brokers_heartbeat_when_its_own_is_due_first(
     assert len(worker.fake.take(b"HEARTBEAT")) == 1
 
 
-def test_a_heartbeat_that_crossed_the_brokers_is_not_sent_again(
-        worker, clock):
+def test_a_heartbeat_that_crossed_the_brokers_is_not_sent_again(worker, clock):
     welcome(worker)
     worker.fake.take()
     clock.advance(1.0)
@@ -221,7 +249,8 @@ def _beats_against(worker, clock, arrivals, until):
 
 
 def test_one_heartbeat_per_interval_whether_the_brokers_is_early_or_late(
-        worker, clock):
+    worker, clock
+):
     welcome(worker)
     worker.fake.take()
     # The broker's heartbeats come every second, give or take 30 ms.
@@ -253,21 +282,24 @@ def test_a_slower_heartbeat_is_not_sent_more_often(handler, clock):
         sockets.append(FakeSocket(on_message, endpoint))
         return sockets[-1]
 
-    w = WorkerService(WorkerConfig(name="w", heartbeat=5.0), {}, clock,
-                      connect=connect)
+    w = WorkerService(
+        WorkerConfig(name="w", heartbeat=5.0), {}, clock, connect=connect
+    )
     w.startService()
     w.fake = sockets[0]
     welcome(w)  # the broker's interval is 1 s
     beats = _beats_against(w, clock, [k + 0.5 for k in range(20)], 20.0)
     # In step with the broker's, so at most one of its intervals early.
     assert 4 <= len(beats) <= 5
-    assert all(4.0 - STEP <= b - a <= 5.0 + STEP
-               for a, b in zip(beats, beats[1:]))
+    assert all(
+        4.0 - STEP <= b - a <= 5.0 + STEP for a, b in zip(beats, beats[1:])
+    )
     result_of(w.stopService())
 
 
 def test_other_messages_do_not_stand_in_for_a_heartbeat(
-        worker, handler, clock):
+    worker, handler, clock
+):
     welcome(worker)
     worker.fake.deliver(b"TASK", task(5))
     worker.fake.take()
@@ -299,9 +331,14 @@ def test_rehello_makes_it_announce_again(worker):
 
 
 def test_fatal_error_is_reported(worker):
-    worker.fake.deliver(b"ERROR", {"code": "name_taken",
-                                   "message": "a live worker named 'w'\nis here",
-                                   "fatal": True})
+    worker.fake.deliver(
+        b"ERROR",
+        {
+            "code": "name_taken",
+            "message": "a live worker named 'w'\nis here",
+            "fatal": True,
+        },
+    )
     assert worker.refused == ["a live worker named 'w' is here"]
 
 
@@ -339,7 +376,8 @@ def test_a_task_it_cannot_read_fails_its_attempt_and_frees_the_slot(worker):
     assert result["state"] == "failed" and result["ready"] is True
     assert result["error"] == (
         "worker w could not read the task: TASK: field 'payload' is nested "
-        "deeper than 64 levels")
+        "deeper than 64 levels"
+    )
     assert worker.tasks == {} and worker.free_slots == 2
     # Kept until acknowledged, like every result.
     assert (4, 7) in worker.unacked
@@ -353,15 +391,25 @@ def test_a_task_at_the_depth_limit_runs(worker):
     assert result["state"] == "succeeded" and result["result"] == nested(64)
 
 
-@pytest.mark.parametrize("value, error", [
-    (nested(65), "result is nested deeper than 64 levels"),
-    ({1, 2}, "result is not JSON-serialisable: Object of type set is not "
-             "JSON serializable"),
-    (float("nan"), "result is not JSON-serialisable: Out of range float "
-                   "values are not JSON compliant"),
-])
-def test_a_result_it_cannot_send_fails_the_attempt(worker, handler, value,
-                                                   error):
+@pytest.mark.parametrize(
+    "value, error",
+    [
+        (nested(65), "result is nested deeper than 64 levels"),
+        (
+            {1, 2},
+            "result is not JSON-serialisable: Object of type set is not "
+            "JSON serializable",
+        ),
+        (
+            float("nan"),
+            "result is not JSON-serialisable: Out of range float "
+            "values are not JSON compliant",
+        ),
+    ],
+)
+def test_a_result_it_cannot_send_fails_the_attempt(
+    worker, handler, value, error
+):
     welcome(worker)
     worker.fake.deliver(b"TASK", task(10))
     worker.fake.take()
@@ -397,8 +445,10 @@ def test_stop_hands_back_what_outlives_the_grace(worker, handler, clock):
     clock.advance(30)
     assert stopped.called
     sent = [m for m in worker.fake.take() if m[0] in (b"RESULT", b"BYE")]
-    assert sent == [(b"RESULT", {"id": 5, "token": 4, "state": "released"}),
-                    (b"BYE", {})]
+    assert sent == [
+        (b"RESULT", {"id": 5, "token": 4, "state": "released"}),
+        (b"BYE", {}),
+    ]
     assert handler.pending[5].called  # cancelled
 
 
@@ -439,8 +489,10 @@ def test_unacknowledged_result_is_sent_again(worker, handler, clock):
 
 
 def test_broker_silence_is_judged_by_its_announced_heartbeat(worker, clock):
-    worker.fake.deliver(b"WELCOME", {"broker": "b1", "priorities": ["normal"],
-                                     "heartbeat": 5.0})
+    worker.fake.deliver(
+        b"WELCOME",
+        {"broker": "b1", "priorities": ["normal"], "heartbeat": 5.0},
+    )
     worker.fake.take()
     clock.advance(10)
     assert worker.fake.take(b"HELLO") == []  # 10 s < 5 s x 3 misses
@@ -473,10 +525,13 @@ def test_a_worker_nobody_welcomes_says_so_less_and_less_often(worker, clock):
 def test_with_curve_the_warning_names_the_keys(clock, handler):
     # A wrong server key or an unauthorized key fails ZeroMQ's handshake,
     # which the socket's user never hears of.
-    w = WorkerService(WorkerConfig(name="w"), {"manual": handler}, clock,
-                      connect=lambda endpoint, on_message: FakeSocket(
-                          on_message, endpoint),
-                      curve=(b"s" * 40, b"p" * 40, b"k" * 40))
+    w = WorkerService(
+        WorkerConfig(name="w"),
+        {"manual": handler},
+        clock,
+        connect=lambda endpoint, on_message: FakeSocket(on_message, endpoint),
+        curve=(b"s" * 40, b"p" * 40, b"k" * 40),
+    )
     w.startService()
     try:
         with capturedLogs() as events:
@@ -484,8 +539,10 @@ def test_with_curve_the_warning_names_the_keys(clock, handler):
             clock.advance(1)
             clock.advance(1)
         [warning] = _not_welcomed(events)
-        assert "--curve-server-key is this broker's public key" in (
-            warning["log_format"])
+        assert (
+            "--curve-server-key is this broker's public key"
+            in (warning["log_format"])
+        )
     finally:
         stopped = w.stopService()
         clock.advance(w.config.grace)
@@ -512,7 +569,8 @@ def test_a_long_error_is_cut_to_fit(worker, handler):
 
 
 def test_stopping_worker_drops_its_credits_and_hands_back_late_tasks(
-        worker, handler, clock):
+    worker, handler, clock
+):
     welcome(worker)
     worker.fake.deliver(b"TASK", task(12))
     worker.fake.take()
@@ -522,12 +580,14 @@ def test_stopping_worker_drops_its_credits_and_hands_back_late_tasks(
     # A task the broker sent before it heard goes straight back.
     worker.fake.deliver(b"TASK", task(13, token=5))
     assert worker.fake.take(b"RESULT") == [
-        (b"RESULT", {"id": 13, "token": 5, "state": "released"})]
+        (b"RESULT", {"id": 13, "token": 5, "state": "released"})
+    ]
     assert 13 not in worker.tasks
 
 
 def test_stopping_without_a_broker_does_not_wait_for_acks(
-        worker, handler, clock):
+    worker, handler, clock
+):
     welcome(worker)
     worker.fake.deliver(b"TASK", task(14))
     handler.pending[14].callback(1)  # its result is never acknowledged
@@ -540,8 +600,11 @@ def test_stopping_without_a_broker_does_not_wait_for_acks(
 
 # -- failover lists ------------------------------------------------------------
 
-BROKERS = ("tcp://127.0.0.1:5001", "tcp://127.0.0.1:5002",
-           "tcp://127.0.0.1:5003")
+BROKERS = (
+    "tcp://127.0.0.1:5001",
+    "tcp://127.0.0.1:5002",
+    "tcp://127.0.0.1:5003",
+)
 
 
 @pytest.fixture
@@ -556,9 +619,14 @@ def fleet_worker(clock, handler):
         sockets.append(FakeSocket(on_message, endpoint))
         return sockets[-1]
 
-    w = WorkerService(WorkerConfig(name="w", concurrency=2, broker=BROKERS,
-                                   failover_after=10.0),
-                      {"manual": handler}, clock, connect=connect)
+    w = WorkerService(
+        WorkerConfig(
+            name="w", concurrency=2, broker=BROKERS, failover_after=10.0
+        ),
+        {"manual": handler},
+        clock,
+        connect=connect,
+    )
     w.sockets = sockets
     w.startService()
     yield w
@@ -585,8 +653,9 @@ def test_a_worker_starts_on_the_broker_its_name_points_to(clock, handler):
             sockets.append(FakeSocket(on_message, endpoint))
             return sockets[-1]
 
-        w = WorkerService(WorkerConfig(name=name, broker=BROKERS), {},
-                          clock, connect=connect)
+        w = WorkerService(
+            WorkerConfig(name=name, broker=BROKERS), {}, clock, connect=connect
+        )
         w.startService()
         assert [s.endpoint for s in sockets] == [expected_order(name)[0]]
         assert w.endpoint == sockets[0].endpoint
@@ -595,7 +664,8 @@ def test_a_worker_starts_on_the_broker_its_name_points_to(clock, handler):
 
 
 def test_a_lost_broker_is_left_for_the_next_with_tasks_and_results(
-        fleet_worker, handler, clock):
+    fleet_worker, handler, clock
+):
     w = fleet_worker
     with capturedLogs() as events:
         welcome_on(w, "b1")
@@ -616,16 +686,17 @@ def test_a_lost_broker_is_left_for_the_next_with_tasks_and_results(
     [(_, hello)] = second.take(b"HELLO")
     # The new broker may adopt the attempt that still runs here.
     assert hello["running"] == [{"id": 8, "token": 4}]
-    [moved] = [e for e in events
-               if e["log_format"].startswith("leaving broker")]
+    [moved] = [
+        e for e in events if e["log_format"].startswith("leaving broker")
+    ]
     assert (moved["previous"], moved["endpoint"]) == tuple(
-        expected_order("w")[:2])
+        expected_order("w")[:2]
+    )
     assert "silent" in moved["log_format"]
     # The result that was never acknowledged goes to the new broker.
     welcome_on(w, "b2")
     [(_, result)] = second.take(b"RESULT")
-    assert (result["id"], result["token"], result["result"]) == (
-        7, 1, "done")
+    assert (result["id"], result["token"], result["result"]) == (7, 1, "done")
     assert len(second.take(b"READY")) == 1
 
 
@@ -642,7 +713,8 @@ def test_moves_go_round_the_list(fleet_worker, clock):
 
 
 def test_a_broker_that_never_answers_is_left_after_an_allowance(
-        fleet_worker, clock):
+    fleet_worker, clock
+):
     w = fleet_worker
     for _ in range(3):
         clock.advance(1)
@@ -663,7 +735,8 @@ def test_a_single_broker_is_never_left(worker, clock):
 
 
 def test_a_failing_store_for_failover_after_seconds_moves_the_worker(
-        fleet_worker, clock):
+    fleet_worker, clock
+):
     w = fleet_worker
     welcome_on(w, "b1")
     with capturedLogs() as events:
@@ -709,16 +782,19 @@ def test_a_new_broker_is_judged_afresh(fleet_worker, clock):
     assert [s.endpoint for s in w.sockets] == expected_order("w")[:3]
 
 
-def test_a_stopping_worker_may_move_and_leaves_no_timer_behind(
-        clock, handler):
+def test_a_stopping_worker_may_move_and_leaves_no_timer_behind(clock, handler):
     sockets = []
 
     def connect(endpoint, on_message):
         sockets.append(FakeSocket(on_message, endpoint))
         return sockets[-1]
 
-    w = WorkerService(WorkerConfig(name="w", broker=BROKERS, grace=30.0),
-                      {"manual": handler}, clock, connect=connect)
+    w = WorkerService(
+        WorkerConfig(name="w", broker=BROKERS, grace=30.0),
+        {"manual": handler},
+        clock,
+        connect=connect,
+    )
     w.startService()
     w.fake = sockets[0]
     welcome(w)
@@ -741,15 +817,20 @@ def test_a_stopping_worker_may_move_and_leaves_no_timer_behind(
 
 
 def test_a_worker_stopped_while_announcing_leaves_no_timer_behind(
-        clock, handler):
+    clock, handler
+):
     sockets = []
 
     def connect(endpoint, on_message):
         sockets.append(FakeSocket(on_message, endpoint))
         return sockets[-1]
 
-    w = WorkerService(WorkerConfig(name="w", broker=BROKERS, grace=5.0),
-                      {"manual": handler}, clock, connect=connect)
+    w = WorkerService(
+        WorkerConfig(name="w", broker=BROKERS, grace=5.0),
+        {"manual": handler},
+        clock,
+        connect=connect,
+    )
     w.startService()
     w.fake = sockets[0]
     welcome(w)

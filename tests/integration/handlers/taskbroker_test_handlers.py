@@ -22,9 +22,17 @@ def _log(event, task, **fields):
     """
     folder = os.environ.get("TASKBROKER_TEST_RECORD")
     if folder:
-        line = json.dumps({"event": event, "task": task.id,
-                           "attempt": task.attempt, "token": task.token,
-                           "pid": os.getpid(), "time": time.time(), **fields})
+        line = json.dumps(
+            {
+                "event": event,
+                "task": task.id,
+                "attempt": task.attempt,
+                "token": task.token,
+                "pid": os.getpid(),
+                "time": time.time(),
+                **fields,
+            }
+        )
         with open(os.path.join(folder, f"{os.getpid()}.jsonl"), "a") as f:
             f.write(line + "\n")
 
@@ -45,9 +53,13 @@ class Record:
 
         def done():
             _log("end", task)
-            return {"pid": os.getpid(), "attempt": task.attempt,
-                    "token": task.token, "started": started,
-                    "ended": time.time()}
+            return {
+                "pid": os.getpid(),
+                "attempt": task.attempt,
+                "token": task.token,
+                "started": started,
+                "ended": time.time(),
+            }
 
         return deferLater(task.clock, seconds, done)
 
