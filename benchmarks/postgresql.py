@@ -615,3 +615,133 @@ __all__ = [
     "server_version",
     "wait_done_pg",
 ]
+
+
+# -- pg-retention --------------------------------------------------------
+
+
+def _paced(brokers, rate, seconds):
+    """
+    Submit echo tasks at ``rate`` a second for ``seconds``, in a batch
+    every 20 ms, each broker through its own client and thread.
+
+    :returns: how many were submitted.
+    """
+    tick = 0.02
+    per_broker = rate / len(brokers)
+    counts, errors = [0] * len(brokers), []
+
+    def submit(index):
+        try:
+            with _client(brokers[index].endpoint) as client:
+                began = time.monotonic()
+                while True:
+                    elapsed = time.monotonic() - began
+                    if elapsed >= seconds:
+                        return
+                    due = int(per_broker * (elapsed + tick)) - counts[index]
+                    if due > 0:
+                        _bulk(client, [{"handler": "echo", "payload": 0}]
+                              * due)
+                        counts[index] += due
+                    time.sleep(max(0.0, began + elapsed + tick
+                                   - time.monotonic()))
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=submit, args=(i,))
+               for i in range(len(brokers))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+    return sum(counts)
+
+
+def _dispatch_in(db, since, until):
+    """
+    The echo tasks created between ``since`` and ``until`` (Unix times):
+    how many a second started, and their waits to start.
+    """
+    rows = db.execute(
+        "SELECT started_at - created_at FROM tasks WHERE handler = 'echo' "
+        "AND created_at >= %s AND created_at < %s AND started_at IS NOT NULL",
+        (since, until)).fetchall()
+    waits = [wait for (wait,) in rows]
+    return len(waits) / (until - since), waits
+
+
+def _old_left(db):
+    return db.execute("SELECT count(*) FROM tasks WHERE handler = "
+                      "'history'").fetchone()[0]
+
+
+@_guard
+def run_pg_retention(ctx):
+    """
+    Retention while tasks flow, on two brokers sharing a PostgreSQL
+    database (default settings: a new database keeps a week): the same
+    setup's maximum rate first (N tasks in bulk), then echo tasks paced
+    at 80 % of it, before and while the brokers delete H tasks that
+    finished eight days ago (inserted by one ``INSERT ... SELECT``).  The
+    dispatch rate and wait of the tasks created while the deletion ran,
+    against those created before it.
+    """
+    n, history = ctx.params.pg_throughput, ctx.params.pg_history
+    maximum = _pg_throughput(ctx, n, 2)["rate"]
+    rate = 0.8 * maximum
+    with fresh_schema(ctx, "retention") as schema:
+        with _Daemons(ctx, ctx.folder("pg-retention")) as daemons:
+            brokers = _brokers(daemons, schema, 2)
+            _spread_workers(daemons, brokers, ["w1", "w2"])
+            with closing(schema.connect()) as db:
+                # Before: a flow with nothing to delete.
+                began = time.time()
+                _paced(brokers, rate, ctx.params.pg_retention_seconds)
+                before = _dispatch_in(db, began + 1, time.time())
+                # The history, then a flow until it is gone: the brokers'
+                # next round of retention deletes it.
+                db.execute(
+                    "INSERT INTO tasks (handler, state, attempts, created_at,"
+                    " started_at, finished_at) SELECT 'history', "
+                    "'succeeded', 1, t, t, t FROM (SELECT extract(epoch "
+                    "FROM now()) - 8 * 86400 AS t) AS old, "
+                    "generate_series(1, %s)", (history,))
+                deleting, gone = [], []
+
+                def watch():
+                    deadline = time.monotonic() + STALL
+                    with closing(schema.connect()) as watcher:
+                        while time.monotonic() < deadline:
+                            left = _old_left(watcher)
+                            if left < history and not deleting:
+                                deleting.append(time.time())
+                            if left == 0:
+                                gone.append(time.time())
+                                return
+                            time.sleep(0.05)
+
+                watcher = threading.Thread(target=watch)
+                watcher.start()
+                flowing = time.time()
+                while not gone and time.time() - flowing < STALL:
+                    _paced(brokers, rate, 1.0)
+                watcher.join()
+                if not gone:
+                    raise BenchError(f"retention did not delete {history} "
+                                     f"old tasks within {STALL:g} s")
+                during = _dispatch_in(db, deleting[0], gone[0])
+    return {
+        "pg.retention.max_rate": maximum,
+        "pg.retention.offered": rate,
+        "pg.retention.rate_before": before[0],
+        "pg.retention.rate_during": during[0],
+        "pg.retention.wait_p50_before": _ms(percentile(before[1], 50)),
+        "pg.retention.wait_p50_during": _ms(percentile(during[1], 50)),
+        "pg.retention.wait_p99_before": _ms(percentile(before[1], 99)),
+        "pg.retention.wait_p99_during": _ms(percentile(during[1], 99)),
+        "pg.retention.deleted_per_s": history / (gone[0] - deleting[0]),
+        "pg.retention.slowdown": before[0] / during[0],
+    }

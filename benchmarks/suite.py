@@ -53,6 +53,8 @@ class Params:
     pg_priority_low: int = 100_000
     pg_priority_high: int = 200
     pg_compare: int = 20_000
+    pg_history: int = 200_000
+    pg_retention_seconds: float = 10.0
     redis: str = "redis://127.0.0.1:6379/11"
     postgres: str = "postgresql://postgres@127.0.0.1:5432/test"
     compare_venv: str = os.path.join(ROOT, "bench-results", ".venv-compare")
@@ -72,6 +74,8 @@ QUICK = dict(
     alone=3_000,
     floor=5_000,
     compare=1_000,
+    pg_history=100_000,
+    pg_retention_seconds=5.0,
     pg_throughput=10_000,
     pg_priority_low=20_000,
     pg_priority_high=50,
@@ -124,6 +128,11 @@ MEASURES = {
     "pg-priority": (
         postgresql.run_pg_priority,
         "10: high tasks behind 100,000 low ones on PostgreSQL",
+    ),
+    "pg-retention": (
+        postgresql.run_pg_retention,
+        "13: retention deleting while tasks flow at 80 % of the maximum, "
+        "two brokers on PostgreSQL",
     ),
     "procrastinate": (
         postgresql.run_procrastinate,

@@ -23,8 +23,9 @@ from taskbroker.store import FINAL_STATES
 PURGE_BATCH = 500
 #: Transactions one PURGE request runs, at most.
 PURGE_BATCHES_PER_REQUEST = 20
-#: Seconds between two rounds of retention.
-RETENTION_INTERVAL = 60.0
+#: Seconds between two rounds of retention: a round with nothing to
+#: delete is one indexed look, and frequent rounds keep each one short.
+RETENTION_INTERVAL = 10.0
 #: Tasks one CANCEL_MANY or RETRY_MANY request acts on, at most, and the
 #: page in which it reads them.
 BULK_LIMIT = 1000
