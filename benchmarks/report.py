@@ -86,6 +86,12 @@ def metrics(p):
         f"runnable), {p.many_connections:,} worker connections; "
         f"{SITE_REQUESTS} requests of each kind"
     )
+    S13 = (
+        "13 Retention while tasks flow: 2 brokers on PostgreSQL, 2 "
+        "workers x 1 slot, echo tasks at 80 % of the rate of "
+        f"{p.pg_throughput:,} in bulk, before and while the brokers delete "
+        f"{p.pg_history:,} tasks that finished 8 days ago"
+    )
     pg_compare = (
         f" ({p.pg_compare:,} jobs)" if p.pg_compare != p.pg_throughput else ""
     )
@@ -657,6 +663,52 @@ def metrics(p):
         ),
         Metric(
             "site.tasks", S12, "tasks in the store (the stats' count)", "tasks"
+        ),
+        Metric("pg.retention.max_rate", S13, "the maximum (bulk)", "tasks/s"),
+        Metric(
+            "pg.retention.rate_before",
+            S13,
+            "dispatch rate at 80 %, nothing to delete",
+            "tasks/s",
+        ),
+        Metric(
+            "pg.retention.rate_during",
+            S13,
+            "  the same while retention deletes",
+            "tasks/s",
+            target=("ratio", "pg.retention.rate_before", 0.9, "before"),
+        ),
+        Metric(
+            "pg.retention.wait_p50_before",
+            S13,
+            "submit -> start p50, nothing to delete",
+            "ms",
+        ),
+        Metric(
+            "pg.retention.wait_p50_during",
+            S13,
+            "  the same while retention deletes",
+            "ms",
+            target=("versus", "pg.retention.wait_p50_before", "before"),
+        ),
+        Metric(
+            "pg.retention.wait_p99_before",
+            S13,
+            "submit -> start p99, nothing to delete",
+            "ms",
+        ),
+        Metric(
+            "pg.retention.wait_p99_during",
+            S13,
+            "  the same while retention deletes",
+            "ms",
+            target=("versus", "pg.retention.wait_p99_before", "before"),
+        ),
+        Metric(
+            "pg.retention.deleted_per_s",
+            S13,
+            "tasks deleted a second (both brokers)",
+            "tasks/s",
         ),
     ]
 

@@ -74,7 +74,7 @@ QUICK = dict(
     alone=3_000,
     floor=5_000,
     compare=1_000,
-    pg_history=100_000,
+    pg_history=30_000,
     pg_retention_seconds=5.0,
     pg_throughput=10_000,
     pg_priority_low=20_000,
@@ -521,6 +521,11 @@ def parser():
         f"{d.pg_throughput:,})",
     )
     p.add_argument(
+        "--fail-on-miss",
+        action="store_true",
+        help="exit 1 when a judged target is missed (for CI)",
+    )
+    p.add_argument(
         "--compare-venv",
         metavar="DIR",
         help="the comparison virtualenv, created on demand "
@@ -728,7 +733,11 @@ def main(argv=None):
     )
     if interrupted:
         return 130
-    return 1 if errors else 0
+    missed = [row["key"] for row in report["rows"] if row["met"] is False]
+    if args.fail_on_miss and missed:
+        progress("targets missed: " + ", ".join(missed))
+        return 1
+    return 1 if errors or (args.fail_on_miss and skipped) else 0
 
 
 def _drop_databases(root):

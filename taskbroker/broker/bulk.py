@@ -12,15 +12,20 @@ the number of tasks; the clients ask again until done.  Under CURVE with
 client checks, a client key acts on its own tasks only.
 """
 
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.logger import Logger
 
 from taskbroker.broker.requests import Refused
 from taskbroker.schedules import format_duration, parse_duration
 from taskbroker.store import FINAL_STATES
 
-#: Tasks one purge transaction deletes.
-PURGE_BATCH = 500
+#: Tasks one purge transaction deletes, and the pause between two: at
+#: most 1,000 tasks a second per broker (86 million a day), which keeps
+#: up with any steady flow a broker carries, while dispatch goes on
+#: between.  A backlog (a first --keep-finished on a long history) is
+#: worked off at that pace.
+PURGE_BATCH = 100
+PURGE_PAUSE = 0.1
 #: Transactions one PURGE request runs, at most.
 PURGE_BATCHES_PER_REQUEST = 20
 #: Seconds between two rounds of retention: a round with nothing to
@@ -69,6 +74,11 @@ class Bulk:
         while (
             more and not broker.stopped and (batches is None or done < batches)
         ):
+            if done:
+                # Paced: back to back, batches would hold up the commits
+                # of dispatch (measured: a 0.7 s wait for the tasks
+                # submitted while 100,000 rows went at full speed).
+                yield task.deferLater(broker.clock, PURGE_PAUSE, lambda: None)
             rows = yield broker.store.purge(
                 finished_before, states, handler, submitter, PURGE_BATCH
             )

@@ -126,8 +126,16 @@ def test_retention_goes_in_small_batches_while_tasks_flow(
         return original(*args, **kwargs)
 
     monkeypatch.setattr(store, "purge", purge)
-    result_of(broker.bulk.retain())
+    done = broker.bulk.retain()
+    assert batches == [4]
+    # The next batch waits its pause.
+    clock.advance(bulk.PURGE_PAUSE - 0.01)
+    assert batches == [4]
+    clock.advance(0.01)
+    assert batches == [4, 4]
+    clock.advance(bulk.PURGE_PAUSE)
     assert batches == [4, 4, 4]
+    result_of(done)
     assert [row.state for row in tasks(store)] == ["queued"] * 3
 
 
@@ -176,11 +184,10 @@ def test_a_purge_request_does_a_bounded_amount(
     monkeypatch.setattr(bulk, "PURGE_BATCHES_PER_REQUEST", 2)
     finish_tasks(broker, peers, store, 5)
     clock.advance(10)
-    assert ask(broker, peers, b"PURGE", {"older_than": 1})[1] == {
-        "req": "r",
-        "deleted": 4,
-        "more": True,
-    }
+    send(broker, b"client", b"PURGE", {"req": "r", "older_than": 1})
+    clock.advance(bulk.PURGE_PAUSE)
+    [(_, _, answer)] = peers.take(b"client")
+    assert answer == {"req": "r", "deleted": 4, "more": True}
     assert ask(broker, peers, b"PURGE", {"older_than": 1})[1] == {
         "req": "r",
         "deleted": 1,
