@@ -19,6 +19,7 @@ unreachable, did not answer within ``--timeout``, or is unavailable, or
 """
 
 import os
+import signal
 import sys
 
 from twisted.python import usage
@@ -135,6 +136,12 @@ def main(argv=None, stdout=None, stderr=None, stdin=None):
     except RequestFailed as e:
         output.error(str(e))
         code = _EXIT_FOR_CODE.get(e.code, EXIT_USAGE)
+    except BrokenPipeError:
+        # The reader went away (taskbroker list | head): quiet, as a tool
+        # killed by SIGPIPE is, and nothing more is written to the pipe.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        code = 128 + signal.SIGPIPE
     except KeyboardInterrupt as e:
         output.error(f"interrupted; {e}" if str(e) else "interrupted")
         code = 130

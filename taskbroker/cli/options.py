@@ -291,7 +291,7 @@ class WaitOptions(_CommandOptions):
             "timeout",
             None,
             None,
-            "Seconds to wait in all (default: until every task has ended).",
+            "Seconds to wait in all (default: until every task has ended)",
             non_negative_number,
         ],
     ]
@@ -628,14 +628,14 @@ class ScheduleAddOptions(_CommandOptions):
             "max-attempts",
             None,
             None,
-            "Attempts each task may use.",
+            "Attempts each task may use",
             positive_int,
         ],
         [
             "time-limit",
             None,
             None,
-            "Seconds an attempt may run.",
+            "Seconds an attempt may run",
             positive_number,
         ],
     ]

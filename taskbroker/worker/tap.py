@@ -37,6 +37,10 @@ class Options(DaemonOptions):
         [setting] = [s for s in self.settings if s.field == "handlers_path"]
         self._listing = setting
 
+    # usage.Options shows a docstring's line breaks and indentation as
+    # they are.
+    opt_list_handlers.__doc__ = " ".join(opt_list_handlers.__doc__.split())
+
     _listing = None
 
     def postOptions(self):

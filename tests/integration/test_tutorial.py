@@ -35,8 +35,12 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
 TUTORIAL = os.path.join(ROOT, "docs", "tutorial.rst")
 #: Commands asked again until their output matches.
-READ_ONLY = ("taskbroker list", "taskbroker status", "taskbroker stats",
-             "taskbroker schedule list")
+READ_ONLY = (
+    "taskbroker list",
+    "taskbroker status",
+    "taskbroker stats",
+    "taskbroker schedule list",
+)
 #: How long one command (a pip install) or one wait may take.
 TIMEOUT = 300.0
 WAIT = 60.0
@@ -61,12 +65,18 @@ def blocks(text):
                 caption = option.group(1).strip()
             i += 1
         body = []
-        while i < len(lines) and (lines[i].startswith("   ")
-                                  or not lines[i].strip()):
+        while i < len(lines) and (
+            lines[i].startswith("   ") or not lines[i].strip()
+        ):
             body.append(lines[i])
             i += 1
-        found.append((match.group(1), caption,
-                      textwrap.dedent("\n".join(body)).strip("\n")))
+        found.append(
+            (
+                match.group(1),
+                caption,
+                textwrap.dedent("\n".join(body)).strip("\n"),
+            )
+        )
     return found
 
 
@@ -88,8 +98,9 @@ def pattern(expected):
     A regular expression for output the page shows: ``...`` is any text,
     white space any white space, and the lines come in order.
     """
-    parts = [re.escape(" ".join(part.split()))
-             for part in expected.split("...")]
+    parts = [
+        re.escape(" ".join(part.split())) for part in expected.split("...")
+    ]
     return re.compile(r".*?".join(parts).replace(r"\ ", r"\s+"), re.DOTALL)
 
 
@@ -118,8 +129,12 @@ class Shell:
         self.count = 0
         self.daemons = []
         self.process = subprocess.Popen(
-            ["bash", "--norc", "--noprofile"], stdin=subprocess.PIPE,
-            cwd=folder, env=env, text=True)
+            ["bash", "--norc", "--noprofile"],
+            stdin=subprocess.PIPE,
+            cwd=folder,
+            env=env,
+            text=True,
+        )
 
     def run(self, command, timeout=TIMEOUT):
         """
@@ -130,7 +145,8 @@ class Shell:
         done = os.path.join(self.folder, f".rc.{self.count}")
         self.process.stdin.write(
             f"{{ {command}\n}} > {out} 2>&1 < /dev/null; "
-            f"echo $? > {done}.tmp; mv {done}.tmp {done}\n")
+            f"echo $? > {done}.tmp; mv {done}.tmp {done}\n"
+        )
         self.process.stdin.flush()
         wait_for(lambda: os.path.exists(done), timeout, command)
         with open(out, encoding="utf-8") as f:
@@ -146,10 +162,17 @@ class Shell:
         log = os.path.join(self.folder, f".daemon.{self.count}")
         pid_file = log + ".pid"
         self.process.stdin.write(
-            f"{command} > {log} 2>&1 < /dev/null & echo $! > {pid_file}\n")
+            f"{command} > {log} 2>&1 < /dev/null & echo $! > {pid_file}\n"
+        )
         self.process.stdin.flush()
-        wait_for(lambda: os.path.exists(pid_file)
-                 and open(pid_file).read().endswith("\n"), WAIT, command)
+        wait_for(
+            lambda: (
+                os.path.exists(pid_file)
+                and open(pid_file).read().endswith("\n")
+            ),
+            WAIT,
+            command,
+        )
         with open(pid_file) as f:
             pid = int(f.read())
         self.daemons.append(pid)
@@ -205,9 +228,12 @@ def test_the_tutorial_runs_as_written(tmp_path):
         "TASKBROKER_BROKER": endpoint,
         "TASKWORKER_BROKER": endpoint,
         # The registries this machine may use, for pip.
-        **{k: v for k, v in os.environ.items()
-           if k.startswith(("PIP_", "UV_")) or k in ("http_proxy",
-                                                     "https_proxy")},
+        **{
+            k: v
+            for k, v in os.environ.items()
+            if k.startswith(("PIP_", "UV_"))
+            or k in ("http_proxy", "https_proxy")
+        },
     }
     ports = {"5555": str(broker_port), "8642": str(http_port)}
     shell = Shell(str(tmp_path), env)
@@ -236,9 +262,11 @@ def test_the_tutorial_runs_as_written(tmp_path):
 
 
 def run_step(shell, command, expected):
-    if command.startswith("pip install") and command.split()[-1] == \
-            "taskbroker":
-        command = f"{command[:-len('taskbroker')]}{shlex.quote(ROOT)}"
+    if (
+        command.startswith("pip install")
+        and command.split()[-1] == "taskbroker"
+    ):
+        command = f"{command[: -len('taskbroker')]}{shlex.quote(ROOT)}"
     if command.startswith("twistd -n "):
         _, log = shell.start(command)
 
@@ -250,18 +278,20 @@ def run_step(shell, command, expected):
             wait_for(logged, WAIT, command)
         except AssertionError:
             with open(log, encoding="utf-8", errors="replace") as f:
-                pytest.fail(f"{command}: expected\n{expected}\ngot\n"
-                            f"{f.read()[-3000:]}")
+                pytest.fail(
+                    f"{command}: expected\n{expected}\ngot\n{f.read()[-3000:]}"
+                )
         return
     deadline = time.monotonic() + WAIT
     while True:
         code, output = shell.run(command)
         if code == 0 and matches(expected, output):
             return
-        if not command.startswith(READ_ONLY) or \
-                time.monotonic() > deadline:
-            pytest.fail(f"{command}: exit {code}; expected\n{expected}\n"
-                        f"got\n{output[-3000:]}")
+        if not command.startswith(READ_ONLY) or time.monotonic() > deadline:
+            pytest.fail(
+                f"{command}: exit {code}; expected\n{expected}\n"
+                f"got\n{output[-3000:]}"
+            )
         time.sleep(0.5)
 
 
@@ -270,15 +300,21 @@ def test_the_page_is_read_as_meant():
     # command with its output.
     with open(TUTORIAL, encoding="utf-8") as f:
         found = blocks(f.read())
-    files = [caption for language, caption, _ in found
-             if language == "python"]
+    files = [caption for language, caption, _ in found if language == "python"]
     assert files == ["handlers/greetings.py", "submit.py"]
-    steps = [step for language, _, body in found if language == "console"
-             for step in commands(body)]
-    assert ("twistd -n --pidfile= taskbroker" in
-            [command for command, _ in steps])
-    assert ("taskbroker submit greet --payload '{\"name\": \"Ada\"}' --wait",
-            '"Hello, Ada!"') in steps
+    steps = [
+        step
+        for language, _, body in found
+        if language == "console"
+        for step in commands(body)
+    ]
+    assert "twistd -n --pidfile= taskbroker" in [
+        command for command, _ in steps
+    ]
+    assert (
+        'taskbroker submit greet --payload \'{"name": "Ada"}\' --wait',
+        '"Hello, Ada!"',
+    ) in steps
     assert matches('"Hello, Ada!"', '"Hello, Ada!"\n')
     assert not matches('"Hello, Ada!"', '"Hello, Bob!"\n')
     assert matches("workers: 2, slots: 2, ...", "workers: 2, slots: 2, free")
