@@ -39,7 +39,9 @@ class Options(DaemonOptions):
 
     # usage.Options shows a docstring's line breaks and indentation as
     # they are.
-    opt_list_handlers.__doc__ = " ".join(opt_list_handlers.__doc__.split())
+    opt_list_handlers.__doc__ = " ".join(
+        (opt_list_handlers.__doc__ or "").split()
+    )
 
     _listing = None
 
