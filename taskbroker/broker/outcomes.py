@@ -163,6 +163,7 @@ class Outcomes:
         """
         broker = self._broker
         task_id, token, row = attempt.task_id, attempt.token, attempt.row
+        broker.progress.flush(attempt)
         if state == "released":
             return self.requeue(
                 attempt,

@@ -295,7 +295,7 @@ def main(argv=None):
         try:
             answer = run_task(handlers, body, clock, progress)
         finally:
-            progress.cancel()
+            progress.finish()
         channel.send(answer)
 
 

@@ -101,10 +101,20 @@ class Throttle:
             self._last = self._monotonic()
             self._send(*due)
 
+    def finish(self):
+        """
+        The task ended: send what is pending now (before the result goes,
+        so the last report is the one the task keeps), and nothing more.
+        """
+        with self._lock:
+            due, self._pending = self._pending, None
+            self.cancel()
+            if due is not None:
+                self._send(*due)
+
     def cancel(self):
         """
-        Drop what is pending, and send nothing more: the task ended, and
-        its result says more.
+        Drop what is pending, and send nothing more.
         """
         with self._lock:
             self._cancelled = True

@@ -737,7 +737,7 @@ class WorkerService(Service):
     def _finished(self, outcome, task_id, token):
         throttle = self._throttles.pop((task_id, token), None)
         if throttle is not None:
-            throttle.cancel()
+            throttle.finish()
         started = self._started.pop((task_id, token), None)
         if started is not None:
             self._end_log.add(

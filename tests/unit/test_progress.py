@@ -113,6 +113,20 @@ def test_the_first_report_goes_at_once_and_the_last_one_always():
     assert sent[-1] == (11 * INTERVAL, (1, "end"))
 
 
+def test_a_finished_throttle_sends_what_is_pending_at_once():
+    clock, sent, throttle = throttled()
+    throttle(0.1, None)
+    throttle(0.5, None)
+    throttle(1.0, "done")
+    clock.advance(0.1)
+    throttle.finish()
+    assert sent == [(0, (0.1, None)), (0.1, (1.0, "done"))]
+    clock.advance(INTERVAL)
+    throttle(0.3, None)
+    assert len(sent) == 2
+    assert clock.getDelayedCalls() == []
+
+
 def test_a_cancelled_throttle_sends_nothing_more():
     clock, sent, throttle = throttled()
     throttle(0.1, None)
@@ -198,19 +212,25 @@ def test_only_the_current_attempts_holder_reports(running):
     assert stored(store) == (None, None, None)
 
 
-def test_what_is_unwritten_when_the_attempt_ends_is_dropped(running):
+def test_what_is_unwritten_when_the_attempt_ends_is_written_with_the_end(
+    running,
+):
     broker, store, clock = running
     progress(broker, 0.1)
     progress(broker, 0.9, "late")
+    assert stored(store)[:2] == (0.1, None)
     send(
         broker,
         b"w1/x",
         b"RESULT",
         {"id": 1, "token": 1, "state": "succeeded", "result": 1},
     )
-    clock.advance(WRITE_INTERVAL)
-    assert stored(store)[:2] == (0.1, None)
+    # A finished task keeps its handler's last report.
+    assert stored(store)[:2] == (0.9, "late")
     assert store.get(1).result.state == "succeeded"
+    assert clock.getDelayedCalls() == [] or all(
+        call.func != broker.progress._due for call in clock.getDelayedCalls()
+    )
 
 
 # -- the worker --------------------------------------------------------------
@@ -275,11 +295,12 @@ def test_a_worker_forwards_the_reports_of_a_running_task():
     ]
     clock.advance(INTERVAL)
     assert [body["fraction"] for _, body in socket.take(b"PROGRESS")] == [0.2]
-    # The result ends them: a report still pending is dropped.
+    # The result ends them: a report still pending goes first, and
+    # nothing after.
     running.progress(0.9, None)
     finish.callback("done")
     clock.advance(INTERVAL)
-    assert socket.take(b"PROGRESS") == []
+    assert [body["fraction"] for _, body in socket.take(b"PROGRESS")] == [0.9]
     assert len(socket.take(b"RESULT")) == 1
 
 
