@@ -252,6 +252,7 @@ def test_the_tutorial_runs_as_written(tmp_path):
                 continue
             for command, expected in commands(body):
                 for default, port in ports.items():
+                    command = command.replace(default, port)
                     expected = expected.replace(default, port)
                 run_step(shell, command, expected)
         # The page's folder holds what it said it would.
