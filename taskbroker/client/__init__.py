@@ -786,7 +786,7 @@ def purge_call(older_than, state=None, handler=None):
     """
     Delete the finished tasks (succeeded, failed or cancelled, or only
     ``state``) that finished over ``older_than`` seconds ago, of
-    ``handler`` if given: a request per few thousand, until none is left.
+    ``handler`` if given: a request per 2,000 at most, until none is left.
     Under CURVE, a client key deletes only its own tasks.
 
     :returns: how many it deleted (``int``).

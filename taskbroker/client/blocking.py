@@ -9,11 +9,13 @@ send the same request again, a few times, before giving up.  A new socket
 matters: the old one may still hold the unsent request, or receive the late
 answer, and either would be confused with the answer to the resend.  The
 resend is the same message, with the same ``req``.  Every request is
-resent but ``RETRY``: a ``SUBMIT`` carries a ``request_id`` that the broker
-remembers, so a copy of one it already carried out is answered with the
-tasks it created the first time; cancelling a cancelled task succeeds.  A
-resent ``RETRY`` would be refused (``not_retryable``) once the first copy
-had queued the task, so it is sent once.
+resent but ``SCHEDULE_REMOVE`` and a ``SCHEDULE_ADD`` without ``replace``:
+a ``SUBMIT`` carries a ``request_id`` that the broker remembers, so a copy
+of one it already carried out is answered with the tasks it created the
+first time; cancelling a cancelled task succeeds, and a ``RETRY`` of a
+task already queued again answers it as it is.  A copy of an add or a
+removal that the broker already carried out would be refused (``exists``,
+``not_found``), so those are sent once.
 
 A request the broker refuses as ``busy`` (too much work in progress) was
 not carried out, so it is sent again after a pause that doubles from 50 ms
