@@ -45,6 +45,8 @@ class Schedules:
     def __init__(self, broker):
         self._broker = broker
         self._warnings = RateLimit(WARN_INTERVAL, broker.monotonic)
+        # The schedules whose ticks this broker is skipping.
+        self._skipping = set()
 
     # -- requests ------------------------------------------------------------
 
@@ -299,14 +301,22 @@ class Schedules:
     def _fired(self, outcome, schedule):
         state, row = outcome
         broker = self._broker
+        if state == "gone":
+            return  # another broker's, or paused, changed or removed
         if state == "skipped":
-            self.log.info(
-                "schedule {name}: skipped the tick of {tick}, its last task "
-                "{task_id} is still queued or running",
-                name=schedule.name,
-                tick=schedule_object(schedule)["next_tick"],
-                task_id=schedule.last_task_id,
-            )
+            # Said when the skipping starts, not at every tick it lasts.
+            if schedule.name not in self._skipping:
+                self._skipping.add(schedule.name)
+                self.log.info(
+                    "schedule {name}: skipping ticks while its last task "
+                    "{task_id} is queued or running (from the tick of "
+                    "{tick})",
+                    name=schedule.name,
+                    tick=schedule_object(schedule)["next_tick"],
+                    task_id=schedule.last_task_id,
+                )
+            return
+        self._skipping.discard(schedule.name)
         if state != "enqueued":
             return
         self.log.info(

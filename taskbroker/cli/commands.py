@@ -506,6 +506,9 @@ def _many(act, verb, done, options, output, stdin):
             )
             return EXIT_USAGE
     acted, refused = act(state, handler)
+    if options["json"]:
+        output.json({"done": acted, "refused": refused})
+        return EXIT_OK
     output.line(f"{done} {acted} {which}")
     if refused:
         output.note(f"{refused} could not be (they changed state meanwhile)")

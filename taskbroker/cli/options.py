@@ -469,7 +469,8 @@ class PurgeOptions(_CommandOptions):
     longdesc = (
         "Delete the finished tasks that finished longer ago than "
         "DURATION (seconds, or a number with s, m, h or d, such as 30d), "
-        "a few hundred per transaction, and print how many.  Queued and "
+        "100 per transaction a tenth of a second apart (dispatch goes on "
+        "between), and print how many.  Queued and "
         "running tasks are never deleted.  (The broker's --keep-finished "
         "does this by itself.)"
     )
@@ -621,7 +622,7 @@ class ScheduleAddOptions(_CommandOptions):
             "payload",
             "p",
             None,
-            "The tasks' payload: JSON, @FILE, or - for stdin (default null).",
+            "The tasks' payload: JSON, @FILE, or @- for stdin (default null).",
         ],
         ["priority", None, None, "The tasks' priority level."],
         [

@@ -154,11 +154,21 @@ def test_skip_if_running(broker, peers, clock, store):
     add(broker, peers, skip_if_running=True)
     clock.advance(60)
     result_of(broker.schedules.tick())
-    clock.advance(60)
-    result_of(broker.schedules.tick())
+    with capturedLogs() as events:
+        for _ in range(3):
+            clock.advance(60)
+            result_of(broker.schedules.tick())
     [first] = tasks(store)
     [row] = result_of(store.schedules())
-    assert (row.last_tick, row.last_task_id) == (START + 120, first.id)
+    assert (row.last_tick, row.last_task_id) == (START + 240, first.id)
+    # Said once, when the skipping starts.
+    assert [
+        formatEvent(e) for e in events if "skipping" in formatEvent(e)
+    ] == [
+        "schedule every-minute: skipping ticks while its last task 1 is "
+        "queued or running (from the tick of "
+        "2026-12-05T01:02:00.000000+00:00)"
+    ]
     ask(broker, peers, b"CANCEL", {"id": first.id})
     clock.advance(60)
     result_of(broker.schedules.tick())

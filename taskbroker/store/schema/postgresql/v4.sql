@@ -290,8 +290,8 @@ CREATE TABLE schedules (
     -- nothing.
     skip_if_running boolean NOT NULL DEFAULT false,
     paused boolean NOT NULL DEFAULT false,
-    -- Unix times: the tick to enqueue next, the last one handled, and
-    -- the task it enqueued (NULL if it skipped).
+    -- Unix times: the tick to enqueue next and the last one handled;
+    -- and the last task the schedule enqueued (a skipped tick keeps it).
     next_tick double precision NOT NULL,
     last_tick double precision,
     last_task_id bigint,

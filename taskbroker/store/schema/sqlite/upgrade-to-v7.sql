@@ -48,8 +48,8 @@ CREATE TABLE schedules (
         CONSTRAINT skip_if_running CHECK (skip_if_running IN (0, 1)),
     paused INTEGER NOT NULL DEFAULT 0
         CONSTRAINT paused CHECK (paused IN (0, 1)),
-    -- Unix times: the tick to enqueue next, the last one handled, and
-    -- the task it enqueued (NULL if it skipped).
+    -- Unix times: the tick to enqueue next and the last one handled;
+    -- and the last task the schedule enqueued (a skipped tick keeps it).
     next_tick REAL NOT NULL,
     last_tick REAL,
     last_task_id INTEGER,
