@@ -317,7 +317,10 @@ def test_a_flood_of_lists_over_large_tasks_is_bounded(cluster):
 @pytest.mark.parametrize(
     "limits, bound",
     [
-        ("1024:8192", 1.0),  # raised to the hard limit at start
+        # Raised to the hard limit at start.  (Up to a second more: on a
+        # busy machine the flood can fill the listen backlog, and the
+        # kernel sends a dropped SYN again after one second.)
+        ("1024:8192", 3.0),
         ("1024:1024", 10.0),  # cannot be raised: handshakes end after 5 s
     ],
 )
