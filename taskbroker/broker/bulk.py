@@ -151,25 +151,18 @@ class Bulk:
 
     # -- requests ------------------------------------------------------------
 
-    def _answer(self, call, identity, body, key, doing):
-        requests = self._broker.requests
-        req = body["req"]
-        d = defer.maybeDeferred(call, body, key)
-        d.addCallback(lambda answer: requests.reply(identity, req, answer))
-        return d.addErrback(requests.failed, doing, identity, req)
-
     def on_PURGE(self, identity, body, key=None):
-        return self._answer(
+        return self._broker.requests.carry_out(
             self.purge_request, identity, body, key, "purging tasks"
         )
 
     def on_CANCEL_MANY(self, identity, body, key=None):
-        return self._answer(
+        return self._broker.requests.carry_out(
             self.cancel_many, identity, body, key, "cancelling tasks"
         )
 
     def on_RETRY_MANY(self, identity, body, key=None):
-        return self._answer(
+        return self._broker.requests.carry_out(
             self.retry_many, identity, body, key, "retrying tasks"
         )
 

@@ -127,6 +127,16 @@ class Requests:
                 f"internal error while {doing}; see the broker's log",
             )
 
+    def carry_out(self, call, identity, body, key, doing):
+        """
+        Answer a request with what ``call(body, key)`` returns (a reply's
+        body, or a ``Deferred`` of one), or with the error it fails with.
+        """
+        req = body["req"]
+        d = defer.maybeDeferred(call, body, key)
+        d.addCallback(lambda answer: self.reply(identity, req, answer))
+        return self._answered(d, doing, identity, req)
+
     def _answered(self, d, doing, identity, req):
         # Every chain ends here, so that an exception anywhere in it is
         # answered and logged rather than lost.

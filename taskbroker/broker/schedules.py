@@ -59,33 +59,28 @@ class Schedules:
                 "forbidden", f"{doing} needs an admin key (--admin-clients)"
             )
 
-    def _answer(self, call, identity, body, key, doing):
-        requests = self._broker.requests
-        req = body["req"]
-        d = defer.maybeDeferred(call, body, key)
-        d.addCallback(lambda answer: requests.reply(identity, req, answer))
-        return d.addErrback(requests.failed, doing, identity, req)
-
     def on_SCHEDULE_ADD(self, identity, body, key=None):
-        return self._answer(self.add, identity, body, key, "adding a schedule")
+        return self._broker.requests.carry_out(
+            self.add, identity, body, key, "adding a schedule"
+        )
 
     def on_SCHEDULE_LIST(self, identity, body, key=None):
-        return self._answer(
+        return self._broker.requests.carry_out(
             self.list, identity, body, key, "listing schedules"
         )
 
     def on_SCHEDULE_REMOVE(self, identity, body, key=None):
-        return self._answer(
+        return self._broker.requests.carry_out(
             self.remove, identity, body, key, "removing a schedule"
         )
 
     def on_SCHEDULE_PAUSE(self, identity, body, key=None):
-        return self._answer(
+        return self._broker.requests.carry_out(
             self.pause, identity, body, key, "pausing a schedule"
         )
 
     def on_SCHEDULE_RESUME(self, identity, body, key=None):
-        return self._answer(
+        return self._broker.requests.carry_out(
             self.resume, identity, body, key, "resuming a schedule"
         )
 
