@@ -20,7 +20,7 @@ from taskbroker.errors import one_line
 from taskbroker.protocol import codec
 from taskbroker.protocol.codec import dumps
 from taskbroker.protocol.objects import schedule_object
-from taskbroker.schedules import next_tick, unique_key, zone
+from taskbroker.schedules import next_tick, unique_key
 from taskbroker.store import NewTask, ScheduleRow
 
 #: Seconds between looks for schedules that came due: a tick is enqueued
@@ -152,7 +152,7 @@ class Schedules:
             )
         now = broker.clock.seconds()
         try:
-            zone(timezone)
+            # (Checks the zone too: 'every' has none but UTC.)
             first = next_tick(now, every, cron, timezone)
         except ValueError as e:
             raise Refused("bad_schedule", one_line(e)) from None

@@ -828,9 +828,13 @@ class MemoryStore:
         return self._run_open(lambda: self._settings.get(name))
 
     def _run_open(self, function):
-        if not self._open:
-            return defer.fail(StoreError("memory store is not open"))
-        return self._run(function)
+        # Checked open inside _run, as the other methods are.
+        def checked():
+            self._check_open()
+            return function()
+
+        checked.__name__ = function.__name__
+        return self._run(checked)
 
 
 def _order(value):
