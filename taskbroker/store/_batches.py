@@ -123,6 +123,17 @@ class BatchedStore:
         """
         raise NotImplementedError()
 
+    def _commit_here(self, operations):
+        """
+        Commit a group of writes in the reactor's thread, now, where that
+        is cheaper than a round trip to the store's thread and short
+        enough not to hold up the reactor.
+
+        :returns: ``(True, outcomes)`` as :meth:`_commit`'s, or ``(False,
+            None)`` to commit in the store's thread instead (always, here).
+        """
+        return False, None
+
     def _lose(self, error):
         raise NotImplementedError()
 
@@ -164,9 +175,17 @@ class BatchedStore:
             return
         self.transactions += 1
         operations = [(operation, args) for operation, args, _ in batch]
+        self._flushing += 1
+        try:
+            done_here, outcomes = self._commit_here(operations)
+        except BaseException:
+            self._flush_failed(Failure(), batch)
+            return
+        if done_here:
+            self._flushed(outcomes, batch)
+            return
         writer = self._free_writer()
         d = writer.run(self._commit, operations)
-        self._flushing += 1
         self._in_flight[writer] = self._in_flight.get(writer, 0) + 1
 
         def done(result):

@@ -36,12 +36,21 @@ class ConnectionThread:
     its thread pool, and about 45 here (a queue, and ``callFromThread``).
     Every write of the broker pays it once per group commit.
 
+    The caller may also run a function on the connection in its own
+    thread, at once, while the thread has nothing to do (see
+    :meth:`run_here`).
+
     :param connect: called in the thread to make the connection.
+    :param switched: if given, called as ``switched(connection, here)``
+        before a function runs where the one before did not: ``here`` is
+        true in the caller's thread (:meth:`run_here`), false in the
+        connection's own, so that each may have its own settings.
     """
 
-    def __init__(self, reactor, connect, name):
+    def __init__(self, reactor, connect, name, switched=None):
         self._reactor = reactor
         self._connect = connect
+        self._switched = switched
         self._queue = queue.SimpleQueue()
         self._thread = threading.Thread(
             target=self._work, name=name, daemon=True
@@ -49,6 +58,10 @@ class ConnectionThread:
         self._stopped = None
         self._connection = None
         self._interrupted = False
+        # Functions handed to the thread whose results have not come back
+        # yet; counted in the caller's thread.
+        self._outstanding = 0
+        self._here = False
 
     def start(self):
         """
@@ -74,8 +87,37 @@ class ConnectionThread:
             *args)``, called in the thread.
         """
         d = defer.Deferred()
+        self._outstanding += 1
+        d.addBoth(self._came_back)
         self._queue.put((function, args, d))
         return d
+
+    def _came_back(self, result):
+        self._outstanding -= 1
+        return result
+
+    def run_here(self, function, *args):
+        """
+        Call ``function(connection, *args)`` in the calling thread, now,
+        if the connection's thread is idle: nothing handed to it is
+        running or waiting.  Order is kept, as nothing issued earlier is
+        left to run first.
+
+        :returns: ``(True, result)``, or ``(False, None)`` when the thread
+            is busy, stopping or not connected; ``function``'s exception
+            propagates.
+        """
+        connection = self._connection
+        if self._outstanding or connection is None or self._interrupted:
+            return False, None
+        if not self._here:
+            self._switch(connection, True)
+        return True, function(connection, *args)
+
+    def _switch(self, connection, here):
+        self._here = here
+        if self._switched is not None:
+            self._switched(connection, here)
 
     def stop(self):
         """
@@ -86,6 +128,7 @@ class ConnectionThread:
         """
         if self._stopped is None:
             return defer.succeed(None)
+        self._outstanding += 1  # run_here may not use it any more
         self._queue.put(None)
         return self._stopped
 
@@ -120,6 +163,8 @@ class ConnectionThread:
             try:
                 if self._interrupted:
                     raise sqlite3.OperationalError("interrupted")
+                if self._here:
+                    self._switch(connection, False)
                 result = function(connection, *args)
             except BaseException:
                 call(d.errback, Failure())

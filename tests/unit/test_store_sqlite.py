@@ -24,7 +24,7 @@ from taskbroker.errors import StoreError, StoreLocked, WriteRefused
 from taskbroker.protocol import codec
 from taskbroker.store import _schema
 from taskbroker.store._sqlite_threads import ConnectionThread
-from taskbroker.store.sqlite import SQLiteStore
+from taskbroker.store.sqlite import INLINE_ROWS, SQLiteStore
 from taskbroker.testing.store_contract import new_task, rows_of
 
 #: The newest schema version.
@@ -878,10 +878,13 @@ async def test_group_commit(sqlite_store):
 @pytest_twisted.ensureDeferred
 async def test_writes_during_a_flush_go_in_the_next(sqlite_store, reactor):
     before = sqlite_store.transactions
-    first = sqlite_store.submit([new_task(payload='"first"')])
+    # Too many rows to commit in the reactor's thread.
+    first = sqlite_store.submit(
+        [new_task(payload='"first"') for _ in range(INLINE_ROWS + 1)]
+    )
     later = []
-    # Runs just after the first flush was handed to the pool thread, in the
-    # same timer pass, so that flush cannot have finished yet.
+    # Runs just after the first flush was handed to the store's thread, in
+    # the same timer pass, so that flush cannot have finished yet.
     reactor.callLater(
         0,
         lambda: later.extend(
@@ -892,7 +895,109 @@ async def test_writes_during_a_flush_go_in_the_next(sqlite_store, reactor):
     await defer.gatherResults(later)
     assert len(later) == 10
     assert sqlite_store.transactions - before == 2
-    assert len(await sqlite_store.list(None, None, 0, 100)) == 11
+    assert len(await sqlite_store.list(None, None, 0, 100)) == 11 + INLINE_ROWS
+
+
+def record_commit_threads(store):
+    """
+    :returns: the list to which each of ``store``'s transactions appends
+        the name of the thread that committed it.
+    """
+    import threading
+
+    threads = []
+    commit = store._commit
+
+    def recording(connection, operations):
+        threads.append(threading.current_thread().name)
+        return commit(connection, operations)
+
+    store._commit = recording
+    return threads
+
+
+@pytest_twisted.ensureDeferred
+async def test_small_writes_commit_in_the_reactor_thread(sqlite_store):
+    threads = record_commit_threads(sqlite_store)
+    (row,) = rows_of(await sqlite_store.submit([new_task()]))
+    assert await sqlite_store.dispatch(row.id, 1, "w", 1.0) is True
+    assert await sqlite_store.finish(
+        row.id, 1, "succeeded", "1", None, None, 2.0
+    )
+    many = [new_task() for _ in range(INLINE_ROWS + 1)]
+    assert len(await sqlite_store.submit(many)) == INLINE_ROWS + 1
+    await sqlite_store.purge(3.0)
+    assert threads == ["MainThread"] * 3 + ["taskbroker-sqlite"] * 2
+    # Statements in the store's thread wait for other programs' locks as
+    # configured; see test_a_locked_database_never_blocks_the_reactor.
+    timeout = await sqlite_store._thread.run(
+        lambda c: c.execute("PRAGMA busy_timeout").fetchone()[0]
+    )
+    assert timeout == 5000
+
+
+@pytest_twisted.ensureDeferred
+async def test_writes_wait_for_the_store_thread_to_keep_their_order(
+    sqlite_store,
+):
+    import threading
+
+    threads = record_commit_threads(sqlite_store)
+    release = threading.Event()
+    busy = sqlite_store._thread.run(lambda connection: release.wait(30))
+    submitted = sqlite_store.submit([new_task()])
+    await deferLater(0.01)
+    assert not submitted.called
+    release.set()
+    await busy
+    assert len(await submitted) == 1
+    assert threads == ["taskbroker-sqlite"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_full_sync_commits_in_the_store_thread(reactor, db_path):
+    store = SQLiteStore(db_path, reactor, synchronous="full")
+    await store.open()
+    try:
+        threads = record_commit_threads(store)
+        await store.submit([new_task()])
+    finally:
+        await store.close()
+    assert threads == ["taskbroker-sqlite"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_locked_database_never_blocks_the_reactor(reactor, db_path):
+    # Another program holds the write lock: the commit tried in the
+    # reactor's thread fails at once and waits in the store's thread.
+    store = SQLiteStore(db_path, reactor)
+    await store.open()
+    try:
+        threads = record_commit_threads(store)
+        other = sqlite3.connect(db_path, isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")
+        ticks = []
+        submitted = store.submit([new_task()])
+        for _ in range(5):
+            await deferLater(0.01)
+            ticks.append(submitted.called)
+        other.execute("ROLLBACK")
+        other.close()
+        assert len(await submitted) == 1
+        assert ticks == [False] * 5
+        assert threads == ["MainThread", "taskbroker-sqlite"]
+        # The next one is back in the reactor's thread, not waiting.
+        await store.submit([new_task()])
+        assert threads[2:] == ["MainThread"]
+        assert len(await store.list(None, None, 0, 10)) == 2
+    finally:
+        await store.close()
+
+
+def deferLater(seconds):
+    from twisted.internet import reactor, task
+
+    return task.deferLater(reactor, seconds, lambda: None)
 
 
 @pytest_twisted.ensureDeferred
