@@ -857,8 +857,19 @@ def run_floor(ctx):
     storage, 2 worker processes, one client process: N tasks at once,
     then M one at a time.
     """
+    result = _floor(ctx, ctx.params.floor)
+    out = {"floor.throughput": result["throughput"]}
+    out.update(_latency_keys("floor", result))
+    return out
+
+
+def _floor(ctx, tasks, name="floor"):
+    """
+    :returns: the floor client's result: N tasks at once (none if
+        ``tasks`` is 0), then the latency workload.
+    """
     p = ctx.params
-    with _Daemons(ctx, ctx.folder("floor")) as daemons:
+    with _Daemons(ctx, ctx.folder(name)) as daemons:
         broker = daemons.process(
             "floor-broker",
             [PYTHON, os.path.join(FLOOR, "broker.py")],
@@ -891,7 +902,7 @@ def run_floor(ctx):
                 "--frontend",
                 frontend,
                 "--tasks",
-                str(p.floor),
+                str(tasks),
                 "--latency",
                 str(p.latency),
                 "--warmup",
@@ -904,10 +915,7 @@ def run_floor(ctx):
             "the floor client's result",
             watched=[broker, *workers],
         )
-    result = _json(match.group(1), "the floor client")
-    out = {"floor.throughput": result["throughput"]}
-    out.update(_latency_keys("floor", result))
-    return out
+    return _json(match.group(1), "the floor client")
 
 
 def _compare(ctx, system, workers, driver, tasks):
@@ -953,8 +961,9 @@ def _compare(ctx, system, workers, driver, tasks):
             raise BenchError(f"{system}: {match.group(2)}")
         client.wait_exit(60)
     result = _json(match.group(2), f"the {system} driver")
-    out = {f"{system}.throughput": result["throughput"]}
-    out.update(_latency_keys(system, result))
+    out = _latency_keys(system, result)
+    if tasks:
+        out[f"{system}.throughput"] = result["throughput"]
     out["details"] = {"submit_seconds": result.get("submit_seconds")}
     return out
 
@@ -965,6 +974,10 @@ def run_celery(ctx):
     Celery with Redis: prefetch multiplier 1, acks late, one worker with
     2 prefork processes, a no-op task.
     """
+    return _celery(ctx, ctx.params.compare)
+
+
+def _celery(ctx, tasks):
     celery = os.path.join(os.path.dirname(ctx.compare_python), "celery")
     return _compare(
         ctx,
@@ -988,8 +1001,49 @@ def run_celery(ctx):
             ]
         ],
         "celery_driver.py",
-        ctx.params.compare,
+        tasks,
     )
+
+
+# -- 14. latency beside a CPU hog ------------------------------------------
+
+#: A process that keeps one core busy, as other work on a shared machine.
+HOG = (PYTHON, "-c", "while True: pass")
+
+
+@_guard
+def run_latency_hog(ctx):
+    """
+    The latency workload of the floor, taskbroker and (where Redis and
+    the comparison virtualenv are there) Celery, each with one process
+    spinning on a core beside it: on two cores, the four processes of a
+    task's path then share one.
+    """
+    out = {}
+    with _Daemons(ctx, ctx.folder("hog")) as daemons:
+        daemons.process("cpu-hog", list(HOG))
+        floor = _floor(ctx, 0, name="floor-hog")
+        out.update(
+            (f"hog.{key}", value)
+            for key, value in _latency_keys("floor", floor).items()
+            if ".result_" in key
+        )
+        out.update(
+            (f"hog.{key}", value)
+            for key, value in _one_at_a_time(ctx, ctx.params.latency).items()
+            if ".result_" in key
+        )
+        try:
+            celery = _celery(ctx, 0)
+        except Skip as e:
+            out["details"] = {"celery": f"not run: {e}"}
+        else:
+            out.update(
+                (f"hog.{key}", value)
+                for key, value in celery.items()
+                if ".result_" in key
+            )
+    return out
 
 
 @_guard

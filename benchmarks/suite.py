@@ -112,6 +112,11 @@ MEASURES = {
         measures.run_worker_alone,
         "6: one worker fed by a stub broker",
     ),
+    "latency-hog": (
+        measures.run_latency_hog,
+        "14: the latency workload of the floor, taskbroker and Celery "
+        "beside a CPU hog",
+    ),
     "celery": (
         measures.run_celery,
         "7: Celery + Redis, throughput and latency workloads",
