@@ -24,6 +24,14 @@ log = Logger()
 #: Seconds between WAL checkpoints (see :class:`Checkpointer`).
 CHECKPOINT_INTERVAL = 1.0
 
+#: A WAL of this many frames (pages) or more after a checkpoint is
+#: restarted (see :class:`Checkpointer`): 4,096 pages of 4 KiB, 16 MiB.
+RESTART_FRAMES = 4096
+
+#: Milliseconds a restarting checkpoint waits for the writer and for
+#: readers; all writes wait for it meanwhile.
+RESTART_WAIT_MS = 20
+
 
 class ConnectionThread:
     """
@@ -209,6 +217,17 @@ class Checkpointer:
     latencies were made of.  A ``PASSIVE`` checkpoint here copies what it
     can without blocking the writer.
 
+    But SQLite writes the WAL from its start again only when a checkpoint
+    has copied every frame before the next write begins, which a passive
+    one never does while writes keep coming: under steady load the WAL
+    grew by about 15 KiB a task, without end.  So when a passive
+    checkpoint leaves :data:`RESTART_FRAMES` frames or more, a
+    ``RESTART`` one follows: it holds writes back while it copies what
+    the passive one left (a few milliseconds), and waits at most
+    :data:`RESTART_WAIT_MS` for readers of old frames, failing otherwise
+    (it tries again a second later).  The store's commits in the reactor's
+    thread do not wait for it; they go to the store's thread meanwhile.
+
     Before each checkpoint it also runs ``watch``, which raises
     :class:`taskbroker.errors.StoreLost` when the database's files were
     removed or replaced, so that an idle broker notices within a tick too;
@@ -274,11 +293,21 @@ class Checkpointer:
             self._connection.execute(
                 f"PRAGMA busy_timeout = {self._busy_timeout_ms:d}"
             )
-        return tuple(
-            self._connection.execute(
-                "PRAGMA wal_checkpoint(PASSIVE)"
-            ).fetchone()
+        connection = self._connection
+        result = tuple(
+            connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
         )
+        if result[1] < RESTART_FRAMES:
+            return result
+        connection.execute(f"PRAGMA busy_timeout = {RESTART_WAIT_MS:d}")
+        try:
+            return tuple(
+                connection.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
+            )
+        finally:
+            connection.execute(
+                f"PRAGMA busy_timeout = {self._busy_timeout_ms:d}"
+            )
 
     def _close_connection(self):
         if self._connection is not None:

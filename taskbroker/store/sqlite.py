@@ -57,6 +57,10 @@ _SMALL_WRITES = frozenset(
 #: each, a few hundred microseconds at most.
 INLINE_ROWS = 16
 
+#: Bytes to which the WAL file is cut back when SQLite writes it from its
+#: start again.
+WAL_SIZE_LIMIT = 64 * 1024 * 1024
+
 #: SQLite's result code for "database is locked", without its extension.
 _SQLITE_BUSY = 5
 
@@ -304,6 +308,10 @@ class SQLiteStore(BatchedStore):
             # Checkpointer), not inside whichever commit crosses the WAL's
             # size threshold.
             connection.execute("PRAGMA wal_autocheckpoint = 0")
+            # Restarted (see Checkpointer), the WAL is cut back to this.
+            connection.execute(
+                f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT:d}"
+            )
             connection.execute(
                 f"PRAGMA synchronous = {_SYNCHRONOUS[self._synchronous]}"
             )

@@ -860,6 +860,32 @@ async def test_checkpoints_run_apart_from_commits(sqlite_store, db_path):
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_long_wal_is_restarted(sqlite_store, db_path, monkeypatch):
+    # A passive checkpoint never lets SQLite write the WAL from its start
+    # again while writes keep coming; past RESTART_FRAMES a RESTART one
+    # follows.  A reader of old frames shows which ran: a RESTART waits
+    # for it (briefly) and reports busy, where a passive one does not.
+    from taskbroker.store import _sqlite_threads
+
+    monkeypatch.setattr(_sqlite_threads, "RESTART_FRAMES", 10)
+    await sqlite_store.submit([new_task() for _ in range(50)])
+    with closing(sqlite3.connect(db_path, isolation_level=None)) as reader:
+        reader.execute("BEGIN")
+        reader.execute("SELECT count(*) FROM tasks").fetchone()
+        for _ in range(5):
+            await sqlite_store.submit([new_task() for _ in range(50)])
+        busy, frames, copied = await sqlite_store.checkpoint()
+        assert busy == 1 and frames >= 10
+        reader.execute("COMMIT")
+    busy, frames, copied = await sqlite_store.checkpoint()
+    assert (busy, copied) == (0, frames)
+    # The next write starts the WAL again from its beginning.
+    await sqlite_store.submit([new_task()])
+    _, after, _ = await sqlite_store.checkpoint()
+    assert after < 10 <= frames
+
+
+@pytest_twisted.ensureDeferred
 async def test_group_commit(sqlite_store):
     before = sqlite_store.transactions
     submitted = [
