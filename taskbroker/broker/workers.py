@@ -320,12 +320,24 @@ class Workers:
             # (and the slot's request for work) waits for the store.
             self._early[(identity, body["id"])] = body
             return
-        self._result(identity, session, body)
+        attempt = self._take_result(identity, session, body)
         if body.get("ready") and session is not None:
-            # The slot that ran it asks for work in the same message.
+            # The slot that ran it asks for work in the same message.  Its
+            # next task's dispatch is queued first, so that it commits in
+            # the same transaction as the result and its TASK leaves
+            # before the result's bookkeeping and ACK.
             self.on_READY(identity, session, body)
+        if attempt is not None:
+            self._record(identity, attempt, body)
 
-    def _result(self, identity, session, body):
+    def _take_result(self, identity, session, body):
+        """
+        End the attempt a RESULT reports and free its slot.
+
+        :returns: the :class:`~taskbroker.broker.attempts.Attempt` to
+            record, or ``None`` when there is nothing to record (the
+            sender must announce itself, or the attempt is not its).
+        """
         broker = self._broker
         task_id, token = body["id"], body["token"]
         if session is None:
@@ -349,7 +361,7 @@ class Workers:
                 )
             # Acknowledged: it will never be taken.
             self._ack(identity, task_id, token)
-            return
+            return None
         broker.attempts.end(task_id, token)
         holder = (
             broker.sessions.get(attempt.session)
@@ -361,6 +373,14 @@ class Workers:
             and holder.running.pop(task_id, None) is not None
         ):
             broker.dispatcher.task_done(holder.identity)
+        return attempt
+
+    def _record(self, identity, attempt, body):
+        """
+        Write a RESULT's outcome, then acknowledge it.
+        """
+        broker = self._broker
+        task_id, token = attempt.task_id, attempt.token
         state = body["state"]
         d = broker.outcomes.report(attempt, state, body)
 
