@@ -726,9 +726,7 @@ def metrics(p):
             "ms",
             "hog.floor.latency.result_p50",
             ("times", "hog.floor.latency.result_p50", 3.0, "floor"),
-            also=(
-                ("times", "hog.celery.latency.result_p50", 1.0, "Celery"),
-            ),
+            also=(("times", "hog.celery.latency.result_p50", 1.0, "Celery"),),
         ),
         Metric(
             "hog.tb.latency.result_p99",
@@ -737,9 +735,7 @@ def metrics(p):
             "ms",
             "hog.floor.latency.result_p99",
             ("times", "hog.floor.latency.result_p99", 4.0, "floor"),
-            also=(
-                ("times", "hog.celery.latency.result_p99", 1.0, "Celery"),
-            ),
+            also=(("times", "hog.celery.latency.result_p99", 1.0, "Celery"),),
         ),
         Metric(
             "hog.floor.latency.result_p50",
