@@ -134,6 +134,16 @@ class BatchedStore:
         """
         return False, None
 
+    def _read_here(self, query, args):
+        """
+        Run a read in the reactor's thread, now, where it is one row by
+        its key (see :meth:`_commit_here`).
+
+        :returns: ``(True, result)``, or ``(False, None)`` to read in the
+            store's thread instead (always, here).
+        """
+        return False, None
+
     def _lose(self, error):
         raise NotImplementedError()
 
@@ -298,7 +308,18 @@ class BatchedStore:
         if self._state != "open":
             return defer.fail(self._not_open())
         self._reads += 1
-        d = (thread or self._thread).run(query, *args)
+        try:
+            done_here, result = (
+                (False, None) if thread else self._read_here(query, args)
+            )
+        except Exception:
+            d = defer.fail()
+        else:
+            d = (
+                defer.succeed(result)
+                if done_here
+                else (thread or self._thread).run(query, *args)
+            )
         d.addErrback(self._read_failed)
         d.addBoth(self._read_done)
         return d

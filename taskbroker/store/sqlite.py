@@ -506,7 +506,23 @@ class SQLiteStore(BatchedStore):
             return self._thread.run_here(self._commit, operations)
         except sqlite3.OperationalError as e:
             # Rolled back whole: it may run again in the thread.
-            if getattr(e, "sqlite_errorcode", 0) & 0xFF == _SQLITE_BUSY:
+            if _is_busy(e):
+                return False, None
+            raise
+
+    def _read_here(self, query, args):
+        """
+        Read one task by its id in the reactor's thread when the store's
+        thread is idle: a lookup by primary key, a few microseconds where
+        the round trip costs tens.  A WAIT for a task that has just ended
+        reads it so.
+        """
+        if query is not sql.get or self._journal_mode != "wal":
+            return False, None
+        try:
+            return self._thread.run_here(query, *args)
+        except sqlite3.OperationalError as e:
+            if _is_busy(e):
                 return False, None
             raise
 
@@ -543,6 +559,10 @@ class SQLiteStore(BatchedStore):
         See :meth:`taskbroker.interfaces.IQueueReads.running`.
         """
         return self._read(sql.running)
+
+
+def _is_busy(error):
+    return getattr(error, "sqlite_errorcode", 0) & 0xFF == _SQLITE_BUSY
 
 
 def _is_damage(error):

@@ -963,6 +963,34 @@ async def test_small_writes_commit_in_the_reactor_thread(sqlite_store):
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_task_is_read_in_the_reactor_thread_when_the_store_is_idle(
+    sqlite_store, monkeypatch
+):
+    import threading
+
+    from taskbroker.store import _sqlite_sql
+
+    threads = []
+    get = _sqlite_sql.get
+
+    def recording(connection, task_id):
+        threads.append(threading.current_thread().name)
+        return get(connection, task_id)
+
+    monkeypatch.setattr(_sqlite_sql, "get", recording)
+    (row,) = rows_of(await sqlite_store.submit([new_task()]))
+    assert await sqlite_store.get(row.id) == row
+    release = threading.Event()
+    busy = sqlite_store._thread.run(lambda connection: release.wait(30))
+    read = sqlite_store.get(row.id)
+    assert not read.called
+    release.set()
+    await busy
+    assert await read == row
+    assert threads == ["MainThread", "taskbroker-sqlite"]
+
+
+@pytest_twisted.ensureDeferred
 async def test_writes_wait_for_the_store_thread_to_keep_their_order(
     sqlite_store,
 ):
