@@ -53,7 +53,7 @@ class Params:
     pg_priority_low: int = 100_000
     pg_priority_high: int = 200
     pg_compare: int = 20_000
-    pg_history: int = 200_000
+    pg_history: int = 60_000
     pg_retention_seconds: float = 10.0
     redis: str = "redis://127.0.0.1:6379/11"
     postgres: str = "postgresql://postgres@127.0.0.1:5432/test"

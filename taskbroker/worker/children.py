@@ -18,7 +18,7 @@ import signal
 import struct
 import sys
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from twisted.internet import defer
 from twisted.internet.error import ProcessExitedAlready
@@ -52,6 +52,9 @@ class Outcome:
         ``None``.
     :ivar permanent: ``True`` when the handler raised
         :class:`taskbroker.errors.PermanentFailure`: no retry is wanted.
+    :ivar result_json: ``result`` as checked JSON text, when it was
+        encoded already (so that the RESULT does not encode it again), or
+        ``None``; not part of comparisons.
     """
 
     state: str
@@ -59,6 +62,7 @@ class Outcome:
     error: str | None
     traceback: str | None = None
     permanent: bool = False
+    result_json: str | None = field(default=None, compare=False, repr=False)
 
 
 class _Run:

@@ -39,10 +39,10 @@ def run_handler(handler, running_task, clock, time_limit=None):
 
     def succeeded(value):
         try:
-            encode_value(value, "result")
+            text = encode_value(value, "result")
         except ValueError as e:
             return Outcome("failed", None, str(e))
-        return Outcome("succeeded", value, None)
+        return Outcome("succeeded", value, None, result_json=text)
 
     def failed(reason):
         try:

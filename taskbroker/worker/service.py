@@ -74,24 +74,43 @@ def _clip(text):
 
 def _result_body(task_id, token, outcome):
     """
-    The RESULT for an outcome, made to fit the protocol's limits: a
-    result too large to carry fails the attempt instead.
+    The RESULT for an outcome, as JSON text, made to fit the protocol's
+    limits: a result too large to carry fails the attempt instead.  A
+    success's result is encoded once, by the runner if it has been.
     """
-    body = {
-        "id": task_id,
-        "token": token,
-        "state": outcome.state,
-        "result": outcome.result,
-        "error": _clip(outcome.error),
-        "traceback": _clip(outcome.traceback),
-        "permanent": outcome.permanent,
-    }
     if outcome.state == "succeeded":
         try:
-            encode_value(outcome.result, "result")
+            result = outcome.result_json or encode_value(
+                outcome.result, "result"
+            )
         except ValueError as e:
-            body.update(state="failed", result=None, error=str(e))
-    return body
+            return codec.dumps(
+                {
+                    "id": task_id,
+                    "token": token,
+                    "state": "failed",
+                    "result": None,
+                    "error": str(e),
+                    "traceback": None,
+                    "permanent": False,
+                }
+            )
+        return (
+            '{"id":%d,"token":%d,"state":"succeeded","result":%s,'
+            '"error":null,"traceback":null,"permanent":false}'
+            % (task_id, token, result)
+        )
+    return codec.dumps(
+        {
+            "id": task_id,
+            "token": token,
+            "state": outcome.state,
+            "result": outcome.result,
+            "error": _clip(outcome.error),
+            "traceback": _clip(outcome.traceback),
+            "permanent": outcome.permanent,
+        }
+    )
 
 
 #: Reads only the id and token of a TASK that failed its checks, so that
@@ -758,7 +777,7 @@ class WorkerService(Service):
         # The freed slot's credit rides with the result (but not when the
         # result is resent later).
         ready = self._stopping is None and self.broker_instance is not None
-        self._send(b"RESULT", dict(body, ready=True) if ready else body)
+        self._send(b"RESULT", body[:-1] + ',"ready":true}' if ready else body)
         self._check_idle()
         return outcome
 

@@ -383,6 +383,31 @@ def test_a_task_it_cannot_read_fails_its_attempt_and_frees_the_slot(worker):
     assert (4, 7) in worker.unacked
 
 
+def test_a_result_is_encoded_once_and_sent_as_before(worker, monkeypatch):
+    from taskbroker.worker import service
+
+    def again(value, what):
+        raise AssertionError("the result was encoded again")
+
+    # The runner checked and encoded it; the RESULT reuses that text.
+    monkeypatch.setattr(service, "encode_value", again)
+    welcome(worker)
+    worker.fake.take()
+    payload = {"a": [1, 2.5, "\u00e9"], "b": None}
+    worker.fake.deliver(b"TASK", task(4, handler="echo", payload=payload))
+    [(_, result)] = worker.fake.take(b"RESULT")
+    assert result == {
+        "id": 4,
+        "token": 1,
+        "state": "succeeded",
+        "result": payload,
+        "error": None,
+        "traceback": None,
+        "permanent": False,
+        "ready": True,
+    }
+
+
 def test_a_task_at_the_depth_limit_runs(worker):
     welcome(worker)
     worker.fake.take()
