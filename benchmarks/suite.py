@@ -669,6 +669,9 @@ def main(argv=None):
                 finally:
                     # A measure that failed half-way leaves nothing behind.
                     procs.stop_all()
+                    # And what it wrote reaches the disk now, not while the
+                    # next run is timed.
+                    os.sync()
                 details.setdefault(name, []).append(out.pop("details", None))
                 for key, value in out.items():
                     values.setdefault(key, []).append(value)
