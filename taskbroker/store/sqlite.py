@@ -2,12 +2,14 @@
 """
 The SQLite task store: the broker's embedded, default database.
 
-All SQLite work runs in one thread that owns the one connection, so
-statements reach the database in the order they were issued and the reactor
-thread never blocks on disk.  Writes are grouped: every write issued in a
-reactor turn (and every write issued while a transaction is running) goes
-into one transaction, so the broker pays for one commit per batch, not one
-per task.
+One connection, owned by one thread, so that statements reach the
+database in the order they were issued; while that thread is idle, a small
+group of writes (or a read of one task) runs in the reactor's thread
+instead, where it costs less than the hand-off and never waits for a disk
+sync or a lock (see :meth:`SQLiteStore._commit_here`).  Writes are grouped:
+every write issued in a reactor turn (and every write issued while a
+transaction is running) goes into one transaction, so the broker pays for
+one commit per batch, not one per task.
 """
 
 import os
