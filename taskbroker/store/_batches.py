@@ -308,18 +308,17 @@ class BatchedStore:
         if self._state != "open":
             return defer.fail(self._not_open())
         self._reads += 1
-        try:
-            done_here, result = (
-                (False, None) if thread else self._read_here(query, args)
-            )
-        except Exception:
-            d = defer.fail()
-        else:
-            d = (
-                defer.succeed(result)
-                if done_here
-                else (thread or self._thread).run(query, *args)
-            )
+        d = None
+        if thread is None:
+            try:
+                done_here, result = self._read_here(query, args)
+            except Exception:
+                d = defer.fail()
+            else:
+                if done_here:
+                    d = defer.succeed(result)
+        if d is None:
+            d = (thread or self._thread).run(query, *args)
         d.addErrback(self._read_failed)
         d.addBoth(self._read_done)
         return d

@@ -504,13 +504,7 @@ class SQLiteStore(BatchedStore):
             rows += len(args[0]) if operation is sql.submit else 1
             if rows > INLINE_ROWS:
                 return False, None
-        try:
-            return self._thread.run_here(self._commit, operations)
-        except sqlite3.OperationalError as e:
-            # Rolled back whole: it may run again in the thread.
-            if _is_busy(e):
-                return False, None
-            raise
+        return self._run_here(self._commit, operations)
 
     def _read_here(self, query, args):
         """
@@ -521,8 +515,18 @@ class SQLiteStore(BatchedStore):
         """
         if query is not sql.get or self._journal_mode != "wal":
             return False, None
+        return self._run_here(query, *args)
+
+    def _run_here(self, function, *args):
+        """
+        ``function(connection, *args)`` in the reactor's thread if the
+        store's thread is idle: ``(True, result)``, or ``(False, None)``
+        to run it in the store's thread instead, also when another
+        program holds the write lock (a transaction is then rolled back
+        whole, so it may run again).
+        """
         try:
-            return self._thread.run_here(query, *args)
+            return self._thread.run_here(function, *args)
         except sqlite3.OperationalError as e:
             if _is_busy(e):
                 return False, None

@@ -84,22 +84,13 @@ def _result_body(task_id, token, outcome):
                 outcome.result, "result"
             )
         except ValueError as e:
-            return codec.dumps(
-                {
-                    "id": task_id,
-                    "token": token,
-                    "state": "failed",
-                    "result": None,
-                    "error": str(e),
-                    "traceback": None,
-                    "permanent": False,
-                }
+            outcome = Outcome("failed", None, str(e))
+        else:
+            return (
+                '{"id":%d,"token":%d,"state":"succeeded","result":%s,'
+                '"error":null,"traceback":null,"permanent":false}'
+                % (task_id, token, result)
             )
-        return (
-            '{"id":%d,"token":%d,"state":"succeeded","result":%s,'
-            '"error":null,"traceback":null,"permanent":false}'
-            % (task_id, token, result)
-        )
     return codec.dumps(
         {
             "id": task_id,

@@ -1000,7 +1000,8 @@ async def test_writes_wait_for_the_store_thread_to_keep_their_order(
     release = threading.Event()
     busy = sqlite_store._thread.run(lambda connection: release.wait(30))
     submitted = sqlite_store.submit([new_task()])
-    await deferLater(0.01)
+    # A turn later the write was flushed: to the thread, which is held.
+    await deferLater(0)
     assert not submitted.called
     release.set()
     await busy
