@@ -107,18 +107,9 @@ def _alone(connection, operation, args, owner, channels):
         outcome = _settled(operation(cursor, owner, *args))
     except _OPERATION_ERRORS as e:
         return [(False, _refusal(operation, e))]
-    if (
-        channels is not None
-        and isinstance(outcome, Finished)
-        and outcome.watched
-    ):
-        try:
-            cursor.execute(
-                "SELECT pg_notify(%s, %s)", (channels[1], str(args[0]))
-            )
-        except psycopg.Error:
-            pass  # the WAIT reads the task when its hold time is up
-    return [(True, outcome)]
+    outcomes = [(True, outcome)]
+    _announce_ended(connection, [(operation, args)], outcomes, channels)
+    return outcomes
 
 
 def _pipelined(connection, operations, owner, channels):
@@ -134,7 +125,7 @@ def _pipelined(connection, operations, owner, channels):
             connection.execute("BEGIN")
             for operation, args in operations:
                 pending.append(operation(connection.cursor(), owner, *args))
-            _notify(connection.cursor(), operations, channels)
+            _wake(connection.cursor(), operations, channels)
             connection.execute("COMMIT")
     except BaseException as e:
         # A failed pipeline leaves the session in its transaction.
@@ -148,10 +139,12 @@ def _pipelined(connection, operations, owner, channels):
             # failed is found without the pipeline.)
             raise _IsolateOperations() from e
         raise
-    return [
+    outcomes = [
         _read_after_commit(operation, outcome)
         for (operation, _), outcome in zip(operations, pending)
     ]
+    _announce_ended(connection, operations, outcomes, channels)
+    return outcomes
 
 
 def _read_after_commit(operation, outcome):
@@ -190,34 +183,54 @@ def _transaction(connection, operations, owner, channels, isolate):
                     )
             except _OPERATION_ERRORS as e:
                 outcomes.append((False, _refusal(operation, e)))
-        _notify(connection.cursor(), operations, channels)
+        _wake(connection.cursor(), operations, channels)
+    _announce_ended(connection, operations, outcomes, channels)
     return outcomes
 
 
-def _notify(cursor, operations, channels):
+def _wake(cursor, operations, channels):
     """
     Notify, at the batch's commit, the brokers that may claim tasks it
-    made claimable, and those that wait for tasks it ended.  Only tasks a
-    WAIT on another broker watches are named: most batches notify
-    nothing, and take no notification lock.
+    made claimable.  Most batches notify nothing, and take no
+    notification lock.
+    """
+    if channels is not None and any(
+        operation in WAKING for operation, _ in operations
+    ):
+        cursor.execute("SELECT pg_notify(%s, '')", (channels[0],))
+
+
+def _announce_ended(connection, operations, outcomes, channels):
+    """
+    After a batch committed, notify the brokers whose WAITs watch a task
+    it ended: the finishes that found their task ``watched``, and every
+    cancel (rare; a notification that no WAIT watches is ignored).  Read
+    from the outcomes rather than the table, which costs no statement in
+    the common case and no plan that could scan the finished tasks.  A
+    WAIT whose notification was lost reads its task when its hold time is
+    up.
     """
     if channels is None:
         return
-    if any(operation in WAKING for operation, _ in operations):
-        cursor.execute("SELECT pg_notify(%s, '')", (channels[0],))
-    ended = [args[0] for operation, args in operations if operation in ENDING]
+    ended = [
+        args[0]
+        for (operation, args), (ok, outcome) in zip(operations, outcomes)
+        if ok
+        and (
+            operation is cancel
+            or (isinstance(outcome, Finished) and outcome.watched)
+        )
+    ]
     if ended:
-        cursor.execute(_NOTIFY_WATCHED, (channels[1], MAX_IDS_PAYLOAD, ended))
+        try:
+            connection.execute(
+                "SELECT pg_notify(%s, %s)",
+                (channels[1], _ids_payload(sorted(ended))),
+            )
+        except psycopg.Error:
+            pass
 
 
-# Too many ids to name makes an empty payload: "some tasks ended".
-_NOTIFY_WATCHED = (
-    "SELECT pg_notify(%s, CASE WHEN length(ids) <= %s THEN ids ELSE '' END) "
-    "FROM (SELECT string_agg(id::text, ',' ORDER BY id) AS ids FROM tasks "
-    "WHERE id = ANY(%s) AND watched "
-    "AND state IN ('succeeded', 'failed', 'cancelled')) AS s "
-    "WHERE ids IS NOT NULL"
-)
 _IDLE = psycopg.pq.TransactionStatus.IDLE
 
 
@@ -1024,9 +1037,7 @@ def setting(connection, name):
     return housekeeping.setting(connection, "%s", name)
 
 
-# The writes after which other brokers may find tasks to claim; those
-# that end a task (a WAIT on another broker may be for it); and those of
-# one statement, which commit alone without a transaction block.
+# The writes after which other brokers may find tasks to claim; and
+# those of one statement, which commit alone without a transaction block.
 WAKING = frozenset((requeue, retry, release, fire_schedule))
-ENDING = frozenset((finish, cancel))
 SINGLE_STATEMENT = frozenset((dispatch, finish, watch, dispatch_for))

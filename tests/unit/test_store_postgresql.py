@@ -439,6 +439,42 @@ async def test_brokers_hear_when_a_task_they_watch_ends(open_stores, reactor):
 
 
 @pytest_twisted.ensureDeferred
+async def test_ends_in_one_batch_are_told_together(open_stores, reactor):
+    a_store, a = await open_stores("a")
+    b_store = (await open_stores())[0]
+    heard = []
+    told = defer.Deferred()
+
+    def on_finished(ids):
+        heard.append(ids)
+        if len(heard) == 2:
+            told.callback(None)
+
+    b = b_store.claims("b")
+    await b.start(NOW, lambda: None, on_finished)
+    try:
+        rows = [await claimed(a_store, a) for _ in range(4)]
+        for row in rows:
+            await b.watch(row.id)
+        for row in rows[:3]:
+            assert await a_store.dispatch(row.id, 1, "w", NOW)
+        # Issued in one turn: one transaction, with a write that is not
+        # an end between them.
+        batch = [
+            a_store.finish(rows[0].id, 1, "succeeded", "1", None, None, NOW),
+            a_store.progress(rows[2].id, 1, 0.5, None, NOW),
+            a_store.finish(rows[1].id, 1, "failed", None, "e", None, NOW),
+        ]
+        assert all(await defer.gatherResults(batch))
+        # A cancel is told too, of a queued task as of a running one.
+        assert (await a_store.cancel(rows[3].id, NOW)).state == "cancelled"
+        await told.addTimeout(30, reactor)
+        assert heard == [sorted([rows[0].id, rows[1].id]), [rows[3].id]]
+    finally:
+        await b.stop()
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_stopping_broker_gives_back_its_queued_claims(
     open_stores, sql
 ):
