@@ -472,7 +472,7 @@ def test_failed_creation_leaves_empty_database(schemas, tmp_path):
 
 
 #: The newest packaged PostgreSQL schema version.
-PG_LATEST = 4
+PG_LATEST = 5
 
 
 def test_packaged_postgresql_schema():
@@ -487,6 +487,9 @@ def test_packaged_postgresql_schema():
     )
     assert "ADD COLUMN progress" in _schema.read_script(
         directory, "upgrade-to-v3.sql"
+    )
+    assert "REFERENCING NEW TABLE" in _schema.read_script(
+        directory, "upgrade-to-v5.sql"
     )
 
 
@@ -534,8 +537,14 @@ def describe_pg_schema(connection):
         ),
         "triggers": rows(
             "SELECT event_object_table, trigger_name, event_manipulation, "
-            "action_statement, action_timing FROM information_schema.triggers "
+            "action_statement, action_timing, action_reference_new_table "
+            "FROM information_schema.triggers "
             "WHERE trigger_schema = current_schema() ORDER BY 1, 2, 3"
+        ),
+        "functions": rows(
+            "SELECT proname, prosrc, replace(array_to_string(proconfig, ','), "
+            "current_schema(), '<schema>') FROM pg_proc "
+            "WHERE pronamespace = current_schema()::regnamespace ORDER BY 1"
         ),
         "sequences": rows(
             "SELECT sequence_name FROM information_schema.sequences "
@@ -565,10 +574,13 @@ def test_postgresql_schema_upgraded_from_each_version(tmp_path, version):
             assert connection.execute(
                 "SELECT handler, submitter, progress FROM tasks"
             ).fetchall() == [("a", None, None)]
-            # An upgraded database keeps its history unless told otherwise.
+            # A database from before version 4 keeps its history unless
+            # told otherwise; one created at 4 or later kept the default.
             assert connection.execute(
                 "SELECT name, value FROM taskbroker_settings"
-            ).fetchall() == [("default_keep_finished", "none")]
+            ).fetchall() == [
+                ("default_keep_finished", "none" if version < 4 else "7d")
+            ]
             upgraded = describe_pg_schema(connection)
         with connect(fresh_url) as connection:
             assert _schema.ensure_schema(
@@ -578,6 +590,57 @@ def test_postgresql_schema_upgraded_from_each_version(tmp_path, version):
             assert connection.execute(
                 "SELECT name, value FROM taskbroker_settings"
             ).fetchall() == [("default_keep_finished", "7d")]
+
+
+@pytest.mark.parametrize("change", ["DISABLE", "DROP"])
+def test_postgresql_upgrade_keeps_the_operators_choice_of_wake_ups(
+    tmp_path, change
+):
+    # deployment.rst tells producers they may disable the trigger.
+    statement = {
+        "DISABLE": "ALTER TABLE tasks DISABLE TRIGGER tasks_notify_insert",
+        "DROP": "DROP TRIGGER tasks_notify_insert ON tasks",
+    }[change]
+    with new_schema() as url, connect(url) as connection:
+        _schema.ensure_schema(
+            connection, "postgresql", pg_schema_files(tmp_path, 4)
+        )
+        connection.execute(statement)
+        assert _schema.ensure_schema(
+            connection, "postgresql", _schema.schema_directory("postgresql")
+        ) == (4, PG_LATEST)
+        assert connection.execute(
+            "SELECT tgenabled FROM pg_trigger WHERE tgrelid = 'tasks'::regclass "
+            "AND tgname = 'tasks_notify_insert'"
+        ).fetchall() == ([("D",)] if change == "DISABLE" else [])
+
+
+def test_postgresql_only_queued_inserts_wake_the_brokers():
+    with new_schema() as url, connect(url) as connection:
+        _schema.ensure_schema(
+            connection, "postgresql", _schema.schema_directory("postgresql")
+        )
+        (schema,) = connection.execute("SELECT current_schema()").fetchone()
+        channel = "taskbroker_" + schema
+        with connect(url) as listener:
+            listener.execute(f"LISTEN {channel}")
+            # A broker's insert of a task it dispatches at once: nothing
+            # to claim.  Then a queued one, then a marker: notifications
+            # arrive in the order their transactions committed.
+            connection.execute(
+                "INSERT INTO tasks (handler, state, worker, token, attempts) "
+                "VALUES ('h', 'running', 'w', 1, 1)"
+            )
+            connection.execute(
+                "INSERT INTO tasks (handler) VALUES ('h'), ('h')"
+            )
+            connection.execute("SELECT pg_notify(%s, 'end')", (channel,))
+            heard = []
+            for notify in listener.notifies(timeout=30):
+                heard.append(notify.payload)
+                if notify.payload == "end":
+                    break
+        assert heard == ["", "end"]
 
 
 def test_postgresql_newer_schema_is_refused(tmp_path, postgres_url):
