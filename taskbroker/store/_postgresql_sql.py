@@ -461,21 +461,36 @@ def dispatch_for(
         :class:`TaskRow` for each worker, or ``None`` where no task was
         left for it.
     """
-    cursor.execute(
-        _DISPATCH_FOR,
-        (
-            ranks,
-            handlers,
-            now,
-            len(workers),
-            len(workers),
-            [clean(name) for name in workers],
-            owner,
-            now,
-            priority,
-            max_attempts,
-        ),
-    )
+    if len(workers) == 1:
+        cursor.execute(
+            _DISPATCH_ONE,
+            (
+                ranks,
+                handlers,
+                now,
+                owner,
+                clean(workers[0]),
+                now,
+                priority,
+                max_attempts,
+            ),
+        )
+    else:
+        cursor.execute(
+            _DISPATCH_FOR,
+            (
+                ranks,
+                handlers,
+                now,
+                len(workers),
+                len(workers),
+                [clean(name) for name in workers],
+                owner,
+                now,
+                priority,
+                max_attempts,
+            ),
+        )
 
     def read():
         dispatched = [None] * len(workers)
@@ -506,6 +521,28 @@ _DISPATCH_FOR = (
     "max_attempts = COALESCE(t.max_attempts, %s) "
     "FROM c JOIN w USING (n) WHERE t.id = c.id "
     f"RETURNING c.n, {_T_COLUMNS}"
+)
+
+# The same for one worker, the most frequent case (a freed slot asking
+# for its next task).  With LIMITs written out, the server's plan for
+# any values is the one it would make for these, so it reuses one plan
+# for the prepared statement; with LIMITs as parameters it planned each
+# run anew (a quarter of the server's time on a busy queue).
+_DISPATCH_ONE = (
+    "WITH c AS (SELECT t.id "
+    "FROM unnest(%s::integer[]) AS r(rank) "
+    "CROSS JOIN LATERAL (SELECT id FROM tasks WHERE state = 'queued' "
+    "AND owner IS NULL AND rank = r.rank AND handler = ANY(%s) "
+    "AND (run_at IS NULL OR run_at <= %s) "
+    "ORDER BY ready_seq LIMIT 1 FOR UPDATE SKIP LOCKED) AS t LIMIT 1) "
+    "UPDATE tasks AS t SET owner = %s, state = 'running', "
+    "token = t.token + 1, attempts = t.attempts + 1, worker = %s, "
+    "started_at = %s, finished_at = NULL, progress = NULL, "
+    "progress_message = NULL, progress_at = NULL, "
+    "priority = COALESCE(t.priority, %s), "
+    "max_attempts = COALESCE(t.max_attempts, %s) "
+    "FROM c WHERE t.id = c.id "
+    f"RETURNING 1, {_T_COLUMNS}"
 )
 
 

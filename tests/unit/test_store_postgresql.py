@@ -236,15 +236,51 @@ async def test_claims_dispatched_at_once_go_to_the_workers_given(
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_claim_for_one_worker_dispatches_as_one_for_several(
+    open_stores, sql
+):
+    # One worker takes a statement of its own (see _DISPATCH_ONE).
+    store, claims = await open_stores("a", default_priority="normal")
+    sql(
+        "INSERT INTO tasks (handler, priority, max_attempts) VALUES "
+        "('h', 'low', NULL), ('h', NULL, 5), ('h', 'high', NULL), "
+        "('other', 'high', NULL)"
+    )
+    levels = ["high", "normal", None]
+    rows = [
+        (await claims.dispatch_for(levels, ["h"], [name], NOW, "normal", 3))
+        for name in ("w1", "w2", "w3")
+    ]
+    assert rows[2] == [None]
+    assert [
+        (r.id, r.worker, r.state, r.token, r.attempts, r.started_at)
+        + (r.priority, r.max_attempts)
+        for [r] in rows[:2]
+    ] == [
+        (3, "w1", "running", 1, 1, NOW, "high", 3),
+        (2, "w2", "running", 1, 1, NOW, "normal", 5),
+    ]
+    assert sql("SELECT id, owner, state FROM tasks ORDER BY id") == [
+        (1, None, "queued"),
+        (2, "a", "running"),
+        (3, "a", "running"),
+        (4, None, "queued"),
+    ]
+
+
+@pytest_twisted.ensureDeferred
 async def test_brokers_dispatching_at_once_never_share_a_task(
     open_stores, sql
 ):
     stores = [await open_stores(name) for name in "abc"]
     sql("INSERT INTO tasks (handler) SELECT 'h' FROM generate_series(1, 300)")
+    # Claims for one worker and for several, all at once.
     results = await defer.gatherResults(
         [
-            claims.dispatch_for(["normal"], ["h"], ["w"] * 7, NOW, "normal", 3)
-            for _ in range(15)
+            claims.dispatch_for(
+                ["normal"], ["h"], ["w"] * workers, NOW, "normal", 3
+            )
+            for workers in (7, 1) * 14
             for _, claims in stores
         ]
     )
