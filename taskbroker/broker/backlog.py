@@ -177,8 +177,11 @@ class Backlog:
         broker = self._broker
         if self._shared:
             # Inserted unclaimed: it waits in the store for any broker's
-            # idle credit (one of ours would have taken it in the insert).
-            broker.feeder.unstarve()
+            # idle credit.  One of ours that waited when the insert began
+            # took it then; one that came back meanwhile from a claim that
+            # found nothing claims now (its own writes do not wake the
+            # broker, and the poll may be a second away).
+            broker.feeder.wake()
             if broker.outcomes.is_waited(row.id):
                 broker.requests.watch(row.id)
             if self._delays(row):

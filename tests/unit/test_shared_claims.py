@@ -19,6 +19,7 @@ from taskbroker.broker.core import Broker
 from taskbroker.config import BrokerConfig
 from taskbroker.interfaces import IClaimSource, ITaskStore
 from taskbroker.protocol import codec
+from taskbroker.store.memory import MemoryStore
 from taskbroker.testing import SharedMemoryDatabase, result_of
 from taskbroker.transport.zmq import Sender
 
@@ -173,6 +174,60 @@ def test_a_credit_asks_the_store_again_only_after_a_wake_up():
     fleet.settle()  # the store's wake-up
     [_] = fleet.tasks()
     assert len(calls) == asked + 1
+
+
+def held(calls, function):
+    """
+    ``function`` as the test lets it run: each call appends to ``calls``
+    a ``Deferred`` and a function of no arguments that makes the call and
+    fires that ``Deferred`` with what it returns.
+    """
+    from twisted.internet import defer
+
+    def call(*args):
+        later = defer.Deferred()
+
+        def run():
+            answer = result_of(function(*args))
+            later.callback(answer)
+            return answer
+
+        calls.append(run)
+        return later
+
+    return call
+
+
+def test_a_task_submitted_while_its_credit_claimed_is_dispatched_at_once():
+    # The credit was away (its claim under way) when the task came, so the
+    # task is inserted unclaimed; the claim, and the one it makes again
+    # for the wake-up the submit counts, find nothing before the insert
+    # commits.  The idle credit takes the task as soon as the insert
+    # commits, not at the next wake-up (none comes: a broker's own writes
+    # do not wake it) or poll.
+    fleet = Fleet()
+    b = fleet.broker("b")
+    claims, inserts = [], []
+    dispatch_for, submit = b.claims.dispatch_for, b.store.submit
+    b.claims.dispatch_for = held(claims, dispatch_for)
+    # Without the stand-in's wake-up, which would reach the broker that
+    # wrote too: on PostgreSQL a broker does not hear its own.
+    b.store.submit = held(
+        inserts, lambda tasks: MemoryStore.submit(b.store, tasks)
+    )
+    fleet.worker("b", "w1")
+    fleet.submit("b")
+    [insert] = inserts
+    while claims:
+        assert claims.pop(0)() == [None]
+    [submitted] = insert()
+    assert submitted.row.state == "queued"
+    b.claims.dispatch_for, b.store.submit = dispatch_for, submit
+    while claims:
+        claims.pop(0)()
+    fleet.settle()
+    [(_, worker, task)] = fleet.tasks()
+    assert (worker, task["id"]) == ("w1", submitted.row.id)
 
 
 def test_claims_of_a_broker_that_stopped_renewing_go_to_the_others():
