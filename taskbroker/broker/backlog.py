@@ -177,15 +177,16 @@ class Backlog:
         broker = self._broker
         if self._shared:
             # Inserted unclaimed: it waits in the store for any broker's
-            # idle credit.  One of ours that waited when the insert began
-            # took it then; one that came back meanwhile from a claim that
-            # found nothing claims now (its own writes do not wake the
-            # broker, and the poll may be a second away).
-            broker.feeder.wake()
+            # idle credit (see Feeder.offer).
             if broker.outcomes.is_waited(row.id):
                 broker.requests.watch(row.id)
             if self._delays(row):
+                broker.feeder.unstarve()
                 self._delay(row)  # only to time the next claim
+            elif row.priority in broker.levels:
+                broker.feeder.offer(broker.level_of(row.priority), row.handler)
+            else:
+                broker.feeder.unstarve()
             return
         if self._delays(row):
             # Held if it comes before what waits in the store (a load

@@ -39,7 +39,7 @@ class Feeder:
         # the last claim, and no wake-up came since.
         self._starved = set()
 
-    def feed(self):
+    def feed(self, runs=None):
         """
         Claim and dispatch tasks for the credits that wait, from a shared
         store: for each class of workers with idle credits, at most as
@@ -49,6 +49,9 @@ class Feeder:
         come back, and are claimed for again if the store signalled a
         change meanwhile, else not before the next wake-up (a credit
         that frees up finds the store empty without asking it).
+
+        :param runs: if given, ``runs(levels, handlers)`` says whether a
+            class claims now.
         """
         broker = self._broker
         if (
@@ -59,6 +62,8 @@ class Feeder:
             return
         for levels, handlers, _ in broker.dispatcher.hungry():
             if (levels, handlers) in self._starved:
+                continue
+            if runs is not None and not runs(levels, handlers):
                 continue
             slots = broker.dispatcher.take_credits(levels, handlers)
             if slots:
@@ -73,6 +78,19 @@ class Feeder:
         """
         self.unstarve()
         self.feed()
+
+    def offer(self, level, handler):
+        """
+        This broker inserted a task of ``level`` and ``handler`` unclaimed
+        (its own writes do not wake it): every class may claim again, and
+        the waiting credits of those that can run it claim now.  A credit
+        that waited when the insert began took the task in it; one may have
+        come back since from a claim that ran before the insert committed.
+        """
+        self.unstarve()
+        self.feed(
+            lambda levels, handlers: level in levels and handler in handlers
+        )
 
     def unstarve(self):
         """

@@ -230,6 +230,37 @@ def test_a_task_submitted_while_its_credit_claimed_is_dispatched_at_once():
     assert (worker, task["id"]) == ("w1", submitted.row.id)
 
 
+def test_an_unclaimed_insert_asks_only_credits_that_can_run_it():
+    fleet = Fleet()
+    b = fleet.broker("b")
+    calls = []
+    dispatch_for = b.claims.dispatch_for
+    b.claims.dispatch_for = lambda *args: (
+        calls.append(args[0]),
+        dispatch_for(*args),
+    )[1]
+    fleet.send(
+        "b",
+        b"reserved",
+        b"HELLO",
+        {
+            "name": "reserved",
+            "slots": 1,
+            "priorities": ["high"],
+            "handlers": ["echo"],
+            "heartbeat": 1.0,
+        },
+    )
+    fleet.send("b", b"reserved", b"READY", {})
+    assert calls == [["high"]]  # found nothing: it waits for a wake-up
+    for _ in range(3):
+        fleet.submit("b", "low")
+    assert calls == [["high"]]
+    fleet.submit("b", "high")  # dispatched as it is inserted
+    [(_, worker, task)] = fleet.tasks()
+    assert (worker, task["priority"]) == ("reserved", "high")
+
+
 def test_claims_of_a_broker_that_stopped_renewing_go_to_the_others():
     fleet = Fleet(lease=10.0)
     fleet.broker("a")
