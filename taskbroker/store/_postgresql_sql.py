@@ -203,24 +203,28 @@ def _wake(cursor, operations, channels):
 def _announce_ended(connection, operations, outcomes, channels):
     """
     After a batch committed, notify the brokers whose WAITs watch a task
-    it ended: the finishes that found their task ``watched``, and every
-    cancel (rare; a notification that no WAIT watches is ignored).  Read
-    from the outcomes rather than the table, which costs no statement in
-    the common case and no plan that could scan the finished tasks.  A
-    WAIT whose notification was lost reads its task when its hold time is
-    up.
+    it ended: the finishes that found their task ``watched``, and the
+    cancels that cancelled one (rare; a notification that no WAIT
+    watches is ignored).  Read from the outcomes rather than the table,
+    which costs no statement in the common case and no plan that could
+    scan the finished tasks.  A WAIT whose notification was lost reads
+    its task when its hold time is up.
     """
     if channels is None:
         return
-    ended = [
+    ended = {
         args[0]
         for (operation, args), (ok, outcome) in zip(operations, outcomes)
         if ok
         and (
-            operation is cancel
-            or (isinstance(outcome, Finished) and outcome.watched)
+            (isinstance(outcome, Finished) and outcome.watched)
+            or (
+                operation is cancel
+                and outcome is not None
+                and outcome.state == "cancelled"
+            )
         )
-    ]
+    }
     if ended:
         try:
             connection.execute(
@@ -501,48 +505,50 @@ def dispatch_for(
     return Later(read)
 
 
-# The levels are read in order, as in _CLAIM; row_number() numbers the
-# claimed rows for the workers (which worker of a class gets which task
-# does not matter: they all can run each of them).
-_DISPATCH_FOR = (
-    "WITH c AS (SELECT t.id, row_number() OVER () AS n "
+# The levels are read in order, as in _CLAIM, and a claim takes at most
+# {limit} tasks; {pick} and {worker} are how the claimed rows meet their
+# workers.
+_DISPATCH = (
+    "WITH c AS (SELECT t.id{number} "
     "FROM unnest(%s::integer[]) AS r(rank) "
     "CROSS JOIN LATERAL (SELECT id FROM tasks WHERE state = 'queued' "
     "AND owner IS NULL AND rank = r.rank AND handler = ANY(%s) "
     "AND (run_at IS NULL OR run_at <= %s) "
-    "ORDER BY ready_seq LIMIT %s FOR UPDATE SKIP LOCKED) AS t LIMIT %s), "
-    "w AS (SELECT name, n FROM unnest(%s::text[]) WITH ORDINALITY "
-    "AS w(name, n)) "
+    "ORDER BY ready_seq LIMIT {limit} FOR UPDATE SKIP LOCKED) AS t "
+    "LIMIT {limit}){workers} "
     "UPDATE tasks AS t SET owner = %s, state = 'running', "
-    "token = t.token + 1, attempts = t.attempts + 1, worker = w.name, "
+    "token = t.token + 1, attempts = t.attempts + 1, worker = {worker}, "
     "started_at = %s, finished_at = NULL, progress = NULL, "
     "progress_message = NULL, progress_at = NULL, "
     "priority = COALESCE(t.priority, %s), "
     "max_attempts = COALESCE(t.max_attempts, %s) "
-    "FROM c JOIN w USING (n) WHERE t.id = c.id "
-    f"RETURNING c.n, {_T_COLUMNS}"
+    "FROM {pick} WHERE t.id = c.id "
+    f"RETURNING {{returning}}, {_T_COLUMNS}"
 )
-
-# The same for one worker, the most frequent case (a freed slot asking
-# for its next task).  With LIMITs written out, the server's plan for
-# any values is the one it would make for these, so it reuses one plan
-# for the prepared statement; with LIMITs as parameters it planned each
-# run anew (a quarter of the server's time on a busy queue).
-_DISPATCH_ONE = (
-    "WITH c AS (SELECT t.id "
-    "FROM unnest(%s::integer[]) AS r(rank) "
-    "CROSS JOIN LATERAL (SELECT id FROM tasks WHERE state = 'queued' "
-    "AND owner IS NULL AND rank = r.rank AND handler = ANY(%s) "
-    "AND (run_at IS NULL OR run_at <= %s) "
-    "ORDER BY ready_seq LIMIT 1 FOR UPDATE SKIP LOCKED) AS t LIMIT 1) "
-    "UPDATE tasks AS t SET owner = %s, state = 'running', "
-    "token = t.token + 1, attempts = t.attempts + 1, worker = %s, "
-    "started_at = %s, finished_at = NULL, progress = NULL, "
-    "progress_message = NULL, progress_at = NULL, "
-    "priority = COALESCE(t.priority, %s), "
-    "max_attempts = COALESCE(t.max_attempts, %s) "
-    "FROM c WHERE t.id = c.id "
-    f"RETURNING 1, {_T_COLUMNS}"
+# For several workers: row_number() numbers the claimed rows for them
+# (which worker of a class gets which task does not matter: they all can
+# run each of them).
+_DISPATCH_FOR = _DISPATCH.format(
+    number=", row_number() OVER () AS n",
+    limit="%s",
+    workers=", w AS (SELECT name, n FROM unnest(%s::text[]) "
+    "WITH ORDINALITY AS w(name, n))",
+    worker="w.name",
+    pick="c JOIN w USING (n)",
+    returning="c.n",
+)
+# For one worker, the usual case (a freed slot asking for its next task).
+# Its plan does not depend on the values, so once psycopg prepares it
+# (at its fifth use) the server keeps one generic plan; with the LIMITs
+# as parameters, it planned every run anew (a quarter of its time on a
+# busy queue).
+_DISPATCH_ONE = _DISPATCH.format(
+    number="",
+    limit="1",
+    workers="",
+    worker="%s",
+    pick="c",
+    returning="1",
 )
 
 

@@ -592,15 +592,19 @@ def test_postgresql_schema_upgraded_from_each_version(tmp_path, version):
             ).fetchall() == [("default_keep_finished", "7d")]
 
 
-@pytest.mark.parametrize("change", ["DISABLE", "DROP"])
+@pytest.mark.parametrize(
+    "statement, state",
+    [
+        ("ALTER TABLE tasks DISABLE TRIGGER tasks_notify_insert", "D"),
+        ("ALTER TABLE tasks ENABLE REPLICA TRIGGER tasks_notify_insert", "R"),
+        ("ALTER TABLE tasks ENABLE ALWAYS TRIGGER tasks_notify_insert", "A"),
+        ("DROP TRIGGER tasks_notify_insert ON tasks", None),
+    ],
+)
 def test_postgresql_upgrade_keeps_the_operators_choice_of_wake_ups(
-    tmp_path, change
+    tmp_path, statement, state
 ):
     # deployment.rst tells producers they may disable the trigger.
-    statement = {
-        "DISABLE": "ALTER TABLE tasks DISABLE TRIGGER tasks_notify_insert",
-        "DROP": "DROP TRIGGER tasks_notify_insert ON tasks",
-    }[change]
     with new_schema() as url, connect(url) as connection:
         _schema.ensure_schema(
             connection, "postgresql", pg_schema_files(tmp_path, 4)
@@ -612,7 +616,7 @@ def test_postgresql_upgrade_keeps_the_operators_choice_of_wake_ups(
         assert connection.execute(
             "SELECT tgenabled FROM pg_trigger WHERE tgrelid = 'tasks'::regclass "
             "AND tgname = 'tasks_notify_insert'"
-        ).fetchall() == ([("D",)] if change == "DISABLE" else [])
+        ).fetchall() == ([(state,)] if state else [])
 
 
 def test_postgresql_only_queued_inserts_wake_the_brokers():

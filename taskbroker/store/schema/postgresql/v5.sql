@@ -237,8 +237,8 @@ CREATE TRIGGER tasks_ready_on_update BEFORE UPDATE OF state, priority ON tasks
 -- A statement that inserts no queued task (a broker's insert of a task it
 -- dispatches at once) wakes nobody: there is nothing to claim.  The
 -- channel is named after the table's schema (taskbroker_public for the
--- schema public), so that deployments in
--- several schemas of one database do not wake each other.  A NOTIFY
+-- schema public), so that deployments in several schemas of one
+-- database do not wake each other.  A NOTIFY
 -- serialises the commits of the transactions that send one; producers
 -- that insert at a high rate from many connections may disable it
 -- (ALTER TABLE tasks DISABLE TRIGGER tasks_notify_insert): brokers then
