@@ -183,10 +183,8 @@ class Backlog:
             if self._delays(row):
                 broker.feeder.unstarve()
                 self._delay(row)  # only to time the next claim
-            elif row.priority in broker.levels:
-                broker.feeder.offer(broker.level_of(row.priority), row.handler)
             else:
-                broker.feeder.unstarve()
+                broker.feeder.offer(row)
             return
         if self._delays(row):
             # Held if it comes before what waits in the store (a load

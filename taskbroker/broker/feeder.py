@@ -79,17 +79,20 @@ class Feeder:
         self.unstarve()
         self.feed()
 
-    def offer(self, level, handler):
+    def offer(self, row):
         """
-        This broker inserted a task of ``level`` and ``handler`` unclaimed
-        (its own writes do not wake it): every class may claim again, and
-        the waiting credits of those that can run it claim now.  A credit
-        that waited when the insert began took the task in it; one may have
-        come back since from a claim that ran before the insert committed.
+        This broker inserted the task ``row`` unclaimed (its own writes do
+        not wake it): every class may claim again, and the waiting credits
+        of those that can run it claim now.  A credit that waited when the
+        insert began took the task in it; one may have come back since
+        from a claim that ran before the insert committed.
         """
+        level = self._broker.level_of(row.priority)
         self.unstarve()
         self.feed(
-            lambda levels, handlers: level in levels and handler in handlers
+            lambda levels, handlers: (
+                level in levels and row.handler in handlers
+            )
         )
 
     def unstarve(self):

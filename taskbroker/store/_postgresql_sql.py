@@ -465,36 +465,23 @@ def dispatch_for(
         :class:`TaskRow` for each worker, or ``None`` where no task was
         left for it.
     """
-    if len(workers) == 1:
-        cursor.execute(
-            _DISPATCH_ONE,
-            (
-                ranks,
-                handlers,
-                now,
-                owner,
-                clean(workers[0]),
-                now,
-                priority,
-                max_attempts,
-            ),
-        )
-    else:
-        cursor.execute(
-            _DISPATCH_FOR,
-            (
-                ranks,
-                handlers,
-                now,
-                len(workers),
-                len(workers),
-                [clean(name) for name in workers],
-                owner,
-                now,
-                priority,
-                max_attempts,
-            ),
-        )
+    # One worker, the usual case, takes a statement with its LIMITs
+    # written out (see _DISPATCH_ONE).
+    limits = [] if len(workers) == 1 else [len(workers)] * 2
+    cursor.execute(
+        _DISPATCH_FOR if limits else _DISPATCH_ONE,
+        (
+            ranks,
+            handlers,
+            now,
+            *limits,
+            [clean(name) for name in workers],
+            owner,
+            now,
+            priority,
+            max_attempts,
+        ),
+    )
 
     def read():
         dispatched = [None] * len(workers)
@@ -506,50 +493,34 @@ def dispatch_for(
 
 
 # The levels are read in order, as in _CLAIM, and a claim takes at most
-# {limit} tasks; {pick} and {worker} are how the claimed rows meet their
-# workers.
+# {limit} tasks; row_number() numbers the claimed rows for the workers
+# (which worker of a class gets which task does not matter: they all can
+# run each of them).
 _DISPATCH = (
-    "WITH c AS (SELECT t.id{number} "
+    "WITH c AS (SELECT t.id, row_number() OVER () AS n "
     "FROM unnest(%s::integer[]) AS r(rank) "
     "CROSS JOIN LATERAL (SELECT id FROM tasks WHERE state = 'queued' "
     "AND owner IS NULL AND rank = r.rank AND handler = ANY(%s) "
     "AND (run_at IS NULL OR run_at <= %s) "
     "ORDER BY ready_seq LIMIT {limit} FOR UPDATE SKIP LOCKED) AS t "
-    "LIMIT {limit}){workers} "
+    "LIMIT {limit}), "
+    "w AS (SELECT name, n FROM unnest(%s::text[]) WITH ORDINALITY "
+    "AS w(name, n)) "
     "UPDATE tasks AS t SET owner = %s, state = 'running', "
-    "token = t.token + 1, attempts = t.attempts + 1, worker = {worker}, "
+    "token = t.token + 1, attempts = t.attempts + 1, worker = w.name, "
     "started_at = %s, finished_at = NULL, progress = NULL, "
     "progress_message = NULL, progress_at = NULL, "
     "priority = COALESCE(t.priority, %s), "
     "max_attempts = COALESCE(t.max_attempts, %s) "
-    "FROM {pick} WHERE t.id = c.id "
-    f"RETURNING {{returning}}, {_T_COLUMNS}"
+    "FROM c JOIN w USING (n) WHERE t.id = c.id "
+    f"RETURNING c.n, {_T_COLUMNS}"
 )
-# For several workers: row_number() numbers the claimed rows for them
-# (which worker of a class gets which task does not matter: they all can
-# run each of them).
-_DISPATCH_FOR = _DISPATCH.format(
-    number=", row_number() OVER () AS n",
-    limit="%s",
-    workers=", w AS (SELECT name, n FROM unnest(%s::text[]) "
-    "WITH ORDINALITY AS w(name, n))",
-    worker="w.name",
-    pick="c JOIN w USING (n)",
-    returning="c.n",
-)
-# For one worker, the usual case (a freed slot asking for its next task).
-# Its plan does not depend on the values, so once psycopg prepares it
-# (at its fifth use) the server keeps one generic plan; with the LIMITs
-# as parameters, it planned every run anew (a quarter of its time on a
-# busy queue).
-_DISPATCH_ONE = _DISPATCH.format(
-    number="",
-    limit="1",
-    workers="",
-    worker="%s",
-    pick="c",
-    returning="1",
-)
+_DISPATCH_FOR = _DISPATCH.format(limit="%s")
+# For one worker (a freed slot asking for its next task).  Its plan does
+# not depend on the values, so once psycopg prepares it (at its fifth
+# use) the server keeps one generic plan; with the LIMITs as parameters,
+# it planned every run anew (a quarter of its time on a busy queue).
+_DISPATCH_ONE = _DISPATCH.format(limit="1")
 
 
 def progress(cursor, owner, task_id, token, fraction, message, at):

@@ -11,6 +11,7 @@ from collections import Counter
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.logger import capturedLogs
 from zope.interface.verify import verifyObject
@@ -182,7 +183,6 @@ def held(calls, function):
     a ``Deferred`` and a function of no arguments that makes the call and
     fires that ``Deferred`` with what it returns.
     """
-    from twisted.internet import defer
 
     def call(*args):
         later = defer.Deferred()
